@@ -1,0 +1,58 @@
+"""One error type for everything a user can get wrong.
+
+Every failure that a user can fix is raised as a :class:`BenchError` carrying the
+problem and the fix. The CLI prints it as one line and exits non-zero; nothing
+else in bench prints tracebacks for user mistakes.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+
+class BenchError(Exception):
+    """A user-fixable failure: ``problem`` says what is wrong, ``fix`` what to do."""
+
+    exit_code = 2
+
+    def __init__(self, problem: str, fix: str | None = None):
+        self.problem = problem.rstrip(".")
+        self.fix = fix
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        return f"{self.problem}. Fix: {self.fix}" if self.fix else f"{self.problem}."
+
+
+class UnknownNameError(BenchError, KeyError):
+    """An unknown method/task/backbone/dataset/... name."""
+
+    def __init__(self, kind: str, name: str, valid: Iterable[str]):
+        valid = sorted(valid)
+        self.kind, self.name, self.valid = kind, name, valid
+        super().__init__(
+            f"unknown {kind} '{name}'",
+            f"use one of: {', '.join(valid)} (see `python -m bench list`)",
+        )
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return self.line()
+
+
+class DataMissingError(BenchError):
+    """A dataset root or file is missing or malformed."""
+
+
+class CheckpointError(BenchError):
+    """A checkpoint cannot be read or its keys do not match the model."""
+
+
+class HubError(BenchError):
+    """The Hugging Face Hub (or a Hub-compatible endpoint) cannot serve a file."""
+
+
+class NonFiniteLossError(BenchError):
+    """Training produced a NaN/inf loss."""
+
+
+class ClusterError(BenchError):
+    """SLURM / submitit is unavailable or a job failed."""

@@ -1,0 +1,86 @@
+"""Name -> implementation registries for methods, tasks, backbones, datasets and benchmarks.
+
+Implementations register themselves with a decorator next to their code::
+
+    @METHODS.register("dinov2", "raw DINOv2 teacher, frozen (no training)")
+    class FrozenTeacher: ...
+
+:func:`load_plugins` imports every module listed in :data:`PLUGIN_MODULES`; adding a
+method or task means adding its module there (one line) plus its config file.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, Tuple
+
+from .errors import UnknownNameError
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    obj: Any
+    description: str
+
+
+class Registry:
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: Dict[str, Entry] = {}
+
+    def register(self, name: str, description: str) -> Callable[[Any], Any]:
+        def deco(obj: Any) -> Any:
+            if name in self._entries and self._entries[name].obj is not obj:
+                raise ValueError(f"{self.kind} '{name}' registered twice")
+            self._entries[name] = Entry(name, obj, description)
+            return obj
+
+        return deco
+
+    def add(self, name: str, obj: Any, description: str) -> None:
+        self.register(name, description)(obj)
+
+    def get(self, name: str) -> Any:
+        load_plugins()
+        try:
+            return self._entries[name].obj
+        except KeyError:
+            raise UnknownNameError(self.kind, name, self._entries) from None
+
+    def entries(self) -> Iterator[Entry]:
+        load_plugins()
+        return iter(sorted(self._entries.values(), key=lambda e: e.name))
+
+    def names(self) -> Tuple[str, ...]:
+        return tuple(e.name for e in self.entries())
+
+    def __contains__(self, name: str) -> bool:
+        load_plugins()
+        return name in self._entries
+
+
+METHODS = Registry("method")
+TASKS = Registry("task")
+BACKBONES = Registry("backbone")
+DATASETS = Registry("dataset")
+PERF = Registry("benchmark")
+
+# Every module that registers something. One line per plugin module.
+PLUGIN_MODULES = [
+    "bench.backbones",
+    "bench.data",
+    "baselines.dinov2",
+    "tasks",
+]
+
+_loaded = False
+
+
+def load_plugins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in PLUGIN_MODULES:
+        importlib.import_module(mod)
