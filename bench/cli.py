@@ -1,0 +1,148 @@
+"""``python -m bench <command>``: the command-line entry point.
+
+Commands: run, sweep, table, list, data, perf, hub, pretrain-reconstructor.
+Every user-fixable failure is a :class:`bench.errors.BenchError`, printed as one line
+(``error: <problem>. Fix: <fix>``) with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import List, Optional
+
+from .errors import BenchError
+
+# Commands implemented in other modules: name -> (module, help). Each module has
+# add_arguments(parser) and main(args).
+EXTERNAL_COMMANDS = {
+    "sweep": ("bench.sweep", "run a grid of cells on SLURM (submitit) or locally"),
+    "hub": ("bench.hub", "pull/push checkpoints from/to the Hugging Face Hub"),
+    "pretrain-reconstructor": ("methods.splat_distill.pretrain",
+                               "pretrain Splat-and-Distill's learned feed-forward reconstructor"),
+}
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from .config import compose
+    from .runner import run_cell
+
+    cfg = compose(args.overrides)
+    if args.print_config:
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        return 0
+    rec = run_cell(cfg)
+    metrics = "  ".join(f"{k}={v:.4g}" for k, v in rec["metrics"].items() if k in rec["report"])
+    print(f"{rec['method']} x {rec['backbone']} x {rec['task']} (seed {rec['seed']}): {metrics}")
+    print(f"record: {rec['_path']}\nrun dir: {rec['run_dir']}")
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from .table import write_leaderboard
+
+    path = write_leaderboard(args.results)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .config import group_options
+    from .registry import BACKBONES, DATASETS, METHODS, PERF, TASKS
+
+    for title, reg in (("methods", METHODS), ("tasks", TASKS), ("backbones", BACKBONES),
+                       ("datasets", DATASETS), ("benchmarks (python -m bench perf NAME)", PERF)):
+        print(f"{title}:")
+        for e in reg.entries():
+            print(f"  {e.name:<22} {e.description}")
+    for group in ("experiment", "cluster"):
+        print(f"{group} recipes: {', '.join(group_options(group))}")
+    return 0
+
+
+def _add_registry_commands(sub: argparse._SubParsersAction, name: str, help: str, registry) -> None:
+    p = sub.add_parser(name, help=help, description=help)
+    inner = p.add_subparsers(dest="entry", metavar="NAME", required=True)
+    for e in registry.entries():
+        q = inner.add_parser(e.name, help=e.description, description=e.description)
+        if hasattr(e.obj, "add_arguments"):
+            e.obj.add_arguments(q)
+        q.set_defaults(func=lambda a, obj=e.obj: _call_entry(obj, a))
+
+
+def _call_entry(obj, args) -> int:
+    fn = obj.cli if hasattr(obj, "cli") else obj
+    rc = fn(args)
+    return int(rc or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .registry import DATASETS, PERF
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="bench: does a fine-tuning method make a 2D backbone more 3D-aware? "
+                    "Methods x tasks, one record per cell.",
+        epilog="examples:\n"
+               "  python -m bench run experiment=demo                 # offline, CPU, minutes\n"
+               "  python -m bench run method=splat_distill task=nyu_depth\n"
+               "  python -m bench sweep method=dinov2,splat_distill task=synth_depth,synth_seg --dry-run\n"
+               "  python -m bench table                               # results/leaderboard.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run one cell (method x backbone x task) and write its record",
+                       description="Run one cell. Arguments are hydra overrides, e.g. method=splat_distill "
+                                   "task=nyu_depth backbone=dinov2_vitb14 seed=1 experiment=demo.")
+    p.add_argument("overrides", nargs="*", help="hydra overrides key=value")
+    p.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("table", help="rebuild results/leaderboard.md from the records")
+    p.add_argument("--results", default="results", help="results directory (default: results)")
+    p.set_defaults(func=cmd_table)
+
+    sub.add_parser("list", help="list methods, tasks, backbones, datasets and benchmarks").set_defaults(
+        func=cmd_list)
+    _add_registry_commands(sub, "data", "check a prepared dataset or generate synthetic scenes", DATASETS)
+    _add_registry_commands(sub, "perf", "run a benchmark (ratios measured side by side)", PERF)
+
+    for name, (module, help) in EXTERNAL_COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and module.startswith(e.name):
+                continue  # command not available in this checkout
+            raise
+        q = sub.add_parser(name, help=help, description=help)
+        mod.add_arguments(q)
+        q.set_defaults(func=mod.main)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        _setup_logging(args.verbose)
+        return int(args.func(args) or 0)
+    except BenchError as e:
+        print(f"error: {e.line()}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

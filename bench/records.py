@@ -1,0 +1,124 @@
+"""Result records: one JSON file per finished cell under ``<results_dir>/runs/``.
+
+Schema (``schema: 1``)::
+
+    id, created (UTC ISO), method, backbone, task, dataset, protocol (dict; its
+    ``name`` identifies the protocol), seed, metrics (dict name -> float), report
+    (metric names the leaderboard shows), config (resolved), checkpoint (what the
+    backbone came from), code_version, wall_time_s (fit / evaluate / total),
+    device, packages.
+
+Records are written atomically and never edited; the leaderboard takes the
+latest record per cell (method, backbone, task, protocol, seed).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Dict, List, Mapping
+
+from .errors import BenchError
+from .io import write_json
+
+SCHEMA = 1
+CELL_KEYS = ("method", "backbone", "task", "protocol_name", "seed")
+PACKAGES = ("torch", "torchvision", "timm", "gsplat", "hydra-core", "submitit", "huggingface-hub",
+            "safetensors", "numpy", "pandas", "peft", "kornia")
+
+
+def runs_dir(results_dir: str | Path) -> Path:
+    return Path(results_dir) / "runs"
+
+
+def code_version() -> str:
+    """git commit of the checkout (with ``-dirty``) or the package version."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        if sha.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "bench-" + metadata.version("bench")
+
+
+def package_versions() -> Dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    out["python"] = platform.python_version()
+    return out
+
+
+def device_info(device: str) -> Dict[str, Any]:
+    import torch
+
+    info: Dict[str, Any] = {"type": device, "host": platform.node(), "cpu": platform.processor() or platform.machine(),
+                            "threads": torch.get_num_threads()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def validate_metrics(metrics: Mapping[str, Any]) -> Dict[str, float]:
+    if not metrics:
+        raise BenchError("the task returned no metrics", "check the task's evaluate(); no record was written")
+    out = {}
+    for k, v in metrics.items():
+        v = float(v)
+        if not math.isfinite(v):
+            raise BenchError(f"metric '{k}' is {v}", "the evaluation diverged; no record was written "
+                             "(check the probe schedule / learning rate)")
+        out[k] = v
+    return out
+
+
+def new_record_id(method: str, backbone: str, task: str, seed: int) -> str:
+    now = _dt.datetime.now(_dt.timezone.utc)
+    return f"{now:%Y%m%dT%H%M%S%fZ}_{method}_{backbone}_{task}_s{seed}"
+
+
+def write_record(results_dir: str | Path, record: Mapping[str, Any]) -> Path:
+    """Write one record atomically to ``<results_dir>/runs/<id>.json``."""
+    path = runs_dir(results_dir) / f"{record['id']}.json"
+    return write_json(path, dict(record))
+
+
+def load_records(results_dir: str | Path) -> List[Dict[str, Any]]:
+    """All records (sorted by creation time). Unreadable files are reported, not skipped silently."""
+    out = []
+    for p in sorted(runs_dir(results_dir).glob("*.json")):
+        try:
+            rec = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise BenchError(f"result record {p} is not valid JSON ({e})",
+                             "delete or restore that file; records are written atomically by bench") from None
+        rec["_path"] = str(p)
+        out.append(rec)
+    out.sort(key=lambda r: r.get("created", ""))
+    return out
+
+
+def cell_of(record: Mapping[str, Any]) -> tuple:
+    return (record["method"], record["backbone"], record["task"],
+            (record.get("protocol") or {}).get("name", "default"), int(record.get("seed", 0)))
+
+
+def has_record(results_dir: str | Path, cfg) -> bool:
+    """Whether the cell described by the composed ``cfg`` already has a record."""
+    from .config import to_container
+
+    protocol = to_container(cfg.task.get("protocol", {})) or {}
+    want = (cfg.method.name, cfg.backbone.name, cfg.task.name, protocol.get("name", "default"), int(cfg.seed))
+    return any(cell_of(r) == want for r in load_records(results_dir))
