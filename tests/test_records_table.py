@@ -1,0 +1,66 @@
+"""Records are atomic and complete; the leaderboard aggregates the latest record per cell."""
+import json
+import os
+
+import pytest
+
+from bench import io, records, table
+from bench.errors import BenchError
+
+
+def _rec(results, method, task, seed, value, created, protocol="linear"):
+    rec = {"schema": 1, "id": f"{created}_{method}_{task}_s{seed}", "created": created, "method": method,
+           "backbone": "tiny_vit", "task": task, "dataset": "synthetic", "protocol": {"name": protocol},
+           "seed": seed, "metrics": {"rmse": value, "a1": 0.5}, "report": ["rmse", "a1"],
+           "wall_time_s": {"total": 10.0}, "device": {"cpu": "x86_64", "threads": 2}}
+    records.write_record(results, rec)
+    return rec
+
+
+def test_atomic_write_leaves_no_temp_and_old_file_on_failure(tmp_path):
+    p = tmp_path / "a.json"
+    io.write_json(p, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(p) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("crash mid-write")
+    assert json.loads(p.read_text()) == {"a": 1}
+    assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_latest_record_per_cell_and_seed_aggregation(tmp_path):
+    _rec(tmp_path, "dinov2", "synth_depth", 0, 9.0, "2026-01-01T00:00:00Z")   # superseded
+    _rec(tmp_path, "dinov2", "synth_depth", 0, 1.0, "2026-01-02T00:00:00Z")
+    _rec(tmp_path, "dinov2", "synth_depth", 1, 3.0, "2026-01-02T00:00:01Z")
+    _rec(tmp_path, "splat_distill", "synth_depth", 0, 0.5, "2026-01-02T00:00:02Z")
+    df = table.records_frame(tmp_path)
+    rmse = df[(df.method == "dinov2") & (df.metric == "rmse")].sort_values("seed")["value"].tolist()
+    assert rmse == [1.0, 3.0]
+    md = table.leaderboard_markdown(tmp_path)
+    # mean 2.0, sample std sqrt(2) = 1.4142 over the two latest seeds
+    assert "2.0000 ± 1.4142" in md
+    assert "0.5000" in md and "9.0000" not in md
+
+
+def test_published_rows_are_marked(tmp_path):
+    _rec(tmp_path, "dinov2", "nyu_depth", 0, 0.6, "2026-01-02T00:00:00Z")
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "reference" / "p.csv").write_text(
+        "source,method,backbone,task,metric,value,note\nSnD paper,splat_distill,dinov2_vits14,nyu_depth,rmse,0.4912,x\n")
+    md = table.leaderboard_markdown(tmp_path)
+    assert "splat_distill *(published)*" in md and "0.4912" in md
+    path = table.write_leaderboard(tmp_path)
+    assert path == tmp_path / "leaderboard.md" and "0.4912" in path.read_text()
+
+
+def test_non_finite_metrics_are_refused():
+    with pytest.raises(BenchError, match="nan"):
+        records.validate_metrics({"rmse": float("nan")})
+    assert records.validate_metrics({"rmse": 1}) == {"rmse": 1.0}
+
+
+def test_corrupt_record_is_named(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "bad.json").write_text("{not json")
+    with pytest.raises(BenchError, match="bad.json"):
+        records.load_records(tmp_path)
