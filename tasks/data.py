@@ -1,0 +1,100 @@
+"""The reader seam between dataset readers (``bench/data/<dataset>.py``) and the tasks.
+
+A **reader** is a ``torch.utils.data.Dataset`` class registered in ``DATASETS``::
+
+    @DATASETS.register("nyuv2", "NYUv2 labeled (Probe3D/GeoNet layout): depth, normals, 40 classes")
+    class NYUv2(torch.utils.data.Dataset):
+        def __init__(self, root, split, **kwargs): ...
+        def __len__(self): ...
+        def __getitem__(self, i) -> dict: ...
+        @classmethod
+        def check(cls, root) -> list[str]: ...   # [] when the layout is complete
+
+Sample dict (a reader returns the keys its dataset has; tasks ask for what they need):
+
+- ``image``    float32 [3,H,W] in [0,1]
+- ``depth``    float32 [H,W] metres, 0 = invalid
+- ``normals``  float32 [3,H,W] unit vectors in the camera frame (OpenCV axes: x right, y down,
+  z forward); an all-zero vector = invalid
+- ``semantic`` int64 [H,W] class ids *as stored in the dataset's label files*; 255 = ignore.
+  Whether 0 means "unlabelled" (``reduce_zero_label``: 0 -> 255, k -> k-1) is decided by the task
+  config (``task.dataset.reduce_zero_label``), not by the reader.
+- optional: ``K`` [3,3] pixels, ``id`` (str, stable per sample)
+
+``check(root)`` lists what is missing as human-readable lines, each naming the file/folder looked for
+(``"<root>/nyu_depth_v2_labeled.mat (download from ...)"``). The task config node ``cfg.task.dataset``
+has ``name`` (registry name), ``root``, ``splits`` (``{train: ..., test: ...}``: the split names passed
+to the reader), optional ``kwargs`` (passed to the reader unchanged) and optional ``limit`` (use only
+the first N samples of each split; for smoke runs).
+A reader may also provide ``add_arguments(parser)`` / ``cli(args)`` for ``python -m bench data <name>``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Protocol, runtime_checkable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset, Subset
+
+from bench.errors import DataMissingError
+from bench.registry import DATASETS
+
+
+@runtime_checkable
+class Reader(Protocol):
+    """What a task needs from a dataset reader (see the module docstring)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> Dict[str, Any]: ...
+
+    @classmethod
+    def check(cls, root: str | Path) -> List[str]: ...
+
+
+def _node(cfg: Any) -> Dict[str, Any]:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg)
+
+
+def check_dataset(ds_cfg: Any) -> None:
+    """Raise :class:`DataMissingError` naming every missing file when the dataset is not prepared."""
+    node = _node(ds_cfg)
+    name, root = node["name"], Path(str(node["root"]))
+    reader = DATASETS.get(name)
+    missing = [f"{root} (dataset root does not exist)"] if not root.is_dir() else list(reader.check(root))
+    if missing:
+        shown = "; ".join(missing[:8]) + (f"; ... ({len(missing) - 8} more)" if len(missing) > 8 else "")
+        raise DataMissingError(
+            f"dataset '{name}' is not prepared at {root}: looked for {shown}",
+            f"run `python -m bench data {name}` for download and layout instructions, then point "
+            f"task.dataset.root (or BENCH_DATA) at it")
+
+
+def open_split(ds_cfg: Any, split: str) -> Dataset:
+    """The reader of ``ds_cfg`` for the task split ``split`` ("train" or "test"), checked first."""
+    node = _node(ds_cfg)
+    check_dataset(node)
+    reader = DATASETS.get(node["name"])
+    ds = reader(node["root"], node.get("splits", {}).get(split, split), **(node.get("kwargs") or {}))
+    limit = node.get("limit")
+    if limit is not None and int(limit) < len(ds):
+        ds = Subset(ds, range(int(limit)))
+    return ds
+
+
+def reduce_zero_label(semantic: torch.Tensor) -> torch.Tensor:
+    """mmseg's ``reduce_zero_label``: 0 (unlabelled) -> 255, k -> k-1, 255 stays 255."""
+    out = semantic.clone() - 1
+    out[(semantic == 0) | (semantic == 255)] = 255
+    return out
+
+
+def dataset_identity(ds_cfg: Any, split: str) -> Mapping[str, Any]:
+    """What identifies the samples of one split (for the feature cache key)."""
+    node = _node(ds_cfg)
+    return {"name": node["name"], "root": str(Path(str(node["root"])).resolve()),
+            "split": node.get("splits", {}).get(split, split), "kwargs": node.get("kwargs") or {},
+            "limit": node.get("limit")}
