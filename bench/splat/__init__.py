@@ -1,0 +1,73 @@
+"""Differentiable feature splatting: one function, two engines.
+
+``rasterize(...)`` renders N 3D Gaussians carrying D-dimensional features into C pinhole cameras and
+returns features [C,H,W,D], alpha [C,H,W] and expected depth [C,H,W] (gsplat's "ED": alpha-weighted
+camera z divided by ``max(alpha, 1e-10)``). CUDA tensors go to ``gsplat.rasterization`` (public API,
+``render_mode="RGB+ED"``, all D channels in one call); CPU tensors go to the tiled pure-torch engine in
+:mod:`bench.splat.tiled`, which follows gsplat 1.5.3's rules (pixel centres at +0.5, EWA projection with
+frustum clamping, eps2d on the 2D covariance, alpha capped at 0.999, alphas < 1/255 skipped, a pixel
+stops before the Gaussian that would take its transmittance to <= 1e-4). :mod:`bench.splat.reference`
+is the dense all-pairs version used by the tests. Call :func:`tune_allocator` once in CPU-heavy
+processes (the CLI and trainers do).
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..errors import BenchError
+from .alloc import tune_allocator
+from .reference import rasterize_dense
+from .tiled import rasterize_tiled
+
+__all__ = ["rasterize", "rasterize_dense", "rasterize_tiled", "rasterize_gsplat", "tune_allocator"]
+
+BACKENDS = ("auto", "gsplat", "torch", "dense")
+
+
+def rasterize_gsplat(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, features: Tensor,
+                     w2c: Tensor, K: Tensor, width: int, height: int, near: float = 0.01,
+                     far: float = 1e10, eps2d: float = 0.3):
+    """gsplat 1.5.3 on CUDA tensors (float32); same contract as :func:`rasterize`."""
+    if not means.is_cuda:
+        raise BenchError("gsplat needs CUDA tensors, got CPU tensors",
+                         "use backend='torch' (or 'auto') on CPU")
+    from gsplat import rasterization
+
+    dtype = features.dtype
+    colors, alphas, _ = rasterization(
+        means.float(), quats.float(), scales.float(), opacities.float(), features.float(),
+        w2c.float(), K.float(), int(width), int(height), near_plane=near, far_plane=far, eps2d=eps2d,
+        sh_degree=None, render_mode="RGB+ED", rasterize_mode="classic")
+    return colors[..., :-1].to(dtype), alphas[..., 0].to(dtype), colors[..., -1].to(dtype)
+
+
+def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, features: Tensor,
+              w2c: Tensor, K: Tensor, width: int, height: int, *, near: float = 0.01, far: float = 1e10,
+              eps2d: float = 0.3, backend: str = "auto"):
+    """Splat Gaussians with features into C cameras.
+
+    Args:
+        means [N,3], quats [N,4] (wxyz, any norm), scales [N,3] (standard deviations), opacities [N],
+        features [N,D] (any D); w2c [C,4,4] world-to-camera (OpenCV axes), K [C,3,3] in pixels.
+        backend: "auto" (gsplat on CUDA, tiled engine otherwise), "gsplat", "torch" (tiled engine on
+        any device) or "dense" (the all-pairs reference; small inputs only).
+    Returns:
+        features [C,H,W,D], alpha [C,H,W], depth [C,H,W] (expected camera z; ~0 where alpha is 0).
+    Differentiable w.r.t. means, quats, scales, opacities and features (not w2c/K on the gsplat path).
+    """
+    if backend not in BACKENDS:
+        raise BenchError(f"unknown splatting backend '{backend}'", f"use one of {', '.join(BACKENDS)}")
+    N = means.shape[0]
+    if (quats.shape != (N, 4) or scales.shape != (N, 3) or opacities.shape != (N,)
+            or features.dim() != 2 or features.shape[0] != N or w2c.dim() != 3 or w2c.shape[1:] != (4, 4)
+            or K.shape != (w2c.shape[0], 3, 3)):
+        raise BenchError(
+            f"rasterize got inconsistent shapes: means {tuple(means.shape)}, quats {tuple(quats.shape)}, "
+            f"scales {tuple(scales.shape)}, opacities {tuple(opacities.shape)}, features "
+            f"{tuple(features.shape)}, w2c {tuple(w2c.shape)}, K {tuple(K.shape)}",
+            "pass means [N,3], quats [N,4], scales [N,3], opacities [N], features [N,D], w2c [C,4,4], K [C,3,3]")
+    if backend == "auto":
+        backend = "gsplat" if means.is_cuda else "torch"
+    fn = {"gsplat": rasterize_gsplat, "torch": rasterize_tiled, "dense": rasterize_dense}[backend]
+    return fn(means, quats, scales, opacities, features, w2c, K, int(width), int(height),
+              near=near, far=far, eps2d=eps2d)
