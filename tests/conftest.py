@@ -1,0 +1,50 @@
+"""Shared pytest fixtures. Each fixture is self-contained; append new ones below."""
+from __future__ import annotations
+
+import pytest
+
+
+# --- local Hugging Face Hub ------------------------------------------------------------------
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch):
+    """A local Hub-compatible server (tests/hub_server.py) that the real huggingface_hub client uses.
+
+    Yields a :class:`hub_server.LocalHub` (``.endpoint`` / ``.url``, ``.seed(repo_id, files)``,
+    ``.head()``, ``.files()``, ``.hf_ref()``, ``.requests``, ``.stop()``). For the duration of the
+    test: HF_ENDPOINT and the client's import-time constants point at it; HF_HOME / HF_HUB_CACHE
+    live under ``tmp_path``; a dummy token is used (no real credentials are read); Xet is off (the
+    server only takes regular uploads); offline mode is off; the client's retry back-off does not
+    sleep (so an unreachable Hub fails in milliseconds). Only loopback traffic happens.
+    """
+    try:
+        from hub_server import LocalHub
+    except ImportError:  # tests/ imported as a package
+        from tests.hub_server import LocalHub
+    import huggingface_hub.constants as C
+    from huggingface_hub.utils import _http
+
+    hub = LocalHub(timeout=300)
+    home = tmp_path / "hf_home"
+    for var, val in {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
+                     "HF_TOKEN": "hf_local_test_token", "HF_HUB_DISABLE_XET": "1"}.items():
+        monkeypatch.setenv(var, val)
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    for name, val in {"ENDPOINT": hub.endpoint,
+                      "HUGGINGFACE_CO_URL_TEMPLATE": hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+                      "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
+                      "HF_TOKEN_PATH": str(home / "token"), "HF_HUB_OFFLINE": False,
+                      "HF_HUB_DISABLE_XET": True}.items():
+        monkeypatch.setattr(C, name, val)
+
+    class _NoSleep:  # the client's backoff calls time.sleep between retries
+        @staticmethod
+        def sleep(_seconds):
+            pass
+
+    monkeypatch.setattr(_http, "time", _NoSleep)
+    try:
+        yield hub
+    finally:
+        hub.stop()
+        _http.close_session()
