@@ -1,0 +1,100 @@
+"""Losses against hand-computed values; the gradient loss never mixes batch items."""
+import math
+
+import pytest
+import torch
+
+from tasks import losses as L
+
+
+def test_sig_loss_constant_scale_and_valid_mask():
+    gt = torch.tensor([[[1.0, 2.0], [4.0, 0.0]]])
+    pred = 2.0 * gt + torch.tensor([[[0.0, 0.0], [0.0, 7.0]]])  # the invalid pixel is off
+    loss = L.sig_loss(pred, gt, gt > 0, eps=0.0)
+    assert float(loss) == pytest.approx(math.log(2.0) * math.sqrt(1 - 0.85))
+    # g = (0, log 2): mean g^2 = log^2 2 / 2, mean g = log 2 / 2
+    g = math.log(2.0)
+    loss = L.sig_loss(torch.tensor([[1.0, 4.0]]), torch.tensor([[1.0, 2.0]]), torch.tensor([[True, True]]), eps=0)
+    assert float(loss) == pytest.approx(math.sqrt(g * g / 2 - 0.85 * (g / 2) ** 2))
+    assert float(L.sig_loss(gt, gt, gt > 0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def _from_log_diff(D):
+    gt = torch.full_like(D, 2.0)
+    return gt * torch.exp(D), gt
+
+
+def test_gradient_loss_hand_example_and_per_image():
+    D = torch.zeros(2, 3, 3)
+    D[1, 0, 0] = 1.0  # image 0 perfect; image 1 one outlier in the corner
+    pred, gt = _from_log_diff(D)
+    valid = torch.ones(2, 3, 3, dtype=torch.bool)
+    # image 1: one vertical pair (row 0 vs row 2, col 0) and one horizontal pair, each |1 - 0| = 1; 9 valid
+    single = [float(L.gradient_loss(pred[i:i + 1], gt[i:i + 1], valid[i:i + 1], eps=0)) for i in range(2)]
+    assert single == pytest.approx([0.0, 2 / 9])
+    assert float(L.gradient_loss(pred, gt, valid, eps=0)) == pytest.approx(1 / 9)
+
+
+def test_gradient_loss_does_not_mix_batch_items():
+    # two different images, each predicted up to a constant log-offset: zero gradient error per image.
+    D = torch.stack([torch.zeros(8, 8), torch.ones(8, 8)])
+    pred, gt = _from_log_diff(D)
+    gt = gt * torch.stack([torch.ones(8, 8), torch.full((8, 8), 3.0)])
+    pred = gt * torch.exp(D)
+    valid = torch.ones(2, 8, 8, dtype=torch.bool)
+    # differencing across the batch axis (the original bug) would see |0 - 1| everywhere
+    assert float(L.gradient_loss(pred, gt, valid, scales=(1, 2, 4, 6), eps=0)) == pytest.approx(0.0, abs=1e-6)
+    # and a batch equals the mean of its images
+    pred2 = pred.clone()
+    pred2[0, 0, 0] *= math.e
+    full = float(L.gradient_loss(pred2, gt, valid, scales=(1, 2, 4, 6), eps=0))
+    parts = [float(L.gradient_loss(pred2[i:i + 1], gt[i:i + 1], valid[i:i + 1], scales=(1, 2, 4, 6), eps=0))
+             for i in range(2)]
+    assert full == pytest.approx(sum(parts) / 2) and parts[1] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_multiscale_gradient_loss_hand_example_and_invalid_pairs():
+    D = torch.zeros(1, 5, 5)
+    D[0, 0, 0] = 1.0
+    pred, gt = _from_log_diff(D)
+    valid = torch.ones(1, 5, 5, dtype=torch.bool)
+    # scale 1: 2 pairs / 25 valid; scale 2 (3x3): 2 / 9; scales 4 (2x2) and 6 (1x1): no pairs 2 apart
+    assert float(L.gradient_loss(pred, gt, valid, scales=(1, 2, 4, 6), eps=0)) == pytest.approx(2 / 25 + 2 / 9)
+    # a pair whose partner pixel is invalid does not count (the count still includes valid pixels only)
+    valid[0, 2, 0] = False
+    assert float(L.gradient_loss(pred, gt, valid, scales=(1,), eps=0)) == pytest.approx(1 / 24)
+
+
+def test_depth_loss_weights():
+    D = torch.zeros(1, 3, 3)
+    D[0, 0, 0] = 1.0
+    pred, gt = _from_log_diff(D)
+    valid = gt > 0
+    want = 10 * float(L.sig_loss(pred, gt, valid)) + 0.5 * float(L.gradient_loss(pred, gt, valid, (1, 2, 4, 6)))
+    got = float(L.depth_loss(pred, gt, valid, 10.0, 0.5, (1, 2, 4, 6)))
+    assert got == pytest.approx(want)
+
+
+def test_angular_nll_hand_value():
+    gt = torch.zeros(1, 3, 1, 2)
+    gt[:, 2] = 1.0
+    a = math.radians(30)
+    pred = torch.tensor([0.0, math.sin(a), math.cos(a)]).view(1, 3, 1, 1).expand(1, 3, 1, 2) * 2
+    kappa = L.kappa_from_raw(torch.zeros(1, 1, 2))
+    assert float(kappa[0, 0, 0]) == pytest.approx(1.01)
+    valid = torch.tensor([[[True, False]]])
+    k = 1.01
+    want = math.log(1 + math.exp(-k * math.pi)) - math.log(1 + k * k) + k * a
+    assert float(L.angular_nll_loss(pred, kappa, gt, valid)) == pytest.approx(want, rel=1e-5)
+    # kappa -> larger means more confident: lower loss for a perfect prediction
+    k_hi = L.kappa_from_raw(torch.full((1, 1, 2), 5.0))
+    assert float(L.angular_nll_loss(gt, k_hi, gt, valid)) < float(L.angular_nll_loss(gt, kappa, gt, valid))
+    assert float(L.angular_loss(pred, gt, valid)) == pytest.approx(a, rel=1e-5)
+
+
+def test_cross_entropy_ignores_255():
+    logits = torch.tensor([[0.0, math.log(3.0)]] * 3).T.reshape(1, 2, 1, 3)
+    target = torch.tensor([[[1, 0, 255]]])
+    want = (-math.log(3 / 4) - math.log(1 / 4)) / 2
+    assert float(L.seg_loss(logits, target)) == pytest.approx(want)
+    assert float(L.seg_loss(logits, torch.full((1, 1, 3), 255))) == 0.0
