@@ -1,0 +1,122 @@
+"""SPair-71k (Min et al. 2019): semantic keypoint pairs of 18 categories.
+
+Layout: ``JPEGImages/<category>/<image>.jpg`` and ``PairAnnotation/{trn,val,test}/<id>-<src>-<trg>:<category>.json``
+with ``src_kps`` / ``trg_kps`` (``[N, 2]`` pixel x, y of the keypoints both images show, in the same
+order), ``src_bndbox`` / ``trg_bndbox`` (``[left, top, right, bottom]``), ``viewpoint_variation``
+(0, 1, 2) and ``category``.
+
+Probe3D evaluates 200 pairs per category, drawn by shuffling with seed 20; we shuffle the sorted file
+list per category with ``random.Random(seed)`` (Probe3D shuffles glob order, which is not reproducible
+across file systems). ``pairs_per_category=None`` keeps every pair.
+
+A sample: ``image_src``, ``image_trg`` [3,H,W] in [0,1] (original sizes), ``kps_src``, ``kps_trg``
+[N,2] float pixels, ``bbox_src``, ``bbox_trg`` [4] float, ``category`` (str), ``viewpoint_variation``
+(int), ``id``.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from ..errors import DataMissingError
+from ..registry import DATASETS
+from .layout import FileDataset, read_rgb
+
+CATEGORIES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+              "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor")
+SPLIT_DIRS = {"train": "trn", "val": "val", "test": "test"}
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataMissingError(f"missing file {path}", "re-extract SPair-71k.tar.gz") from None
+    except json.JSONDecodeError as e:
+        raise DataMissingError(f"cannot parse {path} ({e})", "the file is corrupt: re-extract SPair-71k.tar.gz") from None
+
+
+@DATASETS.register("spair71k", "SPair-71k semantic keypoint pairs (18 categories), for keypoint transfer / PCK")
+class SPair71k(FileDataset):
+    name = "spair71k"
+    title = "SPair-71k"
+    dirname = "SPair-71k"
+    layouts = ("spair",)
+    splits = {"spair": ("train", "val", "test")}
+    sources = """\
+wget http://cvlab.postech.ac.kr/research/SPair-71k/data/SPair-71k.tar.gz
+tar -xzf SPair-71k.tar.gz      (creates SPair-71k/; point --root at it)
+(https://cvlab.postech.ac.kr/research/SPair-71k/)"""
+    licence = """\
+SPair-71k: research use (images from PASCAL VOC 2012 and PASCAL 3D+, Flickr terms apply);
+cite Min et al., "SPair-71k: A Large-scale Benchmark for Semantic Correspondence", 2019."""
+    trees = {"spair": """\
+JPEGImages/<category>/<image>.jpg
+PairAnnotation/trn/*.json  PairAnnotation/val/*.json  PairAnnotation/test/*.json
+  (<id>-<src>-<trg>:<category>.json with src_kps, trg_kps, src_bndbox, trg_bndbox, viewpoint_variation)
+ImageAnnotation/, Segmentation/, Layout/   (shipped; not read)"""}
+
+    def __init__(self, root, split: str = "test", layout=None, categories: Optional[Sequence[str]] = None,
+                 pairs_per_category: Optional[int] = 200, seed: int = 20):
+        super().__init__(root, split, layout)
+        if categories is not None:
+            bad = [c for c in categories if c not in CATEGORIES]
+            if bad:
+                raise DataMissingError(f"unknown SPair-71k categories {bad}", f"use some of: {', '.join(CATEGORIES)}")
+        self.items = self.select(self.items, categories, pairs_per_category, seed)
+
+    @classmethod
+    def required(cls, root: Path, layout: str) -> List[Path]:
+        return [root / "JPEGImages" / c for c in CATEGORIES] + \
+               [root / "PairAnnotation" / d for d in SPLIT_DIRS.values()]
+
+    @classmethod
+    def index(cls, root: Path, layout: str, split: str) -> List[Any]:
+        return sorted((root / "PairAnnotation" / SPLIT_DIRS[split]).glob("*.json"))
+
+    @staticmethod
+    def category(path: Path) -> str:
+        return path.stem.rsplit(":", 1)[-1]
+
+    @classmethod
+    def select(cls, files: List[Path], categories: Optional[Sequence[str]], per_category: Optional[int],
+               seed: int) -> List[Path]:
+        by_cat: Dict[str, List[Path]] = {}
+        for f in files:
+            by_cat.setdefault(cls.category(f), []).append(f)
+        out = []
+        for cat in sorted(by_cat):
+            if categories is not None and cat not in categories:
+                continue
+            fs = sorted(by_cat[cat])
+            if per_category is not None:
+                random.Random(seed).shuffle(fs)
+                fs = fs[:per_category]
+            out += fs
+        return out
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        path = self.items[i]
+        a = _read_json(path)
+        try:
+            cat = a.get("category") or self.category(path)
+            src = a.get("src_imname") or path.stem.split(":")[0].split("-")[1] + ".jpg"
+            trg = a.get("trg_imname") or path.stem.split(":")[0].split("-")[2] + ".jpg"
+            kps_src = torch.tensor(a["src_kps"], dtype=torch.float32).reshape(-1, 2)
+            kps_trg = torch.tensor(a["trg_kps"], dtype=torch.float32).reshape(-1, 2)
+            bbox_src = torch.tensor(a["src_bndbox"], dtype=torch.float32)
+            bbox_trg = torch.tensor(a["trg_bndbox"], dtype=torch.float32)
+            vp = int(a.get("viewpoint_variation", -1))
+        except (KeyError, IndexError, ValueError, TypeError) as e:
+            raise DataMissingError(f"malformed pair annotation {path} ({type(e).__name__}: {e})",
+                                   "re-extract SPair-71k.tar.gz") from None
+        if kps_src.shape != kps_trg.shape:
+            raise DataMissingError(f"{path}: src_kps and trg_kps differ in length", "re-extract SPair-71k.tar.gz")
+        img_dir = self.root / "JPEGImages" / cat
+        return {"image_src": read_rgb(img_dir / src), "image_trg": read_rgb(img_dir / trg),
+                "kps_src": kps_src, "kps_trg": kps_trg, "bbox_src": bbox_src, "bbox_trg": bbox_trg,
+                "category": cat, "viewpoint_variation": vp, "id": path.stem}
