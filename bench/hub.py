@@ -1,59 +1,401 @@
-"""Hugging Face Hub access: one place that downloads, with clear errors.
+"""Hugging Face Hub access: one place that downloads and uploads, with clear errors.
 
-``hf://org/repo/path/in/repo[@revision]`` is accepted wherever a checkpoint path is.
+* ``hf://org/repo/path/in/repo[@revision]`` is accepted wherever a checkpoint path is
+  (:func:`resolve_hf_path`, used by :func:`bench.checkpoint.read_state_dict`).
+* :func:`hub_download` / :func:`hub_snapshot` fetch into the standard Hugging Face cache
+  (``HF_HOME`` / ``HF_HUB_CACHE``) or a ``local_dir``; ``HF_HUB_OFFLINE=1`` means the cache only.
+* :func:`hub_push` uploads a checkpoint directory, a single file, or a trained backbone
+  (its cache directory, its cache key, or a run directory whose record points at it) to
+  ``org/name`` as one commit, with a model card.
+* ``python -m bench hub pull|push``: :func:`add_arguments` and :func:`main`.
+
+The endpoint, cache and offline settings are read from the environment at call time
+(``HF_ENDPOINT``, ``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``), so they work even when
+``huggingface_hub`` was imported before they were set. Every failure a user can fix is a
+:class:`bench.errors.HubError` naming the repo, the file and the revision.
 """
 from __future__ import annotations
 
+import argparse
+import fnmatch
+import hashlib
+import json
 import os
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import HubError
 
+REF_HELP = "write hf://org/repo/path/to/file[@revision]"
+# What a trained backbone's cache directory publishes by default (training state stays local).
+BACKBONE_FILES = ("model.safetensors", "config.yaml", "train_info.json", "README.md")
+DEFAULT_EXCLUDE = (".*", "*/.*", "*.tmp", "*.lock", "*.incomplete", "__pycache__/*")
+_TRUE = {"1", "ON", "YES", "TRUE"}
 
+
+# --- settings read at call time -------------------------------------------------------------
+def is_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set, now or at client import."""
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    if env.upper() in _TRUE:
+        return True
+    import sys
+
+    constants = sys.modules.get("huggingface_hub.constants")
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def hub_endpoint() -> str:
+    """The Hub endpoint in use (``HF_ENDPOINT`` or the client's default)."""
+    env = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/")
+    if env:
+        return env
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def hub_cache_dir() -> str:
+    """The Hugging Face cache directory (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else the default)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+# --- references -------------------------------------------------------------------------------
 def parse_hf_path(ref: str) -> Tuple[str, str, Optional[str]]:
     """``hf://org/repo/dir/file.pth@rev`` -> (``org/repo``, ``dir/file.pth``, ``rev``)."""
     if not ref.startswith("hf://"):
-        raise HubError(f"not an hf:// reference: {ref}", "write hf://org/repo/path/to/file[@revision]")
+        raise HubError(f"not an hf:// reference: {ref}", REF_HELP)
     body = ref[len("hf://"):]
     revision = None
     if "@" in body:
         body, revision = body.rsplit("@", 1)
+        if not revision:
+            raise HubError(f"empty revision in hf:// reference: {ref}", REF_HELP)
     parts = body.split("/")
     if len(parts) < 3 or not all(parts):
-        raise HubError(f"malformed hf:// reference: {ref}", "write hf://org/repo/path/to/file[@revision]")
+        raise HubError(f"malformed hf:// reference: {ref}", REF_HELP)
     return "/".join(parts[:2]), "/".join(parts[2:]), revision
 
 
+def _at(revision: Optional[str]) -> str:
+    return f" at revision '{revision}'" if revision else ""
+
+
+def _root_cause(e: BaseException) -> str:
+    seen = set()
+    while id(e) not in seen and (e.__cause__ or e.__context__) is not None:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _suggest(repo_id: str, revision: Optional[str], what: str) -> str:
+    """Best-effort list of refs or files for an error message ('' if the Hub cannot say)."""
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=hub_endpoint())
+        if what == "refs":
+            refs = api.list_repo_refs(repo_id)
+            names = [b.name for b in refs.branches] + [t.name for t in refs.tags]
+        else:
+            names = api.list_repo_files(repo_id, revision=revision)
+        return ", ".join(sorted(names)[:12]) + (" ..." if len(names) > 12 else "")
+    except Exception:
+        return ""
+
+
+def _translate(e: BaseException, repo_id: str, revision: Optional[str], what: str) -> Optional[HubError]:
+    """Map a huggingface_hub/httpx error while fetching ``what`` (a quoted file name, or words
+    such as 'a snapshot') of ``repo_id`` to a HubError; None if it is not a Hub error."""
+    from huggingface_hub import errors as hf
+
+    where = f"{what} of Hub repo '{repo_id}'{_at(revision)}"
+    pull = f"python -m bench hub pull {repo_id}" + (f" --revision {revision}" if revision else "")
+    if isinstance(e, hf.LocalEntryNotFoundError) or (isinstance(e, hf.OfflineModeIsEnabled)):
+        if is_offline():
+            return HubError(
+                f"HF_HUB_OFFLINE is set and {where} is not in the local cache ({hub_cache_dir()})",
+                f"populate the cache first with `{pull}` where the Hub is reachable (same HF_HOME/HF_HUB_CACHE), "
+                "pass a local checkpoint path instead, or unset HF_HUB_OFFLINE")
+        return HubError(
+            f"cannot fetch {where}: the Hub at {hub_endpoint()} is unreachable ({_root_cause(e)}) "
+            f"and it is not in the local cache ({hub_cache_dir()})",
+            "pass a local checkpoint path instead, or set HF_HUB_OFFLINE=1 with a cache populated by "
+            f"`{pull}` on a machine with internet (check HF_ENDPOINT and proxy settings if the Hub should be up)")
+    if isinstance(e, hf.RevisionNotFoundError):
+        refs = _suggest(repo_id, None, "refs")
+        return HubError(f"revision '{revision}' not found in Hub repo '{repo_id}'",
+                        "use an existing branch, tag or full commit sha" + (f" (branches/tags: {refs})" if refs else ""))
+    if isinstance(e, hf.RepositoryNotFoundError):  # also gated repos
+        return HubError(f"Hub repo '{repo_id}' not found or not accessible (while fetching {what})",
+                        "check the repo name (org/name); for a private or gated repo log in with "
+                        "`hf auth login` or set HF_TOKEN")
+    if isinstance(e, hf.EntryNotFoundError):
+        files = _suggest(repo_id, revision, "files")
+        return HubError(f"file {what} not found in Hub repo '{repo_id}'{_at(revision)}",
+                        "check the file name" + (f" (the repo has: {files})" if files else ""))
+    if isinstance(e, hf.HfHubHTTPError):
+        return HubError(f"Hub error while fetching {where}: {_root_cause(e)}",
+                        "retry later, or pass a local checkpoint path instead")
+    import httpx2
+
+    if isinstance(e, (httpx2.TransportError, ConnectionError)):
+        return HubError(
+            f"cannot fetch {where}: the Hub at {hub_endpoint()} is unreachable ({_root_cause(e)})",
+            "pass a local checkpoint path instead, or set HF_HUB_OFFLINE=1 with a cache populated by "
+            f"`{pull}` on a machine with internet")
+    return None
+
+
+# --- download ---------------------------------------------------------------------------------
 def hub_download(repo_id: str, filename: str, revision: Optional[str] = None,
-                 cache_dir: Optional[str] = None) -> Path:
-    """Download (or take from the local cache) one file of a Hub model repo."""
+                 cache_dir: Optional[str] = None, local_dir: Optional[str] = None) -> Path:
+    """Download one file of a Hub model repo (or take it from the cache); return its local path."""
     import huggingface_hub
-    from huggingface_hub import errors as hf_errors
 
     try:
-        return Path(huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename, revision=revision,
-                                                    cache_dir=cache_dir))
-    except hf_errors.RepositoryNotFoundError:
-        raise HubError(f"Hub repo '{repo_id}' not found (or not accessible)",
-                       "check the repo name, or log in with `huggingface-cli login` for a private repo") from None
-    except hf_errors.RevisionNotFoundError:
-        raise HubError(f"revision '{revision}' of Hub repo '{repo_id}' not found",
-                       "use an existing branch, tag or commit") from None
-    except hf_errors.EntryNotFoundError:
-        raise HubError(f"file '{filename}' not found in Hub repo '{repo_id}'"
-                       + (f" at revision '{revision}'" if revision else ""),
-                       "check the file name (list the repo's files on the Hub)") from None
-    except (hf_errors.LocalEntryNotFoundError, OSError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        raise HubError(
-            f"cannot fetch '{filename}' from Hub repo '{repo_id}'"
-            + (" (HF_HUB_OFFLINE is set and the file is not in the local cache)" if offline
-               else f" (Hub unreachable: {type(e).__name__})"),
-            "pass a local checkpoint path instead, or set HF_HUB_OFFLINE=1 with a cache populated "
-            f"by `python -m bench hub pull {repo_id}` on a machine with internet") from None
+        return Path(huggingface_hub.hf_hub_download(
+            repo_id=repo_id, filename=filename, revision=revision, endpoint=hub_endpoint(),
+            cache_dir=cache_dir or hub_cache_dir(), local_dir=local_dir, local_files_only=is_offline()))
+    except Exception as e:
+        err = _translate(e, repo_id, revision, f"'{filename}'")
+        if err is None:
+            raise
+        raise err from None
+
+
+def hub_snapshot(repo_id: str, revision: Optional[str] = None, allow_patterns: Optional[Sequence[str]] = None,
+                 cache_dir: Optional[str] = None, local_dir: Optional[str] = None) -> Path:
+    """Download a whole repo (or the files matching ``allow_patterns``); return the snapshot folder."""
+    import huggingface_hub
+
+    try:
+        return Path(huggingface_hub.snapshot_download(
+            repo_id=repo_id, revision=revision, allow_patterns=list(allow_patterns) if allow_patterns else None,
+            endpoint=hub_endpoint(), cache_dir=cache_dir or hub_cache_dir(), local_dir=local_dir,
+            local_files_only=is_offline()))
+    except Exception as e:
+        what = "files matching " + ", ".join(allow_patterns) if allow_patterns else "a snapshot"
+        err = _translate(e, repo_id, revision, what)
+        if err is None:
+            raise
+        raise err from None
 
 
 def resolve_hf_path(ref: str) -> Path:
+    """``hf://org/repo/file[@rev]`` -> local path of the (downloaded or cached) file."""
     repo, filename, revision = parse_hf_path(ref)
     return hub_download(repo, filename, revision)
+
+
+# --- upload -----------------------------------------------------------------------------------
+def _cache_root() -> Path:
+    """bench's cache directory, resolved exactly like ``paths.cache_dir`` in bench/conf/paths/default.yaml."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(str(resources.files("bench.conf").joinpath("paths/default.yaml")))
+    return Path(OmegaConf.create({"paths": node}).paths.cache_dir)
+
+
+def _matches(rel: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatch(rel, p) for p in patterns)
+
+
+def push_sources(source: str, include: Optional[Sequence[str]] = None,
+                 exclude: Optional[Sequence[str]] = None) -> Tuple[Path, Dict[str, Path]]:
+    """Files to push for ``source``: returns (source directory or file, {path in repo: local file}).
+
+    ``source`` is a file, a directory, a run directory (its ``record.json`` names the trained
+    backbone's checkpoint), or the cache key of a trained backbone (``<cache_dir>/backbones/<key>``).
+    A trained backbone's directory publishes :data:`BACKBONE_FILES` unless ``include`` says otherwise.
+    """
+    p = Path(source).expanduser()
+    if not p.exists() and os.sep not in source:
+        cand = _cache_root() / "backbones" / source
+        if cand.is_dir():
+            p = cand
+    if not p.exists():
+        raise HubError(f"nothing to push: '{source}' is neither a file, a directory nor a trained-backbone "
+                       f"cache key under {_cache_root() / 'backbones'}",
+                       "pass a checkpoint file or directory, a run directory, or a cache key")
+    if p.is_file():
+        return p, {p.name: p}
+    record = p / "record.json"
+    if record.is_file():
+        ckpt = (json.loads(record.read_text()).get("checkpoint") or {}).get("path")
+        if not ckpt or not Path(ckpt).is_file():
+            raise HubError(f"run {p} has no trained checkpoint to push (its record names none, or the file is gone)",
+                           "push a checkpoint file/directory directly; official and frozen methods have no "
+                           "trained weights of their own")
+        p = Path(ckpt).parent
+    if include is None and (p / "model.safetensors").is_file() and (p / "config.yaml").is_file():
+        include = BACKBONE_FILES
+    excl = list(DEFAULT_EXCLUDE) + list(exclude or ())
+    files = {}
+    for f in sorted(p.rglob("*")):
+        rel = f.relative_to(p).as_posix()
+        if f.is_file() and not _matches(rel, excl) and (include is None or _matches(rel, include)):
+            files[rel] = f
+    if not files:
+        raise HubError(f"nothing to push in {p} (no file matches include={list(include or ['*'])})",
+                       "check the directory or the --include/--exclude patterns")
+    return p, files
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_card(repo_id: str, files: Dict[str, Path], revision: str = "main") -> str:
+    """A model card (README.md) for pushed bench weights: provenance, files with sha256, usage."""
+    meta: Dict[str, str] = {}
+    cfg_path = files.get("config.yaml")
+    if cfg_path is not None:
+        try:
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.load(str(cfg_path))
+            for key, sel in (("method", "method.name"), ("backbone", "backbone.name"), ("seed", "seed")):
+                val = OmegaConf.select(cfg, sel, default=None)
+                if val is not None:
+                    meta[key] = str(val)
+        except Exception:  # a foreign config: the card just lists the files
+            pass
+    weights = next((n for n in files if n.endswith((".safetensors", ".pth", ".pt", ".bin"))), None)
+    at = "" if revision == "main" else f"@{revision}"
+    lines = ["---", "library_name: timm", "tags:", "- bench", "- feature-extraction", "- 3d-aware", "---", "",
+             f"# {repo_id}", "", "Backbone weights published with `python -m bench hub push`."]
+    if meta:
+        lines += [""] + [f"- {k}: `{v}`" for k, v in meta.items()]
+    lines += ["", "## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]
+    lines += [f"| `{n}` | {f.stat().st_size} | `{_sha256(f)}` |" for n, f in sorted(files.items())]
+    lines += ["", "## Use", "", "```bash", f"python -m bench hub pull {repo_id}" + (f" --revision {revision}" if at else ""),
+              "```"]
+    if weights:
+        lines += ["", "```python", "from bench.checkpoint import read_state_dict", "",
+                  f'state_dict = read_state_dict("hf://{repo_id}/{weights}{at}")  # timm layout', "```"]
+    return "\n".join(lines) + "\n"
+
+
+def hub_push(source: str, repo_id: str, *, branch: Optional[str] = None, private: Optional[bool] = None,
+             message: Optional[str] = None, include: Optional[Sequence[str]] = None,
+             exclude: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    """Upload ``source`` (see :func:`push_sources`) to Hub repo ``repo_id`` as one commit.
+
+    Creates the repo (``exist_ok``) and ``branch`` (from main) if needed and adds a model card
+    unless the source has a README.md. Returns ``{repo_id, revision, commit, url, files}``.
+    """
+    if is_offline():
+        raise HubError(f"cannot push to Hub repo '{repo_id}': HF_HUB_OFFLINE is set (uploads need the Hub)",
+                       "unset HF_HUB_OFFLINE (and make sure the Hub is reachable)")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise HubError(f"malformed Hub repo id '{repo_id}'", "write org/name")
+    root, files = push_sources(source, include, exclude)
+    revision = branch or "main"
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(f)) for name, f in files.items()]
+    if "README.md" not in files:
+        ops.append(CommitOperationAdd(path_in_repo="README.md",
+                                      path_or_fileobj=model_card(repo_id, files, revision).encode()))
+    api = HfApi(endpoint=hub_endpoint())
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.create_commit(repo_id, operations=ops, revision=revision,
+                                 commit_message=message or f"bench: push {root.name}")
+    except Exception as e:
+        err = _push_error(e, repo_id, revision)
+        if err is e:
+            raise
+        raise err from None
+    return {"repo_id": repo_id, "revision": revision, "commit": info.oid, "url": info.commit_url,
+            "files": sorted(op.path_in_repo for op in ops)}
+
+
+def _push_error(e: BaseException, repo_id: str, revision: str) -> BaseException:
+    """Map an error raised while pushing to ``repo_id`` to a HubError (or return it unchanged)."""
+    import httpx2
+    from huggingface_hub import errors as hf
+
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if isinstance(e, (httpx2.TransportError, ConnectionError)):
+        return HubError(f"cannot push to Hub repo '{repo_id}': the Hub at {hub_endpoint()} is unreachable "
+                        f"({_root_cause(e)})", "check HF_ENDPOINT, your network and proxy settings, then retry")
+    if isinstance(e, hf.RepositoryNotFoundError) or status in (401, 403):
+        return HubError(f"not allowed to write to Hub repo '{repo_id}' ({_root_cause(e)})",
+                        "log in with `hf auth login` or set HF_TOKEN to a token with write access to that namespace")
+    if isinstance(e, hf.HfHubHTTPError):
+        return HubError(f"the Hub refused the push to '{repo_id}'@{revision}: {_root_cause(e)}",
+                        "check the repo, branch and files, then retry")
+    return e
+
+
+# --- CLI: python -m bench hub pull|push ---------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m bench hub``."""
+    sub = parser.add_subparsers(dest="hub_command", metavar="{pull,push}", required=True)
+    p = sub.add_parser("pull", help="download a repo, some files, or one hf:// file into the local cache",
+                       description="Download from the Hub into the local cache (HF_HOME / HF_HUB_CACHE) or "
+                                   "--local-dir and print where. With HF_HUB_OFFLINE=1 only the cache is used.")
+    p.add_argument("repo", help="org/name, or hf://org/name/path/to/file[@revision]")
+    p.add_argument("--revision", help="branch, tag or commit sha (default: main)")
+    p.add_argument("--files", nargs="+", metavar="FILE",
+                   help="only these files (exact names, or glob patterns such as '*.safetensors')")
+    p.add_argument("--local-dir", help="place the files in this directory instead of the cache")
+    p = sub.add_parser("push", help="upload a checkpoint (file, directory, run or trained backbone) to org/name",
+                       description="Upload a checkpoint to a Hub model repo as one commit, with a model card. "
+                                   "SOURCE: a checkpoint file or directory, a run directory (its record names "
+                                   "the trained backbone), or a trained backbone's cache key.")
+    p.add_argument("source", help="checkpoint file/directory, run directory, or trained-backbone cache key")
+    p.add_argument("repo", help="target repo, org/name (created if missing)")
+    p.add_argument("--branch", "--revision", dest="branch", help="branch to commit to (created from main if new)")
+    p.add_argument("--private", action="store_true", default=None, help="create the repo as private")
+    p.add_argument("--message", "-m", help="commit message")
+    p.add_argument("--include", nargs="+", metavar="GLOB", help="only push files matching these patterns")
+    p.add_argument("--exclude", nargs="+", metavar="GLOB", help="do not push files matching these patterns")
+
+
+def _has_glob(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``python -m bench hub pull|push``; prints where things went."""
+    if args.hub_command == "push":
+        res = hub_push(args.source, args.repo, branch=args.branch, private=args.private, message=args.message,
+                       include=args.include, exclude=args.exclude)
+        print(f"pushed {len(res['files'])} files to {res['repo_id']}@{res['revision']} "
+              f"(commit {res['commit']}): {', '.join(res['files'])}")
+        print(f"url: {res['url']}")
+        weights = [f for f in res["files"] if f.endswith((".safetensors", ".pth", ".pt", ".bin"))]
+        if weights:
+            print(f"use: hf://{res['repo_id']}/{weights[0]}@{res['commit']}")
+        return 0
+    repo, revision, files = args.repo, args.revision, list(args.files or [])
+    if repo.startswith("hf://"):
+        repo, name, ref_rev = parse_hf_path(repo)
+        files, revision = files + [name], revision or ref_rev
+    exact = [f for f in files if not _has_glob(f)]
+    globs = [f for f in files if _has_glob(f)]
+    for f in exact:
+        print(f"{f}: {hub_download(repo, f, revision, local_dir=args.local_dir)}")
+    if globs or not files:
+        where = hub_snapshot(repo, revision, allow_patterns=globs or None, local_dir=args.local_dir)
+        print(f"{repo}{'@' + revision if revision else ''}: {where}")
+    return 0
