@@ -1,0 +1,357 @@
+"""Real-dataset readers on tiny fixtures written in the real file formats (PNG/JPEG via PIL, .mat via
+scipy, .npz, .pkl, .json, .txt split lists), plus the `bench data` check and its error messages."""
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bench.cli import main as cli_main
+from bench.errors import DataMissingError
+from bench.registry import DATASETS
+
+torch.set_num_threads(2)
+
+
+def save_rgb(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr.astype(np.uint8), "RGB").save(path)
+
+
+def save_u16(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr.astype(np.uint16)).save(path)  # 16-bit grey PNG
+
+
+def save_u8(path: Path, arr: np.ndarray, palette: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(arr.astype(np.uint8), "P" if palette else "L")
+    if palette:
+        img.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
+    img.save(path)
+
+
+def rand_rgb(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def reader(name):
+    return DATASETS.get(name)
+
+
+# ------------------------------------------------------------------------------------ NYUv2
+def make_nyu_probe3d(root: Path, n_mat: int = 3, n_lab: int = 4):
+    import scipy.io
+
+    mean2 = 2 * np.array([122.175, 116.169, 103.508], np.float32)
+    imgs = []
+    for i in range(n_mat):
+        img = rand_rgb(6, 8, i).astype(np.float32)
+        imgs.append(img)
+        depth = np.full((6, 8), 1.0 + i, np.float32)
+        depth[0, 0] = 12.0  # beyond 10 m
+        norm = np.zeros((6, 8, 3), np.float32)
+        norm[..., 2] = -1.0
+        (root / "nyu_geonet").mkdir(parents=True, exist_ok=True)
+        scipy.io.savemat(root / "nyu_geonet" / f"kitchen_{i:04d}.mat",
+                         {"img": img - mean2, "depth": depth, "norm": norm})
+    data = {"images": np.stack([rand_rgb(6, 8, 10 + j).transpose(2, 0, 1) for j in range(n_lab)]),
+            "depths": np.stack([np.full((6, 8), 0.5 * (j + 1), np.float32) for j in range(n_lab)]),
+            "snorms": np.stack([np.tile(np.array([0, 1, 0], np.float32)[:, None, None], (1, 6, 8))] * n_lab),
+            "scene_types": [["kitchen"]] * n_lab, "train_indices": np.array([0, 2]), "test_indices": np.array([1, 3])}
+    with open(root / "nyuv2_snorm_all.pkl", "wb") as f:
+        pickle.dump(data, f)
+    return imgs, data
+
+
+def test_nyuv2_probe3d(tmp_path):
+    imgs, data = make_nyu_probe3d(tmp_path)
+    NYU = reader("nyuv2")
+    assert NYU.check(tmp_path) == [] and NYU.check(tmp_path, "probe3d") == []
+    train, valid = NYU(tmp_path, "train"), NYU(tmp_path, "valid", layout="probe3d", max_depth=10.0)
+    assert [len(train), len(valid), len(NYU(tmp_path, "trainval"))] == [2, 1, 3]  # valid = every 20th (index 0)
+    s = valid[0]
+    assert s["image"].shape == (3, 6, 8) and s["normals"].shape == (3, 6, 8)
+    assert torch.allclose(s["image"] * 255, torch.from_numpy(imgs[0]).permute(2, 0, 1), atol=0.51)
+    assert s["depth"][0, 0] == 0 and s["depth"][1, 1] == 1.0  # > max_depth -> invalid
+    assert s["K"].shape == (3, 3) and s["name"] == "kitchen_0000"
+    test = NYU(tmp_path, "test")
+    assert len(test) == 2
+    t = test[1]  # test_indices[1] == 3
+    assert torch.equal(t["image"], torch.from_numpy(data["images"][3]).float() / 255)
+    assert torch.allclose(t["depth"], torch.full((6, 8), 2.0)) and t["normals"][1].eq(1).all()
+
+
+def test_nyuv2_mmseg_depth_and_seg(tmp_path):
+    (tmp_path / "nyu_train.txt").write_text(
+        "/kitchen_0028b/rgb_00045.jpg /kitchen_0028b/sync_depth_00045.png 518.8579\n"
+        "/kitchen_0028b/rgb_00046.jpg None 518.8579\n")
+    (tmp_path / "nyu_test.txt").write_text("bathroom/rgb_00001.jpg bathroom/sync_depth_00001.png 518.8579\n")
+    for d, stem in (("kitchen_0028b", "00045"), ("bathroom", "00001")):
+        save_rgb(tmp_path / d / f"rgb_{stem}.jpg", rand_rgb(5, 7))
+        save_u16(tmp_path / d / f"sync_depth_{stem}.png", np.full((5, 7), 2500))
+    NYU = reader("nyuv2")
+    ds = NYU(tmp_path, "train", layout="mmseg_depth")
+    assert len(ds) == 1  # the "None" line is skipped
+    s = ds[0]
+    assert s["image"].shape == (3, 5, 7) and torch.allclose(s["depth"], torch.full((5, 7), 2.5))
+    assert NYU.check(tmp_path) == []  # one complete layout is enough without --layout
+    assert NYU.check(tmp_path, "probe3d")  # ... but that layout is incomplete
+
+    for sub in ("training", "validation"):
+        save_rgb(tmp_path / "images" / sub / "0001.png", rand_rgb(4, 4))
+        save_u8(tmp_path / "annotations" / sub / "0001.png", np.array([[0, 1, 40, 5]] * 4))
+    seg = NYU(tmp_path, "val", layout="mmseg_seg")
+    assert seg[0]["semantic"].dtype == torch.int64
+    assert seg[0]["semantic"][0].tolist() == [0, 1, 40, 5]  # as stored: the task decides reduce_zero_label
+
+
+# ------------------------------------------------------------------------------------ ScanNet pairs
+def make_scannet(root: Path):
+    K = np.array([[20.0, 0, 8], [0, 21.0, 6], [0, 0, 1]])
+    np.savez(root / "test.npz", name=np.array([[707, 0, 15, 45]]))
+    np.savez(root / "intrinsics.npz", scene0707_00=K)
+    d = root / "scene0707_00"
+    poses = {}
+    for k, f in enumerate((15, 45)):
+        save_rgb(d / "color" / f"{f}.jpg", rand_rgb(12, 16, f))
+        save_u16(d / "depth" / f"{f}.png", np.full((12, 16), 1000 + 500 * k))
+        c2w = np.eye(4)
+        c2w[:3, 3] = [0.1 * k, 0.0, 0.2]
+        (d / "pose").mkdir(parents=True, exist_ok=True)
+        np.savetxt(d / "pose" / f"{f}.txt", c2w)
+        poses[f] = c2w
+    return K, poses
+
+
+def test_scannet_pairs(tmp_path):
+    K, poses = make_scannet(tmp_path)
+    SP = reader("scannet_pairs")
+    assert SP.check(tmp_path) == [] and SP.check(tmp_path, deep=True) == []
+    ds = SP(tmp_path, "test")
+    s = ds[0]
+    assert len(ds) == 1 and s["id"] == "scene0707_00:15-45"
+    assert s["images"].shape == (2, 3, 12, 16) and s["depth"].shape == (2, 12, 16)
+    assert torch.allclose(s["depth"][1], torch.full((12, 16), 1.5))
+    assert torch.allclose(s["K"][0].double(), torch.from_numpy(K))
+    assert torch.allclose(s["w2c"][1].double(), torch.linalg.inv(torch.from_numpy(poses[45])), atol=1e-6)
+    (tmp_path / "scene0707_00" / "pose" / "45.txt").unlink()
+    assert SP.check(tmp_path, deep=True) == [str(tmp_path / "scene0707_00" / "pose" / "45.txt")]
+    with pytest.raises(DataMissingError, match="45.txt"):
+        ds[0]
+
+
+# ------------------------------------------------------------------------------------ NAVI
+def test_navi_depth_code_roundtrip():
+    from bench.data.navi import decode_navi_depth, encode_navi_depth
+
+    code = np.array([[0, 655, 65535]], np.uint16)
+    d = decode_navi_depth(code)
+    assert d[0, 0] == 0 and torch.isclose(d[0, 1], torch.tensor(1.0005), atol=1e-4)
+    assert torch.isclose(d[0, 2], torch.tensor(0.01))
+    assert encode_navi_depth(np.array([1.0005]))[0] == 655
+
+
+def make_navi(root: Path):
+    """obj1 has a wild_set of 3 images (and a multiview scene); image 2 is 150 deg from images 0, 1."""
+    import math
+
+    def q_y(deg):  # rotation about y, wxyz
+        a = math.radians(deg) / 2
+        return [math.cos(a), 0.0, math.sin(a), 0.0]
+
+    wild = root / "obj1" / "wild_set"
+    anns = []
+    for i, deg in enumerate((0, 40, 150)):
+        save_rgb(wild / "images" / f"{i:03d}.jpg", rand_rgb(40, 60, i))
+        depth = np.zeros((40, 60))
+        depth[10:30, 30:46] = 0.8  # object box in the central square (cols 10..50)
+        from bench.data.navi import encode_navi_depth
+
+        save_u16(wild / "depth" / f"{i:03d}.png", encode_navi_depth(depth))
+        anns.append({"object_id": "obj1", "filename": f"{i:03d}.jpg", "image_size": [80, 120],
+                     "camera": {"q": q_y(deg), "t": [0.0, 0.0, 1000.0], "focal_length": 100.0}})
+    (wild / "annotations.json").write_text(json.dumps(anns))
+    (root / "obj1" / "multiview_00_pixel").mkdir(parents=True)
+    (root / "obj2" / "wild_set").mkdir(parents=True)  # no multiview scene: excluded from "test"
+    (root / "obj2" / "wild_set" / "annotations.json").write_text("[]")
+
+
+def test_navi_pairs_crop_and_intrinsics(tmp_path):
+    make_navi(tmp_path)
+    NAVI = reader("navi")
+    assert NAVI.check(tmp_path) == []
+    ds = NAVI(tmp_path, "test", size=38, every=1)
+    pairs = {(a, b) for _, a, b in ds.items}
+    # 0 and 1 are 40 deg apart (allowed); 2 is 150 / 110 deg from 0 / 1: only 1 qualifies (<= 120)
+    assert ("000", "001") in pairs and ("001", "000") in pairs and ("002", "001") in pairs and len(pairs) == 3
+    assert len(NAVI(tmp_path, "test")) == 1  # every 4th of 3 images
+    s = ds[0]
+    assert s["images"].shape == (2, 3, 38, 38) and s["depth"].shape == (2, 38, 38)
+    assert torch.allclose(s["depth"][s["depth"] > 0], torch.tensor(0.8), atol=2e-3)
+    # hand-computed: f = 100 * 40/80 = 50; square crop x0 = 10; object rows 10..29, cols 20..35 in the
+    # square -> box (19, 15), side 19, top-left (10, 20 - 2) = (10, 18); resize x2
+    K = s["K"][0]
+    assert torch.allclose(K, torch.tensor([[100.0, 0, (30 - 10 - 18) * 2.0], [0, 100.0, (20 - 10) * 2.0], [0, 0, 1]]))
+    assert torch.allclose(s["w2c"][0][:3, 3], torch.tensor([0.0, 0.0, 1.0]))
+
+
+# ------------------------------------------------------------------------------------ SPair-71k
+def make_spair(root: Path):
+    from bench.data.spair71k import CATEGORIES
+
+    for c in CATEGORIES:
+        (root / "JPEGImages" / c).mkdir(parents=True, exist_ok=True)
+    for d in ("trn", "val", "test"):
+        (root / "PairAnnotation" / d).mkdir(parents=True, exist_ok=True)
+    for n in ("2008_000008", "2008_000075", "2008_000100"):
+        save_rgb(root / "JPEGImages" / "cat" / f"{n}.jpg", rand_rgb(20, 30))
+    for k, (s, t) in enumerate((("2008_000008", "2008_000075"), ("2008_000075", "2008_000100"),
+                                ("2008_000008", "2008_000100"))):
+        ann = {"filename": f"{k:06d}-{s}-{t}:cat", "src_imname": f"{s}.jpg", "trg_imname": f"{t}.jpg",
+               "category": "cat", "src_kps": [[1, 2], [10, 12]], "trg_kps": [[3, 4], [20, 15]],
+               "src_bndbox": [0, 0, 29, 19], "trg_bndbox": [2, 3, 22, 13], "viewpoint_variation": k % 3,
+               "src_imsize": [30, 20, 3], "trg_imsize": [30, 20, 3]}
+        (root / "PairAnnotation" / "test" / f"{k:06d}-{s}-{t}:cat.json").write_text(json.dumps(ann))
+
+
+def test_spair71k(tmp_path):
+    make_spair(tmp_path)
+    SPair = reader("spair71k")
+    assert SPair.check(tmp_path) == []
+    assert len(SPair(tmp_path, "test", pairs_per_category=None)) == 3
+    ds = SPair(tmp_path, "test", pairs_per_category=2)
+    assert len(ds) == 2 and ds.items == SPair(tmp_path, "test", pairs_per_category=2).items  # seeded
+    s = SPair(tmp_path, "test", pairs_per_category=None)[0]
+    assert s["image_src"].shape == (3, 20, 30) and s["category"] == "cat" and s["viewpoint_variation"] == 0
+    assert s["kps_trg"].tolist() == [[3.0, 4.0], [20.0, 15.0]] and s["bbox_trg"].tolist() == [2, 3, 22, 13]
+    assert len(SPair(tmp_path, "train")) == 0
+    with pytest.raises(DataMissingError, match="unknown SPair-71k categories"):
+        SPair(tmp_path, "test", categories=["unicorn"])
+
+
+# ------------------------------------------------------------------------------------ ADE20K, VOC
+def test_ade20k(tmp_path):
+    for sub, n in (("training", 2), ("validation", 1)):
+        for i in range(n):
+            stem = f"ADE_{sub[:5]}_{i:08d}"
+            save_rgb(tmp_path / "images" / sub / f"{stem}.jpg", rand_rgb(6, 9, i))
+            save_u8(tmp_path / "annotations" / sub / f"{stem}.png", np.arange(54).reshape(6, 9) % 151)
+    ADE = reader("ade20k")
+    assert ADE.check(tmp_path) == []
+    assert len(ADE(tmp_path, "train")) == 2
+    s = ADE(tmp_path, "val")[0]
+    assert s["semantic"].tolist() == (np.arange(54).reshape(6, 9) % 151).tolist()  # raw ids, 0 kept
+
+
+def make_voc(root: Path, aug: bool = True):
+    sets = root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    voc = root / "VOCdevkit" / "VOC2012"
+    lab = np.array([[0, 15, 255], [20, 1, 0]])
+    for sid in ("2007_000032", "2007_000039"):
+        save_rgb(voc / "JPEGImages" / f"{sid}.jpg", rand_rgb(2, 3))
+        save_u8(voc / "SegmentationClass" / f"{sid}.png", lab, palette=True)
+    (sets / "train.txt").write_text("2007_000032\n")
+    (sets / "val.txt").write_text("2007_000039\n")
+    (sets / "trainval.txt").write_text("2007_000032\n2007_000039\n")
+    if aug:
+        save_rgb(voc / "JPEGImages" / "2008_000002.jpg", rand_rgb(2, 3))
+        save_u8(voc / "SegmentationClassAug" / "2008_000002.png", lab)
+        (sets / "aug.txt").write_text("2008_000002\n")
+    return lab
+
+
+def test_voc(tmp_path):
+    lab = make_voc(tmp_path)
+    VOC = reader("voc")
+    for root in (tmp_path / "VOCdevkit", tmp_path / "VOCdevkit" / "VOC2012"):
+        assert VOC.check(root) == []
+        assert len(VOC(root, "val")) == 1
+    s = VOC(tmp_path / "VOCdevkit", "val")[0]
+    assert s["semantic"].tolist() == lab.tolist()  # palette indices, 255 boundary kept as ignore
+    assert len(VOC(tmp_path / "VOCdevkit", "train_aug")) == 2
+    assert VOC(tmp_path / "VOCdevkit", "aug")[0]["semantic"].tolist() == lab.tolist()
+
+
+# ------------------------------------------------------------------------------------ KITTI
+def test_kitti_eigen(tmp_path):
+    img_rel = "2011_09_26/2011_09_26_drive_0002_sync/image_02/data/0000000069.png"
+    dep_rel = "2011_09_26_drive_0002_sync/proj_depth/groundtruth/image_02/0000000069.png"
+    save_rgb(tmp_path / "input" / img_rel, np.zeros((375, 1242, 3)))
+    depth = np.zeros((375, 1242))
+    depth[-1, 13] = 256 * 10  # bottom-left pixel of the KB window: 10 m
+    save_u16(tmp_path / "gt_depth" / dep_rel, depth)
+    (tmp_path / "kitti_eigen_test.txt").write_text(f"{img_rel} {dep_rel} 721.5377\n{img_rel} None 721.5377\n")
+    (tmp_path / "kitti_eigen_train.txt").write_text("")
+    KITTI = reader("kitti_eigen")
+    assert KITTI.check(tmp_path) == [] and KITTI.check(tmp_path, deep=True) == []
+    ds = KITTI(tmp_path, "test")
+    s = ds[0]
+    assert len(ds) == 1 and s["image"].shape == (3, 352, 1216)
+    assert s["depth"][-1, 0] == 10.0 and s["depth"].sum() == 10.0  # KB crop: top 23, left 13
+    assert torch.allclose(s["K"][:2, 2], torch.tensor([609.5593 - 13, 172.8540 - 23]))
+    m = s["eval_mask"]  # Garg crop: rows [143, 349), cols [43, 1172)
+    assert m.sum() == (349 - 143) * (1172 - 43) and m[143, 43] and not m[142, 43] and not m[143, 1172]
+
+
+# ------------------------------------------------------------------------------------ errors + CLI
+def test_missing_root_and_file_errors(tmp_path):
+    NYU = reader("nyuv2")
+    with pytest.raises(DataMissingError) as e:
+        NYU("/nonexistent/nyu", "test", layout="mmseg_depth")
+    assert "/nonexistent/nyu" in str(e.value) and "python -m bench data nyuv2" in str(e.value)
+    (tmp_path / "nyu_train.txt").write_text("")
+    with pytest.raises(DataMissingError, match="nyu_test.txt"):
+        NYU(tmp_path, "train", layout="mmseg_depth")
+    with pytest.raises(DataMissingError, match="no split 'bogus'"):
+        NYU(tmp_path, "bogus", layout="mmseg_depth")
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    for sub in ("training", "validation"):
+        save_rgb(tmp_path / "images" / sub / "ADE_1.jpg", rand_rgb(4, 4))
+        save_u8(tmp_path / "annotations" / sub / "ADE_1.png", np.zeros((4, 4)))
+    bad = tmp_path / "images" / "validation" / "ADE_1.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    with pytest.raises(DataMissingError) as e:
+        reader("ade20k")(tmp_path, "val")[0]
+    assert str(bad) in str(e.value) and "corrupt" in str(e.value)
+    rc = cli_main(["data", "ade20k", "--root", str(tmp_path), "--verify"])
+    assert rc == 2
+
+
+def test_cli_data_complete_prints_counts(tmp_path, capsys):
+    make_voc(tmp_path)
+    assert cli_main(["data", "voc", "--root", str(tmp_path / "VOCdevkit"), "--deep"]) == 0
+    out = capsys.readouterr().out
+    assert "voc (voc2012 layout)" in out and "complete" in out and "train_aug" in out
+    assert "trainval         2" in out
+
+
+def test_cli_data_missing_lists_files_and_sources(tmp_path, capsys):
+    (tmp_path / "test.npz").write_bytes(b"")
+    rc = cli_main(["data", "scannet_pairs", "--root", str(tmp_path)])
+    cap = capsys.readouterr()
+    assert rc == 2
+    assert str(tmp_path / "intrinsics.npz") in cap.out  # exactly what is missing
+    assert "raw.githubusercontent.com/zju3dv/LoFTR" in cap.out and "Terms of Use" in cap.out
+    assert "sceneXXXX_YY/depth/<frame>.png" in cap.out  # the expected tree
+    assert "error:" in cap.err and "Fix:" in cap.err and "intrinsics.npz" in cap.err
+
+
+def test_cli_subprocess_nonexistent_root():
+    r = subprocess.run([sys.executable, "-m", "bench", "data", "nyuv2", "--root", "/nonexistent"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "/nonexistent (dataset root does not exist)" in r.stdout
+    assert "horatio.cs.nyu.edu" in r.stdout and "nyuv2_snorm_all.pkl" in r.stdout
+    assert r.stderr.strip().startswith("error: NYU Depth v2 not prepared under /nonexistent")
+    assert "Fix:" in r.stderr and len(r.stderr.strip().splitlines()) == 1
