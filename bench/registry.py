@@ -71,6 +71,7 @@ PLUGIN_MODULES = [
     "bench.backbones",
     "bench.data",
     "baselines.dinov2",
+    "baselines.official",
     "tasks",
 ]
 
