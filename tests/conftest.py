@@ -1,6 +1,8 @@
 """Shared pytest fixtures. Each fixture is self-contained; append new ones below."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -14,7 +16,8 @@ def local_hub(tmp_path, monkeypatch):
     test: HF_ENDPOINT and the client's import-time constants point at it; HF_HOME / HF_HUB_CACHE
     live under ``tmp_path``; a dummy token is used (no real credentials are read); Xet is off (the
     server only takes regular uploads); offline mode is off; the client's retry back-off does not
-    sleep (so an unreachable Hub fails in milliseconds). Only loopback traffic happens.
+    sleep (so an unreachable Hub fails in milliseconds); NO_PROXY covers 127.0.0.1. The environment
+    variables are inherited by subprocesses a test starts. Only loopback traffic happens.
     """
     try:
         from hub_server import LocalHub
@@ -30,6 +33,8 @@ def local_hub(tmp_path, monkeypatch):
         monkeypatch.setenv(var, val)
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.delenv(var, raising=False)
+    for var in ("NO_PROXY", "no_proxy"):  # never send loopback traffic through a proxy
+        monkeypatch.setenv(var, ",".join(filter(None, [os.environ.get(var), "127.0.0.1", "localhost"])))
     for name, val in {"ENDPOINT": hub.endpoint,
                       "HUGGINGFACE_CO_URL_TEMPLATE": hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
                       "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
@@ -43,6 +48,7 @@ def local_hub(tmp_path, monkeypatch):
             pass
 
     monkeypatch.setattr(_http, "time", _NoSleep)
+    _http.close_session()  # the shared HTTP client picks up the environment above when next created
     try:
         yield hub
     finally:
