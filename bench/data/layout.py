@@ -143,6 +143,11 @@ class FileDataset(torch.utils.data.Dataset):
         raise NotImplementedError
 
     @classmethod
+    def count(cls, root: Path, layout: str, split: str) -> int | str:
+        """Number of samples of a split for the summary (a note instead where counting is costly)."""
+        return len(cls.index(root, layout, split))
+
+    @classmethod
     def item_files(cls, item: Any) -> List[Path]:
         """The files one indexed sample reads (for the deep check)."""
         return []
@@ -230,10 +235,10 @@ class FileDataset(torch.utils.data.Dataset):
                 report.append((layout, missing))
                 continue
             complete.append(layout)
-            counts = {s: len(cls.index(root, layout, s)) for s in cls.splits[layout]}
             print(f"{cls.name} ({layout} layout) at {root}: complete")
-            for s, n in counts.items():
-                print(f"  {s:<10s} {n:>7d}")
+            for s in cls.splits[layout]:
+                n = cls.count(root, layout, s)
+                print(f"  {s:<10s} {n:>7d}" if isinstance(n, int) else f"  {s:<10s} {n}")
         if complete:
             for layout, missing in report:
                 print(f"{cls.name} ({layout} layout): not prepared (missing {fmt_missing(missing, 3)})")
