@@ -27,9 +27,18 @@ has ``name`` (registry name), ``root``, ``splits`` (``{train: ..., test: ...}``:
 to the reader), optional ``kwargs`` (passed to the reader unchanged) and optional ``limit`` (use only
 the first N samples of each split; for smoke runs).
 A reader may also provide ``add_arguments(parser)`` / ``cli(args)`` for ``python -m bench data <name>``.
+``check`` may take keyword arguments (e.g. ``layout``); those named in ``kwargs`` are passed to it.
+
+Two multi-view scene sets are read through :class:`bench.data.scenes.ViewDataset` instead (single
+views of ScanNet++-layout scenes): ``synthetic`` (generated on first use by
+``bench.data.synthetic.ensure_synthetic`` with the node's ``scenes``, ``views``, ``size``, ``seed``;
+the last ``held_out`` scenes are the test split) and ``scannetpp`` (``splits`` name scene-list files
+relative to the root, e.g. ``splits/nvs_sem_train.txt``; optional ``view_stride`` keeps every N-th view).
 """
 from __future__ import annotations
 
+import inspect
+import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Protocol, runtime_checkable
 
@@ -63,8 +72,17 @@ def check_dataset(ds_cfg: Any) -> None:
     """Raise :class:`DataMissingError` naming every missing file when the dataset is not prepared."""
     node = _node(ds_cfg)
     name, root = node["name"], Path(str(node["root"]))
-    reader = DATASETS.get(name)
-    missing = [f"{root} (dataset root does not exist)"] if not root.is_dir() else list(reader.check(root))
+    if name == "synthetic":
+        return  # generated on demand
+    if not root.is_dir():
+        missing = [f"{root} (dataset root does not exist)"]
+    elif name == "scannetpp":
+        missing = [str(root / f) for f in _scene_split_files(node) if not (root / f).is_file()]
+    else:
+        reader = DATASETS.get(name)
+        params = inspect.signature(reader.check).parameters
+        kw = {k: v for k, v in (node.get("kwargs") or {}).items() if k in params}
+        missing = list(reader.check(root, **kw))
     if missing:
         shown = "; ".join(missing[:8]) + (f"; ... ({len(missing) - 8} more)" if len(missing) > 8 else "")
         raise DataMissingError(
@@ -77,8 +95,11 @@ def open_split(ds_cfg: Any, split: str) -> Dataset:
     """The reader of ``ds_cfg`` for the task split ``split`` ("train" or "test"), checked first."""
     node = _node(ds_cfg)
     check_dataset(node)
-    reader = DATASETS.get(node["name"])
-    ds = reader(node["root"], node.get("splits", {}).get(split, split), **(node.get("kwargs") or {}))
+    if node["name"] in ("synthetic", "scannetpp"):
+        ds = _scene_views(node, split)
+    else:
+        reader = DATASETS.get(node["name"])
+        ds = reader(node["root"], node.get("splits", {}).get(split, split), **(node.get("kwargs") or {}))
     limit = node.get("limit")
     if limit is not None and int(limit) < len(ds):
         ds = Subset(ds, range(int(limit)))
@@ -95,6 +116,32 @@ def reduce_zero_label(semantic: torch.Tensor) -> torch.Tensor:
 def dataset_identity(ds_cfg: Any, split: str) -> Mapping[str, Any]:
     """What identifies the samples of one split (for the feature cache key)."""
     node = _node(ds_cfg)
-    return {"name": node["name"], "root": str(Path(str(node["root"])).resolve()),
-            "split": node.get("splits", {}).get(split, split), "kwargs": node.get("kwargs") or {},
-            "limit": node.get("limit")}
+    node["root"] = str(Path(str(node["root"])).resolve())
+    return {"dataset": node, "split": split}
+
+
+def _scene_split_files(node: Mapping[str, Any]) -> List[str]:
+    return [str(v) for v in (node.get("splits") or {}).values()]
+
+
+def _scene_views(node: Mapping[str, Any], split: str) -> Dataset:
+    """Single views of the synthetic or ScanNet++ scenes of one split."""
+    from bench.data.scenes import ViewDataset
+
+    root = Path(str(node["root"]))
+    if node["name"] == "synthetic":
+        from bench.data.synthetic import ensure_synthetic, split_scenes
+
+        size = node.get("size", [128, 128])
+        size = [int(size), int(size)] if isinstance(size, (int, float)) else [int(v) for v in size]
+        root = ensure_synthetic(root, scenes=int(node.get("scenes", 8)), views=int(node.get("views", 24)),
+                                size=size, seed=int(node.get("seed", 0)), progress=True)
+        ids = json.loads((root / "meta.json").read_text())["scene_ids"]
+        train, test = split_scenes(ids, node.get("held_out", 0.25))
+        scene_ids = train if split == "train" else test
+    else:
+        path = root / str(node["splits"][split])
+        scene_ids = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    ds = ViewDataset(root, scene_ids)
+    stride = int(node.get("view_stride", 1) or 1)
+    return Subset(ds, range(0, len(ds), stride)) if stride > 1 else ds

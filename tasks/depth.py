@@ -1,0 +1,63 @@
+"""Monocular depth: binned-depth probe, SigLoss + gradient loss, linear-protocol and Probe3D metrics.
+
+Protocol keys used here: ``depth`` (bins, min_depth, max_depth, norm: the head's bin layout),
+``loss`` (sig_weight, grad_weight, grad_scales, max_depth: training labels beyond it are invalid),
+``eval`` (min_depth, max_depth, crop: eigen | garg | kitti_eigen | null, metrics: a list of
+``standard`` (a1-a3, abs_rel, sq_rel, rmse, rmse_log, log10, silog) and ``scale_invariant``
+(Probe3D's per-image scale-and-shift aligned ``si_a1``-``si_a3`` and ``si_rmse``; Probe3D's
+scale-aware d1-d3 / rmse are ``a1``-``a3`` / ``rmse``)).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping
+
+import torch
+
+from bench.registry import TASKS
+
+from .dense import DenseTask
+from .losses import depth_loss
+from .metrics import MeanMeter, depth_metrics, depth_valid, probe3d_depth_metrics
+
+METRIC_SETS = ("standard", "scale_invariant")
+
+
+class DepthTask(DenseTask):
+    kind, label = "depth", "depth"
+
+    def probe_kwargs(self, task, proto):
+        return {"depth_cfg": proto.get("depth", {})}
+
+    def loss(self, out, target, proto):
+        lc = proto.get("loss", {}) or {}
+        valid = depth_valid(target, max_depth=lc.get("max_depth"))
+        return depth_loss(out["depth"], target, valid, float(lc.get("sig_weight", 1.0)),
+                          float(lc.get("grad_weight", 0.5)), tuple(lc.get("grad_scales", (1,))))
+
+    def new_meters(self, task, proto) -> List[Any]:
+        sets = list((proto.get("eval", {}) or {}).get("metrics", ["standard"]))
+        bad = [s for s in sets if s not in METRIC_SETS]
+        if bad:
+            from bench.errors import UnknownNameError
+
+            raise UnknownNameError("depth metric set", bad[0], METRIC_SETS)
+        return [MeanMeter(""), MeanMeter("si_")] if "scale_invariant" in sets else [MeanMeter("")]
+
+    def update_meters(self, meters, out, target, proto) -> None:
+        ec = proto.get("eval", {}) or {}
+        valid = depth_valid(target, max_depth=ec.get("max_depth"), min_depth=float(ec.get("min_depth", 0.0) or 0.0),
+                            crop=ec.get("crop"))
+        pred = out["depth"]
+        meters[0].update(depth_metrics(pred, target, valid))
+        if len(meters) > 1:
+            si = probe3d_depth_metrics(pred, target, valid, scale_invariant=True)
+            meters[1].update({"a1": si["d1"], "a2": si["d2"], "a3": si["d3"], "rmse": si["rmse"]})
+
+
+for _name, _desc in [
+    ("synth_depth", "depth probe on the built-in synthetic scenes (exact depth); rmse, a1, abs_rel"),
+    ("nyu_depth", "NYUv2 depth (linear: FiT3D/SnD mmseg protocol; probe3d: Probe3D); rmse, a1, abs_rel"),
+    ("scannetpp_depth", "ScanNet++ DSLR depth (rendered), max 20 m; rmse, a1, abs_rel"),
+    ("kitti_depth", "KITTI Eigen split depth, Garg crop, max 80 m; rmse, a1, abs_rel"),
+]:
+    TASKS.add(_name, type(f"DepthTask_{_name}", (DepthTask,), {}), _desc)

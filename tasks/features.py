@@ -1,0 +1,151 @@
+"""Frozen-backbone features for probes, and an on-disk feature cache.
+
+:class:`FeatureSpec` says which features a probe reads: block indices (``last``, ``quartiles``,
+``default`` = the backbone config's ``layers``, or an explicit list), whether the final norm is
+applied, and whether the CLS token (for a backbone without one: the global average of the map,
+as ``layers(return_cls=True)`` returns) is concatenated to every position ("dense-cls").
+
+:class:`FeatureCache` stores per-sample features of a split under
+``<cache_dir>/features/<key>/`` where ``key`` hashes the backbone name and a hash of its weights,
+the feature spec, the preprocessing and the dataset identity. Each sample is one file written
+atomically; a ``meta.json`` marks the cache complete. An interrupted extraction resumes where it
+stopped. Only augmentation-free training uses it (random crops/flips need fresh features).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from bench.config import stable_hash
+from bench.io import torch_save, write_json
+
+
+def quartile_layers(num_blocks: int) -> List[int]:
+    """Blocks at depth quartiles: 12 -> [2, 5, 8, 11], 24 -> [5, 11, 17, 23], 1 -> [0, 0, 0, 0]."""
+    return [max(round(num_blocks * q / 4) - 1, 0) for q in (1, 2, 3, 4)]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    layers: tuple
+    norm: bool = True
+    cls: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], backbone) -> "FeatureSpec":
+        layers = cfg.get("layers", "last")
+        if layers == "last":
+            idx = [backbone.num_blocks - 1]
+        elif layers == "quartiles":
+            idx = quartile_layers(backbone.num_blocks)
+        elif layers == "default":
+            idx = list(getattr(backbone, "default_layers", [backbone.num_blocks - 1]))
+        else:
+            idx = [int(i) % backbone.num_blocks for i in layers]
+        return cls(tuple(idx), bool(cfg.get("norm", True)), bool(cfg.get("cls", False)))
+
+
+def raw_features(backbone, images: torch.Tensor, spec: FeatureSpec) -> List[List[torch.Tensor]]:
+    """``[[map, cls], ...]`` per layer (``[map]`` without CLS), computed without gradients."""
+    with torch.no_grad():
+        out = backbone.layers(images, list(spec.layers), norm=spec.norm, return_cls=spec.cls)
+    return [list(o) if spec.cls else [o] for o in out]
+
+
+def assemble(raw: Sequence[Sequence[torch.Tensor]]) -> List[torch.Tensor]:
+    """Probe input maps from :func:`raw_features` entries: CLS broadcast and concatenated if present."""
+    maps = []
+    for entry in raw:
+        m = entry[0]
+        if len(entry) > 1:  # batched: map [B,C,h,w], cls [B,C]
+            m = torch.cat([m, entry[1][..., None, None].expand(-1, -1, *m.shape[-2:])], dim=1)
+        maps.append(m.float())
+    return maps
+
+
+def features(backbone, images: torch.Tensor, spec: FeatureSpec) -> List[torch.Tensor]:
+    return assemble(raw_features(backbone, images, spec))
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of a module's state dict (16 hex digits)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+class FeatureCache:
+    """Per-sample features of one dataset split for one frozen backbone (see module docstring)."""
+
+    def __init__(self, root: str | os.PathLike, backbone_name: str, weights: str, spec: FeatureSpec,
+                 preprocessing: Any, dataset: Any, dtype: str = "float32"):
+        self.payload = {"backbone": backbone_name, "weights": weights, "spec": asdict(spec),
+                        "preprocessing": preprocessing, "dataset": dataset, "dtype": dtype}
+        self.key = f"{backbone_name}-{weights[:8]}-{stable_hash(self.payload)}"
+        self.dir = Path(root) / self.key
+        self.spec, self.dtype = spec, getattr(torch, dtype)
+
+    def path(self, i: int) -> Path:
+        return self.dir / f"{i:07d}.pt"
+
+    def complete(self, n: int) -> bool:
+        meta = self.dir / "meta.json"
+        return meta.exists() and json.loads(meta.read_text()).get("count") == n
+
+    def fill(self, backbone, images: Dataset, batch_size: int = 8, device: Optional[str] = None,
+             progress: bool = True) -> "FeatureCache":
+        """Extract and store features for every sample of ``images`` (a dataset of ``{"image": ...}``)."""
+        n = len(images)
+        if self.complete(n):
+            return self
+        todo = [i for i in range(n) if not self.path(i).exists()]
+        device = device or next(iter(backbone.parameters()), torch.zeros(())).device
+        bar = tqdm(total=n, initial=n - len(todo), desc=f"features {self.key}", unit="img", disable=not progress,
+                   leave=False, dynamic_ncols=True)
+        try:
+            for s in range(0, len(todo), batch_size):
+                ids = todo[s:s + batch_size]
+                imgs = [images[i]["image"] for i in ids]
+                if len({tuple(x.shape) for x in imgs}) > 1:  # different sizes: one at a time
+                    raws = [raw_features(backbone, x[None].to(device), self.spec) for x in imgs]
+                    per = [[[t[0] for t in layer] for layer in r] for r in raws]
+                else:
+                    r = raw_features(backbone, torch.stack(imgs).to(device), self.spec)
+                    per = [[[t[j] for t in layer] for layer in r] for j in range(len(ids))]
+                for i, entry in zip(ids, per):
+                    torch_save([[t.to("cpu", self.dtype).clone() for t in layer] for layer in entry], self.path(i))
+                bar.update(len(ids))
+        finally:
+            bar.close()
+        write_json(self.dir / "meta.json", {**self.payload, "count": n})
+        return self
+
+    def load(self, i: int) -> List[List[torch.Tensor]]:
+        return torch.load(self.path(i), map_location="cpu", weights_only=True)
+
+
+class CachedFeatures(Dataset):
+    """``(raw features from the cache, targets from the dataset)`` per sample, for probe training."""
+
+    def __init__(self, cache: FeatureCache, targets: Dataset, keys: Sequence[str]):
+        self.cache, self.targets, self.keys = cache, targets, tuple(keys)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        sample = self.targets[i]
+        out = {k: sample[k] for k in self.keys if k in sample}
+        out["features"] = self.cache.load(i)
+        return out

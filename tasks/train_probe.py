@@ -1,0 +1,129 @@
+"""The probe trainer: AdamW, linear warm-up then cosine / quarter-cosine / poly decay, per step.
+
+Schedule config (``task.protocol.schedule``)::
+
+    epochs: 10            # or iters: 38400 (one of the two; iters wins when both are set)
+    batch_size: 8
+    lr: 5.0e-4
+    weight_decay: 0.01
+    decay: quarter_cosine # cosine | quarter_cosine | poly | constant
+    warmup: 1.5           # warm-up length, in epochs (or warmup_iters: N steps)
+    warmup_start: 0.01    # lr factor at step 0, rising linearly to 1
+    min_factor: 0.01      # lr factor at the end of the decay
+    power: 1.0            # poly exponent
+
+After warm-up, with ``p`` the progress through the remaining steps, the lr factor is
+``min + (1 - min) * c(p)`` with ``c = 0.5 (1 + cos(pi p))`` (cosine, mmcv ``CosineAnnealing``),
+``cos(pi p / 2)`` (quarter_cosine: Probe3D's ``0.99 cos(0.5 pi p) + 0.01``), ``(1 - p)^power``
+(poly) or 1 (constant).
+
+The training set is shuffled every epoch from the given seed. A NaN/inf loss raises
+:class:`bench.errors.NonFiniteLossError`. A tqdm bar shows loss, lr, rate and ETA.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from bench.errors import BenchError, NonFiniteLossError
+
+DECAYS = ("cosine", "quarter_cosine", "poly", "constant")
+
+
+def total_steps(sched: Mapping[str, Any], steps_per_epoch: int) -> int:
+    if sched.get("iters"):
+        return int(sched["iters"])
+    if sched.get("epochs"):
+        return int(math.ceil(float(sched["epochs"]) * steps_per_epoch))
+    raise BenchError("the probe schedule sets neither epochs nor iters",
+                     "set task.protocol.schedule.epochs or task.protocol.schedule.iters")
+
+
+def warmup_steps(sched: Mapping[str, Any], steps_per_epoch: int) -> int:
+    if sched.get("warmup_iters") is not None:
+        return int(sched["warmup_iters"])
+    return int(round(float(sched.get("warmup", 0.0) or 0.0) * steps_per_epoch))
+
+
+def lr_factor(step: int, total: int, warmup: int, decay: str = "cosine", warmup_start: float = 0.01,
+              min_factor: float = 0.0, power: float = 1.0) -> float:
+    """The lr multiplier at ``step`` (0-based) of ``total`` steps (see the module docstring)."""
+    if decay not in DECAYS:
+        from bench.errors import UnknownNameError
+
+        raise UnknownNameError("lr decay", decay, DECAYS)
+    if warmup > 0 and step < warmup:
+        return warmup_start + (1.0 - warmup_start) * step / warmup
+    p = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
+    c = {"cosine": lambda: 0.5 * (1 + math.cos(math.pi * p)), "quarter_cosine": lambda: math.cos(0.5 * math.pi * p),
+         "poly": lambda: (1 - p) ** power, "constant": lambda: 1.0}[decay]()
+    return min_factor + (1.0 - min_factor) * c
+
+
+def make_loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True, num_workers: int = 0,
+                drop_last: bool = False) -> DataLoader:
+    g = torch.Generator()
+    g.manual_seed(int(seed))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers,
+                      drop_last=drop_last and len(dataset) >= batch_size, persistent_workers=False)
+
+
+def train_probe(module: torch.nn.Module, dataset: Dataset, step_loss: Callable[[Any], torch.Tensor],
+                sched: Mapping[str, Any], *, seed: int = 0, num_workers: int = 0, desc: str = "probe",
+                progress: bool = True, on_step: Optional[Callable[[int, float], None]] = None) -> Dict[str, Any]:
+    """Train ``module``'s parameters to minimise ``step_loss(batch)`` over ``dataset``.
+
+    Returns ``{"steps", "epochs", "final_loss" (mean of the last epoch), "losses" (per step)}``.
+    """
+    sched = dict(sched)
+    bs = int(sched.get("batch_size", 8))
+    loader = make_loader(dataset, bs, seed, shuffle=bool(sched.get("shuffle", True)), num_workers=num_workers,
+                         drop_last=bool(sched.get("drop_last", False)))
+    per_epoch = len(loader)
+    if per_epoch == 0:
+        raise BenchError("the probe's training split is empty", "check task.dataset (splits, limit)")
+    total, warm = total_steps(sched, per_epoch), warmup_steps(sched, per_epoch)
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=float(sched.get("lr", 1e-3)),
+                            weight_decay=float(sched.get("weight_decay", 0.01)),
+                            betas=tuple(sched.get("betas", (0.9, 0.999))))
+    factor = lambda s: lr_factor(s, total, warm, str(sched.get("decay", "cosine")),  # noqa: E731
+                                 float(sched.get("warmup_start", 0.01)), float(sched.get("min_factor", 0.0)),
+                                 float(sched.get("power", 1.0)))
+    sched_obj = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    module.train()
+    losses, step, epoch = [], 0, 0
+    bar = tqdm(total=total, desc=desc, disable=not progress, unit="step", dynamic_ncols=True, leave=False)
+    try:
+        while step < total:
+            for batch in loader:
+                loss = step_loss(batch)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(
+                        f"{desc}: the probe loss became {value} at step {step} (epoch {epoch})",
+                        "lower task.protocol.schedule.lr, or check the labels of the training split "
+                        "(e.g. depth <= 0 inside the valid mask)")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched_obj.step()
+                losses.append(value)
+                if on_step is not None:
+                    on_step(step, value)
+                step += 1
+                bar.update(1)
+                if step % 10 == 0 or step == total:
+                    bar.set_postfix(epoch=epoch, loss=f"{value:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+                if step >= total:
+                    break
+            epoch += 1
+    finally:
+        bar.close()
+    module.eval()
+    last = losses[-min(per_epoch, len(losses)):]
+    return {"steps": step, "epochs": step / per_epoch, "final_loss": sum(last) / len(last), "losses": losses}

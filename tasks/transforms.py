@@ -1,0 +1,134 @@
+"""Geometric preprocessing of samples (image + dense labels), configured per split.
+
+Keys of a split's node (``task.protocol.train`` / ``task.protocol.test``)::
+
+    resize: [H, W]        # exact size                      } at most one of the two
+    resize_short: 512     # shorter side to 512, keep ratio }
+    scale_range: [0.5, 2] # train only: random factor on top of the resize (mmseg RandomResize)
+    crop: [H, W]          # crop (padded when larger: image 0, depth 0, normals 0, semantic 255)
+    crop_mode: random     # random | center
+    hflip: true           # train only: random horizontal flip (normals' x component negated)
+
+Training order: resize -> crop -> flip, applied to image and labels (labels with nearest
+neighbour). Test order: centre crop (image and labels), then resize of the *image only*: metrics are
+computed at the label resolution, predictions are resized to it (mmseg / Probe3D practice).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+PAD = {"image": 0.0, "depth": 0.0, "normals": 0.0, "semantic": 255}
+
+
+def _interp(x: torch.Tensor, size: Tuple[int, int], key: str) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if key == "image":
+        down = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+        return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=down)[0]
+    y = x if x.ndim == 3 else x[None]
+    y = F.interpolate(y[None].float(), size=size, mode="nearest-exact")[0]
+    y = y.to(x.dtype)
+    return y if x.ndim == 3 else y[0]
+
+
+def target_size(h: int, w: int, cfg: Mapping[str, Any], scale: float = 1.0) -> Tuple[int, int]:
+    if cfg.get("resize"):
+        h, w = (int(v) for v in cfg["resize"])
+    elif cfg.get("resize_short"):
+        f = float(cfg["resize_short"]) / min(h, w)
+        h, w = int(round(h * f)), int(round(w * f))
+    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+
+
+def resize(sample: Dict[str, Any], size: Tuple[int, int], labels: bool = True) -> Dict[str, Any]:
+    out = dict(sample)
+    for k in PAD:
+        if k in out and (k == "image" or labels):
+            out[k] = _interp(out[k], size, k)
+    return out
+
+
+def crop(sample: Dict[str, Any], top: int, left: int, h: int, w: int) -> Dict[str, Any]:
+    """Crop a window (top/left may be negative; outside the image is padded)."""
+    out = dict(sample)
+    for k, fill in PAD.items():
+        if k not in out:
+            continue
+        x = out[k]
+        H, W = x.shape[-2:]
+        pt, pl = max(-top, 0), max(-left, 0)
+        pb, pr = max(top + h - H, 0), max(left + w - W, 0)
+        if pt or pl or pb or pr:
+            x = F.pad(x[None] if x.ndim == 2 else x, (pl, pr, pt, pb), value=fill)
+            x = x[0] if out[k].ndim == 2 else x
+        out[k] = x[..., top + pt:top + pt + h, left + pl:left + pl + w]
+    return out
+
+
+def hflip(sample: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(sample)
+    for k in PAD:
+        if k in out:
+            out[k] = out[k].flip(-1)
+    if "normals" in out:
+        out["normals"] = out["normals"] * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)
+    return out
+
+
+def is_augmented(cfg: Mapping[str, Any]) -> bool:
+    """Whether a training transform is random (then features cannot be cached)."""
+    return bool(cfg.get("hflip") or cfg.get("scale_range") or (cfg.get("crop") and cfg.get("crop_mode", "random") == "random"))
+
+
+def apply(sample: Dict[str, Any], cfg: Mapping[str, Any], train: bool,
+          gen: Optional[torch.Generator] = None) -> Dict[str, Any]:
+    H, W = sample["image"].shape[-2:]
+    rand = lambda: float(torch.rand((), generator=gen))  # noqa: E731
+    if train:
+        scale = 1.0
+        if cfg.get("scale_range"):
+            lo, hi = (float(v) for v in cfg["scale_range"])
+            scale = lo + (hi - lo) * rand()
+        sample = resize(sample, target_size(H, W, cfg, scale))
+        if cfg.get("crop"):
+            ch, cw = (int(v) for v in cfg["crop"])
+            h, w = sample["image"].shape[-2:]
+            if cfg.get("crop_mode", "random") == "random":
+                top, left = int(rand() * (max(h - ch, 0) + 1)), int(rand() * (max(w - cw, 0) + 1))
+            else:
+                top, left = (h - ch) // 2, (w - cw) // 2
+            sample = crop(sample, top, left, ch, cw)
+        if cfg.get("hflip") and rand() < 0.5:
+            sample = hflip(sample)
+        return sample
+    if cfg.get("crop"):
+        ch, cw = (int(v) for v in cfg["crop"])
+        sample = crop(sample, (H - ch) // 2, (W - cw) // 2, ch, cw)
+        H, W = ch, cw
+    return resize(sample, target_size(H, W, cfg), labels=False)
+
+
+class Transformed(Dataset):
+    """``dataset`` with only ``keys`` kept and the split's transform applied."""
+
+    def __init__(self, dataset: Dataset, cfg: Mapping[str, Any], train: bool, keys: Sequence[str]):
+        self.dataset, self.cfg, self.train, self.keys = dataset, dict(cfg or {}), train, tuple(keys)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        s = self.dataset[i]
+        missing = [k for k in self.keys if k not in s]
+        if missing:
+            from bench.errors import DataMissingError
+
+            raise DataMissingError(f"sample {i} of {type(self.dataset).__name__} has no {', '.join(missing)}",
+                                   "use a dataset/layout that provides these labels for this task")
+        return apply({k: s[k] for k in self.keys}, self.cfg, self.train)
