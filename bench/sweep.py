@@ -1,0 +1,377 @@
+"""``python -m bench sweep``: run a grid of cells as cluster jobs.
+
+::
+
+    python -m bench sweep method=dinov2,splat_distill task=synth_depth,synth_seg seed=0,1 --dry-run
+    python -m bench sweep method=dinov2,splat_distill task=synth_depth,synth_seg cluster=slurm
+    python -m bench sweep --status                 # latest sweep; or --status outputs/sweeps/<dir>
+
+Planning (:func:`make_plan`): hydra-style comma lists (and ``range(...)``) expand to the cartesian
+grid; every cell is composed. Cells that already have a record are skipped unless ``--force``.
+Cells of training methods are grouped by their trained-backbone cache key
+(:func:`bench.config.backbone_cache_key`): ONE training job per distinct backbone (none if it is
+already cached), then the cells' evaluation jobs depend on it (``afterok``), one array per
+training job; cells of frozen methods form one array with no dependency. A final ``leaderboard``
+job (``afterany`` on all others) rebuilds ``results/leaderboard.md``. ``force=true`` as an override
+also retrains cached backbones (the evaluation jobs then reuse the fresh weights).
+
+The sweep directory (``cluster.folder``) holds ``sweep.json`` (the plan and every job's state,
+scheduler id and log paths; rewritten atomically on every change) and submitit's logs under
+``logs/<job id>/``. The driver waits for the jobs and prints each state change; on SLURM,
+``--no-wait`` submits and returns (``--status`` then refreshes the states from ``sacct``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import inspect
+import itertools
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from tabulate import tabulate
+
+from .cluster import TERMINAL, EvalJob, JobRecord, TableJob, TrainJob, make_backend
+from .config import compose, stable_hash, to_container
+from .errors import BenchError
+from .io import write_json
+
+STATE_FILE = "sweep.json"
+SCHEMA = 1
+IDENTITY_KEYS = {"method", "backbone", "task", "seed", "method.name", "backbone.name", "task.name"}
+
+
+# --------------------------------------------------------------------------------------- planning
+def expand_grid(overrides: Sequence[str]) -> List[List[str]]:
+    """Hydra-style overrides with comma lists / ``range()`` -> one override list per grid point."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        axes = []
+        for ov in parsed:
+            if ov.is_sweep_override():
+                key = ov.get_key_element()
+                axes.append([f"{key}={v}" for v in ov.sweep_string_iterator()])
+            else:
+                axes.append([ov.input_line])
+    except HydraException as e:
+        raise BenchError(f"cannot expand sweep overrides: {str(e).strip().splitlines()[0]}",
+                         "use comma lists (method=a,b) or range(start,stop) (seed=range(0,3))") from None
+    grid, seen = [], set()
+    for combo in itertools.product(*axes):
+        if combo not in seen:
+            seen.add(combo)
+            grid.append(list(combo))
+    return grid
+
+
+@dataclass
+class Cell:
+    id: str
+    method: str
+    backbone: str
+    task: str
+    seed: int
+    overrides: List[str]
+    trains: bool
+    cache_key: Optional[str]
+    cached: bool           # its trained backbone is already in the cache
+    results_dir: str
+    skip: bool             # a record exists (and no --force)
+
+
+@dataclass
+class Plan:
+    cells: List[Cell]
+    jobs: Dict[str, JobRecord]
+    overrides: List[str]
+    cluster: Dict[str, Any]
+    folder: str
+    plugins: List[Tuple[str, str]] = field(default_factory=list)
+    job_overrides: Dict[str, List[str]] = field(default_factory=dict)
+
+    @property
+    def results_dirs(self) -> List[str]:
+        return sorted({c.results_dir for c in self.cells})
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").partition("=")[0]
+
+
+def _plugins(cfgs) -> List[Tuple[str, str]]:
+    """Modules that registered the grid's methods/tasks/backbones (imported first in every job)."""
+    from .registry import BACKBONES, METHODS, TASKS
+
+    out = {}
+    for cfg in cfgs:
+        for reg, name in ((METHODS, cfg.method.name), (TASKS, cfg.task.name), (BACKBONES, cfg.backbone.name)):
+            if name not in reg:
+                continue
+            obj = reg.get(name)
+            mod = obj.__module__
+            try:
+                path = inspect.getfile(obj)
+            except TypeError:
+                continue
+            if mod == "__main__":  # a script that registered a method: import it under its own name
+                mod = f"_bench_plugin_{Path(path).stem}"
+            out[mod] = path
+    return sorted(out.items())
+
+
+def make_plan(overrides: Sequence[str], force: bool = False) -> Plan:
+    """Expand ``overrides`` into cells and the jobs that run them (see the module docstring)."""
+    from .records import has_record
+    from .registry import METHODS
+    from .runner import MODEL_FILE, backbone_dir
+
+    grid = expand_grid(overrides)
+    varying = {_key(vals[0]) for vals in zip(*grid) if len(set(vals)) > 1} - IDENTITY_KEYS
+    cfgs = [compose(point) for point in grid]
+    retrain = bool(cfgs[0].get("force", False))
+    cells, ids = [], set()
+    for point, cfg in zip(grid, cfgs):
+        trains = bool(getattr(METHODS.get(cfg.method.name), "trains", False))
+        cid = f"{cfg.method.name}-{cfg.backbone.name}-{cfg.task.name}-s{int(cfg.seed)}"
+        extra = sorted(ov for ov in point if _key(ov) in varying)
+        if extra or cid in ids:
+            cid += "-" + stable_hash(extra or point, 6)
+        ids.add(cid)
+        key = backbone_dir(cfg).name if trains else None
+        cells.append(Cell(
+            id=cid, method=cfg.method.name, backbone=cfg.backbone.name, task=cfg.task.name, seed=int(cfg.seed),
+            overrides=list(point), trains=trains, cache_key=key,
+            cached=trains and (backbone_dir(cfg) / MODEL_FILE).exists(),
+            results_dir=str(cfg.paths.results_dir),
+            skip=not (force or retrain) and has_record(cfg.paths.results_dir, cfg)))
+
+    jobs: Dict[str, JobRecord] = {}
+    job_overrides: Dict[str, List[str]] = {}
+    todo = [c for c in cells if not c.skip]
+    for key in dict.fromkeys(c.cache_key for c in todo if c.trains):  # one training job per backbone
+        group = [c for c in todo if c.cache_key == key]
+        if group[0].cached and not retrain:
+            continue
+        name = f"train:{key}"
+        jobs[name] = JobRecord(name=name, kind="train", cells=[c.id for c in group], array="train")
+        job_overrides[name] = group[0].overrides
+    for c in todo:
+        name, train = f"eval:{c.id}", f"train:{c.cache_key}"
+        after = [train] if train in jobs else []
+        jobs[name] = JobRecord(name=name, kind="eval", cells=[c.id], array=f"eval@{train}" if after else "eval",
+                               after_ok=after)
+        job_overrides[name] = c.overrides + (["force=false"] if retrain and c.trains else [])
+    if jobs:
+        jobs["leaderboard"] = JobRecord(name="leaderboard", kind="table", cells=[], array="table",
+                                        after_any=list(jobs))
+    base = cfgs[0]
+    return Plan(cells=cells, jobs=jobs, overrides=list(overrides), cluster=to_container(base.cluster),
+                folder=str(base.cluster.get("folder") or Path(base.paths.output_dir) / "sweeps" /
+                           _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")),
+                plugins=_plugins(cfgs), job_overrides=job_overrides)
+
+
+def plan_table(plan: Plan) -> str:
+    """The plan as text: one row per job (kind, array, dependencies, cells), then the skipped cells."""
+    rows = []
+    for j in plan.jobs.values():
+        after = ", ".join([f"afterok {d}" for d in j.after_ok] +
+                          ([f"afterany ({len(j.after_any)} jobs)"] if j.after_any else [])) or "-"
+        rows.append([j.name, j.kind, j.array, after, ", ".join(j.cells) or "(rebuilds leaderboard)"])
+    n_skip = sum(c.skip for c in plan.cells)
+    out = [f"sweep: {len(plan.cells)} cells, {len(plan.cells) - n_skip} to run, {n_skip} skipped (record exists); "
+           f"{len(plan.jobs)} jobs on cluster={plan.cluster.get('name')}; folder {plan.folder}"]
+    if rows:
+        out.append(tabulate(rows, headers=["job", "kind", "array", "depends on", "cells"], tablefmt="github"))
+    if n_skip:
+        out.append("skipped (use --force to re-run): " + ", ".join(c.id for c in plan.cells if c.skip))
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------- state file
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Sweep:
+    """A sweep on disk: the plan plus live job states, saved atomically to ``<folder>/sweep.json``."""
+
+    def __init__(self, folder: Path, data: Dict[str, Any]):
+        self.folder, self.data = Path(folder), data
+        self.jobs = {d["name"]: JobRecord.from_dict(d) for d in data["jobs"]}
+
+    @classmethod
+    def create(cls, plan: Plan) -> "Sweep":
+        folder = Path(plan.folder)
+        if (folder / STATE_FILE).exists():
+            raise BenchError(f"{folder} already holds a sweep", "pick a new cluster.folder (or omit it)")
+        folder.mkdir(parents=True, exist_ok=True)
+        data = {"schema": SCHEMA, "created": _now(), "cwd": os.getcwd(), "overrides": plan.overrides,
+                "cluster": plan.cluster, "driver": {"host": socket.gethostname(), "pid": os.getpid()},
+                "plugins": plan.plugins, "results_dirs": plan.results_dirs,
+                "cells": [c.__dict__ for c in plan.cells],
+                "job_overrides": plan.job_overrides,
+                "jobs": [j.to_dict() for j in plan.jobs.values()]}
+        sweep = cls(folder, data)
+        sweep.save()
+        return sweep
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Sweep":
+        import json
+
+        path = Path(folder) / STATE_FILE
+        if not path.exists():
+            raise BenchError(f"no sweep state file at {path}", "pass the sweep directory printed by `bench sweep`")
+        return cls(Path(folder), json.loads(path.read_text()))
+
+    def save(self) -> None:
+        self.data["jobs"] = [j.to_dict() for j in self.jobs.values()]
+        self.data["updated"] = _now()
+        write_json(self.folder / STATE_FILE, self.data)
+
+    def make_callable(self, rec: JobRecord):
+        cwd, plugins = self.data["cwd"], [tuple(p) for p in self.data["plugins"]]
+        if rec.kind == "table":
+            return TableJob(results_dirs=list(self.data["results_dirs"]), cwd=cwd)
+        cls = TrainJob if rec.kind == "train" else EvalJob
+        return cls(overrides=list(self.data["job_overrides"][rec.name]), cwd=cwd, plugins=plugins)
+
+    def backend(self):
+        return make_backend(self.data["cluster"], self.folder, self.make_callable)
+
+    def finished(self) -> bool:
+        return all(j.state in TERMINAL for j in self.jobs.values())
+
+
+def status_table(sweep: Sweep) -> str:
+    rows = [[j.name, j.kind, j.state, j.job_id or "-", j.stderr or "-", j.error or ""] for j in sweep.jobs.values()]
+    counts = {s: sum(j.state == s for j in sweep.jobs.values()) for s in ("pending", "running", "done", "failed",
+                                                                           "cancelled")}
+    skipped = [c["id"] for c in sweep.data["cells"] if c["skip"]]
+    head = (f"sweep {sweep.folder} (cluster={sweep.data['cluster'].get('name')}): "
+            + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+            + (f"; {len(skipped)} cells skipped (record exists)" if skipped else ""))
+    return head + "\n" + tabulate(rows, headers=["job", "kind", "state", "id", "log", "error"], tablefmt="github")
+
+
+def _driver_alive(sweep: Sweep) -> bool:
+    drv = sweep.data.get("driver", {})
+    if drv.get("host") != socket.gethostname():
+        return True  # cannot tell from here
+    try:
+        os.kill(int(drv["pid"]), 0)
+        return True
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def refresh(sweep: Sweep) -> Sweep:
+    """Update job states from the scheduler (SLURM) or notice a dead local driver; save."""
+    if sweep.finished():
+        return sweep
+    if sweep.data["cluster"].get("name") == "slurm":
+        sweep.backend().step(sweep.jobs)
+    elif not _driver_alive(sweep) and sweep.data["driver"]["pid"] != os.getpid():
+        for j in sweep.jobs.values():
+            if j.state not in TERMINAL:
+                j.state, j.error = "failed", (f"the sweep driver (pid {sweep.data['driver']['pid']}) exited before "
+                                              "this job finished; re-run the sweep (finished cells are skipped)")
+    sweep.save()
+    return sweep
+
+
+def latest_sweep(overrides: Sequence[str]) -> Path:
+    cfg = compose(expand_grid(overrides)[0])
+    root = Path(cfg.paths.output_dir) / "sweeps"
+    found = sorted(root.glob(f"*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise BenchError(f"no sweep found under {root}", "pass the sweep directory: --status <dir>")
+    return found[-1].parent
+
+
+# --------------------------------------------------------------------------------------- running
+def run(plan: Plan, wait: bool = True, poll_s: Optional[float] = None, echo=print) -> Sweep:
+    """Submit/run the plan's jobs; with ``wait`` block until all are over, reporting state changes."""
+    sweep = Sweep.create(plan)
+    if not sweep.jobs:
+        echo("nothing to run: every cell has a record (use --force to re-run)")
+        return sweep
+    backend = sweep.backend()
+    backend.start(sweep.jobs)
+    sweep.save()
+    if not wait and not backend.waits:
+        echo(f"submitted {len(sweep.jobs)} jobs; follow them with: python -m bench sweep --status {sweep.folder}")
+        return sweep
+    poll_s = float(poll_s if poll_s is not None else plan.cluster.get("poll_s", 10))
+    seen = {n: None for n in sweep.jobs}
+    try:
+        while True:
+            for n, j in sweep.jobs.items():
+                if j.state != seen[n]:
+                    seen[n] = j.state
+                    extra = f" [{j.job_id}]" if j.job_id else ""
+                    if j.state in ("failed", "cancelled"):
+                        extra += f": {j.error} (log: {j.stderr})"
+                    echo(f"{time.strftime('%H:%M:%S')} {n} {j.state}{extra}")
+            if sweep.finished():
+                break
+            time.sleep(poll_s)
+            backend.step(sweep.jobs)
+            sweep.save()
+    except KeyboardInterrupt:
+        if backend.waits:
+            backend.cancel(sweep.jobs)
+            sweep.save()
+            echo("interrupted: local jobs cancelled")
+        else:
+            echo(f"stopped waiting; the jobs keep running: python -m bench sweep --status {sweep.folder}")
+        raise
+    return sweep
+
+
+# --------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*",
+                        help="hydra-style overrides; comma lists sweep (method=dinov2,splat_distill seed=0,1)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (jobs, dependencies, cells) only")
+    parser.add_argument("--force", action="store_true", help="re-run cells that already have a record")
+    parser.add_argument("--status", nargs="?", const="", default=None, metavar="SWEEP_DIR",
+                        help="show job states (default: the latest sweep under <output_dir>/sweeps)")
+    parser.add_argument("--no-wait", action="store_true", help="cluster=slurm: submit and return")
+    parser.add_argument("--poll", type=float, default=None, help="seconds between state checks (cluster.poll_s)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``python -m bench sweep``; returns the exit code (1 if any job did not finish)."""
+    if args.status is not None:
+        folder = Path(args.status) if args.status else latest_sweep(args.overrides)
+        sweep = refresh(Sweep.load(folder))
+        print(status_table(sweep))
+        return 0
+    plan = make_plan(args.overrides, force=args.force)
+    print(plan_table(plan))
+    if args.dry_run:
+        return 0
+    sweep = run(plan, wait=not args.no_wait, poll_s=args.poll)
+    if sweep.jobs and sweep.finished():
+        print(status_table(sweep))
+        lb = [str(Path(d) / "leaderboard.md") for d in sweep.data["results_dirs"]]
+        if sweep.jobs["leaderboard"].state == "done":
+            print("leaderboard: " + ", ".join(lb))
+        return 0 if all(j.state == "done" for j in sweep.jobs.values()) else 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - the CLI wires `python -m bench sweep`
+    _p = argparse.ArgumentParser(prog="bench sweep")
+    add_arguments(_p)
+    sys.exit(main(_p.parse_args()))
