@@ -377,6 +377,11 @@ def _has_glob(name: str) -> bool:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``python -m bench hub pull|push``; prints where things went."""
+    if not getattr(args, "verbose", False):  # one line per HTTP request is noise at INFO level
+        import logging
+
+        for name in ("httpx2", "httpx", "huggingface_hub"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if args.hub_command == "push":
         res = hub_push(args.source, args.repo, branch=args.branch, private=args.private, message=args.message,
                        include=args.include, exclude=args.exclude)
