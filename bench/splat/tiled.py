@@ -3,22 +3,29 @@
 Design (see ENVIRONMENT.md, "CPU fallback design"):
 
 1. project all Gaussians into all cameras in plain torch (:func:`bench.splat.project.project`);
-2. bin them into square tiles of ``tile`` pixels (opacity-aware boxes, as gsplat) and sort each tile's
+2. bin them into square tiles of ``tile`` pixels (gsplat's opacity-aware boxes) and sort each tile's
    list front to back (stable sort on camera z, ties by Gaussian index, like gsplat's radix sort);
-3. render tiles in chunks of similar list length, each list padded to the chunk's longest: for a chunk
-   the alphas are a dense [tiles, tile pixels, G] block, transmittance is the exclusive cumulative sum
-   of ``log(1 - alpha)``, and features, depth and alpha come out of one batched matrix multiply of the
-   blending weights with the gathered [G, D+2] rows (features, camera z, 1).
+3. render tiles in chunks (``budget`` bounds a chunk's [tiles, tile pixels, seg] blocks), each chunk's
+   lists padded to its longest and walked front to back ``seg`` Gaussians at a time. Per segment:
+   the Mahalanobis terms are one small batched matmul (tile-centred pixel monomials
+   ``[u^2, v^2, uv, u, v, 1]`` x per-Gaussian coefficients), transmittance is a cumulative sum of
+   ``log(1 - alpha)`` carried across segments, and features come out of a batched matmul of the
+   blending weights [pixels, seg] with the gathered feature rows [seg, D]; camera z and 1 form two more
+   channels (expected depth, alpha). A tile leaves the walk when its list ends or all its pixels are
+   done (gsplat's early exit).
 
-The compositing is a custom :class:`torch.autograd.Function` with the analytic backward of the
-front-to-back blend (the same formulas as gsplat's backward kernel): it keeps only the per-Gaussian
-inputs and the tile lists, and recomputes a chunk's alphas in backward, so memory stays bounded by one
-chunk (``budget`` elements per [tiles, pixels, G] block) whatever the scene size.
+Compositing is a custom :class:`torch.autograd.Function` with the analytic backward of the blend (the
+formulas of gsplat's backward kernel). It keeps only per-Gaussian inputs, the tile lists and the
+log-transmittance in front of each segment ([tiles, pixels] per segment); backward recomputes one
+segment at a time, back to front, accumulating the "light behind" sums exactly. Memory is therefore
+bounded by one block plus the [tiles, pixels, D] outputs, whatever the number of Gaussians.
 
-Compositing rules per pixel, front to back: ``alpha = min(0.999, o * exp(-sigma))``; Gaussians with
-``sigma < 0`` or ``alpha < 1/255`` are skipped (T unchanged); the pixel stops at the first Gaussian whose
-``T * (1 - alpha)`` would be ``<= 1e-4`` (that Gaussian is not composited). Because T only decreases,
-"composited" is exactly ``candidate and cumulative T after it > 1e-4``.
+Compositing rules per pixel, front to back: ``alpha = min(0.999, o * exp(-sigma))``; alphas < 1/255 are
+skipped (T unchanged); the pixel stops at the first Gaussian whose ``T * (1 - alpha)`` would be
+``<= 1e-4`` (that one is not composited). Because T only decreases, "composited" is exactly
+"not skipped and log T after it > log 1e-4". (gsplat also skips ``sigma < 0``, which cannot happen for
+a positive definite conic; the expanded quadratic here can round to -1e-7 near the centre, so the
+engine does not test it.)
 """
 from __future__ import annotations
 
@@ -39,8 +46,10 @@ class Chunk:
     tiles: Tensor  # [nt] global tile ids (camera * TY * TX + ty * TX + tx)
     gids: Tensor  # [nt, G] flat ids camera * N + n, front to back; padding = C * N
     fids: Tensor  # [nt, G] feature row n; padding = N
-    px: Tensor  # [nt, P] pixel-centre x of each tile pixel
-    py: Tensor  # [nt, P]
+    counts: Tensor  # [nt] list lengths
+    mono: Tensor  # [nt, P, 6] pixel monomials u^2, v^2, uv, u, v, 1 (u, v relative to the tile centre)
+    centre: Tensor  # [nt, 2] tile centre in pixels
+    inside: Tensor  # [nt, P] pixel lies inside the image
 
 
 @dataclass
@@ -50,10 +59,11 @@ class Plan:
     tile: int
     TX: int
     TY: int
+    seg: int
     chunks: List[Chunk]
 
 
-def _plan(proj, width: int, height: int, tile: int, budget: int) -> Plan:
+def _plan(proj, width: int, height: int, tile: int, seg: int, budget: int) -> Plan:
     """Bin projected Gaussians into tiles, sort front to back, group tiles into chunks."""
     C, N = proj.depth.shape
     TX, TY = math.ceil(width / tile), math.ceil(height / tile)
@@ -82,11 +92,13 @@ def _plan(proj, width: int, height: int, tile: int, budget: int) -> Plan:
         by_len = torch.argsort(counts, descending=True, stable=True)
         lens = counts[by_len].tolist()
         P = tile * tile
-        j = torch.arange(tile, device=dev, dtype=proj.mean2d.dtype) + 0.5
+        j = torch.arange(tile, device=dev, dtype=proj.mean2d.dtype) - (tile - 1) / 2  # centre offsets
+        du, dv = j[None, :].expand(tile, tile).reshape(-1), j[:, None].expand(tile, tile).reshape(-1)
+        mono = torch.stack([du * du, dv * dv, du * dv, du, dv, torch.ones_like(du)], -1)  # [P,6]
         chunks, i = [], 0
+        nt = max(1, budget // (P * seg))
         while i < len(lens) and lens[i] > 0:
             G = lens[i]
-            nt = max(1, budget // (P * G))
             tiles = by_len[i:i + nt]
             tiles = tiles[counts[tiles] > 0]
             i += nt
@@ -95,96 +107,144 @@ def _plan(proj, width: int, height: int, tile: int, budget: int) -> Plan:
             pad = k >= counts[tiles, None]
             gids = torch.where(pad, C * N, flat[pos])
             fids = torch.where(pad, N, gids % N)
-            tx, ty = tiles % TX, (tiles // TX) % TY
-            px = (tx[:, None, None] * tile + j[None, None, :]).expand(-1, tile, tile).reshape(-1, P)
-            py = (ty[:, None, None] * tile + j[None, :, None]).expand(-1, tile, tile).reshape(-1, P)
-            chunks.append(Chunk(tiles, gids, fids, px, py))
-    return Plan(C, N, tile, TX, TY, chunks)
+            centre = torch.stack([tiles % TX, (tiles // TX) % TY], -1).to(mono.dtype) * tile + tile / 2
+            inside = (centre[:, None, 0] + du < width) & (centre[:, None, 1] + dv < height)
+            chunks.append(Chunk(tiles, gids, fids, counts[tiles], mono.expand(len(tiles), P, 6), centre, inside))
+    return Plan(C, N, tile, TX, TY, seg, chunks)
 
 
-def _blend(ch: Chunk, mean2d: Tensor, conic: Tensor, opac: Tensor):
-    """Blending weights of one chunk (forward quantities reused by the backward)."""
-    m, co, o = mean2d[ch.gids], conic[ch.gids], opac[ch.gids]  # [nt,G,*]
-    dx = m[:, None, :, 0] - ch.px[:, :, None]  # [nt,P,G]
-    dy = m[:, None, :, 1] - ch.py[:, :, None]
-    a_, b_, c_ = (co[:, None, :, i] for i in range(3))
-    sigma = 0.5 * (a_ * dx * dx + c_ * dy * dy) + b_ * dx * dy
-    e = torch.exp(-sigma)
-    raw = o[:, None, :] * e
-    alpha = raw.clamp(max=ALPHA_MAX)
-    cand = (sigma >= 0) & (alpha >= ALPHA_THRESHOLD)
-    a = torch.where(cand, alpha, 0)
+def _coefs(m: Tensor, co: Tensor, centre: Tensor) -> Tensor:
+    """Coefficients [na,6,S] with sigma = mono @ coef for means m [na,S,2], conics co [na,S,3]."""
+    x, y = (m - centre[:, None, :]).unbind(-1)
+    a, b, c = co.unbind(-1)
+    return torch.stack([0.5 * a, 0.5 * c, b, -(a * x + b * y), -(c * y + b * x),
+                        0.5 * a * x * x + 0.5 * c * y * y + b * x * y], 1)
+
+
+def _segment(ch: Chunk, act, s: int, S: int, logT0: Tensor, mean2d: Tensor, conic: Tensor, opac: Tensor):
+    """Gaussians s:s+S of the active tiles ``act`` (None = all) of a chunk, given the log-transmittance
+    ``logT0 [na,P]`` in front of them: blending weights w [na,P,S], log T after each, and the
+    quantities the backward needs."""
+    gids = ch.gids[:, s:s + S] if act is None else ch.gids[act, s:s + S]
+    mono, centre = (ch.mono, ch.centre) if act is None else (ch.mono[act], ch.centre[act])
+    o = opac[gids][:, None, :]
+    e = torch.exp(torch.bmm(mono, _coefs(mean2d[gids], conic[gids], centre)).neg_())  # exp(-sigma)
+    raw = e * o
+    a = raw.clamp(max=ALPHA_MAX).mul_(raw >= ALPHA_THRESHOLD)  # skipped alphas -> 0
     l = torch.log1p(-a)
-    L = torch.cumsum(l, -1)  # log T after each Gaussian
-    incl = cand & (L > LOG_T_MIN)
-    T = torch.exp(L - l)  # T before each Gaussian
-    w = torch.where(incl, a * T, 0)
-    return w, dict(dx=dx, dy=dy, abc=(a_, b_, c_), e=e, raw=raw, a=a, T=T, incl=incl)
+    L = torch.cumsum(l, -1).add_(logT0[..., None])  # log T after each Gaussian
+    incl = L > LOG_T_MIN
+    T = torch.exp(L - l)  # T in front of each Gaussian
+    w = (a * T).mul_(incl)
+    return w, L, gids, dict(e=e, raw=raw, a=a, T=T, incl=incl, mono=mono, centre=centre)
+
+
+def _sel(x: Tensor, act):
+    return x if act is None else x[act]
 
 
 class _Composite(torch.autograd.Function):
-    """(mean2d [CN+1,2], conic [CN+1,3], opac [CN+1], feat [N+1,D], z [CN+1]) -> tiles [nTiles,P,D+2]."""
+    """(mean2d [CN+1,2], conic [CN+1,3], opac [CN+1], feat [N+1,D], z [CN+1])
+    -> features [nTiles,P,D], (depth-sum, alpha) [nTiles,P,2]; the extra rows are padding."""
 
     @staticmethod
     def forward(ctx, mean2d, conic, opac, feat, z, plan: Plan):
-        P, D = plan.tile ** 2, feat.shape[1]
-        out = feat.new_zeros(plan.C * plan.TY * plan.TX, P, D + 2)
+        P, D, S = plan.tile ** 2, feat.shape[1], plan.seg
+        n_all = plan.C * plan.TY * plan.TX
+        out_f, out_za = feat.new_zeros(n_all, P, D), feat.new_zeros(n_all, P, 2)
+        walks = []
         for ch in plan.chunks:
-            w, _ = _blend(ch, mean2d, conic, opac)
-            out[ch.tiles, :, :D] = torch.bmm(w, feat[ch.fids])
-            zg = z[ch.gids]
-            out[ch.tiles, :, D:] = torch.bmm(w, torch.stack([zg, torch.ones_like(zg)], -1))
-        ctx.plan = plan
+            logT = torch.where(ch.inside, 0.0, -torch.inf).to(feat.dtype)  # [nt,P]; outside: done
+            acc_f, acc_za = feat.new_zeros(len(ch.tiles), P, D), feat.new_zeros(len(ch.tiles), P, 2)
+            act, segs = None, []
+            for s in range(0, ch.gids.shape[1], S):
+                idx = torch.arange(len(ch.tiles), device=feat.device) if act is None else act
+                keep = (ch.counts[idx] > s) & (logT[idx].amax(-1) > LOG_T_MIN)
+                if not keep.all():
+                    act = idx[keep]
+                    if len(act) == 0:
+                        break
+                w, L, gids, _ = _segment(ch, act, s, S, _sel(logT, act), mean2d, conic, opac)
+                segs.append((s, act, _sel(logT, act)))
+                f = torch.bmm(w, feat[_sel(ch.fids, act)[:, s:s + S]])
+                zg = z[gids]
+                za = torch.bmm(w, torch.stack([zg, torch.ones_like(zg)], -1))
+                if act is None:
+                    acc_f += f
+                    acc_za += za
+                    logT = L[..., -1]
+                else:
+                    acc_f.index_add_(0, act, f)
+                    acc_za.index_add_(0, act, za)
+                    logT[act] = L[..., -1]
+            out_f[ch.tiles], out_za[ch.tiles] = acc_f, acc_za
+            walks.append(segs)
+        ctx.plan, ctx.walks = plan, walks
         ctx.save_for_backward(mean2d, conic, opac, feat, z)
-        return out
+        return out_f, out_za
 
     @staticmethod
-    def backward(ctx, gout):
+    def backward(ctx, g_out_f, g_out_za):
         mean2d, conic, opac, feat, z = ctx.saved_tensors
-        plan, D = ctx.plan, feat.shape[1]
+        plan, S = ctx.plan, ctx.plan.seg
         g_m, g_c, g_o = torch.zeros_like(mean2d), torch.zeros_like(conic), torch.zeros_like(opac)
         g_f, g_z = torch.zeros_like(feat), torch.zeros_like(z)
-        for ch in plan.chunks:
-            w, s = _blend(ch, mean2d, conic, opac)
-            go = gout[ch.tiles]  # [nt,P,D+2]
-            f, zg = feat[ch.fids], z[ch.gids]
-            wt = w.transpose(1, 2)
-            g_f.index_add_(0, ch.fids.reshape(-1), torch.bmm(wt, go[..., :D]).reshape(-1, D))
-            g_z.index_add_(0, ch.gids.reshape(-1), torch.bmm(wt, go[..., D:D + 1]).reshape(-1))
-            # dL/dw, then through w_i = a_i prod_{j<i} (1 - a_j)
-            dw = torch.bmm(go[..., :D], f.transpose(1, 2)) + go[..., D:D + 1] * zg[:, None, :] + go[..., D + 1:]
-            v = dw * w
-            after = v.sum(-1, keepdim=True) - torch.cumsum(v, -1)  # sum over later Gaussians
-            da = torch.where(s["incl"], dw * s["T"] - after / (1 - s["a"]), 0)
-            draw = torch.where(s["raw"] <= ALPHA_MAX, da, 0)  # the cap passes no gradient
-            dsig = -draw * s["raw"]
-            dx, dy, (a_, b_, c_) = s["dx"], s["dy"], s["abc"]
-            g_o.index_add_(0, ch.gids.reshape(-1), (draw * s["e"]).sum(1).reshape(-1))
-            gm = torch.stack([(dsig * (a_ * dx + b_ * dy)).sum(1), (dsig * (c_ * dy + b_ * dx)).sum(1)], -1)
-            gc = torch.stack([(0.5 * dsig * dx * dx).sum(1), (dsig * dx * dy).sum(1),
-                              (0.5 * dsig * dy * dy).sum(1)], -1)
-            g_m.index_add_(0, ch.gids.reshape(-1), gm.reshape(-1, 2))
-            g_c.index_add_(0, ch.gids.reshape(-1), gc.reshape(-1, 3))
+        strict = torch.ones(S, S, dtype=feat.dtype, device=feat.device).triu(1).T  # [k,i] = 1 if k > i
+        for ch, segs in zip(plan.chunks, ctx.walks):
+            gf_all, gza_all = g_out_f[ch.tiles], g_out_za[ch.tiles]  # [nt,P,D], [nt,P,2]
+            behind = feat.new_zeros(len(ch.tiles), plan.tile ** 2)  # sum over later segments of dL/dw w
+            for s, act, logT0 in reversed(segs):
+                w, _, gids, st = _segment(ch, act, s, S, logT0, mean2d, conic, opac)
+                fids = _sel(ch.fids, act)[:, s:s + S]
+                gf, gza, f, zg = _sel(gf_all, act), _sel(gza_all, act), feat[fids], z[gids]
+                n = gids.shape[1]
+                wt = w.transpose(1, 2)
+                g_f.index_add_(0, fids.reshape(-1), torch.bmm(wt, gf).reshape(-1, f.shape[-1]))
+                g_z.index_add_(0, gids.reshape(-1), torch.bmm(wt, gza[..., :1]).reshape(-1))
+                # dL/dw, then through w_i = a_i prod_{j<i} (1 - a_j):
+                # dL/da_i = dL/dw_i T_i - sum_{k>i} dL/dw_k w_k / (1 - a_i)
+                dw = torch.bmm(gf, f.transpose(1, 2)).add_(gza[..., :1] * zg[:, None, :]).add_(gza[..., 1:])
+                v = dw * w
+                b = _sel(behind, act)
+                later = (v.reshape(-1, n) @ strict[:n, :n]).reshape(v.shape).add_(b[..., None])
+                if act is None:
+                    behind = later[..., 0] + v[..., 0]
+                else:
+                    behind[act] = later[..., 0] + v[..., 0]
+                a = st["a"]
+                da = (dw * st["T"]).sub_(later / (1 - a)).mul_(st["incl"] & (a > 0))
+                dsig = da.mul_(st["raw"] <= ALPHA_MAX).mul_(st["raw"]).neg_()  # cap passes no gradient
+                dcoef = torch.bmm(st["mono"].transpose(1, 2), dsig)  # [na,6,S]
+                o = opac[gids]
+                g_o.index_add_(0, gids.reshape(-1), torch.where(o > 0, -dcoef[:, 5] / o, 0).reshape(-1))
+                with torch.enable_grad():
+                    m, co = mean2d[gids].requires_grad_(), conic[gids].requires_grad_()
+                    gm, gc = torch.autograd.grad(_coefs(m, co, st["centre"]), (m, co), dcoef)
+                g_m.index_add_(0, gids.reshape(-1), gm.reshape(-1, 2))
+                g_c.index_add_(0, gids.reshape(-1), gc.reshape(-1, 3))
         return g_m, g_c, g_o, g_f, g_z, None
 
 
 def rasterize_tiled(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, features: Tensor,
                     w2c: Tensor, K: Tensor, width: int, height: int, near: float = 0.01, far: float = 1e10,
-                    eps2d: float = 0.3, tile: int = 8, budget: int = 1 << 21):
+                    eps2d: float = 0.3, tile: int = 8, seg: int = 32, budget: int = 1 << 20):
     """Tiled engine; same contract as :func:`bench.splat.rasterize`."""
     C, N, D = w2c.shape[0], means.shape[0], features.shape[1]
     proj = project(means, quats, scales, opacities, w2c, K, width, height, near, far, eps2d)
-    plan = _plan(proj, width, height, tile, budget)
+    plan = _plan(proj, width, height, tile, seg, budget)
 
     def ext(x: Tensor) -> Tensor:  # flatten [C,N,...] and append one zero padding row
         x = x.reshape(C * N, *x.shape[2:])
         return torch.cat([x, x.new_zeros(1, *x.shape[1:])])
 
-    opac = opacities.expand(C, N)
-    out = _Composite.apply(ext(proj.mean2d), ext(proj.conic), ext(opac),
-                           torch.cat([features, features.new_zeros(1, D)]), ext(proj.depth), plan)
+    f, za = _Composite.apply(ext(proj.mean2d), ext(proj.conic), ext(opacities.expand(C, N)),
+                             torch.cat([features, features.new_zeros(1, D)]), ext(proj.depth), plan)
     t = plan.tile
-    img = out.reshape(C, plan.TY, plan.TX, t, t, D + 2).permute(0, 1, 3, 2, 4, 5)
-    img = img.reshape(C, plan.TY * t, plan.TX * t, D + 2)[:, :height, :width]
-    alpha = img[..., D + 1]
-    return img[..., :D], alpha, img[..., D] / alpha.clamp(min=1e-10)
+
+    def image(x: Tensor) -> Tensor:  # [nTiles,P,k] -> [C,H,W,k]
+        x = x.reshape(C, plan.TY, plan.TX, t, t, -1).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(C, plan.TY * t, plan.TX * t, -1)[:, :height, :width]
+
+    za = image(za)
+    alpha = za[..., 1]
+    return image(f), alpha, za[..., 0] / alpha.clamp(min=1e-10)
