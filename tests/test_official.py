@@ -183,3 +183,14 @@ def test_variant_must_match_the_backbone(local_hub):
                                                             backbone="dinov2_vits14_reg"))
     assert ref == f"hf://{FIT3D}/dinov2_reg_small_finetuned.pth@v1"
     assert not local_hub.requests  # names are checked before anything is downloaded
+
+
+def test_runner_obtains_the_official_backbone_and_records_provenance(local_hub, tiny_releases, tmp_path):
+    from bench.runner import obtain_backbone
+
+    sd = official_dinov2(seed=4, **TINY)
+    torch.save(sd, tmp_path / "f.pth")
+    sha = local_hub.seed(SND, {"dinov2_small_snd.pth": tmp_path / "f.pth"})
+    backbone, ref = obtain_backbone(_cfg("snd_official", backbone="tiny_vit"), tmp_path / "run")
+    _assert_loaded(backbone, {k: v for k, v in sd.items() if k != "mask_token"})
+    assert ref["kind"] == "official" and ref["commit"] == sha and ref["file"] == "dinov2_small_snd.pth"
