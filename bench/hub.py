@@ -112,13 +112,25 @@ def _suggest(repo_id: str, revision: Optional[str], what: str) -> str:
         return ""
 
 
-def _translate(e: BaseException, repo_id: str, revision: Optional[str], what: str) -> Optional[HubError]:
+def _transport_errors() -> tuple:
+    """Exceptions meaning 'could not talk to the Hub' (httpx2 in huggingface_hub 2.x)."""
+    try:
+        import httpx2
+
+        return (httpx2.TransportError, ConnectionError)
+    except ImportError:  # older clients (requests): their connection errors are OSErrors
+        return (ConnectionError, OSError)
+
+
+def _translate(e: BaseException, repo_id: str, revision: Optional[str], what: str,
+               filename: Optional[str] = None) -> Optional[HubError]:
     """Map a huggingface_hub/httpx error while fetching ``what`` (a quoted file name, or words
     such as 'a snapshot') of ``repo_id`` to a HubError; None if it is not a Hub error."""
     from huggingface_hub import errors as hf
 
     where = f"{what} of Hub repo '{repo_id}'{_at(revision)}"
-    pull = f"python -m bench hub pull {repo_id}" + (f" --revision {revision}" if revision else "")
+    pull = (f"python -m bench hub pull {repo_id}" + (f" --revision {revision}" if revision else "")
+            + (f" --files {filename}" if filename else ""))
     if isinstance(e, hf.LocalEntryNotFoundError) or (isinstance(e, hf.OfflineModeIsEnabled)):
         if is_offline():
             return HubError(
@@ -145,9 +157,7 @@ def _translate(e: BaseException, repo_id: str, revision: Optional[str], what: st
     if isinstance(e, hf.HfHubHTTPError):
         return HubError(f"Hub error while fetching {where}: {_root_cause(e)}",
                         "retry later, or pass a local checkpoint path instead")
-    import httpx2
-
-    if isinstance(e, (httpx2.TransportError, ConnectionError)):
+    if isinstance(e, _transport_errors()):
         return HubError(
             f"cannot fetch {where}: the Hub at {hub_endpoint()} is unreachable ({_root_cause(e)})",
             "pass a local checkpoint path instead, or set HF_HUB_OFFLINE=1 with a cache populated by "
@@ -166,7 +176,7 @@ def hub_download(repo_id: str, filename: str, revision: Optional[str] = None,
             repo_id=repo_id, filename=filename, revision=revision, endpoint=hub_endpoint(),
             cache_dir=cache_dir or hub_cache_dir(), local_dir=local_dir, local_files_only=is_offline()))
     except Exception as e:
-        err = _translate(e, repo_id, revision, f"'{filename}'")
+        err = _translate(e, repo_id, revision, f"'{filename}'", filename)
         if err is None:
             raise
         raise err from None
@@ -330,11 +340,10 @@ def hub_push(source: str, repo_id: str, *, branch: Optional[str] = None, private
 
 def _push_error(e: BaseException, repo_id: str, revision: str) -> BaseException:
     """Map an error raised while pushing to ``repo_id`` to a HubError (or return it unchanged)."""
-    import httpx2
     from huggingface_hub import errors as hf
 
     status = getattr(getattr(e, "response", None), "status_code", None)
-    if isinstance(e, (httpx2.TransportError, ConnectionError)):
+    if isinstance(e, _transport_errors()) and not isinstance(e, hf.HfHubHTTPError):
         return HubError(f"cannot push to Hub repo '{repo_id}': the Hub at {hub_endpoint()} is unreachable "
                         f"({_root_cause(e)})", "check HF_ENDPOINT, your network and proxy settings, then retry")
     if isinstance(e, hf.RepositoryNotFoundError) or status in (401, 403):
