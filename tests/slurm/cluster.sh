@@ -185,17 +185,21 @@ do_stop() {
         local end=$((SECONDS + 15))
         while [[ -n "$(squeue -h -o %i 2>/dev/null)" ]] && ((SECONDS < end)); do sleep 0.5; done
     fi
-    local name pid end
-    for name in slurmd slurmctld slurmdbd mariadbd munged; do
-        [[ -f "$D/pid/$name.pid" ]] || continue
-        pid=$(cat "$D/pid/$name.pid")
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -TERM "$pid" 2>/dev/null || true
-            end=$((SECONDS + 15))
-            while kill -0 "$pid" 2>/dev/null && ((SECONDS < end)); do sleep 0.2; done
+    # TERM in dependency order, each group at once; KILL what outlives 15 s
+    local group name pid end pids
+    for group in "slurmd slurmctld" "slurmdbd" "mariadbd munged"; do
+        pids=()
+        for name in $group; do
+            [[ -f "$D/pid/$name.pid" ]] || continue
+            pid=$(cat "$D/pid/$name.pid")
+            kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
+            rm -f "$D/pid/$name.pid"
+        done
+        end=$((SECONDS + 15))
+        for pid in "${pids[@]}"; do
+            while kill -0 "$pid" 2>/dev/null && ((SECONDS < end)); do sleep 0.1; done
             kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-        fi
-        rm -f "$D/pid/$name.pid"
+        done
     done
     echo "cluster stopped ($D)"
 }
