@@ -27,6 +27,8 @@ EXTERNAL_COMMANDS = {
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
