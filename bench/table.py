@@ -31,11 +31,13 @@ def records_frame(results_dir: str | Path) -> pd.DataFrame:
                          "dataset": rec.get("dataset", ""), "protocol": proto, "seed": int(rec.get("seed", 0)),
                          "metric": metric, "value": float(value), "created": rec.get("created", ""),
                          "id": rec["id"], "reported": metric in rec.get("report", []),
+                         "rank": (rec.get("report", []).index(metric) if metric in rec.get("report", [])
+                                  else len(rec.get("report", []))),
                          "wall_s": float((rec.get("wall_time_s") or {}).get("total", float("nan"))),
                          "device": (rec.get("device") or {}).get("gpu") or (rec.get("device") or {}).get("cpu", ""),
                          "threads": (rec.get("device") or {}).get("threads")})
     cols = ["method", "backbone", "task", "dataset", "protocol", "seed", "metric", "value", "created", "id",
-            "reported", "wall_s", "device", "threads"]
+            "reported", "rank", "wall_s", "device", "threads"]
     df = pd.DataFrame(rows, columns=cols)
     if df.empty:
         return df
@@ -65,7 +67,8 @@ def _fmt(mean: float, std: float, n: int) -> str:
 
 def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) -> str:
     sub = ours[(ours.task == task) & (ours.protocol == protocol)]
-    metrics: List[str] = list(dict.fromkeys(sub[sub.reported]["metric"])) or sorted(sub["metric"].unique())
+    shown = sub[sub.reported].sort_values("rank", kind="stable")
+    metrics: List[str] = list(dict.fromkeys(shown["metric"])) or sorted(sub["metric"].unique())
     ref_t = ref[ref.task == task]
     metrics += [m for m in dict.fromkeys(ref_t["metric"]) if m not in metrics]
     rows = []
