@@ -73,6 +73,7 @@ PLUGIN_MODULES = [
     "baselines.dinov2",
     "baselines.official",
     "tasks",
+    "bench.splat.perf",
 ]
 
 _loaded = False
