@@ -42,7 +42,7 @@ def records_frame(results_dir: str | Path) -> pd.DataFrame:
     if df.empty:
         return df
     cell = ["method", "backbone", "task", "protocol", "seed"]
-    latest = df.sort_values("created").groupby(cell)["id"].transform("last")
+    latest = df.sort_values("created").groupby(cell)["id"].transform("last").reindex(df.index)
     return df[df["id"] == latest]
 
 
