@@ -266,10 +266,17 @@ def dense_correspondence(depth_a: Tensor, K_a: Tensor, w2c_a: Tensor,
 
     A pixel is valid iff (1) ``depth_a > 0``; (2) its 3D point is in front of camera b
     (``z_b > 0``); (3) it lands inside b's image (``0 <= u < Wb``, ``0 <= v < Hb``); and (4) it is
-    not occluded: ``|z_b - d| <= rel_tol * z_b`` for ``d`` either the depth of the pixel of b that
-    contains the point (robust at depth edges) or the inverse-depth bilinear interpolation of b's
-    depth (exact on planes, so grazing surfaces such as a distant floor are not rejected just because
-    b's pixel centre is half a pixel away). See :func:`sample_depth`.
+    not occluded: ``|z_b - d| <= rel_tol * z_b``, where ``d`` is b's depth at ``uv_b`` interpolated
+    bilinearly in *inverse* depth from the 4 surrounding pixel centres (exact on planes, so grazing
+    surfaces such as a distant floor are not rejected because b's pixel centres are half a pixel
+    away). Where one of those 4 pixels has no depth (holes in real depth maps), ``d`` is the depth of
+    the pixel containing ``uv_b``. See :func:`sample_depth`.
+
+    Near silhouettes in b the interpolation mixes two surfaces and fails the test, so a ~1 px band
+    along occlusion edges is dropped: at sub-pixel level a depth map cannot tell whether such a point
+    is visible, and losing a few correspondences is better than keeping occluded ones. On the
+    synthetic scenes fewer than 0.1% of the valid pixels disagree with an exact ray cast through
+    ``uv_b`` (tests/test_synthetic.py).
 
     The same code serves the synthetic correspondence task and ScanNet pairs.
     """
@@ -288,7 +295,7 @@ def dense_correspondence(depth_a: Tensor, K_a: Tensor, w2c_a: Tensor,
     valid &= (u >= 0) & (u < Wb) & (v >= 0) & (v < Hb)
     nearest, bilinear = sample_depth(db, uv.detach())
     tol = rel_tol * z.abs()
-    visible = ((nearest > 0) & ((z - nearest).abs() <= tol)) | \
-              ((bilinear > 0) & ((z - bilinear).abs() <= tol))
+    visible = torch.where(bilinear > 0, (z - bilinear).abs() <= tol,
+                          (nearest > 0) & ((z - nearest).abs() <= tol))
     valid &= visible
     return uv.reshape(*bshape, Ha, Wa, 2), valid.reshape(*bshape, Ha, Wa)
