@@ -291,10 +291,16 @@ class SlurmBackend(Backend):
             try:
                 with ex.batch():
                     handles = [ex.submit(self.make_callable(rec)) for rec in group]
-            except Exception as e:  # sbatch refused (bad partition/account...): say which and why
+            except Exception as e:  # sbatch refused (bad partition/account, no SLURM_CONF...): undo, say why
+                why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                self.cancel(jobs)
+                for rec in jobs.values():
+                    if rec.state not in TERMINAL:
+                        rec.state = "cancelled" if rec.job_id else "failed"
+                        rec.error = f"not submitted: sbatch failed ({why})"
                 raise ClusterError(f"sbatch refused the {group[0].kind} job(s) {', '.join(r.name for r in group)}: "
-                                   f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}",
-                                   "check the cluster=slurm settings (partition, account, qos, ...)") from None
+                                   f"{why}", "check the cluster=slurm settings (partition, account, qos, ...) and "
+                                   "that sbatch works here (SLURM_CONF); or use cluster=local") from None
             for rec, h in zip(group, handles):
                 rec.job_id = h.job_id
                 rec.stdout, rec.stderr = str(h.paths.stdout), str(h.paths.stderr)

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from tabulate import tabulate
 
-from .cluster import TERMINAL, EvalJob, JobRecord, TableJob, TrainJob, make_backend
+from .cluster import TERMINAL, EvalJob, JobRecord, TableJob, TrainJob, make_backend, require_slurm
 from .config import compose, stable_hash, to_container
 from .errors import BenchError
 from .io import write_json
@@ -184,7 +184,8 @@ def plan_table(plan: Plan) -> str:
     rows = []
     for j in plan.jobs.values():
         after = ", ".join([f"afterok {d}" for d in j.after_ok] +
-                          ([f"afterany ({len(j.after_any)} jobs)"] if j.after_any else [])) or "-"
+                          ([f"afterany ({len(j.after_any)} job{'s' * (len(j.after_any) > 1)})"]
+                           if j.after_any else [])) or "-"
         rows.append([j.name, j.kind, j.array, after, ", ".join(j.cells) or "(rebuilds leaderboard)"])
     n_skip = sum(c.skip for c in plan.cells)
     out = [f"sweep: {len(plan.cells)} cells, {len(plan.cells) - n_skip} to run, {n_skip} skipped (record exists); "
@@ -301,13 +302,17 @@ def latest_sweep(overrides: Sequence[str]) -> Path:
 # --------------------------------------------------------------------------------------- running
 def run(plan: Plan, wait: bool = True, poll_s: Optional[float] = None, echo=print) -> Sweep:
     """Submit/run the plan's jobs; with ``wait`` block until all are over, reporting state changes."""
+    if plan.cluster.get("name") == "slurm" and plan.jobs:
+        require_slurm()  # before anything is written
     sweep = Sweep.create(plan)
     if not sweep.jobs:
         echo("nothing to run: every cell has a record (use --force to re-run)")
         return sweep
     backend = sweep.backend()
-    backend.start(sweep.jobs)
-    sweep.save()
+    try:
+        backend.start(sweep.jobs)
+    finally:
+        sweep.save()
     if not wait and not backend.waits:
         echo(f"submitted {len(sweep.jobs)} jobs; follow them with: python -m bench sweep --status {sweep.folder}")
         return sweep

@@ -6,12 +6,14 @@ the tests are skipped with the reason, except in CI (CI=true), where they must r
 """
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import records, sweep
 from bench.config import compose
@@ -67,6 +69,12 @@ def overrides(tmp: Path, *extra: str) -> list:
             "cluster.table.timeout_min=3", "cluster.table.mem_gb=1", "cluster.poll_s=1", *extra]
 
 
+def args(*argv: str):
+    p = argparse.ArgumentParser()
+    sweep.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
 def squeue(job_id: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True).stdout.strip()
 
@@ -81,40 +89,47 @@ def wait_for(cond, timeout: float, what: str, step: float = 0.5):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+TINY_SYNTH = ["task.dataset.scenes=3", "task.dataset.views=2", "task.dataset.size=32", "task.dataset.held_out=1",
+              "task.protocols.linear.schedule.epochs=1", "task.progress=false"]
+
+
 def test_sweep_2x2_through_sbatch(slurm_cluster, toys, tmp_path, capsys):
-    """2 methods (frozen, trained) x 2 tasks; toy_fail raises: reported with its log, the others finish."""
-    plan = sweep.make_plan(overrides(tmp_path, "method.name=dinov2,toy_train", "task.name=toy_probe,toy_fail",
-                                     "+method.steps=3"))
-    s = sweep.run(plan, poll_s=1)
-    state = {n: j.state for n, j in s.jobs.items()}
-    train = next(n for n in state if n.startswith("train:"))
-    assert state == {train: "done", "eval:dinov2-tiny_vit-toy_probe-s0": "done",
-                     "eval:dinov2-tiny_vit-toy_fail-s0": "failed", "eval:toy_train-tiny_vit-toy_probe-s0": "done",
-                     "eval:toy_train-tiny_vit-toy_fail-s0": "failed", "leaderboard": "done"}
-    for name in ("eval:dinov2-tiny_vit-toy_fail-s0", "eval:toy_train-tiny_vit-toy_fail-s0"):
-        j = s.jobs[name]
-        assert j.error == "RuntimeError: toy_fail fails on purpose" and j.raw_state.startswith("FAILED")
-        assert "toy_fail fails on purpose" in Path(j.stderr).read_text()
-    ids = {n: j.job_id for n, j in s.jobs.items()}  # arrays: the evals of one training job share an array id
-    assert ids["eval:toy_train-tiny_vit-toy_probe-s0"].split("_")[0] == ids["eval:toy_train-tiny_vit-toy_fail-s0"].split("_")[0]
-    assert sorted(r["method"] for r in records.load_records(tmp_path / "results")) == ["dinov2", "toy_train"]
-    assert "toy_probe" in (tmp_path / "results" / "leaderboard.md").read_text()
+    """2 methods (frozen dinov2, trained toy_train) x 2 synthetic tasks (synth_depth, synth_seg), tiny."""
+    from bench.data.synthetic import ensure_synthetic
+
+    ov = overrides(tmp_path, "method.name=dinov2,toy_train", "task=synth_depth,synth_seg", "+method.steps=3",
+                   *TINY_SYNTH)
+    data = compose([o.split(",")[0] for o in ov]).task.dataset  # prepared once, as `bench data` would
+    ensure_synthetic(data.root, scenes=data.scenes, views=data.views, size=[data.size] * 2, seed=data.seed)
+    s = sweep.run(sweep.make_plan(ov), poll_s=1)
+    assert {n: j.state for n, j in s.jobs.items()} == {n: "done" for n in s.jobs}, sweep.status_table(s)
+    assert [j.kind for j in s.jobs.values()] == ["train", "eval", "eval", "eval", "eval", "table"]
+    ids = {n: j.job_id for n, j in s.jobs.items()}  # the evaluations of the trained backbone: one array
+    arrays = {i.split("_")[0] for n, i in ids.items() if n.startswith("eval:toy_train")}
+    assert len(arrays) == 1 and all("_" in ids[n] for n in ids if n.startswith("eval:toy_train"))
+    recs = records.load_records(tmp_path / "results")
+    assert sorted((r["method"], r["task"]) for r in recs) == [
+        ("dinov2", "synth_depth"), ("dinov2", "synth_seg"), ("toy_train", "synth_depth"), ("toy_train", "synth_seg")]
+    assert all(r["checkpoint"].get("reused") for r in recs if r["method"] == "toy_train")  # trained once
+    board = (tmp_path / "results" / "leaderboard.md").read_text()
+    assert "synth_depth" in board and "synth_seg" in board and "toy_train" in board
     capsys.readouterr()
-    p = __import__("argparse").ArgumentParser()
-    sweep.add_arguments(p)
-    assert sweep.main(p.parse_args(["--status", str(s.folder)])) == 0
-    out = capsys.readouterr().out
-    assert "4 done, 2 failed" in out and s.jobs["eval:dinov2-tiny_vit-toy_fail-s0"].stderr in out
+    assert sweep.main(args("--status", str(s.folder))) == 0
+    assert "6 done" in capsys.readouterr().out
 
 
-def test_requeued_training_resumes_and_cancel_is_reported(slurm_cluster, toys, tmp_path):
-    """Seed 0's training gets the timeout signal mid-way: submitit checkpoints, requeues, and the job resumes
-    to weights identical to an uninterrupted run. Seed 1's training is scancel'ed: reported as cancelled,
-    its evaluation is cancelled by SLURM (invalid dependency), the leaderboard job still runs."""
-    ov = overrides(tmp_path, "method.name=toy_train", "task.name=toy_probe", "seed=0,1", "+method.steps=6",
+def test_requeue_resume_failure_and_cancel(slurm_cluster, toys, tmp_path, capsys):
+    """toy_train seeds 0,1 x tasks toy_probe, toy_fail.
+
+    * seed 0's training gets the timeout signal mid-way: submitit checkpoints and requeues it, the job
+      resumes from the last checkpoint and ends with weights identical to an uninterrupted run;
+    * toy_fail raises: reported as failed with its log path, toy_probe of the same backbone finishes;
+    * seed 1's training is scancel'ed: reported as cancelled, its evaluations are cancelled by SLURM
+      (invalid dependency) and reported so; the leaderboard job still runs; nothing hangs.
+    """
+    ov = overrides(tmp_path, "method.name=toy_train", "task.name=toy_probe,toy_fail", "seed=0,1", "+method.steps=6",
                    "+method.sleep_s=1.5")
-    plan = sweep.make_plan(ov)
-    s = sweep.run(plan, wait=False)
+    s = sweep.run(sweep.make_plan(ov), wait=False)
     t0, t1 = (next(j for j in s.jobs.values() if j.kind == "train" and j.cells[0].endswith(f"s{k}")) for k in (0, 1))
     workdir = Path(tmp_path / "cache" / "backbones" / t0.name.split(":", 1)[1])
     wait_for(lambda: list(workdir.glob("ckpt_*.pt")), 120, "a checkpoint of the seed-0 training")
@@ -124,18 +139,27 @@ def test_requeued_training_resumes_and_cancel_is_reported(slurm_cluster, toys, t
     wait_for(lambda: "BeginTime" in squeue(t0.job_id), 60, "the requeued job to pend")
     subprocess.run(["scontrol", "update", f"JobId={t0.job_id}", "StartTime=now"], check=True)
     wait_for(lambda: sweep.refresh(s).finished(), 150, "the sweep to finish", step=1)
+
     state = {j.name: j.state for j in s.jobs.values()}
-    assert state[t0.name] == "done" and state[f"eval:{t0.cells[0]}"] == "done" and state["leaderboard"] == "done"
-    assert state[t1.name] == "cancelled" and state[f"eval:{t1.cells[0]}"] == "cancelled"
-    assert s.jobs[f"eval:{t1.cells[0]}"].error == f"dependency {t1.name} cancelled"
+    probe0, fail0 = (f"eval:toy_train-tiny_vit-{t}-s0" for t in ("toy_probe", "toy_fail"))
+    assert state[t0.name] == "done" and state[probe0] == "done" and state["leaderboard"] == "done"
+    assert state[fail0] == "failed" and s.jobs[fail0].error == "RuntimeError: toy_fail fails on purpose"
+    assert "toy_fail fails on purpose" in Path(s.jobs[fail0].stderr).read_text()
+    assert state[t1.name] == "cancelled"
+    for cell in t1.cells:
+        assert state[f"eval:{cell}"] == "cancelled" and s.jobs[f"eval:{cell}"].error == f"dependency {t1.name} cancelled"
     log = Path(t0.stderr).read_text()
     assert "Requeued job" in log and "resumed from" in log  # submitit requeued it; TrainLoop resumed
+    capsys.readouterr()
+    assert sweep.main(args("--status", str(s.folder))) == 0
+    out = capsys.readouterr().out
+    assert "3 done, 1 failed, 3 cancelled" in out and s.jobs[fail0].stderr in out
 
     from safetensors.torch import load_file
 
     from bench.runner import train
 
-    ref_ov = [o for o in ov if not o.startswith(("seed=", "paths.cache_dir=", "+method.sleep_s="))]
+    ref_ov = [o for o in ov if not o.startswith(("seed=", "task.name=", "paths.cache_dir=", "+method.sleep_s="))]
     ref = train(compose(ref_ov + ["seed=0", f"paths.cache_dir={tmp_path}/ref_cache", "+method.sleep_s=0"]))
     got, want = load_file(workdir / "model.safetensors"), load_file(ref / "model.safetensors")
-    assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
