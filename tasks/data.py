@@ -84,11 +84,13 @@ def check_dataset(ds_cfg: Any) -> None:
         kw = {k: v for k, v in (node.get("kwargs") or {}).items() if k in params}
         missing = list(reader.check(root, **kw))
     if missing:
+        layout = (node.get("kwargs") or {}).get("layout")
+        layout = f" --layout {layout}" if layout and name != "scannetpp" else ""
         shown = "; ".join(missing[:8]) + (f"; ... ({len(missing) - 8} more)" if len(missing) > 8 else "")
         raise DataMissingError(
             f"dataset '{name}' is not prepared at {root}: looked for {shown}",
-            f"run `python -m bench data {name}` for download and layout instructions, then point "
-            f"task.dataset.root (or BENCH_DATA) at it")
+            f"run `python -m bench data {name} --root {root}{layout}` for download and layout "
+            f"instructions, then point task.dataset.root (or BENCH_DATA) at the prepared data")
 
 
 def open_split(ds_cfg: Any, split: str) -> Dataset:

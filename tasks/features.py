@@ -136,16 +136,21 @@ class FeatureCache:
 
 
 class CachedFeatures(Dataset):
-    """``(raw features from the cache, targets from the dataset)`` per sample, for probe training."""
+    """``(raw features from the cache, targets from the dataset)`` per sample, for probe training.
+
+    The (deterministic, augmentation-free) targets are read from ``targets`` once and kept in memory,
+    so later epochs touch neither images nor label files.
+    """
 
     def __init__(self, cache: FeatureCache, targets: Dataset, keys: Sequence[str]):
         self.cache, self.targets, self.keys = cache, targets, tuple(keys)
+        self._memo: Dict[int, Dict[str, Any]] = {}
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
-        sample = self.targets[i]
-        out = {k: sample[k] for k in self.keys if k in sample}
-        out["features"] = self.cache.load(i)
-        return out
+        if i not in self._memo:
+            sample = self.targets[i]
+            self._memo[i] = {k: sample[k] for k in self.keys if k in sample}
+        return {**self._memo[i], "features": self.cache.load(i)}

@@ -269,3 +269,22 @@ def test_real_task_path_with_augmentation_crop_and_sliding(tmp_path):
     cfg = compose(["task=nyu_depth", *common, f"task.dataset.root={tmp_path}/nope"])
     with pytest.raises(DataMissingError, match="dataset root does not exist"):
         TASKS.get("nyu_depth")().check(cfg)
+
+
+def test_runner_records_the_protocol_and_honours_concat_original(synth_env, tmp_path):
+    from bench.runner import run_cell
+
+    root, _ = synth_env
+    cfg = compose(["method=dinov2", "task=synth_depth", "backbone=tiny_cnn", "protocol=probe3d", "device=cpu",
+                   "task.concat_original=true", "task.protocols.probe3d.head.hidden=8",
+                   "task.protocols.probe3d.schedule.epochs=1", f"paths.data_dir={root}/data",
+                   f"paths.cache_dir={tmp_path}/cache", f"paths.results_dir={tmp_path}/results",
+                   f"paths.output_dir={tmp_path}/out", *SYNTH])
+    rec = run_cell(cfg)
+    assert rec["protocol"]["name"] == "probe3d" and rec["protocol"]["concat_original"] is True
+    assert rec["protocol"]["head"]["type"] == "dpt" and "si_rmse" in rec["metrics"]
+    # the probe saw [original, fine-tuned] features: twice tiny_cnn's 112 channels, plus the CLS stand-in
+    from safetensors.torch import load_file
+
+    probe = load_file(str(Path(rec["run_dir"]) / "task" / "probe.safetensors"))
+    assert probe["head.proj.0.weight"].shape[1] == 2 * 2 * 112
