@@ -130,7 +130,7 @@ def _plugins(cfgs) -> List[Tuple[str, str]]:
 def make_plan(overrides: Sequence[str], force: bool = False) -> Plan:
     """Expand ``overrides`` into cells and the jobs that run them (see the module docstring)."""
     from .records import has_record
-    from .registry import METHODS
+    from .registry import METHODS, TASKS
     from .runner import MODEL_FILE, backbone_dir
 
     grid = expand_grid(overrides)
@@ -140,6 +140,7 @@ def make_plan(overrides: Sequence[str], force: bool = False) -> Plan:
     cells, ids = [], set()
     for point, cfg in zip(grid, cfgs):
         trains = bool(getattr(METHODS.get(cfg.method.name), "trains", False))
+        TASKS.get(cfg.task.name)  # unknown names fail here, not in a job
         cid = f"{cfg.method.name}-{cfg.backbone.name}-{cfg.task.name}-s{int(cfg.seed)}"
         extra = sorted(ov for ov in point if _key(ov) in varying)
         if extra or cid in ids:
@@ -300,14 +301,16 @@ def latest_sweep(overrides: Sequence[str]) -> Path:
 
 
 # --------------------------------------------------------------------------------------- running
-def run(plan: Plan, wait: bool = True, poll_s: Optional[float] = None, echo=print) -> Sweep:
-    """Submit/run the plan's jobs; with ``wait`` block until all are over, reporting state changes."""
-    if plan.cluster.get("name") == "slurm" and plan.jobs:
+def run(plan: Plan, wait: bool = True, poll_s: Optional[float] = None, echo=print) -> Optional[Sweep]:
+    """Submit/run the plan's jobs; with ``wait`` block until all are over, reporting state changes.
+
+    Returns the :class:`Sweep` (None when every cell already has a record: nothing is written)."""
+    if not plan.jobs:
+        echo("nothing to run: every cell has a record (use --force to re-run)")
+        return None
+    if plan.cluster.get("name") == "slurm":
         require_slurm()  # before anything is written
     sweep = Sweep.create(plan)
-    if not sweep.jobs:
-        echo("nothing to run: every cell has a record (use --force to re-run)")
-        return sweep
     backend = sweep.backend()
     try:
         backend.start(sweep.jobs)
@@ -358,6 +361,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``python -m bench sweep``; returns the exit code (1 if any job did not finish)."""
     if args.status is not None:
+        if "=" in args.status:  # `--status key=value ...`: an override, not a directory
+            args.overrides, args.status = [args.status, *args.overrides], ""
         folder = Path(args.status) if args.status else latest_sweep(args.overrides)
         sweep = refresh(Sweep.load(folder))
         print(status_table(sweep))
@@ -367,7 +372,7 @@ def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     sweep = run(plan, wait=not args.no_wait, poll_s=args.poll)
-    if sweep.jobs and sweep.finished():
+    if sweep is not None and sweep.finished():
         print(status_table(sweep))
         lb = [str(Path(d) / "leaderboard.md") for d in sweep.data["results_dirs"]]
         if sweep.jobs["leaderboard"].state == "done":

@@ -174,7 +174,7 @@ def test_dry_run_prints_the_plan_and_runs_nothing(toys, tmp_path, capsys):
 @pytest.mark.slow
 def test_local_sweep_end_to_end(toys, tmp_path, capsys):
     ov = base(tmp_path, "method.name=dinov2,toy_train", "task.name=toy_probe", "cluster.max_workers=2",
-              "cluster.poll_s=0.3")
+              "cluster.poll_s=0.3", f"cluster.folder={tmp_path}/outputs/sweeps/first")
     assert sweep.main(args(*ov)) == 0
     out = capsys.readouterr().out
     assert "4 done" in out and "leaderboard: " in out
@@ -183,6 +183,7 @@ def test_local_sweep_end_to_end(toys, tmp_path, capsys):
     trained = next(r for r in recs if r["method"] == "toy_train")
     assert trained["checkpoint"]["reused"] is True  # the eval job reused the training job's weights
     assert "toy_probe" in (tmp_path / "results" / "leaderboard.md").read_text()
-    ov = [f"cluster.folder={tmp_path}/sweep2" if o.startswith("cluster.folder=") else o for o in ov]
-    assert sweep.main(args(*ov)) == 0  # everything has a record now
+    assert sweep.main(args(*ov)) == 0  # everything has a record now: nothing runs, nothing is written
     assert "nothing to run" in capsys.readouterr().out
+    assert sweep.main(args("--status", *ov)) == 0  # the latest sweep under <output_dir>/sweeps
+    assert "sweeps/first (cluster=local): 4 done" in capsys.readouterr().out
