@@ -3,9 +3,11 @@
 Cases: 1 or 4 source views of 37x37 pixel-aligned Gaussians (unprojected from the exact depth of a
 textured ground plane seen from cameras around it, scale = depth / focal) splatted into 1 or 4 target
 cameras at 37x37 or 74x74, with D in {64, 384} feature channels. Each (case, engine) runs in a fresh
-subprocess: time = median forward+backward wall time over ``--reps`` runs after one warm-up (gradients
-of a random linear function of features, alpha and depth w.r.t. all Gaussian parameters); memory =
-peak resident set size of that subprocess (``ru_maxrss``) minus its RSS just before the warm-up.
+subprocess: time = median forward+backward wall time (and process CPU time, steadier on a shared
+machine) over ``--reps`` runs after one warm-up (gradients of a random linear function of features,
+alpha and depth w.r.t. all Gaussian parameters); memory = peak resident set size of that subprocess
+(``ru_maxrss``) minus its RSS just before the warm-up. The dense reference needs ~130 bytes per
+Gaussian x pixel pair; it is skipped when that exceeds ``--max-dense-pairs`` or the memory available.
 With CUDA, each case at D=384 also times one gsplat call against 128 three-channel gsplat passes.
 """
 from __future__ import annotations
@@ -38,10 +40,10 @@ def pixel_aligned_gaussians(depth, K, w2c, features, scale: float = 1.0, opacity
     ok = depth > 0
     pts = unproject_depth(depth, K, w2c)[ok]
     s = (scale * depth[ok] / K[0, 0])[:, None].expand(-1, 3)
-    quats = torch.zeros(len(pts), 4, dtype=pts.dtype)
+    quats = torch.zeros(len(pts), 4, dtype=pts.dtype, device=pts.device)
     quats[:, 0] = 1
     return dict(means=pts, quats=quats, scales=s.contiguous(),
-                opacities=torch.full((len(pts),), opacity, dtype=pts.dtype), features=features[ok])
+                opacities=torch.full((len(pts),), opacity, dtype=pts.dtype, device=pts.device), features=features[ok])
 
 
 def _plane_views(n: int, size: int, radius: float = 3.0, elev_deg: float = 60.0, spread_deg: float = 12.0):
@@ -101,13 +103,23 @@ def _worker(spec: dict) -> dict:
         tune_allocator()
     scene, w2c, K = make_case(spec["src"], spec["cams"], spec["size"], spec["D"])
     base = _rss_mb()
-    times = []
+    wall, cpu = [], []
     for _ in range(spec["reps"] + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         _fwd_bwd(spec["engine"], scene, w2c, K, spec["size"])
-        times.append(time.perf_counter() - t0)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"time": statistics.median(times[1:]), "mem": peak - base}
+    return {"time": statistics.median(wall[1:]), "cpu": statistics.median(cpu[1:]), "mem": peak - base}
+
+
+DENSE_BYTES_PER_PAIR = 130  # measured peak of the dense reference's forward+backward
+
+
+def _available_gb() -> float:
+    with open("/proc/meminfo") as fh:
+        info = dict(line.split(":", 1) for line in fh)
+    return int(info["MemAvailable"].split()[0]) / 2 ** 20
 
 
 def _run_sub(spec: dict) -> dict:
@@ -162,30 +174,34 @@ def splat_perf(args: argparse.Namespace) -> int:
 
     cases = list(itertools.product(args.src, args.cams, args.sizes, args.dims))
     rows = []
+    fmt = lambda r: ([f"{r['time'] * 1e3:.0f}", f"{r['cpu'] * 1e3:.0f}", f"{r['mem']:.0f}"] if "time" in r
+                     else [r["error"], "-", "-"])
     for src, cams, size, D in cases:
         spec = dict(src=src, cams=cams, size=size, D=D, reps=args.reps, threads=args.threads,
                     tune_alloc=not args.no_tune_alloc)
         eng = _run_sub({**spec, "engine": "torch"})
         pairs = src * 37 * 37 * cams * size * size
+        need_gb, avail_gb = pairs * DENSE_BYTES_PER_PAIR / 2 ** 30, _available_gb()
         if args.no_dense or pairs > args.max_dense_pairs:
             ref = {"error": "skipped"}
+        elif need_gb > avail_gb - 2:
+            ref = {"error": f"skipped: needs ~{need_gb:.0f} GB, {avail_gb:.0f} GB free"}
         else:
             ref = _run_sub({**spec, "engine": "dense", "reps": min(args.reps, args.dense_reps)})
-        row = [f"{src}->{cams}", f"{size}x{size}", D]
-        for r in (eng, ref):
-            row += ([f"{r['time'] * 1e3:.0f}", f"{r['mem']:.0f}"] if "time" in r else [r["error"], "-"])
-        row.append(f"{ref['time'] / eng['time']:.1f}x" if "time" in eng and "time" in ref else "-")
+        row = [f"{src}->{cams}", f"{size}x{size}", D] + fmt(eng) + fmt(ref)
+        ok = "time" in eng and "time" in ref
+        row += [f"{ref['time'] / eng['time']:.1f}x" if ok else "-", f"{ref['cpu'] / eng['cpu']:.1f}x" if ok else "-"]
         if args.compare_malloc:
-            plain = _run_sub({**spec, "engine": "torch", "tune_alloc": False})
-            row += [f"{plain['time'] * 1e3:.0f}", f"{plain['mem']:.0f}"] if "time" in plain else [plain["error"], "-"]
+            row += fmt(_run_sub({**spec, "engine": "torch", "tune_alloc": False}))
         rows.append(row)
         print(f"  done {row}", file=sys.stderr, flush=True)
-    headers = ["views->cams", "size", "D", "engine ms", "engine MB", "dense ms", "dense MB", "dense/engine"]
+    headers = ["views->cams", "size", "D", "engine ms", "engine cpu ms", "engine MB", "dense ms", "dense cpu ms",
+               "dense MB", "dense/engine", "(cpu)"]
     if args.compare_malloc:
-        headers += ["engine ms (default malloc)", "engine MB (default malloc)"]
-    print(f"forward+backward, median of {args.reps} after a warm-up, {args.threads} threads; "
-          f"MB = peak RSS increase (ru_maxrss) of a fresh process; allocator tuning "
-          f"{'off' if args.no_tune_alloc else 'on'}")
+        headers += ["engine ms, default malloc", "cpu ms", "MB"]
+    print(f"forward+backward: median wall / process-CPU time of {args.reps} runs (dense: "
+          f"{min(args.reps, args.dense_reps)}) after a warm-up, {args.threads} threads; MB = peak RSS increase "
+          f"(ru_maxrss) of a fresh process; glibc allocator tuning {'off' if args.no_tune_alloc else 'on'}")
     print(tabulate(rows, headers=headers))
     if torch.cuda.is_available():
         _gpu_table(sorted({(s, c, z) for s, c, z, _ in cases}), args.reps)

@@ -54,8 +54,9 @@ def rasterize_dense(means: Tensor, quats: Tensor, scales: Tensor, opacities: Ten
         W = w2c[c, :3, :3]
         cov2 = J @ W @ cov3[idx] @ W.T @ J.transpose(-1, -2) + eps2d * torch.eye(2, dtype=means.dtype,
                                                                                  device=means.device)
-        d = pix[:, None, :] - mu[None]  # [P,G,2]
-        maha = (d[..., None, :] @ torch.linalg.inv(cov2)[None] @ d[..., :, None])[..., 0, 0]  # [P,G]
+        inv = torch.linalg.inv(cov2)  # [G,2,2]
+        dx, dy = pix[:, :1] - mu[:, 0], pix[:, 1:] - mu[:, 1]  # [P,G] offsets from the means
+        maha = inv[:, 0, 0] * dx * dx + (inv[:, 0, 1] + inv[:, 1, 0]) * dx * dy + inv[:, 1, 1] * dy * dy
         alpha = torch.clamp(opacities[idx] * torch.exp(-0.5 * maha), max=0.999)
         candidate = (maha >= 0) & (alpha >= 1 / 255)
         a = torch.where(candidate, alpha, torch.zeros_like(alpha))  # skipped: T unchanged

@@ -227,7 +227,7 @@ class _Composite(torch.autograd.Function):
 
 def rasterize_tiled(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, features: Tensor,
                     w2c: Tensor, K: Tensor, width: int, height: int, near: float = 0.01, far: float = 1e10,
-                    eps2d: float = 0.3, tile: int = 8, seg: int = 32, budget: int = 1 << 20):
+                    eps2d: float = 0.3, tile: int = 8, seg: int = 64, budget: int = 1 << 20):
     """Tiled engine; same contract as :func:`bench.splat.rasterize`."""
     C, N, D = w2c.shape[0], means.shape[0], features.shape[1]
     proj = project(means, quats, scales, opacities, w2c, K, width, height, near, far, eps2d)
