@@ -1,6 +1,5 @@
 """Synthetic scenes: determinism, exact geometry, on-disk format, reader round trip, clear errors."""
 import json
-import math
 
 import numpy as np
 import pytest
@@ -92,7 +91,7 @@ def test_multiview_geometry_consistent(root):
     ds = MultiViewScenes(root)
     for scene in ds.scene_ids:
         s = ds.load_views(scene, range(VIEWS))
-        prims = S._Prims(json.loads((root / scene / "meta.json").read_text()))
+        prims = S.Primitives(json.loads((root / scene / "meta.json").read_text()))
         for i, j in [(0, 1), (1, 2), (3, 2), (0, 3)]:
             uv, valid = dense_correspondence(s["depth"][i], s["K"][i], s["w2c"][i],
                                              s["depth"][j], s["K"][j], s["w2c"][j])

@@ -40,6 +40,7 @@ byte-identical files.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -57,7 +58,7 @@ from ..io import write_json
 from ..registry import DATASETS
 
 __all__ = ["CLASSES", "GENERATOR", "VERSION", "make_scene", "camera_path", "intrinsics",
-           "render_view", "cast_rays", "generate", "ensure_synthetic", "split_scenes",
+           "render_view", "cast_rays", "Primitives", "generate", "generate_scene", "ensure_synthetic", "split_scenes",
            "default_root"]
 
 CLASSES = ("wall", "floor", "ceiling", "box", "sphere", "cylinder", "painting", "rug")
@@ -234,7 +235,7 @@ def intrinsics(H: int, W: int, hfov_deg: float = 70.0) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # Ray casting
 # ----------------------------------------------------------------------------------------------
-class _Prims:
+class Primitives:
     """Scene primitives as tensors. Index 0..5: room faces (x=0, x=Lx, y=0, y=Ly, floor, ceiling)."""
 
     def __init__(self, scene: dict):
@@ -306,7 +307,7 @@ def _screen_box(c: Tensor, rb: float, K: Tensor, w2c: Tensor, H: int, W: int):
     return (y0, y1, x0, x1) if (x1 > x0 and y1 > y0) else None
 
 
-def cast_rays(prims: _Prims, eye: Tensor, dirs: Tensor, K: Tensor | None = None,
+def cast_rays(prims: Primitives, eye: Tensor, dirs: Tensor, K: Tensor | None = None,
               w2c: Tensor | None = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Closest hit of rays ``eye + t * dirs`` (eye [3]; dirs world, any length).
 
@@ -418,12 +419,19 @@ def _albedo(tex: dict, p: Tensor, flat: Tensor) -> Tensor:
     return (c1 + (c2 - c1) * v[:, None]) * grain[:, None]
 
 
-def _shade(prims: _Prims, points: Tensor, normals: Tensor, idx: Tensor) -> Tensor:
+def _shade(prims: Primitives, points: Tensor, normals: Tensor, idx: Tensor) -> Tensor:
     """Lambertian + ambient colour [N,3] in [0, 1]."""
-    rgb = torch.zeros_like(points)
-    for k in torch.unique(idx).tolist():
-        m = idx == k
-        p, n = points[m], normals[m]
+    order = torch.argsort(idx, stable=True)                        # group rays by primitive
+    counts = torch.bincount(idx, minlength=len(prims.textures)).tolist()
+    ps, ns = points[order], normals[order]
+    albedo = torch.empty_like(ps)
+    end = 0
+    for k, cnt in enumerate(counts):
+        if cnt == 0:
+            continue
+        sl = slice(end, end + cnt)
+        end += cnt
+        p, n = ps[sl], ns[sl]
         kind = prims.objects[k - 6]["kind"] if k >= 6 else "room"
         if k >= 6:                                                   # object frame
             c, R = prims.C[k - 6], prims.R[k - 6]
@@ -435,7 +443,9 @@ def _shade(prims: _Prims, points: Tensor, normals: Tensor, idx: Tensor) -> Tenso
             flat = torch.zeros_like(flat)
         elif kind == "cylinder":                                    # only the caps are planar
             flat = flat & torch.tensor([False, False, True])
-        rgb[m] = _albedo(prims.textures[k], pl, flat)
+        albedo[sl] = _albedo(prims.textures[k], pl, flat)
+    rgb = torch.empty_like(albedo)
+    rgb[order] = albedo
     light = torch.full_like(points[:, 0], prims.ambient)
     for pos, inten in prims.lights:
         v = pos - points
@@ -444,27 +454,32 @@ def _shade(prims: _Prims, points: Tensor, normals: Tensor, idx: Tensor) -> Tenso
     return (rgb * light[:, None]).clamp(0, 1)
 
 
-def render_view(scene: dict | _Prims, K: Tensor, w2c: Tensor, H: int, W: int,
+@functools.lru_cache(maxsize=8)
+def _camera_rays(K: Tuple[float, ...], H: int, W: int, offsets: Tuple[float, ...]) -> Tensor:
+    """Camera-frame rays ``K^-1 [u, v, 1]`` ``[H, W, S*S, 3]`` (float64) at pixel ``(col + o, row + o')``
+    for every pair of sub-pixel offsets; the same for every view of a scene, so cached."""
+    o = torch.tensor(offsets, dtype=torch.float64)
+    S = len(o)
+    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
+    uu = (u[:, :, None, None] + o[None, None, None, :]).expand(H, W, S, S)
+    vv = (v[:, :, None, None] + o[None, None, :, None]).expand(H, W, S, S)
+    pix = torch.stack([uu, vv, torch.ones_like(uu)], -1).reshape(H, W, S * S, 3)
+    return pix @ torch.linalg.inv(torch.tensor(K, dtype=torch.float64).reshape(3, 3)).T
+
+
+def render_view(scene: dict | Primitives, K: Tensor, w2c: Tensor, H: int, W: int,
                 supersample: int = 2) -> Dict[str, Tensor]:
     """Render one view: ``rgb [H,W,3]`` float in [0,1], ``depth [H,W]`` (z, metres), ``normals [H,W,3]``
     (camera frame), ``semantic``/``instance [H,W]`` int64. Geometry and labels come from the ray
     through each pixel centre; RGB averages ``supersample^2`` sub-pixel rays."""
-    prims = scene if isinstance(scene, _Prims) else _Prims(scene)
+    prims = scene if isinstance(scene, Primitives) else Primitives(scene)
     K, w2c = K.to(torch.float64), w2c.to(torch.float64)
     R = w2c[:3, :3]
     eye = (-R.T @ w2c[:3, 3]).to(_DT)
-    Kinv_T = torch.linalg.inv(K).T
 
     def rays(offsets: Sequence[float]) -> Tensor:
-        """[H, W, S*S, 3] world directions through sub-pixel positions (col + o, row + o')."""
-        o = torch.tensor(offsets, dtype=torch.float64)
-        S = len(o)
-        v, u = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64),
-                              indexing="ij")
-        uu = (u[:, :, None, None] + o[None, None, None, :]).expand(H, W, S, S)
-        vv = (v[:, :, None, None] + o[None, None, :, None]).expand(H, W, S, S)
-        pix = torch.stack([uu, vv, torch.ones_like(uu)], -1).reshape(H, W, S * S, 3)
-        return ((pix @ Kinv_T) @ R).to(_DT)                         # = (R^T K^-1 [u v 1]^T)^T
+        """[H, W, S*S, 3] world directions (R^T K^-1 [u v 1]^T) through sub-pixel positions."""
+        return (_camera_rays(tuple(K.reshape(-1).tolist()), H, W, tuple(offsets)) @ R).to(_DT)
 
     d0 = rays([0.5])
     t, idx, nw = cast_rays(prims, eye, d0, K, w2c)
@@ -488,7 +503,7 @@ def render_view(scene: dict | _Prims, K: Tensor, w2c: Tensor, H: int, W: int,
 def _write_png(path: Path, arr: np.ndarray) -> None:
     from PIL import Image
 
-    Image.fromarray(arr).save(path, format="PNG", compress_level=6)
+    Image.fromarray(arr).save(path, format="PNG", compress_level=3)
 
 
 def _set_meta(scenes: int, views: int, size: Sequence[int], seed: int, supersample: int, hfov_deg: float) -> dict:
@@ -508,7 +523,7 @@ def generate_scene(root: Path, seed: int, index: int, views: int, size: Sequence
         (sdir / sub).mkdir(parents=True, exist_ok=True)
     K = intrinsics(H, W, hfov_deg)
     w2cs = camera_path(scene, views)
-    prims = _Prims(scene)
+    prims = Primitives(scene)
     frames = []
     for v in range(views):
         name = f"frame_{v:04d}"
