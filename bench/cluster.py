@@ -304,7 +304,7 @@ class SlurmBackend(Backend):
             for rec, h in zip(group, handles):
                 rec.job_id = h.job_id
                 rec.stdout, rec.stderr = str(h.paths.stdout), str(h.paths.stderr)
-                log.info("submitted %s as SLURM job %s", rec.name, rec.job_id)
+                log.debug("submitted %s as SLURM job %s", rec.name, rec.job_id)
 
     def _handles(self, jobs: Mapping[str, JobRecord]) -> Dict[str, submitit.Job]:
         return {n: submitit.SlurmJob(folder=self.folder / "logs" / "%j", job_id=r.job_id)
@@ -360,7 +360,7 @@ class LocalBackend(Backend):
         self.handles[rec.name] = h
         rec.job_id, rec.state, rec.raw_state = h.job_id, "running", "RUNNING"
         rec.stdout, rec.stderr = str(h.paths.stdout), str(h.paths.stderr)
-        log.info("started %s (pid %s)", rec.name, rec.job_id)
+        log.debug("started %s (pid %s)", rec.name, rec.job_id)
 
     def step(self, jobs: Dict[str, JobRecord]) -> None:
         for name, h in list(self.handles.items()):

@@ -89,6 +89,7 @@ do_start() {
     wait_for 15 munged test -S "$sock"
 
     # MariaDB on a private datadir, TCP on a free loopback port
+    [[ -d "$D/mysql/mysql" ]] ||  # a restart in the same DIR keeps the accounting database
     mariadb-install-db --no-defaults --user=root --datadir="$D/mysql" --auth-root-authentication-method=normal \
         --skip-test-db >"$D/log/mariadb-install.log" 2>&1 || die "mariadb-install-db failed; see $D/log/mariadb-install.log"
     bg mariadbd mariadbd --no-defaults --user=root --datadir="$D/mysql" --socket="$D/run/mysql.sock" \
