@@ -33,7 +33,7 @@ def test_layout_and_meta(root):
     stem = name.rsplit(".", 1)[0]
     assert Image.open(sdir / "dslr/undistorted_images" / name).mode == "RGB"
     assert np.asarray(Image.open(sdir / "dslr/render_depth" / f"{stem}.png")).dtype == np.uint16
-    assert np.load(sdir / "dslr/render_normal_camera" / f"{stem}.npy").shape == (64, 64, 3)
+    assert np.load(sdir / "dslr/render_normal_camera" / f"{stem}.npz")["normals"].shape == (64, 64, 3)
     assert np.asarray(Image.open(sdir / "dslr/render_semantic" / f"{stem}.png")).dtype == np.uint8
     assert np.asarray(Image.open(sdir / "dslr/render_instance" / f"{stem}.png")).dtype == np.uint16
     smeta = json.loads((sdir / "meta.json").read_text())
@@ -174,7 +174,7 @@ def test_split_scenes():
 
 
 def test_missing_and_corrupt_files(tmp_path):
-    r = S.generate(tmp_path / "m", 1, 2, (16, 16), 0)
+    r = S.generate(tmp_path / "m", 1, 3, (16, 16), 0)
     with pytest.raises(DataMissingError, match="does not exist"):
         MultiViewScenes(tmp_path / "nowhere")
     ds = MultiViewScenes(r)
@@ -191,6 +191,10 @@ def test_missing_and_corrupt_files(tmp_path):
     img.write_bytes(b"not an image at all")
     with pytest.raises(DataMissingError, match="cannot decode"):
         ds.load_views("synth_0000", [0])
+    normals = r / "synth_0000/dslr/render_normal_camera/frame_0002.npz"
+    normals.write_bytes(normals.read_bytes()[:100])
+    with pytest.raises(DataMissingError, match="frame_0002.npz"):
+        ds.load_views("synth_0000", [2])
     with pytest.raises(DataMissingError, match="synth_0009"):
         ds.load_views("synth_0009", [0])
 
@@ -237,6 +241,9 @@ def test_cli(tmp_path, capsys):
     assert main(["data", "synthetic", "--scenes", "1", "--views", "2", "--size", "16", "24",
                  "--out", str(tmp_path / "s")]) == 0
     assert "1 x 2 views at 16x24" in capsys.readouterr().out
+    assert main(["data", "synthetic", "--scenes", "1", "--views", "2", "--size", "16", "24",
+                 "--out", str(tmp_path / "s")]) == 0
+    assert "reused" in capsys.readouterr().out
     assert MultiViewScenes(tmp_path / "s").load_views("synth_0000", [1])["images"].shape == (1, 3, 16, 24)
     assert main(["data", "scannetpp", "--root", str(tmp_path / "none")]) == 2
     out = capsys.readouterr()

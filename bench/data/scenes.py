@@ -9,7 +9,7 @@ Scene folders are found under ``root`` (or ``root/data`` as in the official Scan
     <scene>/dslr/{undistorted_render_depth|render_depth}/<stem>.png          uint16 mm (optional)
     <scene>/dslr/{undistorted_render_semantic|render_semantic}/<stem>.png   labels (optional)
     <scene>/dslr/{undistorted_render_instance|render_instance}/<stem>.png   instance ids (optional)
-    <scene>/dslr/render_normal_camera/<stem>.npy          float16 [H,W,3] camera-frame normals
+    <scene>/dslr/render_normal_camera/<stem>.npz          ["normals"]: float16 [H,W,3] camera-frame
                                                            (synthetic only, optional)
 
     FiT3D (scannetpp_preprocess/reorganize_data.py)
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -47,7 +48,7 @@ __all__ = ["MultiViewScenes", "ViewDataset", "MAP_DIRS", "SCANNETPP_HELP"]
 #: optional per-view maps: candidate folder names (first existing wins) and file suffix
 MAP_DIRS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "depth": (("undistorted_render_depth", "render_depth"), ".png"),
-    "normals": (("render_normal_camera",), ".npy"),
+    "normals": (("render_normal_camera",), ".npz"),
     "semantic": (("undistorted_render_semantic", "render_semantic"), ".png"),
     "instance": (("undistorted_render_instance", "render_instance"), ".png"),
 }
@@ -91,12 +92,13 @@ def _read_image(path: Path, fix: str):
                                f"the file is corrupt or truncated; {fix}") from None
 
 
-def _read_npy(path: Path, fix: str) -> np.ndarray:
+def _read_npz(path: Path, key: str, fix: str) -> np.ndarray:
     if not path.is_file():
         raise DataMissingError(f"missing file {path}", fix)
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
+        with np.load(path, allow_pickle=False) as z:
+            return z[key]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
         raise DataMissingError(f"cannot read {path} ({type(e).__name__}: {e})",
                                f"the file is corrupt or truncated; {fix}") from None
 
@@ -293,7 +295,7 @@ class MultiViewScenes:
         if not path.is_file() and (d / f"{Path(name).name}{suffix}").is_file():
             path = d / f"{Path(name).name}{suffix}"           # e.g. DSC01234.JPG.png
         if key == "normals":
-            arr = _read_npy(path, fix)
+            arr = _read_npz(path, "normals", fix)
             if arr.ndim != 3 or arr.shape[-1] != 3:
                 raise DataMissingError(f"{path} has shape {arr.shape}, expected [H,W,3]", fix)
             x = torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1)

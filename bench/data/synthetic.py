@@ -29,8 +29,9 @@ On-disk layout (ScanNet++ DSLR, as produced by its undistortion + depth renderin
                                                transform_matrix = camera-to-world in OpenGL axes
     <root>/<scene>/dslr/undistorted_images/frame_XXXX.png     RGB uint8 (lossless PNG, not JPG)
     <root>/<scene>/dslr/render_depth/frame_XXXX.png           z-depth, uint16 millimetres, 0 invalid
-    <root>/<scene>/dslr/render_normal_camera/frame_XXXX.npy   float16 [H,W,3] unit normals, camera
-                                                              frame (OpenCV axes), facing the camera
+    <root>/<scene>/dslr/render_normal_camera/frame_XXXX.npz   np.load(...)["normals"]: float16 [H,W,3]
+                                                              unit normals, camera frame (OpenCV
+                                                              axes), facing the camera
     <root>/<scene>/dslr/render_semantic/frame_XXXX.png        uint8 class labels (table above)
     <root>/<scene>/dslr/render_instance/frame_XXXX.png        uint16 instance ids
 
@@ -41,10 +42,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import json
 import math
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -58,8 +61,8 @@ from ..io import write_json
 from ..registry import DATASETS
 
 __all__ = ["CLASSES", "GENERATOR", "VERSION", "make_scene", "camera_path", "intrinsics",
-           "render_view", "cast_rays", "Primitives", "generate", "generate_scene", "ensure_synthetic", "split_scenes",
-           "default_root"]
+           "render_view", "cast_rays", "Primitives", "generate", "generate_scene", "ensure_synthetic",
+           "holds_set", "split_scenes", "default_root"]
 
 CLASSES = ("wall", "floor", "ceiling", "box", "sphere", "cylinder", "painting", "rug")
 GENERATOR = "bench.synthetic"
@@ -506,6 +509,16 @@ def _write_png(path: Path, arr: np.ndarray) -> None:
     Image.fromarray(arr).save(path, format="PNG", compress_level=3)
 
 
+def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Compressed ``.npz`` (readable by ``np.load``) with fixed zip timestamps, so byte-identical."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=3) as zf:
+        for key, arr in arrays.items():
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            zf.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue(),
+                        compress_type=zipfile.ZIP_DEFLATED, compresslevel=3)
+
+
 def _set_meta(scenes: int, views: int, size: Sequence[int], seed: int, supersample: int, hfov_deg: float) -> dict:
     return {"generator": GENERATOR, "version": VERSION, "scenes": int(scenes), "views": int(views),
             "size": [int(size[0]), int(size[1])], "seed": int(seed), "supersample": int(supersample),
@@ -533,7 +546,7 @@ def generate_scene(root: Path, seed: int, index: int, views: int, size: Sequence
         # plain (non-atomic) writes: the set is only valid once root/meta.json is written at the end
         _write_png(sdir / IMAGES / f"{name}.png", rgb)
         _write_png(sdir / DEPTH / f"{name}.png", depth_mm)
-        np.save(sdir / NORMALS / f"{name}.npy", r["normals"].numpy().astype(np.float16))
+        _write_npz(sdir / NORMALS / f"{name}.npz", normals=r["normals"].numpy().astype(np.float16))
         _write_png(sdir / SEMANTIC / f"{name}.png", r["semantic"].numpy().astype(np.uint8))
         _write_png(sdir / INSTANCE / f"{name}.png", r["instance"].numpy().astype(np.uint16))
         c2w = opencv_w2c_to_opengl_c2w(w2cs[v])
@@ -608,14 +621,21 @@ def ensure_synthetic(root: str | os.PathLike | None = None, scenes: int = 8, vie
     """Return ``root`` holding the requested set, generating it only if ``root/meta.json`` does not
     already describe exactly these parameters (and the scenes' transforms are present)."""
     root = Path(root) if root is not None else default_root()
+    if holds_set(root, scenes, views, size, seed, supersample, hfov_deg):
+        return root
+    return generate(root, scenes, views, size, seed, supersample, hfov_deg, progress, workers)
+
+
+def holds_set(root: str | os.PathLike, scenes: int, views: int, size: Sequence[int], seed: int,
+              supersample: int = 2, hfov_deg: float = 70.0) -> bool:
+    """Whether ``root`` holds a complete generated set with exactly these parameters."""
+    root = Path(root)
     want = _set_meta(scenes, views, size, seed, supersample, hfov_deg)
     try:
         have = json.loads((root / "meta.json").read_text())
     except (OSError, ValueError):
-        have = None
-    if have == want and all((root / s / TRANSFORMS).is_file() for s in want["scene_ids"]):
-        return root
-    return generate(root, scenes, views, size, seed, supersample, hfov_deg, progress, workers)
+        return False
+    return have == want and all((root / s / TRANSFORMS).is_file() for s in want["scene_ids"])
 
 
 def split_scenes(scene_ids: Sequence[str], held_out: int | float = 0.25) -> Tuple[List[str], List[str]]:
@@ -651,12 +671,15 @@ def cli(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_root()
     t0 = time.perf_counter()
     kw = dict(scenes=args.scenes, views=args.views, size=args.size, seed=args.seed,
-              supersample=args.supersample, hfov_deg=args.hfov, progress=True, workers=args.workers)
-    root = generate(out, **kw) if args.force else ensure_synthetic(out, **kw)
+              supersample=args.supersample, hfov_deg=args.hfov)
+    reused = not args.force and holds_set(out, **kw)
+    if not reused:
+        generate(out, **kw, progress=True, workers=args.workers)
     dt = time.perf_counter() - t0
-    nbytes = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    nbytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    how = "already present, reused (--force regenerates)" if reused else f"generated in {dt:.1f} s"
     print(f"synthetic scenes: {args.scenes} x {args.views} views at {args.size[0]}x{args.size[1]}, "
-          f"seed {args.seed} -> {root} ({nbytes / 2**20:.1f} MiB, {dt:.1f} s)")
+          f"seed {args.seed} -> {out} ({nbytes / 2**20:.1f} MiB, {how})")
     print("classes: " + ", ".join(f"{i} {c}" for i, c in enumerate(CLASSES)))
     return 0
 
