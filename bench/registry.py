@@ -72,6 +72,7 @@ PLUGIN_MODULES = [
     "bench.data",
     "baselines.dinov2",
     "baselines.official",
+    "baselines.fit3d",
     "tasks",
     "bench.splat.perf",
 ]

@@ -1,0 +1,165 @@
+"""The ``fit3d`` method: stage I per scene (cached), then stage II fine-tuning of the whole backbone.
+
+Stage II (FiT3D ``engine.train_one_epoch``): for a batch of (scene, view) items, render the view's
+D-dim features from the scene's frozen Gaussians, decode them with the scene's conv (teacher width),
+flip image, target and coverage together with probability ``hflip``, run the student on the images,
+downsample target and coverage bilinearly to the student's patch grid, and minimise the masked L1
+``sum(m |f - t|) / (C sum(m))`` where ``m`` is the rendered alpha coverage (``alpha >
+alpha_threshold``) on the grid. AdamW (lr 1e-5, wd 1e-4, constant lr), batch 2, gradient clipping
+0.1, ``epochs`` passes over every view of every training scene in a fresh random order each epoch.
+Resumable exactly through :class:`bench.train.TrainLoop` (``<workdir>/stage2``); the runner saves
+the returned backbone's weights to ``model.safetensors``.
+
+The teacher of stage I is a frozen copy of the input backbone taken before any update, so a resumed
+run (which starts from the same pretrained backbone) finds the same cached scene fits.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from omegaconf import DictConfig
+
+from bench.config import to_container
+from bench.io import write_json
+from bench.registry import METHODS
+from bench.seed import seed_everything
+from bench.train import TrainLoop
+
+from .stage1 import INFO_FILE, SceneFit, downsample_to_grid, fit_scene, scene_key, scene_seed, weights_digest
+
+log = logging.getLogger("bench")
+
+
+def open_scenes(data, data_dir):
+    """``cfg.method.data`` -> :class:`bench.data.scenes.MultiViewScenes` (shared with splat_distill:
+    synthetic sets are generated on first use, ScanNet++ roots are read as prepared)."""
+    from methods.splat_distill.method import open_scenes as _open
+
+    return _open(data, data_dir)
+
+
+def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sum(m |pred - target|) / (C sum(m))`` for ``[B,C,h,w]`` maps and weights ``m [B,h,w]``."""
+    m = mask[:, None].to(pred.dtype)
+    return ((pred - target).abs() * m).sum() / (m.sum() * pred.shape[1]).clamp_min(1e-6)
+
+
+class SceneFits:
+    """The fitted scenes of a run, loaded on demand with a small LRU (``capacity`` scenes in memory)."""
+
+    def __init__(self, dirs: Dict[str, Path], device, capacity: int = 8):
+        self.dirs, self.device, self.capacity = dirs, device, max(int(capacity), 1)
+        self._cache: "OrderedDict[str, SceneFit]" = OrderedDict()
+
+    def __getitem__(self, scene: str) -> SceneFit:
+        if scene in self._cache:
+            self._cache.move_to_end(scene)
+        else:
+            self._cache[scene] = SceneFit.load(self.dirs[scene], self.device)
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return self._cache[scene]
+
+
+def fit_scenes(data, teacher, cfg: DictConfig, device, progress: bool = True) -> Dict[str, Path]:
+    """Stage I for every training scene (cached and resumable); returns ``scene -> fit directory``."""
+    m = cfg.method
+    teacher_id = f"{cfg.backbone.name}:{weights_digest(teacher)}:{to_container(cfg.backbone).get('resize', 'resize')}"
+    root = Path(str(m.scene_cache))
+    dirs = {}
+    for i, scene in enumerate(data.scene_ids):
+        key = scene_key(scene, m.data, teacher_id, m.stage1, int(cfg.seed))
+        wd = root / f"{scene}-{key}"
+        views = data.load_views(scene, range(data.num_views(scene)))
+        fit = fit_scene(views, teacher, m.stage1, wd, seed=scene_seed(int(cfg.seed), scene), device=device,
+                        progress=progress)
+        log.info("fit3d stage I %d/%d %s: %s", i + 1, len(data.scene_ids), scene,
+                 {k: fit.info.get(k) for k in ("num_gaussians", "final", "s_per_iteration")})
+        dirs[scene] = wd
+    return dirs
+
+
+def epoch_batches(step: int, num_items: int, batch: int, seed: int) -> List[int]:
+    """Item indices of optimiser step ``step``: a new permutation every epoch, consecutive batches of
+    it (the last one of an epoch may be smaller). Stateless, so resuming needs no sampler state."""
+    per_epoch = math.ceil(num_items / batch)
+    epoch, b = divmod(step, per_epoch)
+    perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 104_729 + epoch))
+    return perm[b * batch:(b + 1) * batch].tolist()
+
+
+@METHODS.register("fit3d", "FiT3D: per-scene feature Gaussians (3DGS + 64-d features, cached), then whole-backbone "
+                           "fine-tuning on their rendered features (trains)")
+class FiT3D:
+    """FiT3D baseline (stage I + stage II); resumable from ``workdir``.
+
+    ``stop_after`` (not a config key) ends this call after that many stage-II steps (after a checkpoint);
+    the next call with the same workdir continues.
+    """
+
+    trains = True
+
+    def fit(self, backbone, cfg: DictConfig, workdir: Path, stop_after: Optional[int] = None):
+        from bench.runner import resolve_device
+        from bench.splat import tune_allocator
+
+        seed_everything(int(cfg.seed))
+        device = resolve_device(cfg)
+        if device == "cpu":
+            tune_allocator()
+        m, s2 = cfg.method, cfg.method.stage2
+        workdir = Path(workdir)
+        progress = bool(m.get("progress", True))
+        data = open_scenes(m.data, cfg.paths.data_dir)
+        teacher = copy.deepcopy(backbone).eval().requires_grad_(False).to(device)
+
+        dirs = fit_scenes(data, teacher, cfg, device, progress)
+        del teacher
+        write_json(workdir / "stage1_scenes.json",
+                   {s: {"dir": str(d), **json.loads((d / INFO_FILE).read_text())} for s, d in dirs.items()})
+
+        # ---- stage II
+        seed_everything(int(cfg.seed))  # independent of whether stage I ran or was reused
+        fits = SceneFits(dirs, device, int(s2.get("cached_scenes", 8)))
+        items: List[Tuple[str, int]] = [(s, v) for s in data.scene_ids for v in range(data.num_views(s))]
+        bs = int(s2.batch_size)
+        steps = math.ceil(len(items) / bs) * int(s2.epochs)
+        backbone = backbone.to(device).train().requires_grad_(True)
+        opt = torch.optim.AdamW(backbone.model.parameters(), lr=float(s2.lr), weight_decay=float(s2.weight_decay))
+        loop = TrainLoop(workdir / "stage2", steps, opt, {"model": backbone.model}, grad_clip=s2.get("grad_clip"),
+                         ckpt_every=int(m.get("ckpt_every", 100)), keep_last=int(m.get("keep_last", 2)),
+                         progress=progress, desc="fit3d stage II", log_every=int(m.get("log_every", 10)))
+        thr, p_flip = float(s2.get("alpha_threshold", 0.5)), float(s2.get("hflip", 0.5))
+
+        def step_fn(step: int):
+            images, targets, masks = [], [], []
+            for i in epoch_batches(step, len(items), bs, int(cfg.seed)):
+                scene, v = items[i]
+                view = data.load_views(scene, [v])
+                H, W = view["images"].shape[-2:]
+                target, alpha = fits[scene].render_targets(view["w2c"].to(device), view["K"].to(device), W, H)
+                img, cov = view["images"].to(device), (alpha > thr).to(target.dtype)[:, None]
+                if float(torch.rand(())) < p_flip:  # one draw per item: image, target and mask together
+                    img, target, cov = img.flip(-1), target.flip(-1), cov.flip(-1)
+                images.append(img)
+                targets.append(target)
+                masks.append(cov)
+            out = backbone(torch.cat(images))
+            grid = tuple(out.shape[-2:])
+            target = downsample_to_grid(torch.cat(targets), grid, backbone)
+            mask = downsample_to_grid(torch.cat(masks), grid, backbone)[:, 0]
+            loss = masked_l1(out, target, mask)
+            return loss, {"coverage": float(mask.mean())}
+
+        log.info("fit3d stage II: %d scenes, %d views, %d steps x batch %d, device %s", len(data.scene_ids),
+                 len(items), steps, bs, device)
+        history = loop.run(step_fn, stop_after=stop_after)
+        write_json(workdir / "history.json", history)
+        return backbone.eval().requires_grad_(False)

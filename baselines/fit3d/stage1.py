@@ -1,0 +1,341 @@
+"""FiT3D stage I: lift a frozen teacher's features of one scene into feature Gaussians.
+
+Per scene (``cfg.method.stage1``; defaults are the paper's, see bench/conf/method/fit3d.yaml):
+
+1. **teacher features** of every view: last-layer normed patch tokens of the frozen input backbone,
+   kept at the patch grid and bilinearly upsampled to full resolution when a view is used;
+2. **initialisation** from depth: valid pixels of all views unprojected to the world, a random subset of
+   ``init_points`` kept, coloured by their pixel (3DGS init: kNN scale, opacity 0.1, features 0);
+3. **optimisation** (``iterations``; one random view per iteration, a new permutation every epoch):
+   ``(1 - l) L1 + l (1 - SSIM)`` on the rendered RGB (l = ``lambda_dssim``) plus ``feature_weight``
+   x L1 between the teacher's upsampled features and the rendered D-dim features decoded by the
+   scene's 3x3 conv (no bias, D -> teacher width). Adam (eps 1e-15) with the 3DGS learning rates;
+   the mean's lr decays exponentially over the run and scales with the camera extent;
+4. **adaptive density control** (:mod:`baselines.fit3d.gaussians`): statistics while ``step <
+   densify.until``, clone/split/prune every ``densify.every`` steps after ``densify.from``, opacity reset
+   every ``opacity_reset_every`` steps; pruning of screen-large Gaussians once the first reset passed.
+
+Fits are cached in ``<scene_cache>/<scene>-<key>/`` where ``key`` hashes the scene's data identity,
+the teacher (backbone config + a digest of its weights), the stage-I config and the seed:
+``scene.safetensors`` (Gaussians + decoder) and ``info.json`` (PSNR, feature correlation, timing)
+mark a finished fit; an unfinished one resumes exactly from ``ckpt/`` (:class:`bench.train.TrainLoop`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bench.cameras import camera_centers, unproject_depth
+from bench.config import NONESSENTIAL_KEYS, stable_hash, to_container
+from bench.errors import DataMissingError
+from bench.io import save_safetensors, write_json
+from bench.seed import seed_everything
+from bench.train import TrainLoop
+
+from .gaussians import SceneGaussians
+
+log = logging.getLogger("bench")
+
+SCENE_FILE, INFO_FILE = "scene.safetensors", "info.json"
+NONESSENTIAL = frozenset(NONESSENTIAL_KEYS | {"eval"})
+
+
+# ------------------------------------------------------------------------------------------------
+# feature maps between the patch grid and the image
+
+
+def upsample_to_image(feats: Tensor, size, backbone) -> Tensor:
+    """Patch-grid features ``[B,C,h,w]`` -> ``[B,C,H,W]`` bilinear, aligned with how ``backbone`` fed
+    the image (resized to the grid, or zero-padded bottom/right to a patch multiple)."""
+    H, W = size
+    if getattr(backbone, "resize_mode", "resize") == "pad":
+        p = backbone.patch_size
+        return F.interpolate(feats, size=(feats.shape[-2] * p, feats.shape[-1] * p), mode="bilinear",
+                             align_corners=False)[..., :H, :W]
+    return F.interpolate(feats, size=(H, W), mode="bilinear", align_corners=False)
+
+
+def downsample_to_grid(x: Tensor, grid, backbone) -> Tensor:
+    """Image-resolution map ``[B,C,H,W]`` -> the backbone's patch grid (bilinear; padded first for
+    padding backbones so that the cells line up with the features)."""
+    h, w = grid
+    if getattr(backbone, "resize_mode", "resize") == "pad":
+        p = backbone.patch_size
+        x = F.pad(x, (0, w * p - x.shape[-1], 0, h * p - x.shape[-2]))
+    return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def teacher_features(teacher: nn.Module, images: Tensor, batch: int = 8) -> Tensor:
+    """Last-layer normed patch tokens ``[V,C,h,w]`` of ``images [V,3,H,W]`` (batched)."""
+    return torch.cat([teacher(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics and losses
+
+
+def ssim(x: Tensor, y: Tensor) -> Tensor:
+    """Mean SSIM of ``[B,3,H,W]`` images in [0,1] (11x11 Gaussian window, sigma 1.5, as 3DGS)."""
+    import kornia
+
+    return kornia.metrics.ssim(x, y, 11, max_val=1.0).mean()
+
+
+def psnr(x: Tensor, y: Tensor) -> float:
+    mse = float(F.mse_loss(x.clamp(0, 1), y))
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def feature_correlation(x: Tensor, y: Tensor, weight: Optional[Tensor] = None) -> float:
+    """Pearson correlation of two feature maps ``[B,C,H,W]`` after removing each channel's mean: how
+    well ``x`` reproduces the spatial structure of ``y`` (0 for a constant ``x``). ``weight [B,H,W]``
+    restricts it to covered pixels."""
+    w = torch.ones_like(x[:, :1]) if weight is None else weight[:, None].to(x)
+    n = w.sum((0, 2, 3), keepdim=True).clamp_min(1e-12)
+    xc = (x - (x * w).sum((0, 2, 3), keepdim=True) / n) * w.sqrt()
+    yc = (y - (y * w).sum((0, 2, 3), keepdim=True) / n) * w.sqrt()
+    den = float(xc.norm() * yc.norm())
+    return float((xc * yc).sum()) / den if den > 1e-12 else 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# a finished fit
+
+
+@dataclass
+class SceneFit:
+    """A fitted scene: frozen Gaussians plus the scene's feature decoder."""
+
+    gaussians: SceneGaussians
+    decoder: nn.Conv2d
+    info: Dict[str, Any]
+    path: Optional[Path] = None
+
+    @torch.no_grad()
+    def render_targets(self, w2c: Tensor, K: Tensor, width: int, height: int):
+        """Decoded teacher-width features ``[C,Ct,H,W]`` and alpha ``[C,H,W]`` in C cameras."""
+        out = self.gaussians.render(w2c, K, width, height, rgb=False)
+        return self.decoder(out["features"]), out["alpha"]
+
+    def save(self, directory: Path) -> Path:
+        sd = {f"gaussians.{k}": v for k, v in self.gaussians.state_dict().items() if k not in ("grad_accum", "grad_count", "max_radii")}
+        sd["decoder.weight"] = self.decoder.weight.detach()
+        path = save_safetensors({k: v.detach().cpu().contiguous() for k, v in sd.items()}, Path(directory) / SCENE_FILE)
+        write_json(Path(directory) / INFO_FILE, self.info)
+        return path
+
+    @classmethod
+    def load(cls, directory: Path, device: str | torch.device = "cpu") -> "SceneFit":
+        from bench.checkpoint import read_state_dict
+
+        directory = Path(directory)
+        sd = read_state_dict(directory / SCENE_FILE)
+        info = json.loads((directory / INFO_FILE).read_text())
+        g = SceneGaussians(0, sd["gaussians.features"].shape[1])
+        gs = {k[len("gaussians."):]: v for k, v in sd.items() if k.startswith("gaussians.")}
+        n = gs["means"].shape[0]
+        gs.update({k: torch.zeros(n) for k in ("grad_accum", "grad_count", "max_radii")})
+        g.load_state_dict(gs)
+        w = sd["decoder.weight"]
+        dec = nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1, bias=False)
+        dec.weight.data.copy_(w)
+        return cls(g.to(device).requires_grad_(False), dec.to(device).requires_grad_(False), info, directory)
+
+
+# ------------------------------------------------------------------------------------------------
+# cache key
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 (16 hex) of a module's state dict (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _plain(x: Any) -> Any:
+    """Config nodes (also nested in plain dicts/lists) -> plain python containers, resolved."""
+    x = to_container(x)
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    return [_plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+def scene_key(scene: str, data: Mapping[str, Any], teacher_id: str, stage1: Mapping[str, Any], seed: int) -> str:
+    """Cache key of one scene's fit: its data identity, the teacher, the stage-I config and the seed."""
+    data = {k: v for k, v in _plain(data).items() if k != "scenes"}
+    data["root"] = str(Path(str(data.get("root"))).resolve()) if data.get("root") else None
+    stage1 = {k: v for k, v in _plain(stage1).items() if k not in NONESSENTIAL}
+    return stable_hash({"scene": scene, "data": data, "teacher": teacher_id, "stage1": stage1, "seed": int(seed)})
+
+
+def scene_seed(seed: int, scene: str) -> int:
+    return (int(seed) * 1_000_003 + int(hashlib.sha256(scene.encode()).hexdigest()[:8], 16)) % (2 ** 31)
+
+
+# ------------------------------------------------------------------------------------------------
+# fitting
+
+
+def _init_points(views: Mapping[str, Tensor], n: int, gen: torch.Generator):
+    depth = views.get("depth")
+    if depth is None:
+        raise DataMissingError("FiT3D stage I initialises the Gaussians from depth and the scenes have no depth maps",
+                               "render depth for the scenes (see `python -m bench data scannetpp --help`) or use "
+                               "method.data.dataset=synthetic")
+    pts = unproject_depth(depth, views["K"], views["w2c"])           # [V,H,W,3]
+    ok = depth > 0
+    pts, cols = pts[ok], views["images"].permute(0, 2, 3, 1)[ok]
+    if len(pts) == 0:
+        raise DataMissingError("FiT3D stage I: the scene's depth maps are all invalid (0)", "check the depth maps")
+    if n and len(pts) > n:
+        idx = torch.randperm(len(pts), generator=gen)[:n]
+        pts, cols = pts[idx], cols[idx]
+    return pts, cols
+
+
+def camera_extent(w2c: Tensor) -> float:
+    """3DGS's spatial scale: 1.1 x the largest distance of a camera centre from their mean."""
+    c = camera_centers(w2c)
+    return 1.1 * float((c - c.mean(0)).norm(dim=-1).max().clamp_min(1e-6))
+
+
+def _view_order(step: int, num_views: int, seed: int) -> int:
+    """The view of ``step``: a fresh random permutation of the views every epoch (stateless)."""
+    epoch, i = divmod(step, num_views)
+    g = torch.Generator().manual_seed(seed * 7919 + epoch)
+    return int(torch.randperm(num_views, generator=g)[i])
+
+
+@torch.no_grad()
+def evaluate_fit(gaussians: SceneGaussians, decoder: nn.Module, views: Mapping[str, Tensor], tfeat: Tensor,
+                 teacher: nn.Module, chunk: int = 4) -> Dict[str, float]:
+    """Rendered-RGB PSNR over the views and the correlation of decoded rendered features with the
+    teacher's upsampled features (:func:`feature_correlation`)."""
+    H, W = views["images"].shape[-2:]
+    mse, num, den_x, den_y = 0.0, 0.0, 0.0, 0.0
+    rend, targ = [], []
+    for i in range(0, len(views["images"]), chunk):
+        out = gaussians.render(views["w2c"][i:i + chunk], views["K"][i:i + chunk], W, H)
+        mse += float(F.mse_loss(out["rgb"].clamp(0, 1), views["images"][i:i + chunk], reduction="sum"))
+        rend.append(decoder(out["features"]).cpu())
+        targ.append(upsample_to_image(tfeat[i:i + chunk], (H, W), teacher).cpu())
+    mse /= views["images"].numel()
+    return {"psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
+            "feature_corr": feature_correlation(torch.cat(rend), torch.cat(targ))}
+
+
+def fit_scene(views: Mapping[str, Tensor], teacher: nn.Module, stage1: Mapping[str, Any], workdir: Path, *,
+              seed: int = 0, device: str | torch.device = "cpu", progress: bool = True,
+              stop_after: Optional[int] = None) -> SceneFit:
+    """Fit (or resume, or reuse) one scene's feature Gaussians in ``workdir``; see the module docstring.
+
+    ``views``: the scene sample (all views; needs ``depth``). ``stop_after``: end this call after that
+    many iterations (a checkpoint is written; the next call resumes) -- then the returned fit is the
+    partial one and nothing is cached as finished.
+    """
+    workdir = Path(workdir)
+    if (workdir / SCENE_FILE).is_file() and (workdir / INFO_FILE).is_file():
+        return SceneFit.load(workdir, device)
+    t_start = time.perf_counter()
+    device = torch.device(device)
+    views = {k: v.to(device) for k, v in views.items()}
+    V, _, H, W = views["images"].shape
+    seed_everything(seed)
+    tfeat = teacher_features(teacher.to(device).eval(), views["images"])
+    D = int(stage1.get("feature_dim", 64))
+    pts, cols = _init_points(views, int(stage1.get("init_points", 100_000)), torch.Generator().manual_seed(seed))
+    g = SceneGaussians.from_points(pts, cols, D, float(stage1.get("init_opacity", 0.1)))
+    decoder = nn.Conv2d(D, tfeat.shape[1], 3, padding=1, bias=False).to(device)
+    t_setup = time.perf_counter() - t_start
+
+    extent = camera_extent(views["w2c"].cpu())
+    iters = int(stage1.get("iterations", 30_000))
+    lr = stage1["lr"]
+    groups = [("means", [g.means], float(lr["means"]) * extent), ("log_scales", [g.log_scales], float(lr["scales"])),
+              ("quats", [g.quats], float(lr["quats"])), ("opacity_logits", [g.opacity_logits], float(lr["opacities"])),
+              ("colors_dc", [g.colors_dc], float(lr["colors"])), ("features", [g.features], float(lr["features"])),
+              ("decoder", list(decoder.parameters()), float(lr["decoder"]))]
+    opt = torch.optim.Adam([{"params": p, "lr": r, "name": n} for n, p, r in groups], lr=0.0, eps=1e-15)
+    decay = float(lr["means_final"]) / float(lr["means"])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, [lambda s: decay ** min(s / max(iters, 1), 1.0)] + [lambda s: 1.0] * (len(groups) - 1))
+    loop = TrainLoop(workdir / "ckpt", iters, opt, {"gaussians": g, "decoder": decoder}, scheduler=sched,
+                     ckpt_every=int(stage1.get("ckpt_every", 1000)), keep_last=2, progress=progress,
+                     desc=f"fit3d stage I {workdir.name[:24]}", log_every=10)
+    init_file = workdir / "init_metrics.json"
+    if bool(stage1.get("eval", True)) and not init_file.exists() and not loop.checkpointer.steps():
+        write_json(init_file, {**evaluate_fit(g, decoder, views, tfeat, teacher), "num_gaussians": g.num})
+
+    lam, fw = float(stage1.get("lambda_dssim", 0.2)), float(stage1.get("feature_weight", 1.0))
+    dens = stage1.get("densify", {}) or {}
+    d_from, d_until, d_every = int(dens.get("from", 500)), int(dens.get("until", 15_000)), int(dens.get("every", 100))
+    reset_every = int(stage1.get("opacity_reset_every", 3000))
+    current: Dict[str, Any] = {}
+
+    def step_fn(step: int):
+        v = _view_order(step, V, seed)
+        if step < d_until:
+            current["view"] = g.view_stats(views["w2c"][v], views["K"][v], W, H)
+        out = g.render(views["w2c"][v:v + 1], views["K"][v:v + 1], W, H)
+        img = views["images"][v:v + 1]
+        l1 = (out["rgb"] - img).abs().mean()
+        dssim = 1.0 - ssim(out["rgb"], img)
+        target = upsample_to_image(tfeat[v:v + 1], (H, W), teacher)
+        lf = (decoder(out["features"]) - target).abs().mean()
+        loss = (1 - lam) * l1 + lam * dssim + fw * lf
+        return loss, {"l1": float(l1.detach()), "dssim": float(dssim.detach()), "feat_l1": float(lf.detach()), "num": g.num}
+
+    def after_step(it: int):  # ``it`` = finished iterations (3DGS's 1-based iteration)
+        if it < d_until:
+            g.add_stats(current.pop("view"))
+            if it > d_from and it % d_every == 0:
+                g.densify_and_prune(
+                    opt, grad_threshold=float(dens.get("grad_threshold", 2e-4)), extent=extent,
+                    percent_dense=float(dens.get("percent_dense", 0.01)),
+                    min_opacity=float(dens.get("min_opacity", 0.005)),
+                    max_screen_size=float(dens.get("max_screen_size", 20)) if reset_every and it > reset_every else None,
+                    world_size=float(dens.get("world_size", 0.1)), max_gaussians=dens.get("max_gaussians"))
+            if reset_every and it % reset_every == 0:
+                g.reset_opacity(float(stage1.get("reset_opacity_to", 0.01)), opt)
+
+    t0 = time.perf_counter()
+    start = (loop.checkpointer.steps() or [0])[-1]
+    history = loop.run(step_fn, after_step, stop_after=stop_after)
+    t_loop = time.perf_counter() - t0
+    done = loop.step - start
+    info: Dict[str, Any] = {"iterations": loop.step, "num_gaussians": g.num, "extent": extent,
+                            "views": V, "size": [H, W], "teacher_dim": int(tfeat.shape[1]),
+                            "setup_s": t_setup, "loop_s": t_loop,
+                            "s_per_iteration": t_loop / done if done else None,
+                            "final_loss": history[-1]["loss"] if history else None,
+                            # Gaussian count over the run (before each densification step's update)
+                            "num_gaussians_curve": [[h["step"], int(h["num"])] for h in history
+                                                    if h["step"] == 1 or h["step"] % max(d_every, 1) == 0]}
+    fit = SceneFit(g.requires_grad_(False), decoder.requires_grad_(False), info)
+    if loop.step < iters:  # interrupted on purpose: not a finished fit
+        return fit
+    if bool(stage1.get("eval", True)):
+        if init_file.exists():
+            info["init"] = json.loads(init_file.read_text())
+        info["final"] = evaluate_fit(g, decoder, views, tfeat, teacher)
+        log.info("fit3d stage I %s: %d Gaussians, PSNR %.2f dB (init %.2f), feature corr %.3f (init %.3f)",
+                 workdir.name, g.num, info["final"]["psnr"], info.get("init", {}).get("psnr", float("nan")),
+                 info["final"]["feature_corr"], info.get("init", {}).get("feature_corr", float("nan")))
+    fit.save(workdir)
+    fit.path = workdir
+    return fit
