@@ -18,7 +18,7 @@ import torch
 from bench import records, sweep
 from bench.config import compose
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SCRIPT = Path(__file__).parent / "slurm" / "cluster.sh"
 
 

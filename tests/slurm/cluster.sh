@@ -33,9 +33,9 @@ do_install() {
     # policy-rc.d 101: the packages' maintainer scripts must not start system daemons
     local policy=/usr/sbin/policy-rc.d created=0
     if [[ ! -e $policy ]]; then printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod 755 "$policy"; created=1; fi
-    local rc=0
-    { apt-get install -y -q --no-install-recommends "${PKGS[@]}" >/dev/null 2>&1 ||
-      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends "${PKGS[@]}" >/dev/null; }; } || rc=$?
+    local rc=0 apt=(apt-get -q -o DPkg::Lock::Timeout=300)  # wait for a concurrent apt/dpkg
+    { "${apt[@]}" install -y --no-install-recommends "${PKGS[@]}" >/dev/null 2>&1 ||
+      { "${apt[@]}" update >/dev/null 2>&1 && "${apt[@]}" install -y --no-install-recommends "${PKGS[@]}" >/dev/null; }; } || rc=$?
     [[ $created -eq 1 ]] && rm -f "$policy"
     [[ $rc -eq 0 ]] || die "apt-get install ${PKGS[*]} failed (rc=$rc)"
     miss=$(missing_cmds)
