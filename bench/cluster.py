@@ -180,12 +180,10 @@ def _finish(rec: JobRecord, job: submitit.Job, state: str, raw: str) -> None:
         rec.state, rec.result, rec.error = "done", payload, None
     elif outcome == "error":
         rec.state, rec.error = "failed", _error_line(payload)
-    else:
-        rec.state = "done" if state == "done" else state
-        if state == "done":  # finished without a result: treat as failure
-            rec.state, rec.error = "failed", "job ended without writing its result"
-        elif rec.error is None:
-            rec.error = f"{raw.lower() or state} (no result written)"
+    elif state == "done":  # the scheduler says completed, yet no result: count it as a failure
+        rec.state, rec.error = "failed", "job ended without writing its result"
+    else:  # cancelled, timed out, out of memory, node failure...
+        rec.state, rec.error = state, rec.error or f"{raw.lower() or state} (no result written)"
 
 
 def _dependency_problem(rec: JobRecord, jobs: Mapping[str, JobRecord]) -> Optional[str]:
