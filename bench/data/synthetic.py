@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import functools
 import io
+import fcntl
 import json
 import math
 import os
@@ -623,7 +624,13 @@ def ensure_synthetic(root: str | os.PathLike | None = None, scenes: int = 8, vie
     root = Path(root) if root is not None else default_root()
     if holds_set(root, scenes, views, size, seed, supersample, hfov_deg):
         return root
-    return generate(root, scenes, views, size, seed, supersample, hfov_deg, progress, workers)
+    # Several jobs of a sweep may ask for the same set at once: one generates, the others wait.
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if holds_set(root, scenes, views, size, seed, supersample, hfov_deg):
+            return root
+        return generate(root, scenes, views, size, seed, supersample, hfov_deg, progress, workers)
 
 
 def holds_set(root: str | os.PathLike, scenes: int, views: int, size: Sequence[int], seed: int,
