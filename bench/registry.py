@@ -75,6 +75,7 @@ PLUGIN_MODULES = [
     "baselines.fit3d",
     "tasks",
     "bench.splat.perf",
+    "methods.splat_distill",
 ]
 
 _loaded = False

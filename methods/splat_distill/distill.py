@@ -1,0 +1,186 @@
+"""One Splat-and-Distill training step: teacher features -> lift -> splat -> blend -> student loss.
+
+For each example (2 context views + 1 target view of one scene):
+
+1. the teacher (EMA of the student, plain merged weights) embeds both context views (last-layer
+   normed patch tokens);
+2. the features are upsampled to image resolution (mask-aware, or plain bilinear);
+3. the frozen reconstructor predicts one Gaussian per context pixel; each Gaussian carries its
+   pixel's full-width feature (lifting = assignment);
+4. :func:`bench.splat.rasterize` splats them into the target camera; pixels with alpha below
+   ``alpha_threshold`` are uncovered and leave the loss;
+5. semantic blending with the target-view segment mean: ``a * F + (1 - a) * mean_segment(F)``;
+6. bilinear downscale to the student's patch grid (a cell is valid when every pixel its bilinear
+   sample touches is covered);
+7. the student embeds the target view; loss = DINO-head cross-entropy (or an ablation loss).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.errors import BenchError
+from bench.splat import rasterize
+from bench.train import EMA
+
+from .adapt import Adapter
+from .features import MASKS, grid_scale, segment_blend, slic_masks, to_patch_grid, upsample
+from .head import LOSSES, DINOHead, distill_loss
+from .reconstruct import build_reconstructor
+
+
+class Distiller:
+    """Student (backbone + DINO head, adapted by LoRA or fully), EMA teacher and reconstructor.
+
+    ``backbone`` is adapted in place (its ``.model`` gets LoRA layers until :meth:`finish`).
+    ``cfg`` is ``cfg.method`` (see ``bench/conf/method/splat_distill.yaml``).
+    """
+
+    def __init__(self, backbone: nn.Module, cfg: Mapping[str, Any], device: str | torch.device = "cpu",
+                 reconstructor: Optional[nn.Module] = None):
+        self.cfg, self.device = cfg, torch.device(device)
+        lift, head, teacher = cfg["lift"], cfg["head"], cfg["teacher"]
+        self.loss_kind = str(cfg.get("loss", "dino"))
+        if self.loss_kind not in LOSSES:
+            raise BenchError(f"method.loss='{self.loss_kind}' is not a loss", f"use one of {LOSSES}")
+        if str(lift.get("masks", "auto")) not in MASKS:
+            raise BenchError(f"method.lift.masks='{lift.get('masks')}' is not a mask source", f"use one of {MASKS}")
+        self.backbone = backbone.to(self.device)
+        self.teacher = copy.deepcopy(backbone).eval().requires_grad_(False)   # plain, merged weights
+        self.backbone.requires_grad_(False)
+        a = cfg["adapter"]
+        self.adapter = Adapter(self.backbone.model, str(a.get("mode", "lora")), int(a.get("r", 8)),
+                               float(a.get("alpha", 8)), float(a.get("dropout", 0.1)),
+                               a.get("target_modules", "auto"))
+        self.head = DINOHead(backbone.embed_dim, int(head.get("prototypes", 65536)), int(head.get("hidden_dim", 2048)),
+                             int(head.get("bottleneck_dim", 256))).to(self.device)
+        self.teacher_head = copy.deepcopy(self.head)
+        momentum = 1.0 if teacher.get("frozen", False) else float(teacher.get("momentum", 0.999))
+        self.ema = EMA(nn.ModuleDict({"backbone": self.teacher.model, "head": self.teacher_head}), momentum,
+                       int(teacher.get("every", 10)))
+        self.teacher_head.eval()
+        self.reconstructor = (reconstructor if reconstructor is not None
+                              else build_reconstructor(cfg["reconstructor"])).to(self.device)
+        self.student = nn.ModuleDict({"backbone": self.backbone.model, "head": self.head})
+        self.timings: Dict[str, float] = defaultdict(float)
+        self.profile = False
+
+    # -- parameters / state ------------------------------------------------------------------------
+    def parameters(self) -> List[nn.Parameter]:
+        return self.adapter.parameters() + list(self.head.parameters())
+
+    def update_teacher(self, step: int) -> None:
+        source = {f"backbone.{k}": v for k, v in self.adapter.effective_state().items()}
+        source.update({f"head.{k}": v for k, v in self.head.named_parameters()})
+        self.ema.update(step, source)
+
+    def finish(self, export: str = "student") -> nn.Module:
+        """Merge LoRA into the student and return the backbone (plain timm weights), in eval mode.
+
+        ``export="teacher"`` copies the EMA teacher's weights into it instead."""
+        self.adapter.merge()
+        if export == "teacher":
+            self.backbone.model.load_state_dict(self.teacher.model.state_dict(), strict=True)
+        elif export != "student":
+            raise BenchError(f"method.export='{export}' is not a choice", "use student or teacher")
+        return self.backbone.eval()
+
+    @contextmanager
+    def _timed(self, name: str):
+        if not self.profile:
+            yield
+            return
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] += time.perf_counter() - t0
+
+    # -- targets -----------------------------------------------------------------------------------
+    def masks(self, views: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        lift = self.cfg["lift"]
+        source = str(lift.get("masks", "auto"))
+        if source == "instance" or (source == "auto" and views.get("instance") is not None):
+            if views.get("instance") is None:
+                raise BenchError("method.lift.masks=instance but the scenes have no instance maps",
+                                 "use method.lift.masks=slic (or auto)")
+            return views["instance"]
+        return slic_masks(views["images"], int(lift.get("slic_segments", 100)), float(lift.get("slic_compactness", 10.0)))
+
+    @torch.no_grad()
+    def targets(self, examples: List[Mapping[str, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Splatted teacher targets on the student grid ``[B,C,h,w]`` and their validity ``[B,h,w]``.
+
+        Each example holds 3 views: context 0, context 1, target.
+
+        Everything between the teacher's patch features and the target grid (upsampling with fixed
+        masks, splatting with fixed geometry, blending, downscaling) is linear in the features. When
+        the two context views have fewer patches ``2hw`` than channels ``C`` (small images, wide CNN
+        features), ``render_basis: auto`` therefore splats the upsampling weights (a one-hot basis over
+        the ``2hw`` patches) instead of the ``C`` channels and contracts with the patch features at
+        the end: the same targets (up to float rounding), ``C / 2hw`` times fewer splatted channels.
+        """
+        lift = self.cfg["lift"]
+        H, W = examples[0]["images"].shape[-2:]
+        mode = str(lift.get("upsample", "mask_aware"))
+        scale = grid_scale(self.teacher, (H, W))
+        with self._timed("teacher"):
+            feats = self.teacher(torch.cat([ex["images"][:2] for ex in examples]))   # [2B,C,h,w]
+        _, C, h, w = feats.shape
+        basis = str(lift.get("render_basis", "auto"))
+        if basis not in ("auto", "features", "patches"):
+            raise BenchError(f"method.lift.render_basis='{basis}' is not a choice", "use auto, features or patches")
+        use_basis = basis == "patches" or (basis == "auto" and 2 * h * w < C)
+        with self._timed("masks"):
+            masks = [self.masks(ex) for ex in examples]                                 # each [3,H,W]
+        if use_basis:
+            eye = torch.eye(2 * h * w, device=feats.device, dtype=feats.dtype)
+            eye = eye.reshape(2 * h * w, 2, h, w).permute(1, 0, 2, 3)                   # [2,2hw,h,w] one-hot
+        else:
+            with self._timed("upsample"):
+                up = upsample(feats, torch.cat([m[:2] for m in masks]), (H, W), mode, scale)
+        grid = self.backbone.grid_size(H, W)
+        padded = getattr(self.backbone, "resize_mode", "resize") == "pad"
+        out, valid = [], []
+        for i, ex in enumerate(examples):
+            with self._timed("reconstruct"):
+                gs = self.reconstructor({k: v[:2] for k, v in ex.items()})
+            with self._timed("upsample"):
+                src = upsample(eye, masks[i][:2], (H, W), mode, scale) if use_basis else up[2 * i: 2 * i + 2]
+            with self._timed("splat"):
+                render, alpha, _ = rasterize(*gs.splat_args(src), ex["w2c"][2:3], ex["K"][2:3], W, H)
+                render = render.permute(0, 3, 1, 2)                                     # [1,D,H,W]
+                covered = alpha > float(lift.get("alpha_threshold", 0.5))               # [1,H,W]
+                if lift.get("normalize_alpha", False):
+                    render = render / alpha.clamp_min(1e-6)[:, None]
+            with self._timed("blend"):
+                if lift.get("blending", True):
+                    render = segment_blend(render, masks[i][2:3], float(lift.get("blend_alpha", 0.5)), covered)
+                t = to_patch_grid(render, grid, self.backbone.patch_size, padded)
+                if use_basis:  # contract the patch basis with the context views' patch features
+                    t = torch.einsum("bkyx,kc->bcyx", t, feats[2 * i: 2 * i + 2].permute(0, 2, 3, 1).reshape(-1, C))
+                out.append(t)
+                cov = to_patch_grid(covered[:, None].to(render.dtype), grid, self.backbone.patch_size, padded)
+                valid.append(cov[:, 0] > 0.999)
+        return torch.cat(out), torch.cat(valid)
+
+    # -- loss --------------------------------------------------------------------------------------
+    def loss(self, examples: List[Mapping[str, torch.Tensor]]):
+        """Loss of one batch of examples; returns ``(loss, extra floats to log)``."""
+        examples = [{k: v.to(self.device) for k, v in ex.items()} for ex in examples]
+        target, valid = self.targets(examples)
+        with self._timed("student"):
+            self.adapter.train()
+            student = self.backbone(torch.stack([ex["images"][2] for ex in examples]))
+            if student.shape != target.shape:
+                raise RuntimeError(f"student grid {tuple(student.shape)} != target grid {tuple(target.shape)}")
+            head = self.cfg["head"]
+            loss, extra = distill_loss(self.loss_kind, student, target, valid, self.head, self.teacher_head,
+                                       float(head.get("student_temp", 1.0)), float(head.get("teacher_temp", 1.0)))
+        extra["coverage"] = float(valid.float().mean())
+        return loss, extra

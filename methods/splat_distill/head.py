@@ -1,0 +1,79 @@
+"""The DINO projection head and the distillation losses."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOSSES = ("dino", "cosine", "direct")
+
+
+class DINOHead(nn.Module):
+    """DINO head: 3-layer MLP (GELU) -> bottleneck -> L2-normalise -> weight-normed linear to prototypes.
+
+    The last layer is ``weight_norm`` with its gain fixed to 1 (DINO's ``norm_last_layer``), i.e. the
+    logits are dot products with L2-normalised prototype vectors: ``logits = x_n @ normalize(V)^T``.
+    Applied per pixel to ``[B, C, h, w]`` maps, returns ``[B, K, h, w]``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 num_layers: int = 3):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1)
+        layers = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), nn.GELU()]
+        layers.append(nn.Linear(dims[-1], bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
+        self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.prototypes, std=0.02)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        x = feats.permute(0, 2, 3, 1)                                   # [B,h,w,C]
+        x = F.normalize(self.mlp(x), dim=-1)
+        logits = x @ F.normalize(self.prototypes, dim=-1).t()           # [B,h,w,K]
+        return logits.permute(0, 3, 1, 2)
+
+
+def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x [B,h,w]`` over ``valid [B,h,w]`` (0 when nothing is valid, keeping the graph)."""
+    w = valid.to(x.dtype)
+    return (x * w).sum() / w.sum().clamp_min(1.0)
+
+
+def dino_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                       student_temp: float = 1.0, teacher_temp: float = 1.0) -> torch.Tensor:
+    """Per-pixel ``-sum_k p_teacher log p_student`` ``[B,h,w]``; teacher detached, no centering."""
+    p_t = F.softmax(teacher_logits.detach() / teacher_temp, dim=1)
+    return -(p_t * F.log_softmax(student_logits / student_temp, dim=1)).sum(dim=1)
+
+
+def distill_loss(kind: str, student_feats: torch.Tensor, target_feats: torch.Tensor, valid: torch.Tensor,
+                 student_head: nn.Module | None = None, teacher_head: nn.Module | None = None,
+                 student_temp: float = 1.0, teacher_temp: float = 1.0):
+    """Loss between student features and splatted teacher targets, both ``[B,C,h,w]``, on ``valid``.
+
+    ``dino``: cross-entropy through the DINO heads (the method). Ablations: ``cosine`` (1 - cos on
+    the backbone features) and ``direct`` (mean squared error on the backbone features).
+    Returns ``(loss, extra)`` where ``extra`` holds floats to log (the KL part of the cross-entropy).
+    """
+    target_feats = target_feats.detach()
+    if kind == "dino":
+        s_logits = student_head(student_feats)
+        with torch.no_grad():
+            t_logits = teacher_head(target_feats)
+        ce = dino_cross_entropy(s_logits, t_logits, student_temp, teacher_temp)
+        with torch.no_grad():
+            p_t = F.log_softmax(t_logits / teacher_temp, dim=1)
+            entropy = -(p_t.exp() * p_t).sum(dim=1)
+            kl = masked_mean(ce.detach() - entropy, valid)
+        return masked_mean(ce, valid), {"kl": float(kl)}
+    if kind == "cosine":
+        return masked_mean(1.0 - F.cosine_similarity(student_feats, target_feats, dim=1), valid), {}
+    if kind == "direct":
+        return masked_mean(((student_feats - target_feats) ** 2).mean(dim=1), valid), {}
+    raise ValueError(f"unknown loss '{kind}' (use one of {LOSSES})")

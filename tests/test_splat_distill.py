@@ -1,0 +1,250 @@
+"""Splat-and-Distill: sampling, upsampling/blending rules, head/loss, LoRA merge, geometry sanity,
+a tiny training run (loss falls, strict timm load), exact resume, and the learned reconstructor."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.backbones import build_backbone
+from bench.cameras import look_at
+from bench.checkpoint import load_state_dict_strict, read_state_dict
+from bench.config import compose
+from bench.errors import BenchError, CheckpointError
+from bench.seed import seed_everything
+from methods.splat_distill.adapt import Adapter
+from methods.splat_distill.features import mask_aware_upsample, segment_blend
+from methods.splat_distill.head import DINOHead, dino_cross_entropy, distill_loss
+from methods.splat_distill.reconstruct import (CostVolumeReconstructor, DepthUnprojection, MVSplatAdapter,
+                                               build_reconstructor)
+from methods.splat_distill.views import ViewSampler
+
+SIZE = (56, 70)          # tiny_vit (patch 14) -> a 4x5 grid
+SCENES, VIEWS, SEED = 3, 10, 0
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    from bench.data.synthetic import ensure_synthetic
+
+    return ensure_synthetic(tmp_path_factory.mktemp("snd") / "synth", SCENES, VIEWS, SIZE, SEED)
+
+
+def _cfg(root, *extra):
+    return compose([
+        "method=splat_distill", "backbone=tiny_vit", "device=cpu", "method.data.dataset=synthetic",
+        f"method.data.root={root}", f"method.data.scenes={SCENES}", f"method.data.views={VIEWS}",
+        f"method.data.size=[{SIZE[0]},{SIZE[1]}]", f"method.data.seed={SEED}", "method.views.gap=4",
+        "method.head.prototypes=128", "method.head.hidden_dim=128", "method.head.bottleneck_dim=32",
+        "method.optim.batch_size=2", "method.optim.lr=2e-3", "method.teacher.every=1",
+        "method.teacher.momentum=0.9", "method.progress=false", *extra])
+
+
+# ---------------------------------------------------------------------------------- sampling
+def test_view_sampler_paper_rule_and_state():
+    s = ViewSampler([20, 30], gap=8, placement="uniform", seed=3)
+    seen_t = set()
+    for _ in range(300):
+        scene, (c0, c1, t) = s.sample()
+        assert c1 - c0 == 8 and c0 <= t <= c1 and c1 < [20, 30][scene]
+        seen_t.add(t - c0)
+    assert seen_t == set(range(9))                     # uniform over the inclusive range
+    state = s.state_dict()
+    a = [s.sample() for _ in range(5)]
+    s.load_state_dict(state)
+    assert [s.sample() for _ in range(5)] == a
+    short = ViewSampler([4], gap=8, placement="context", seed=0)  # shorter than the gap: use all of it
+    for _ in range(20):
+        _, (c0, c1, t) = short.sample()
+        assert (c0, c1) == (0, 3) and t in (0, 3)
+    assert ViewSampler([9], gap=8, placement="middle").sample()[1] == (0, 8, 4)
+    with pytest.raises(BenchError):
+        ViewSampler([9], placement="nowhere")
+
+
+# ---------------------------------------------------------------------- upsampling / blending
+def test_mask_aware_upsample_rule():
+    feats = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])                          # [1,1,2,2]
+    plain = mask_aware_upsample(feats, None, (4, 4))
+    assert torch.allclose(plain, F.interpolate(feats, size=(4, 4), mode="bilinear", align_corners=False))
+    # left half label 0, right half label 1: no pixel may mix the two columns of patches
+    mask = torch.tensor([[0, 0, 1, 1]] * 4)[None]
+    up = mask_aware_upsample(feats, mask, (4, 4))[0, 0]
+    # pixel (1, 1): bilinear taps rows 0/1 with weights 0.75/0.25, columns 0/1 -> only column 0 kept
+    assert up[1, 1] == pytest.approx(0.75 * 1 + 0.25 * 3)
+    assert up[1, 2] == pytest.approx(0.75 * 2 + 0.25 * 4)
+    assert torch.allclose(up[:, :2], torch.tensor([[1.0], [1.5], [2.5], [3.0]]).expand(4, 2))
+    assert torch.allclose(up[:, 2:], torch.tensor([[2.0], [2.5], [3.5], [4.0]]).expand(4, 2))
+    # a pixel whose label no neighbouring patch has falls back to plain bilinear
+    odd = mask.clone()
+    odd[0, 2, 1] = 7                                   # (no patch centre sits on this pixel)
+    assert mask_aware_upsample(feats, odd, (4, 4))[0, 0, 2, 1] == pytest.approx(float(plain[0, 0, 2, 1]))
+
+
+def test_segment_blend_hand_values():
+    feats = torch.tensor([1.0, 3.0, 10.0, 20.0]).view(1, 1, 1, 4)
+    labels = torch.tensor([[[0, 0, 1, 1]]])
+    valid = torch.tensor([[[True, True, True, False]]])
+    out = segment_blend(feats, labels, 0.5, valid)[0, 0, 0]
+    # segment 0 mean 2; segment 1 mean over valid pixels only = 10
+    assert out.tolist() == pytest.approx([1.5, 2.5, 10.0, 15.0])
+
+
+# ----------------------------------------------------------------------------- head and loss
+def test_dino_head_and_cross_entropy():
+    head = DINOHead(6, out_dim=10, hidden_dim=16, bottleneck_dim=4)
+    x = torch.randn(2, 6, 3, 3)
+    logits = head(x)
+    assert logits.shape == (2, 10, 3, 3) and logits.abs().max() <= 1.0 + 1e-6   # cosines, temperature 1
+    s, t = torch.tensor([[1.0, 0.0]]).view(1, 2, 1, 1), torch.tensor([[0.0, 1.0]]).view(1, 2, 1, 1)
+    pt = torch.softmax(torch.tensor([0.0, 1.0]), 0)
+    expected = -(pt * torch.log_softmax(torch.tensor([1.0, 0.0]), 0)).sum()
+    assert dino_cross_entropy(s, t)[0, 0, 0] == pytest.approx(float(expected))
+    # the teacher side is detached; invalid pixels do not count
+    teacher = DINOHead(6, out_dim=10, hidden_dim=16, bottleneck_dim=4)
+    target = torch.randn(2, 6, 3, 3, requires_grad=True)
+    valid = torch.zeros(2, 3, 3, dtype=torch.bool)
+    valid[0, 0, 0] = True
+    loss, extra = distill_loss("dino", x.requires_grad_(), target, valid, head, teacher)
+    loss.backward()
+    assert target.grad is None and x.grad[1].abs().sum() == 0 and x.grad[0, :, 0, 0].abs().sum() > 0
+    assert extra["kl"] >= -1e-6
+    for kind in ("cosine", "direct"):
+        assert distill_loss(kind, target, target, valid)[0].item() == pytest.approx(0.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------ LoRA merging
+@pytest.mark.parametrize("name", ["tiny_vit", "tiny_cnn"])
+def test_lora_merge_gives_plain_timm(name, tmp_path):
+    seed_everything(0)
+    bb = build_backbone(compose([f"backbone={name}"]).backbone)
+    ad = Adapter(bb.model, "lora", r=4, alpha=4, dropout=0.1)
+    assert ad.lora_layers() and all(("lora_" in n) for n, p in bb.model.named_parameters() if p.requires_grad)
+    targets = {n.rsplit(".", 1)[-1] for n in ad.lora_layers()}
+    assert targets == ({"qkv", "proj"} if name == "tiny_vit" else {"conv_pw", "conv_pwl"})
+    assert not any(n.startswith("patch_embed") for n in ad.lora_layers())
+    with torch.no_grad():
+        for layer in ad.lora_layers().values():
+            layer.lora_B["default"].weight.normal_(0, 0.5)
+    bb.eval()
+    x = torch.rand(1, 3, 56, 70)
+    with torch.no_grad():
+        y = bb(x)
+        eff = ad.effective_state()
+    ad.merge()
+    from bench.backbones import save_backbone
+
+    save_backbone(bb, tmp_path / "model.safetensors")
+    plain = bb.spec.create_model()
+    load_state_dict_strict(plain, read_state_dict(tmp_path / "model.safetensors"), source="merged")
+    assert all(torch.allclose(plain.state_dict()[k], v, atol=1e-6) for k, v in eff.items())
+    bb2 = build_backbone(compose([f"backbone={name}"]).backbone)
+    bb2.model.load_state_dict(plain.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.allclose(bb2.eval()(x), y, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ reconstructors
+def test_reconstructor_seam_errors(tmp_path):
+    with pytest.raises(BenchError, match="MVSplat"):
+        MVSplatAdapter()
+    with pytest.raises(CheckpointError, match="pretrain-reconstructor"):
+        build_reconstructor({"name": "learned", "checkpoint": str(tmp_path / "none.safetensors")})
+    with pytest.raises(BenchError, match="depth maps"):
+        DepthUnprojection()({"images": torch.rand(2, 3, 4, 4), "K": torch.eye(3).expand(2, 3, 3),
+                             "w2c": torch.eye(4).expand(2, 4, 4)})
+
+
+def test_geometry_sanity_splat_vs_perturbed_pose(scenes):
+    """Splatting the teacher's context features into the target camera reproduces the teacher's own
+    target features better with the true pose than with a perturbed one (catches convention errors)."""
+    from bench.data.scenes import MultiViewScenes
+    from methods.splat_distill.distill import Distiller
+
+    seed_everything(0)
+    cfg = _cfg(scenes, "method.lift.blending=false", "method.lift.upsample=bilinear")
+    bb = build_backbone(cfg.backbone)
+    d = Distiller(bb, cfg.method, "cpu")
+    data = MultiViewScenes(scenes, None, SIZE)
+    ex = [data.load_views(s, [1, 5, 3]) for s in data.scene_ids]
+    perturbed = []
+    for e in ex:
+        e = dict(e)
+        w2c = e["w2c"].clone()
+        c = torch.linalg.inv(w2c[2])[:3, 3]
+        yaw = torch.tensor([[math.cos(0.25), 0, math.sin(0.25)], [0, 1, 0], [-math.sin(0.25), 0, math.cos(0.25)]])
+        w2c[2, :3, :3] = yaw @ w2c[2, :3, :3]               # rotate the target camera ~14 deg about its y axis
+        w2c[2, :3, 3] = -w2c[2, :3, :3] @ c
+        e["w2c"] = w2c
+        perturbed.append(e)
+    with torch.no_grad():
+        own = d.teacher(torch.stack([e["images"][2] for e in ex]))
+        t_true, v_true = d.targets(ex)
+        t_pert, v_pert = d.targets(perturbed)
+    cos_true = F.cosine_similarity(t_true, own, dim=1)[v_true].mean()
+    cos_pert = F.cosine_similarity(t_pert, own, dim=1)[v_pert].mean()
+    assert v_true.float().mean() > 0.5
+    print(f"geometry: cos true pose {cos_true:.3f}, perturbed {cos_pert:.3f}")
+    assert cos_true > cos_pert + 0.05, (cos_true, cos_pert)
+
+
+# ---------------------------------------------------------------------------- training runs
+def _fit(cfg, workdir, stop_after=None):
+    from methods.splat_distill import SplatDistill
+
+    seed_everything(0)
+    return SplatDistill().fit(build_backbone(cfg.backbone), cfg, workdir, stop_after=stop_after)
+
+
+def test_tiny_run_loss_falls_and_saves_plain_timm(scenes, tmp_path):
+    from bench.backbones import save_backbone
+
+    cfg = _cfg(scenes, "method.optim.steps=20", "method.ckpt_every=10")
+    bb = _fit(cfg, tmp_path / "run")
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert len(hist) == 20 and all(h["coverage"] > 0.5 for h in hist)
+    first, last = hist[:6], hist[-6:]
+    mean = lambda hs, k: sum(h[k] for h in hs) / len(hs)  # noqa: E731
+    assert mean(last, "loss") < mean(first, "loss")
+    assert mean(last, "kl") < 0.7 * mean(first, "kl")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["ckpt_00000010.pt", "ckpt_00000020.pt"]
+    save_backbone(bb, tmp_path / "model.safetensors")
+    plain = bb.spec.create_model()
+    load_state_dict_strict(plain, read_state_dict(tmp_path / "model.safetensors"), source="trained")
+    assert not any("lora" in k for k in plain.state_dict())
+    ref = build_backbone(cfg.backbone)  # weights moved away from the (seeded) initial backbone
+    assert any(not torch.equal(a, b) for a, b in zip(ref.model.state_dict().values(), plain.state_dict().values()))
+
+
+def test_resume_is_bit_identical(scenes, tmp_path):
+    cfg = _cfg(scenes, "method.optim.steps=6", "method.ckpt_every=3")
+    full = _fit(cfg, tmp_path / "full")
+    _fit(cfg, tmp_path / "cut", stop_after=3)           # "interrupted" after the step-3 checkpoint
+    resumed = _fit(cfg, tmp_path / "cut")
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha = json.loads((tmp_path / "full" / "history.json").read_text())
+    hb = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
+
+
+def test_learned_reconstructor_beats_constant_depth(scenes, tmp_path, capsys):
+    import argparse
+
+    from methods.splat_distill.pretrain import add_arguments, main
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    out = tmp_path / "cv.safetensors"
+    args = p.parse_args(["--root", str(scenes), "--scenes", str(SCENES), "--held-out", "1", "--views", str(VIEWS),
+                         "--size", str(SIZE[0]), str(SIZE[1]), "--seed", str(SEED), "--steps", "25", "--batch", "1",
+                         "--gap", "2", "4", "--lr", "2e-3", "--device", "cpu", "--no-progress", "--out", str(out)])
+    assert main(args) == 0
+    report = json.loads((tmp_path / "cv.eval.json").read_text())["metrics"]
+    assert report["learned"]["abs_rel"] < report["constant_train_median"]["abs_rel"]
+    assert "learned" in capsys.readouterr().out
+    model = build_reconstructor({"name": "learned", "checkpoint": str(out)})
+    assert isinstance(model, CostVolumeReconstructor) and not any(p.requires_grad for p in model.parameters())
