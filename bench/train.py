@@ -284,7 +284,8 @@ class TrainLoop:
                 self.history.append(rec)
                 bar.update(1)
                 if self.step % self.log_every == 0 or self.step == end:
-                    bar.set_postfix(loss=f"{rec['loss']:.4g}", lr=f"{lr:.2e}", refresh=False)
+                    bar.set_postfix(loss=f"{rec['loss']:.4g}", lr=f"{lr:.2e}",
+                                    **{k: f"{float(v):.3g}" for k, v in list(extra.items())[:3]}, refresh=False)
                 if self.step % self.ckpt_every == 0 or self.step == end:
                     self.save()
         finally:

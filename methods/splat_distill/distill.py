@@ -54,7 +54,6 @@ class Distiller:
             raise BenchError(f"method.lift.masks='{lift.get('masks')}' is not a mask source", f"use one of {MASKS}")
         self.backbone = backbone.to(self.device)
         self.teacher = copy.deepcopy(backbone).eval().requires_grad_(False)   # plain, merged weights
-        self.backbone.requires_grad_(False)
         a = cfg["adapter"]
         self.adapter = Adapter(self.backbone.model, str(a.get("mode", "lora")), int(a.get("r", 8)),
                                float(a.get("alpha", 8)), float(a.get("dropout", 0.1)),

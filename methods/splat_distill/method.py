@@ -42,14 +42,17 @@ def open_scenes(data: Mapping[str, Any], data_dir: str | Path = "data"):
     if kind == "synthetic":
         from bench.data.synthetic import ensure_synthetic
 
+        if not isinstance(data.get("scenes"), int) or data.get("views") is None or size is None:
+            raise BenchError("method.data.dataset=synthetic needs counts method.data.scenes and method.data.views "
+                             "and method.data.size", "e.g. method.data.scenes=4 method.data.views=16 "
+                             "method.data.size=[96,128]")
         root = Path(data["root"]) if data.get("root") else synthetic_root(data, data_dir)
         ensure_synthetic(root, int(data["scenes"]), int(data["views"]), size, int(data["seed"]))
         return MultiViewScenes(root, None, size)
     if kind != "scannetpp":
         raise BenchError(f"method.data.dataset='{kind}' is not a training dataset", f"use one of {DATASETS}")
     scenes = data.get("scenes")
-    ids = list(scenes) if isinstance(scenes, (list, tuple)) or (scenes is not None and not isinstance(scenes, int)
-                                                                  and hasattr(scenes, "__iter__")) else None
+    ids = None if scenes is None or isinstance(scenes, int) else [str(x) for x in scenes]
     reader = MultiViewScenes(Path(data["root"]), ids, size)
     if isinstance(scenes, int):
         reader.scene_ids = reader.scene_ids[:scenes]
