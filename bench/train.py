@@ -192,7 +192,8 @@ class TrainLoop:
 
     ``state``: name -> object with ``state_dict()``/``load_state_dict()`` (modules, optimiser,
     scheduler, EMA, sampler...), saved in every checkpoint and restored on resume together with
-    the RNG states. ``step_fn(step)`` computes the loss of step ``step`` (0-based) and returns it
+    the RNG states. ``fingerprint`` (plain values: total steps are always included) must match the
+    checkpoint's to resume from it. ``step_fn(step)`` computes the loss of step ``step`` (0-based) and returns it
     (optionally with a dict of extra floats to log); the loop checks it is finite, back-propagates,
     clips, steps the optimiser and scheduler, then calls ``after_step(step + 1)`` (e.g. the EMA).
     """
@@ -200,7 +201,7 @@ class TrainLoop:
     def __init__(self, workdir: Union[str, Path], total_steps: int, optimizer: torch.optim.Optimizer,
                  state: Mapping[str, Any], *, scheduler: Any = None, ckpt_every: int = 1000,
                  keep_last: int = 2, grad_clip: Optional[float] = None, progress: bool = True,
-                 desc: str = "train", log_every: int = 1):
+                 desc: str = "train", log_every: int = 1, fingerprint: Optional[Mapping[str, Any]] = None):
         self.checkpointer = Checkpointer(Path(workdir), keep_last)
         self.total_steps = int(total_steps)
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -211,12 +212,13 @@ class TrainLoop:
         self.ckpt_every = max(int(ckpt_every), 1)
         self.grad_clip = grad_clip
         self.progress, self.desc, self.log_every = progress, desc, max(int(log_every), 1)
+        self.fingerprint = {"total_steps": self.total_steps, **dict(fingerprint or {})}
         self.step = 0
         self.history: List[Dict[str, float]] = []  # one entry per finished step: {"step", "loss", ...}
 
     # -- checkpoints
     def save(self) -> Path:
-        payload = {"step": self.step, "rng": rng_state(), "history": self.history,
+        payload = {"step": self.step, "rng": rng_state(), "history": self.history, "fingerprint": self.fingerprint,
                    "state": {k: v.state_dict() for k, v in self.state.items()}}
         return self.checkpointer.save(self.step, payload)
 
@@ -226,6 +228,10 @@ class TrainLoop:
         if path is None:
             return False
         ckpt = self.checkpointer.load(path)
+        if ckpt.get("fingerprint", self.fingerprint) != self.fingerprint:
+            raise CheckpointError(f"training checkpoint {path} belongs to a different run "
+                                  f"({ckpt.get('fingerprint')} != {self.fingerprint})",
+                                  f"use a fresh workdir, or delete {path.parent} to start over")
         missing = set(self.state) - set(ckpt["state"])
         if missing:
             raise CheckpointError(f"training checkpoint {path} has no state for {sorted(missing)}",

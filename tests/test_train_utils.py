@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench.errors import NonFiniteLossError
+from bench.errors import CheckpointError, NonFiniteLossError
 from bench.train import (EMA, Checkpointer, TrainLoop, one_cycle_cosine, one_cycle_factor, rng_state,
                          set_rng_state)
 
@@ -134,6 +134,12 @@ def test_resume_from_older_checkpoint(tmp_path):
     m2, *_ = _toy_run(tmp_path / "cut")
     for a, b in zip(full_model.state_dict().values(), m2.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    _toy_run(tmp_path / "a", stop_after=5)
+    with pytest.raises(CheckpointError, match="different run"):
+        _toy_run(tmp_path / "a", total=20)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good(tmp_path):

@@ -168,7 +168,9 @@ def main(args: argparse.Namespace) -> int:
         opt = torch.optim.Adam(model.parameters(), lr=args.lr)
         loop = TrainLoop(out.with_name(out.name + ".train"), args.steps, opt, {"model": model, "sampler": sampler},
                          scheduler=one_cycle_cosine(opt, args.steps, 0.05), ckpt_every=max(args.steps // 10, 1),
-                         grad_clip=1.0, progress=not args.no_progress, desc="pretrain-reconstructor")
+                         grad_clip=1.0, progress=not args.no_progress, desc="pretrain-reconstructor",
+                         fingerprint={k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(args).items()
+                                      if k not in ("no_progress", "device", "eval_only", "func")})
         model.train()
         loop.run(lambda step: render_loss(model, {k: v.to(device) for k, v in _batch(
             data, train_ids, sampler, args.batch).items()}, args.depth_weight))
