@@ -191,6 +191,33 @@ def test_geometry_sanity_splat_vs_perturbed_pose(scenes):
     assert cos_true > cos_pert + 0.05, (cos_true, cos_pert)
 
 
+@pytest.mark.parametrize("switch", ["method.loss=cosine", "method.loss=direct", "method.teacher.frozen=true",
+                                    "method.lift.blending=false", "method.lift.upsample=bilinear",
+                                    "method.lift.masks=slic", "method.adapter.mode=full"])
+def test_ablation_switches(scenes, switch):
+    from bench.data.scenes import MultiViewScenes
+    from methods.splat_distill.distill import Distiller
+
+    data = MultiViewScenes(scenes, None, SIZE)
+    ex = [data.load_views(data.scene_ids[0], [2, 6, 4])]
+    seed_everything(0)
+    base = Distiller(build_backbone(_cfg(scenes).backbone), _cfg(scenes).method)
+    seed_everything(0)
+    d = Distiller(build_backbone(_cfg(scenes).backbone), _cfg(scenes, switch).method)
+    loss, _ = d.loss(ex)
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.parameters())
+    if "lift" in switch:   # the targets change
+        assert not torch.allclose(d.targets(ex)[0], base.targets(ex)[0])
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(0.01)
+    before = {k: v.clone() for k, v in d.teacher.model.state_dict().items()}
+    d.update_teacher(d.ema.every)
+    moved = any(not torch.equal(before[k], v) for k, v in d.teacher.model.state_dict().items())
+    assert moved == ("frozen" not in switch)
+
+
 # ---------------------------------------------------------------------------- training runs
 def _fit(cfg, workdir, stop_after=None):
     from methods.splat_distill import SplatDistill

@@ -25,12 +25,14 @@ DEMO_OVERRIDES = [
     "method.head.prototypes=1024", "method.head.hidden_dim=512", "method.teacher.every=1",
     "method.teacher.momentum=0.99",
 ]
-VARIANTS = {
+VARIANTS = {  # name -> overrides on top of the demo configuration
     "demo": [],
-    "demo, splat features": ["method.lift.render_basis=features"],
-    "demo, bilinear upsampling": ["method.lift.upsample=bilinear"],
-    "demo, full fine-tuning": ["method.adapter.mode=full"],
+    "splat_features": ["method.lift.render_basis=features"],     # no patch-basis splatting
+    "bilinear": ["method.lift.upsample=bilinear"],               # ablation: plain bilinear upsampling
+    "full_ft": ["method.adapter.mode=full"],                     # full fine-tuning instead of LoRA
+    "learned_recon": ["method.reconstructor.name=learned"],      # needs pretrain-reconstructor first
 }
+DEFAULT_VARIANTS = ["demo", "splat_features", "bilinear", "full_ft"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
+                   help="configurations timed side by side (the first is the reference)")
     p.add_argument("overrides", nargs="*", help="extra hydra overrides applied to every variant")
 
 
