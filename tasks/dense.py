@@ -43,6 +43,7 @@ from .features import CachedFeatures, FeatureCache, FeatureSpec, assemble, featu
 from .probes import DenseProbe
 from .sliding import slide_inference
 from .train_probe import train_probe
+from . import transforms as T
 from .transforms import Transformed, is_augmented
 
 log = logging.getLogger("bench.tasks")
@@ -122,7 +123,8 @@ class DenseTask:
         cached = bool(fcfg.get("cache", True)) and not is_augmented(train_cfg)
         if cached:
             cache = FeatureCache(Path(cfg.paths.cache_dir) / "features", str(cfg.backbone.name), weights_hash(backbone),
-                                 spec, {"train": train_cfg}, dataset_identity(cfg.task.dataset, "train"),
+                                 spec, {"train": T.canonical(train_cfg), "backbone": OmegaConf.to_container(cfg.backbone, resolve=True)},
+                                 dataset_identity(cfg.task.dataset, "train"),
                                  str(fcfg.get("cache_dtype", "float32")))
             cache.fill(backbone, train, batch_size=int(fcfg.get("batch_size", 8)), device=str(device), progress=progress)
             data = CachedFeatures(cache, train, (self.label,))
@@ -144,10 +146,11 @@ class DenseTask:
 
         save_safetensors(probe.state_dict(), workdir / "probe.safetensors",
                          metadata={"task": task["name"], "protocol": str(proto.get("name"))})
+        losses = info.pop("losses")
         write_json(workdir / "metrics.json", {
-            "metrics": metrics, "protocol": proto, "feature_cache": cache.key if cached else None,
-            "train": {k: v for k, v in info.items() if k != "losses"}, "loss_curve": info["losses"][:: max(1, len(info["losses"]) // 200)],
-            "seconds": {"features": round(t1 - t0, 3), "train": round(t2 - t1, 3), "test": round(t3 - t2, 3)}})
+            "metrics": metrics, "protocol": proto, "feature_cache": cache.key if cached else None, "train": info,
+            "loss_curve": losses[:: max(1, len(losses) // 200)],  # at most ~200 points
+            "seconds": {"prepare": round(t1 - t0, 3), "train": round(t2 - t1, 3), "test": round(t3 - t2, 3)}})
         log.info("%s: %s", task["name"], json.dumps({k: round(v, 4) for k, v in metrics.items()}))
         return metrics
 

@@ -9,9 +9,8 @@ scale-aware d1-d3 / rmse are ``a1``-``a3`` / ``rmse``)).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping
+from typing import Any, List
 
-import torch
 
 from bench.registry import TASKS
 

@@ -66,12 +66,12 @@ def run(args: argparse.Namespace) -> int:
         info = json.loads((work / label.replace(" ", "_") / "metrics.json").read_text())
         s = info["seconds"]
         totals[label] = total
-        rows.append([label, f"{s['features']:.1f}", f"{s['train']:.1f}", info["train"]["steps"], f"{s['test']:.1f}",
+        rows.append([label, f"{s['prepare']:.1f}", f"{s['train']:.1f}", info["train"]["steps"], f"{s['test']:.1f}",
                      f"{total:.1f}", f"{m['rmse']:.4f}", f"{m['a1']:.3f}"])
     print(f"synth_depth linear probe, {args.backbone}, {args.epochs} epochs, {n_train} train / {n_test} test views "
           f"at {args.size}x{args.size}, {torch.get_num_threads()} threads "
           f"(scenes ready in {t_data:.1f} s, backbone built in {t_build:.1f} s)")
-    print(tabulate(rows, headers=["features", "extract s", "train s", "steps", "test s", "total s", "rmse", "a1"]))
+    print(tabulate(rows, headers=["features", "data+extract s", "train s", "steps", "test s", "total s", "rmse", "a1"]))
     if len(totals) == 2:
         print(f"on the fly / cached total time: {totals['on the fly'] / totals['cached']:.2f}x")
     shutil.rmtree(work, ignore_errors=True)

@@ -15,7 +15,6 @@ computed at the label resolution, predictions are resized to it (mmseg / Probe3D
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -78,6 +77,14 @@ def hflip(sample: Dict[str, Any]) -> Dict[str, Any]:
             out[k] = out[k].flip(-1)
     if "normals" in out:
         out["normals"] = out["normals"] * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)
+    return out
+
+
+def canonical(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """The transform config without no-op entries (for cache keys: ``{}`` == ``{hflip: false}``)."""
+    out = {k: v for k, v in dict(cfg or {}).items() if v not in (None, False, [], {}) and k != "batch_size"}
+    if not out.get("crop"):
+        out.pop("crop_mode", None)
     return out
 
 

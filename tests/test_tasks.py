@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.config import compose
-from bench.errors import BenchError, DataMissingError, NonFiniteLossError, UnknownNameError
+from bench.errors import DataMissingError, NonFiniteLossError, UnknownNameError
 from bench.registry import DATASETS, TASKS
 from bench.seed import seed_everything
 from tasks import transforms as T
