@@ -13,7 +13,7 @@ from bench.splat.perf import pixel_aligned_gaussians
 
 PARAMS = ("means", "quats", "scales", "opacities", "features")
 # small tiles / segments / chunk budget exercise multi-chunk, multi-segment walks and early exit
-ENGINES = {"default": {}, "small": dict(tile=4, seg=8, budget=1 << 10)}
+ENGINES = {"default": {}, "small": dict(tile=4, seg=16, budget=1 << 11)}
 
 
 def random_scene(seed: int, N: int = 120, C: int = 2, D: int = 5, H: int = 18, W: int = 26,

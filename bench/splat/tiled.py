@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .project import ALPHA_MAX, ALPHA_THRESHOLD, T_MIN, project
 
-LOG_T_MIN = math.log(T_MIN)
+T_FLOOR = 1e-30  # carried T of finished pixels is floored here (avoids denormals; far below T_MIN)
 
 
 @dataclass
@@ -121,26 +121,30 @@ def _coefs(m: Tensor, co: Tensor, centre: Tensor) -> Tensor:
                         0.5 * a * x * x + 0.5 * c * y * y + b * x * y], 1)
 
 
-def _segment(ch: Chunk, act, s: int, S: int, logT0: Tensor, mean2d: Tensor, conic: Tensor, opac: Tensor):
-    """Gaussians s:s+S of the active tiles ``act`` (None = all) of a chunk, given the log-transmittance
-    ``logT0 [na,P]`` in front of them: blending weights w [na,P,S], log T after each, and the
-    quantities the backward needs."""
+def _segment(ch: Chunk, act, s: int, S: int, T0: Tensor, mean2d: Tensor, conic: Tensor, opac: Tensor):
+    """Gaussians s:s+S of the active tiles ``act`` (None = all) of a chunk, given the transmittance
+    ``T0 [na,P]`` in front of them: blending weights w [na,P,S], T after each, and the quantities the
+    backward needs. T is a running product like gsplat's ``T *= 1 - alpha``."""
     gids = ch.gids[:, s:s + S] if act is None else ch.gids[act, s:s + S]
     mono, centre = (ch.mono, ch.centre) if act is None else (ch.mono[act], ch.centre[act])
     o = opac[gids][:, None, :]
-    e = torch.exp(torch.bmm(mono, _coefs(mean2d[gids], conic[gids], centre)).neg_())  # exp(-sigma)
-    raw = e * o
+    raw = torch.exp(torch.bmm(mono, _coefs(mean2d[gids], conic[gids], centre)).neg_()).mul_(o)  # o exp(-sigma)
     a = raw.clamp(max=ALPHA_MAX).mul_(raw >= ALPHA_THRESHOLD)  # skipped alphas -> 0
-    l = torch.log1p(-a)
-    L = torch.cumsum(l, -1).add_(logT0[..., None])  # log T after each Gaussian
-    incl = L > LOG_T_MIN
-    T = torch.exp(L - l)  # T in front of each Gaussian
-    w = (a * T).mul_(incl)
-    return w, L, gids, dict(e=e, raw=raw, a=a, T=T, incl=incl, mono=mono, centre=centre)
+    q = 1 - a
+    Ta = torch.cumprod(q, -1).mul_(T0[..., None])  # T after each Gaussian
+    incl = Ta > T_MIN
+    Tb = Ta / q  # T in front of each Gaussian
+    w = (a * Tb).mul_(incl)
+    return w, Ta, gids, dict(raw=raw, a=a, q=q, T=Tb, incl=incl, mono=mono, centre=centre)
 
 
 def _sel(x: Tensor, act):
-    return x if act is None else x[act]
+    return x if act is None else x.index_select(0, act)
+
+
+def _rows(x: Tensor, idx: Tensor) -> Tensor:
+    """``x[idx]`` for a 2D index, via index_select (much faster than advanced indexing on CPU)."""
+    return x.index_select(0, idx.reshape(-1)).view(*idx.shape, *x.shape[1:])
 
 
 class _Composite(torch.autograd.Function):
@@ -154,30 +158,32 @@ class _Composite(torch.autograd.Function):
         out_f, out_za = feat.new_zeros(n_all, P, D), feat.new_zeros(n_all, P, 2)
         walks = []
         for ch in plan.chunks:
-            logT = torch.where(ch.inside, 0.0, -torch.inf).to(feat.dtype)  # [nt,P]; outside: done
+            T = ch.inside.to(feat.dtype)  # [nt,P] transmittance; pixels outside the image are done
             acc_f, acc_za = feat.new_zeros(len(ch.tiles), P, D), feat.new_zeros(len(ch.tiles), P, 2)
             act, segs = None, []
             for s in range(0, ch.gids.shape[1], S):
                 idx = torch.arange(len(ch.tiles), device=feat.device) if act is None else act
-                keep = (ch.counts[idx] > s) & (logT[idx].amax(-1) > LOG_T_MIN)
+                keep = (ch.counts[idx] > s) & (T[idx].amax(-1) > T_MIN)
                 if not keep.all():
                     act = idx[keep]
                     if len(act) == 0:
                         break
-                w, L, gids, _ = _segment(ch, act, s, S, _sel(logT, act), mean2d, conic, opac)
-                segs.append((s, act, _sel(logT, act)))
-                f = torch.bmm(w, feat[_sel(ch.fids, act)[:, s:s + S]])
+                T0 = _sel(T, act)
+                w, Ta, gids, _ = _segment(ch, act, s, S, T0, mean2d, conic, opac)
+                segs.append((s, act, T0))
+                f = torch.bmm(w, _rows(feat, _sel(ch.fids, act)[:, s:s + S]))
                 zg = z[gids]
                 za = torch.bmm(w, torch.stack([zg, torch.ones_like(zg)], -1))
                 if act is None:
                     acc_f += f
                     acc_za += za
-                    logT = L[..., -1]
+                    T = Ta[..., -1].clamp_min(T_FLOOR)
                 else:
                     acc_f.index_add_(0, act, f)
                     acc_za.index_add_(0, act, za)
-                    logT[act] = L[..., -1]
-            out_f[ch.tiles], out_za[ch.tiles] = acc_f, acc_za
+                    T[act] = Ta[..., -1].clamp_min(T_FLOOR)
+            out_f.index_copy_(0, ch.tiles, acc_f)
+            out_za.index_copy_(0, ch.tiles, acc_za)
             walks.append(segs)
         ctx.plan, ctx.walks = plan, walks
         ctx.save_for_backward(mean2d, conic, opac, feat, z)
@@ -191,12 +197,12 @@ class _Composite(torch.autograd.Function):
         g_f, g_z = torch.zeros_like(feat), torch.zeros_like(z)
         strict = torch.ones(S, S, dtype=feat.dtype, device=feat.device).triu(1).T  # [k,i] = 1 if k > i
         for ch, segs in zip(plan.chunks, ctx.walks):
-            gf_all, gza_all = g_out_f[ch.tiles], g_out_za[ch.tiles]  # [nt,P,D], [nt,P,2]
+            gf_all, gza_all = g_out_f.index_select(0, ch.tiles), g_out_za.index_select(0, ch.tiles)
             behind = feat.new_zeros(len(ch.tiles), plan.tile ** 2)  # sum over later segments of dL/dw w
-            for s, act, logT0 in reversed(segs):
-                w, _, gids, st = _segment(ch, act, s, S, logT0, mean2d, conic, opac)
+            for s, act, T0 in reversed(segs):
+                w, _, gids, st = _segment(ch, act, s, S, T0, mean2d, conic, opac)
                 fids = _sel(ch.fids, act)[:, s:s + S]
-                gf, gza, f, zg = _sel(gf_all, act), _sel(gza_all, act), feat[fids], z[gids]
+                gf, gza, f, zg = _sel(gf_all, act), _sel(gza_all, act), _rows(feat, fids), z[gids]
                 n = gids.shape[1]
                 wt = w.transpose(1, 2)
                 g_f.index_add_(0, fids.reshape(-1), torch.bmm(wt, gf).reshape(-1, f.shape[-1]))
@@ -212,7 +218,7 @@ class _Composite(torch.autograd.Function):
                 else:
                     behind[act] = later[..., 0] + v[..., 0]
                 a = st["a"]
-                da = (dw * st["T"]).sub_(later / (1 - a)).mul_(st["incl"] & (a > 0))
+                da = (dw * st["T"]).sub_(later / st["q"]).mul_(st["incl"] & (a > 0))
                 dsig = da.mul_(st["raw"] <= ALPHA_MAX).mul_(st["raw"]).neg_()  # cap passes no gradient
                 dcoef = torch.bmm(st["mono"].transpose(1, 2), dsig)  # [na,6,S]
                 o = opac[gids]
