@@ -192,10 +192,11 @@ class TrainLoop:
 
     ``state``: name -> object with ``state_dict()``/``load_state_dict()`` (modules, optimiser,
     scheduler, EMA, sampler...), saved in every checkpoint and restored on resume together with
-    the RNG states. ``fingerprint`` (plain values: total steps are always included) must match the
-    checkpoint's to resume from it. ``step_fn(step)`` computes the loss of step ``step`` (0-based) and returns it
-    (optionally with a dict of extra floats to log); the loop checks it is finite, back-propagates,
-    clips, steps the optimiser and scheduler, then calls ``after_step(step + 1)`` (e.g. the EMA).
+    the RNG states. ``fingerprint`` (plain values; the total step count is always part of it) must
+    match the checkpoint's to resume from it. ``step_fn(step)`` computes the loss of step ``step``
+    (0-based) and returns it, optionally with a dict of extra floats to log; the loop checks it is
+    finite, back-propagates, clips, steps the optimiser and scheduler, then calls
+    ``after_step(step + 1)`` (e.g. the EMA update).
     """
 
     def __init__(self, workdir: Union[str, Path], total_steps: int, optimizer: torch.optim.Optimizer,
