@@ -6,7 +6,9 @@ cameras at 37x37 or 74x74, with D in {64, 384} feature channels. Each (case, eng
 subprocess: time = median forward+backward wall time (and process CPU time, steadier on a shared
 machine) over ``--reps`` runs after one warm-up (gradients of a random linear function of features,
 alpha and depth w.r.t. all Gaussian parameters); memory = peak resident set size of that subprocess
-(``ru_maxrss``) minus its RSS just before the warm-up. The dense reference needs ~130 bytes per
+(``ru_maxrss``) minus its RSS just before the warm-up. Workers run with ``OMP_WAIT_POLICY=PASSIVE``:
+on oversubscribed cores libgomp's default spin-waiting made the many mid-sized ops of the tiled
+engine up to 10x slower (``--omp-default`` to keep it). The dense reference needs ~130 bytes per
 Gaussian x pixel pair; it is skipped when that exceeds ``--max-dense-pairs`` or the memory available.
 With CUDA, each case at D=384 also times one gsplat call against 128 three-channel gsplat passes.
 """
@@ -122,9 +124,10 @@ def _available_gb() -> float:
     return int(info["MemAvailable"].split()[0]) / 2 ** 20
 
 
-def _run_sub(spec: dict) -> dict:
+def _run_sub(spec: dict, omp_passive: bool = True) -> dict:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE") if omp_passive else None
     out = subprocess.run([sys.executable, "-m", "bench.splat.perf", "--worker", json.dumps(spec)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -179,7 +182,7 @@ def splat_perf(args: argparse.Namespace) -> int:
     for src, cams, size, D in cases:
         spec = dict(src=src, cams=cams, size=size, D=D, reps=args.reps, threads=args.threads,
                     tune_alloc=not args.no_tune_alloc)
-        eng = _run_sub({**spec, "engine": "torch"})
+        eng = _run_sub({**spec, "engine": "torch"}, args.omp_passive)
         pairs = src * 37 * 37 * cams * size * size
         need_gb, avail_gb = pairs * DENSE_BYTES_PER_PAIR / 2 ** 30, _available_gb()
         if args.no_dense or pairs > args.max_dense_pairs:
@@ -187,12 +190,12 @@ def splat_perf(args: argparse.Namespace) -> int:
         elif need_gb > avail_gb - 2:
             ref = {"error": f"skipped: needs ~{need_gb:.0f} GB, {avail_gb:.0f} GB free"}
         else:
-            ref = _run_sub({**spec, "engine": "dense", "reps": min(args.reps, args.dense_reps)})
+            ref = _run_sub({**spec, "engine": "dense", "reps": min(args.reps, args.dense_reps)}, args.omp_passive)
         row = [f"{src}->{cams}", f"{size}x{size}", D] + fmt(eng) + fmt(ref)
         ok = "time" in eng and "time" in ref
         row += [f"{ref['time'] / eng['time']:.1f}x" if ok else "-", f"{ref['cpu'] / eng['cpu']:.1f}x" if ok else "-"]
         if args.compare_malloc:
-            row += fmt(_run_sub({**spec, "engine": "torch", "tune_alloc": False}))
+            row += fmt(_run_sub({**spec, "engine": "torch", "tune_alloc": False}, args.omp_passive))
         rows.append(row)
         print(f"  done {row}", file=sys.stderr, flush=True)
     headers = ["views->cams", "size", "D", "engine ms", "engine cpu ms", "engine MB", "dense ms", "dense cpu ms",
@@ -201,7 +204,8 @@ def splat_perf(args: argparse.Namespace) -> int:
         headers += ["engine ms, default malloc", "cpu ms", "MB"]
     print(f"forward+backward: median wall / process-CPU time of {args.reps} runs (dense: "
           f"{min(args.reps, args.dense_reps)}) after a warm-up, {args.threads} threads; MB = peak RSS increase "
-          f"(ru_maxrss) of a fresh process; glibc allocator tuning {'off' if args.no_tune_alloc else 'on'}")
+          f"(ru_maxrss) of a fresh process; glibc allocator tuning {'off' if args.no_tune_alloc else 'on'}; "
+          f"OMP_WAIT_POLICY={'PASSIVE' if args.omp_passive else 'default'}")
     print(tabulate(rows, headers=headers))
     if torch.cuda.is_available():
         _gpu_table(sorted({(s, c, z) for s, c, z, _ in cases}), args.reps)
@@ -222,6 +226,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-dense-pairs", type=float, default=1.3e8,
                         help="skip the dense reference above this many Gaussian x pixel pairs")
     parser.add_argument("--no-tune-alloc", action="store_true", help="keep glibc's default malloc settings")
+    parser.add_argument("--omp-default", dest="omp_passive", action="store_false",
+                        help="keep OpenMP's default spin-waiting (workers run with OMP_WAIT_POLICY=PASSIVE, "
+                             "which avoids a 10x slow-down when other processes share the cores)")
     parser.add_argument("--compare-malloc", action="store_true",
                         help="also time the engine with glibc's default malloc settings")
 
