@@ -279,8 +279,8 @@ def test_lift_perf_smoke(tmp_path, capsys):
     fn = PERF.get("lift")
     parser = argparse.ArgumentParser()
     fn.add_arguments(parser)
-    args = parser.parse_args(["--size", "28", "42", "--views", "3", "--iters", "2", "--init-points", "200",
-                              "--backbone", "tiny_vit", "--gap", "2", "--reconstructors", "depth",
+    args = parser.parse_args(["--size", "28", "28", "--views", "2", "--iters", "1", "--init-points", "100",
+                              "--backbone", "tiny_vit", "--gap", "1", "--reconstructors", "depth",
                               "--data-dir", str(tmp_path)])
     assert fn(args) == 0
     out = capsys.readouterr().out

@@ -46,7 +46,7 @@ def inverse_sigmoid(x: Tensor) -> Tensor:
     return torch.log(x / (1 - x))
 
 
-def knn_mean_sq_dist(points: Tensor, k: int = 3, chunk: int = 2048) -> Tensor:
+def knn_mean_sq_dist(points: Tensor, k: int = 3, chunk: int = 512) -> Tensor:
     """Mean squared distance of every point to its ``k`` nearest other points ``[N]`` (chunked)."""
     out = []
     k = min(k, max(len(points) - 1, 1))

@@ -32,7 +32,8 @@ from bench.registry import METHODS
 from bench.seed import seed_everything
 from bench.train import TrainLoop
 
-from .stage1 import INFO_FILE, SceneFit, downsample_to_grid, fit_scene, scene_key, scene_seed, weights_digest
+from .stage1 import (INFO_FILE, SceneFit, downsample_to_grid, fit_scene, is_fitted, scene_key, scene_seed,
+                     weights_digest)
 
 log = logging.getLogger("bench")
 
@@ -77,11 +78,13 @@ def fit_scenes(data, teacher, cfg: DictConfig, device, progress: bool = True) ->
     for i, scene in enumerate(data.scene_ids):
         key = scene_key(scene, m.data, teacher_id, m.stage1, int(cfg.seed))
         wd = root / f"{scene}-{key}"
-        views = data.load_views(scene, range(data.num_views(scene)))
-        fit = fit_scene(views, teacher, m.stage1, wd, seed=scene_seed(int(cfg.seed), scene), device=device,
-                        progress=progress)
+        if not is_fitted(wd):  # read the views only when they are needed
+            views = data.load_views(scene, range(data.num_views(scene)))
+            fit_scene(views, teacher, m.stage1, wd, seed=scene_seed(int(cfg.seed), scene), device=device,
+                      progress=progress)
+        info = json.loads((wd / INFO_FILE).read_text())
         log.info("fit3d stage I %d/%d %s: %s", i + 1, len(data.scene_ids), scene,
-                 {k: fit.info.get(k) for k in ("num_gaussians", "final", "s_per_iteration")})
+                 {k: info.get(k) for k in ("num_gaussians", "final", "s_per_iteration")})
         dirs[scene] = wd
     return dirs
 

@@ -14,8 +14,9 @@ features rendered in every view of the scene:
   gets more expensive.
 * **SnD**: for each view as the target, two context views ``--gap`` frames apart around it: teacher
   features of the context views, mask-aware upsampling (instance masks), reconstruction (``depth``
-  unprojection, or the ``learned`` two-view cost-volume network with random weights -- same cost as
-  trained ones), lifting (feature per pixel Gaussian), splatting into the target camera, semantic
+  unprojection, or the ``learned`` two-view cost-volume network from ``--learned-checkpoint`` when that
+  file exists, else with random weights: the network's cost is the same, but the splatting cost
+  depends on the predicted geometry, so random weights only roughly stand for trained ones), lifting (feature per pixel Gaussian), splatting into the target camera, semantic
   blending and downscaling to the patch grid -- exactly the target path of a training step
   (``methods/splat_distill``), once per view. The teacher runs per example as in training (no sharing
   across targets), which overstates SnD's cost.
@@ -95,7 +96,13 @@ def time_snd(views, teacher, args, device, reconstructor: str) -> dict:
     from methods.splat_distill.features import grid_scale, segment_blend, to_patch_grid, upsample
     from methods.splat_distill.reconstruct import CostVolumeReconstructor, DepthUnprojection
 
-    recon = (DepthUnprojection(1.0) if reconstructor == "depth" else CostVolumeReconstructor()).to(device).eval()
+    if reconstructor == "depth":
+        recon = DepthUnprojection(1.0)
+    elif Path(args.learned_checkpoint).is_file():
+        recon = CostVolumeReconstructor.load(args.learned_checkpoint)
+    else:
+        recon = CostVolumeReconstructor()
+    recon = recon.to(device).eval()
     views = {k: v.to(device) for k, v in views.items()}
     V, _, H, W = views["images"].shape
     grid, scale = teacher.grid_size(H, W), grid_scale(teacher, (H, W))
@@ -121,7 +128,9 @@ def time_snd(views, teacher, args, device, reconstructor: str) -> dict:
     for t in range(V):
         target(t)
     _sync(device)
-    return {"measured": time.perf_counter() - t0}
+    return {"measured": time.perf_counter() - t0,
+            "note": "" if reconstructor == "depth" else
+            ("trained" if Path(args.learned_checkpoint).is_file() else "random weights")}
 
 
 @PERF.register("lift", "3D-consistent target features for a scene: FiT3D per-scene optimisation vs SnD feed-forward lifting")
@@ -141,19 +150,20 @@ def lift_perf(args: argparse.Namespace) -> int:
           f"device {device}, {torch.get_num_threads()} threads", flush=True)
 
     fit = time_fit3d(views, teacher, args, device)
-    rows = [["FiT3D stage I", f"measured: {args.iters} iterations, {fit['gaussians']} Gaussians",
+    rows = [["FiT3D stage I", f"measured: {args.iters} iterations ({fit['gaussians']} Gaussians) + render all views",
              fit["measured"], fit["measured"] / V],
             ["FiT3D stage I", f"extrapolated: {args.paper_iters} iterations (paper) at "
-             f"{fit['per_iter'] * 1e3:.0f} ms/iteration", fit["paper"], fit["paper"] / V]]
+             f"{fit['per_iter']:.3f} s/iteration + render all views", fit["paper"], fit["paper"] / V]]
     snd = {}
     for rec in args.reconstructors:
         snd[rec] = time_snd(views, teacher, args, device, rec)
-        rows.append([f"SnD feed-forward ({rec})", f"teacher x2 + lift + splat + blend, per target view",
-                     snd[rec]["measured"], snd[rec]["measured"] / V])
+        note = f", {snd[rec]['note']}" if snd[rec]["note"] else ""
+        rows.append([f"SnD feed-forward ({rec}{note})", "per target view: teacher x2, upsample, reconstruct, lift, "
+                     "splat, blend, downscale", snd[rec]["measured"], snd[rec]["measured"] / V])
     ref = snd[args.reconstructors[0]]["measured"]
-    table = [[a, b, f"{t:.2f}", f"{pv * 1e3:.1f}", f"{t / ref:.1f}x"] for a, b, t, pv in rows]
+    table = [[a, b, f"{t:.1f}", f"{pv:.2f}", f"{t / ref:.1f}x"] for a, b, t, pv in rows]
     print(f"stage I setup (teacher features + init) {fit['setup']:.2f} s, rendering all views {fit['render']:.2f} s")
-    print(tabulate(table, headers=["pipeline", "what", "s per scene", "ms per view",
+    print(tabulate(table, headers=["pipeline", "what", "s per scene", "s per view",
                                    f"vs SnD ({args.reconstructors[0]})"]))
     for rec, r in snd.items():
         ratio = fit["paper"] / r["measured"]
@@ -173,6 +183,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-points", type=int, default=20_000, help="initial Gaussians of stage I")
     parser.add_argument("--gap", type=int, default=4, help="SnD context-view gap (frames)")
     parser.add_argument("--reconstructors", nargs="+", default=["depth", "learned"], choices=["depth", "learned"])
+    parser.add_argument("--learned-checkpoint", default=".cache/bench/reconstructors/cost_volume.safetensors",
+                        help="pretrained cost-volume reconstructor (random weights if the file is missing)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--data-dir", default="data", help="where the synthetic scene is generated")

@@ -97,16 +97,24 @@ def psnr(x: Tensor, y: Tensor) -> float:
     return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
-def feature_correlation(x: Tensor, y: Tensor, weight: Optional[Tensor] = None) -> float:
-    """Pearson correlation of two feature maps ``[B,C,H,W]`` after removing each channel's mean: how
-    well ``x`` reproduces the spatial structure of ``y`` (0 for a constant ``x``). ``weight [B,H,W]``
-    restricts it to covered pixels."""
-    w = torch.ones_like(x[:, :1]) if weight is None else weight[:, None].to(x)
-    n = w.sum((0, 2, 3), keepdim=True).clamp_min(1e-12)
-    xc = (x - (x * w).sum((0, 2, 3), keepdim=True) / n) * w.sqrt()
-    yc = (y - (y * w).sum((0, 2, 3), keepdim=True) / n) * w.sqrt()
-    den = float(xc.norm() * yc.norm())
-    return float((xc * yc).sum()) / den if den > 1e-12 else 0.0
+def correlation_moments(x: Tensor, y: Tensor) -> Tensor:
+    """Per-channel sums ``[5,C]`` (x, y, xy, xx, yy; float64) of two ``[B,C,H,W]`` maps: add them up
+    over chunks, then :func:`correlation_from_moments` with the pixel count."""
+    x, y = x.double().transpose(0, 1).flatten(1), y.double().transpose(0, 1).flatten(1)
+    return torch.stack([x.sum(1), y.sum(1), (x * y).sum(1), (x * x).sum(1), (y * y).sum(1)])
+
+
+def correlation_from_moments(m: Tensor, n: int) -> float:
+    sx, sy, sxy, sxx, syy = m
+    cov, vx, vy = (sxy - sx * sy / n).sum(), (sxx - sx * sx / n).sum(), (syy - sy * sy / n).sum()
+    den = float(torch.sqrt(vx.clamp_min(0) * vy.clamp_min(0)))
+    return float(cov) / den if den > 1e-12 else 0.0
+
+
+def feature_correlation(x: Tensor, y: Tensor) -> float:
+    """Pearson correlation of two feature maps ``[B,C,H,W]`` after removing each channel's mean over
+    all pixels: how well ``x`` reproduces the spatial structure of ``y`` (0 for a constant ``x``)."""
+    return correlation_from_moments(correlation_moments(x, y), x.shape[0] * x.shape[2] * x.shape[3])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,7 +171,7 @@ def weights_digest(module: nn.Module) -> str:
     for k, v in sorted(module.state_dict().items()):
         t = v.detach().cpu().contiguous()
         h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim: BN counters
     return h.hexdigest()[:16]
 
 
@@ -227,16 +235,20 @@ def evaluate_fit(gaussians: SceneGaussians, decoder: nn.Module, views: Mapping[s
     """Rendered-RGB PSNR over the views and the correlation of decoded rendered features with the
     teacher's upsampled features (:func:`feature_correlation`)."""
     H, W = views["images"].shape[-2:]
-    mse, num, den_x, den_y = 0.0, 0.0, 0.0, 0.0
-    rend, targ = [], []
-    for i in range(0, len(views["images"]), chunk):
+    mse, moments = 0.0, 0.0
+    for i in range(0, len(views["images"]), chunk):  # streaming: full-res features never all in memory
         out = gaussians.render(views["w2c"][i:i + chunk], views["K"][i:i + chunk], W, H)
         mse += float(F.mse_loss(out["rgb"].clamp(0, 1), views["images"][i:i + chunk], reduction="sum"))
-        rend.append(decoder(out["features"]).cpu())
-        targ.append(upsample_to_image(tfeat[i:i + chunk], (H, W), teacher).cpu())
+        moments = moments + correlation_moments(decoder(out["features"]),
+                                                upsample_to_image(tfeat[i:i + chunk], (H, W), teacher))
     mse /= views["images"].numel()
     return {"psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
-            "feature_corr": feature_correlation(torch.cat(rend), torch.cat(targ))}
+            "feature_corr": correlation_from_moments(moments, len(views["images"]) * H * W)}
+
+
+def is_fitted(workdir: Path) -> bool:
+    """Whether ``workdir`` holds a finished fit."""
+    return (Path(workdir) / SCENE_FILE).is_file() and (Path(workdir) / INFO_FILE).is_file()
 
 
 def fit_scene(views: Mapping[str, Tensor], teacher: nn.Module, stage1: Mapping[str, Any], workdir: Path, *,
@@ -249,7 +261,7 @@ def fit_scene(views: Mapping[str, Tensor], teacher: nn.Module, stage1: Mapping[s
     partial one and nothing is cached as finished.
     """
     workdir = Path(workdir)
-    if (workdir / SCENE_FILE).is_file() and (workdir / INFO_FILE).is_file():
+    if is_fitted(workdir):
         return SceneFit.load(workdir, device)
     t_start = time.perf_counter()
     device = torch.device(device)
@@ -289,7 +301,7 @@ def fit_scene(views: Mapping[str, Tensor], teacher: nn.Module, stage1: Mapping[s
 
     def step_fn(step: int):
         v = _view_order(step, V, seed)
-        if step < d_until:
+        if step + 1 < d_until:  # statistics of this step are gathered in after_step(step + 1)
             current["view"] = g.view_stats(views["w2c"][v], views["K"][v], W, H)
         out = g.render(views["w2c"][v:v + 1], views["K"][v:v + 1], W, H)
         img = views["images"][v:v + 1]
