@@ -19,6 +19,7 @@ from .errors import BenchError
 EXTERNAL_COMMANDS = {
     "sweep": ("bench.sweep", "run a grid of cells on SLURM (submitit) or locally"),
     "hub": ("bench.hub", "pull/push checkpoints from/to the Hugging Face Hub"),
+    "figures": ("bench.figures", "draw the mini-benchmark figures (PCA, depth/normals, matches) from the records"),
     "pretrain-reconstructor": ("methods.splat_distill.pretrain",
                                "pretrain Splat-and-Distill's learned feed-forward reconstructor"),
 }

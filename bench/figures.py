@@ -1,0 +1,312 @@
+"""Figures of the mini-benchmark from its committed records: ``python -m bench figures``.
+
+Reads the records in ``results/runs/`` (one seed, default 0), rebuilds each method's backbone from the
+record (raw teacher: the configured weights; trained methods: the cached ``model.safetensors`` the
+record points to) and writes PNGs (matplotlib, Agg) to ``results/figures/``:
+
+* ``features_pca.png`` -- one held-out view of the depth task and, per method, the first three
+  principal components of its dense features (PCA fitted per method on that view) as RGB;
+* ``depth_normals.png`` -- ground-truth depth and normals of that view beside each method's probe
+  predictions (the probes the records' runs saved in ``<run_dir>/task/probe.safetensors``);
+* ``correspondence.png`` -- one held-out pair of the correspondence task: the task's own matching
+  (:func:`tasks.correspondence.depth_pair_errors` machinery: mutual 2-NN ratio top-k) drawn as lines,
+  green within ``--px`` pixels of the exact ground truth, red otherwise.
+
+The figures need the trained backbones and probes, which live in the cache / run directories of the
+machine that ran the grid: run ``python -m bench sweep experiment=mini_benchmark ...`` first.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from .errors import BenchError
+
+log = logging.getLogger("bench")
+
+METHOD_ORDER = ("dinov2", "fit3d", "splat_distill")
+LABELS = {"dinov2": "raw teacher", "fit3d": "FiT3D", "splat_distill": "Splat-and-Distill"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", default="results", help="results dir (records in <results>/runs)")
+    p.add_argument("--out", default=None, help="output dir (default <results>/figures)")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="backbone of the records to draw")
+    p.add_argument("--seed", type=int, default=0, help="seed of the records to draw")
+    p.add_argument("--view", type=int, default=0, help="index of the held-out (test split) view")
+    p.add_argument("--pair", type=int, default=0, help="index of the held-out correspondence pair")
+    p.add_argument("--px", type=float, default=10.0, help="correct-match threshold (pixels) for the colours")
+    p.add_argument("--lines", type=int, default=60, help="matches drawn per method")
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def pca_rgb(feat: torch.Tensor) -> torch.Tensor:
+    """``[C,h,w]`` -> ``[h,w,3]`` in [0,1]: projection on the first three principal components, each
+    min-max normalised (robustly: 1st-99th percentile)."""
+    C, h, w = feat.shape
+    x = feat.reshape(C, -1).T.double()
+    x = x - x.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd(x, full_matrices=False)
+    k = min(3, v.shape[0])
+    y = x @ v[:k].T
+    if k < 3:
+        y = torch.cat([y, y.new_zeros(y.shape[0], 3 - k)], 1)
+    lo, hi = torch.quantile(y, 0.01, dim=0), torch.quantile(y, 0.99, dim=0)
+    y = ((y - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
+    return y.reshape(h, w, 3).float()
+
+
+def latest_records(results: Path, backbone: str, seed: int) -> Dict[tuple, Dict[str, Any]]:
+    """``{(method, task): record}``, latest record per cell of ``backbone`` and ``seed``."""
+    from .records import load_records
+
+    out: Dict[tuple, Dict[str, Any]] = {}
+    for rec in sorted(load_records(results), key=lambda r: r.get("created", "")):
+        if rec.get("backbone") == backbone and int(rec.get("seed", 0)) == seed:
+            out[(rec["method"], rec["task"])] = rec
+    return out
+
+
+def backbone_of(rec: Mapping[str, Any]):
+    """The backbone the record evaluated: built from its config, trained weights loaded from its
+    checkpoint reference (the runner's cache)."""
+    from .backbones import build_backbone, load_backbone_weights
+
+    cfg = OmegaConf.create(rec["config"])
+    bb = build_backbone(cfg.backbone)
+    ck = rec.get("checkpoint") or {}
+    if ck.get("kind") == "trained":
+        path = Path(str(ck.get("path", "")))
+        if not path.is_file():
+            raise BenchError(f"the trained backbone of record {rec['id']} is not on this machine ({path})",
+                             "run the grid first (python -m bench sweep experiment=mini_benchmark ...), "
+                             "which trains and caches it")
+        load_backbone_weights(bb, path)
+    return bb.eval()
+
+
+def _methods(recs: Mapping[tuple, Any], task: str) -> List[str]:
+    return [m for m in METHOD_ORDER if (m, task) in recs] + sorted(
+        {m for (m, t) in recs if t == task and m not in METHOD_ORDER})
+
+
+def _test_sample(rec: Mapping[str, Any], view: int) -> Dict[str, Any]:
+    from tasks.data import open_split
+    from tasks.transforms import Transformed
+    from tasks.dense import resolve_protocol
+
+    cfg = OmegaConf.create(rec["config"])
+    proto = resolve_protocol(cfg)
+    kind_key = {"synth_depth": "depth", "synth_normals": "normals"}.get(rec["task"], "depth")
+    ds = Transformed(open_split(cfg.task.dataset, "test"), proto.get("test", {}) or {}, False, ("image", kind_key))
+    return ds[view % len(ds)]
+
+
+@torch.no_grad()
+def probe_prediction(rec: Mapping[str, Any], backbone, image: torch.Tensor) -> torch.Tensor:
+    """The record's saved probe applied to ``image [3,H,W]``: depth ``[H,W]`` or normals ``[3,H,W]``."""
+    from bench.registry import TASKS
+    from bench.checkpoint import read_state_dict
+    from tasks.dense import resolve_protocol
+    from tasks.features import FeatureSpec, features
+    from tasks.probes import DenseProbe
+
+    cfg = OmegaConf.create(rec["config"])
+    task_obj = TASKS.get(rec["task"])()
+    proto = resolve_protocol(cfg)
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    path = Path(str(rec.get("run_dir", ""))) / "task" / "probe.safetensors"
+    if not path.is_file():
+        raise BenchError(f"the probe of record {rec['id']} is not on this machine ({path})",
+                         "run the grid first (python -m bench sweep experiment=mini_benchmark ...)")
+    spec = FeatureSpec.from_config(proto.get("features", {}), backbone)
+    feats = features(backbone, image[None], spec)
+    probe = DenseProbe(task_obj.kind, proto.get("head", {}), [f.shape[1] for f in feats],
+                       **task_obj.probe_kwargs(task, proto))
+    probe.load_state_dict(read_state_dict(path), strict=True)
+    out = probe.eval()(feats, tuple(image.shape[-2:]))
+    if task_obj.kind == "depth":
+        d = out["depth"][0]
+        return d[0] if d.dim() == 3 else d
+    return F.normalize(out["normals"][0], dim=0)
+
+
+def normals_rgb(n: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Camera-frame unit normals ``[3,H,W]`` -> RGB ``[H,W,3]`` ((n + 1) / 2), invalid pixels white."""
+    rgb = ((n + 1) / 2).clamp(0, 1).permute(1, 2, 0)
+    if valid is not None:
+        rgb = torch.where(valid[..., None], rgb, torch.ones_like(rgb))
+    return rgb
+
+
+# ---------------------------------------------------------------------------------------- figures
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    log.info("wrote %s (%d KB)", path, path.stat().st_size // 1024)
+    return path
+
+
+def figure_pca(recs, backbones, out: Path, view: int) -> Optional[Path]:
+    import matplotlib.pyplot as plt
+
+    task = "synth_depth" if any(t == "synth_depth" for _, t in recs) else sorted({t for _, t in recs})[0]
+    methods = [m for m in _methods(recs, task) if m in backbones]
+    if not methods:
+        return None
+    image = _test_sample(recs[(methods[0], task)], view)["image"]
+    fig, axes = plt.subplots(1, len(methods) + 1, figsize=(2.6 * (len(methods) + 1), 2.9))
+    axes[0].imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+    axes[0].set_title(f"held-out view ({task} test #{view})", fontsize=8)
+    for ax, m in zip(axes[1:], methods):
+        with torch.no_grad():
+            f = backbones[m](image[None])[0].float()
+        ax.imshow(pca_rgb(f).numpy(), interpolation="nearest")
+        ax.set_title(f"{LABELS.get(m, m)}: PCA of features\n[{f.shape[0]}x{f.shape[1]}x{f.shape[2]}]", fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    return _save(fig, out / "features_pca.png")
+
+
+def figure_depth_normals(recs, backbones, out: Path, view: int) -> Optional[Path]:
+    import matplotlib.pyplot as plt
+
+    rows = [t for t in ("synth_depth", "synth_normals") if any(tt == t for _, tt in recs)]
+    if not rows:
+        return None
+    cols = max(len([m for m in _methods(recs, t) if m in backbones]) for t in rows) + 2
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.4 * cols, 2.6 * len(rows)), squeeze=False)
+    for r, task in enumerate(rows):
+        methods = [m for m in _methods(recs, task) if m in backbones]
+        s = _test_sample(recs[(methods[0], task)], view)
+        img = s["image"]
+        axes[r, 0].imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+        axes[r, 0].set_title("held-out view", fontsize=8)
+        if task == "synth_depth":
+            gt = s["depth"].float().squeeze()
+            valid = gt > 0
+            vmax = float(gt[valid].max()) if valid.any() else 1.0
+            axes[r, 1].imshow(gt.numpy(), cmap="magma_r", vmin=0, vmax=vmax)
+            axes[r, 1].set_title("depth: ground truth", fontsize=8)
+            for c, m in enumerate(methods):
+                pred = probe_prediction(recs[(m, task)], backbones[m], img)
+                rmse = float(((pred - gt)[valid] ** 2).mean().sqrt()) if valid.any() else float("nan")
+                axes[r, c + 2].imshow(pred.numpy(), cmap="magma_r", vmin=0, vmax=vmax)
+                axes[r, c + 2].set_title(f"{LABELS.get(m, m)}\n(this view: rmse {rmse:.3f} m)", fontsize=8)
+        else:
+            gt = s["normals"].float()
+            valid = gt.norm(dim=0) > 0.5
+            axes[r, 1].imshow(normals_rgb(gt, valid).numpy())
+            axes[r, 1].set_title("normals: ground truth", fontsize=8)
+            for c, m in enumerate(methods):
+                pred = probe_prediction(recs[(m, task)], backbones[m], img)
+                cos = (pred * gt).sum(0).clamp(-1, 1)
+                err = float(torch.rad2deg(torch.acos(cos[valid])).mean()) if valid.any() else float("nan")
+                axes[r, c + 2].imshow(normals_rgb(pred, valid).numpy())
+                axes[r, c + 2].set_title(f"{LABELS.get(m, m)}\n(this view: mean {err:.1f} deg)", fontsize=8)
+    for ax in axes.ravel():
+        ax.axis("off")
+    return _save(fig, out / "depth_normals.png")
+
+
+def _pair_matches(backbone, sample, proto, px: float):
+    """Matches of one pair as the task computes them; returns (uv_a, uv_b) in the image's pixel units and
+    whether each match is within ``px`` pixels of the ground truth in the task's error units (pixels of
+    the ``depth_scale``-scaled image, like the task's recall_10px)."""
+    from bench.cameras import dense_correspondence, pixel_grid, scale_intrinsics
+    from tasks.matching import extract_features, feature_extent, match_ratio_topk, sample_features
+
+    images, depth = sample["images"].float(), sample["depth"].float()
+    H, W = images.shape[-2:]
+    s = float(proto.get("depth_scale", 0.25))
+    Hq, Wq = max(1, round(H * s)), max(1, round(W * s))
+    dq = F.interpolate(depth[:, None], size=(Hq, Wq), mode="nearest")[:, 0]
+    Kq = scale_intrinsics(sample["K"].float(), Wq / depth.shape[-1], Hq / depth.shape[-2])
+    w2c = sample["w2c"].float()
+    with torch.no_grad():
+        feats = extract_features(backbone, images, proto.get("layers"), proto.get("input_norm")).float()
+    extent = feature_extent(backbone, H, W)
+    uv = pixel_grid(Hq, Wq)
+    to_img = uv.new_tensor([W / Wq, H / Hq])
+    uv_gt, qmask = dense_correspondence(dq[0], Kq[0], w2c[0], dq[1], Kq[1], w2c[1],
+                                        rel_tol=float(proto.get("occlusion_tol", 0.01)))
+    vb = dq[1] > 0
+    fa = sample_features(feats[0], uv[qmask] * to_img, extent)
+    fb = sample_features(feats[1], uv[vb] * to_img, extent)
+    ia, ib, _ = match_ratio_topk(fa, fb, proto.get("num_corr", 1000), proto.get("max_ratio"),
+                                 int(proto.get("chunk_elems", 1 << 24)))
+    err = (uv_gt[qmask][ia] - uv[vb][ib]).norm(dim=-1)
+    return uv[qmask][ia] * to_img, uv[vb][ib] * to_img, err <= px  # task units (x depth_scale image)
+
+
+def figure_correspondence(recs, backbones, out: Path, pair: int, px: float, lines: int) -> Optional[Path]:
+    import matplotlib.pyplot as plt
+    from bench.data.scenes import MultiViewScenes
+    from bench.data.synthetic import ensure_synthetic, split_scenes
+    from tasks.correspondence import synthetic_pairs
+
+    methods = [m for m in _methods(recs, "synth_corr") if m in backbones]
+    if not methods:
+        return None
+    cfg = OmegaConf.create(recs[(methods[0], "synth_corr")]["config"])
+    ds = OmegaConf.to_container(cfg.task.dataset, resolve=True)
+    proto = OmegaConf.to_container(cfg.task.protocol, resolve=True)
+    root = ensure_synthetic(ds["root"], scenes=int(ds.get("scenes", 8)), views=int(ds.get("views", 24)),
+                            size=list(ds.get("size", [224, 224])), seed=int(ds.get("seed", 0)))
+    scenes = MultiViewScenes(root)
+    ids = split_scenes(scenes.scene_ids, ds.get("held_out", 0.25))[1] or scenes.scene_ids
+    gaps = proto.get("view_gaps", [2, 4, 8])
+    pairs = synthetic_pairs(scenes, ids, [gaps[len(gaps) // 2]], proto.get("pairs_per_gap"))
+    sid, i, j, g = pairs[pair % len(pairs)]
+    sample = scenes.load_views(sid, [i, j])
+    a, b = (sample["images"][k].permute(1, 2, 0).clamp(0, 1) for k in (0, 1))
+    H, W = a.shape[:2]
+    fig, axes = plt.subplots(len(methods), 1, figsize=(6.4, 3.3 * len(methods)), squeeze=False)
+    gen = torch.Generator().manual_seed(0)
+    for ax, m in zip(axes[:, 0], methods):
+        ua, ub, ok = _pair_matches(backbones[m], sample, proto, px)
+        idx = torch.randperm(len(ok), generator=gen)[:lines]
+        ax.imshow(torch.cat([a, b], 1).numpy())
+        for k in idx.tolist():
+            ax.plot([float(ua[k, 0]), float(ub[k, 0]) + W], [float(ua[k, 1]), float(ub[k, 1])],
+                    color="limegreen" if bool(ok[k]) else "red", lw=0.7)
+        ax.set_title(f"{LABELS.get(m, m)}: {100 * float(ok.float().mean()):.1f}% of {len(ok)} matches within "
+                     f"{px:g} px ({sid}, views {i}-{j}, gap {g}; {len(idx)} drawn)", fontsize=8)
+        ax.axis("off")
+    return _save(fig, out / "correspondence.png")
+
+
+def make_figures(results: str | Path, out: str | Path | None = None, backbone: str = "efficientnet_lite0",
+                 seed: int = 0, view: int = 0, pair: int = 0, px: float = 10.0, lines: int = 60) -> List[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    results = Path(results)
+    out = Path(out) if out is not None else results / "figures"
+    recs = latest_records(results, backbone, seed)
+    if not recs:
+        raise BenchError(f"no records of backbone {backbone} seed {seed} in {results}/runs",
+                         "run the grid first: python -m bench sweep experiment=mini_benchmark ...")
+    backbones: Dict[str, Any] = {}
+    for m in sorted({m for m, _ in recs}):
+        rec = next(r for (mm, _), r in sorted(recs.items()) if mm == m)
+        backbones[m] = backbone_of(rec)
+    paths = [figure_pca(recs, backbones, out, view), figure_depth_normals(recs, backbones, out, view),
+             figure_correspondence(recs, backbones, out, pair, px, lines)]
+    return [p for p in paths if p is not None]
+
+
+def main(args: argparse.Namespace) -> int:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    for p in make_figures(args.results, args.out, args.backbone, args.seed, args.view, args.pair, args.px, args.lines):
+        print(p)
+    return 0
