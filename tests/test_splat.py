@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from bench.errors import BenchError
-from bench.splat import rasterize, rasterize_dense, rasterize_tiled
-from bench.splat.perf import pixel_aligned_gaussians
+from bench.splat import pixel_aligned_gaussians, rasterize, rasterize_dense, rasterize_tiled
 
 PARAMS = ("means", "quats", "scales", "opacities", "features")
 # small tiles / segments / chunk budget exercise multi-chunk, multi-segment walks and early exit

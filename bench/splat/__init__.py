@@ -16,10 +16,12 @@ from torch import Tensor
 
 from ..errors import BenchError
 from .alloc import tune_allocator
+from .lift import pixel_aligned_gaussians
 from .reference import rasterize_dense
 from .tiled import rasterize_tiled
 
-__all__ = ["rasterize", "rasterize_dense", "rasterize_tiled", "rasterize_gsplat", "tune_allocator"]
+__all__ = ["rasterize", "rasterize_dense", "rasterize_tiled", "rasterize_gsplat", "tune_allocator",
+           "pixel_aligned_gaussians"]
 
 BACKENDS = ("auto", "gsplat", "torch", "dense")
 

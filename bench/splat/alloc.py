@@ -4,7 +4,8 @@ The tiled engine allocates and frees many same-sized multi-megabyte blocks. By d
 blocks above ``M_MMAP_THRESHOLD`` with fresh ``mmap`` calls and returns freed memory to the kernel, so
 every chunk pays page faults again. Telling glibc to keep freed memory (no mmap for large blocks, no
 trimming) removes that cost at the price of a higher resident set. This is process-wide, so it is not
-done at import: the CLI and the trainers call :func:`tune_allocator` once. Equivalent without code:
+done at import: the CPU trainers (FiT3D, Splat-and-Distill) and the benchmark workers call
+:func:`tune_allocator` once at start. Equivalent without code:
 ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295``.
 """
 from __future__ import annotations

@@ -28,24 +28,7 @@ import time
 import torch
 
 from ..registry import PERF
-
-
-def pixel_aligned_gaussians(depth, K, w2c, features, scale: float = 1.0, opacity: float = 0.99):
-    """One isotropic Gaussian per valid pixel of a view, centred on the pixel's 3D point.
-
-    ``depth [H,W]`` z-depth (0 = invalid), ``K [3,3]``, ``w2c [4,4]``, ``features [H,W,D]``. The
-    Gaussian's standard deviation is ``scale * depth / fx`` (``scale`` times the pixel footprint).
-    Returns a dict with means, quats (identity), scales, opacities, features.
-    """
-    from ..cameras import unproject_depth
-
-    ok = depth > 0
-    pts = unproject_depth(depth, K, w2c)[ok]
-    s = (scale * depth[ok] / K[0, 0])[:, None].expand(-1, 3)
-    quats = torch.zeros(len(pts), 4, dtype=pts.dtype, device=pts.device)
-    quats[:, 0] = 1
-    return dict(means=pts, quats=quats, scales=s.contiguous(),
-                opacities=torch.full((len(pts),), opacity, dtype=pts.dtype, device=pts.device), features=features[ok])
+from .lift import pixel_aligned_gaussians
 
 
 def _plane_views(n: int, size: int, radius: float = 3.0, elev_deg: float = 60.0, spread_deg: float = 12.0):
