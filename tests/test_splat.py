@@ -241,19 +241,29 @@ def test_pixel_aligned_gaussians_reproduce_views(synthetic_views):
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="gsplat runs only on CUDA tensors; no GPU here")
 
 
+def assert_mostly_close(a, b, tol: float, frac: float, what: str = ""):
+    """All but a fraction of entries agree to ``tol`` (relative to the max): two float32 renderers with
+    different operation orders can flip an alpha-vs-1/255 or T-vs-1e-4 decision at a few pixels."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        ok = ((x - y).abs() <= tol * max(1.0, y.abs().max().item())).float().mean().item()
+        assert ok >= frac, f"{what}[{i}]: only {ok:.4f} of entries within {tol}"
+
+
 @needs_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("seed", [0, 2])
-def test_gsplat_matches_cpu_engine(seed):
-    s = random_scene(seed, dtype=torch.float32)
+@pytest.mark.parametrize("seed,opaque", [(0, False), (2, True)])
+def test_gsplat_matches_cpu_engine(seed, opaque):
+    s = random_scene(seed, N=300 if opaque else 120, opaque=opaque, dtype=torch.float32)
     ref, gref = render(rasterize_tiled, s)
     sc = {k: v.cuda() if torch.is_tensor(v) else v for k, v in s.items()}
     out, gout = render(lambda *x, **k: rasterize(*x, backend="gsplat", **k), sc)
-    assert_close([o.cpu() for o in out], ref, 1e-3, "values")
-    assert_close([g.cpu() for g in gout], gref, 1e-2, "grads")
-    # and the tiled engine itself runs on CUDA tensors with the same result
+    out, gout = [o.cpu() for o in out], [g.cpu() for g in gout]
+    assert_close(out, ref, 1e-2, "values")  # a flipped 1/255 decision moves a pixel by <= 1/255
+    assert_mostly_close(out, ref, 1e-4, 0.999, "values")
+    assert_mostly_close(gout, gref, 1e-3, 0.99, "grads")
+    # the tiled engine runs on CUDA tensors too, with the same result as on the CPU
     out_t, _ = render(lambda *x, **k: rasterize(*x, backend="torch", **k), sc, grads=False)
-    assert_close([o.cpu() for o in out_t], ref, 1e-5, "torch engine on cuda")
+    assert_mostly_close([o.cpu() for o in out_t], ref, 1e-5, 0.999, "torch engine on cuda")
 
 
 @needs_cuda
