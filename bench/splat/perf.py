@@ -1,8 +1,8 @@
 """``python -m bench perf splat``: CPU tiled engine vs dense all-pairs reference (and gsplat on a GPU).
 
 Cases: 1 or 4 source views of 37x37 pixel-aligned Gaussians (unprojected from the exact depth of a
-textured ground plane seen from cameras around it, scale = depth / focal) splatted into 1 or 4 target
-cameras at 37x37 or 74x74, with D in {64, 384} feature channels. Each (case, engine) runs in a fresh
+ground plane seen from cameras around it; std = depth / focal, opacity 0.99, random features) splatted
+into 1 or 4 nearby target cameras at 37x37 or 74x74 (same field of view), with D in {64, 384}. Each (case, engine) runs in a fresh
 subprocess: time = median forward+backward wall time (and process CPU time, steadier on a shared
 machine) over ``--reps`` runs after one warm-up (gradients of a random linear function of features,
 alpha and depth w.r.t. all Gaussian parameters); memory = peak resident set size of that subprocess
@@ -62,17 +62,20 @@ def make_case(n_src: int, n_cam: int, size: int, D: int, seed: int = 0):
     return scene, w2ct, Kt
 
 
-def _fwd_bwd(engine: str, scene, w2c, K, size: int, dev: str = "cpu"):
+def _loss_weights(C: int, size: int, D: int, dev: str = "cpu"):
+    """Fixed random weights: the loss is a random linear function of features, alpha and depth."""
+    g = torch.Generator(device=dev).manual_seed(1)
+    return [torch.randn(shape, generator=g, device=dev) for shape in ((C, size, size, D), (C, size, size),
+                                                                      (C, size, size))]
+
+
+def _fwd_bwd(engine: str, scene, w2c, K, size: int, weights) -> None:
     from . import rasterize
 
-    params = {k: v.to(dev).requires_grad_(True) for k, v in scene.items()}
-    feat, alpha, depth = rasterize(params["means"], params["quats"], params["scales"], params["opacities"],
-                                   params["features"], w2c.to(dev), K.to(dev), size, size, backend=engine)
-    g = torch.Generator(device=dev).manual_seed(1)
-    loss = ((feat * torch.randn(feat.shape, generator=g, device=dev)).sum()
-            + (alpha * torch.randn(alpha.shape, generator=g, device=dev)).sum()
-            + (depth * torch.randn(depth.shape, generator=g, device=dev)).sum())
-    loss.backward()
+    p = {k: v.requires_grad_(True) for k, v in scene.items()}
+    out = rasterize(p["means"], p["quats"], p["scales"], p["opacities"], p["features"], w2c, K, size, size,
+                    backend=engine)
+    sum((o * w).sum() for o, w in zip(out, weights)).backward()
 
 
 def _rss_mb() -> float:
@@ -87,11 +90,12 @@ def _worker(spec: dict) -> dict:
         from .alloc import tune_allocator
         tune_allocator()
     scene, w2c, K = make_case(spec["src"], spec["cams"], spec["size"], spec["D"])
+    weights = _loss_weights(spec["cams"], spec["size"], spec["D"])
     base = _rss_mb()
     wall, cpu = [], []
     for _ in range(spec["reps"] + 1):
         t0, c0 = time.perf_counter(), time.process_time()
-        _fwd_bwd(spec["engine"], scene, w2c, K, spec["size"])
+        _fwd_bwd(spec["engine"], {k: v.detach() for k, v in scene.items()}, w2c, K, spec["size"], weights)
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
