@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from omegaconf import DictConfig
 
-from bench.config import to_container
+from bench.config import stable_hash, to_container
 from bench.io import write_json
 from bench.registry import METHODS
 from bench.seed import seed_everything
@@ -72,7 +72,9 @@ class SceneFits:
 def fit_scenes(data, teacher, cfg: DictConfig, device, progress: bool = True) -> Dict[str, Path]:
     """Stage I for every training scene (cached and resumable); returns ``scene -> fit directory``."""
     m = cfg.method
-    teacher_id = f"{cfg.backbone.name}:{weights_digest(teacher)}:{to_container(cfg.backbone).get('resize', 'resize')}"
+    # the teacher = its weights (digest) + everything else that shapes its features (resize, normalisation...)
+    arch = {k: v for k, v in to_container(cfg.backbone).items() if k != "weights" and not k.startswith("hub_")}
+    teacher_id = f"{cfg.backbone.name}:{weights_digest(teacher)}:{stable_hash(arch)}"
     root = Path(str(m.scene_cache))
     dirs = {}
     for i, scene in enumerate(data.scene_ids):
