@@ -122,6 +122,7 @@ def run_cell(cfg: DictConfig) -> Dict[str, Any]:
     if protocol.get("concat_original"):
         from .backbones import ConcatBackbone, build_backbone
 
+        seed_everything(int(cfg.seed))  # same state as obtain_backbone's build: same init for random-init nets
         backbone = ConcatBackbone(build_backbone(cfg.backbone), backbone)
     backbone = backbone.to(device).eval()
 
