@@ -8,7 +8,10 @@ camera z divided by ``max(alpha, 1e-10)``). CUDA tensors go to ``gsplat.rasteriz
 frustum clamping, eps2d on the 2D covariance, alpha capped at 0.999, alphas < 1/255 skipped, a pixel
 stops before the Gaussian that would take its transmittance to <= 1e-4). :mod:`bench.splat.reference`
 is the dense all-pairs version used by the tests. Call :func:`tune_allocator` once in CPU-heavy
-processes (the CLI and trainers do).
+processes (the trainers and the benchmark do). gsplat compiles its CUDA kernels on the first CUDA call.
+
+On CPU the engine is ~17-20x faster than the dense reference at D=384 on 4 views x 37x37 Gaussians into
+4 cameras at 74x74 (``python -m bench perf splat``), in ~0.4 GB.
 """
 from __future__ import annotations
 

@@ -9,22 +9,27 @@ Design (see ENVIRONMENT.md, "CPU fallback design"):
 3. render tiles in chunks (``budget`` bounds a chunk's [tiles, tile pixels, seg] blocks), each chunk's
    lists padded to its longest and walked front to back ``seg`` Gaussians at a time. Per segment:
    the Mahalanobis terms are one small batched matmul (tile-centred pixel monomials
-   ``[u^2, v^2, uv, u, v, 1]`` x per-Gaussian coefficients), transmittance is a cumulative sum of
-   ``log(1 - alpha)`` carried across segments, and features come out of a batched matmul of the
+   ``[u^2, v^2, uv, u, v, 1]`` x per-Gaussian coefficients), transmittance is a cumulative product
+   of ``1 - alpha`` carried across segments (gsplat's own float32 arithmetic ``T *= 1 - alpha``; it
+   measured faster than the cumulative sum of logs and needs no transcendental), and features come
+   out of a batched matmul of the
    blending weights [pixels, seg] with the gathered feature rows [seg, D]; camera z and 1 form two more
    channels (expected depth, alpha). A tile leaves the walk when its list ends or all its pixels are
    done (gsplat's early exit).
 
 Compositing is a custom :class:`torch.autograd.Function` with the analytic backward of the blend (the
 formulas of gsplat's backward kernel). It keeps only per-Gaussian inputs, the tile lists and the
-log-transmittance in front of each segment ([tiles, pixels] per segment); backward recomputes one
+transmittance in front of each segment ([tiles, pixels] per segment); backward recomputes one
 segment at a time, back to front, accumulating the "light behind" sums exactly. Memory is therefore
-bounded by one block plus the [tiles, pixels, D] outputs, whatever the number of Gaussians.
+bounded by one block plus the [tiles, pixels, D] outputs, whatever the number of Gaussians. Measured
+on 4 views x 37x37 Gaussians into 4 cameras at 74x74, D=384, one thread: plain autograd through the
+same segments took 1.3x the time and 1.6x the peak RSS; keeping the forward blocks for the backward
+instead of recomputing them saves only ~10 % time for O(pairs) memory.
 
 Compositing rules per pixel, front to back: ``alpha = min(0.999, o * exp(-sigma))``; alphas < 1/255 are
 skipped (T unchanged); the pixel stops at the first Gaussian whose ``T * (1 - alpha)`` would be
 ``<= 1e-4`` (that one is not composited). Because T only decreases, "composited" is exactly
-"not skipped and log T after it > log 1e-4". (gsplat also skips ``sigma < 0``, which cannot happen for
+"not skipped and T after it > 1e-4". (gsplat also skips ``sigma < 0``, which cannot happen for
 a positive definite conic; the expanded quadratic here can round to -1e-7 near the centre, so the
 engine does not test it.)
 """
