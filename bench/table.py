@@ -90,6 +90,45 @@ def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) 
     return tabulate([[r.get(c, "") for c in cols] for r in rows], headers=cols, tablefmt="github")
 
 
+def _data_desc(d: dict) -> str:
+    """One-line description of a dataset/data config node (name/dataset, generator seed, counts, size)."""
+    if not d:
+        return "-"
+    parts = [str(d.get("name", d.get("dataset", "")))]
+    if d.get("seed") is not None:
+        parts.append(f"gen. seed {d['seed']}")
+    if d.get("scenes") is not None:
+        parts.append(f"{d['scenes']} scenes x {d.get('views', '?')} views")
+    if d.get("size") is not None:
+        parts.append(f"{d['size']} px")
+    if d.get("held_out") is not None:
+        parts.append(f"held out {d['held_out']}")
+    return ", ".join(parts)
+
+
+def config_rows(results_dir: str | Path, ids) -> List[List[str]]:
+    """Per (method, backbone, task) of the shown records: seeds, hashes of the method and task config
+    nodes (one hash = one configuration across seeds), the method's training data and the task data."""
+    from .config import stable_hash
+
+    rows: dict = {}
+    for rec in load_records(results_dir):
+        if rec["id"] not in ids:
+            continue
+        cfg = rec.get("config") or {}
+        m, t = cfg.get("method") or {}, cfg.get("task") or {}
+        trained = (rec.get("checkpoint") or {}).get("kind") == "trained"
+        r = rows.setdefault((rec["method"], rec["backbone"], rec["task"]),
+                            {"seeds": set(), "m": set(), "t": set(), "train": set(), "data": set()})
+        r["seeds"].add(int(rec.get("seed", 0)))
+        r["m"].add(stable_hash(m, 8))
+        r["t"].add(stable_hash({k: v for k, v in t.items() if k != "protocols"}, 8))
+        r["train"].add(_data_desc(m.get("data") or {}) if trained else "- (not trained)")
+        r["data"].add(_data_desc(t.get("dataset") or {}))
+    return [[*k, ",".join(map(str, sorted(v["seeds"]))), " ".join(sorted(v["m"])), " ".join(sorted(v["t"])),
+             "; ".join(sorted(v["train"])), "; ".join(sorted(v["data"]))] for k, v in sorted(rows.items())]
+
+
 def leaderboard_markdown(results_dir: str | Path) -> str:
     results_dir = Path(results_dir)
     ours = records_frame(results_dir)
@@ -120,6 +159,16 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
         out += ["## Hardware", "", tabulate(
             hw.groupby(["device", "threads"], dropna=False).size().reset_index(name="records").values.tolist(),
             headers=["device", "threads", "records"], tablefmt="github"), ""]
+    if not ours.empty:
+        recs = ours.drop_duplicates("id")
+        out += ["## Configuration", "",
+                "Config hashes: sha256 of the record's `method` / `task` node (full configs in the records); one "
+                "hash per row = the same configuration for every seed. "
+                f"Wall time: {recs['wall_s'].sum() / 60:.1f} min summed over the {len(recs)} records "
+                "(each trained backbone's training is in the first cell that used it).", "",
+                tabulate(config_rows(results_dir, set(recs["id"])),
+                         headers=["method", "backbone", "task", "seeds", "method cfg", "task cfg",
+                                  "method training data", "task data"], tablefmt="github"), ""]
     figs = sorted((results_dir / "figures").glob("*.png"))
     if figs:
         out += ["## Figures", ""] + [f"- [{p.stem}](figures/{p.name})" for p in figs] + [""]
