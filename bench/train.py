@@ -314,3 +314,17 @@ def trainable_parameters(modules: Sequence[nn.Module]) -> List[torch.nn.Paramete
                 seen.add(id(p))
                 out.append(p)
     return out
+
+
+def start_run(cfg) -> str:
+    """Common start of a method's ``fit``: seed everything from ``cfg.seed``, resolve the device and,
+    on CPU, tune the allocator for the splatting engine. Returns the device string."""
+    from .runner import resolve_device
+    from .seed import seed_everything
+    from .splat import tune_allocator
+
+    seed_everything(int(cfg.seed))
+    device = resolve_device(cfg)
+    if device == "cpu":
+        tune_allocator()
+    return device

@@ -30,7 +30,7 @@ from bench.config import stable_hash, to_container
 from bench.io import write_json
 from bench.registry import METHODS
 from bench.seed import seed_everything
-from bench.train import TrainLoop
+from bench.train import TrainLoop, start_run
 
 from .stage1 import (INFO_FILE, SceneFit, downsample_to_grid, fit_scene, is_fitted, scene_key, scene_seed,
                      weights_digest)
@@ -112,13 +112,7 @@ class FiT3D:
     trains = True
 
     def fit(self, backbone, cfg: DictConfig, workdir: Path, stop_after: Optional[int] = None):
-        from bench.runner import resolve_device
-        from bench.splat import tune_allocator
-
-        seed_everything(int(cfg.seed))
-        device = resolve_device(cfg)
-        if device == "cpu":
-            tune_allocator()
+        device = start_run(cfg)
         m, s2 = cfg.method, cfg.method.stage2
         workdir = Path(workdir)
         progress = bool(m.get("progress", True))

@@ -11,8 +11,7 @@ from omegaconf import DictConfig
 from bench.errors import BenchError
 from bench.io import write_json
 from bench.registry import METHODS
-from bench.seed import seed_everything
-from bench.train import TrainLoop, one_cycle_cosine
+from bench.train import TrainLoop, one_cycle_cosine, start_run
 
 from .distill import Distiller
 from .views import ViewSampler
@@ -99,13 +98,7 @@ class SplatDistill:
     trains = True
 
     def fit(self, backbone, cfg: DictConfig, workdir: Path, stop_after: Optional[int] = None):
-        from bench.runner import resolve_device
-        from bench.splat import tune_allocator
-
-        seed_everything(int(cfg.seed))
-        device = resolve_device(cfg)
-        if device == "cpu":
-            tune_allocator()
+        device = start_run(cfg)
         workdir = Path(workdir)
         distiller, data, _, loop, step_fn = build_training(backbone, cfg, workdir, device)
         log.info("splat_distill: %d scenes, %d steps x batch %d, %s, device %s", len(data.scene_ids),
