@@ -67,7 +67,7 @@ __all__ = ["CLASSES", "GENERATOR", "VERSION", "make_scene", "camera_path", "intr
 
 CLASSES = ("wall", "floor", "ceiling", "box", "sphere", "cylinder", "painting", "rug")
 GENERATOR = "bench.synthetic"
-VERSION = 1
+VERSION = 2  # 2: normals stored as .npz (was .npy)
 DSLR = Path("dslr")
 TRANSFORMS = DSLR / "nerfstudio" / "transforms_undistorted.json"
 IMAGES, DEPTH = DSLR / "undistorted_images", DSLR / "render_depth"
