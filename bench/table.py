@@ -165,7 +165,8 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
                 "Config hashes: sha256 of the record's `method` / `task` node (full configs in the records); one "
                 "hash per row = the same configuration for every seed. "
                 f"Wall time: {recs['wall_s'].sum() / 60:.1f} min summed over the {len(recs)} records "
-                "(each trained backbone's training is in the first cell that used it).", "",
+                "(training is included only in records whose checkpoint says `reused: false`; sweeps train in "
+                "separate jobs, so their cells reuse the cached backbone).", "",
                 tabulate(config_rows(results_dir, set(recs["id"])),
                          headers=["method", "backbone", "task", "seeds", "method cfg", "task cfg",
                                   "method training data", "task data"], tablefmt="github"), ""]
