@@ -67,7 +67,7 @@ def _fmt(mean: float, std: float, n: int) -> str:
 
 def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) -> str:
     sub = ours[(ours.task == task) & (ours.protocol == protocol)]
-    shown = sub[sub.reported].sort_values("rank", kind="stable")
+    shown = sub[sub["reported"].astype(bool)].sort_values("rank", kind="stable")
     metrics: List[str] = list(dict.fromkeys(shown["metric"])) or sorted(sub["metric"].unique())
     ref_t = ref[ref.task == task]
     metrics += [m for m in dict.fromkeys(ref_t["metric"]) if m not in metrics]

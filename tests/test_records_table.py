@@ -64,3 +64,11 @@ def test_corrupt_record_is_named(tmp_path):
     (tmp_path / "runs" / "bad.json").write_text("{not json")
     with pytest.raises(BenchError, match="bad.json"):
         records.load_records(tmp_path)
+
+
+def test_leaderboard_with_only_published_numbers(tmp_path):
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "reference" / "p.csv").write_text(
+        "source,method,backbone,task,metric,value,note\nSnD paper,splat_distill,dinov2_vits14,nyu_depth,rmse,0.4912,x\n")
+    md = table.leaderboard_markdown(tmp_path)
+    assert "No records yet" in md and "0.4912" in md
