@@ -54,3 +54,13 @@ def local_hub(tmp_path, monkeypatch):
     finally:
         hub.stop()
         _http.close_session()
+
+
+@pytest.fixture
+def toys():
+    """The sweep test toys (a tiny training method and tasks), registered for one test."""
+    import sweep_toys
+
+    sweep_toys.register()
+    yield sweep_toys
+    sweep_toys.unregister()

@@ -51,15 +51,6 @@ def slurm_cluster(tmp_path_factory):
             os.environ["SLURM_CONF"] = old
 
 
-@pytest.fixture
-def toys():
-    import sweep_toys
-
-    sweep_toys.register()
-    yield sweep_toys
-    sweep_toys.unregister()
-
-
 def overrides(tmp: Path, *extra: str) -> list:
     """Tiny cells on the test cluster: 1 CPU per job, 3-minute limit (submitit signals 90 s before)."""
     return ["backbone=tiny_vit", "task=synth_corr", f"paths.root={tmp}", f"paths.data_dir={tmp}/data",

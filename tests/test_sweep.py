@@ -19,15 +19,6 @@ from bench.config import compose
 from bench.errors import BenchError, ClusterError
 
 
-@pytest.fixture
-def toys():
-    import sweep_toys
-
-    sweep_toys.register()
-    yield sweep_toys
-    sweep_toys.unregister()
-
-
 def base(tmp: Path, *extra: str) -> list:
     """Overrides for a tiny cell under ``tmp`` (every path explicit: BENCH_* env vars do not leak in)."""
     return ["backbone=tiny_vit", "task=synth_corr", f"paths.root={tmp}", f"paths.data_dir={tmp}/data",

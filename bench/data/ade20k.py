@@ -8,10 +8,10 @@ Samples: ``image`` [3,H,W] in [0,1], ``semantic`` [H,W] int64, ``id``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, List
 
 from ..registry import DATASETS
-from .layout import FileDataset, read_label_png, read_rgb
+from .layout import ImageLabelDataset
 
 SPLIT_DIRS = {"train": "training", "val": "validation"}
 
@@ -23,7 +23,7 @@ def paired_files(img_dir: Path, ann_dir: Path, img_exts=(".jpg", ".jpeg", ".png"
 
 
 @DATASETS.register("ade20k", "ADE20K / ADEChallengeData2016 semantic segmentation (150 classes), mmseg layout")
-class ADE20k(FileDataset):
+class ADE20k(ImageLabelDataset):
     name = "ade20k"
     title = "ADE20K (ADEChallengeData2016)"
     dirname = "ADEChallengeData2016"
@@ -51,11 +51,3 @@ annotations/validation/ADE_val_XXXXXXXX.png"""}
     def index(cls, root: Path, layout: str, split: str) -> List[Any]:
         sub = SPLIT_DIRS[split]
         return paired_files(root / "images" / sub, root / "annotations" / sub)
-
-    @classmethod
-    def item_files(cls, item: Any) -> List[Path]:
-        return list(item)
-
-    def __getitem__(self, i: int) -> Dict[str, Any]:
-        img, lab = self.items[i]
-        return {"image": read_rgb(img), "semantic": read_label_png(lab), "id": img.stem}

@@ -269,6 +269,19 @@ class FileDataset(torch.utils.data.Dataset):
         return bad
 
 
+
+class ImageLabelDataset(FileDataset):
+    """A reader whose items are (image path, label PNG path) pairs (ADE20k, VOC, ...)."""
+
+    @classmethod
+    def item_files(cls, item: Any) -> List[Path]:
+        return list(item)
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        img, lab = self.items[i]
+        return {"image": read_rgb(img), "semantic": read_label_png(lab), "id": img.stem}
+
+
 def _indent(text: str, pad: str = "  ") -> str:
     return "\n".join(pad + line if line else line for line in text.strip("\n").splitlines())
 

@@ -10,10 +10,10 @@ Samples: ``image`` [3,H,W] in [0,1], ``semantic`` [H,W] int64 (palette indices; 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 from ..registry import DATASETS
-from .layout import FileDataset, read_label_png, read_lines, read_rgb
+from .layout import ImageLabelDataset, read_lines
 
 SPLIT_FILES = {"train": [("train", "SegmentationClass")], "val": [("val", "SegmentationClass")],
                "trainval": [("trainval", "SegmentationClass")], "aug": [("aug", "SegmentationClassAug")],
@@ -26,7 +26,7 @@ def voc_root(root: Path) -> Path:
 
 
 @DATASETS.register("voc", "PASCAL VOC 2012 segmentation (21 classes; SBD aug optional), VOCdevkit layout")
-class VOC(FileDataset):
+class VOC(ImageLabelDataset):
     name = "voc"
     title = "PASCAL VOC 2012"
     dirname = "VOCdevkit/VOC2012"
@@ -81,11 +81,3 @@ ImageSets/Segmentation/aug.txt          (10582 ids with train, from mmseg's voc_
             for sid in read_lines(root / "ImageSets" / "Segmentation" / f"{list_name}.txt"):
                 items.append((root / "JPEGImages" / f"{sid}.jpg", root / ann / f"{sid}.png"))
         return items
-
-    @classmethod
-    def item_files(cls, item: Any) -> List[Path]:
-        return list(item)
-
-    def __getitem__(self, i: int) -> Dict[str, Any]:
-        img, lab = self.items[i]
-        return {"image": read_rgb(img), "semantic": read_label_png(lab), "id": img.stem}
