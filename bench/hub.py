@@ -113,13 +113,15 @@ def _suggest(repo_id: str, revision: Optional[str], what: str) -> str:
 
 
 def _transport_errors() -> tuple:
-    """Exceptions meaning 'could not talk to the Hub' (httpx2 in huggingface_hub 2.x)."""
-    try:
-        import httpx2
-
-        return (httpx2.TransportError, ConnectionError)
-    except ImportError:  # older clients (requests): their connection errors are OSErrors
-        return (ConnectionError, OSError)
+    """Exceptions meaning 'could not talk to the Hub', for every client generation: httpx2
+    (huggingface_hub 2.x), httpx (1.x) and requests (0.x; its connection errors are OSErrors)."""
+    errs = [ConnectionError, OSError]
+    for mod in ("httpx2", "httpx"):
+        try:
+            errs.append(__import__(mod).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errs)
 
 
 def _translate(e: BaseException, repo_id: str, revision: Optional[str], what: str,

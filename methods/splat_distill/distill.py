@@ -96,8 +96,11 @@ class Distiller:
         if not self.profile:
             yield
             return
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # CUDA runs async
+        sync()
         t0 = time.perf_counter()
         yield
+        sync()
         self.timings[name] += time.perf_counter() - t0
 
     # -- targets -----------------------------------------------------------------------------------

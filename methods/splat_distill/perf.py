@@ -50,14 +50,17 @@ def _measure(overrides: List[str], steps: int, warmup: int):
     from bench.config import compose
     from bench.seed import seed_everything
 
+    from bench.runner import resolve_device
+
     from .method import build_training
 
     cfg = compose(["method=splat_distill", "device=cpu", *overrides,
                    f"method.optim.steps={warmup + steps}", f"method.ckpt_every={10 ** 9}", "method.progress=false"])
     seed_everything(int(cfg.seed))
+    device = resolve_device(cfg)
     backbone = build_backbone(cfg.backbone)
     with tempfile.TemporaryDirectory() as tmp:
-        distiller, *_, loop, step_fn = build_training(backbone, cfg, Path(tmp), "cpu")
+        distiller, *_, loop, step_fn = build_training(backbone, cfg, Path(tmp), device)
 
         def after(step: int) -> None:
             distiller.update_teacher(step)
@@ -71,10 +74,11 @@ def _measure(overrides: List[str], steps: int, warmup: int):
     times = [h["time_s"] for h in hist[warmup:]]
     return {"step_s": statistics.median(times), "mean_s": sum(times) / len(times), "wall": wall,
             "stages": {k: v / steps for k, v in distiller.timings.items()}, "loss": [h["loss"] for h in hist],
-            "grid": tuple(backbone.grid_size(*cfg.method.data.size)), "C": backbone.embed_dim}
+            "grid": tuple(backbone.grid_size(*cfg.method.data.size)), "C": backbone.embed_dim,
+            "device": device}
 
 
-@PERF.register("train", "Splat-and-Distill training steps/s at demo scale (CPU, synthetic scenes)")
+@PERF.register("train", "Splat-and-Distill training steps/s at demo scale (synthetic scenes; CPU unless device=cuda)")
 def train_perf(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
@@ -89,7 +93,7 @@ def train_perf(args: argparse.Namespace) -> int:
     ref = results[args.variants[0]]
     rows = [[name, f"{r['step_s'] * 1e3:.0f}", f"{1.0 / r['step_s']:.2f}", f"{ref['step_s'] / r['step_s']:.2f}x"]
             for name, r in results.items()]
-    print(f"backbone {args.backbone} (C={ref['C']}, grid {ref['grid']}), {args.threads} threads, "
+    print(f"backbone {args.backbone} (C={ref['C']}, grid {ref['grid']}), device {ref['device']}, {args.threads} threads, "
           f"median of {args.steps} steps after {args.warmup} warm-up; overrides: {' '.join(base)}")
     print(tabulate(rows, headers=["variant", "ms/step", "steps/s", f"speed vs '{args.variants[0]}'"]))
     parts = dict(ref["stages"])
