@@ -214,10 +214,7 @@ def test_synth_depth_probe3d_protocol(synth_env):
 
 
 def test_synth_depth_probe_beats_the_constant_mean_depth_predictor(synth_env):
-    """The probe learns depth from the features: a clear margin over predicting the training mean.
-
-    (Pretrained vs random-init EfficientNet-Lite0 is *not* asserted: on the synthetic rooms the
-    ordering of their synth_depth RMSE depends on the seed and scale; see the task report.)"""
+    """The probe learns depth from the features: a clear margin over predicting the training mean."""
     from tasks.data import open_split
     from tasks.metrics import MeanMeter, depth_metrics
 
@@ -231,6 +228,33 @@ def test_synth_depth_probe_beats_the_constant_mean_depth_predictor(synth_env):
         gt = test[i]["depth"][None]
         meter.update(depth_metrics(torch.full_like(gt, mean), gt))
     assert m["rmse"] < 0.8 * meter.result()["rmse"], (m["rmse"], meter.result()["rmse"])
+
+
+#: Tiny scale at which the ordering below is reliable: 24 rooms (18 train, 6 held out) x 6 views, 96 px.
+#: With 8 rooms (2 held out) it is not: there the ranking of pretrained vs random features flips with
+#: the seed, because 2 test rooms are too few (see the synth_depth config).
+ROOMS = ["task.dataset.scenes=24", "task.dataset.held_out=6", "task.dataset.views=6", "task.dataset.size=96",
+         "task.progress=false"]
+
+
+def test_pretrained_features_beat_random_init_on_synth_depth(tmp_path):
+    """ImageNet EfficientNet-Lite0 vs the same architecture at random init (two inits), same linear
+    probe, same rooms. Measured on 2 cores: 0.531 vs 0.646 / 0.732 RMSE; over generator seeds 1-4 with
+    3 inits each the pretrained probe was better in every case (0.575-0.686 vs 0.668-0.860)."""
+    from bench.backbones import build_backbone
+
+    def rmse(weights: str, init: int) -> float:
+        cfg = compose(["task=synth_depth", "backbone=efficientnet_lite0", f"backbone.weights={weights}",
+                       f"paths.data_dir={tmp_path}/data", f"paths.cache_dir={tmp_path}/cache", *ROOMS])
+        torch.manual_seed(init)
+        backbone = build_backbone(cfg.backbone)
+        seed_everything(0)
+        return TASKS.get("synth_depth")().evaluate(backbone, cfg, tmp_path / f"{weights}{init}")["rmse"]
+
+    pretrained = rmse("package", 0)
+    random_init = [rmse("none", i) for i in (0, 1)]
+    assert all(pretrained < r for r in random_init), (pretrained, random_init)
+    assert pretrained < 0.9 * sum(random_init) / len(random_init), (pretrained, random_init)
 
 
 # ------------------------------------------------------------------ real-dataset path (fake reader)
