@@ -20,8 +20,9 @@ from bench.registry import PERF
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="efficientnet_lite0", help="backbone config name (default efficientnet_lite0)")
-    p.add_argument("--scenes", type=int, default=8, help="synthetic rooms (default 8; 2 are held out for testing)")
-    p.add_argument("--views", type=int, default=12, help="views per room (default 12)")
+    p.add_argument("--scenes", type=int, default=24, help="synthetic rooms (default 24, as task=synth_depth)")
+    p.add_argument("--held-out", type=int, default=6, help="rooms held out for testing (default 6)")
+    p.add_argument("--views", type=int, default=8, help="views per room (default 8)")
     p.add_argument("--size", type=int, default=128, help="image size in pixels (default 128)")
     p.add_argument("--epochs", type=int, default=10, help="probe epochs (default 10)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -41,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(int(args.threads))
     work = Path(tempfile.mkdtemp(prefix="bench_perf_probe_"))
     ov = ["task=synth_depth", f"backbone={args.backbone}", f"task.dataset.scenes={args.scenes}",
-          f"task.dataset.views={args.views}", f"task.dataset.size={args.size}",
+          f"task.dataset.held_out={args.held_out}", f"task.dataset.views={args.views}",
+          f"task.dataset.size={args.size}",
           f"task.protocols.linear.schedule.epochs={args.epochs}", f"paths.cache_dir={work}/cache"]
     if args.data_dir:
         ov.append(f"paths.data_dir={args.data_dir}")

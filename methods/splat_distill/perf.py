@@ -93,7 +93,8 @@ def train_perf(args: argparse.Namespace) -> int:
     ref = results[args.variants[0]]
     rows = [[name, f"{r['step_s'] * 1e3:.0f}", f"{1.0 / r['step_s']:.2f}", f"{ref['step_s'] / r['step_s']:.2f}x"]
             for name, r in results.items()]
-    print(f"backbone {args.backbone} (C={ref['C']}, grid {ref['grid']}), device {ref['device']}, {args.threads} threads, "
+    print(f"backbone {args.backbone} (C={ref['C']}, grid {ref['grid']}), device {ref['device']}, "
+          f"{args.threads} threads, "
           f"median of {args.steps} steps after {args.warmup} warm-up; overrides: {' '.join(base)}")
     print(tabulate(rows, headers=["variant", "ms/step", "steps/s", f"speed vs '{args.variants[0]}'"]))
     parts = dict(ref["stages"])
