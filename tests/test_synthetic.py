@@ -9,7 +9,7 @@ from PIL import Image
 from bench.cameras import dense_correspondence, opencv_w2c_to_opengl_c2w, unproject_depth
 from bench.data import synthetic as S
 from bench.data.scenes import MultiViewScenes, ViewDataset
-from bench.errors import DataMissingError
+from bench.errors import BenchError, DataMissingError
 
 SCENES, VIEWS, SIZE, SEED = 2, 4, (64, 64), 3
 
@@ -47,6 +47,30 @@ def test_deterministic_per_seed(root, tmp_path):
     a, c = _files(root), _files(other)
     assert a["synth_0000/dslr/undistorted_images/frame_0000.png"] != c["synth_0000/dslr/undistorted_images/frame_0000.png"]
     assert a["synth_0000/meta.json"] != c["synth_0000/meta.json"]
+
+
+def test_workers_run_from_a_script_without_main_guard(root, tmp_path):
+    """Worker processes are fresh interpreters: a plain script (no ``if __name__ == "__main__"``) that
+    generates scenes with 2 workers runs once and writes the same files as the in-process path."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "plain.py"
+    script.write_text("from bench.data.synthetic import generate\n"
+                      f"generate({str(tmp_path / 'w')!r}, {SCENES}, {VIEWS}, {tuple(SIZE)!r}, {SEED}, workers=2)\n"
+                      "print('ran')\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ran"]  # the script body ran exactly once
+    assert _files(tmp_path / "w") == _files(root)
+
+
+def test_worker_failure_is_one_clear_error(tmp_path):
+    (tmp_path / "synth_0001").write_text("a file where scene 1's folder must go")
+    with pytest.raises(BenchError, match="worker process.*synth_0001") as e:
+        S.generate(tmp_path, 2, 2, (16, 16), SEED, workers=2)
+    assert "workers=1" in e.value.fix
+    assert not (tmp_path / "meta.json").exists()  # no set marked complete
 
 
 def test_reader_round_trip(root):

@@ -564,15 +564,70 @@ def generate_scene(root: Path, seed: int, index: int, views: int, size: Sequence
     return sdir
 
 
-def _scene_job(args: tuple) -> str:
-    """Worker entry point: render one scene with one torch thread (2 workers fill 2 cores without the
-    OpenMP oversubscription that makes multi-threaded small ops crawl on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _worker_main(spec_json: str) -> int:
+    """Worker process body (``python -c``, see :func:`_run_workers`): render the scenes listed in the
+    JSON spec with one torch thread, printing each index when its files are written."""
+    spec = json.loads(spec_json)
+    torch.set_num_threads(1)  # 2 workers fill 2 cores without OpenMP oversubscription
+    for i in spec["indices"]:
+        generate_scene(Path(spec["root"]), spec["seed"], i, spec["views"], spec["size"], spec["supersample"],
+                       spec["hfov_deg"])
+        print(i, flush=True)
+    return 0
+
+
+def _run_workers(root: Path, indices: Sequence[int], workers: int, on_done, **kw) -> None:
+    """Render scenes in ``workers`` fresh interpreter processes (``sys.executable -c``), not
+    multiprocessing: a spawned multiprocessing child re-imports the caller's ``__main__``, which
+    breaks scripts without an ``if __name__ == "__main__"`` guard. Calls ``on_done()`` per scene."""
+    import queue
+    import subprocess
+    import sys
+    import tempfile
+    import threading
+
+    pkg_parent = str(Path(__file__).resolve().parents[2])  # importable even without an install
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE",
+               PYTHONPATH=os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p))
+    code = "import sys; from bench.data.synthetic import _worker_main; sys.exit(_worker_main(sys.argv[1]))"
+    done: "queue.Queue[int]" = queue.Queue()
+    procs, readers = [], []
     try:
-        return str(generate_scene(*args))
+        for w in range(workers):
+            spec = dict(kw, root=str(root), indices=list(indices[w::workers]))
+            err = tempfile.TemporaryFile()
+            proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], stdout=subprocess.PIPE,
+                                    stderr=err, env=env, text=True)
+            reader = threading.Thread(target=lambda p=proc: [done.put(int(line)) for line in p.stdout
+                                                             if line.strip().isdigit()], daemon=True)
+            reader.start()
+            readers.append(reader)
+            procs.append((proc, err))
+        for _ in indices:
+            while True:
+                try:
+                    done.get(timeout=0.5)
+                    break
+                except queue.Empty:
+                    failed = [(p, e) for p, e in procs if p.poll() not in (None, 0)]
+                    if not failed and not any(r.is_alive() for r in readers) and done.empty():
+                        failed = procs[:1]  # all output read, all exited cleanly, yet a scene is missing
+                    if failed:
+                        p, e = failed[0]
+                        e.seek(0)
+                        tail = e.read().decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                        raise BenchError(f"synthetic scene generation failed in a worker process "
+                                         f"(exit {p.returncode}): {tail[0]}",
+                                         "re-run with workers=1 (--workers 1) to see the full traceback")
+            on_done()
+        for p, _ in procs:
+            p.wait()
     finally:
-        torch.set_num_threads(threads)
+        for p, e in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            e.close()
 
 
 def generate(root: str | os.PathLike, scenes: int = 8, views: int = 24, size: Sequence[int] = (224, 224),
@@ -590,25 +645,24 @@ def generate(root: str | os.PathLike, scenes: int = 8, views: int = 24, size: Se
     if workers is None:
         workers = 2 if scenes >= 2 and scenes * views * size[0] * size[1] >= 2_000_000 else 1
     workers = max(1, min(int(workers), 2, scenes))
-    jobs = [(root, seed, i, views, size, supersample, hfov_deg) for i in range(scenes)]
+    kw = dict(seed=seed, views=views, size=list(size), supersample=supersample, hfov_deg=hfov_deg)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=scenes, unit="scene", desc=f"synthetic ({views} views each) -> {root}")
+    tick = (lambda: bar.update(1)) if bar is not None else (lambda: None)
     try:
         if workers == 1:
-            for job in jobs:
-                _scene_job(job)
-                if bar is not None:
-                    bar.update(1)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                for i in range(scenes):
+                    generate_scene(root, seed, i, views, size, supersample, hfov_deg)
+                    tick()
+            finally:
+                torch.set_num_threads(threads)
         else:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-                for _ in ex.map(_scene_job, jobs):
-                    if bar is not None:
-                        bar.update(1)
+            _run_workers(root, range(scenes), workers, tick, **kw)
     finally:
         if bar is not None:
             bar.close()
