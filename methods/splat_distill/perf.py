@@ -48,9 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _measure(overrides: List[str], steps: int, warmup: int):
     from bench.backbones import build_backbone
     from bench.config import compose
-    from bench.seed import seed_everything
-
     from bench.runner import resolve_device
+    from bench.seed import seed_everything
 
     from .method import build_training
 
