@@ -56,7 +56,8 @@ class DepthTask(DenseTask):
 for _name, _desc in [
     ("synth_depth", "depth probe on the built-in synthetic scenes (exact depth); rmse, a1, abs_rel"),
     ("nyu_depth", "NYUv2 depth (linear: FiT3D/SnD mmseg protocol; probe3d: Probe3D); rmse, a1, abs_rel"),
-    ("scannetpp_depth", "ScanNet++ DSLR depth (rendered), max 20 m; rmse, a1, abs_rel"),
+    ("scannetpp_depth", "ScanNet++ depth, max 20 m (FiT3D processed layout or raw DSLR renders); rmse, a1, abs_rel"),
+    ("scannet_depth", "ScanNet depth in FiT3D's eval_data/scannet layout, Eigen crop, max 10 m; rmse, a1, abs_rel"),
     ("kitti_depth", "KITTI Eigen split depth, Garg crop, max 80 m; rmse, a1, abs_rel"),
 ]:
     TASKS.add(_name, type(f"DepthTask_{_name}", (DepthTask,), {}), _desc)

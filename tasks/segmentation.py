@@ -37,8 +37,10 @@ class SegmentationTask(DenseTask):
 
 for _name, _desc in [
     ("synth_seg", "semantic segmentation probe on the synthetic scenes (8 classes); mIoU"),
-    ("nyu_seg", "NYUv2 40-class segmentation (mmseg layout, reduce_zero_label); mIoU"),
-    ("scannetpp_seg", "ScanNet++ DSLR semantic segmentation (top-100 classes, rendered labels); mIoU"),
+    ("nyu_seg", "NYUv2 13-class segmentation as FiT3D (mmseg layout, reduce_zero_label); mIoU"),
+    ("nyu_seg40", "NYUv2 40-class segmentation (mmseg layout, reduce_zero_label; no published rows); mIoU"),
+    ("scannet_seg", "ScanNet 40-class segmentation in FiT3D's eval_data/scannet layout (reduce_zero_label); mIoU"),
+    ("scannetpp_seg", "ScanNet++ semantic segmentation, 100 classes (FiT3D processed layout or raw DSLR renders); mIoU"),
     ("ade20k_seg", "ADE20k 150 classes (reduce_zero_label), sliding-window 512/341; mIoU"),
     ("voc_seg", "Pascal VOC 2012, 21 classes, sliding-window 512/341; mIoU"),
 ]:

@@ -355,3 +355,89 @@ def test_cli_subprocess_nonexistent_root():
     assert "horatio.cs.nyu.edu" in r.stdout and "nyuv2_snorm_all.pkl" in r.stdout
     assert r.stderr.strip().startswith("error: NYU Depth v2 not prepared under /nonexistent")
     assert "Fix:" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------ issue 13: protocol fidelity
+def _task_cfg(*overrides):
+    from bench.config import compose
+
+    return compose(list(overrides))
+
+
+def test_nyu_seg_is_fit3d_13_class_protocol(tmp_path):
+    """FiT3D evaluation/configs/vits_nyu_sem_linear_config.py: num_classes 13, reduce_zero_label, img_scale
+    (2048, 512) x ratio 0.5-2, 512 crops, slide 512/341; mmseg/datasets/nyuv2.py: 13 classes, .png images."""
+    from tasks.data import open_split, reduce_zero_label
+
+    cfg = _task_cfg("task=nyu_seg", f"paths.data_dir={tmp_path}", "protocol=linear")
+    ds, proto = cfg.task.dataset, cfg.task.protocol
+    assert ds.num_classes == 13 and ds.reduce_zero_label and ds.root == f"{tmp_path}/nyuv2"
+    assert proto.train.resize_short == 512 and list(proto.train.scale_range) == [0.5, 2.0]
+    assert list(proto.train.crop) == [512, 512] and proto.test.resize_short == 512
+    assert proto.test.sliding.window == 512 and proto.test.sliding.stride == 341
+    root = tmp_path / "nyuv2"
+    for sub in ("training", "validation"):  # FiT3D's eval_data/nyuv2 layout
+        save_rgb(root / "images" / sub / "000001.png", rand_rgb(4, 4))
+        save_u8(root / "annotations" / sub / "000001.png", np.array([[0, 1, 13, 7]] * 4))
+    s = open_split(ds, "test")[0]
+    assert reduce_zero_label(s["semantic"])[0].tolist() == [255, 0, 12, 6]  # 0 = background -> ignore
+    # 40-class labels under the 13-class task: one clear error naming the file and the other task
+    save_u8(root / "annotations" / "validation" / "000001.png", np.array([[0, 1, 40, 7]] * 4))
+    with pytest.raises(DataMissingError, match="label 40, above the 13 classes.*nyu_seg40"):
+        open_split(ds, "test")[0]
+    cfg40 = _task_cfg("task=nyu_seg40", f"paths.data_dir={tmp_path}")
+    assert cfg40.task.dataset.num_classes == 40 and cfg40.task.dataset.root == f"{tmp_path}/nyuv2_40"
+    assert open_split(dict(cfg40.task.dataset, root=str(root)), "test")[0]["semantic"][0].tolist() == [0, 1, 40, 7]
+
+
+def test_voc_seg_trains_on_segmentation_train_txt(tmp_path):
+    """FiT3D vits_voc2012_sem_linear_config.py: data.train split ImageSets/Segmentation/train.txt (1,464 ids),
+    ann_dir SegmentationClass -- not SBD's train_aug; no SegmentationClassAug is needed."""
+    from tasks.data import open_split
+
+    make_voc(tmp_path, aug=False)
+    cfg = _task_cfg("task=voc_seg", f"paths.data_dir={tmp_path}")
+    assert cfg.task.dataset.splits.train == "train" and cfg.task.dataset.kwargs.layout == "voc2012"
+    train = open_split(cfg.task.dataset, "train")
+    assert len(train) == 1 and train[0]["id"] == "2007_000032"  # exactly the ids of train.txt
+    assert len(open_split(cfg.task.dataset, "test")) == 1
+
+
+def test_geonet_rgb_is_restored_with_uint8_truncation(tmp_path):
+    """Probe3D evals/datasets/nyu.py: img[..., c] += 2 * mean_c (in the stored dtype), then astype(uint8),
+    which truncates: a stored value that restores to 36.99998 is 36, not 37."""
+    import scipy.io
+
+    from bench.data.nyuv2 import geonet_rgb
+
+    img = np.zeros((480, 640, 3), np.float32)
+    img[0, 0] = np.float32(37.0 - 2 * 122.175) - np.float32(2e-5), 10 - 2 * 116.169, 200.5 - 2 * 103.508
+    assert float(img[0, 0, 0] + np.float32(2 * 122.175)) < 37.0  # the float error the cast truncates
+    assert geonet_rgb(img)[0, 0].tolist() == [36, 10, 200]
+    (tmp_path / "nyu_geonet").mkdir()
+    scipy.io.savemat(tmp_path / "nyu_geonet" / "a_0001.mat", {"img": img, "depth": np.ones((480, 640), np.float32),
+                                                            "norm": np.zeros((480, 640, 3), np.float32)})
+    with open(tmp_path / "nyuv2_snorm_all.pkl", "wb") as f:
+        pickle.dump({"images": [], "depths": [], "snorms": [], "test_indices": []}, f)
+    s = reader("nyuv2")(tmp_path, "trainval", layout="probe3d")[0]
+    assert (s["image"][:, 0, 0] * 255).round().tolist() == [36.0, 10.0, 200.0]
+
+
+def test_normals_readers_return_raw_depth(tmp_path):
+    """Issue 13 item 6 (reader part): every normals task's samples carry ``depth`` in metres, 0 = missing,
+    as loaded (no max-depth cut: the task masks depth > 0 and <= 10 m, Probe3D train_snorm.py)."""
+    from tasks.data import open_split
+
+    make_nyu_probe3d(tmp_path / "nyuv2")
+    cfg = _task_cfg("task=nyu_normals", f"paths.data_dir={tmp_path}", "protocol=probe3d")
+    s = open_split(cfg.task.dataset, "train")[0]
+    assert s["normals"].shape == (3, 6, 8) and s["depth"].shape == (6, 8)
+    assert s["depth"][0, 0] == 12.0 and s["depth"][1, 1] == 1.0  # raw: the 12 m pixel is not cut here
+    t = open_split(cfg.task.dataset, "test")[0]
+    assert torch.allclose(t["depth"], torch.full((6, 8), 1.0))  # labelled frame test_indices[0] = 1 -> 0.5 * 2
+    # synthetic normals: the scene reader loads render_depth (uint16 mm) beside the normals
+    cfg = _task_cfg("task=synth_normals", f"paths.data_dir={tmp_path}", "task.dataset.scenes=1",
+                    "task.dataset.views=1", "task.dataset.size=16", "task.dataset.held_out=0")
+    s = open_split(cfg.task.dataset, "train")[0]
+    assert s["normals"].shape == (3, 16, 16) and s["depth"].shape == (16, 16)
+    assert (s["depth"] > 0).all() and s["depth"].max() < 20  # metres (a room), not millimetres

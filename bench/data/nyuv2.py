@@ -11,12 +11,20 @@
   all; ``test`` = the pickle's ``test_indices``.
   Normals are returned as released (GeoNet and the test normals share one convention; metrics are
   computed between prediction and ground truth of the same reader, so no axis flip is applied).
+  ``depth`` is the raw depth of the frame in metres (0 = missing), returned beside the normals: the
+  normals tasks mask pixels by it (Probe3D ``train_snorm.py``: depth > 0). GeoNet's mean-subtracted
+  ``img`` is restored as Probe3D's ``nyu.py`` does it: add twice the channel means in the stored dtype,
+  then cast to uint8 (truncation toward zero, not rounding; values are clipped to 0..255 first, where the
+  cast would be undefined).
 * ``mmseg_depth`` -- the BTS / Monocular-Depth-Estimation-Toolbox layout used by FiT3D and
   Splat-and-Distill: ``nyu_train.txt`` / ``nyu_test.txt`` with lines ``<rgb> <depth png|None> <focal>``
   relative to the root; depth PNGs are uint16 millimetres.
-* ``mmseg_seg`` -- the mmseg folder layout for NYUv2 semantic segmentation (FiT3D):
-  ``images/{training,validation}/*.png|jpg`` and ``annotations/{training,validation}/*.png`` with
-  0 = unlabelled (labels are returned as stored; the task config sets ``reduce_zero_label``).
+* ``mmseg_seg`` -- the mmseg folder layout for NYUv2 semantic segmentation (FiT3D's ``eval_data/nyuv2``):
+  ``images/{training,validation}/*.png`` and ``annotations/{training,validation}/*.png`` with
+  0 = background/unlabelled and 1..13 the 13 classes of FiT3D's ``mmseg/datasets/nyuv2.py`` (bed, books,
+  ceiling, chair, floor, furniture, objects, painting, sofa, table, tv, wall, window); labels are returned
+  as stored, the task config sets ``reduce_zero_label`` (FiT3D: True). ``max_label`` (task kwarg) rejects
+  annotations with larger ids, e.g. 40-class labels fed to the 13-class task (task=nyu_seg40 reads those).
 
 Samples: ``image`` [3,H,W] in [0,1], ``K`` [3,3] (the NYU Kinect intrinsics), and ``depth`` [H,W] metres
 (0 invalid), ``normals`` [3,H,W] (probe3d), ``semantic`` [H,W] int64 (mmseg_seg), ``name``.
@@ -37,11 +45,21 @@ from .layout import FileDataset, read_depth_png, read_label_png, read_lines, rea
 #: NYUv2 Kinect colour intrinsics at 640x480 (as used by the depth toolbox), pixel centres at +0.5
 NYU_K = torch.tensor([[518.8579, 0.0, 325.5824], [0.0, 519.4696, 253.7362], [0.0, 0.0, 1.0]])
 #: GeoNet stores mean-subtracted images; Probe3D restores them by adding twice these channel means
-GEONET_MEAN2 = 2.0 * np.array([122.175, 116.169, 103.508], dtype=np.float32)
+GEONET_MEANS = (122.175, 116.169, 103.508)
 GEONET_BAD = (21181, 6919)  # deleted in this order, as Probe3D does
 SEG_DIRS = {"train": "training", "val": "validation", "test": "validation"}
 
 _PKL_CACHE: Dict[Path, Dict[str, Any]] = {}
+
+
+def geonet_rgb(img: np.ndarray) -> np.ndarray:
+    """GeoNet's mean-subtracted ``img`` [H,W,3] -> uint8 RGB as Probe3D's ``evals/datasets/nyu.py``:
+    ``img[..., c] + 2 * mean_c`` in the stored float dtype, then ``astype(uint8)`` (truncation). Values
+    outside 0..255 (undefined for the cast) are clipped first."""
+    x = np.array(img, dtype=img.dtype if np.issubdtype(img.dtype, np.floating) else np.float64)
+    for c in range(3):
+        x[..., c] += 2 * GEONET_MEANS[c]  # a Python float, added in x's dtype as Probe3D
+    return np.clip(x, 0, 255).astype(np.uint8)
 
 
 def _load_pkl(path: Path) -> Dict[str, Any]:
@@ -62,7 +80,7 @@ def _load_pkl(path: Path) -> Dict[str, Any]:
     return _PKL_CACHE[path]
 
 
-@DATASETS.register("nyuv2", "NYU Depth v2: Probe3D/GeoNet (depth+normals), mmseg depth, mmseg 40-class seg")
+@DATASETS.register("nyuv2", "NYU Depth v2: Probe3D/GeoNet (depth+normals), mmseg depth, mmseg seg (13 or 40 classes)")
 class NYUv2(FileDataset):
     name = "nyuv2"
     title = "NYU Depth v2"
@@ -85,8 +103,11 @@ mmseg_depth:
   Monocular-Depth-Estimation-Toolbox docs (https://github.com/zhyever/Monocular-Depth-Estimation-Toolbox,
   docs/dataset_prepare.md)
 mmseg_seg:
-  NYUv2 40-class labels converted to mmseg folders (e.g. FiT3D's eval_data/nyuv2, see
-  https://github.com/ywyue/FiT3D): 795 training / 654 validation frames"""
+  FiT3D's eval_data/nyuv2 (https://github.com/ywyue/FiT3D, README "Evaluation"): the NYUv2 13-class
+  labels (0 = background, 1..13) in mmseg folders, 795 training / 654 validation frames, PNG images
+  (mmseg/datasets/nyuv2.py: img_suffix .png). FiT3D does not ship a converter: the 13-class maps are the
+  NYUv2 "class13" labels (Couprie et al. 2013 mapping of the 894 raw classes), 0 = unlabelled.
+  task=nyu_seg40 reads the same folders with the 40-class labels (1..40) instead, at its own root."""
     licence = """\
 NYU Depth v2: free for research (Silberman et al., ECCV 2012); no redistribution licence is stated.
 GeoNet normals (Qi et al.), Ladicky/FAIR normals: research use, cite the papers."""
@@ -99,13 +120,15 @@ nyu_train.txt                   (<scene>/rgb_XXXXX.jpg <scene>/sync_depth_XXXXX.
 nyu_test.txt
 <scene>/rgb_XXXXX.jpg, <scene>/sync_depth_XXXXX.png   (uint16 millimetres)""",
         "mmseg_seg": """\
-images/training/*.png           annotations/training/*.png     (0 = unlabelled, 1..40 classes)
+images/training/*.png           annotations/training/*.png     (0 = background, 1..13; nyu_seg40: 1..40)
 images/validation/*.png         annotations/validation/*.png""",
     }
 
-    def __init__(self, root, split: str, layout: Optional[str] = None, max_depth: Optional[float] = None):
+    def __init__(self, root, split: str, layout: Optional[str] = None, max_depth: Optional[float] = None,
+                 max_label: Optional[int] = None):
         super().__init__(root, split, layout)
         self.max_depth = max_depth
+        self.max_label = None if max_label is None else int(max_label)
 
     @classmethod
     def required(cls, root: Path, layout: str) -> List[Path]:
@@ -163,8 +186,16 @@ images/validation/*.png         annotations/validation/*.png""",
             return {"image": read_rgb(img), "depth": self._clip(read_depth_png(dep, 1000.0)),
                     "K": NYU_K.clone(), "name": str(img.relative_to(self.root))}
         img, lab = item
-        return {"image": read_rgb(img), "semantic": read_label_png(lab),
-                "K": NYU_K.clone(), "name": img.stem}
+        semantic = read_label_png(lab)
+        if self.max_label is not None:
+            labelled = semantic[semantic != 255]
+            top = int(labelled.max()) if labelled.numel() else 0
+            if top > self.max_label:
+                raise DataMissingError(
+                    f"{lab} has label {top}, above the {self.max_label} classes this task reads",
+                    "task=nyu_seg reads FiT3D's 13-class labels (0..13); for 40-class annotations use "
+                    "task=nyu_seg40 (root nyuv2_40), or point task.dataset.root at the 13-class folders")
+        return {"image": read_rgb(img), "semantic": semantic, "K": NYU_K.clone(), "name": img.stem}
 
     def _probe3d(self, item) -> Dict[str, Any]:
         kind, ref = item
@@ -180,7 +211,7 @@ images/validation/*.png         annotations/validation/*.png""",
 
             try:
                 m = scipy.io.loadmat(str(ref))
-                img = np.asarray(m["img"], dtype=np.float32)[:480, :640]
+                img = np.array(m["img"])[:480, :640]
                 depth = torch.from_numpy(np.asarray(m["depth"], dtype=np.float32)[:480, :640].copy())
                 normals = torch.from_numpy(np.asarray(m["norm"], dtype=np.float32)[:480, :640].copy()).permute(2, 0, 1)
             except FileNotFoundError:
@@ -189,7 +220,7 @@ images/validation/*.png         annotations/validation/*.png""",
                 raise DataMissingError(f"cannot read GeoNet frame {ref} ({type(e).__name__}: {e})",
                                        "the file is corrupt or not a GeoNet .mat (keys img, depth, norm): "
                                        "replace it from the original archive") from None
-            image = torch.from_numpy(np.clip(img + GEONET_MEAN2, 0, 255).round() / 255.0).permute(2, 0, 1).float()
+            image = torch.from_numpy(geonet_rgb(img).astype(np.float32) / 255.0).permute(2, 0, 1)
             name = ref.stem
         return {"image": image.contiguous(), "depth": self._clip(depth), "normals": normals.contiguous(),
                 "K": NYU_K.clone(), "name": name}
