@@ -80,6 +80,17 @@ def _fmt(t: float) -> str:
 
 
 # ----------------------------------------------------------------------------------- depth pairs
+def pair_depth_intrinsics(sample: Mapping[str, Tensor], image_hw: Tuple[int, int], scale: float) -> Tuple[Tensor, Tuple[int, int]]:
+    """The intrinsics ``[2,3,3]`` and size of the depth grid the errors are measured on: the depth maps'
+    own K (``K_depth``; ``K`` when a reader gives none) scaled once, from the stored depth size to
+    ``round(image_hw * scale)`` (Probe3D: ``K[:2] *= 0.25`` on the 640x480 depth K)."""
+    Kd = sample.get("K_depth", sample["K"]).float()
+    Hd, Wd = sample["depth"].shape[-2:]
+    H, W = image_hw
+    Hq, Wq = max(1, round(H * scale)), max(1, round(W * scale))
+    return scale_intrinsics(Kd, Wq / Wd, Hq / Hd), (Hq, Wq)
+
+
 def depth_pair_errors(backbone, sample: Mapping[str, Tensor], proto: Mapping[str, Any]) -> Dict[str, Any]:
     """Reprojection errors (pixels of the depth-scaled image) of the matches of one two-view sample
     (``images [2,3,H,W]``, ``depth [2,Hd,Wd]``, ``K [2,3,3]``, ``w2c [2,4,4]``, optional ``K_depth``)."""
@@ -87,17 +98,14 @@ def depth_pair_errors(backbone, sample: Mapping[str, Tensor], proto: Mapping[str
     images = sample["images"].to(dev).float()
     depth = sample["depth"].to(dev).float()
     w2c = sample["w2c"].to(dev).float()
-    Kd = sample.get("K_depth", sample["K"]).to(dev).float()  # the depth maps' intrinsics
     H0, W0 = images.shape[-2:]
     H, W = _pair_size(proto.get("image_size"), H0, W0)
     if (H, W) != (H0, W0):
         images = F.interpolate(images, size=(H, W), mode="bilinear", align_corners=False,
                                antialias=H < H0 or W < W0).clamp(0, 1)
-    s = float(proto.get("depth_scale", 0.25))
-    Hq, Wq = max(1, round(H * s)), max(1, round(W * s))
-    Hd, Wd = depth.shape[-2:]
+    Kq, (Hq, Wq) = pair_depth_intrinsics(sample, (H, W), float(proto.get("depth_scale", 0.25)))
+    Kq = Kq.to(dev)
     depth_q = F.interpolate(depth[:, None], size=(Hq, Wq), mode="nearest")[:, 0]
-    Kq = scale_intrinsics(Kd, Wq / Wd, Hq / Hd)
 
     with torch.no_grad():
         feats = extract_features(backbone, images, proto.get("layers"), proto.get("input_norm")).float()

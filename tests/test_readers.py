@@ -114,15 +114,16 @@ def test_nyuv2_mmseg_depth_and_seg(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ ScanNet pairs
-def make_scannet(root: Path):
-    K = np.array([[20.0, 0, 8], [0, 21.0, 6], [0, 0, 1]])
+def make_scannet(root: Path, color_hw=(480, 640)):
+    """LoFTR's scannet_test_1500 layout; intrinsics.npz holds the K of the 640x480 depth maps."""
+    K = np.array([[577.6, 0, 318.9], [0, 578.7, 242.7], [0, 0, 1]])
     np.savez(root / "test.npz", name=np.array([[707, 0, 15, 45]]))
     np.savez(root / "intrinsics.npz", scene0707_00=K)
     d = root / "scene0707_00"
     poses = {}
     for k, f in enumerate((15, 45)):
-        save_rgb(d / "color" / f"{f}.jpg", rand_rgb(12, 16, f))
-        save_u16(d / "depth" / f"{f}.png", np.full((12, 16), 1000 + 500 * k))
+        save_rgb(d / "color" / f"{f}.jpg", rand_rgb(*color_hw, f))
+        save_u16(d / "depth" / f"{f}.png", np.full((480, 640), 1000 + 500 * k))
         c2w = np.eye(4)
         c2w[:3, 3] = [0.1 * k, 0.0, 0.2]
         (d / "pose").mkdir(parents=True, exist_ok=True)
@@ -138,9 +139,9 @@ def test_scannet_pairs(tmp_path):
     ds = SP(tmp_path, "test")
     s = ds[0]
     assert len(ds) == 1 and s["id"] == "scene0707_00:15-45"
-    assert s["images"].shape == (2, 3, 12, 16) and s["depth"].shape == (2, 12, 16)
-    assert torch.allclose(s["depth"][1], torch.full((12, 16), 1.5))
-    assert torch.allclose(s["K"][0].double(), torch.from_numpy(K))
+    assert s["images"].shape == (2, 3, 480, 640) and s["depth"].shape == (2, 480, 640)
+    assert torch.allclose(s["depth"][1], torch.full((480, 640), 1.5))
+    assert torch.allclose(s["K"][0].double(), torch.from_numpy(K)) and torch.equal(s["K"], s["K_depth"])
     assert torch.allclose(s["w2c"][1].double(), torch.linalg.inv(torch.from_numpy(poses[45])), atol=1e-6)
     (tmp_path / "scene0707_00" / "pose" / "45.txt").unlink()
     assert SP.check(tmp_path, deep=True) == [str(tmp_path / "scene0707_00" / "pose" / "45.txt")]
@@ -441,3 +442,21 @@ def test_normals_readers_return_raw_depth(tmp_path):
     s = open_split(cfg.task.dataset, "train")[0]
     assert s["normals"].shape == (3, 16, 16) and s["depth"].shape == (16, 16)
     assert (s["depth"] > 0).all() and s["depth"].max() < 20  # metres (a room), not millimetres
+
+
+def test_scannet1500_pair_intrinsics_belong_to_the_640x480_depth(tmp_path):
+    """LoFTR src/datasets/scannet.py: intrinsics.npz is the depth camera's K (640x480); Probe3D
+    evaluate_scannet_correspondence.py scales it once, K[:2] *= 0.25, for the x0.25 depth. A colour frame
+    stored at 1296x968 gets its own K (npz K x colour/640x480); the depth K is never scaled twice."""
+    import tasks.correspondence as corr
+
+    K, _ = make_scannet(tmp_path, color_hw=(968, 1296))
+    s = reader("scannet_pairs")(tmp_path, "test")[0]
+    Kt = torch.from_numpy(K).float()
+    assert s["images"].shape[-2:] == (968, 1296) and s["depth"].shape[-2:] == (480, 640)
+    assert torch.equal(s["K_depth"][0], Kt) and torch.equal(s["K_depth"][1], Kt)
+    assert torch.allclose(s["K"][0], Kt * torch.tensor([[1296 / 640] * 3, [968 / 480] * 3, [1.0] * 3]))
+    # the task: image resized to 480x640, depth and K_depth scaled x0.25 once -> 120x160, fx = 577.6 / 4
+    Kq, (Hq, Wq) = corr.pair_depth_intrinsics(s, (480, 640), 0.25)
+    assert (Hq, Wq) == (120, 160)
+    assert torch.allclose(Kq[0], torch.tensor([[144.4, 0, 79.725], [0, 144.675, 60.675], [0, 0, 1]]))

@@ -1,14 +1,19 @@
 """ScanNet-1500: the 1500 SuperGlue/LoFTR test pairs, in the ``scannet_test_1500`` layout Probe3D reads.
 
 ``test.npz`` holds ``name`` = int array ``[N, 4]`` of ``(scene, sub-scan, frame_0, frame_1)``;
-``intrinsics.npz`` maps ``sceneXXXX_YY`` to the 3x3 colour intrinsics of the 640x480 frames. Per scene:
-``color/<frame>.jpg``, ``depth/<frame>.png`` (uint16 millimetres) and ``pose/<frame>.txt`` (4x4
-camera-to-world, OpenCV axes).
+``intrinsics.npz`` maps ``sceneXXXX_YY`` to a 3x3 matrix: the intrinsics of the **640x480 depth maps**
+(LoFTR ``src/datasets/scannet.py``: "path to depth-camera intrinsic file", "read the intrinsic of
+depthmap"; LoFTR and Probe3D resize the colour frame to 640x480 to align it with the depth and use this K
+unscaled for both). Per scene: ``color/<frame>.jpg``, ``depth/<frame>.png`` (uint16 millimetres) and
+``pose/<frame>.txt`` (4x4 camera-to-world, OpenCV axes).
 
 A sample is a two-view scene sample (the multi-view convention with V = 2): ``images [2,3,H,W]`` in
-[0,1], ``depth [2,H,W]`` metres, ``K [2,3,3]``, ``w2c [2,4,4]``, plus ``id`` (``scene:f0-f1``). When the
-depth maps and colour frames differ in size, the depth is returned as stored and ``K_depth [2,3,3]``
-gives its intrinsics (ScanNet-1500 ships both at 640x480, so ``K_depth == K``).
+[0,1] as stored, ``depth [2,Hd,Wd]`` metres as stored, ``K_depth [2,3,3]`` (the npz K, for the 640x480
+depth; scaled only if a depth map is not 640x480), ``K [2,3,3]`` (the same camera at the colour frame's
+size: the npz K scaled by colour size / 640x480), ``w2c [2,4,4]``, plus ``id`` (``scene:f0-f1``). The
+correspondence task scales ``K_depth`` once, by its depth_scale (Probe3D: ``K[:2] *= 0.25``). Whether the
+colour JPEGs inside LoFTR's ``scannet_test_1500.tar`` are 640x480 or the raw 1296x968 could not be
+verified here (the archive is licensed); either size gives the same K_depth.
 """
 from __future__ import annotations
 
@@ -18,9 +23,22 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
+from ..cameras import scale_intrinsics
 from ..errors import DataMissingError
 from ..registry import DATASETS
 from .layout import FileDataset, load_npz, read_depth_png, read_rgb
+
+
+#: the size (H, W) that intrinsics.npz describes: the ScanNet depth maps (LoFTR src/datasets/scannet.py)
+NPZ_K_SIZE = (480, 640)
+
+
+def pair_intrinsics(K_npz: torch.Tensor, image_hw, depth_hw) -> tuple:
+    """``(K_image, K_depth)`` from the npz K of the 640x480 depth: each is scaled from 640x480 to the
+    map's own size exactly once (identity for the 640x480 maps of ScanNet-1500)."""
+    H0, W0 = NPZ_K_SIZE
+    (H, W), (Hd, Wd) = tuple(image_hw), tuple(depth_hw)
+    return scale_intrinsics(K_npz, W / W0, H / H0), scale_intrinsics(K_npz, Wd / W0, Hd / H0)
 
 
 def read_pose(path: Path) -> torch.Tensor:
@@ -111,7 +129,7 @@ sceneXXXX_YY/pose/<frame>.txt   (4x4 camera-to-world)"""}
         if scene not in self.intrinsics:
             raise DataMissingError(f"{self.root / 'intrinsics.npz'} has no entry for {scene}",
                                    "download intrinsics.npz from the LoFTR repository again")
-        K = torch.as_tensor(self.intrinsics[scene], dtype=torch.float32).reshape(3, 3)
+        K_npz = torch.as_tensor(self.intrinsics[scene], dtype=torch.float32).reshape(3, 3)
         images, depths, w2c = [], [], []
         for f in (f0, f1):
             fs = self.files(self.root, scene, f)
@@ -121,14 +139,6 @@ sceneXXXX_YY/pose/<frame>.txt   (4x4 camera-to-world)"""}
         if images[0].shape != images[1].shape or depths[0].shape != depths[1].shape:
             raise DataMissingError(f"frames {f0} and {f1} of {scene} differ in size",
                                    "ScanNet-1500 frames are all 640x480: re-extract the archive")
-        H, W = images[0].shape[-2:]
-        Hd, Wd = depths[0].shape
-        K_img = K.clone()
-        out = {"images": torch.stack(images), "depth": torch.stack(depths), "K": torch.stack([K_img, K_img]),
-               "w2c": torch.stack(w2c), "id": f"{scene}:{f0}-{f1}"}
-        if (Hd, Wd) != (H, W):
-            Kd = K.clone()
-            Kd[0] *= Wd / W
-            Kd[1] *= Hd / H
-            out["K_depth"] = torch.stack([Kd, Kd])
-        return out
+        K_img, K_depth = pair_intrinsics(K_npz, images[0].shape[-2:], depths[0].shape)
+        return {"images": torch.stack(images), "depth": torch.stack(depths), "K": torch.stack([K_img, K_img]),
+                "K_depth": torch.stack([K_depth, K_depth]), "w2c": torch.stack(w2c), "id": f"{scene}:{f0}-{f1}"}
