@@ -254,7 +254,10 @@ def xyz_pair_errors(backbone, sample: Mapping[str, Tensor], proto: Mapping[str, 
     with torch.no_grad():
         feats = extract_features(backbone, images, proto.get("layers"), proto.get("input_norm")).float()
     extent = feature_extent(backbone, H, W)
-    xyz = unproject_depth(depth, K)[:, ::step, ::step]                         # [2,Hq,Wq,3] camera frames
+    if "xyz" in sample:  # the reader's xyz grid (NAVI: Probe3D's, back-projected before the object crop)
+        xyz = sample["xyz"].to(dev).float().permute(0, 2, 3, 1)[:, ::step, ::step]
+    else:
+        xyz = unproject_depth(depth, K)[:, ::step, ::step]                     # [2,Hq,Wq,3] camera frames
     valid = depth[:, ::step, ::step] > 0
     uv = pixel_grid(*valid.shape[-2:], device=dev) * step                       # quarter-cell centres, image px
     mode = proto.get("feature_upsample", "bicubic")

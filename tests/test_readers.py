@@ -194,14 +194,46 @@ def test_navi_pairs_crop_and_intrinsics(tmp_path):
     # 0 and 1 are 40 deg apart (allowed); 2 is 150 / 110 deg from 0 / 1: only 1 qualifies (<= 120)
     assert ("000", "001") in pairs and ("001", "000") in pairs and ("002", "001") in pairs and len(pairs) == 3
     assert len(NAVI(tmp_path, "test")) == 1  # every 4th of 3 images
-    s = ds[0]
-    assert s["images"].shape == (2, 3, 38, 38) and s["depth"].shape == (2, 38, 38)
+    s = NAVI(tmp_path, "test", size=20, every=1)[0]
+    assert s["images"].shape == (2, 3, 20, 20) and s["depth"].shape == (2, 20, 20) and s["xyz"].shape == (2, 3, 20, 20)
     assert torch.allclose(s["depth"][s["depth"] > 0], torch.tensor(0.8), atol=2e-3)
-    # hand-computed: f = 100 * 40/80 = 50; square crop x0 = 10; object rows 10..29, cols 20..35 in the
-    # square -> box (19, 15), side 19, top-left (10, 20 - 2) = (10, 18); resize x2
+    # hand-computed Probe3D rule: 40x60 -> short side 20 (nearest: src = 2 * dst) -> 20x30, centre crop
+    # left = 5; object rows 10..29 / cols 30..45 -> rows 5..14, cols 10..17; box (9, 7), side 9, pad (0, 2),
+    # start (5, 9); f = 100 * 20/80 = 25, c = (10, 10) -> crop (1, 5) -> x 20/9
     K = s["K"][0]
-    assert torch.allclose(K, torch.tensor([[100.0, 0, (30 - 10 - 18) * 2.0], [0, 100.0, (20 - 10) * 2.0], [0, 0, 1]]))
+    assert torch.allclose(K, torch.tensor([[25 * 20 / 9, 0, 20 / 9], [0, 25 * 20 / 9, 100 / 9], [0, 0, 1]]))
     assert torch.allclose(s["w2c"][0][:3, 3], torch.tensor([0.0, 0.0, 1.0]))
+    # output (19, 19) <- crop (8, 8) <- 20x20 (13, 17) <- source (26, 44), nearest all the way
+    src = read_rgb_file(tmp_path / "obj1" / "wild_set" / "images" / f"{s['id'].split(':')[1].split('-')[0]}.jpg")
+    assert torch.equal(s["images"][0][:, 19, 19], src[:, 26, 44])
+    d = float(s["depth"][0, 19, 19])
+    assert torch.allclose(s["xyz"][0][:, 19, 19], torch.tensor([d * 7.5 / 25, d * 3.5 / 25, d]), atol=1e-6)
+    assert s["xyz"][0][:, 0, 0].eq(0).all()  # background pixel: no point
+
+
+def read_rgb_file(path):
+    from bench.data.layout import read_rgb
+
+    return read_rgb(path, exif_transpose=True)
+
+
+def test_navi_probe3d_bbox_rule():
+    """Probe3D evals/datasets/utils.py bbox_crop: centred square if it fits, else start = tl - pad (clip 0)."""
+    from bench.data.navi import center_crop, probe3d_bbox, resize_short_nearest
+
+    m = torch.zeros(10, 10, dtype=torch.bool)
+    m[2:8, 8:10] = True          # near the right edge: tl (2, 8), br (7, 9), box (5, 1), side 5, pad (0, 4)
+    assert probe3d_bbox(m) == (2, 4, 5)   # centred start (2, 6) leaves the image -> (2, 8 - 4); a clamp gives (2, 5)
+    m = torch.zeros(10, 10, dtype=torch.bool)
+    m[0:6, 0:2] = True
+    assert probe3d_bbox(m) == (0, 0, 5)
+    m = torch.zeros(10, 10, dtype=torch.bool)
+    m[3:6, 4:9] = True           # tl (3, 4), box (2, 4), side 4, pad (2, 0): centred (2, 4) fits
+    assert probe3d_bbox(m) == (2, 4, 4)
+    assert resize_short_nearest(torch.zeros(1, 30, 45), 20).shape == (1, 20, 30)
+    assert resize_short_nearest(torch.zeros(1, 45, 31), 20).shape == (1, 29, 20)  # int(20 * 45 / 31) = 29
+    x = torch.arange(25.0).reshape(1, 5, 5)
+    assert center_crop(x, 2)[0].tolist() == [[12.0, 13.0], [17.0, 18.0]]  # round(1.5) = 2 (Python rounding)
 
 
 # ------------------------------------------------------------------------------------ SPair-71k

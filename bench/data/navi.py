@@ -13,10 +13,17 @@ rotation is in (0, ``max_angle``] degrees, drawn with a seeded generator over so
 draws over directory-listing order, so its exact pairs are not reproducible); every 4th image is kept.
 ``multiview`` does the same on the multi-view scenes.
 
-Each view is cropped as Probe3D does: the central square, then a square box around the object (depth
-> 0), resized to ``size`` x ``size`` (bilinear for RGB, nearest for depth); intrinsics follow the crop.
-Samples are two-view scene samples: ``images [2,3,S,S]``, ``depth [2,S,S]`` metres, ``K [2,3,3]``,
-``w2c [2,4,4]`` (the object frame is the world frame; translation in metres), ``id``, ``object``.
+Each view is resampled and cropped as Probe3D does (``evals/datasets/navi.py`` ``get_single``,
+``evals/datasets/utils.py`` ``get_navi_transforms`` / ``bbox_crop``): the short side to ``size`` with
+**nearest** sampling for RGB and depth alike, the central ``size`` square, the square box around the
+object (depth > 0; :func:`probe3d_bbox`), then nearest resampling back to ``size`` x ``size``; the xyz grid
+is back-projected on the ``size`` image before the box crop and resampled with it (Probe3D's
+``xyz_grid``). Samples are two-view scene samples: ``images [2,3,S,S]``, ``depth [2,S,S]`` metres,
+``xyz [2,3,S,S]`` camera-frame points (metres, 0 where depth is 0), ``K [2,3,3]`` (principal point kept
+at the crop's centre-derived position; Probe3D's final K drops it, which the 2D error, a difference of two
+projections in one camera, does not see), ``w2c [2,4,4]`` (the object frame is the world frame;
+translation in metres), ``id``, ``object``. Probe3D's ``depth[depth < min_depth] = 0`` after the nearest
+resize is a no-op (nearest sampling creates no new values) and is not repeated.
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cameras import crop_intrinsics, quat_to_rotmat, relative_rotation_deg, scale_intrinsics
+from ..cameras import crop_intrinsics, quat_to_rotmat, relative_rotation_deg, scale_intrinsics, unproject_depth
 from ..errors import DataMissingError
 from ..registry import DATASETS
 from .layout import FileDataset, read_array, read_rgb
@@ -47,6 +54,43 @@ def encode_navi_depth(depth_m: np.ndarray) -> np.ndarray:
     return np.clip(v, 0, 65535).astype(np.uint16)
 
 
+def resize_short_nearest(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``[C,H,W]`` with the short side resized to ``size`` by nearest sampling, the long side to
+    ``int(size * long / short)`` (torchvision ``Resize(size, NEAREST)``, as Probe3D's NAVI transforms)."""
+    H, W = x.shape[-2:]
+    if W <= H:
+        new = (int(size * H / W), size)
+    else:
+        new = (size, int(size * W / H))
+    if new == (H, W):
+        return x
+    return F.interpolate(x[None].float(), size=new, mode="nearest")[0]
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision ``CenterCrop(size)``: top/left = ``int(round((H - size) / 2))`` (Python rounding)."""
+    H, W = x.shape[-2:]
+    top, left = int(round((H - size) / 2.0)), int(round((W - size) / 2.0))
+    return x[..., top:top + size, left:left + size]
+
+
+def probe3d_bbox(mask: torch.Tensor) -> Tuple[int, int, int]:
+    """Probe3D's square object crop (``evals/datasets/utils.py`` ``bbox_crop``) of a ``[H,W]`` mask:
+    ``(row0, col0, side)``. ``side = max(br - tl)`` (exclusive of the last row/column); the shorter axis
+    is padded by ``pad // 2`` on the top/left; if that square leaves the image, the start is
+    ``tl - pad`` clipped at 0 on both axes instead (the object flush with the far edge)."""
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    tl = torch.stack([rows.min(), cols.min()])
+    box = torch.stack([rows.max(), cols.max()]) - tl
+    side = max(int(box.max()), 1)
+    pad = side - box
+    start = tl - pad // 2
+    size = torch.tensor(mask.shape)
+    if not (bool((start >= 0).all()) and bool((start + side <= size).all())):
+        start = (tl - pad).clamp(min=0)
+    return int(start[0]), int(start[1]), side
+
+
 def navi_w2c(camera: Dict[str, Any]) -> torch.Tensor:
     """Object-to-camera 4x4 (OpenCV axes, metres) from a NAVI ``camera`` annotation."""
     T = torch.eye(4)
@@ -60,7 +104,7 @@ def _load_annotations(path: Path) -> Dict[str, Dict[str, Any]]:
         data = json.loads(path.read_text())
         return {Path(a["filename"]).stem: a for a in data}
     except FileNotFoundError:
-        raise DataMissingError(f"missing file {path}", "re-extract navi_v1.tar.gz") from None
+        raise DataMissingError(f"missing file {path}", "re-extract navi_v1.0.tar.gz") from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DataMissingError(f"cannot parse {path} ({type(e).__name__}: {e})",
                                "expected NAVI's list of {filename, camera, image_size}: re-extract it") from None
@@ -74,8 +118,10 @@ class NAVI(FileDataset):
     layouts = ("navi_v1",)
     splits = {"navi_v1": ("test", "multiview")}
     sources = """\
-wget http://storage.googleapis.com/gresearch/navi-dataset/navi_v1.tar.gz   (v1.0, used by Probe3D; 16 GB)
-tar -xzf navi_v1.tar.gz
+wget https://storage.googleapis.com/gresearch/navi-dataset/navi_v1.0.tar.gz   (v1.0, 16 GB: the release
+  Probe3D and the NeurIPS 2023 paper use; google/navi README "Dataset versions". Not v1.5, which adds video
+  scenes and is 30 GB. Probe3D's README still names the old file navi_v1.tar.gz)
+tar -xzf navi_v1.0.tar.gz      (point --root at the extracted folder, Probe3D's data/navi_v1)
 optional: Probe3D's data_processing/resize_navi.py writes downsampled_* copies (faster loading)
 (https://github.com/google/navi, https://github.com/mbanani/probe3d/blob/main/data_processing/README.md)"""
     licence = """\
@@ -159,37 +205,28 @@ NAVI: see https://github.com/google/navi and https://navidataset.github.io/ for 
         return small if small.exists() else coll / sub / f"{img_id}{ext}"
 
     def view(self, coll: Path, img_id: str, ann: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        """One view, cropped and resized as the protocol says."""
+        """One view, resampled and cropped by Probe3D's rule (``evals/datasets/navi.py`` + ``utils.py``):
+        short side to ``size`` (nearest) and central ``size`` crop, xyz grid from the intrinsics
+        ``f = focal * size / min(image_size)`` with the principal point at the centre, the object square
+        (:func:`probe3d_bbox`), then nearest resampling to ``size`` x ``size`` of image, depth and xyz."""
         image = read_rgb(self._file(coll, "images", img_id, ".jpg"), exif_transpose=True)
         dpath = self._file(coll, "depth", img_id, ".png")
         depth = decode_navi_depth(read_array(dpath))
-        H, W = image.shape[-2:]
-        if depth.shape != (H, W):
-            depth = F.interpolate(depth[None, None], size=(H, W), mode="nearest")[0, 0]
+        S = self.size
+        image = center_crop(resize_short_nearest(image, S), S)
+        depth = center_crop(resize_short_nearest(depth[None], S), S)[0]
         oh, ow = ann["image_size"]
-        f = float(ann["camera"]["focal_length"]) * min(H, W) / min(oh, ow)
-        K = torch.tensor([[f, 0.0, W / 2.0], [0.0, f, H / 2.0], [0.0, 0.0, 1.0]])
-        # central square
-        S = min(H, W)
-        x0, y0 = (W - S) // 2, (H - S) // 2
-        image, depth = image[:, y0:y0 + S, x0:x0 + S], depth[y0:y0 + S, x0:x0 + S]
-        K = crop_intrinsics(K, x0, y0)
-        # square box around the object (Probe3D's bbox crop, clamped into the image)
-        rows, cols = torch.nonzero(depth > 0, as_tuple=True)
-        if rows.numel() == 0:
+        f = float(ann["camera"]["focal_length"]) * S / min(oh, ow)
+        K = torch.tensor([[f, 0.0, S / 2.0], [0.0, f, S / 2.0], [0.0, 0.0, 1.0]])
+        xyz = unproject_depth(depth, K).permute(2, 0, 1)                       # [3,S,S], as Probe3D's xyz_grid
+        if not bool((depth > 0).any()):
             raise DataMissingError(f"{dpath} has no valid depth", "re-extract the collection (depth maps are never empty)")
-        tl = torch.stack([rows.min(), cols.min()])
-        box = torch.stack([rows.max(), cols.max()]) - tl
-        side = int(max(int(box.max()), 1))
-        r0, c0 = [int(v) for v in (tl - (side - box) // 2).clamp(min=0, max=S - side)]
-        image, depth = image[:, r0:r0 + side, c0:c0 + side], depth[r0:r0 + side, c0:c0 + side]
-        K = crop_intrinsics(K, c0, r0)
-        # resize
-        image = F.interpolate(image[None], size=(self.size, self.size), mode="bilinear",
-                              align_corners=False, antialias=True)[0].clamp(0, 1)
-        depth = F.interpolate(depth[None, None], size=(self.size, self.size), mode="nearest")[0, 0]
-        K = scale_intrinsics(K, self.size / side, self.size / side)
-        return {"image": image, "depth": depth, "K": K, "w2c": navi_w2c(ann["camera"])}
+        r0, c0, side = probe3d_bbox(depth > 0)
+        image, depth, xyz = (t[..., r0:r0 + side, c0:c0 + side] for t in (image, depth, xyz))
+        K = scale_intrinsics(crop_intrinsics(K, c0, r0), S / side, S / side)
+        image, depth, xyz = (F.interpolate(t.reshape(1, -1, side, side), size=(S, S), mode="nearest")[0]
+                             for t in (image, depth, xyz))
+        return {"image": image, "depth": depth[0], "xyz": xyz, "K": K, "w2c": navi_w2c(ann["camera"])}
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
         coll, a, b = self.items[i]
@@ -198,5 +235,6 @@ NAVI: see https://github.com/google/navi and https://navidataset.github.io/ for 
         ann = self._ann[coll]
         va, vb = self.view(coll, a, ann[a]), self.view(coll, b, ann[b])
         return {"images": torch.stack([va["image"], vb["image"]]), "depth": torch.stack([va["depth"], vb["depth"]]),
+                "xyz": torch.stack([va["xyz"], vb["xyz"]]),
                 "K": torch.stack([va["K"], vb["K"]]), "w2c": torch.stack([va["w2c"], vb["w2c"]]),
                 "id": f"{coll.parent.name}/{coll.name}:{a}-{b}", "object": coll.parent.name}
