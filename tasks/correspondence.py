@@ -79,6 +79,13 @@ def _fmt(t: float) -> str:
     return f"{t:g}"
 
 
+def _features(backbone, images: Tensor, proto: Mapping[str, Any]) -> Tensor:
+    """Dense features as the protocol says: ``layers``, ``input_norm``, ``final_norm`` (Probe3D: false,
+    the last block's tokens as its DINO wrapper returns them), ``pad`` (Probe3D: center)."""
+    return extract_features(backbone, images, proto.get("layers"), proto.get("input_norm"),
+                            bool(proto.get("final_norm", True)), proto.get("pad"))
+
+
 # ----------------------------------------------------------------------------------- depth pairs
 def pair_depth_intrinsics(sample: Mapping[str, Tensor], image_hw: Tuple[int, int], scale: float) -> Tuple[Tensor, Tuple[int, int]]:
     """The intrinsics ``[2,3,3]`` and size of the depth grid the errors are measured on: the depth maps'
@@ -108,8 +115,8 @@ def depth_pair_errors(backbone, sample: Mapping[str, Tensor], proto: Mapping[str
     depth_q = F.interpolate(depth[:, None], size=(Hq, Wq), mode="nearest")[:, 0]
 
     with torch.no_grad():
-        feats = extract_features(backbone, images, proto.get("layers"), proto.get("input_norm")).float()
-    extent = feature_extent(backbone, H, W)
+        feats = _features(backbone, images, proto).float()
+    extent = feature_extent(backbone, H, W, proto.get("pad"))
     uv_q = pixel_grid(Hq, Wq, device=dev)                                   # [Hq,Wq,2]
     to_img = uv_q.new_tensor([W / Wq, H / Hq])
     valid_a, valid_b = depth_q[0] > 0, depth_q[1] > 0
@@ -252,8 +259,8 @@ def xyz_pair_errors(backbone, sample: Mapping[str, Tensor], proto: Mapping[str, 
     H, W = images.shape[-2:]
     step = max(1, round(1.0 / float(proto.get("xyz_scale", 0.25))))
     with torch.no_grad():
-        feats = extract_features(backbone, images, proto.get("layers"), proto.get("input_norm")).float()
-    extent = feature_extent(backbone, H, W)
+        feats = _features(backbone, images, proto).float()
+    extent = feature_extent(backbone, H, W, proto.get("pad"))
     if "xyz" in sample:  # the reader's xyz grid (NAVI: Probe3D's, back-projected before the object crop)
         xyz = sample["xyz"].to(dev).float().permute(0, 2, 3, 1)[:, ::step, ::step]
     else:
@@ -322,9 +329,9 @@ def transfer_keypoints(backbone, sample: Mapping[str, Any], proto: Mapping[str, 
     src, s_src = square_resize(sample["image_src"].to(dev).float(), size)
     trg, s_trg = square_resize(sample["image_trg"].to(dev).float(), size)
     with torch.no_grad():
-        feats = extract_features(backbone, torch.stack([src, trg]), proto.get("layers"), proto.get("input_norm")).float()
+        feats = _features(backbone, torch.stack([src, trg]), proto).float()
     feats = F.normalize(feats, dim=1)
-    extent = feature_extent(backbone, size, size)
+    extent = feature_extent(backbone, size, size, proto.get("pad"))
     kp = (sample["kps_src"].to(dev).float() + 0.5) * s_src                    # pixel index -> centre, resized
     if kp.shape[0] == 0:
         return torch.zeros(0, 2)
@@ -337,29 +344,87 @@ def transfer_keypoints(backbone, sample: Mapping[str, Any], proto: Mapping[str, 
     return (torch.stack([u, v], -1) / s_trg - 0.5).cpu()
 
 
+def probe3d_square(image: Tensor, size: int) -> Tuple[Tensor, int]:
+    """Probe3D's SPair image (``evals/datasets/spair.py``, use_bbox=False): the uint8 image padded
+    bottom/right with 255 to a square of side ``S``, then PIL bicubic resize to ``size`` x ``size``
+    (torchvision ``Resize`` on a PIL image). Returns the [3,size,size] image in [0,1] and ``S``."""
+    import numpy as np
+    from PIL import Image
+
+    arr = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    H, W = arr.shape[:2]
+    S = max(H, W)
+    canvas = np.full((S, S, 3), 255, np.uint8)
+    canvas[:H, :W] = arr
+    img = Image.fromarray(canvas).resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0, S
+
+
+def keypoint_hits_probe3d(backbone, sample: Mapping[str, Any], proto: Mapping[str, Any]) -> Tensor:
+    """Probe3D's exact SPair keypoint test (``evaluate_spair_correspondence.py`` ``compute_errors``):
+    keypoints truncated to integers of the ``size`` image (``kps * size / S`` into an int tensor), source
+    features sampled with ``grid_sample(align_corners=True)`` at ``2 * kp / size - 1`` of the feature map of
+    the centre-padded canvas, the prediction = the arg-max patch's *corner* ``(col, row) / w`` in [0, 1),
+    error ``|pred - kp_trg / size|`` divided by ``max(bbox side) / max(image side)``, hit when < ``alpha``."""
+    dev = _device(backbone)
+    size = int(proto.get("image_size", 800))
+    src, S_src = probe3d_square(sample["image_src"], size)
+    trg, S_trg = probe3d_square(sample["image_trg"], size)
+    kp_s = torch.trunc(sample["kps_src"].long().float() * size / S_src)
+    kp_t = torch.trunc(sample["kps_trg"].long().float() * size / S_trg)
+    if kp_s.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    with torch.no_grad():
+        feats = _features(backbone, torch.stack([src, trg]).to(dev), proto).float()
+    feats = F.normalize(feats, p=2, dim=1)
+    ndc = (kp_s / size * 2 - 1).to(dev)
+    f_src = F.grid_sample(feats[:1], ndc[None, None], mode="bilinear", align_corners=True)[0, :, 0].T  # [N,C]
+    C, h, w = feats.shape[1:]
+    best = (f_src @ feats[1].reshape(C, -1)).argmax(dim=1).cpu()
+    pred = torch.stack([best % w, best // w], -1).float() / w
+    l, t, r, b = [float(v) for v in sample["bbox_trg"]]
+    thresh_scale = max(r - l, b - t) / float(max(sample["image_trg"].shape[-2:]))
+    err = (pred - kp_t / size).norm(dim=-1) / thresh_scale
+    return err < float(proto.get("alpha", 0.1))
+
+
 @TASKS.register("spair_corr", "SPair-71k keypoint transfer by feature arg-max, PCK@0.1 of the bbox (Probe3D)")
 class SPairCorrespondence(_RealDatasetTask):
     def evaluate(self, backbone, cfg, workdir: Path) -> Dict[str, float]:
         proto = _node(cfg.task.protocol)
         alpha = float(proto.get("alpha", 0.1))
+        mode = str(proto.get("mode", "probe3d"))
+        if mode not in ("probe3d", "centre"):
+            raise BenchError(f"task.protocol.mode={mode!r} is not an SPair mode",
+                             "use mode=probe3d (Probe3D's exact rule) or mode=centre (patch centres, bench's own)")
         ds = _open_test(cfg)
-        hits: Dict[Tuple[str, int], List[Tensor]] = {}
+        hits: Dict[Tuple[str, Any], List[Tensor]] = {}
         for i in _progress(range(len(ds)), len(ds), "spair pairs"):
             s = ds[i]
-            pred = transfer_keypoints(backbone, s, proto)
-            hit = pck_hits(pred, s["kps_trg"].float(), s["bbox_trg"].float(), alpha)
-            hits.setdefault((s["category"], int(s["viewpoint_variation"])), []).append(hit)
+            if mode == "probe3d":
+                if "bucket" not in s:
+                    raise BenchError("mode=probe3d needs Probe3D's per-bucket samples",
+                                     "set task.dataset.kwargs.sampling=per_bucket (or task.protocol.mode=centre)")
+                hit = keypoint_hits_probe3d(backbone, s, proto)
+            else:
+                pred = transfer_keypoints(backbone, s, proto)
+                hit = pck_hits(pred, s["kps_trg"].float(), s["bbox_trg"].float(), alpha)
+            # a per-bucket sample counts in its own bucket only; otherwise a pair counts in its viewpoint
+            # bucket and in "all"
+            tags = [s["bucket"]] if "bucket" in s else [int(s["viewpoint_variation"]), "all"]
+            for tag in tags:
+                hits.setdefault((s["category"], tag), []).append(hit)
         if not hits:
             raise BenchError("the SPair-71k split selected no pairs", "check task.dataset.kwargs (categories)")
         name = f"pck_{_fmt(alpha)}"
         cats = sorted({c for c, _ in hits})
 
-        def pck(keys) -> Optional[float]:
+        def pck(keys) -> Optional[float]:  # recall pooled over the keypoints of one sample (Probe3D)
             h = [x for k in keys for x in hits.get(k, [])]
             h = torch.cat(h) if h else torch.zeros(0, dtype=torch.bool)
             return 100.0 * h.float().mean().item() if h.numel() else None
 
-        per_cat = {c: pck([k for k in hits if k[0] == c]) for c in cats}
+        per_cat = {c: pck([(c, "all")]) for c in cats}
         per_cat = {c: v for c, v in per_cat.items() if v is not None}
         out = {name: sum(per_cat.values()) / len(per_cat)}
         for vp in (0, 1, 2):
@@ -367,5 +432,5 @@ class SPairCorrespondence(_RealDatasetTask):
             if vals:
                 out[f"{name}_vp{vp}"] = sum(vals) / len(vals)
         out.update({f"{name}_{c}": v for c, v in per_cat.items()})
-        out["pairs"] = float(sum(len(v) for v in hits.values()))
+        out["pairs"] = float(sum(len(v) for k, v in hits.items() if k[1] == "all"))
         return out

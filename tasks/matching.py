@@ -76,9 +76,13 @@ def match_ratio_topk(feat_a: Tensor, feat_b: Tensor, num: Optional[int] = 1000, 
 
 
 # ----------------------------------------------------------------------------------- features
-def feature_extent(backbone, H: int, W: int) -> Tuple[float, float]:
-    """The input-image extent (pixels) that a backbone's feature map covers: the image itself when
-    the backbone resizes to the patch multiple, the padded canvas when it pads (bottom/right)."""
+def feature_extent(backbone, H: int, W: int, pad: Optional[str] = None) -> Tuple[float, float]:
+    """The input-image extent (pixels) over which features are sampled: the image itself when the
+    backbone resizes to the patch multiple, and with ``pad="center"`` (Probe3D: the map of the centre-padded
+    canvas is spread over the image, ``sample_pointcloud_features`` / ``interpolate`` to the xyz grid); the
+    padded canvas when the backbone itself pads (bottom/right)."""
+    if pad == "center":
+        return float(H), float(W)
     if getattr(backbone, "resize_mode", "resize") == "pad" and hasattr(backbone, "grid_size"):
         h, w = backbone.grid_size(H, W)
         return float(h * backbone.patch_size), float(w * backbone.patch_size)
@@ -94,14 +98,40 @@ def sample_features(feats: Tensor, uv: Tensor, extent: Tuple[float, float], mode
     return out[0, :, 0].T
 
 
+def center_pad_offsets(H: int, W: int, patch: int) -> Tuple[int, int, int, int]:
+    """``(left, right, top, bottom)`` zero-padding to the patch multiple, as Probe3D's ``center_padding``
+    (``evals/models/utils.py``): ``pad = patch - H % patch`` (none when divisible), top = pad // 2."""
+    ph = (patch - H % patch) % patch
+    pw = (patch - W % patch) % patch
+    return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
+
+
+def center_pad(backbone, images: Tensor) -> Tensor:
+    """Pad [0,1] images centrally to the backbone's patch multiple with its mean colour, which its input
+    normalisation maps to exactly 0: Probe3D's zero padding after normalisation."""
+    p = int(getattr(backbone, "patch_size", 1))
+    left, right, top, bottom = center_pad_offsets(*images.shape[-2:], p)
+    if left == right == top == bottom == 0:
+        return images
+    mean = getattr(backbone, "mean", None)
+    mean = images.new_zeros(1, 3, 1, 1) if mean is None else mean.to(images).reshape(1, 3, 1, 1)
+    out = mean.expand(images.shape[0], 3, images.shape[-2] + top + bottom, images.shape[-1] + left + right).clone()
+    out[..., top:top + images.shape[-2], left:left + images.shape[-1]] = images
+    return out
+
+
 def extract_features(backbone, images: Tensor, layers: Optional[Sequence[int]] = None,
-                     input_norm: Optional[Sequence[float]] = None) -> Tensor:
+                     input_norm: Optional[Sequence[float]] = None, final_norm: bool = True,
+                     pad: Optional[str] = None) -> Tensor:
     """Dense features ``[B,C,h,w]`` of images in [0,1].
 
-    ``layers``: None = the backbone's last layer (``forward``), else the listed blocks concatenated
-    along channels. ``input_norm = (mean, std)``: make the network see ``(x - mean) / std`` instead of
-    its own normalisation (Probe3D's ScanNet protocol uses 0.5 / 0.5); since the backbone normalises
-    internally, the image is remapped to ``m_b + s_b (x - mean) / std`` first.
+    ``layers``: None = the backbone's last layer, else the listed blocks concatenated along channels.
+    ``final_norm``: apply the final LayerNorm (DINOv2 ``x_norm_patchtokens``); Probe3D's DINO wrapper
+    (``evals/models/dino.py``) returns the last block's tokens *without* it. ``pad="center"``: pad the
+    image centrally to the patch multiple (Probe3D ``center_padding``) instead of letting the backbone
+    resize. ``input_norm = (mean, std)``: make the network see ``(x - mean) / std`` instead of its own
+    normalisation (Probe3D's ScanNet protocol uses 0.5 / 0.5); since the backbone normalises internally,
+    the image is remapped to ``m_b + s_b (x - mean) / std`` first.
     """
     if input_norm is not None:
         mean, std = float(input_norm[0]), float(input_norm[1])
@@ -110,9 +140,14 @@ def extract_features(backbone, images: Tensor, layers: Optional[Sequence[int]] =
         if mb is None or sb is None:
             raise ValueError("protocol.input_norm needs a backbone exposing its mean/std buffers")
         images = mb.to(images) + sb.to(images) * (images - mean) / std
-    if layers is None:
+    if pad == "center":
+        images = center_pad(backbone, images)
+    elif pad is not None:
+        raise ValueError(f"protocol.pad={pad!r}: use center or null")
+    if layers is None and final_norm:
         return backbone(images)
-    return torch.cat(list(backbone.layers(images, list(layers))), dim=1)
+    idx = [-1] if layers is None else list(layers)
+    return torch.cat(list(backbone.layers(images, idx, norm=bool(final_norm))), dim=1)
 
 
 # ----------------------------------------------------------------------------------- metrics

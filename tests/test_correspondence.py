@@ -110,6 +110,9 @@ class LookupBackbone(nn.Module):
     def grid_size(self, H, W):
         return H, W
 
+    def layers(self, images, idx=None, norm=True):  # an oracle has no final norm: same map either way
+        return [self.forward(images)]
+
     def forward(self, images):
         # extract_features remaps x -> mean + std * (x - 0.5) / 0.5, the identity for mean = std = 0.5
         code = (images[:, 0] * 255).round().long().clamp(0, 255)
@@ -182,7 +185,8 @@ def test_spair_task_end_to_end_on_fixture(tmp_path):
 
     make_spair(tmp_path / "SPair-71k")
     cfg = compose(["task=spair_corr", f"paths.data_dir={tmp_path}", "task.protocol.image_size=30",
-                   "task.dataset.kwargs.pairs_per_category=null"])
+                   "task.dataset.kwargs.pairs_per_category=null", "task.protocol.mode=centre",
+                   "task.dataset.kwargs.sampling=per_category"])
     task = TASKS.get("spair_corr")()
     task.check(cfg)
     m = task.evaluate(GridCodeBackbone(), cfg, tmp_path / "work")
@@ -217,3 +221,67 @@ def test_synth_corr_end_to_end_tiny_vit(tmp_path):
     assert all(math.isfinite(v) for v in m.values())
     rows = json.loads((tmp_path / "work" / "pairs.json").read_text())
     assert len(rows) == m["pairs"] and all(r["matches"] > 0 for r in rows)
+
+
+# ------------------------------------------------------------------------------------ issue 13: Probe3D fidelity
+def test_correspondence_features_are_last_block_without_final_norm_centre_padded():
+    """Probe3D evals/models/dino.py: the last block's patch tokens, no final LayerNorm, after
+    evals/models/utils.py center_padding (zeros after normalisation); a 480x640 image -> 490x644 at /14."""
+    from bench.backbones import build_backbone
+    from tasks.matching import center_pad, center_pad_offsets, extract_features, feature_extent
+
+    for task in ("scannet_corr", "navi_corr", "spair_corr"):
+        proto = compose([f"task={task}"]).task.protocol
+        assert proto.final_norm is False and proto.pad == "center" and proto.layers is None
+    assert center_pad_offsets(480, 640, 14) == (2, 2, 5, 5)        # 644 - 640 = 4 -> 2/2, 490 - 480 = 10 -> 5/5
+    assert center_pad_offsets(800, 800, 14) == (6, 6, 6, 6) and center_pad_offsets(28, 14, 14) == (0, 0, 0, 0)
+    torch.manual_seed(0)
+    bb = build_backbone(compose(["backbone=tiny_vit"]).backbone).eval()
+    x = torch.rand(1, 3, 480, 640)
+    padded = center_pad(bb, x)
+    assert padded.shape[-2:] == (490, 644) and torch.equal(padded[..., 5:485, 2:642], x)
+    assert not torch.allclose((padded - bb.mean) / bb.std, torch.zeros(()), atol=1e-6)  # the image is not zero
+    assert torch.allclose(((padded - bb.mean) / bb.std)[..., :5, :], torch.zeros(()), atol=1e-6)  # the border is
+    y = torch.rand(1, 3, 56, 70)                                     # a patch multiple: no padding at all
+    with torch.no_grad():
+        raw = extract_features(bb, y, final_norm=False, pad="center")
+        assert torch.allclose(raw, bb.layers(y, [-1], norm=False)[0])
+        assert not torch.allclose(raw, bb(y), atol=1e-3)             # the final LayerNorm changes the map
+        assert extract_features(bb, x[..., :60, :70], final_norm=False, pad="center").shape[-2:] == (5, 5)
+    assert feature_extent(bb, 480, 640, "center") == (480.0, 640.0)  # the map is spread over the image
+
+
+def test_spair_probe3d_exact_mode_hand_computed(tmp_path):
+    """Probe3D evaluate_spair_correspondence.py compute_errors on a 3x3 one-hot patch grid (patch 10,
+    image 30): source kp (1,2) samples (align_corners=True) mostly patch (0,0) -> prediction its corner
+    (0,0); kp (10,12) sits at feature coordinate (0.67, 0.8) -> patch (1,1) -> (1/3, 1/3). Target kps
+    (3,4), (20,15), bbox side 20 of a 30-px image: errors 0.1667 / (20/30) = 0.25 and 0.559. At alpha 0.3
+    the exact mode hits 1 of 2; the centre mode (patch centres, PCK of the bbox: 1.6 and 5.5 px < 6) both."""
+    from test_readers import make_spair
+
+    from tasks.correspondence import keypoint_hits_probe3d
+
+    s = {"image_src": torch.rand(3, 20, 30), "image_trg": torch.rand(3, 20, 30),
+         "kps_src": torch.tensor([[1.0, 2.0], [10.0, 12.0]]), "kps_trg": torch.tensor([[3.0, 4.0], [20.0, 15.0]]),
+         "bbox_trg": torch.tensor([2.0, 3.0, 22.0, 13.0])}
+    proto = {"image_size": 30, "alpha": 0.3, "final_norm": False, "pad": "center"}
+    assert keypoint_hits_probe3d(GridCodeBackbone(), s, proto).tolist() == [True, False]
+    assert keypoint_hits_probe3d(GridCodeBackbone(), s, dict(proto, alpha=0.26)).tolist() == [True, False]
+    assert keypoint_hits_probe3d(GridCodeBackbone(), s, dict(proto, alpha=0.24)).tolist() == [False, False]
+
+    make_spair(tmp_path / "SPair-71k")
+    SPair = __import__("bench.registry", fromlist=["DATASETS"]).DATASETS.get("spair71k")
+    ds = SPair(tmp_path / "SPair-71k", "test", pairs_per_category=None, sampling="per_bucket")
+    assert sorted(str(b) for _, b in ds.items) == ["0", "1", "2", "all", "all", "all"]  # a pair is in 2 samples
+    one = SPair(tmp_path / "SPair-71k", "test", pairs_per_category=1, sampling="per_bucket")
+    assert [b for _, b in one.items] == [0, 1, 2, "all"] and one[3]["bucket"] == "all"
+    cfg = compose(["task=spair_corr", f"paths.data_dir={tmp_path}", "task.protocol.image_size=30",
+                   "task.protocol.alpha=0.3", "task.dataset.kwargs.pairs_per_category=null"])
+    assert cfg.task.protocol.mode == "probe3d" and cfg.task.dataset.kwargs.sampling == "per_bucket"
+    m = TASKS.get("spair_corr")().evaluate(GridCodeBackbone(), cfg, tmp_path / "work")
+    assert m["pck_0.3"] == pytest.approx(50.0) and m["pck_0.3_vp0"] == pytest.approx(50.0) and m["pairs"] == 3
+    m = TASKS.get("spair_corr")().evaluate(GridCodeBackbone(), compose(
+        ["task=spair_corr", f"paths.data_dir={tmp_path}", "task.protocol.image_size=30", "task.protocol.alpha=0.3",
+         "task.dataset.kwargs.pairs_per_category=null", "task.protocol.mode=centre",
+         "task.dataset.kwargs.sampling=per_category"]), tmp_path / "work2")
+    assert m["pck_0.3"] == pytest.approx(100.0)

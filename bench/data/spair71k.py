@@ -5,20 +5,27 @@ with ``src_kps`` / ``trg_kps`` (``[N, 2]`` pixel x, y of the keypoints both imag
 order), ``src_bndbox`` / ``trg_bndbox`` (``[left, top, right, bottom]``), ``viewpoint_variation``
 (0, 1, 2) and ``category``.
 
-Probe3D evaluates 200 pairs per category, drawn by shuffling with seed 20; we shuffle the sorted file
-list per category with ``random.Random(seed)`` (Probe3D shuffles glob order, which is not reproducible
-across file systems). ``pairs_per_category=None`` keeps every pair.
+Sampling (``sampling``): ``per_bucket`` (Probe3D, ``evaluate_spair_correspondence.py`` +
+``evals/datasets/spair.py``): for every category and every viewpoint bucket (variation 0, 1, 2 and "all")
+a separate sample of ``pairs_per_category`` (200) pairs, each drawn by ``random.seed(20); shuffle;
+[:200]`` of that bucket's pairs -- the same pair may be in several buckets; items are ``(file, bucket)``
+and samples carry ``bucket`` (0, 1, 2 or "all"). ``per_category``: one 200-pair sample per category whose
+viewpoint split is read off that sample (bench's earlier mode). We shuffle the *sorted* file list with
+``random.Random(seed)``; Probe3D shuffles ``glob`` order, which is not reproducible across file systems,
+so its exact pairs cannot be reproduced. ``pairs_per_category=None`` keeps every pair.
 
 A sample: ``image_src``, ``image_trg`` [3,H,W] in [0,1] (original sizes), ``kps_src``, ``kps_trg``
 [N,2] float pixels, ``bbox_src``, ``bbox_trg`` [4] float, ``category`` (str), ``viewpoint_variation``
-(int), ``id``.
+(int), ``id``, and with ``per_bucket`` sampling ``bucket``. The keypoints are the pair file's ``src_kps`` /
+``trg_kps`` (those visible in both images); Probe3D reads the same points from ``ImageAnnotation`` and keeps
+those valid in both, which we take to be the same set (not checked on the full release).
 """
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -61,13 +68,19 @@ PairAnnotation/trn/*.json  PairAnnotation/val/*.json  PairAnnotation/test/*.json
 ImageAnnotation/, Segmentation/, Layout/   (shipped; not read)"""}
 
     def __init__(self, root, split: str = "test", layout=None, categories: Optional[Sequence[str]] = None,
-                 pairs_per_category: Optional[int] = 200, seed: int = 20):
+                 pairs_per_category: Optional[int] = 200, seed: int = 20, sampling: str = "per_category"):
         super().__init__(root, split, layout)
         if categories is not None:
             bad = [c for c in categories if c not in CATEGORIES]
             if bad:
                 raise DataMissingError(f"unknown SPair-71k categories {bad}", f"use some of: {', '.join(CATEGORIES)}")
-        self.items = self.select(self.items, categories, pairs_per_category, seed)
+        if sampling == "per_bucket":
+            self.items = self.select_buckets(self.items, categories, pairs_per_category, seed)
+        elif sampling == "per_category":
+            self.items = self.select(self.items, categories, pairs_per_category, seed)
+        else:
+            raise DataMissingError(f"unknown SPair-71k sampling '{sampling}'",
+                                   "use sampling=per_bucket (Probe3D) or sampling=per_category")
 
     @classmethod
     def required(cls, root: Path, layout: str) -> List[Path]:
@@ -99,8 +112,26 @@ ImageAnnotation/, Segmentation/, Layout/   (shipped; not read)"""}
             out += fs
         return out
 
+    @classmethod
+    def select_buckets(cls, files: List[Path], categories: Optional[Sequence[str]], per_bucket: Optional[int],
+                       seed: int) -> List[Tuple[Path, Any]]:
+        """Probe3D's samples: per category and bucket (0, 1, 2, "all") its own seeded draw."""
+        out: List[Tuple[Path, Any]] = []
+        for cat in sorted({cls.category(f) for f in files}):
+            if categories is not None and cat not in categories:
+                continue
+            fs = sorted(f for f in files if cls.category(f) == cat)
+            vps = {f: int(_read_json(f).get("viewpoint_variation", -1)) for f in fs}
+            for bucket in (0, 1, 2, "all"):
+                b = [f for f in fs if bucket == "all" or vps[f] == bucket]
+                if per_bucket is not None:
+                    random.Random(seed).shuffle(b)
+                    b = b[:per_bucket]
+                out += [(f, bucket) for f in b]
+        return out
+
     def __getitem__(self, i: int) -> Dict[str, Any]:
-        path = self.items[i]
+        path, bucket = self.items[i] if isinstance(self.items[i], tuple) else (self.items[i], None)
         a = _read_json(path)
         try:
             cat = a.get("category") or self.category(path)
@@ -117,6 +148,9 @@ ImageAnnotation/, Segmentation/, Layout/   (shipped; not read)"""}
         if kps_src.shape != kps_trg.shape:
             raise DataMissingError(f"{path}: src_kps and trg_kps differ in length", "re-extract SPair-71k.tar.gz")
         img_dir = self.root / "JPEGImages" / cat
-        return {"image_src": read_rgb(img_dir / src), "image_trg": read_rgb(img_dir / trg),
-                "kps_src": kps_src, "kps_trg": kps_trg, "bbox_src": bbox_src, "bbox_trg": bbox_trg,
-                "category": cat, "viewpoint_variation": vp, "id": path.stem}
+        out = {"image_src": read_rgb(img_dir / src), "image_trg": read_rgb(img_dir / trg),
+               "kps_src": kps_src, "kps_trg": kps_trg, "bbox_src": bbox_src, "bbox_trg": bbox_trg,
+               "category": cat, "viewpoint_variation": vp, "id": path.stem}
+        if bucket is not None:
+            out["bucket"] = bucket
+        return out
