@@ -492,3 +492,63 @@ def test_scannet1500_pair_intrinsics_belong_to_the_640x480_depth(tmp_path):
     Kq, (Hq, Wq) = corr.pair_depth_intrinsics(s, (480, 640), 0.25)
     assert (Hq, Wq) == (120, 160)
     assert torch.allclose(Kq[0], torch.tensor([[144.4, 0, 79.725], [0, 144.675, 60.675], [0, 0, 1]]))
+
+
+def test_scannetpp_fit3d_processed_layout(tmp_path):
+    """FiT3D vits_scannetpp_{depth,sem}_linear_config.py + scannetppdepth.py + mmseg/datasets/scannetpp.py:
+    scannetpp_{train,val}.txt '<rgb> <depth>' (leading '/' dropped, None skipped, sorted), depth_scale 1000;
+    images/*.JPG + annotations/*.png with 0 = background -> reduce_zero_label, 100 classes."""
+    from tasks.data import open_split, reduce_zero_label
+
+    root = tmp_path / "fit3d_eval" / "scannetpp"
+    for sc, f, mm in (("0a5c013435", "DSC00010", 1500), ("0a5c013435", "DSC00002", 20000)):
+        save_rgb(root / "data" / sc / "images" / f"{f}.JPG", rand_rgb(6, 9))
+        save_u16(root / "data" / sc / "depth" / f"{f}.png", np.full((6, 9), mm))
+    (root / "scannetpp_train.txt").write_text("/data/0a5c013435/images/DSC00010.JPG /data/0a5c013435/depth/DSC00010.png\n"
+                                              "data/0a5c013435/images/DSC00002.JPG data/0a5c013435/depth/DSC00002.png\n"
+                                              "data/0a5c013435/images/DSC00003.JPG None\n")
+    (root / "scannetpp_val.txt").write_text("data/0a5c013435/images/DSC00002.JPG data/0a5c013435/depth/DSC00002.png\n")
+    cfg = _task_cfg("task=scannetpp_depth", f"paths.data_dir={tmp_path}")
+    assert cfg.task.dataset.name == "scannetpp_fit3d" and cfg.task.dataset.source == "fit3d"
+    train = open_split(cfg.task.dataset, "train")
+    assert len(train) == 2 and train[0]["id"].endswith("DSC00002.JPG")    # sorted by the RGB path
+    assert torch.allclose(train[0]["depth"], torch.full((6, 9), 20.0)) and torch.allclose(train[1]["depth"], torch.full((6, 9), 1.5))
+    for sub in ("training", "validation"):
+        save_rgb(root / "images" / sub / "0a5c013435_DSC00010.JPG", rand_rgb(4, 4))
+        save_rgb(root / "images" / sub / "ignored.png", rand_rgb(4, 4))         # not the .JPG suffix
+        save_u8(root / "annotations" / sub / "0a5c013435_DSC00010.png", np.array([[0, 1, 100, 37]] * 4))
+    seg = _task_cfg("task=scannetpp_seg", f"paths.data_dir={tmp_path}").task.dataset
+    assert seg.reduce_zero_label and seg.num_classes == 100
+    ds = open_split(seg, "test")
+    assert len(ds) == 1 and reduce_zero_label(ds[0]["semantic"])[0].tolist() == [255, 0, 99, 36]
+    dslr = _task_cfg("task=scannetpp_seg", f"paths.data_dir={tmp_path}", "task.dataset.source=dslr").task.dataset
+    assert dslr.name == "scannetpp" and not dslr.reduce_zero_label and dslr.splits.train == "splits/nvs_sem_train.txt"
+    assert cli_main(["data", "scannetpp_fit3d", "--root", str(root)]) == 0
+
+
+def test_scannet_fit3d_depth_and_seg_tasks(tmp_path, capsys):
+    """FiT3D vits_scannet_{depth,sem}_linear_config.py: scannet_{train,val}.txt, depth_scale 1000, Eigen crop
+    45:471 x 41:601 of 640x480, 0.001 < d < 10 m; seg 40 classes, reduce_zero_label, .jpg images."""
+    from tasks.data import open_split
+
+    root = tmp_path / "fit3d_eval" / "scannet"
+    save_rgb(root / "scene0000_00" / "color" / "0.jpg", rand_rgb(480, 640))
+    save_u16(root / "scene0000_00" / "depth" / "0.png", np.full((480, 640), 2345))
+    for s in ("train", "val"):
+        (root / f"scannet_{s}.txt").write_text("scene0000_00/color/0.jpg scene0000_00/depth/0.png\n")
+    cfg = _task_cfg("task=scannet_depth", f"paths.data_dir={tmp_path}", "protocol=linear")
+    ev = cfg.task.protocol.eval
+    assert ev.crop == "eigen" and ev.min_depth == 0.001 and ev.max_depth == 10.0
+    s = open_split(cfg.task.dataset, "test")[0]
+    assert s["image"].shape == (3, 480, 640) and torch.allclose(s["depth"], torch.full((480, 640), 2.345))
+    from tasks.metrics import crop_mask
+
+    m = crop_mask(480, 640, ev.crop)  # scannetdepth.py eval_mask[45:471, 41:601] = 1
+    assert m.sum() == 426 * 560 and m[45, 41] and m[470, 600] and not m[44, 41] and not m[471, 600] and not m[45, 601]
+    seg = _task_cfg("task=scannet_seg", f"paths.data_dir={tmp_path}").task.dataset
+    assert seg.num_classes == 40 and seg.reduce_zero_label and seg.kwargs.layout == "fit3d_seg"
+    with pytest.raises(DataMissingError, match="scannet_fit3d"):
+        open_split(seg, "test")   # the seg folders are not there: the error names the `bench data` command
+    rc = cli_main(["data", "scannet_fit3d", "--root", str(root)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "fit3d_depth layout) at" in out and "fit3d_seg layout): not prepared" in out
