@@ -21,10 +21,15 @@ All four freeze the backbone, extract dense features once per image and match th
   the 512 image; recall at 1/2/5 cm and 5/25/50 px; 2 cm per-pair recall in rotation bins
   [0,30,60,90,120).
 * ``spair_corr`` -- SPair-71k keypoint transfer: both images padded (bottom/right, white) to a square,
-  resized to ``image_size`` (800); each source keypoint's feature (bilinear) is compared by cosine to
-  every target patch; the arg-max patch centre is the prediction; PCK@``alpha`` (0.1) of the target
-  bounding box's longer side, per category, then averaged over categories (also per viewpoint
-  variation 0/1/2).
+  resized to ``image_size`` (800); each source keypoint's feature is compared by cosine to every target
+  patch. ``mode: probe3d`` (default; Probe3D ``evaluate_spair_correspondence.py``): PIL bicubic resize,
+  integer keypoints, ``grid_sample(align_corners=True)``, prediction at the arg-max patch's corner on the
+  centre-padded canvas, error / (bbox side / image side) < ``alpha``, recall pooled per category and
+  viewpoint bucket over separate seeded 200-pair samples (0, 1, 2, all), averaged over categories.
+  ``mode: centre`` (bench's own): bilinear features at keypoint centres, prediction at the patch centre
+  mapped to original pixels, PCK@``alpha`` (0.1) of the target bbox's longer side.
+  Feature rule of all Probe3D correspondence tasks: ``final_norm: false`` (the last block's tokens, as
+  Probe3D's DINO wrapper) and ``pad: center`` (Probe3D ``center_padding``).
 
 Config: ``cfg.task`` has ``name``, ``dataset`` (see tasks/data.py; synth_corr: generator settings),
 ``protocol`` (every knob above; copied into the record) and ``report``.
@@ -388,7 +393,7 @@ def keypoint_hits_probe3d(backbone, sample: Mapping[str, Any], proto: Mapping[st
     return err < float(proto.get("alpha", 0.1))
 
 
-@TASKS.register("spair_corr", "SPair-71k keypoint transfer by feature arg-max, PCK@0.1 of the bbox (Probe3D)")
+@TASKS.register("spair_corr", "SPair-71k keypoint transfer by feature arg-max, PCK@0.1 (Probe3D exact mode; centre mode)")
 class SPairCorrespondence(_RealDatasetTask):
     def evaluate(self, backbone, cfg, workdir: Path) -> Dict[str, float]:
         proto = _node(cfg.task.protocol)

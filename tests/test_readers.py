@@ -552,3 +552,7 @@ def test_scannet_fit3d_depth_and_seg_tasks(tmp_path, capsys):
     rc = cli_main(["data", "scannet_fit3d", "--root", str(root)])
     out = capsys.readouterr().out
     assert rc == 0 and "fit3d_depth layout) at" in out and "fit3d_seg layout): not prepared" in out
+    # Splat-and-Distill evaluation1 names the same lists train_index.txt / test_index.txt
+    (root / "scannet_train.txt").rename(root / "train_index.txt")
+    (root / "scannet_val.txt").rename(root / "test_index.txt")
+    assert len(open_split(cfg.task.dataset, "test")) == 1 and len(open_split(cfg.task.dataset, "train")) == 1

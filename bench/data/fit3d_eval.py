@@ -37,21 +37,32 @@ class FiT3DEvalSet(FileDataset):
     splits = {"fit3d_depth": ("train", "val"), "fit3d_seg": ("train", "val")}
     prefix: ClassVar[str] = ""        # split files <prefix>_{train,val}.txt
     img_suffix: ClassVar[str] = ""    # mmseg img_suffix of the segmentation images
+    #: other accepted names of the depth split files, per split (first existing wins)
+    alt_split_files: ClassVar[Dict[str, tuple]] = {}
+
+    @classmethod
+    def split_file(cls, root: Path, split: str) -> Path:
+        names = (f"{cls.prefix}_{split}.txt",) + tuple(cls.alt_split_files.get(split, ()))
+        for n in names:
+            if (root / n).is_file():
+                return root / n
+        return root / names[0]
 
     @classmethod
     def required(cls, root: Path, layout: str) -> List[Path]:
         if layout == "fit3d_depth":
-            return [root / f"{cls.prefix}_{s}.txt" for s in ("train", "val")]
+            return [cls.split_file(root, s) for s in ("train", "val")]
         return [root / d / s for d in ("images", "annotations") for s in SEG_DIRS.values()]
 
     @classmethod
     def index(cls, root: Path, layout: str, split: str) -> List[Any]:
         if layout == "fit3d_depth":
             items = []
-            for line in read_lines(root / f"{cls.prefix}_{split}.txt"):
+            path = cls.split_file(root, split)
+            for line in read_lines(path):
                 parts = line.split(" ")
                 if len(parts) < 2:
-                    raise DataMissingError(f"{root / f'{cls.prefix}_{split}.txt'}: line '{line}' is not '<rgb> <depth>'",
+                    raise DataMissingError(f"{path}: line '{line}' is not '<rgb> <depth>'",
                                            "use FiT3D's split files unchanged")
                 if parts[1] == "None":
                     continue
@@ -112,6 +123,9 @@ class ScanNetFiT3D(FiT3DEvalSet):
     dirname = "fit3d_eval/scannet"
     prefix = "scannet"
     img_suffix = ".jpg"               # mmseg/datasets/scannet.py
+    # Splat-and-Distill evaluation1/evaluation/configs/vits_scannet_depth_linear_config.py names the same
+    # lists train_index.txt / test_index.txt (root eval_data/scannet_probe)
+    alt_split_files = {"train": ("train_index.txt",), "val": ("test_index.txt",)}
     sources = """\
 FiT3D evaluates ScanNet from eval_data/scannet (FiT3D README, section Evaluation: "follow their official
   websites"; no processed copy or converter is published). Build it from ScanNet v2
@@ -124,7 +138,8 @@ Which frames and scenes FiT3D used could not be verified: the published rows ass
 ScanNet Terms of Use (non-commercial research; sign the agreement at http://www.scan-net.org/).
 bench cannot download ScanNet for you."""
     trees = {"fit3d_depth": """\
-scannet_train.txt  scannet_val.txt       (lines '<rgb> <depth>', relative to the root)
+scannet_train.txt  scannet_val.txt       (lines '<rgb> <depth>', relative to the root;
+                                          SnD's train_index.txt / test_index.txt are read as well)
 <rgb>: colour JPG, <depth>: uint16 PNG millimetres (depth_scale 1000), 640x480 (Eigen crop 45:471, 41:601)""",
              "fit3d_seg": """\
 images/training/*.jpg       annotations/training/*.png     (0 = unannotated, 1..40 NYU40 classes)

@@ -5,6 +5,9 @@ boundary / ignore) and ``ImageSets/Segmentation/{train,val,trainval}.txt``. The 
 mmseg's ``voc_aug.py`` converts it adds ``SegmentationClassAug/<id>.png`` (grey PNG) and
 ``ImageSets/Segmentation/aug.txt``; split ``aug`` reads those, ``train_aug`` is ``train`` + ``aug``
 (mmseg's voc12aug). ``--root`` may point at ``VOCdevkit/VOC2012`` or at ``VOCdevkit``.
+The published linear protocol trains on ``train`` (``ImageSets/Segmentation/train.txt``, 1,464 images) and
+tests on ``val`` (1,449): FiT3D ``evaluation/configs/vits_voc2012_sem_linear_config.py`` (data.train split
+``ImageSets/Segmentation/train.txt``, ann_dir ``SegmentationClass``). ``train_aug`` is an opt-in deviation.
 Samples: ``image`` [3,H,W] in [0,1], ``semantic`` [H,W] int64 (palette indices; 255 ignore), ``id``.
 """
 from __future__ import annotations
@@ -45,11 +48,14 @@ PASCAL VOC: images from Flickr, used under Flickr's terms; annotations free for 
     trees = {"voc2012": """\
 JPEGImages/<id>.jpg
 SegmentationClass/<id>.png             (palette PNG, 255 = boundary)
-ImageSets/Segmentation/train.txt       (1464 ids)  val.txt (1449)  trainval.txt""",
+ImageSets/Segmentation/train.txt       (1464 ids: voc_seg's training split, as FiT3D)
+ImageSets/Segmentation/val.txt         (1449 ids: voc_seg's test split)  trainval.txt""",
              "voc2012_aug": """\
 (everything of the voc2012 layout) plus
 SegmentationClassAug/<id>.png           (grey PNG)
-ImageSets/Segmentation/aug.txt          (10582 ids with train, from mmseg's voc_aug.py)"""}
+ImageSets/Segmentation/aug.txt          (10582 ids with train, from mmseg's voc_aug.py)
+(not the published protocol: voc_seg reads it only with task.dataset.kwargs.layout=voc2012_aug
+ task.dataset.splits.train=train_aug)"""}
 
     def __init__(self, root, split: str, layout: Optional[str] = None):
         if layout is None and split in ("aug", "train_aug"):
