@@ -556,3 +556,42 @@ def test_scannet_fit3d_depth_and_seg_tasks(tmp_path, capsys):
     (root / "scannet_train.txt").rename(root / "train_index.txt")
     (root / "scannet_val.txt").rename(root / "test_index.txt")
     assert len(open_split(cfg.task.dataset, "test")) == 1 and len(open_split(cfg.task.dataset, "train")) == 1
+
+
+@pytest.mark.slow
+def test_fit3d_eval_tasks_run_end_to_end(tmp_path):
+    """scannet_depth and scannetpp_seg through the dense-probe pipeline on FiT3D-layout fixtures (tiny_cnn)."""
+    import math
+
+    from bench.backbones import build_backbone
+    from bench.registry import TASKS
+
+    g = np.random.default_rng(0)
+    root = tmp_path / "fit3d_eval" / "scannet"
+    lines = []
+    for k in range(3):
+        save_rgb(root / "s" / "color" / f"{k}.jpg", rand_rgb(48, 64, k))
+        save_u16(root / "s" / "depth" / f"{k}.png", g.integers(500, 4000, (48, 64)))
+        lines.append(f"s/color/{k}.jpg s/depth/{k}.png")
+    (root / "scannet_train.txt").write_text("\n".join(lines[:2]) + "\n")
+    (root / "scannet_val.txt").write_text(lines[2] + "\n")
+    pp = tmp_path / "fit3d_eval" / "scannetpp"
+    for sub, n in (("training", 2), ("validation", 1)):
+        for k in range(n):
+            save_rgb(pp / "images" / sub / f"x_{k}.JPG", rand_rgb(40, 40, k))
+            save_u8(pp / "annotations" / sub / f"x_{k}.png", g.integers(0, 5, (40, 40)))
+    common = ["backbone=tiny_cnn", f"paths.data_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache", "task.progress=false"]
+    bb = build_backbone(_task_cfg("backbone=tiny_cnn").backbone)
+    cfg = _task_cfg("task=scannet_depth", *common, "task.protocols.linear.train.crop=[32,48]",
+                    "task.protocols.linear.schedule.iters=2", "task.protocols.linear.schedule.warmup_iters=1",
+                    "task.protocols.linear.schedule.batch_size=2")
+    TASKS.get("scannet_depth")().check(cfg)
+    m = TASKS.get("scannet_depth")().evaluate(bb, cfg, tmp_path / "d")
+    assert math.isfinite(m["rmse"]) and 0 <= m["a1"] <= 1
+    cfg = _task_cfg("task=scannetpp_seg", *common, "task.dataset.num_classes=4",
+                    "task.protocols.linear.train.resize_short=40", "task.protocols.linear.train.crop=[32,32]",
+                    "task.protocols.linear.test.resize_short=40", "task.protocols.linear.test.sliding.window=32",
+                    "task.protocols.linear.test.sliding.stride=16", "task.protocols.linear.schedule.iters=2",
+                    "task.protocols.linear.schedule.warmup_iters=1", "task.protocols.linear.schedule.batch_size=2")
+    m = TASKS.get("scannetpp_seg")().evaluate(bb, cfg, tmp_path / "s")
+    assert 0 <= m["mIoU"] <= 100
