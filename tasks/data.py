@@ -34,6 +34,8 @@ views of ScanNet++-layout scenes): ``synthetic`` (generated on first use by
 ``bench.data.synthetic.ensure_synthetic`` with the node's ``scenes``, ``views``, ``size``, ``seed``;
 the last ``held_out`` scenes are the test split) and ``scannetpp`` (``splits`` name scene-list files
 relative to the root, e.g. ``splits/nvs_sem_train.txt``; optional ``view_stride`` keeps every N-th view).
+The published ScanNet / ScanNet++ rows use FiT3D's processed evaluation folders instead, read by the
+ordinary readers ``scannet_fit3d`` / ``scannetpp_fit3d`` (bench/data/fit3d_eval.py; docs/DATASETS.md).
 """
 from __future__ import annotations
 
