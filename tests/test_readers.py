@@ -207,6 +207,7 @@ def test_navi_pairs_crop_and_intrinsics(tmp_path):
     src = read_rgb_file(tmp_path / "obj1" / "wild_set" / "images" / f"{s['id'].split(':')[1].split('-')[0]}.jpg")
     assert torch.equal(s["images"][0][:, 19, 19], src[:, 26, 44])
     d = float(s["depth"][0, 19, 19])
+    assert d > 0
     assert torch.allclose(s["xyz"][0][:, 19, 19], torch.tensor([d * 7.5 / 25, d * 3.5 / 25, d]), atol=1e-6)
     assert s["xyz"][0][:, 0, 0].eq(0).all()  # background pixel: no point
 
