@@ -235,6 +235,10 @@ def test_navi_probe3d_bbox_rule():
     assert resize_short_nearest(torch.zeros(1, 45, 31), 20).shape == (1, 29, 20)  # int(20 * 45 / 31) = 29
     x = torch.arange(25.0).reshape(1, 5, 5)
     assert center_crop(x, 2)[0].tolist() == [[12.0, 13.0], [17.0, 18.0]]  # round(1.5) = 2 (Python rounding)
+    # the release Probe3D used is google/navi's v1.0 archive, navi_v1.0.tar.gz
+    from bench.data.navi import NAVI
+
+    assert "navi-dataset/navi_v1.0.tar.gz" in NAVI.sources and "tar -xzf navi_v1.0.tar.gz" in NAVI.sources
 
 
 # ------------------------------------------------------------------------------------ SPair-71k
