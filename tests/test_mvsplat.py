@@ -32,6 +32,15 @@ def _rotation(axis, angle):
     return torch.linalg.matrix_exp(angle * K)
 
 
+@pytest.fixture
+def one_thread():
+    """The encoder's small convolutions run far faster on one thread on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------------------- SH basis
 def test_wigner_d_is_a_representation_in_e3nn_basis():
     R1, R2 = _rotation([0.3, -1.0, 0.4], 0.7), _rotation([1.0, 0.2, -0.1], -1.9)
@@ -64,21 +73,35 @@ def test_eval_harmonics_is_rotation_covariant():
     one = torch.zeros(3, 3, 25, dtype=torch.float64)
     one[0, 0, 1], one[1, 0, 2], one[2, 0, 3] = 1, 1, 1
     assert torch.allclose(eval_harmonics(one, d[:1].expand(3, 3))[:, 0], math.sqrt(3 / (4 * math.pi)) * d[0], atol=1e-12)
+    # the polynomial form equals the rotation-matrix definition at new directions
+    from methods.splat_distill.mvsplat import _d_column_at
+
+    for l in (2, 4):
+        e = torch.zeros(2 * l + 1, 3, 25, dtype=torch.float64)
+        e[torch.arange(2 * l + 1), 0, l * l + torch.arange(2 * l + 1)] = 1
+        got = eval_harmonics(e, d[1:2].expand(2 * l + 1, 3))[:, 0]
+        assert torch.allclose(got, _d_column_at(l, d[1]) * math.sqrt((2 * l + 1) / (4 * math.pi)), atol=1e-10)
 
 
 # ------------------------------------------------------------------------------ the fixture
 @pytest.fixture(scope="module")
-def fixture_run():
+def fixture_run(tmp_path_factory):
+    """Both cases through an encoder loaded from the fixture weights wrapped like a user's re10k.ckpt
+    (a Lightning checkpoint: ``state_dict`` with ``encoder.*`` beside other keys)."""
     from safetensors.torch import load_file
 
-    torch.manual_seed(0)
-    enc = MVSplatEncoder()
-    enc.load_encoder_state(MVSplatEncoder.read_encoder_state(WEIGHTS), source=str(WEIGHTS))
-    enc.eval()
+    sd = load_file(str(WEIGHTS))
+    assert len(sd) == 471 and sum(v.numel() for v in sd.values()) == 11_955_734
+    ckpt = tmp_path_factory.mktemp("mvsplat") / "re10k_like.ckpt"
+    torch.save({"state_dict": {**sd, "decoder.other": torch.zeros(1)}, "epoch": 0, "global_step": 0}, ckpt)
+    enc = MVSplatEncoder.from_checkpoint(ckpt)                                       # strict
+    assert all(torch.equal(enc.state_dict()[k[len("encoder."):]], v) for k, v in sd.items())
+    del sd
     fx = load_file(str(FIXTURE / "mvsplat_re10k_random.safetensors"))
     extra = FIXTURE / "mvsplat_re10k_random_intermediates.safetensors"
     fx.update(load_file(str(extra)) if extra.is_file() else {})
-    runs = {}
+    runs, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # see one_thread
     for case in ("a", "b"):
         pre = f"case_{case}."
         context = {k[len(pre + "context."):]: v for k, v in fx.items() if k.startswith(pre + "context.")}
@@ -87,6 +110,7 @@ def fixture_run():
         with torch.no_grad():
             out = enc(context, intermediates=inter)
         runs[case] = (context, expected, out, inter)
+    torch.set_num_threads(threads)
     return runs
 
 
@@ -137,19 +161,6 @@ def test_matches_official_encoder_on_fixture(fixture_run, case):
     tol = dict(TOL, depth_predictor_depths=TOL["depth_rel"])
     bad = {k: v for k, v in e.items() if v > tol.get(k, TOL["inter"])}
     assert not bad, f"case {case}: over tolerance: {bad}"
-
-
-@needs_fixture
-def test_loads_fixture_weights_strictly_from_lightning_checkpoint(tmp_path):
-    from safetensors.torch import load_file
-
-    sd = load_file(str(WEIGHTS))
-    assert len(sd) == 471 and sum(v.numel() for v in sd.values()) == 11_955_734
-    ckpt = tmp_path / "re10k_like.ckpt"
-    torch.save({"state_dict": {**sd, "decoder.something": torch.zeros(1)}, "epoch": 0, "global_step": 0}, ckpt)
-    enc = MVSplatEncoder.from_checkpoint(ckpt)
-    for k, v in sd.items():
-        assert torch.equal(enc.state_dict()[k[len("encoder."):]], v)
 
 
 # -------------------------------------------------------------------------- checkpoint errors
@@ -247,3 +258,61 @@ def test_covariance_gsplat_matches_cpu_engine():
                     24, 18, covars=cov.cuda(), backend="gsplat")
     for x, y in zip(out, ref):
         assert (x.cpu() - y).abs().max() < 1e-3 * max(1.0, float(y.abs().max()))
+
+
+# ------------------------------------------------------------------- Splat-and-Distill steps
+@needs_fixture
+@pytest.mark.slow
+def test_splat_distill_steps_with_mvsplat_reconstructor(one_thread, tmp_path):
+    """A few SnD steps on synthetic scenes with the fixture weights wrapped as a Lightning checkpoint:
+    the frozen MVSplat Gaussians (full covariances) are what the teacher features are splatted with."""
+    from safetensors.torch import load_file
+
+    from bench.config import compose
+    from bench.data.synthetic import ensure_synthetic
+    from bench.seed import seed_everything
+    from bench.backbones import build_backbone
+    from methods.splat_distill.method import build_training
+    from methods.splat_distill.reconstruct import MVSplatAdapter
+
+    ckpt = tmp_path / "re10k.ckpt"
+    torch.save({"state_dict": load_file(str(WEIGHTS)), "epoch": 3}, ckpt)
+    size = (32, 48)
+    root = ensure_synthetic(tmp_path / "synth", 2, 6, size, 0)
+    overrides = [
+        "method=splat_distill", "backbone=tiny_vit", "device=cpu", "method.data.dataset=synthetic",
+        f"method.data.root={root}", "method.data.scenes=2", "method.data.views=6",
+        f"method.data.size=[{size[0]},{size[1]}]", "method.data.seed=0", "method.views.gap=2",
+        "method.head.prototypes=64", "method.head.hidden_dim=64", "method.head.bottleneck_dim=16",
+        "method.optim.batch_size=1", "method.optim.lr=1e-3", "method.optim.steps=3", "method.teacher.every=1",
+        "method.progress=false", f"method.ckpt_every={10 ** 6}", "method.reconstructor.name=mvsplat",
+        f"method.reconstructor.checkpoint={ckpt}", "method.reconstructor.near=0.5", "method.reconstructor.far=20",
+        "method.lift.coverage=rgb"]
+    cfg = compose(overrides)
+    seed_everything(0)
+    distiller, data, _, loop, step_fn = build_training(build_backbone(cfg.backbone), cfg, tmp_path / "run", "cpu")
+    rec = distiller.reconstructor
+    assert isinstance(rec, MVSplatAdapter) and not rec.training
+    assert not any(p.requires_grad for p in rec.parameters())
+    # the reconstructor's Gaussians: anisotropic, camera z within MVSplat's depth range
+    views = data.load_views(data.scene_ids[0], (0, 2, 1))
+    with torch.no_grad():
+        gs = rec({k: v[:2] for k, v in views.items()})
+    assert gs.covariances.shape == (2, *size, 3, 3) and gs.harmonics.shape == (2, *size, 3, 25)
+    ev = torch.linalg.eigvalsh(gs.covariances.double())
+    assert bool((ev > 0).all()) and float((ev[..., -1] / ev[..., 0]).median()) > 1.5       # not isotropic
+    assert float(gs.depth.min()) > 0.5 * 0.5 and float(gs.depth.max()) <= 20 * (1 + 1e-4)
+    # the two coverage rules on the same example: any contribution (rgb) covers at least what alpha > 0.5 does
+    ex = [{k: v for k, v in views.items()}]
+    _, valid_rgb = distiller.targets(ex)
+    distiller.coverage = "alpha"
+    _, valid_alpha = distiller.targets(ex)
+    distiller.coverage = "rgb"
+    assert bool((valid_rgb | ~valid_alpha).all()) and valid_rgb.any()
+    before = {k: v.clone() for k, v in distiller.student.state_dict().items()}
+    hist = loop.run(step_fn, after_step=distiller.update_teacher)
+    assert len(hist) == 3 and all(math.isfinite(h["loss"]) for h in hist)
+    assert any(not torch.equal(before[k], v) for k, v in distiller.student.state_dict().items())
+    # image sizes MVSplat cannot take fail with a clear error naming the config key
+    with pytest.raises(BenchError, match="method.data.size"):
+        rec({"images": torch.rand(2, 3, 30, 48), "K": views["K"][:2], "w2c": views["w2c"][:2]})

@@ -479,24 +479,42 @@ def rotate_harmonics(sh: Tensor, R: Tensor) -> Tensor:
     return torch.cat(out, -1)
 
 
-def eval_harmonics(sh: Tensor, dirs: Tensor) -> Tensor:
-    """Evaluate e3nn-basis real SH colours ``sh [...,3,n]`` at unit directions ``dirs [...,3]`` with the
-    3DGS normalisation (degree l scaled by sqrt((2l+1)/4pi), so the DC factor is 0.2821): the value of
-    degree ``l`` at ``d`` is ``D_l(R_d)[:, l]`` with ``R_d`` any rotation taking the y axis to ``d``
-    (y is e3nn's polar axis)."""
+def _d_column_at(l: int, dirs: Tensor) -> Tensor:
+    """``D_l(R_d)[:, l]`` for rotations ``R_d`` taking the y axis to unit ``dirs [...,3]`` (float64)."""
     y = torch.zeros_like(dirs)
     y[..., 1] = 1
     axis = torch.cross(y, dirs, dim=-1)
     sn, cs = axis.norm(dim=-1, keepdim=True), (dirs * y).sum(-1, keepdim=True)
-    ang = torch.atan2(sn, cs)
     flip = torch.zeros_like(dirs)
     flip[..., 0] = 1
     axis = torch.where(sn > 1e-9, axis / sn.clamp_min(1e-12), flip)
-    kx = _skew(axis * ang)
-    Rd = torch.linalg.matrix_exp(kx.double())
+    Rd = torch.linalg.matrix_exp(_skew(axis * torch.atan2(sn, cs)))
+    return wigner_d(l, Rd)[..., :, l]
+
+
+@lru_cache(maxsize=None)
+def _sh_polynomial(l: int) -> Tuple[Tensor, Tensor]:
+    """Degree-``l`` real SH of e3nn's basis as homogeneous polynomials: monomial exponents ``[M,3]`` and
+    coefficients ``[M,2l+1]``, fitted once (exactly: a homogeneous polynomial is fixed by its values on
+    the sphere) to ``D_l(R_d)[:, l]`` at fixed random directions."""
+    exps = torch.tensor([(a, b, l - a - b) for a in range(l + 1) for b in range(l + 1 - a)], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    d = F.normalize(torch.randn(8 * len(exps) + 8, 3, generator=g, dtype=torch.float64), dim=-1)
+    mono = (d[:, None, :] ** exps[None]).prod(-1)                                   # [S,M]
+    coef = torch.linalg.lstsq(mono, _d_column_at(l, d)).solution                   # [M,2l+1]
+    return exps, coef
+
+
+def eval_harmonics(sh: Tensor, dirs: Tensor) -> Tensor:
+    """Evaluate e3nn-basis real SH colours ``sh [...,3,n]`` at unit directions ``dirs [...,3]`` with the
+    3DGS normalisation (degree l scaled by sqrt((2l+1)/4pi), so the DC factor is 0.2821). The value of
+    degree ``l`` at ``d`` is ``D_l(R_d)[:, l]`` with ``R_d`` a rotation taking the y axis (e3nn's polar
+    axis) to ``d``; it is evaluated as a fitted polynomial in ``d``."""
     vals = []
     for l in range(math.isqrt(sh.shape[-1])):
-        vals.append(wigner_d(l, Rd)[..., :, l] * math.sqrt((2 * l + 1) / (4 * math.pi)))
+        exps, coef = _sh_polynomial(l)
+        mono = (dirs.double()[..., None, :] ** exps.to(dirs.device)).prod(-1)
+        vals.append(mono @ coef.to(dirs.device) * math.sqrt((2 * l + 1) / (4 * math.pi)))
     basis = torch.cat(vals, -1).to(sh.dtype)                     # [...,n]
     return (sh * basis[..., None, :]).sum(-1)
 
