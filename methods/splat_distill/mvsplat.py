@@ -560,11 +560,14 @@ class MVSplatEncoder(nn.Module):
         self.cfg = {**RE10K, **overrides}
         self.backbone = _Backbone(self.cfg["d_feature"])
         self.depth_predictor = _DepthPredictor(self.cfg)
-        d_sh = (self.cfg["sh_degree"] + 1) ** 2
-        mask = torch.ones(d_sh)
+        self.register_buffer("sh_mask", self._sh_mask(), persistent=False)
+
+    def _sh_mask(self) -> Tensor:
+        """1 for degree 0, 0.1 * 0.25^l for degree l: damps the view-dependent coefficients."""
+        mask = torch.ones((self.cfg["sh_degree"] + 1) ** 2)
         for l in range(1, self.cfg["sh_degree"] + 1):
             mask[l * l:(l + 1) ** 2] = 0.1 * 0.25 ** l
-        self.register_buffer("sh_mask", mask, persistent=False)
+        return mask
 
     # -- loading ---------------------------------------------------------------------------------
     @staticmethod
@@ -601,7 +604,7 @@ class MVSplatEncoder(nn.Module):
                                   "pass MVSplat's re10k.ckpt, whose state_dict holds the encoder under 'encoder.'")
         return enc
 
-    def load_encoder_state(self, sd: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    def load_encoder_state(self, sd: Mapping[str, Tensor], source: str = "checkpoint", assign: bool = False) -> None:
         """Strict load (names and shapes); the error names the missing/unexpected/mis-shaped keys."""
         own = self.state_dict()
         missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
@@ -620,12 +623,18 @@ class MVSplatEncoder(nn.Module):
             raise CheckpointError(f"{source} is not an MVSplat RE10K-configuration encoder: " + "; ".join(parts),
                                   "pass MVSplat's re10k.ckpt (128 depth candidates, 2 context views); other "
                                   "MVSplat configurations are not supported")
-        self.load_state_dict(dict(sd), strict=True)
+        self.load_state_dict(dict(sd), strict=True, assign=assign)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "MVSplatEncoder":
-        enc = cls()
-        enc.load_encoder_state(cls.read_encoder_state(path), source=f"MVSplat checkpoint {path}")
+        """Strictly load a checkpoint (see :meth:`read_encoder_state`); the module is built without
+        initialising its weights (they all come from the checkpoint), in eval mode, on the CPU."""
+        sd = cls.read_encoder_state(path)
+        with torch.device("meta"):
+            enc = cls()
+        enc.load_encoder_state({k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
+                               source=f"MVSplat checkpoint {path}", assign=True)
+        enc.sh_mask = enc._sh_mask()
         return enc.eval()
 
     # -- forward ---------------------------------------------------------------------------------
