@@ -313,6 +313,12 @@ def test_splat_distill_steps_with_mvsplat_reconstructor(one_thread, tmp_path):
     hist = loop.run(step_fn, after_step=distiller.update_teacher)
     assert len(hist) == 3 and all(math.isfinite(h["loss"]) for h in hist)
     assert any(not torch.equal(before[k], v) for k, v in distiller.student.state_dict().items())
-    # image sizes MVSplat cannot take fail with a clear error naming the config key
-    with pytest.raises(BenchError, match="method.data.size"):
+    # image sizes MVSplat cannot take fail with a clear error naming the config key, before training
+    with pytest.raises(BenchError, match=r"method\.data\.size.*\[16,48\]"):
         rec({"images": torch.rand(2, 3, 30, 48), "K": views["K"][:2], "w2c": views["w2c"][:2]})
+    from methods.splat_distill.distill import Distiller
+
+    with pytest.raises(BenchError, match=r"multiples of 16, got 56x70"):
+        Distiller(build_backbone(cfg.backbone), compose(overrides + ["method.data.size=[56,70]"]).method)
+    with pytest.raises(BenchError, match="coverage"):
+        Distiller(build_backbone(cfg.backbone), compose(overrides + ["method.lift.coverage=none"]).method)

@@ -254,17 +254,22 @@ class MVSplatAdapter(nn.Module):
         self.encoder = MVSplatEncoder.from_checkpoint(checkpoint)
 
     @staticmethod
-    def context(views: Mapping[str, torch.Tensor], near: float, far: float) -> Dict[str, torch.Tensor]:
-        """bench views (``images [2,3,H,W]``, pixel ``K``, ``w2c``) -> MVSplat's context dict (batch 1)."""
+    def check_size(H: int, W: int) -> None:
+        """MVSplat's U-Nets need image sides that are multiples of 16 (clear error naming the config key)."""
         from .mvsplat import SIZE_MULTIPLE
 
+        if H % SIZE_MULTIPLE or W % SIZE_MULTIPLE:
+            m = SIZE_MULTIPLE
+            raise BenchError(f"the MVSplat reconstructor needs image sides that are multiples of {m}, got {H}x{W}",
+                             f"set method.data.size to multiples of {m}, e.g. "
+                             f"[{max(m, H // m * m)},{max(m, W // m * m)}]")
+
+    @classmethod
+    def context(cls, views: Mapping[str, torch.Tensor], near: float, far: float) -> Dict[str, torch.Tensor]:
+        """bench views (``images [2,3,H,W]``, pixel ``K``, ``w2c``) -> MVSplat's context dict (batch 1)."""
         images = views["images"]
         V, _, H, W = images.shape
-        if H % SIZE_MULTIPLE or W % SIZE_MULTIPLE:
-            raise BenchError(f"the MVSplat reconstructor needs image sides that are multiples of {SIZE_MULTIPLE}, "
-                             f"got {H}x{W}",
-                             f"set method.data.size to multiples of {SIZE_MULTIPLE}, e.g. "
-                             f"[{max(16, H // SIZE_MULTIPLE * SIZE_MULTIPLE)},{max(16, W // SIZE_MULTIPLE * SIZE_MULTIPLE)}]")
+        cls.check_size(H, W)
         Kn = views["K"].clone()
         Kn[:, 0] /= W
         Kn[:, 1] /= H
