@@ -12,7 +12,12 @@ import torch
 
 from bench.errors import BenchError, CheckpointError
 from bench.splat import rasterize, rasterize_dense, rasterize_tiled
-from methods.splat_distill.mvsplat import MVSplatEncoder, eval_harmonics, rotate_harmonics, wigner_d
+from methods.splat_distill.mvsplat import (
+    MVSplatEncoder,
+    eval_harmonics,
+    rotate_harmonics,
+    wigner_d,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(os.environ.get("BENCH_MVSPLAT_FIXTURE", ROOT / ".." / "shared" / "fixtures" / "mvsplat"))
@@ -171,6 +176,12 @@ def test_checkpoint_errors_name_the_keys(tmp_path):
     good = tmp_path / "enc.safetensors"
     save_file(sd, str(good))
     MVSplatEncoder.from_checkpoint(good)                                            # bare encoder.* dict
+    import argparse
+
+    lightning = tmp_path / "lightning.ckpt"  # non-tensor objects beside the state dict (hyper-parameters)
+    torch.save({"state_dict": sd, "hyper_parameters": argparse.Namespace(lr=1e-4), "epoch": 1}, lightning)
+    enc = MVSplatEncoder.from_checkpoint(lightning)
+    assert torch.equal(enc.state_dict()["depth_predictor.to_gaussians.2.bias"], sd["encoder.depth_predictor.to_gaussians.2.bias"])
     cases = {
         "missing": ({k: v for k, v in sd.items() if "to_disparity.2.bias" not in k}, "encoder.depth_predictor.to_disparity.2.bias"),
         "unexpected": ({**sd, "encoder.extra.weight": torch.zeros(2)}, "encoder.extra.weight"),
@@ -268,10 +279,10 @@ def test_splat_distill_steps_with_mvsplat_reconstructor(one_thread, tmp_path):
     the frozen MVSplat Gaussians (full covariances) are what the teacher features are splatted with."""
     from safetensors.torch import load_file
 
+    from bench.backbones import build_backbone
     from bench.config import compose
     from bench.data.synthetic import ensure_synthetic
     from bench.seed import seed_everything
-    from bench.backbones import build_backbone
     from methods.splat_distill.method import build_training
     from methods.splat_distill.reconstruct import MVSplatAdapter
 

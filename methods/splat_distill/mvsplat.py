@@ -31,9 +31,11 @@ Everything in the depth predictor runs in (view, batch) order, as in MVSplat. En
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+import pickle
+from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +78,7 @@ class _ResBlock(nn.Module):
 
 
 class _CNN(nn.Module):
-    def __init__(self, out_dim: int = 128, widths: Tuple[int, int, int] = (64, 96, 128)):
+    def __init__(self, out_dim: int = 128, widths: tuple[int, int, int] = (64, 96, 128)):
         super().__init__()
         self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
         self.norm1 = nn.InstanceNorm2d(widths[0])
@@ -159,7 +161,7 @@ class _AttnLayer(nn.Module):
                                      nn.Linear(2 * d * expansion, d, bias=False))
             self.norm2 = nn.LayerNorm(d)
 
-    def forward(self, x: Tensor, kv: Tensor, h: int, w: int, k: int, mask: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, kv: Tensor, h: int, w: int, k: int, mask: Tensor | None) -> Tensor:
         B, L, C = x.shape
         q, key, val = (p(t).reshape(B, h, w, C) for p, t in ((self.q_proj, x), (self.k_proj, kv), (self.v_proj, kv)))
         if mask is not None:
@@ -190,7 +192,7 @@ class _Transformer(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(_Block(d) for _ in range(layers))
 
-    def forward(self, feats: List[Tensor], k: int) -> List[Tensor]:
+    def forward(self, feats: list[Tensor], k: int) -> list[Tensor]:
         """Two views' ``[B,C,h,w]`` features -> transformed features, same shapes."""
         V = len(feats)
         if V != 2:
@@ -278,12 +280,12 @@ class _UNet(nn.Module):
     """Diffusion-style U-Net with 1 residual block per level, attention where the downsampling factor
     is in ``attn_res`` (and its skip blocks), no timestep input; width ``c * mult`` per level."""
 
-    def __init__(self, c: int, mult: Tuple[int, ...], attn_res: Tuple[int, ...], num_views: int):
+    def __init__(self, c: int, mult: tuple[int, ...], attn_res: tuple[int, ...], num_views: int):
         super().__init__()
         self.input_blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(c, c, 3, 1, 1))])
         skips, ch, ds = [c], c, 1
         for level, m in enumerate(mult):
-            layers: List[nn.Module] = [_UResBlock(ch, c * m)]
+            layers: list[nn.Module] = [_UResBlock(ch, c * m)]
             ch = c * m
             if ds in attn_res:
                 layers.append(_UAttention(ch, num_views))
@@ -381,7 +383,7 @@ def plane_sweep(feat: Tensor, other: Tensor, K: Tensor, pose: Tensor, depths: Te
 
 
 # ======================================================================== SH rotation (e3nn basis)
-@lru_cache(maxsize=None)
+@cache
 def _real_generators(l: int) -> Tensor:
     """Rotation generators ``[3,2l+1,2l+1]`` (about x, y, z) of degree ``l`` in e3nn's real SH basis,
     float64: ``D(R) = expm(theta * (n . G))`` for a rotation by ``theta`` about the unit axis ``n``.
@@ -417,8 +419,8 @@ def _real_generators(l: int) -> Tensor:
     return torch.stack(real)
 
 
-@lru_cache(maxsize=None)
-def _axis_map() -> Tuple[Tuple[int, float], ...]:
+@cache
+def _axis_map() -> tuple[tuple[int, float], ...]:
     """For each rotation axis (x, y, z): which generator of :func:`_real_generators` and its sign, found
     by matching degree 1 against the standard so(3) generators."""
     G = _real_generators(1)
@@ -492,8 +494,8 @@ def _d_column_at(l: int, dirs: Tensor) -> Tensor:
     return wigner_d(l, Rd)[..., :, l]
 
 
-@lru_cache(maxsize=None)
-def _sh_polynomial(l: int) -> Tuple[Tensor, Tensor]:
+@cache
+def _sh_polynomial(l: int) -> tuple[Tensor, Tensor]:
     """Degree-``l`` real SH of e3nn's basis as homogeneous polynomials: monomial exponents ``[M,3]`` and
     coefficients ``[M,2l+1]``, fitted once (exactly: a homogeneous polynomial is fixed by its values on
     the sphere) to ``D_l(R_d)[:, l]`` at fixed random directions."""
@@ -571,7 +573,7 @@ class MVSplatEncoder(nn.Module):
 
     # -- loading ---------------------------------------------------------------------------------
     @staticmethod
-    def read_encoder_state(path: str | Path) -> Dict[str, Tensor]:
+    def read_encoder_state(path: str | Path) -> dict[str, Tensor]:
         """The ``encoder.*`` tensors of a Lightning checkpoint (``state_dict``) or of a bare state dict
         (safetensors / torch file), prefix removed; other keys (decoder, losses, ...) are ignored."""
         path = Path(path)
@@ -587,7 +589,8 @@ class MVSplatEncoder(nn.Module):
             else:
                 try:
                     sd = torch.load(path, map_location="cpu", weights_only=True)
-                except Exception:  # Lightning checkpoints may pickle hyper-parameter objects
+                except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError):  # Lightning
+                    # checkpoints may pickle hyper-parameter objects that the safe reader refuses
                     sd = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
             raise CheckpointError(f"cannot read MVSplat checkpoint {path}: {type(e).__name__}: {e}",
@@ -626,7 +629,7 @@ class MVSplatEncoder(nn.Module):
         self.load_state_dict(dict(sd), strict=True, assign=assign)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path) -> "MVSplatEncoder":
+    def from_checkpoint(cls, path: str | Path) -> MVSplatEncoder:
         """Strictly load a checkpoint (see :meth:`read_encoder_state`); the module is built without
         initialising its weights (they all come from the checkpoint), in eval mode, on the CPU."""
         sd = cls.read_encoder_state(path)
@@ -638,7 +641,7 @@ class MVSplatEncoder(nn.Module):
         return enc.eval()
 
     # -- forward ---------------------------------------------------------------------------------
-    def check_context(self, context: Mapping[str, Tensor]) -> Tuple[int, int, int, int]:
+    def check_context(self, context: Mapping[str, Tensor]) -> tuple[int, int, int, int]:
         missing = [k for k in CONTEXT_KEYS if k not in context]
         if missing:
             raise BenchError(f"MVSplat context lacks {missing}", f"pass a dict with {list(CONTEXT_KEYS)}")
@@ -665,7 +668,7 @@ class MVSplatEncoder(nn.Module):
         return B, V, H, W
 
     def forward(self, context: Mapping[str, Tensor], global_step: int = 0,
-                intermediates: Optional[Dict[str, Tensor]] = None) -> Dict[str, Tensor]:
+                intermediates: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         B, V, H, W = self.check_context(context)
         cfg, dp = self.cfg, self.depth_predictor
         inter = intermediates if intermediates is not None else {}
@@ -747,7 +750,7 @@ class MVSplatEncoder(nn.Module):
         return 0.5 * (1 - (1 - density) ** e + density ** (1 / e))
 
     def adapt(self, raw: Tensor, depth: Tensor, density: Tensor, context: Mapping[str, Tensor], global_step: int,
-              inter: Dict[str, Tensor]) -> Dict[str, Tensor]:
+              inter: dict[str, Tensor]) -> dict[str, Tensor]:
         """Raw head output ``[B,V,HW,84]`` + depths -> world-space Gaussians (MVSplat's GaussianAdapter)."""
         B, V, HW, _ = raw.shape
         H, W = depth.shape[-2:]
