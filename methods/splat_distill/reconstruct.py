@@ -262,7 +262,7 @@ class MVSplatAdapter(nn.Module):
             m = SIZE_MULTIPLE
             raise BenchError(f"the MVSplat reconstructor needs image sides that are multiples of {m}, got {H}x{W}",
                              f"set method.data.size to multiples of {m}, e.g. "
-                             f"[{max(m, H // m * m)},{max(m, W // m * m)}]")
+                             f"[{max(m, round(H / m) * m)},{max(m, round(W / m) * m)}]")
 
     @classmethod
     def context(cls, views: Mapping[str, torch.Tensor], near: float, far: float) -> Dict[str, torch.Tensor]:
