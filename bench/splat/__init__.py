@@ -15,6 +15,8 @@ On CPU the engine is ~17-20x faster than the dense reference at D=384 on 4 views
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor
 
 from ..errors import BenchError
@@ -29,9 +31,9 @@ __all__ = ["rasterize", "rasterize_dense", "rasterize_tiled", "rasterize_gsplat"
 BACKENDS = ("auto", "gsplat", "torch", "dense")
 
 
-def rasterize_gsplat(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, features: Tensor,
-                     w2c: Tensor, K: Tensor, width: int, height: int, near: float = 0.01,
-                     far: float = 1e10, eps2d: float = 0.3):
+def rasterize_gsplat(means: Tensor, quats: Optional[Tensor], scales: Optional[Tensor], opacities: Tensor,
+                     features: Tensor, w2c: Tensor, K: Tensor, width: int, height: int, near: float = 0.01,
+                     far: float = 1e10, eps2d: float = 0.3, covars: Optional[Tensor] = None):
     """gsplat 1.5.3 on CUDA tensors (float32); same contract as :func:`rasterize`."""
     if not means.is_cuda:
         raise BenchError("gsplat needs CUDA tensors, got CPU tensors",
@@ -39,21 +41,24 @@ def rasterize_gsplat(means: Tensor, quats: Tensor, scales: Tensor, opacities: Te
     from gsplat import rasterization
 
     dtype = features.dtype
+    f32 = lambda t: None if t is None else t.float()
     colors, alphas, _ = rasterization(
-        means.float(), quats.float(), scales.float(), opacities.float(), features.float(),
+        means.float(), f32(quats), f32(scales), opacities.float(), features.float(),
         w2c.float(), K.float(), int(width), int(height), near_plane=near, far_plane=far, eps2d=eps2d,
-        sh_degree=None, render_mode="RGB+ED", rasterize_mode="classic")
+        sh_degree=None, render_mode="RGB+ED", rasterize_mode="classic", covars=f32(covars))
     return colors[..., :-1].to(dtype), alphas[..., 0].to(dtype), colors[..., -1].to(dtype)
 
 
-def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, features: Tensor,
-              w2c: Tensor, K: Tensor, width: int, height: int, *, near: float = 0.01, far: float = 1e10,
-              eps2d: float = 0.3, backend: str = "auto"):
+def rasterize(means: Tensor, quats: Optional[Tensor], scales: Optional[Tensor], opacities: Tensor,
+              features: Tensor, w2c: Tensor, K: Tensor, width: int, height: int, *, near: float = 0.01,
+              far: float = 1e10, eps2d: float = 0.3, backend: str = "auto", covars: Optional[Tensor] = None):
     """Splat Gaussians with features into C cameras.
 
     Args:
         means [N,3], quats [N,4] (wxyz, any norm), scales [N,3] (standard deviations), opacities [N],
         features [N,D] (any D); w2c [C,4,4] world-to-camera (OpenCV axes), K [C,3,3] in pixels.
+        covars [N,3,3]: world-space covariances (symmetric positive definite, e.g. MVSplat's); when
+        given, quats and scales are ignored (pass None), as in gsplat's ``covars``.
         backend: "auto" (gsplat on CUDA, tiled engine otherwise), "gsplat", "torch" (tiled engine on
         any device) or "dense" (the all-pairs reference; small inputs only).
     Returns:
@@ -63,6 +68,14 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, f
     if backend not in BACKENDS:
         raise BenchError(f"unknown splatting backend '{backend}'", f"use one of {', '.join(BACKENDS)}")
     N = means.shape[0]
+    if covars is not None:
+        if covars.shape != (N, 3, 3):
+            raise BenchError(f"rasterize got covars of shape {tuple(covars.shape)} for {N} Gaussians",
+                             "pass covars [N,3,3] (or quats [N,4] and scales [N,3] instead)")
+        quats = quats if quats is not None else means.new_zeros(N, 4)
+        scales = scales if scales is not None else means.new_zeros(N, 3)
+    elif quats is None or scales is None:
+        raise BenchError("rasterize needs quats and scales, or covars", "pass quats [N,4] and scales [N,3], or covars [N,3,3]")
     if (quats.shape != (N, 4) or scales.shape != (N, 3) or opacities.shape != (N,)
             or features.dim() != 2 or features.shape[0] != N or w2c.dim() != 3 or w2c.shape[1:] != (4, 4)
             or K.shape != (w2c.shape[0], 3, 3)):
@@ -74,5 +87,7 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, f
     if backend == "auto":
         backend = "gsplat" if means.is_cuda else "torch"
     fn = {"gsplat": rasterize_gsplat, "torch": rasterize_tiled, "dense": rasterize_dense}[backend]
+    if covars is not None:
+        quats = scales = None
     return fn(means, quats, scales, opacities, features, w2c, K, int(width), int(height),
-              near=near, far=far, eps2d=eps2d)
+              near=near, far=far, eps2d=eps2d, covars=covars)

@@ -15,6 +15,7 @@ Rules (gsplat ``ProjectionEWA3DGSFused.cu`` / ``Utils.cuh``):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -45,12 +46,17 @@ class Projected:
     valid: Tensor  # [C,N] bool
 
 
-def project(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, w2c: Tensor, K: Tensor,
-            width: int, height: int, near: float = 0.01, far: float = 1e10, eps2d: float = 0.3) -> Projected:
-    """Project N Gaussians into C cameras (differentiable w.r.t. the Gaussians; culling is not)."""
-    R = quat_to_rotmat(quats)
-    M = R * scales[:, None, :]
-    cov = M @ M.transpose(-1, -2)  # [N,3,3]
+def project(means: Tensor, quats: Optional[Tensor], scales: Optional[Tensor], opacities: Tensor, w2c: Tensor,
+            K: Tensor, width: int, height: int, near: float = 0.01, far: float = 1e10, eps2d: float = 0.3,
+            covars: Optional[Tensor] = None) -> Projected:
+    """Project N Gaussians into C cameras (differentiable w.r.t. the Gaussians; culling is not).
+    ``covars [N,3,3]`` (world covariances) replaces ``quats`` / ``scales`` when given."""
+    if covars is None:
+        R = quat_to_rotmat(quats)
+        M = R * scales[:, None, :]
+        cov = M @ M.transpose(-1, -2)  # [N,3,3]
+    else:
+        cov = covars
     Rw, t = w2c[:, None, :3, :3], w2c[:, None, :3, 3]  # [C,1,3,3], [C,1,3]
     mc = (Rw @ means[None, :, :, None])[..., 0] + t  # [C,N,3]
     covc = Rw @ cov[None] @ Rw.transpose(-1, -2)  # [C,N,3,3]

@@ -15,6 +15,8 @@ composited. Outputs: features ``sum w_i f_i``, alpha ``1 - T``, depth ``sum w_i 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -27,12 +29,15 @@ def _rotation(q: Tensor) -> Tensor:
     return torch.stack([torch.stack(r, -1) for r in rows], -2)
 
 
-def rasterize_dense(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, features: Tensor,
-                    w2c: Tensor, K: Tensor, width: int, height: int, near: float = 0.01, far: float = 1e10,
-                    eps2d: float = 0.3):
+def rasterize_dense(means: Tensor, quats: Optional[Tensor], scales: Optional[Tensor], opacities: Tensor,
+                    features: Tensor, w2c: Tensor, K: Tensor, width: int, height: int, near: float = 0.01,
+                    far: float = 1e10, eps2d: float = 0.3, covars: Optional[Tensor] = None):
     """Same contract as :func:`bench.splat.rasterize`; one camera at a time, all pairs at once."""
-    R = _rotation(quats)
-    cov3 = R @ torch.diag_embed(scales ** 2) @ R.transpose(-1, -2)  # [N,3,3]
+    if covars is None:
+        R = _rotation(quats)
+        cov3 = R @ torch.diag_embed(scales ** 2) @ R.transpose(-1, -2)  # [N,3,3]
+    else:
+        cov3 = covars
     v, u = torch.meshgrid(torch.arange(height, dtype=means.dtype), torch.arange(width, dtype=means.dtype),
                           indexing="ij")
     pix = torch.stack([u, v], -1).reshape(-1, 2).to(means.device) + 0.5  # [P,2] pixel centres

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -257,12 +257,13 @@ class _Composite(torch.autograd.Function):
         return g_m, g_c, g_o, g_f, g_z, None
 
 
-def rasterize_tiled(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, features: Tensor,
-                    w2c: Tensor, K: Tensor, width: int, height: int, near: float = 0.01, far: float = 1e10,
-                    eps2d: float = 0.3, tile: int = 8, seg: int = 64, budget: int = 1 << 20):
+def rasterize_tiled(means: Tensor, quats: Optional[Tensor], scales: Optional[Tensor], opacities: Tensor,
+                    features: Tensor, w2c: Tensor, K: Tensor, width: int, height: int, near: float = 0.01,
+                    far: float = 1e10, eps2d: float = 0.3, tile: int = 8, seg: int = 64, budget: int = 1 << 20,
+                    covars: Optional[Tensor] = None):
     """Tiled engine; same contract as :func:`bench.splat.rasterize`."""
     C, N, D = w2c.shape[0], means.shape[0], features.shape[1]
-    proj = project(means, quats, scales, opacities, w2c, K, width, height, near, far, eps2d)
+    proj = project(means, quats, scales, opacities, w2c, K, width, height, near, far, eps2d, covars)
     plan = _plan(proj, opacities, width, height, tile, seg, budget)
 
     def ext(x: Tensor) -> Tensor:  # flatten [C,N,...] and append one zero padding row

@@ -8,7 +8,8 @@ For each example (2 context views + 1 target view of one scene):
 3. the frozen reconstructor predicts one Gaussian per context pixel; each Gaussian carries its
    pixel's full-width feature (lifting = assignment);
 4. :func:`bench.splat.rasterize` splats them into the target camera; pixels with alpha below
-   ``alpha_threshold`` are uncovered and leave the loss;
+   ``alpha_threshold`` are uncovered and leave the loss (``lift.coverage=rgb``: the official
+   trainer's rule instead, a pixel is uncovered where the splatted RGB colours are exactly 0);
 5. semantic blending with the target-view segment mean: ``a * F + (1 - a) * mean_segment(F)``;
 6. bilinear downscale to the student's patch grid (a cell is valid when every pixel its bilinear
    sample touches is covered);
@@ -35,6 +36,8 @@ from .features import MASKS, grid_scale, segment_blend, slic_masks, to_patch_gri
 from .head import LOSSES, DINOHead, distill_loss
 from .reconstruct import build_reconstructor
 
+COVERAGE = ("alpha", "rgb")  # a target pixel is covered: alpha > alpha_threshold | its RGB render is not 0
+
 
 class Distiller:
     """Student (backbone + DINO head, adapted by LoRA or fully), EMA teacher and reconstructor.
@@ -50,6 +53,10 @@ class Distiller:
         self.loss_kind = str(cfg.get("loss", "dino"))
         if self.loss_kind not in LOSSES:
             raise BenchError(f"method.loss='{self.loss_kind}' is not a loss", f"use one of {LOSSES}")
+        self.coverage = str(lift.get("coverage", "alpha"))
+        if self.coverage not in COVERAGE:
+            raise BenchError(f"method.lift.coverage='{self.coverage}' is not a coverage rule",
+                             f"use one of {COVERAGE}")
         if str(lift.get("masks", "auto")) not in MASKS:
             raise BenchError(f"method.lift.masks='{lift.get('masks')}' is not a mask source", f"use one of {MASKS}")
         self.backbone = backbone.to(self.device)
@@ -67,6 +74,9 @@ class Distiller:
         self.teacher_head.eval()
         self.reconstructor = (reconstructor if reconstructor is not None
                               else build_reconstructor(cfg["reconstructor"])).to(self.device)
+        size = (cfg.get("data") or {}).get("size")
+        if hasattr(self.reconstructor, "check_size") and size is not None:
+            self.reconstructor.check_size(*(int(s) for s in size))  # MVSplat: fail before training starts
         self.student = nn.ModuleDict({"backbone": self.backbone.model, "head": self.head})
         self.timings: Dict[str, float] = defaultdict(float)
         self.profile = False
@@ -155,9 +165,16 @@ class Distiller:
             with self._timed("upsample"):
                 src = upsample(eye, masks[i][:2], (H, W), mode, scale) if use_basis else up[2 * i: 2 * i + 2]
             with self._timed("splat"):
-                render, alpha, _ = rasterize(*gs.splat_args(src), ex["w2c"][2:3], ex["K"][2:3], W, H)
+                rgb_rule = self.coverage == "rgb"  # the official trainer: uncovered where the RGB render is 0
+                if rgb_rule:
+                    src = torch.cat([src, gs.colors(ex["images"][:2], ex["w2c"][2]).to(src.dtype)], 1)
+                render, alpha, _ = gs.splat(src, ex["w2c"][2:3], ex["K"][2:3], W, H)
                 render = render.permute(0, 3, 1, 2)                                     # [1,D,H,W]
-                covered = alpha > float(lift.get("alpha_threshold", 0.5))               # [1,H,W]
+                if rgb_rule:
+                    render, rgb = render[:, :-3], render[:, -3:]
+                    covered = (rgb != 0).any(1)                                          # [1,H,W]
+                else:
+                    covered = alpha > float(lift.get("alpha_threshold", 0.5))           # [1,H,W]
                 if lift.get("normalize_alpha", False):
                     render = render / alpha.clamp_min(1e-6)[:, None]
             with self._timed("blend"):

@@ -31,6 +31,8 @@ VARIANTS = {  # name -> overrides on top of the demo configuration
     "bilinear": ["method.lift.upsample=bilinear"],               # ablation: plain bilinear upsampling
     "full_ft": ["method.adapter.mode=full"],                     # full fine-tuning instead of LoRA
     "learned_recon": ["method.reconstructor.name=learned"],      # needs pretrain-reconstructor first
+    # MVSplat's encoder (pass method.reconstructor.checkpoint=/path/to/re10k.ckpt); room-scale depth range
+    "mvsplat": ["method.reconstructor.name=mvsplat", "method.reconstructor.near=0.5", "method.reconstructor.far=20"],
 }
 DEFAULT_VARIANTS = ["demo", "splat_features", "bilinear", "full_ft"]
 
@@ -90,12 +92,14 @@ def train_perf(args: argparse.Namespace) -> int:
     for name in args.variants:
         results[name] = _measure(base + VARIANTS[name], args.steps, args.warmup)
     ref = results[args.variants[0]]
-    rows = [[name, f"{r['step_s'] * 1e3:.0f}", f"{1.0 / r['step_s']:.2f}", f"{ref['step_s'] / r['step_s']:.2f}x"]
+    rows = [[name, f"{r['step_s'] * 1e3:.0f}", f"{1.0 / r['step_s']:.2f}", f"{ref['step_s'] / r['step_s']:.2f}x",
+             f"{100 * r['stages'].get('reconstruct', 0.0) / r['mean_s']:.0f}%"]
             for name, r in results.items()]
     print(f"backbone {args.backbone} (C={ref['C']}, grid {ref['grid']}), device {ref['device']}, "
           f"{args.threads} threads, "
           f"median of {args.steps} steps after {args.warmup} warm-up; overrides: {' '.join(base)}")
-    print(tabulate(rows, headers=["variant", "ms/step", "steps/s", f"speed vs '{args.variants[0]}'"]))
+    print(tabulate(rows, headers=["variant", "ms/step", "steps/s", f"speed vs '{args.variants[0]}'",
+                                  "reconstructor share"]))
     parts = dict(ref["stages"])
     parts["backward + optimiser + EMA + data"] = max(ref["mean_s"] - sum(parts.values()), 0.0)
     print(f"\nstages of '{args.variants[0]}' (mean per step):")

@@ -10,7 +10,9 @@ a per-pixel assignment. Implementations (``method.reconstructor.name``):
 * ``learned`` -- :class:`CostVolumeReconstructor`: a small two-view plane-sweep network that predicts
   per-pixel depth, opacity and scale; pretrained by ``python -m bench pretrain-reconstructor`` with a
   rendering loss through :func:`bench.splat.rasterize`, then loaded frozen from its checkpoint.
-* ``mvsplat`` -- :class:`MVSplatAdapter`: the slot for an MVSplat checkpoint (weights unavailable).
+* ``mvsplat`` -- :class:`MVSplatAdapter`: MVSplat's encoder (:mod:`methods.splat_distill.mvsplat`) with a
+  user's checkpoint (MVSplat's public ``re10k.ckpt``), frozen: anisotropic Gaussians with full world
+  covariances and SH colours, splatted with ``rasterize(covars=...)``.
 """
 from __future__ import annotations
 
@@ -33,13 +35,17 @@ RECONSTRUCTORS = ("depth", "learned", "mvsplat")
 
 @dataclass
 class PixelGaussians:
-    """One isotropic Gaussian per pixel: ``means [V,H,W,3]``, ``scales [V,H,W]``, ``opacities [V,H,W]``,
-    ``depth [V,H,W]`` (0 = no Gaussian)."""
+    """One Gaussian per pixel: ``means [V,H,W,3]``, ``scales [V,H,W]`` (isotropic std), ``opacities
+    [V,H,W]``, ``depth [V,H,W]`` (camera z, 0 = no Gaussian). Anisotropic reconstructors (MVSplat) also
+    give ``covariances [V,H,W,3,3]`` (world frame; they replace ``scales`` when splatting) and
+    ``harmonics [V,H,W,3,n]`` (SH colours in e3nn's basis, world frame)."""
 
     means: torch.Tensor
     scales: torch.Tensor
     opacities: torch.Tensor
     depth: torch.Tensor
+    covariances: Optional[torch.Tensor] = None
+    harmonics: Optional[torch.Tensor] = None
 
     @classmethod
     def from_depth(cls, depth: torch.Tensor, K: torch.Tensor, w2c: torch.Tensor, opacities: torch.Tensor,
@@ -59,6 +65,33 @@ class PixelGaussians:
         quats[:, 0] = 1.0
         feats = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])[keep]
         return means, quats, s[:, None].expand(-1, 3), self.opacities.reshape(-1)[keep], feats
+
+    def splat(self, features: torch.Tensor, w2c: torch.Tensor, K: torch.Tensor, width: int, height: int,
+              min_opacity: float = 0.0):
+        """Render per-pixel ``features [V,C,H,W]`` into cameras ``w2c [T,4,4]``, ``K [T,3,3]`` with
+        :func:`bench.splat.rasterize` (full covariances when the reconstructor gives them) ->
+        ``(features [T,H,W,C], alpha [T,H,W], depth [T,H,W])``."""
+        from bench.splat import rasterize
+
+        means, quats, scales, opac, feats = self.splat_args(features, min_opacity)
+        if self.covariances is None:
+            return rasterize(means, quats, scales, opac, feats, w2c, K, width, height)
+        keep = (self.opacities > min_opacity).reshape(-1) & (self.depth > 0).reshape(-1)
+        cov = self.covariances.reshape(-1, 3, 3)[keep]
+        return rasterize(means, None, None, opac, feats, w2c, K, width, height, covars=cov)
+
+    def colors(self, images: torch.Tensor, w2c: torch.Tensor) -> torch.Tensor:
+        """Per-pixel RGB ``[V,3,H,W]`` seen from the camera ``w2c [4,4]``: the SH colours evaluated at the
+        viewing direction (``max(SH + 0.5, 0)``, 3DGS's rule) when the reconstructor gives harmonics,
+        else the context pixels' own colours ``images [V,3,H,W]``."""
+        if self.harmonics is None:
+            return images
+        from .mvsplat import eval_harmonics
+
+        centre = invert_rigid(w2c[None])[0, :3, 3]
+        d = F.normalize(self.means - centre, dim=-1)
+        rgb = (eval_harmonics(self.harmonics, d) + 0.5).clamp_min(0.0)                # [V,H,W,3]
+        return rgb.permute(0, 3, 1, 2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,23 +227,67 @@ class CostVolumeReconstructor(nn.Module):
 
 
 class MVSplatAdapter(nn.Module):
-    """Slot for a pretrained MVSplat encoder (the reconstructor of the official SnD code).
+    """A pretrained MVSplat encoder as bench's reconstructor (the official SnD code's choice).
 
-    An adapter would load an MVSplat checkpoint (its ``encoder.*`` weights: backbone + multi-view
-    transformer, 128-candidate cost volume, U-Net refinement, Gaussian heads), run it on the two
-    context views and return its per-pixel depths, opacities and scales as :class:`PixelGaussians`
-    (dropping its rotations/SH colours; features are assigned per pixel by the lifting step).
-    The weights are not available to bench: MVSplat's released checkpoints cannot be downloaded here
-    and the ScanNet++-fine-tuned one used by the paper was never released.
+    Loads ``checkpoint`` (MVSplat's ``re10k.ckpt``: a Lightning checkpoint whose ``state_dict`` holds
+    ``encoder.*``, or a bare ``encoder.*`` safetensors/pt file) strictly into
+    :class:`~methods.splat_distill.mvsplat.MVSplatEncoder`, converts bench's views (pixel K, w2c) into
+    MVSplat's context (normalised K, c2w, ``near``/``far`` from config) and returns its per-pixel
+    Gaussians: means, full world covariances, opacities, SH colours; ``depth`` is each mean's camera z
+    in its own view. Image sides must be multiples of 16 (MVSplat's U-Nets).
     """
 
-    def __init__(self, checkpoint: Optional[str] = None, **_: Any):
+    def __init__(self, checkpoint: Optional[str] = None, near: float = 1.0, far: float = 100.0, **_: Any):
         super().__init__()
-        raise BenchError(
-            "the MVSplat reconstructor needs MVSplat checkpoint weights, which are not available to bench "
-            f"(checkpoint={checkpoint!r}; the paper's ScanNet++-fine-tuned MVSplat was never released)",
-            "use method.reconstructor.name=depth (dataset depth) or name=learned (pretrain it with "
-            "`python -m bench pretrain-reconstructor`)")
+        if not checkpoint:
+            raise BenchError(
+                f"method.reconstructor.name=mvsplat needs an MVSplat checkpoint (checkpoint={checkpoint!r})",
+                "download MVSplat's re10k.ckpt (github donydchen/mvsplat, README) and pass "
+                "method.reconstructor.checkpoint=/path/to/re10k.ckpt")
+        near, far = float(near), float(far)
+        if not 0 < near < far:
+            raise BenchError(f"method.reconstructor.near={near} / far={far} is not a depth range",
+                             "use 0 < near < far (MVSplat RE10K: near=1 far=100)")
+        from .mvsplat import MVSplatEncoder
+
+        self.near, self.far = near, far
+        self.encoder = MVSplatEncoder.from_checkpoint(checkpoint)
+
+    @staticmethod
+    def check_size(H: int, W: int) -> None:
+        """MVSplat's U-Nets need image sides that are multiples of 16 (clear error naming the config key)."""
+        from .mvsplat import SIZE_MULTIPLE
+
+        if H % SIZE_MULTIPLE or W % SIZE_MULTIPLE:
+            m = SIZE_MULTIPLE
+            raise BenchError(f"the MVSplat reconstructor needs image sides that are multiples of {m}, got {H}x{W}",
+                             f"set method.data.size to multiples of {m}, e.g. "
+                             f"[{max(m, round(H / m) * m)},{max(m, round(W / m) * m)}]")
+
+    @classmethod
+    def context(cls, views: Mapping[str, torch.Tensor], near: float, far: float) -> Dict[str, torch.Tensor]:
+        """bench views (``images [2,3,H,W]``, pixel ``K``, ``w2c``) -> MVSplat's context dict (batch 1)."""
+        images = views["images"]
+        V, _, H, W = images.shape
+        cls.check_size(H, W)
+        Kn = views["K"].clone()
+        Kn[:, 0] /= W
+        Kn[:, 1] /= H
+        c2w = invert_rigid(views["w2c"])
+        full = lambda v: torch.full((1, V), v, dtype=images.dtype, device=images.device)
+        return {"image": images[None].clamp(0, 1), "intrinsics": Kn[None], "extrinsics": c2w[None],
+                "near": full(near), "far": full(far)}
+
+    def forward(self, views: Mapping[str, torch.Tensor]) -> PixelGaussians:
+        V, _, H, W = views["images"].shape
+        out = self.encoder(self.context(views, self.near, self.far))
+        means = out["means"][0].reshape(V, H, W, 3)
+        w2c = views["w2c"]
+        z = (means @ w2c[:, None, :3, :3].transpose(-1, -2) + w2c[:, None, None, :3, 3])[..., 2]  # own camera z
+        cov = out["covariances"][0].reshape(V, H, W, 3, 3)
+        iso = torch.linalg.det(cov).clamp_min(0) ** (1 / 6)                                # geometric-mean std
+        return PixelGaussians(means, iso, out["opacities"][0].reshape(V, H, W), z * (z > 0), cov,
+                              out["harmonics"][0].reshape(V, H, W, 3, -1))
 
 
 def build_reconstructor(cfg: Mapping[str, Any]) -> nn.Module:
@@ -221,7 +298,7 @@ def build_reconstructor(cfg: Mapping[str, Any]) -> nn.Module:
     elif name == "learned":
         model = CostVolumeReconstructor.load(str(cfg.get("checkpoint")))
     elif name == "mvsplat":
-        model = MVSplatAdapter(cfg.get("checkpoint"))
+        model = MVSplatAdapter(cfg.get("checkpoint"), cfg.get("near", 1.0), cfg.get("far", 100.0))
     else:
         raise BenchError(f"method.reconstructor.name='{name}' is not a reconstructor",
                          f"use one of {', '.join(RECONSTRUCTORS)}")
