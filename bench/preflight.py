@@ -1,0 +1,138 @@
+"""Checks that run before any work: a bad input is refused in the first second, not after hours.
+
+:func:`validate` checks the composed config's values (seed, device, training lengths, probe
+schedule); :func:`check_writable` the directories a cell writes to; :func:`check_inputs` the
+weights paths and Hub refs; :func:`check_image_size` the images against the backbone's stride.
+:func:`preflight` runs them all (plus the task's own ``check``): ``bench run`` calls it before a
+cell starts and ``bench sweep`` for every cell before it submits anything. Every failure is a
+:class:`bench.errors.BenchError` (one line, exit 2). The catalogue is docs/FAULTS.md.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Tuple
+
+from omegaconf import DictConfig
+
+from .config import to_container
+from .errors import BenchError, CheckpointError
+
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+# method keys that set how long/how much a method trains: must be positive integers
+LENGTH_KEYS = ("steps", "iterations", "epochs", "batch_size")
+SCHEDULE_KEYS = ("epochs", "iters", "batch_size")
+ENV_OF = {"results_dir": "BENCH_RESULTS", "output_dir": "BENCH_OUTPUTS", "cache_dir": "BENCH_CACHE",
+          "data_dir": "BENCH_DATA"}
+
+
+def _walk(obj: Any, prefix: str) -> Iterator[Tuple[str, str, Any]]:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield f"{prefix}.{k}", str(k), v
+            yield from _walk(v, f"{prefix}.{k}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate(cfg: DictConfig, trains: bool | None = None) -> None:
+    """Refuse values that cannot run (or would silently run something else)."""
+    seed = cfg.get("seed")
+    if not _is_int(seed):
+        raise BenchError(f"seed must be an integer, got {seed!r}", "pass seed=<integer>, e.g. seed=0")
+    device = str(cfg.get("device", "auto"))
+    if not DEVICE_RE.match(device):
+        raise BenchError(f"unknown device '{device}'", "use device=auto, device=cpu, device=cuda or device=cuda:N")
+    if trains is None:
+        from .registry import METHODS
+
+        trains = bool(getattr(METHODS.get(cfg.method.name), "trains", False))
+    if trains:
+        for key, leaf, v in _walk(to_container(cfg.method), "method"):
+            if leaf in LENGTH_KEYS and v is not None and (not _is_int(v) or v < 1):
+                raise BenchError(f"{key}={v!r}: a trained method needs a positive integer here (0 or less would "
+                                 "record the untrained backbone as trained)", f"pass {key}=<integer >= 1>")
+    proto = str(cfg.get("protocol", "linear"))
+    sched = to_container(cfg.task.get("protocol", {}) or {}).get("schedule") if "task" in cfg else None
+    for k in SCHEDULE_KEYS:
+        v = (sched or {}).get(k)
+        if v is None:
+            continue
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+              and (k != "batch_size" or _is_int(v)))
+        if not ok:
+            raise BenchError(f"task.protocols.{proto}.schedule.{k}={v!r} cannot train a probe",
+                             f"pass task.protocols.{proto}.schedule.{k}=<number > 0>")
+
+
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """``path`` is (or can be made) a directory this process can write to; tested by writing a file."""
+    env = ENV_OF.get(what)
+    fix = (f"make {path} writable, or point {'the ' + env + ' environment variable or ' if env else ''}"
+           f"paths.{what} at a writable directory")
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".bench-write-test-", dir=p)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise BenchError(f"{what.replace('_', ' ')} {p} is not writable ({e.strerror or type(e).__name__})",
+                         fix) from None
+
+
+def check_dirs(cfg: DictConfig, trains: bool) -> None:
+    check_writable(Path(cfg.paths.results_dir) / "runs", "results_dir")
+    check_writable(Path(str(cfg.run_dir)).parent, "output_dir")
+    if trains:
+        check_writable(Path(cfg.paths.cache_dir) / "backbones", "cache_dir")
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """The backbone's weights: a local file exists; an ``hf://`` ref is well formed."""
+    w = cfg.backbone.get("weights")
+    if not isinstance(w, str) or w in ("hub", "none", "package", "random", ""):
+        return
+    if w.startswith("hf://"):
+        from .hub import parse_hf_path  # noqa: F401 -- raises a BenchError for a malformed ref
+
+        parse_hf_path(w)
+        return
+    if not Path(w).expanduser().is_file():
+        raise CheckpointError(f"backbone weights file not found: {w}",
+                              "pass an existing file as backbone.weights=/path/to/file (or hub / hf://org/repo/file)")
+
+
+def _sizes(v: Any) -> Iterable[int]:
+    if _is_int(v):
+        return [v]
+    if isinstance(v, (list, tuple)) and all(_is_int(x) for x in v):
+        return list(v)
+    return []
+
+
+def check_image_size(cfg: DictConfig, stride: int) -> None:
+    """Every configured image size is at least the backbone's output stride."""
+    c = to_container(cfg)
+    for key, node in (("task.dataset.size", (c.get("task") or {}).get("dataset") or {}),
+                      ("task.protocol.image_size", {"size": ((c.get("task") or {}).get("protocol") or {}).get("image_size")}),
+                      ("method.data.size", (c.get("method") or {}).get("data") or {})):
+        small = [s for s in _sizes(node.get("size")) if s < stride]
+        if small:
+            raise BenchError(f"{key}={node.get('size')} is smaller than the stride ({stride} px) of backbone "
+                             f"{cfg.backbone.name}: it has no feature cell",
+                             f"pass {key} of at least {stride} px")
+
+
+def preflight(cfg: DictConfig, method: Any, task: Any) -> None:
+    """Everything that can be checked before work, in the order a user would fix it."""
+    trains = bool(getattr(method, "trains", False))
+    validate(cfg, trains)
+    check_dirs(cfg, trains)
+    check_inputs(cfg)
+    if hasattr(task, "check"):
+        task.check(cfg)  # e.g. the dataset exists and decodes: fail before training, not after
