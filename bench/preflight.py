@@ -70,19 +70,25 @@ def validate(cfg: DictConfig, trains: bool | None = None) -> None:
 
 
 def check_writable(path: str | os.PathLike, what: str) -> None:
-    """``path`` is (or can be made) a directory this process can write to; tested by writing a file."""
+    """``path`` is a directory this process can write to, or can be created as one: tested by writing
+    a file in it (or in its nearest existing ancestor). Nothing is left behind."""
     env = ENV_OF.get(what)
     fix = (f"make {path} writable, or point {'the ' + env + ' environment variable or ' if env else ''}"
            f"paths.{what} at a writable directory")
-    p = Path(path)
+    p = Path(path).absolute()
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
     try:
-        p.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".bench-write-test-", dir=p)
+        if not probe.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(probe))
+        fd, tmp = tempfile.mkstemp(prefix=".bench-write-test-", dir=probe)
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise BenchError(f"{what.replace('_', ' ')} {p} is not writable ({e.strerror or type(e).__name__})",
-                         fix) from None
+        where = "" if probe == p else f": {probe} is in the way" if not probe.is_dir() else f" (in {probe})"
+        raise BenchError(f"{what.replace('_', ' ')} {path} is not writable{where} "
+                         f"({e.strerror or type(e).__name__})", fix) from None
 
 
 def check_dirs(cfg: DictConfig, trains: bool) -> None:
