@@ -27,7 +27,8 @@ Paths are replaced by what they point at, so that two spellings of one input giv
 * ``method.reconstructor.checkpoint`` counts only when ``method.reconstructor.name`` is
   ``learned`` (:data:`UNUSED_UNLESS`).
 
-Digests and manifests are memoised per process (by real path, size and mtime).
+File digests are memoised per process (by real path, size and mtime); a manifest re-lists its
+directory every time (stat only, files are re-read only when their size or mtime changed).
 """
 from __future__ import annotations
 
@@ -83,9 +84,6 @@ def manifest_digest(root: str | os.PathLike) -> str:
     """Digest of a directory's content: sorted relative names, sizes and content digests of its files
     (hidden files and bench's own ``.lock`` files excluded)."""
     root = Path(root).resolve()
-    key = ("dir", str(root), root.stat().st_mtime_ns)
-    if key in _memo:
-        return _memo[key]
     h = hashlib.sha256()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -94,13 +92,14 @@ def manifest_digest(root: str | os.PathLike) -> str:
                 continue
             p = Path(dirpath) / name
             try:
-                size = p.stat().st_size
-                digest = _sample_digest(p, size)
+                st = p.stat()
+                key = ("sample", str(p), st.st_size, st.st_mtime_ns)
+                if key not in _memo:
+                    _memo[key] = _sample_digest(p, st.st_size)
             except OSError:
                 continue
-            h.update(f"{p.relative_to(root).as_posix()}\0{size}\0{digest}\n".encode())
-    _memo[key] = h.hexdigest()
-    return _memo[key]
+            h.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{_memo[key]}\n".encode())
+    return h.hexdigest()
 
 
 def _under(p: Path, root: Optional[str]) -> bool:
