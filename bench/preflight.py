@@ -58,6 +58,11 @@ def validate(cfg: DictConfig, trains: bool | None = None) -> None:
                                  "record the untrained backbone as trained)", f"pass {key}=<integer >= 1>")
     proto = str(cfg.get("protocol", "linear"))
     sched = to_container(cfg.task.get("protocol", {}) or {}).get("schedule") if "task" in cfg else None
+    if isinstance(sched, dict) and not sched.get("epochs") and not sched.get("iters") \
+            and ("epochs" in sched or "iters" in sched):
+        raise BenchError(f"task.protocols.{proto}.schedule sets neither epochs nor iters (epochs="
+                         f"{sched.get('epochs')!r}, iters={sched.get('iters')!r}): the probe would not train",
+                         f"pass task.protocols.{proto}.schedule.epochs=<number > 0>")
     for k in SCHEDULE_KEYS:
         v = (sched or {}).get(k)
         if v is None:

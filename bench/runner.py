@@ -269,7 +269,13 @@ def _run_cell(cfg, method, task, identity, device, run_dir: Path, t_start: float
 
     t0 = time.time()
     seed_everything(int(cfg.seed))
-    metrics = records.validate_metrics(task.evaluate(backbone, cfg, run_dir / "task"))
+    try:
+        metrics = records.validate_metrics(task.evaluate(backbone, cfg, run_dir / "task"))
+    except BenchError as e:  # name the key this run can override: task.protocols.<its protocol>.schedule.*
+        if "<protocol>" not in (e.fix or "") + e.problem:
+            raise
+        proto = str(cfg.get("protocol", "linear"))
+        raise type(e)(e.problem.replace("<protocol>", proto), (e.fix or "").replace("<protocol>", proto)) from None
     t_eval = time.time() - t0
 
     seed = int(cfg.seed)
