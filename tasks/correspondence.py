@@ -62,9 +62,9 @@ def _device(backbone) -> torch.device:
 
 
 def _progress(it: Iterable, total: int, desc: str) -> Iterable:
-    from tqdm import tqdm
+    from bench.progress import progress  # a bar on a terminal, periodic log lines otherwise (SLURM logs)
 
-    return tqdm(it, total=total, desc=desc, leave=False, disable=not sys.stderr.isatty())
+    return progress(it, total=total, desc=desc, unit="pair")
 
 
 def _pair_size(size: Optional[Sequence[int]], H: int, W: int) -> Tuple[int, int]:
