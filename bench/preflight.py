@@ -139,6 +139,44 @@ def check_image_size(cfg: DictConfig, stride: int) -> None:
                              f"pass {key} of at least {stride} px")
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def check_test_images(cfg: DictConfig) -> None:
+    """Decode every image of the task's test split (real datasets read by a file reader): a corrupt
+    image fails the cell now, not after the whole probe training. All bad files are counted."""
+    node = to_container(cfg.task.get("dataset") or {}) if "task" in cfg else {}
+    name = node.get("name") if isinstance(node, dict) else None
+    if not name or name in ("synthetic", "scannetpp") or not cfg.get("verify_test_images", True):
+        return
+    from torch.utils.data import Subset
+
+    from .data.layout import verify_image
+    from tasks.data import open_split
+
+    ds = open_split(node, "test")
+    idx = None
+    while isinstance(ds, Subset):
+        idx, ds = list(ds.indices), ds.dataset
+    items = getattr(ds, "items", None)
+    if items is None or not hasattr(type(ds), "item_files"):
+        return
+    bad = []
+    for i in (idx if idx is not None else range(len(items))):
+        for p in type(ds).item_files(items[i]):
+            if Path(p).suffix.lower() in IMAGE_SUFFIXES:
+                why = verify_image(Path(p))
+                if why:
+                    bad.append(str(p))
+    if bad:
+        from .errors import DataMissingError
+
+        shown = ", ".join(bad[:3]) + (f", ... ({len(bad) - 3} more)" if len(bad) > 3 else "")
+        raise DataMissingError(f"{len(bad)} test image(s) of dataset '{name}' cannot be decoded: {shown}",
+                               f"replace them (`python -m bench data {name} --root {node.get('root')} --deep "
+                               "--verify` lists every bad file), or skip this check with verify_test_images=false")
+
+
 def preflight(cfg: DictConfig, method: Any, task: Any) -> None:
     """Everything that can be checked before work, in the order a user would fix it."""
     trains = bool(getattr(method, "trains", False))
@@ -146,4 +184,5 @@ def preflight(cfg: DictConfig, method: Any, task: Any) -> None:
     check_dirs(cfg, trains)
     check_inputs(cfg)
     if hasattr(task, "check"):
-        task.check(cfg)  # e.g. the dataset exists and decodes: fail before training, not after
+        task.check(cfg)  # e.g. the dataset exists: fail before training, not after
+    check_test_images(cfg)

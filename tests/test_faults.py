@@ -107,6 +107,19 @@ def _case(cid: str, tmp: Path, monkeypatch):
         return run("backbone=tiny_vit", "backbone.weights=/nowhere.pth")
     if cid == "dataset-missing":
         return run("method=dinov2", "backbone=tiny_vit", "task=nyu_depth", "task.dataset.root=/nowhere")
+    if cid == "test-images-corrupt":
+        from PIL import Image
+        import numpy as np
+
+        for sub in ("training", "validation"):
+            for k in (1, 2):
+                (tmp / "ade" / "images" / sub).mkdir(parents=True, exist_ok=True)
+                (tmp / "ade" / "annotations" / sub).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp / "ade" / "images" / sub / f"ADE_{k}.jpg")
+                Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp / "ade" / "annotations" / sub / f"ADE_{k}.png")
+        for k in (1, 2):
+            (tmp / "ade" / "images" / "validation" / f"ADE_{k}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+        return run("method=dinov2", "backbone=tiny_vit", "task=ade20k_seg", f"task.dataset.root={tmp}/ade")
     if cid == "sweep-bad-cell":
         return _cli("sweep", "method=dinov2", "backbone=tiny_vit", "task=synth_depth,nyu_depth", *p,
                     f"cluster.folder={tmp}/sweep")
