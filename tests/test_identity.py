@@ -247,3 +247,24 @@ def test_hub_warnings_are_printed_once():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.stderr.count("Retrying in 1s") == 1, out.stderr
+
+
+def test_progress_logs_lines_when_stderr_is_not_a_terminal(caplog, monkeypatch):
+    import logging
+
+    from bench.progress import LogProgress, progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    with caplog.at_level(logging.INFO, logger="bench.progress"):
+        bar = progress(range(4), desc="synthetic pairs", unit="pair", every_s=0.0)
+        assert isinstance(bar, LogProgress) and list(bar) == [0, 1, 2, 3]
+    lines = [r.getMessage() for r in caplog.records if r.name == "bench.progress"]
+    assert lines[0].startswith("synthetic pairs: 0/4 pair (0%") and lines[-1].startswith("synthetic pairs: 4/4 pair (100%")
+    assert len(lines) == 5  # start + one per item (every_s=0)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="bench.progress"):
+        bar = progress(total=100, desc="gen", every_s=3600)
+        for _ in range(100):
+            bar.update(1)
+        bar.close()
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["gen: 0/100 it", "gen: 100/100 it"]
