@@ -103,19 +103,57 @@ def check_dirs(cfg: DictConfig, trains: bool) -> None:
         check_writable(Path(cfg.paths.cache_dir) / "backbones", "cache_dir")
 
 
-def check_inputs(cfg: DictConfig) -> None:
-    """The backbone's weights: a local file exists; an ``hf://`` ref is well formed."""
-    w = cfg.backbone.get("weights")
-    if not isinstance(w, str) or w in ("hub", "none", "package", "random", ""):
-        return
-    if w.startswith("hf://"):
-        from .hub import parse_hf_path  # noqa: F401 -- raises a BenchError for a malformed ref
+def check_hub_file(repo: str, filename: str, revision: str | None = None) -> None:
+    """A Hub file is in the local cache, or (online) exists on the Hub: one metadata request, no download."""
+    import huggingface_hub
+    from huggingface_hub import errors as hf
 
-        parse_hf_path(w)
+    from .hub import _translate, hub_cache_dir, hub_endpoint, is_offline
+
+    cached = huggingface_hub.try_to_load_from_cache(repo, filename, cache_dir=hub_cache_dir(), revision=revision)
+    if isinstance(cached, str):
         return
-    if not Path(w).expanduser().is_file():
+    try:
+        if is_offline():
+            raise hf.LocalEntryNotFoundError(f"{filename} is not in the local cache")
+        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo, filename, revision=revision,
+                                                                        endpoint=hub_endpoint()))
+    except Exception as e:
+        err = _translate(e, repo, revision, f"'{filename}'", filename)
+        if err is None:
+            raise
+        raise err from None
+
+
+def _hf_refs(obj: Any) -> Iterator[str]:
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _hf_refs(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _hf_refs(v)
+    elif isinstance(obj, str) and obj.startswith("hf://"):
+        yield obj
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """The backbone's weights (a local file exists; a Hub file is cached or exists on the Hub) and every
+    ``hf://`` reference of the method config."""
+    from .hub import parse_hf_path
+
+    bb = to_container(cfg.backbone)
+    w = bb.get("weights")
+    refs = list(_hf_refs(to_container(cfg.method)))
+    if w == "hub" and bb.get("hub_repo"):
+        check_hub_file(str(bb["hub_repo"]), str(bb.get("hub_file") or "model.safetensors"), bb.get("hub_revision"))
+    elif isinstance(w, str) and w.startswith("hf://"):
+        refs.append(w)
+    elif isinstance(w, str) and w not in ("hub", "none", "package", "random", "") \
+            and not Path(w).expanduser().is_file():
         raise CheckpointError(f"backbone weights file not found: {w}",
                               "pass an existing file as backbone.weights=/path/to/file (or hub / hf://org/repo/file)")
+    for ref in dict.fromkeys(refs):
+        check_hub_file(*parse_hf_path(ref))
 
 
 def _sizes(v: Any) -> Iterable[int]:

@@ -70,7 +70,7 @@ def _read_only_dir(tmp: Path) -> Path:
 TOY = ["method.name=dinov2", "backbone=tiny_vit", "task.name=toy_probe"]
 
 
-def _case(cid: str, tmp: Path, monkeypatch):
+def _case(cid: str, tmp: Path, monkeypatch, request):
     p = paths(tmp)
     run = lambda *a: _cli("run", *a, *p)  # noqa: E731
     if cid == "seed-not-int":
@@ -105,6 +105,15 @@ def _case(cid: str, tmp: Path, monkeypatch):
         return _cli("run", "method=splat_distill", "backbone=tiny_vit", *p, f"paths.cache_dir={_a_file(tmp)}")
     if cid == "weights-missing":
         return run("backbone=tiny_vit", "backbone.weights=/nowhere.pth")
+    if cid in ("hub-file-missing", "hub-offline-uncached"):
+        hub = request.getfixturevalue("local_hub")
+        hub.seed("org/tiny", {"model.safetensors": b"x"})
+        if cid == "hub-offline-uncached":
+            monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+            import huggingface_hub.constants as C
+            monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
+            return run("backbone=dinov2_vits14", "backbone.hub_repo=org/tiny")
+        return run("backbone=tiny_vit", f"backbone.weights={hub.hf_ref('org/tiny', 'nope.safetensors')}")
     if cid == "dataset-missing":
         return run("method=dinov2", "backbone=tiny_vit", "task=nyu_depth", "task.dataset.root=/nowhere")
     if cid == "test-images-corrupt":
@@ -211,11 +220,11 @@ def test_catalogue_and_cases_agree():
 
 
 @pytest.mark.parametrize("cid", CASES)
-def test_fault(cid, tmp_path, monkeypatch, capsys, toys, nan_task):
+def test_fault(cid, tmp_path, monkeypatch, capsys, toys, nan_task, request):
     monkeypatch.chdir(tmp_path)
     for var in ("BENCH_RESULTS", "BENCH_OUTPUTS", "BENCH_CACHE", "BENCH_DATA", "BENCH_ROOT"):
         monkeypatch.delenv(var, raising=False)
-    act = _case(cid, tmp_path, monkeypatch)
+    act = _case(cid, tmp_path, monkeypatch, request)
     rc = act()
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
