@@ -178,6 +178,7 @@ def check_image_size(cfg: DictConfig, stride: int) -> None:
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_VERIFIED: set = set()
 
 
 def check_test_images(cfg: DictConfig) -> None:
@@ -189,9 +190,13 @@ def check_test_images(cfg: DictConfig) -> None:
         return
     from torch.utils.data import Subset
 
+    from .config import stable_hash
     from .data.layout import verify_image
     from tasks.data import open_split
 
+    key = stable_hash(node)
+    if key in _VERIFIED:  # a sweep's cells share their task's test split: decode it once per process
+        return
     ds = open_split(node, "test")
     idx = None
     while isinstance(ds, Subset):
@@ -213,6 +218,7 @@ def check_test_images(cfg: DictConfig) -> None:
         raise DataMissingError(f"{len(bad)} test image(s) of dataset '{name}' cannot be decoded: {shown}",
                                f"replace them (`python -m bench data {name} --root {node.get('root')} --deep "
                                "--verify` lists every bad file), or skip this check with verify_test_images=false")
+    _VERIFIED.add(key)
 
 
 def preflight(cfg: DictConfig, method: Any, task: Any) -> None:
