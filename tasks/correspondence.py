@@ -31,7 +31,6 @@ Config: ``cfg.task`` has ``name``, ``dataset`` (see tasks/data.py; synth_corr: g
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
