@@ -30,6 +30,22 @@ def _setup_logging(verbose: bool) -> None:
                         format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _hub_logs_once()
+
+
+def _hub_logs_once() -> None:
+    """huggingface_hub puts its own stderr handler on its logger AND lets records propagate to ours,
+    so each of its warnings (e.g. "Retrying in 1s [Retry 1/5]") was printed twice: drop its handler."""
+    try:
+        from huggingface_hub.utils import logging as hf_logging
+
+        hf_logging.get_logger()  # makes it configure its handler now, so that it can be removed
+    except ImportError:
+        return
+    hf_root = logging.getLogger("huggingface_hub")
+    for h in list(hf_root.handlers):
+        hf_root.removeHandler(h)
+    hf_root.propagate = True
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -46,6 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     metrics = "  ".join(f"{k}={v:.4g}" for k, v in rec["metrics"].items() if k in rec["report"])
     print(f"{rec['method']} x {rec['backbone']} x {rec['task']} (seed {rec['seed']}): {metrics}")
     print(f"record: {rec['_path']}\nrun dir: {rec['run_dir']}")
+    print(f"leaderboard: python -m bench table --results {cfg.paths.results_dir}")
     return 0
 
 

@@ -57,12 +57,55 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
             cfg = hydra_compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        unknown = _unknown_key(msg, overrides, config_name)
+        if unknown is not None:
+            raise unknown from None
         raise BenchError(f"invalid config override: {msg}",
                          "write overrides as key=value (e.g. method=dinov2 task=synth_depth seed=1); "
                          "see `python -m bench list` for names") from None
     finally:
         GlobalHydra.instance().clear()
+    if "recipe" in cfg and cfg.get("recipe") is None:  # the readable label of the records' fingerprint
+        chosen = [ov.partition("=")[2] for ov in overrides if ov.lstrip("+~").partition("=")[0] == "experiment"]
+        if chosen and chosen[-1] not in ("", "null"):
+            cfg.recipe = chosen[-1]
     return cfg
+
+
+def flat_keys(obj: Any, prefix: str = "") -> List[str]:
+    """Dotted keys of every leaf and node of a (resolved-or-not) config."""
+    if isinstance(obj, DictConfig):
+        obj = OmegaConf.to_container(obj, resolve=False)
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            key = f"{prefix}{k}"
+            out.append(key)
+            out += flat_keys(v, key + ".")
+    return out
+
+
+def _unknown_key(msg: str, overrides: Sequence[str], config_name: str) -> BenchError | None:
+    """`key=value` for a key that is not in the config: name it and suggest the nearest existing key."""
+    import difflib
+    import re
+
+    m = re.match(r"Could not override '([^']+)'", msg)
+    if not m:
+        return None
+    key = m.group(1)
+    groups = [ov for ov in overrides if ov.lstrip("+~").partition("=")[0].split("@")[0] in GROUPS]
+    try:
+        base = compose(groups, config_name) if len(groups) < len(overrides) else None
+    except BenchError:
+        base = None
+    keys = flat_keys(base) if base is not None else []
+    near = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    value = next((ov.partition("=")[2] for ov in overrides if ov.lstrip("+~").partition("=")[0] == key), "...")
+    hint = f"did you mean {near[0]}={value}? " if near else ""
+    return BenchError(f"config key '{key}' does not exist",
+                      f"{hint}check the name with `python -m bench run --print-config ...`, or add a new key "
+                      f"with +{key}={value}")
 
 
 def to_container(cfg: Any) -> Any:
@@ -93,12 +136,9 @@ def stable_hash(obj: Any, length: int = 16) -> str:
 def backbone_cache_key(cfg: DictConfig) -> str:
     """Key of a trained backbone: everything that determines its weights.
 
-    The method config (which holds the method's training data), the backbone
-    config and the seed. Logging and checkpoint cadence do not count.
+    The method config (its training data identified by content, not by path), the backbone
+    config and the seed. Logging and checkpoint cadence do not count (:mod:`bench.identity`).
     """
-    payload = {
-        "method": _strip(to_container(cfg.method), NONESSENTIAL_KEYS),
-        "backbone": to_container(cfg.backbone),
-        "seed": int(cfg.seed),
-    }
-    return f"{cfg.method.name}-{cfg.backbone.name}-{stable_hash(payload)}"
+    from .identity import backbone_key
+
+    return backbone_key(cfg)

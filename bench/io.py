@@ -14,6 +14,20 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (Linux: /proc/self/status)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to ``path``; on success rename it onto ``path``."""
@@ -26,6 +40,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; files follow the umask like open() would
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -6,10 +6,13 @@ Schema (``schema: 1``)::
     ``name`` identifies the protocol), seed, metrics (dict name -> float), report
     (metric names the leaderboard shows), config (resolved), checkpoint (what the
     backbone came from), code_version, wall_time_s (fit / evaluate / total),
-    device, packages.
+    device, packages, identity (the cell fingerprint, :mod:`bench.identity`).
 
 Records are written atomically and never edited; the leaderboard takes the
-latest record per cell (method, backbone, task, protocol, seed).
+latest record per cell fingerprint (``identity.cell``) and aggregates the seeds of
+one ``identity.row``. Records written before fingerprints existed (no ``identity``)
+are *legacy*: the leaderboard shows them apart, marked legacy, and ``sweep`` never
+counts them as done.
 """
 from __future__ import annotations
 
@@ -95,8 +98,34 @@ def write_record(results_dir: str | Path, record: Mapping[str, Any]) -> Path:
     return write_json(path, dict(record))
 
 
+REQUIRED = {"id": str, "method": str, "backbone": str, "task": str, "metrics": dict}
+
+
+def check_record(rec: Any, path: Path) -> Dict[str, Any]:
+    """A loaded record's structure: a JSON object with the required fields and numeric metrics."""
+    fix = (f"move {path} out of {path.parent} (or restore it from the run directory's record.json); "
+           "records are written atomically by bench")
+    if not isinstance(rec, dict):
+        raise BenchError(f"result record {path} is a JSON {type(rec).__name__}, not an object", fix)
+    missing = [k for k in REQUIRED if k not in rec]
+    if missing:
+        raise BenchError(f"result record {path} lacks the field(s) {', '.join(missing)}", fix)
+    wrong = [k for k, t in REQUIRED.items() if not isinstance(rec[k], t)]
+    if wrong:
+        raise BenchError(f"result record {path}: field(s) {', '.join(wrong)} have the wrong type", fix)
+    for k, v in rec["metrics"].items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise BenchError(f"result record {path}: metric '{k}' is {v!r}, not a number", fix)
+    ident = rec.get("identity")
+    if ident is not None and not (isinstance(ident, dict) and isinstance(ident.get("cell"), str)
+                                  and isinstance(ident.get("row"), str)):
+        raise BenchError(f"result record {path}: malformed identity {ident!r}", fix)
+    return rec
+
+
 def load_records(results_dir: str | Path) -> List[Dict[str, Any]]:
-    """All records (sorted by creation time). Unreadable files are reported, not skipped silently."""
+    """All records (sorted by creation time). Unreadable or malformed files are reported by name,
+    not skipped silently."""
     out = []
     for p in sorted(runs_dir(results_dir).glob("*.json")):
         try:
@@ -104,6 +133,10 @@ def load_records(results_dir: str | Path) -> List[Dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise BenchError(f"result record {p} is not valid JSON ({e})",
                              "delete or restore that file; records are written atomically by bench") from None
+        except OSError as e:
+            raise BenchError(f"cannot read result record {p}: {e.strerror or e}",
+                             "make the file readable (or move it out of the runs directory)") from None
+        rec = check_record(rec, p)
         rec["_path"] = str(p)
         out.append(rec)
     out.sort(key=lambda r: r.get("created", ""))
@@ -115,10 +148,17 @@ def cell_of(record: Mapping[str, Any]) -> tuple:
             (record.get("protocol") or {}).get("name", "default"), int(record.get("seed", 0)))
 
 
-def has_record(results_dir: str | Path, cfg) -> bool:
-    """Whether the cell described by the composed ``cfg`` already has a record."""
-    from .config import to_container
+def is_legacy(record: Mapping[str, Any]) -> bool:
+    """A record written before cell fingerprints (it cannot say which configuration it came from)."""
+    return not isinstance(record.get("identity"), dict)
 
-    protocol = to_container(cfg.task.get("protocol", {})) or {}
-    want = (cfg.method.name, cfg.backbone.name, cfg.task.name, protocol.get("name", "default"), int(cfg.seed))
-    return any(cell_of(r) == want for r in load_records(results_dir))
+
+def has_record(results_dir: str | Path, cfg, identity: Mapping[str, Any] | None = None) -> bool:
+    """Whether the cell described by the composed ``cfg`` (same fingerprint) already has a record.
+    Legacy records never count."""
+    from .identity import cell_identity
+
+    if not runs_dir(results_dir).is_dir():
+        return False
+    want = (identity or cell_identity(cfg))["cell"]
+    return any(not is_legacy(r) and r["identity"]["cell"] == want for r in load_records(results_dir))

@@ -9,28 +9,45 @@ Trained backbones are cached under ``<cache_dir>/backbones/<key>/`` where ``key`
 everything that determines the weights (:func:`bench.config.backbone_cache_key`). The
 method trains (and resumes) inside that directory; when it returns, the runner saves
 ``model.safetensors`` (timm layout) there atomically, so a second task for the same
-method reuses it instead of training again.
+method reuses it instead of training again. The workdir is locked while a process trains in it
+(``<cache_dir>/backbones/.<key>.lock``): a second identical cell waits, then reuses the result (or,
+if the first died, resumes from its last checkpoint). Each training segment (a first run, every
+resume) is listed in ``segments.json``; ``train_info.json`` sums them.
+
+A cell is checked before any work (:mod:`bench.preflight`); its run directory holds ``run.log``
+(the log of the run), ``record.json`` (written before the record goes to the results directory,
+so a late failure there loses nothing) and, if it failed, ``error.txt``.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
+import socket
 import time
+import traceback
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import records
 from .config import backbone_cache_key, to_container
-from .errors import BenchError
+from .errors import BenchError, CheckpointError
+from .identity import cell_identity
 from .io import write_json, write_text
+from .preflight import check_image_size, preflight
 from .registry import METHODS, TASKS
 from .seed import seed_everything
 
 log = logging.getLogger("bench")
 
 MODEL_FILE = "model.safetensors"
+SEGMENTS_FILE = "segments.json"
+LOG_FILE = "run.log"
+ERROR_FILE = "error.txt"
 
 
 def resolve_device(cfg: DictConfig) -> str:
@@ -60,11 +77,12 @@ def obtain_backbone(cfg: DictConfig, run_dir: Path | None = None) -> Tuple[Any, 
 
     Returns ``(backbone, checkpoint_ref)`` where ``checkpoint_ref`` says where the weights came from.
     """
-    from .backbones import build_backbone, load_backbone_weights, save_backbone
+    from .backbones import build_backbone, save_backbone
 
     seed_everything(int(cfg.seed))
     method = _method(cfg)
     backbone = build_backbone(cfg.backbone)
+    check_image_size(cfg, int(getattr(backbone, "patch_size", 1) or 1))  # before any training
     if not getattr(method, "trains", False):
         workdir = Path(run_dir) if run_dir is not None else Path(cfg.run_dir)
         backbone = method.fit(backbone, cfg, workdir)
@@ -74,24 +92,114 @@ def obtain_backbone(cfg: DictConfig, run_dir: Path | None = None) -> Tuple[Any, 
 
     workdir = backbone_dir(cfg)
     model_path = workdir / MODEL_FILE
-    if model_path.exists() and not cfg.get("force", False):
-        log.info("reusing trained backbone %s", model_path)
-        load_backbone_weights(backbone, model_path)
-        return backbone, {"kind": "trained", "cache_key": workdir.name, "path": str(model_path), "reused": True}
+    with workdir_lock(workdir):
+        if model_path.exists() and not cfg.get("force", False):
+            log.info("reusing trained backbone %s", model_path)
+            _load_cached(backbone, model_path)
+            return backbone, {"kind": "trained", "cache_key": workdir.name, "path": str(model_path), "reused": True,
+                              **_train_time(workdir)}
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_text(workdir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    t0 = time.time()
-    backbone = method.fit(backbone, cfg, workdir)
-    save_backbone(backbone, model_path)
-    write_json(workdir / "train_info.json", {"wall_time_s": time.time() - t0, "cache_key": workdir.name})
-    return backbone, {"kind": "trained", "cache_key": workdir.name, "path": str(model_path), "reused": False}
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_text(workdir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        segments = _start_segment(workdir, fresh=bool(cfg.get("force", False)))
+        backbone = method.fit(backbone, cfg, workdir)
+        save_backbone(backbone, model_path)
+        segments[-1]["end"] = time.time()
+        write_json(workdir / SEGMENTS_FILE, segments)
+        write_json(workdir / "train_info.json", _train_info(workdir.name, segments))
+    return backbone, {"kind": "trained", "cache_key": workdir.name, "path": str(model_path), "reused": False,
+                      **_train_time(workdir)}
+
+
+def _rank() -> int:
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """Exclusive lock of a backbone workdir (``.<name>.lock`` beside it), released when the holder
+    exits or dies. Only rank 0 of a multi-process job takes it (its other ranks train with it)."""
+    if _rank() != 0:
+        yield
+        return
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    with open(workdir.parent / f".{workdir.name}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is training %s; waiting for it to finish", workdir)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _load_cached(backbone, model_path: Path) -> None:
+    from .backbones import load_backbone_weights
+
+    try:
+        load_backbone_weights(backbone, model_path)
+    except CheckpointError as e:
+        raise CheckpointError(f"the cached trained backbone {model_path} cannot be loaded ({e.problem})",
+                              f"delete {model_path} (or run with force=true) to train it again") from None
+
+
+def _newest_mtime(workdir: Path) -> float:
+    newest = 0.0
+    for dirpath, _, files in os.walk(workdir):
+        for name in files:
+            if name != SEGMENTS_FILE:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.stat(os.path.join(dirpath, name)).st_mtime)
+    return newest
+
+
+def _start_segment(workdir: Path, fresh: bool) -> List[Dict[str, Any]]:
+    """Close a segment left open by a process that died (its end = the newest file it wrote) and open
+    a new one."""
+    import json
+
+    path = workdir / SEGMENTS_FILE
+    segments: List[Dict[str, Any]] = []
+    if path.exists() and not fresh:
+        with contextlib.suppress(OSError, ValueError):
+            segments = list(json.loads(path.read_text()))
+    for seg in segments:
+        if "end" not in seg:
+            seg["end"], seg["interrupted"] = max(float(seg["start"]), _newest_mtime(workdir)), True
+    segments.append({"start": time.time(), "host": socket.gethostname(), "pid": os.getpid()})
+    write_json(path, segments)
+    return segments
+
+
+def _train_info(key: str, segments: List[Dict[str, Any]]) -> Dict[str, Any]:
+    spans = [round(float(s["end"]) - float(s["start"]), 3) for s in segments]
+    return {"wall_time_s": round(sum(spans), 3), "segments": len(spans), "segment_wall_time_s": spans,
+            "cache_key": key}
+
+
+def _train_time(workdir: Path) -> Dict[str, Any]:
+    import json
+
+    try:
+        info = json.loads((workdir / "train_info.json").read_text())
+        return {"train_wall_time_s": float(info["wall_time_s"]), "train_segments": int(info.get("segments", 1))}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def train(cfg: DictConfig) -> Path:
     """Train (or resume, or reuse) the backbone of ``cfg``'s method; return its cache directory."""
     if not getattr(_method(cfg), "trains", False):
         raise BenchError(f"method '{cfg.method.name}' does not train", "use `bench run` to evaluate it")
+    from .preflight import check_writable, validate
+
+    validate(cfg, trains=True)
+    check_writable(Path(cfg.paths.cache_dir) / "backbones", "cache_dir")
     obtain_backbone(cfg)
     return backbone_dir(cfg)
 
@@ -105,19 +213,52 @@ def _unique_dir(path: Path) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def run_log(run_dir: Path) -> Iterator[None]:
+    """Log of the run in ``run_dir/run.log``; on failure the error (with its traceback) goes to
+    ``run_dir/error.txt`` and the log."""
+    handler = logging.FileHandler(run_dir / LOG_FILE, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    except BaseException as e:
+        line = e.line() if isinstance(e, BenchError) else f"{type(e).__name__}: {e}"
+        log.error("run failed: %s", line)
+        write_text(run_dir / ERROR_FILE, f"{line}\n\n{traceback.format_exc()}")
+        raise
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
+
+
 def run_cell(cfg: DictConfig) -> Dict[str, Any]:
     """Run one (method, backbone, task) cell and write its record. Returns the record."""
     t_start = time.time()
     method, task = _method(cfg), _task(cfg)  # unknown names fail before any work
-    if hasattr(task, "check"):
-        task.check(cfg)  # e.g. the dataset exists: fail before training, not after
+    preflight(cfg, method, task)  # bad values, unwritable directories, missing data: before any work
+    identity = cell_identity(cfg)
     device = resolve_device(cfg)
     run_dir = _unique_dir(Path(cfg.run_dir))
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    with run_log(run_dir):
+        log.info("cell %s x %s x %s (seed %s), recipe %s, fingerprint %s", cfg.method.name, cfg.backbone.name,
+                 cfg.task.name, cfg.seed, identity["label"], identity["cell"])
+        return _run_cell(cfg, method, task, identity, device, run_dir, t_start)
 
+
+def _run_cell(cfg, method, task, identity, device, run_dir: Path, t_start: float) -> Dict[str, Any]:
     t0 = time.time()
     backbone, ckpt = obtain_backbone(cfg, run_dir)
     t_fit = time.time() - t0
+    if ckpt.get("kind") == "trained" and not ckpt.get("reused"):
+        t_fit = max(t_fit, float(ckpt.get("train_wall_time_s", 0.0)))  # every resumed segment counts
     protocol = to_container(cfg.task.get("protocol", {})) or {}
     if protocol.get("concat_original"):
         from .backbones import ConcatBackbone, build_backbone
@@ -128,7 +269,13 @@ def run_cell(cfg: DictConfig) -> Dict[str, Any]:
 
     t0 = time.time()
     seed_everything(int(cfg.seed))
-    metrics = records.validate_metrics(task.evaluate(backbone, cfg, run_dir / "task"))
+    try:
+        metrics = records.validate_metrics(task.evaluate(backbone, cfg, run_dir / "task"))
+    except BenchError as e:  # name the key this run can override: task.protocols.<its protocol>.schedule.*
+        if "<protocol>" not in (e.fix or "") + e.problem:
+            raise
+        proto = str(cfg.get("protocol", "linear"))
+        raise type(e)(e.problem.replace("<protocol>", proto), (e.fix or "").replace("<protocol>", proto)) from None
     t_eval = time.time() - t0
 
     seed = int(cfg.seed)
@@ -142,6 +289,7 @@ def run_cell(cfg: DictConfig) -> Dict[str, Any]:
         "dataset": str(cfg.task.get("dataset", {}).get("name", cfg.task.name)),
         "protocol": {"name": protocol.get("name", "default"), **protocol},
         "seed": seed,
+        "identity": identity,
         "metrics": metrics,
         "report": list(cfg.task.get("report", sorted(metrics))),
         "config": to_container(cfg),
@@ -153,8 +301,14 @@ def run_cell(cfg: DictConfig) -> Dict[str, Any]:
         "packages": records.package_versions(),
         "run_dir": str(run_dir),
     }
-    path = records.write_record(cfg.paths.results_dir, record)
-    write_json(run_dir / "record.json", record)
+    write_json(run_dir / "record.json", record)  # first: a late failure below loses nothing
+    try:
+        path = records.write_record(cfg.paths.results_dir, record)
+    except OSError as e:
+        raise BenchError(f"the record could not be written to {records.runs_dir(cfg.paths.results_dir)} "
+                         f"({e.strerror or type(e).__name__}); it is saved in {run_dir / 'record.json'}",
+                         f"free space / make the results directory writable, then copy {run_dir / 'record.json'} "
+                         f"to {records.runs_dir(cfg.paths.results_dir)}/{record['id']}.json") from None
     log.info("record written: %s", path)
     record["_path"] = str(path)
     return record

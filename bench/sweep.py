@@ -7,7 +7,10 @@
     python -m bench sweep --status                 # latest sweep; or --status outputs/sweeps/<dir>
 
 Planning (:func:`make_plan`): hydra-style comma lists (and ``range(...)``) expand to the cartesian
-grid; every cell is composed. Cells that already have a record are skipped unless ``--force``.
+grid; every cell is composed and checked before anything is submitted (:func:`bench.preflight.preflight`:
+values, writable directories, weights, datasets). A cell is skipped only when a record with the same
+cell fingerprint (:mod:`bench.identity`: configuration + seed) exists, unless ``--force``; legacy
+records (no fingerprint) never count.
 Cells of training methods are grouped by their trained-backbone cache key
 (:func:`bench.config.backbone_cache_key`): ONE training job per distinct backbone (none if it is
 already cached), then the cells' evaluation jobs depend on it (``afterok``), one array per
@@ -84,7 +87,8 @@ class Cell:
     cache_key: Optional[str]
     cached: bool           # its trained backbone is already in the cache
     results_dir: str
-    skip: bool             # a record exists (and no --force)
+    skip: bool             # a record with this cell's fingerprint exists (and no --force)
+    fingerprint: str = ""  # identity.cell of its records
 
 
 @dataclass
@@ -129,7 +133,9 @@ def _plugins(cfgs) -> List[Tuple[str, str]]:
 
 def make_plan(overrides: Sequence[str], force: bool = False) -> Plan:
     """Expand ``overrides`` into cells and the jobs that run them (see the module docstring)."""
-    from .records import has_record
+    from .identity import cell_identity
+    from .preflight import preflight
+    from .records import is_legacy, load_records, runs_dir
     from .registry import METHODS, TASKS
     from .runner import MODEL_FILE, backbone_dir
 
@@ -137,10 +143,17 @@ def make_plan(overrides: Sequence[str], force: bool = False) -> Plan:
     varying = {_key(vals[0]) for vals in zip(*grid) if len(set(vals)) > 1} - IDENTITY_KEYS
     cfgs = [compose(point) for point in grid]
     retrain = bool(cfgs[0].get("force", False))
+    done: Dict[str, set] = {}  # results dir -> fingerprints of its records
     cells, ids = [], set()
     for point, cfg in zip(grid, cfgs):
-        trains = bool(getattr(METHODS.get(cfg.method.name), "trains", False))
-        TASKS.get(cfg.task.name)  # unknown names fail here, not in a job
+        method = METHODS.get(cfg.method.name)
+        trains = bool(getattr(method, "trains", False))
+        preflight(cfg, method(), TASKS.get(cfg.task.name)())  # every cell, before anything is submitted
+        rdir = str(cfg.paths.results_dir)
+        if rdir not in done:
+            done[rdir] = ({r["identity"]["cell"] for r in load_records(rdir) if not is_legacy(r)}
+                          if runs_dir(rdir).is_dir() else set())
+        fingerprint = cell_identity(cfg)["cell"]
         cid = f"{cfg.method.name}-{cfg.backbone.name}-{cfg.task.name}-s{int(cfg.seed)}"
         extra = sorted(ov for ov in point if _key(ov) in varying)
         if extra or cid in ids:
@@ -151,8 +164,7 @@ def make_plan(overrides: Sequence[str], force: bool = False) -> Plan:
             id=cid, method=cfg.method.name, backbone=cfg.backbone.name, task=cfg.task.name, seed=int(cfg.seed),
             overrides=list(point), trains=trains, cache_key=key,
             cached=trains and (backbone_dir(cfg) / MODEL_FILE).exists(),
-            results_dir=str(cfg.paths.results_dir),
-            skip=not (force or retrain) and has_record(cfg.paths.results_dir, cfg)))
+            results_dir=rdir, skip=not (force or retrain) and fingerprint in done[rdir], fingerprint=fingerprint))
 
     jobs: Dict[str, JobRecord] = {}
     job_overrides: Dict[str, List[str]] = {}
@@ -195,6 +207,8 @@ def plan_table(plan: Plan) -> str:
         out.append(tabulate(rows, headers=["job", "kind", "array", "depends on", "cells"], tablefmt="github"))
     if n_skip:
         out.append("skipped (use --force to re-run): " + ", ".join(c.id for c in plan.cells if c.skip))
+        out.append("(a skipped cell has a record of the same configuration and seed; paths.results_dir=<new dir> "
+                   "reproduces the grid into a separate results directory)")
     return "\n".join(out)
 
 
@@ -306,7 +320,10 @@ def run(plan: Plan, wait: bool = True, poll_s: Optional[float] = None, echo=prin
 
     Returns the :class:`Sweep` (None when every cell already has a record: nothing is written)."""
     if not plan.jobs:
-        echo("nothing to run: every cell has a record (use --force to re-run)")
+        dirs = ", ".join(plan.results_dirs)
+        echo(f"nothing to run: every cell has a record of the same configuration in {dirs} (--force re-runs "
+             "them; paths.results_dir=<new dir> reproduces them into a separate results directory, e.g. "
+             "BENCH_RESULTS=results_repro)")
         return None
     if plan.cluster.get("name") == "slurm":
         require_slurm()  # before anything is written

@@ -1,5 +1,10 @@
 """Leaderboard: latest record per cell, aggregated over seeds, published numbers beside ours.
 
+A row aggregates the records of ONE configuration (``identity.row`` of :mod:`bench.identity`:
+method + training data + backbone + task + protocol + evaluation data), so runs of different
+recipes never share a row; the ``recipe`` column shows the readable label and the short hash.
+Legacy records (written before fingerprints) get rows of their own, marked ``legacy``.
+
 ``python -m bench table`` reads ``results/runs/*.json`` with pandas and writes
 ``results/leaderboard.md`` with tabulate. Published reference numbers come from
 ``results/reference/*.csv`` (columns: source, method, backbone, task, metric, value, note)
@@ -21,11 +26,26 @@ from .records import load_records
 REFERENCE_COLUMNS = ["source", "method", "backbone", "task", "metric", "value", "note"]
 
 
+LEGACY = "legacy"
+
+
+def record_identity(rec) -> tuple:
+    """(cell, row, recipe) of a record; a legacy record's cell/row is its (method, backbone, task,
+    protocol, seed) key, marked legacy."""
+    ident = rec.get("identity")
+    if isinstance(ident, dict):
+        return ident["cell"], ident["row"], f"{ident.get('label') or 'default'} `{ident.get('short', ident['row'][:8])}`"
+    proto = (rec.get("protocol") or {}).get("name", "default")
+    key = f"{LEGACY}:{rec['method']}/{rec['backbone']}/{rec['task']}/{proto}"
+    return f"{key}/s{int(rec.get('seed', 0))}", key, f"{LEGACY} (no fingerprint)"
+
+
 def records_frame(results_dir: str | Path) -> pd.DataFrame:
     """One row per (record, metric), latest record per cell only."""
     rows = []
     for rec in load_records(results_dir):
         proto = (rec.get("protocol") or {}).get("name", "default")
+        cell, row_key, recipe = record_identity(rec)
         for metric, value in rec["metrics"].items():
             rows.append({"method": rec["method"], "backbone": rec["backbone"], "task": rec["task"],
                          "dataset": rec.get("dataset", ""), "protocol": proto, "seed": int(rec.get("seed", 0)),
@@ -35,14 +55,14 @@ def records_frame(results_dir: str | Path) -> pd.DataFrame:
                                   else len(rec.get("report", []))),
                          "wall_s": float((rec.get("wall_time_s") or {}).get("total", float("nan"))),
                          "device": (rec.get("device") or {}).get("gpu") or (rec.get("device") or {}).get("cpu", ""),
-                         "threads": (rec.get("device") or {}).get("threads")})
+                         "threads": (rec.get("device") or {}).get("threads"),
+                         "cell": cell, "row": row_key, "recipe": recipe})
     cols = ["method", "backbone", "task", "dataset", "protocol", "seed", "metric", "value", "created", "id",
-            "reported", "rank", "wall_s", "device", "threads"]
+            "reported", "rank", "wall_s", "device", "threads", "cell", "row", "recipe"]
     df = pd.DataFrame(rows, columns=cols)
     if df.empty:
         return df
-    cell = ["method", "backbone", "task", "protocol", "seed"]
-    latest = df.sort_values("created").groupby(cell)["id"].transform("last").reindex(df.index)
+    latest = df.sort_values("created").groupby("cell")["id"].transform("last").reindex(df.index)
     return df[df["id"] == latest]
 
 
@@ -72,21 +92,21 @@ def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) 
     ref_t = ref[ref.task == task]
     metrics += [m for m in dict.fromkeys(ref_t["metric"]) if m not in metrics]
     rows = []
-    for (method, backbone), g in sub.groupby(["method", "backbone"], sort=True):
-        row = {"method": method, "backbone": backbone, "source": "ours",
+    for (method, backbone, _), g in sub.groupby(["method", "backbone", "row"], sort=True):
+        row = {"method": method, "backbone": backbone, "recipe": g["recipe"].iloc[0], "source": "ours",
                "seeds": g["seed"].nunique(), "wall (s)": f"{g.groupby('seed')['wall_s'].first().mean():.0f}"}
         for m in metrics:
             v = g[g.metric == m]["value"]
             row[m] = _fmt(v.mean(), v.std(ddof=1) if len(v) > 1 else 0.0, len(v))
         rows.append(row)
     for (source, method, backbone), g in ref_t.groupby(["source", "method", "backbone"], sort=True):
-        row = {"method": f"{method} *(published)*", "backbone": backbone, "source": source, "seeds": "",
-               "wall (s)": ""}
+        row = {"method": f"{method} *(published)*", "backbone": backbone, "recipe": "", "source": source,
+               "seeds": "", "wall (s)": ""}
         for m in metrics:
             v = g[g.metric == m]["value"]
             row[m] = f"{float(v.iloc[0]):.4g}" if len(v) else ""
         rows.append(row)
-    cols = ["method", "backbone"] + metrics + ["seeds", "wall (s)", "source"]
+    cols = ["method", "backbone", "recipe"] + metrics + ["seeds", "wall (s)", "source"]
     return tabulate([[r.get(c, "") for c in cols] for r in rows], headers=cols, tablefmt="github")
 
 
@@ -118,7 +138,7 @@ def config_rows(results_dir: str | Path, ids) -> List[List[str]]:
         cfg = rec.get("config") or {}
         m, t = cfg.get("method") or {}, cfg.get("task") or {}
         trained = (rec.get("checkpoint") or {}).get("kind") == "trained"
-        r = rows.setdefault((rec["method"], rec["backbone"], rec["task"]),
+        r = rows.setdefault((rec["method"], rec["backbone"], rec["task"], record_identity(rec)[2]),
                             {"seeds": set(), "m": set(), "t": set(), "train": set(), "data": set()})
         r["seeds"].add(int(rec.get("seed", 0)))
         r["m"].add(stable_hash(m, 8))
@@ -134,12 +154,14 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
     ours = records_frame(results_dir)
     ref = reference_frame(results_dir)
     out = ["# bench leaderboard", "",
-           "Generated by `python -m bench table` from the records in `results/runs/` "
+           f"Generated by `python -m bench table` from the records in `{results_dir}/runs/` "
            f"({_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC). Do not edit by hand.",
            "Rows marked *(published)* are reference numbers copied from the papers "
            "(`results/reference/*.csv`), not produced by bench; they use real datasets and full "
            "schedules, so compare them only with ours on the same task.", "",
-           "Values are the mean ± sample std over seeds (latest record per cell and seed).", ""]
+           "Values are the mean ± sample std over seeds (latest record per cell and seed). One row = one "
+           "configuration: `recipe` is its label and the short hash of its fingerprint (method, training data, "
+           "backbone, task, protocol, evaluation data); different configurations never share a row.", ""]
     if ours.empty:
         out += ["*No records yet: run a cell, e.g. `python -m bench run experiment=demo`.*", ""]
     cells = ours[["task", "protocol"]].drop_duplicates().sort_values(["task", "protocol"]).itertuples(index=False)
@@ -168,8 +190,12 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
                 "(training is included only in records whose checkpoint says `reused: false`; sweeps train in "
                 "separate jobs, so their cells reuse the cached backbone).", "",
                 tabulate(config_rows(results_dir, set(recs["id"])),
-                         headers=["method", "backbone", "task", "seeds", "method cfg", "task cfg",
+                         headers=["method", "backbone", "task", "recipe", "seeds", "method cfg", "task cfg",
                                   "method training data", "task data"], tablefmt="github"), ""]
+        if ours["row"].str.startswith(LEGACY).any():
+            out += ["Rows marked `legacy` come from records written before cell fingerprints: they cannot say "
+                    "which configuration they came from, so they never share a row with fingerprinted records "
+                    "and `sweep` re-runs their cells.", ""]
     figs = sorted((results_dir / "figures").glob("*.png"))
     if figs:
         out += ["## Figures", ""] + [f"- [{p.stem}](figures/{p.name})" for p in figs] + [""]
@@ -177,6 +203,9 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
 
 
 def write_leaderboard(results_dir: str | Path) -> Path:
+    if not Path(results_dir).is_dir():
+        raise BenchError(f"results directory {results_dir} does not exist",
+                         "pass an existing results directory with --results (records are in <results>/runs/)")
     path = Path(results_dir) / "leaderboard.md"
     write_text(path, leaderboard_markdown(results_dir))
     return path

@@ -271,10 +271,12 @@ class TrainLoop:
                 if not bool(torch.isfinite(loss.detach()).all()):
                     last = self.checkpointer.latest()
                     kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was written yet"
+                    clip = "" if self.grad_clip else " or enable gradient clipping"
                     raise NonFiniteLossError(
                         f"non-finite loss ({loss.item()}) at step {self.step + 1}; {kept}",
-                        "lower the learning rate or enable gradient clipping, then rerun with the same "
-                        "workdir to resume from the last good checkpoint")
+                        f"lower the method's learning rate{clip} (a changed config is a new backbone: it trains "
+                        "in a new workdir from step 0; rerunning unchanged resumes the last good checkpoint and "
+                        "will likely diverge again)")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.grad_clip:

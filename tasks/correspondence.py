@@ -36,7 +36,6 @@ Config: ``cfg.task`` has ``name``, ``dataset`` (see tasks/data.py; synth_corr: g
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -67,9 +66,9 @@ def _device(backbone) -> torch.device:
 
 
 def _progress(it: Iterable, total: int, desc: str) -> Iterable:
-    from tqdm import tqdm
+    from bench.progress import progress  # a bar on a terminal, periodic log lines otherwise (SLURM logs)
 
-    return tqdm(it, total=total, desc=desc, leave=False, disable=not sys.stderr.isatty())
+    return progress(it, total=total, desc=desc, unit="pair")
 
 
 def _pair_size(size: Optional[Sequence[int]], H: int, W: int) -> Tuple[int, int]:

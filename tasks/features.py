@@ -101,7 +101,10 @@ class FeatureCache:
 
     def complete(self, n: int) -> bool:
         meta = self.dir / "meta.json"
-        return meta.exists() and json.loads(meta.read_text()).get("count") == n
+        try:
+            return meta.exists() and json.loads(meta.read_text()).get("count") == n
+        except (ValueError, AttributeError):
+            return False  # a torn meta.json: extract again
 
     def fill(self, backbone, images: Dataset, batch_size: int = 8, device: Optional[str] = None,
              progress: bool = True) -> "FeatureCache":
@@ -132,7 +135,14 @@ class FeatureCache:
         return self
 
     def load(self, i: int) -> List[List[torch.Tensor]]:
-        return torch.load(self.path(i), map_location="cpu", weights_only=True)
+        try:
+            return torch.load(self.path(i), map_location="cpu", weights_only=True)
+        except Exception as e:  # a torn/corrupt/foreign file: name it and the fix, no traceback
+            from bench.errors import BenchError
+
+            raise BenchError(f"feature cache file {self.path(i)} cannot be read ({type(e).__name__})",
+                             f"delete the directory {self.dir} (the features are extracted again on the next run)"
+                             ) from None
 
 
 class CachedFeatures(Dataset):

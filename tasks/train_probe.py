@@ -40,7 +40,7 @@ def total_steps(sched: Mapping[str, Any], steps_per_epoch: int) -> int:
     if sched.get("epochs"):
         return int(math.ceil(float(sched["epochs"]) * steps_per_epoch))
     raise BenchError("the probe schedule sets neither epochs nor iters",
-                     "set task.protocol.schedule.epochs or task.protocol.schedule.iters")
+                     "set task.protocols.<protocol>.schedule.epochs or task.protocols.<protocol>.schedule.iters")
 
 
 def warmup_steps(sched: Mapping[str, Any], steps_per_epoch: int) -> int:
@@ -106,7 +106,7 @@ def train_probe(module: torch.nn.Module, dataset: Dataset, step_loss: Callable[[
                 if not math.isfinite(value):
                     raise NonFiniteLossError(
                         f"{desc}: the probe loss became {value} at step {step} (epoch {epoch})",
-                        "lower task.protocol.schedule.lr, or check the labels of the training split "
+                        "lower task.protocols.<protocol>.schedule.lr, or check the labels of the training split "
                         "(e.g. depth <= 0 inside the valid mask)")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -33,10 +33,15 @@ def args(*argv: str) -> argparse.Namespace:
 
 
 def write_record(results_dir: Path, method: str, task: str, seed: int, backbone: str = "tiny_vit") -> None:
+    """A record of the cell base(tmp) + method.name/task.name/seed (its fingerprint included)."""
+    from bench.identity import cell_identity
+
+    cfg = compose(base(results_dir.parent, f"method.name={method}", f"task.name={task}", f"seed={seed}"))
     rid = records.new_record_id(method, backbone, task, seed)
     records.write_record(results_dir, {"id": rid, "created": "2026-01-01T00:00:00Z", "method": method,
                                        "backbone": backbone, "task": task, "seed": seed,
-                                       "protocol": {"name": "default"}, "metrics": {"m": 1.0}})
+                                       "protocol": {"name": "default"}, "metrics": {"m": 1.0},
+                                       "identity": cell_identity(cfg)})
 
 
 def test_expand_grid():

@@ -31,7 +31,7 @@ def test_configuration_section(tmp_path):
     assert "3.0 min summed over the 3 records" in sec
     row = next(line for line in sec.splitlines() if line.startswith("| splat_distill"))
     assert "0,1" in row and stable_hash(cfg["method"], 8) in row          # both hashes listed: visible
-    assert len([c for c in row.split("|")[5].split() if c]) == 2
+    assert len([c for c in row.split("|")[6].split() if c]) == 2  # column 6: after the recipe column
     assert "synthetic, gen. seed 1, 2 scenes x 12 views, [64, 80] px" in row
     assert "synthetic, gen. seed 0, 8 scenes x 12 views, 128 px, held out 2" in row
     dino = next(line for line in sec.splitlines() if line.startswith("| dinov2"))

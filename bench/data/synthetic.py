@@ -647,9 +647,9 @@ def generate(root: str | os.PathLike, scenes: int = 8, views: int = 24, size: Se
     workers = max(1, min(int(workers), 2, scenes))
     kw = dict(seed=seed, views=views, size=list(size), supersample=supersample, hfov_deg=hfov_deg)
     bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=scenes, unit="scene", desc=f"synthetic ({views} views each) -> {root}")
+    if progress:  # a bar on a terminal, periodic log lines otherwise
+        from ..progress import progress as _progress
+        bar = _progress(total=scenes, unit="scene", desc=f"synthetic ({views} views each) -> {root}")
     tick = (lambda: bar.update(1)) if bar is not None else (lambda: None)
     try:
         if workers == 1:
@@ -672,9 +672,10 @@ def generate(root: str | os.PathLike, scenes: int = 8, views: int = 24, size: Se
 
 def ensure_synthetic(root: str | os.PathLike | None = None, scenes: int = 8, views: int = 24,
                      size: Sequence[int] = (224, 224), seed: int = 0, supersample: int = 2,
-                     hfov_deg: float = 70.0, progress: bool = False, workers: int | None = None) -> Path:
+                     hfov_deg: float = 70.0, progress: bool = True, workers: int | None = None) -> Path:
     """Return ``root`` holding the requested set, generating it only if ``root/meta.json`` does not
-    already describe exactly these parameters (and the scenes' transforms are present)."""
+    already describe exactly these parameters (and the scenes' transforms are present). ``progress``:
+    a bar (terminal) or log lines while it generates."""
     root = Path(root) if root is not None else default_root()
     if holds_set(root, scenes, views, size, seed, supersample, hfov_deg):
         return root
