@@ -40,37 +40,19 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Protocol, runtime_checkable
+from typing import Any, List, Mapping
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
+from bench.config import to_container
 from bench.errors import DataMissingError
 from bench.registry import DATASETS
 
 
-@runtime_checkable
-class Reader(Protocol):
-    """What a task needs from a dataset reader (see the module docstring)."""
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, i: int) -> Dict[str, Any]: ...
-
-    @classmethod
-    def check(cls, root: str | Path) -> List[str]: ...
-
-
-def _node(cfg: Any) -> Dict[str, Any]:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return dict(cfg)
-
-
 def check_dataset(ds_cfg: Any) -> None:
     """Raise :class:`DataMissingError` naming every missing file when the dataset is not prepared."""
-    node = _node(ds_cfg)
+    node = to_container(ds_cfg)
     name, root = node["name"], Path(str(node["root"]))
     if name == "synthetic":
         return  # generated on demand
@@ -95,7 +77,7 @@ def check_dataset(ds_cfg: Any) -> None:
 
 def open_split(ds_cfg: Any, split: str) -> Dataset:
     """The reader of ``ds_cfg`` for the task split ``split`` ("train" or "test"), checked first."""
-    node = _node(ds_cfg)
+    node = to_container(ds_cfg)
     check_dataset(node)
     if node["name"] in ("synthetic", "scannetpp"):
         ds = _scene_views(node, split)
@@ -117,7 +99,7 @@ def reduce_zero_label(semantic: torch.Tensor) -> torch.Tensor:
 
 def dataset_identity(ds_cfg: Any, split: str) -> Mapping[str, Any]:
     """What identifies the samples of one split (for the feature cache key)."""
-    node = _node(ds_cfg)
+    node = to_container(ds_cfg)
     node["root"] = str(Path(str(node["root"])).resolve())
     return {"dataset": node, "split": split}
 
