@@ -77,7 +77,7 @@ def to_container(cfg: Any) -> Any:
 
 
 # Keys that never change what a training run produces (logging, checkpoint cadence, ...)
-NONESSENTIAL_KEYS = frozenset({"log_every", "ckpt_every", "progress", "num_workers", "keep_last"})
+NONESSENTIAL_KEYS = frozenset({"log_every", "ckpt_every", "progress", "num_workers", "workers", "keep_last"})
 
 
 def _strip(obj: Any, drop: Iterable[str]) -> Any:

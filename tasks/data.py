@@ -31,7 +31,8 @@ A reader may also provide ``add_arguments(parser)`` / ``cli(args)`` for ``python
 
 Two multi-view scene sets are read through :class:`bench.data.scenes.ViewDataset` instead (single
 views of ScanNet++-layout scenes): ``synthetic`` (generated on first use by
-``bench.data.synthetic.ensure_synthetic`` with the node's ``scenes``, ``views``, ``size``, ``seed``;
+``bench.data.synthetic.ensure_synthetic`` with the node's ``scenes``, ``views``, ``size``, ``seed``
+and optional ``workers`` (generator processes);
 the last ``held_out`` scenes are the test split) and ``scannetpp`` (``splits`` name scene-list files
 relative to the root, e.g. ``splits/nvs_sem_train.txt``; optional ``view_stride`` keeps every N-th view).
 """
@@ -119,7 +120,7 @@ def _scene_views(node: Mapping[str, Any], split: str) -> Dataset:
         size = node.get("size", [128, 128])
         size = [int(size), int(size)] if isinstance(size, (int, float)) else [int(v) for v in size]
         root = ensure_synthetic(root, scenes=int(node.get("scenes", 8)), views=int(node.get("views", 24)),
-                                size=size, seed=int(node.get("seed", 0)), progress=True)
+                                size=size, seed=int(node.get("seed", 0)), progress=True, workers=node.get("workers"))
         ids = json.loads((root / "meta.json").read_text())["scene_ids"]
         train, test = split_scenes(ids, node.get("held_out", 0.25))
         scene_ids = train if split == "train" else test

@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--supersample", type=int, default=2, help="RGB anti-aliasing factor per axis (default 2)")
     p.add_argument("--hfov", type=float, default=70.0, help="horizontal field of view, degrees (default 70)")
     p.add_argument("--out", default=None, help="output directory (default ${BENCH_DATA:-data}/synthetic)")
-    p.add_argument("--workers", type=int, default=None, help="processes, at most 2 (default: 2 for large sets)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes, at most one per scene (default: 2 for large sets, else 1)")
     p.add_argument("--force", action="store_true", help="re-generate even if a matching set exists")
 
 

@@ -150,21 +150,25 @@ def _run_workers(root: Path, indices: Sequence[int], workers: int, on_done, **kw
             e.close()
 
 
+def default_workers(scenes: int, views: int, size: Sequence[int]) -> int:
+    """2 processes for sets large enough to pay for starting them (measured on 2 cores), else 1."""
+    return 2 if scenes >= 2 and scenes * views * size[0] * size[1] >= 2_000_000 else 1
+
+
 def generate(root: str | os.PathLike, scenes: int = 8, views: int = 24, size: Sequence[int] = (224, 224),
              seed: int = 0, supersample: int = 2, hfov_deg: float = 70.0, progress: bool = False,
              workers: int | None = None) -> Path:
     """Render ``scenes`` x ``views`` and write them under ``root``; ``root/meta.json`` is written last
-    (its presence marks a complete set). ``workers``: processes (at most 2; default 2 for sets large
-    enough to pay for starting them, else 1). Output does not depend on ``workers``."""
+    (its presence marks a complete set). ``workers``: processes (config ``task.dataset.workers`` or
+    ``--workers``; at most one per scene; default :func:`default_workers`). Output does not depend
+    on ``workers``."""
     if scenes < 1 or views < 1 or min(size) < 8:
         raise BenchError(f"invalid synthetic set: scenes={scenes}, views={views}, size={list(size)}",
                          "use at least 1 scene, 1 view and 8x8 pixels")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / "meta.json").unlink(missing_ok=True)
-    if workers is None:
-        workers = 2 if scenes >= 2 and scenes * views * size[0] * size[1] >= 2_000_000 else 1
-    workers = max(1, min(int(workers), 2, scenes))
+    workers = default_workers(scenes, views, size) if workers is None else max(1, min(int(workers), scenes))
     kw = dict(seed=seed, views=views, size=list(size), supersample=supersample, hfov_deg=hfov_deg)
     bar = None
     if progress:
