@@ -10,7 +10,7 @@
   ``library_name: timm``). A backbone saved by bench is re-written by ``timm.models.save_for_hf``
   (``config.json`` + ``model.safetensors``), so ``timm.create_model("hf-hub:org/name",
   pretrained=True)`` loads it.
-* ``python -m bench hub pull|push``: :func:`add_arguments` and :func:`main`.
+* ``python -m bench hub pull|push`` is defined with the other commands in :mod:`bench.cli`.
 
 The endpoint, cache and offline settings are read from the environment at call time
 (``HF_ENDPOINT``, ``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``), so they work even when
@@ -19,14 +19,13 @@ The endpoint, cache and offline settings are read from the environment at call t
 """
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 from .errors import HubError
 
@@ -415,63 +414,3 @@ def _push_error(e: BaseException, repo_id: str, revision: str) -> BaseException:
         return HubError(f"the Hub refused the push to '{repo_id}'@{revision}: {_root_cause(e)}",
                         "check the repo, branch and files, then retry")
     return e
-
-
-# --- CLI: python -m bench hub pull|push ---------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``python -m bench hub``."""
-    sub = parser.add_subparsers(dest="hub_command", metavar="{pull,push}", required=True)
-    p = sub.add_parser("pull", help="download a repo, some files, or one hf:// file into the local cache",
-                       description="Download from the Hub into the local cache (HF_HOME / HF_HUB_CACHE) or "
-                                   "--local-dir and print where. With HF_HUB_OFFLINE=1 only the cache is used.")
-    p.add_argument("repo", help="org/name, or hf://org/name/path/to/file[@revision]")
-    p.add_argument("--revision", help="branch, tag or commit sha (default: main)")
-    p.add_argument("--files", nargs="+", metavar="FILE",
-                   help="only these files (exact names, or glob patterns such as '*.safetensors')")
-    p.add_argument("--local-dir", help="place the files in this directory instead of the cache")
-    p = sub.add_parser("push", help="upload a checkpoint (file, directory, run or trained backbone) to org/name",
-                       description="Upload a checkpoint to a Hub model repo as one commit, with a model card. "
-                                   "SOURCE: a checkpoint file or directory, a run directory (its record names "
-                                   "the trained backbone), or a trained backbone's cache key.")
-    p.add_argument("source", help="checkpoint file/directory, run directory, or trained-backbone cache key")
-    p.add_argument("repo", help="target repo, org/name (created if missing)")
-    p.add_argument("--branch", "--revision", dest="branch", help="branch to commit to (created from main if new)")
-    p.add_argument("--private", action="store_true", default=None, help="create the repo as private")
-    p.add_argument("--message", "-m", help="commit message")
-    p.add_argument("--include", nargs="+", metavar="GLOB", help="only push files matching these patterns")
-    p.add_argument("--exclude", nargs="+", metavar="GLOB", help="do not push files matching these patterns")
-
-
-def _has_glob(name: str) -> bool:
-    return any(c in name for c in "*?[")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run ``python -m bench hub pull|push``; prints where things went."""
-    if not getattr(args, "verbose", False):  # one line per HTTP request is noise at INFO level
-        import logging
-
-        for name in ("httpx2", "httpx", "huggingface_hub"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    if args.hub_command == "push":
-        res = hub_push(args.source, args.repo, branch=args.branch, private=args.private, message=args.message,
-                       include=args.include, exclude=args.exclude)
-        print(f"pushed {len(res['files'])} files to {res['repo_id']}@{res['revision']} "
-              f"(commit {res['commit']}): {', '.join(res['files'])}")
-        print(f"url: {res['url']}")
-        weights = [f for f in res["files"] if f.endswith((".safetensors", ".pth", ".pt", ".bin"))]
-        if weights:
-            print(f"use: hf://{res['repo_id']}/{weights[0]}@{res['commit']}")
-        return 0
-    repo, revision, files = args.repo, args.revision, list(args.files or [])
-    if repo.startswith("hf://"):
-        repo, name, ref_rev = parse_hf_path(repo)
-        files, revision = files + [name], revision or ref_rev
-    exact = [f for f in files if not _has_glob(f)]
-    globs = [f for f in files if _has_glob(f)]
-    for f in exact:
-        print(f"{f}: {hub_download(repo, f, revision, local_dir=args.local_dir)}")
-    if globs or not files:
-        where = hub_snapshot(repo, revision, allow_patterns=globs or None, local_dir=args.local_dir)
-        print(f"{repo}{'@' + revision if revision else ''}: {where}")
-    return 0

@@ -4,7 +4,6 @@ Only loopback traffic: the ``local_hub`` fixture points HF_ENDPOINT at 127.0.0.1
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -19,9 +18,9 @@ REPO = "bench-org/tiny"
 
 
 def _cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    hub.add_arguments(parser)
-    return hub.main(parser.parse_args(list(argv)))
+    from bench.cli import main
+
+    return main(["hub", *argv])
 
 
 def _backbone_dir(path, seed=0):
