@@ -108,7 +108,7 @@ def _unique_dir(path: Path) -> Path:
 def run_cell(cfg: DictConfig) -> Dict[str, Any]:
     """Run one (method, backbone, task) cell and write its record. Returns the record."""
     t_start = time.time()
-    method, task = _method(cfg), _task(cfg)  # unknown names fail before any work
+    _, task = _method(cfg), _task(cfg)  # unknown names fail before any work
     if hasattr(task, "check"):
         task.check(cfg)  # e.g. the dataset exists: fail before training, not after
     device = resolve_device(cfg)

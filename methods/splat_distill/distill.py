@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import BenchError
