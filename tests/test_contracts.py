@@ -105,7 +105,7 @@ def test_recipe_runs_a_tiny_cell(experiment, tmp_path):
     from bench.runner import run_cell
 
     cfg = compose([f"experiment={experiment}", "method=dinov2", "task=synth_depth", *_paths(tmp_path),
-                   "task.dataset.scenes=2", "task.dataset.views=2", "task.dataset.size=32",
+                   "task.dataset.scenes=2", "task.dataset.views=2", "task.dataset.size=64",
                    "task.dataset.held_out=1", "task.protocols.linear.schedule.epochs=1", "task.progress=false"])
     rec = run_cell(cfg)
     assert rec["backbone"] == compose([f"experiment={experiment}"]).backbone.name
