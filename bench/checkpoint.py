@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional
@@ -86,3 +87,15 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
             "check that the checkpoint was made for this architecture/backbone config "
             "(e.g. backbone=dinov2_vits14 vs dinov2_vitb14, with/without registers)")
     model.load_state_dict(sd, strict=True)
+
+
+def weights_hash(module: nn.Module) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of a module's state dict (16 hex digits).
+
+    The one identity of a set of weights (feature caches, FiT3D's teacher key)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim: BN counters
+    return h.hexdigest()[:16]

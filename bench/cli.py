@@ -18,7 +18,6 @@ from .errors import BenchError
 # add_arguments(parser) and main(args).
 EXTERNAL_COMMANDS = {
     "sweep": ("bench.sweep", "run a grid of cells on SLURM (submitit) or locally"),
-    "hub": ("bench.hub", "pull/push checkpoints from/to the Hugging Face Hub"),
     "figures": ("bench.figures", "draw the mini-benchmark figures (PCA, depth/normals, matches) from the records"),
     "pretrain-reconstructor": ("methods.splat_distill.pretrain",
                                "pretrain Splat-and-Distill's learned feed-forward reconstructor"),
@@ -104,6 +103,63 @@ def _call_entry(obj, args) -> int:
     return int(rc or 0)
 
 
+# -- hub: python -m bench hub pull|push ----------------------------------------------------------
+def _add_hub_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m bench hub`` (the client is :mod:`bench.hub`)."""
+    sub = parser.add_subparsers(dest="hub_command", metavar="{pull,push}", required=True)
+    p = sub.add_parser("pull", help="download a repo, some files, or one hf:// file into the local cache",
+                       description="Download from the Hub into the local cache (HF_HOME / HF_HUB_CACHE) or "
+                                   "--local-dir and print where. With HF_HUB_OFFLINE=1 only the cache is used.")
+    p.add_argument("repo", help="org/name, or hf://org/name/path/to/file[@revision]")
+    p.add_argument("--revision", help="branch, tag or commit sha (default: main)")
+    p.add_argument("--files", nargs="+", metavar="FILE",
+                   help="only these files (exact names, or glob patterns such as '*.safetensors')")
+    p.add_argument("--local-dir", help="place the files in this directory instead of the cache")
+    p = sub.add_parser("push", help="upload a checkpoint (file, directory, run or trained backbone) to org/name",
+                       description="Upload a checkpoint to a Hub model repo as one commit, with a model card. "
+                                   "SOURCE: a checkpoint file or directory, a run directory (its record names "
+                                   "the trained backbone), or a trained backbone's cache key.")
+    p.add_argument("source", help="checkpoint file/directory, run directory, or trained-backbone cache key")
+    p.add_argument("repo", help="target repo, org/name (created if missing)")
+    p.add_argument("--branch", "--revision", dest="branch", help="branch to commit to (created from main if new)")
+    p.add_argument("--private", action="store_true", default=None, help="create the repo as private")
+    p.add_argument("--message", "-m", help="commit message")
+    p.add_argument("--include", nargs="+", metavar="GLOB", help="only push files matching these patterns")
+    p.add_argument("--exclude", nargs="+", metavar="GLOB", help="do not push files matching these patterns")
+
+
+def _has_glob(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
+def cmd_hub(args: argparse.Namespace) -> int:
+    """Run ``python -m bench hub pull|push``; prints where things went."""
+    from .hub import hub_download, hub_push, hub_snapshot, parse_hf_path
+
+    if args.hub_command == "push":
+        res = hub_push(args.source, args.repo, branch=args.branch, private=args.private, message=args.message,
+                       include=args.include, exclude=args.exclude)
+        print(f"pushed {len(res['files'])} files to {res['repo_id']}@{res['revision']} "
+              f"(commit {res['commit']}): {', '.join(res['files'])}")
+        print(f"url: {res['url']}")
+        weights = [f for f in res["files"] if f.endswith((".safetensors", ".pth", ".pt", ".bin"))]
+        if weights:
+            print(f"use: hf://{res['repo_id']}/{weights[0]}@{res['commit']}")
+        return 0
+    repo, revision, files = args.repo, args.revision, list(args.files or [])
+    if repo.startswith("hf://"):
+        repo, name, ref_rev = parse_hf_path(repo)
+        files, revision = files + [name], revision or ref_rev
+    exact = [f for f in files if not _has_glob(f)]
+    globs = [f for f in files if _has_glob(f)]
+    for f in exact:
+        print(f"{f}: {hub_download(repo, f, revision, local_dir=args.local_dir)}")
+    if globs or not files:
+        where = hub_snapshot(repo, revision, allow_patterns=globs or None, local_dir=args.local_dir)
+        print(f"{repo}{'@' + revision if revision else ''}: {where}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .registry import DATASETS, PERF
 
@@ -135,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_list)
     _add_registry_commands(sub, "data", "check a prepared dataset or generate synthetic scenes", DATASETS)
     _add_registry_commands(sub, "perf", "run a benchmark (ratios measured side by side)", PERF)
+    p = sub.add_parser("hub", help="pull/push checkpoints from/to the Hugging Face Hub",
+                       description="pull/push checkpoints from/to the Hugging Face Hub")
+    _add_hub_arguments(p)
+    p.set_defaults(func=cmd_hub)
 
     for name, (module, help) in EXTERNAL_COMMANDS.items():
         try:

@@ -391,5 +391,5 @@ BACKENDS = {"slurm": SlurmBackend, "local": LocalBackend}
 def make_backend(cluster: Mapping[str, Any], folder: Path, make_callable) -> Backend:
     name = str(cluster.get("name", "local"))
     if name not in BACKENDS:
-        raise ClusterError(f"unknown cluster backend '{name}'", f"use cluster=slurm or cluster=local")
+        raise ClusterError(f"unknown cluster backend '{name}'", "use cluster=slurm or cluster=local")
     return BACKENDS[name](cluster, folder, make_callable)

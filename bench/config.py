@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from importlib import resources
-from typing import Any, Iterable, List, Sequence
+from typing import Any, Iterable, List, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -109,13 +109,18 @@ def _unknown_key(msg: str, overrides: Sequence[str], config_name: str) -> BenchE
 
 
 def to_container(cfg: Any) -> Any:
-    if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
+    """Config nodes (also nested in plain dicts / lists) -> plain, resolved python containers.
+
+    Mappings come back as new dicts, tuples as lists; other values as they are."""
+    if OmegaConf.is_config(cfg):
         return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
+    if isinstance(cfg, Mapping):
+        return {k: to_container(v) for k, v in cfg.items()}
+    return [to_container(v) for v in cfg] if isinstance(cfg, (list, tuple)) else cfg
 
 
 # Keys that never change what a training run produces (logging, checkpoint cadence, ...)
-NONESSENTIAL_KEYS = frozenset({"log_every", "ckpt_every", "progress", "num_workers", "keep_last"})
+NONESSENTIAL_KEYS = frozenset({"log_every", "ckpt_every", "progress", "num_workers", "workers", "keep_last"})
 
 
 def _strip(obj: Any, drop: Iterable[str]) -> Any:

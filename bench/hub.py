@@ -6,8 +6,11 @@
   (``HF_HOME`` / ``HF_HUB_CACHE``) or a ``local_dir``; ``HF_HUB_OFFLINE=1`` means the cache only.
 * :func:`hub_push` uploads a checkpoint directory, a single file, or a trained backbone
   (its cache directory, its cache key, or a run directory whose record points at it) to
-  ``org/name`` as one commit, with a model card.
-* ``python -m bench hub pull|push``: :func:`add_arguments` and :func:`main`.
+  ``org/name`` as one commit, with a model card (``huggingface_hub.ModelCardData``,
+  ``library_name: timm``). A backbone saved by bench is re-written by ``timm.models.save_for_hf``
+  (``config.json`` + ``model.safetensors``), so ``timm.create_model("hf-hub:org/name",
+  pretrained=True)`` loads it.
+* ``python -m bench hub pull|push`` is defined with the other commands in :mod:`bench.cli`.
 
 The endpoint, cache and offline settings are read from the environment at call time
 (``HF_ENDPOINT``, ``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``), so they work even when
@@ -16,13 +19,13 @@ The endpoint, cache and offline settings are read from the environment at call t
 """
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 from .errors import HubError
 
@@ -272,9 +275,49 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def timm_export(weights: Path, out_dir: Path) -> Optional[Dict[str, Path]]:
+    """A backbone saved by :func:`bench.backbones.save_backbone` -> timm's Hub layout in ``out_dir``.
+
+    The file's metadata names its timm architecture and kwargs; the model is rebuilt (meta device,
+    weights assigned, strict) and written by ``timm.models.save_for_hf``: ``model.safetensors`` +
+    ``config.json`` (architecture, ``model_args``, ``pretrained_cfg``), which is what
+    ``timm.create_model("hf-hub:org/name", pretrained=True)`` reads. Returns {name: file}, or None
+    when ``weights`` does not describe a timm model (then it is pushed as it is).
+    """
+    if weights.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "timm" or not meta.get("timm_name"):
+        return None
+    import timm
+    import torch
+    from safetensors.torch import load_file
+    from timm.models import save_for_hf
+
+    kwargs = json.loads(meta.get("timm_kwargs") or "{}")
+    with torch.device("meta"):
+        model = timm.create_model(meta["timm_name"], pretrained=False, **kwargs)
+    try:
+        model.load_state_dict(load_file(str(weights)), strict=True, assign=True)
+    except RuntimeError as e:
+        raise HubError(f"{weights} says it holds timm '{meta['timm_name']}' but its tensors do not fit "
+                       f"({str(e).splitlines()[0]})",
+                       "re-save it with bench.backbones.save_backbone, or push it as it is with "
+                       "--include model.safetensors after removing its timm metadata") from None
+    save_for_hf(model, str(out_dir), model_args=kwargs, safe_serialization=True)
+    return {"model.safetensors": out_dir / "model.safetensors", "config.json": out_dir / "config.json"}
+
+
 def model_card(repo_id: str, files: Dict[str, Path], revision: str = "main") -> str:
-    """A model card (README.md) for pushed bench weights: provenance, files with sha256, usage."""
+    """A model card (README.md) for pushed bench weights: metadata built with
+    ``huggingface_hub.ModelCardData`` (``library_name: timm``), provenance, files with sha256, usage."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     meta: Dict[str, str] = {}
+    base_model = None
     cfg_path = files.get("config.yaml")
     if cfg_path is not None:
         try:
@@ -285,22 +328,29 @@ def model_card(repo_id: str, files: Dict[str, Path], revision: str = "main") -> 
                 val = OmegaConf.select(cfg, sel, default=None)
                 if val is not None:
                     meta[key] = str(val)
+            base_model = OmegaConf.select(cfg, "backbone.hub_repo", default=None)
         except Exception:  # a foreign config: the card just lists the files
             pass
+    timm_ready = "config.json" in files
+    data = ModelCardData(library_name="timm", tags=["bench", "feature-extraction", "3d-aware"]
+                         + (["image-feature-extraction"] if timm_ready else []),
+                         base_model=str(base_model) if base_model else None)
     weights = next((n for n in files if n.endswith((".safetensors", ".pth", ".pt", ".bin"))), None)
     at = "" if revision == "main" else f"@{revision}"
-    lines = ["---", "library_name: timm", "tags:", "- bench", "- feature-extraction", "- 3d-aware", "---", "",
-             f"# {repo_id}", "", "Backbone weights published with `python -m bench hub push`."]
+    lines = [f"# {repo_id}", "", "Backbone weights published with `python -m bench hub push`."]
     if meta:
         lines += [""] + [f"- {k}: `{v}`" for k, v in meta.items()]
     lines += ["", "## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]
     lines += [f"| `{n}` | {f.stat().st_size} | `{_sha256(f)}` |" for n, f in sorted(files.items())]
     lines += ["", "## Use", "", "```bash", f"python -m bench hub pull {repo_id}" + (f" --revision {revision}" if at else ""),
               "```"]
+    if timm_ready and not at:
+        lines += ["", "```python", "import timm", "",
+                  f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True)', "```"]
     if weights:
         lines += ["", "```python", "from bench.checkpoint import read_state_dict", "",
                   f'state_dict = read_state_dict("hf://{repo_id}/{weights}{at}")  # timm layout', "```"]
-    return "\n".join(lines) + "\n"
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
 
 
 def hub_push(source: str, repo_id: str, *, branch: Optional[str] = None, private: Optional[bool] = None,
@@ -309,7 +359,8 @@ def hub_push(source: str, repo_id: str, *, branch: Optional[str] = None, private
     """Upload ``source`` (see :func:`push_sources`) to Hub repo ``repo_id`` as one commit.
 
     Creates the repo (``exist_ok``) and ``branch`` (from main) if needed and adds a model card
-    unless the source has a README.md. Returns ``{repo_id, revision, commit, url, files}``.
+    unless the source has a README.md. A ``model.safetensors`` saved by bench (timm metadata) is
+    published in timm's format (:func:`timm_export`). Returns ``{repo_id, revision, commit, url, files}``.
     """
     if is_offline():
         raise HubError(f"cannot push to Hub repo '{repo_id}': HF_HUB_OFFLINE is set (uploads need the Hub)",
@@ -317,7 +368,15 @@ def hub_push(source: str, repo_id: str, *, branch: Optional[str] = None, private
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise HubError(f"malformed Hub repo id '{repo_id}'", "write org/name")
     root, files = push_sources(source, include, exclude)
-    revision = branch or "main"
+    with tempfile.TemporaryDirectory(prefix="bench-hub-push-") as staging:
+        if "model.safetensors" in files and "config.json" not in files:
+            files.update(timm_export(files["model.safetensors"], Path(staging)) or {})
+        return _commit(root, files, repo_id, branch or "main", private, message)
+
+
+def _commit(root: Path, files: Dict[str, Path], repo_id: str, revision: str, private: Optional[bool],
+            message: Optional[str]) -> Dict[str, object]:
+    """Create ``repo_id`` (and the branch) if needed and commit ``files`` plus a model card."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(f)) for name, f in files.items()]
@@ -355,63 +414,3 @@ def _push_error(e: BaseException, repo_id: str, revision: str) -> BaseException:
         return HubError(f"the Hub refused the push to '{repo_id}'@{revision}: {_root_cause(e)}",
                         "check the repo, branch and files, then retry")
     return e
-
-
-# --- CLI: python -m bench hub pull|push ---------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``python -m bench hub``."""
-    sub = parser.add_subparsers(dest="hub_command", metavar="{pull,push}", required=True)
-    p = sub.add_parser("pull", help="download a repo, some files, or one hf:// file into the local cache",
-                       description="Download from the Hub into the local cache (HF_HOME / HF_HUB_CACHE) or "
-                                   "--local-dir and print where. With HF_HUB_OFFLINE=1 only the cache is used.")
-    p.add_argument("repo", help="org/name, or hf://org/name/path/to/file[@revision]")
-    p.add_argument("--revision", help="branch, tag or commit sha (default: main)")
-    p.add_argument("--files", nargs="+", metavar="FILE",
-                   help="only these files (exact names, or glob patterns such as '*.safetensors')")
-    p.add_argument("--local-dir", help="place the files in this directory instead of the cache")
-    p = sub.add_parser("push", help="upload a checkpoint (file, directory, run or trained backbone) to org/name",
-                       description="Upload a checkpoint to a Hub model repo as one commit, with a model card. "
-                                   "SOURCE: a checkpoint file or directory, a run directory (its record names "
-                                   "the trained backbone), or a trained backbone's cache key.")
-    p.add_argument("source", help="checkpoint file/directory, run directory, or trained-backbone cache key")
-    p.add_argument("repo", help="target repo, org/name (created if missing)")
-    p.add_argument("--branch", "--revision", dest="branch", help="branch to commit to (created from main if new)")
-    p.add_argument("--private", action="store_true", default=None, help="create the repo as private")
-    p.add_argument("--message", "-m", help="commit message")
-    p.add_argument("--include", nargs="+", metavar="GLOB", help="only push files matching these patterns")
-    p.add_argument("--exclude", nargs="+", metavar="GLOB", help="do not push files matching these patterns")
-
-
-def _has_glob(name: str) -> bool:
-    return any(c in name for c in "*?[")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run ``python -m bench hub pull|push``; prints where things went."""
-    if not getattr(args, "verbose", False):  # one line per HTTP request is noise at INFO level
-        import logging
-
-        for name in ("httpx2", "httpx", "huggingface_hub"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    if args.hub_command == "push":
-        res = hub_push(args.source, args.repo, branch=args.branch, private=args.private, message=args.message,
-                       include=args.include, exclude=args.exclude)
-        print(f"pushed {len(res['files'])} files to {res['repo_id']}@{res['revision']} "
-              f"(commit {res['commit']}): {', '.join(res['files'])}")
-        print(f"url: {res['url']}")
-        weights = [f for f in res["files"] if f.endswith((".safetensors", ".pth", ".pt", ".bin"))]
-        if weights:
-            print(f"use: hf://{res['repo_id']}/{weights[0]}@{res['commit']}")
-        return 0
-    repo, revision, files = args.repo, args.revision, list(args.files or [])
-    if repo.startswith("hf://"):
-        repo, name, ref_rev = parse_hf_path(repo)
-        files, revision = files + [name], revision or ref_rev
-    exact = [f for f in files if not _has_glob(f)]
-    globs = [f for f in files if _has_glob(f)]
-    for f in exact:
-        print(f"{f}: {hub_download(repo, f, revision, local_dir=args.local_dir)}")
-    if globs or not files:
-        where = hub_snapshot(repo, revision, allow_patterns=globs or None, local_dir=args.local_dir)
-        print(f"{repo}{'@' + revision if revision else ''}: {where}")
-    return 0

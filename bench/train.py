@@ -24,7 +24,7 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -300,22 +300,6 @@ class TrainLoop:
         finally:
             bar.close()
         return self.history
-
-
-def set_requires_grad(params: Iterable[torch.nn.Parameter], flag: bool) -> None:
-    for p in params:
-        p.requires_grad_(flag)
-
-
-def trainable_parameters(modules: Sequence[nn.Module]) -> List[torch.nn.Parameter]:
-    """Parameters with ``requires_grad`` from ``modules``, deduplicated, in a stable order."""
-    seen, out = set(), []
-    for m in modules:
-        for p in m.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
 
 
 def start_run(cfg) -> str:

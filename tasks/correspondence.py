@@ -41,28 +41,18 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from bench.cameras import (dense_correspondence, invert_rigid, pixel_grid, project_points,
                            relative_rotation_deg, scale_intrinsics, transform_points, unproject_depth)
+from bench.backbones import module_device
+from bench.config import to_container
 from bench.errors import BenchError
 from bench.io import write_json
 from bench.registry import TASKS
 
 from .matching import (extract_features, feature_extent, match_ratio_topk, pck_hits, recalls, rotation_binned,
                        sample_features)
-
-
-def _node(x: Any) -> Dict[str, Any]:
-    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig) else dict(x or {})
-
-
-def _device(backbone) -> torch.device:
-    try:
-        return next(backbone.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def _progress(it: Iterable, total: int, desc: str) -> Iterable:
@@ -105,7 +95,7 @@ def pair_depth_intrinsics(sample: Mapping[str, Tensor], image_hw: Tuple[int, int
 def depth_pair_errors(backbone, sample: Mapping[str, Tensor], proto: Mapping[str, Any]) -> Dict[str, Any]:
     """Reprojection errors (pixels of the depth-scaled image) of the matches of one two-view sample
     (``images [2,3,H,W]``, ``depth [2,Hd,Wd]``, ``K [2,3,3]``, ``w2c [2,4,4]``, optional ``K_depth``)."""
-    dev = _device(backbone)
+    dev = module_device(backbone)
     images = sample["images"].to(dev).float()
     depth = sample["depth"].to(dev).float()
     w2c = sample["w2c"].to(dev).float()
@@ -188,7 +178,7 @@ class _RealDatasetTask:
 @TASKS.register("scannet_corr", "ScanNet-1500 pairs: training-free 2-NN ratio matching, recall at 5/10/20 px (Probe3D)")
 class ScanNetCorrespondence(_RealDatasetTask):
     def evaluate(self, backbone, cfg, workdir: Path) -> Dict[str, float]:
-        proto = _node(cfg.task.protocol)
+        proto = to_container(cfg.task.protocol)
         ds = _open_test(cfg)
         ids, results = [], []
         for i in _progress(range(len(ds)), len(ds), "scannet pairs"):
@@ -220,7 +210,7 @@ class SynthCorrespondence:
         from bench.data.scenes import MultiViewScenes
         from bench.data.synthetic import ensure_synthetic, split_scenes
 
-        ds_cfg, proto = _node(cfg.task.dataset), _node(cfg.task.protocol)
+        ds_cfg, proto = to_container(cfg.task.dataset), to_container(cfg.task.protocol)
         root = ensure_synthetic(ds_cfg["root"], scenes=int(ds_cfg.get("scenes", 8)), views=int(ds_cfg.get("views", 24)),
                                 size=list(ds_cfg.get("size", [224, 224])), seed=int(ds_cfg.get("seed", 0)))
         scenes = MultiViewScenes(root)
@@ -257,7 +247,7 @@ class SynthCorrespondence:
 # ----------------------------------------------------------------------------------- NAVI
 def xyz_pair_errors(backbone, sample: Mapping[str, Tensor], proto: Mapping[str, Any]) -> Dict[str, Any]:
     """3D (metres) and 2D (pixels of the full image) errors of the matches of one NAVI pair."""
-    dev = _device(backbone)
+    dev = module_device(backbone)
     images = sample["images"].to(dev).float()
     depth, K, w2c = sample["depth"].to(dev).float(), sample["K"].to(dev).float(), sample["w2c"].to(dev).float()
     H, W = images.shape[-2:]
@@ -290,7 +280,7 @@ def xyz_pair_errors(backbone, sample: Mapping[str, Tensor], proto: Mapping[str, 
 @TASKS.register("navi_corr", "NAVI object pairs: training-free matching, recall at 1/2/5 cm and 5/25/50 px (Probe3D)")
 class NAVICorrespondence(_RealDatasetTask):
     def evaluate(self, backbone, cfg, workdir: Path) -> Dict[str, float]:
-        proto = _node(cfg.task.protocol)
+        proto = to_container(cfg.task.protocol)
         ds = _open_test(cfg)
         ids, results = [], []
         for i in _progress(range(len(ds)), len(ds), "navi pairs"):
@@ -328,7 +318,7 @@ def square_resize(image: Tensor, size: int) -> Tuple[Tensor, float]:
 
 def transfer_keypoints(backbone, sample: Mapping[str, Any], proto: Mapping[str, Any]) -> Tensor:
     """Predicted target positions ``[N,2]`` (original target pixels) of the source keypoints."""
-    dev = _device(backbone)
+    dev = module_device(backbone)
     size = int(proto.get("image_size", 800))
     src, s_src = square_resize(sample["image_src"].to(dev).float(), size)
     trg, s_trg = square_resize(sample["image_trg"].to(dev).float(), size)
@@ -370,7 +360,7 @@ def keypoint_hits_probe3d(backbone, sample: Mapping[str, Any], proto: Mapping[st
     features sampled with ``grid_sample(align_corners=True)`` at ``2 * kp / size - 1`` of the feature map of
     the centre-padded canvas, the prediction = the arg-max patch's *corner* ``(col, row) / w`` in [0, 1),
     error ``|pred - kp_trg / size|`` divided by ``max(bbox side) / max(image side)``, hit when < ``alpha``."""
-    dev = _device(backbone)
+    dev = module_device(backbone)
     size = int(proto.get("image_size", 800))
     src, S_src = probe3d_square(sample["image_src"], size)
     trg, S_trg = probe3d_square(sample["image_trg"], size)
@@ -395,7 +385,7 @@ def keypoint_hits_probe3d(backbone, sample: Mapping[str, Any], proto: Mapping[st
 @TASKS.register("spair_corr", "SPair-71k keypoint transfer by feature arg-max, PCK@0.1 (Probe3D exact mode; centre mode)")
 class SPairCorrespondence(_RealDatasetTask):
     def evaluate(self, backbone, cfg, workdir: Path) -> Dict[str, float]:
-        proto = _node(cfg.task.protocol)
+        proto = to_container(cfg.task.protocol)
         alpha = float(proto.get("alpha", 0.1))
         mode = str(proto.get("mode", "probe3d"))
         if mode not in ("probe3d", "centre"):

@@ -31,7 +31,8 @@ A reader may also provide ``add_arguments(parser)`` / ``cli(args)`` for ``python
 
 Two multi-view scene sets are read through :class:`bench.data.scenes.ViewDataset` instead (single
 views of ScanNet++-layout scenes): ``synthetic`` (generated on first use by
-``bench.data.synthetic.ensure_synthetic`` with the node's ``scenes``, ``views``, ``size``, ``seed``;
+``bench.data.synthetic.ensure_synthetic`` with the node's ``scenes``, ``views``, ``size``, ``seed``
+and optional ``workers`` (generator processes);
 the last ``held_out`` scenes are the test split) and ``scannetpp`` (``splits`` name scene-list files
 relative to the root, e.g. ``splits/nvs_sem_train.txt``; optional ``view_stride`` keeps every N-th view).
 The published ScanNet / ScanNet++ rows use FiT3D's processed evaluation folders instead, read by the
@@ -42,37 +43,19 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Protocol, runtime_checkable
+from typing import Any, List, Mapping
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
+from bench.config import to_container
 from bench.errors import DataMissingError
 from bench.registry import DATASETS
 
 
-@runtime_checkable
-class Reader(Protocol):
-    """What a task needs from a dataset reader (see the module docstring)."""
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, i: int) -> Dict[str, Any]: ...
-
-    @classmethod
-    def check(cls, root: str | Path) -> List[str]: ...
-
-
-def _node(cfg: Any) -> Dict[str, Any]:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return dict(cfg)
-
-
 def check_dataset(ds_cfg: Any) -> None:
     """Raise :class:`DataMissingError` naming every missing file when the dataset is not prepared."""
-    node = _node(ds_cfg)
+    node = to_container(ds_cfg)
     name, root = node["name"], Path(str(node["root"]))
     if name == "synthetic":
         return  # generated on demand
@@ -97,7 +80,7 @@ def check_dataset(ds_cfg: Any) -> None:
 
 def open_split(ds_cfg: Any, split: str) -> Dataset:
     """The reader of ``ds_cfg`` for the task split ``split`` ("train" or "test"), checked first."""
-    node = _node(ds_cfg)
+    node = to_container(ds_cfg)
     check_dataset(node)
     if node["name"] in ("synthetic", "scannetpp"):
         ds = _scene_views(node, split)
@@ -119,7 +102,7 @@ def reduce_zero_label(semantic: torch.Tensor) -> torch.Tensor:
 
 def dataset_identity(ds_cfg: Any, split: str) -> Mapping[str, Any]:
     """What identifies the samples of one split (for the feature cache key)."""
-    node = _node(ds_cfg)
+    node = to_container(ds_cfg)
     node["root"] = str(Path(str(node["root"])).resolve())
     return {"dataset": node, "split": split}
 
@@ -139,7 +122,7 @@ def _scene_views(node: Mapping[str, Any], split: str) -> Dataset:
         size = node.get("size", [128, 128])
         size = [int(size), int(size)] if isinstance(size, (int, float)) else [int(v) for v in size]
         root = ensure_synthetic(root, scenes=int(node.get("scenes", 8)), views=int(node.get("views", 24)),
-                                size=size, seed=int(node.get("seed", 0)), progress=True)
+                                size=size, seed=int(node.get("seed", 0)), progress=True, workers=node.get("workers"))
         ids = json.loads((root / "meta.json").read_text())["scene_ids"]
         train, test = split_scenes(ids, node.get("held_out", 0.25))
         scene_ids = train if split == "train" else test

@@ -35,6 +35,7 @@ from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from bench.backbones import module_device
 from bench.errors import BenchError, UnknownNameError
 from bench.io import save_safetensors, write_json
 
@@ -60,11 +61,6 @@ def resolve_protocol(cfg: DictConfig) -> Dict[str, Any]:
     if not isinstance(proto, dict):
         raise BenchError(f"task '{task.name}' has no protocol node", "set task.protocol (see bench/conf/task/)")
     return proto
-
-
-def _device(backbone) -> torch.device:
-    p = next(iter(backbone.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 class DenseTask:
@@ -106,7 +102,7 @@ class DenseTask:
         workdir.mkdir(parents=True, exist_ok=True)
         seed, progress = int(cfg.get("seed", 0)), bool(task.get("progress", True))
         workers = int(task.get("num_workers", 0))
-        device = _device(backbone)
+        device = module_device(backbone)
         backbone.eval()
 
         spec = FeatureSpec.from_config(proto.get("features", {}), backbone)

@@ -13,7 +13,6 @@ stopped. Only augmentation-free training uses it (random crops/flips need fresh 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from bench.checkpoint import weights_hash  # noqa: F401  (re-exported: tasks.features.weights_hash)
 from bench.config import stable_hash
 from bench.io import torch_save, write_json
 
@@ -73,16 +73,6 @@ def assemble(raw: Sequence[Sequence[torch.Tensor]]) -> List[torch.Tensor]:
 
 def features(backbone, images: torch.Tensor, spec: FeatureSpec) -> List[torch.Tensor]:
     return assemble(raw_features(backbone, images, spec))
-
-
-def weights_hash(module: torch.nn.Module) -> str:
-    """sha256 over the names, shapes, dtypes and bytes of a module's state dict (16 hex digits)."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().contiguous().cpu()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
 
 
 class FeatureCache:

@@ -18,7 +18,7 @@ Normals: angular error in degrees; rmse, mean, median, and % of pixels within 11
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -214,10 +214,3 @@ def miou(pred: torch.Tensor, gt: torch.Tensor, num_classes: int, ignore_index: i
     m = SegMeter(num_classes, ignore_index, reduce_zero_label)
     m.update(pred, gt)
     return m.result()["mIoU"]
-
-
-def summarize(meters: Iterable[MeanMeter]) -> Dict[str, float]:
-    out: Dict[str, float] = {}
-    for m in meters:
-        out.update(m.result())
-    return out

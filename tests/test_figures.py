@@ -15,7 +15,7 @@ from bench.figures import latest_records, make_figures, normals_rgb, pca_rgb
 
 def test_pca_rgb_recovers_dominant_direction():
     # the features vary only along one direction d (a left/right ramp): the first component is the ramp
-    h, w, C = 4, 6, 5
+    h, w = 4, 6
     ramp = torch.arange(w, dtype=torch.float64).repeat(h, 1)             # [h,w]
     d = torch.tensor([1.0, 2.0, 0.0, -1.0, 0.5], dtype=torch.float64)
     feat = (d[:, None, None] * ramp[None]).float()

@@ -4,7 +4,6 @@ Only loopback traffic: the ``local_hub`` fixture points HF_ENDPOINT at 127.0.0.1
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -19,9 +18,9 @@ REPO = "bench-org/tiny"
 
 
 def _cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    hub.add_arguments(parser)
-    return hub.main(parser.parse_args(list(argv)))
+    from bench.cli import main
+
+    return main(["hub", *argv])
 
 
 def _backbone_dir(path, seed=0):
@@ -177,3 +176,39 @@ def test_push_sources_run_dir_and_cache_key(tmp_path, monkeypatch):
     with pytest.raises(HubError, match="nothing to push"):
         hub.push_sources("no-such-key")
     assert json.loads((run / "record.json").read_text())["checkpoint"]["kind"] == "pretrained"
+
+
+def test_pushed_backbone_loads_with_timm_create_model(local_hub, tmp_path):
+    """`hub push` of a trained backbone publishes timm's format: timm.create_model("hf-hub:...") loads it."""
+    import timm
+    from huggingface_hub import ModelCard
+    from omegaconf import OmegaConf
+
+    from bench.backbones import build_backbone, save_backbone
+
+    torch.manual_seed(0)
+    bb = build_backbone(OmegaConf.create({"name": "tiny_vit", "weights": "none"}))
+    src = tmp_path / "bb"
+    save_backbone(bb, src / "model.safetensors")
+    write_text(src / "config.yaml", "method:\n  name: splat_distill\nbackbone:\n  name: tiny_vit\nseed: 3\n")
+    res = hub.hub_push(str(src), "bench-org/tiny-vit")
+    assert {"config.json", "model.safetensors", "config.yaml", "README.md"} <= set(res["files"])
+    remote = local_hub.files("bench-org/tiny-vit")
+    config = json.loads(remote["config.json"])
+    assert config["architecture"] == "vit_small_patch14_dinov2"
+    assert config["model_args"]["embed_dim"] == 48 and config["model_args"]["depth"] == 4
+    card = ModelCard(remote["README.md"].decode())
+    assert card.data.library_name == "timm" and "bench" in card.data.tags
+    assert 'timm.create_model("hf-hub:bench-org/tiny-vit", pretrained=True)' in card.text
+
+    model = timm.create_model("hf-hub:bench-org/tiny-vit", pretrained=True).eval()
+    own = bb.model.state_dict()
+    got = model.state_dict()
+    assert got.keys() == own.keys() and all(torch.equal(got[k], own[k]) for k in own)
+    x = torch.rand(1, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), bb.model.forward_features(x))
+    # bench reads the pushed file back too (timm layout, strict)
+    back = build_backbone(OmegaConf.create({"name": "tiny_vit",
+                                            "weights": "hf://bench-org/tiny-vit/model.safetensors"}))
+    assert all(torch.equal(back.model.state_dict()[k], own[k]) for k in own)

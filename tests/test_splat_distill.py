@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from bench.backbones import build_backbone
-from bench.cameras import look_at
 from bench.checkpoint import load_state_dict_strict, read_state_dict
 from bench.config import compose
 from bench.errors import BenchError, CheckpointError

@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from bench.splat import rasterize
-from bench.splat.project import project, quat_to_rotmat
+from bench.cameras import quat_to_rotmat
+from bench.splat.project import project
 
 C0 = 0.28209479177387814  # degree-0 SH basis constant: rgb = 0.5 + C0 * dc
 PARAMS = ("means", "log_scales", "quats", "opacity_logits", "colors_dc", "features")

@@ -21,29 +21,22 @@ import logging
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
 
+from bench.checkpoint import weights_hash
 from bench.config import stable_hash, to_container
+from bench.data.multiview import open_scenes
 from bench.io import write_json
 from bench.registry import METHODS
 from bench.seed import seed_everything
 from bench.train import TrainLoop, start_run
 
-from .stage1 import (INFO_FILE, SceneFit, downsample_to_grid, fit_scene, is_fitted, scene_key, scene_seed,
-                     weights_digest)
+from .stage1 import INFO_FILE, SceneFit, downsample_to_grid, fit_scene, is_fitted, scene_key, scene_seed
 
 log = logging.getLogger("bench")
-
-
-def open_scenes(data, data_dir):
-    """``cfg.method.data`` -> :class:`bench.data.scenes.MultiViewScenes` (shared with splat_distill:
-    synthetic sets are generated on first use, ScanNet++ roots are read as prepared)."""
-    from methods.splat_distill.method import open_scenes as _open
-
-    return _open(data, data_dir)
 
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -74,7 +67,7 @@ def fit_scenes(data, teacher, cfg: DictConfig, device, progress: bool = True) ->
     m = cfg.method
     # the teacher = its weights (digest) + everything else that shapes its features (resize, normalisation...)
     arch = {k: v for k, v in to_container(cfg.backbone).items() if k != "weights" and not k.startswith("hub_")}
-    teacher_id = f"{cfg.backbone.name}:{weights_digest(teacher)}:{stable_hash(arch)}"
+    teacher_id = f"{cfg.backbone.name}:{weights_hash(teacher)}:{stable_hash(arch)}"
     root = Path(str(m.scene_cache))
     dirs = {}
     for i, scene in enumerate(data.scene_ids):

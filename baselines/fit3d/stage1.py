@@ -165,29 +165,11 @@ class SceneFit:
 # cache key
 
 
-def weights_digest(module: nn.Module) -> str:
-    """sha256 (16 hex) of a module's state dict (names, shapes, dtypes and bytes)."""
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        t = v.detach().cpu().contiguous()
-        h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim: BN counters
-    return h.hexdigest()[:16]
-
-
-def _plain(x: Any) -> Any:
-    """Config nodes (also nested in plain dicts/lists) -> plain python containers, resolved."""
-    x = to_container(x)
-    if isinstance(x, Mapping):
-        return {k: _plain(v) for k, v in x.items()}
-    return [_plain(v) for v in x] if isinstance(x, (list, tuple)) else x
-
-
 def scene_key(scene: str, data: Mapping[str, Any], teacher_id: str, stage1: Mapping[str, Any], seed: int) -> str:
     """Cache key of one scene's fit: its data identity, the teacher, the stage-I config and the seed."""
-    data = {k: v for k, v in _plain(data).items() if k != "scenes"}
+    data = {k: v for k, v in to_container(data).items() if k != "scenes"}
     data["root"] = str(Path(str(data.get("root"))).resolve()) if data.get("root") else None
-    stage1 = {k: v for k, v in _plain(stage1).items() if k not in NONESSENTIAL}
+    stage1 = {k: v for k, v in to_container(stage1).items() if k not in NONESSENTIAL}
     return stable_hash({"scene": scene, "data": data, "teacher": teacher_id, "stage1": stage1, "seed": int(seed)})
 
 

@@ -142,6 +142,12 @@ class Backbone(nn.Module):
                 f"num_blocks={self.num_blocks}, has_cls={self.has_cls}, resize={self.resize_mode}")
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter (CPU for a module without parameters)."""
+    p = next(iter(module.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def strip_prefix(sd: StateDict, prefixes: Sequence[str] = ("module.", "backbone.", "encoder.")) -> StateDict:
     """Drop a wrapper prefix (DDP ``module.``, ``backbone.``) shared by every key."""
     for p in prefixes:

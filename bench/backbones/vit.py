@@ -21,6 +21,7 @@ from typing import Any, List, Mapping
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from timm.models.vision_transformer import _convert_dinov2
 from torch import nn
 
 from ..checkpoint import StateDict
@@ -39,27 +40,16 @@ def is_dinov2_official(sd: Mapping[str, torch.Tensor]) -> bool:
 def dinov2_official_to_timm(sd: StateDict) -> StateDict:
     """Official DINOv2 keys -> timm ``vit_*_patch14[_reg4]_dinov2`` keys.
 
-    - ``mask_token`` (iBOT training only) is dropped;
-    - with registers: ``register_tokens`` -> ``reg_token``; timm's reg models do not add a position
-      embedding to prefix tokens, so the CLS position is folded into ``cls_token`` and
-      ``pos_embed`` keeps only the 37*37 patch positions (official: 1 + 37*37);
-    - SwiGLU (ViT-g): ``mlp.w12`` -> ``mlp.fc1`` (packed [x1; x2]), ``mlp.w3`` -> ``mlp.fc2``;
-    - chunked blocks ``blocks.<chunk>.<i>.`` -> ``blocks.<i>.``.
-    All other names (``blocks.N.attn.qkv``, ``ls1.gamma``, ``norm``, ...) are shared.
+    The mapping is timm's own: ``_convert_dinov2``, the DINOv2 branch of
+    ``timm.models.vision_transformer.checkpoint_filter_fn`` (drops ``mask_token``; with registers
+    ``register_tokens`` -> ``reg_token``, the CLS position folded into ``cls_token`` and ``pos_embed``
+    keeping the 37*37 patch positions; SwiGLU ``mlp.w12``/``mlp.w3`` -> ``mlp.fc1``/``mlp.fc2``).
+    The only step timm lacks is the FSDP chunk layout ``blocks.<chunk>.<i>.`` -> ``blocks.<i>.``.
+
+    Not the whole ``checkpoint_filter_fn``: its position-embedding resampling would silently resize
+    (or crash on) a checkpoint of the wrong variant, where bench's strict loader names the keys.
     """
-    sd = {k: v for k, v in sd.items() if k != "mask_token"}
-    if "register_tokens" in sd:
-        sd["reg_token"] = sd.pop("register_tokens")
-        if "cls_token" in sd and "pos_embed" in sd:
-            pos = sd.pop("pos_embed")
-            sd["cls_token"] = sd["cls_token"] + pos[:, :1]
-            sd["pos_embed"] = pos[:, 1:]
-    out = {}
-    for k, v in sd.items():
-        k = _CHUNKED_BLOCK.sub(r"blocks.\1.", k)
-        k = k.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2.")
-        out[k] = v
-    return out
+    return _convert_dinov2({_CHUNKED_BLOCK.sub(r"blocks.\1.", k): v for k, v in sd.items()}, None)
 
 
 def resample_patch_pos(pos: torch.Tensor, old: tuple, new: tuple, offset: float, antialias: bool) -> torch.Tensor:

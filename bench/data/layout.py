@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence
 
@@ -42,26 +43,29 @@ def fmt_missing(paths: Sequence[str], limit: int = MAX_LISTED) -> str:
 
 
 # ----------------------------------------------------------------------------------- decoding
-def _open_image(path: Path):
+LAYOUT_FIX = "re-extract the dataset archive; `python -m bench data <name> --root ...` lists the expected layout"
+
+
+def open_image(path: Path, fix: Optional[str] = None):
+    """A decoded PIL image; a missing or corrupt file is a :class:`DataMissingError` (``fix``: how to repair)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
-        raise DataMissingError(f"missing file {path}",
-                               "re-extract the dataset archive; `python -m bench data <name> --root ...` "
-                               "lists the expected layout")
+        raise DataMissingError(f"missing file {path}", fix or LAYOUT_FIX)
     try:
-        img = Image.open(path)
-        img.load()
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        repair = fix or "replace it from the original archive"
         raise DataMissingError(f"cannot decode image {path} ({type(e).__name__}: {e})",
-                               "the file is corrupt or truncated: replace it from the original archive") from None
-    return img
+                               f"the file is corrupt or truncated: {repair}") from None
 
 
 def read_rgb(path: Path, exif_transpose: bool = False) -> torch.Tensor:
     """An RGB image as float [3,H,W] in [0,1]."""
-    img = _open_image(path)
+    img = open_image(path)
     if exif_transpose:
         from PIL import ImageOps
 
@@ -72,7 +76,7 @@ def read_rgb(path: Path, exif_transpose: bool = False) -> torch.Tensor:
 
 def read_array(path: Path) -> np.ndarray:
     """The raw pixel values of a single-channel PNG: 16-bit depth stays 16-bit, palette PNGs give indices."""
-    img = _open_image(path)
+    img = open_image(path)
     if img.mode in ("RGB", "RGBA"):
         raise DataMissingError(f"{path} is an {img.mode} image where a single-channel map was expected",
                                "use the label/depth PNGs of the original release (palette or grey, not colour)")
@@ -95,7 +99,7 @@ def read_label_png(path: Path) -> torch.Tensor:
 def verify_image(path: Path) -> Optional[str]:
     """None if ``path`` decodes, otherwise the reason."""
     try:
-        _open_image(path)
+        open_image(path)
     except DataMissingError as e:
         return e.problem
     return None
@@ -293,11 +297,20 @@ def read_lines(path: Path) -> List[str]:
     return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def load_npz(path: Path) -> Dict[str, np.ndarray]:
+def load_npz(path: Path, fix: Optional[str] = None, keys: Sequence[str] = ()) -> Dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` (no pickles); a missing or corrupt file, or a missing one of ``keys``,
+    is a :class:`DataMissingError` (``fix``: how to repair)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataMissingError(f"missing file {path}", fix or "see `python -m bench data <name>` for the layout")
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise DataMissingError(f"missing file {path}", "see `python -m bench data <name>` for the layout") from None
-    except (OSError, ValueError) as e:
-        raise DataMissingError(f"cannot read {path} ({e})", "the file is corrupt: download it again") from None
+            out = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataMissingError(f"cannot read {path} ({type(e).__name__}: {e})",
+                               "the file is corrupt or truncated: " + (fix or "download it again")) from None
+    missing = [k for k in keys if k not in out]
+    if missing:
+        raise DataMissingError(f"{path} has no array {', '.join(missing)} (it has: {', '.join(out) or 'none'})",
+                               fix or "see `python -m bench data <name>` for the layout")
+    return out

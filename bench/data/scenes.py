@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -42,6 +41,7 @@ from torch.utils.data import Dataset
 from ..cameras import opengl_c2w_to_opencv_w2c, scale_intrinsics
 from ..errors import DataMissingError
 from ..registry import DATASETS
+from .layout import load_npz, open_image
 
 __all__ = ["MultiViewScenes", "ViewDataset", "MAP_DIRS", "SCANNETPP_HELP"]
 
@@ -78,31 +78,6 @@ FiT3D's reorganised copy (<scene_id>/transforms_train.json + <scene_id>/images/)
 
 
 # ------------------------------------------------------------------------------------ decoding
-def _read_image(path: Path, fix: str):
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise DataMissingError(f"missing file {path}", fix)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataMissingError(f"cannot decode image {path} ({type(e).__name__}: {e})",
-                               f"the file is corrupt or truncated; {fix}") from None
-
-
-def _read_npz(path: Path, key: str, fix: str) -> np.ndarray:
-    if not path.is_file():
-        raise DataMissingError(f"missing file {path}", fix)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return z[key]
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise DataMissingError(f"cannot read {path} ({type(e).__name__}: {e})",
-                               f"the file is corrupt or truncated; {fix}") from None
-
-
 def _resize(x: Tensor, size: Tuple[int, int], mode: str) -> Tensor:
     """Resize [..., H, W] maps (images: bilinear + antialias; others: nearest-exact, centre-aligned)."""
     if tuple(x.shape[-2:]) == tuple(size):
@@ -273,7 +248,7 @@ class MultiViewScenes:
             path = s.image_dir / name
             if not path.is_file() and (s.json_path.parent / name).is_file():
                 path = s.json_path.parent / name              # generic nerfstudio: relative to the json
-            img = _read_image(path, fix).convert("RGB")
+            img = open_image(path, fix).convert("RGB")
             W0, H0 = img.size
             image = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
             # the json's K is for its (w, h); images saved at another size scale it (+0.5 convention)
@@ -295,13 +270,13 @@ class MultiViewScenes:
         if not path.is_file() and (d / f"{Path(name).name}{suffix}").is_file():
             path = d / f"{Path(name).name}{suffix}"           # e.g. DSC01234.JPG.png
         if key == "normals":
-            arr = _read_npz(path, "normals", fix)
+            arr = load_npz(path, fix, keys=("normals",))["normals"]
             if arr.ndim != 3 or arr.shape[-1] != 3:
                 raise DataMissingError(f"{path} has shape {arr.shape}, expected [H,W,3]", fix)
             x = torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1)
             x = F.normalize(x, dim=0) * (x.abs().sum(0, keepdim=True) > 0)
         else:
-            arr = np.asarray(_read_image(path, fix))
+            arr = np.asarray(open_image(path, fix))
             if arr.ndim != 2:
                 raise DataMissingError(f"{path} is not a single-channel map (shape {arr.shape})", fix)
             if key == "depth":

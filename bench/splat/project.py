@@ -20,19 +20,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..cameras import quat_to_rotmat
+
 ALPHA_THRESHOLD = 1.0 / 255.0  # alphas below this are skipped
 ALPHA_MAX = 0.999  # alpha cap
 T_MIN = 1e-4  # a pixel stops before the Gaussian that would bring T to <= T_MIN
-
-
-def quat_to_rotmat(quats: Tensor) -> Tensor:
-    """wxyz quaternions [N,4] (any norm) -> rotation matrices [N,3,3]."""
-    w, x, y, z = torch.nn.functional.normalize(quats, dim=-1).unbind(-1)
-    return torch.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    ], -1).reshape(*quats.shape[:-1], 3, 3)
 
 
 @dataclass

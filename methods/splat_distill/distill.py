@@ -24,11 +24,9 @@ from contextlib import contextmanager
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import BenchError
-from bench.splat import rasterize
 from bench.train import EMA
 
 from .adapt import Adapter

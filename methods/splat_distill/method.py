@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig
 
-from bench.errors import BenchError
+from bench.data.multiview import open_scenes
 from bench.io import write_json
 from bench.registry import METHODS
 from bench.train import TrainLoop, one_cycle_cosine, start_run
@@ -17,46 +17,6 @@ from .distill import Distiller
 from .views import ViewSampler
 
 log = logging.getLogger("bench")
-
-DATASETS = ("synthetic", "scannetpp")
-
-
-def synthetic_root(data: Mapping[str, Any], data_dir: str | Path) -> Path:
-    """Default folder of a synthetic training set: one per parameter set, so that sets never clobber
-    each other (``ensure_synthetic`` regenerates a folder whose parameters differ)."""
-    H, W = (int(s) for s in data["size"])
-    return Path(data_dir) / f"synthetic_snd_s{int(data['seed'])}_{int(data['scenes'])}x{int(data['views'])}_{H}x{W}"
-
-
-def open_scenes(data: Mapping[str, Any], data_dir: str | Path = "data"):
-    """``cfg.method.data`` -> a :class:`bench.data.scenes.MultiViewScenes` over the training scenes.
-
-    ``dataset: synthetic`` generates the set on first use (``ensure_synthetic``); ``scannetpp`` reads
-    a prepared ScanNet++ DSLR root. ``scenes``: null (all), a count (the first N sorted), or a list of ids.
-    """
-    from bench.data.scenes import MultiViewScenes
-
-    kind = str(data.get("dataset", "synthetic"))
-    size = [int(s) for s in data["size"]] if data.get("size") is not None else None
-    if kind == "synthetic":
-        from bench.data.synthetic import ensure_synthetic
-
-        if not isinstance(data.get("scenes"), int) or data.get("views") is None or size is None:
-            raise BenchError("method.data.dataset=synthetic needs counts method.data.scenes and method.data.views "
-                             "and method.data.size", "e.g. method.data.scenes=4 method.data.views=16 "
-                             "method.data.size=[96,128]")
-        root = Path(data["root"]) if data.get("root") else synthetic_root(data, data_dir)
-        ensure_synthetic(root, int(data["scenes"]), int(data["views"]), size, int(data["seed"]))
-        return MultiViewScenes(root, None, size)
-    if kind != "scannetpp":
-        raise BenchError(f"method.data.dataset='{kind}' is not a training dataset", f"use one of {DATASETS}")
-    scenes = data.get("scenes")
-    ids = None if scenes is None or isinstance(scenes, int) else [str(x) for x in scenes]
-    reader = MultiViewScenes(Path(data["root"]), ids, size)
-    if isinstance(scenes, int):
-        reader.scene_ids = reader.scene_ids[:scenes]
-    return reader
-
 
 def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
     """Everything a run needs: ``(distiller, data, sampler, loop, step_fn)``."""

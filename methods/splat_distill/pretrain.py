@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from bench.errors import BenchError
 from bench.io import write_json

@@ -1,0 +1,238 @@
+"""Writer and worker pool: one scene's files in the ScanNet++ DSLR layout, whole sets rendered in
+worker processes, and the reuse / split helpers (:func:`ensure_synthetic`, :func:`split_scenes`)."""
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ...cameras import opencv_w2c_to_opengl_c2w
+from ...errors import BenchError
+from ...io import write_json
+from .raycast import Primitives, render_view
+from .spec import (CLASSES, DEPTH, GENERATOR, IMAGES, INSTANCE, NORMALS, SEMANTIC, TRANSFORMS, VERSION, camera_path,
+                   default_root, intrinsics, make_scene)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+def _write_png(path: Path, arr: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(arr).save(path, format="PNG", compress_level=3)
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Compressed ``.npz`` (readable by ``np.load``) with fixed zip timestamps, so byte-identical."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=3) as zf:
+        for key, arr in arrays.items():
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            zf.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue(),
+                        compress_type=zipfile.ZIP_DEFLATED, compresslevel=3)
+
+
+def _set_meta(scenes: int, views: int, size: Sequence[int], seed: int, supersample: int, hfov_deg: float) -> dict:
+    return {"generator": GENERATOR, "version": VERSION, "scenes": int(scenes), "views": int(views),
+            "size": [int(size[0]), int(size[1])], "seed": int(seed), "supersample": int(supersample),
+            "hfov_deg": float(hfov_deg), "classes": list(CLASSES),
+            "scene_ids": [f"synth_{i:04d}" for i in range(scenes)]}
+
+
+def generate_scene(root: Path, seed: int, index: int, views: int, size: Sequence[int],
+                   supersample: int = 2, hfov_deg: float = 70.0) -> Path:
+    """Render and write one scene; returns its directory."""
+    H, W = int(size[0]), int(size[1])
+    scene = make_scene(seed, index, views)
+    sdir = Path(root) / scene["scene_id"]
+    for sub in (IMAGES, DEPTH, NORMALS, SEMANTIC, INSTANCE):
+        (sdir / sub).mkdir(parents=True, exist_ok=True)
+    K = intrinsics(H, W, hfov_deg)
+    w2cs = camera_path(scene, views)
+    prims = Primitives(scene)
+    frames = []
+    for v in range(views):
+        name = f"frame_{v:04d}"
+        r = render_view(prims, K, w2cs[v], H, W, supersample)
+        rgb = (r["rgb"].numpy() * 255.0 + 0.5).astype(np.uint8)
+        depth_mm = np.clip(np.round(r["depth"].numpy().astype(np.float64) * 1000.0), 0, 65535).astype(np.uint16)
+        # plain (non-atomic) writes: the set is only valid once root/meta.json is written at the end
+        _write_png(sdir / IMAGES / f"{name}.png", rgb)
+        _write_png(sdir / DEPTH / f"{name}.png", depth_mm)
+        _write_npz(sdir / NORMALS / f"{name}.npz", normals=r["normals"].numpy().astype(np.float16))
+        _write_png(sdir / SEMANTIC / f"{name}.png", r["semantic"].numpy().astype(np.uint8))
+        _write_png(sdir / INSTANCE / f"{name}.png", r["instance"].numpy().astype(np.uint16))
+        c2w = opencv_w2c_to_opengl_c2w(w2cs[v])
+        frames.append({"file_path": f"{name}.png", "transform_matrix": c2w.tolist(), "is_bad": False})
+    transforms = {"camera_model": "PINHOLE", "fl_x": float(K[0, 0]), "fl_y": float(K[1, 1]),
+                  "cx": float(K[0, 2]), "cy": float(K[1, 2]), "w": W, "h": H, "frames": frames,
+                  "test_frames": []}
+    write_json(sdir / TRANSFORMS, transforms)
+    scene_meta = dict(scene, generator=GENERATOR, version=VERSION, views=views, size=[H, W],
+                      supersample=supersample, hfov_deg=hfov_deg, classes=list(CLASSES),
+                      instances=[{"id": i + 1, "semantic": s} for i, s in enumerate([0, 0, 0, 0, 1, 2])] +
+                      [{"id": o["instance"], "semantic": o["semantic"]} for o in scene["objects"]])
+    write_json(sdir / "meta.json", scene_meta)
+    return sdir
+
+
+def _worker_main(spec_json: str) -> int:
+    """Worker process body (``python -c``, see :func:`_run_workers`): render the scenes listed in the
+    JSON spec with one torch thread, printing each index when its files are written."""
+    spec = json.loads(spec_json)
+    torch.set_num_threads(1)  # 2 workers fill 2 cores without OpenMP oversubscription
+    for i in spec["indices"]:
+        generate_scene(Path(spec["root"]), spec["seed"], i, spec["views"], spec["size"], spec["supersample"],
+                       spec["hfov_deg"])
+        print(i, flush=True)
+    return 0
+
+
+def _run_workers(root: Path, indices: Sequence[int], workers: int, on_done, **kw) -> None:
+    """Render scenes in ``workers`` fresh interpreter processes (``sys.executable -c``), not
+    multiprocessing: a spawned multiprocessing child re-imports the caller's ``__main__``, which
+    breaks scripts without an ``if __name__ == "__main__"`` guard. Calls ``on_done()`` per scene."""
+    import queue
+    import subprocess
+    import sys
+    import tempfile
+    import threading
+
+    pkg_parent = str(Path(__file__).resolve().parents[3])  # importable even without an install
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE",
+               PYTHONPATH=os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p))
+    code = "import sys; from bench.data.synthetic.writer import _worker_main; sys.exit(_worker_main(sys.argv[1]))"
+    done: "queue.Queue[int]" = queue.Queue()
+    procs, readers = [], []
+    try:
+        for w in range(workers):
+            spec = dict(kw, root=str(root), indices=list(indices[w::workers]))
+            err = tempfile.TemporaryFile()
+            proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], stdout=subprocess.PIPE,
+                                    stderr=err, env=env, text=True)
+            reader = threading.Thread(target=lambda p=proc: [done.put(int(line)) for line in p.stdout
+                                                             if line.strip().isdigit()], daemon=True)
+            reader.start()
+            readers.append(reader)
+            procs.append((proc, err))
+        for _ in indices:
+            while True:
+                try:
+                    done.get(timeout=0.5)
+                    break
+                except queue.Empty:
+                    failed = [(p, e) for p, e in procs if p.poll() not in (None, 0)]
+                    if not failed and not any(r.is_alive() for r in readers) and done.empty():
+                        failed = procs[:1]  # all output read, all exited cleanly, yet a scene is missing
+                    if failed:
+                        p, e = failed[0]
+                        e.seek(0)
+                        tail = e.read().decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                        raise BenchError(f"synthetic scene generation failed in a worker process "
+                                         f"(exit {p.returncode}): {tail[0]}",
+                                         "re-run with workers=1 (--workers 1) to see the full traceback")
+            on_done()
+        for p, _ in procs:
+            p.wait()
+    finally:
+        for p, e in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            e.close()
+
+
+def default_workers(scenes: int, views: int, size: Sequence[int]) -> int:
+    """2 processes for sets large enough to pay for starting them (measured on 2 cores), else 1."""
+    return 2 if scenes >= 2 and scenes * views * size[0] * size[1] >= 2_000_000 else 1
+
+
+def generate(root: str | os.PathLike, scenes: int = 8, views: int = 24, size: Sequence[int] = (224, 224),
+             seed: int = 0, supersample: int = 2, hfov_deg: float = 70.0, progress: bool = False,
+             workers: int | None = None) -> Path:
+    """Render ``scenes`` x ``views`` and write them under ``root``; ``root/meta.json`` is written last
+    (its presence marks a complete set). ``workers``: processes (config ``task.dataset.workers`` or
+    ``--workers``; at most one per scene; default :func:`default_workers`). Output does not depend
+    on ``workers``."""
+    if scenes < 1 or views < 1 or min(size) < 8:
+        raise BenchError(f"invalid synthetic set: scenes={scenes}, views={views}, size={list(size)}",
+                         "use at least 1 scene, 1 view and 8x8 pixels")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "meta.json").unlink(missing_ok=True)
+    workers = default_workers(scenes, views, size) if workers is None else max(1, min(int(workers), scenes))
+    kw = dict(seed=seed, views=views, size=list(size), supersample=supersample, hfov_deg=hfov_deg)
+    bar = None
+    if progress:  # a bar on a terminal, periodic log lines otherwise
+        from ...progress import progress as _progress
+        bar = _progress(total=scenes, unit="scene", desc=f"synthetic ({views} views each) -> {root}")
+    tick = (lambda: bar.update(1)) if bar is not None else (lambda: None)
+    try:
+        if workers == 1:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                for i in range(scenes):
+                    generate_scene(root, seed, i, views, size, supersample, hfov_deg)
+                    tick()
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            _run_workers(root, range(scenes), workers, tick, **kw)
+    finally:
+        if bar is not None:
+            bar.close()
+    write_json(root / "meta.json", _set_meta(scenes, views, size, seed, supersample, hfov_deg))
+    return root
+
+
+def ensure_synthetic(root: str | os.PathLike | None = None, scenes: int = 8, views: int = 24,
+                     size: Sequence[int] = (224, 224), seed: int = 0, supersample: int = 2,
+                     hfov_deg: float = 70.0, progress: bool = True, workers: int | None = None) -> Path:
+    """Return ``root`` holding the requested set, generating it only if ``root/meta.json`` does not
+    already describe exactly these parameters (and the scenes' transforms are present). ``progress``:
+    a bar (terminal) or log lines while it generates."""
+    root = Path(root) if root is not None else default_root()
+    if holds_set(root, scenes, views, size, seed, supersample, hfov_deg):
+        return root
+    # Several jobs of a sweep may ask for the same set at once: one generates, the others wait.
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if holds_set(root, scenes, views, size, seed, supersample, hfov_deg):
+            return root
+        return generate(root, scenes, views, size, seed, supersample, hfov_deg, progress, workers)
+
+
+def holds_set(root: str | os.PathLike, scenes: int, views: int, size: Sequence[int], seed: int,
+              supersample: int = 2, hfov_deg: float = 70.0) -> bool:
+    """Whether ``root`` holds a complete generated set with exactly these parameters."""
+    root = Path(root)
+    want = _set_meta(scenes, views, size, seed, supersample, hfov_deg)
+    try:
+        have = json.loads((root / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return have == want and all((root / s / TRANSFORMS).is_file() for s in want["scene_ids"])
+
+
+def split_scenes(scene_ids: Sequence[str], held_out: int | float = 0.25) -> Tuple[List[str], List[str]]:
+    """Deterministic split of scene ids into (train, held_out): the held-out scenes are the last ones
+    in sorted order. ``held_out`` is a count (int) or a fraction (float in (0, 1)); at least one scene
+    stays in train and, if ``held_out > 0`` and there are >= 2 scenes, at least one is held out."""
+    ids = sorted(scene_ids)
+    n = len(ids)
+    k = int(round(held_out * n)) if isinstance(held_out, float) else int(held_out)
+    if held_out and n >= 2:
+        k = max(k, 1)
+    k = min(max(k, 0), max(n - 1, 0))
+    return ids[: n - k], ids[n - k:]
+
