@@ -25,6 +25,7 @@ from . import records
 from .config import backbone_cache_key, to_container
 from .errors import BenchError
 from .io import write_json, write_text
+from .method_variants import apply_per_task
 from .registry import METHODS, TASKS
 from .seed import seed_everything
 
@@ -84,12 +85,14 @@ def obtain_backbone(cfg: DictConfig, run_dir: Path | None = None) -> Tuple[Any, 
     t0 = time.time()
     backbone = method.fit(backbone, cfg, workdir)
     save_backbone(backbone, model_path)
-    write_json(workdir / "train_info.json", {"wall_time_s": time.time() - t0, "cache_key": workdir.name})
+    write_json(workdir / "train_info.json", {"wall_time_s": time.time() - t0, "cache_key": workdir.name,
+                                             **(getattr(method, "train_info", None) or {})})
     return backbone, {"kind": "trained", "cache_key": workdir.name, "path": str(model_path), "reused": False}
 
 
 def train(cfg: DictConfig) -> Path:
     """Train (or resume, or reuse) the backbone of ``cfg``'s method; return its cache directory."""
+    cfg = apply_per_task(cfg)  # the method variant for the task's kind (method.per_task)
     if not getattr(_method(cfg), "trains", False):
         raise BenchError(f"method '{cfg.method.name}' does not train", "use `bench run` to evaluate it")
     obtain_backbone(cfg)
@@ -108,6 +111,7 @@ def _unique_dir(path: Path) -> Path:
 def run_cell(cfg: DictConfig) -> Dict[str, Any]:
     """Run one (method, backbone, task) cell and write its record. Returns the record."""
     t_start = time.time()
+    cfg = apply_per_task(cfg)  # the method variant for the task's kind (method.per_task)
     method, task = _method(cfg), _task(cfg)  # unknown names fail before any work
     if hasattr(task, "check"):
         task.check(cfg)  # e.g. the dataset exists: fail before training, not after

@@ -117,15 +117,23 @@ def test_dino_head_and_cross_entropy():
 
 
 # ------------------------------------------------------------------------------ LoRA merging
-@pytest.mark.parametrize("name", ["tiny_vit", "tiny_cnn"])
-def test_lora_merge_gives_plain_timm(name, tmp_path):
+@pytest.mark.parametrize("name,choice", [("tiny_vit", "official"), ("tiny_vit", "attention"), ("tiny_cnn", "official")])
+def test_lora_merge_gives_plain_timm(name, choice, tmp_path):
     seed_everything(0)
     bb = build_backbone(compose([f"backbone={name}"]).backbone)
-    ad = Adapter(bb.model, "lora", r=4, alpha=4, dropout=0.1)
+    ad = Adapter(bb.model, "lora", r=4, alpha=4, dropout=0.1, target_modules=choice)
     assert ad.lora_layers() and all(("lora_" in n) for n, p in bb.model.named_parameters() if p.requires_grad)
     targets = {n.rsplit(".", 1)[-1] for n in ad.lora_layers()}
     assert targets == ({"qkv", "proj"} if name == "tiny_vit" else {"conv_pw", "conv_pwl"})
-    assert not any(n.startswith("patch_embed") for n in ad.lora_layers())
+    n_blocks = sum(1 for n in ad.lora_layers() if n.endswith("attn.qkv"))
+    if name == "tiny_vit" and choice == "official":
+        # PEFT's suffix match of the official [qkv, proj]: patch_embed.proj is adapted too
+        assert "patch_embed.proj" in ad.lora_layers() and len(ad.lora_layers()) == 2 * n_blocks + 1
+    else:
+        assert not any(n.startswith("patch_embed") for n in ad.lora_layers())
+    sd0 = bb.model.state_dict()
+    base_patch = sd0.get("patch_embed.proj.base_layer.weight", sd0.get("patch_embed.proj.weight"))
+    base_patch = base_patch.clone() if base_patch is not None else None
     with torch.no_grad():
         for layer in ad.lora_layers().values():
             layer.lora_B["default"].weight.normal_(0, 0.5)
@@ -141,6 +149,8 @@ def test_lora_merge_gives_plain_timm(name, tmp_path):
     plain = bb.spec.create_model()
     load_state_dict_strict(plain, read_state_dict(tmp_path / "model.safetensors"), source="merged")
     assert all(torch.allclose(plain.state_dict()[k], v, atol=1e-6) for k, v in eff.items())
+    if choice == "official" and name == "tiny_vit":  # the merged patch embedding carries the LoRA update
+        assert (plain.state_dict()["patch_embed.proj.weight"] - base_patch).abs().max() > 1e-3
     bb2 = build_backbone(compose([f"backbone={name}"]).backbone)
     bb2.model.load_state_dict(plain.state_dict(), strict=True)
     with torch.no_grad():
