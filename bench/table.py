@@ -65,6 +65,48 @@ def _fmt(mean: float, std: float, n: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
 
 
+TEACHER = "dinov2"  # the raw teacher: the backbone as loaded, no training
+
+
+def delta_vs_teacher(sub: pd.DataFrame, method: str, backbone: str, metric: str, teacher: str = TEACHER):
+    """Difference of ``method`` to the raw teacher on ``metric`` with a 95% interval over seeds.
+
+    ``sub``: rows of one task and protocol (:func:`records_frame`). Per seed the difference is paired
+    with the teacher's record of the same seed when there is one (the teacher's seeds vary only the
+    probe), else taken against the teacher's mean over its seeds. Returns ``(mean, half_width, n)``
+    with ``half_width = t_{0.975, n-1} * sd / sqrt(n)`` (nan for one seed), or None when either side
+    has no value.
+    """
+    from scipy import stats
+
+    if method == teacher:
+        return None
+    mine = sub[(sub.method == method) & (sub.backbone == backbone) & (sub.metric == metric)]
+    ref = sub[(sub.method == teacher) & (sub.backbone == backbone) & (sub.metric == metric)]
+    if mine.empty or ref.empty:
+        return None
+    ref_by_seed = ref.groupby("seed")["value"].mean()
+    diffs = [float(v) - float(ref_by_seed.get(s, ref_by_seed.mean())) for s, v in
+             mine.groupby("seed")["value"].mean().items()]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n < 2:
+        return mean, float("nan"), n
+    sd = float(pd.Series(diffs).std(ddof=1))
+    return mean, float(stats.t.ppf(0.975, n - 1)) * sd / n ** 0.5, n
+
+
+def format_delta(d) -> str:
+    """``+1.23 [0.45, 2.01]`` (95% interval over seeds), ``+1.23`` for one seed, '' for none."""
+    if d is None:
+        return ""
+    mean, hw, n = d
+    digits = 4 if abs(mean) < 10 else 2
+    if n < 2 or pd.isna(hw):
+        return f"{mean:+.{digits}f}"
+    return f"{mean:+.{digits}f} [{mean - hw:+.{digits}f}, {mean + hw:+.{digits}f}]"
+
+
 def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) -> str:
     sub = ours[(ours.task == task) & (ours.protocol == protocol)]
     shown = sub[sub["reported"].astype(bool)].sort_values("rank", kind="stable")
@@ -72,12 +114,15 @@ def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) 
     ref_t = ref[ref.task == task]
     metrics += [m for m in dict.fromkeys(ref_t["metric"]) if m not in metrics]
     rows = []
+    delta_col = f"Δ vs teacher ({metrics[0]}, 95% CI)" if metrics else "Δ vs teacher"
     for (method, backbone), g in sub.groupby(["method", "backbone"], sort=True):
         row = {"method": method, "backbone": backbone, "source": "ours",
                "seeds": g["seed"].nunique(), "wall (s)": f"{g.groupby('seed')['wall_s'].first().mean():.0f}"}
         for m in metrics:
             v = g[g.metric == m]["value"]
             row[m] = _fmt(v.mean(), v.std(ddof=1) if len(v) > 1 else 0.0, len(v))
+        if metrics:
+            row[delta_col] = format_delta(delta_vs_teacher(sub, method, backbone, metrics[0]))
         rows.append(row)
     for (source, method, backbone), g in ref_t.groupby(["source", "method", "backbone"], sort=True):
         row = {"method": f"{method} *(published)*", "backbone": backbone, "source": source, "seeds": "",
@@ -86,7 +131,7 @@ def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) 
             v = g[g.metric == m]["value"]
             row[m] = f"{float(v.iloc[0]):.4g}" if len(v) else ""
         rows.append(row)
-    cols = ["method", "backbone"] + metrics + ["seeds", "wall (s)", "source"]
+    cols = ["method", "backbone"] + metrics + [delta_col, "seeds", "wall (s)", "source"]
     return tabulate([[r.get(c, "") for c in cols] for r in rows], headers=cols, tablefmt="github")
 
 
@@ -139,7 +184,9 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
            "Rows marked *(published)* are reference numbers copied from the papers "
            "(`results/reference/*.csv`), not produced by bench; they use real datasets and full "
            "schedules, so compare them only with ours on the same task.", "",
-           "Values are the mean ± sample std over seeds (latest record per cell and seed).", ""]
+           "Values are the mean ± sample std over seeds (latest record per cell and seed). "
+           "`Δ vs teacher`: the first metric's difference to the raw teacher (`dinov2`), paired by seed, "
+           "with its 95% t-interval over seeds.", ""]
     if ours.empty:
         out += ["*No records yet: run a cell, e.g. `python -m bench run experiment=demo`.*", ""]
     cells = ours[["task", "protocol"]].drop_duplicates().sort_values(["task", "protocol"]).itertuples(index=False)
