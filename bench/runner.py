@@ -45,7 +45,8 @@ def resolve_device(cfg: DictConfig) -> str:
 
 
 def backbone_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.cache_dir) / "backbones" / backbone_cache_key(cfg)
+    # keyed by the method variant of the task's kind (method.per_task), so a sweep groups cells by it
+    return Path(cfg.paths.cache_dir) / "backbones" / backbone_cache_key(apply_per_task(cfg))
 
 
 def _method(cfg: DictConfig):

@@ -320,6 +320,13 @@ def test_correspondence_tasks_of_a_grid_use_the_no_blending_backbone():
         assert cfg.method.lift.blending is (not corr)
         keys[task] = backbone_cache_key(cfg)
     assert keys["synth_depth"] == keys["synth_seg"] != keys["synth_corr"] == keys["scannet_corr"]
+    # the sweep plans one training job per variant: backbone_dir keys the task's variant
+    from bench.sweep import make_plan
+
+    plan = make_plan(["method=splat_distill", "backbone=tiny_vit", "task=synth_depth,synth_seg,synth_corr", "seed=0",
+                      "paths.cache_dir=/nonexistent/cache", "paths.results_dir=/nonexistent/results"])
+    trains = {j.name: sorted(j.cells) for j in plan.jobs.values() if j.kind == "train"}
+    assert len(trains) == 2 and sorted(len(c) for c in trains.values()) == [1, 2]
     off = SnDOfficial()
     for task, want in (("nyu_depth", "dinov2_small_snd.pth"), ("scannet_corr", "dinov2_small_snd_no_blending.pth")):
         cfg = apply_per_task(compose(["method=snd_official", "backbone=dinov2_vits14", f"task={task}"]))
@@ -410,3 +417,16 @@ def test_learned_reconstructor_beats_constant_depth(scenes, tmp_path, capsys):
     assert "learned" in capsys.readouterr().out
     model = build_reconstructor({"name": "learned", "checkpoint": str(out)})
     assert isinstance(model, CostVolumeReconstructor) and not any(p.requires_grad for p in model.parameters())
+
+
+def test_diagnostic_measures_hand_values():
+    from methods.splat_distill.diagnostics import feature_change, relative_change
+
+    before = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([0.0, 4.0])}
+    after = {"a": torch.tensor([3.0, 3.0]), "b": torch.tensor([0.0, 0.0]), "bn.running_mean": torch.ones(2)}
+    assert relative_change(before, after) == pytest.approx(5.0 / 5.0)      # sqrt(9 + 16) / sqrt(9 + 16)
+    f0 = torch.zeros(2, 1, 1)
+    f0[0] = 1.0                                                             # [C=2,h=1,w=1]: (1, 0)
+    f1 = torch.tensor([1.0, 1.0]).view(2, 1, 1)
+    out = feature_change([f0[None]], [f1[None]])
+    assert out["feature_change"] == pytest.approx(1.0) and out["feature_1_minus_cos"] == pytest.approx(1 - 2 ** -0.5)

@@ -2,7 +2,8 @@
 
 For each example (2 context views + 1 target view of one scene):
 
-1. the teacher (EMA of the student, plain merged weights) embeds both context views (last-layer
+1. the teacher (EMA of the student: a LoRA copy whose A and B are averaged separately, LoRA dropout
+   active, as the official trainer; or a plain merged copy) embeds both context views (last-layer
    normed patch tokens);
 2. the features are upsampled to image resolution (mask-aware on the official corner-aligned grid,
    zero where all four neighbours are excluded; or plain bilinear);
