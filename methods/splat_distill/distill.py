@@ -96,7 +96,7 @@ class Distiller:
 
     # -- parameters / state ------------------------------------------------------------------------
     def parameters(self) -> List[nn.Parameter]:
-        return self.adapter.parameters() + list(self.head.parameters())
+        return self.adapter.parameters() + [p for p in self.head.parameters() if p.requires_grad]
 
     def update_teacher(self, step: int) -> None:
         """EMA step. ``teacher.ema: lora_factors`` (official ``DinoV2.update_teacher``: every teacher
