@@ -316,7 +316,7 @@ def test_correspondence_tasks_of_a_grid_use_the_no_blending_backbone():
     for task in ("synth_depth", "synth_seg", "synth_corr", "scannet_corr"):
         cfg = apply_per_task(compose(["method=splat_distill", "backbone=tiny_vit", f"task={task}"]))
         corr = task.endswith("_corr")
-        assert task_kind(cfg) == ("correspondence" if corr else "single_view")
+        assert (task_kind(cfg) == "correspondence") is corr
         assert cfg.method.lift.blending is (not corr)
         keys[task] = backbone_cache_key(cfg)
     assert keys["synth_depth"] == keys["synth_seg"] != keys["synth_corr"] == keys["scannet_corr"]
