@@ -357,7 +357,7 @@ def dose_response_table(records: Sequence[Mapping[str, Any]], backbone: Optional
         steps = 0 if rec["method"] == TEACHER else training_steps(rec)
         if steps is None or (rec["method"] != TEACHER and rec["method"] not in DOSE_METHODS):
             continue
-        report = list(rec.get("report") or sorted(rec["metrics"]))
+        report = [m for m in (rec.get("report") or sorted(rec.get("metrics") or {})) if m in (rec.get("metrics") or {})]
         if not report:
             continue
         rows.append({"method": rec["method"], "backbone": rec["backbone"], "task": rec["task"], "steps": steps,
