@@ -10,7 +10,11 @@ record points to) and writes PNGs (matplotlib, Agg) to ``results/figures/``:
   predictions (the probes the records' runs saved in ``<run_dir>/task/probe.safetensors``);
 * ``correspondence.png`` -- one held-out pair of the correspondence task: the task's own matching
   (:func:`tasks.correspondence.depth_pair_errors` machinery: mutual 2-NN ratio top-k) drawn as lines,
-  green within ``--px`` pixels of the exact ground truth, red otherwise.
+  green within ``--px`` pixels of the exact ground truth, red otherwise;
+* ``dose_response.png`` -- from the records alone (no backbones needed): per task, the first reported
+  metric's difference to the raw teacher versus training steps for Splat-and-Distill and FiT3D, mean
+  and 95% interval band over seeds (records of ``experiment=dose_response``), when a method has
+  records at two or more step counts.
 
 The figures need the trained backbones and probes, which live in the cache / run directories of the
 machine that ran the grid: run ``python -m bench sweep experiment=mini_benchmark ...`` first.
@@ -20,7 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -292,7 +296,12 @@ def make_figures(results: str | Path, out: str | Path | None = None, backbone: s
     matplotlib.use("Agg")
     results = Path(results)
     out = Path(out) if out is not None else results / "figures"
+    from .records import load_records
+
+    dose = figure_dose_response(list(load_records(results)), out, backbone)
     recs = latest_records(results, backbone, seed)
+    if not recs and dose is not None:
+        return [dose]
     if not recs:
         raise BenchError(f"no records of backbone {backbone} seed {seed} in {results}/runs",
                          "run the grid first: python -m bench sweep experiment=mini_benchmark ...")
@@ -301,7 +310,7 @@ def make_figures(results: str | Path, out: str | Path | None = None, backbone: s
         rec = next(r for (mm, _), r in sorted(recs.items()) if mm == m)
         backbones[m] = backbone_of(rec)
     paths = [figure_pca(recs, backbones, out, view), figure_depth_normals(recs, backbones, out, view),
-             figure_correspondence(recs, backbones, out, pair, px, lines)]
+             figure_correspondence(recs, backbones, out, pair, px, lines), dose]
     return [p for p in paths if p is not None]
 
 
@@ -310,3 +319,100 @@ def main(args: argparse.Namespace) -> int:
     for p in make_figures(args.results, args.out, args.backbone, args.seed, args.view, args.pair, args.px, args.lines):
         print(p)
     return 0
+
+
+# ------------------------------------------------------------------------------- dose-response
+DOSE_METHODS = ("splat_distill", "fit3d")
+
+
+def training_steps(rec: Mapping[str, Any]) -> Optional[int]:
+    """Optimiser steps of a trained record's method (SnD ``optim.steps``; FiT3D ``stage2.steps``, or
+    ``epochs x ceil(scenes x views / batch)`` for a synthetic set), None when unknown."""
+    m = (rec.get("config") or {}).get("method") or {}
+    if rec.get("method") == "splat_distill":
+        return int((m.get("optim") or {}).get("steps", 0)) or None
+    if rec.get("method") == "fit3d":
+        s2 = m.get("stage2") or {}
+        if s2.get("steps"):
+            return int(s2["steps"])
+        d = m.get("data") or {}
+        if isinstance(d.get("scenes"), int) and d.get("views"):
+            import math
+
+            return int(s2.get("epochs", 1)) * math.ceil(int(d["scenes"]) * int(d["views"]) / int(s2.get("batch_size", 2)))
+    return None
+
+
+def dose_response_table(records: Sequence[Mapping[str, Any]], backbone: Optional[str] = None):
+    """``{task: {method: [(steps, mean delta, low, high, n), ...]}}``: each task's first reported
+    metric minus the raw teacher's (paired by seed), mean and 95% t-interval over seeds per step count."""
+    import pandas as pd
+
+    from .table import TEACHER, delta_vs_teacher
+
+    rows = []
+    for rec in sorted(records, key=lambda r: r.get("created", "")):
+        if backbone is not None and rec.get("backbone") != backbone:
+            continue
+        steps = 0 if rec["method"] == TEACHER else training_steps(rec)
+        if steps is None or (rec["method"] != TEACHER and rec["method"] not in DOSE_METHODS):
+            continue
+        report = [m for m in (rec.get("report") or sorted(rec.get("metrics") or {})) if m in (rec.get("metrics") or {})]
+        if not report:
+            continue
+        rows.append({"method": rec["method"], "backbone": rec["backbone"], "task": rec["task"], "steps": steps,
+                     "seed": int(rec.get("seed", 0)), "metric": report[0], "value": float(rec["metrics"][report[0]]),
+                     "id": rec["id"]})
+    df = pd.DataFrame(rows)
+    out: Dict[str, Dict[str, list]] = {}
+    if df.empty:
+        return out
+    df = df.drop_duplicates(["method", "backbone", "task", "steps", "seed"], keep="last")
+    for task, g in df.groupby("task"):
+        teacher = g[g.method == TEACHER]
+        if teacher.empty:
+            continue
+        for (method, bb, steps), h in g[g.method != TEACHER].groupby(["method", "backbone", "steps"]):
+            sub = pd.concat([teacher[teacher.backbone == bb], h])
+            d = delta_vs_teacher(sub, method, bb, h["metric"].iloc[0])
+            if d is None:
+                continue
+            mean, hw, n = d
+            hw = 0.0 if hw != hw else hw
+            out.setdefault(task, {}).setdefault(method, []).append((int(steps), mean, mean - hw, mean + hw, n))
+    for task in out:
+        for method in out[task]:
+            out[task][method].sort()
+    return out
+
+
+def figure_dose_response(records: Sequence[Mapping[str, Any]], out: Path, backbone: Optional[str] = None) -> Optional[Path]:
+    """``dose_response.png``: per task, metric difference to the raw teacher vs training steps (log
+    axis), mean over seeds with a 95% interval band, one line per method. None when fewer than two
+    step counts exist for any method."""
+    table = dose_response_table(records, backbone)
+    table = {t: ms for t, ms in table.items() if any(len(v) >= 2 for v in ms.values())}
+    if not table:
+        return None
+    import matplotlib.pyplot as plt
+
+    metric_of = {}
+    for rec in records:
+        rep = list(rec.get("report") or sorted(rec["metrics"]))
+        if rep:
+            metric_of.setdefault(rec["task"], rep[0])
+    tasks = sorted(table)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method, pts in sorted(table[task].items()):
+            x = [p[0] for p in pts]
+            line = ax.plot(x, [p[1] for p in pts], marker="o", label=LABELS.get(method, method))[0]
+            ax.fill_between(x, [p[2] for p in pts], [p[3] for p in pts], color=line.get_color(), alpha=0.2)
+        ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("training steps")
+        ax.set_ylabel(f"{metric_of.get(task, '')} - teacher")
+        ax.set_title(task, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("dose-response: difference to the raw teacher (mean, 95% interval over seeds)", fontsize=9)
+    return _save(fig, out / "dose_response.png")

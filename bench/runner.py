@@ -39,6 +39,7 @@ from .errors import BenchError, CheckpointError
 from .identity import cell_identity
 from .io import write_json, write_text
 from .preflight import check_image_size, preflight
+from .method_variants import apply_per_task
 from .registry import METHODS, TASKS
 from .seed import seed_everything
 
@@ -61,7 +62,8 @@ def resolve_device(cfg: DictConfig) -> str:
 
 
 def backbone_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.cache_dir) / "backbones" / backbone_cache_key(cfg)
+    # keyed by the method variant of the task's kind (method.per_task), so a sweep groups cells by it
+    return Path(cfg.paths.cache_dir) / "backbones" / backbone_cache_key(apply_per_task(cfg))
 
 
 def _method(cfg: DictConfig):
@@ -106,7 +108,8 @@ def obtain_backbone(cfg: DictConfig, run_dir: Path | None = None) -> Tuple[Any, 
         save_backbone(backbone, model_path)
         segments[-1]["end"] = time.time()
         write_json(workdir / SEGMENTS_FILE, segments)
-        write_json(workdir / "train_info.json", _train_info(workdir.name, segments))
+        write_json(workdir / "train_info.json", {**_train_info(workdir.name, segments),
+                                                 **(getattr(method, "train_info", None) or {})})
     return backbone, {"kind": "trained", "cache_key": workdir.name, "path": str(model_path), "reused": False,
                       **_train_time(workdir)}
 
@@ -194,6 +197,7 @@ def _train_time(workdir: Path) -> Dict[str, Any]:
 
 def train(cfg: DictConfig) -> Path:
     """Train (or resume, or reuse) the backbone of ``cfg``'s method; return its cache directory."""
+    cfg = apply_per_task(cfg)  # the method variant for the task's kind (method.per_task)
     if not getattr(_method(cfg), "trains", False):
         raise BenchError(f"method '{cfg.method.name}' does not train", "use `bench run` to evaluate it")
     from .preflight import check_writable, validate
@@ -241,6 +245,7 @@ def run_log(run_dir: Path) -> Iterator[None]:
 def run_cell(cfg: DictConfig) -> Dict[str, Any]:
     """Run one (method, backbone, task) cell and write its record. Returns the record."""
     t_start = time.time()
+    cfg = apply_per_task(cfg)  # the method variant for the task's kind (method.per_task)
     method, task = _method(cfg), _task(cfg)  # unknown names fail before any work
     preflight(cfg, method, task)  # bad values, unwritable directories, missing data: before any work
     identity = cell_identity(cfg)

@@ -40,6 +40,15 @@ def record_identity(rec) -> tuple:
     return f"{key}/s{int(rec.get('seed', 0))}", key, f"{LEGACY} (no fingerprint)"
 
 
+def _evaluation_key(rec) -> str:
+    """What a method's row is compared with the teacher on: the backbone config and the task config
+    (protocol and evaluation data included) from the fingerprint; a legacy record: its backbone name."""
+    parts = (rec.get("identity") or {}).get("parts") if isinstance(rec.get("identity"), dict) else None
+    if isinstance(parts, dict) and parts.get("task") and parts.get("backbone"):
+        return f"{parts['backbone']}/{parts['task']}"
+    return f"{LEGACY}:{rec.get('backbone')}"
+
+
 def records_frame(results_dir: str | Path) -> pd.DataFrame:
     """One row per (record, metric), latest record per cell only."""
     rows = []
@@ -56,9 +65,9 @@ def records_frame(results_dir: str | Path) -> pd.DataFrame:
                          "wall_s": float((rec.get("wall_time_s") or {}).get("total", float("nan"))),
                          "device": (rec.get("device") or {}).get("gpu") or (rec.get("device") or {}).get("cpu", ""),
                          "threads": (rec.get("device") or {}).get("threads"),
-                         "cell": cell, "row": row_key, "recipe": recipe})
+                         "cell": cell, "row": row_key, "recipe": recipe, "evaluation": _evaluation_key(rec)})
     cols = ["method", "backbone", "task", "dataset", "protocol", "seed", "metric", "value", "created", "id",
-            "reported", "rank", "wall_s", "device", "threads", "cell", "row", "recipe"]
+            "reported", "rank", "wall_s", "device", "threads", "cell", "row", "recipe", "evaluation"]
     df = pd.DataFrame(rows, columns=cols)
     if df.empty:
         return df
@@ -85,6 +94,53 @@ def _fmt(mean: float, std: float, n: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
 
 
+TEACHER = "dinov2"  # the raw teacher: the backbone as loaded, no training
+
+
+def delta_vs_teacher(sub: pd.DataFrame, method: str, backbone: str, metric: str, teacher: str = TEACHER,
+                     evaluation: str | None = None):
+    """Difference of ``method`` to the raw teacher on ``metric`` with a 95% interval over seeds.
+
+    ``sub``: rows of one task and protocol (:func:`records_frame`). Per seed the difference is paired
+    with the teacher's record of the same seed when there is one (the teacher's seeds vary only the
+    probe), else taken against the teacher's mean over its seeds. Returns ``(mean, half_width, n)``
+    with ``half_width = t_{0.975, n-1} * sd / sqrt(n)`` (nan for one seed), or None when either side
+    has no value. ``evaluation``: only teacher records evaluated exactly as the method's row (same
+    backbone config, task, protocol and evaluation data; :func:`_evaluation_key`).
+    """
+    from scipy import stats
+
+    if method == teacher:
+        return None
+    mine = sub[(sub.method == method) & (sub.backbone == backbone) & (sub.metric == metric)]
+    ref = sub[(sub.method == teacher) & (sub.backbone == backbone) & (sub.metric == metric)]
+    if evaluation is not None and "evaluation" in sub:
+        mine = mine[mine.evaluation == evaluation]
+        ref = ref[ref.evaluation == evaluation]
+    if mine.empty or ref.empty:
+        return None
+    ref_by_seed = ref.groupby("seed")["value"].mean()
+    diffs = [float(v) - float(ref_by_seed.get(s, ref_by_seed.mean())) for s, v in
+             mine.groupby("seed")["value"].mean().items()]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n < 2:
+        return mean, float("nan"), n
+    sd = float(pd.Series(diffs).std(ddof=1))
+    return mean, float(stats.t.ppf(0.975, n - 1)) * sd / n ** 0.5, n
+
+
+def format_delta(d) -> str:
+    """``+1.23 [0.45, 2.01]`` (95% interval over seeds), ``+1.23`` for one seed, '' for none."""
+    if d is None:
+        return ""
+    mean, hw, n = d
+    digits = 4 if abs(mean) < 10 else 2
+    if n < 2 or pd.isna(hw):
+        return f"{mean:+.{digits}f}"
+    return f"{mean:+.{digits}f} [{mean - hw:+.{digits}f}, {mean + hw:+.{digits}f}]"
+
+
 def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) -> str:
     sub = ours[(ours.task == task) & (ours.protocol == protocol)]
     shown = sub[sub["reported"].astype(bool)].sort_values("rank", kind="stable")
@@ -92,12 +148,17 @@ def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) 
     ref_t = ref[ref.task == task]
     metrics += [m for m in dict.fromkeys(ref_t["metric"]) if m not in metrics]
     rows = []
+    delta_col = f"Δ vs teacher ({metrics[0]}, 95% CI)" if metrics else "Δ vs teacher"
     for (method, backbone, _), g in sub.groupby(["method", "backbone", "row"], sort=True):
         row = {"method": method, "backbone": backbone, "recipe": g["recipe"].iloc[0], "source": "ours",
                "seeds": g["seed"].nunique(), "wall (s)": f"{g.groupby('seed')['wall_s'].first().mean():.0f}"}
         for m in metrics:
             v = g[g.metric == m]["value"]
             row[m] = _fmt(v.mean(), v.std(ddof=1) if len(v) > 1 else 0.0, len(v))
+        if metrics:
+            same = sub[(sub.row == g["row"].iloc[0]) | (sub.method == TEACHER)]  # this row vs the teacher
+            row[delta_col] = format_delta(delta_vs_teacher(same, method, backbone, metrics[0],
+                                                           evaluation=g["evaluation"].iloc[0]))
         rows.append(row)
     for (source, method, backbone), g in ref_t.groupby(["source", "method", "backbone"], sort=True):
         row = {"method": f"{method} *(published)*", "backbone": backbone, "recipe": "", "source": source,
@@ -106,7 +167,7 @@ def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) 
             v = g[g.metric == m]["value"]
             row[m] = f"{float(v.iloc[0]):.4g}" if len(v) else ""
         rows.append(row)
-    cols = ["method", "backbone", "recipe"] + metrics + ["seeds", "wall (s)", "source"]
+    cols = ["method", "backbone", "recipe"] + metrics + [delta_col, "seeds", "wall (s)", "source"]
     return tabulate([[r.get(c, "") for c in cols] for r in rows], headers=cols, tablefmt="github")
 
 
@@ -161,7 +222,9 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
            "schedules, so compare them only with ours on the same task.", "",
            "Values are the mean ± sample std over seeds (latest record per cell and seed). One row = one "
            "configuration: `recipe` is its label and the short hash of its fingerprint (method, training data, "
-           "backbone, task, protocol, evaluation data); different configurations never share a row.", ""]
+           "backbone, task, protocol, evaluation data); different configurations never share a row. "
+           "`Δ vs teacher`: the first metric's difference to the raw teacher (`dinov2`) evaluated the same way "
+           "(same backbone, task, protocol and evaluation data), paired by seed, with its 95% t-interval over seeds.", ""]
     if ours.empty:
         out += ["*No records yet: run a cell, e.g. `python -m bench run experiment=demo`.*", ""]
     cells = ours[["task", "protocol"]].drop_duplicates().sort_values(["task", "protocol"]).itertuples(index=False)

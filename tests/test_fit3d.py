@@ -39,7 +39,8 @@ def cfg(tmp_path_factory):
         "method.data.dataset=synthetic", f"method.data.root={p}/scenes", "method.data.scenes=1",
         "method.data.views=4", "method.data.size=[28,42]", "method.data.seed=3", *STAGE1,
         "task.dataset.scenes=2", "task.dataset.views=2", "task.dataset.size=28", "task.dataset.held_out=1",
-        "task.protocols.linear.schedule.epochs=1", "task.progress=false"])
+        "task.protocols.linear.schedule.epochs=1", "task.progress=false",
+        "method.diagnostics.data.views=4", "method.diagnostics.pairs=2"])
 
 
 def _teacher(cfg):
@@ -285,3 +286,28 @@ def test_lift_perf_smoke(tmp_path, capsys):
     assert fn(args) == 0
     out = capsys.readouterr().out
     assert "FiT3D stage I" in out and "SnD feed-forward (depth)" in out and "30000 iterations" in out
+
+
+# ------------------------------------------------------------------------ stage II rules (issue 17)
+def test_stage2_loss_mask_rules_and_batchnorm_eval():
+    from baselines.fit3d.method import stage2_mask, train_mode
+    from bench.backbones import build_backbone
+
+    alpha = torch.tensor([[[0.9, 0.2], [0.7, 0.0]]])                       # [1,H,W]
+    anon = torch.tensor([[[255, 255], [0, 255]]])                          # 0 = anonymised
+    view = {"anon": anon}
+    assert stage2_mask(view, alpha, 0.5, "anon")[0, 0].tolist() == [[1, 1], [0, 1]]
+    assert stage2_mask(view, alpha, 0.5, "coverage")[0, 0].tolist() == [[1, 0], [1, 0]]
+    assert stage2_mask(view, alpha, 0.5, "anon_and_coverage")[0, 0].tolist() == [[1, 0], [0, 0]]
+    assert stage2_mask({}, alpha, 0.5, "anon")[0, 0].tolist() == [[1, 1], [1, 1]]   # no masks: all ones
+    bb = build_backbone(compose(["backbone=tiny_cnn"]).backbone)
+    bns = [m for m in bb.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns
+    train_mode(bb, "eval")
+    assert bb.training and not any(m.training for m in bns)
+    stats = [m.running_mean.clone() for m in bns]
+    bb(torch.rand(2, 3, 32, 32)).sum().backward()
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(stats, bns))  # running statistics unchanged
+    train_mode(bb, "train")
+    assert all(m.training for m in bns)
+    assert compose(["method=fit3d"]).method.stage2.loss_mask == "anon"

@@ -39,7 +39,7 @@ def _cfg(root, *extra):
         f"method.data.size=[{SIZE[0]},{SIZE[1]}]", f"method.data.seed={SEED}", "method.views.gap=4",
         "method.head.prototypes=128", "method.head.hidden_dim=128", "method.head.bottleneck_dim=32",
         "method.optim.batch_size=2", "method.optim.lr=2e-3", "method.teacher.every=1",
-        "method.teacher.momentum=0.9", "method.progress=false", *extra])
+        "method.teacher.momentum=0.9", "method.progress=false", "method.diagnostics.enabled=false", *extra])
 
 
 # ---------------------------------------------------------------------------------- sampling
@@ -116,15 +116,23 @@ def test_dino_head_and_cross_entropy():
 
 
 # ------------------------------------------------------------------------------ LoRA merging
-@pytest.mark.parametrize("name", ["tiny_vit", "tiny_cnn"])
-def test_lora_merge_gives_plain_timm(name, tmp_path):
+@pytest.mark.parametrize("name,choice", [("tiny_vit", "official"), ("tiny_vit", "attention"), ("tiny_cnn", "official")])
+def test_lora_merge_gives_plain_timm(name, choice, tmp_path):
     seed_everything(0)
     bb = build_backbone(compose([f"backbone={name}"]).backbone)
-    ad = Adapter(bb.model, "lora", r=4, alpha=4, dropout=0.1)
+    ad = Adapter(bb.model, "lora", r=4, alpha=4, dropout=0.1, target_modules=choice)
     assert ad.lora_layers() and all(("lora_" in n) for n, p in bb.model.named_parameters() if p.requires_grad)
     targets = {n.rsplit(".", 1)[-1] for n in ad.lora_layers()}
     assert targets == ({"qkv", "proj"} if name == "tiny_vit" else {"conv_pw", "conv_pwl"})
-    assert not any(n.startswith("patch_embed") for n in ad.lora_layers())
+    n_blocks = sum(1 for n in ad.lora_layers() if n.endswith("attn.qkv"))
+    if name == "tiny_vit" and choice == "official":
+        # PEFT's suffix match of the official [qkv, proj]: patch_embed.proj is adapted too
+        assert "patch_embed.proj" in ad.lora_layers() and len(ad.lora_layers()) == 2 * n_blocks + 1
+    else:
+        assert not any(n.startswith("patch_embed") for n in ad.lora_layers())
+    sd0 = bb.model.state_dict()
+    base_patch = sd0.get("patch_embed.proj.base_layer.weight", sd0.get("patch_embed.proj.weight"))
+    base_patch = base_patch.clone() if base_patch is not None else None
     with torch.no_grad():
         for layer in ad.lora_layers().values():
             layer.lora_B["default"].weight.normal_(0, 0.5)
@@ -140,6 +148,8 @@ def test_lora_merge_gives_plain_timm(name, tmp_path):
     plain = bb.spec.create_model()
     load_state_dict_strict(plain, read_state_dict(tmp_path / "model.safetensors"), source="merged")
     assert all(torch.allclose(plain.state_dict()[k], v, atol=1e-6) for k, v in eff.items())
+    if choice == "official" and name == "tiny_vit":  # the merged patch embedding carries the LoRA update
+        assert (plain.state_dict()["patch_embed.proj.weight"] - base_patch).abs().max() > 1e-3
     bb2 = build_backbone(compose([f"backbone={name}"]).backbone)
     bb2.model.load_state_dict(plain.state_dict(), strict=True)
     with torch.no_grad():
@@ -217,6 +227,131 @@ def test_ablation_switches(scenes, switch):
     assert moved == ("frozen" not in switch)
 
 
+# ------------------------------------------------------------------- official trainer rules
+def test_prototype_gain_trains_in_student_and_follows_ema_in_teacher(scenes):
+    from bench.data.scenes import MultiViewScenes
+    from methods.splat_distill.distill import Distiller
+
+    data = MultiViewScenes(scenes, None, SIZE)
+    ex = [data.load_views(data.scene_ids[0], [2, 6, 4])]
+    seed_everything(0)
+    d = Distiller(build_backbone(_cfg(scenes).backbone), _cfg(scenes).method)
+    assert d.head.gain.requires_grad and torch.equal(d.head.gain, torch.ones_like(d.head.gain))
+    assert any(p is d.head.gain for p in d.parameters())
+    opt = torch.optim.Adam(d.parameters(), lr=1e-2)
+    loss, _ = d.loss(ex)
+    loss.backward()
+    assert d.head.gain.grad is not None and d.head.gain.grad.abs().sum() > 0
+    opt.step()
+    g = d.head.gain.detach().clone()
+    assert (g - 1).abs().max() > 1e-3                        # the gain moved in the student
+    d.update_teacher(d.ema.every)
+    m = d.ema.momentum
+    assert torch.allclose(d.teacher_head.gain, m * torch.ones_like(g) + (1 - m) * g, atol=1e-7)
+    # the gain scales the logits: prototype k's logit is g_k * cosine
+    x = torch.randn(1, d.backbone.embed_dim, 2, 2)
+    with torch.no_grad():
+        cos = d.head(x) / d.head.gain.view(1, -1, 1, 1)
+    assert cos.abs().max() <= 1 + 1e-5
+    fixed = Distiller(build_backbone(_cfg(scenes).backbone), _cfg(scenes, "method.head.train_gain=false").method)
+    assert not fixed.head.gain.requires_grad and not any(p is fixed.head.gain for p in fixed.parameters())
+
+
+def test_official_defaults_no_clipping_and_lora_factor_ema(scenes, tmp_path):
+    from methods.splat_distill.method import build_training
+
+    cfg = compose(["method=splat_distill"])
+    m = cfg.method
+    assert m.optim.grad_clip is None and m.adapter.target_modules == "official" and m.head.train_gain
+    assert (m.lift.upsample_grid, m.lift.all_excluded, m.lift.uncovered, m.lift.blend_segments, m.lift.resize) == \
+        ("corners", "zero", "zero_fill", "all", "official")
+    assert (m.teacher.ema, m.teacher.dropout) == ("lora_factors", True)
+    d, _, _, loop, _ = build_training(build_backbone(_cfg(scenes).backbone), _cfg(scenes), tmp_path, "cpu")
+    assert loop.grad_clip is None
+    # the teacher is a LoRA copy: its A and B factors are averaged separately
+    t_layers = [n for n, _ in d.teacher.model.named_parameters() if "lora_A" in n or "lora_B" in n]
+    assert t_layers and "patch_embed.proj.lora_A.default.weight" in dict(d.teacher.model.named_parameters())
+    with torch.no_grad():
+        for p in d.adapter.parameters():
+            p.add_(0.5)
+    d.update_teacher(d.ema.every)
+    s_sd, t_sd, mom = d.backbone.model.state_dict(), d.teacher.model.state_dict(), d.ema.momentum
+    k = "blocks.0.attn.qkv.lora_B.default.weight"
+    assert torch.allclose(t_sd[k], mom * 0 + (1 - mom) * s_sd[k], atol=1e-7)   # B started at 0
+
+
+def test_corner_grid_mask_aware_upsample_official_rule():
+    from methods.splat_distill.features import corner_mask_aware_upsample
+
+    feats = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])                          # [1,1,2,2]
+    plain = corner_mask_aware_upsample(feats, None, (3, 3))[0, 0]
+    assert torch.allclose(plain, torch.tensor([[1.0, 1.5, 2.0], [2.0, 2.5, 3.0], [3.0, 3.5, 4.0]]))
+    # patch labels are read at pixels round(linspace(0, 2, 2)) = 0 and 2; the centre pixel (1, 1) has a
+    # label none of its four neighbours has -> zero (official); the pixel (0, 1) keeps only patch (0, 0)
+    mask = torch.tensor([[[0, 0, 1], [0, 5, 1], [2, 2, 3]]])
+    up = corner_mask_aware_upsample(feats, mask, (3, 3))[0, 0]
+    assert up[1, 1] == 0.0 and up[0, 1] == pytest.approx(1.0) and up[0, 2] == pytest.approx(2.0)
+    assert up[2, 1] == pytest.approx(3.0)
+    assert corner_mask_aware_upsample(feats, mask, (3, 3), "bilinear")[0, 0, 1, 1] == pytest.approx(2.5)
+
+
+def test_official_resize_floor_multiple_without_antialias(scenes):
+    from methods.splat_distill.distill import Distiller
+
+    d = Distiller(build_backbone(_cfg(scenes).backbone), _cfg(scenes).method)
+    x = torch.rand(1, 3, 55, 83)                      # floor multiples of 14: 42 x 70 (the backbone rounds: 56 x 84)
+    y = d.backbone_input(x)
+    assert y.shape[-2:] == (42, 70) and d.student_grid(55, 83) == (3, 5)
+    assert torch.allclose(y, F.interpolate(x, size=(42, 70), mode="bilinear", align_corners=False, antialias=False))
+    assert d.backbone(y).shape[-2:] == (3, 5)
+
+
+def test_correspondence_tasks_of_a_grid_use_the_no_blending_backbone():
+    from baselines.official import SnDOfficial
+    from bench.config import backbone_cache_key
+    from bench.method_variants import apply_per_task, task_kind
+
+    keys = {}
+    for task in ("synth_depth", "synth_seg", "synth_corr", "scannet_corr"):
+        cfg = apply_per_task(compose(["method=splat_distill", "backbone=tiny_vit", f"task={task}"]))
+        corr = task.endswith("_corr")
+        assert (task_kind(cfg) == "correspondence") is corr
+        assert cfg.method.lift.blending is (not corr)
+        keys[task] = backbone_cache_key(cfg)
+    assert keys["synth_depth"] == keys["synth_seg"] != keys["synth_corr"] == keys["scannet_corr"]
+    # the sweep plans one training job per variant: backbone_dir keys the task's variant
+    from bench.sweep import make_plan
+
+    plan = make_plan(["method=splat_distill", "backbone=tiny_vit", "task=synth_depth,synth_seg,synth_corr", "seed=0",
+                      "paths.cache_dir=/nonexistent/cache", "paths.results_dir=/nonexistent/results"])
+    trains = {j.name: sorted(j.cells) for j in plan.jobs.values() if j.kind == "train"}
+    assert len(trains) == 2 and sorted(len(c) for c in trains.values()) == [1, 2]
+    off = SnDOfficial()
+    for task, want in (("nyu_depth", "dinov2_small_snd.pth"), ("scannet_corr", "dinov2_small_snd_no_blending.pth")):
+        cfg = apply_per_task(compose(["method=snd_official", "backbone=dinov2_vits14", f"task={task}"]))
+        assert off.filename(off.variant(cfg), cfg) == want
+
+
+def test_runner_applies_the_task_variant(monkeypatch, tmp_path):
+    """run_cell keys, trains and records the correspondence cell with the no-blending variant."""
+    import bench.runner as runner
+
+    seen = []
+
+    def stop(cfg, run_dir=None):  # record the variant the runner hands to the method, then stop
+        seen.append((cfg.task.name, cfg.method.lift.blending))
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(runner, "obtain_backbone", stop)
+    monkeypatch.setattr(runner, "_task", lambda c: object())
+    for task in ("synth_corr", "synth_depth"):
+        cfg = compose(["method=splat_distill", "backbone=tiny_vit", f"task={task}", f"paths.results_dir={tmp_path}",
+                       f"run_dir={tmp_path / task}"])
+        with pytest.raises(RuntimeError, match="stop"):
+            runner.run_cell(cfg)
+    assert seen == [("synth_corr", False), ("synth_depth", True)]
+
+
 # ---------------------------------------------------------------------------- training runs
 def _fit(cfg, workdir, stop_after=None):
     from methods.splat_distill import SplatDistill
@@ -228,8 +363,15 @@ def _fit(cfg, workdir, stop_after=None):
 def test_tiny_run_loss_falls_and_saves_plain_timm(scenes, tmp_path):
     from bench.backbones import save_backbone
 
-    cfg = _cfg(scenes, "method.optim.steps=20", "method.ckpt_every=10")
+    cfg = _cfg(scenes, "method.optim.steps=20", "method.ckpt_every=10", "method.diagnostics.enabled=true",
+               f"method.diagnostics.data.root={scenes}", f"method.diagnostics.data.scenes={SCENES}",
+               f"method.diagnostics.data.views={VIEWS}", f"method.diagnostics.data.seed={SEED}")
     bb = _fit(cfg, tmp_path / "run")
+    diag = json.loads((tmp_path / "run" / "diagnostics.json").read_text())
+    assert diag["adapted_weight_change"] > 0 and diag["feature_change"] > 0 and diag["student_grid"] == [4, 5]
+    for when in ("before", "after"):   # ground-truth correspondences are more alike than random pixels
+        assert diag[when]["corr_cos"] > diag[when]["random_cos"]
+    assert {"kl_first", "kl_last", "head_cos_first", "head_cos_last"} <= diag.keys()
     hist = json.loads((tmp_path / "run" / "history.json").read_text())
     assert len(hist) == 20 and all(h["coverage"] > 0.5 for h in hist)
     first, last = hist[:6], hist[-6:]
@@ -274,3 +416,16 @@ def test_learned_reconstructor_beats_constant_depth(scenes, tmp_path, capsys):
     assert "learned" in capsys.readouterr().out
     model = build_reconstructor({"name": "learned", "checkpoint": str(out)})
     assert isinstance(model, CostVolumeReconstructor) and not any(p.requires_grad for p in model.parameters())
+
+
+def test_diagnostic_measures_hand_values():
+    from methods.splat_distill.diagnostics import feature_change, relative_change
+
+    before = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([0.0, 4.0])}
+    after = {"a": torch.tensor([3.0, 3.0]), "b": torch.tensor([0.0, 0.0]), "bn.running_mean": torch.ones(2)}
+    assert relative_change(before, after) == pytest.approx(5.0 / 5.0)      # sqrt(9 + 16) / sqrt(9 + 16)
+    f0 = torch.zeros(2, 1, 1)
+    f0[0] = 1.0                                                             # [C=2,h=1,w=1]: (1, 0)
+    f1 = torch.tensor([1.0, 1.0]).view(2, 1, 1)
+    out = feature_change([f0[None]], [f1[None]])
+    assert out["feature_change"] == pytest.approx(1.0) and out["feature_1_minus_cos"] == pytest.approx(1 - 2 ** -0.5)

@@ -3,9 +3,10 @@
 Stage II (FiT3D ``engine.train_one_epoch``): for a batch of (scene, view) items, render the view's
 D-dim features from the scene's frozen Gaussians, decode them with the scene's conv (teacher width),
 flip image, target and coverage together with probability ``hflip``, run the student on the images,
-downsample target and coverage bilinearly to the student's patch grid, and minimise the masked L1
-``sum(m |f - t|) / (C sum(m))`` where ``m`` is the rendered alpha coverage (``alpha >
-alpha_threshold``) on the grid. AdamW (lr 1e-5, wd 1e-4, constant lr), batch 2, gradient clipping
+downsample target and mask bilinearly to the student's patch grid, and minimise the masked L1
+``sum(m |f - t|) / (C sum(m))`` where ``m`` is the ScanNet++ anonymisation mask (official; all ones
+without one; ``stage2.loss_mask`` can add or use the rendered coverage instead). BatchNorm layers of
+a CNN backbone stay in eval mode (``stage2.batchnorm``). AdamW (lr 1e-5, wd 1e-4, constant lr), batch 2, gradient clipping
 0.1, ``epochs`` passes over every view of every training scene in a fresh random order each epoch.
 Resumable exactly through :class:`bench.train.TrainLoop` (``<workdir>/stage2``); the runner saves
 the returned backbone's weights to ``model.safetensors``.
@@ -29,6 +30,7 @@ from omegaconf import DictConfig
 from bench.checkpoint import weights_hash
 from bench.config import stable_hash, to_container
 from bench.data.multiview import open_scenes
+from bench.errors import BenchError
 from bench.io import write_json
 from bench.registry import METHODS
 from bench.seed import seed_everything
@@ -37,6 +39,30 @@ from bench.train import TrainLoop, start_run
 from .stage1 import INFO_FILE, SceneFit, downsample_to_grid, fit_scene, is_fitted, scene_key, scene_seed
 
 log = logging.getLogger("bench")
+
+
+LOSS_MASKS = ("anon", "anon_and_coverage", "coverage")
+
+
+def stage2_mask(view, alpha, thr: float, kind: str = "anon"):
+    """Stage-II loss weights ``[1,1,H,W]`` of one view. ``anon`` (FiT3D ``engine.train_one_epoch``): the
+    ScanNet++ anonymisation mask (1 = keep; all ones when the data has none), rendered coverage unused;
+    ``coverage``: rendered alpha above ``thr``; ``anon_and_coverage``: both."""
+    anon = (view["anon"] > 0).to(alpha.dtype).to(alpha.device) if "anon" in view else torch.ones_like(alpha)
+    cov = (alpha > thr).to(alpha.dtype)
+    m = {"anon": anon, "coverage": cov, "anon_and_coverage": anon * cov}[kind]
+    return m[:, None]
+
+
+def train_mode(backbone, batchnorm: str = "eval"):
+    """Train mode for stage II; ``batchnorm="eval"`` keeps BatchNorm layers on their running statistics
+    (a CNN's statistics would otherwise drift toward the few training rooms; DINOv2 has none)."""
+    backbone.train()
+    if batchnorm == "eval":
+        for mod in backbone.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                mod.eval()
+    return backbone
 
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -122,8 +148,21 @@ class FiT3D:
         fits = SceneFits(dirs, device, int(s2.get("cached_scenes", 8)))
         items: List[Tuple[str, int]] = [(s, v) for s in data.scene_ids for v in range(data.num_views(s))]
         bs = int(s2.batch_size)
-        steps = math.ceil(len(items) / bs) * int(s2.epochs)
-        backbone = backbone.to(device).train().requires_grad_(True)
+        # stage2.steps (optional) fixes the number of optimiser steps instead of epochs (dose-response runs)
+        steps = int(s2.steps) if s2.get("steps") else math.ceil(len(items) / bs) * int(s2.epochs)
+        from methods.splat_distill.diagnostics import Diagnostics, trainable_weights
+
+        size = [int(x) for x in m.data.size] if m.data.get("size") is not None else list(
+            data.load_views(data.scene_ids[0], [0])["images"].shape[-2:])
+        diag = Diagnostics(m, size, cfg.paths.data_dir, device)
+        diag.start(backbone.to(device), trainable_weights(backbone.model))
+        bn_mode = str(s2.get("batchnorm", "eval"))
+        if bn_mode not in ("eval", "train"):
+            raise BenchError(f"method.stage2.batchnorm='{bn_mode}' is not a choice", "use eval or train")
+        loss_mask = str(s2.get("loss_mask", "anon"))
+        if loss_mask not in LOSS_MASKS:
+            raise BenchError(f"method.stage2.loss_mask='{loss_mask}' is not a choice", f"use one of {LOSS_MASKS}")
+        backbone = train_mode(backbone.to(device).requires_grad_(True), bn_mode)
         opt = torch.optim.AdamW(backbone.model.parameters(), lr=float(s2.lr), weight_decay=float(s2.weight_decay))
         loop = TrainLoop(workdir / "stage2", steps, opt, {"model": backbone.model}, grad_clip=s2.get("grad_clip"),
                          ckpt_every=int(m.get("ckpt_every", 100)), keep_last=int(m.get("keep_last", 2)),
@@ -137,7 +176,7 @@ class FiT3D:
                 view = data.load_views(scene, [v])
                 H, W = view["images"].shape[-2:]
                 target, alpha = fits[scene].render_targets(view["w2c"].to(device), view["K"].to(device), W, H)
-                img, cov = view["images"].to(device), (alpha > thr).to(target.dtype)[:, None]
+                img, cov = view["images"].to(device), stage2_mask(view, alpha, thr, loss_mask).to(device)
                 if float(torch.rand(())) < p_flip:  # one draw per item: image, target and mask together
                     img, target, cov = img.flip(-1), target.flip(-1), cov.flip(-1)
                 images.append(img)
@@ -154,4 +193,8 @@ class FiT3D:
                  len(items), steps, bs, device)
         history = loop.run(step_fn, stop_after=stop_after)
         write_json(workdir / "history.json", history)
-        return backbone.eval().requires_grad_(False)
+        backbone = backbone.eval().requires_grad_(False)
+        result = diag.finish(backbone, trainable_weights(backbone.model), history)
+        self.train_info = {"diagnostics": result}
+        write_json(workdir / "diagnostics.json", result)
+        return backbone

@@ -280,6 +280,7 @@ def fit_scene(views: Mapping[str, Tensor], teacher: nn.Module, stage1: Mapping[s
     d_from, d_until, d_every = int(dens.get("from", 500)), int(dens.get("until", 15_000)), int(dens.get("every", 100))
     reset_every = int(stage1.get("opacity_reset_every", 3000))
     current: Dict[str, Any] = {}
+    anon = (views["anon"].to(views["images"].device) > 0) if "anon" in views else None   # [V,H,W] True = keep
 
     def step_fn(step: int):
         v = _view_order(step, V, seed)
@@ -287,10 +288,15 @@ def fit_scene(views: Mapping[str, Tensor], teacher: nn.Module, stage1: Mapping[s
             current["view"] = g.view_stats(views["w2c"][v], views["K"][v], W, H)
         out = g.render(views["w2c"][v:v + 1], views["K"][v:v + 1], W, H)
         img = views["images"][v:v + 1]
+        target = upsample_to_image(tfeat[v:v + 1], (H, W), teacher)
+        decoded = decoder(out["features"])
+        if anon is not None:  # FiT3D train_feat_gaussian.py: anonymised pixels take the render as target
+            keep = anon[v:v + 1, None]
+            img = torch.where(keep, img, out["rgb"].detach())
+            target = torch.where(keep, target, decoded.detach())
         l1 = (out["rgb"] - img).abs().mean()
         dssim = 1.0 - ssim(out["rgb"], img)
-        target = upsample_to_image(tfeat[v:v + 1], (H, W), teacher)
-        lf = (decoder(out["features"]) - target).abs().mean()
+        lf = (decoded - target).abs().mean()
         loss = (1 - lam) * l1 + lam * dssim + fw * lf
         return loss, {"l1": float(l1.detach()), "dssim": float(dssim.detach()), "feat_l1": float(lf.detach()), "num": g.num}
 

@@ -51,6 +51,8 @@ MAP_DIRS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "normals": (("render_normal_camera",), ".npz"),
     "semantic": (("undistorted_render_semantic", "render_semantic"), ".png"),
     "instance": (("undistorted_render_instance", "render_instance"), ".png"),
+    # ScanNet++ anonymisation masks (255 = keep, 0 = anonymised; FiT3D datasets/scannetpp.py reads <scene>/masks/)
+    "anon": (("undistorted_anon_masks", "masks"), ".png"),
 }
 _LAYOUTS = (  # (transforms json, image dir, map base dir), relative to the scene folder
     ("dslr/nerfstudio/transforms_undistorted.json", "dslr/undistorted_images", "dslr"),

@@ -7,10 +7,18 @@
   the wrappers, so ``backbone.model.state_dict()`` is plain timm again (strict load).
 * ``mode: full`` trains every backbone parameter.
 
-Default LoRA targets (``target_modules: auto``): ``attn.qkv`` and ``attn.proj`` for ViTs (the paper's
-"qkv and proj"; the suffix ``attn.proj`` keeps the patch-embedding conv ``patch_embed.proj`` out);
-for EfficientNet-style CNNs the 1x1 pointwise convolutions ``conv_pw`` (expansion) and ``conv_pwl``
-(projection) of every block -- they hold most of the weights, LoRA on a 1x1 conv is a plain low-rank
+LoRA targets (``target_modules``):
+
+* ``official`` (default; also ``auto``): for ViTs the official config's ``[qkv, proj]``
+  (Splat-and-Distill ``config/model/vit/dinov2{s,b}.yaml``) as PEFT matches it, i.e. every module whose
+  name is or ends with ``.qkv`` / ``.proj``: on timm DINOv2 every ``blocks.i.attn.qkv``,
+  ``blocks.i.attn.proj`` **and ``patch_embed.proj``** (the 14x14 patch-embedding conv, LoRA'd as a
+  conv and merged into the released weights);
+* ``attention``: ``attn.qkv`` and ``attn.proj`` only (``patch_embed.proj`` stays frozen);
+* a list of module-name suffixes (PEFT's rule).
+
+For EfficientNet-style CNNs (no official setting exists) both named choices give the 1x1 pointwise
+convolutions ``conv_pw`` (expansion) and ``conv_pwl`` (projection) of every block -- they hold most of the weights, LoRA on a 1x1 conv is a plain low-rank
 update of its matrix, and depthwise 3x3/5x5 convs (tiny, grouped) stay frozen. BatchNorm statistics
 stay frozen in both modes (the student runs its norm layers in eval mode; batches are small).
 
@@ -29,13 +37,18 @@ from bench.errors import BenchError
 
 MODES = ("lora", "full")
 VIT_TARGETS = ("attn.qkv", "attn.proj")
+OFFICIAL_VIT_TARGETS = ("qkv", "proj")
 CNN_TARGETS = ("conv_pw", "conv_pwl")
+TARGET_CHOICES = ("official", "auto", "attention")
 
 
-def default_targets(model: nn.Module) -> List[str]:
+def default_targets(model: nn.Module, choice: str = "official") -> List[str]:
+    if choice not in TARGET_CHOICES:
+        raise BenchError(f"method.adapter.target_modules='{choice}' is not a target choice",
+                         f"use one of {TARGET_CHOICES} or a list of module-name suffixes")
     names = {n for n, _ in model.named_modules()}
     if any(n.endswith("attn.qkv") for n in names):
-        return list(VIT_TARGETS)
+        return list(VIT_TARGETS if choice == "attention" else OFFICIAL_VIT_TARGETS)
     if any(n.endswith("conv_pw") or n.endswith("conv_pwl") for n in names):
         return list(CNN_TARGETS)
     raise BenchError(f"no default LoRA targets for {type(model).__name__}",
@@ -57,7 +70,10 @@ class Adapter:
         from peft import LoraConfig
         from peft.tuners.lora import LoraModel
 
-        targets = default_targets(model) if target_modules in ("auto", None) else list(target_modules)
+        if target_modules is None or isinstance(target_modules, str):
+            targets = default_targets(model, str(target_modules or "official"))
+        else:
+            targets = list(target_modules)
         config = LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout),
                             target_modules=targets, bias="none")
         try:
@@ -68,9 +84,12 @@ class Adapter:
                              "(e.g. attn.qkv), or method.adapter.mode=full") from None
 
     def lora_layers(self) -> Dict[str, nn.Module]:
-        from peft.tuners.lora import LoraLayer
+        return lora_layers(self.model)
 
-        return {n: m for n, m in self.model.named_modules() if isinstance(m, LoraLayer)}
+    def adapted_weights(self) -> Dict[str, torch.Tensor]:
+        """The weights this adapter changes, in the plain layout (``<module>.weight`` for LoRA layers,
+        every trainable parameter in full mode): the base of the relative-weight-change diagnostic."""
+        return {k: v.detach().clone() for k, v in self.effective_state().items()}
 
     def parameters(self) -> List[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -87,11 +106,7 @@ class Adapter:
         """Trainable weights as the plain model sees them (timm keys), for the EMA teacher."""
         if self._lora is None:
             return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        out = {}
-        for name, layer in self.lora_layers().items():
-            base = layer.get_base_layer()
-            out[f"{name}.weight"] = base.weight + layer.get_delta_weight("default").to(base.weight.dtype)
-        return out
+        return effective_lora_weights(self.model)
 
     def merge(self) -> nn.Module:
         """Fold LoRA into the base weights, drop the wrappers, restore ``requires_grad``; returns the model."""
@@ -107,3 +122,35 @@ class Adapter:
 
     def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
         self.model.load_state_dict(sd, strict=True)
+
+
+def lora_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+@torch.no_grad()
+def effective_lora_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``W + scale * B A`` of every LoRA layer of ``model`` under its plain (merged) key ``<module>.weight``."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        base = layer.get_base_layer()
+        out[f"{name}.weight"] = base.weight + layer.get_delta_weight("default").to(base.weight.dtype)
+    return out
+
+
+def plain_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """State dict of a (possibly LoRA-injected) model in the plain timm layout, LoRA folded in.
+    Works on a copy of the keys; ``model`` is not modified."""
+    layers = lora_layers(model)
+    if not layers:
+        return dict(model.state_dict())
+    eff = effective_lora_weights(model)
+    out = {}
+    for k, v in model.state_dict().items():
+        if ".lora_" in k or "lora_embedding" in k or "lora_magnitude" in k:
+            continue
+        k2 = k.replace(".base_layer.", ".")
+        out[k2] = eff.get(k2, v)
+    return out

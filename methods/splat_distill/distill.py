@@ -2,18 +2,25 @@
 
 For each example (2 context views + 1 target view of one scene):
 
-1. the teacher (EMA of the student, plain merged weights) embeds both context views (last-layer
+1. the teacher (EMA of the student: a LoRA copy whose A and B are averaged separately, LoRA dropout
+   active, as the official trainer; or a plain merged copy) embeds both context views (last-layer
    normed patch tokens);
-2. the features are upsampled to image resolution (mask-aware, or plain bilinear);
+2. the features are upsampled to image resolution (mask-aware on the official corner-aligned grid,
+   zero where all four neighbours are excluded; or plain bilinear);
 3. the frozen reconstructor predicts one Gaussian per context pixel; each Gaussian carries its
    pixel's full-width feature (lifting = assignment);
 4. :func:`bench.splat.rasterize` splats them into the target camera; pixels with alpha below
-   ``alpha_threshold`` are uncovered and leave the loss (``lift.coverage=rgb``: the official
-   trainer's rule instead, a pixel is uncovered where the splatted RGB colours are exactly 0);
-5. semantic blending with the target-view segment mean: ``a * F + (1 - a) * mean_segment(F)``;
-6. bilinear downscale to the student's patch grid (a cell is valid when every pixel its bilinear
-   sample touches is covered);
-7. the student embeds the target view; loss = DINO-head cross-entropy (or an ablation loss).
+   ``alpha_threshold`` are uncovered (``lift.coverage=rgb``: the official trainer's rule instead, a
+   pixel is uncovered where the splatted RGB colours are exactly 0);
+5. semantic blending with the target-view segment mean over all segment pixels:
+   ``a * F + (1 - a) * mean_segment(F)``;
+6. bilinear downscale to the student's patch grid; uncovered cells (nearest-downscaled mask) have
+   student and target features set to zero and still count in the mean (official), or leave the loss
+   (``lift.uncovered: mask``);
+7. the student embeds the target view (both backbones see the image resized to the floor multiple of
+   the patch size); loss = DINO-head cross-entropy (or an ablation loss).
+
+Every official rule is the default and has a named switch (docs/methods/splat_distill.md).
 """
 from __future__ import annotations
 
@@ -24,17 +31,25 @@ from contextlib import contextmanager
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import BenchError
 from bench.train import EMA
 
-from .adapt import Adapter
-from .features import MASKS, grid_scale, segment_blend, slic_masks, to_patch_grid, upsample
+from .adapt import Adapter, plain_state
+from .features import (MASKS, UPSAMPLE_GRIDS, grid_scale, segment_blend, slic_masks, to_patch_grid,
+                       to_patch_grid_nearest, upsample)
 from .head import LOSSES, DINOHead, distill_loss
 from .reconstruct import build_reconstructor
 
 COVERAGE = ("alpha", "rgb")  # a target pixel is covered: alpha > alpha_threshold | its RGB render is not 0
+
+
+EMA_KINDS = ("lora_factors", "merged")
+RESIZES = ("official", "backbone")
+UNCOVERED = ("zero_fill", "mask")
+BLEND_SEGMENTS = ("all", "covered")
 
 
 class Distiller:
@@ -58,13 +73,22 @@ class Distiller:
         if str(lift.get("masks", "auto")) not in MASKS:
             raise BenchError(f"method.lift.masks='{lift.get('masks')}' is not a mask source", f"use one of {MASKS}")
         self.backbone = backbone.to(self.device)
-        self.teacher = copy.deepcopy(backbone).eval().requires_grad_(False)   # plain, merged weights
         a = cfg["adapter"]
+        self.ema_kind = str(teacher.get("ema", "lora_factors"))
+        if self.ema_kind not in EMA_KINDS:
+            raise BenchError(f"method.teacher.ema='{self.ema_kind}' is not a choice", f"use one of {EMA_KINDS}")
+        if self.ema_kind == "merged":  # the teacher is a plain copy; the EMA averages the effective weights
+            self.teacher = copy.deepcopy(backbone).eval().requires_grad_(False)
         self.adapter = Adapter(self.backbone.model, str(a.get("mode", "lora")), int(a.get("r", 8)),
                                float(a.get("alpha", 8)), float(a.get("dropout", 0.1)),
-                               a.get("target_modules", "auto"))
+                               a.get("target_modules", "official"))
+        if self.ema_kind == "lora_factors":  # official: the teacher is a copy of the LoRA student
+            self.teacher = copy.deepcopy(self.backbone).eval().requires_grad_(False)
+        self.teacher_dropout = bool(teacher.get("dropout", True))
+        self.initial_weights = self.adapter.adapted_weights()   # for the relative-weight-change diagnostic
         self.head = DINOHead(backbone.embed_dim, int(head.get("prototypes", 65536)), int(head.get("hidden_dim", 2048)),
-                             int(head.get("bottleneck_dim", 256))).to(self.device)
+                             int(head.get("bottleneck_dim", 256)),
+                             train_gain=bool(head.get("train_gain", True))).to(self.device)
         self.teacher_head = copy.deepcopy(self.head)
         momentum = 1.0 if teacher.get("frozen", False) else float(teacher.get("momentum", 0.999))
         self.ema = EMA(nn.ModuleDict({"backbone": self.teacher.model, "head": self.teacher_head}), momentum,
@@ -81,12 +105,55 @@ class Distiller:
 
     # -- parameters / state ------------------------------------------------------------------------
     def parameters(self) -> List[nn.Parameter]:
-        return self.adapter.parameters() + list(self.head.parameters())
+        return self.adapter.parameters() + [p for p in self.head.parameters() if p.requires_grad]
 
     def update_teacher(self, step: int) -> None:
-        source = {f"backbone.{k}": v for k, v in self.adapter.effective_state().items()}
-        source.update({f"head.{k}": v for k, v in self.head.named_parameters()})
+        """EMA step. ``teacher.ema: lora_factors`` (official ``DinoV2.update_teacher``: every teacher
+        parameter, LoRA A and B separately) averages the student's trainable parameters by name;
+        ``merged`` averages the student's effective weights ``W + BA`` into a plain teacher."""
+        if self.ema_kind == "merged":
+            source = {f"backbone.{k}": v for k, v in self.adapter.effective_state().items()}
+        else:
+            source = {f"backbone.{k}": v for k, v in self.backbone.model.named_parameters() if v.requires_grad}
+        source.update({f"head.{k}": v for k, v in self.head.named_parameters() if v.requires_grad})
         self.ema.update(step, source)
+
+    def teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Teacher features; with ``teacher.dropout`` (official: Lightning runs the whole wrapper,
+        teacher included, in train mode) the teacher's LoRA dropout is active, norm layers stay in eval."""
+        if self.teacher_dropout:
+            self.teacher.train()
+            for m in self.teacher.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        else:
+            self.teacher.eval()
+        try:
+            return self.teacher(self.backbone_input(images))
+        finally:
+            self.teacher.eval()
+
+    def backbone_input(self, images: torch.Tensor) -> torch.Tensor:
+        """``lift.resize: official`` (``DinoV2.extract_features``): resize to the floor multiple of the
+        patch size, bilinear without antialiasing; ``backbone``: leave it to the backbone's own rule."""
+        mode = str(self.cfg["lift"].get("resize", "official"))
+        if mode not in RESIZES:
+            raise BenchError(f"method.lift.resize='{mode}' is not a choice", f"use one of {RESIZES}")
+        if mode == "backbone" or getattr(self.backbone, "resize_mode", "resize") == "pad":
+            return images
+        p = int(self.backbone.patch_size)
+        H, W = images.shape[-2:]
+        size = (max(p, H - H % p), max(p, W - W % p))
+        if size == (H, W):
+            return images
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=False)
+
+    def student_grid(self, H: int, W: int) -> Tuple[int, int]:
+        mode = str(self.cfg["lift"].get("resize", "official"))
+        if mode == "official" and getattr(self.backbone, "resize_mode", "resize") != "pad":
+            p = int(self.backbone.patch_size)
+            return max(1, H // p), max(1, W // p)
+        return self.backbone.grid_size(H, W)
 
     def finish(self, export: str = "student") -> nn.Module:
         """Merge LoRA into the student and return the backbone (plain timm weights), in eval mode.
@@ -94,7 +161,7 @@ class Distiller:
         ``export="teacher"`` copies the EMA teacher's weights into it instead."""
         self.adapter.merge()
         if export == "teacher":
-            self.backbone.model.load_state_dict(self.teacher.model.state_dict(), strict=True)
+            self.backbone.model.load_state_dict(plain_state(self.teacher.model), strict=True)
         elif export != "student":
             raise BenchError(f"method.export='{export}' is not a choice", "use student or teacher")
         return self.backbone.eval()
@@ -138,9 +205,22 @@ class Distiller:
         lift = self.cfg["lift"]
         H, W = examples[0]["images"].shape[-2:]
         mode = str(lift.get("upsample", "mask_aware"))
-        scale = grid_scale(self.teacher, (H, W))
+        ugrid = str(lift.get("upsample_grid", "corners"))
+        if ugrid not in UPSAMPLE_GRIDS:
+            raise BenchError(f"method.lift.upsample_grid='{ugrid}' is not a choice", f"use one of {UPSAMPLE_GRIDS}")
+        excluded = str(lift.get("all_excluded", "zero"))
+        if excluded not in ("zero", "bilinear"):
+            raise BenchError(f"method.lift.all_excluded='{excluded}' is not a choice", "use zero or bilinear")
+        uncovered = str(lift.get("uncovered", "zero_fill"))
+        if uncovered not in UNCOVERED:
+            raise BenchError(f"method.lift.uncovered='{uncovered}' is not a choice", f"use one of {UNCOVERED}")
+        over = str(lift.get("blend_segments", "all"))
+        if over not in BLEND_SEGMENTS:
+            raise BenchError(f"method.lift.blend_segments='{over}' is not a choice", f"use one of {BLEND_SEGMENTS}")
         with self._timed("teacher"):
-            feats = self.teacher(torch.cat([ex["images"][:2] for ex in examples]))   # [2B,C,h,w]
+            feats = self.teacher_forward(torch.cat([ex["images"][:2] for ex in examples]))   # [2B,C,h,w]
+        scale = grid_scale(self.teacher, (H, W)) if ugrid == "centres" else None
+        up_kw = {"grid": ugrid, "all_excluded": excluded}
         _, C, h, w = feats.shape
         basis = str(lift.get("render_basis", "auto"))
         if basis not in ("auto", "features", "patches"):
@@ -153,15 +233,15 @@ class Distiller:
             eye = eye.reshape(2 * h * w, 2, h, w).permute(1, 0, 2, 3)                   # [2,2hw,h,w] one-hot
         else:
             with self._timed("upsample"):
-                up = upsample(feats, torch.cat([m[:2] for m in masks]), (H, W), mode, scale)
-        grid = self.backbone.grid_size(H, W)
+                up = upsample(feats, torch.cat([m[:2] for m in masks]), (H, W), mode, scale, **up_kw)
+        grid = self.student_grid(H, W)
         padded = getattr(self.backbone, "resize_mode", "resize") == "pad"
         out, valid = [], []
         for i, ex in enumerate(examples):
             with self._timed("reconstruct"):
                 gs = self.reconstructor({k: v[:2] for k, v in ex.items()})
             with self._timed("upsample"):
-                src = upsample(eye, masks[i][:2], (H, W), mode, scale) if use_basis else up[2 * i: 2 * i + 2]
+                src = upsample(eye, masks[i][:2], (H, W), mode, scale, **up_kw) if use_basis else up[2 * i: 2 * i + 2]
             with self._timed("splat"):
                 rgb_rule = self.coverage == "rgb"  # the official trainer: uncovered where the RGB render is 0
                 if rgb_rule:
@@ -176,14 +256,20 @@ class Distiller:
                 if lift.get("normalize_alpha", False):
                     render = render / alpha.clamp_min(1e-6)[:, None]
             with self._timed("blend"):
-                if lift.get("blending", True):
-                    render = segment_blend(render, masks[i][2:3], float(lift.get("blend_alpha", 0.5)), covered)
+                if lift.get("blending", True):  # official: segment means over every segment pixel
+                    render = segment_blend(render, masks[i][2:3], float(lift.get("blend_alpha", 0.5)),
+                                           covered if over == "covered" else None)
                 t = to_patch_grid(render, grid, self.backbone.patch_size, padded)
                 if use_basis:  # contract the patch basis with the context views' patch features
                     t = torch.einsum("bkyx,kc->bcyx", t, feats[2 * i: 2 * i + 2].permute(0, 2, 3, 1).reshape(-1, C))
                 out.append(t)
-                cov = to_patch_grid(covered[:, None].to(render.dtype), grid, self.backbone.patch_size, padded)
-                valid.append(cov[:, 0] > 0.999)
+                if uncovered == "zero_fill":  # official: nearest-downscaled "nothing rendered" mask
+                    miss = to_patch_grid_nearest((~covered)[:, None].to(render.dtype), grid,
+                                                 self.backbone.patch_size, padded)
+                    valid.append(miss[:, 0] < 0.5)
+                else:
+                    cov = to_patch_grid(covered[:, None].to(render.dtype), grid, self.backbone.patch_size, padded)
+                    valid.append(cov[:, 0] > 0.999)
         return torch.cat(out), torch.cat(valid)
 
     # -- loss --------------------------------------------------------------------------------------
@@ -193,11 +279,20 @@ class Distiller:
         target, valid = self.targets(examples)
         with self._timed("student"):
             self.adapter.train()
-            student = self.backbone(torch.stack([ex["images"][2] for ex in examples]))
+            student = self.backbone(self.backbone_input(torch.stack([ex["images"][2] for ex in examples])))
             if student.shape != target.shape:
                 raise RuntimeError(f"student grid {tuple(student.shape)} != target grid {tuple(target.shape)}")
             head = self.cfg["head"]
+            covered = valid
+            embedded = student.detach().permute(0, 2, 3, 1)[covered]          # [N,C] covered cells
+            if str(self.cfg["lift"].get("uncovered", "zero_fill")) == "zero_fill":
+                # official: both sides zeroed where nothing was rendered, the loss averages every cell
+                keep = valid[:, None]
+                student, target = student * keep.to(student.dtype), target * keep.to(target.dtype)
+                valid = torch.ones_like(valid)
             loss, extra = distill_loss(self.loss_kind, student, target, valid, self.head, self.teacher_head,
                                        float(head.get("student_temp", 1.0)), float(head.get("teacher_temp", 1.0)))
-        extra["coverage"] = float(valid.float().mean())
+        extra["coverage"] = float(covered.float().mean())
+        if self.loss_kind == "dino":
+            extra["head_cos"] = self.head.embedding_cosine(embedded)
         return loss, extra

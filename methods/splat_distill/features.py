@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 UPSAMPLERS = ("mask_aware", "bilinear")
+UPSAMPLE_GRIDS = ("corners", "centres")  # corners: official (align_corners=True); centres: F.interpolate default
 MASKS = ("auto", "instance", "slic")  # auto: the dataset's instance maps, else SLIC superpixels
 
 
@@ -74,10 +75,68 @@ def _scatter_pixels(out: torch.Tensor, b, yy, xx, val: torch.Tensor) -> torch.Te
     return out.permute(0, 3, 1, 2)
 
 
+def corner_mask_aware_upsample(feats: torch.Tensor, masks: Optional[torch.Tensor], size: Tuple[int, int],
+                               all_excluded: str = "zero") -> torch.Tensor:
+    """Mask-aware bilinear upsampling on the official grid (Splat-and-Distill
+    ``src/model/vit/utils.py: mask_aware_bilinear_upsample_hr_mask``), for ``feats [B,C,h,w]``.
+
+    The output pixel ``(y, x)`` sits at feature coordinate ``(y (h-1)/(H-1), x (w-1)/(W-1))`` (the
+    first and last pixels on the first and last patches: ``align_corners=True``); patch ``j``'s label is
+    the mask at pixel ``round(j (H-1)/(h-1))``. Each of the 4 bilinear neighbours counts only if its label
+    equals the pixel's label; the kept weights are renormalised. Where all four are excluded the
+    feature is zero (official; ``all_excluded="bilinear"`` falls back to plain bilinear instead).
+    ``masks=None`` is plain corner-aligned bilinear.
+    """
+    B, C, h, w = feats.shape
+    H, W = size
+    dev = feats.device
+
+    def axis(n_out: int, n_in: int):
+        src = torch.linspace(0, n_in - 1, n_out, device=dev, dtype=torch.float32)
+        i0 = src.floor().long().clamp(0, n_in - 1)
+        i1 = (i0 + 1).clamp(max=n_in - 1)
+        centre = torch.linspace(0, n_out - 1, n_in, device=dev, dtype=torch.float32).round().long().clamp(0, n_out - 1)
+        return i0, i1, (src - i0.float()).to(feats.dtype), centre
+
+    y0, y1, wy, cy = axis(H, h)
+    x0, x1, wx, cx = axis(W, w)
+    wy, wx = wy[:, None], wx[None, :]
+    taps = [(y0, x0, (1 - wy) * (1 - wx)), (y0, x1, (1 - wy) * wx), (y1, x0, wy * (1 - wx)), (y1, x1, wy * wx)]
+
+    def tap(k: int) -> torch.Tensor:
+        yi, xi, _ = taps[k]
+        return feats[:, :, yi][:, :, :, xi]                                         # [B,C,H,W]
+
+    def plain() -> torch.Tensor:
+        return sum(tap(k) * taps[k][2] for k in range(4))
+
+    if masks is None:
+        return plain()
+    labels_lr = masks[:, cy][:, :, cx]                                              # [B,h,w]
+    wts = torch.stack([wt.expand(B, H, W) * (labels_lr[:, yi][:, :, xi] == masks).to(feats.dtype)
+                       for yi, xi, wt in taps])                                     # [4,B,H,W]
+    total = wts.sum(0)
+    wts = wts / torch.where(total == 0, torch.ones_like(total), total)
+    out = sum(tap(k) * wts[k][:, None] for k in range(4))
+    if all_excluded == "bilinear":
+        out = torch.where((total == 0)[:, None], plain(), out)
+    elif all_excluded != "zero":
+        raise ValueError(f"unknown all_excluded rule '{all_excluded}' (use zero or bilinear)")
+    return out
+
+
 def upsample(feats: torch.Tensor, masks: Optional[torch.Tensor], size: Tuple[int, int], mode: str,
-             scale: Optional[Tuple[float, float]] = None) -> torch.Tensor:
+             scale: Optional[Tuple[float, float]] = None, grid: str = "centres",
+             all_excluded: str = "bilinear") -> torch.Tensor:
+    """Upsample patch features to the image: ``mode`` mask_aware | bilinear; ``grid`` corners
+    (official, :func:`corner_mask_aware_upsample`) | centres (:func:`mask_aware_upsample`, whose
+    all-excluded pixels fall back to bilinear)."""
     if mode not in UPSAMPLERS:
         raise ValueError(f"unknown upsampling '{mode}' (use one of {UPSAMPLERS})")
+    if grid == "corners":
+        return corner_mask_aware_upsample(feats, masks if mode == "mask_aware" else None, size, all_excluded)
+    if grid != "centres":
+        raise ValueError(f"unknown upsampling grid '{grid}' (use one of {UPSAMPLE_GRIDS})")
     return mask_aware_upsample(feats, masks if mode == "mask_aware" else None, size, scale)
 
 
@@ -125,6 +184,15 @@ def to_patch_grid(x: torch.Tensor, grid: Tuple[int, int], patch_size: int, padde
         H, W = x.shape[-2:]
         x = F.pad(x, (0, w * patch_size - W, 0, h * patch_size - H))
     return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def to_patch_grid_nearest(x: torch.Tensor, grid: Tuple[int, int], patch_size: int, padded: bool) -> torch.Tensor:
+    """Nearest downscale of ``[B,C,H,W]`` onto the patch grid (the official uncovered-cell mask)."""
+    h, w = grid
+    if padded:
+        H, W = x.shape[-2:]
+        x = F.pad(x, (0, w * patch_size - W, 0, h * patch_size - H))
+    return F.interpolate(x, size=(h, w), mode="nearest")
 
 
 def grid_scale(backbone, size: Tuple[int, int]) -> Tuple[float, float]:

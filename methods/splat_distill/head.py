@@ -11,13 +11,18 @@ LOSSES = ("dino", "cosine", "direct")
 class DINOHead(nn.Module):
     """DINO head: 3-layer MLP (GELU) -> bottleneck -> L2-normalise -> weight-normed linear to prototypes.
 
-    The last layer is ``weight_norm`` with its gain fixed to 1 (DINO's ``norm_last_layer``), i.e. the
-    logits are dot products with L2-normalised prototype vectors: ``logits = x_n @ normalize(V)^T``.
-    Applied per pixel to ``[B, C, h, w]`` maps, returns ``[B, K, h, w]``.
+    The last layer is weight-normed: prototype ``k`` is ``g_k * V_k / ||V_k||`` with a per-prototype
+    gain ``g`` (``gain``, shape ``[K, 1]``) that starts at 1, so the logits are
+    ``g_k * <x_n, V_k / ||V_k||>``. In the official trainer (Splat-and-Distill
+    ``src/model/vit/dinov2.py``: ``weight_norm(nn.Linear(..., bias=False))`` with ``weight_g`` filled
+    with 1; ``src/model/model_wrapper.py`` trains every parameter whose name contains ``student``) the
+    gain **trains** in the student and follows the EMA in the teacher: a learned per-prototype inverse
+    temperature. ``train_gain=False`` fixes it at 1 (DINO's ``norm_last_layer``; the logits are then
+    cosines). Applied per pixel to ``[B, C, h, w]`` maps, returns ``[B, K, h, w]``.
     """
 
     def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 num_layers: int = 3):
+                 num_layers: int = 3, train_gain: bool = True):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (num_layers - 1)
         layers = []
@@ -26,6 +31,7 @@ class DINOHead(nn.Module):
         layers.append(nn.Linear(dims[-1], bottleneck_dim))
         self.mlp = nn.Sequential(*layers)
         self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
+        self.gain = nn.Parameter(torch.ones(out_dim, 1), requires_grad=bool(train_gain))
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -35,8 +41,23 @@ class DINOHead(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         x = feats.permute(0, 2, 3, 1)                                   # [B,h,w,C]
         x = F.normalize(self.mlp(x), dim=-1)
-        logits = x @ F.normalize(self.prototypes, dim=-1).t()           # [B,h,w,K]
+        logits = x @ (self.gain * F.normalize(self.prototypes, dim=-1)).t()   # [B,h,w,K]
         return logits.permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def embedding_cosine(self, feats: torch.Tensor, max_points: int = 512) -> float:
+        """Mean pairwise cosine of the head's bottleneck embeddings of ``feats`` (``[B,C,h,w]`` maps or
+        ``[N,C]`` vectors; collapse diagnostic: 1 = every pixel maps to the same direction). At most
+        ``max_points`` pixels (evenly spaced) are used."""
+        x = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]) if feats.ndim == 4 else feats
+        if x.shape[0] > max_points:
+            x = x[torch.linspace(0, x.shape[0] - 1, max_points).long()]
+        z = F.normalize(self.mlp(x), dim=-1)
+        n = z.shape[0]
+        if n < 2:
+            return float("nan")
+        sim = z @ z.t()
+        return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
 
 
 def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

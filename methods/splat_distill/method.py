@@ -31,7 +31,7 @@ def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
     loop = TrainLoop(Path(workdir) / "checkpoints", int(o.steps), opt,
                      {"student": distiller.student, "ema": distiller.ema, "sampler": sampler},
                      scheduler=sched, ckpt_every=int(m.ckpt_every), keep_last=int(m.keep_last),
-                     grad_clip=o.get("grad_clip"), progress=bool(m.progress), desc="splat_distill",
+                     grad_clip=o.get("grad_clip") or None, progress=bool(m.progress), desc="splat_distill",
                      log_every=int(m.log_every))
     batch = int(o.batch_size)
 
@@ -43,6 +43,14 @@ def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
         return distiller.loss(examples)
 
     return distiller, data, sampler, loop, step_fn
+
+
+def distiller_size(m, data):
+    """``(H, W)`` of the training views."""
+    if m.data.get("size") is not None:
+        return [int(s) for s in m.data.size]
+    v = data.load_views(data.scene_ids[0], [0])
+    return list(v["images"].shape[-2:])
 
 
 @METHODS.register("splat_distill", "Splat-and-Distill: EMA teacher features lifted onto feed-forward Gaussians, "
@@ -58,11 +66,33 @@ class SplatDistill:
     trains = True
 
     def fit(self, backbone, cfg: DictConfig, workdir: Path, stop_after: Optional[int] = None):
+        from .diagnostics import Diagnostics
+
         device = start_run(cfg)
         workdir = Path(workdir)
         distiller, data, _, loop, step_fn = build_training(backbone, cfg, workdir, device)
-        log.info("splat_distill: %d scenes, %d steps x batch %d, %s, device %s", len(data.scene_ids),
-                 loop.total_steps, int(cfg.method.optim.batch_size), cfg.method.reconstructor.name, device)
-        history = loop.run(step_fn, after_step=distiller.update_teacher, stop_after=stop_after)
+        H, W = (int(x) for x in distiller_size(cfg.method, data))
+        grid = distiller.student_grid(H, W)
+        log.info("splat_distill: %d scenes, %d steps x batch %d, %s, device %s, %dx%d views -> student grid %dx%d",
+                 len(data.scene_ids), loop.total_steps, int(cfg.method.optim.batch_size),
+                 cfg.method.reconstructor.name, device, H, W, *grid)
+        diag = Diagnostics(cfg.method, (H, W), cfg.paths.data_dir, device)
+        diag.start(distiller.backbone, distiller.initial_weights)
+        log_every = max(int(cfg.method.get("log_every", 10)), 1)
+
+        def logged_step(step: int):
+            loss, extra = step_fn(step)
+            if (step + 1) % log_every == 0 or step == 0:
+                log.info("splat_distill step %d/%d: ce %.5f %s", step + 1, loop.total_steps, float(loss.detach()),
+                         " ".join(f"{k} {v:.4g}" for k, v in extra.items()))
+            return loss, extra
+
+        history = loop.run(logged_step, after_step=distiller.update_teacher, stop_after=stop_after)
         write_json(workdir / "history.json", history)
-        return distiller.finish(str(cfg.method.get("export", "student")))
+        out = distiller.finish(str(cfg.method.get("export", "student")))
+        sd = out.model.state_dict()
+        result = diag.finish(out, {k: sd[k] for k in distiller.initial_weights}, history)
+        result["student_grid"] = list(grid)
+        self.train_info = {"diagnostics": result}
+        write_json(workdir / "diagnostics.json", result)
+        return out
