@@ -105,6 +105,15 @@ def _unique_dir(path: Path) -> Path:
     return out
 
 
+def _protocol_summary(cfg: DictConfig) -> Dict[str, Any]:
+    """Protocol name, version and active deviations (tasks.protocol_record); {} for protocol-less tasks."""
+    if "protocols" not in cfg.task:
+        return {}
+    from tasks.protocol_record import protocol_summary
+
+    return protocol_summary(cfg)
+
+
 def run_cell(cfg: DictConfig) -> Dict[str, Any]:
     """Run one (method, backbone, task) cell and write its record. Returns the record."""
     t_start = time.time()
@@ -140,7 +149,7 @@ def run_cell(cfg: DictConfig) -> Dict[str, Any]:
         "backbone": cfg.backbone.name,
         "task": cfg.task.name,
         "dataset": str(cfg.task.get("dataset", {}).get("name", cfg.task.name)),
-        "protocol": {"name": protocol.get("name", "default"), **protocol},
+        "protocol": {"name": protocol.get("name", "default"), **protocol, **_protocol_summary(cfg)},
         "seed": seed,
         "metrics": metrics,
         "report": list(cfg.task.get("report", sorted(metrics))),
