@@ -36,7 +36,7 @@ def _bb(name="tiny_vit", **kw):
 
 # -- item 1: no final LayerNorm for linear depth and SnD linear normals ------------------------------
 def test_linear_depth_and_normals_read_the_last_block_without_final_norm():
-    for task in ("nyu_depth", "kitti_depth", "scannetpp_depth", "nyu_normals", "synth_depth", "synth_normals"):
+    for task in ("nyu_depth", "nyu_normals", "synth_normals"):
         f = _proto(f"task={task}")["features"]
         assert f["layers"] == "last" and f["norm"] is False, task
     assert _proto("task=nyu_depth")["features"]["cls"] is True      # with_cls_token / output_cls_token

@@ -317,8 +317,9 @@ def test_runner_records_the_protocol_and_honours_concat_original(synth_env, tmp_
     rec = run_cell(cfg)
     assert rec["protocol"]["name"] == "probe3d" and rec["protocol"]["concat_original"] is True
     assert rec["protocol"]["head"]["type"] == "dpt" and "si_rmse" in rec["metrics"]
-    # the probe saw [original, fine-tuned] features: twice tiny_cnn's 112 channels, plus the CLS stand-in
+    assert rec["protocol"]["version"] == 2 and "schedule_length" in rec["protocol"]["deviations"]
+    # the probe saw [original, fine-tuned, original CLS stand-in] features (FiT3D: 3C): 3 x tiny_cnn's 112
     from safetensors.torch import load_file
 
     probe = load_file(str(Path(rec["run_dir"]) / "task" / "probe.safetensors"))
-    assert probe["head.proj.0.weight"].shape[1] == 2 * 2 * 112
+    assert probe["head.proj.0.weight"].shape[1] == 3 * 112
