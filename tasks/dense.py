@@ -122,7 +122,9 @@ class DenseTask:
 
         spec = FeatureSpec.from_config(proto.get("features", {}), backbone)
         keys = ("image", self.label, *self.extra)
-        train_cfg, test_cfg = proto.get("train", {}) or {}, proto.get("test", {}) or {}
+        train_cfg, test_cfg = dict(proto.get("train", {}) or {}), proto.get("test", {}) or {}
+        if train_cfg.get("cat_max_ratio") and (task.get("dataset") or {}).get("reduce_zero_label"):
+            train_cfg["cat_ignore_zero"] = True  # mmseg reduces the zero label before RandomCrop
         train = Transformed(open_split(cfg.task.dataset, "train"), train_cfg, True, keys)
         test = Transformed(open_split(cfg.task.dataset, "test"), test_cfg, False, keys)
 

@@ -13,6 +13,8 @@ Keys of a split's node (``task.protocol.train`` / ``task.protocol.test``)::
     color_aug: {p: 0.5, gamma: [0.9, 1.1], brightness: [0.75, 1.25], color: [0.9, 1.1]}
     color_jitter: {p: 0.8, brightness: 0.2, contrast: 0.2, saturation: 0.2, hue: 0.2}
     resized_crop: {p: 0.5, scale: [0.5, 1.0], ratio: [1.0, 1.0]}   # nearest, back to the input size
+    cat_max_ratio: 0.75   # random crop re-drawn (up to 10 times) while one class covers >= 75 % of it
+    photometric: true     # mmseg PhotoMetricDistortion (brightness 32, contrast/saturation 0.5-1.5, hue 18)
 
 Training order: crop_box -> rotate -> resize -> crop -> flip -> color_aug -> color_jitter ->
 resized_crop, applied to image and labels (labels with nearest neighbour; colour to the image only).
@@ -25,6 +27,7 @@ computed at the label resolution, predictions are resized to it (mmseg / Probe3D
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -107,7 +110,51 @@ def canonical(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-RANDOM_KEYS = ("hflip", "scale_range", "rotate", "color_aug", "color_jitter", "resized_crop")
+RANDOM_KEYS = ("hflip", "scale_range", "rotate", "color_aug", "color_jitter", "resized_crop", "photometric")
+
+
+def _crop_ok(semantic: torch.Tensor, ratio: float, ignore: Sequence[int]) -> bool:
+    """mmseg ``RandomCrop``: more than one labelled class and the largest below ``ratio`` of them."""
+    labels, cnt = torch.unique(semantic, return_counts=True)
+    keep = torch.ones_like(labels, dtype=torch.bool)
+    for i in ignore:
+        keep &= labels != i
+    cnt = cnt[keep]
+    return len(cnt) > 1 and float(cnt.max()) / float(cnt.sum()) < ratio
+
+
+def photometric(image: torch.Tensor, gen: Optional[torch.Generator] = None) -> torch.Tensor:
+    """mmseg ``PhotoMetricDistortion`` on a [0,1] RGB image, on its 0-255 values with uint8 truncation
+    after every step (``convert``): brightness +-32 (p .5); contrast x 0.5-1.5 (p .5), first or last
+    (p .5 each); saturation x 0.5-1.5 (p .5) and hue +-18 of 180 (p .5) in HSV."""
+    import kornia.color as KC
+
+    r = lambda: float(torch.rand((), generator=gen))  # noqa: E731
+    coin = lambda: r() < 0.5  # noqa: E731
+    img = torch.floor((image * 255.0).clamp(0, 255) + 1e-4)
+    conv = lambda x, a=1.0, b=0.0: torch.floor((x * a + b).clamp(0, 255))  # noqa: E731
+
+    def contrast(x):
+        return conv(x, 0.5 + r()) if coin() else x
+
+    if coin():
+        img = conv(img, b=-32 + 64 * r())
+    mode = coin()
+    if mode:
+        img = contrast(img)
+    if coin():
+        hsv = KC.rgb_to_hsv(img / 255.0)
+        hsv = torch.stack([hsv[0], (torch.floor((hsv[1] * 255 * (0.5 + r())).clamp(0, 255)) / 255.0), hsv[2]])
+        img = torch.floor(KC.hsv_to_rgb(hsv).clamp(0, 1) * 255.0 + 1e-4)
+    if coin():
+        hsv = KC.rgb_to_hsv(img / 255.0)
+        h180 = torch.floor(hsv[0] / (2 * math.pi) * 180.0 + 1e-4)
+        d = int(torch.randint(-18, 18, (), generator=gen))  # numpy randint(-18, 18): high exclusive
+        hsv = torch.stack([torch.remainder(h180 + d, 180.0) / 180.0 * 2 * math.pi, hsv[1], hsv[2]])
+        img = torch.floor(KC.hsv_to_rgb(hsv).clamp(0, 1) * 255.0 + 1e-4)
+    if not mode:
+        img = contrast(img)
+    return img / 255.0
 
 
 def is_augmented(cfg: Mapping[str, Any]) -> bool:
@@ -170,11 +217,20 @@ def apply(sample: Dict[str, Any], cfg: Mapping[str, Any], train: bool,
             h, w = sample["image"].shape[-2:]
             if cfg.get("crop_mode", "random") == "random":
                 top, left = int(rand() * (max(h - ch, 0) + 1)), int(rand() * (max(w - cw, 0) + 1))
+                ratio = cfg.get("cat_max_ratio")
+                if ratio and float(ratio) < 1.0 and "semantic" in sample:
+                    ignore = [255] + ([0] if cfg.get("cat_ignore_zero") else [])
+                    for _ in range(10):
+                        if _crop_ok(crop(sample, top, left, ch, cw)["semantic"], float(ratio), ignore):
+                            break
+                        top, left = int(rand() * (max(h - ch, 0) + 1)), int(rand() * (max(w - cw, 0) + 1))
             else:
                 top, left = (h - ch) // 2, (w - cw) // 2
             sample = crop(sample, top, left, ch, cw)
         if cfg.get("hflip") and rand() < 0.5:
             sample = hflip(sample)
+        if cfg.get("photometric"):
+            sample = dict(sample, image=photometric(sample["image"], gen))
         ca = cfg.get("color_aug")
         if ca and rand() < float(ca.get("p", 0.5)):
             g, b, c = ca.get("gamma", [0.9, 1.1]), ca.get("brightness", [0.9, 1.1]), ca.get("color", [0.9, 1.1])

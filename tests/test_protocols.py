@@ -270,3 +270,28 @@ def test_records_carry_name_version_and_active_deviations():
     lines = list_protocols()
     assert any(line.startswith("linear") and "depth" in line and "v2" in line for line in lines)
     assert any(line.startswith("probe3d") and "normals" in line for line in lines)
+
+
+def test_linear_seg_crop_cat_max_ratio_and_photometric_distortion():
+    tr = _proto("task=nyu_seg")["train"]
+    assert tr["cat_max_ratio"] == 0.75 and tr["photometric"] is True and T.is_augmented(tr)
+    assert not T.is_augmented(_proto("task=synth_seg")["train"])   # the synthetic run stays cached
+    # a 4x8 label map: left half one class, right half mixed: only crops of the right half pass 0.75
+    sem = torch.zeros(4, 8, dtype=torch.long)
+    sem[:, 4:] = torch.tensor([[1, 2, 1, 2]] * 4)
+    assert not T._crop_ok(sem[:, :4], 0.75, [255]) and T._crop_ok(sem[:, 4:], 0.75, [255])
+    assert not T._crop_ok(torch.tensor([[0, 0, 1, 255]]), 0.75, [255, 0])  # one labelled class left
+    hits = 0
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        out = T.apply({"image": torch.rand(3, 4, 8), "semantic": sem.clone()},
+                      {"crop": [4, 4], "crop_mode": "random", "cat_max_ratio": 0.75}, train=True, gen=g)
+        hits += T._crop_ok(out["semantic"], 0.75, [255])
+    assert hits == 20    # 3 of the 5 offsets pass; 11 draws all failing (0.4^11) does not happen for these seeds
+    # photometric distortion keeps the image in [0, 1], on the 1/255 grid, and changes it
+    g = torch.Generator().manual_seed(3)
+    img = torch.rand(3, 6, 6)
+    outs = [T.photometric(img, g) for _ in range(8)]
+    assert all(float(o.min()) >= 0 and float(o.max()) <= 1 for o in outs)
+    assert all(torch.allclose(o * 255, (o * 255).round(), atol=1e-3) for o in outs)
+    assert any((o - img).abs().max() > 0.02 for o in outs)
