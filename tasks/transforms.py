@@ -7,6 +7,7 @@ Keys of a split's node (``task.protocol.train`` / ``task.protocol.test``)::
     scale_range: [0.5, 2] # train only: random factor on top of the resize (mmseg RandomResize)
     crop: [H, W]          # crop (padded when larger: image 0, depth 0, normals 0, semantic 255)
     crop_mode: random     # random | center
+    image_pad: [0.485, 0.456, 0.406]   # train only: crop padding of the image (default 0 = black)
     hflip: true           # train only: random horizontal flip (normals' x component negated)
     crop_box: [45, 472, 43, 608]   # train only, first: fixed crop rows 45:472, cols 43:608 (NYUCrop)
     rotate: {degree: 2.5, p: 0.5}  # train only: RandomRotate (image bilinear, labels nearest, pad 0)
@@ -16,8 +17,8 @@ Keys of a split's node (``task.protocol.train`` / ``task.protocol.test``)::
     cat_max_ratio: 0.75   # random crop re-drawn (up to 10 times) while one class covers >= 75 % of it
     photometric: true     # mmseg PhotoMetricDistortion (brightness 32, contrast/saturation 0.5-1.5, hue 18)
 
-Training order: crop_box -> rotate -> resize -> crop -> flip -> color_aug -> color_jitter ->
-resized_crop, applied to image and labels (labels with nearest neighbour; colour to the image only).
+Training order: crop_box -> rotate -> resize -> photometric -> crop -> flip -> color_aug ->
+color_jitter -> resized_crop, applied to image and labels (labels with nearest neighbour; colour to the image only).
 Anchors: depth toolbox ``NYUCrop``/``RandomRotate``/``ColorAug`` (FiT3D/SnD
 ``evaluation/depth/datasets/pipelines/transforms.py``, NYU/KITTI/ScanNet++ depth configs); ``ColorAug``
 works on 0-255 pixels: ``clip((255 x)^gamma * brightness * colour_c, 0, 255)``. Probe3D
@@ -75,8 +76,13 @@ def resize(sample: Dict[str, Any], size: Tuple[int, int], labels: bool = True) -
     return out
 
 
-def crop(sample: Dict[str, Any], top: int, left: int, h: int, w: int) -> Dict[str, Any]:
-    """Crop a window (top/left may be negative; outside the image is padded)."""
+def crop(sample: Dict[str, Any], top: int, left: int, h: int, w: int,
+         image_pad: Optional[Sequence[float]] = None) -> Dict[str, Any]:
+    """Crop a window (top/left may be negative; outside the image is padded).
+
+    ``image_pad``: per-channel image fill in [0,1] (the normalisation mean = mmseg's ``Pad`` with 0
+    after ``Normalize``); default 0 (black).
+    """
     out = dict(sample)
     for k, fill in PAD.items():
         if k not in out:
@@ -85,7 +91,9 @@ def crop(sample: Dict[str, Any], top: int, left: int, h: int, w: int) -> Dict[st
         H, W = x.shape[-2:]
         pt, pl = max(-top, 0), max(-left, 0)
         pb, pr = max(top + h - H, 0), max(left + w - W, 0)
-        if pt or pl or pb or pr:
+        if (pt or pl or pb or pr) and k == "image" and image_pad is not None:
+            x = torch.stack([F.pad(c, (pl, pr, pt, pb), value=float(v)) for c, v in zip(x, image_pad)])
+        elif pt or pl or pb or pr:
             x = F.pad(x[None] if x.ndim == 2 else x, (pl, pr, pt, pb), value=fill)
             x = x[0] if out[k].ndim == 2 else x
         out[k] = x[..., top + pt:top + pt + h, left + pl:left + pl + w]
@@ -212,6 +220,8 @@ def apply(sample: Dict[str, Any], cfg: Mapping[str, Any], train: bool,
             lo, hi = (float(v) for v in cfg["scale_range"])
             scale = lo + (hi - lo) * rand()
         sample = resize(sample, target_size(H, W, cfg, scale))
+        if cfg.get("photometric"):  # per-pixel: before the crop's padding, as mmseg pads after it
+            sample = dict(sample, image=photometric(sample["image"], gen))
         if cfg.get("crop"):
             ch, cw = (int(v) for v in cfg["crop"])
             h, w = sample["image"].shape[-2:]
@@ -226,11 +236,9 @@ def apply(sample: Dict[str, Any], cfg: Mapping[str, Any], train: bool,
                         top, left = int(rand() * (max(h - ch, 0) + 1)), int(rand() * (max(w - cw, 0) + 1))
             else:
                 top, left = (h - ch) // 2, (w - cw) // 2
-            sample = crop(sample, top, left, ch, cw)
+            sample = crop(sample, top, left, ch, cw, cfg.get("image_pad"))
         if cfg.get("hflip") and rand() < 0.5:
             sample = hflip(sample)
-        if cfg.get("photometric"):
-            sample = dict(sample, image=photometric(sample["image"], gen))
         ca = cfg.get("color_aug")
         if ca and rand() < float(ca.get("p", 0.5)):
             g, b, c = ca.get("gamma", [0.9, 1.1]), ca.get("brightness", [0.9, 1.1]), ca.get("color", [0.9, 1.1])

@@ -295,3 +295,12 @@ def test_linear_seg_crop_cat_max_ratio_and_photometric_distortion():
     assert all(float(o.min()) >= 0 and float(o.max()) <= 1 for o in outs)
     assert all(torch.allclose(o * 255, (o * 255).round(), atol=1e-3) for o in outs)
     assert any((o - img).abs().max() > 0.02 for o in outs)
+
+
+def test_seg_crop_pads_with_the_mean_colour_zero_after_normalisation():
+    tr = _proto("task=nyu_seg")["train"]
+    s = {"image": torch.rand(3, 2, 3), "semantic": torch.ones(2, 3, dtype=torch.long)}
+    out = T.crop(s, 0, 0, 4, 4, tr["image_pad"])
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1)
+    assert torch.allclose(out["image"][:, 3, :], mean.expand(3, 4)) and out["semantic"][3].tolist() == [255] * 4
+    assert torch.equal(out["image"][:, :2, :3], s["image"])
