@@ -4,7 +4,8 @@ Each protocol node (``bench/conf/task/_protocols/*.yaml``, merged with the task'
 ``name``, ``version`` and ``deviations``: a mapping ``id -> {key, anchor, why}`` where ``key`` is a
 dotted path inside the protocol node and ``anchor`` the value the anchor's code uses. A deviation is
 **active** when the composed value at ``key`` differs from ``anchor`` (no-op entries such as
-``false``/``null``/``{}`` compare equal to absent ones). docs/PROTOCOLS.md lists them with the switch
+``false``/``null``/``{}`` compare equal to absent ones). ``anchor_by_variant`` gives the anchor's
+value under a named schedule variant (``schedule_variant``). docs/PROTOCOLS.md lists them with the switch
 that restores the anchor's behaviour (setting ``key`` to ``anchor``).
 """
 from __future__ import annotations
@@ -42,8 +43,12 @@ def active_deviations(proto: Mapping[str, Any]) -> List[Dict[str, Any]]:
         if not isinstance(d, Mapping) or "key" not in d:
             continue
         value = _get(proto, str(d["key"]))
-        if _canon(value) != _canon(d.get("anchor")):
-            out.append({"id": name, "key": str(d["key"]), "value": value, "anchor": d.get("anchor"),
+        anchor = d.get("anchor")
+        variant = proto.get("schedule_variant")
+        if variant and variant in (d.get("anchor_by_variant") or {}):  # e.g. SnD's 307,200 iterations
+            anchor = d["anchor_by_variant"][variant]
+        if _canon(value) != _canon(anchor):
+            out.append({"id": name, "key": str(d["key"]), "value": value, "anchor": anchor,
                         "why": d.get("why", "")})
     return out
 

@@ -221,6 +221,9 @@ def test_snd_single_gpu_schedule_variant():
     s = _proto("task=nyu_seg", "task.protocols.linear.schedule_variant=snd_1gpu")["schedule"]
     assert (s["iters"], s["batch_size"], s["warmup_iters"]) == (320000, 2, 1500)
     assert _proto("task=nyu_depth")["schedule"]["iters"] == 38400     # the FiT3D 8-GPU schedule stays
+    from tasks.protocol_record import protocol_summary
+
+    assert protocol_summary(compose(["task=nyu_depth", "task.protocols.linear.schedule_variant=snd_1gpu"]))["deviations"] == []
     from bench.errors import UnknownNameError
 
     with pytest.raises(UnknownNameError):
