@@ -84,6 +84,11 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"  {e.name:<22} {e.description}")
     for group in ("experiment", "cluster"):
         print(f"{group} recipes: {', '.join(group_options(group))}")
+    from tasks.protocol_record import list_protocols
+
+    print("protocols (protocol=NAME; rules and deviations: docs/PROTOCOLS.md):")
+    for line in list_protocols():
+        print(f"  {line}")
     return 0
 
 

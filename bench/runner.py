@@ -242,6 +242,15 @@ def run_log(run_dir: Path) -> Iterator[None]:
         handler.close()
 
 
+def _protocol_summary(cfg: DictConfig) -> Dict[str, Any]:
+    """Protocol name, version and active deviations (tasks.protocol_record); {} for protocol-less tasks."""
+    if "protocols" not in cfg.task:
+        return {}
+    from tasks.protocol_record import protocol_summary
+
+    return protocol_summary(cfg)
+
+
 def run_cell(cfg: DictConfig) -> Dict[str, Any]:
     """Run one (method, backbone, task) cell and write its record. Returns the record."""
     t_start = time.time()
@@ -292,7 +301,7 @@ def _run_cell(cfg, method, task, identity, device, run_dir: Path, t_start: float
         "backbone": cfg.backbone.name,
         "task": cfg.task.name,
         "dataset": str(cfg.task.get("dataset", {}).get("name", cfg.task.name)),
-        "protocol": {"name": protocol.get("name", "default"), **protocol},
+        "protocol": {"name": protocol.get("name", "default"), **protocol, **_protocol_summary(cfg)},
         "seed": seed,
         "identity": identity,
         "metrics": metrics,

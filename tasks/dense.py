@@ -60,6 +60,12 @@ def resolve_protocol(cfg: DictConfig) -> Dict[str, Any]:
         raise UnknownNameError("protocol", str(cfg.get("protocol")), valid) from None
     if not isinstance(proto, dict):
         raise BenchError(f"task '{task.name}' has no protocol node", "set task.protocol (see bench/conf/task/)")
+    variant = proto.get("schedule_variant")
+    if variant:  # a named schedule variant is merged over the protocol's schedule
+        named = dict(proto.get("schedules") or {})
+        if variant not in named:
+            raise UnknownNameError("schedule variant", str(variant), list(named))
+        proto["schedule"] = {**dict(proto.get("schedule") or {}), **dict(named[variant])}
     return proto
 
 
@@ -69,6 +75,7 @@ class DenseTask:
 
     kind = ""    # "depth" | "normals" | "seg"
     label = ""   # sample key of the target
+    extra = ()   # further sample keys the loss / metrics read (normals: the raw depth for the valid mask)
 
     # -- hooks ----------------------------------------------------------------------------------------
     def probe_kwargs(self, task: Mapping[str, Any], proto: Mapping[str, Any]) -> Dict[str, Any]:
@@ -77,14 +84,18 @@ class DenseTask:
     def prepare_target(self, target: torch.Tensor, task: Mapping[str, Any]) -> torch.Tensor:
         return target
 
-    def loss(self, out: Dict[str, torch.Tensor], target: torch.Tensor, proto: Mapping[str, Any]) -> torch.Tensor:
+    def start(self, task: Mapping[str, Any], proto: Mapping[str, Any]) -> None:
+        """Called once before probe training (stateful losses, e.g. SigLoss's warm-up counter)."""
+
+    def loss(self, out: Dict[str, torch.Tensor], target: torch.Tensor, proto: Mapping[str, Any],
+             batch: Mapping[str, Any] | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def new_meters(self, task: Mapping[str, Any], proto: Mapping[str, Any]) -> List[Any]:
         raise NotImplementedError
 
     def update_meters(self, meters: List[Any], out: Dict[str, torch.Tensor], target: torch.Tensor,
-                      proto: Mapping[str, Any]) -> None:
+                      proto: Mapping[str, Any], batch: Mapping[str, Any] | None = None) -> None:
         raise NotImplementedError
 
     # -- runner seam ------------------------------------------------------------------------------------
@@ -106,8 +117,10 @@ class DenseTask:
         backbone.eval()
 
         spec = FeatureSpec.from_config(proto.get("features", {}), backbone)
-        keys = ("image", self.label)
-        train_cfg, test_cfg = proto.get("train", {}) or {}, proto.get("test", {}) or {}
+        keys = ("image", self.label, *self.extra)
+        train_cfg, test_cfg = dict(proto.get("train", {}) or {}), proto.get("test", {}) or {}
+        if train_cfg.get("cat_max_ratio") and (task.get("dataset") or {}).get("reduce_zero_label"):
+            train_cfg["cat_ignore_zero"] = True  # mmseg reduces the zero label before RandomCrop
         train = Transformed(open_split(cfg.task.dataset, "train"), train_cfg, True, keys)
         test = Transformed(open_split(cfg.task.dataset, "test"), test_cfg, False, keys)
 
@@ -123,7 +136,7 @@ class DenseTask:
                                  dataset_identity(cfg.task.dataset, "train"),
                                  str(fcfg.get("cache_dtype", "float32")))
             cache.fill(backbone, train, batch_size=int(fcfg.get("batch_size", 8)), device=str(device), progress=progress)
-            data = CachedFeatures(cache, train, (self.label,))
+            data = CachedFeatures(cache, train, (self.label, *self.extra))
             get_feats = lambda b: [f.to(device) for f in assemble(b["features"])]  # noqa: E731
         else:
             data = train
@@ -131,7 +144,10 @@ class DenseTask:
 
         def step_loss(batch):
             target = self.prepare_target(batch[self.label], task).to(device)
-            return self.loss(probe(get_feats(batch), tuple(target.shape[-2:])), target, proto)
+            extra = {k: batch[k].to(device) for k in self.extra}
+            return self.loss(probe(get_feats(batch), tuple(target.shape[-2:])), target, proto, extra)
+
+        self.start(task, proto)
 
         t1 = time.time()
         info = train_probe(probe, data, step_loss, proto.get("schedule", {}), seed=seed, num_workers=workers,
@@ -149,6 +165,12 @@ class DenseTask:
             "seconds": {"prepare": round(t1 - t0, 3), "train": round(t2 - t1, 3), "test": round(t3 - t2, 3)}})
         log.info("%s: %s", task["name"], json.dumps({k: round(v, 4) for k, v in metrics.items()}))
         return metrics
+
+    def flip_average(self, out: Dict[str, torch.Tensor], flipped: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Test-time horizontal flip (mmseg ``MultiScaleFlipAug(flip=True)``): the prediction of the
+        flipped image is flipped back and averaged with the plain one (depth ``aug_test``)."""
+        raise BenchError(f"test-time flip averaging is implemented for depth, not {self.kind}",
+                         "remove task.protocol.test.flip")
 
     @torch.no_grad()
     def test(self, backbone, probe, test, spec: FeatureSpec, task, proto, device, progress: bool = True,
@@ -171,7 +193,9 @@ class DenseTask:
                 out = {"logits": torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)}
             else:
                 out = probe(features(backbone, img, spec), size)
-            self.update_meters(meters, out, target, proto)
+                if tcfg.get("flip"):
+                    out = self.flip_average(out, probe(features(backbone, img.flip(-1), spec), size))
+            self.update_meters(meters, out, target, proto, {k: batch[k].to(device) for k in self.extra})
         result: Dict[str, float] = {}
         for m in meters:
             result.update(m.result())

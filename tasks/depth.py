@@ -1,8 +1,11 @@
 """Monocular depth: binned-depth probe, SigLoss + gradient loss, linear-protocol and Probe3D metrics.
 
 Protocol keys used here: ``depth`` (bins, min_depth, max_depth, norm: the head's bin layout),
-``loss`` (sig_weight, grad_weight, grad_scales, max_depth: training labels beyond it are invalid),
-``eval`` (min_depth, max_depth, crop: eigen | garg | kitti_eigen | null, metrics: a list of
+``loss`` (sig_weight, grad_weight, grad_scales, grad_reduction: image | batch, max_depth: training
+labels beyond it are invalid (null: only gt > 0, mmseg SigLoss), sig_variance: unbiased | biased,
+warm_up / warm_iter: mmseg SigLoss warm-up), ``test.flip`` (average with the flipped image),
+``eval`` (min_depth, max_depth, strict_max: gt < max_depth (mmseg depth toolbox ``eval_mask``) instead
+of <=, crop: eigen | garg | kitti_eigen | null, metrics: a list of
 ``standard`` (a1-a3, abs_rel, sq_rel, rmse, rmse_log, log10, silog) and ``scale_invariant``
 (Probe3D's per-image scale-and-shift aligned ``si_a1``-``si_a3`` and ``si_rmse``; Probe3D's
 scale-aware d1-d3 / rmse are ``a1``-``a3`` / ``rmse``)).
@@ -15,7 +18,7 @@ from typing import Any, List
 from bench.registry import TASKS
 
 from .dense import DenseTask
-from .losses import depth_loss
+from .losses import SigLoss, depth_loss
 from .metrics import MeanMeter, depth_metrics, depth_valid, probe3d_depth_metrics
 
 METRIC_SETS = ("standard", "scale_invariant")
@@ -27,11 +30,21 @@ class DepthTask(DenseTask):
     def probe_kwargs(self, task, proto):
         return {"depth_cfg": proto.get("depth", {})}
 
-    def loss(self, out, target, proto):
+    def start(self, task, proto):
+        lc = proto.get("loss", {}) or {}
+        self._sig = SigLoss(bool(lc.get("warm_up", False)), int(lc.get("warm_iter", 100)),
+                            str(lc.get("sig_variance", "biased")))
+
+    def loss(self, out, target, proto, batch=None):
         lc = proto.get("loss", {}) or {}
         valid = depth_valid(target, max_depth=lc.get("max_depth"))
+        sig = getattr(self, "_sig", None) or SigLoss(False, 0, str(lc.get("sig_variance", "biased")))
         return depth_loss(out["depth"], target, valid, float(lc.get("sig_weight", 1.0)),
-                          float(lc.get("grad_weight", 0.5)), tuple(lc.get("grad_scales", (1,))))
+                          float(lc.get("grad_weight", 0.5)), tuple(lc.get("grad_scales", (1,))),
+                          str(lc.get("grad_reduction", "image")), sig=sig)
+
+    def flip_average(self, out, flipped):
+        return {"depth": 0.5 * (out["depth"] + flipped["depth"].flip(-1))}
 
     def new_meters(self, task, proto) -> List[Any]:
         sets = list((proto.get("eval", {}) or {}).get("metrics", ["standard"]))
@@ -42,10 +55,10 @@ class DepthTask(DenseTask):
             raise UnknownNameError("depth metric set", bad[0], METRIC_SETS)
         return [MeanMeter(""), MeanMeter("si_")] if "scale_invariant" in sets else [MeanMeter("")]
 
-    def update_meters(self, meters, out, target, proto) -> None:
+    def update_meters(self, meters, out, target, proto, batch=None) -> None:
         ec = proto.get("eval", {}) or {}
         valid = depth_valid(target, max_depth=ec.get("max_depth"), min_depth=float(ec.get("min_depth", 0.0) or 0.0),
-                            crop=ec.get("crop"))
+                            crop=ec.get("crop"), strict_max=bool(ec.get("strict_max", False)))
         pred = out["depth"]
         meters[0].update(depth_metrics(pred, target, valid))
         if len(meters) > 1:

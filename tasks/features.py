@@ -2,8 +2,15 @@
 
 :class:`FeatureSpec` says which features a probe reads: block indices (``last``, ``quartiles``,
 ``default`` = the backbone config's ``layers``, or an explicit list), whether the final norm is
-applied, and whether the CLS token (for a backbone without one: the global average of the map,
-as ``layers(return_cls=True)`` returns) is concatenated to every position ("dense-cls").
+applied, whether the CLS token (for a backbone without one: the global average of the map,
+as ``layers(return_cls=True)`` returns) is concatenated to every position ("dense-cls"), and the
+protocol's input rules: ``pad`` (how images reach the patch multiple: ``center`` zero padding
+after normalisation, see :func:`bench.backbones.base.pad_2d`; null = the backbone's own
+``resize``) and ``pos_embed`` (``timm`` | ``hub`` | null, see :func:`bench.backbones.base.input_rules`).
+
+For a :class:`bench.backbones.ConcatBackbone` (FiT3D's evaluation) the CLS part is the
+**original** backbone's CLS only: FiT3D ``linear_evaluate_fit3d.py`` returns
+``(cat[original patch, fine-tuned patch], original CLS)``, so the probe sees 3C channels.
 
 :class:`FeatureCache` stores per-sample features of a split under
 ``<cache_dir>/features/<key>/`` where ``key`` hashes the backbone name and a hash of its weights,
@@ -38,6 +45,8 @@ class FeatureSpec:
     layers: tuple
     norm: bool = True
     cls: bool = False
+    pad: Optional[str] = None
+    pos_embed: Optional[str] = None
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], backbone) -> "FeatureSpec":
@@ -50,12 +59,16 @@ class FeatureSpec:
             idx = list(getattr(backbone, "default_layers", [backbone.num_blocks - 1]))
         else:
             idx = [int(i) % backbone.num_blocks for i in layers]
-        return cls(tuple(idx), bool(cfg.get("norm", True)), bool(cfg.get("cls", False)))
+        pad, pos = cfg.get("pad"), cfg.get("pos_embed")
+        return cls(tuple(idx), bool(cfg.get("norm", True)), bool(cfg.get("cls", False)),
+                   None if pad is None else str(pad), None if pos is None else str(pos))
 
 
 def raw_features(backbone, images: torch.Tensor, spec: FeatureSpec) -> List[List[torch.Tensor]]:
     """``[[map, cls], ...]`` per layer (``[map]`` without CLS), computed without gradients."""
-    with torch.no_grad():
+    from bench.backbones.base import input_rules
+
+    with torch.no_grad(), input_rules(backbone, spec.pad, spec.pos_embed):
         out = backbone.layers(images, list(spec.layers), norm=spec.norm, return_cls=spec.cls)
     return [list(o) if spec.cls else [o] for o in out]
 

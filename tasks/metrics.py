@@ -46,11 +46,15 @@ def crop_mask(height: int, width: int, crop: Optional[str], device=None) -> torc
 
 
 def depth_valid(gt: torch.Tensor, max_depth: Optional[float] = None, min_depth: float = 0.0,
-                crop: Optional[str] = None) -> torch.Tensor:
-    """Valid pixels of a [B,H,W] ground-truth depth batch: finite, > min_depth, <= max_depth, in crop."""
+                crop: Optional[str] = None, strict_max: bool = False) -> torch.Tensor:
+    """Valid pixels of a [B,H,W] ground-truth depth batch: finite, > min_depth, <= max_depth, in crop.
+
+    ``strict_max``: ``gt < max_depth`` (the depth toolbox ``eval_mask`` of FiT3D/SnD
+    ``evaluation/depth/datasets/nyu.py``, ``core/evaluation/metrics.py``).
+    """
     valid = torch.isfinite(gt) & (gt > min_depth)
     if max_depth is not None:
-        valid &= gt <= max_depth
+        valid &= (gt < max_depth) if strict_max else (gt <= max_depth)
     if crop not in (None, "none"):
         valid &= crop_mask(gt.shape[-2], gt.shape[-1], crop, gt.device)
     return valid
@@ -126,9 +130,19 @@ def angular_error_deg(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0)))
 
 
-def normals_valid(gt: torch.Tensor) -> torch.Tensor:
-    """Valid normals: finite and non-zero ([B,3,H,W] -> [B,H,W])."""
-    return torch.isfinite(gt).all(dim=1) & (gt.abs().sum(dim=1) > 0)
+def normals_valid(gt: torch.Tensor, depth: Optional[torch.Tensor] = None,
+                  max_depth: Optional[float] = None) -> torch.Tensor:
+    """Valid normals: finite and non-zero ([B,3,H,W] -> [B,H,W]); with ``depth`` ([B,H,W] raw metres,
+    0 = missing) also ``depth > 0`` and ``depth <= max_depth``: Probe3D ``train_snorm.py`` and SnD
+    ``evaluation2/train_snorm.py`` use ``mask = depth > 0`` after the dataset zeroed depth > 10 m
+    (``evals/datasets/nyu.py``: ``depth[depth > self.max_depth] = 0``)."""
+    valid = torch.isfinite(gt).all(dim=1) & (gt.abs().sum(dim=1) > 0)
+    if depth is not None:
+        d = depth[:, 0] if depth.ndim == 4 else depth
+        valid &= torch.isfinite(d) & (d > 0)
+        if max_depth is not None:
+            valid &= d <= max_depth
+    return valid
 
 
 def normals_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: Optional[torch.Tensor] = None,

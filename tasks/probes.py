@@ -8,15 +8,22 @@ Heads map a list of feature maps ``[B,C_i,h,w]`` (same ``h,w``) to ``[B,K,H',W']
   protocol) is computed as conv-then-upsample: identical output, 16x cheaper.
 - :class:`DPTHead` -- Probe3D's DPT-like head: each of 4 maps projected to ``hidden`` channels
   (1x1), upsampled x2, fused deep-to-shallow with residual conv units, upsampled x4, two 3x3 convs,
-  upsampled x2 (x16 overall). All upsampling bilinear.
+  upsampled x2 (x16 overall). The internal upsampling follows Probe3D's code version
+  (``upsample_mode`` / ``align_corners``): ``nearest`` in the first commit ``1fff822`` of
+  ``evals/models/probes.py`` (the code of the paper's numbers), ``bilinear`` with
+  ``align_corners=True`` since ``fbe0cd2`` ("minor interpolation fix").
 
 Outputs (applied by :class:`DenseProbe` after the head):
 
 - depth: :class:`BinnedDepth` -- 256 uniform bins in [min_depth, max_depth], "linear"
   normalisation (``relu(x) + 0.1``, divided by the sum), depth = sum(bin centre x prob), computed at
-  the head's resolution then bilinearly resized to the label size;
-- normals: 4 channels bilinearly resized, ``xyz`` normalised to unit length, ``kappa = elu(k) + 1.01``;
-- segmentation: class logits bilinearly resized.
+  the head's resolution then resized to the label size;
+- normals: 4 channels resized, ``xyz`` normalised to unit length, ``kappa = elu(k) + 1.01``;
+- segmentation: class logits resized.
+
+The final resize to the label size is ``resize: {mode, align_corners}`` (default bilinear,
+``align_corners=False``: mmseg's ``resize``). Probe3D ``train_snorm.py`` resizes normals bicubic,
+``train_depth.py`` depth bilinear; ``align_corners=True`` since ``fbe0cd2``, False before.
 """
 from __future__ import annotations
 
@@ -29,10 +36,16 @@ from torch import nn
 from .losses import kappa_from_raw
 
 
-def _resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+def _resize(x: torch.Tensor, size: Tuple[int, int], mode: str = "bilinear", align_corners: bool = False) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    ac = align_corners if mode in ("bilinear", "bicubic") else None
+    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=ac)
+
+
+def _up(x: torch.Tensor, scale: int, mode: str = "bilinear", align_corners: bool = False) -> torch.Tensor:
+    ac = align_corners if mode in ("bilinear", "bicubic") else None
+    return F.interpolate(x, scale_factor=scale, mode=mode, align_corners=ac)
 
 
 def _same_size(feats: Sequence[torch.Tensor]) -> List[torch.Tensor]:
@@ -41,17 +54,18 @@ def _same_size(feats: Sequence[torch.Tensor]) -> List[torch.Tensor]:
 
 
 class LinearHead(nn.Module):
-    def __init__(self, in_dims: Sequence[int], out_dim: int, upsample: int = 1, batchnorm: bool = False):
+    def __init__(self, in_dims: Sequence[int], out_dim: int, upsample: int = 1, batchnorm: bool = False,
+                 align_corners: bool = False):
         super().__init__()
         c = int(sum(in_dims))
-        self.upsample = int(upsample)
+        self.upsample, self.align_corners = int(upsample), bool(align_corners)
         self.bn = nn.BatchNorm2d(c) if batchnorm else nn.Identity()
         self.conv = nn.Conv2d(c, out_dim, kernel_size=1)
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         x = self.conv(self.bn(torch.cat(_same_size(feats), dim=1)))
         if self.upsample != 1:
-            x = F.interpolate(x, scale_factor=self.upsample, mode="bilinear", align_corners=False)
+            x = _up(x, self.upsample, "bilinear", self.align_corners)
         return x
 
 
@@ -81,8 +95,10 @@ class FusionBlock(nn.Module):
 
 
 class DPTHead(nn.Module):
-    def __init__(self, in_dims: Sequence[int], out_dim: int, hidden: int = 512, kernel_size: int = 3):
+    def __init__(self, in_dims: Sequence[int], out_dim: int, hidden: int = 512, kernel_size: int = 3,
+                 upsample_mode: str = "bilinear", align_corners: bool = False):
         super().__init__()
+        self.upsample_mode, self.align_corners = str(upsample_mode), bool(align_corners)
         if len(in_dims) != 4:
             raise ValueError(f"the DPT head needs 4 feature maps, got {len(in_dims)}")
         self.proj = nn.ModuleList(nn.Conv2d(c, hidden, 1) for c in in_dims)
@@ -92,7 +108,7 @@ class DPTHead(nn.Module):
                                  nn.Conv2d(hidden, out_dim, 3, padding=1))
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        up = lambda x, s: F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)  # noqa: E731
+        up = lambda x, s: _up(x, s, self.upsample_mode, self.align_corners)  # noqa: E731
         xs = [up(p(f), 2) for p, f in zip(self.proj, _same_size(feats))]
         out = self.fuse[3](xs[3])
         for i in (2, 1, 0):
@@ -125,9 +141,11 @@ OUT_CHANNELS = {"normals": 4}
 def build_head(cfg: Mapping[str, Any], in_dims: Sequence[int], out_dim: int) -> nn.Module:
     kind = str(cfg.get("type", "linear"))
     if kind == "linear":
-        return LinearHead(in_dims, out_dim, int(cfg.get("upsample", 1)), bool(cfg.get("batchnorm", False)))
+        return LinearHead(in_dims, out_dim, int(cfg.get("upsample", 1)), bool(cfg.get("batchnorm", False)),
+                          bool(cfg.get("align_corners", False)))
     if kind == "dpt":
-        return DPTHead(in_dims, out_dim, int(cfg.get("hidden", 512)), int(cfg.get("kernel_size", 3)))
+        return DPTHead(in_dims, out_dim, int(cfg.get("hidden", 512)), int(cfg.get("kernel_size", 3)),
+                       str(cfg.get("upsample_mode", "bilinear")), bool(cfg.get("align_corners", False)))
     from bench.errors import UnknownNameError
 
     raise UnknownNameError("probe head", kind, ["linear", "dpt"])
@@ -158,12 +176,14 @@ class DenseProbe(nn.Module):
         else:
             raise ValueError(f"unknown dense task '{task}'")
         self.head = build_head(head_cfg, list(in_dims), out)
+        r = dict((head_cfg or {}).get("resize") or {})
+        self.resize_mode, self.resize_ac = str(r.get("mode", "bilinear")), bool(r.get("align_corners", False))
 
     def forward(self, feats: Sequence[torch.Tensor], size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
         x = self.head(list(feats))
         if self.task == "depth":
-            return {"depth": _resize(self.depth(x)[:, None], size)[:, 0]}
-        x = _resize(x, size)
+            return {"depth": _resize(self.depth(x)[:, None], size, self.resize_mode, self.resize_ac)[:, 0]}
+        x = _resize(x, size, self.resize_mode, self.resize_ac)
         if self.task == "normals":
             return {"normals": F.normalize(x[:, :3], dim=1, eps=1e-6), "kappa": kappa_from_raw(x[:, 3])}
         return {"logits": x}

@@ -25,13 +25,14 @@ class SegmentationTask(DenseTask):
     def prepare_target(self, target, task):
         return reduce_zero_label(target) if task["dataset"].get("reduce_zero_label") else target
 
-    def loss(self, out, target, proto):
-        return seg_loss(out["logits"], target)
+    def loss(self, out, target, proto, batch=None):
+        lc = proto.get("loss", {}) or {}
+        return seg_loss(out["logits"], target, avg_non_ignore=bool(lc.get("avg_non_ignore", False)))
 
     def new_meters(self, task, proto) -> List[Any]:
         return [SegMeter(int(task["dataset"]["num_classes"]))]
 
-    def update_meters(self, meters, out, target, proto) -> None:
+    def update_meters(self, meters, out, target, proto, batch=None) -> None:
         meters[0].update(out["logits"].argmax(dim=1), target)
 
 

@@ -11,8 +11,16 @@ Schedule config (``task.protocol.schedule``)::
     warmup_start: 0.01    # lr factor at step 0, rising linearly to 1
     min_factor: 0.01      # lr factor at the end of the decay
     power: 1.0            # poly exponent
+    shape: mmcv           # mmcv | sequential (how warm-up and decay combine; see below)
+    momentum: onecycle    # optional: mmcv OneCycle beta1 0.95 -> 0.85 (30 %) -> 0.95 (null: fixed betas)
+    grad_clip: 35         # optional: clip the global grad L2 norm (mmcv optimizer_config.grad_clip)
 
-After warm-up, with ``p`` the progress through the remaining steps, the lr factor is
+``shape: mmcv`` (FiT3D / SnD ``evaluation1``, the vendored mmcv ``runner/hooks/lr_updater.py``): the
+decay factor is computed over the **whole run**, ``p = step / total`` (cosine: ``annealing_cos`` to
+``min_factor``; poly: ``(1 - p)^power`` to ``min_factor``), and during warm-up it is multiplied by
+mmcv's linear warm-up factor ``1 - (1 - step / warmup) (1 - warmup_start)``.
+
+``shape: sequential`` (Probe3D ``evals/utils/optim.py``): after warm-up, with ``p`` the progress through the remaining steps, the lr factor is
 ``min + (1 - min) * c(p)`` with ``c = 0.5 (1 + cos(pi p))`` (cosine, mmcv ``CosineAnnealing``),
 ``cos(pi p / 2)`` (quarter_cosine: Probe3D's ``0.99 cos(0.5 pi p) + 0.01``), ``(1 - p)^power``
 (poly) or 1 (constant).
@@ -32,6 +40,7 @@ from tqdm.auto import tqdm
 from bench.errors import BenchError, NonFiniteLossError
 
 DECAYS = ("cosine", "quarter_cosine", "poly", "constant")
+SHAPES = ("sequential", "mmcv")
 
 
 def total_steps(sched: Mapping[str, Any], steps_per_epoch: int) -> int:
@@ -49,19 +58,43 @@ def warmup_steps(sched: Mapping[str, Any], steps_per_epoch: int) -> int:
     return int(round(float(sched.get("warmup", 0.0) or 0.0) * steps_per_epoch))
 
 
-def lr_factor(step: int, total: int, warmup: int, decay: str = "cosine", warmup_start: float = 0.01,
-              min_factor: float = 0.0, power: float = 1.0) -> float:
-    """The lr multiplier at ``step`` (0-based) of ``total`` steps (see the module docstring)."""
-    if decay not in DECAYS:
-        from bench.errors import UnknownNameError
-
-        raise UnknownNameError("lr decay", decay, DECAYS)
-    if warmup > 0 and step < warmup:
-        return warmup_start + (1.0 - warmup_start) * step / warmup
-    p = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
+def _decay(decay: str, p: float, min_factor: float, power: float) -> float:
     c = {"cosine": lambda: 0.5 * (1 + math.cos(math.pi * p)), "quarter_cosine": lambda: math.cos(0.5 * math.pi * p),
          "poly": lambda: (1 - p) ** power, "constant": lambda: 1.0}[decay]()
     return min_factor + (1.0 - min_factor) * c
+
+
+def lr_factor(step: int, total: int, warmup: int, decay: str = "cosine", warmup_start: float = 0.01,
+              min_factor: float = 0.0, power: float = 1.0, shape: str = "sequential") -> float:
+    """The lr multiplier at ``step`` (0-based) of ``total`` steps (see the module docstring)."""
+    from bench.errors import UnknownNameError
+
+    if decay not in DECAYS:
+        raise UnknownNameError("lr decay", decay, DECAYS)
+    if shape not in SHAPES:
+        raise UnknownNameError("lr schedule shape", shape, SHAPES)
+    if shape == "mmcv":
+        f = _decay(decay, min(max(step / max(total, 1), 0.0), 1.0), min_factor, power)
+        if warmup > 0 and step < warmup:
+            f *= 1.0 - (1.0 - step / warmup) * (1.0 - warmup_start)
+        return f
+    if warmup > 0 and step < warmup:
+        return warmup_start + (1.0 - warmup_start) * step / warmup
+    p = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
+    return _decay(decay, p, min_factor, power)
+
+
+def onecycle_momentum(step: int, total: int, base: float = 0.85, peak: float = 0.95, pct_start: float = 0.3) -> float:
+    """mmcv ``OneCycleMomentumUpdaterHook`` (two phases, cosine): beta1 at ``step`` of ``total``.
+
+    Phase 1 ends at ``pct_start * total - 1`` (``peak -> base``), phase 2 at ``total - 1`` (``base -> peak``);
+    ``annealing_cos(start, end, pct) = end + (start - end) (cos(pi pct) + 1) / 2``.
+    """
+    cos = lambda a, b, t: b + 0.5 * (a - b) * (math.cos(math.pi * t) + 1)  # noqa: E731
+    end1 = float(pct_start * total) - 1
+    if step <= end1:
+        return cos(peak, base, step / end1 if end1 > 0 else 1.0)
+    return cos(base, peak, (step - end1) / max(total - 1 - end1, 1e-12))
 
 
 def make_loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True, num_workers: int = 0,
@@ -93,7 +126,13 @@ def train_probe(module: torch.nn.Module, dataset: Dataset, step_loss: Callable[[
                             betas=tuple(sched.get("betas", (0.9, 0.999))))
     factor = lambda s: lr_factor(s, total, warm, str(sched.get("decay", "cosine")),  # noqa: E731
                                  float(sched.get("warmup_start", 0.01)), float(sched.get("min_factor", 0.0)),
-                                 float(sched.get("power", 1.0)))
+                                 float(sched.get("power", 1.0)), str(sched.get("shape", "sequential")))
+    momentum = sched.get("momentum")
+    if momentum not in (None, "onecycle"):
+        from bench.errors import UnknownNameError
+
+        raise UnknownNameError("probe momentum schedule", str(momentum), ["onecycle", "null"])
+    clip = sched.get("grad_clip")
     sched_obj = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     module.train()
     losses, step, epoch = [], 0, 0
@@ -110,6 +149,11 @@ def train_probe(module: torch.nn.Module, dataset: Dataset, step_loss: Callable[[
                         "(e.g. depth <= 0 inside the valid mask)")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if momentum == "onecycle":
+                    for g in opt.param_groups:
+                        g["betas"] = (onecycle_momentum(step, total), g["betas"][1])
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(params, float(clip), norm_type=2.0)
                 opt.step()
                 sched_obj.step()
                 losses.append(value)

@@ -283,7 +283,8 @@ def test_concat_backbone():
         y = cat(x)
         assert torch.equal(y[:, :48], orig(x)) and torch.equal(y[:, 48:], ft(x))
         (m, c), = cat.layers(x, [1], return_cls=True)
-        assert m.shape == (1, 96, 4, 4) and c.shape == (1, 96)
+        assert m.shape == (1, 96, 4, 4) and c.shape == (1, 48)   # FiT3D: the original's CLS only
+        assert torch.equal(c, orig.layers(x, [1], return_cls=True)[0][1])
     assert not any(p.requires_grad for p in orig.parameters())
     with pytest.raises(BenchError, match="cannot concatenate"):
         ConcatBackbone(orig, build_backbone(cfg_of("tiny_cnn")))

@@ -95,6 +95,46 @@ def test_angular_nll_hand_value():
 def test_cross_entropy_ignores_255():
     logits = torch.tensor([[0.0, math.log(3.0)]] * 3).T.reshape(1, 2, 1, 3)
     target = torch.tensor([[[1, 0, 255]]])
-    want = (-math.log(3 / 4) - math.log(1 / 4)) / 2
-    assert float(L.seg_loss(logits, target)) == pytest.approx(want)
+    total = -math.log(3 / 4) - math.log(1 / 4)
+    # mmseg CrossEntropyLoss(avg_non_ignore=False), the FiT3D/SnD linear seg default: / all 3 pixels
+    assert float(L.seg_loss(logits, target)) == pytest.approx(total / 3)
+    assert float(L.seg_loss(logits, target, avg_non_ignore=True)) == pytest.approx(total / 2)
     assert float(L.seg_loss(logits, torch.full((1, 1, 3), 255))) == 0.0
+
+
+def test_published_mmseg_gradient_loss_is_zero_at_two_images_per_gpu():
+    # FiT3D/SnD evaluation/depth/models/losses/gradientloss.py on [B,1,H,W]: its slices hit batch/channel axes
+    torch.manual_seed(0)
+    gt = torch.rand(2, 1, 6, 8) * 5 + 0.5
+    pred = torch.rand(2, 1, 6, 8) * 5 + 0.5   # far from gt, with strong spatial gradient errors
+    assert float(L.mmseg_gradient_loss(pred, gt)) == 0.0
+    assert float(L.gradient_loss(pred[:, 0], gt[:, 0], gt[:, 0] > 0)) > 0.1   # the spatial loss is not
+    # at 3 images it differences image 0 against image 2 (batch axis): non-zero, mixing images
+    g3 = torch.full((3, 1, 2, 2), 2.0)
+    p3 = g3.clone()
+    p3[2] *= math.e
+    # d = (0, 0, 1) over the batch; v: |d0 - d2| = 1 on 4 pixels, divided by 12 valid; h: empty (1 channel)
+    assert float(L.mmseg_gradient_loss(p3, g3, eps=0.0)) == pytest.approx(4 / 12 + 0 + 0 + 0, abs=1e-6)
+
+
+def test_sigloss_unbiased_variance_and_100_iteration_warm_up():
+    # g = log(pred) - log(gt) = (0, log 2): mean g = log2/2, unbiased var = (log2)^2 / 2
+    gt, pred, v = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 4.0]]), torch.tensor([[True, True]])
+    g = math.log(2.0)
+    assert float(L.sig_loss(pred, gt, v, eps=0, variance="unbiased")) == pytest.approx(math.sqrt(g * g / 2 + 0.15 * g * g / 4))
+    sig = L.SigLoss(warm_up=True, warm_iter=100, variance="unbiased", eps=0.0)
+    warm = [float(sig(pred, gt, v)) for _ in range(100)]
+    assert warm == pytest.approx([math.sqrt(0.15) * g / 2] * 100)   # sqrt(0.15 mean(g)^2)
+    assert float(sig(pred, gt, v)) == pytest.approx(math.sqrt(g * g / 2 + 0.15 * g * g / 4))  # iteration 101
+
+
+def test_probe3d_gradient_loss_pools_the_batch():
+    # Probe3D evals/utils/losses.py: sums and valid counts over the whole batch at each scale
+    D = torch.zeros(2, 3, 3)
+    D[1, 0, 0] = 1.0
+    pred, gt = _from_log_diff(D)
+    valid = torch.ones(2, 3, 3, dtype=torch.bool)
+    valid[0, 2, 2] = False   # image 0 has 8 valid pixels, image 1 has 9
+    # image 1: 2 pairs with |1 - 0|; pooled: 2 / (8 + 9); per image: (0 + 2/9) / 2
+    assert float(L.gradient_loss(pred, gt, valid, (1,), eps=0, reduction="batch")) == pytest.approx(2 / 17)
+    assert float(L.gradient_loss(pred, gt, valid, (1,), eps=0, reduction="image")) == pytest.approx(1 / 9)

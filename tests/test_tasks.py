@@ -219,7 +219,9 @@ def test_synth_depth_probe_beats_the_constant_mean_depth_predictor(synth_env):
     from tasks.metrics import MeanMeter, depth_metrics
 
     root, bb = synth_env
-    m, cfg = _run("synth_depth", root, bb, "task.protocols.linear.schedule.epochs=20", workdir="const")
+    # 20 steps on 4 images: the linear protocol's OneCycle beta1 (0.95 at the start) slows so short a run
+    m, cfg = _run("synth_depth", root, bb, "task.protocols.linear.schedule.epochs=20",
+                  "task.protocols.linear.schedule.momentum=null", workdir="const")
     train, test = (open_split(cfg.task.dataset, s) for s in ("train", "test"))
     mean = torch.cat([train[i]["depth"].flatten() for i in range(len(train))])
     mean = float(mean[mean > 0].mean())
@@ -315,8 +317,9 @@ def test_runner_records_the_protocol_and_honours_concat_original(synth_env, tmp_
     rec = run_cell(cfg)
     assert rec["protocol"]["name"] == "probe3d" and rec["protocol"]["concat_original"] is True
     assert rec["protocol"]["head"]["type"] == "dpt" and "si_rmse" in rec["metrics"]
-    # the probe saw [original, fine-tuned] features: twice tiny_cnn's 112 channels, plus the CLS stand-in
+    assert rec["protocol"]["version"] == 2 and "schedule_length" in rec["protocol"]["deviations"]
+    # the probe saw [original, fine-tuned, original CLS stand-in] features (FiT3D: 3C): 3 x tiny_cnn's 112
     from safetensors.torch import load_file
 
     probe = load_file(str(Path(rec["run_dir"]) / "task" / "probe.safetensors"))
-    assert probe["head.proj.0.weight"].shape[1] == 2 * 2 * 112
+    assert probe["head.proj.0.weight"].shape[1] == 3 * 112

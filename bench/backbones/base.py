@@ -29,7 +29,33 @@ from ..errors import BenchError, CheckpointError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RESIZE_MODES = ("resize", "pad")
+RESIZE_MODES = ("resize", "pad", "center", "center_probe3d")
+
+
+def pad_amounts(size: int, patch: int, mode: str) -> Tuple[int, int]:
+    """(before, after) zero padding of one axis of ``size`` pixels to the patch multiple.
+
+    ``pad``: all after (bottom/right). ``center``: ``ceil(size / patch) * patch - size`` split
+    ``floor`` before / rest after (FiT3D/SnD ``evaluation/eval_utils/misc.py::CenterPadding``, the
+    DINOv2 hub ``CenterPadding``). ``center_probe3d``: Probe3D ``evals/models/utils.py::center_padding``,
+    which pads ``patch - size % patch`` -- a whole extra patch on an axis that is already a multiple
+    when the other axis is not (no padding at all when both are multiples).
+    """
+    if mode == "center_probe3d":
+        raise ValueError("center_probe3d pads both axes together: use pad_2d")
+    total = math.ceil(size / patch) * patch - size
+    return (0, total) if mode == "pad" else (total // 2, total - total // 2)
+
+
+def pad_2d(height: int, width: int, patch: int, mode: str) -> Tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` zero padding of an image to the patch multiple (see :func:`pad_amounts`)."""
+    if mode == "center_probe3d":
+        dh, dw = height % patch, width % patch
+        if dh == 0 and dw == 0:
+            return 0, 0, 0, 0
+        ph, pw = patch - dh, patch - dw
+        return ph // 2, ph - ph // 2, pw // 2, pw - pw // 2
+    return (*pad_amounts(height, patch, mode), *pad_amounts(width, patch, mode))
 
 
 class Backbone(nn.Module):
@@ -58,12 +84,13 @@ class Backbone(nn.Module):
     def grid_size(self, height: int, width: int) -> Tuple[int, int]:
         """Feature-map size ``(h, w)`` for an input of ``height x width`` pixels."""
         p = self.patch_size
-        if self.resize_mode == "pad":
-            return math.ceil(height / p), math.ceil(width / p)
+        if self.resize_mode != "resize":
+            t, b, l, r = pad_2d(height, width, p, self.resize_mode)
+            return (height + t + b) // p, (width + l + r) // p
         return max(1, round(height / p)), max(1, round(width / p))
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """[0, 1] images -> normalised, resized (or zero-padded, bottom/right) to the patch multiple."""
+        """[0, 1] images -> normalised, resized (or zero-padded: bottom/right or centred) to the patch multiple."""
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(f"{self.name}: expected float images [B,3,H,W] in [0,1], got "
                              f"{tuple(images.shape)} {images.dtype}")
@@ -72,8 +99,9 @@ class Backbone(nn.Module):
         x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
         tH, tW = h * self.patch_size, w * self.patch_size
         if (tH, tW) != (H, W):
-            if self.resize_mode == "pad":  # zeros after normalisation = the mean colour
-                x = F.pad(x, (0, tW - W, 0, tH - H))
+            if self.resize_mode != "resize":  # zeros after normalisation = the mean colour
+                t, b, l, r = pad_2d(H, W, self.patch_size, self.resize_mode)
+                x = F.pad(x, (l, r, t, b))
             else:
                 x = F.interpolate(x, size=(tH, tW), mode="bilinear", align_corners=False,
                                   antialias=tH < H or tW < W)
@@ -146,6 +174,44 @@ def module_device(module: nn.Module) -> torch.device:
     """The device of a module's first parameter (CPU for a module without parameters)."""
     p = next(iter(module.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def input_rules(backbone, pad: Optional[str] = None, pos_embed: Optional[str] = None):
+    """Temporarily apply a protocol's input rules to ``backbone`` (and both halves of a concat).
+
+    ``pad``: a :data:`RESIZE_MODES` entry replacing ``backbone.resize_mode``. ``pos_embed``
+    (ViTs only): ``timm`` = timm ``dynamic_img_size`` (``resample_abs_pos_embed``: bicubic to the
+    target size, antialiased; FiT3D ``utils/model_utils.py::build_2d_model``), ``hub`` = the DINOv2
+    torch.hub models (``dinov2/hub/backbones.py``: without registers ``interpolate_offset=0.1``,
+    no antialias; ``_reg`` models offset 0, antialias), ``None`` = the backbone's own config.
+    """
+    parts, todo = [], [backbone]
+    while todo:  # a ConcatBackbone contributes both halves
+        m = todo.pop()
+        if hasattr(m, "finetuned") and hasattr(m, "original"):
+            todo += [m.original, m.finetuned]
+        elif hasattr(m, "resize_mode"):
+            parts.append(m)
+    if pad is not None and pad not in RESIZE_MODES:
+        raise BenchError(f"feature padding '{pad}' is not a resize mode", f"use one of: {', '.join(RESIZE_MODES)}")
+    if pos_embed not in (None, "timm", "hub"):
+        raise BenchError(f"position-embedding rule '{pos_embed}' is unknown", "use timm, hub or null")
+    saved = []
+    for m in parts:
+        saved.append((m, m.resize_mode, getattr(m, "interpolate_offset", None), getattr(m, "interpolate_antialias", None)))
+        if pad is not None:
+            m.resize_mode = pad
+        if pos_embed is not None and hasattr(m, "interpolate_offset"):
+            reg = getattr(getattr(m, "model", None), "reg_token", None) is not None
+            m.interpolate_offset, m.interpolate_antialias = (0.0, True) if pos_embed == "timm" or reg else (0.1, False)
+    try:
+        yield backbone
+    finally:
+        for m, mode, off, aa in saved:
+            m.resize_mode = mode
+            if off is not None:
+                m.interpolate_offset, m.interpolate_antialias = off, aa
 
 
 def strip_prefix(sd: StateDict, prefixes: Sequence[str] = ("module.", "backbone.", "encoder.")) -> StateDict:

@@ -2,7 +2,10 @@
 
 ``ConcatBackbone(original, finetuned)`` implements the Backbone seam with
 ``embed_dim = original.embed_dim + finetuned.embed_dim``; channels are ordered
-[original, finetuned] in every map (and CLS vector). The original is frozen. ``model``,
+[original, finetuned] in every map. The CLS vector is the **original** backbone's only
+(FiT3D ``linear_evaluate_fit3d.py``: ``prefix_tokens = vit_outputs[1]``), so a dense-cls probe sees
+``[original patch, fine-tuned patch, original CLS]`` = 3C channels; ``cls_from="both"`` keeps the
+older [original CLS, fine-tuned CLS] (4C). The original is frozen. ``model``,
 ``spec`` and ``name`` are those of the fine-tuned backbone, so saving/loading weights
 concerns the fine-tuned half only (the original is rebuilt from its own config).
 """
@@ -18,8 +21,11 @@ from ..errors import BenchError
 
 
 class ConcatBackbone(nn.Module):
-    def __init__(self, original: nn.Module, finetuned: nn.Module):
+    def __init__(self, original: nn.Module, finetuned: nn.Module, cls_from: str = "original"):
         super().__init__()
+        if cls_from not in ("original", "both"):
+            raise BenchError(f"concat cls_from='{cls_from}' is unknown", "use original (FiT3D) or both")
+        self.cls_from = cls_from
         if original.patch_size != finetuned.patch_size or original.num_blocks != finetuned.num_blocks:
             raise BenchError(
                 f"cannot concatenate backbones '{original.name}' (patch {original.patch_size}, "
@@ -54,6 +60,8 @@ class ConcatBackbone(nn.Module):
         b = self.finetuned.layers(images, idx, norm, return_cls)
         if not return_cls:
             return [torch.cat([x, y], dim=1) for x, y in zip(a, b)]
+        if self.cls_from == "original":
+            return [(torch.cat([x[0], y[0]], dim=1), x[1]) for x, y in zip(a, b)]
         return [(torch.cat([x[0], y[0]], dim=1), torch.cat([x[1], y[1]], dim=1)) for x, y in zip(a, b)]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
