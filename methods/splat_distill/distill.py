@@ -28,7 +28,8 @@ from torch import nn
 
 from bench.errors import BenchError
 from bench.splat import rasterize
-from bench.train import EMA
+from bench.distributed import global_mean_weight
+from bench.train import EMA, autocast
 
 from .adapt import Adapter
 from .features import MASKS, grid_scale, segment_blend, slic_masks, to_patch_grid, upsample
@@ -70,6 +71,8 @@ class Distiller:
         self.student = nn.ModuleDict({"backbone": self.backbone.model, "head": self.head})
         self.timings: Dict[str, float] = defaultdict(float)
         self.profile = False
+        self.precision = "32"          # or "bf16-mixed": autocast of the teacher and student backbones
+        self.grad_average = "global"   # several ranks: "global" pooled mean (= one process) | "local" mean
 
     # -- parameters / state ------------------------------------------------------------------------
     def parameters(self) -> List[nn.Parameter]:
@@ -131,8 +134,9 @@ class Distiller:
         H, W = examples[0]["images"].shape[-2:]
         mode = str(lift.get("upsample", "mask_aware"))
         scale = grid_scale(self.teacher, (H, W))
-        with self._timed("teacher"):
+        with self._timed("teacher"), autocast(self.precision, self.device):
             feats = self.teacher(torch.cat([ex["images"][:2] for ex in examples]))   # [2B,C,h,w]
+        feats = feats.float()  # lifting, splatting and blending stay float32
         _, C, h, w = feats.shape
         basis = str(lift.get("render_basis", "auto"))
         if basis not in ("auto", "features", "patches"):
@@ -178,11 +182,15 @@ class Distiller:
         target, valid = self.targets(examples)
         with self._timed("student"):
             self.adapter.train()
-            student = self.backbone(torch.stack([ex["images"][2] for ex in examples]))
+            with autocast(self.precision, self.device):
+                student = self.backbone(torch.stack([ex["images"][2] for ex in examples]))
+            student = student.float()
             if student.shape != target.shape:
                 raise RuntimeError(f"student grid {tuple(student.shape)} != target grid {tuple(target.shape)}")
             head = self.cfg["head"]
             loss, extra = distill_loss(self.loss_kind, student, target, valid, self.head, self.teacher_head,
                                        float(head.get("student_temp", 1.0)), float(head.get("teacher_temp", 1.0)))
         extra["coverage"] = float(valid.float().mean())
+        if self.grad_average == "global":  # several ranks: each rank's share of the pooled global mean
+            loss = loss * global_mean_weight(valid.sum())
         return loss, extra
