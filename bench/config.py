@@ -101,4 +101,6 @@ def backbone_cache_key(cfg: DictConfig) -> str:
         "backbone": to_container(cfg.backbone),
         "seed": int(cfg.seed),
     }
+    if str(cfg.get("precision", "32")) not in ("32", "fp32", "32-true"):  # bf16 training: other weights
+        payload["precision"] = str(cfg.precision)
     return f"{cfg.method.name}-{cfg.backbone.name}-{stable_hash(payload)}"

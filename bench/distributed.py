@@ -73,7 +73,7 @@ def is_distributed() -> bool:
     return world_size() > 1
 
 
-def init(device: str = "cpu", backend: str = "auto", timeout_min: float = 30.0) -> bool:
+def init(device: str = "cpu", backend: str = "auto", timeout_min: float = 180.0) -> bool:
     """Join the process group described by the environment (idempotent). Returns whether distributed.
 
     ``backend``: ``auto`` (NCCL when ``device`` is CUDA, else gloo), ``nccl`` or ``gloo``. On CUDA each
@@ -91,11 +91,14 @@ def init(device: str = "cpu", backend: str = "auto", timeout_min: float = 30.0) 
         raise BenchError(f"distributed.backend='{backend}' is not a backend", "use auto, nccl or gloo")
     if cuda:
         n = torch.cuda.device_count()
-        if local_rank() >= n:
+        if n == 1:  # the launcher already gave each rank its own GPU (CUDA_VISIBLE_DEVICES)
+            torch.cuda.set_device(0)
+        elif local_rank() >= n:
             raise BenchError(f"rank {rank()} has LOCAL_RANK {local_rank()} but this node shows {n} GPU(s)",
                              "start at most one rank per visible GPU (torchrun --nproc_per_node, "
                              "cluster.tasks_per_node = cluster.gpus_per_node)")
-        torch.cuda.set_device(local_rank())
+        else:
+            torch.cuda.set_device(local_rank())
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if not os.environ.get(var):
             raise BenchError(f"WORLD_SIZE={world_size()} is set but {var} is not",
@@ -251,16 +254,23 @@ def seed_offset(seed: int) -> None:
 
 
 def export_slurm_env() -> bool:
-    """Under a SLURM job with several tasks, export torch's rendezvous variables (submitit's helper).
+    """Inside a submitit job with several tasks (SLURM ``ntasks``, or the local executor's
+    ``tasks_per_node``), export torch's rendezvous variables from
+    ``submitit.helpers.TorchDistributedEnvironment``. Returns whether this is a multi-rank job.
 
-    Returns whether a multi-rank environment was exported.
+    Every task keeps seeing all of its node's GPUs; :func:`init` pins task ``LOCAL_RANK`` to its own.
     """
-    if int(os.environ.get("SLURM_NTASKS", "1") or 1) <= 1 or os.environ.get("WORLD_SIZE"):
-        return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    if os.environ.get("WORLD_SIZE"):
+        return world_size() > 1
     import submitit
 
-    env = submitit.helpers.TorchDistributedEnvironment().export()
-    log.info("SLURM task %d/%d -> torch rank %d (local %d), master %s:%s", env.rank, env.world_size, env.rank,
+    try:
+        if submitit.JobEnvironment().num_tasks <= 1:
+            return False
+    except RuntimeError:  # not inside a submitit job
+        return False
+    env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    log.info("submitit task %d/%d -> torch rank %d (local %d), master %s:%s", env.rank, env.world_size, env.rank,
              env.local_rank, env.master_addr, env.master_port)
     return env.world_size > 1
 
@@ -272,4 +282,21 @@ def describe(global_batch: Optional[int] = None, grad_average: str = "global") -
            "grad_average": grad_average}
     if global_batch is not None:
         out.update(global_batch=int(global_batch), per_rank_batch=int(global_batch) // w)
+    return out
+
+
+def global_batch_of(cfg) -> Optional[int]:
+    """The global batch key of the configured trainer (SnD ``method.optim.batch_size``, FiT3D stage II)."""
+    m = cfg.get("method") or {}
+    for section in ("optim", "stage2"):
+        sec = m.get(section) or {}
+        if sec.get("batch_size") is not None:
+            return int(sec["batch_size"])
+    return None
+
+
+def describe_cfg(cfg) -> dict:
+    """The record's ``distributed`` entry for a run of ``cfg`` in this process group."""
+    out = describe(global_batch_of(cfg), str((cfg.get("distributed") or {}).get("grad_average", "global")))
+    out["precision"] = str(cfg.get("precision", "32"))
     return out

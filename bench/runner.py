@@ -72,19 +72,26 @@ def obtain_backbone(cfg: DictConfig, run_dir: Path | None = None) -> Tuple[Any, 
         ref.update(getattr(method, "checkpoint_ref", None) or {})
         return backbone, ref
 
+    from . import distributed as dist
+
+    dist.init(resolve_device(cfg), str((cfg.get("distributed") or {}).get("backend", "auto")))
     workdir = backbone_dir(cfg)
     model_path = workdir / MODEL_FILE
-    if model_path.exists() and not cfg.get("force", False):
+    if dist.broadcast_object(model_path.exists() and not cfg.get("force", False)):  # rank 0 decides for all
         log.info("reusing trained backbone %s", model_path)
         load_backbone_weights(backbone, model_path)
         return backbone, {"kind": "trained", "cache_key": workdir.name, "path": str(model_path), "reused": True}
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_text(workdir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if dist.is_main():  # several ranks train together; rank 0 alone writes
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_text(workdir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     t0 = time.time()
     backbone = method.fit(backbone, cfg, workdir)
-    save_backbone(backbone, model_path)
-    write_json(workdir / "train_info.json", {"wall_time_s": time.time() - t0, "cache_key": workdir.name})
+    if dist.is_main():
+        save_backbone(backbone, model_path)
+        write_json(workdir / "train_info.json", {"wall_time_s": time.time() - t0, "cache_key": workdir.name,
+                                                 "distributed": dist.describe_cfg(cfg)})
+    dist.barrier()  # the cached model exists for every rank once this returns
     return backbone, {"kind": "trained", "cache_key": workdir.name, "path": str(model_path), "reused": False}
 
 
@@ -105,13 +112,20 @@ def _unique_dir(path: Path) -> Path:
     return out
 
 
-def run_cell(cfg: DictConfig) -> Dict[str, Any]:
-    """Run one (method, backbone, task) cell and write its record. Returns the record."""
+def run_cell(cfg: DictConfig) -> Dict[str, Any] | None:
+    """Run one (method, backbone, task) cell and write its record. Returns the record (None on the
+    ranks other than 0 of a multi-rank run: they train with rank 0, which evaluates and records)."""
     t_start = time.time()
     method, task = _method(cfg), _task(cfg)  # unknown names fail before any work
     if hasattr(task, "check"):
         task.check(cfg)  # e.g. the dataset exists: fail before training, not after
     device = resolve_device(cfg)
+    from . import distributed as dist
+
+    if not dist.is_main():  # a multi-rank run: every rank trains, rank 0 alone evaluates and writes
+        if getattr(method, "trains", False):
+            obtain_backbone(cfg)
+        return None
     run_dir = _unique_dir(Path(cfg.run_dir))
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
@@ -150,6 +164,7 @@ def run_cell(cfg: DictConfig) -> Dict[str, Any]:
         "wall_time_s": {"fit": round(t_fit, 3), "evaluate": round(t_eval, 3),
                         "total": round(time.time() - t_start, 3)},
         "device": records.device_info(device),
+        "distributed": dist.describe_cfg(cfg),
         "packages": records.package_versions(),
         "run_dir": str(run_dir),
     }

@@ -318,7 +318,7 @@ class TrainLoop:
                  keep_last: int = 2, grad_clip: Optional[float] = None, progress: bool = True,
                  desc: str = "train", log_every: int = 1, fingerprint: Optional[Mapping[str, Any]] = None,
                  log_dir: Union[str, Path, None] = None, images_per_step: int = 0, device: Any = None,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, distributed: bool = True):
         from . import distributed as dist
 
         self.checkpointer = Checkpointer(Path(workdir), keep_last)
@@ -330,10 +330,12 @@ class TrainLoop:
             self.state.setdefault("scheduler", scheduler)
         self.ckpt_every = max(int(ckpt_every), 1)
         self.grad_clip = grad_clip
-        self.main = dist.is_main()
+        # distributed=False: a loop private to this rank (e.g. one FiT3D stage-I scene), which writes its own files
+        self.distributed = bool(distributed) and dist.world_size() > 1
+        self.main = dist.is_main() or not self.distributed
         self.progress, self.desc, self.log_every = progress and self.main, desc, max(int(log_every), 1)
         self.fingerprint = {"total_steps": self.total_steps, **dict(fingerprint or {})}
-        if dist.world_size() > 1:
+        if self.distributed:
             self.fingerprint["world_size"] = dist.world_size()
         self.step = 0
         self.history: List[Dict[str, float]] = []  # one entry per finished step: {"step", "loss", ...}
@@ -345,7 +347,7 @@ class TrainLoop:
         """Write the checkpoint of the current step (rank 0; every rank must call it: RNG gather)."""
         from . import distributed as dist
 
-        ranks = dist.all_gather_object(rng_state()) if dist.world_size() > 1 else None
+        ranks = dist.all_gather_object(rng_state()) if self.distributed else None
         if not self.main:
             return None
         payload = {"step": self.step, "rng": rng_state(), "fingerprint": self.fingerprint,
@@ -358,7 +360,9 @@ class TrainLoop:
         """Restore the latest checkpoint (the one rank 0 sees), if any. Returns whether one was found."""
         from . import distributed as dist
 
-        path = dist.broadcast_object(self.checkpointer.latest() if self.main else None)
+        path = self.checkpointer.latest() if self.main else None
+        if self.distributed:
+            path = dist.broadcast_object(path)
         if path is None:
             return False
         ckpt = self.checkpointer.load(path)
@@ -374,7 +378,7 @@ class TrainLoop:
         for k, obj in self.state.items():
             obj.load_state_dict(ckpt["state"][k])
         ranks = ckpt.get("rng_ranks")
-        set_rng_state(ranks[dist.rank()] if ranks else ckpt["rng"])
+        set_rng_state(ranks[dist.rank()] if ranks and self.distributed else ckpt["rng"])
         self.step = int(ckpt["step"])
         if self.main:
             self.history = self.log.read_history(self.step)
@@ -412,7 +416,9 @@ class TrainLoop:
                 t0 = time.perf_counter()
                 out = step_fn(self.step)
                 loss, extra = (out if isinstance(out, tuple) else (out, {}))
-                shown = dist.all_reduce_mean(loss.detach().float())  # the global batch's loss on every rank
+                shown = loss.detach().float()
+                if self.distributed:  # the global batch's loss, on every rank
+                    shown = dist.all_reduce_mean(shown)
                 if not bool(torch.isfinite(shown).all()):
                     last = self.checkpointer.latest()
                     kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was written yet"
@@ -422,7 +428,8 @@ class TrainLoop:
                         "workdir to resume from the last good checkpoint")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                dist.allreduce_gradients(self._params())
+                if self.distributed:
+                    dist.allreduce_gradients(self._params())
                 if self.grad_clip:
                     torch.nn.utils.clip_grad_norm_(list(self._params()), float(self.grad_clip))
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -464,7 +471,8 @@ class TrainLoop:
         from . import distributed as dist
 
         row.update(lr=lr, steps_per_s=n / max(wall, 1e-9), images_per_s=n * self.images_per_step / max(wall, 1e-9),
-                   memory_mb=memory_mb(self.device), ranks=dist.world_size(), time=time.time())
+                   memory_mb=memory_mb(self.device), ranks=dist.world_size() if self.distributed else 1,
+                   time=time.time())
         self.log.window(row)
 
 
