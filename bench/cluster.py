@@ -255,7 +255,8 @@ class SlurmBackend(Backend):
             "job_name": f"bench-{kind}",
             "time": int(res.get("timeout_min", 60)),
             "nodes": int(res.get("nodes", 1)),
-            "ntasks_per_node": int(res.get("tasks_per_node", 1)),
+            # one task = one torch rank; unset: one per GPU (bench.distributed.export_slurm_env)
+            "ntasks_per_node": int(res.get("tasks_per_node") or max(int(res.get("gpus_per_node") or 0), 1)),
             "cpus_per_task": res.get("cpus_per_task"),
             "gpus_per_node": res.get("gpus_per_node") or None,
             "mem": f"{res['mem_gb']}GB" if res.get("mem_gb") else None,

@@ -142,7 +142,10 @@ def run_cell(cfg: DictConfig) -> Dict[str, Any] | None:
 
     t0 = time.time()
     seed_everything(int(cfg.seed))
-    metrics = records.validate_metrics(task.evaluate(backbone, cfg, run_dir / "task"))
+    from .train import autocast
+
+    with autocast(cfg.get("precision", "32"), device):  # bf16-mixed: feature extraction + probes under autocast
+        metrics = records.validate_metrics(task.evaluate(backbone, cfg, run_dir / "task"))
     t_eval = time.time() - t0
 
     seed = int(cfg.seed)
