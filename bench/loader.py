@@ -14,6 +14,7 @@ main thread spent waiting for data (``python -m bench perf train`` reports it as
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 import time
 from typing import Any, Callable, Optional
 
@@ -66,7 +67,9 @@ class StepLoader:
             loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.workers,
                                 prefetch_factor=self.prefetch, collate_fn=_identity, pin_memory=self.pin_memory,
                                 worker_init_fn=_worker_init, persistent_workers=False,
-                                generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
+                                generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
+                                # fork: ``fn`` is usually a closure over the trainer's data (not picklable)
+                                multiprocessing_context="fork" if "fork" in mp.get_all_start_methods() else None)
             self._it = iter(loader)
         self._next = step
 

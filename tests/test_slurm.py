@@ -164,7 +164,7 @@ def test_two_task_training_job_runs_as_two_ranks(slurm_cluster, toys, tmp_path):
     from bench.runner import train
 
     ov = overrides(tmp_path, "method.name=toy_train", "task.name=toy_probe", "+method.steps=3",
-                   "cluster.train.tasks_per_node=2")
+                   "+cluster.train.tasks_per_node=2", "+cluster.train.timeout_min=10")
     s = sweep.run(sweep.make_plan(ov), poll_s=1)
     assert {n: j.state for n, j in s.jobs.items()} == {n: "done" for n in s.jobs}, sweep.status_table(s)
     t = next(j for j in s.jobs.values() if j.kind == "train")
