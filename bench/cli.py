@@ -58,6 +58,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return 0
     rec = run_cell(cfg)
+    if rec is None:  # rank > 0 of a multi-rank run: rank 0 prints and records
+        return 0
     metrics = "  ".join(f"{k}={v:.4g}" for k, v in rec["metrics"].items() if k in rec["report"])
     print(f"{rec['method']} x {rec['backbone']} x {rec['task']} (seed {rec['seed']}): {metrics}")
     print(f"record: {rec['_path']}\nrun dir: {rec['run_dir']}")

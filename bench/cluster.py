@@ -92,6 +92,9 @@ class _BenchJob(submitit.helpers.Checkpointable):
         os.chdir(self.cwd)
         _import_plugins(self.plugins)
         from .config import compose
+        from .distributed import export_slurm_env
+
+        export_slurm_env()  # a job of several tasks (cluster.tasks_per_node/nodes): one torch rank per task
 
         return compose(self.overrides)
 
@@ -252,7 +255,8 @@ class SlurmBackend(Backend):
             "job_name": f"bench-{kind}",
             "time": int(res.get("timeout_min", 60)),
             "nodes": int(res.get("nodes", 1)),
-            "ntasks_per_node": int(res.get("tasks_per_node", 1)),
+            # one task = one torch rank; unset: one per GPU (bench.distributed.export_slurm_env)
+            "ntasks_per_node": int(res.get("tasks_per_node") or max(int(res.get("gpus_per_node") or 0), 1)),
             "cpus_per_task": res.get("cpus_per_task"),
             "gpus_per_node": res.get("gpus_per_node") or None,
             "mem": f"{res['mem_gb']}GB" if res.get("mem_gb") else None,
@@ -339,6 +343,14 @@ class LocalBackend(Backend):
         super().__init__(cluster, folder, make_callable)
         self.max_workers = max(1, int(cluster.get("max_workers", 1)))
         self.handles: Dict[str, submitit.Job] = {}
+        # GPUs handed out to running jobs: each concurrent job sees only its own (submitit visible_gpus)
+        gpus = cluster.get("visible_gpus")
+        if gpus is None:
+            import torch
+
+            gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        self.free_gpus: List[int] = [int(g) for g in gpus]
+        self.held_gpus: Dict[str, List[int]] = {}
 
     def start(self, jobs: Dict[str, JobRecord]) -> None:
         self.step(jobs)
@@ -351,11 +363,15 @@ class LocalBackend(Backend):
         res = _resources(self.cluster, rec.kind)
         ex = submitit.LocalExecutor(folder=self.folder / "logs" / "%j",
                                     max_num_timeout=int(self.cluster.get("max_num_timeout", 3)))
-        ex.update_parameters(timeout_min=float(res.get("timeout_min", 60)),
-                             gpus_per_node=int(res.get("gpus_per_node") or 0),
-                             signal_delay_s=int(self.cluster.get("signal_delay_s", 30)))
+        gpus = self._gpus_wanted(rec)
+        mine, self.free_gpus = self.free_gpus[:gpus], self.free_gpus[gpus:]
+        ex.update_parameters(timeout_min=float(res.get("timeout_min", 60)), gpus_per_node=gpus,
+                             tasks_per_node=int(res.get("tasks_per_node") or 1),
+                             signal_delay_s=int(self.cluster.get("signal_delay_s", 30)),
+                             **({"visible_gpus": tuple(mine)} if gpus else {}))
         h = ex.submit(self.make_callable(rec))
         self.handles[rec.name] = h
+        self.held_gpus[rec.name] = mine
         rec.job_id, rec.state, rec.raw_state = h.job_id, "running", "RUNNING"
         rec.stdout, rec.stderr = str(h.paths.stdout), str(h.paths.stderr)
         log.debug("started %s (pid %s)", rec.name, rec.job_id)
@@ -367,14 +383,24 @@ class LocalBackend(Backend):
                 state = "cancelled" if raw == "INTERRUPTED" else "done"
                 _finish(jobs[name], h, state, raw)
                 del self.handles[name]
+                self.free_gpus = sorted(self.free_gpus + self.held_gpus.pop(name, []))
         for rec in jobs.values():
             if rec.state != "pending":
                 continue
             problem = _dependency_problem(rec, jobs)
             if problem:
                 rec.state, rec.raw_state, rec.error = "cancelled", "DEPENDENCY", problem
-            elif self._ready(rec, jobs) and len(self.handles) < self.max_workers:
+            elif (self._ready(rec, jobs) and len(self.handles) < self.max_workers
+                  and self._gpus_wanted(rec) <= len(self.free_gpus)):
                 self._launch(rec)
+
+    def _gpus_wanted(self, rec: JobRecord) -> int:
+        want = int(_resources(self.cluster, rec.kind).get("gpus_per_node") or 0)
+        total = len(self.free_gpus) + sum(len(g) for g in self.held_gpus.values())
+        if want > total:
+            raise ClusterError(f"cluster.gpus_per_node={want} but this machine has {total} GPU(s) for local jobs",
+                               f"use cluster.gpus_per_node<={total} (or 0 on a machine without GPUs)")
+        return want
 
     def cancel(self, jobs: Dict[str, JobRecord]) -> None:
         for name, h in self.handles.items():

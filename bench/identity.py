@@ -192,13 +192,19 @@ def components(cfg: Any) -> Dict[str, Any]:
     method = _normalise(c.get("method") or {}, paths)
     backbone = _normalise(c.get("backbone") or {}, paths)
     task = _normalise({k: v for k, v in (c.get("task") or {}).items() if k != "protocols"}, paths)
-    return {"method": method, "backbone": backbone, "task": task, "protocol": c.get("protocol")}
+    out = {"method": method, "backbone": backbone, "task": task, "protocol": c.get("protocol")}
+    precision = str(c.get("precision", "32"))
+    if precision not in ("32", "fp32", "32-true"):  # bf16 training/extraction gives other numbers
+        out["precision"] = precision
+    return out
 
 
 def backbone_key(cfg: Any) -> str:
     """Key of a trained backbone: method (with its training data by content) + backbone + seed."""
     comp = components(cfg)
     payload = {"v": VERSION, "method": comp["method"], "backbone": comp["backbone"], "seed": int(cfg.seed)}
+    if "precision" in comp:
+        payload["precision"] = comp["precision"]
     return f"{cfg.method.name}-{cfg.backbone.name}-{stable_hash(payload)}"
 
 

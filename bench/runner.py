@@ -92,24 +92,32 @@ def obtain_backbone(cfg: DictConfig, run_dir: Path | None = None) -> Tuple[Any, 
         ref.update(getattr(method, "checkpoint_ref", None) or {})
         return backbone, ref
 
+    from . import distributed as dist
+
+    dist.init(resolve_device(cfg), str((cfg.get("distributed") or {}).get("backend", "auto")))
     workdir = backbone_dir(cfg)
     model_path = workdir / MODEL_FILE
     with workdir_lock(workdir):
-        if model_path.exists() and not cfg.get("force", False):
+        if dist.broadcast_object(model_path.exists() and not cfg.get("force", False)):  # rank 0 decides for all
             log.info("reusing trained backbone %s", model_path)
             _load_cached(backbone, model_path)
             return backbone, {"kind": "trained", "cache_key": workdir.name, "path": str(model_path), "reused": True,
                               **_train_time(workdir)}
 
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_text(workdir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        segments = _start_segment(workdir, fresh=bool(cfg.get("force", False)))
+        segments: List[Dict[str, Any]] = []
+        if dist.is_main():  # several ranks train together; rank 0 alone writes
+            workdir.mkdir(parents=True, exist_ok=True)
+            write_text(workdir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            segments = _start_segment(workdir, fresh=bool(cfg.get("force", False)))
         backbone = method.fit(backbone, cfg, workdir)
-        save_backbone(backbone, model_path)
-        segments[-1]["end"] = time.time()
-        write_json(workdir / SEGMENTS_FILE, segments)
-        write_json(workdir / "train_info.json", {**_train_info(workdir.name, segments),
-                                                 **(getattr(method, "train_info", None) or {})})
+        if dist.is_main():
+            save_backbone(backbone, model_path)
+            segments[-1]["end"] = time.time()
+            write_json(workdir / SEGMENTS_FILE, segments)
+            write_json(workdir / "train_info.json", {**_train_info(workdir.name, segments),
+                                                     **(getattr(method, "train_info", None) or {}),
+                                                     "distributed": dist.describe_cfg(cfg)})
+        dist.barrier()  # the cached model exists for every rank once this returns
     return backbone, {"kind": "trained", "cache_key": workdir.name, "path": str(model_path), "reused": False,
                       **_train_time(workdir)}
 
@@ -251,20 +259,33 @@ def _protocol_summary(cfg: DictConfig) -> Dict[str, Any]:
     return protocol_summary(cfg)
 
 
-def run_cell(cfg: DictConfig) -> Dict[str, Any]:
-    """Run one (method, backbone, task) cell and write its record. Returns the record."""
+def run_cell(cfg: DictConfig) -> Dict[str, Any] | None:
+    """Run one (method, backbone, task) cell and write its record. Returns the record (None on the
+    ranks other than 0 of a multi-rank run: they train with rank 0, which evaluates and records)."""
     t_start = time.time()
     cfg = apply_per_task(cfg)  # the method variant for the task's kind (method.per_task)
     method, task = _method(cfg), _task(cfg)  # unknown names fail before any work
     preflight(cfg, method, task)  # bad values, unwritable directories, missing data: before any work
     identity = cell_identity(cfg)
     device = resolve_device(cfg)
+    from . import distributed as dist
+
+    if not dist.is_main():  # a multi-rank run: every rank trains, rank 0 alone evaluates and writes
+        if getattr(method, "trains", False):
+            obtain_backbone(cfg)
+        return None
     run_dir = _unique_dir(Path(cfg.run_dir))
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     with run_log(run_dir):
         log.info("cell %s x %s x %s (seed %s), recipe %s, fingerprint %s", cfg.method.name, cfg.backbone.name,
                  cfg.task.name, cfg.seed, identity["label"], identity["cell"])
         return _run_cell(cfg, method, task, identity, device, run_dir, t_start)
+
+
+def _describe_distributed(cfg: DictConfig) -> Dict[str, Any]:
+    from . import distributed as dist
+
+    return dist.describe_cfg(cfg)
 
 
 def _run_cell(cfg, method, task, identity, device, run_dir: Path, t_start: float) -> Dict[str, Any]:
@@ -283,8 +304,11 @@ def _run_cell(cfg, method, task, identity, device, run_dir: Path, t_start: float
 
     t0 = time.time()
     seed_everything(int(cfg.seed))
+    from .train import autocast
+
     try:
-        metrics = records.validate_metrics(task.evaluate(backbone, cfg, run_dir / "task"))
+        with autocast(cfg.get("precision", "32"), device):  # bf16-mixed: feature extraction + probes under autocast
+            metrics = records.validate_metrics(task.evaluate(backbone, cfg, run_dir / "task"))
     except BenchError as e:  # name the key this run can override: task.protocols.<its protocol>.schedule.*
         if "<protocol>" not in (e.fix or "") + e.problem:
             raise
@@ -312,6 +336,7 @@ def _run_cell(cfg, method, task, identity, device, run_dir: Path, t_start: float
         "wall_time_s": {"fit": round(t_fit, 3), "evaluate": round(t_eval, 3),
                         "total": round(time.time() - t_start, 3)},
         "device": records.device_info(device),
+        "distributed": _describe_distributed(cfg),
         "packages": records.package_versions(),
         "run_dir": str(run_dir),
     }

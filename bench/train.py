@@ -24,13 +24,13 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import CheckpointError, NonFiniteLossError
+from .errors import BenchError, CheckpointError, NonFiniteLossError
 from .io import torch_save
 
 log = logging.getLogger("bench")
@@ -182,27 +182,145 @@ class Checkpointer:
 
 
 # --------------------------------------------------------------------------------------------
+# training curves
+
+
+def memory_mb(device: Any = None) -> float:
+    """Peak memory of this process in MiB: CUDA peak allocated on a GPU, else the peak resident set."""
+    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+class TrainLog:
+    """Rank 0's files of a training run, in ``directory``:
+
+    * ``history.jsonl`` -- one JSON line per finished step (``step``, ``loss``, ``lr``, ``time_s`` and the
+      step function's extra floats); on resume the lines after the checkpoint's step are dropped, so the
+      file always matches the weights (checkpoints no longer carry the history);
+    * ``metrics.jsonl`` -- one JSON line per ``log_every`` steps: means over the window of the loss and
+      the diagnostics, the lr, ``steps_per_s``, ``images_per_s``, ``memory_mb`` and wall time;
+    * ``train.log`` -- the same window as one text line;
+    * TensorBoard event files under ``tensorboard/`` when ``tensorboard`` is installed and enabled.
+    """
+
+    def __init__(self, directory: Union[str, Path], desc: str = "train", tensorboard: bool = True):
+        self.directory, self.desc = Path(directory), desc
+        self.history_path = self.directory / "history.jsonl"
+        self.metrics_path = self.directory / "metrics.jsonl"
+        self.text_path = self.directory / "train.log"
+        self._tb_wanted, self._tb = tensorboard, None
+
+    def read_history(self, upto: int) -> List[Dict[str, float]]:
+        """Steps ``1..upto`` of the history file, rewriting it (atomically) without any later lines."""
+        import json
+
+        from .io import write_text
+
+        if not self.history_path.exists():
+            return []
+        rows = []
+        for line in self.history_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line torn by a crash mid-append
+                continue
+            if int(row.get("step", 0)) <= upto:
+                rows.append(row)
+        rows = list({int(r["step"]): r for r in rows}.values())
+        write_text(self.history_path, "".join(json.dumps(r) + "\n" for r in rows))
+        for path in (self.metrics_path,):  # window lines past the checkpoint are re-logged after resume
+            if path.exists():
+                keep = []
+                for line in path.read_text().splitlines():
+                    try:
+                        if int(json.loads(line).get("step", 0)) <= upto:
+                            keep.append(line + "\n")
+                    except ValueError:
+                        continue
+                write_text(path, "".join(keep))
+        return rows
+
+    @staticmethod
+    def _append(path: Path, line: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(line)
+            f.flush()
+
+    def step(self, row: Mapping[str, float]) -> None:
+        import json
+
+        self._append(self.history_path, json.dumps(dict(row)) + "\n")
+
+    def window(self, row: Mapping[str, Any]) -> None:
+        import json
+
+        self._append(self.metrics_path, json.dumps(dict(row)) + "\n")
+        parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                 if k not in ("step", "total_steps", "time")]
+        text = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {self.desc} step {row['step']}/{row['total_steps']} " + " ".join(parts)
+        self._append(self.text_path, text + "\n")
+        log.debug(text)
+        tb = self._tensorboard()
+        if tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("step", "total_steps", "time"):
+                    tb.add_scalar(f"{self.desc}/{k}", float(v), int(row["step"]))
+            tb.flush()
+
+    def _tensorboard(self):
+        if not self._tb_wanted:
+            return None
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except Exception:  # tensorboard not installed: JSON lines and text only
+                self._tb_wanted = False
+                return None
+            self._tb = SummaryWriter(str(self.directory / "tensorboard"))
+        return self._tb
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+# --------------------------------------------------------------------------------------------
 # the loop
 
 StepOutput = Union[torch.Tensor, Tuple[torch.Tensor, Mapping[str, float]]]
 
 
 class TrainLoop:
-    """A resumable optimisation loop.
+    """A resumable optimisation loop, data-parallel over ``torch.distributed`` ranks when started so.
 
     ``state``: name -> object with ``state_dict()``/``load_state_dict()`` (modules, optimiser,
     scheduler, EMA, sampler...), saved in every checkpoint and restored on resume together with
-    the RNG states. ``fingerprint`` (plain values; the total step count is always part of it) must
-    match the checkpoint's to resume from it. ``step_fn(step)`` computes the loss of step ``step``
-    (0-based) and returns it, optionally with a dict of extra floats to log; the loop checks it is
-    finite, back-propagates, clips, steps the optimiser and scheduler, then calls
-    ``after_step(step + 1)`` (e.g. the EMA update).
+    the RNG states (every rank's). ``fingerprint`` (plain values; the total step count, and the world
+    size of a multi-rank run, are always part of it) must match the checkpoint's to resume from it.
+    ``step_fn(step)`` computes this rank's loss of step ``step`` (0-based) and returns it, optionally
+    with a dict of extra floats to log; the loop checks the rank-averaged loss is finite,
+    back-propagates, averages the gradients over ranks (:func:`bench.distributed.allreduce_gradients`),
+    clips, steps the optimiser and scheduler, then calls ``after_step(step + 1)`` (e.g. the EMA update).
+
+    Rank 0 alone writes: checkpoints (``workdir``) and the training curves (:class:`TrainLog` in
+    ``log_dir``, default ``workdir``). ``images_per_step`` (the global batch's images) gives images/s.
     """
 
     def __init__(self, workdir: Union[str, Path], total_steps: int, optimizer: torch.optim.Optimizer,
                  state: Mapping[str, Any], *, scheduler: Any = None, ckpt_every: int = 1000,
                  keep_last: int = 2, grad_clip: Optional[float] = None, progress: bool = True,
-                 desc: str = "train", log_every: int = 1, fingerprint: Optional[Mapping[str, Any]] = None):
+                 desc: str = "train", log_every: int = 1, fingerprint: Optional[Mapping[str, Any]] = None,
+                 log_dir: Union[str, Path, None] = None, images_per_step: int = 0, device: Any = None,
+                 tensorboard: bool = True, distributed: bool = True):
+        from . import distributed as dist
+
         self.checkpointer = Checkpointer(Path(workdir), keep_last)
         self.total_steps = int(total_steps)
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -212,35 +330,60 @@ class TrainLoop:
             self.state.setdefault("scheduler", scheduler)
         self.ckpt_every = max(int(ckpt_every), 1)
         self.grad_clip = grad_clip
-        self.progress, self.desc, self.log_every = progress, desc, max(int(log_every), 1)
+        # distributed=False: a loop private to this rank (e.g. one FiT3D stage-I scene), which writes its own files
+        self.distributed = bool(distributed) and dist.world_size() > 1
+        self.main = dist.is_main() or not self.distributed
+        self.progress, self.desc, self.log_every = progress and self.main, desc, max(int(log_every), 1)
         self.fingerprint = {"total_steps": self.total_steps, **dict(fingerprint or {})}
+        if self.distributed:
+            self.fingerprint["world_size"] = dist.world_size()
         self.step = 0
         self.history: List[Dict[str, float]] = []  # one entry per finished step: {"step", "loss", ...}
+        self.log = TrainLog(Path(log_dir) if log_dir is not None else Path(workdir), desc, tensorboard)
+        self.images_per_step, self.device = int(images_per_step), device
 
     # -- checkpoints
-    def save(self) -> Path:
-        payload = {"step": self.step, "rng": rng_state(), "history": self.history, "fingerprint": self.fingerprint,
+    def save(self) -> Optional[Path]:
+        """Write the checkpoint of the current step (rank 0; every rank must call it: RNG gather)."""
+        from . import distributed as dist
+
+        ranks = dist.all_gather_object(rng_state()) if self.distributed else None
+        if not self.main:
+            return None
+        payload = {"step": self.step, "rng": rng_state(), "fingerprint": self.fingerprint,
                    "state": {k: v.state_dict() for k, v in self.state.items()}}
+        if ranks is not None:
+            payload["rng_ranks"] = ranks
         return self.checkpointer.save(self.step, payload)
 
     def resume(self) -> bool:
-        """Restore the latest checkpoint, if any. Returns whether one was found."""
-        path = self.checkpointer.latest()
+        """Restore the latest checkpoint (the one rank 0 sees), if any. Returns whether one was found."""
+        from . import distributed as dist
+
+        path = self.checkpointer.latest() if self.main else None
+        if self.distributed:
+            path = dist.broadcast_object(path)
         if path is None:
             return False
         ckpt = self.checkpointer.load(path)
         if ckpt.get("fingerprint", self.fingerprint) != self.fingerprint:
             raise CheckpointError(f"training checkpoint {path} belongs to a different run "
                                   f"({ckpt.get('fingerprint')} != {self.fingerprint})",
-                                  f"use a fresh workdir, or delete {path.parent} to start over")
+                                  f"use a fresh workdir, or delete {path.parent} to start over "
+                                  "(a multi-rank run resumes exactly only with the same number of ranks)")
         missing = set(self.state) - set(ckpt["state"])
         if missing:
             raise CheckpointError(f"training checkpoint {path} has no state for {sorted(missing)}",
                                   "it was written by a different training setup; use a fresh workdir")
         for k, obj in self.state.items():
             obj.load_state_dict(ckpt["state"][k])
-        set_rng_state(ckpt["rng"])
-        self.step, self.history = int(ckpt["step"]), list(ckpt["history"])
+        ranks = ckpt.get("rng_ranks")
+        set_rng_state(ranks[dist.rank()] if ranks and self.distributed else ckpt["rng"])
+        self.step = int(ckpt["step"])
+        if self.main:
+            self.history = self.log.read_history(self.step)
+            if not self.history and ckpt.get("history"):  # checkpoints of older versions carried it
+                self.history = [dict(h) for h in ckpt["history"]]
         log.info("resumed from %s (step %d/%d)", path, self.step, self.total_steps)
         return True
 
@@ -259,26 +402,36 @@ class TrainLoop:
         """
         from tqdm.auto import tqdm
 
-        self.resume()
+        from . import distributed as dist
+
+        if not self.resume() and self.main:
+            self.log.read_history(0)  # a fresh run: no stale curves from an earlier workdir use
         end = self.total_steps if stop_after is None else min(int(stop_after), self.total_steps)
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, unit="step",
                    disable=not self.progress, dynamic_ncols=True, leave=False)
+        window: List[Dict[str, float]] = []
+        t_window = time.perf_counter()
         try:
             while self.step < end:
                 t0 = time.perf_counter()
                 out = step_fn(self.step)
                 loss, extra = (out if isinstance(out, tuple) else (out, {}))
-                if not bool(torch.isfinite(loss.detach()).all()):
+                shown = loss.detach().float()
+                if self.distributed:  # the global batch's loss, on every rank
+                    shown = dist.all_reduce_mean(shown)
+                if not bool(torch.isfinite(shown).all()):
                     last = self.checkpointer.latest()
                     kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was written yet"
                     clip = "" if self.grad_clip else " or enable gradient clipping"
                     raise NonFiniteLossError(
-                        f"non-finite loss ({loss.item()}) at step {self.step + 1}; {kept}",
+                        f"non-finite loss ({shown.item()}) at step {self.step + 1}; {kept}",
                         f"lower the method's learning rate{clip} (a changed config is a new backbone: it trains "
                         "in a new workdir from step 0; rerunning unchanged resumes the last good checkpoint and "
                         "will likely diverge again)")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if self.distributed:
+                    dist.allreduce_gradients(self._params())
                 if self.grad_clip:
                     torch.nn.utils.clip_grad_norm_(list(self._params()), float(self.grad_clip))
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -288,29 +441,83 @@ class TrainLoop:
                 self.step += 1
                 if after_step is not None:
                     after_step(self.step)
-                rec = {"step": self.step, "loss": float(loss.detach()), "lr": lr,
+                rec = {"step": self.step, "loss": float(shown), "lr": lr,
                        "time_s": time.perf_counter() - t0, **{k: float(v) for k, v in extra.items()}}
                 self.history.append(rec)
+                window.append(rec)
+                if self.main:
+                    self.log.step(rec)
                 bar.update(1)
                 if self.step % self.log_every == 0 or self.step == end:
+                    now = time.perf_counter()
+                    self._log_window(window, now - t_window, lr)
+                    window, t_window = [], now
                     bar.set_postfix(loss=f"{rec['loss']:.4g}", lr=f"{lr:.2e}",
                                     **{k: f"{float(v):.3g}" for k, v in list(extra.items())[:3]}, refresh=False)
                 if self.step % self.ckpt_every == 0 or self.step == end:
                     self.save()
         finally:
             bar.close()
+            self.log.close()
         return self.history
+
+    def _log_window(self, window: Sequence[Mapping[str, float]], wall: float, lr: float) -> None:
+        if not self.main or not window:
+            return
+        keys = [k for k in window[-1] if k not in ("step", "lr", "time_s")]
+        row: Dict[str, Any] = {"step": self.step, "total_steps": self.total_steps}
+        for k in keys:
+            vals = [float(r[k]) for r in window if k in r]
+            row[k] = sum(vals) / len(vals)
+        n = len(window)
+        from . import distributed as dist
+
+        row.update(lr=lr, steps_per_s=n / max(wall, 1e-9), images_per_s=n * self.images_per_step / max(wall, 1e-9),
+                   memory_mb=memory_mb(self.device), ranks=dist.world_size() if self.distributed else 1,
+                   time=time.time())
+        self.log.window(row)
+
+
+PRECISIONS = ("32", "bf16-mixed")
+
+
+def check_precision(precision: Any) -> str:
+    """``precision`` config value -> ``"32"`` or ``"bf16-mixed"`` (a clear error otherwise)."""
+    p = str(precision if precision is not None else "32")
+    if p in ("32", "fp32", "32-true"):
+        return "32"
+    if p in ("bf16-mixed", "bf16"):
+        return "bf16-mixed"
+    raise BenchError(f"precision={precision} is not a precision", f"use one of {PRECISIONS}")
+
+
+def autocast(precision: Any, device: Any):
+    """Context for backbone forward passes: bf16 autocast for ``bf16-mixed``, nothing for ``32``.
+
+    Autocast covers matmuls/convolutions only; callers keep the rasterizer and the losses in float32
+    (they cast their inputs with ``.float()``). Backward runs outside the context, as torch recommends.
+    """
+    import contextlib
+
+    if check_precision(precision) == "32":
+        return contextlib.nullcontext()
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16)
 
 
 def start_run(cfg) -> str:
-    """Common start of a method's ``fit``: seed everything from ``cfg.seed``, resolve the device and,
+    """Common start of a method's ``fit``: seed everything from ``cfg.seed``, resolve the device, join
+    the process group of a multi-rank run (``torchrun`` / SLURM tasks; NCCL on CUDA, gloo on CPU) and,
     on CPU, tune the allocator for the splatting engine. Returns the device string."""
+    from . import distributed as dist
     from .runner import resolve_device
     from .seed import seed_everything
     from .splat import tune_allocator
 
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg)
+    check_precision(cfg.get("precision", "32"))
+    dist.init(device, str((cfg.get("distributed") or {}).get("backend", "auto")))
     if device == "cpu":
         tune_allocator()
     return device

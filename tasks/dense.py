@@ -132,7 +132,8 @@ class DenseTask:
         cached = bool(fcfg.get("cache", True)) and not is_augmented(train_cfg)
         if cached:
             cache = FeatureCache(Path(cfg.paths.cache_dir) / "features", str(cfg.backbone.name), weights_hash(backbone),
-                                 spec, {"train": T.canonical(train_cfg), "backbone": OmegaConf.to_container(cfg.backbone, resolve=True)},
+                                 spec, {"train": T.canonical(train_cfg), "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+                                        **({"precision": str(cfg.precision)} if str(cfg.get("precision", "32")) != "32" else {})},
                                  dataset_identity(cfg.task.dataset, "train"),
                                  str(fcfg.get("cache_dtype", "float32")))
             cache.fill(backbone, train, batch_size=int(fcfg.get("batch_size", 8)), device=str(device), progress=progress)

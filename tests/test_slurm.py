@@ -154,3 +154,27 @@ def test_requeue_resume_failure_and_cancel(slurm_cluster, toys, tmp_path, capsys
     ref = train(compose(ref_ov + ["seed=0", f"paths.cache_dir={tmp_path}/ref_cache", "+method.sleep_s=0"]))
     got, want = load_file(workdir / "model.safetensors"), load_file(ref / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_two_task_training_job_runs_as_two_ranks(slurm_cluster, toys, tmp_path):
+    """A training job of 2 SLURM tasks becomes 2 torch ranks (gloo) through submitit's
+    TorchDistributedEnvironment, finishes, and (same full batch on both ranks) equals a 1-process run."""
+    from safetensors.torch import load_file
+
+    from bench.runner import train
+
+    ov = overrides(tmp_path, "method.name=toy_train", "task.name=toy_probe", "+method.steps=3",
+                   "+cluster.train.tasks_per_node=2", "+cluster.train.timeout_min=10")
+    s = sweep.run(sweep.make_plan(ov), poll_s=1)
+    assert {n: j.state for n, j in s.jobs.items()} == {n: "done" for n in s.jobs}, sweep.status_table(s)
+    t = next(j for j in s.jobs.values() if j.kind == "train")
+    logs = Path(t.stderr).parent
+    assert len(list(logs.glob(f"{t.job_id}_*_log.err"))) == 2          # two tasks ran
+    assert "distributed: 2 ranks" in Path(t.stderr).read_text()         # ... joined as one process group
+    workdir = tmp_path / "cache" / "backbones" / t.name.split(":", 1)[1]
+    ckpt = torch.load(sorted(workdir.glob("ckpt_*.pt"))[-1], weights_only=True)
+    assert ckpt["fingerprint"]["world_size"] == 2 and len(ckpt["rng_ranks"]) == 2
+    ref_ov = [o for o in ov if not o.startswith(("paths.cache_dir=", "task.name=", "cluster."))]
+    ref = train(compose(ref_ov + [f"paths.cache_dir={tmp_path}/ref_cache"]))
+    got, want = load_file(workdir / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -95,18 +95,22 @@ def fit_scenes(data, teacher, cfg: DictConfig, device, progress: bool = True) ->
     arch = {k: v for k, v in to_container(cfg.backbone).items() if k != "weights" and not k.startswith("hub_")}
     teacher_id = f"{cfg.backbone.name}:{weights_hash(teacher)}:{stable_hash(arch)}"
     root = Path(str(m.scene_cache))
+    from bench import distributed as dist
+
     dirs = {}
-    for i, scene in enumerate(data.scene_ids):
+    for i, scene in enumerate(data.scene_ids):  # several ranks: rank r fits scenes r, r + W, ...
         key = scene_key(scene, m.data, teacher_id, m.stage1, int(cfg.seed))
         wd = root / f"{scene}-{key}"
-        if not is_fitted(wd):  # read the views only when they are needed
+        dirs[scene] = wd
+        if i % dist.world_size() == dist.rank() and not is_fitted(wd):  # read the views only when needed
             views = data.load_views(scene, range(data.num_views(scene)))
             fit_scene(views, teacher, m.stage1, wd, seed=scene_seed(int(cfg.seed), scene), device=device,
                       progress=progress)
+    dist.barrier()  # every scene is fitted (by some rank) before stage II reads them
+    for i, (scene, wd) in enumerate(dirs.items()):
         info = json.loads((wd / INFO_FILE).read_text())
         log.info("fit3d stage I %d/%d %s: %s", i + 1, len(data.scene_ids), scene,
                  {k: info.get(k) for k in ("num_gaussians", "final", "s_per_iteration")})
-        dirs[scene] = wd
     return dirs
 
 
@@ -135,13 +139,17 @@ class FiT3D:
         m, s2 = cfg.method, cfg.method.stage2
         workdir = Path(workdir)
         progress = bool(m.get("progress", True))
-        data = open_scenes(m.data, cfg.paths.data_dir)
+        from bench import distributed as dist
+
+        with dist.main_first():  # rank 0 generates a synthetic set once
+            data = open_scenes(m.data, cfg.paths.data_dir)
         teacher = copy.deepcopy(backbone).eval().requires_grad_(False).to(device)
 
         dirs = fit_scenes(data, teacher, cfg, device, progress)
         del teacher
-        write_json(workdir / "stage1_scenes.json",
-                   {s: {"dir": str(d), **json.loads((d / INFO_FILE).read_text())} for s, d in dirs.items()})
+        if dist.is_main():
+            write_json(workdir / "stage1_scenes.json",
+                       {s: {"dir": str(d), **json.loads((d / INFO_FILE).read_text())} for s, d in dirs.items()})
 
         # ---- stage II
         seed_everything(int(cfg.seed))  # independent of whether stage I ran or was reused
@@ -164,37 +172,67 @@ class FiT3D:
             raise BenchError(f"method.stage2.loss_mask='{loss_mask}' is not a choice", f"use one of {LOSS_MASKS}")
         backbone = train_mode(backbone.to(device).requires_grad_(True), bn_mode)
         opt = torch.optim.AdamW(backbone.model.parameters(), lr=float(s2.lr), weight_decay=float(s2.weight_decay))
+        from bench.loader import StepLoader
+        from bench.train import autocast
+
+        dist.seed_offset(int(cfg.seed))
         loop = TrainLoop(workdir / "stage2", steps, opt, {"model": backbone.model}, grad_clip=s2.get("grad_clip"),
                          ckpt_every=int(m.get("ckpt_every", 100)), keep_last=int(m.get("keep_last", 2)),
-                         progress=progress, desc="fit3d stage II", log_every=int(m.get("log_every", 10)))
+                         progress=progress, desc="fit3d stage II", log_every=int(m.get("log_every", 10)),
+                         log_dir=workdir, images_per_step=bs, device=device)
         thr, p_flip = float(s2.get("alpha_threshold", 0.5)), float(s2.get("hflip", 0.5))
+        precision = str(cfg.get("precision", "32"))
+        global_avg = str((cfg.get("distributed") or {}).get("grad_average", "global")) == "global"
+        per_rank = -(-bs // dist.world_size())  # ranks take consecutive chunks of a step's (global) batch
+
+        def views_of(step: int):  # this rank's views of step ``step`` (runs in a loader worker)
+            batch = epoch_batches(step, len(items), bs, int(cfg.seed))
+            out = []
+            for j in range(dist.rank() * per_rank, min((dist.rank() + 1) * per_rank, len(batch))):
+                scene, v = items[batch[j]]
+                # one flip draw per item (image, target and mask together), from (seed, step, position)
+                g = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + step * bs + j)
+                out.append((scene, data.load_views(scene, [v]), float(torch.rand((), generator=g)) < p_flip))
+            return out
+
+        ld = cfg.get("loader") or {}
+        loader = StepLoader(views_of, steps, int(ld.get("workers", 0)), int(ld.get("prefetch", 2)),
+                            pin_memory=str(device).startswith("cuda"))
 
         def step_fn(step: int):
             images, targets, masks = [], [], []
-            for i in epoch_batches(step, len(items), bs, int(cfg.seed)):
-                scene, v = items[i]
-                view = data.load_views(scene, [v])
+            for scene, view, flip in loader.get(step):
                 H, W = view["images"].shape[-2:]
                 target, alpha = fits[scene].render_targets(view["w2c"].to(device), view["K"].to(device), W, H)
                 img, cov = view["images"].to(device), stage2_mask(view, alpha, thr, loss_mask).to(device)
-                if float(torch.rand(())) < p_flip:  # one draw per item: image, target and mask together
+                if flip:
                     img, target, cov = img.flip(-1), target.flip(-1), cov.flip(-1)
                 images.append(img)
                 targets.append(target)
                 masks.append(cov)
-            out = backbone(torch.cat(images))
+            if not images:  # a ragged last batch left this rank without items: it adds zero gradients
+                if global_avg:
+                    dist.global_mean_weight(0.0)  # the collective every rank joins
+                return torch.zeros((), device=device, requires_grad=True), {"coverage": 0.0}
+            with autocast(precision, device):
+                out = backbone(torch.cat(images))
+            out = out.float()
             grid = tuple(out.shape[-2:])
             target = downsample_to_grid(torch.cat(targets), grid, backbone)
             mask = downsample_to_grid(torch.cat(masks), grid, backbone)[:, 0]
             loss = masked_l1(out, target, mask)
+            if global_avg:  # several ranks: this rank's share of the pooled masked mean
+                loss = loss * dist.global_mean_weight(mask.sum())
             return loss, {"coverage": float(mask.mean())}
 
         log.info("fit3d stage II: %d scenes, %d views, %d steps x batch %d, device %s", len(data.scene_ids),
                  len(items), steps, bs, device)
         history = loop.run(step_fn, stop_after=stop_after)
-        write_json(workdir / "history.json", history)
+        loader.close()
         backbone = backbone.eval().requires_grad_(False)
         result = diag.finish(backbone, trainable_weights(backbone.model), history)
         self.train_info = {"diagnostics": result}
-        write_json(workdir / "diagnostics.json", result)
+        if loop.main:  # rank 0 alone writes
+            write_json(workdir / "history.json", history)
+            write_json(workdir / "diagnostics.json", result)
         return backbone

@@ -270,7 +270,8 @@ def fit_scene(views: Mapping[str, Tensor], teacher: nn.Module, stage1: Mapping[s
         opt, [lambda s: decay ** min(s / max(iters, 1), 1.0)] + [lambda s: 1.0] * (len(groups) - 1))
     loop = TrainLoop(workdir / "ckpt", iters, opt, {"gaussians": g, "decoder": decoder}, scheduler=sched,
                      ckpt_every=int(stage1.get("ckpt_every", 1000)), keep_last=2, progress=progress,
-                     desc=f"fit3d stage I {workdir.name[:24]}", log_every=10)
+                     desc=f"fit3d stage I {workdir.name[:24]}", log_every=10,
+                     distributed=False)  # one scene per rank: a loop of its own
     init_file = workdir / "init_metrics.json"
     if bool(stage1.get("eval", True)) and not init_file.exists() and not loop.checkpointer.steps():
         write_json(init_file, {**evaluate_fit(g, decoder, views, tfeat, teacher), "num_gaussians": g.num})

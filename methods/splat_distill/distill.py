@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import BenchError
-from bench.train import EMA
+from bench.distributed import global_mean_weight
+from bench.train import EMA, autocast
 
 from .adapt import Adapter, plain_state
 from .features import (MASKS, UPSAMPLE_GRIDS, grid_scale, segment_blend, slic_masks, to_patch_grid,
@@ -102,6 +103,8 @@ class Distiller:
         self.student = nn.ModuleDict({"backbone": self.backbone.model, "head": self.head})
         self.timings: Dict[str, float] = defaultdict(float)
         self.profile = False
+        self.precision = "32"          # or "bf16-mixed": autocast of the teacher and student backbones
+        self.grad_average = "global"   # several ranks: "global" pooled mean (= one process) | "local" mean
 
     # -- parameters / state ------------------------------------------------------------------------
     def parameters(self) -> List[nn.Parameter]:
@@ -217,8 +220,9 @@ class Distiller:
         over = str(lift.get("blend_segments", "all"))
         if over not in BLEND_SEGMENTS:
             raise BenchError(f"method.lift.blend_segments='{over}' is not a choice", f"use one of {BLEND_SEGMENTS}")
-        with self._timed("teacher"):
+        with self._timed("teacher"), autocast(self.precision, self.device):
             feats = self.teacher_forward(torch.cat([ex["images"][:2] for ex in examples]))   # [2B,C,h,w]
+        feats = feats.float()  # lifting, splatting and blending stay float32
         scale = grid_scale(self.teacher, (H, W)) if ugrid == "centres" else None
         up_kw = {"grid": ugrid, "all_excluded": excluded}
         _, C, h, w = feats.shape
@@ -279,7 +283,9 @@ class Distiller:
         target, valid = self.targets(examples)
         with self._timed("student"):
             self.adapter.train()
-            student = self.backbone(self.backbone_input(torch.stack([ex["images"][2] for ex in examples])))
+            with autocast(self.precision, self.device):
+                student = self.backbone(self.backbone_input(torch.stack([ex["images"][2] for ex in examples])))
+            student = student.float()
             if student.shape != target.shape:
                 raise RuntimeError(f"student grid {tuple(student.shape)} != target grid {tuple(target.shape)}")
             head = self.cfg["head"]
@@ -295,4 +301,6 @@ class Distiller:
         extra["coverage"] = float(covered.float().mean())
         if self.loss_kind == "dino":
             extra["head_cos"] = self.head.embedding_cosine(embedded)
+        if self.grad_average == "global":  # several ranks: each rank's share of the pooled global mean
+            loss = loss * global_mean_weight(valid.sum())
         return loss, extra

@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from bench.data.multiview import open_scenes
+from bench.errors import BenchError
 from bench.io import write_json
 from bench.registry import METHODS
 from bench.train import TrainLoop, one_cycle_cosine, start_run
@@ -19,29 +20,53 @@ from .views import ViewSampler
 log = logging.getLogger("bench")
 
 def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
-    """Everything a run needs: ``(distiller, data, sampler, loop, step_fn)``."""
+    """Everything a run needs: ``(distiller, data, sampler, loop, step_fn)``.
+
+    ``method.optim.batch_size`` is the global batch of a step; each rank (``torchrun`` / SLURM tasks)
+    takes its consecutive share of it (:mod:`bench.distributed`), read ahead by a
+    :class:`bench.loader.StepLoader` (``loader.workers`` processes, ``loader.prefetch`` steps each).
+    """
+    from bench import distributed as dist
+    from bench.loader import StepLoader
+
     m = cfg.method
-    data = open_scenes(m.data, cfg.paths.data_dir)
+    with dist.main_first():  # rank 0 generates a synthetic set once; the others then read it
+        data = open_scenes(m.data, cfg.paths.data_dir)
     sampler = ViewSampler([data.num_views(s) for s in data.scene_ids], m.views.gap, str(m.views.target),
                           seed=int(cfg.seed))
     distiller = Distiller(backbone, m, device)
+    distiller.precision = str(cfg.get("precision", "32"))
+    distiller.grad_average = str((cfg.get("distributed") or {}).get("grad_average", "global"))
+    if distiller.grad_average not in dist.GRAD_AVERAGES:
+        raise BenchError(f"distributed.grad_average='{distiller.grad_average}' is not a choice",
+                         f"use one of {dist.GRAD_AVERAGES}")
+    dist.seed_offset(int(cfg.seed))  # identical set-up on every rank, then per-rank dropout streams
     o = m.optim
     opt = torch.optim.Adam(distiller.parameters(), lr=float(o.lr))
     sched = one_cycle_cosine(opt, int(o.steps), float(o.warmup_pct))
+    batch = int(o.batch_size)
+    positions = dist.rank_slice(batch)
     loop = TrainLoop(Path(workdir) / "checkpoints", int(o.steps), opt,
                      {"student": distiller.student, "ema": distiller.ema, "sampler": sampler},
                      scheduler=sched, ckpt_every=int(m.ckpt_every), keep_last=int(m.keep_last),
                      grad_clip=o.get("grad_clip") or None, progress=bool(m.progress), desc="splat_distill",
-                     log_every=int(m.log_every))
-    batch = int(o.batch_size)
+                     log_every=int(m.log_every), log_dir=Path(workdir), images_per_step=3 * batch, device=device)
+
+    def examples(step: int):  # this rank's examples of step ``step`` (runs in a loader worker)
+        out = []
+        for j in positions:
+            s, idx = sampler.example(step * batch + j)
+            out.append(data.load_views(data.scene_ids[s], idx))
+        return out
+
+    ld = cfg.get("loader") or {}
+    loader = StepLoader(examples, int(o.steps), int(ld.get("workers", 0)), int(ld.get("prefetch", 2)),
+                        pin_memory=str(device).startswith("cuda"))
 
     def step_fn(step: int):
-        examples = []
-        for _ in range(batch):
-            s, idx = sampler.sample()
-            examples.append(data.load_views(data.scene_ids[s], idx))
-        return distiller.loss(examples)
+        return distiller.loss(loader.get(step))
 
+    step_fn.loader = loader
     return distiller, data, sampler, loop, step_fn
 
 
@@ -71,28 +96,35 @@ class SplatDistill:
         device = start_run(cfg)
         workdir = Path(workdir)
         distiller, data, _, loop, step_fn = build_training(backbone, cfg, workdir, device)
+        from bench import distributed as dist
+
         H, W = (int(x) for x in distiller_size(cfg.method, data))
         grid = distiller.student_grid(H, W)
-        log.info("splat_distill: %d scenes, %d steps x batch %d, %s, device %s, %dx%d views -> student grid %dx%d",
-                 len(data.scene_ids), loop.total_steps, int(cfg.method.optim.batch_size),
-                 cfg.method.reconstructor.name, device, H, W, *grid)
-        diag = Diagnostics(cfg.method, (H, W), cfg.paths.data_dir, device)
-        diag.start(distiller.backbone, distiller.initial_weights)
+        log.info("splat_distill: %d scenes, %d steps x global batch %d (%d rank(s) x %d), %s, device %s, "
+                 "precision %s, %dx%d views -> student grid %dx%d", len(data.scene_ids), loop.total_steps,
+                 int(cfg.method.optim.batch_size), dist.world_size(),
+                 dist.per_rank_batch(int(cfg.method.optim.batch_size)), cfg.method.reconstructor.name, device,
+                 distiller.precision, H, W, *grid)
+        with dist.main_first():  # rank 0 generates the held-out diagnostics set once
+            diag = Diagnostics(cfg.method, (H, W), cfg.paths.data_dir, device)
+            diag.start(distiller.backbone, distiller.initial_weights)
         log_every = max(int(cfg.method.get("log_every", 10)), 1)
 
         def logged_step(step: int):
             loss, extra = step_fn(step)
-            if (step + 1) % log_every == 0 or step == 0:
+            if loop.main and ((step + 1) % log_every == 0 or step == 0):
                 log.info("splat_distill step %d/%d: ce %.5f %s", step + 1, loop.total_steps, float(loss.detach()),
                          " ".join(f"{k} {v:.4g}" for k, v in extra.items()))
             return loss, extra
 
         history = loop.run(logged_step, after_step=distiller.update_teacher, stop_after=stop_after)
-        write_json(workdir / "history.json", history)
+        step_fn.loader.close()
         out = distiller.finish(str(cfg.method.get("export", "student")))
         sd = out.model.state_dict()
         result = diag.finish(out, {k: sd[k] for k in distiller.initial_weights}, history)
         result["student_grid"] = list(grid)
         self.train_info = {"diagnostics": result}
-        write_json(workdir / "diagnostics.json", result)
+        if loop.main:  # rank 0 alone writes
+            write_json(workdir / "history.json", history)
+            write_json(workdir / "diagnostics.json", result)
         return out

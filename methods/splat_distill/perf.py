@@ -3,7 +3,14 @@
 Runs the real training loop (:class:`bench.train.TrainLoop`, checkpointing aside) for each variant
 side by side in one process and prints steps/s, the ratio to the first variant, and a per-stage
 breakdown of the first variant (teacher forward, masks, upsampling, reconstruction, splatting,
-blending + downscale, student forward + loss, and the rest = backward + optimiser + EMA).
+blending + downscale, student forward + loss, the wait for the data loader, and the rest = backward +
+optimiser + EMA).
+
+``--ranks 1 2 --precision 32 bf16-mixed`` adds a table of the 'demo' variant for every (precision,
+ranks) pair: ms/step, steps/s, images/s (3 views per example x global batch), the scaling efficiency
+``images/s(N) / (N images/s(1))`` at a fixed per-rank batch, the share of the step spent waiting for
+data, and peak memory. Several ranks are ``torch.multiprocessing`` processes joined by
+:mod:`bench.distributed` (gloo on CPU); ``--variants`` with no names prints only that table.
 """
 from __future__ import annotations
 
@@ -42,8 +49,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
+    p.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
                    help="configurations timed side by side (the first is the reference)")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1],
+                   help="data-parallel ranks to compare (e.g. 1 2): the 'demo' variant at a fixed per-rank batch, "
+                        "started as torch.distributed processes (gloo on CPU, NCCL on GPUs)")
+    p.add_argument("--precision", nargs="+", default=["32"], choices=["32", "bf16-mixed"],
+                   help="precisions to compare on the 'demo' variant (bf16-mixed = autocast of the backbones)")
+    p.add_argument("--workers", type=int, default=1, help="loader worker processes (loader.workers)")
     p.add_argument("overrides", nargs="*", help="extra hydra overrides applied to every variant")
 
 
@@ -53,9 +66,11 @@ def _measure(overrides: List[str], steps: int, warmup: int):
     from bench.runner import resolve_device
     from bench.seed import seed_everything
 
+    from bench.train import memory_mb
+
     from .method import build_training
 
-    cfg = compose(["method=splat_distill", "device=cpu", *overrides,
+    cfg = compose(["method=splat_distill", "device=cpu", "method.log_every=1000000", *overrides,
                    f"method.optim.steps={warmup + steps}", f"method.ckpt_every={10 ** 9}", "method.progress=false"])
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg)
@@ -63,20 +78,83 @@ def _measure(overrides: List[str], steps: int, warmup: int):
     with tempfile.TemporaryDirectory() as tmp:
         distiller, *_, loop, step_fn = build_training(backbone, cfg, Path(tmp), device)
 
-        def after(step: int) -> None:
+        def after(step: int) -> None:  # after warm-up: restart the stage and data-wait clocks
             distiller.update_teacher(step)
             if step == warmup:
                 distiller.timings.clear()
+                step_fn.loader.wait_s = 0.0
 
         distiller.profile = True
         t0 = time.perf_counter()
         hist = loop.run(step_fn, after_step=after)
         wall = time.perf_counter() - t0
+        step_fn.loader.close()
     times = [h["time_s"] for h in hist[warmup:]]
     return {"step_s": statistics.median(times), "mean_s": sum(times) / len(times), "wall": wall,
+            "data_wait_s": step_fn.loader.wait_s / steps, "images_per_step": 3 * int(cfg.method.optim.batch_size),
             "stages": {k: v / steps for k, v in distiller.timings.items()}, "loss": [h["loss"] for h in hist],
             "grid": tuple(backbone.grid_size(*cfg.method.data.size)), "C": backbone.embed_dim,
-            "device": device}
+            "device": device, "memory_mb": memory_mb(device)}
+
+
+def _rank_worker(rank: int, world: int, port: int, overrides: List[str], steps: int, warmup: int, threads: int,
+                 out: str) -> None:
+    """One rank of a timed multi-rank run (``torch.multiprocessing.spawn``); rank 0 writes the timings."""
+    import json
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(max(threads // world, 1))
+    from bench import distributed as dist
+
+    r = _measure(overrides, steps, warmup)
+    if rank == 0:
+        r.pop("stages")
+        Path(out).write_text(json.dumps({k: v for k, v in r.items() if k != "grid"}))
+    dist.shutdown()
+
+
+def _measure_ranks(overrides: List[str], ranks: int, steps: int, warmup: int, threads: int):
+    """:func:`_measure` as ``ranks`` data-parallel processes at a per-rank batch of ``method.optim.batch_size``."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from bench.config import compose
+
+    per_rank = int(compose(["method=splat_distill", *overrides]).method.optim.batch_size)
+    overrides = [*overrides, f"method.optim.batch_size={per_rank * ranks}"]
+    if ranks == 1:
+        return _measure(overrides, steps, warmup)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rank0.json"
+        mp.spawn(_rank_worker, args=(ranks, port, overrides, steps, warmup, threads, str(out)), nprocs=ranks, join=True)
+        return json.loads(out.read_text())
+
+
+def _scaling_table(args, base: List[str]) -> None:
+    """steps/s and images/s of 'demo' for every (ranks, precision), side by side."""
+    from tabulate import tabulate
+
+    rows, ref = [], None
+    for precision in args.precision:
+        for n in args.ranks:
+            r = _measure_ranks([*base, f"precision={precision}"], n, args.steps, args.warmup, args.threads)
+            ips = r["images_per_step"] / r["step_s"]
+            ref = ref or (ips, r["step_s"])
+            one = next((x for x in rows if x[0] == precision and x[1] == 1), None)
+            eff = f"{ips / (n * one[-1]):.2f}" if one is not None and n > 1 else "-"
+            rows.append([precision, n, f"{r['step_s'] * 1e3:.0f}", f"{1.0 / r['step_s']:.2f}", f"{ips:.1f}",
+                         f"{ref[1] / r['step_s']:.2f}x", eff, f"{100 * r['data_wait_s'] / r['mean_s']:.1f}%",
+                         f"{r.get('memory_mb', 0):.0f}", ips])
+    print(f"\n'demo' at {args.threads} threads, per-rank batch fixed, {args.workers} loader worker(s):")
+    print(tabulate([x[:-1] for x in rows], headers=["precision", "ranks", "ms/step", "steps/s", "images/s",
+                                                    "steps/s vs first", "scaling eff.", "data wait", "peak MiB"]))
 
 
 @PERF.register("train", "Splat-and-Distill training steps/s at demo scale (synthetic scenes; CPU unless device=cuda)")
@@ -87,7 +165,11 @@ def train_perf(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     tune_allocator()
-    base = [f"backbone={args.backbone}", *DEMO_OVERRIDES, *args.overrides]
+    base = [f"backbone={args.backbone}", *DEMO_OVERRIDES, f"loader.workers={args.workers}", *args.overrides]
+    if args.ranks != [1] or args.precision != ["32"]:
+        _scaling_table(args, base)
+        if not args.variants:
+            return 0
     results = {}
     for name in args.variants:
         results[name] = _measure(base + VARIANTS[name], args.steps, args.warmup)
@@ -101,7 +183,8 @@ def train_perf(args: argparse.Namespace) -> int:
     print(tabulate(rows, headers=["variant", "ms/step", "steps/s", f"speed vs '{args.variants[0]}'",
                                   "reconstructor share"]))
     parts = dict(ref["stages"])
-    parts["backward + optimiser + EMA + data"] = max(ref["mean_s"] - sum(parts.values()), 0.0)
+    parts["waiting for data (loader)"] = ref["data_wait_s"]
+    parts["backward + optimiser + EMA"] = max(ref["mean_s"] - sum(parts.values()), 0.0)
     print(f"\nstages of '{args.variants[0]}' (mean per step):")
     print(tabulate([[k, f"{v * 1e3:.0f}", f"{100 * v / ref['mean_s']:.0f}%"] for k, v in parts.items()],
                    headers=["stage", "ms", "share"]))

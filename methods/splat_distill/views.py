@@ -9,7 +9,11 @@ the gap uses its full length. Target placements:
 * ``middle``  -- ``(c0 + c1) // 2``;
 * ``context`` -- one of the two context views (the paper's "context views as targets" ablation).
 
-The sampler draws from its own ``torch.Generator``; its state is part of every training checkpoint.
+The trainer draws example ``i`` of the run (``i = step * global_batch + position``) with
+:meth:`ViewSampler.example`, from a generator seeded by ``(seed, i)``: the examples of a step do not
+depend on the number of ranks or data-loader workers, nor on what was drawn before, so a resumed or
+re-sharded run sees the same examples. :meth:`ViewSampler.sample` (sequential draws from its own
+generator, whose state is checkpointed) remains for callers that keep a running stream.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ class ViewSampler:
         if len(gap) != 2 or not 1 <= gap[0] <= gap[1]:
             raise BenchError(f"method.views.gap={gap} is not a frame gap", "use an int >= 1 or [min, max]")
         self.gap, self.placement = gap, placement
+        self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(int(seed))
 
     def _randint(self, lo: int, hi: int) -> int:
@@ -44,7 +49,19 @@ class ViewSampler:
         return int(torch.randint(lo, hi + 1, (1,), generator=self.generator))
 
     def sample(self) -> Tuple[int, Tuple[int, int, int]]:
-        """``(scene index, (context0, context1, target))``."""
+        """``(scene index, (context0, context1, target))``, the next draw of the running stream."""
+        return self._draw()
+
+    def example(self, index: int) -> Tuple[int, Tuple[int, int, int]]:
+        """Example ``index`` of the run: a draw from a generator seeded by ``(seed, index)`` only."""
+        saved = self.generator
+        self.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(index))
+        try:
+            return self._draw()
+        finally:
+            self.generator = saved
+
+    def _draw(self) -> Tuple[int, Tuple[int, int, int]]:
         scene = self.scenes[self._randint(0, len(self.scenes) - 1)]
         n = self.num_views[scene]
         gap = min(self._randint(*self.gap), n - 1)

@@ -1,0 +1,302 @@
+"""Data-parallel training on ``torch.distributed``: one process per rank (GPU, or CPU process with gloo).
+
+Ranks are started by ``torchrun --nproc_per_node=N -m bench run ...`` (one machine), or by SLURM
+through submitit (``cluster.tasks_per_node`` / ``cluster.gpus_per_node`` / ``cluster.nodes``; the job
+calls :func:`export_slurm_env`, which uses ``submitit.helpers.TorchDistributedEnvironment``). Both
+set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init` then
+joins the process group (NCCL on CUDA, gloo on CPU) and pins each rank to GPU ``LOCAL_RANK``.
+
+Without those variables (a plain ``python -m bench ...``) every helper here is a no-op for a world
+of one process, so single-process runs are unchanged.
+
+The rules every trainer follows (see docs/SCALING.md):
+
+* ``optim.batch_size`` (or a trainer's own batch key) is the **global** batch of one optimiser step;
+  each rank takes ``global / world_size`` consecutive examples of it (:func:`per_rank_batch`).
+* gradients are averaged over ranks after ``backward`` (:func:`allreduce_gradients`, flat buckets,
+  the reduction DDP performs), and losses that are means over a variable number of valid cells are
+  first re-weighted by :func:`global_mean_weight` so that the averaged gradient equals the gradient of
+  the pooled mean over the global batch -- the same number a single process with the global batch
+  computes.
+* rank 0 alone writes files (checkpoints, the cached model, records, logs); all ranks read the
+  checkpoint rank 0 chose (:func:`broadcast_object`).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from typing import Any, Iterable, Iterator, List, Optional
+
+import torch
+
+from .errors import BenchError
+
+log = logging.getLogger("bench")
+
+GRAD_AVERAGES = ("global", "local")
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def initialized() -> bool:
+    return torch.distributed.is_available() and _dist().is_initialized()
+
+
+def world_size() -> int:
+    if initialized():
+        return _dist().get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def rank() -> int:
+    if initialized():
+        return _dist().get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+def is_main() -> bool:
+    """Whether this process writes files (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def is_distributed() -> bool:
+    return world_size() > 1
+
+
+def init(device: str = "cpu", backend: str = "auto", timeout_min: float = 180.0) -> bool:
+    """Join the process group described by the environment (idempotent). Returns whether distributed.
+
+    ``backend``: ``auto`` (NCCL when ``device`` is CUDA, else gloo), ``nccl`` or ``gloo``. On CUDA each
+    rank is pinned to ``cuda:LOCAL_RANK`` so that ``device=cuda`` means this rank's own GPU.
+    """
+    if world_size() <= 1:
+        return False
+    if initialized():
+        return True
+    dist = _dist()
+    cuda = str(device).startswith("cuda")
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise BenchError(f"distributed.backend='{backend}' is not a backend", "use auto, nccl or gloo")
+    if cuda:
+        n = torch.cuda.device_count()
+        if n == 1:  # the launcher already gave each rank its own GPU (CUDA_VISIBLE_DEVICES)
+            torch.cuda.set_device(0)
+        elif local_rank() >= n:
+            raise BenchError(f"rank {rank()} has LOCAL_RANK {local_rank()} but this node shows {n} GPU(s)",
+                             "start at most one rank per visible GPU (torchrun --nproc_per_node, "
+                             "cluster.tasks_per_node = cluster.gpus_per_node)")
+        else:
+            torch.cuda.set_device(local_rank())
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(var):
+            raise BenchError(f"WORLD_SIZE={world_size()} is set but {var} is not",
+                             "start distributed runs with torchrun (or a SLURM sweep), which sets the rendezvous")
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
+    if not is_main():  # one log, one progress bar: rank 0's
+        logging.getLogger("bench").setLevel(logging.WARNING)
+    log.info("distributed: %d ranks, backend %s, rank 0 on %s", world_size(), backend, os.uname().nodename)
+    return True
+
+
+def shutdown() -> None:
+    if initialized():
+        _dist().destroy_process_group()
+
+
+def barrier() -> None:
+    if initialized():
+        _dist().barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (picklable values)."""
+    if not initialized():
+        return obj
+    box = [obj]
+    _dist().broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    if not initialized():
+        return [obj]
+    out: List[Any] = [None] * world_size()
+    _dist().all_gather_object(out, obj)
+    return out
+
+
+def _comm_device(t: torch.Tensor) -> torch.device:
+    return t.device
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks (a new tensor; ``t`` itself when not distributed)."""
+    if not initialized():
+        return t
+    out = t.detach().clone()
+    _dist().all_reduce(out)
+    return out
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if not initialized():
+        return t
+    return all_reduce_sum(t) / world_size()
+
+
+def global_mean_weight(local_count: torch.Tensor | float) -> float:
+    """Factor turning a rank's masked mean into its share of the pooled mean of all ranks.
+
+    A loss ``S_r / n_r`` (sum over ``n_r`` valid cells of rank ``r``) times ``W n_r / sum_q n_q``
+    is ``W S_r / N``; averaging those over the ``W`` ranks (the gradient all-reduce) gives
+    ``sum_r S_r / N``, the mean over the pooled global batch. 1.0 in a single process.
+    """
+    if not initialized():
+        return 1.0
+    n = torch.as_tensor(float(local_count), dtype=torch.float64)
+    if _dist().get_backend() == "nccl":
+        n = n.cuda()
+    total = float(all_reduce_sum(n))
+    return world_size() * float(n) / total if total > 0 else 1.0
+
+
+def per_rank_batch(global_batch: int, what: str = "method.optim.batch_size") -> int:
+    """``global_batch / world_size``; a clear error when it does not divide."""
+    w = world_size()
+    if global_batch % w:
+        raise BenchError(f"{what}={global_batch} (the global batch) does not split over {w} ranks",
+                         f"use a multiple of {w}, or start {w} ranks only when the batch divides")
+    return global_batch // w
+
+
+def rank_slice(global_batch: int) -> range:
+    """Positions (0-based within a step's global batch) of this rank's examples."""
+    b = per_rank_batch(global_batch)
+    return range(rank() * b, (rank() + 1) * b)
+
+
+_BUCKET = 25 * 2 ** 20  # bytes per all-reduce, as DDP's default bucket_cap_mb
+
+
+def allreduce_gradients(params: Iterable[torch.Tensor]) -> None:
+    """Average the gradients of ``params`` over ranks, in flat buckets (a missing grad counts as 0)."""
+    if not initialized():
+        return
+    dist, w = _dist(), world_size()
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    buckets: dict = {}
+    for p in params:
+        buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for grads in buckets.values():
+        chunk, size = [], 0
+        for g in grads + [None]:
+            if g is not None:
+                chunk.append(g)
+                size += g.numel() * g.element_size()
+            if chunk and (g is None or size >= _BUCKET):
+                flat = torch.cat([x.reshape(-1) for x in chunk])
+                dist.all_reduce(flat)
+                flat /= w
+                off = 0
+                for x in chunk:
+                    x.copy_(flat[off:off + x.numel()].view_as(x))
+                    off += x.numel()
+                chunk, size = [], 0
+
+
+def broadcast_state(modules: Iterable[torch.nn.Module], src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers into every rank's modules (DDP's start-up sync)."""
+    if not initialized():
+        return
+    dist = _dist()
+    for m in modules:
+        for t in list(m.parameters()) + list(m.buffers()):
+            dist.broadcast(t.data, src=src)
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. generating a dataset, fitting caches), then the others."""
+    if not initialized():
+        yield
+        return
+    if not is_main():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()
+
+
+def seed_offset(seed: int) -> None:
+    """Give every rank its own torch RNG stream (dropout etc.) after the identical model set-up.
+
+    Rank ``r`` of a multi-rank run continues from ``seed + 1_000_003 * r``; a single process is untouched.
+    """
+    if world_size() > 1:
+        torch.manual_seed(int(seed) + 1_000_003 * rank())
+
+
+def export_slurm_env() -> bool:
+    """Inside a submitit job with several tasks (SLURM ``ntasks``, or the local executor's
+    ``tasks_per_node``), export torch's rendezvous variables from
+    ``submitit.helpers.TorchDistributedEnvironment``. Returns whether this is a multi-rank job.
+
+    Every task keeps seeing all of its node's GPUs; :func:`init` pins task ``LOCAL_RANK`` to its own.
+    """
+    if os.environ.get("WORLD_SIZE"):
+        return world_size() > 1
+    import submitit
+
+    try:
+        if submitit.JobEnvironment().num_tasks <= 1:
+            return False
+    except RuntimeError:  # not inside a submitit job
+        return False
+    env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    log.info("submitit task %d/%d -> torch rank %d (local %d), master %s:%s", env.rank, env.world_size, env.rank,
+             env.local_rank, env.master_addr, env.master_port)
+    return env.world_size > 1
+
+
+def describe(global_batch: Optional[int] = None, grad_average: str = "global") -> dict:
+    """What a record says about the data-parallel layout of its training."""
+    w = world_size()
+    out = {"world_size": w, "backend": (_dist().get_backend() if initialized() else None),
+           "grad_average": grad_average}
+    if global_batch is not None:
+        out.update(global_batch=int(global_batch), per_rank_batch=int(global_batch) // w)
+    return out
+
+
+def global_batch_of(cfg) -> Optional[int]:
+    """The global batch key of the configured trainer (SnD ``method.optim.batch_size``, FiT3D stage II)."""
+    m = cfg.get("method") or {}
+    for section in ("optim", "stage2"):
+        sec = m.get(section) or {}
+        if sec.get("batch_size") is not None:
+            return int(sec["batch_size"])
+    return None
+
+
+def describe_cfg(cfg) -> dict:
+    """The record's ``distributed`` entry for a run of ``cfg`` in this process group."""
+    out = describe(global_batch_of(cfg), str((cfg.get("distributed") or {}).get("grad_average", "global")))
+    out["precision"] = str(cfg.get("precision", "32"))
+    return out

@@ -1,0 +1,60 @@
+"""Worker of tests/test_distributed.py, started as ``torchrun --standalone --nproc_per_node=N``.
+
+``python tests/dist_snd.py WORKDIR OUT.pt STOP_AFTER overrides...`` trains Splat-and-Distill in
+WORKDIR (resuming from it), and rank 0 saves the student's weights to OUT.pt. Ranks other than 0
+install an audit hook that records every file they create, write, rename or delete under
+WORKDIR's parent, and print the list as ``WRITES <json>`` on exit (stdout is not a file write).
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _watch(root: str) -> list:
+    seen: list = []
+
+    def hook(event, args):
+        path = None
+        if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            mode, flags = (args[1] or "r"), (args[2] or 0)
+            writing = any(c in str(mode) for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            path = args[0] if writing else None
+        elif event in ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "os.truncate", "shutil.rmtree"):
+            path = args[0]
+        if path is None or isinstance(path, int):
+            return
+        p = os.path.abspath(os.fsdecode(path))
+        if p.startswith(root):
+            seen.append([event, p])
+
+    sys.addaudithook(hook)
+    return seen
+
+
+def main() -> None:
+    workdir, out, stop_after, overrides = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+    rank = int(os.environ.get("RANK", "0"))
+    writes = _watch(str(workdir.parent)) if rank != 0 else None
+    if writes is not None:
+        atexit.register(lambda: print("WRITES " + json.dumps(writes), flush=True))
+    import torch
+
+    torch.set_num_threads(1)
+    from bench.backbones import build_backbone
+    from bench.config import compose
+    from bench.seed import seed_everything
+    from methods.splat_distill import SplatDistill
+
+    cfg = compose(overrides)
+    seed_everything(0)
+    bb = SplatDistill().fit(build_backbone(cfg.backbone), cfg, workdir, stop_after=stop_after or None)
+    if rank == 0:
+        torch.save({k: v.detach().clone() for k, v in bb.model.state_dict().items()}, out)
+
+
+if __name__ == "__main__":
+    main()
