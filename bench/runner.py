@@ -77,6 +77,8 @@ def obtain_backbone(cfg: DictConfig, run_dir: Path | None = None) -> Tuple[Any, 
     if model_path.exists() and not cfg.get("force", False):
         log.info("reusing trained backbone %s", model_path)
         load_backbone_weights(backbone, model_path)
+        if hasattr(method, "restore"):  # e.g. MEF: re-attach the feature head saved beside the weights
+            backbone = method.restore(backbone, cfg, workdir)
         return backbone, {"kind": "trained", "cache_key": workdir.name, "path": str(model_path), "reused": True}
 
     workdir.mkdir(parents=True, exist_ok=True)

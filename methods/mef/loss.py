@@ -34,18 +34,13 @@ def temp_sigmoid(x: Tensor, temp: float = TEMPERATURE) -> Tensor:
     return 1.0 / (1.0 + torch.exp(torch.clamp(-x / temp, min=-50.0, max=50.0)))
 
 
-def ranking_loss(desc1: Tensor, desc2: Tensor, pts1: Tensor, pts2: Tensor, pos_thresh: float = POS_THRESH,
-                 neg_thresh: float = NEG_THRESH, temp: float = TEMPERATURE) -> Tuple[Tensor, Dict[str, float]]:
-    """The MEF loss for batched unit descriptors ``desc1 [B,S,C]``, ``desc2 [B,T,C]`` and object points
-    ``pts1 [B,S,3]``, ``pts2 [B,T,3]``. Returns ``(loss, info)``; ``info`` has the number of positives
-    and the mean soft AP. Without any positive pair the loss is ``0 * sim.sum()`` (a zero that keeps
-    the graph, so the step is a no-op rather than an error), as the official mean of an empty set
-    would be NaN."""
+def ap_terms(desc1: Tensor, desc2: Tensor, pts1: Tensor, pts2: Tensor, pos_thresh: float = POS_THRESH,
+             neg_thresh: float = NEG_THRESH, temp: float = TEMPERATURE) -> Tensor:
+    """The soft AP ``(ap1 + ap2) / 2`` of every positive pair ``[P]`` (module docstring) for batched unit
+    descriptors ``desc1 [B,S,C]``, ``desc2 [B,T,C]`` and object points ``pts1 [B,S,3]``, ``pts2 [B,T,3]``."""
     dist = torch.cdist(pts1.float(), pts2.float())                      # [B,S,T]
     sim = torch.bmm(desc1, desc2.transpose(-1, -2))                     # [B,S,T]
     b, s, t = torch.nonzero(dist < pos_thresh, as_tuple=True)
-    if b.numel() == 0:
-        return sim.sum() * 0.0, {"positives": 0.0, "ap": float("nan")}
     q = sim[b, s, t]                                                    # [P]
     rows = sim[b, s]                                                    # [P,T]
     neg = (dist[b, s] > neg_thresh).to(sim.dtype)                       # [P,T]
@@ -53,5 +48,20 @@ def ranking_loss(desc1: Tensor, desc2: Tensor, pts1: Tensor, pts2: Tensor, pos_t
     ap1 = r1 / (r1 + (temp_sigmoid(rows - 1.0, temp) * neg).sum(-1))
     r2 = temp_sigmoid(1.0 - q, temp) + 1.0
     ap2 = r2 / (r2 + (temp_sigmoid(rows - q[:, None], temp) * neg).sum(-1))
-    ap = (ap1 + ap2) / 2
-    return (1.0 - ap).mean(), {"positives": float(q.numel()), "ap": float(ap.detach().mean())}
+    return (ap1 + ap2) / 2
+
+
+def ranking_loss(desc1: Tensor, desc2: Tensor, pts1: Tensor, pts2: Tensor, pos_thresh: float = POS_THRESH,
+                 neg_thresh: float = NEG_THRESH, temp: float = TEMPERATURE) -> Tuple[Tensor, Dict[str, float]]:
+    """``mean(1 - ap)`` over the positives (:func:`ap_terms`); ``(loss, {"positives", "ap"})``."""
+    return reduce_terms([ap_terms(desc1, desc2, pts1, pts2, pos_thresh, neg_thresh, temp)], desc1)
+
+
+def reduce_terms(terms, anchor: Tensor) -> Tuple[Tensor, Dict[str, float]]:
+    """The loss over the positives of several pairs (the official batched mean). Without any positive
+    the loss is ``0 * anchor.sum()`` -- a zero that keeps the graph, so the step changes nothing --
+    where the official mean of an empty set would be NaN."""
+    ap = torch.cat([t.reshape(-1) for t in terms])
+    if ap.numel() == 0:
+        return anchor.sum() * 0.0, {"positives": 0.0, "ap": float("nan")}
+    return (1.0 - ap).mean(), {"positives": float(ap.numel()), "ap": float(ap.detach().mean())}
