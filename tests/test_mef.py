@@ -280,7 +280,10 @@ def test_mef_official_layout(tmp_path):
     ck = _official_ckpt(tmp_path / "dinov2_base.ckpt", C)
     bb, ref = obtain_backbone(cfg, tmp_path / "run")
     assert ref["kind"] == "official" and ref["lora_blocks"] == 4 and ref["lora_rank"] == 4
-    base = build_backbone(cfg.backbone)                              # same seed: the same random tiny ViT
+    from bench.seed import seed_everything
+
+    seed_everything(int(cfg.seed))                                   # as obtain_backbone: the same random tiny ViT
+    base = build_backbone(cfg.backbone)
     sd = base.model.state_dict()
     for k in range(4):                                               # hand-merged: q rows and v rows
         W = sd[f"blocks.{k}.attn.qkv.weight"].clone()
