@@ -185,6 +185,7 @@ def test_pairs_are_stateless_and_augmentation_moves_points(objects_root):
 
 
 # -- training --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_training_loss_falls_and_heldout_correspondence_moves(tmp_path):
     from methods.mef.method import MEF
 
@@ -205,6 +206,7 @@ def test_tiny_training_loss_falls_and_heldout_correspondence_moves(tmp_path):
     assert type(out).__name__ == "RefinedBackbone"
 
 
+@pytest.mark.slow
 def test_exact_resume(tmp_path):
     from methods.mef.method import MEF
 
