@@ -127,7 +127,21 @@ obj_poses.npy                          [42,4,4] object-to-camera poses (official
 
     def view(self, obj: str, i: int) -> Dict[str, Any]:
         """``image [3,H,W]`` in [0,1], ``depth [H,W]`` (object units: metres of the normalised object),
-        ``mask [H,W]`` bool, ``pose [4,4]`` object-to-camera, ``K [3,3]``."""
+        ``mask [H,W]`` bool, ``pose [4,4]`` object-to-camera, ``K [3,3]``. The last ``cache_views``
+        decoded views are kept in memory (small sets are read from disk once)."""
+        key = (obj, int(i))
+        cache = self.__dict__.setdefault("_cache", {})
+        if key in cache:
+            return dict(cache[key])
+        out = self._read_view(obj, int(i))
+        if len(cache) >= self.cache_views:
+            cache.pop(next(iter(cache)))
+        cache[key] = out
+        return dict(out)
+
+    cache_views = 512
+
+    def _read_view(self, obj: str, i: int) -> Dict[str, Any]:
         d = self.root / obj
         image = read_rgb(d / f"color_{i:06d}.png")
         depth = torch.from_numpy(read_array(d / f"depth_{i:06d}.png").astype(np.float32) / 1000.0)
