@@ -344,3 +344,19 @@ def test_bad_dataset_is_a_clear_error(tmp_path):
         open_objects({"dataset": "scannetpp"}, tmp_path)
     with pytest.raises(BenchError, match="python -m bench data mef_objaverse"):
         open_objects({"dataset": "mef_objaverse", "root": str(tmp_path / "nope")}, tmp_path)
+
+
+def test_mef_official_through_the_hub(local_hub, tmp_path, monkeypatch):
+    """The released file name under the real repo, fetched through hf:// and the real client."""
+    from bench.registry import METHODS
+
+    monkeypatch.setitem(METHODS.get("mef_official").variants, "small", "tiny_vit")
+    _official_ckpt(tmp_path / "dinov2_small.ckpt", 48)
+    sha = local_hub.seed("qq456cvb/3DCorrEnhance", {"dinov2_small.ckpt": tmp_path / "dinov2_small.ckpt"})
+    cfg = compose(["backbone=tiny_vit", "method=mef_official"])
+    method = METHODS.get("mef_official")()
+    out = method.fit(build_backbone(cfg.backbone), cfg, tmp_path / "run")
+    assert type(out).__name__ == "RefinedBackbone"
+    assert method.checkpoint_ref["checkpoint"] == "hf://qq456cvb/3DCorrEnhance/dinov2_small.ckpt"
+    assert method.checkpoint_ref["commit"] == sha and method.checkpoint_ref["variant"] == "small"
+    assert any("/resolve/main/dinov2_small.ckpt" in path for _, path in local_hub.requests)
