@@ -163,3 +163,107 @@ class FiT3DOfficial(OfficialCheckpoint):
 
     def filename(self, variant: str, cfg) -> str:
         return f"dinov2_{variant}_finetuned.pth"
+
+
+# -- MEF (3DCorrEnhance) ------------------------------------------------------------------------------
+MEF_LIGHTNING_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "loops", "callbacks", "optimizer_states",
+                      "lr_schedulers", "hparams_name", "hyper_parameters", "hparams_type", "datamodule_hparams_name",
+                      "datamodule_hyper_parameters", "MixedPrecisionPlugin", "NativeMixedPrecisionPlugin")
+_MEF_LORA_KEY = re.compile(r"^w_([ab])_(\d{3})$")
+
+
+def read_mef_checkpoint(path: Path, source: str) -> Dict[str, Any]:
+    """MEF's Lightning checkpoint -> ``{"refine": {weight, bias}, "A": [...], "B": [...]}``, strictly.
+
+    Layout (``finetune.py`` ``on_save_checkpoint``): ``state_dict = {"refine_conv": Conv2d state}``
+    (nested, not flat) and top-level ``w_a_000 .. w_a_{2n-1}`` ``[r, C]`` / ``w_b_000 ..`` ``[C, r]``
+    (pair ``2k`` = query, ``2k+1`` = value of block ``k`` of the last ``n``), beside Lightning's own
+    bookkeeping (epoch, optimizer_states, ...), which is ignored. Any other tensor, a missing or
+    unpaired index, or extra/missing conv keys is an error."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {source}: {type(e).__name__}: {e}",
+                              "pass MEF's released .ckpt (e.g. hf://qq456cvb/3DCorrEnhance/dinov2_base.ckpt)") from e
+    if not isinstance(ck, dict) or not isinstance(ck.get("state_dict"), dict):
+        raise CheckpointError(f"{source} is not an MEF checkpoint (no 'state_dict' dict)",
+                              "pass MEF's released .ckpt (a PyTorch Lightning checkpoint)")
+    sd = ck["state_dict"]
+    if set(sd) != {"refine_conv"} or not isinstance(sd["refine_conv"], dict):
+        raise CheckpointError(f"{source}: state_dict holds {sorted(sd)} instead of exactly ['refine_conv']",
+                              "this is not an MEF (3DCorrEnhance) checkpoint; use method.checkpoint=<MEF .ckpt>")
+    refine = dict(sd["refine_conv"])
+    if set(refine) != {"weight", "bias"}:
+        raise CheckpointError(f"{source}: refine_conv has keys {sorted(refine)}, expected ['bias', 'weight']",
+                              "re-download the checkpoint")
+    pairs: Dict[str, Dict[int, torch.Tensor]] = {"a": {}, "b": {}}
+    for k, v in ck.items():
+        m = _MEF_LORA_KEY.match(str(k))
+        if m:
+            pairs[m.group(1)][int(m.group(2))] = v
+        elif torch.is_tensor(v):
+            raise CheckpointError(f"{source}: unexpected tensor '{k}' at the top level",
+                                  "this is not an MEF (3DCorrEnhance) checkpoint")
+        elif k not in MEF_LIGHTNING_KEYS and k != "state_dict":
+            raise CheckpointError(f"{source}: unexpected entry '{k}'", "this is not an MEF (3DCorrEnhance) checkpoint")
+    n = len(pairs["a"])
+    if n == 0 or set(pairs["a"]) != set(range(n)) or set(pairs["b"]) != set(range(n)) or n % 2:
+        raise CheckpointError(f"{source}: LoRA entries w_a {sorted(pairs['a'])} / w_b {sorted(pairs['b'])} are "
+                              "not complete q/v pairs 000..2n-1", "re-download the checkpoint")
+    return {"refine": refine, "A": [pairs["a"][i] for i in range(n)], "B": [pairs["b"][i] for i in range(n)]}
+
+
+@METHODS.register("mef_official", "official MEF checkpoints (qq456cvb/3DCorrEnhance), DINOv2 S/B/L/g with and "
+                                  "without registers: q/v LoRA merged + refinement conv head; no training")
+class MEFOfficial(OfficialCheckpoint):
+    """MEF's released ``dinov2_<size>.ckpt`` / ``dinov2_reg_<size>.ckpt`` (Hub ``qq456cvb/3DCorrEnhance``).
+
+    The checkpoint holds only the LoRA pairs and the refinement conv; the base is the configured
+    backbone's pretrained DINOv2 (MEF loads ``torch.hub`` ``dinov2_vit*14[_reg]``; bench's
+    ``dinov2_vit*14[_reg]`` backbones are those weights in timm layout). The pairs are merged into the
+    last blocks' ``attn.qkv`` (:func:`methods.mef.adapt.merge_official_lora`) and the conv becomes the
+    feature head (:class:`methods.mef.head.RefinedBackbone`)."""
+
+    repo = "qq456cvb/3DCorrEnhance"
+    variants = {"small": "dinov2_vits14", "base": "dinov2_vitb14", "large": "dinov2_vitl14", "giant": "dinov2_vitg14",
+                "reg_small": "dinov2_vits14_reg", "reg_base": "dinov2_vitb14_reg", "reg_large": "dinov2_vitl14_reg",
+                "reg_giant": "dinov2_vitg14_reg"}
+
+    def filename(self, variant: str, cfg) -> str:
+        return f"dinov2_{variant}.ckpt"
+
+    def fit(self, backbone, cfg, workdir: Path):
+        from methods.mef.adapt import merge_official_lora
+        from methods.mef.head import RefinedBackbone, refine_conv
+
+        ref, info = self.reference(cfg)
+        path = Path(ref)
+        if ref.startswith("hf://"):
+            from bench.hub import parse_hf_path, resolve_hf_path
+
+            path = resolve_hf_path(ref)
+            if "snapshots" in path.parts:
+                info["commit"] = path.parts[path.parts.index("snapshots") + 1]
+            info.setdefault("repo", parse_hf_path(ref)[0])
+        source = f"method={cfg.method.name} checkpoint {ref}"
+        if not path.is_file():
+            raise CheckpointError(f"{source}: file not found", "pass an existing file or hf://org/repo/file")
+        ck = read_mef_checkpoint(path, source)
+        blocks = len(ck["A"]) // 2
+        if blocks > backbone.num_blocks:
+            raise CheckpointError(f"{source} adapts {blocks} blocks; backbone '{backbone.name}' has {backbone.num_blocks}",
+                                  "pick the backbone the checkpoint was trained for (method.variant)")
+        head = refine_conv(backbone.embed_dim)
+        try:
+            merge_official_lora(backbone.model, ck["A"], ck["B"], blocks)
+            load_state_dict_strict(head, ck["refine"], source=f"{source} (refine_conv)")
+        except ValueError as e:
+            raise CheckpointError(f"{source} does not fit backbone '{backbone.name}': {e}",
+                                  "pick the backbone the checkpoint was trained for (ViT-S 384 ch, B 768, L 1024, "
+                                  "g 1536; *_reg for the register models)") from None
+        for p in list(backbone.parameters()) + list(head.parameters()):
+            p.requires_grad_(False)
+        self.checkpoint_ref = {"kind": "official", **info, "lora_blocks": blocks,
+                               "lora_rank": int(ck["A"][0].shape[0])}
+        stride = cfg.method.get("export_stride")
+        return RefinedBackbone(backbone.eval(), head.eval(), stride=int(stride) if stride else None)

@@ -92,6 +92,11 @@ def backbone_of(rec: Mapping[str, Any]):
                              "run the grid first (python -m bench sweep experiment=mini_benchmark ...), "
                              "which trains and caches it")
         load_backbone_weights(bb, path)
+        from .registry import METHODS
+
+        method = METHODS.get(str(rec["method"]))()
+        if hasattr(method, "restore"):  # e.g. MEF: the feature head saved beside the weights
+            bb = method.restore(bb, cfg, path.parent)
     return bb.eval()
 
 

@@ -76,6 +76,7 @@ PLUGIN_MODULES = [
     "tasks",
     "bench.splat.perf",
     "methods.splat_distill",
+    "methods.mef",
 ]
 
 _loaded = False

@@ -101,6 +101,8 @@ def obtain_backbone(cfg: DictConfig, run_dir: Path | None = None) -> Tuple[Any, 
         if dist.broadcast_object(model_path.exists() and not cfg.get("force", False)):  # rank 0 decides for all
             log.info("reusing trained backbone %s", model_path)
             _load_cached(backbone, model_path)
+            if hasattr(method, "restore"):  # e.g. MEF: re-attach the feature head saved beside the weights
+                backbone = method.restore(backbone, cfg, workdir)
             return backbone, {"kind": "trained", "cache_key": workdir.name, "path": str(model_path), "reused": True,
                               **_train_time(workdir)}
 

@@ -141,6 +141,13 @@ def format_delta(d) -> str:
     return f"{mean:+.{digits}f} [{mean - hw:+.{digits}f}, {mean + hw:+.{digits}f}]"
 
 
+def _row_family(row: dict) -> tuple:
+    """Sort key: method family (``x`` for ``x``, ``x_official`` and published ``x``), ours first."""
+    name = str(row["method"]).replace(" *(published)*", "")
+    base = name[: -len("_official")] if name.endswith("_official") else name
+    return (base, row["source"] != "ours", name, str(row["backbone"]))
+
+
 def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) -> str:
     sub = ours[(ours.task == task) & (ours.protocol == protocol)]
     shown = sub[sub["reported"].astype(bool)].sort_values("rank", kind="stable")
@@ -167,6 +174,7 @@ def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) 
             v = g[g.metric == m]["value"]
             row[m] = f"{float(v.iloc[0]):.4g}" if len(v) else ""
         rows.append(row)
+    rows.sort(key=_row_family)  # published rows beside ours of the same method (mef, mef_official, mef published)
     cols = ["method", "backbone", "recipe"] + metrics + [delta_col, "seeds", "wall (s)", "source"]
     return tabulate([[r.get(c, "") for c in cols] for r in rows], headers=cols, tablefmt="github")
 
