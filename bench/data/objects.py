@@ -35,7 +35,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import List, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch

@@ -18,7 +18,7 @@ dependency); ISONoise is not reproduced (docs/methods/mef.md).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
