@@ -3,7 +3,7 @@
 No training: :meth:`OfficialCheckpoint.fit` fetches the released file through :mod:`bench.hub`
 (cache, ``HF_HUB_OFFLINE``, ``hf://`` references, clear errors), maps its keys into the
 backbone's timm model and loads it with strict key checking. Facts about the releases
-(read from the authors' code; see ../shared/docs/METHOD.md):
+(read from the authors' code; see docs/METHOD.md):
 
 * **Splat and Distill** (Hub ``david-shavin/SnD``): ``dinov2_{small,base}_snd.pth`` (trained with
   semantic blending; for single-view tasks) and ``dinov2_{small,base}_snd_no_blending.pth``

@@ -166,7 +166,7 @@ def _sizes(v: Any) -> Iterable[int]:
 
 def check_image_size(cfg: DictConfig, stride: int) -> None:
     """Every configured image size is at least the backbone's output stride."""
-    c = to_container(cfg)
+    c = {k: to_container(cfg[k]) for k in ("task", "method") if k in cfg}  # only the nodes read below
     for key, node in (("task.dataset.size", (c.get("task") or {}).get("dataset") or {}),
                       ("task.protocol.image_size", {"size": ((c.get("task") or {}).get("protocol") or {}).get("image_size")}),
                       ("method.data.size", (c.get("method") or {}).get("data") or {})):
@@ -226,7 +226,7 @@ def preflight(cfg: DictConfig, method: Any, task: Any) -> None:
     trains = bool(getattr(method, "trains", False))
     validate(cfg, trains)
     check_dirs(cfg, trains)
-    check_inputs(cfg)
     if hasattr(task, "check"):
-        task.check(cfg)  # e.g. the dataset exists: fail before training, not after
+        task.check(cfg)  # e.g. the dataset exists: fail before training, not after (local: before the Hub)
     check_test_images(cfg)
+    check_inputs(cfg)  # weights files and Hub refs (may ask the Hub once per file)

@@ -1,4 +1,4 @@
-"""Dense-prediction metrics, exactly as in ../shared/docs/PROTOCOLS.md.
+"""Dense-prediction metrics, exactly as the anchors compute them (docs/PROTOCOLS.md).
 
 Every depth and normals metric is computed **per image, then averaged over images**. Inputs are
 batched tensors; functions return per-image values (``[B]`` tensors) so that callers can

@@ -14,7 +14,9 @@ T975_2 = 4.302652729911275   # t quantile 0.975 with 2 degrees of freedom
 def _frame(rows):
     base = {"backbone": "bb", "task": "t", "protocol": "p", "dataset": "d", "reported": True, "rank": 0,
             "wall_s": 1.0, "created": "", "id": ""}
-    return pd.DataFrame([{**base, **r} for r in rows])
+    # identity columns as records_frame makes them: one configuration per method, evaluated alike
+    return pd.DataFrame([{**base, "cell": f"{r['method']}/{r['seed']}", "row": r["method"],
+                          "recipe": "test `00000000`", "evaluation": "bb/t", **r} for r in rows])
 
 
 def test_delta_vs_teacher_paired_by_seed_with_t_interval():

@@ -85,7 +85,8 @@ def test_latest_records_picks_latest_of_seed(tmp_path):
     runs.mkdir()
     for i, (seed, created) in enumerate([(0, "2026-01-01"), (0, "2026-01-02"), (1, "2026-01-03")]):
         (runs / f"{i}.json").write_text(json.dumps({"id": str(i), "method": "dinov2", "backbone": "b",
-                                                    "task": "synth_depth", "seed": seed, "created": created}))
+                                                    "task": "synth_depth", "seed": seed, "created": created,
+                                                    "metrics": {"rmse": 1.0}}))
     recs = latest_records(tmp_path, "b", 0)
     assert list(recs) == [("dinov2", "synth_depth")] and recs[("dinov2", "synth_depth")]["id"] == "1"
     assert latest_records(tmp_path, "other", 0) == {}

@@ -327,7 +327,8 @@ def test_leaderboard_places_published_mef_beside_ours(tmp_path):
 
     ours = pd.DataFrame([{"method": m, "backbone": "dinov2_vits14", "task": "nyu_depth", "dataset": "nyu",
                           "protocol": "linear", "seed": 0, "metric": "rmse", "value": v, "created": "x", "id": m,
-                          "reported": True, "rank": 0, "wall_s": 1.0, "device": "cpu", "threads": 1}
+                          "reported": True, "rank": 0, "wall_s": 1.0, "device": "cpu", "threads": 1,
+                          "cell": f"{m}/0", "row": m, "recipe": "r `00000000`", "evaluation": "b/t"}
                          for m, v in (("dinov2", 0.5), ("mef", 0.6), ("splat_distill", 0.4))])
     ref = pd.DataFrame([{"source": "paper", "method": m, "backbone": "dinov2_vits14", "task": "nyu_depth",
                          "metric": "rmse", "value": v, "note": ""} for m, v in (("mef", 0.5656), ("dinov2", 0.521))])

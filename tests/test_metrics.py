@@ -1,4 +1,4 @@
-"""Every metric against hand-computed values (see tasks/metrics.py and PROTOCOLS.md)."""
+"""Every metric against hand-computed values (see tasks/metrics.py and docs/PROTOCOLS.md)."""
 import math
 
 import pytest

@@ -5,7 +5,7 @@ pruning, opacity reset), ``stage1`` (per-scene optimisation with the RGB + decod
 cached and resumable), ``method`` (the registered ``fit3d`` method: stage I for every training scene,
 then stage II fine-tuning of the whole backbone) and ``perf`` (``python -m bench perf lift``: FiT3D's
 per-scene optimisation vs Splat-and-Distill's feed-forward lifting).
-Facts: docs/METHOD.md; config: bench/conf/method/fit3d.yaml.
+Facts: docs/methods/fit3d.md; config: bench/conf/method/fit3d.yaml.
 """
 from . import method, perf  # noqa: F401  (registrations)
 from .method import FiT3D

@@ -44,7 +44,7 @@ from ..cameras import look_at
 from ..errors import BenchError
 from ..io import write_json
 from ..registry import DATASETS
-from . import synthetic as syn
+from .synthetic import raycast as _raycast, spec as _spec, writer as _writer
 from .mef_objaverse import MEF_FOCAL, MEF_SIZE, POSES_FILE
 
 GENERATOR = "bench.objects"
@@ -108,7 +108,7 @@ def make_object(seed: int, index: int) -> dict:
         objects.append({"kind": kd, "semantic": 3, "instance": 7 + len(objects),
                         "center": [float(v) for v in (c - mid) * scale + np.array(CENTRE)], "R": R.tolist(),
                         "size": [float(v) * scale for v in s],
-                        "texture": syn._texture(rng, patterns, (0.06, 0.25))})
+                        "texture": _spec._texture(rng, patterns, (0.06, 0.25))})
     dull = {"pattern": "noise", "scale": 1.0, "c1": [0.0, 0.0, 0.0], "c2": [0.0, 0.0, 0.0], "phase": [0.5] * 3,
             "dir": [1.0, 0.0, 0.0], "waves": [[1.0, 0.0, 0.0, 0.0, 1.0]]}
     return {"object_id": object_name(index), "seed": int(seed), "index": int(index),
@@ -140,14 +140,14 @@ def object_intrinsics(H: int, W: int) -> torch.Tensor:
 
 def render_object(obj: dict, pose: torch.Tensor, K: torch.Tensor, H: int, W: int, supersample: int = 2) -> dict:
     """One view: ``rgb [H,W,3]`` (black background), ``depth [H,W]`` (0 background), ``mask [H,W]``."""
-    prims = syn.Primitives(obj)
+    prims = _raycast.Primitives(obj)
     shift = torch.eye(4, dtype=torch.float64)
     shift[:3, 3] = -torch.tensor(CENTRE, dtype=torch.float64)
     w2c = pose.double() @ shift                                   # world (room) -> camera
     c2w = torch.linalg.inv(w2c)
     prims.lights = [((c2w[:3, :3] @ torch.tensor(p, dtype=torch.float64) + c2w[:3, 3]).float(), inten)
                     for p, inten in CAMERA_LIGHTS]
-    r = syn.render_view(prims, K, w2c, H, W, supersample)
+    r = _raycast.render_view(prims, K, w2c, H, W, supersample)
     mask = r["instance"] >= 7
     return {"rgb": r["rgb"] * mask[..., None], "depth": torch.where(mask, r["depth"], torch.zeros_like(r["depth"])),
             "mask": mask}
@@ -170,10 +170,10 @@ def generate_object(root: Path, seed: int, index: int, poses: torch.Tensor, size
     K = object_intrinsics(H, W)
     for v in range(poses.shape[0]):
         r = render_object(obj, poses[v], K, H, W, supersample)
-        syn._write_png(d / f"color_{v:06d}.png", (r["rgb"].numpy() * 255.0 + 0.5).astype(np.uint8))
+        _writer._write_png(d / f"color_{v:06d}.png", (r["rgb"].numpy() * 255.0 + 0.5).astype(np.uint8))
         mm = np.clip(np.round(r["depth"].numpy().astype(np.float64) * 1000.0), 0, 65535).astype(np.uint16)
-        syn._write_png(d / f"depth_{v:06d}.png", mm)
-        syn._write_png(d / f"mask_{v:06d}.png", r["mask"].numpy().astype(np.uint8) * 255)
+        _writer._write_png(d / f"depth_{v:06d}.png", mm)
+        _writer._write_png(d / f"mask_{v:06d}.png", r["mask"].numpy().astype(np.uint8) * 255)
     write_json(d / "object.json", obj)
     return d
 
@@ -236,7 +236,7 @@ def ensure_objects(root: str | os.PathLike | None = None, objects: int = 8, view
 
 def split_objects(names: Sequence[str], held_out: float | int) -> tuple:
     """(train, held_out): the held-out objects are the last ones (a count or a fraction)."""
-    return syn.split_scenes(names, held_out)
+    return _writer.split_scenes(names, held_out)
 
 
 # -- python -m bench data synthetic_objects ------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Tiled pure-torch Gaussian splatting (the CPU engine), numerically following gsplat 1.5.3.
 
-Design (see ENVIRONMENT.md, "CPU fallback design"):
+Design (docs/ARCHITECTURE.md, "splatting"):
 
 1. project all Gaussians into all cameras in plain torch (:func:`bench.splat.project.project`);
 2. bin them into square tiles of ``tile`` pixels (gsplat's opacity-aware boxes, minus the tiles where

@@ -5,7 +5,7 @@ Modules: ``views`` (context/target sampling), ``adapt`` (LoRA / full fine-tuning
 ``reconstruct`` (the reconstructor seam: depth unprojection, learned cost-volume network, MVSplat
 slot), ``distill`` (one training step), ``method`` (the registered ``splat_distill`` method),
 ``pretrain`` (``python -m bench pretrain-reconstructor``) and ``perf`` (``python -m bench perf train``).
-Facts: docs/METHOD.md; config: bench/conf/method/splat_distill.yaml.
+Facts: docs/methods/splat_distill.md; config: bench/conf/method/splat_distill.yaml.
 """
 from . import method, perf  # noqa: F401  (registrations)
 from .method import SplatDistill
