@@ -600,3 +600,17 @@ def test_fit3d_eval_tasks_run_end_to_end(tmp_path):
                     "task.protocols.linear.schedule.warmup_iters=1", "task.protocols.linear.schedule.batch_size=2")
     m = TASKS.get("scannetpp_seg")().evaluate(bb, cfg, tmp_path / "s")
     assert 0 <= m["mIoU"] <= 100
+
+
+def test_verify_reports_every_bad_file_not_only_the_first(tmp_path, capsys):
+    for sub in ("training", "validation"):
+        for i in (1, 2):
+            save_rgb(tmp_path / "images" / sub / f"ADE_{i}.jpg", rand_rgb(4, 4))
+            save_u8(tmp_path / "annotations" / sub / f"ADE_{i}.png", np.zeros((4, 4)))
+    bad = [tmp_path / "images" / "training" / "ADE_2.jpg", tmp_path / "images" / "validation" / "ADE_1.jpg"]
+    for p in bad:
+        p.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    assert cli_main(["data", "ade20k", "--root", str(tmp_path), "--deep", "--verify"]) == 2
+    out = capsys.readouterr().out
+    assert all(str(p) in out for p in bad), out
+    assert str(tmp_path / "images" / "training" / "ADE_1.jpg") not in out  # a good file is not listed
