@@ -56,3 +56,11 @@ class NonFiniteLossError(BenchError):
 
 class ClusterError(BenchError):
     """SLURM / submitit is unavailable or a job failed."""
+
+
+def choice(key: str, value, choices) -> str:
+    """``str(value)`` when it is one of ``choices``; else the one-line error naming ``key`` and the choices."""
+    v = str(value)
+    if v not in choices:
+        raise BenchError(f"{key}='{v}' is not a choice", f"use one of {tuple(choices)}")
+    return v

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from bench.checkpoint import weights_hash
 from bench.config import stable_hash, to_container
 from bench.data.multiview import open_scenes
-from bench.errors import BenchError
+from bench.errors import choice
 from bench.io import write_json
 from bench.registry import METHODS
 from bench.seed import seed_everything
@@ -164,12 +164,8 @@ class FiT3D:
             data.load_views(data.scene_ids[0], [0])["images"].shape[-2:])
         diag = Diagnostics(m, size, cfg.paths.data_dir, device)
         diag.start(backbone.to(device), trainable_weights(backbone.model))
-        bn_mode = str(s2.get("batchnorm", "eval"))
-        if bn_mode not in ("eval", "train"):
-            raise BenchError(f"method.stage2.batchnorm='{bn_mode}' is not a choice", "use eval or train")
-        loss_mask = str(s2.get("loss_mask", "anon"))
-        if loss_mask not in LOSS_MASKS:
-            raise BenchError(f"method.stage2.loss_mask='{loss_mask}' is not a choice", f"use one of {LOSS_MASKS}")
+        bn_mode = choice("method.stage2.batchnorm", s2.get("batchnorm", "eval"), ("eval", "train"))
+        loss_mask = choice("method.stage2.loss_mask", s2.get("loss_mask", "anon"), LOSS_MASKS)
         backbone = train_mode(backbone.to(device).requires_grad_(True), bn_mode)
         opt = torch.optim.AdamW(backbone.model.parameters(), lr=float(s2.lr), weight_decay=float(s2.weight_decay))
         from bench.loader import StepLoader

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.errors import BenchError
+from bench.errors import BenchError, choice
 from bench.distributed import global_mean_weight
 from bench.train import EMA, autocast
 
@@ -208,18 +208,10 @@ class Distiller:
         lift = self.cfg["lift"]
         H, W = examples[0]["images"].shape[-2:]
         mode = str(lift.get("upsample", "mask_aware"))
-        ugrid = str(lift.get("upsample_grid", "corners"))
-        if ugrid not in UPSAMPLE_GRIDS:
-            raise BenchError(f"method.lift.upsample_grid='{ugrid}' is not a choice", f"use one of {UPSAMPLE_GRIDS}")
-        excluded = str(lift.get("all_excluded", "zero"))
-        if excluded not in ("zero", "bilinear"):
-            raise BenchError(f"method.lift.all_excluded='{excluded}' is not a choice", "use zero or bilinear")
-        uncovered = str(lift.get("uncovered", "zero_fill"))
-        if uncovered not in UNCOVERED:
-            raise BenchError(f"method.lift.uncovered='{uncovered}' is not a choice", f"use one of {UNCOVERED}")
-        over = str(lift.get("blend_segments", "all"))
-        if over not in BLEND_SEGMENTS:
-            raise BenchError(f"method.lift.blend_segments='{over}' is not a choice", f"use one of {BLEND_SEGMENTS}")
+        ugrid = choice("method.lift.upsample_grid", lift.get("upsample_grid", "corners"), UPSAMPLE_GRIDS)
+        excluded = choice("method.lift.all_excluded", lift.get("all_excluded", "zero"), ("zero", "bilinear"))
+        uncovered = choice("method.lift.uncovered", lift.get("uncovered", "zero_fill"), UNCOVERED)
+        over = choice("method.lift.blend_segments", lift.get("blend_segments", "all"), BLEND_SEGMENTS)
         with self._timed("teacher"), autocast(self.precision, self.device):
             feats = self.teacher_forward(torch.cat([ex["images"][:2] for ex in examples]))   # [2B,C,h,w]
         feats = feats.float()  # lifting, splatting and blending stay float32
