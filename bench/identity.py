@@ -214,7 +214,15 @@ def recipe_label(cfg: Any) -> str:
 
 
 def cell_identity(cfg: Any) -> Dict[str, Any]:
-    """The fingerprint a record of ``cfg`` carries (see the module docstring)."""
+    """The fingerprint a record of ``cfg`` carries (see the module docstring). A composed config is
+    first given the method variant of its task's kind (``method.per_task``, as the runner runs it), so
+    that a sweep's plan and the record of the run agree (applying the variant twice changes nothing)."""
+    from omegaconf import DictConfig
+
+    from .method_variants import apply_per_task
+
+    if isinstance(cfg, DictConfig):
+        cfg = apply_per_task(cfg)
     comp = components(cfg)
     row = stable_hash({"v": VERSION, **comp})
     cell = stable_hash({"v": VERSION, **comp, "seed": int(cfg.seed)})

@@ -183,3 +183,26 @@ def test_local_sweep_end_to_end(toys, tmp_path, capsys):
     assert "nothing to run" in capsys.readouterr().out
     assert sweep.main(args("--status", *ov)) == 0  # the latest sweep under <output_dir>/sweeps
     assert "sweeps/first (cluster=local): 4 done" in capsys.readouterr().out
+
+
+def test_plan_skips_a_cell_whose_record_ran_a_per_task_variant(tmp_path):
+    """Splat-and-Distill trains a no-blending backbone for correspondence (method.per_task): the
+    runner's record carries the fingerprint of that variant, and the plan must compute the same one."""
+    from bench.identity import cell_identity
+    from bench.method_variants import apply_per_task
+
+    ov = ["method=splat_distill", "backbone=tiny_vit", "task=synth_corr", "seed=0", f"paths.root={tmp_path}",
+          f"paths.data_dir={tmp_path}/data", f"paths.results_dir={tmp_path}/results",
+          f"paths.output_dir={tmp_path}/outputs", f"paths.cache_dir={tmp_path}/cache"]
+    cfg = compose(ov)
+    ran = apply_per_task(cfg)  # what the runner runs and records
+    assert ran.method.lift.blending is False and cfg.method.lift.blending is True
+    assert cell_identity(cfg) == cell_identity(ran)
+    no_variant = compose(ov + ["~method.per_task"])
+    assert cell_identity(no_variant)["parts"]["method"] != cell_identity(cfg)["parts"]["method"]
+    records.write_record(tmp_path / "results", {
+        "id": records.new_record_id("splat_distill", "tiny_vit", "synth_corr", 0), "created": "2026-01-01T00:00:00Z",
+        "method": "splat_distill", "backbone": "tiny_vit", "task": "synth_corr", "seed": 0,
+        "protocol": {"name": "default"}, "metrics": {"m": 1.0}, "identity": cell_identity(ran)})
+    plan = sweep.make_plan(ov)
+    assert [c.skip for c in plan.cells] == [True] and plan.jobs == {}
