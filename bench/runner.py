@@ -195,14 +195,25 @@ def _train_info(key: str, segments: List[Dict[str, Any]]) -> Dict[str, Any]:
             "cache_key": key}
 
 
+def train_diagnostics(info: Dict[str, Any]) -> Dict[str, Any]:
+    """The scalar training diagnostics of a trained backbone's ``train_info.json`` (adapted-layer and
+    held-out feature change, first/last loss, KL, head collapse... see methods/splat_distill/diagnostics.py)
+    that a record carries; the per-view detail stays in the cache's train_info.json."""
+    d = info.get("diagnostics") or {}
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            or k == "student_grid"}
+
+
 def _train_time(workdir: Path) -> Dict[str, Any]:
     import json
 
     try:
         info = json.loads((workdir / "train_info.json").read_text())
-        return {"train_wall_time_s": float(info["wall_time_s"]), "train_segments": int(info.get("segments", 1))}
+        out = {"train_wall_time_s": float(info["wall_time_s"]), "train_segments": int(info.get("segments", 1))}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
+    diag = train_diagnostics(info)
+    return {**out, "train_diagnostics": diag} if diag else out
 
 
 def train(cfg: DictConfig) -> Path:

@@ -218,6 +218,51 @@ def config_rows(results_dir: str | Path, ids) -> List[List[str]]:
              "; ".join(sorted(v["train"])), "; ".join(sorted(v["data"]))] for k, v in sorted(rows.items())]
 
 
+DIAGNOSTIC_COLUMNS = [("feature_change", "held-out feature change"), ("feature_1_minus_cos", "1 - cos"),
+                      ("adapted_weight_change", "adapted-weight change"), ("loss_first", "loss first"),
+                      ("loss_last", "loss last"), ("kl_first", "KL first"), ("kl_last", "KL last"),
+                      ("head_cos_first", "head cos first"), ("head_cos_last", "head cos last")]
+
+
+def record_diagnostics(rec, results_dir: str | Path) -> dict:
+    """The training diagnostics of a trained record's backbone: ``checkpoint.train_diagnostics`` of the
+    record, else ``<results>/diagnostics/<cache_key>.json`` (the backbone's train_info.json kept beside
+    the records), else {}."""
+    import json
+
+    ck = rec.get("checkpoint") or {}
+    if ck.get("kind") != "trained":
+        return {}
+    if ck.get("train_diagnostics"):
+        return dict(ck["train_diagnostics"])
+    path = Path(results_dir) / "diagnostics" / f"{ck.get('cache_key')}.json"
+    if ck.get("cache_key") and path.is_file():
+        from .runner import train_diagnostics
+
+        return train_diagnostics(json.loads(path.read_text()))
+    return {}
+
+
+def diagnostics_rows(results_dir: str | Path, ids) -> List[List[str]]:
+    """One row per trained backbone (cache key) of the shown records: method, backbone, the tasks that
+    used it, seed, and the scalar diagnostics of :data:`DIAGNOSTIC_COLUMNS`."""
+    rows: dict = {}
+    for rec in load_records(results_dir):
+        if rec["id"] not in ids:
+            continue
+        d = record_diagnostics(rec, results_dir)
+        if not d:
+            continue
+        key = (rec["method"], rec["backbone"], int(rec.get("seed", 0)), (rec.get("checkpoint") or {}).get("cache_key"))
+        r = rows.setdefault(key, {"tasks": set(), "d": d})
+        r["tasks"].add(rec["task"])
+    out = []
+    for (method, bb, seed, key), r in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], str(kv[0][3]))):
+        vals = [f"{r['d'][k]:.4g}" if isinstance(r["d"].get(k), (int, float)) else "" for k, _ in DIAGNOSTIC_COLUMNS]
+        out.append([method, bb, seed, ", ".join(sorted(r["tasks"])), f"`{str(key)[-16:]}`", *vals])
+    return out
+
+
 def leaderboard_markdown(results_dir: str | Path) -> str:
     results_dir = Path(results_dir)
     ours = records_frame(results_dir)
@@ -267,6 +312,15 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
             out += ["Rows marked `legacy` come from records written before cell fingerprints: they cannot say "
                     "which configuration they came from, so they never share a row with fingerprinted records "
                     "and `sweep` re-runs their cells.", ""]
+    diag = diagnostics_rows(results_dir, set(ours.drop_duplicates("id")["id"])) if not ours.empty else []
+    if diag:
+        out += ["## Training diagnostics", "",
+                "Per trained backbone (its cache key), from its `train_info.json`: relative change of the held-out "
+                "features (and their 1 - cos), relative change of the adapted weights, first/last training loss, the "
+                "KL part of the distillation cross-entropy and the head's mean pairwise embedding cosine (collapse) "
+                "where the method has them (methods/splat_distill/diagnostics.py).", "",
+                tabulate(diag, headers=["method", "backbone", "seed", "tasks", "backbone key",
+                                        *[h for _, h in DIAGNOSTIC_COLUMNS]], tablefmt="github"), ""]
     figs = sorted((results_dir / "figures").glob("*.png"))
     if figs:
         out += ["## Figures", ""] + [f"- [{p.stem}](figures/{p.name})" for p in figs] + [""]

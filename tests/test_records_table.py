@@ -72,3 +72,30 @@ def test_leaderboard_with_only_published_numbers(tmp_path):
         "source,method,backbone,task,metric,value,note\nSnD paper,splat_distill,dinov2_vits14,nyu_depth,rmse,0.4912,x\n")
     md = table.leaderboard_markdown(tmp_path)
     assert "No records yet" in md and "0.4912" in md
+
+
+def test_training_diagnostics_from_records_and_beside_them(tmp_path):
+    """The leaderboard's training-diagnostics section: a trained record's own diagnostics, or those of
+    its backbone's train_info.json kept in <results>/diagnostics/<cache_key>.json; frozen records none."""
+    from bench.runner import train_diagnostics
+
+    res = tmp_path / "results"
+    info = {"wall_time_s": 3.0, "diagnostics": {"feature_change": 0.149, "adapted_weight_change": 0.0067,
+                                                "kl_first": 1.3e-3, "kl_last": 1.5e-4, "held_out": {"views": 12},
+                                                "student_grid": [6, 8], "before": {"x": 1}}}
+    assert train_diagnostics(info) == {"feature_change": 0.149, "adapted_weight_change": 0.0067,
+                                       "kl_first": 1.3e-3, "kl_last": 1.5e-4, "student_grid": [6, 8]}
+    for seed, ck in ((0, {"kind": "trained", "cache_key": "snd-bb-aaaa", "train_diagnostics": {"feature_change": 0.25}}),
+                     (1, {"kind": "trained", "cache_key": "snd-bb-bbbb"}),
+                     (2, {"kind": "frozen"})):
+        records.write_record(res, {"id": f"r{seed}", "created": f"2026-01-0{seed + 1}T00:00:00Z", "method": "snd",
+                                   "backbone": "bb", "task": "t", "seed": seed, "protocol": {"name": "linear"},
+                                   "metrics": {"m": 1.0}, "checkpoint": ck})
+    io.write_json(res / "diagnostics" / "snd-bb-bbbb.json", info)
+    md = table.leaderboard_markdown(res)
+    section = md.split("## Training diagnostics")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| snd")]
+    assert len(rows) == 2  # the frozen record has none
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    assert cells[0][:6] == ["snd", "bb", "0", "t", "`snd-bb-aaaa`", "0.25"] and set(cells[0][6:]) == {""}
+    assert cells[1][4:9] == ["`snd-bb-bbbb`", "0.149", "", "0.0067", ""] and cells[1][10:12] == ["0.0013", "0.00015"]
