@@ -82,3 +82,19 @@ def test_dense_task_with_force_true_recomputes_the_cached_teacher_features(tmp_p
     assert run("force=true") == sample                                                                 # same key
     again = torch.load(sample, weights_only=True)
     assert torch.equal(again[0][0], fresh[0][0]) and not torch.equal(again[0][0], stale[0][0])
+
+
+def test_sweep_force_flag_makes_frozen_cells_refresh_their_features(toys, tmp_path):
+    """``sweep --force`` re-runs cells that have records; a frozen method's (e.g. the teacher's) job then
+    runs with force=true (which re-extracts the features and trains nothing); a trained method's job
+    does not (force=true would retrain its backbone; ``force=true`` as an override does that)."""
+    from bench import sweep
+
+    ov = ["backbone=tiny_vit", "task=synth_corr", f"paths.root={tmp_path}", f"paths.data_dir={tmp_path}/data",
+          f"paths.results_dir={tmp_path}/results", f"paths.output_dir={tmp_path}/outputs",
+          f"paths.cache_dir={tmp_path}/cache", "+method.steps=2", "+method.sleep_s=0",
+          f"cluster.folder={tmp_path}/sweep", "method.name=dinov2,toy_train", "task.name=toy_probe"]
+    frozen, trained = "eval:dinov2-tiny_vit-toy_probe-s0", "eval:toy_train-tiny_vit-toy_probe-s0"
+    plain, forced = sweep.make_plan(ov), sweep.make_plan(ov, force=True)
+    assert "force=true" not in plain.job_overrides[frozen] and forced.job_overrides[frozen][-1] == "force=true"
+    assert "force=true" not in forced.job_overrides[trained]
