@@ -1,6 +1,17 @@
 """``python -m bench <command>``: the command-line entry point.
 
-Commands: run, sweep, table, list, data, perf, hub, pretrain-reconstructor.
+Commands (``python -m bench COMMAND --help`` for each one's options):
+
+* ``run`` -- one cell (method x backbone x task): obtain the backbone, evaluate the task, write its record;
+* ``sweep`` -- a grid of cells as SLURM (submitit) or local jobs (:mod:`bench.sweep`);
+* ``table`` -- rebuild ``results/leaderboard.md`` from the records;
+* ``list`` -- the registered methods, tasks, backbones, datasets and benchmarks;
+* ``data NAME`` -- check a prepared dataset (what is missing, where to get it) or generate a synthetic set;
+* ``perf NAME`` -- a benchmark that measures compared variants side by side and prints ratios;
+* ``hub`` -- pull / push checkpoints from / to the Hugging Face Hub;
+* ``figures`` -- the mini-benchmark figures from the records (:mod:`bench.figures`);
+* ``pretrain-reconstructor`` -- pretrain Splat-and-Distill's learned feed-forward reconstructor.
+
 Every user-fixable failure is a :class:`bench.errors.BenchError`, printed as one line
 (``error: <problem>. Fix: <fix>``) with exit status 2.
 """

@@ -7,7 +7,8 @@ record points to) and writes PNGs (matplotlib, Agg) to ``results/figures/``:
 * ``features_pca.png`` -- one held-out view of the depth task and, per method, the first three
   principal components of its dense features (PCA fitted per method on that view) as RGB;
 * ``depth_normals.png`` -- ground-truth depth and normals of that view beside each method's probe
-  predictions (the probes the records' runs saved in ``<run_dir>/task/probe.safetensors``);
+  predictions (the probes the records' runs saved in ``<run_dir>/task/probe.safetensors``); the depth
+  row shares one colour scale, shown by a colour bar in metres;
 * ``correspondence.png`` -- one held-out pair of the correspondence task: the task's own matching
   (:func:`tasks.correspondence.depth_pair_errors` machinery: mutual 2-NN ratio top-k) drawn as lines,
   green within ``--px`` pixels of the exact ground truth, red otherwise;
@@ -186,6 +187,28 @@ def figure_pca(recs, backbones, out: Path, view: int) -> Optional[Path]:
     return _save(fig, out / "features_pca.png")
 
 
+#: colour map of the depth panels (near = dark) and the label of their colour bar
+DEPTH_CMAP, DEPTH_LABEL = "magma_r", "depth (m)"
+
+
+def depth_panels(fig, axes: Sequence[Any], gt: torch.Tensor, preds: Mapping[str, torch.Tensor]):
+    """Ground-truth depth ``gt [H,W]`` (metres, 0 = invalid) in ``axes[0]`` and each prediction of
+    ``preds`` (label -> ``[H,W]`` metres) in the next axes, on one colour scale from 0 to the largest
+    valid ground-truth depth, with one colour bar in metres beside the row; returns the colour bar."""
+    valid = gt > 0
+    vmax = float(gt[valid].max()) if valid.any() else 1.0
+    im = axes[0].imshow(gt.numpy(), cmap=DEPTH_CMAP, vmin=0, vmax=vmax)
+    axes[0].set_title("depth: ground truth", fontsize=8)
+    for ax, (label, pred) in zip(axes[1:], preds.items()):
+        rmse = float(((pred - gt)[valid] ** 2).mean().sqrt()) if valid.any() else float("nan")
+        ax.imshow(pred.numpy(), cmap=DEPTH_CMAP, vmin=0, vmax=vmax)
+        ax.set_title(f"{label}\n(this view: rmse {rmse:.3f} m)", fontsize=8)
+    bar = fig.colorbar(im, ax=list(axes[:1 + len(preds)]), fraction=0.025, pad=0.02)
+    bar.set_label(DEPTH_LABEL, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    return bar
+
+
 def figure_depth_normals(recs, backbones, out: Path, view: int) -> Optional[Path]:
     import matplotlib.pyplot as plt
 
@@ -202,15 +225,8 @@ def figure_depth_normals(recs, backbones, out: Path, view: int) -> Optional[Path
         axes[r, 0].set_title("held-out view", fontsize=8)
         if task == "synth_depth":
             gt = s["depth"].float().squeeze()
-            valid = gt > 0
-            vmax = float(gt[valid].max()) if valid.any() else 1.0
-            axes[r, 1].imshow(gt.numpy(), cmap="magma_r", vmin=0, vmax=vmax)
-            axes[r, 1].set_title("depth: ground truth", fontsize=8)
-            for c, m in enumerate(methods):
-                pred = probe_prediction(recs[(m, task)], backbones[m], img)
-                rmse = float(((pred - gt)[valid] ** 2).mean().sqrt()) if valid.any() else float("nan")
-                axes[r, c + 2].imshow(pred.numpy(), cmap="magma_r", vmin=0, vmax=vmax)
-                axes[r, c + 2].set_title(f"{LABELS.get(m, m)}\n(this view: rmse {rmse:.3f} m)", fontsize=8)
+            preds = {LABELS.get(m, m): probe_prediction(recs[(m, task)], backbones[m], img) for m in methods}
+            depth_panels(fig, list(axes[r, 1:len(methods) + 2]), gt, preds)
         else:
             gt = s["normals"].float()
             valid = gt.norm(dim=0) > 0.5

@@ -182,6 +182,8 @@ def make_plan(overrides: Sequence[str], force: bool = False) -> Plan:
         jobs[name] = JobRecord(name=name, kind="eval", cells=[c.id], array=f"eval@{train}" if after else "eval",
                                after_ok=after)
         job_overrides[name] = c.overrides + (["force=false"] if retrain and c.trains else [])
+        if force and not retrain and not c.trains:  # --force on a frozen cell: also re-extract its features
+            job_overrides[name].append("force=true")
     if jobs:
         jobs["leaderboard"] = JobRecord(name="leaderboard", kind="table", cells=[], array="table",
                                         after_any=list(jobs))

@@ -27,6 +27,10 @@ has ``name`` (registry name), ``root``, ``splits`` (``{train: ..., test: ...}``:
 to the reader), optional ``kwargs`` (passed to the reader unchanged) and optional ``limit`` (use only
 the first N samples of each split; for smoke runs).
 A reader may also provide ``add_arguments(parser)`` / ``cli(args)`` for ``python -m bench data <name>``.
+The real-dataset readers build on :class:`bench.data.layout.FileDataset` (which derives ``check``, the
+missing-data errors and that command) and register with :func:`bench.data.layout.register_reader`, which
+also sets their ``name``; a command-only entry (a generator, a checker) is
+:func:`bench.data.layout.register_command`.
 ``check`` may take keyword arguments (e.g. ``layout``); those named in ``kwargs`` are passed to it.
 
 Two multi-view scene sets are read through :class:`bench.data.scenes.ViewDataset` instead (single

@@ -136,7 +136,8 @@ class DenseTask:
                                         **({"precision": str(cfg.precision)} if str(cfg.get("precision", "32")) != "32" else {})},
                                  dataset_identity(cfg.task.dataset, "train"),
                                  str(fcfg.get("cache_dtype", "float32")))
-            cache.fill(backbone, train, batch_size=int(fcfg.get("batch_size", 8)), device=str(device), progress=progress)
+            cache.fill(backbone, train, batch_size=int(fcfg.get("batch_size", 8)), device=str(device), progress=progress,
+                       refresh=bool(cfg.get("force", False)))
             data = CachedFeatures(cache, train, (self.label, *self.extra))
             get_feats = lambda b: [f.to(device) for f in assemble(b["features"])]  # noqa: E731
         else:

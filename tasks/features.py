@@ -16,7 +16,9 @@ For a :class:`bench.backbones.ConcatBackbone` (FiT3D's evaluation) the CLS part 
 ``<cache_dir>/features/<key>/`` where ``key`` hashes the backbone name and a hash of its weights,
 the feature spec, the preprocessing and the dataset identity. Each sample is one file written
 atomically; a ``meta.json`` marks the cache complete. An interrupted extraction resumes where it
-stopped. Only augmentation-free training uses it (random crops/flips need fresh features).
+stopped. Only augmentation-free training uses it (random crops/flips need fresh features). A forced
+run (``force=true``) refills it from scratch (:meth:`FeatureCache.fill` ``refresh``): the key holds the
+weights and settings, not the code that computed the features.
 """
 from __future__ import annotations
 
@@ -110,12 +112,17 @@ class FeatureCache:
             return False  # a torn meta.json: extract again
 
     def fill(self, backbone, images: Dataset, batch_size: int = 8, device: Optional[str] = None,
-             progress: bool = True) -> "FeatureCache":
-        """Extract and store features for every sample of ``images`` (a dataset of ``{"image": ...}``)."""
+             progress: bool = True, refresh: bool = False) -> "FeatureCache":
+        """Extract and store features for every sample of ``images`` (a dataset of ``{"image": ...}``).
+        ``refresh`` (a forced run) discards what an earlier run stored: ``meta.json`` goes first and
+        every sample is extracted again, each file replaced atomically (so another job reading the
+        same cache meanwhile never meets a missing or torn file)."""
         n = len(images)
-        if self.complete(n):
+        if refresh:
+            (self.dir / "meta.json").unlink(missing_ok=True)
+        elif self.complete(n):
             return self
-        todo = [i for i in range(n) if not self.path(i).exists()]
+        todo = [i for i in range(n) if refresh or not self.path(i).exists()]
         device = device or next(iter(backbone.parameters()), torch.zeros(())).device
         bar = tqdm(total=n, initial=n - len(todo), desc=f"features {self.key}", unit="img", disable=not progress,
                    leave=False, dynamic_ncols=True)

@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List
 
-from ..registry import DATASETS
-from .layout import ImageLabelDataset
+from .layout import ImageLabelDataset, register_reader
 
 SPLIT_DIRS = {"train": "training", "val": "validation"}
 
@@ -22,9 +21,8 @@ def paired_files(img_dir: Path, ann_dir: Path, img_exts=(".jpg", ".jpeg", ".png"
     return [(p, ann_dir / f"{p.stem}.png") for p in imgs]
 
 
-@DATASETS.register("ade20k", "ADE20K / ADEChallengeData2016 semantic segmentation (150 classes), mmseg layout")
+@register_reader("ade20k", "ADE20K / ADEChallengeData2016 semantic segmentation (150 classes), mmseg layout")
 class ADE20k(ImageLabelDataset):
-    name = "ade20k"
     title = "ADE20K (ADEChallengeData2016)"
     dirname = "ADEChallengeData2016"
     layouts = ("mmseg",)

@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Dict, List
 
 from ..errors import DataMissingError
-from ..registry import DATASETS
-from .layout import FileDataset, read_depth_png, read_label_png, read_lines, read_rgb
+from .layout import FileDataset, read_depth_png, read_label_png, read_lines, read_rgb, register_reader
 
 SEG_DIRS = {"train": "training", "val": "validation"}
 DEPTH_SCALE = 1000.0  # FiT3D configs: depth_scale=1000
@@ -88,10 +87,9 @@ class FiT3DEvalSet(FileDataset):
         return {"image": read_rgb(img), "semantic": read_label_png(target), "id": rid}
 
 
-@DATASETS.register("scannetpp_fit3d", "ScanNet++ in FiT3D's processed eval layout (eval_data/scannetpp): "
-                                      "depth split files + 100-class mmseg seg")
+@register_reader("scannetpp_fit3d", "ScanNet++ in FiT3D's processed eval layout (eval_data/scannetpp): "
+                 "depth split files + 100-class mmseg seg")
 class ScanNetPPFiT3D(FiT3DEvalSet):
-    name = "scannetpp_fit3d"
     title = "ScanNet++ (FiT3D processed evaluation set)"
     dirname = "fit3d_eval/scannetpp"
     prefix = "scannetpp"
@@ -115,10 +113,9 @@ images/training/*.JPG       annotations/training/*.png     (0 = background, 1..1
 images/validation/*.JPG     annotations/validation/*.png"""}
 
 
-@DATASETS.register("scannet_fit3d", "ScanNet in FiT3D's eval layout (eval_data/scannet): depth split files "
-                                    "+ 40-class mmseg seg")
+@register_reader("scannet_fit3d", "ScanNet in FiT3D's eval layout (eval_data/scannet): depth split files "
+                 "+ 40-class mmseg seg")
 class ScanNetFiT3D(FiT3DEvalSet):
-    name = "scannet_fit3d"
     title = "ScanNet (FiT3D evaluation layout)"
     dirname = "fit3d_eval/scannet"
     prefix = "scannet"

@@ -21,8 +21,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..errors import DataMissingError
-from ..registry import DATASETS
-from .layout import FileDataset, read_depth_png, read_lines, read_rgb
+from .layout import FileDataset, read_depth_png, read_lines, read_rgb, register_reader
 
 #: P_rect_02 focal lengths / principal points per recording date (KITTI raw calibration)
 KITTI_K = {"2011_09_26": (721.5377, 609.5593, 172.8540), "2011_09_28": (707.0493, 604.0814, 180.5066),
@@ -43,9 +42,8 @@ def crop_mask(H: int, W: int, kind: str) -> torch.Tensor:
     return m
 
 
-@DATASETS.register("kitti_eigen", "KITTI depth, Eigen split (BTS/toolbox layout), KB crop + Garg/Eigen masks")
+@register_reader("kitti_eigen", "KITTI depth, Eigen split (BTS/toolbox layout), KB crop + Garg/Eigen masks")
 class KITTIEigen(FileDataset):
-    name = "kitti_eigen"
     title = "KITTI (Eigen split)"
     dirname = "kitti"
     layouts = ("toolbox",)

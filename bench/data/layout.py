@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import DataMissingError
+from ..registry import DATASETS
 
 #: how many missing paths a message lists before summarising the rest
 MAX_LISTED = 12
@@ -40,6 +41,24 @@ def fmt_missing(paths: Sequence[str], limit: int = MAX_LISTED) -> str:
     shown = list(paths[:limit])
     more = len(paths) - len(shown)
     return ", ".join(shown) + (f" (and {more} more)" if more > 0 else "")
+
+
+# ----------------------------------------------------------------------------------- registration
+def register_reader(name: str, description: str):
+    """Class decorator: register a :class:`FileDataset` reader in ``DATASETS`` as ``name`` (also its
+    ``name`` attribute, which ``python -m bench data <name>`` and the messages use)."""
+    def deco(cls):
+        cls.name = name
+        return DATASETS.register(name, description)(cls)
+    return deco
+
+
+def register_command(name: str, description: str, add_arguments, cli) -> type:
+    """Register a ``DATASETS`` entry that is only the ``python -m bench data <name>`` command (a
+    generator or checker whose data is read elsewhere); returns the entry."""
+    entry = type(f"{name}_command", (), {"add_arguments": staticmethod(add_arguments), "cli": staticmethod(cli),
+                                         "__doc__": description})
+    return DATASETS.register(name, description)(entry)
 
 
 # ----------------------------------------------------------------------------------- decoding

@@ -25,8 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import DataMissingError
-from ..registry import DATASETS
-from .layout import FileDataset, read_array, read_rgb
+from .layout import FileDataset, read_array, read_rgb, register_reader
 
 POSES_FILE = "obj_poses.npy"
 LIST_FILES = ("10k.txt", "objects.txt")
@@ -65,12 +64,11 @@ def list_objects(root: Path) -> List[str]:
     return found
 
 
-@DATASETS.register("mef_objaverse", "MEF's Objaverse multi-view object renders (color/depth/mask per pose, "
-                                    "obj_poses.npy), training data of method=mef")
+@register_reader("mef_objaverse", "MEF's Objaverse multi-view object renders (color/depth/mask per pose, "
+                 "obj_poses.npy), training data of method=mef")
 class ObjectRenders(FileDataset):
     """Multi-view renders of objects; ``self.items`` are object names. ``view(obj, i)`` reads one view."""
 
-    name = "mef_objaverse"
     title = "MEF Objaverse multi-view renders (3DCorrEnhance)"
     dirname = "objaverse_renderings"
     layouts = ("mef",)

@@ -37,8 +37,7 @@ import torch.nn.functional as F
 
 from ..cameras import crop_intrinsics, quat_to_rotmat, relative_rotation_deg, scale_intrinsics, unproject_depth
 from ..errors import DataMissingError
-from ..registry import DATASETS
-from .layout import FileDataset, read_array, read_rgb
+from .layout import FileDataset, read_array, read_rgb, register_reader
 
 
 def decode_navi_depth(code: np.ndarray) -> torch.Tensor:
@@ -110,9 +109,8 @@ def _load_annotations(path: Path) -> Dict[str, Dict[str, Any]]:
                                "expected NAVI's list of {filename, camera, image_size}: re-extract it") from None
 
 
-@DATASETS.register("navi", "NAVI objects (in-the-wild + multi-view): RGB-D, poses; Probe3D correspondence pairs")
+@register_reader("navi", "NAVI objects (in-the-wild + multi-view): RGB-D, poses; Probe3D correspondence pairs")
 class NAVI(FileDataset):
-    name = "navi"
     title = "NAVI"
     dirname = "navi_v1"
     layouts = ("navi_v1",)

@@ -39,8 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import DataMissingError
-from ..registry import DATASETS
-from .layout import FileDataset, read_depth_png, read_label_png, read_lines, read_rgb
+from .layout import FileDataset, read_depth_png, read_label_png, read_lines, read_rgb, register_reader
 
 #: NYUv2 Kinect colour intrinsics at 640x480 (as used by the depth toolbox), pixel centres at +0.5
 NYU_K = torch.tensor([[518.8579, 0.0, 325.5824], [0.0, 519.4696, 253.7362], [0.0, 0.0, 1.0]])
@@ -80,9 +79,8 @@ def _load_pkl(path: Path) -> Dict[str, Any]:
     return _PKL_CACHE[path]
 
 
-@DATASETS.register("nyuv2", "NYU Depth v2: Probe3D/GeoNet (depth+normals), mmseg depth, mmseg seg (13 or 40 classes)")
+@register_reader("nyuv2", "NYU Depth v2: Probe3D/GeoNet (depth+normals), mmseg depth, mmseg seg (13 or 40 classes)")
 class NYUv2(FileDataset):
-    name = "nyuv2"
     title = "NYU Depth v2"
     dirname = "nyuv2"
     layouts = ("probe3d", "mmseg_depth", "mmseg_seg")

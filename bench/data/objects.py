@@ -29,11 +29,8 @@ Deterministic: object ``i`` of seed ``s`` depends only on ``(s, i)``.
 from __future__ import annotations
 
 import argparse
-import fcntl
-import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -41,10 +38,9 @@ import numpy as np
 import torch
 
 from ..cameras import look_at
-from ..errors import BenchError
 from ..io import write_json
-from ..registry import DATASETS
 from .synthetic import raycast as _raycast, spec as _spec, writer as _writer
+from .layout import default_root as data_root, register_command
 from .mef_objaverse import MEF_FOCAL, MEF_SIZE, POSES_FILE
 
 GENERATOR = "bench.objects"
@@ -57,7 +53,7 @@ CAMERA_LIGHTS = (((1.0, -1.0, 1.0), 0.55), ((-1.0, -1.0, -1.0), 0.35), ((1.0, 0.
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("BENCH_DATA", "data")) / "synthetic_objects"
+    return data_root("synthetic_objects")
 
 
 def object_name(i: int) -> str:
@@ -170,9 +166,8 @@ def generate_object(root: Path, seed: int, index: int, poses: torch.Tensor, size
     K = object_intrinsics(H, W)
     for v in range(poses.shape[0]):
         r = render_object(obj, poses[v], K, H, W, supersample)
-        _writer._write_png(d / f"color_{v:06d}.png", (r["rgb"].numpy() * 255.0 + 0.5).astype(np.uint8))
-        mm = np.clip(np.round(r["depth"].numpy().astype(np.float64) * 1000.0), 0, 65535).astype(np.uint16)
-        _writer._write_png(d / f"depth_{v:06d}.png", mm)
+        _writer._write_png(d / f"color_{v:06d}.png", _writer.rgb_u8(r["rgb"]))
+        _writer._write_png(d / f"depth_{v:06d}.png", _writer.depth_mm(r["depth"]))
         _writer._write_png(d / f"mask_{v:06d}.png", r["mask"].numpy().astype(np.uint8) * 255)
     write_json(d / "object.json", obj)
     return d
@@ -181,28 +176,20 @@ def generate_object(root: Path, seed: int, index: int, poses: torch.Tensor, size
 def generate(root: str | os.PathLike, objects: int = 8, views: int = 42, size: Sequence[int] = (128, 128),
              seed: int = 0, supersample: int = 2, progress: bool = False) -> Path:
     """Render ``objects`` x ``views``; ``root/meta.json`` is written last (it marks a complete set)."""
-    if objects < 1 or views < 2 or min(size) < 8:
-        raise BenchError(f"invalid object set: objects={objects}, views={views}, size={list(size)}",
-                         "use at least 1 object, 2 views and 8x8 pixels")
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "meta.json").unlink(missing_ok=True)
+    root = _writer.begin_set(root, objects >= 1 and views >= 2 and min(size) >= 8,
+                             f"invalid object set: objects={objects}, views={views}, size={list(size)}",
+                             "use at least 1 object, 2 views and 8x8 pixels")
     poses = orbit_poses(views)
     np.save(root / POSES_FILE, poses.numpy())
     (root / "objects.txt").write_text("".join(f"{object_name(i)}\n" for i in range(objects)))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=objects, unit="object", desc=f"synthetic objects ({views} views) -> {root}")
+    bar = _writer.set_progress(progress, objects, "object", f"synthetic objects ({views} views) -> {root}")
     try:
-        for i in range(objects):
-            generate_object(root, seed, i, poses, size, supersample)
-            if bar is not None:
-                bar.update(1)
+        with _writer.one_torch_thread():
+            for i in range(objects):
+                generate_object(root, seed, i, poses, size, supersample)
+                if bar is not None:
+                    bar.update(1)
     finally:
-        torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
     write_json(root / "meta.json", _set_meta(objects, views, size, seed, supersample))
@@ -212,26 +199,17 @@ def generate(root: str | os.PathLike, objects: int = 8, views: int = 42, size: S
 def holds_set(root: str | os.PathLike, objects: int, views: int, size: Sequence[int], seed: int,
               supersample: int = 2) -> bool:
     root = Path(root)
-    try:
-        have = json.loads((root / "meta.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return have == _set_meta(objects, views, size, seed, supersample) and (root / POSES_FILE).is_file()
+    return _writer.set_meta(root) == _set_meta(objects, views, size, seed, supersample) and \
+        (root / POSES_FILE).is_file()
 
 
 def ensure_objects(root: str | os.PathLike | None = None, objects: int = 8, views: int = 42,
                    size: Sequence[int] = (128, 128), seed: int = 0, supersample: int = 2,
                    progress: bool = False) -> Path:
     """``root`` holding exactly this set, generated unless already there (one generator at a time)."""
-    root = Path(root) if root is not None else default_root()
-    if holds_set(root, objects, views, size, seed, supersample):
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if holds_set(root, objects, views, size, seed, supersample):
-            return root
-        return generate(root, objects, views, size, seed, supersample, progress)
+    return _writer.ensure_set(Path(root) if root is not None else default_root(),
+                              lambda r: holds_set(r, objects, views, size, seed, supersample),
+                              lambda r: generate(r, objects, views, size, seed, supersample, progress))
 
 
 def split_objects(names: Sequence[str], held_out: float | int) -> tuple:
@@ -253,18 +231,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def cli(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_root()
     kw = dict(objects=args.objects, views=args.views, size=args.size, seed=args.seed, supersample=args.supersample)
-    t0 = time.perf_counter()
-    reused = not args.force and holds_set(out, **kw)
-    if not reused:
-        generate(out, **kw, progress=True)
-    how = "already present, reused (--force regenerates)" if reused else f"generated in {time.perf_counter() - t0:.1f} s"
+    how = _writer.reuse_or_generate(out, args.force, lambda r: holds_set(r, **kw),
+                                    lambda r: generate(r, **kw, progress=True))
     print(f"synthetic objects: {args.objects} x {args.views} views at {args.size[0]}x{args.size[1]}, seed "
           f"{args.seed} -> {out} ({how}); MEF layout, read by mef_objaverse")
     return 0
 
 
-@DATASETS.register("synthetic_objects", "built-in procedural objects on orbit cameras, exact depth/poses "
-                                        "(MEF's render layout); training data of method=mef offline")
-class SyntheticObjects:
-    add_arguments = staticmethod(add_arguments)
-    cli = staticmethod(cli)
+SyntheticObjects = register_command("synthetic_objects", "built-in procedural objects on orbit cameras, exact depth/poses "
+                                    "(MEF's render layout); training data of method=mef offline",
+                                    add_arguments, cli)

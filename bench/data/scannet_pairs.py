@@ -25,8 +25,7 @@ import torch
 
 from ..cameras import scale_intrinsics
 from ..errors import DataMissingError
-from ..registry import DATASETS
-from .layout import FileDataset, load_npz, read_depth_png, read_rgb
+from .layout import FileDataset, load_npz, read_depth_png, read_rgb, register_reader
 
 
 #: the size (H, W) that intrinsics.npz describes: the ScanNet depth maps (LoFTR src/datasets/scannet.py)
@@ -54,9 +53,8 @@ def read_pose(path: Path) -> torch.Tensor:
     return torch.from_numpy(T)
 
 
-@DATASETS.register("scannet_pairs", "ScanNet-1500 test pairs (SuperGlue/LoFTR list): RGB-D + poses, for correspondence")
+@register_reader("scannet_pairs", "ScanNet-1500 test pairs (SuperGlue/LoFTR list): RGB-D + poses, for correspondence")
 class ScanNetPairs(FileDataset):
-    name = "scannet_pairs"
     title = "ScanNet-1500 test pairs"
     dirname = "scannet_test_1500"
     layouts = ("loftr",)

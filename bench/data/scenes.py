@@ -40,8 +40,7 @@ from torch.utils.data import Dataset
 
 from ..cameras import opengl_c2w_to_opencv_w2c, scale_intrinsics
 from ..errors import DataMissingError
-from ..registry import DATASETS
-from .layout import load_npz, open_image
+from .layout import load_npz, open_image, register_command
 
 __all__ = ["MultiViewScenes", "ViewDataset", "MAP_DIRS", "SCANNETPP_HELP"]
 
@@ -376,8 +375,6 @@ def _cli(args: argparse.Namespace) -> int:
     return 0
 
 
-@DATASETS.register("scannetpp", "ScanNet++ DSLR (undistorted, FiT3D preprocessing): posed RGB, rendered "
-                                "depth/semantics; licensed, checked not downloaded")
-class ScanNetPPData:
-    add_arguments = staticmethod(_add_arguments)
-    cli = staticmethod(_cli)
+ScanNetPPData = register_command("scannetpp", "ScanNet++ DSLR (undistorted, FiT3D preprocessing): posed RGB, rendered "
+                                 "depth/semantics; licensed, checked not downloaded",
+                                 _add_arguments, _cli)

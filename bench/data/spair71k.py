@@ -30,8 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import DataMissingError
-from ..registry import DATASETS
-from .layout import FileDataset, read_rgb
+from .layout import FileDataset, read_rgb, register_reader
 
 CATEGORIES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor")
@@ -47,9 +46,8 @@ def _read_json(path: Path) -> Dict[str, Any]:
         raise DataMissingError(f"cannot parse {path} ({e})", "the file is corrupt: re-extract SPair-71k.tar.gz") from None
 
 
-@DATASETS.register("spair71k", "SPair-71k semantic keypoint pairs (18 categories), for keypoint transfer / PCK")
+@register_reader("spair71k", "SPair-71k semantic keypoint pairs (18 categories), for keypoint transfer / PCK")
 class SPair71k(FileDataset):
-    name = "spair71k"
     title = "SPair-71k"
     dirname = "SPair-71k"
     layouts = ("spair",)

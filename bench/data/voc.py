@@ -15,8 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List, Optional
 
-from ..registry import DATASETS
-from .layout import ImageLabelDataset, read_lines
+from .layout import ImageLabelDataset, read_lines, register_reader
 
 SPLIT_FILES = {"train": [("train", "SegmentationClass")], "val": [("val", "SegmentationClass")],
                "trainval": [("trainval", "SegmentationClass")], "aug": [("aug", "SegmentationClassAug")],
@@ -28,9 +27,8 @@ def voc_root(root: Path) -> Path:
     return root / "VOC2012" if (root / "VOC2012").is_dir() and not (root / "JPEGImages").is_dir() else root
 
 
-@DATASETS.register("voc", "PASCAL VOC 2012 segmentation (21 classes; SBD aug optional), VOCdevkit layout")
+@register_reader("voc", "PASCAL VOC 2012 segmentation (21 classes; SBD aug optional), VOCdevkit layout")
 class VOC(ImageLabelDataset):
-    name = "voc"
     title = "PASCAL VOC 2012"
     dirname = "VOCdevkit/VOC2012"
     layouts = ("voc2012", "voc2012_aug")

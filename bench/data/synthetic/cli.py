@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
-from ...registry import DATASETS
+from ..layout import register_command
 from .spec import CLASSES, default_root
-from .writer import generate, holds_set
+from .writer import generate, holds_set, reuse_or_generate
 
 
 # ----------------------------------------------------------------------------------------------
@@ -28,23 +27,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_root()
-    t0 = time.perf_counter()
     kw = dict(scenes=args.scenes, views=args.views, size=args.size, seed=args.seed,
               supersample=args.supersample, hfov_deg=args.hfov)
-    reused = not args.force and holds_set(out, **kw)
-    if not reused:
-        generate(out, **kw, progress=True, workers=args.workers)
-    dt = time.perf_counter() - t0
+    how = reuse_or_generate(out, args.force, lambda r: holds_set(r, **kw),
+                            lambda r: generate(r, **kw, progress=True, workers=args.workers))
     nbytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    how = "already present, reused (--force regenerates)" if reused else f"generated in {dt:.1f} s"
     print(f"synthetic scenes: {args.scenes} x {args.views} views at {args.size[0]}x{args.size[1]}, "
           f"seed {args.seed} -> {out} ({nbytes / 2**20:.1f} MiB, {how})")
     print("classes: " + ", ".join(f"{i} {c}" for i, c in enumerate(CLASSES)))
     return 0
 
 
-@DATASETS.register("synthetic", "built-in procedural rooms: RGB, exact depth/normals/semantic/instance "
-                                "(ScanNet++ DSLR layout); generated offline")
-class SyntheticData:
-    add_arguments = staticmethod(add_arguments)
-    cli = staticmethod(cli)
+SyntheticData = register_command("synthetic", "built-in procedural rooms: RGB, exact depth/normals/semantic/instance "
+                                 "(ScanNet++ DSLR layout); generated offline",
+                                 add_arguments, cli)

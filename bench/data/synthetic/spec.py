@@ -3,7 +3,6 @@ lights, camera path) from ``(seed, index)`` as plain JSON-serialisable dicts."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
@@ -12,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ...cameras import look_at
+from ..layout import default_root as data_root
 
 CLASSES = ("wall", "floor", "ceiling", "box", "sphere", "cylinder", "painting", "rug")
 GENERATOR = "bench.synthetic"
@@ -23,7 +23,7 @@ NORMALS, SEMANTIC, INSTANCE = DSLR / "render_normal_camera", DSLR / "render_sema
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("BENCH_DATA", "data")) / "synthetic"
+    return data_root("synthetic")
 
 
 

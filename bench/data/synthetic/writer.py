@@ -2,13 +2,15 @@
 worker processes, and the reuse / split helpers (:func:`ensure_synthetic`, :func:`split_scenes`)."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import json
 import os
+import time
 import zipfile
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -40,6 +42,82 @@ def _write_npz(path: Path, **arrays: np.ndarray) -> None:
                         compress_type=zipfile.ZIP_DEFLATED, compresslevel=3)
 
 
+def rgb_u8(rgb: torch.Tensor) -> np.ndarray:
+    """``[H,W,3]`` colours in [0,1] -> uint8, rounded (the PNG pixels)."""
+    return (rgb.numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+def depth_mm(depth: torch.Tensor) -> np.ndarray:
+    """``[H,W]`` z-depth in metres (object units) -> uint16 millimetres, 0 stays 0 (the depth PNG)."""
+    return np.clip(np.round(depth.numpy().astype(np.float64) * 1000.0), 0, 65535).astype(np.uint16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sets: a folder whose meta.json (written last) describes what it holds
+# ----------------------------------------------------------------------------------------------
+def begin_set(root: str | os.PathLike, valid: bool, problem: str, fix: str) -> Path:
+    """``root`` made ready for writing a set, after the caller's parameter check ``valid`` (else a
+    :class:`BenchError` ``problem`` / ``fix``): created, and its ``meta.json`` removed, so that a set
+    interrupted while being written never counts as complete."""
+    if not valid:
+        raise BenchError(problem, fix)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "meta.json").unlink(missing_ok=True)
+    return root
+
+
+def set_meta(root: str | os.PathLike) -> Optional[dict]:
+    """The parsed ``root/meta.json`` of a set (None when absent or unreadable)."""
+    try:
+        return json.loads((Path(root) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_set(root: Path, holds: Callable[[Path], bool], make: Callable[[Path], Path]) -> Path:
+    """``root`` once ``holds(root)``, calling ``make(root)`` unless it already does. Several jobs of a
+    sweep may ask for the same set at once: one makes it (a lock file beside ``root``), the others
+    wait and then reuse it."""
+    if holds(root):
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if holds(root):
+            return root
+        return make(root)
+
+
+def reuse_or_generate(root: Path, force: bool, holds: Callable[[Path], bool], make: Callable[[Path], Path]) -> str:
+    """The ``python -m bench data`` generators' step: make the set at ``root`` unless it already
+    ``holds`` it (and not ``force``); returns how it went, for the summary line."""
+    t0 = time.perf_counter()
+    if not force and holds(root):
+        return "already present, reused (--force regenerates)"
+    make(root)
+    return f"generated in {time.perf_counter() - t0:.1f} s"
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Render with one torch thread (the ray caster's tensors are small; more threads only contend)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def set_progress(progress: bool, total: int, unit: str, desc: str):
+    """A progress bar (terminal) or log lines (:mod:`bench.progress`) when ``progress``, else None."""
+    if not progress:
+        return None
+    from ...progress import progress as _progress
+    return _progress(total=total, unit=unit, desc=desc)
+
+
 def _set_meta(scenes: int, views: int, size: Sequence[int], seed: int, supersample: int, hfov_deg: float) -> dict:
     return {"generator": GENERATOR, "version": VERSION, "scenes": int(scenes), "views": int(views),
             "size": [int(size[0]), int(size[1])], "seed": int(seed), "supersample": int(supersample),
@@ -62,11 +140,9 @@ def generate_scene(root: Path, seed: int, index: int, views: int, size: Sequence
     for v in range(views):
         name = f"frame_{v:04d}"
         r = render_view(prims, K, w2cs[v], H, W, supersample)
-        rgb = (r["rgb"].numpy() * 255.0 + 0.5).astype(np.uint8)
-        depth_mm = np.clip(np.round(r["depth"].numpy().astype(np.float64) * 1000.0), 0, 65535).astype(np.uint16)
         # plain (non-atomic) writes: the set is only valid once root/meta.json is written at the end
-        _write_png(sdir / IMAGES / f"{name}.png", rgb)
-        _write_png(sdir / DEPTH / f"{name}.png", depth_mm)
+        _write_png(sdir / IMAGES / f"{name}.png", rgb_u8(r["rgb"]))
+        _write_png(sdir / DEPTH / f"{name}.png", depth_mm(r["depth"]))
         _write_npz(sdir / NORMALS / f"{name}.npz", normals=r["normals"].numpy().astype(np.float16))
         _write_png(sdir / SEMANTIC / f"{name}.png", r["semantic"].numpy().astype(np.uint8))
         _write_png(sdir / INSTANCE / f"{name}.png", r["instance"].numpy().astype(np.uint16))
@@ -162,29 +238,19 @@ def generate(root: str | os.PathLike, scenes: int = 8, views: int = 24, size: Se
     (its presence marks a complete set). ``workers``: processes (config ``task.dataset.workers`` or
     ``--workers``; at most one per scene; default :func:`default_workers`). Output does not depend
     on ``workers``."""
-    if scenes < 1 or views < 1 or min(size) < 8:
-        raise BenchError(f"invalid synthetic set: scenes={scenes}, views={views}, size={list(size)}",
-                         "use at least 1 scene, 1 view and 8x8 pixels")
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "meta.json").unlink(missing_ok=True)
+    root = begin_set(root, scenes >= 1 and views >= 1 and min(size) >= 8,
+                     f"invalid synthetic set: scenes={scenes}, views={views}, size={list(size)}",
+                     "use at least 1 scene, 1 view and 8x8 pixels")
     workers = default_workers(scenes, views, size) if workers is None else max(1, min(int(workers), scenes))
     kw = dict(seed=seed, views=views, size=list(size), supersample=supersample, hfov_deg=hfov_deg)
-    bar = None
-    if progress:  # a bar on a terminal, periodic log lines otherwise
-        from ...progress import progress as _progress
-        bar = _progress(total=scenes, unit="scene", desc=f"synthetic ({views} views each) -> {root}")
+    bar = set_progress(progress, scenes, "scene", f"synthetic ({views} views each) -> {root}")
     tick = (lambda: bar.update(1)) if bar is not None else (lambda: None)
     try:
         if workers == 1:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
+            with one_torch_thread():
                 for i in range(scenes):
                     generate_scene(root, seed, i, views, size, supersample, hfov_deg)
                     tick()
-            finally:
-                torch.set_num_threads(threads)
         else:
             _run_workers(root, range(scenes), workers, tick, **kw)
     finally:
@@ -200,16 +266,9 @@ def ensure_synthetic(root: str | os.PathLike | None = None, scenes: int = 8, vie
     """Return ``root`` holding the requested set, generating it only if ``root/meta.json`` does not
     already describe exactly these parameters (and the scenes' transforms are present). ``progress``:
     a bar (terminal) or log lines while it generates."""
-    root = Path(root) if root is not None else default_root()
-    if holds_set(root, scenes, views, size, seed, supersample, hfov_deg):
-        return root
-    # Several jobs of a sweep may ask for the same set at once: one generates, the others wait.
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if holds_set(root, scenes, views, size, seed, supersample, hfov_deg):
-            return root
-        return generate(root, scenes, views, size, seed, supersample, hfov_deg, progress, workers)
+    return ensure_set(Path(root) if root is not None else default_root(),
+                      lambda r: holds_set(r, scenes, views, size, seed, supersample, hfov_deg),
+                      lambda r: generate(r, scenes, views, size, seed, supersample, hfov_deg, progress, workers))
 
 
 def holds_set(root: str | os.PathLike, scenes: int, views: int, size: Sequence[int], seed: int,
@@ -217,11 +276,7 @@ def holds_set(root: str | os.PathLike, scenes: int, views: int, size: Sequence[i
     """Whether ``root`` holds a complete generated set with exactly these parameters."""
     root = Path(root)
     want = _set_meta(scenes, views, size, seed, supersample, hfov_deg)
-    try:
-        have = json.loads((root / "meta.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return have == want and all((root / s / TRANSFORMS).is_file() for s in want["scene_ids"])
+    return set_meta(root) == want and all((root / s / TRANSFORMS).is_file() for s in want["scene_ids"])
 
 
 def split_scenes(scene_ids: Sequence[str], held_out: int | float = 0.25) -> Tuple[List[str], List[str]]:
