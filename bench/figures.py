@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pair", type=int, default=0, help="index of the held-out correspondence pair")
     p.add_argument("--px", type=float, default=10.0, help="correct-match threshold (pixels) for the colours")
     p.add_argument("--lines", type=int, default=60, help="matches drawn per method")
+    p.add_argument("--only", choices=("all", "dose_response", "qualitative"), default="all",
+                   help="draw only the dose-response plot (records alone) or only the qualitative figures "
+                        "(PCA, depth/normals, matches: need the trained backbones and probes)")
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -311,7 +314,8 @@ def figure_correspondence(recs, backbones, out: Path, pair: int, px: float, line
 
 
 def make_figures(results: str | Path, out: str | Path | None = None, backbone: str = "efficientnet_lite0",
-                 seed: int = 0, view: int = 0, pair: int = 0, px: float = 10.0, lines: int = 60) -> List[Path]:
+                 seed: int = 0, view: int = 0, pair: int = 0, px: float = 10.0, lines: int = 60,
+                 only: str = "all") -> List[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -319,7 +323,14 @@ def make_figures(results: str | Path, out: str | Path | None = None, backbone: s
     out = Path(out) if out is not None else results / "figures"
     from .records import load_records
 
-    dose = figure_dose_response(list(load_records(results)), out, backbone)
+    dose = figure_dose_response(list(load_records(results)), out, backbone) if only != "qualitative" else None
+    if only == "dose_response":
+        if dose is None:
+            raise BenchError(f"no dose-response in {results}/runs: no trained method has records at two or more "
+                             "training lengths (with raw-teacher records of the same tasks)",
+                             "run the recipe first: python -m bench sweep experiment=dose_response ... "
+                             "(bench/conf/experiment/dose_response.yaml)")
+        return [dose]
     recs = latest_records(results, backbone, seed)
     if not recs and dose is not None:
         return [dose]
@@ -337,7 +348,8 @@ def make_figures(results: str | Path, out: str | Path | None = None, backbone: s
 
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    for p in make_figures(args.results, args.out, args.backbone, args.seed, args.view, args.pair, args.px, args.lines):
+    for p in make_figures(args.results, args.out, args.backbone, args.seed, args.view, args.pair, args.px, args.lines,
+                          args.only):
         print(p)
     return 0
 

@@ -66,3 +66,24 @@ def test_dose_response_table_and_figure(tmp_path):
     path = figure_dose_response(recs, tmp_path)
     assert path == tmp_path / "dose_response.png" and path.stat().st_size > 1000
     assert figure_dose_response(recs[:4], tmp_path / "none") is None   # one step count only: no figure
+
+
+def test_figures_only_dose_response_from_records(tmp_path):
+    """`bench figures --only dose_response` draws the plot from the records alone (no backbones), and
+    says what to run when the records hold a single training length."""
+    from bench import records
+    from bench.errors import BenchError
+    from bench.figures import make_figures
+
+    res = tmp_path / "results"
+    recs = [_rec("dinov2", "t1", s, 50.0 + s) for s in (0, 1)]
+    for steps in (20, 180):
+        recs += [_rec("fit3d", "t1", s, 49.0 + s, steps) for s in (0, 1)]
+    for r in recs:
+        records.write_record(res, r)
+    assert make_figures(res, tmp_path / "figs", backbone="bb", only="dose_response") == [tmp_path / "figs" / "dose_response.png"]
+    one = tmp_path / "one"
+    for r in recs[:4]:
+        records.write_record(one, r)
+    with pytest.raises(BenchError, match="two or more training lengths"):
+        make_figures(one, backbone="bb", only="dose_response")
