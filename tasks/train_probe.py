@@ -27,6 +27,11 @@ mmcv's linear warm-up factor ``1 - (1 - step / warmup) (1 - warmup_start)``.
 
 The training set is shuffled every epoch from the given seed. A NaN/inf loss raises
 :class:`bench.errors.NonFiniteLossError`. A tqdm bar shows loss, lr, rate and ETA.
+
+Training runs through :class:`bench.train.TrainLoop` (``ckpt_every`` / ``keep_last`` / ``log_every``:
+schedule keys that change nothing in the result): checkpoints in the caller's ``workdir`` and an exact
+resume from the latest one -- probe, AdamW (OneCycle betas), lr schedule, batch order
+(:class:`EpochBatches`), stateful loss counters, RNG states (docs/SCALING.md).
 """
 from __future__ import annotations
 
