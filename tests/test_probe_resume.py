@@ -133,3 +133,17 @@ def test_dense_task_probe_resumes_to_the_same_metrics(tmp_path):
     pa, pb = (load_file(str(tmp_path / w / "probe.safetensors")) for w in ("full", "cut"))
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert not ckpts[0].parent.exists() and (tmp_path / "cut" / "probe_history.jsonl").exists()
+
+
+def test_checkpoint_cadence_and_array_shards_leave_fingerprints_alone(tmp_path):
+    from bench.identity import cell_identity
+    from bench.runner import backbone_dir
+
+    base = ["task=synth_depth", "method=fit3d", f"paths.root={tmp_path}", f"paths.data_dir={tmp_path}/data",
+            f"paths.cache_dir={tmp_path}/cache", f"paths.output_dir={tmp_path}/out"]
+    ref = cell_identity(compose(base))
+    for extra in (["+task.protocols.linear.schedule.ckpt_every=3", "+task.protocols.linear.schedule.keep_last=1",
+                   "+task.protocols.linear.schedule.log_every=7"], ["cluster.stage1_per_task=4"]):
+        cfg = compose(base + extra)
+        assert cell_identity(cfg)["cell"] == ref["cell"] and cell_identity(cfg)["row"] == ref["row"]
+        assert backbone_dir(cfg).name == backbone_dir(compose(base)).name
