@@ -9,7 +9,8 @@ method's last checkpoint in the backbone cache directory.
 
 Backends share one protocol (:class:`Backend`): ``start(jobs)`` then ``step(jobs)`` until every job
 is terminal. :class:`SlurmBackend` submits everything at once with sbatch dependencies
-(``afterok`` on the training job, ``afterany`` for the leaderboard job, ``--kill-on-invalid-dep``
+(``afterok`` on the training job -- and of a FiT3D training job on its stage-I array --, ``afterany`` for
+the leaderboard job, ``--kill-on-invalid-dep``
 so dependents of a failed job are cancelled rather than pending forever) and polls ``sacct``.
 :class:`LocalBackend` starts jobs with submitit's ``LocalExecutor`` when their dependencies are
 met, at most ``cluster.max_workers`` at a time; a failed job cancels only its dependents.
@@ -119,6 +120,23 @@ class EvalJob(_BenchJob):
 
 
 @dataclass
+class PrepareJob(_BenchJob):
+    """One task of a method's preparation array (FiT3D stage I: ``items`` = scenes to fit). Requeued after
+    a time-out it runs again: finished items are skipped, an unfinished one resumes from its checkpoint."""
+
+    items: List[str] = field(default_factory=list)
+
+    def __call__(self) -> Any:
+        from .method_variants import apply_per_task
+        from .registry import METHODS
+
+        cfg = apply_per_task(self._config())
+        if int(os.environ.get("RANK", "0") or 0) != 0:  # a job of several tasks: one process does the work
+            return None
+        return METHODS.get(cfg.method.name).prepare(cfg, list(self.items))
+
+
+@dataclass
 class TableJob(submitit.helpers.Checkpointable):
     """Rebuild the leaderboard of each results directory once the other jobs are over."""
 
@@ -138,11 +156,12 @@ class JobRecord:
     """One job of a sweep as the state file stores it (``sweep.json``)."""
 
     name: str
-    kind: str                                   # train | eval | table
+    kind: str                                   # train | eval | table | <method prepare_name> (fit3d: stage1)
     cells: List[str]
     array: str                                  # jobs of one array are submitted together
     after_ok: List[str] = field(default_factory=list)
     after_any: List[str] = field(default_factory=list)
+    items: List[str] = field(default_factory=list)  # a preparation job's work items (fit3d: its scenes)
     job_id: Optional[str] = None
     state: str = "pending"                      # pending | running | done | failed | cancelled
     raw_state: str = ""                         # scheduler's word (sacct state, local process state)
@@ -275,7 +294,13 @@ class SlurmBackend(Backend):
 
     def _dependency(self, rec: JobRecord, jobs: Mapping[str, JobRecord]) -> Optional[str]:
         parts = []
-        ok = [jobs[d].job_id for d in rec.after_ok]
+        ok: List[str] = []
+        for d in rec.after_ok:  # every task of an array: the array's id (one word instead of one per task)
+            base = jobs[d].job_id.split("_")[0]
+            tasks = {j.name for j in jobs.values() if j.job_id and j.job_id.split("_")[0] == base}
+            word = base if "_" in jobs[d].job_id and tasks <= set(rec.after_ok) else jobs[d].job_id
+            if word not in ok:
+                ok.append(word)
         anyy = sorted({jobs[d].job_id.split("_")[0] for d in rec.after_any})  # a whole array at once
         if ok:
             parts.append("afterok:" + ":".join(ok))

@@ -14,7 +14,9 @@ records (no fingerprint) never count.
 Cells of training methods are grouped by their trained-backbone cache key
 (:func:`bench.config.backbone_cache_key`): ONE training job per distinct backbone (none if it is
 already cached), then the cells' evaluation jobs depend on it (``afterok``), one array per
-training job; cells of frozen methods form one array with no dependency. A final ``leaderboard``
+training job. A method with a preparation stage (FiT3D stage I: one scene fit per task,
+``cluster.stage1_per_task``) gets an array of it before its training job, which depends on every
+task (``afterok``); scenes already fitted (cache key) get no task; cells of frozen methods form one array with no dependency. A final ``leaderboard``
 job (``afterany`` on all others) rebuilds ``results/leaderboard.md``. ``force=true`` as an override
 also retrains cached backbones (the evaluation jobs then reuse the fresh weights).
 
@@ -39,7 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from tabulate import tabulate
 
-from .cluster import TERMINAL, EvalJob, JobRecord, TableJob, TrainJob, make_backend, require_slurm
+from .cluster import TERMINAL, EvalJob, JobRecord, PrepareJob, TableJob, TrainJob, make_backend, require_slurm
 from .config import compose, stable_hash, to_container
 from .errors import BenchError
 from .io import write_json
@@ -145,6 +147,7 @@ def make_plan(overrides: Sequence[str], force: bool = False) -> Plan:
     retrain = bool(cfgs[0].get("force", False))
     done: Dict[str, set] = {}  # results dir -> fingerprints of its records
     cells, ids = [], set()
+    cfg_of: Dict[str, Any] = {}
     for point, cfg in zip(grid, cfgs):
         method = METHODS.get(cfg.method.name)
         trains = bool(getattr(method, "trains", False))
@@ -159,6 +162,7 @@ def make_plan(overrides: Sequence[str], force: bool = False) -> Plan:
         if extra or cid in ids:
             cid += "-" + stable_hash(extra or point, 6)
         ids.add(cid)
+        cfg_of[cid] = cfg
         key = backbone_dir(cfg).name if trains else None
         cells.append(Cell(
             id=cid, method=cfg.method.name, backbone=cfg.backbone.name, task=cfg.task.name, seed=int(cfg.seed),
@@ -174,7 +178,12 @@ def make_plan(overrides: Sequence[str], force: bool = False) -> Plan:
         if group[0].cached and not retrain:
             continue
         name = f"train:{key}"
-        jobs[name] = JobRecord(name=name, kind="train", cells=[c.id for c in group], array="train")
+        prep = _prepare_jobs(cfg_of[group[0].id], key, group)
+        for rec in prep:
+            jobs[rec.name] = rec
+            job_overrides[rec.name] = group[0].overrides
+        jobs[name] = JobRecord(name=name, kind="train", cells=[c.id for c in group], array="train",
+                               after_ok=[r.name for r in prep])
         job_overrides[name] = group[0].overrides
     for c in todo:
         name, train = f"eval:{c.id}", f"train:{c.cache_key}"
@@ -194,6 +203,24 @@ def make_plan(overrides: Sequence[str], force: bool = False) -> Plan:
                 plugins=_plugins(cfgs), job_overrides=job_overrides)
 
 
+def _prepare_jobs(cfg, key: str, group: Sequence[Cell]) -> List[JobRecord]:
+    """The preparation array of a training job, for methods that have one (``prepare_shards``; FiT3D:
+    stage I, ``cluster.stage1_per_task`` scenes per task, scenes already fitted left out; 0 = none, the
+    training job fits the scenes itself, one after the other)."""
+    from .method_variants import apply_per_task
+    from .registry import METHODS
+
+    method = METHODS.get(cfg.method.name)
+    per_task = int(cfg.cluster.get("stage1_per_task", 1) or 0)
+    if not hasattr(method, "prepare_shards") or per_task <= 0:
+        return []
+    kind = str(getattr(method, "prepare_name", "prepare"))
+    shards, _ = method.prepare_shards(apply_per_task(cfg), per_task)
+    return [JobRecord(name=f"{kind}:{key}/{items[0] if per_task == 1 else i}", kind=kind,
+                      cells=[c.id for c in group], array=f"{kind}@{key}", items=list(items))
+            for i, items in enumerate(shards)]
+
+
 def plan_table(plan: Plan) -> str:
     """The plan as text: one row per job (kind, array, dependencies, cells), then the skipped cells."""
     rows = []
@@ -201,7 +228,10 @@ def plan_table(plan: Plan) -> str:
         after = ", ".join([f"afterok {d}" for d in j.after_ok] +
                           ([f"afterany ({len(j.after_any)} job{'s' * (len(j.after_any) > 1)})"]
                            if j.after_any else [])) or "-"
-        rows.append([j.name, j.kind, j.array, after, ", ".join(j.cells) or "(rebuilds leaderboard)"])
+        what = ", ".join(j.cells) or "(rebuilds leaderboard)"
+        if j.items:
+            what = f"{j.kind} of {', '.join(j.items)} (for {what})"
+        rows.append([j.name, j.kind, j.array, after, what])
     n_skip = sum(c.skip for c in plan.cells)
     out = [f"sweep: {len(plan.cells)} cells, {len(plan.cells) - n_skip} to run, {n_skip} skipped (record exists); "
            f"{len(plan.jobs)} jobs on cluster={plan.cluster.get('name')}; folder {plan.folder}"]
@@ -260,6 +290,9 @@ class Sweep:
         cwd, plugins = self.data["cwd"], [tuple(p) for p in self.data["plugins"]]
         if rec.kind == "table":
             return TableJob(results_dirs=list(self.data["results_dirs"]), cwd=cwd)
+        if rec.kind not in ("train", "eval"):  # a method's preparation array (fit3d: stage I)
+            return PrepareJob(overrides=list(self.data["job_overrides"][rec.name]), cwd=cwd, plugins=plugins,
+                              items=list(rec.items))
         cls = TrainJob if rec.kind == "train" else EvalJob
         return cls(overrides=list(self.data["job_overrides"][rec.name]), cwd=cwd, plugins=plugins)
 

@@ -5,9 +5,13 @@
 1. open the train/test splits (:func:`tasks.data.open_split`) with the protocol's transforms;
 2. features of the frozen backbone (:class:`tasks.features.FeatureSpec`): extracted once into the
    on-disk cache when training is augmentation-free, otherwise on the fly per batch;
-3. train the probe (:func:`tasks.train_probe.train_probe`) with the task's loss;
+3. train the probe (:func:`tasks.train_probe.train_probe`) with the task's loss, resumably: its
+   checkpoints live in the cell's probe directory (:func:`probe_dir`, under ``paths.cache_dir/probes``,
+   keyed by the cell fingerprint, the seed and the backbone's weights), so an evaluation job that is
+   requeued after a time-out continues from the last checkpoint, bit-identically;
 4. predict the test split (optionally by sliding windows) and compute the protocol's metrics;
-5. write ``probe.safetensors`` and ``metrics.json`` into ``workdir``.
+5. write ``probe.safetensors``, ``metrics.json`` and the training curves into ``workdir``; the probe
+   directory is removed once they are written.
 
 Task config (``cfg.task``; see bench/conf/task/*.yaml)::
 
@@ -25,9 +29,10 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -69,6 +74,20 @@ def resolve_protocol(cfg: DictConfig) -> Dict[str, Any]:
     return proto
 
 
+def probe_dir(cfg: DictConfig, weights: str) -> Path:
+    """The cell's probe directory (training checkpoints and curves of its probe): the same for every
+    run of the same cell (configuration, seed) on the same backbone weights, so a requeued evaluation
+    job finds the checkpoints of the one that timed out."""
+    from bench.config import stable_hash
+    from bench.identity import cell_identity
+
+    key = stable_hash({"cell": cell_identity(cfg)["cell"], "seed": int(cfg.get("seed", 0)), "weights": weights})
+    return Path(cfg.paths.cache_dir) / "probes" / f"{cfg.task.name}-{key}"
+
+
+CURVE_FILES = ("history.jsonl", "metrics.jsonl", "train.log")
+
+
 class DenseTask:
     """Base of the depth / normals / segmentation tasks. Subclasses set ``kind`` and ``label`` and
     implement :meth:`loss` and :meth:`metrics` (+ :meth:`probe_kwargs`)."""
@@ -104,7 +123,11 @@ class DenseTask:
         resolve_protocol(cfg)
         check_dataset(cfg.task.dataset)
 
-    def evaluate(self, backbone, cfg: DictConfig, workdir: Path) -> Dict[str, float]:
+    def evaluate(self, backbone, cfg: DictConfig, workdir: Path, stop_after: Optional[int] = None
+                 ) -> Optional[Dict[str, float]]:
+        """Train and test the probe; returns the metrics. ``stop_after`` (tests, not a config key) ends
+        probe training after that many steps (after a checkpoint) and returns None: nothing is written
+        into ``workdir``; the next call resumes."""
         t0 = time.time()
         task = OmegaConf.to_container(cfg.task, resolve=True)
         task.pop("protocols", None)
@@ -129,9 +152,10 @@ class DenseTask:
                            **self.probe_kwargs(task, proto)).to(device)
 
         fcfg = proto.get("features", {})
+        weights = weights_hash(backbone)
         cached = bool(fcfg.get("cache", True)) and not is_augmented(train_cfg)
         if cached:
-            cache = FeatureCache(Path(cfg.paths.cache_dir) / "features", str(cfg.backbone.name), weights_hash(backbone),
+            cache = FeatureCache(Path(cfg.paths.cache_dir) / "features", str(cfg.backbone.name), weights,
                                  spec, {"train": T.canonical(train_cfg), "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
                                         **({"precision": str(cfg.precision)} if str(cfg.get("precision", "32")) != "32" else {})},
                                  dataset_identity(cfg.task.dataset, "train"),
@@ -150,10 +174,21 @@ class DenseTask:
             return self.loss(probe(get_feats(batch), tuple(target.shape[-2:])), target, proto, extra)
 
         self.start(task, proto)
+        plain = (bool, int, float, str, type(None))
+        stateful = {k: v for k, v in vars(self).items()  # objects of plain attributes: SigLoss's warm-up counter
+                    if not isinstance(v, plain + (torch.nn.Module,)) and hasattr(v, "__dict__")
+                    and all(isinstance(a, plain) for a in vars(v).values())}
 
+        from bench.runner import workdir_lock
+
+        pdir = probe_dir(cfg, weights)
         t1 = time.time()
-        info = train_probe(probe, data, step_loss, proto.get("schedule", {}), seed=seed, num_workers=workers,
-                           desc=f"{task['name']} probe", progress=progress)
+        with workdir_lock(pdir):
+            info = train_probe(probe, data, step_loss, proto.get("schedule", {}), seed=seed, num_workers=workers,
+                               desc=f"{task['name']} probe", progress=progress, workdir=pdir, stop_after=stop_after,
+                               loss_state=stateful)
+        if info.pop("total_steps") > info["steps"]:  # stop_after: unfinished, resumable from pdir
+            return None
         t2 = time.time()
         metrics = self.test(backbone, probe, test, spec, task, proto, device, progress, workers)
         t3 = time.time()
@@ -165,6 +200,10 @@ class DenseTask:
             "metrics": metrics, "protocol": proto, "feature_cache": cache.key if cached else None, "train": info,
             "loss_curve": losses[:: max(1, len(losses) // 200)],  # at most ~200 points
             "seconds": {"prepare": round(t1 - t0, 3), "train": round(t2 - t1, 3), "test": round(t3 - t2, 3)}})
+        for name in CURVE_FILES:  # the curves stay with the run; the checkpoints are no longer needed
+            if (pdir / name).exists():
+                shutil.copyfile(pdir / name, workdir / f"probe_{name}")
+        shutil.rmtree(pdir, ignore_errors=True)
         log.info("%s: %s", task["name"], json.dumps({k: round(v, 4) for k, v in metrics.items()}))
         return metrics
 

@@ -27,16 +27,20 @@ mmcv's linear warm-up factor ``1 - (1 - step / warmup) (1 - warmup_start)``.
 
 The training set is shuffled every epoch from the given seed. A NaN/inf loss raises
 :class:`bench.errors.NonFiniteLossError`. A tqdm bar shows loss, lr, rate and ETA.
+
+Training runs through :class:`bench.train.TrainLoop` (``ckpt_every`` / ``keep_last`` / ``log_every``:
+schedule keys that change nothing in the result): checkpoints in the caller's ``workdir`` and an exact
+resume from the latest one -- probe, AdamW (OneCycle betas), lr schedule, batch order
+(:class:`EpochBatches`), stateful loss counters, RNG states (docs/SCALING.md).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Mapping, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
-
 from bench.errors import BenchError, NonFiniteLossError
 
 DECAYS = ("cosine", "quarter_cosine", "poly", "constant")
@@ -105,18 +109,115 @@ def make_loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool = Tr
                       drop_last=drop_last and len(dataset) >= batch_size, persistent_workers=False)
 
 
+class _Indices(Dataset):
+    def __init__(self, n: int):
+        self.n = int(n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return int(i)
+
+
+class EpochBatches:
+    """The probe's training batches, epoch after epoch, with a resumable position.
+
+    Each epoch's index batches are drawn exactly as ``make_loader``'s ``DataLoader`` draws them (the
+    same loader, over indices, consumes the seeded generator in the same order: the workers' base
+    seed, then the shuffle), and the data of the remaining batches come from a ``DataLoader`` with
+    ``batch_sampler`` whose generator starts where the epoch's did (so ``num_workers > 0`` workers get
+    the same seeds). ``state_dict()`` is ``{epoch, position, generator state at the epoch's start}``:
+    a resumed run redraws the epoch's order and skips the batches already used, without loading them.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True, num_workers: int = 0,
+                 drop_last: bool = False):
+        self.dataset, self.batch_size, self.shuffle = dataset, int(batch_size), bool(shuffle)
+        self.num_workers, self.drop_last = int(num_workers), bool(drop_last)
+        self.index_loader = make_loader(_Indices(len(dataset)), self.batch_size, seed, self.shuffle, 0, self.drop_last)
+        self.epoch, self.position = 0, 0
+        self._epoch_start = self.index_loader.generator.get_state()
+        self._it = None
+
+    def __len__(self) -> int:
+        return len(self.index_loader)
+
+    def _open(self) -> None:
+        gen = self.index_loader.generator
+        gen.set_state(self._epoch_start)
+        batches = [b.tolist() for b in self.index_loader]  # advances ``gen`` exactly as one epoch of the loader
+        data_gen = torch.Generator()
+        data_gen.set_state(self._epoch_start)
+        loader = DataLoader(self.dataset, batch_sampler=batches[self.position:], num_workers=self.num_workers,
+                            generator=data_gen, persistent_workers=False)
+        self._it = iter(loader)
+
+    def next(self) -> Any:
+        """The next batch (a new epoch starts when one is used up)."""
+        if self._it is None:
+            self._open()
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._epoch_start = self.index_loader.generator.get_state()
+            self._open()
+            batch = next(self._it)
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "generator": self._epoch_start.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._epoch_start = state["generator"].clone()
+        self._it = None
+
+
+class _Counters:
+    """Stateful loss objects (e.g. SigLoss's warm-up counter) as one checkpointable object."""
+
+    def __init__(self, objects: Mapping[str, Any]):
+        self.objects = dict(objects)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {k: dict(vars(v)) for k, v in self.objects.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for k, v in self.objects.items():
+            vars(v).update(state.get(k, {}))
+
+
 def train_probe(module: torch.nn.Module, dataset: Dataset, step_loss: Callable[[Any], torch.Tensor],
                 sched: Mapping[str, Any], *, seed: int = 0, num_workers: int = 0, desc: str = "probe",
-                progress: bool = True, on_step: Optional[Callable[[int, float], None]] = None) -> Dict[str, Any]:
+                progress: bool = True, on_step: Optional[Callable[[int, float], None]] = None,
+                workdir: Union[str, Path, None] = None, stop_after: Optional[int] = None,
+                loss_state: Optional[Mapping[str, Any]] = None, fingerprint: Optional[Mapping[str, Any]] = None
+                ) -> Dict[str, Any]:
     """Train ``module``'s parameters to minimise ``step_loss(batch)`` over ``dataset``.
 
-    Returns ``{"steps", "epochs", "final_loss" (mean of the last epoch), "losses" (per step)}``.
+    Runs through :class:`bench.train.TrainLoop`: with a ``workdir`` it checkpoints there every
+    ``sched.ckpt_every`` steps (default 500; ``keep_last`` 2) and at the end -- the probe, AdamW (with its
+    OneCycle betas), the lr schedule, the batch order (:class:`EpochBatches`), ``loss_state`` (objects
+    whose attributes change while training, e.g. a SigLoss warm-up counter) and the RNG states -- and a
+    call with the same workdir resumes from the latest checkpoint: the result is bit-identical to an
+    uninterrupted run (with ``num_workers=0``, or augmentation-free data). Without a workdir it trains
+    in a temporary directory (no resume). ``stop_after`` ends the call after that many steps (after a
+    checkpoint); ``steps < total`` in the result then tells the caller training is unfinished.
+
+    Returns ``{"steps", "total_steps", "epochs", "final_loss" (mean of the last epoch), "losses" (per step)}``.
     """
+    import tempfile
+
+    from bench.train import TrainLoop
+
     sched = dict(sched)
     bs = int(sched.get("batch_size", 8))
-    loader = make_loader(dataset, bs, seed, shuffle=bool(sched.get("shuffle", True)), num_workers=num_workers,
-                         drop_last=bool(sched.get("drop_last", False)))
-    per_epoch = len(loader)
+    batches = EpochBatches(dataset, bs, seed, shuffle=bool(sched.get("shuffle", True)), num_workers=num_workers,
+                           drop_last=bool(sched.get("drop_last", False)))
+    per_epoch = len(batches)
     if per_epoch == 0:
         raise BenchError("the probe's training split is empty", "check task.dataset (splits, limit)")
     total, warm = total_steps(sched, per_epoch), warmup_steps(sched, per_epoch)
@@ -134,40 +235,49 @@ def train_probe(module: torch.nn.Module, dataset: Dataset, step_loss: Callable[[
         raise UnknownNameError("probe momentum schedule", str(momentum), ["onecycle", "null"])
     clip = sched.get("grad_clip")
     sched_obj = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    state: Dict[str, Any] = {"probe": module, "batches": batches}
+    if loss_state:
+        state["loss_state"] = _Counters(loss_state)
+    values: Dict[int, float] = {}
+
+    def step_fn(step: int) -> torch.Tensor:
+        loss = step_loss(batches.next())
+        if momentum == "onecycle":  # beta1 of this step, before the optimiser step (mmcv momentum hook)
+            for g in opt.param_groups:
+                g["betas"] = (onecycle_momentum(step, total), g["betas"][1])
+        values[step] = float(loss.detach())
+        return loss
+
+    def after_step(done: int) -> None:
+        if on_step is not None:
+            on_step(done - 1, values[done - 1])
+        values.clear()
+
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="probe-")
+        workdir = tmp.name
+    loop = TrainLoop(Path(workdir), total, opt, state, scheduler=sched_obj, ckpt_every=int(sched.get("ckpt_every", 500)),
+                     keep_last=int(sched.get("keep_last", 2)), grad_clip=float(clip) if clip else None,
+                     progress=progress, desc=desc, log_every=int(sched.get("log_every", 50)), images_per_step=bs,
+                     fingerprint={"kind": "probe", "per_epoch": per_epoch, "batch_size": bs, "items": len(dataset),
+                                  **dict(fingerprint or {})},
+                     tensorboard=False, distributed=False)  # rank 0 alone evaluates (bench.runner.run_cell)
     module.train()
-    losses, step, epoch = [], 0, 0
-    bar = tqdm(total=total, desc=desc, disable=not progress, unit="step", dynamic_ncols=True, leave=False)
     try:
-        while step < total:
-            for batch in loader:
-                loss = step_loss(batch)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise NonFiniteLossError(
-                        f"{desc}: the probe loss became {value} at step {step} (epoch {epoch})",
-                        "lower task.protocols.<protocol>.schedule.lr, or check the labels of the training split "
-                        "(e.g. depth <= 0 inside the valid mask)")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if momentum == "onecycle":
-                    for g in opt.param_groups:
-                        g["betas"] = (onecycle_momentum(step, total), g["betas"][1])
-                if clip:
-                    torch.nn.utils.clip_grad_norm_(params, float(clip), norm_type=2.0)
-                opt.step()
-                sched_obj.step()
-                losses.append(value)
-                if on_step is not None:
-                    on_step(step, value)
-                step += 1
-                bar.update(1)
-                if step % 10 == 0 or step == total:
-                    bar.set_postfix(epoch=epoch, loss=f"{value:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-                if step >= total:
-                    break
-            epoch += 1
+        history = loop.run(step_fn, after_step, stop_after=stop_after)
+    except NonFiniteLossError:
+        step = loop.step
+        value = values.get(step, float("nan"))
+        raise NonFiniteLossError(
+            f"{desc}: the probe loss became {value} at step {step} (epoch {step // per_epoch})",
+            "lower task.protocols.<protocol>.schedule.lr, or check the labels of the training split "
+            "(e.g. depth <= 0 inside the valid mask)") from None
     finally:
-        bar.close()
+        if tmp is not None:
+            tmp.cleanup()
     module.eval()
-    last = losses[-min(per_epoch, len(losses)):]
-    return {"steps": step, "epochs": step / per_epoch, "final_loss": sum(last) / len(last), "losses": losses}
+    losses = [float(h["loss"]) for h in history]
+    last = losses[-min(per_epoch, len(losses)):] or [float("nan")]
+    return {"steps": loop.step, "total_steps": total, "epochs": loop.step / per_epoch,
+            "final_loss": sum(last) / len(last), "losses": losses}

@@ -88,30 +88,86 @@ class SceneFits:
         return self._cache[scene]
 
 
-def fit_scenes(data, teacher, cfg: DictConfig, device, progress: bool = True) -> Dict[str, Path]:
-    """Stage I for every training scene (cached and resumable); returns ``scene -> fit directory``."""
-    m = cfg.method
-    # the teacher = its weights (digest) + everything else that shapes its features (resize, normalisation...)
+def teacher_identity(teacher, cfg: DictConfig) -> str:
+    """The teacher of stage I = its weights (digest) + everything else that shapes its features
+    (resize, normalisation...): part of every scene's cache key."""
     arch = {k: v for k, v in to_container(cfg.backbone).items() if k != "weights" and not k.startswith("hub_")}
-    teacher_id = f"{cfg.backbone.name}:{weights_hash(teacher)}:{stable_hash(arch)}"
+    return f"{cfg.backbone.name}:{weights_hash(teacher)}:{stable_hash(arch)}"
+
+
+def scene_dirs(data, teacher_id: str, cfg: DictConfig) -> Dict[str, Path]:
+    """``scene -> fit directory`` (``<scene_cache>/<scene>-<key>``) of every training scene."""
+    m = cfg.method
     root = Path(str(m.scene_cache))
+    return {scene: root / f"{scene}-{scene_key(scene, m.data, teacher_id, m.stage1, int(cfg.seed))}"
+            for scene in data.scene_ids}
+
+
+def fit_one(data, scene: str, wd: Path, teacher, cfg: DictConfig, device, progress: bool = True) -> None:
+    """Stage I of one scene into ``wd``, unless it is fitted already (an unfinished fit resumes)."""
+    if not is_fitted(wd):  # read the views only when needed
+        views = data.load_views(scene, range(data.num_views(scene)))
+        fit_scene(views, teacher, cfg.method.stage1, wd, seed=scene_seed(int(cfg.seed), scene), device=device,
+                  progress=progress)
+
+
+def fit_scenes(data, teacher, cfg: DictConfig, device, progress: bool = True) -> Dict[str, Path]:
+    """Stage I for every training scene (cached and resumable); returns ``scene -> fit directory``.
+
+    Scenes a sweep's stage-I array already fitted (:func:`stage1_shards`) are only loaded."""
     from bench import distributed as dist
 
-    dirs = {}
-    for i, scene in enumerate(data.scene_ids):  # several ranks: rank r fits scenes r, r + W, ...
-        key = scene_key(scene, m.data, teacher_id, m.stage1, int(cfg.seed))
-        wd = root / f"{scene}-{key}"
-        dirs[scene] = wd
-        if i % dist.world_size() == dist.rank() and not is_fitted(wd):  # read the views only when needed
-            views = data.load_views(scene, range(data.num_views(scene)))
-            fit_scene(views, teacher, m.stage1, wd, seed=scene_seed(int(cfg.seed), scene), device=device,
-                      progress=progress)
+    dirs = scene_dirs(data, teacher_identity(teacher, cfg), cfg)
+    for i, (scene, wd) in enumerate(dirs.items()):  # several ranks: rank r fits scenes r, r + W, ...
+        if i % dist.world_size() == dist.rank():
+            fit_one(data, scene, wd, teacher, cfg, device, progress)
     dist.barrier()  # every scene is fitted (by some rank) before stage II reads them
     for i, (scene, wd) in enumerate(dirs.items()):
         info = json.loads((wd / INFO_FILE).read_text())
         log.info("fit3d stage I %d/%d %s: %s", i + 1, len(data.scene_ids), scene,
                  {k: info.get(k) for k in ("num_gaussians", "final", "s_per_iteration")})
     return dirs
+
+
+def stage1_teacher(cfg: DictConfig, device="cpu"):
+    """The stage-I teacher exactly as a training run sees it: seeded, built (bench.runner.obtain_backbone),
+    frozen (:meth:`FiT3D.fit`); so a separate stage-I job computes the same scene cache keys."""
+    from bench.backbones import build_backbone
+
+    seed_everything(int(cfg.seed))
+    return build_backbone(cfg.backbone).eval().requires_grad_(False).to(device)
+
+
+def stage1_shards(cfg: DictConfig, per_task: int = 1) -> Tuple[List[List[str]], List[str]]:
+    """Plan stage I as an array: ``(shards, fitted)`` -- the training scenes not fitted yet, in
+    consecutive groups of ``per_task`` (one array task each), and the scenes whose fit is cached."""
+    data = open_scenes(cfg.method.data, cfg.paths.data_dir)
+    dirs = scene_dirs(data, teacher_identity(stage1_teacher(cfg), cfg), cfg)
+    todo = [s for s, wd in dirs.items() if not is_fitted(wd)]
+    per_task = max(int(per_task), 1)
+    return [todo[i:i + per_task] for i in range(0, len(todo), per_task)], [s for s in dirs if s not in todo]
+
+
+def run_stage1(cfg: DictConfig, scenes: List[str]) -> Dict[str, str]:
+    """One stage-I array task: fit ``scenes`` (resuming unfinished fits, skipping finished ones);
+    returns ``scene -> fit directory``."""
+    from bench.runner import resolve_device
+
+    device = resolve_device(cfg)
+    progress = bool(cfg.method.get("progress", True))
+    data = open_scenes(cfg.method.data, cfg.paths.data_dir)
+    teacher = stage1_teacher(cfg, device)
+    dirs = scene_dirs(data, teacher_identity(teacher, cfg), cfg)
+    unknown = [s for s in scenes if s not in dirs]
+    if unknown:
+        from bench.errors import BenchError
+
+        raise BenchError(f"stage-I scenes {unknown} are not training scenes of method.data",
+                         "re-plan the sweep (the data or its scene list changed)")
+    for scene in scenes:
+        fit_one(data, scene, dirs[scene], teacher, cfg, device, progress)
+        log.info("fit3d stage I %s: %s", scene, dirs[scene])
+    return {s: str(dirs[s]) for s in scenes}
 
 
 def epoch_batches(step: int, num_items: int, batch: int, seed: int) -> List[int]:
@@ -133,6 +189,16 @@ class FiT3D:
     """
 
     trains = True
+    # a sweep plans stage I as a job array before the training job (bench.sweep.make_plan)
+    prepare_name = "stage1"
+
+    @staticmethod
+    def prepare_shards(cfg: DictConfig, per_task: int = 1) -> Tuple[List[List[str]], List[str]]:
+        return stage1_shards(cfg, per_task)
+
+    @staticmethod
+    def prepare(cfg: DictConfig, items: List[str]) -> Dict[str, str]:
+        return run_stage1(cfg, items)
 
     def fit(self, backbone, cfg: DictConfig, workdir: Path, stop_after: Optional[int] = None):
         device = start_run(cfg)
