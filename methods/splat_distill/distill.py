@@ -88,7 +88,7 @@ class Distiller:
         self.teacher_head.eval()
         self.reconstructor = (reconstructor if reconstructor is not None
                               else build_reconstructor(cfg["reconstructor"])).to(self.device)
-        size = (cfg.get("data") or {}).get("size")
+        size = cfg["data"]["size"]
         if hasattr(self.reconstructor, "check_size") and size is not None:
             self.reconstructor.check_size(*(int(s) for s in size))  # MVSplat: fail before training starts
         self.student = nn.ModuleDict({"backbone": self.backbone.model, "head": self.head})
