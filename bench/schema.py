@@ -586,6 +586,15 @@ OVERRIDE_KINDS = ("train", "eval", "table")   # cluster.<kind>: per-job-kind ove
 PER_TASK_KEY = "per_task"                     # method.per_task.<task kind>: method keys
 
 
+def register_method(name: str, node: type) -> None:
+    """The schema of a plugin method (registered by a script): its keys are checked, and join the union
+    that other methods' configs may carry."""
+    from hydra.core.config_store import ConfigStore
+
+    METHODS[name] = node
+    ConfigStore.instance().store(group="schema/method", name=name, node=node)
+
+
 def register() -> None:
     """Store every schema in hydra's ConfigStore (``schema/<group>/<name>``)."""
     from hydra.core.config_store import ConfigStore

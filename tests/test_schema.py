@@ -182,3 +182,18 @@ def test_cli_misspelled_key_on_command_line(tmp_path, monkeypatch, capsys):
         assert len(lines) == 1 and lines[0].startswith("error: "), err
         assert f"'{key}'" in lines[0] and f"did you mean {near}" in lines[0], lines[0]
         assert not any((tmp_path / d).exists() for d in ("results", "outputs", "cache"))
+
+
+@pytest.mark.parametrize("key,bad", [("upsample_grid", "diagonal"), ("all_excluded", "nan"), ("uncovered", "skip"),
+                                     ("blend_segments", "some"), ("render_basis", "pixels"), ("upsample", "nearest"),
+                                     ("resize", "crop"), ("masks", "sam")])
+def test_snd_lift_choices_checked_at_distiller_construction(key, bad):
+    """A lift choice that is not one is refused when the Distiller is built (before any training step), not
+    in the per-step targets()."""
+    from bench.backbones import build_backbone
+    from methods.splat_distill.distill import Distiller
+
+    cfg = compose(["method=splat_distill", "backbone=tiny_cnn", "method.head.prototypes=16", "method.head.hidden_dim=16",
+                   "method.head.bottleneck_dim=8", f"method.lift.{key}={bad}"])
+    with pytest.raises(BenchError, match=rf"method\.lift\.{key}='{bad}' is not a choice"):
+        Distiller(build_backbone(cfg.backbone), cfg.method)
