@@ -99,7 +99,7 @@ class OfficialCheckpoint:
         raise NotImplementedError
 
     def variant(self, cfg) -> str:
-        name, want = str(cfg.method.name), str(cfg.method.get("variant", "auto") or "auto")
+        name, want = str(cfg.method.name), str(cfg.method.variant or "auto")
         backbone = str(cfg.backbone.name)
         if want == "auto":
             for v, b in self.variants.items():
@@ -121,10 +121,10 @@ class OfficialCheckpoint:
     def reference(self, cfg) -> Tuple[str, Dict[str, Any]]:
         """The checkpoint to load (local path or hf:// reference) and its provenance for the record."""
         m = cfg.method
-        if m.get("checkpoint"):
+        if m.checkpoint:
             return str(m.checkpoint), {"checkpoint": str(m.checkpoint)}
         variant = self.variant(cfg)
-        repo, fname, rev = str(m.get("repo") or self.repo), self.filename(variant, cfg), m.get("revision")
+        repo, fname, rev = str(m.repo or self.repo), self.filename(variant, cfg), m.revision
         ref = f"hf://{repo}/{fname}" + (f"@{rev}" if rev else "")
         return ref, {"checkpoint": ref, "repo": repo, "file": fname, "revision": rev, "variant": variant}
 
@@ -152,7 +152,7 @@ class SnDOfficial(OfficialCheckpoint):
     variants = {"small": "dinov2_vits14", "base": "dinov2_vitb14"}
 
     def filename(self, variant: str, cfg) -> str:
-        return f"dinov2_{variant}_snd{'' if cfg.method.get('blending', True) else '_no_blending'}.pth"
+        return f"dinov2_{variant}_snd{'' if cfg.method.blending else '_no_blending'}.pth"
 
 
 @METHODS.register("fit3d_official", "official FiT3D fine-tuned DINOv2 checkpoints (yuanwenyue/FiT3D), "
@@ -265,5 +265,5 @@ class MEFOfficial(OfficialCheckpoint):
             p.requires_grad_(False)
         self.checkpoint_ref = {"kind": "official", **info, "lora_blocks": blocks,
                                "lora_rank": int(ck["A"][0].shape[0])}
-        stride = cfg.method.get("export_stride")
+        stride = cfg.method.export_stride
         return RefinedBackbone(backbone.eval(), head.eval(), stride=int(stride) if stride else None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from importlib import resources
+from pathlib import Path
 from typing import Any, Iterable, List, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
@@ -19,22 +20,36 @@ CONFIG_MODULE = "bench.conf"
 GROUPS = ("method", "task", "backbone", "cluster", "experiment", "paths")
 
 
-def group_options(group: str) -> List[str]:
-    """Names of the config files of one group (``method`` -> ``['dinov2', ...]``)."""
-    root = resources.files(CONFIG_MODULE).joinpath(group)
-    if not root.is_dir():
-        return []
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+def group_options(group: str, search_path: Sequence[str] = ()) -> List[str]:
+    """Names of the config files of one group (``method`` -> ``['dinov2', ...]``), also from the extra
+    config directories ``search_path`` (``hydra.searchpath=[file:///my/conf]``: e.g. your own recipes
+    in ``/my/conf/experiment/``)."""
+    roots = [resources.files(CONFIG_MODULE).joinpath(group)] + [Path(d) / group for d in search_path]
+    return sorted({p.name[:-5] for root in roots if root.is_dir() for p in root.iterdir() if p.name.endswith(".yaml")})
+
+
+def search_path(overrides: Sequence[str]) -> List[str]:
+    """The local directories of a ``hydra.searchpath=[file://DIR,...]`` override."""
+    dirs: List[str] = []
+    for ov in overrides:
+        key, _, value = ov.lstrip("+").partition("=")
+        if key == "hydra.searchpath":
+            for item in value.strip().strip("[]").split(","):
+                item = item.strip().strip("'\"")
+                if item.startswith("file://"):
+                    dirs.append(item[len("file://"):])
+    return dirs
 
 
 def _check_group_names(overrides: Sequence[str]) -> None:
+    extra = search_path(overrides)
     for ov in overrides:
         key, sep, value = ov.lstrip("+~").partition("=")
         if not sep:
             continue
         group = key.split("@")[0]
         if group in GROUPS:
-            opts = group_options(group)
+            opts = group_options(group, extra)
             for v in value.split(","):  # sweep lists are checked element-wise
                 v = v.strip().strip("[]()")
                 if v and v != "null" and v not in opts:

@@ -1,7 +1,7 @@
 """Checks that run before any work: a bad input is refused in the first second, not after hours.
 
-:func:`validate` checks the composed config's values (seed, device, training lengths, probe
-schedule); :func:`check_writable` the directories a cell writes to; :func:`check_inputs` the
+:func:`validate` checks the composed config's keys against the typed schemas (:mod:`bench.schema`)
+and its values (seed, device, training lengths, probe schedule); :func:`check_writable` the directories a cell writes to; :func:`check_inputs` the
 weights paths and Hub refs; :func:`check_image_size` the images against the backbone's stride.
 :func:`preflight` runs them all (plus the task's own ``check``): ``bench run`` calls it before a
 cell starts and ``bench sweep`` for every cell before it submits anything. Every failure is a
@@ -41,6 +41,9 @@ def _is_int(v: Any) -> bool:
 
 def validate(cfg: DictConfig, trains: bool | None = None) -> None:
     """Refuse values that cannot run (or would silently run something else)."""
+    from .schema import check as check_schema
+
+    check_schema(cfg)  # unknown / missing keys and wrong types of method.*, task.protocol(s).*, cluster.*
     seed = cfg.get("seed")
     if not _is_int(seed):
         raise BenchError(f"seed must be an integer, got {seed!r}", "pass seed=<integer>, e.g. seed=0")

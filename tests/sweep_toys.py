@@ -14,11 +14,22 @@ in the plan's plugins), where it registers at import; the test process calls :fu
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from bench import schema
 from bench.registry import METHODS, TASKS
+
+
+@dataclass
+class ToyTrainSchema:
+    """``method.*`` of toy_train (bench.schema): optional keys on top of any packaged method config."""
+    name: str = schema.REQ
+    steps: int = 4
+    lr: float = 0.5
+    sleep_s: float = 0.0
 
 
 class ToyTrain:
@@ -66,11 +77,13 @@ _ENTRIES = [(METHODS, "toy_train", ToyTrain, "toy: tiny deterministic resumable 
 def register() -> None:
     for reg, name, obj, desc in _ENTRIES:
         reg.register(name, desc)(obj)
+    schema.register_method("toy_train", ToyTrainSchema)
 
 
 def unregister() -> None:
     for reg, name, _, _ in _ENTRIES:
         reg._entries.pop(name, None)  # test-only: keep the shared registries clean for other tests
+    schema.METHODS.pop("toy_train", None)
 
 
 register()

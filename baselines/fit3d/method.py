@@ -204,7 +204,9 @@ class FiT3D:
         device = start_run(cfg)
         m, s2 = cfg.method, cfg.method.stage2
         workdir = Path(workdir)
-        progress = bool(m.get("progress", True))
+        progress = bool(m.progress)
+        bn_mode = choice("method.stage2.batchnorm", s2.batchnorm, ("eval", "train"))  # before stage I's work
+        loss_mask = choice("method.stage2.loss_mask", s2.loss_mask, LOSS_MASKS)
         from bench import distributed as dist
 
         with dist.main_first():  # rank 0 generates a synthetic set once
@@ -219,32 +221,30 @@ class FiT3D:
 
         # ---- stage II
         seed_everything(int(cfg.seed))  # independent of whether stage I ran or was reused
-        fits = SceneFits(dirs, device, int(s2.get("cached_scenes", 8)))
+        fits = SceneFits(dirs, device, int(s2.cached_scenes))
         items: List[Tuple[str, int]] = [(s, v) for s in data.scene_ids for v in range(data.num_views(s))]
         bs = int(s2.batch_size)
         # stage2.steps (optional) fixes the number of optimiser steps instead of epochs (dose-response runs)
-        steps = int(s2.steps) if s2.get("steps") else math.ceil(len(items) / bs) * int(s2.epochs)
+        steps = int(s2.steps) if s2.steps else math.ceil(len(items) / bs) * int(s2.epochs)
         from methods.splat_distill.diagnostics import Diagnostics, trainable_weights
 
-        size = [int(x) for x in m.data.size] if m.data.get("size") is not None else list(
+        size = [int(x) for x in m.data.size] if m.data.size is not None else list(
             data.load_views(data.scene_ids[0], [0])["images"].shape[-2:])
         diag = Diagnostics(m, size, cfg.paths.data_dir, device)
         diag.start(backbone.to(device), trainable_weights(backbone.model))
-        bn_mode = choice("method.stage2.batchnorm", s2.get("batchnorm", "eval"), ("eval", "train"))
-        loss_mask = choice("method.stage2.loss_mask", s2.get("loss_mask", "anon"), LOSS_MASKS)
         backbone = train_mode(backbone.to(device).requires_grad_(True), bn_mode)
         opt = torch.optim.AdamW(backbone.model.parameters(), lr=float(s2.lr), weight_decay=float(s2.weight_decay))
         from bench.loader import StepLoader
         from bench.train import autocast
 
         dist.seed_offset(int(cfg.seed))
-        loop = TrainLoop(workdir / "stage2", steps, opt, {"model": backbone.model}, grad_clip=s2.get("grad_clip"),
-                         ckpt_every=int(m.get("ckpt_every", 100)), keep_last=int(m.get("keep_last", 2)),
-                         progress=progress, desc="fit3d stage II", log_every=int(m.get("log_every", 10)),
+        loop = TrainLoop(workdir / "stage2", steps, opt, {"model": backbone.model}, grad_clip=s2.grad_clip,
+                         ckpt_every=int(m.ckpt_every), keep_last=int(m.keep_last),
+                         progress=progress, desc="fit3d stage II", log_every=int(m.log_every),
                          log_dir=workdir, images_per_step=bs, device=device)
-        thr, p_flip = float(s2.get("alpha_threshold", 0.5)), float(s2.get("hflip", 0.5))
-        precision = str(cfg.get("precision", "32"))
-        global_avg = str((cfg.get("distributed") or {}).get("grad_average", "global")) == "global"
+        thr, p_flip = float(s2.alpha_threshold), float(s2.hflip)
+        precision = str(cfg.precision)
+        global_avg = str(cfg.distributed.grad_average) == "global"
         per_rank = -(-bs // dist.world_size())  # ranks take consecutive chunks of a step's (global) batch
 
         def views_of(step: int):  # this rank's views of step ``step`` (runs in a loader worker)
@@ -257,8 +257,7 @@ class FiT3D:
                 out.append((scene, data.load_views(scene, [v]), float(torch.rand((), generator=g)) < p_flip))
             return out
 
-        ld = cfg.get("loader") or {}
-        loader = StepLoader(views_of, steps, int(ld.get("workers", 0)), int(ld.get("prefetch", 2)),
+        loader = StepLoader(views_of, steps, int(cfg.loader.workers), int(cfg.loader.prefetch),
                             pin_memory=str(device).startswith("cuda"))
 
         def step_fn(step: int):

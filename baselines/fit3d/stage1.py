@@ -251,14 +251,14 @@ def fit_scene(views: Mapping[str, Tensor], teacher: nn.Module, stage1: Mapping[s
     V, _, H, W = views["images"].shape
     seed_everything(seed)
     tfeat = teacher_features(teacher.to(device).eval(), views["images"])
-    D = int(stage1.get("feature_dim", 64))
-    pts, cols = _init_points(views, int(stage1.get("init_points", 100_000)), torch.Generator().manual_seed(seed))
-    g = SceneGaussians.from_points(pts, cols, D, float(stage1.get("init_opacity", 0.1)))
+    D = int(stage1["feature_dim"])
+    pts, cols = _init_points(views, int(stage1["init_points"]), torch.Generator().manual_seed(seed))
+    g = SceneGaussians.from_points(pts, cols, D, float(stage1["init_opacity"]))
     decoder = nn.Conv2d(D, tfeat.shape[1], 3, padding=1, bias=False).to(device)
     t_setup = time.perf_counter() - t_start
 
     extent = camera_extent(views["w2c"].cpu())
-    iters = int(stage1.get("iterations", 30_000))
+    iters = int(stage1["iterations"])
     lr = stage1["lr"]
     groups = [("means", [g.means], float(lr["means"]) * extent), ("log_scales", [g.log_scales], float(lr["scales"])),
               ("quats", [g.quats], float(lr["quats"])), ("opacity_logits", [g.opacity_logits], float(lr["opacities"])),
@@ -269,17 +269,17 @@ def fit_scene(views: Mapping[str, Tensor], teacher: nn.Module, stage1: Mapping[s
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, [lambda s: decay ** min(s / max(iters, 1), 1.0)] + [lambda s: 1.0] * (len(groups) - 1))
     loop = TrainLoop(workdir / "ckpt", iters, opt, {"gaussians": g, "decoder": decoder}, scheduler=sched,
-                     ckpt_every=int(stage1.get("ckpt_every", 1000)), keep_last=2, progress=progress,
+                     ckpt_every=int(stage1["ckpt_every"]), keep_last=2, progress=progress,
                      desc=f"fit3d stage I {workdir.name[:24]}", log_every=10,
                      distributed=False)  # one scene per rank: a loop of its own
     init_file = workdir / "init_metrics.json"
-    if bool(stage1.get("eval", True)) and not init_file.exists() and not loop.checkpointer.steps():
+    if bool(stage1["eval"]) and not init_file.exists() and not loop.checkpointer.steps():
         write_json(init_file, {**evaluate_fit(g, decoder, views, tfeat, teacher), "num_gaussians": g.num})
 
-    lam, fw = float(stage1.get("lambda_dssim", 0.2)), float(stage1.get("feature_weight", 1.0))
-    dens = stage1.get("densify", {}) or {}
-    d_from, d_until, d_every = int(dens.get("from", 500)), int(dens.get("until", 15_000)), int(dens.get("every", 100))
-    reset_every = int(stage1.get("opacity_reset_every", 3000))
+    lam, fw = float(stage1["lambda_dssim"]), float(stage1["feature_weight"])
+    dens = stage1["densify"]
+    d_from, d_until, d_every = int(dens["from"]), int(dens["until"]), int(dens["every"])
+    reset_every = int(stage1["opacity_reset_every"])
     current: Dict[str, Any] = {}
     anon = (views["anon"].to(views["images"].device) > 0) if "anon" in views else None   # [V,H,W] True = keep
 
@@ -306,13 +306,12 @@ def fit_scene(views: Mapping[str, Tensor], teacher: nn.Module, stage1: Mapping[s
             g.add_stats(current.pop("view"))
             if it > d_from and it % d_every == 0:
                 g.densify_and_prune(
-                    opt, grad_threshold=float(dens.get("grad_threshold", 2e-4)), extent=extent,
-                    percent_dense=float(dens.get("percent_dense", 0.01)),
-                    min_opacity=float(dens.get("min_opacity", 0.005)),
-                    max_screen_size=float(dens.get("max_screen_size", 20)) if reset_every and it > reset_every else None,
-                    world_size=float(dens.get("world_size", 0.1)), max_gaussians=dens.get("max_gaussians"))
+                    opt, grad_threshold=float(dens["grad_threshold"]), extent=extent,
+                    percent_dense=float(dens["percent_dense"]), min_opacity=float(dens["min_opacity"]),
+                    max_screen_size=float(dens["max_screen_size"]) if reset_every and it > reset_every else None,
+                    world_size=float(dens["world_size"]), max_gaussians=dens["max_gaussians"])
             if reset_every and it % reset_every == 0:
-                g.reset_opacity(float(stage1.get("reset_opacity_to", 0.01)), opt)
+                g.reset_opacity(float(stage1["reset_opacity_to"]), opt)
 
     t0 = time.perf_counter()
     start = (loop.checkpointer.steps() or [0])[-1]
@@ -330,7 +329,7 @@ def fit_scene(views: Mapping[str, Tensor], teacher: nn.Module, stage1: Mapping[s
     fit = SceneFit(g.requires_grad_(False), decoder.requires_grad_(False), info)
     if loop.step < iters:  # interrupted on purpose: not a finished fit
         return fit
-    if bool(stage1.get("eval", True)):
+    if bool(stage1["eval"]):
         if init_file.exists():
             info["init"] = json.loads(init_file.read_text())
         info["final"] = evaluate_fit(g, decoder, views, tfeat, teacher)

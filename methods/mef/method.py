@@ -49,9 +49,9 @@ def objects_root(data: Mapping[str, Any], data_dir) -> Path:
 
 def object_count(data: Mapping[str, Any]) -> int:
     """``data.objects`` (a count), else ``data.scenes`` (the shared experiments' key for set sizes)."""
-    n = data.get("objects")
+    n = data["objects"]
     if n is None:
-        n = data.get("scenes")
+        n = data.get("scenes")  # optional: only the shared recipes set it
     if not isinstance(n, int) or n < 1:
         raise BenchError("method.data.dataset=synthetic_objects needs a count method.data.objects "
                          f"(got {n!r})", "e.g. method.data.objects=4 method.data.views=16 method.data.size=[96,128]")
@@ -64,27 +64,27 @@ def open_objects(data: Mapping[str, Any], data_dir) -> tuple:
     from bench.data.mef_objaverse import ObjectRenders
     from bench.data.objects import ensure_objects, split_objects
 
-    kind = str(data.get("dataset", "mef_objaverse"))
+    kind = str(data["dataset"])
     if kind not in DATASETS:
         raise BenchError(f"method.data.dataset='{kind}' is not an MEF training dataset", f"use one of {DATASETS}")
     if kind == "mef_objaverse":
         reader = ObjectRenders(Path(str(data["root"])))
         names = reader.items
-        sel = data.get("objects")
+        sel = data["objects"]
         if isinstance(sel, int):
             names = names[:sel]
         elif sel is not None:
             names = [str(x) for x in sel]
     else:
-        if data.get("views") is None or data.get("size") is None:
+        if data["views"] is None or data["size"] is None:
             raise BenchError("method.data.dataset=synthetic_objects needs method.data.views and method.data.size",
                              "e.g. method.data.views=16 method.data.size=[96,128]")
-        root = Path(str(data["root"])) if data.get("root") else objects_root(data, data_dir)
+        root = Path(str(data["root"])) if data["root"] else objects_root(data, data_dir)
         ensure_objects(root, object_count(data), int(data["views"]), [int(s) for s in data["size"]],
-                       int(data.get("seed", 1)), int(data.get("supersample", 2)))
+                       int(data["seed"]), int(data["supersample"]))
         reader = ObjectRenders(root)
         names = reader.items
-    held = data.get("held_out") or 0
+    held = data["held_out"] or 0
     train, held_out = split_objects(names, held) if held else (list(names), [])
     return reader, train, held_out
 
@@ -94,16 +94,13 @@ class Finetuner:
 
     def __init__(self, backbone, m: DictConfig, device: str):
         self.backbone = backbone.to(device)
-        lo = m.get("lora", {}) or {}
-        self.lora = QVLoRA(backbone.model, int(lo.get("r", 4)), int(lo.get("blocks", 4)), bool(lo.get("qv_only", True)))
+        lo = m.lora
+        self.lora = QVLoRA(backbone.model, int(lo.r), int(lo.blocks), bool(lo.qv_only))
         self.head = refine_conv(backbone.embed_dim).to(device)
         self.refined = RefinedBackbone(backbone, self.head)
         self.device = device
-        inp = m.get("input", {}) or {}
-        self.target_res, self.stride = inp.get("target_res", "auto"), int(inp.get("stride", 8))
-        ls = m.get("loss", {}) or {}
-        self.pos, self.neg = float(ls.get("pos_thresh", 5e-3)), float(ls.get("neg_thresh", 0.1))
-        self.temp = float(ls.get("temperature", 0.01))
+        self.target_res, self.stride = m.input.target_res, int(m.input.stride)
+        self.pos, self.neg, self.temp = float(m.loss.pos_thresh), float(m.loss.neg_thresh), float(m.loss.temperature)
 
     def parameters(self) -> List[torch.nn.Parameter]:
         return self.lora.parameters() + list(self.head.parameters())
@@ -178,17 +175,14 @@ def build(backbone, cfg: DictConfig, workdir: Path, device: str):
     m = cfg.method
     reader, train, held = open_objects(m.data, cfg.paths.data_dir)
     tuner = Finetuner(backbone, m, device)
-    sampler = PairSampler(reader, train, int(m.get("points", 3000)), float(m.get("max_angle", 120.0)),
-                          bool(m.get("augment", True)), seed=int(cfg.seed))
-    ev = m.get("eval", {}) or {}
-    pairs = eval_pairs(reader, held, int(ev.get("pairs", 0)), int(ev.get("points", 1000)), int(cfg.seed)) if held else []
+    sampler = PairSampler(reader, train, int(m.points), float(m.max_angle), bool(m.augment), seed=int(cfg.seed))
+    pairs = eval_pairs(reader, held, int(m.eval.pairs), int(m.eval.points), int(cfg.seed)) if held else []
     o = m.optim
-    opt = torch.optim.AdamW(tuner.parameters(), lr=float(o.lr), weight_decay=float(o.get("weight_decay", 1e-4)))
+    opt = torch.optim.AdamW(tuner.parameters(), lr=float(o.lr), weight_decay=float(o.weight_decay))
     loop = TrainLoop(Path(workdir) / "checkpoints", int(o.steps), opt, {"model": backbone.model, "head": tuner.head},
-                     ckpt_every=int(m.get("ckpt_every", 500)), keep_last=int(m.get("keep_last", 2)),
-                     grad_clip=o.get("grad_clip", 1.0), progress=bool(m.get("progress", True)), desc="mef",
-                     log_every=int(m.get("log_every", 10)))
-    batch = int(o.get("batch_size", 1) or 1)
+                     ckpt_every=int(m.ckpt_every), keep_last=int(m.keep_last), grad_clip=o.grad_clip,
+                     progress=bool(m.progress), desc="mef", log_every=int(m.log_every))
+    batch = int(o.batch_size or 1)
 
     def step_fn(step: int):
         tuner.train()
@@ -214,13 +208,13 @@ class MEF:
         if pairs and fresh:
             report["before"] = pair_correspondence(tuner, pairs)
         log.info("mef: %d training steps x batch %d on %s, device %s", loop.total_steps,
-                 int(cfg.method.optim.get("batch_size", 1) or 1), cfg.method.data.dataset, device)
+                 int(cfg.method.optim.batch_size or 1), cfg.method.data.dataset, device)
         history = loop.run(step_fn, stop_after=stop_after)
         write_json(workdir / "history.json", history)
         if pairs:
             report["after"] = pair_correspondence(tuner, pairs)
             write_json(workdir / "eval_pairs.json", report)
-        stride = cfg.method.get("export_stride")
+        stride = cfg.method.export_stride
         out = tuner.finish(int(stride) if stride else None)
         save_head(out.head, workdir / HEAD_FILE, out.stride)
         return out

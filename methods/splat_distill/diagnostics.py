@@ -43,17 +43,17 @@ def trainable_weights(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 def open_held_out(diag: Mapping[str, Any], size, data_dir) -> Optional[Dict[str, Any]]:
     """The held-out views: ``{"views": [dict per scene], "pairs": [(scene_idx, a, b)]}``, or None."""
-    if not diag or not diag.get("enabled", True):
+    if not diag or not diag["enabled"]:
         return None
     from methods.splat_distill.method import open_scenes
 
-    d = dict(diag.get("data") or {})
+    d = dict(diag["data"] or {})
     d.setdefault("dataset", "synthetic")
     d.setdefault("root", None)
     d.setdefault("size", list(size))
     data = open_scenes(d, data_dir)
     views, pairs = [], []
-    gap = int(diag.get("gap", 2))
+    gap = int(diag["gap"])
     for s, sid in enumerate(data.scene_ids):
         n = data.num_views(sid)
         v = data.load_views(sid, list(range(n)))
@@ -61,7 +61,7 @@ def open_held_out(diag: Mapping[str, Any], size, data_dir) -> Optional[Dict[str,
             log.warning("diagnostics: scene %s has no depth; skipping the consistency measure", sid)
         views.append(v)
         pairs += [(s, i, i + gap) for i in range(0, n - gap, max(gap, 1))]
-    return {"views": views, "pairs": pairs[: int(diag.get("pairs", 8))]}
+    return {"views": views, "pairs": pairs[: int(diag["pairs"])]}
 
 
 @torch.no_grad()
@@ -121,10 +121,10 @@ class Diagnostics:
     """Snapshot before training (:meth:`start`), measure after (:meth:`finish`)."""
 
     def __init__(self, cfg_method, size, data_dir, device):
-        diag = cfg_method.get("diagnostics") if hasattr(cfg_method, "get") else None
+        diag = cfg_method.get("diagnostics") if hasattr(cfg_method, "get") else None  # optional (MEF has none)
         self.held = open_held_out(diag, size, data_dir) if diag is not None else None
         self.device = device
-        self.points = int(diag.get("points", 256)) if diag is not None else 256
+        self.points = int(diag["points"]) if diag is not None else 0
         self.before_feats: Optional[List[torch.Tensor]] = None
         self.before_weights: Optional[Dict[str, torch.Tensor]] = None
         self.result: Dict[str, Any] = {}

@@ -39,7 +39,7 @@ from bench.distributed import global_mean_weight
 from bench.train import EMA, autocast
 
 from .adapt import Adapter, plain_state
-from .features import (MASKS, UPSAMPLE_GRIDS, grid_scale, segment_blend, slic_masks, to_patch_grid,
+from .features import (MASKS, UPSAMPLE_GRIDS, UPSAMPLERS, grid_scale, segment_blend, slic_masks, to_patch_grid,
                        to_patch_grid_nearest, upsample)
 from .head import LOSSES, DINOHead, distill_loss
 from .reconstruct import build_reconstructor
@@ -51,6 +51,8 @@ EMA_KINDS = ("lora_factors", "merged")
 RESIZES = ("official", "backbone")
 UNCOVERED = ("zero_fill", "mask")
 BLEND_SEGMENTS = ("all", "covered")
+ALL_EXCLUDED = ("zero", "bilinear")
+RENDER_BASES = ("auto", "features", "patches")
 
 
 class Distiller:
@@ -63,41 +65,30 @@ class Distiller:
     def __init__(self, backbone: nn.Module, cfg: Mapping[str, Any], device: str | torch.device = "cpu",
                  reconstructor: Optional[nn.Module] = None):
         self.cfg, self.device = cfg, torch.device(device)
-        lift, head, teacher = cfg["lift"], cfg["head"], cfg["teacher"]
-        self.loss_kind = str(cfg.get("loss", "dino"))
-        if self.loss_kind not in LOSSES:
-            raise BenchError(f"method.loss='{self.loss_kind}' is not a loss", f"use one of {LOSSES}")
-        self.coverage = str(lift.get("coverage", "alpha"))
-        if self.coverage not in COVERAGE:
-            raise BenchError(f"method.lift.coverage='{self.coverage}' is not a coverage rule",
-                             f"use one of {COVERAGE}")
-        if str(lift.get("masks", "auto")) not in MASKS:
-            raise BenchError(f"method.lift.masks='{lift.get('masks')}' is not a mask source", f"use one of {MASKS}")
+        lift, head, teacher, a = cfg["lift"], cfg["head"], cfg["teacher"], cfg["adapter"]
+        self.loss_kind = choice("method.loss", cfg["loss"], LOSSES)
+        self._lift_rules(lift)  # every lift choice is checked here, once, before any training step
         self.backbone = backbone.to(self.device)
-        a = cfg["adapter"]
-        self.ema_kind = str(teacher.get("ema", "lora_factors"))
-        if self.ema_kind not in EMA_KINDS:
-            raise BenchError(f"method.teacher.ema='{self.ema_kind}' is not a choice", f"use one of {EMA_KINDS}")
+        self.ema_kind = choice("method.teacher.ema", teacher["ema"], EMA_KINDS)
         if self.ema_kind == "merged":  # the teacher is a plain copy; the EMA averages the effective weights
             self.teacher = copy.deepcopy(backbone).eval().requires_grad_(False)
-        self.adapter = Adapter(self.backbone.model, str(a.get("mode", "lora")), int(a.get("r", 8)),
-                               float(a.get("alpha", 8)), float(a.get("dropout", 0.1)),
-                               a.get("target_modules", "official"))
+        self.adapter = Adapter(self.backbone.model, str(a["mode"]), int(a["r"]), float(a["alpha"]), float(a["dropout"]),
+                               a["target_modules"])
         if self.ema_kind == "lora_factors":  # official: the teacher is a copy of the LoRA student
             self.teacher = copy.deepcopy(self.backbone).eval().requires_grad_(False)
-        self.teacher_dropout = bool(teacher.get("dropout", True))
+        self.teacher_dropout = bool(teacher["dropout"])
         self.initial_weights = self.adapter.adapted_weights()   # for the relative-weight-change diagnostic
-        self.head = DINOHead(backbone.embed_dim, int(head.get("prototypes", 65536)), int(head.get("hidden_dim", 2048)),
-                             int(head.get("bottleneck_dim", 256)),
-                             train_gain=bool(head.get("train_gain", True))).to(self.device)
+        self.head = DINOHead(backbone.embed_dim, int(head["prototypes"]), int(head["hidden_dim"]),
+                             int(head["bottleneck_dim"]), train_gain=bool(head["train_gain"])).to(self.device)
+        self.temps = float(head["student_temp"]), float(head["teacher_temp"])
         self.teacher_head = copy.deepcopy(self.head)
-        momentum = 1.0 if teacher.get("frozen", False) else float(teacher.get("momentum", 0.999))
+        momentum = 1.0 if teacher["frozen"] else float(teacher["momentum"])
         self.ema = EMA(nn.ModuleDict({"backbone": self.teacher.model, "head": self.teacher_head}), momentum,
-                       int(teacher.get("every", 10)))
+                       int(teacher["every"]))
         self.teacher_head.eval()
         self.reconstructor = (reconstructor if reconstructor is not None
                               else build_reconstructor(cfg["reconstructor"])).to(self.device)
-        size = (cfg.get("data") or {}).get("size")
+        size = cfg["data"]["size"]
         if hasattr(self.reconstructor, "check_size") and size is not None:
             self.reconstructor.check_size(*(int(s) for s in size))  # MVSplat: fail before training starts
         self.student = nn.ModuleDict({"backbone": self.backbone.model, "head": self.head})
@@ -105,6 +96,22 @@ class Distiller:
         self.profile = False
         self.precision = "32"          # or "bf16-mixed": autocast of the teacher and student backbones
         self.grad_average = "global"   # several ranks: "global" pooled mean (= one process) | "local" mean
+
+    def _lift_rules(self, lift: Mapping[str, Any]) -> None:
+        """The ``method.lift`` choices as attributes, each checked against its choices (one-line errors)."""
+        self.coverage = choice("method.lift.coverage", lift["coverage"], COVERAGE)
+        self.mask_source = choice("method.lift.masks", lift["masks"], MASKS)
+        self.resize = choice("method.lift.resize", lift["resize"], RESIZES)
+        self.upsample_mode = choice("method.lift.upsample", lift["upsample"], UPSAMPLERS)
+        self.upsample_grid = choice("method.lift.upsample_grid", lift["upsample_grid"], UPSAMPLE_GRIDS)
+        self.all_excluded = choice("method.lift.all_excluded", lift["all_excluded"], ALL_EXCLUDED)
+        self.uncovered = choice("method.lift.uncovered", lift["uncovered"], UNCOVERED)
+        self.blend_segments = choice("method.lift.blend_segments", lift["blend_segments"], BLEND_SEGMENTS)
+        self.render_basis = choice("method.lift.render_basis", lift["render_basis"], RENDER_BASES)
+        self.slic = int(lift["slic_segments"]), float(lift["slic_compactness"])
+        self.alpha_threshold = float(lift["alpha_threshold"])
+        self.normalize_alpha, self.blending = bool(lift["normalize_alpha"]), bool(lift["blending"])
+        self.blend_alpha = float(lift["blend_alpha"])
 
     # -- parameters / state ------------------------------------------------------------------------
     def parameters(self) -> List[nn.Parameter]:
@@ -139,10 +146,7 @@ class Distiller:
     def backbone_input(self, images: torch.Tensor) -> torch.Tensor:
         """``lift.resize: official`` (``DinoV2.extract_features``): resize to the floor multiple of the
         patch size, bilinear without antialiasing; ``backbone``: leave it to the backbone's own rule."""
-        mode = str(self.cfg["lift"].get("resize", "official"))
-        if mode not in RESIZES:
-            raise BenchError(f"method.lift.resize='{mode}' is not a choice", f"use one of {RESIZES}")
-        if mode == "backbone" or getattr(self.backbone, "resize_mode", "resize") == "pad":
+        if self.resize == "backbone" or getattr(self.backbone, "resize_mode", "resize") == "pad":
             return images
         p = int(self.backbone.patch_size)
         H, W = images.shape[-2:]
@@ -152,8 +156,7 @@ class Distiller:
         return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=False)
 
     def student_grid(self, H: int, W: int) -> Tuple[int, int]:
-        mode = str(self.cfg["lift"].get("resize", "official"))
-        if mode == "official" and getattr(self.backbone, "resize_mode", "resize") != "pad":
+        if self.resize == "official" and getattr(self.backbone, "resize_mode", "resize") != "pad":
             p = int(self.backbone.patch_size)
             return max(1, H // p), max(1, W // p)
         return self.backbone.grid_size(H, W)
@@ -183,14 +186,13 @@ class Distiller:
 
     # -- targets -----------------------------------------------------------------------------------
     def masks(self, views: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        lift = self.cfg["lift"]
-        source = str(lift.get("masks", "auto"))
+        source = self.mask_source
         if source == "instance" or (source == "auto" and views.get("instance") is not None):
             if views.get("instance") is None:
                 raise BenchError("method.lift.masks=instance but the scenes have no instance maps",
                                  "use method.lift.masks=slic (or auto)")
             return views["instance"]
-        return slic_masks(views["images"], int(lift.get("slic_segments", 100)), float(lift.get("slic_compactness", 10.0)))
+        return slic_masks(views["images"], *self.slic)
 
     @torch.no_grad()
     def targets(self, examples: List[Mapping[str, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -205,22 +207,15 @@ class Distiller:
         the ``2hw`` patches) instead of the ``C`` channels and contracts with the patch features at
         the end: the same targets (up to float rounding), ``C / 2hw`` times fewer splatted channels.
         """
-        lift = self.cfg["lift"]
         H, W = examples[0]["images"].shape[-2:]
-        mode = str(lift.get("upsample", "mask_aware"))
-        ugrid = choice("method.lift.upsample_grid", lift.get("upsample_grid", "corners"), UPSAMPLE_GRIDS)
-        excluded = choice("method.lift.all_excluded", lift.get("all_excluded", "zero"), ("zero", "bilinear"))
-        uncovered = choice("method.lift.uncovered", lift.get("uncovered", "zero_fill"), UNCOVERED)
-        over = choice("method.lift.blend_segments", lift.get("blend_segments", "all"), BLEND_SEGMENTS)
+        mode, ugrid, excluded = self.upsample_mode, self.upsample_grid, self.all_excluded
+        uncovered, over, basis = self.uncovered, self.blend_segments, self.render_basis
         with self._timed("teacher"), autocast(self.precision, self.device):
             feats = self.teacher_forward(torch.cat([ex["images"][:2] for ex in examples]))   # [2B,C,h,w]
         feats = feats.float()  # lifting, splatting and blending stay float32
         scale = grid_scale(self.teacher, (H, W)) if ugrid == "centres" else None
         up_kw = {"grid": ugrid, "all_excluded": excluded}
         _, C, h, w = feats.shape
-        basis = str(lift.get("render_basis", "auto"))
-        if basis not in ("auto", "features", "patches"):
-            raise BenchError(f"method.lift.render_basis='{basis}' is not a choice", "use auto, features or patches")
         use_basis = basis == "patches" or (basis == "auto" and 2 * h * w < C)
         with self._timed("masks"):
             masks = [self.masks(ex) for ex in examples]                                 # each [3,H,W]
@@ -248,12 +243,12 @@ class Distiller:
                     render, rgb = render[:, :-3], render[:, -3:]
                     covered = (rgb != 0).any(1)                                          # [1,H,W]
                 else:
-                    covered = alpha > float(lift.get("alpha_threshold", 0.5))           # [1,H,W]
-                if lift.get("normalize_alpha", False):
+                    covered = alpha > self.alpha_threshold           # [1,H,W]
+                if self.normalize_alpha:
                     render = render / alpha.clamp_min(1e-6)[:, None]
             with self._timed("blend"):
-                if lift.get("blending", True):  # official: segment means over every segment pixel
-                    render = segment_blend(render, masks[i][2:3], float(lift.get("blend_alpha", 0.5)),
+                if self.blending:  # official: segment means over every segment pixel
+                    render = segment_blend(render, masks[i][2:3], self.blend_alpha,
                                            covered if over == "covered" else None)
                 t = to_patch_grid(render, grid, self.backbone.patch_size, padded)
                 if use_basis:  # contract the patch basis with the context views' patch features
@@ -280,16 +275,15 @@ class Distiller:
             student = student.float()
             if student.shape != target.shape:
                 raise RuntimeError(f"student grid {tuple(student.shape)} != target grid {tuple(target.shape)}")
-            head = self.cfg["head"]
             covered = valid
             embedded = student.detach().permute(0, 2, 3, 1)[covered]          # [N,C] covered cells
-            if str(self.cfg["lift"].get("uncovered", "zero_fill")) == "zero_fill":
+            if self.uncovered == "zero_fill":
                 # official: both sides zeroed where nothing was rendered, the loss averages every cell
                 keep = valid[:, None]
                 student, target = student * keep.to(student.dtype), target * keep.to(target.dtype)
                 valid = torch.ones_like(valid)
             loss, extra = distill_loss(self.loss_kind, student, target, valid, self.head, self.teacher_head,
-                                       float(head.get("student_temp", 1.0)), float(head.get("teacher_temp", 1.0)))
+                                       *self.temps)
         extra["coverage"] = float(covered.float().mean())
         if self.loss_kind == "dino":
             extra["head_cos"] = self.head.embedding_cosine(embedded)

@@ -35,8 +35,8 @@ def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
     sampler = ViewSampler([data.num_views(s) for s in data.scene_ids], m.views.gap, str(m.views.target),
                           seed=int(cfg.seed))
     distiller = Distiller(backbone, m, device)
-    distiller.precision = str(cfg.get("precision", "32"))
-    distiller.grad_average = str((cfg.get("distributed") or {}).get("grad_average", "global"))
+    distiller.precision = str(cfg.precision)
+    distiller.grad_average = str(cfg.distributed.grad_average)
     if distiller.grad_average not in dist.GRAD_AVERAGES:
         raise BenchError(f"distributed.grad_average='{distiller.grad_average}' is not a choice",
                          f"use one of {dist.GRAD_AVERAGES}")
@@ -49,7 +49,7 @@ def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
     loop = TrainLoop(Path(workdir) / "checkpoints", int(o.steps), opt,
                      {"student": distiller.student, "ema": distiller.ema, "sampler": sampler},
                      scheduler=sched, ckpt_every=int(m.ckpt_every), keep_last=int(m.keep_last),
-                     grad_clip=o.get("grad_clip") or None, progress=bool(m.progress), desc="splat_distill",
+                     grad_clip=o.grad_clip or None, progress=bool(m.progress), desc="splat_distill",
                      log_every=int(m.log_every), log_dir=Path(workdir), images_per_step=3 * batch, device=device)
 
     def examples(step: int):  # this rank's examples of step ``step`` (runs in a loader worker)
@@ -59,8 +59,7 @@ def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
             out.append(data.load_views(data.scene_ids[s], idx))
         return out
 
-    ld = cfg.get("loader") or {}
-    loader = StepLoader(examples, int(o.steps), int(ld.get("workers", 0)), int(ld.get("prefetch", 2)),
+    loader = StepLoader(examples, int(o.steps), int(cfg.loader.workers), int(cfg.loader.prefetch),
                         pin_memory=str(device).startswith("cuda"))
 
     def step_fn(step: int):
@@ -72,7 +71,7 @@ def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
 
 def distiller_size(m, data):
     """``(H, W)`` of the training views."""
-    if m.data.get("size") is not None:
+    if m.data.size is not None:
         return [int(s) for s in m.data.size]
     v = data.load_views(data.scene_ids[0], [0])
     return list(v["images"].shape[-2:])
@@ -108,7 +107,7 @@ class SplatDistill:
         with dist.main_first():  # rank 0 generates the held-out diagnostics set once
             diag = Diagnostics(cfg.method, (H, W), cfg.paths.data_dir, device)
             diag.start(distiller.backbone, distiller.initial_weights)
-        log_every = max(int(cfg.method.get("log_every", 10)), 1)
+        log_every = max(int(cfg.method.log_every), 1)
 
         def logged_step(step: int):
             loss, extra = step_fn(step)
@@ -119,7 +118,7 @@ class SplatDistill:
 
         history = loop.run(logged_step, after_step=distiller.update_teacher, stop_after=stop_after)
         step_fn.loader.close()
-        out = distiller.finish(str(cfg.method.get("export", "student")))
+        out = distiller.finish(str(cfg.method.export))
         sd = out.model.state_dict()
         result = diag.finish(out, {k: sd[k] for k in distiller.initial_weights}, history)
         result["student_grid"] = list(grid)

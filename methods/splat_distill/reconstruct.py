@@ -292,13 +292,13 @@ class MVSplatAdapter(nn.Module):
 
 def build_reconstructor(cfg: Mapping[str, Any]) -> nn.Module:
     """``cfg.method.reconstructor`` -> a frozen reconstructor module in eval mode."""
-    name = str(cfg.get("name", "depth"))
+    name = str(cfg["name"])
     if name == "depth":
-        model = DepthUnprojection(float(cfg.get("scale_mult", 1.0)))
+        model = DepthUnprojection(float(cfg["scale_mult"]))
     elif name == "learned":
-        model = CostVolumeReconstructor.load(str(cfg.get("checkpoint")))
+        model = CostVolumeReconstructor.load(str(cfg["checkpoint"]))
     elif name == "mvsplat":
-        model = MVSplatAdapter(cfg.get("checkpoint"), cfg.get("near", 1.0), cfg.get("far", 100.0))
+        model = MVSplatAdapter(cfg["checkpoint"], cfg["near"], cfg["far"])
     else:
         raise BenchError(f"method.reconstructor.name='{name}' is not a reconstructor",
                          f"use one of {', '.join(RECONSTRUCTORS)}")
