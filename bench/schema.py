@@ -463,6 +463,9 @@ class Schedule:
     warmup_start: Optional[float] = None
     min_factor: Optional[float] = None
     momentum: Optional[str] = None
+    ckpt_every: Optional[int] = None    # resumable probe training (tasks/train_probe.py): cadence only
+    keep_last: Optional[int] = None
+    log_every: Optional[int] = None
     grad_clip: Optional[float] = None
     shuffle: Optional[bool] = None
     drop_last: Optional[bool] = None
@@ -556,9 +559,11 @@ class ClusterCommon:
     gpus_per_node: int = REQ
     tasks_per_node: Optional[int] = REQ
     poll_s: float = REQ
+    stage1_per_task: int = REQ    # FiT3D stage I: scenes per array task (0 = inside the training job)
     train: Dict[str, Any] = REQ   # per-kind overrides of the keys above (checked against this schema)
     eval: Dict[str, Any] = REQ
     table: Dict[str, Any] = REQ
+    stage1: Dict[str, Any] = REQ
 
 
 @dataclass
@@ -582,7 +587,7 @@ class SlurmCluster(ClusterCommon):
 
 
 CLUSTERS: Dict[str, type] = {"local": LocalCluster, "slurm": SlurmCluster}
-OVERRIDE_KINDS = ("train", "eval", "table")   # cluster.<kind>: per-job-kind overrides
+OVERRIDE_KINDS = ("train", "eval", "table", "stage1")   # cluster.<kind>: per-job-kind overrides
 PER_TASK_KEY = "per_task"                     # method.per_task.<task kind>: method keys
 
 
