@@ -443,9 +443,15 @@ def figure_dose_response(records: Sequence[Mapping[str, Any]], out: Path, backbo
             ax.fill_between(x, [p[2] for p in pts], [p[3] for p in pts], color=line.get_color(), alpha=0.2)
         ax.axhline(0.0, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log")
+        from matplotlib.ticker import NullLocator
+
+        steps = sorted({p[0] for pts in table[task].values() for p in pts})
+        ax.set_xticks(steps, [str(x) for x in steps])   # the measured training lengths, not 10^k
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("training steps")
         ax.set_ylabel(f"{metric_of.get(task, '')} - teacher")
         ax.set_title(task, fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle("dose-response: difference to the raw teacher (mean, 95% interval over seeds)", fontsize=9)
+    fig.tight_layout()
     return _save(fig, out / "dose_response.png")
