@@ -23,6 +23,7 @@ for the released files, and by tensor shapes for any file), with an error that s
 FiT3D's evaluation protocol (original + fine-tuned features concatenated) is a task-protocol
 switch (``concat_original``), available for these methods like for any other.
 """
+
 from __future__ import annotations
 
 import re
@@ -54,30 +55,38 @@ def describe(sd: Mapping[str, torch.Tensor]) -> Dict[str, Optional[int]]:
             break
     blocks = {int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(?:\d+\.)?(\d+)\.", k)] if m}
     regs = sd.get("register_tokens", sd.get("reg_token"))
-    return {"width": width, "depth": (max(blocks) + 1) if blocks else None,
-            "registers": int(regs.shape[1]) if regs is not None else 0}
+    return {
+        "width": width,
+        "depth": (max(blocks) + 1) if blocks else None,
+        "registers": int(regs.shape[1]) if regs is not None else 0,
+    }
 
 
 def check_architecture(sd: Mapping[str, torch.Tensor], backbone, source: str) -> None:
     """Fail clearly when ``sd`` was made for another ViT than ``backbone`` (e.g. ViT-B vs ViT-S)."""
     got = describe(sd)
     model = backbone.model
-    want = {"width": int(backbone.embed_dim), "depth": int(backbone.num_blocks),
-            "registers": int(getattr(model, "num_reg_tokens", 0) or 0)}
+    want = {
+        "width": int(backbone.embed_dim),
+        "depth": int(backbone.num_blocks),
+        "registers": int(getattr(model, "num_reg_tokens", 0) or 0),
+    }
     diff = [f"{k} {got[k]} (backbone: {want[k]})" for k in want if got[k] is not None and got[k] != want[k]]
     if diff:
         raise CheckpointError(
             f"{source} was made for another architecture than backbone '{backbone.name}': " + ", ".join(diff),
             "pick the backbone the checkpoint was trained with (ViT-S/14: backbone=dinov2_vits14, 384 ch; "
-            "ViT-B/14: backbone=dinov2_vitb14, 768 ch; 4 registers: *_reg), or the matching method.variant")
+            "ViT-B/14: backbone=dinov2_vitb14, 768 ch; 4 registers: *_reg), or the matching method.variant",
+        )
 
 
 def load_official(backbone, sd: StateDict, source: str) -> None:
     """Strip wrappers, check the architecture, map to timm layout, load strictly into ``backbone.model``."""
     sd = strip_wrappers(sd)
     check_architecture(sd, backbone, source)
-    load_state_dict_strict(backbone.model, sd, source=source,
-                           key_map=lambda s: backbone.checkpoint_filter(s, backbone.model))
+    load_state_dict_strict(
+        backbone.model, sd, source=source, key_map=lambda s: backbone.checkpoint_filter(s, backbone.model)
+    )
 
 
 class OfficialCheckpoint:
@@ -108,14 +117,18 @@ class OfficialCheckpoint:
             raise BenchError(
                 f"method={name} has released checkpoints for backbones {', '.join(self.variants.values())}, "
                 f"not '{backbone}'",
-                "choose one of those backbones, or give a matching file with method.checkpoint=<path or hf://>")
+                "choose one of those backbones, or give a matching file with method.checkpoint=<path or hf://>",
+            )
         if want not in self.variants:
-            raise BenchError(f"method.variant='{want}' is not a {name} release",
-                             f"use one of: auto, {', '.join(self.variants)}")
+            raise BenchError(
+                f"method.variant='{want}' is not a {name} release", f"use one of: auto, {', '.join(self.variants)}"
+            )
         if self.variants[want] != backbone:
-            raise BenchError(f"method={name} variant '{want}' is a checkpoint for backbone={self.variants[want]}, "
-                             f"but backbone={backbone} is configured",
-                             f"add backbone={self.variants[want]}, or set method.variant=auto")
+            raise BenchError(
+                f"method={name} variant '{want}' is a checkpoint for backbone={self.variants[want]}, "
+                f"but backbone={backbone} is configured",
+                f"add backbone={self.variants[want]}, or set method.variant=auto",
+            )
         return want
 
     def reference(self, cfg) -> Tuple[str, Dict[str, Any]]:
@@ -145,8 +158,10 @@ class OfficialCheckpoint:
         return backbone.eval()
 
 
-@METHODS.register("snd_official", "official Splat-and-Distill checkpoints (david-shavin/SnD), ViT-S/B, "
-                                  "with/without blending; no training")
+@METHODS.register(
+    "snd_official",
+    "official Splat-and-Distill checkpoints (david-shavin/SnD), ViT-S/B, with/without blending; no training",
+)
 class SnDOfficial(OfficialCheckpoint):
     repo = "david-shavin/SnD"
     variants = {"small": "dinov2_vits14", "base": "dinov2_vitb14"}
@@ -155,8 +170,10 @@ class SnDOfficial(OfficialCheckpoint):
         return f"dinov2_{variant}_snd{'' if cfg.method.blending else '_no_blending'}.pth"
 
 
-@METHODS.register("fit3d_official", "official FiT3D fine-tuned DINOv2 checkpoints (yuanwenyue/FiT3D), "
-                                    "ViT-S/B, ViT-S+registers; no training")
+@METHODS.register(
+    "fit3d_official",
+    "official FiT3D fine-tuned DINOv2 checkpoints (yuanwenyue/FiT3D), ViT-S/B, ViT-S+registers; no training",
+)
 class FiT3DOfficial(OfficialCheckpoint):
     repo = "yuanwenyue/FiT3D"
     variants = {"small": "dinov2_vits14", "base": "dinov2_vitb14", "reg_small": "dinov2_vits14_reg"}
@@ -166,9 +183,22 @@ class FiT3DOfficial(OfficialCheckpoint):
 
 
 # -- MEF (3DCorrEnhance) ------------------------------------------------------------------------------
-MEF_LIGHTNING_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "loops", "callbacks", "optimizer_states",
-                      "lr_schedulers", "hparams_name", "hyper_parameters", "hparams_type", "datamodule_hparams_name",
-                      "datamodule_hyper_parameters", "MixedPrecisionPlugin", "NativeMixedPrecisionPlugin")
+MEF_LIGHTNING_KEYS = (
+    "epoch",
+    "global_step",
+    "pytorch-lightning_version",
+    "loops",
+    "callbacks",
+    "optimizer_states",
+    "lr_schedulers",
+    "hparams_name",
+    "hyper_parameters",
+    "hparams_type",
+    "datamodule_hparams_name",
+    "datamodule_hyper_parameters",
+    "MixedPrecisionPlugin",
+    "NativeMixedPrecisionPlugin",
+)
 _MEF_LORA_KEY = re.compile(r"^w_([ab])_(\d{3})$")
 
 
@@ -183,38 +213,53 @@ def read_mef_checkpoint(path: Path, source: str) -> Dict[str, Any]:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read {source}: {type(e).__name__}: {e}",
-                              "pass MEF's released .ckpt (e.g. hf://qq456cvb/3DCorrEnhance/dinov2_base.ckpt)") from e
+        raise CheckpointError(
+            f"cannot read {source}: {type(e).__name__}: {e}",
+            "pass MEF's released .ckpt (e.g. hf://qq456cvb/3DCorrEnhance/dinov2_base.ckpt)",
+        ) from e
     if not isinstance(ck, dict) or not isinstance(ck.get("state_dict"), dict):
-        raise CheckpointError(f"{source} is not an MEF checkpoint (no 'state_dict' dict)",
-                              "pass MEF's released .ckpt (a PyTorch Lightning checkpoint)")
+        raise CheckpointError(
+            f"{source} is not an MEF checkpoint (no 'state_dict' dict)",
+            "pass MEF's released .ckpt (a PyTorch Lightning checkpoint)",
+        )
     sd = ck["state_dict"]
     if set(sd) != {"refine_conv"} or not isinstance(sd["refine_conv"], dict):
-        raise CheckpointError(f"{source}: state_dict holds {sorted(sd)} instead of exactly ['refine_conv']",
-                              "this is not an MEF (3DCorrEnhance) checkpoint; use method.checkpoint=<MEF .ckpt>")
+        raise CheckpointError(
+            f"{source}: state_dict holds {sorted(sd)} instead of exactly ['refine_conv']",
+            "this is not an MEF (3DCorrEnhance) checkpoint; use method.checkpoint=<MEF .ckpt>",
+        )
     refine = dict(sd["refine_conv"])
     if set(refine) != {"weight", "bias"}:
-        raise CheckpointError(f"{source}: refine_conv has keys {sorted(refine)}, expected ['bias', 'weight']",
-                              "re-download the checkpoint")
+        raise CheckpointError(
+            f"{source}: refine_conv has keys {sorted(refine)}, expected ['bias', 'weight']",
+            "re-download the checkpoint",
+        )
     pairs: Dict[str, Dict[int, torch.Tensor]] = {"a": {}, "b": {}}
     for k, v in ck.items():
         m = _MEF_LORA_KEY.match(str(k))
         if m:
             pairs[m.group(1)][int(m.group(2))] = v
         elif torch.is_tensor(v):
-            raise CheckpointError(f"{source}: unexpected tensor '{k}' at the top level",
-                                  "this is not an MEF (3DCorrEnhance) checkpoint")
+            raise CheckpointError(
+                f"{source}: unexpected tensor '{k}' at the top level", "this is not an MEF (3DCorrEnhance) checkpoint"
+            )
         elif k not in MEF_LIGHTNING_KEYS and k != "state_dict":
             raise CheckpointError(f"{source}: unexpected entry '{k}'", "this is not an MEF (3DCorrEnhance) checkpoint")
     n = len(pairs["a"])
     if n == 0 or set(pairs["a"]) != set(range(n)) or set(pairs["b"]) != set(range(n)) or n % 2:
-        raise CheckpointError(f"{source}: LoRA entries w_a {sorted(pairs['a'])} / w_b {sorted(pairs['b'])} are "
-                              "not complete q/v pairs 000..2n-1", "re-download the checkpoint")
+        raise CheckpointError(
+            f"{source}: LoRA entries w_a {sorted(pairs['a'])} / w_b {sorted(pairs['b'])} are "
+            "not complete q/v pairs 000..2n-1",
+            "re-download the checkpoint",
+        )
     return {"refine": refine, "A": [pairs["a"][i] for i in range(n)], "B": [pairs["b"][i] for i in range(n)]}
 
 
-@METHODS.register("mef_official", "official MEF checkpoints (qq456cvb/3DCorrEnhance), DINOv2 S/B/L/g with and "
-                                  "without registers: q/v LoRA merged + refinement conv head; no training")
+@METHODS.register(
+    "mef_official",
+    "official MEF checkpoints (qq456cvb/3DCorrEnhance), DINOv2 S/B/L/g with and "
+    "without registers: q/v LoRA merged + refinement conv head; no training",
+)
 class MEFOfficial(OfficialCheckpoint):
     """MEF's released ``dinov2_<size>.ckpt`` / ``dinov2_reg_<size>.ckpt`` (Hub ``qq456cvb/3DCorrEnhance``).
 
@@ -225,9 +270,16 @@ class MEFOfficial(OfficialCheckpoint):
     feature head (:class:`methods.mef.head.RefinedBackbone`)."""
 
     repo = "qq456cvb/3DCorrEnhance"
-    variants = {"small": "dinov2_vits14", "base": "dinov2_vitb14", "large": "dinov2_vitl14", "giant": "dinov2_vitg14",
-                "reg_small": "dinov2_vits14_reg", "reg_base": "dinov2_vitb14_reg", "reg_large": "dinov2_vitl14_reg",
-                "reg_giant": "dinov2_vitg14_reg"}
+    variants = {
+        "small": "dinov2_vits14",
+        "base": "dinov2_vitb14",
+        "large": "dinov2_vitl14",
+        "giant": "dinov2_vitg14",
+        "reg_small": "dinov2_vits14_reg",
+        "reg_base": "dinov2_vitb14_reg",
+        "reg_large": "dinov2_vitl14_reg",
+        "reg_giant": "dinov2_vitg14_reg",
+    }
 
     def filename(self, variant: str, cfg) -> str:
         return f"dinov2_{variant}.ckpt"
@@ -251,19 +303,22 @@ class MEFOfficial(OfficialCheckpoint):
         ck = read_mef_checkpoint(path, source)
         blocks = len(ck["A"]) // 2
         if blocks > backbone.num_blocks:
-            raise CheckpointError(f"{source} adapts {blocks} blocks; backbone '{backbone.name}' has {backbone.num_blocks}",
-                                  "pick the backbone the checkpoint was trained for (method.variant)")
+            raise CheckpointError(
+                f"{source} adapts {blocks} blocks; backbone '{backbone.name}' has {backbone.num_blocks}",
+                "pick the backbone the checkpoint was trained for (method.variant)",
+            )
         head = refine_conv(backbone.embed_dim)
         try:
             merge_official_lora(backbone.model, ck["A"], ck["B"], blocks)
             load_state_dict_strict(head, ck["refine"], source=f"{source} (refine_conv)")
         except ValueError as e:
-            raise CheckpointError(f"{source} does not fit backbone '{backbone.name}': {e}",
-                                  "pick the backbone the checkpoint was trained for (ViT-S 384 ch, B 768, L 1024, "
-                                  "g 1536; *_reg for the register models)") from None
+            raise CheckpointError(
+                f"{source} does not fit backbone '{backbone.name}': {e}",
+                "pick the backbone the checkpoint was trained for (ViT-S 384 ch, B 768, L 1024, "
+                "g 1536; *_reg for the register models)",
+            ) from None
         for p in list(backbone.parameters()) + list(head.parameters()):
             p.requires_grad_(False)
-        self.checkpoint_ref = {"kind": "official", **info, "lora_blocks": blocks,
-                               "lora_rank": int(ck["A"][0].shape[0])}
+        self.checkpoint_ref = {"kind": "official", **info, "lora_blocks": blocks, "lora_rank": int(ck["A"][0].shape[0])}
         stride = cfg.method.export_stride
         return RefinedBackbone(backbone.eval(), head.eval(), stride=int(stride) if stride else None)

@@ -19,6 +19,7 @@ functions are differentiable where that makes sense (not through ``floor``/compa
 kornia is used for the quaternion conversions; its own pinhole helpers put pixel centres at integer
 coordinates, so pixel grids here are built by :func:`pixel_grid` instead.
 """
+
 from __future__ import annotations
 
 from typing import Sequence, Tuple
@@ -27,10 +28,22 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "pixel_grid", "invert_rigid", "transform_points", "unproject_depth", "project_points",
-    "opengl_c2w_to_opencv_w2c", "opencv_w2c_to_opengl_c2w", "quat_to_rotmat", "rotmat_to_quat",
-    "look_at", "scale_intrinsics", "crop_intrinsics", "camera_centers", "relative_rotation_deg",
-    "sample_depth", "dense_correspondence",
+    "pixel_grid",
+    "invert_rigid",
+    "transform_points",
+    "unproject_depth",
+    "project_points",
+    "opengl_c2w_to_opencv_w2c",
+    "opencv_w2c_to_opengl_c2w",
+    "quat_to_rotmat",
+    "rotmat_to_quat",
+    "look_at",
+    "scale_intrinsics",
+    "crop_intrinsics",
+    "camera_centers",
+    "relative_rotation_deg",
+    "sample_depth",
+    "dense_correspondence",
 ]
 
 # diag(1, -1, -1): flips y and z, maps OpenGL camera axes <-> OpenCV camera axes (self-inverse).
@@ -39,8 +52,11 @@ _GL_CV = (1.0, -1.0, -1.0)
 
 def pixel_grid(H: int, W: int, device=None, dtype=torch.float32) -> Tensor:
     """Pixel centres ``[H, W, 2]`` as ``(u, v) = (col + 0.5, row + 0.5)``."""
-    v, u = torch.meshgrid(torch.arange(H, device=device, dtype=dtype) + 0.5,
-                          torch.arange(W, device=device, dtype=dtype) + 0.5, indexing="ij")
+    v, u = torch.meshgrid(
+        torch.arange(H, device=device, dtype=dtype) + 0.5,
+        torch.arange(W, device=device, dtype=dtype) + 0.5,
+        indexing="ij",
+    )
     return torch.stack([u, v], dim=-1)
 
 
@@ -89,7 +105,7 @@ def unproject_depth(depth: Tensor, K: Tensor, w2c: Tensor | None = None) -> Tens
     bn = K.ndim - 2
     uv = pixel_grid(H, W, depth.device, depth.dtype).reshape(-1, 2)
     uv = uv.expand(*K.shape[:bn], H * W, 2)
-    rays = _inv_intrinsics_apply(K.to(depth.dtype), uv)                      # [*B, HW, 3]
+    rays = _inv_intrinsics_apply(K.to(depth.dtype), uv)  # [*B, HW, 3]
     pts = rays * depth.reshape(*depth.shape[:-2], H * W, 1)
     pts = pts.reshape(*depth.shape, 3)
     if w2c is not None:
@@ -97,8 +113,7 @@ def unproject_depth(depth: Tensor, K: Tensor, w2c: Tensor | None = None) -> Tens
     return pts
 
 
-def project_points(points: Tensor, K: Tensor, w2c: Tensor | None = None,
-                   eps: float = 1e-8) -> Tuple[Tensor, Tensor]:
+def project_points(points: Tensor, K: Tensor, w2c: Tensor | None = None, eps: float = 1e-8) -> Tuple[Tensor, Tensor]:
     """Project points ``[*B, *S, 3]`` (world frame if ``w2c`` is given, else camera frame).
 
     Returns ``uv [*B, *S, 2]`` in pixels (+0.5 convention) and camera z-depth ``z [*B, *S]``.
@@ -172,7 +187,7 @@ def look_at(eye: Tensor, target: Tensor, up: Tensor | Sequence[float] = (0.0, 0.
         raise ValueError("look_at: view direction is parallel to the up vector")
     right = torch.nn.functional.normalize(right, dim=-1)
     down = torch.linalg.cross(fwd, right, dim=-1)
-    R = torch.stack([right, down, fwd], dim=-2)                               # rows = camera axes
+    R = torch.stack([right, down, fwd], dim=-2)  # rows = camera axes
     T = torch.zeros(*eye.shape[:-1], 4, 4, dtype=dtype, device=eye.device)
     T[..., :3, :3] = R
     T[..., :3, 3] = -(R @ eye[..., None])[..., 0]
@@ -230,7 +245,7 @@ def sample_depth(depth: Tensor, uv: Tensor) -> Tuple[Tensor, Tensor]:
     row = v.floor().long().clamp(0, H - 1)
     nearest = _gather_hw(depth, row, col)
 
-    x, y = u - 0.5, v - 0.5                          # index space: pixel centres at integers
+    x, y = u - 0.5, v - 0.5  # index space: pixel centres at integers
     x0f, y0f = x.floor(), y.floor()
     wx, wy = (x - x0f), (y - y0f)
     x0, y0 = x0f.long(), y0f.long()
@@ -247,9 +262,9 @@ def sample_depth(depth: Tensor, uv: Tensor) -> Tuple[Tensor, Tensor]:
     return nearest, bilinear
 
 
-def dense_correspondence(depth_a: Tensor, K_a: Tensor, w2c_a: Tensor,
-                         depth_b: Tensor, K_b: Tensor, w2c_b: Tensor,
-                         rel_tol: float = 0.01) -> Tuple[Tensor, Tensor]:
+def dense_correspondence(
+    depth_a: Tensor, K_a: Tensor, w2c_a: Tensor, depth_b: Tensor, K_b: Tensor, w2c_b: Tensor, rel_tol: float = 0.01
+) -> Tuple[Tensor, Tensor]:
     """Map every pixel of view a into view b, with an occlusion test against b's depth.
 
     Args:
@@ -288,14 +303,13 @@ def dense_correspondence(depth_a: Tensor, K_a: Tensor, w2c_a: Tensor,
     Ka, Kb = K_a.reshape(-1, 3, 3), K_b.reshape(-1, 3, 3)
     Ta, Tb = w2c_a.reshape(-1, 4, 4), w2c_b.reshape(-1, 4, 4)
 
-    pts = unproject_depth(da, Ka, Ta)                                         # [B, Ha, Wa, 3]
-    uv, z = project_points(pts.reshape(pts.shape[0], -1, 3), Kb, Tb)          # [B, N, 2], [B, N]
+    pts = unproject_depth(da, Ka, Ta)  # [B, Ha, Wa, 3]
+    uv, z = project_points(pts.reshape(pts.shape[0], -1, 3), Kb, Tb)  # [B, N, 2], [B, N]
     u, v = uv[..., 0], uv[..., 1]
     valid = (da.reshape(da.shape[0], -1) > 0) & (z > 0)
     valid &= (u >= 0) & (u < Wb) & (v >= 0) & (v < Hb)
     nearest, bilinear = sample_depth(db, uv.detach())
     tol = rel_tol * z.abs()
-    visible = torch.where(bilinear > 0, (z - bilinear).abs() <= tol,
-                          (nearest > 0) & ((z - nearest).abs() <= tol))
+    visible = torch.where(bilinear > 0, (z - bilinear).abs() <= tol, (nearest > 0) & ((z - nearest).abs() <= tol))
     valid &= visible
     return uv.reshape(*bshape, Ha, Wa, 2), valid.reshape(*bshape, Ha, Wa)

@@ -3,6 +3,7 @@
 ``strict=False`` is never used silently: every load goes through
 :func:`load_state_dict_strict`, which names the missing and unexpected keys.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,8 +32,9 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         path = resolve_hf_path(path_s)
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}",
-                              "pass an existing file (or hf://org/repo/file) as the checkpoint path")
+        raise CheckpointError(
+            f"checkpoint file not found: {path}", "pass an existing file (or hf://org/repo/file) as the checkpoint path"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -41,15 +43,18 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}",
-                              "re-download or re-create the file") from e
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(e).__name__}: {e}", "re-download or re-create the file"
+        ) from e
     for key in ("state_dict", "model", "teacher", "student", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict) and not torch.is_tensor(sd[key]):
             sd = sd[key]
             break
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise CheckpointError(f"{path} does not hold a flat state dict of tensors",
-                              "save the model's state_dict() (or a dict with a 'model'/'state_dict' entry)")
+        raise CheckpointError(
+            f"{path} does not hold a flat state dict of tensors",
+            "save the model's state_dict() (or a dict with a 'model'/'state_dict' entry)",
+        )
     return dict(sd)
 
 
@@ -59,9 +64,13 @@ def _summarise(keys, n: int = 8) -> str:
     return head + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
-                           source: str = "checkpoint",
-                           key_map: Optional[Callable[[StateDict], StateDict]] = None) -> None:
+def load_state_dict_strict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    source: str = "checkpoint",
+    key_map: Optional[Callable[[StateDict], StateDict]] = None,
+) -> None:
     """Load ``state_dict`` into ``model`` requiring an exact key and shape match.
 
     Raises :class:`CheckpointError` naming the missing, unexpected and mis-shaped keys.
@@ -80,12 +89,18 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys [{_summarise(unexpected)}]")
         if shape:
-            parts.append("shape mismatch [" + ", ".join(
-                f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in sorted(shape)[:5]) + "]")
+            parts.append(
+                "shape mismatch ["
+                + ", ".join(
+                    f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in sorted(shape)[:5]
+                )
+                + "]"
+            )
         raise CheckpointError(
             f"{source} does not match {type(model).__name__}: " + "; ".join(parts),
             "check that the checkpoint was made for this architecture/backbone config "
-            "(e.g. backbone=dinov2_vits14 vs dinov2_vitb14, with/without registers)")
+            "(e.g. backbone=dinov2_vits14 vs dinov2_vitb14, with/without registers)",
+        )
     model.load_state_dict(sd, strict=True)
 
 

@@ -15,6 +15,7 @@ Commands (``python -m bench COMMAND --help`` for each one's options):
 Every user-fixable failure is a :class:`bench.errors.BenchError`, printed as one line
 (``error: <problem>. Fix: <fix>``) with exit status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,14 +31,19 @@ from .errors import BenchError
 EXTERNAL_COMMANDS = {
     "sweep": ("bench.sweep", "run a grid of cells on SLURM (submitit) or locally"),
     "figures": ("bench.figures", "draw the mini-benchmark figures (PCA, depth/normals, matches) from the records"),
-    "pretrain-reconstructor": ("methods.splat_distill.pretrain",
-                               "pretrain Splat-and-Distill's learned feed-forward reconstructor"),
+    "pretrain-reconstructor": (
+        "methods.splat_distill.pretrain",
+        "pretrain Splat-and-Distill's learned feed-forward reconstructor",
+    ),
 }
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="[%(asctime)s %(name)s] %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _hub_logs_once()
@@ -90,8 +96,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .config import group_options
     from .registry import BACKBONES, DATASETS, METHODS, PERF, TASKS
 
-    for title, reg in (("methods", METHODS), ("tasks", TASKS), ("backbones", BACKBONES),
-                       ("datasets", DATASETS), ("benchmarks (python -m bench perf NAME)", PERF)):
+    for title, reg in (
+        ("methods", METHODS),
+        ("tasks", TASKS),
+        ("backbones", BACKBONES),
+        ("datasets", DATASETS),
+        ("benchmarks (python -m bench perf NAME)", PERF),
+    ):
         print(f"{title}:")
         for e in reg.entries():
             print(f"  {e.name:<22} {e.description}")
@@ -125,18 +136,28 @@ def _call_entry(obj, args) -> int:
 def _add_hub_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m bench hub`` (the client is :mod:`bench.hub`)."""
     sub = parser.add_subparsers(dest="hub_command", metavar="{pull,push}", required=True)
-    p = sub.add_parser("pull", help="download a repo, some files, or one hf:// file into the local cache",
-                       description="Download from the Hub into the local cache (HF_HOME / HF_HUB_CACHE) or "
-                                   "--local-dir and print where. With HF_HUB_OFFLINE=1 only the cache is used.")
+    p = sub.add_parser(
+        "pull",
+        help="download a repo, some files, or one hf:// file into the local cache",
+        description="Download from the Hub into the local cache (HF_HOME / HF_HUB_CACHE) or "
+        "--local-dir and print where. With HF_HUB_OFFLINE=1 only the cache is used.",
+    )
     p.add_argument("repo", help="org/name, or hf://org/name/path/to/file[@revision]")
     p.add_argument("--revision", help="branch, tag or commit sha (default: main)")
-    p.add_argument("--files", nargs="+", metavar="FILE",
-                   help="only these files (exact names, or glob patterns such as '*.safetensors')")
+    p.add_argument(
+        "--files",
+        nargs="+",
+        metavar="FILE",
+        help="only these files (exact names, or glob patterns such as '*.safetensors')",
+    )
     p.add_argument("--local-dir", help="place the files in this directory instead of the cache")
-    p = sub.add_parser("push", help="upload a checkpoint (file, directory, run or trained backbone) to org/name",
-                       description="Upload a checkpoint to a Hub model repo as one commit, with a model card. "
-                                   "SOURCE: a checkpoint file or directory, a run directory (its record names "
-                                   "the trained backbone), or a trained backbone's cache key.")
+    p = sub.add_parser(
+        "push",
+        help="upload a checkpoint (file, directory, run or trained backbone) to org/name",
+        description="Upload a checkpoint to a Hub model repo as one commit, with a model card. "
+        "SOURCE: a checkpoint file or directory, a run directory (its record names "
+        "the trained backbone), or a trained backbone's cache key.",
+    )
     p.add_argument("source", help="checkpoint file/directory, run directory, or trained-backbone cache key")
     p.add_argument("repo", help="target repo, org/name (created if missing)")
     p.add_argument("--branch", "--revision", dest="branch", help="branch to commit to (created from main if new)")
@@ -155,10 +176,19 @@ def cmd_hub(args: argparse.Namespace) -> int:
     from .hub import hub_download, hub_push, hub_snapshot, parse_hf_path
 
     if args.hub_command == "push":
-        res = hub_push(args.source, args.repo, branch=args.branch, private=args.private, message=args.message,
-                       include=args.include, exclude=args.exclude)
-        print(f"pushed {len(res['files'])} files to {res['repo_id']}@{res['revision']} "
-              f"(commit {res['commit']}): {', '.join(res['files'])}")
+        res = hub_push(
+            args.source,
+            args.repo,
+            branch=args.branch,
+            private=args.private,
+            message=args.message,
+            include=args.include,
+            exclude=args.exclude,
+        )
+        print(
+            f"pushed {len(res['files'])} files to {res['repo_id']}@{res['revision']} "
+            f"(commit {res['commit']}): {', '.join(res['files'])}"
+        )
         print(f"url: {res['url']}")
         weights = [f for f in res["files"] if f.endswith((".safetensors", ".pth", ".pt", ".bin"))]
         if weights:
@@ -184,19 +214,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="bench: does a fine-tuning method make a 2D backbone more 3D-aware? "
-                    "Methods x tasks, one record per cell.",
+        "Methods x tasks, one record per cell.",
         epilog="examples:\n"
-               "  python -m bench run experiment=demo                 # offline, CPU, minutes\n"
-               "  python -m bench run method=splat_distill task=nyu_depth\n"
-               "  python -m bench sweep method=dinov2,splat_distill task=synth_depth,synth_seg --dry-run\n"
-               "  python -m bench table                               # results/leaderboard.md",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "  python -m bench run experiment=demo                 # offline, CPU, minutes\n"
+        "  python -m bench run method=splat_distill task=nyu_depth\n"
+        "  python -m bench sweep method=dinov2,splat_distill task=synth_depth,synth_seg --dry-run\n"
+        "  python -m bench table                               # results/leaderboard.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("run", help="run one cell (method x backbone x task) and write its record",
-                       description="Run one cell. Arguments are hydra overrides, e.g. method=splat_distill "
-                                   "task=nyu_depth backbone=dinov2_vitb14 seed=1 experiment=demo.")
+    p = sub.add_parser(
+        "run",
+        help="run one cell (method x backbone x task) and write its record",
+        description="Run one cell. Arguments are hydra overrides, e.g. method=splat_distill "
+        "task=nyu_depth backbone=dinov2_vitb14 seed=1 experiment=demo.",
+    )
     p.add_argument("overrides", nargs="*", help="hydra overrides key=value")
     p.add_argument("--print-config", action="store_true", help="print the composed config and exit")
     p.set_defaults(func=cmd_run)
@@ -205,12 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results", help="results directory (default: results)")
     p.set_defaults(func=cmd_table)
 
-    sub.add_parser("list", help="list methods, tasks, backbones, datasets and benchmarks").set_defaults(
-        func=cmd_list)
+    sub.add_parser("list", help="list methods, tasks, backbones, datasets and benchmarks").set_defaults(func=cmd_list)
     _add_registry_commands(sub, "data", "check a prepared dataset or generate synthetic scenes", DATASETS)
     _add_registry_commands(sub, "perf", "run a benchmark (ratios measured side by side)", PERF)
-    p = sub.add_parser("hub", help="pull/push checkpoints from/to the Hugging Face Hub",
-                       description="pull/push checkpoints from/to the Hugging Face Hub")
+    p = sub.add_parser(
+        "hub",
+        help="pull/push checkpoints from/to the Hugging Face Hub",
+        description="pull/push checkpoints from/to the Hugging Face Hub",
+    )
     _add_hub_arguments(p)
     p.set_defaults(func=cmd_hub)
 

@@ -15,6 +15,7 @@ so dependents of a failed job are cancelled rather than pending forever) and pol
 :class:`LocalBackend` starts jobs with submitit's ``LocalExecutor`` when their dependencies are
 met, at most ``cluster.max_workers`` at a time; a failed job cancels only its dependents.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -42,10 +43,11 @@ SLURM_COMMANDS = ("sbatch", "sacct", "scancel", "srun")
 _SLURM_STATES = {
     "COMPLETED": "done",
     "CANCELLED": "cancelled",
-    **{s: "running" for s in ("RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "RESIZING",
-                              "SUSPENDED")},
-    **{s: "failed" for s in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
-                             "REVOKED")},
+    **{
+        s: "running"
+        for s in ("RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "RESIZING", "SUSPENDED")
+    },
+    **{s: "failed" for s in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "REVOKED")},
 }
 
 
@@ -69,8 +71,10 @@ def _import_plugins(plugins: Sequence[Tuple[str, str]]) -> None:
             continue
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
-            raise ClusterError(f"plugin module {name} cannot be imported from {path}",
-                               "make it importable on the compute nodes (install it or put it on PYTHONPATH)")
+            raise ClusterError(
+                f"plugin module {name} cannot be imported from {path}",
+                "make it importable on the compute nodes (install it or put it on PYTHONPATH)",
+            )
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -156,15 +160,15 @@ class JobRecord:
     """One job of a sweep as the state file stores it (``sweep.json``)."""
 
     name: str
-    kind: str                                   # train | eval | table | <method prepare_name> (fit3d: stage1)
+    kind: str  # train | eval | table | <method prepare_name> (fit3d: stage1)
     cells: List[str]
-    array: str                                  # jobs of one array are submitted together
+    array: str  # jobs of one array are submitted together
     after_ok: List[str] = field(default_factory=list)
     after_any: List[str] = field(default_factory=list)
     items: List[str] = field(default_factory=list)  # a preparation job's work items (fit3d: its scenes)
     job_id: Optional[str] = None
-    state: str = "pending"                      # pending | running | done | failed | cancelled
-    raw_state: str = ""                         # scheduler's word (sacct state, local process state)
+    state: str = "pending"  # pending | running | done | failed | cancelled
+    raw_state: str = ""  # scheduler's word (sacct state, local process state)
     stdout: Optional[str] = None
     stderr: Optional[str] = None
     error: Optional[str] = None
@@ -218,8 +222,18 @@ def _dependency_problem(rec: JobRecord, jobs: Mapping[str, JobRecord]) -> Option
 # --------------------------------------------------------------------------------------- backends
 def _resources(cluster: Mapping[str, Any], kind: str) -> Dict[str, Any]:
     """Base resources of ``cluster`` with its per-kind section (``train``/``eval``/``table``) on top."""
-    keys = ("timeout_min", "gpus_per_node", "cpus_per_task", "mem_gb", "nodes", "tasks_per_node",
-            "partition", "account", "qos", "constraint")
+    keys = (
+        "timeout_min",
+        "gpus_per_node",
+        "cpus_per_task",
+        "mem_gb",
+        "nodes",
+        "tasks_per_node",
+        "partition",
+        "account",
+        "qos",
+        "constraint",
+    )
     out = {k: cluster.get(k) for k in keys if k in cluster}
     out.update(dict(cluster.get(kind) or {}))
     return out
@@ -247,10 +261,11 @@ class Backend:
 def require_slurm() -> None:
     missing = [c for c in SLURM_COMMANDS if shutil.which(c) is None]
     if missing:
-        raise ClusterError(f"SLURM commands not found on PATH: {', '.join(missing)} (cluster=slurm needs "
-                           "sbatch, sacct, scancel and srun)",
-                           "run the sweep on a SLURM login node, or use cluster=local to run the jobs on this "
-                           "machine")
+        raise ClusterError(
+            f"SLURM commands not found on PATH: {', '.join(missing)} (cluster=slurm needs "
+            "sbatch, sacct, scancel and srun)",
+            "run the sweep on a SLURM login node, or use cluster=local to run the jobs on this machine",
+        )
 
 
 class SlurmBackend(Backend):
@@ -265,8 +280,9 @@ class SlurmBackend(Backend):
 
     def _executor(self, kind: str, dependency: Optional[str]) -> submitit.SlurmExecutor:
         res = _resources(self.cluster, kind)
-        ex = submitit.SlurmExecutor(folder=self.folder / "logs" / "%j",
-                                    max_num_timeout=int(self.cluster.get("max_num_timeout", 3)))
+        ex = submitit.SlurmExecutor(
+            folder=self.folder / "logs" / "%j", max_num_timeout=int(self.cluster.get("max_num_timeout", 3))
+        )
         extra = {str(k).replace("_", "-"): v for k, v in dict(self.cluster.get("additional") or {}).items()}
         if dependency:
             extra["kill-on-invalid-dep"] = "yes"
@@ -325,17 +341,22 @@ class SlurmBackend(Backend):
                     if rec.state not in TERMINAL:
                         rec.state = "cancelled" if rec.job_id else "failed"
                         rec.error = f"not submitted: sbatch failed ({why})"
-                raise ClusterError(f"sbatch refused the {group[0].kind} job(s) {', '.join(r.name for r in group)}: "
-                                   f"{why}", "check the cluster=slurm settings (partition, account, qos, ...) and "
-                                   "that sbatch works here (SLURM_CONF); or use cluster=local") from None
+                raise ClusterError(
+                    f"sbatch refused the {group[0].kind} job(s) {', '.join(r.name for r in group)}: {why}",
+                    "check the cluster=slurm settings (partition, account, qos, ...) and "
+                    "that sbatch works here (SLURM_CONF); or use cluster=local",
+                ) from None
             for rec, h in zip(group, handles):
                 rec.job_id = h.job_id
                 rec.stdout, rec.stderr = str(h.paths.stdout), str(h.paths.stderr)
                 log.debug("submitted %s as SLURM job %s", rec.name, rec.job_id)
 
     def _handles(self, jobs: Mapping[str, JobRecord]) -> Dict[str, submitit.Job]:
-        return {n: submitit.SlurmJob(folder=self.folder / "logs" / "%j", job_id=r.job_id)
-                for n, r in jobs.items() if r.job_id and r.state not in TERMINAL}
+        return {
+            n: submitit.SlurmJob(folder=self.folder / "logs" / "%j", job_id=r.job_id)
+            for n, r in jobs.items()
+            if r.job_id and r.state not in TERMINAL
+        }
 
     def step(self, jobs: Dict[str, JobRecord]) -> None:
         handles = self._handles(jobs)
@@ -381,19 +402,24 @@ class LocalBackend(Backend):
         self.step(jobs)
 
     def _ready(self, rec: JobRecord, jobs: Mapping[str, JobRecord]) -> bool:
-        return (all(jobs[d].state == "done" for d in rec.after_ok)
-                and all(jobs[d].state in TERMINAL for d in rec.after_any))
+        return all(jobs[d].state == "done" for d in rec.after_ok) and all(
+            jobs[d].state in TERMINAL for d in rec.after_any
+        )
 
     def _launch(self, rec: JobRecord) -> None:
         res = _resources(self.cluster, rec.kind)
-        ex = submitit.LocalExecutor(folder=self.folder / "logs" / "%j",
-                                    max_num_timeout=int(self.cluster.get("max_num_timeout", 3)))
+        ex = submitit.LocalExecutor(
+            folder=self.folder / "logs" / "%j", max_num_timeout=int(self.cluster.get("max_num_timeout", 3))
+        )
         gpus = self._gpus_wanted(rec)
         mine, self.free_gpus = self.free_gpus[:gpus], self.free_gpus[gpus:]
-        ex.update_parameters(timeout_min=float(res.get("timeout_min", 60)), gpus_per_node=gpus,
-                             tasks_per_node=int(res.get("tasks_per_node") or 1),
-                             signal_delay_s=int(self.cluster.get("signal_delay_s", 30)),
-                             **({"visible_gpus": tuple(mine)} if gpus else {}))
+        ex.update_parameters(
+            timeout_min=float(res.get("timeout_min", 60)),
+            gpus_per_node=gpus,
+            tasks_per_node=int(res.get("tasks_per_node") or 1),
+            signal_delay_s=int(self.cluster.get("signal_delay_s", 30)),
+            **({"visible_gpus": tuple(mine)} if gpus else {}),
+        )
         h = ex.submit(self.make_callable(rec))
         self.handles[rec.name] = h
         self.held_gpus[rec.name] = mine
@@ -415,16 +441,21 @@ class LocalBackend(Backend):
             problem = _dependency_problem(rec, jobs)
             if problem:
                 rec.state, rec.raw_state, rec.error = "cancelled", "DEPENDENCY", problem
-            elif (self._ready(rec, jobs) and len(self.handles) < self.max_workers
-                  and self._gpus_wanted(rec) <= len(self.free_gpus)):
+            elif (
+                self._ready(rec, jobs)
+                and len(self.handles) < self.max_workers
+                and self._gpus_wanted(rec) <= len(self.free_gpus)
+            ):
                 self._launch(rec)
 
     def _gpus_wanted(self, rec: JobRecord) -> int:
         want = int(_resources(self.cluster, rec.kind).get("gpus_per_node") or 0)
         total = len(self.free_gpus) + sum(len(g) for g in self.held_gpus.values())
         if want > total:
-            raise ClusterError(f"cluster.gpus_per_node={want} but this machine has {total} GPU(s) for local jobs",
-                               f"use cluster.gpus_per_node<={total} (or 0 on a machine without GPUs)")
+            raise ClusterError(
+                f"cluster.gpus_per_node={want} but this machine has {total} GPU(s) for local jobs",
+                f"use cluster.gpus_per_node<={total} (or 0 on a machine without GPUs)",
+            )
         return want
 
     def cancel(self, jobs: Dict[str, JobRecord]) -> None:

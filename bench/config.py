@@ -4,6 +4,7 @@ The CLI composes configs with hydra's compose API so that every subcommand
 (run, sweep, perf, tests) gets the same tree, the same override grammar, and one
 clear error for a name that does not exist.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,7 +38,7 @@ def search_path(overrides: Sequence[str]) -> List[str]:
             for item in value.strip().strip("[]").split(","):
                 item = item.strip().strip("'\"")
                 if item.startswith("file://"):
-                    dirs.append(item[len("file://"):])
+                    dirs.append(item[len("file://") :])
     return dirs
 
 
@@ -75,9 +76,11 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
         unknown = _unknown_key(msg, overrides, config_name)
         if unknown is not None:
             raise unknown from None
-        raise BenchError(f"invalid config override: {msg}",
-                         "write overrides as key=value (e.g. method=dinov2 task=synth_depth seed=1); "
-                         "see `python -m bench list` for names") from None
+        raise BenchError(
+            f"invalid config override: {msg}",
+            "write overrides as key=value (e.g. method=dinov2 task=synth_depth seed=1); "
+            "see `python -m bench list` for names",
+        ) from None
     finally:
         GlobalHydra.instance().clear()
     if "recipe" in cfg and cfg.get("recipe") is None:  # the readable label of the records' fingerprint
@@ -118,9 +121,10 @@ def _unknown_key(msg: str, overrides: Sequence[str], config_name: str) -> BenchE
     near = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     value = next((ov.partition("=")[2] for ov in overrides if ov.lstrip("+~").partition("=")[0] == key), "...")
     hint = f"did you mean {near[0]}={value}? " if near else ""
-    return BenchError(f"config key '{key}' does not exist",
-                      f"{hint}check the name with `python -m bench run --print-config ...`, or add a new key "
-                      f"with +{key}={value}")
+    return BenchError(
+        f"config key '{key}' does not exist",
+        f"{hint}check the name with `python -m bench run --print-config ...`, or add a new key with +{key}={value}",
+    )
 
 
 def to_container(cfg: Any) -> Any:

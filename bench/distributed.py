@@ -21,6 +21,7 @@ The rules every trainer follows (see docs/SCALING.md):
 * rank 0 alone writes files (checkpoints, the cached model, records, logs); all ranks read the
   checkpoint rank 0 chose (:func:`broadcast_object`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -94,15 +95,19 @@ def init(device: str = "cpu", backend: str = "auto", timeout_min: float = 180.0)
         if n == 1:  # the launcher already gave each rank its own GPU (CUDA_VISIBLE_DEVICES)
             torch.cuda.set_device(0)
         elif local_rank() >= n:
-            raise BenchError(f"rank {rank()} has LOCAL_RANK {local_rank()} but this node shows {n} GPU(s)",
-                             "start at most one rank per visible GPU (torchrun --nproc_per_node, "
-                             "cluster.tasks_per_node = cluster.gpus_per_node)")
+            raise BenchError(
+                f"rank {rank()} has LOCAL_RANK {local_rank()} but this node shows {n} GPU(s)",
+                "start at most one rank per visible GPU (torchrun --nproc_per_node, "
+                "cluster.tasks_per_node = cluster.gpus_per_node)",
+            )
         else:
             torch.cuda.set_device(local_rank())
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if not os.environ.get(var):
-            raise BenchError(f"WORLD_SIZE={world_size()} is set but {var} is not",
-                             "start distributed runs with torchrun (or a SLURM sweep), which sets the rendezvous")
+            raise BenchError(
+                f"WORLD_SIZE={world_size()} is set but {var} is not",
+                "start distributed runs with torchrun (or a SLURM sweep), which sets the rendezvous",
+            )
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
     if not is_main():  # one log, one progress bar: rank 0's
         logging.getLogger("bench").setLevel(logging.WARNING)
@@ -176,8 +181,10 @@ def per_rank_batch(global_batch: int, what: str = "method.optim.batch_size") -> 
     """``global_batch / world_size``; a clear error when it does not divide."""
     w = world_size()
     if global_batch % w:
-        raise BenchError(f"{what}={global_batch} (the global batch) does not split over {w} ranks",
-                         f"use a multiple of {w}, or start {w} ranks only when the batch divides")
+        raise BenchError(
+            f"{what}={global_batch} (the global batch) does not split over {w} ranks",
+            f"use a multiple of {w}, or start {w} ranks only when the batch divides",
+        )
     return global_batch // w
 
 
@@ -187,7 +194,7 @@ def rank_slice(global_batch: int) -> range:
     return range(rank() * b, (rank() + 1) * b)
 
 
-_BUCKET = 25 * 2 ** 20  # bytes per all-reduce, as DDP's default bucket_cap_mb
+_BUCKET = 25 * 2**20  # bytes per all-reduce, as DDP's default bucket_cap_mb
 
 
 def allreduce_gradients(params: Iterable[torch.Tensor]) -> None:
@@ -214,7 +221,7 @@ def allreduce_gradients(params: Iterable[torch.Tensor]) -> None:
                 flat /= w
                 off = 0
                 for x in chunk:
-                    x.copy_(flat[off:off + x.numel()].view_as(x))
+                    x.copy_(flat[off : off + x.numel()].view_as(x))
                     off += x.numel()
                 chunk, size = [], 0
 
@@ -270,16 +277,22 @@ def export_slurm_env() -> bool:
     except RuntimeError:  # not inside a submitit job
         return False
     env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    log.info("submitit task %d/%d -> torch rank %d (local %d), master %s:%s", env.rank, env.world_size, env.rank,
-             env.local_rank, env.master_addr, env.master_port)
+    log.info(
+        "submitit task %d/%d -> torch rank %d (local %d), master %s:%s",
+        env.rank,
+        env.world_size,
+        env.rank,
+        env.local_rank,
+        env.master_addr,
+        env.master_port,
+    )
     return env.world_size > 1
 
 
 def describe(global_batch: Optional[int] = None, grad_average: str = "global") -> dict:
     """What a record says about the data-parallel layout of its training."""
     w = world_size()
-    out = {"world_size": w, "backend": (_dist().get_backend() if initialized() else None),
-           "grad_average": grad_average}
+    out = {"world_size": w, "backend": (_dist().get_backend() if initialized() else None), "grad_average": grad_average}
     if global_batch is not None:
         out.update(global_batch=int(global_batch), per_rank_batch=int(global_batch) // w)
     return out

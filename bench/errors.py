@@ -4,6 +4,7 @@ Every failure that a user can fix is raised as a :class:`BenchError` carrying th
 problem and the fix. The CLI prints it as one line and exits non-zero; nothing
 else in bench prints tracebacks for user mistakes.
 """
+
 from __future__ import annotations
 
 from typing import Iterable

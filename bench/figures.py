@@ -20,6 +20,7 @@ record points to) and writes PNGs (matplotlib, Agg) to ``results/figures/``:
 The figures need the trained backbones and probes, which live in the cache / run directories of the
 machine that ran the grid: run ``python -m bench sweep experiment=mini_benchmark ...`` first.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pair", type=int, default=0, help="index of the held-out correspondence pair")
     p.add_argument("--px", type=float, default=10.0, help="correct-match threshold (pixels) for the colours")
     p.add_argument("--lines", type=int, default=60, help="matches drawn per method")
-    p.add_argument("--only", choices=("all", "dose_response", "qualitative"), default="all",
-                   help="draw only the dose-response plot (records alone) or only the qualitative figures "
-                        "(PCA, depth/normals, matches: need the trained backbones and probes)")
+    p.add_argument(
+        "--only",
+        choices=("all", "dose_response", "qualitative"),
+        default="all",
+        help="draw only the dose-response plot (records alone) or only the qualitative figures "
+        "(PCA, depth/normals, matches: need the trained backbones and probes)",
+    )
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -92,9 +97,10 @@ def backbone_of(rec: Mapping[str, Any]):
     if ck.get("kind") == "trained":
         path = Path(str(ck.get("path", "")))
         if not path.is_file():
-            raise BenchError(f"the trained backbone of record {rec['id']} is not on this machine ({path})",
-                             "run the grid first (python -m bench sweep experiment=mini_benchmark ...), "
-                             "which trains and caches it")
+            raise BenchError(
+                f"the trained backbone of record {rec['id']} is not on this machine ({path})",
+                "run the grid first (python -m bench sweep experiment=mini_benchmark ...), which trains and caches it",
+            )
         load_backbone_weights(bb, path)
         from .registry import METHODS
 
@@ -106,7 +112,8 @@ def backbone_of(rec: Mapping[str, Any]):
 
 def _methods(recs: Mapping[tuple, Any], task: str) -> List[str]:
     return [m for m in METHOD_ORDER if (m, task) in recs] + sorted(
-        {m for (m, t) in recs if t == task and m not in METHOD_ORDER})
+        {m for (m, t) in recs if t == task and m not in METHOD_ORDER}
+    )
 
 
 def _test_sample(rec: Mapping[str, Any], view: int) -> Dict[str, Any]:
@@ -136,12 +143,15 @@ def probe_prediction(rec: Mapping[str, Any], backbone, image: torch.Tensor) -> t
     task = OmegaConf.to_container(cfg.task, resolve=True)
     path = Path(str(rec.get("run_dir", ""))) / "task" / "probe.safetensors"
     if not path.is_file():
-        raise BenchError(f"the probe of record {rec['id']} is not on this machine ({path})",
-                         "run the grid first (python -m bench sweep experiment=mini_benchmark ...)")
+        raise BenchError(
+            f"the probe of record {rec['id']} is not on this machine ({path})",
+            "run the grid first (python -m bench sweep experiment=mini_benchmark ...)",
+        )
     spec = FeatureSpec.from_config(proto.get("features", {}), backbone)
     feats = features(backbone, image[None], spec)
-    probe = DenseProbe(task_obj.kind, proto.get("head", {}), [f.shape[1] for f in feats],
-                       **task_obj.probe_kwargs(task, proto))
+    probe = DenseProbe(
+        task_obj.kind, proto.get("head", {}), [f.shape[1] for f in feats], **task_obj.probe_kwargs(task, proto)
+    )
     probe.load_state_dict(read_state_dict(path), strict=True)
     out = probe.eval()(feats, tuple(image.shape[-2:]))
     if task_obj.kind == "depth":
@@ -206,7 +216,7 @@ def depth_panels(fig, axes: Sequence[Any], gt: torch.Tensor, preds: Mapping[str,
         rmse = float(((pred - gt)[valid] ** 2).mean().sqrt()) if valid.any() else float("nan")
         ax.imshow(pred.numpy(), cmap=DEPTH_CMAP, vmin=0, vmax=vmax)
         ax.set_title(f"{label}\n(this view: rmse {rmse:.3f} m)", fontsize=8)
-    bar = fig.colorbar(im, ax=list(axes[:1 + len(preds)]), fraction=0.025, pad=0.02)
+    bar = fig.colorbar(im, ax=list(axes[: 1 + len(preds)]), fraction=0.025, pad=0.02)
     bar.set_label(DEPTH_LABEL, fontsize=8)
     bar.ax.tick_params(labelsize=7)
     return bar
@@ -229,7 +239,7 @@ def figure_depth_normals(recs, backbones, out: Path, view: int) -> Optional[Path
         if task == "synth_depth":
             gt = s["depth"].float().squeeze()
             preds = {LABELS.get(m, m): probe_prediction(recs[(m, task)], backbones[m], img) for m in methods}
-            depth_panels(fig, list(axes[r, 1:len(methods) + 2]), gt, preds)
+            depth_panels(fig, list(axes[r, 1 : len(methods) + 2]), gt, preds)
         else:
             gt = s["normals"].float()
             valid = gt.norm(dim=0) > 0.5
@@ -265,13 +275,15 @@ def _pair_matches(backbone, sample, proto, px: float):
     extent = feature_extent(backbone, H, W)
     uv = pixel_grid(Hq, Wq)
     to_img = uv.new_tensor([W / Wq, H / Hq])
-    uv_gt, qmask = dense_correspondence(dq[0], Kq[0], w2c[0], dq[1], Kq[1], w2c[1],
-                                        rel_tol=float(proto.get("occlusion_tol", 0.01)))
+    uv_gt, qmask = dense_correspondence(
+        dq[0], Kq[0], w2c[0], dq[1], Kq[1], w2c[1], rel_tol=float(proto.get("occlusion_tol", 0.01))
+    )
     vb = dq[1] > 0
     fa = sample_features(feats[0], uv[qmask] * to_img, extent)
     fb = sample_features(feats[1], uv[vb] * to_img, extent)
-    ia, ib, _ = match_ratio_topk(fa, fb, proto.get("num_corr", 1000), proto.get("max_ratio"),
-                                 int(proto.get("chunk_elems", 1 << 24)))
+    ia, ib, _ = match_ratio_topk(
+        fa, fb, proto.get("num_corr", 1000), proto.get("max_ratio"), int(proto.get("chunk_elems", 1 << 24))
+    )
     err = (uv_gt[qmask][ia] - uv[vb][ib]).norm(dim=-1)
     return uv[qmask][ia] * to_img, uv[vb][ib] * to_img, err <= px  # task units (x depth_scale image)
 
@@ -288,8 +300,13 @@ def figure_correspondence(recs, backbones, out: Path, pair: int, px: float, line
     cfg = OmegaConf.create(recs[(methods[0], "synth_corr")]["config"])
     ds = OmegaConf.to_container(cfg.task.dataset, resolve=True)
     proto = OmegaConf.to_container(cfg.task.protocol, resolve=True)
-    root = ensure_synthetic(ds["root"], scenes=int(ds.get("scenes", 8)), views=int(ds.get("views", 24)),
-                            size=list(ds.get("size", [224, 224])), seed=int(ds.get("seed", 0)))
+    root = ensure_synthetic(
+        ds["root"],
+        scenes=int(ds.get("scenes", 8)),
+        views=int(ds.get("views", 24)),
+        size=list(ds.get("size", [224, 224])),
+        seed=int(ds.get("seed", 0)),
+    )
     scenes = MultiViewScenes(root)
     ids = split_scenes(scenes.scene_ids, ds.get("held_out", 0.25))[1] or scenes.scene_ids
     gaps = proto.get("view_gaps", [2, 4, 8])
@@ -305,17 +322,32 @@ def figure_correspondence(recs, backbones, out: Path, pair: int, px: float, line
         idx = torch.randperm(len(ok), generator=gen)[:lines]
         ax.imshow(torch.cat([a, b], 1).numpy())
         for k in idx.tolist():
-            ax.plot([float(ua[k, 0]), float(ub[k, 0]) + W], [float(ua[k, 1]), float(ub[k, 1])],
-                    color="limegreen" if bool(ok[k]) else "red", lw=0.7)
-        ax.set_title(f"{LABELS.get(m, m)}: {100 * float(ok.float().mean()):.1f}% of {len(ok)} matches within "
-                     f"{px:g} px ({sid}, views {i}-{j}, gap {g}; {len(idx)} drawn)", fontsize=8)
+            ax.plot(
+                [float(ua[k, 0]), float(ub[k, 0]) + W],
+                [float(ua[k, 1]), float(ub[k, 1])],
+                color="limegreen" if bool(ok[k]) else "red",
+                lw=0.7,
+            )
+        ax.set_title(
+            f"{LABELS.get(m, m)}: {100 * float(ok.float().mean()):.1f}% of {len(ok)} matches within "
+            f"{px:g} px ({sid}, views {i}-{j}, gap {g}; {len(idx)} drawn)",
+            fontsize=8,
+        )
         ax.axis("off")
     return _save(fig, out / "correspondence.png")
 
 
-def make_figures(results: str | Path, out: str | Path | None = None, backbone: str = "efficientnet_lite0",
-                 seed: int = 0, view: int = 0, pair: int = 0, px: float = 10.0, lines: int = 60,
-                 only: str = "all") -> List[Path]:
+def make_figures(
+    results: str | Path,
+    out: str | Path | None = None,
+    backbone: str = "efficientnet_lite0",
+    seed: int = 0,
+    view: int = 0,
+    pair: int = 0,
+    px: float = 10.0,
+    lines: int = 60,
+    only: str = "all",
+) -> List[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,30 +358,39 @@ def make_figures(results: str | Path, out: str | Path | None = None, backbone: s
     dose = figure_dose_response(list(load_records(results)), out, backbone) if only != "qualitative" else None
     if only == "dose_response":
         if dose is None:
-            raise BenchError(f"no dose-response in {results}/runs: no trained method has records at two or more "
-                             "training lengths (with raw-teacher records of the same tasks)",
-                             "run the recipe first: python -m bench sweep experiment=dose_response ... "
-                             "(bench/conf/experiment/dose_response.yaml)")
+            raise BenchError(
+                f"no dose-response in {results}/runs: no trained method has records at two or more "
+                "training lengths (with raw-teacher records of the same tasks)",
+                "run the recipe first: python -m bench sweep experiment=dose_response ... "
+                "(bench/conf/experiment/dose_response.yaml)",
+            )
         return [dose]
     recs = latest_records(results, backbone, seed)
     if not recs and dose is not None:
         return [dose]
     if not recs:
-        raise BenchError(f"no records of backbone {backbone} seed {seed} in {results}/runs",
-                         "run the grid first: python -m bench sweep experiment=mini_benchmark ...")
+        raise BenchError(
+            f"no records of backbone {backbone} seed {seed} in {results}/runs",
+            "run the grid first: python -m bench sweep experiment=mini_benchmark ...",
+        )
     backbones: Dict[str, Any] = {}
     for m in sorted({m for m, _ in recs}):
         rec = next(r for (mm, _), r in sorted(recs.items()) if mm == m)
         backbones[m] = backbone_of(rec)
-    paths = [figure_pca(recs, backbones, out, view), figure_depth_normals(recs, backbones, out, view),
-             figure_correspondence(recs, backbones, out, pair, px, lines), dose]
+    paths = [
+        figure_pca(recs, backbones, out, view),
+        figure_depth_normals(recs, backbones, out, view),
+        figure_correspondence(recs, backbones, out, pair, px, lines),
+        dose,
+    ]
     return [p for p in paths if p is not None]
 
 
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    for p in make_figures(args.results, args.out, args.backbone, args.seed, args.view, args.pair, args.px, args.lines,
-                          args.only):
+    for p in make_figures(
+        args.results, args.out, args.backbone, args.seed, args.view, args.pair, args.px, args.lines, args.only
+    ):
         print(p)
     return 0
 
@@ -372,7 +413,9 @@ def training_steps(rec: Mapping[str, Any]) -> Optional[int]:
         if isinstance(d.get("scenes"), int) and d.get("views"):
             import math
 
-            return int(s2.get("epochs", 1)) * math.ceil(int(d["scenes"]) * int(d["views"]) / int(s2.get("batch_size", 2)))
+            return int(s2.get("epochs", 1)) * math.ceil(
+                int(d["scenes"]) * int(d["views"]) / int(s2.get("batch_size", 2))
+            )
     return None
 
 
@@ -393,9 +436,18 @@ def dose_response_table(records: Sequence[Mapping[str, Any]], backbone: Optional
         report = [m for m in (rec.get("report") or sorted(rec.get("metrics") or {})) if m in (rec.get("metrics") or {})]
         if not report:
             continue
-        rows.append({"method": rec["method"], "backbone": rec["backbone"], "task": rec["task"], "steps": steps,
-                     "seed": int(rec.get("seed", 0)), "metric": report[0], "value": float(rec["metrics"][report[0]]),
-                     "id": rec["id"]})
+        rows.append(
+            {
+                "method": rec["method"],
+                "backbone": rec["backbone"],
+                "task": rec["task"],
+                "steps": steps,
+                "seed": int(rec.get("seed", 0)),
+                "metric": report[0],
+                "value": float(rec["metrics"][report[0]]),
+                "id": rec["id"],
+            }
+        )
     df = pd.DataFrame(rows)
     out: Dict[str, Dict[str, list]] = {}
     if df.empty:
@@ -419,7 +471,9 @@ def dose_response_table(records: Sequence[Mapping[str, Any]], backbone: Optional
     return out
 
 
-def figure_dose_response(records: Sequence[Mapping[str, Any]], out: Path, backbone: Optional[str] = None) -> Optional[Path]:
+def figure_dose_response(
+    records: Sequence[Mapping[str, Any]], out: Path, backbone: Optional[str] = None
+) -> Optional[Path]:
     """``dose_response.png``: per task, metric difference to the raw teacher vs training steps (log
     axis), mean over seeds with a 95% interval band, one line per method. None when fewer than two
     step counts exist for any method."""
@@ -446,7 +500,7 @@ def figure_dose_response(records: Sequence[Mapping[str, Any]], out: Path, backbo
         from matplotlib.ticker import NullLocator
 
         steps = sorted({p[0] for pts in table[task].values() for p in pts})
-        ax.set_xticks(steps, [str(x) for x in steps])   # the measured training lengths, not 10^k
+        ax.set_xticks(steps, [str(x) for x in steps])  # the measured training lengths, not 10^k
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("training steps")
         ax.set_ylabel(f"{metric_of.get(task, '')} - teacher")

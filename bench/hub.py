@@ -17,6 +17,7 @@ The endpoint, cache and offline settings are read from the environment at call t
 ``huggingface_hub`` was imported before they were set. Every failure a user can fix is a
 :class:`bench.errors.HubError` naming the repo, the file and the revision.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -74,7 +75,7 @@ def parse_hf_path(ref: str) -> Tuple[str, str, Optional[str]]:
     """``hf://org/repo/dir/file.pth@rev`` -> (``org/repo``, ``dir/file.pth``, ``rev``)."""
     if not ref.startswith("hf://"):
         raise HubError(f"not an hf:// reference: {ref}", REF_HELP)
-    body = ref[len("hf://"):]
+    body = ref[len("hf://") :]
     revision = None
     if "@" in body:
         body, revision = body.rsplit("@", 1)
@@ -127,59 +128,86 @@ def _transport_errors() -> tuple:
     return tuple(errs)
 
 
-def _translate(e: BaseException, repo_id: str, revision: Optional[str], what: str,
-               filename: Optional[str] = None) -> Optional[HubError]:
+def _translate(
+    e: BaseException, repo_id: str, revision: Optional[str], what: str, filename: Optional[str] = None
+) -> Optional[HubError]:
     """Map a huggingface_hub/httpx error while fetching ``what`` (a quoted file name, or words
     such as 'a snapshot') of ``repo_id`` to a HubError; None if it is not a Hub error."""
     from huggingface_hub import errors as hf
 
     where = f"{what} of Hub repo '{repo_id}'{_at(revision)}"
-    pull = (f"python -m bench hub pull {repo_id}" + (f" --revision {revision}" if revision else "")
-            + (f" --files {filename}" if filename else ""))
+    pull = (
+        f"python -m bench hub pull {repo_id}"
+        + (f" --revision {revision}" if revision else "")
+        + (f" --files {filename}" if filename else "")
+    )
     if isinstance(e, hf.LocalEntryNotFoundError) or (isinstance(e, hf.OfflineModeIsEnabled)):
         if is_offline():
             return HubError(
                 f"HF_HUB_OFFLINE is set and {where} is not in the local cache ({hub_cache_dir()})",
                 f"populate the cache first with `{pull}` where the Hub is reachable (same HF_HOME/HF_HUB_CACHE), "
-                "pass a local checkpoint path instead, or unset HF_HUB_OFFLINE")
+                "pass a local checkpoint path instead, or unset HF_HUB_OFFLINE",
+            )
         return HubError(
             f"cannot fetch {where}: the Hub at {hub_endpoint()} is unreachable ({_root_cause(e)}) "
             f"and it is not in the local cache ({hub_cache_dir()})",
             "pass a local checkpoint path instead, or set HF_HUB_OFFLINE=1 with a cache populated by "
-            f"`{pull}` on a machine with internet (check HF_ENDPOINT and proxy settings if the Hub should be up)")
+            f"`{pull}` on a machine with internet (check HF_ENDPOINT and proxy settings if the Hub should be up)",
+        )
     if isinstance(e, hf.RevisionNotFoundError):
         refs = _suggest(repo_id, None, "refs")
-        return HubError(f"revision '{revision}' not found in Hub repo '{repo_id}'",
-                        "use an existing branch, tag or full commit sha" + (f" (branches/tags: {refs})" if refs else ""))
+        return HubError(
+            f"revision '{revision}' not found in Hub repo '{repo_id}'",
+            "use an existing branch, tag or full commit sha" + (f" (branches/tags: {refs})" if refs else ""),
+        )
     if isinstance(e, hf.RepositoryNotFoundError):  # also gated repos
-        return HubError(f"Hub repo '{repo_id}' not found or not accessible (while fetching {what})",
-                        "check the repo name (org/name); for a private or gated repo log in with "
-                        "`hf auth login` or set HF_TOKEN")
+        return HubError(
+            f"Hub repo '{repo_id}' not found or not accessible (while fetching {what})",
+            "check the repo name (org/name); for a private or gated repo log in with `hf auth login` or set HF_TOKEN",
+        )
     if isinstance(e, hf.EntryNotFoundError):
         files = _suggest(repo_id, revision, "files")
-        return HubError(f"file {what} not found in Hub repo '{repo_id}'{_at(revision)}",
-                        "check the file name" + (f" (the repo has: {files})" if files else ""))
+        return HubError(
+            f"file {what} not found in Hub repo '{repo_id}'{_at(revision)}",
+            "check the file name" + (f" (the repo has: {files})" if files else ""),
+        )
     if isinstance(e, hf.HfHubHTTPError):
-        return HubError(f"Hub error while fetching {where}: {_root_cause(e)}",
-                        "retry later, or pass a local checkpoint path instead")
+        return HubError(
+            f"Hub error while fetching {where}: {_root_cause(e)}",
+            "retry later, or pass a local checkpoint path instead",
+        )
     if isinstance(e, _transport_errors()):
         return HubError(
             f"cannot fetch {where}: the Hub at {hub_endpoint()} is unreachable ({_root_cause(e)})",
             "pass a local checkpoint path instead, or set HF_HUB_OFFLINE=1 with a cache populated by "
-            f"`{pull}` on a machine with internet")
+            f"`{pull}` on a machine with internet",
+        )
     return None
 
 
 # --- download ---------------------------------------------------------------------------------
-def hub_download(repo_id: str, filename: str, revision: Optional[str] = None,
-                 cache_dir: Optional[str] = None, local_dir: Optional[str] = None) -> Path:
+def hub_download(
+    repo_id: str,
+    filename: str,
+    revision: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    local_dir: Optional[str] = None,
+) -> Path:
     """Download one file of a Hub model repo (or take it from the cache); return its local path."""
     import huggingface_hub
 
     try:
-        return Path(huggingface_hub.hf_hub_download(
-            repo_id=repo_id, filename=filename, revision=revision, endpoint=hub_endpoint(),
-            cache_dir=cache_dir or hub_cache_dir(), local_dir=local_dir, local_files_only=is_offline()))
+        return Path(
+            huggingface_hub.hf_hub_download(
+                repo_id=repo_id,
+                filename=filename,
+                revision=revision,
+                endpoint=hub_endpoint(),
+                cache_dir=cache_dir or hub_cache_dir(),
+                local_dir=local_dir,
+                local_files_only=is_offline(),
+            )
+        )
     except Exception as e:
         err = _translate(e, repo_id, revision, f"'{filename}'", filename)
         if err is None:
@@ -187,16 +215,28 @@ def hub_download(repo_id: str, filename: str, revision: Optional[str] = None,
         raise err from None
 
 
-def hub_snapshot(repo_id: str, revision: Optional[str] = None, allow_patterns: Optional[Sequence[str]] = None,
-                 cache_dir: Optional[str] = None, local_dir: Optional[str] = None) -> Path:
+def hub_snapshot(
+    repo_id: str,
+    revision: Optional[str] = None,
+    allow_patterns: Optional[Sequence[str]] = None,
+    cache_dir: Optional[str] = None,
+    local_dir: Optional[str] = None,
+) -> Path:
     """Download a whole repo (or the files matching ``allow_patterns``); return the snapshot folder."""
     import huggingface_hub
 
     try:
-        return Path(huggingface_hub.snapshot_download(
-            repo_id=repo_id, revision=revision, allow_patterns=list(allow_patterns) if allow_patterns else None,
-            endpoint=hub_endpoint(), cache_dir=cache_dir or hub_cache_dir(), local_dir=local_dir,
-            local_files_only=is_offline()))
+        return Path(
+            huggingface_hub.snapshot_download(
+                repo_id=repo_id,
+                revision=revision,
+                allow_patterns=list(allow_patterns) if allow_patterns else None,
+                endpoint=hub_endpoint(),
+                cache_dir=cache_dir or hub_cache_dir(),
+                local_dir=local_dir,
+                local_files_only=is_offline(),
+            )
+        )
     except Exception as e:
         what = "files matching " + ", ".join(allow_patterns) if allow_patterns else "a snapshot"
         err = _translate(e, repo_id, revision, what)
@@ -226,8 +266,9 @@ def _matches(rel: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatch(rel, p) for p in patterns)
 
 
-def push_sources(source: str, include: Optional[Sequence[str]] = None,
-                 exclude: Optional[Sequence[str]] = None) -> Tuple[Path, Dict[str, Path]]:
+def push_sources(
+    source: str, include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None
+) -> Tuple[Path, Dict[str, Path]]:
     """Files to push for ``source``: returns (source directory or file, {path in repo: local file}).
 
     ``source`` is a file, a directory, a run directory (its ``record.json`` names the trained
@@ -240,18 +281,22 @@ def push_sources(source: str, include: Optional[Sequence[str]] = None,
         if cand.is_dir():
             p = cand
     if not p.exists():
-        raise HubError(f"nothing to push: '{source}' is neither a file, a directory nor a trained-backbone "
-                       f"cache key under {_cache_root() / 'backbones'}",
-                       "pass a checkpoint file or directory, a run directory, or a cache key")
+        raise HubError(
+            f"nothing to push: '{source}' is neither a file, a directory nor a trained-backbone "
+            f"cache key under {_cache_root() / 'backbones'}",
+            "pass a checkpoint file or directory, a run directory, or a cache key",
+        )
     if p.is_file():
         return p, {p.name: p}
     record = p / "record.json"
     if record.is_file():
         ckpt = (json.loads(record.read_text()).get("checkpoint") or {}).get("path")
         if not ckpt or not Path(ckpt).is_file():
-            raise HubError(f"run {p} has no trained checkpoint to push (its record names none, or the file is gone)",
-                           "push a checkpoint file/directory directly; official and frozen methods have no "
-                           "trained weights of their own")
+            raise HubError(
+                f"run {p} has no trained checkpoint to push (its record names none, or the file is gone)",
+                "push a checkpoint file/directory directly; official and frozen methods have no "
+                "trained weights of their own",
+            )
         p = Path(ckpt).parent
     if include is None and (p / "model.safetensors").is_file() and (p / "config.yaml").is_file():
         include = BACKBONE_FILES
@@ -262,8 +307,10 @@ def push_sources(source: str, include: Optional[Sequence[str]] = None,
         if f.is_file() and not _matches(rel, excl) and (include is None or _matches(rel, include)):
             files[rel] = f
     if not files:
-        raise HubError(f"nothing to push in {p} (no file matches include={list(include or ['*'])})",
-                       "check the directory or the --include/--exclude patterns")
+        raise HubError(
+            f"nothing to push in {p} (no file matches include={list(include or ['*'])})",
+            "check the directory or the --include/--exclude patterns",
+        )
     return p, files
 
 
@@ -303,10 +350,11 @@ def timm_export(weights: Path, out_dir: Path) -> Optional[Dict[str, Path]]:
     try:
         model.load_state_dict(load_file(str(weights)), strict=True, assign=True)
     except RuntimeError as e:
-        raise HubError(f"{weights} says it holds timm '{meta['timm_name']}' but its tensors do not fit "
-                       f"({str(e).splitlines()[0]})",
-                       "re-save it with bench.backbones.save_backbone, or push it as it is with "
-                       "--include model.safetensors after removing its timm metadata") from None
+        raise HubError(
+            f"{weights} says it holds timm '{meta['timm_name']}' but its tensors do not fit ({str(e).splitlines()[0]})",
+            "re-save it with bench.backbones.save_backbone, or push it as it is with "
+            "--include model.safetensors after removing its timm metadata",
+        ) from None
     save_for_hf(model, str(out_dir), model_args=kwargs, safe_serialization=True)
     return {"model.safetensors": out_dir / "model.safetensors", "config.json": out_dir / "config.json"}
 
@@ -332,9 +380,11 @@ def model_card(repo_id: str, files: Dict[str, Path], revision: str = "main") -> 
         except Exception:  # a foreign config: the card just lists the files
             pass
     timm_ready = "config.json" in files
-    data = ModelCardData(library_name="timm", tags=["bench", "feature-extraction", "3d-aware"]
-                         + (["image-feature-extraction"] if timm_ready else []),
-                         base_model=str(base_model) if base_model else None)
+    data = ModelCardData(
+        library_name="timm",
+        tags=["bench", "feature-extraction", "3d-aware"] + (["image-feature-extraction"] if timm_ready else []),
+        base_model=str(base_model) if base_model else None,
+    )
     weights = next((n for n in files if n.endswith((".safetensors", ".pth", ".pt", ".bin"))), None)
     at = "" if revision == "main" else f"@{revision}"
     lines = [f"# {repo_id}", "", "Backbone weights published with `python -m bench hub push`."]
@@ -342,20 +392,45 @@ def model_card(repo_id: str, files: Dict[str, Path], revision: str = "main") -> 
         lines += [""] + [f"- {k}: `{v}`" for k, v in meta.items()]
     lines += ["", "## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]
     lines += [f"| `{n}` | {f.stat().st_size} | `{_sha256(f)}` |" for n, f in sorted(files.items())]
-    lines += ["", "## Use", "", "```bash", f"python -m bench hub pull {repo_id}" + (f" --revision {revision}" if at else ""),
-              "```"]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```bash",
+        f"python -m bench hub pull {repo_id}" + (f" --revision {revision}" if at else ""),
+        "```",
+    ]
     if timm_ready and not at:
-        lines += ["", "```python", "import timm", "",
-                  f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True)', "```"]
+        lines += [
+            "",
+            "```python",
+            "import timm",
+            "",
+            f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True)',
+            "```",
+        ]
     if weights:
-        lines += ["", "```python", "from bench.checkpoint import read_state_dict", "",
-                  f'state_dict = read_state_dict("hf://{repo_id}/{weights}{at}")  # timm layout', "```"]
+        lines += [
+            "",
+            "```python",
+            "from bench.checkpoint import read_state_dict",
+            "",
+            f'state_dict = read_state_dict("hf://{repo_id}/{weights}{at}")  # timm layout',
+            "```",
+        ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
 
 
-def hub_push(source: str, repo_id: str, *, branch: Optional[str] = None, private: Optional[bool] = None,
-             message: Optional[str] = None, include: Optional[Sequence[str]] = None,
-             exclude: Optional[Sequence[str]] = None) -> Dict[str, object]:
+def hub_push(
+    source: str,
+    repo_id: str,
+    *,
+    branch: Optional[str] = None,
+    private: Optional[bool] = None,
+    message: Optional[str] = None,
+    include: Optional[Sequence[str]] = None,
+    exclude: Optional[Sequence[str]] = None,
+) -> Dict[str, object]:
     """Upload ``source`` (see :func:`push_sources`) to Hub repo ``repo_id`` as one commit.
 
     Creates the repo (``exist_ok``) and ``branch`` (from main) if needed and adds a model card
@@ -363,8 +438,10 @@ def hub_push(source: str, repo_id: str, *, branch: Optional[str] = None, private
     published in timm's format (:func:`timm_export`). Returns ``{repo_id, revision, commit, url, files}``.
     """
     if is_offline():
-        raise HubError(f"cannot push to Hub repo '{repo_id}': HF_HUB_OFFLINE is set (uploads need the Hub)",
-                       "unset HF_HUB_OFFLINE (and make sure the Hub is reachable)")
+        raise HubError(
+            f"cannot push to Hub repo '{repo_id}': HF_HUB_OFFLINE is set (uploads need the Hub)",
+            "unset HF_HUB_OFFLINE (and make sure the Hub is reachable)",
+        )
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise HubError(f"malformed Hub repo id '{repo_id}'", "write org/name")
     root, files = push_sources(source, include, exclude)
@@ -374,29 +451,37 @@ def hub_push(source: str, repo_id: str, *, branch: Optional[str] = None, private
         return _commit(root, files, repo_id, branch or "main", private, message)
 
 
-def _commit(root: Path, files: Dict[str, Path], repo_id: str, revision: str, private: Optional[bool],
-            message: Optional[str]) -> Dict[str, object]:
+def _commit(
+    root: Path, files: Dict[str, Path], repo_id: str, revision: str, private: Optional[bool], message: Optional[str]
+) -> Dict[str, object]:
     """Create ``repo_id`` (and the branch) if needed and commit ``files`` plus a model card."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(f)) for name, f in files.items()]
     if "README.md" not in files:
-        ops.append(CommitOperationAdd(path_in_repo="README.md",
-                                      path_or_fileobj=model_card(repo_id, files, revision).encode()))
+        ops.append(
+            CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=model_card(repo_id, files, revision).encode())
+        )
     api = HfApi(endpoint=hub_endpoint())
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.create_commit(repo_id, operations=ops, revision=revision,
-                                 commit_message=message or f"bench: push {root.name}")
+        info = api.create_commit(
+            repo_id, operations=ops, revision=revision, commit_message=message or f"bench: push {root.name}"
+        )
     except Exception as e:
         err = _push_error(e, repo_id, revision)
         if err is e:
             raise
         raise err from None
-    return {"repo_id": repo_id, "revision": revision, "commit": info.oid, "url": info.commit_url,
-            "files": sorted(op.path_in_repo for op in ops)}
+    return {
+        "repo_id": repo_id,
+        "revision": revision,
+        "commit": info.oid,
+        "url": info.commit_url,
+        "files": sorted(op.path_in_repo for op in ops),
+    }
 
 
 def _push_error(e: BaseException, repo_id: str, revision: str) -> BaseException:
@@ -405,12 +490,18 @@ def _push_error(e: BaseException, repo_id: str, revision: str) -> BaseException:
 
     status = getattr(getattr(e, "response", None), "status_code", None)
     if isinstance(e, _transport_errors()) and not isinstance(e, hf.HfHubHTTPError):
-        return HubError(f"cannot push to Hub repo '{repo_id}': the Hub at {hub_endpoint()} is unreachable "
-                        f"({_root_cause(e)})", "check HF_ENDPOINT, your network and proxy settings, then retry")
+        return HubError(
+            f"cannot push to Hub repo '{repo_id}': the Hub at {hub_endpoint()} is unreachable ({_root_cause(e)})",
+            "check HF_ENDPOINT, your network and proxy settings, then retry",
+        )
     if isinstance(e, hf.RepositoryNotFoundError) or status in (401, 403):
-        return HubError(f"not allowed to write to Hub repo '{repo_id}' ({_root_cause(e)})",
-                        "log in with `hf auth login` or set HF_TOKEN to a token with write access to that namespace")
+        return HubError(
+            f"not allowed to write to Hub repo '{repo_id}' ({_root_cause(e)})",
+            "log in with `hf auth login` or set HF_TOKEN to a token with write access to that namespace",
+        )
     if isinstance(e, hf.HfHubHTTPError):
-        return HubError(f"the Hub refused the push to '{repo_id}'@{revision}: {_root_cause(e)}",
-                        "check the repo, branch and files, then retry")
+        return HubError(
+            f"the Hub refused the push to '{repo_id}'@{revision}: {_root_cause(e)}",
+            "check the repo, branch and files, then retry",
+        )
     return e

@@ -30,6 +30,7 @@ Paths are replaced by what they point at, so that two spellings of one input giv
 File digests are memoised per process (by real path, size and mtime); a manifest re-lists its
 directory every time (stat only, files are re-read only when their size or mtime changed).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,8 +47,9 @@ DISPLAY_KEYS = frozenset(NONESSENTIAL_KEYS | {"report", "description"})
 GENERATED_DATASETS = {"synthetic"}
 # dotted key -> condition on the composed (resolved) config for the key to count
 UNUSED_UNLESS: Dict[str, Callable[[Mapping[str, Any]], bool]] = {
-    "method.reconstructor.checkpoint":
-        lambda c: ((c.get("method") or {}).get("reconstructor") or {}).get("name") == "learned",
+    "method.reconstructor.checkpoint": lambda c: (
+        ((c.get("method") or {}).get("reconstructor") or {}).get("name") == "learned"
+    ),
 }
 _SMALL = 64 * 1024
 _memo: Dict[Tuple, str] = {}
@@ -228,8 +230,11 @@ def cell_identity(cfg: Any) -> Dict[str, Any]:
     cell = stable_hash({"v": VERSION, **comp, "seed": int(cfg.seed)})
     train_data = comp["method"].get("data") if isinstance(comp["method"], dict) else None
     eval_data = comp["task"].get("dataset") if isinstance(comp["task"], dict) else None
-    parts = {"method": stable_hash(comp["method"], 8), "backbone": stable_hash(comp["backbone"], 8),
-             "task": stable_hash(comp["task"], 8), "train_data": stable_hash(train_data, 8) if train_data else None,
-             "eval_data": stable_hash(eval_data, 8) if eval_data else None}
-    return {"version": VERSION, "cell": cell, "row": row, "short": row[:8], "label": recipe_label(cfg),
-            "parts": parts}
+    parts = {
+        "method": stable_hash(comp["method"], 8),
+        "backbone": stable_hash(comp["backbone"], 8),
+        "task": stable_hash(comp["task"], 8),
+        "train_data": stable_hash(train_data, 8) if train_data else None,
+        "eval_data": stable_hash(eval_data, 8) if eval_data else None,
+    }
+    return {"version": VERSION, "cell": cell, "row": row, "short": row[:8], "label": recipe_label(cfg), "parts": parts}

@@ -2,6 +2,7 @@
 
 A crash mid-write leaves either the old file or the new one, never a torn one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,8 +73,9 @@ def torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return write_with(path, lambda p: torch.save(obj, p))
 
 
-def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: Mapping[str, str] | None = None) -> Path:
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}

@@ -12,6 +12,7 @@ whatever the number of workers. :meth:`StepLoader.get` checks the step it is ask
 the iterator when the caller jumps (resume, ``stop_after``). ``wait_s`` accumulates the time the
 main thread spent waiting for data (``python -m bench perf train`` reports it as a share of the step).
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -49,8 +50,9 @@ class StepLoader:
     a GPU. The workers are forked from the training process and only run ``fn`` (CPU work).
     """
 
-    def __init__(self, fn: Callable[[int], Any], total_steps: int, workers: int = 1, prefetch: int = 2,
-                 pin_memory: bool = False):
+    def __init__(
+        self, fn: Callable[[int], Any], total_steps: int, workers: int = 1, prefetch: int = 2, pin_memory: bool = False
+    ):
         self.fn, self.total = fn, int(total_steps)
         self.workers, self.prefetch, self.pin_memory = max(int(workers), 0), max(int(prefetch), 1), bool(pin_memory)
         self._it: Optional[Any] = None
@@ -64,12 +66,20 @@ class StepLoader:
         if self.workers == 0:
             self._it = (ds[i] for i in range(len(ds)))
         else:
-            loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.workers,
-                                prefetch_factor=self.prefetch, collate_fn=_identity, pin_memory=self.pin_memory,
-                                worker_init_fn=_worker_init, persistent_workers=False,
-                                generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
-                                # fork: ``fn`` is usually a closure over the trainer's data (not picklable)
-                                multiprocessing_context="fork" if "fork" in mp.get_all_start_methods() else None)
+            loader = DataLoader(
+                ds,
+                batch_size=None,
+                shuffle=False,
+                num_workers=self.workers,
+                prefetch_factor=self.prefetch,
+                collate_fn=_identity,
+                pin_memory=self.pin_memory,
+                worker_init_fn=_worker_init,
+                persistent_workers=False,
+                generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
+                # fork: ``fn`` is usually a closure over the trainer's data (not picklable)
+                multiprocessing_context="fork" if "fork" in mp.get_all_start_methods() else None,
+            )
             self._it = iter(loader)
         self._next = step
 

@@ -15,6 +15,7 @@ trains and caches both backbones (their cache keys differ by the override).
 Task kinds: ``cfg.task.kind`` when the task config sets one, else ``correspondence`` for the
 correspondence tasks (registered in ``tasks/correspondence.py`` or named ``*_corr``), else ``single_view``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -52,8 +53,10 @@ def apply_per_task(cfg: DictConfig) -> DictConfig:
     if not overrides:
         return cfg
     if not isinstance(overrides, DictConfig):
-        raise BenchError(f"method.per_task.{task_kind(cfg)} must be a mapping of method keys",
-                         "e.g. method.per_task.correspondence.lift.blending=false")
+        raise BenchError(
+            f"method.per_task.{task_kind(cfg)} must be a mapping of method keys",
+            "e.g. method.per_task.correspondence.lift.blending=false",
+        )
     out = copy.deepcopy(cfg)
     struct = OmegaConf.is_struct(out)
     OmegaConf.set_struct(out, False)

@@ -7,6 +7,7 @@ weights paths and Hub refs; :func:`check_image_size` the images against the back
 cell starts and ``bench sweep`` for every cell before it submits anything. Every failure is a
 :class:`bench.errors.BenchError` (one line, exit 2). The catalogue is docs/FAULTS.md.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,12 @@ DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # method keys that set how long/how much a method trains: must be positive integers
 LENGTH_KEYS = ("steps", "iterations", "epochs", "batch_size")
 SCHEDULE_KEYS = ("epochs", "iters", "batch_size")
-ENV_OF = {"results_dir": "BENCH_RESULTS", "output_dir": "BENCH_OUTPUTS", "cache_dir": "BENCH_CACHE",
-          "data_dir": "BENCH_DATA"}
+ENV_OF = {
+    "results_dir": "BENCH_RESULTS",
+    "output_dir": "BENCH_OUTPUTS",
+    "cache_dir": "BENCH_CACHE",
+    "data_dir": "BENCH_DATA",
+}
 
 
 def _walk(obj: Any, prefix: str) -> Iterator[Tuple[str, str, Any]]:
@@ -57,32 +62,44 @@ def validate(cfg: DictConfig, trains: bool | None = None) -> None:
     if trains:
         for key, leaf, v in _walk(to_container(cfg.method), "method"):
             if leaf in LENGTH_KEYS and v is not None and (not _is_int(v) or v < 1):
-                raise BenchError(f"{key}={v!r}: a trained method needs a positive integer here (0 or less would "
-                                 "record the untrained backbone as trained)", f"pass {key}=<integer >= 1>")
+                raise BenchError(
+                    f"{key}={v!r}: a trained method needs a positive integer here (0 or less would "
+                    "record the untrained backbone as trained)",
+                    f"pass {key}=<integer >= 1>",
+                )
     proto = str(cfg.get("protocol", "linear"))
     sched = to_container(cfg.task.get("protocol", {}) or {}).get("schedule") if "task" in cfg else None
-    if isinstance(sched, dict) and not sched.get("epochs") and not sched.get("iters") \
-            and ("epochs" in sched or "iters" in sched):
-        raise BenchError(f"task.protocols.{proto}.schedule sets neither epochs nor iters (epochs="
-                         f"{sched.get('epochs')!r}, iters={sched.get('iters')!r}): the probe would not train",
-                         f"pass task.protocols.{proto}.schedule.epochs=<number > 0>")
+    if (
+        isinstance(sched, dict)
+        and not sched.get("epochs")
+        and not sched.get("iters")
+        and ("epochs" in sched or "iters" in sched)
+    ):
+        raise BenchError(
+            f"task.protocols.{proto}.schedule sets neither epochs nor iters (epochs="
+            f"{sched.get('epochs')!r}, iters={sched.get('iters')!r}): the probe would not train",
+            f"pass task.protocols.{proto}.schedule.epochs=<number > 0>",
+        )
     for k in SCHEDULE_KEYS:
         v = (sched or {}).get(k)
         if v is None:
             continue
-        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-              and (k != "batch_size" or _is_int(v)))
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and (k != "batch_size" or _is_int(v))
         if not ok:
-            raise BenchError(f"task.protocols.{proto}.schedule.{k}={v!r} cannot train a probe",
-                             f"pass task.protocols.{proto}.schedule.{k}=<number > 0>")
+            raise BenchError(
+                f"task.protocols.{proto}.schedule.{k}={v!r} cannot train a probe",
+                f"pass task.protocols.{proto}.schedule.{k}=<number > 0>",
+            )
 
 
 def check_writable(path: str | os.PathLike, what: str) -> None:
     """``path`` is a directory this process can write to, or can be created as one: tested by writing
     a file in it (or in its nearest existing ancestor). Nothing is left behind."""
     env = ENV_OF.get(what)
-    fix = (f"make {path} writable, or point {'the ' + env + ' environment variable or ' if env else ''}"
-           f"paths.{what} at a writable directory")
+    fix = (
+        f"make {path} writable, or point {'the ' + env + ' environment variable or ' if env else ''}"
+        f"paths.{what} at a writable directory"
+    )
     p = Path(path).absolute()
     probe = p
     while not probe.exists() and probe != probe.parent:
@@ -95,8 +112,9 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
         os.unlink(tmp)
     except OSError as e:
         where = "" if probe == p else f": {probe} is in the way" if not probe.is_dir() else f" (in {probe})"
-        raise BenchError(f"{what.replace('_', ' ')} {path} is not writable{where} "
-                         f"({e.strerror or type(e).__name__})", fix) from None
+        raise BenchError(
+            f"{what.replace('_', ' ')} {path} is not writable{where} ({e.strerror or type(e).__name__})", fix
+        ) from None
 
 
 def check_dirs(cfg: DictConfig, trains: bool) -> None:
@@ -119,8 +137,9 @@ def check_hub_file(repo: str, filename: str, revision: str | None = None) -> Non
     try:
         if is_offline():
             raise hf.LocalEntryNotFoundError(f"{filename} is not in the local cache")
-        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo, filename, revision=revision,
-                                                                        endpoint=hub_endpoint()))
+        huggingface_hub.get_hf_file_metadata(
+            huggingface_hub.hf_hub_url(repo, filename, revision=revision, endpoint=hub_endpoint())
+        )
     except Exception as e:
         err = _translate(e, repo, revision, f"'{filename}'", filename)
         if err is None:
@@ -151,10 +170,13 @@ def check_inputs(cfg: DictConfig) -> None:
         check_hub_file(str(bb["hub_repo"]), str(bb.get("hub_file") or "model.safetensors"), bb.get("hub_revision"))
     elif isinstance(w, str) and w.startswith("hf://"):
         refs.append(w)
-    elif isinstance(w, str) and w not in ("hub", "none", "package", "random", "") \
-            and not Path(w).expanduser().is_file():
-        raise CheckpointError(f"backbone weights file not found: {w}",
-                              "pass an existing file as backbone.weights=/path/to/file (or hub / hf://org/repo/file)")
+    elif (
+        isinstance(w, str) and w not in ("hub", "none", "package", "random", "") and not Path(w).expanduser().is_file()
+    ):
+        raise CheckpointError(
+            f"backbone weights file not found: {w}",
+            "pass an existing file as backbone.weights=/path/to/file (or hub / hf://org/repo/file)",
+        )
     for ref in dict.fromkeys(refs):
         check_hub_file(*parse_hf_path(ref))
 
@@ -170,14 +192,18 @@ def _sizes(v: Any) -> Iterable[int]:
 def check_image_size(cfg: DictConfig, stride: int) -> None:
     """Every configured image size is at least the backbone's output stride."""
     c = {k: to_container(cfg[k]) for k in ("task", "method") if k in cfg}  # only the nodes read below
-    for key, node in (("task.dataset.size", (c.get("task") or {}).get("dataset") or {}),
-                      ("task.protocol.image_size", {"size": ((c.get("task") or {}).get("protocol") or {}).get("image_size")}),
-                      ("method.data.size", (c.get("method") or {}).get("data") or {})):
+    for key, node in (
+        ("task.dataset.size", (c.get("task") or {}).get("dataset") or {}),
+        ("task.protocol.image_size", {"size": ((c.get("task") or {}).get("protocol") or {}).get("image_size")}),
+        ("method.data.size", (c.get("method") or {}).get("data") or {}),
+    ):
         small = [s for s in _sizes(node.get("size")) if s < stride]
         if small:
-            raise BenchError(f"{key}={node.get('size')} is smaller than the stride ({stride} px) of backbone "
-                             f"{cfg.backbone.name}: it has no feature cell",
-                             f"pass {key} of at least {stride} px")
+            raise BenchError(
+                f"{key}={node.get('size')} is smaller than the stride ({stride} px) of backbone "
+                f"{cfg.backbone.name}: it has no feature cell",
+                f"pass {key} of at least {stride} px",
+            )
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -208,7 +234,7 @@ def check_test_images(cfg: DictConfig) -> None:
     if items is None or not hasattr(type(ds), "item_files"):
         return
     bad = []
-    for i in (idx if idx is not None else range(len(items))):
+    for i in idx if idx is not None else range(len(items)):
         for p in type(ds).item_files(items[i]):
             if Path(p).suffix.lower() in IMAGE_SUFFIXES:
                 why = verify_image(Path(p))
@@ -218,9 +244,11 @@ def check_test_images(cfg: DictConfig) -> None:
         from .errors import DataMissingError
 
         shown = ", ".join(bad[:3]) + (f", ... ({len(bad) - 3} more)" if len(bad) > 3 else "")
-        raise DataMissingError(f"{len(bad)} test image(s) of dataset '{name}' cannot be decoded: {shown}",
-                               f"replace them (`python -m bench data {name} --root {node.get('root')} --deep "
-                               "--verify` lists every bad file), or skip this check with verify_test_images=false")
+        raise DataMissingError(
+            f"{len(bad)} test image(s) of dataset '{name}' cannot be decoded: {shown}",
+            f"replace them (`python -m bench data {name} --root {node.get('root')} --deep "
+            "--verify` lists every bad file), or skip this check with verify_test_images=false",
+        )
     _VERIFIED.add(key)
 
 

@@ -9,6 +9,7 @@ When stderr is not a terminal (a SLURM log, a pipe) a bar would print nothing us
 :func:`progress` logs ``desc: i/total unit (p%, elapsed, ~left)`` at the start, every
 ``every_s`` seconds (default 30, or ``BENCH_PROGRESS_EVERY_S``) and at the end instead.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,14 @@ log = logging.getLogger("bench.progress")
 class LogProgress:
     """The tqdm subset bench uses (iteration, ``update``, ``close``), as log lines."""
 
-    def __init__(self, iterable: Optional[Iterable] = None, total: Optional[int] = None, desc: str = "",
-                 unit: str = "it", every_s: float = 30.0):
+    def __init__(
+        self,
+        iterable: Optional[Iterable] = None,
+        total: Optional[int] = None,
+        desc: str = "",
+        unit: str = "it",
+        every_s: float = 30.0,
+    ):
         self.iterable, self.desc, self.unit, self.every_s = iterable, desc, unit, float(every_s)
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
@@ -36,8 +43,16 @@ class LogProgress:
         el = time.monotonic() - self.t0
         if self.total:
             left = f", ~{el / self.n * (self.total - self.n):.0f} s left" if self.n else ""
-            log.info("%s: %d/%d %s (%.0f%%, %.0f s%s)", self.desc, self.n, self.total, self.unit,
-                     100.0 * self.n / self.total, el, left)
+            log.info(
+                "%s: %d/%d %s (%.0f%%, %.0f s%s)",
+                self.desc,
+                self.n,
+                self.total,
+                self.unit,
+                100.0 * self.n / self.total,
+                el,
+                left,
+            )
         else:
             log.info("%s: %d %s (%.0f s)", self.desc, self.n, self.unit, el)
 
@@ -68,8 +83,14 @@ class LogProgress:
         self.close()
 
 
-def progress(iterable: Optional[Iterable] = None, total: Optional[int] = None, desc: str = "", unit: str = "it",
-             enable: bool = True, every_s: Optional[float] = None) -> Any:
+def progress(
+    iterable: Optional[Iterable] = None,
+    total: Optional[int] = None,
+    desc: str = "",
+    unit: str = "it",
+    enable: bool = True,
+    every_s: Optional[float] = None,
+) -> Any:
     """A tqdm bar when stderr is a terminal, else :class:`LogProgress`; nothing when ``enable`` is False."""
     from tqdm.auto import tqdm
 

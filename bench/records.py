@@ -14,6 +14,7 @@ one ``identity.row``. Records written before fingerprints existed (no ``identity
 are *legacy*: the leaderboard shows them apart, marked legacy, and ``sweep`` never
 counts them as done.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -30,8 +31,20 @@ from .io import write_json
 
 SCHEMA = 1
 CELL_KEYS = ("method", "backbone", "task", "protocol_name", "seed")
-PACKAGES = ("torch", "torchvision", "timm", "gsplat", "hydra-core", "submitit", "huggingface-hub",
-            "safetensors", "numpy", "pandas", "peft", "kornia")
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "gsplat",
+    "hydra-core",
+    "submitit",
+    "huggingface-hub",
+    "safetensors",
+    "numpy",
+    "pandas",
+    "peft",
+    "kornia",
+)
 
 
 def runs_dir(results_dir: str | Path) -> Path:
@@ -42,11 +55,17 @@ def code_version() -> str:
     """git commit of the checkout (with ``-dirty``) or the package version."""
     here = Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5)
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
         if sha.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=here,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
             return sha.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
@@ -67,8 +86,12 @@ def package_versions() -> Dict[str, str]:
 def device_info(device: str) -> Dict[str, Any]:
     import torch
 
-    info: Dict[str, Any] = {"type": device, "host": platform.node(), "cpu": platform.processor() or platform.machine(),
-                            "threads": torch.get_num_threads()}
+    info: Dict[str, Any] = {
+        "type": device,
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -81,8 +104,10 @@ def validate_metrics(metrics: Mapping[str, Any]) -> Dict[str, float]:
     for k, v in metrics.items():
         v = float(v)
         if not math.isfinite(v):
-            raise BenchError(f"metric '{k}' is {v}", "the evaluation diverged; no record was written "
-                             "(check the probe schedule / learning rate)")
+            raise BenchError(
+                f"metric '{k}' is {v}",
+                "the evaluation diverged; no record was written (check the probe schedule / learning rate)",
+            )
         out[k] = v
     return out
 
@@ -103,8 +128,10 @@ REQUIRED = {"id": str, "method": str, "backbone": str, "task": str, "metrics": d
 
 def check_record(rec: Any, path: Path) -> Dict[str, Any]:
     """A loaded record's structure: a JSON object with the required fields and numeric metrics."""
-    fix = (f"move {path} out of {path.parent} (or restore it from the run directory's record.json); "
-           "records are written atomically by bench")
+    fix = (
+        f"move {path} out of {path.parent} (or restore it from the run directory's record.json); "
+        "records are written atomically by bench"
+    )
     if not isinstance(rec, dict):
         raise BenchError(f"result record {path} is a JSON {type(rec).__name__}, not an object", fix)
     missing = [k for k in REQUIRED if k not in rec]
@@ -117,8 +144,9 @@ def check_record(rec: Any, path: Path) -> Dict[str, Any]:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise BenchError(f"result record {path}: metric '{k}' is {v!r}, not a number", fix)
     ident = rec.get("identity")
-    if ident is not None and not (isinstance(ident, dict) and isinstance(ident.get("cell"), str)
-                                  and isinstance(ident.get("row"), str)):
+    if ident is not None and not (
+        isinstance(ident, dict) and isinstance(ident.get("cell"), str) and isinstance(ident.get("row"), str)
+    ):
         raise BenchError(f"result record {path}: malformed identity {ident!r}", fix)
     return rec
 
@@ -131,11 +159,15 @@ def load_records(results_dir: str | Path) -> List[Dict[str, Any]]:
         try:
             rec = json.loads(p.read_text())
         except json.JSONDecodeError as e:
-            raise BenchError(f"result record {p} is not valid JSON ({e})",
-                             "delete or restore that file; records are written atomically by bench") from None
+            raise BenchError(
+                f"result record {p} is not valid JSON ({e})",
+                "delete or restore that file; records are written atomically by bench",
+            ) from None
         except OSError as e:
-            raise BenchError(f"cannot read result record {p}: {e.strerror or e}",
-                             "make the file readable (or move it out of the runs directory)") from None
+            raise BenchError(
+                f"cannot read result record {p}: {e.strerror or e}",
+                "make the file readable (or move it out of the runs directory)",
+            ) from None
         rec = check_record(rec, p)
         rec["_path"] = str(p)
         out.append(rec)
@@ -144,8 +176,13 @@ def load_records(results_dir: str | Path) -> List[Dict[str, Any]]:
 
 
 def cell_of(record: Mapping[str, Any]) -> tuple:
-    return (record["method"], record["backbone"], record["task"],
-            (record.get("protocol") or {}).get("name", "default"), int(record.get("seed", 0)))
+    return (
+        record["method"],
+        record["backbone"],
+        record["task"],
+        (record.get("protocol") or {}).get("name", "default"),
+        int(record.get("seed", 0)),
+    )
 
 
 def is_legacy(record: Mapping[str, Any]) -> bool:

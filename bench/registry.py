@@ -8,6 +8,7 @@ Implementations register themselves with a decorator next to their code::
 :func:`load_plugins` imports every module listed in :data:`PLUGIN_MODULES`; adding a
 method or task means adding its module there (one line) plus its config file.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -18,6 +18,7 @@ A cell is checked before any work (:mod:`bench.preflight`); its run directory ho
 (the log of the run), ``record.json`` (written before the record goes to the results directory,
 so a late failure there loses nothing) and, if it failed, ``error.txt``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +57,9 @@ def resolve_device(cfg: DictConfig) -> str:
     if want == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if want.startswith("cuda") and not torch.cuda.is_available():
-        raise BenchError(f"device={want} requested but CUDA is not available on this machine",
-                         "run with device=cpu (or device=auto)")
+        raise BenchError(
+            f"device={want} requested but CUDA is not available on this machine", "run with device=cpu (or device=auto)"
+        )
     return want
 
 
@@ -103,8 +105,13 @@ def obtain_backbone(cfg: DictConfig, run_dir: Path | None = None) -> Tuple[Any, 
             _load_cached(backbone, model_path)
             if hasattr(method, "restore"):  # e.g. MEF: re-attach the feature head saved beside the weights
                 backbone = method.restore(backbone, cfg, workdir)
-            return backbone, {"kind": "trained", "cache_key": workdir.name, "path": str(model_path), "reused": True,
-                              **_train_time(workdir)}
+            return backbone, {
+                "kind": "trained",
+                "cache_key": workdir.name,
+                "path": str(model_path),
+                "reused": True,
+                **_train_time(workdir),
+            }
 
         segments: List[Dict[str, Any]] = []
         if dist.is_main():  # several ranks train together; rank 0 alone writes
@@ -116,12 +123,22 @@ def obtain_backbone(cfg: DictConfig, run_dir: Path | None = None) -> Tuple[Any, 
             save_backbone(backbone, model_path)
             segments[-1]["end"] = time.time()
             write_json(workdir / SEGMENTS_FILE, segments)
-            write_json(workdir / "train_info.json", {**_train_info(workdir.name, segments),
-                                                     **(getattr(method, "train_info", None) or {}),
-                                                     "distributed": dist.describe_cfg(cfg)})
+            write_json(
+                workdir / "train_info.json",
+                {
+                    **_train_info(workdir.name, segments),
+                    **(getattr(method, "train_info", None) or {}),
+                    "distributed": dist.describe_cfg(cfg),
+                },
+            )
         dist.barrier()  # the cached model exists for every rank once this returns
-    return backbone, {"kind": "trained", "cache_key": workdir.name, "path": str(model_path), "reused": False,
-                      **_train_time(workdir)}
+    return backbone, {
+        "kind": "trained",
+        "cache_key": workdir.name,
+        "path": str(model_path),
+        "reused": False,
+        **_train_time(workdir),
+    }
 
 
 def _rank() -> int:
@@ -157,8 +174,10 @@ def _load_cached(backbone, model_path: Path) -> None:
     try:
         load_backbone_weights(backbone, model_path)
     except CheckpointError as e:
-        raise CheckpointError(f"the cached trained backbone {model_path} cannot be loaded ({e.problem})",
-                              f"delete {model_path} (or run with force=true) to train it again") from None
+        raise CheckpointError(
+            f"the cached trained backbone {model_path} cannot be loaded ({e.problem})",
+            f"delete {model_path} (or run with force=true) to train it again",
+        ) from None
 
 
 def _newest_mtime(workdir: Path) -> float:
@@ -191,8 +210,7 @@ def _start_segment(workdir: Path, fresh: bool) -> List[Dict[str, Any]]:
 
 def _train_info(key: str, segments: List[Dict[str, Any]]) -> Dict[str, Any]:
     spans = [round(float(s["end"]) - float(s["start"]), 3) for s in segments]
-    return {"wall_time_s": round(sum(spans), 3), "segments": len(spans), "segment_wall_time_s": spans,
-            "cache_key": key}
+    return {"wall_time_s": round(sum(spans), 3), "segments": len(spans), "segment_wall_time_s": spans, "cache_key": key}
 
 
 def train_diagnostics(info: Dict[str, Any]) -> Dict[str, Any]:
@@ -200,8 +218,9 @@ def train_diagnostics(info: Dict[str, Any]) -> Dict[str, Any]:
     held-out feature change, first/last loss, KL, head collapse... see methods/splat_distill/diagnostics.py)
     that a record carries; the per-view detail stays in the cache's train_info.json."""
     d = info.get("diagnostics") or {}
-    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            or k == "student_grid"}
+    return {
+        k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool) or k == "student_grid"
+    }
 
 
 def _train_time(workdir: Path) -> Dict[str, Any]:
@@ -290,8 +309,15 @@ def run_cell(cfg: DictConfig) -> Dict[str, Any] | None:
     run_dir = _unique_dir(Path(cfg.run_dir))
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     with run_log(run_dir):
-        log.info("cell %s x %s x %s (seed %s), recipe %s, fingerprint %s", cfg.method.name, cfg.backbone.name,
-                 cfg.task.name, cfg.seed, identity["label"], identity["cell"])
+        log.info(
+            "cell %s x %s x %s (seed %s), recipe %s, fingerprint %s",
+            cfg.method.name,
+            cfg.backbone.name,
+            cfg.task.name,
+            cfg.seed,
+            identity["label"],
+            identity["cell"],
+        )
         return _run_cell(cfg, method, task, identity, device, run_dir, t_start)
 
 
@@ -346,8 +372,7 @@ def _run_cell(cfg, method, task, identity, device, run_dir: Path, t_start: float
         "config": to_container(cfg),
         "checkpoint": ckpt,
         "code_version": records.code_version(),
-        "wall_time_s": {"fit": round(t_fit, 3), "evaluate": round(t_eval, 3),
-                        "total": round(time.time() - t_start, 3)},
+        "wall_time_s": {"fit": round(t_fit, 3), "evaluate": round(t_eval, 3), "total": round(time.time() - t_start, 3)},
         "device": records.device_info(device),
         "distributed": _describe_distributed(cfg),
         "packages": records.package_versions(),
@@ -357,10 +382,12 @@ def _run_cell(cfg, method, task, identity, device, run_dir: Path, t_start: float
     try:
         path = records.write_record(cfg.paths.results_dir, record)
     except OSError as e:
-        raise BenchError(f"the record could not be written to {records.runs_dir(cfg.paths.results_dir)} "
-                         f"({e.strerror or type(e).__name__}); it is saved in {run_dir / 'record.json'}",
-                         f"free space / make the results directory writable, then copy {run_dir / 'record.json'} "
-                         f"to {records.runs_dir(cfg.paths.results_dir)}/{record['id']}.json") from None
+        raise BenchError(
+            f"the record could not be written to {records.runs_dir(cfg.paths.results_dir)} "
+            f"({e.strerror or type(e).__name__}); it is saved in {run_dir / 'record.json'}",
+            f"free space / make the results directory writable, then copy {run_dir / 'record.json'} "
+            f"to {records.runs_dir(cfg.paths.results_dir)}/{record['id']}.json",
+        ) from None
     log.info("record written: %s", path)
     record["_path"] = str(path)
     return record

@@ -22,6 +22,7 @@ of all method schemas (with its type there): a key that is nobody's is an error,
 method is accepted and ignored by the selected one. Methods without a schema (plugins registered by a
 script) are not checked.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,11 +47,12 @@ def _key(name: str):
 @dataclass
 class SceneData:
     """Multi-view training rooms (Splat-and-Distill, FiT3D): ``method.data``."""
+
     dataset: str = REQ
     root: Optional[str] = REQ
-    scenes: Any = REQ             # null | N | [scene ids]
+    scenes: Any = REQ  # null | N | [scene ids]
     views: int = REQ
-    size: Any = REQ               # [H, W] | int
+    size: Any = REQ  # [H, W] | int
     seed: int = REQ
 
 
@@ -84,12 +86,13 @@ class Cadence:
 @dataclass
 class DINOv2Method:
     """The raw teacher: nothing to configure."""
+
     name: str = REQ
 
 
 @dataclass
 class SnDViews:
-    gap: Any = REQ                # int | [min, max]
+    gap: Any = REQ  # int | [min, max]
     target: str = REQ
 
 
@@ -99,7 +102,7 @@ class SnDAdapter:
     r: int = REQ
     alpha: float = REQ
     dropout: float = REQ
-    target_modules: Any = REQ     # official | attention | [suffixes]
+    target_modules: Any = REQ  # official | attention | [suffixes]
 
 
 @dataclass
@@ -170,7 +173,7 @@ class SplatDistillMethod(Cadence):
     lift: SnDLift = REQ
     loss: str = REQ
     optim: SnDOptim = REQ
-    per_task: Dict[str, Any] = REQ   # task kind -> method keys (checked against this schema)
+    per_task: Dict[str, Any] = REQ  # task kind -> method keys (checked against this schema)
     diagnostics: Diagnostics = REQ
     export: str = REQ
 
@@ -245,13 +248,13 @@ class Fit3DMethod(Cadence):
 class MEFData:
     dataset: str = REQ
     root: Optional[str] = REQ
-    objects: Any = REQ            # null | N | [ids]
-    held_out: Any = REQ           # count | fraction
+    objects: Any = REQ  # null | N | [ids]
+    held_out: Any = REQ  # count | fraction
     views: int = REQ
     size: Any = REQ
     seed: int = REQ
     supersample: int = REQ
-    scenes: Any = None            # the shared recipes' set-size key (used when objects is null)
+    scenes: Any = None  # the shared recipes' set-size key (used when objects is null)
 
 
 @dataclass
@@ -263,7 +266,7 @@ class MEFLoRA:
 
 @dataclass
 class MEFInput:
-    target_res: Any = REQ         # auto | null | int
+    target_res: Any = REQ  # auto | null | int
     stride: int = REQ
 
 
@@ -307,6 +310,7 @@ class MEFMethod(Cadence):
 @dataclass
 class OfficialMethod:
     """A released checkpoint loaded into the backbone (no training)."""
+
     name: str = REQ
     variant: str = REQ
     repo: str = REQ
@@ -326,15 +330,20 @@ class MEFOfficialMethod(OfficialMethod):
 
 
 METHODS: Dict[str, type] = {
-    "dinov2": DINOv2Method, "splat_distill": SplatDistillMethod, "fit3d": Fit3DMethod, "mef": MEFMethod,
-    "snd_official": SnDOfficialMethod, "fit3d_official": OfficialMethod, "mef_official": MEFOfficialMethod,
+    "dinov2": DINOv2Method,
+    "splat_distill": SplatDistillMethod,
+    "fit3d": Fit3DMethod,
+    "mef": MEFMethod,
+    "snd_official": SnDOfficialMethod,
+    "fit3d_official": OfficialMethod,
+    "mef_official": MEFOfficialMethod,
 }
 
 
 # ----------------------------------------------------------------------------------------- protocols
 @dataclass
 class Features:
-    layers: Any = None            # last | quartiles | [block indices]
+    layers: Any = None  # last | quartiles | [block indices]
     norm: Optional[bool] = None
     cls: Optional[bool] = None
     pad: Optional[str] = None
@@ -426,6 +435,7 @@ class Sliding:
 @dataclass
 class Transforms:
     """``train`` (augmentation) and ``test`` nodes of a dense protocol (tasks/transforms.py)."""
+
     resize: Any = None
     resize_short: Optional[int] = None
     crop_box: Optional[List[int]] = None
@@ -463,7 +473,7 @@ class Schedule:
     warmup_start: Optional[float] = None
     min_factor: Optional[float] = None
     momentum: Optional[str] = None
-    ckpt_every: Optional[int] = None    # resumable probe training (tasks/train_probe.py): cadence only
+    ckpt_every: Optional[int] = None  # resumable probe training (tasks/train_probe.py): cadence only
     keep_last: Optional[int] = None
     log_every: Optional[int] = None
     grad_clip: Optional[float] = None
@@ -498,6 +508,7 @@ class Deviation:
 class DenseProtocol:
     """One entry of ``task.protocols`` (linear | probe3d) of a depth, normals or segmentation task: the union
     of their keys (bench/conf/task/_protocols/*.yaml + each task's own additions)."""
+
     name: Optional[str] = None
     version: Optional[int] = None
     source: Optional[str] = None
@@ -520,6 +531,7 @@ class DenseProtocol:
 @dataclass
 class CorrespondenceProtocol:
     """``task.protocol`` of a correspondence task (tasks/correspondence.py)."""
+
     family: Optional[str] = None
     image_size: Any = None
     input_norm: Optional[List[float]] = None
@@ -559,8 +571,8 @@ class ClusterCommon:
     gpus_per_node: int = REQ
     tasks_per_node: Optional[int] = REQ
     poll_s: float = REQ
-    stage1_per_task: int = REQ    # FiT3D stage I: scenes per array task (0 = inside the training job)
-    train: Dict[str, Any] = REQ   # per-kind overrides of the keys above (checked against this schema)
+    stage1_per_task: int = REQ  # FiT3D stage I: scenes per array task (0 = inside the training job)
+    train: Dict[str, Any] = REQ  # per-kind overrides of the keys above (checked against this schema)
     eval: Dict[str, Any] = REQ
     table: Dict[str, Any] = REQ
     stage1: Dict[str, Any] = REQ
@@ -569,7 +581,7 @@ class ClusterCommon:
 @dataclass
 class LocalCluster(ClusterCommon):
     max_workers: int = REQ
-    visible_gpus: Any = REQ       # null | [ids] | "0,1"
+    visible_gpus: Any = REQ  # null | [ids] | "0,1"
 
 
 @dataclass
@@ -587,8 +599,8 @@ class SlurmCluster(ClusterCommon):
 
 
 CLUSTERS: Dict[str, type] = {"local": LocalCluster, "slurm": SlurmCluster}
-OVERRIDE_KINDS = ("train", "eval", "table", "stage1")   # cluster.<kind>: per-job-kind overrides
-PER_TASK_KEY = "per_task"                     # method.per_task.<task kind>: method keys
+OVERRIDE_KINDS = ("train", "eval", "table", "stage1")  # cluster.<kind>: per-job-kind overrides
+PER_TASK_KEY = "per_task"  # method.per_task.<task kind>: method keys
 
 
 def register_method(name: str, node: type) -> None:
@@ -690,12 +702,21 @@ def unknown_key(key: str, valid: Sequence[str], where: str = "") -> SchemaError:
     near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
     hint = f"did you mean {near[0]}? " if near else ""
     shown = ", ".join(sorted(k.rpartition(".")[2] for k in valid)[:40])
-    return SchemaError(f"config key '{key}' does not exist{where}",
-                       f"{hint}valid keys here: {shown} (see `python -m bench run --print-config ...`)")
+    return SchemaError(
+        f"config key '{key}' does not exist{where}",
+        f"{hint}valid keys here: {shown} (see `python -m bench run --print-config ...`)",
+    )
 
 
-def check_node(node: Mapping[str, Any], schema: type, prefix: str, *, required: bool = True,
-               alternatives: Sequence[type] = (), where: str = "") -> None:
+def check_node(
+    node: Mapping[str, Any],
+    schema: type,
+    prefix: str,
+    *,
+    required: bool = True,
+    alternatives: Sequence[type] = (),
+    where: str = "",
+) -> None:
     """Validate the mapping ``node`` (at dotted ``prefix``) against ``schema``; a key ``schema`` lacks is
     checked against the first of ``alternatives`` that has it (type included). ``required``: every
     field without a default must be present (the selected schema only, never the alternatives)."""
@@ -724,12 +745,15 @@ def check_node(node: Mapping[str, Any], schema: type, prefix: str, *, required: 
     if required:
         for k, f in own.items():
             if _required(f) and k not in node:
-                raise SchemaError(f"config key '{prefix}.{k}' is missing{where}",
-                                  f"set it in the config (its default lives in bench/conf), e.g. +{prefix}.{k}=...")
+                raise SchemaError(
+                    f"config key '{prefix}.{k}' is missing{where}",
+                    f"set it in the config (its default lives in bench/conf), e.g. +{prefix}.{k}=...",
+                )
 
 
-def _check_value(v: Any, f: dataclasses.Field, key: str, *, required: bool, alternatives: Sequence[type],
-                 where: str) -> None:
+def _check_value(
+    v: Any, f: dataclasses.Field, key: str, *, required: bool, alternatives: Sequence[type], where: str
+) -> None:
     nested, items = _nested(f.type), _dict_of(f.type)
     _, optional = _strip_optional(f.type)
     if v is None and (optional or f.type is Any):

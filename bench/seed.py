@@ -1,4 +1,5 @@
 """One seed drives python, numpy and torch."""
+
 from __future__ import annotations
 
 import random

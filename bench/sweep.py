@@ -25,6 +25,7 @@ scheduler id and log paths; rewritten atomically on every change) and submitit's
 ``logs/<job id>/``. The driver waits for the jobs and prints each state change; on SLURM,
 ``--no-wait`` submits and returns (``--status`` then refreshes the states from ``sacct``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,10 @@ def expand_grid(overrides: Sequence[str]) -> List[List[str]]:
             else:
                 axes.append([ov.input_line])
     except HydraException as e:
-        raise BenchError(f"cannot expand sweep overrides: {str(e).strip().splitlines()[0]}",
-                         "use comma lists (method=a,b) or range(start,stop) (seed=range(0,3))") from None
+        raise BenchError(
+            f"cannot expand sweep overrides: {str(e).strip().splitlines()[0]}",
+            "use comma lists (method=a,b) or range(start,stop) (seed=range(0,3))",
+        ) from None
     grid, seen = [], set()
     for combo in itertools.product(*axes):
         if combo not in seen:
@@ -87,9 +90,9 @@ class Cell:
     overrides: List[str]
     trains: bool
     cache_key: Optional[str]
-    cached: bool           # its trained backbone is already in the cache
+    cached: bool  # its trained backbone is already in the cache
     results_dir: str
-    skip: bool             # a record with this cell's fingerprint exists (and no --force)
+    skip: bool  # a record with this cell's fingerprint exists (and no --force)
     fingerprint: str = ""  # identity.cell of its records
 
 
@@ -154,8 +157,11 @@ def make_plan(overrides: Sequence[str], force: bool = False) -> Plan:
         preflight(cfg, method(), TASKS.get(cfg.task.name)())  # every cell, before anything is submitted
         rdir = str(cfg.paths.results_dir)
         if rdir not in done:
-            done[rdir] = ({r["identity"]["cell"] for r in load_records(rdir) if not is_legacy(r)}
-                          if runs_dir(rdir).is_dir() else set())
+            done[rdir] = (
+                {r["identity"]["cell"] for r in load_records(rdir) if not is_legacy(r)}
+                if runs_dir(rdir).is_dir()
+                else set()
+            )
         fingerprint = cell_identity(cfg)["cell"]
         cid = f"{cfg.method.name}-{cfg.backbone.name}-{cfg.task.name}-s{int(cfg.seed)}"
         extra = sorted(ov for ov in point if _key(ov) in varying)
@@ -164,11 +170,22 @@ def make_plan(overrides: Sequence[str], force: bool = False) -> Plan:
         ids.add(cid)
         cfg_of[cid] = cfg
         key = backbone_dir(cfg).name if trains else None
-        cells.append(Cell(
-            id=cid, method=cfg.method.name, backbone=cfg.backbone.name, task=cfg.task.name, seed=int(cfg.seed),
-            overrides=list(point), trains=trains, cache_key=key,
-            cached=trains and (backbone_dir(cfg) / MODEL_FILE).exists(),
-            results_dir=rdir, skip=not (force or retrain) and fingerprint in done[rdir], fingerprint=fingerprint))
+        cells.append(
+            Cell(
+                id=cid,
+                method=cfg.method.name,
+                backbone=cfg.backbone.name,
+                task=cfg.task.name,
+                seed=int(cfg.seed),
+                overrides=list(point),
+                trains=trains,
+                cache_key=key,
+                cached=trains and (backbone_dir(cfg) / MODEL_FILE).exists(),
+                results_dir=rdir,
+                skip=not (force or retrain) and fingerprint in done[rdir],
+                fingerprint=fingerprint,
+            )
+        )
 
     jobs: Dict[str, JobRecord] = {}
     job_overrides: Dict[str, List[str]] = {}
@@ -182,25 +199,34 @@ def make_plan(overrides: Sequence[str], force: bool = False) -> Plan:
         for rec in prep:
             jobs[rec.name] = rec
             job_overrides[rec.name] = group[0].overrides
-        jobs[name] = JobRecord(name=name, kind="train", cells=[c.id for c in group], array="train",
-                               after_ok=[r.name for r in prep])
+        jobs[name] = JobRecord(
+            name=name, kind="train", cells=[c.id for c in group], array="train", after_ok=[r.name for r in prep]
+        )
         job_overrides[name] = group[0].overrides
     for c in todo:
         name, train = f"eval:{c.id}", f"train:{c.cache_key}"
         after = [train] if train in jobs else []
-        jobs[name] = JobRecord(name=name, kind="eval", cells=[c.id], array=f"eval@{train}" if after else "eval",
-                               after_ok=after)
+        jobs[name] = JobRecord(
+            name=name, kind="eval", cells=[c.id], array=f"eval@{train}" if after else "eval", after_ok=after
+        )
         job_overrides[name] = c.overrides + (["force=false"] if retrain and c.trains else [])
         if force and not retrain and not c.trains:  # --force on a frozen cell: also re-extract its features
             job_overrides[name].append("force=true")
     if jobs:
-        jobs["leaderboard"] = JobRecord(name="leaderboard", kind="table", cells=[], array="table",
-                                        after_any=list(jobs))
+        jobs["leaderboard"] = JobRecord(name="leaderboard", kind="table", cells=[], array="table", after_any=list(jobs))
     base = cfgs[0]
-    return Plan(cells=cells, jobs=jobs, overrides=list(overrides), cluster=to_container(base.cluster),
-                folder=str(base.cluster.get("folder") or Path(base.paths.output_dir) / "sweeps" /
-                           _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")),
-                plugins=_plugins(cfgs), job_overrides=job_overrides)
+    return Plan(
+        cells=cells,
+        jobs=jobs,
+        overrides=list(overrides),
+        cluster=to_container(base.cluster),
+        folder=str(
+            base.cluster.get("folder")
+            or Path(base.paths.output_dir) / "sweeps" / _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        ),
+        plugins=_plugins(cfgs),
+        job_overrides=job_overrides,
+    )
 
 
 def _prepare_jobs(cfg, key: str, group: Sequence[Cell]) -> List[JobRecord]:
@@ -216,31 +242,46 @@ def _prepare_jobs(cfg, key: str, group: Sequence[Cell]) -> List[JobRecord]:
         return []
     kind = str(getattr(method, "prepare_name", "prepare"))
     shards, _ = method.prepare_shards(apply_per_task(cfg), per_task)
-    return [JobRecord(name=f"{kind}:{key}/{items[0] if per_task == 1 else i}", kind=kind,
-                      cells=[c.id for c in group], array=f"{kind}@{key}", items=list(items))
-            for i, items in enumerate(shards)]
+    return [
+        JobRecord(
+            name=f"{kind}:{key}/{items[0] if per_task == 1 else i}",
+            kind=kind,
+            cells=[c.id for c in group],
+            array=f"{kind}@{key}",
+            items=list(items),
+        )
+        for i, items in enumerate(shards)
+    ]
 
 
 def plan_table(plan: Plan) -> str:
     """The plan as text: one row per job (kind, array, dependencies, cells), then the skipped cells."""
     rows = []
     for j in plan.jobs.values():
-        after = ", ".join([f"afterok {d}" for d in j.after_ok] +
-                          ([f"afterany ({len(j.after_any)} job{'s' * (len(j.after_any) > 1)})"]
-                           if j.after_any else [])) or "-"
+        after = (
+            ", ".join(
+                [f"afterok {d}" for d in j.after_ok]
+                + ([f"afterany ({len(j.after_any)} job{'s' * (len(j.after_any) > 1)})"] if j.after_any else [])
+            )
+            or "-"
+        )
         what = ", ".join(j.cells) or "(rebuilds leaderboard)"
         if j.items:
             what = f"{j.kind} of {', '.join(j.items)} (for {what})"
         rows.append([j.name, j.kind, j.array, after, what])
     n_skip = sum(c.skip for c in plan.cells)
-    out = [f"sweep: {len(plan.cells)} cells, {len(plan.cells) - n_skip} to run, {n_skip} skipped (record exists); "
-           f"{len(plan.jobs)} jobs on cluster={plan.cluster.get('name')}; folder {plan.folder}"]
+    out = [
+        f"sweep: {len(plan.cells)} cells, {len(plan.cells) - n_skip} to run, {n_skip} skipped (record exists); "
+        f"{len(plan.jobs)} jobs on cluster={plan.cluster.get('name')}; folder {plan.folder}"
+    ]
     if rows:
         out.append(tabulate(rows, headers=["job", "kind", "array", "depends on", "cells"], tablefmt="github"))
     if n_skip:
         out.append("skipped (use --force to re-run): " + ", ".join(c.id for c in plan.cells if c.skip))
-        out.append("(a skipped cell has a record of the same configuration and seed; paths.results_dir=<new dir> "
-                   "reproduces the grid into a separate results directory)")
+        out.append(
+            "(a skipped cell has a record of the same configuration and seed; paths.results_dir=<new dir> "
+            "reproduces the grid into a separate results directory)"
+        )
     return "\n".join(out)
 
 
@@ -262,12 +303,19 @@ class Sweep:
         if (folder / STATE_FILE).exists():
             raise BenchError(f"{folder} already holds a sweep", "pick a new cluster.folder (or omit it)")
         folder.mkdir(parents=True, exist_ok=True)
-        data = {"schema": SCHEMA, "created": _now(), "cwd": os.getcwd(), "overrides": plan.overrides,
-                "cluster": plan.cluster, "driver": {"host": socket.gethostname(), "pid": os.getpid()},
-                "plugins": plan.plugins, "results_dirs": plan.results_dirs,
-                "cells": [c.__dict__ for c in plan.cells],
-                "job_overrides": plan.job_overrides,
-                "jobs": [j.to_dict() for j in plan.jobs.values()]}
+        data = {
+            "schema": SCHEMA,
+            "created": _now(),
+            "cwd": os.getcwd(),
+            "overrides": plan.overrides,
+            "cluster": plan.cluster,
+            "driver": {"host": socket.gethostname(), "pid": os.getpid()},
+            "plugins": plan.plugins,
+            "results_dirs": plan.results_dirs,
+            "cells": [c.__dict__ for c in plan.cells],
+            "job_overrides": plan.job_overrides,
+            "jobs": [j.to_dict() for j in plan.jobs.values()],
+        }
         sweep = cls(folder, data)
         sweep.save()
         return sweep
@@ -291,8 +339,9 @@ class Sweep:
         if rec.kind == "table":
             return TableJob(results_dirs=list(self.data["results_dirs"]), cwd=cwd)
         if rec.kind not in ("train", "eval"):  # a method's preparation array (fit3d: stage I)
-            return PrepareJob(overrides=list(self.data["job_overrides"][rec.name]), cwd=cwd, plugins=plugins,
-                              items=list(rec.items))
+            return PrepareJob(
+                overrides=list(self.data["job_overrides"][rec.name]), cwd=cwd, plugins=plugins, items=list(rec.items)
+            )
         cls = TrainJob if rec.kind == "train" else EvalJob
         return cls(overrides=list(self.data["job_overrides"][rec.name]), cwd=cwd, plugins=plugins)
 
@@ -305,12 +354,15 @@ class Sweep:
 
 def status_table(sweep: Sweep) -> str:
     rows = [[j.name, j.kind, j.state, j.job_id or "-", j.stderr or "-", j.error or ""] for j in sweep.jobs.values()]
-    counts = {s: sum(j.state == s for j in sweep.jobs.values()) for s in ("pending", "running", "done", "failed",
-                                                                           "cancelled")}
+    counts = {
+        s: sum(j.state == s for j in sweep.jobs.values()) for s in ("pending", "running", "done", "failed", "cancelled")
+    }
     skipped = [c["id"] for c in sweep.data["cells"] if c["skip"]]
-    head = (f"sweep {sweep.folder} (cluster={sweep.data['cluster'].get('name')}): "
-            + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-            + (f"; {len(skipped)} cells skipped (record exists)" if skipped else ""))
+    head = (
+        f"sweep {sweep.folder} (cluster={sweep.data['cluster'].get('name')}): "
+        + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        + (f"; {len(skipped)} cells skipped (record exists)" if skipped else "")
+    )
     return head + "\n" + tabulate(rows, headers=["job", "kind", "state", "id", "log", "error"], tablefmt="github")
 
 
@@ -334,8 +386,13 @@ def refresh(sweep: Sweep) -> Sweep:
     elif not _driver_alive(sweep) and sweep.data["driver"]["pid"] != os.getpid():
         for j in sweep.jobs.values():
             if j.state not in TERMINAL:
-                j.state, j.error = "failed", (f"the sweep driver (pid {sweep.data['driver']['pid']}) exited before "
-                                              "this job finished; re-run the sweep (finished cells are skipped)")
+                j.state, j.error = (
+                    "failed",
+                    (
+                        f"the sweep driver (pid {sweep.data['driver']['pid']}) exited before "
+                        "this job finished; re-run the sweep (finished cells are skipped)"
+                    ),
+                )
     sweep.save()
     return sweep
 
@@ -356,9 +413,11 @@ def run(plan: Plan, wait: bool = True, poll_s: Optional[float] = None, echo=prin
     Returns the :class:`Sweep` (None when every cell already has a record: nothing is written)."""
     if not plan.jobs:
         dirs = ", ".join(plan.results_dirs)
-        echo(f"nothing to run: every cell has a record of the same configuration in {dirs} (--force re-runs "
-             "them; paths.results_dir=<new dir> reproduces them into a separate results directory, e.g. "
-             "BENCH_RESULTS=results_repro)")
+        echo(
+            f"nothing to run: every cell has a record of the same configuration in {dirs} (--force re-runs "
+            "them; paths.results_dir=<new dir> reproduces them into a separate results directory, e.g. "
+            "BENCH_RESULTS=results_repro)"
+        )
         return None
     if plan.cluster.get("name") == "slurm":
         require_slurm()  # before anything is written
@@ -400,12 +459,19 @@ def run(plan: Plan, wait: bool = True, poll_s: Optional[float] = None, echo=prin
 
 # --------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("overrides", nargs="*",
-                        help="hydra-style overrides; comma lists sweep (method=dinov2,splat_distill seed=0,1)")
+    parser.add_argument(
+        "overrides", nargs="*", help="hydra-style overrides; comma lists sweep (method=dinov2,splat_distill seed=0,1)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan (jobs, dependencies, cells) only")
     parser.add_argument("--force", action="store_true", help="re-run cells that already have a record")
-    parser.add_argument("--status", nargs="?", const="", default=None, metavar="SWEEP_DIR",
-                        help="show job states (default: the latest sweep under <output_dir>/sweeps)")
+    parser.add_argument(
+        "--status",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="SWEEP_DIR",
+        help="show job states (default: the latest sweep under <output_dir>/sweeps)",
+    )
     parser.add_argument("--no-wait", action="store_true", help="cluster=slurm: submit and return")
     parser.add_argument("--poll", type=float, default=None, help="seconds between state checks (cluster.poll_s)")
 

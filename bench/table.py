@@ -10,6 +10,7 @@ Legacy records (written before fingerprints) get rows of their own, marked ``leg
 ``results/reference/*.csv`` (columns: source, method, backbone, task, metric, value, note)
 and are shown in rows marked *published*.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -34,7 +35,11 @@ def record_identity(rec) -> tuple:
     protocol, seed) key, marked legacy."""
     ident = rec.get("identity")
     if isinstance(ident, dict):
-        return ident["cell"], ident["row"], f"{ident.get('label') or 'default'} `{ident.get('short', ident['row'][:8])}`"
+        return (
+            ident["cell"],
+            ident["row"],
+            f"{ident.get('label') or 'default'} `{ident.get('short', ident['row'][:8])}`",
+        )
     proto = (rec.get("protocol") or {}).get("name", "default")
     key = f"{LEGACY}:{rec['method']}/{rec['backbone']}/{rec['task']}/{proto}"
     return f"{key}/s{int(rec.get('seed', 0))}", key, f"{LEGACY} (no fingerprint)"
@@ -56,18 +61,54 @@ def records_frame(results_dir: str | Path) -> pd.DataFrame:
         proto = (rec.get("protocol") or {}).get("name", "default")
         cell, row_key, recipe = record_identity(rec)
         for metric, value in rec["metrics"].items():
-            rows.append({"method": rec["method"], "backbone": rec["backbone"], "task": rec["task"],
-                         "dataset": rec.get("dataset", ""), "protocol": proto, "seed": int(rec.get("seed", 0)),
-                         "metric": metric, "value": float(value), "created": rec.get("created", ""),
-                         "id": rec["id"], "reported": metric in rec.get("report", []),
-                         "rank": (rec.get("report", []).index(metric) if metric in rec.get("report", [])
-                                  else len(rec.get("report", []))),
-                         "wall_s": float((rec.get("wall_time_s") or {}).get("total", float("nan"))),
-                         "device": (rec.get("device") or {}).get("gpu") or (rec.get("device") or {}).get("cpu", ""),
-                         "threads": (rec.get("device") or {}).get("threads"),
-                         "cell": cell, "row": row_key, "recipe": recipe, "evaluation": _evaluation_key(rec)})
-    cols = ["method", "backbone", "task", "dataset", "protocol", "seed", "metric", "value", "created", "id",
-            "reported", "rank", "wall_s", "device", "threads", "cell", "row", "recipe", "evaluation"]
+            rows.append(
+                {
+                    "method": rec["method"],
+                    "backbone": rec["backbone"],
+                    "task": rec["task"],
+                    "dataset": rec.get("dataset", ""),
+                    "protocol": proto,
+                    "seed": int(rec.get("seed", 0)),
+                    "metric": metric,
+                    "value": float(value),
+                    "created": rec.get("created", ""),
+                    "id": rec["id"],
+                    "reported": metric in rec.get("report", []),
+                    "rank": (
+                        rec.get("report", []).index(metric)
+                        if metric in rec.get("report", [])
+                        else len(rec.get("report", []))
+                    ),
+                    "wall_s": float((rec.get("wall_time_s") or {}).get("total", float("nan"))),
+                    "device": (rec.get("device") or {}).get("gpu") or (rec.get("device") or {}).get("cpu", ""),
+                    "threads": (rec.get("device") or {}).get("threads"),
+                    "cell": cell,
+                    "row": row_key,
+                    "recipe": recipe,
+                    "evaluation": _evaluation_key(rec),
+                }
+            )
+    cols = [
+        "method",
+        "backbone",
+        "task",
+        "dataset",
+        "protocol",
+        "seed",
+        "metric",
+        "value",
+        "created",
+        "id",
+        "reported",
+        "rank",
+        "wall_s",
+        "device",
+        "threads",
+        "cell",
+        "row",
+        "recipe",
+        "evaluation",
+    ]
     df = pd.DataFrame(rows, columns=cols)
     if df.empty:
         return df
@@ -81,8 +122,10 @@ def reference_frame(results_dir: str | Path) -> pd.DataFrame:
         ref = pd.read_csv(p)
         missing = set(REFERENCE_COLUMNS) - set(ref.columns)
         if missing:
-            raise BenchError(f"reference table {p} lacks columns {sorted(missing)}",
-                             f"give it the columns {', '.join(REFERENCE_COLUMNS)}")
+            raise BenchError(
+                f"reference table {p} lacks columns {sorted(missing)}",
+                f"give it the columns {', '.join(REFERENCE_COLUMNS)}",
+            )
         frames.append(ref[REFERENCE_COLUMNS])
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=REFERENCE_COLUMNS)
 
@@ -97,8 +140,9 @@ def _fmt(mean: float, std: float, n: int) -> str:
 TEACHER = "dinov2"  # the raw teacher: the backbone as loaded, no training
 
 
-def delta_vs_teacher(sub: pd.DataFrame, method: str, backbone: str, metric: str, teacher: str = TEACHER,
-                     evaluation: str | None = None):
+def delta_vs_teacher(
+    sub: pd.DataFrame, method: str, backbone: str, metric: str, teacher: str = TEACHER, evaluation: str | None = None
+):
     """Difference of ``method`` to the raw teacher on ``metric`` with a 95% interval over seeds.
 
     ``sub``: rows of one task and protocol (:func:`records_frame`). Per seed the difference is paired
@@ -120,14 +164,16 @@ def delta_vs_teacher(sub: pd.DataFrame, method: str, backbone: str, metric: str,
     if mine.empty or ref.empty:
         return None
     ref_by_seed = ref.groupby("seed")["value"].mean()
-    diffs = [float(v) - float(ref_by_seed.get(s, ref_by_seed.mean())) for s, v in
-             mine.groupby("seed")["value"].mean().items()]
+    diffs = [
+        float(v) - float(ref_by_seed.get(s, ref_by_seed.mean()))
+        for s, v in mine.groupby("seed")["value"].mean().items()
+    ]
     n = len(diffs)
     mean = sum(diffs) / n
     if n < 2:
         return mean, float("nan"), n
     sd = float(pd.Series(diffs).std(ddof=1))
-    return mean, float(stats.t.ppf(0.975, n - 1)) * sd / n ** 0.5, n
+    return mean, float(stats.t.ppf(0.975, n - 1)) * sd / n**0.5, n
 
 
 def format_delta(d) -> str:
@@ -157,19 +203,32 @@ def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) 
     rows = []
     delta_col = f"Δ vs teacher ({metrics[0]}, 95% CI)" if metrics else "Δ vs teacher"
     for (method, backbone, _), g in sub.groupby(["method", "backbone", "row"], sort=True):
-        row = {"method": method, "backbone": backbone, "recipe": g["recipe"].iloc[0], "source": "ours",
-               "seeds": g["seed"].nunique(), "wall (s)": f"{g.groupby('seed')['wall_s'].first().mean():.0f}"}
+        row = {
+            "method": method,
+            "backbone": backbone,
+            "recipe": g["recipe"].iloc[0],
+            "source": "ours",
+            "seeds": g["seed"].nunique(),
+            "wall (s)": f"{g.groupby('seed')['wall_s'].first().mean():.0f}",
+        }
         for m in metrics:
             v = g[g.metric == m]["value"]
             row[m] = _fmt(v.mean(), v.std(ddof=1) if len(v) > 1 else 0.0, len(v))
         if metrics:
             same = sub[(sub.row == g["row"].iloc[0]) | (sub.method == TEACHER)]  # this row vs the teacher
-            row[delta_col] = format_delta(delta_vs_teacher(same, method, backbone, metrics[0],
-                                                           evaluation=g["evaluation"].iloc[0]))
+            row[delta_col] = format_delta(
+                delta_vs_teacher(same, method, backbone, metrics[0], evaluation=g["evaluation"].iloc[0])
+            )
         rows.append(row)
     for (source, method, backbone), g in ref_t.groupby(["source", "method", "backbone"], sort=True):
-        row = {"method": f"{method} *(published)*", "backbone": backbone, "recipe": "", "source": source,
-               "seeds": "", "wall (s)": ""}
+        row = {
+            "method": f"{method} *(published)*",
+            "backbone": backbone,
+            "recipe": "",
+            "source": source,
+            "seeds": "",
+            "wall (s)": "",
+        }
         for m in metrics:
             v = g[g.metric == m]["value"]
             row[m] = f"{float(v.iloc[0]):.4g}" if len(v) else ""
@@ -207,21 +266,39 @@ def config_rows(results_dir: str | Path, ids) -> List[List[str]]:
         cfg = rec.get("config") or {}
         m, t = cfg.get("method") or {}, cfg.get("task") or {}
         trained = (rec.get("checkpoint") or {}).get("kind") == "trained"
-        r = rows.setdefault((rec["method"], rec["backbone"], rec["task"], record_identity(rec)[2]),
-                            {"seeds": set(), "m": set(), "t": set(), "train": set(), "data": set()})
+        r = rows.setdefault(
+            (rec["method"], rec["backbone"], rec["task"], record_identity(rec)[2]),
+            {"seeds": set(), "m": set(), "t": set(), "train": set(), "data": set()},
+        )
         r["seeds"].add(int(rec.get("seed", 0)))
         r["m"].add(stable_hash(m, 8))
         r["t"].add(stable_hash({k: v for k, v in t.items() if k != "protocols"}, 8))
         r["train"].add(_data_desc(m.get("data") or {}) if trained else "- (not trained)")
         r["data"].add(_data_desc(t.get("dataset") or {}))
-    return [[*k, ",".join(map(str, sorted(v["seeds"]))), " ".join(sorted(v["m"])), " ".join(sorted(v["t"])),
-             "; ".join(sorted(v["train"])), "; ".join(sorted(v["data"]))] for k, v in sorted(rows.items())]
+    return [
+        [
+            *k,
+            ",".join(map(str, sorted(v["seeds"]))),
+            " ".join(sorted(v["m"])),
+            " ".join(sorted(v["t"])),
+            "; ".join(sorted(v["train"])),
+            "; ".join(sorted(v["data"])),
+        ]
+        for k, v in sorted(rows.items())
+    ]
 
 
-DIAGNOSTIC_COLUMNS = [("feature_change", "held-out feature change"), ("feature_1_minus_cos", "1 - cos"),
-                      ("adapted_weight_change", "adapted-weight change"), ("loss_first", "loss first"),
-                      ("loss_last", "loss last"), ("kl_first", "KL first"), ("kl_last", "KL last"),
-                      ("head_cos_first", "head cos first"), ("head_cos_last", "head cos last")]
+DIAGNOSTIC_COLUMNS = [
+    ("feature_change", "held-out feature change"),
+    ("feature_1_minus_cos", "1 - cos"),
+    ("adapted_weight_change", "adapted-weight change"),
+    ("loss_first", "loss first"),
+    ("loss_last", "loss last"),
+    ("kl_first", "KL first"),
+    ("kl_last", "KL last"),
+    ("head_cos_first", "head cos first"),
+    ("head_cos_last", "head cos last"),
+]
 
 
 def record_diagnostics(rec, results_dir: str | Path) -> dict:
@@ -257,7 +334,9 @@ def diagnostics_rows(results_dir: str | Path, ids) -> List[List[str]]:
         r = rows.setdefault(key, {"tasks": set(), "d": d})
         r["tasks"].add(rec["task"])
     out = []
-    for (method, bb, seed, key), r in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], str(kv[0][3]))):
+    for (method, bb, seed, key), r in sorted(
+        rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], str(kv[0][3]))
+    ):
         vals = [f"{r['d'][k]:.4g}" if isinstance(r["d"].get(k), (int, float)) else "" for k, _ in DIAGNOSTIC_COLUMNS]
         out.append([method, bb, seed, ", ".join(sorted(r["tasks"])), f"`{str(key)[-16:]}`", *vals])
     return out
@@ -267,17 +346,22 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
     results_dir = Path(results_dir)
     ours = records_frame(results_dir)
     ref = reference_frame(results_dir)
-    out = ["# bench leaderboard", "",
-           f"Generated by `python -m bench table` from the records in `{results_dir}/runs/` "
-           f"({_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC). Do not edit by hand.",
-           "Rows marked *(published)* are reference numbers copied from the papers "
-           "(`results/reference/*.csv`), not produced by bench; they use real datasets and full "
-           "schedules, so compare them only with ours on the same task.", "",
-           "Values are the mean ± sample std over seeds (latest record per cell and seed). One row = one "
-           "configuration: `recipe` is its label and the short hash of its fingerprint (method, training data, "
-           "backbone, task, protocol, evaluation data); different configurations never share a row. "
-           "`Δ vs teacher`: the first metric's difference to the raw teacher (`dinov2`) evaluated the same way "
-           "(same backbone, task, protocol and evaluation data), paired by seed, with its 95% t-interval over seeds.", ""]
+    out = [
+        "# bench leaderboard",
+        "",
+        f"Generated by `python -m bench table` from the records in `{results_dir}/runs/` "
+        f"({_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC). Do not edit by hand.",
+        "Rows marked *(published)* are reference numbers copied from the papers "
+        "(`results/reference/*.csv`), not produced by bench; they use real datasets and full "
+        "schedules, so compare them only with ours on the same task.",
+        "",
+        "Values are the mean ± sample std over seeds (latest record per cell and seed). One row = one "
+        "configuration: `recipe` is its label and the short hash of its fingerprint (method, training data, "
+        "backbone, task, protocol, evaluation data); different configurations never share a row. "
+        "`Δ vs teacher`: the first metric's difference to the raw teacher (`dinov2`) evaluated the same way "
+        "(same backbone, task, protocol and evaluation data), paired by seed, with its 95% t-interval over seeds.",
+        "",
+    ]
     if ours.empty:
         out += ["*No records yet: run a cell, e.g. `python -m bench run experiment=demo`.*", ""]
     cells = ours[["task", "protocol"]].drop_duplicates().sort_values(["task", "protocol"]).itertuples(index=False)
@@ -285,8 +369,12 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
     for task, protocol in cells:
         seen_tasks.add(task)
         g = ours[(ours.task == task) & (ours.protocol == protocol)]
-        out += [f"## {task} — protocol `{protocol}` (dataset: {g['dataset'].iloc[0]})", "",
-                task_table(ours, ref, task, protocol), ""]
+        out += [
+            f"## {task} — protocol `{protocol}` (dataset: {g['dataset'].iloc[0]})",
+            "",
+            task_table(ours, ref, task, protocol),
+            "",
+        ]
     ref_only = sorted(set(ref["task"]) - seen_tasks)
     if ref_only:
         out += ["## Published reference numbers (no bench records yet for these tasks)", ""]
@@ -294,33 +382,68 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
             out += [f"### {task}", "", task_table(ours, ref, task, protocol="-"), ""]
     if not ours.empty:
         hw = ours.drop_duplicates("id")
-        out += ["## Hardware", "", tabulate(
-            hw.groupby(["device", "threads"], dropna=False).size().reset_index(name="records").values.tolist(),
-            headers=["device", "threads", "records"], tablefmt="github"), ""]
+        out += [
+            "## Hardware",
+            "",
+            tabulate(
+                hw.groupby(["device", "threads"], dropna=False).size().reset_index(name="records").values.tolist(),
+                headers=["device", "threads", "records"],
+                tablefmt="github",
+            ),
+            "",
+        ]
     if not ours.empty:
         recs = ours.drop_duplicates("id")
-        out += ["## Configuration", "",
-                "Config hashes: sha256 of the record's `method` / `task` node (full configs in the records); one "
-                "hash per row = the same configuration for every seed. "
-                f"Wall time: {recs['wall_s'].sum() / 60:.1f} min summed over the {len(recs)} records "
-                "(training is included only in records whose checkpoint says `reused: false`; sweeps train in "
-                "separate jobs, so their cells reuse the cached backbone).", "",
-                tabulate(config_rows(results_dir, set(recs["id"])),
-                         headers=["method", "backbone", "task", "recipe", "seeds", "method cfg", "task cfg",
-                                  "method training data", "task data"], tablefmt="github"), ""]
+        out += [
+            "## Configuration",
+            "",
+            "Config hashes: sha256 of the record's `method` / `task` node (full configs in the records); one "
+            "hash per row = the same configuration for every seed. "
+            f"Wall time: {recs['wall_s'].sum() / 60:.1f} min summed over the {len(recs)} records "
+            "(training is included only in records whose checkpoint says `reused: false`; sweeps train in "
+            "separate jobs, so their cells reuse the cached backbone).",
+            "",
+            tabulate(
+                config_rows(results_dir, set(recs["id"])),
+                headers=[
+                    "method",
+                    "backbone",
+                    "task",
+                    "recipe",
+                    "seeds",
+                    "method cfg",
+                    "task cfg",
+                    "method training data",
+                    "task data",
+                ],
+                tablefmt="github",
+            ),
+            "",
+        ]
         if ours["row"].str.startswith(LEGACY).any():
-            out += ["Rows marked `legacy` come from records written before cell fingerprints: they cannot say "
-                    "which configuration they came from, so they never share a row with fingerprinted records "
-                    "and `sweep` re-runs their cells.", ""]
+            out += [
+                "Rows marked `legacy` come from records written before cell fingerprints: they cannot say "
+                "which configuration they came from, so they never share a row with fingerprinted records "
+                "and `sweep` re-runs their cells.",
+                "",
+            ]
     diag = diagnostics_rows(results_dir, set(ours.drop_duplicates("id")["id"])) if not ours.empty else []
     if diag:
-        out += ["## Training diagnostics", "",
-                "Per trained backbone (its cache key), from its `train_info.json`: relative change of the held-out "
-                "features (and their 1 - cos), relative change of the adapted weights, first/last training loss, the "
-                "KL part of the distillation cross-entropy and the head's mean pairwise embedding cosine (collapse) "
-                "where the method has them (methods/splat_distill/diagnostics.py).", "",
-                tabulate(diag, headers=["method", "backbone", "seed", "tasks", "backbone key",
-                                        *[h for _, h in DIAGNOSTIC_COLUMNS]], tablefmt="github"), ""]
+        out += [
+            "## Training diagnostics",
+            "",
+            "Per trained backbone (its cache key), from its `train_info.json`: relative change of the held-out "
+            "features (and their 1 - cos), relative change of the adapted weights, first/last training loss, the "
+            "KL part of the distillation cross-entropy and the head's mean pairwise embedding cosine (collapse) "
+            "where the method has them (methods/splat_distill/diagnostics.py).",
+            "",
+            tabulate(
+                diag,
+                headers=["method", "backbone", "seed", "tasks", "backbone key", *[h for _, h in DIAGNOSTIC_COLUMNS]],
+                tablefmt="github",
+            ),
+            "",
+        ]
     figs = sorted((results_dir / "figures").glob("*.png"))
     if figs:
         out += ["## Figures", ""] + [f"- [{p.stem}](figures/{p.name})" for p in figs] + [""]
@@ -329,8 +452,10 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
 
 def write_leaderboard(results_dir: str | Path) -> Path:
     if not Path(results_dir).is_dir():
-        raise BenchError(f"results directory {results_dir} does not exist",
-                         "pass an existing results directory with --results (records are in <results>/runs/)")
+        raise BenchError(
+            f"results directory {results_dir} does not exist",
+            "pass an existing results directory with --results (records are in <results>/runs/)",
+        )
     path = Path(results_dir) / "leaderboard.md"
     write_text(path, leaderboard_markdown(results_dir))
     return path

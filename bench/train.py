@@ -16,6 +16,7 @@ every object whose state matters is passed to :class:`TrainLoop` in ``state`` (a
 ``state_dict``/``load_state_dict``: modules, optimiser, scheduler, EMA, data sampler) and the
 global RNG states are saved with it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,8 +40,9 @@ log = logging.getLogger("bench")
 # learning-rate schedule
 
 
-def one_cycle_factor(step: int, total_steps: int, pct_start: float = 0.01, div_factor: float = 25.0,
-                     final_div_factor: float = 1e4) -> float:
+def one_cycle_factor(
+    step: int, total_steps: int, pct_start: float = 0.01, div_factor: float = 25.0, final_div_factor: float = 1e4
+) -> float:
     """Multiplier of the peak lr at ``step`` (0-based) of a one-cycle cosine schedule.
 
     Same curve as ``torch.optim.lr_scheduler.OneCycleLR(anneal_strategy="cos")``: cosine warm-up
@@ -61,11 +63,17 @@ def one_cycle_factor(step: int, total_steps: int, pct_start: float = 0.01, div_f
     return cos(1.0, end, (step - warm_end) / max(last - warm_end, 1e-12))
 
 
-def one_cycle_cosine(optimizer: torch.optim.Optimizer, total_steps: int, pct_start: float = 0.01,
-                     div_factor: float = 25.0, final_div_factor: float = 1e4) -> torch.optim.lr_scheduler.LambdaLR:
+def one_cycle_cosine(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    pct_start: float = 0.01,
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` following :func:`one_cycle_factor`; the optimiser's lr is the peak lr."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: one_cycle_factor(s, total_steps, pct_start, div_factor, final_div_factor))
+        optimizer, lambda s: one_cycle_factor(s, total_steps, pct_start, div_factor, final_div_factor)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,8 +130,13 @@ def rng_state() -> Dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -168,7 +181,7 @@ class Checkpointer:
 
     def save(self, step: int, payload: Mapping[str, Any]) -> Path:
         path = torch_save(dict(payload), self.path(step))
-        for old in self.steps()[:-self.keep_last]:
+        for old in self.steps()[: -self.keep_last]:
             self.path(old).unlink(missing_ok=True)
         return path
 
@@ -176,9 +189,10 @@ class Checkpointer:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise CheckpointError(f"cannot read training checkpoint {path}: {type(e).__name__}: {e}",
-                                  f"delete {path} to resume from the previous checkpoint, "
-                                  "or delete the workdir to start over") from e
+            raise CheckpointError(
+                f"cannot read training checkpoint {path}: {type(e).__name__}: {e}",
+                f"delete {path} to resume from the previous checkpoint, or delete the workdir to start over",
+            ) from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,12 +202,12 @@ class Checkpointer:
 def memory_mb(device: Any = None) -> float:
     """Peak memory of this process in MiB: CUDA peak allocated on a GPU, else the peak resident set."""
     if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2 ** 20
+        return torch.cuda.max_memory_allocated() / 2**20
     import resource
     import sys
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 class TrainLog:
@@ -261,9 +275,14 @@ class TrainLog:
         import json
 
         self._append(self.metrics_path, json.dumps(dict(row)) + "\n")
-        parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                 if k not in ("step", "total_steps", "time")]
-        text = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {self.desc} step {row['step']}/{row['total_steps']} " + " ".join(parts)
+        parts = [
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in row.items()
+            if k not in ("step", "total_steps", "time")
+        ]
+        text = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {self.desc} step {row['step']}/{row['total_steps']} " + " ".join(
+            parts
+        )
         self._append(self.text_path, text + "\n")
         log.debug(text)
         tb = self._tensorboard()
@@ -313,12 +332,27 @@ class TrainLoop:
     ``log_dir``, default ``workdir``). ``images_per_step`` (the global batch's images) gives images/s.
     """
 
-    def __init__(self, workdir: Union[str, Path], total_steps: int, optimizer: torch.optim.Optimizer,
-                 state: Mapping[str, Any], *, scheduler: Any = None, ckpt_every: int = 1000,
-                 keep_last: int = 2, grad_clip: Optional[float] = None, progress: bool = True,
-                 desc: str = "train", log_every: int = 1, fingerprint: Optional[Mapping[str, Any]] = None,
-                 log_dir: Union[str, Path, None] = None, images_per_step: int = 0, device: Any = None,
-                 tensorboard: bool = True, distributed: bool = True):
+    def __init__(
+        self,
+        workdir: Union[str, Path],
+        total_steps: int,
+        optimizer: torch.optim.Optimizer,
+        state: Mapping[str, Any],
+        *,
+        scheduler: Any = None,
+        ckpt_every: int = 1000,
+        keep_last: int = 2,
+        grad_clip: Optional[float] = None,
+        progress: bool = True,
+        desc: str = "train",
+        log_every: int = 1,
+        fingerprint: Optional[Mapping[str, Any]] = None,
+        log_dir: Union[str, Path, None] = None,
+        images_per_step: int = 0,
+        device: Any = None,
+        tensorboard: bool = True,
+        distributed: bool = True,
+    ):
         from . import distributed as dist
 
         self.checkpointer = Checkpointer(Path(workdir), keep_last)
@@ -350,8 +384,12 @@ class TrainLoop:
         ranks = dist.all_gather_object(rng_state()) if self.distributed else None
         if not self.main:
             return None
-        payload = {"step": self.step, "rng": rng_state(), "fingerprint": self.fingerprint,
-                   "state": {k: v.state_dict() for k, v in self.state.items()}}
+        payload = {
+            "step": self.step,
+            "rng": rng_state(),
+            "fingerprint": self.fingerprint,
+            "state": {k: v.state_dict() for k, v in self.state.items()},
+        }
         if ranks is not None:
             payload["rng_ranks"] = ranks
         return self.checkpointer.save(self.step, payload)
@@ -367,14 +405,18 @@ class TrainLoop:
             return False
         ckpt = self.checkpointer.load(path)
         if ckpt.get("fingerprint", self.fingerprint) != self.fingerprint:
-            raise CheckpointError(f"training checkpoint {path} belongs to a different run "
-                                  f"({ckpt.get('fingerprint')} != {self.fingerprint})",
-                                  f"use a fresh workdir, or delete {path.parent} to start over "
-                                  "(a multi-rank run resumes exactly only with the same number of ranks)")
+            raise CheckpointError(
+                f"training checkpoint {path} belongs to a different run "
+                f"({ckpt.get('fingerprint')} != {self.fingerprint})",
+                f"use a fresh workdir, or delete {path.parent} to start over "
+                "(a multi-rank run resumes exactly only with the same number of ranks)",
+            )
         missing = set(self.state) - set(ckpt["state"])
         if missing:
-            raise CheckpointError(f"training checkpoint {path} has no state for {sorted(missing)}",
-                                  "it was written by a different training setup; use a fresh workdir")
+            raise CheckpointError(
+                f"training checkpoint {path} has no state for {sorted(missing)}",
+                "it was written by a different training setup; use a fresh workdir",
+            )
         for k, obj in self.state.items():
             obj.load_state_dict(ckpt["state"][k])
         ranks = ckpt.get("rng_ranks")
@@ -392,9 +434,12 @@ class TrainLoop:
             yield from group["params"]
 
     # -- run
-    def run(self, step_fn: Callable[[int], StepOutput],
-            after_step: Optional[Callable[[int], None]] = None,
-            stop_after: Optional[int] = None) -> List[Dict[str, float]]:
+    def run(
+        self,
+        step_fn: Callable[[int], StepOutput],
+        after_step: Optional[Callable[[int], None]] = None,
+        stop_after: Optional[int] = None,
+    ) -> List[Dict[str, float]]:
         """Train from the latest checkpoint (or step 0) to ``total_steps``; returns the loss history.
 
         ``stop_after``: stop (after checkpointing) once this many steps are done -- simulates an
@@ -407,15 +452,22 @@ class TrainLoop:
         if not self.resume() and self.main:
             self.log.read_history(0)  # a fresh run: no stale curves from an earlier workdir use
         end = self.total_steps if stop_after is None else min(int(stop_after), self.total_steps)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, unit="step",
-                   disable=not self.progress, dynamic_ncols=True, leave=False)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=self.desc,
+            unit="step",
+            disable=not self.progress,
+            dynamic_ncols=True,
+            leave=False,
+        )
         window: List[Dict[str, float]] = []
         t_window = time.perf_counter()
         try:
             while self.step < end:
                 t0 = time.perf_counter()
                 out = step_fn(self.step)
-                loss, extra = (out if isinstance(out, tuple) else (out, {}))
+                loss, extra = out if isinstance(out, tuple) else (out, {})
                 shown = loss.detach().float()
                 if self.distributed:  # the global batch's loss, on every rank
                     shown = dist.all_reduce_mean(shown)
@@ -427,7 +479,8 @@ class TrainLoop:
                         f"non-finite loss ({shown.item()}) at step {self.step + 1}; {kept}",
                         f"lower the method's learning rate{clip} (a changed config is a new backbone: it trains "
                         "in a new workdir from step 0; rerunning unchanged resumes the last good checkpoint and "
-                        "will likely diverge again)")
+                        "will likely diverge again)",
+                    )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.distributed:
@@ -441,8 +494,13 @@ class TrainLoop:
                 self.step += 1
                 if after_step is not None:
                     after_step(self.step)
-                rec = {"step": self.step, "loss": float(shown), "lr": lr,
-                       "time_s": time.perf_counter() - t0, **{k: float(v) for k, v in extra.items()}}
+                rec = {
+                    "step": self.step,
+                    "loss": float(shown),
+                    "lr": lr,
+                    "time_s": time.perf_counter() - t0,
+                    **{k: float(v) for k, v in extra.items()},
+                }
                 self.history.append(rec)
                 window.append(rec)
                 if self.main:
@@ -452,8 +510,12 @@ class TrainLoop:
                     now = time.perf_counter()
                     self._log_window(window, now - t_window, lr)
                     window, t_window = [], now
-                    bar.set_postfix(loss=f"{rec['loss']:.4g}", lr=f"{lr:.2e}",
-                                    **{k: f"{float(v):.3g}" for k, v in list(extra.items())[:3]}, refresh=False)
+                    bar.set_postfix(
+                        loss=f"{rec['loss']:.4g}",
+                        lr=f"{lr:.2e}",
+                        **{k: f"{float(v):.3g}" for k, v in list(extra.items())[:3]},
+                        refresh=False,
+                    )
                 if self.step % self.ckpt_every == 0 or self.step == end:
                     self.save()
         finally:
@@ -472,9 +534,14 @@ class TrainLoop:
         n = len(window)
         from . import distributed as dist
 
-        row.update(lr=lr, steps_per_s=n / max(wall, 1e-9), images_per_s=n * self.images_per_step / max(wall, 1e-9),
-                   memory_mb=memory_mb(self.device), ranks=dist.world_size() if self.distributed else 1,
-                   time=time.time())
+        row.update(
+            lr=lr,
+            steps_per_s=n / max(wall, 1e-9),
+            images_per_s=n * self.images_per_step / max(wall, 1e-9),
+            memory_mb=memory_mb(self.device),
+            ranks=dist.world_size() if self.distributed else 1,
+            time=time.time(),
+        )
         self.log.window(row)
 
 

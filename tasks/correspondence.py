@@ -34,6 +34,7 @@ All four freeze the backbone, extract dense features once per image and match th
 Config: ``cfg.task`` has ``name``, ``dataset`` (see tasks/data.py; synth_corr: generator settings),
 ``protocol`` (every knob above; copied into the record) and ``report``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,16 +44,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.cameras import (dense_correspondence, invert_rigid, pixel_grid, project_points,
-                           relative_rotation_deg, scale_intrinsics, transform_points, unproject_depth)
+from bench.cameras import (
+    dense_correspondence,
+    invert_rigid,
+    pixel_grid,
+    project_points,
+    relative_rotation_deg,
+    scale_intrinsics,
+    transform_points,
+    unproject_depth,
+)
 from bench.backbones import module_device
 from bench.config import to_container
 from bench.errors import BenchError
 from bench.io import write_json
 from bench.registry import TASKS
 
-from .matching import (extract_features, feature_extent, match_ratio_topk, pck_hits, recalls, rotation_binned,
-                       sample_features)
+from .matching import (
+    extract_features,
+    feature_extent,
+    match_ratio_topk,
+    pck_hits,
+    recalls,
+    rotation_binned,
+    sample_features,
+)
 
 
 def _progress(it: Iterable, total: int, desc: str) -> Iterable:
@@ -76,12 +92,20 @@ def _fmt(t: float) -> str:
 def _features(backbone, images: Tensor, proto: Mapping[str, Any]) -> Tensor:
     """Dense features as the protocol says: ``layers``, ``input_norm``, ``final_norm`` (Probe3D: false,
     the last block's tokens as its DINO wrapper returns them), ``pad`` (Probe3D: center)."""
-    return extract_features(backbone, images, proto.get("layers"), proto.get("input_norm"),
-                            bool(proto.get("final_norm", True)), proto.get("pad"))
+    return extract_features(
+        backbone,
+        images,
+        proto.get("layers"),
+        proto.get("input_norm"),
+        bool(proto.get("final_norm", True)),
+        proto.get("pad"),
+    )
 
 
 # ----------------------------------------------------------------------------------- depth pairs
-def pair_depth_intrinsics(sample: Mapping[str, Tensor], image_hw: Tuple[int, int], scale: float) -> Tuple[Tensor, Tuple[int, int]]:
+def pair_depth_intrinsics(
+    sample: Mapping[str, Tensor], image_hw: Tuple[int, int], scale: float
+) -> Tuple[Tensor, Tuple[int, int]]:
     """The intrinsics ``[2,3,3]`` and size of the depth grid the errors are measured on: the depth maps'
     own K (``K_depth``; ``K`` when a reader gives none) scaled once, from the stored depth size to
     ``round(image_hw * scale)`` (Probe3D: ``K[:2] *= 0.25`` on the 640x480 depth K)."""
@@ -102,8 +126,9 @@ def depth_pair_errors(backbone, sample: Mapping[str, Tensor], proto: Mapping[str
     H0, W0 = images.shape[-2:]
     H, W = _pair_size(proto.get("image_size"), H0, W0)
     if (H, W) != (H0, W0):
-        images = F.interpolate(images, size=(H, W), mode="bilinear", align_corners=False,
-                               antialias=H < H0 or W < W0).clamp(0, 1)
+        images = F.interpolate(
+            images, size=(H, W), mode="bilinear", align_corners=False, antialias=H < H0 or W < W0
+        ).clamp(0, 1)
     Kq, (Hq, Wq) = pair_depth_intrinsics(sample, (H, W), float(proto.get("depth_scale", 0.25)))
     Kq = Kq.to(dev)
     depth_q = F.interpolate(depth[:, None], size=(Hq, Wq), mode="nearest")[:, 0]
@@ -111,12 +136,13 @@ def depth_pair_errors(backbone, sample: Mapping[str, Tensor], proto: Mapping[str
     with torch.no_grad():
         feats = _features(backbone, images, proto).float()
     extent = feature_extent(backbone, H, W, proto.get("pad"))
-    uv_q = pixel_grid(Hq, Wq, device=dev)                                   # [Hq,Wq,2]
+    uv_q = pixel_grid(Hq, Wq, device=dev)  # [Hq,Wq,2]
     to_img = uv_q.new_tensor([W / Wq, H / Hq])
     valid_a, valid_b = depth_q[0] > 0, depth_q[1] > 0
     if proto.get("queries", "all") == "covisible":
-        uv_gt, qmask = dense_correspondence(depth_q[0], Kq[0], w2c[0], depth_q[1], Kq[1], w2c[1],
-                                            rel_tol=float(proto.get("occlusion_tol", 0.01)))
+        uv_gt, qmask = dense_correspondence(
+            depth_q[0], Kq[0], w2c[0], depth_q[1], Kq[1], w2c[1], rel_tol=float(proto.get("occlusion_tol", 0.01))
+        )
         behind = torch.zeros_like(qmask)
     else:
         pts = unproject_depth(depth_q[0], Kq[0], w2c[0])
@@ -127,8 +153,9 @@ def depth_pair_errors(backbone, sample: Mapping[str, Tensor], proto: Mapping[str
         return {"err": torch.zeros(0), "angle": angle}
     fa = sample_features(feats[0], uv_q[qmask] * to_img, extent)
     fb = sample_features(feats[1], uv_q[valid_b] * to_img, extent)
-    ia, ib, _ = match_ratio_topk(fa, fb, proto.get("num_corr", 1000), proto.get("max_ratio"),
-                                 int(proto.get("chunk_elems", 1 << 24)))
+    ia, ib, _ = match_ratio_topk(
+        fa, fb, proto.get("num_corr", 1000), proto.get("max_ratio"), int(proto.get("chunk_elems", 1 << 24))
+    )
     err = (uv_gt[qmask][ia] - uv_q[valid_b][ib]).norm(dim=-1)
     err = torch.where(behind[qmask][ia], torch.full_like(err, float("inf")), err)
     return {"err": err.cpu(), "angle": angle}
@@ -138,25 +165,34 @@ def summarise_pixel_pairs(results: List[Dict[str, Any]], proto: Mapping[str, Any
     """Pooled recalls at ``px_thresholds`` and the ``binned_threshold`` recall per rotation bin."""
     used = [r for r in results if r["err"].numel() > 0]
     if not used:
-        raise BenchError("no correspondences could be evaluated (no valid depth / no co-visible pixels in any pair)",
-                         "check the dataset's depth maps and the pair list")
+        raise BenchError(
+            "no correspondences could be evaluated (no valid depth / no co-visible pixels in any pair)",
+            "check the dataset's depth maps and the pair list",
+        )
     thresholds = list(proto.get("px_thresholds", [5, 10, 20]))
     err = torch.cat([r["err"] for r in used])
     out = {f"recall_{_fmt(t)}px": v for t, v in zip(thresholds, recalls(err, thresholds))}
     bt = float(proto.get("binned_threshold", 10))
     per_pair = torch.tensor([100.0 * (r["err"] < bt).float().mean().item() for r in used])
     angles = torch.tensor([r["angle"] for r in used])
-    out.update(rotation_binned(per_pair, angles, proto.get("rotation_bins", [0, 15, 30, 60, 180]),
-                               f"recall_{_fmt(bt)}px"))
+    out.update(
+        rotation_binned(per_pair, angles, proto.get("rotation_bins", [0, 15, 30, 60, 180]), f"recall_{_fmt(bt)}px")
+    )
     out["pairs"] = float(len(used))
     out["pairs_without_matches"] = float(len(results) - len(used))
     return out
 
 
 def _save_pairs(workdir: Path, ids: List[str], results: List[Dict[str, Any]], thr: float, key: str = "err") -> None:
-    rows = [{"id": i, "angle": round(r["angle"], 3), "matches": int(r[key].numel()),
-             "recall": round(100.0 * (r[key] < thr).float().mean().item(), 3) if r[key].numel() else None}
-            for i, r in zip(ids, results)]
+    rows = [
+        {
+            "id": i,
+            "angle": round(r["angle"], 3),
+            "matches": int(r[key].numel()),
+            "recall": round(100.0 * (r[key] < thr).float().mean().item(), 3) if r[key].numel() else None,
+        }
+        for i, r in zip(ids, results)
+    ]
     write_json(Path(workdir) / "pairs.json", rows)
 
 
@@ -190,7 +226,9 @@ class ScanNetCorrespondence(_RealDatasetTask):
 
 
 # ----------------------------------------------------------------------------------- synthetic pairs
-def synthetic_pairs(scenes, scene_ids: Sequence[str], gaps: Sequence[int], per_gap: Optional[int]) -> List[Tuple[str, int, int, int]]:
+def synthetic_pairs(
+    scenes, scene_ids: Sequence[str], gaps: Sequence[int], per_gap: Optional[int]
+) -> List[Tuple[str, int, int, int]]:
     """``(scene, i, j, gap)`` with ``j = i + gap``; per scene and gap at most ``per_gap`` pairs, spread
     evenly over the trajectory."""
     out = []
@@ -211,8 +249,13 @@ class SynthCorrespondence:
         from bench.data.synthetic import ensure_synthetic, split_scenes
 
         ds_cfg, proto = to_container(cfg.task.dataset), to_container(cfg.task.protocol)
-        root = ensure_synthetic(ds_cfg["root"], scenes=int(ds_cfg.get("scenes", 8)), views=int(ds_cfg.get("views", 24)),
-                                size=list(ds_cfg.get("size", [224, 224])), seed=int(ds_cfg.get("seed", 0)))
+        root = ensure_synthetic(
+            ds_cfg["root"],
+            scenes=int(ds_cfg.get("scenes", 8)),
+            views=int(ds_cfg.get("views", 24)),
+            size=list(ds_cfg.get("size", [224, 224])),
+            seed=int(ds_cfg.get("seed", 0)),
+        )
         scenes = MultiViewScenes(root)
         ids = scenes.scene_ids
         if ds_cfg.get("eval_scenes", "held_out") == "held_out":
@@ -231,8 +274,10 @@ class SynthCorrespondence:
             results.append(r)
             kept.append(f"{sid}:{i}-{j}")
         if not results:
-            raise BenchError(f"no synthetic pair reaches min_overlap={min_overlap}",
-                             "lower task.protocol.min_overlap or use smaller task.protocol.view_gaps")
+            raise BenchError(
+                f"no synthetic pair reaches min_overlap={min_overlap}",
+                "lower task.protocol.min_overlap or use smaller task.protocol.view_gaps",
+            )
         _save_pairs(workdir, kept, results, float(proto.get("binned_threshold", 10)))
         out = summarise_pixel_pairs(results, proto)
         bt = float(proto.get("binned_threshold", 10))
@@ -258,17 +303,18 @@ def xyz_pair_errors(backbone, sample: Mapping[str, Tensor], proto: Mapping[str, 
     if "xyz" in sample:  # the reader's xyz grid (NAVI: Probe3D's, back-projected before the object crop)
         xyz = sample["xyz"].to(dev).float().permute(0, 2, 3, 1)[:, ::step, ::step]
     else:
-        xyz = unproject_depth(depth, K)[:, ::step, ::step]                     # [2,Hq,Wq,3] camera frames
+        xyz = unproject_depth(depth, K)[:, ::step, ::step]  # [2,Hq,Wq,3] camera frames
     valid = depth[:, ::step, ::step] > 0
-    uv = pixel_grid(*valid.shape[-2:], device=dev) * step                       # quarter-cell centres, image px
+    uv = pixel_grid(*valid.shape[-2:], device=dev) * step  # quarter-cell centres, image px
     mode = proto.get("feature_upsample", "bicubic")
     angle = float(relative_rotation_deg(w2c[0], w2c[1]))
     if int(valid[0].sum()) == 0 or int(valid[1].sum()) == 0:
         return {"err3d": torch.zeros(0), "err2d": torch.zeros(0), "angle": angle}
     fa = sample_features(feats[0], uv[valid[0]], extent, mode)
     fb = sample_features(feats[1], uv[valid[1]], extent, mode)
-    ia, ib, _ = match_ratio_topk(fa, fb, proto.get("num_corr", 1000), proto.get("max_ratio"),
-                                 int(proto.get("chunk_elems", 1 << 24)))
+    ia, ib, _ = match_ratio_topk(
+        fa, fb, proto.get("num_corr", 1000), proto.get("max_ratio"), int(proto.get("chunk_elems", 1 << 24))
+    )
     T_ab = w2c[1] @ invert_rigid(w2c[0])
     pa = transform_points(T_ab, xyz[0][valid[0]][ia])
     pb = xyz[1][valid[1]][ib]
@@ -297,8 +343,14 @@ class NAVICorrespondence(_RealDatasetTask):
         out.update({f"recall_{_fmt(t)}px": v for t, v in zip(px_thr, recalls(e2, px_thr))})
         bt = float(proto.get("binned_threshold", 0.02))
         per_pair = torch.tensor([100.0 * (r["err3d"] < bt).float().mean().item() for r in used])
-        out.update(rotation_binned(per_pair, torch.tensor([r["angle"] for r in used]),
-                                   proto.get("rotation_bins", [0, 30, 60, 90, 120]), f"recall_{_fmt(bt * 100)}cm"))
+        out.update(
+            rotation_binned(
+                per_pair,
+                torch.tensor([r["angle"] for r in used]),
+                proto.get("rotation_bins", [0, 30, 60, 90, 120]),
+                f"recall_{_fmt(bt * 100)}cm",
+            )
+        )
         out["pairs"] = float(len(used))
         _save_pairs(workdir, ids, results, bt, key="err3d")
         return out
@@ -311,8 +363,9 @@ def square_resize(image: Tensor, size: int) -> Tuple[Tensor, float]:
     H, W = image.shape[-2:]
     S = max(H, W)
     img = F.pad(image, (0, S - W, 0, S - H), value=1.0)
-    img = F.interpolate(img[None], size=(size, size), mode="bicubic", align_corners=False,
-                        antialias=size < S)[0].clamp(0, 1)
+    img = F.interpolate(img[None], size=(size, size), mode="bicubic", align_corners=False, antialias=size < S)[0].clamp(
+        0, 1
+    )
     return img, size / S
 
 
@@ -326,10 +379,10 @@ def transfer_keypoints(backbone, sample: Mapping[str, Any], proto: Mapping[str, 
         feats = _features(backbone, torch.stack([src, trg]), proto).float()
     feats = F.normalize(feats, dim=1)
     extent = feature_extent(backbone, size, size, proto.get("pad"))
-    kp = (sample["kps_src"].to(dev).float() + 0.5) * s_src                    # pixel index -> centre, resized
+    kp = (sample["kps_src"].to(dev).float() + 0.5) * s_src  # pixel index -> centre, resized
     if kp.shape[0] == 0:
         return torch.zeros(0, 2)
-    f_src = F.normalize(sample_features(feats[0], kp, extent), dim=-1)        # [N,C]
+    f_src = F.normalize(sample_features(feats[0], kp, extent), dim=-1)  # [N,C]
     C, h, w = feats.shape[1:]
     best = (f_src @ feats[1].reshape(C, -1)).argmax(dim=1)
     row, col = best // w, best % w
@@ -382,23 +435,29 @@ def keypoint_hits_probe3d(backbone, sample: Mapping[str, Any], proto: Mapping[st
     return err < float(proto.get("alpha", 0.1))
 
 
-@TASKS.register("spair_corr", "SPair-71k keypoint transfer by feature arg-max, PCK@0.1 (Probe3D exact mode; centre mode)")
+@TASKS.register(
+    "spair_corr", "SPair-71k keypoint transfer by feature arg-max, PCK@0.1 (Probe3D exact mode; centre mode)"
+)
 class SPairCorrespondence(_RealDatasetTask):
     def evaluate(self, backbone, cfg, workdir: Path) -> Dict[str, float]:
         proto = to_container(cfg.task.protocol)
         alpha = float(proto.get("alpha", 0.1))
         mode = str(proto.get("mode", "probe3d"))
         if mode not in ("probe3d", "centre"):
-            raise BenchError(f"task.protocol.mode={mode!r} is not an SPair mode",
-                             "use mode=probe3d (Probe3D's exact rule) or mode=centre (patch centres, bench's own)")
+            raise BenchError(
+                f"task.protocol.mode={mode!r} is not an SPair mode",
+                "use mode=probe3d (Probe3D's exact rule) or mode=centre (patch centres, bench's own)",
+            )
         ds = _open_test(cfg)
         hits: Dict[Tuple[str, Any], List[Tensor]] = {}
         for i in _progress(range(len(ds)), len(ds), "spair pairs"):
             s = ds[i]
             if mode == "probe3d":
                 if "bucket" not in s:
-                    raise BenchError("mode=probe3d needs Probe3D's per-bucket samples",
-                                     "set task.dataset.kwargs.sampling=per_bucket (or task.protocol.mode=centre)")
+                    raise BenchError(
+                        "mode=probe3d needs Probe3D's per-bucket samples",
+                        "set task.dataset.kwargs.sampling=per_bucket (or task.protocol.mode=centre)",
+                    )
                 hit = keypoint_hits_probe3d(backbone, s, proto)
             else:
                 pred = transfer_keypoints(backbone, s, proto)

@@ -42,6 +42,7 @@ relative to the root, e.g. ``splits/nvs_sem_train.txt``; optional ``view_stride`
 The published ScanNet / ScanNet++ rows use FiT3D's processed evaluation folders instead, read by the
 ordinary readers ``scannet_fit3d`` / ``scannetpp_fit3d`` (bench/data/fit3d_eval.py; docs/DATASETS.md).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -79,7 +80,8 @@ def check_dataset(ds_cfg: Any) -> None:
         raise DataMissingError(
             f"dataset '{name}' is not prepared at {root}: looked for {shown}",
             f"run `python -m bench data {name} --root {root}{layout}` for download and layout "
-            f"instructions, then point task.dataset.root (or BENCH_DATA) at the prepared data")
+            f"instructions, then point task.dataset.root (or BENCH_DATA) at the prepared data",
+        )
 
 
 def open_split(ds_cfg: Any, split: str) -> Dataset:
@@ -125,8 +127,15 @@ def _scene_views(node: Mapping[str, Any], split: str) -> Dataset:
 
         size = node.get("size", [128, 128])
         size = [int(size), int(size)] if isinstance(size, (int, float)) else [int(v) for v in size]
-        root = ensure_synthetic(root, scenes=int(node.get("scenes", 8)), views=int(node.get("views", 24)),
-                                size=size, seed=int(node.get("seed", 0)), progress=True, workers=node.get("workers"))
+        root = ensure_synthetic(
+            root,
+            scenes=int(node.get("scenes", 8)),
+            views=int(node.get("views", 24)),
+            size=size,
+            seed=int(node.get("seed", 0)),
+            progress=True,
+            workers=node.get("workers"),
+        )
         ids = json.loads((root / "meta.json").read_text())["scene_ids"]
         train, test = split_scenes(ids, node.get("held_out", 0.25))
         scene_ids = train if split == "train" else test

@@ -25,6 +25,7 @@ Protocol node keys: ``name``, ``features`` (layers, norm, cls, cache, cache_dtyp
 (:mod:`tasks.train_probe`), ``loss`` and ``eval`` (task-specific), ``concat_original`` (FiT3D's
 evaluation, applied by the runner via ``bench.backbones.ConcatBackbone``).
 """
+
 from __future__ import annotations
 
 import json
@@ -92,9 +93,9 @@ class DenseTask:
     """Base of the depth / normals / segmentation tasks. Subclasses set ``kind`` and ``label`` and
     implement :meth:`loss` and :meth:`metrics` (+ :meth:`probe_kwargs`)."""
 
-    kind = ""    # "depth" | "normals" | "seg"
-    label = ""   # sample key of the target
-    extra = ()   # further sample keys the loss / metrics read (normals: the raw depth for the valid mask)
+    kind = ""  # "depth" | "normals" | "seg"
+    label = ""  # sample key of the target
+    extra = ()  # further sample keys the loss / metrics read (normals: the raw depth for the valid mask)
 
     # -- hooks ----------------------------------------------------------------------------------------
     def probe_kwargs(self, task: Mapping[str, Any], proto: Mapping[str, Any]) -> Dict[str, Any]:
@@ -106,15 +107,26 @@ class DenseTask:
     def start(self, task: Mapping[str, Any], proto: Mapping[str, Any]) -> None:
         """Called once before probe training (stateful losses, e.g. SigLoss's warm-up counter)."""
 
-    def loss(self, out: Dict[str, torch.Tensor], target: torch.Tensor, proto: Mapping[str, Any],
-             batch: Mapping[str, Any] | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        out: Dict[str, torch.Tensor],
+        target: torch.Tensor,
+        proto: Mapping[str, Any],
+        batch: Mapping[str, Any] | None = None,
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def new_meters(self, task: Mapping[str, Any], proto: Mapping[str, Any]) -> List[Any]:
         raise NotImplementedError
 
-    def update_meters(self, meters: List[Any], out: Dict[str, torch.Tensor], target: torch.Tensor,
-                      proto: Mapping[str, Any], batch: Mapping[str, Any] | None = None) -> None:
+    def update_meters(
+        self,
+        meters: List[Any],
+        out: Dict[str, torch.Tensor],
+        target: torch.Tensor,
+        proto: Mapping[str, Any],
+        batch: Mapping[str, Any] | None = None,
+    ) -> None:
         raise NotImplementedError
 
     # -- runner seam ------------------------------------------------------------------------------------
@@ -123,8 +135,9 @@ class DenseTask:
         resolve_protocol(cfg)
         check_dataset(cfg.task.dataset)
 
-    def evaluate(self, backbone, cfg: DictConfig, workdir: Path, stop_after: Optional[int] = None
-                 ) -> Optional[Dict[str, float]]:
+    def evaluate(
+        self, backbone, cfg: DictConfig, workdir: Path, stop_after: Optional[int] = None
+    ) -> Optional[Dict[str, float]]:
         """Train and test the probe; returns the metrics. ``stop_after`` (tests, not a config key) ends
         probe training after that many steps (after a checkpoint) and returns None: nothing is written
         into ``workdir``; the next call resumes."""
@@ -148,20 +161,35 @@ class DenseTask:
         test = Transformed(open_split(cfg.task.dataset, "test"), test_cfg, False, keys)
 
         first = features(backbone, train[0]["image"][None].to(device), spec)
-        probe = DenseProbe(self.kind, proto.get("head", {}), [f.shape[1] for f in first],
-                           **self.probe_kwargs(task, proto)).to(device)
+        probe = DenseProbe(
+            self.kind, proto.get("head", {}), [f.shape[1] for f in first], **self.probe_kwargs(task, proto)
+        ).to(device)
 
         fcfg = proto.get("features", {})
         weights = weights_hash(backbone)
         cached = bool(fcfg.get("cache", True)) and not is_augmented(train_cfg)
         if cached:
-            cache = FeatureCache(Path(cfg.paths.cache_dir) / "features", str(cfg.backbone.name), weights,
-                                 spec, {"train": T.canonical(train_cfg), "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
-                                        **({"precision": str(cfg.precision)} if str(cfg.get("precision", "32")) != "32" else {})},
-                                 dataset_identity(cfg.task.dataset, "train"),
-                                 str(fcfg.get("cache_dtype", "float32")))
-            cache.fill(backbone, train, batch_size=int(fcfg.get("batch_size", 8)), device=str(device), progress=progress,
-                       refresh=bool(cfg.get("force", False)))
+            cache = FeatureCache(
+                Path(cfg.paths.cache_dir) / "features",
+                str(cfg.backbone.name),
+                weights,
+                spec,
+                {
+                    "train": T.canonical(train_cfg),
+                    "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+                    **({"precision": str(cfg.precision)} if str(cfg.get("precision", "32")) != "32" else {}),
+                },
+                dataset_identity(cfg.task.dataset, "train"),
+                str(fcfg.get("cache_dtype", "float32")),
+            )
+            cache.fill(
+                backbone,
+                train,
+                batch_size=int(fcfg.get("batch_size", 8)),
+                device=str(device),
+                progress=progress,
+                refresh=bool(cfg.get("force", False)),
+            )
             data = CachedFeatures(cache, train, (self.label, *self.extra))
             get_feats = lambda b: [f.to(device) for f in assemble(b["features"])]  # noqa: E731
         else:
@@ -175,31 +203,55 @@ class DenseTask:
 
         self.start(task, proto)
         plain = (bool, int, float, str, type(None))
-        stateful = {k: v for k, v in vars(self).items()  # objects of plain attributes: SigLoss's warm-up counter
-                    if not isinstance(v, plain + (torch.nn.Module,)) and hasattr(v, "__dict__")
-                    and all(isinstance(a, plain) for a in vars(v).values())}
+        stateful = {
+            k: v
+            for k, v in vars(self).items()  # objects of plain attributes: SigLoss's warm-up counter
+            if not isinstance(v, plain + (torch.nn.Module,))
+            and hasattr(v, "__dict__")
+            and all(isinstance(a, plain) for a in vars(v).values())
+        }
 
         from bench.runner import workdir_lock
 
         pdir = probe_dir(cfg, weights)
         t1 = time.time()
         with workdir_lock(pdir):
-            info = train_probe(probe, data, step_loss, proto.get("schedule", {}), seed=seed, num_workers=workers,
-                               desc=f"{task['name']} probe", progress=progress, workdir=pdir, stop_after=stop_after,
-                               loss_state=stateful)
+            info = train_probe(
+                probe,
+                data,
+                step_loss,
+                proto.get("schedule", {}),
+                seed=seed,
+                num_workers=workers,
+                desc=f"{task['name']} probe",
+                progress=progress,
+                workdir=pdir,
+                stop_after=stop_after,
+                loss_state=stateful,
+            )
         if info.pop("total_steps") > info["steps"]:  # stop_after: unfinished, resumable from pdir
             return None
         t2 = time.time()
         metrics = self.test(backbone, probe, test, spec, task, proto, device, progress, workers)
         t3 = time.time()
 
-        save_safetensors(probe.state_dict(), workdir / "probe.safetensors",
-                         metadata={"task": task["name"], "protocol": str(proto.get("name"))})
+        save_safetensors(
+            probe.state_dict(),
+            workdir / "probe.safetensors",
+            metadata={"task": task["name"], "protocol": str(proto.get("name"))},
+        )
         losses = info.pop("losses")
-        write_json(workdir / "metrics.json", {
-            "metrics": metrics, "protocol": proto, "feature_cache": cache.key if cached else None, "train": info,
-            "loss_curve": losses[:: max(1, len(losses) // 200)],  # at most ~200 points
-            "seconds": {"prepare": round(t1 - t0, 3), "train": round(t2 - t1, 3), "test": round(t3 - t2, 3)}})
+        write_json(
+            workdir / "metrics.json",
+            {
+                "metrics": metrics,
+                "protocol": proto,
+                "feature_cache": cache.key if cached else None,
+                "train": info,
+                "loss_curve": losses[:: max(1, len(losses) // 200)],  # at most ~200 points
+                "seconds": {"prepare": round(t1 - t0, 3), "train": round(t2 - t1, 3), "test": round(t3 - t2, 3)},
+            },
+        )
         for name in CURVE_FILES:  # the curves stay with the run; the checkpoints are no longer needed
             if (pdir / name).exists():
                 shutil.copyfile(pdir / name, workdir / f"probe_{name}")
@@ -210,12 +262,14 @@ class DenseTask:
     def flip_average(self, out: Dict[str, torch.Tensor], flipped: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Test-time horizontal flip (mmseg ``MultiScaleFlipAug(flip=True)``): the prediction of the
         flipped image is flipped back and averaged with the plain one (depth ``aug_test``)."""
-        raise BenchError(f"test-time flip averaging is implemented for depth, not {self.kind}",
-                         "remove task.protocol.test.flip")
+        raise BenchError(
+            f"test-time flip averaging is implemented for depth, not {self.kind}", "remove task.protocol.test.flip"
+        )
 
     @torch.no_grad()
-    def test(self, backbone, probe, test, spec: FeatureSpec, task, proto, device, progress: bool = True,
-             workers: int = 0) -> Dict[str, float]:
+    def test(
+        self, backbone, probe, test, spec: FeatureSpec, task, proto, device, progress: bool = True, workers: int = 0
+    ) -> Dict[str, float]:
         probe.eval()
         tcfg = proto.get("test", {}) or {}
         loader = DataLoader(test, batch_size=int(tcfg.get("batch_size", 1)), shuffle=False, num_workers=workers)
@@ -227,11 +281,19 @@ class DenseTask:
             size = tuple(target.shape[-2:])
             if sliding:
                 if self.kind != "seg":
-                    raise BenchError(f"sliding-window inference is implemented for segmentation, not {self.kind}",
-                                     "remove task.protocol.test.sliding")
-                logits = slide_inference(lambda x: probe(features(backbone, x, spec), tuple(x.shape[-2:]))["logits"],
-                                         img, sliding["window"], sliding["stride"])
-                out = {"logits": torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)}
+                    raise BenchError(
+                        f"sliding-window inference is implemented for segmentation, not {self.kind}",
+                        "remove task.protocol.test.sliding",
+                    )
+                logits = slide_inference(
+                    lambda x: probe(features(backbone, x, spec), tuple(x.shape[-2:]))["logits"],
+                    img,
+                    sliding["window"],
+                    sliding["stride"],
+                )
+                out = {
+                    "logits": torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+                }
             else:
                 out = probe(features(backbone, img, spec), size)
                 if tcfg.get("flip"):
@@ -241,4 +303,3 @@ class DenseTask:
         for m in meters:
             result.update(m.result())
         return result
-

@@ -10,6 +10,7 @@ of <=, crop: eigen | garg | kitti_eigen | null, metrics: a list of
 (Probe3D's per-image scale-and-shift aligned ``si_a1``-``si_a3`` and ``si_rmse``; Probe3D's
 scale-aware d1-d3 / rmse are ``a1``-``a3`` / ``rmse``)).
 """
+
 from __future__ import annotations
 
 from typing import Any, List
@@ -32,16 +33,24 @@ class DepthTask(DenseTask):
 
     def start(self, task, proto):
         lc = proto.get("loss", {}) or {}
-        self._sig = SigLoss(bool(lc.get("warm_up", False)), int(lc.get("warm_iter", 100)),
-                            str(lc.get("sig_variance", "biased")))
+        self._sig = SigLoss(
+            bool(lc.get("warm_up", False)), int(lc.get("warm_iter", 100)), str(lc.get("sig_variance", "biased"))
+        )
 
     def loss(self, out, target, proto, batch=None):
         lc = proto.get("loss", {}) or {}
         valid = depth_valid(target, max_depth=lc.get("max_depth"))
         sig = getattr(self, "_sig", None) or SigLoss(False, 0, str(lc.get("sig_variance", "biased")))
-        return depth_loss(out["depth"], target, valid, float(lc.get("sig_weight", 1.0)),
-                          float(lc.get("grad_weight", 0.5)), tuple(lc.get("grad_scales", (1,))),
-                          str(lc.get("grad_reduction", "image")), sig=sig)
+        return depth_loss(
+            out["depth"],
+            target,
+            valid,
+            float(lc.get("sig_weight", 1.0)),
+            float(lc.get("grad_weight", 0.5)),
+            tuple(lc.get("grad_scales", (1,))),
+            str(lc.get("grad_reduction", "image")),
+            sig=sig,
+        )
 
     def flip_average(self, out, flipped):
         return {"depth": 0.5 * (out["depth"] + flipped["depth"].flip(-1))}
@@ -57,8 +66,13 @@ class DepthTask(DenseTask):
 
     def update_meters(self, meters, out, target, proto, batch=None) -> None:
         ec = proto.get("eval", {}) or {}
-        valid = depth_valid(target, max_depth=ec.get("max_depth"), min_depth=float(ec.get("min_depth", 0.0) or 0.0),
-                            crop=ec.get("crop"), strict_max=bool(ec.get("strict_max", False)))
+        valid = depth_valid(
+            target,
+            max_depth=ec.get("max_depth"),
+            min_depth=float(ec.get("min_depth", 0.0) or 0.0),
+            crop=ec.get("crop"),
+            strict_max=bool(ec.get("strict_max", False)),
+        )
         pred = out["depth"]
         meters[0].update(depth_metrics(pred, target, valid))
         if len(meters) > 1:

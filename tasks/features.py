@@ -20,6 +20,7 @@ stopped. Only augmentation-free training uses it (random crops/flips need fresh 
 run (``force=true``) refills it from scratch (:meth:`FeatureCache.fill` ``refresh``): the key holds the
 weights and settings, not the code that computed the features.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,13 @@ class FeatureSpec:
         else:
             idx = [int(i) % backbone.num_blocks for i in layers]
         pad, pos = cfg.get("pad"), cfg.get("pos_embed")
-        return cls(tuple(idx), bool(cfg.get("norm", True)), bool(cfg.get("cls", False)),
-                   None if pad is None else str(pad), None if pos is None else str(pos))
+        return cls(
+            tuple(idx),
+            bool(cfg.get("norm", True)),
+            bool(cfg.get("cls", False)),
+            None if pad is None else str(pad),
+            None if pos is None else str(pos),
+        )
 
 
 def raw_features(backbone, images: torch.Tensor, spec: FeatureSpec) -> List[List[torch.Tensor]]:
@@ -93,10 +99,24 @@ def features(backbone, images: torch.Tensor, spec: FeatureSpec) -> List[torch.Te
 class FeatureCache:
     """Per-sample features of one dataset split for one frozen backbone (see module docstring)."""
 
-    def __init__(self, root: str | os.PathLike, backbone_name: str, weights: str, spec: FeatureSpec,
-                 preprocessing: Any, dataset: Any, dtype: str = "float32"):
-        self.payload = {"backbone": backbone_name, "weights": weights, "spec": asdict(spec),
-                        "preprocessing": preprocessing, "dataset": dataset, "dtype": dtype}
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        backbone_name: str,
+        weights: str,
+        spec: FeatureSpec,
+        preprocessing: Any,
+        dataset: Any,
+        dtype: str = "float32",
+    ):
+        self.payload = {
+            "backbone": backbone_name,
+            "weights": weights,
+            "spec": asdict(spec),
+            "preprocessing": preprocessing,
+            "dataset": dataset,
+            "dtype": dtype,
+        }
         self.key = f"{backbone_name}-{weights[:8]}-{stable_hash(self.payload)}"
         self.dir = Path(root) / self.key
         self.spec, self.dtype = spec, getattr(torch, dtype)
@@ -111,8 +131,15 @@ class FeatureCache:
         except (ValueError, AttributeError):
             return False  # a torn meta.json: extract again
 
-    def fill(self, backbone, images: Dataset, batch_size: int = 8, device: Optional[str] = None,
-             progress: bool = True, refresh: bool = False) -> "FeatureCache":
+    def fill(
+        self,
+        backbone,
+        images: Dataset,
+        batch_size: int = 8,
+        device: Optional[str] = None,
+        progress: bool = True,
+        refresh: bool = False,
+    ) -> "FeatureCache":
         """Extract and store features for every sample of ``images`` (a dataset of ``{"image": ...}``).
         ``refresh`` (a forced run) discards what an earlier run stored: ``meta.json`` goes first and
         every sample is extracted again, each file replaced atomically (so another job reading the
@@ -124,11 +151,18 @@ class FeatureCache:
             return self
         todo = [i for i in range(n) if refresh or not self.path(i).exists()]
         device = device or next(iter(backbone.parameters()), torch.zeros(())).device
-        bar = tqdm(total=n, initial=n - len(todo), desc=f"features {self.key}", unit="img", disable=not progress,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            total=n,
+            initial=n - len(todo),
+            desc=f"features {self.key}",
+            unit="img",
+            disable=not progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
         try:
             for s in range(0, len(todo), batch_size):
-                ids = todo[s:s + batch_size]
+                ids = todo[s : s + batch_size]
                 imgs = [images[i]["image"] for i in ids]
                 if len({tuple(x.shape) for x in imgs}) > 1:  # different sizes: one at a time
                     raws = [raw_features(backbone, x[None].to(device), self.spec) for x in imgs]
@@ -150,9 +184,10 @@ class FeatureCache:
         except Exception as e:  # a torn/corrupt/foreign file: name it and the fix, no traceback
             from bench.errors import BenchError
 
-            raise BenchError(f"feature cache file {self.path(i)} cannot be read ({type(e).__name__})",
-                             f"delete the directory {self.dir} (the features are extracted again on the next run)"
-                             ) from None
+            raise BenchError(
+                f"feature cache file {self.path(i)} cannot be read ({type(e).__name__})",
+                f"delete the directory {self.dir} (the features are extracted again on the next run)",
+            ) from None
 
 
 class CachedFeatures(Dataset):

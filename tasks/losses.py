@@ -23,6 +23,7 @@ Shapes: depth ``[B,H,W]`` metres with a boolean ``valid`` mask ``[B,H,W]``; norm
   prediction and ground truth, ``kappa = elu(k) + 1.01`` from the raw 4th output channel (Probe3D);
   mean over valid pixels.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,15 @@ import torch.nn.functional as F
 EPS = 1e-3  # inside the logs of SigLoss and the gradient loss (mmseg / DINOv2 / Probe3D)
 
 
-def sig_loss(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, sigma: float = 0.85,
-             eps: float = EPS, variance: str = "biased", warm: bool = False) -> torch.Tensor:
+def sig_loss(
+    pred: torch.Tensor,
+    gt: torch.Tensor,
+    valid: torch.Tensor,
+    sigma: float = 0.85,
+    eps: float = EPS,
+    variance: str = "biased",
+    warm: bool = False,
+) -> torch.Tensor:
     """Scale-invariant log loss over the valid pixels of the batch (see module docstring).
 
     ``warm``: the warm-up form ``sqrt((1 - sigma) mean(g)^2)`` (mmseg SigLoss before ``warm_iter``).
@@ -60,9 +68,21 @@ class SigLoss:
     module is called once per forward); :meth:`__call__` with ``train=False`` does not count.
     """
 
-    def __init__(self, warm_up: bool = False, warm_iter: int = 100, variance: str = "unbiased",
-                 sigma: float = 0.85, eps: float = EPS):
-        self.warm_up, self.warm_iter, self.variance, self.sigma, self.eps = warm_up, int(warm_iter), variance, sigma, eps
+    def __init__(
+        self,
+        warm_up: bool = False,
+        warm_iter: int = 100,
+        variance: str = "unbiased",
+        sigma: float = 0.85,
+        eps: float = EPS,
+    ):
+        self.warm_up, self.warm_iter, self.variance, self.sigma, self.eps = (
+            warm_up,
+            int(warm_iter),
+            variance,
+            sigma,
+            eps,
+        )
         self.counter = 0
 
     def __call__(self, pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, train: bool = True) -> torch.Tensor:
@@ -72,8 +92,9 @@ class SigLoss:
         return sig_loss(pred, gt, valid, self.sigma, self.eps, self.variance, warm)
 
 
-def mmseg_gradient_loss(pred: torch.Tensor, gt: torch.Tensor, max_depth: float | None = None,
-                        eps: float = EPS) -> torch.Tensor:
+def mmseg_gradient_loss(
+    pred: torch.Tensor, gt: torch.Tensor, max_depth: float | None = None, eps: float = EPS
+) -> torch.Tensor:
     """The published mmseg/DINOv2 ``GradientLoss.gradientloss`` on ``[B,1,H,W]`` inputs, slice for slice.
 
     Its slices ``x[0:-2, :]``, ``x[:, 0:-2]`` and ``x[::2i, ::2i]`` index the batch and channel axes
@@ -97,8 +118,14 @@ def mmseg_gradient_loss(pred: torch.Tensor, gt: torch.Tensor, max_depth: float |
     return total
 
 
-def gradient_loss(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, scales: Sequence[int] = (1,),
-                  eps: float = EPS, reduction: str = "image") -> torch.Tensor:
+def gradient_loss(
+    pred: torch.Tensor,
+    gt: torch.Tensor,
+    valid: torch.Tensor,
+    scales: Sequence[int] = (1,),
+    eps: float = EPS,
+    reduction: str = "image",
+) -> torch.Tensor:
     """(Multi-scale) gradient-matching loss on log depth: per image then averaged (``reduction="image"``)
     or pooled over the batch (``"batch"``, Probe3D)."""
     if reduction not in ("image", "batch"):
@@ -124,9 +151,16 @@ def gradient_loss(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, sca
     return total[0] if reduction == "batch" else total.mean()
 
 
-def depth_loss(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, sig_weight: float = 1.0,
-               grad_weight: float = 0.5, grad_scales: Sequence[int] = (1,), grad_reduction: str = "image",
-               sig=None) -> torch.Tensor:
+def depth_loss(
+    pred: torch.Tensor,
+    gt: torch.Tensor,
+    valid: torch.Tensor,
+    sig_weight: float = 1.0,
+    grad_weight: float = 0.5,
+    grad_scales: Sequence[int] = (1,),
+    grad_reduction: str = "image",
+    sig=None,
+) -> torch.Tensor:
     """``sig_weight * SigLoss + grad_weight * gradient loss``.
 
     Linear protocol: 1, 0 (the published GradientLoss is 0 at 2 images per GPU), SigLoss with
@@ -144,8 +178,9 @@ def kappa_from_raw(raw: torch.Tensor) -> torch.Tensor:
     return F.elu(raw) + 1.01
 
 
-def angular_nll_loss(pred: torch.Tensor, kappa: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor,
-                     eps: float = 1e-4) -> torch.Tensor:
+def angular_nll_loss(
+    pred: torch.Tensor, kappa: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, eps: float = 1e-4
+) -> torch.Tensor:
     """Bae et al.'s uncertainty-aware angular loss, mean over valid pixels.
 
     ``pred`` [B,3,H,W] (any length), ``kappa`` [B,H,W] > 0, ``gt`` [B,3,H,W], ``valid`` [B,H,W].
@@ -164,8 +199,9 @@ def angular_loss(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, eps:
     return torch.acos(cos)[valid].mean() if valid.any() else pred.sum() * 0.0
 
 
-def seg_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255,
-             avg_non_ignore: bool = False) -> torch.Tensor:
+def seg_loss(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255, avg_non_ignore: bool = False
+) -> torch.Tensor:
     """Cross-entropy; ignored pixels contribute 0.
 
     ``avg_non_ignore=False`` (mmseg ``CrossEntropyLoss`` default, FiT3D/SnD linear seg): the sum is

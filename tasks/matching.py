@@ -11,6 +11,7 @@ Metrics: recall = percentage of matches whose error is below a threshold, pooled
 all pairs; per-pair recall averaged within bins of the pairs' relative rotation; PCK for keypoint
 transfer.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -40,7 +41,7 @@ def nn2(query: Tensor, ref: Tensor, chunk_elems: int = CHUNK_ELEMS) -> Tuple[Ten
     rows = max(1, int(chunk_elems) // M)
     sims, idxs = [], []
     for s in range(0, N, rows):
-        v, i = (q[s:s + rows] @ r.T).topk(k, dim=1)
+        v, i = (q[s : s + rows] @ r.T).topk(k, dim=1)
         sims.append(v)
         idxs.append(i)
     sim = torch.cat(sims) if sims else q.new_zeros(0, k)
@@ -58,8 +59,13 @@ def ratio_weights(dist: Tensor, eps: float = 1e-9) -> Tensor:
     return 1.0 - d[:, 0] / d[:, 1]
 
 
-def match_ratio_topk(feat_a: Tensor, feat_b: Tensor, num: Optional[int] = 1000, max_ratio: Optional[float] = None,
-                     chunk_elems: int = CHUNK_ELEMS) -> Tuple[Tensor, Tensor, Tensor]:
+def match_ratio_topk(
+    feat_a: Tensor,
+    feat_b: Tensor,
+    num: Optional[int] = 1000,
+    max_ratio: Optional[float] = None,
+    chunk_elems: int = CHUNK_ELEMS,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """Match ``feat_a [N,C]`` to ``feat_b [M,C]``: 2-NN + ratio weight, keep the top ``num``.
 
     Returns ``(idx_a, idx_b, weight)``, each ``[k]``, sorted by decreasing weight (``k <= num``).
@@ -116,13 +122,18 @@ def center_pad(backbone, images: Tensor) -> Tensor:
     mean = getattr(backbone, "mean", None)
     mean = images.new_zeros(1, 3, 1, 1) if mean is None else mean.to(images).reshape(1, 3, 1, 1)
     out = mean.expand(images.shape[0], 3, images.shape[-2] + top + bottom, images.shape[-1] + left + right).clone()
-    out[..., top:top + images.shape[-2], left:left + images.shape[-1]] = images
+    out[..., top : top + images.shape[-2], left : left + images.shape[-1]] = images
     return out
 
 
-def extract_features(backbone, images: Tensor, layers: Optional[Sequence[int]] = None,
-                     input_norm: Optional[Sequence[float]] = None, final_norm: bool = True,
-                     pad: Optional[str] = None) -> Tensor:
+def extract_features(
+    backbone,
+    images: Tensor,
+    layers: Optional[Sequence[int]] = None,
+    input_norm: Optional[Sequence[float]] = None,
+    final_norm: bool = True,
+    pad: Optional[str] = None,
+) -> Tensor:
     """Dense features ``[B,C,h,w]`` of images in [0,1].
 
     ``layers``: None = the backbone's last layer, else the listed blocks concatenated along channels.

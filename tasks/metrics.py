@@ -15,6 +15,7 @@ Depth (Probe3D): d1..d3 and rmse, scale-aware, and scale-invariant after a per-i
 least-squares fit ``s * pred + t`` to gt over valid pixels (closed-form 2x2 normal equations).
 Normals: angular error in degrees; rmse, mean, median, and % of pixels within 11.25/22.5/30 deg.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,12 +42,17 @@ def crop_mask(height: int, width: int, crop: Optional[str], device=None) -> torc
 
         raise UnknownNameError("depth evaluation crop", str(crop), list(CROPS) + ["none"])
     t, b, l, r = CROPS[crop]
-    mask[int(t * height):int(b * height), int(l * width):int(r * width)] = True
+    mask[int(t * height) : int(b * height), int(l * width) : int(r * width)] = True
     return mask
 
 
-def depth_valid(gt: torch.Tensor, max_depth: Optional[float] = None, min_depth: float = 0.0,
-                crop: Optional[str] = None, strict_max: bool = False) -> torch.Tensor:
+def depth_valid(
+    gt: torch.Tensor,
+    max_depth: Optional[float] = None,
+    min_depth: float = 0.0,
+    crop: Optional[str] = None,
+    strict_max: bool = False,
+) -> torch.Tensor:
     """Valid pixels of a [B,H,W] ground-truth depth batch: finite, > min_depth, <= max_depth, in crop.
 
     ``strict_max``: ``gt < max_depth`` (the depth toolbox ``eval_mask`` of FiT3D/SnD
@@ -65,8 +71,9 @@ def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, x, torch.zeros_like(x)).sum(dim=(-2, -1)) / n.clamp(min=1)
 
 
-def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: Optional[torch.Tensor] = None,
-                  min_pred: float = 1e-3) -> Dict[str, torch.Tensor]:
+def depth_metrics(
+    pred: torch.Tensor, gt: torch.Tensor, valid: Optional[torch.Tensor] = None, min_pred: float = 1e-3
+) -> Dict[str, torch.Tensor]:
     """Linear-protocol depth metrics per image (``[B]`` each); images with no valid pixel are dropped.
 
     ``pred`` is clamped to ``>= min_pred`` (the toolbox clamps to its min depth) so logs are finite.
@@ -74,15 +81,24 @@ def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: Optional[torch.Te
     pred, gt = pred.double(), gt.double()
     valid = (torch.isfinite(gt) & (gt > 0)) if valid is None else valid & torch.isfinite(gt) & (gt > 0)
     keep = valid.flatten(1).any(dim=1)
-    pred, gt, valid = pred[keep].clamp(min=min_pred), gt[keep].where(valid[keep], torch.ones_like(gt[keep])), valid[keep]
+    pred, gt, valid = (
+        pred[keep].clamp(min=min_pred),
+        gt[keep].where(valid[keep], torch.ones_like(gt[keep])),
+        valid[keep],
+    )
     ratio = torch.maximum(gt / pred, pred / gt)
     diff = gt - pred
     e = pred.log() - gt.log()
     m = lambda x: _masked_mean(x, valid)  # noqa: E731
-    out = {f"a{k}": m((ratio < 1.25 ** k).double()) for k in (1, 2, 3)}
-    out.update(abs_rel=m(diff.abs() / gt), sq_rel=m(diff ** 2 / gt), rmse=m(diff ** 2).sqrt(),
-               rmse_log=m(e ** 2).sqrt(), log10=m((pred.log10() - gt.log10()).abs()),
-               silog=100 * (m(e ** 2) - m(e) ** 2).clamp(min=0).sqrt())
+    out = {f"a{k}": m((ratio < 1.25**k).double()) for k in (1, 2, 3)}
+    out.update(
+        abs_rel=m(diff.abs() / gt),
+        sq_rel=m(diff**2 / gt),
+        rmse=m(diff**2).sqrt(),
+        rmse_log=m(e**2).sqrt(),
+        log10=m((pred.log10() - gt.log10()).abs()),
+        silog=100 * (m(e**2) - m(e) ** 2).clamp(min=0).sqrt(),
+    )
     return out
 
 
@@ -104,8 +120,9 @@ def fit_scale_shift(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -
     return s, t
 
 
-def probe3d_depth_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: Optional[torch.Tensor] = None,
-                          scale_invariant: bool = False) -> Dict[str, torch.Tensor]:
+def probe3d_depth_metrics(
+    pred: torch.Tensor, gt: torch.Tensor, valid: Optional[torch.Tensor] = None, scale_invariant: bool = False
+) -> Dict[str, torch.Tensor]:
     """Probe3D depth metrics per image: d1, d2, d3 (threshold recalls) and rmse.
 
     With ``scale_invariant`` the prediction is first aligned per image by :func:`fit_scale_shift`.
@@ -119,7 +136,7 @@ def probe3d_depth_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: Optional[
         pred = pred * s[:, None, None] + t[:, None, None]
     p = pred.clamp(min=1e-9)
     ratio = torch.maximum(gt / p, p / gt)
-    out = {f"d{k}": _masked_mean((ratio < 1.25 ** k).double(), valid) for k in (1, 2, 3)}
+    out = {f"d{k}": _masked_mean((ratio < 1.25**k).double(), valid) for k in (1, 2, 3)}
     out["rmse"] = _masked_mean((gt - pred) ** 2, valid).sqrt()
     return out
 
@@ -130,8 +147,9 @@ def angular_error_deg(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0)))
 
 
-def normals_valid(gt: torch.Tensor, depth: Optional[torch.Tensor] = None,
-                  max_depth: Optional[float] = None) -> torch.Tensor:
+def normals_valid(
+    gt: torch.Tensor, depth: Optional[torch.Tensor] = None, max_depth: Optional[float] = None
+) -> torch.Tensor:
     """Valid normals: finite and non-zero ([B,3,H,W] -> [B,H,W]); with ``depth`` ([B,H,W] raw metres,
     0 = missing) also ``depth > 0`` and ``depth <= max_depth``: Probe3D ``train_snorm.py`` and SnD
     ``evaluation2/train_snorm.py`` use ``mask = depth > 0`` after the dataset zeroed depth > 10 m
@@ -145,8 +163,12 @@ def normals_valid(gt: torch.Tensor, depth: Optional[torch.Tensor] = None,
     return valid
 
 
-def normals_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: Optional[torch.Tensor] = None,
-                    thresholds: Sequence[float] = (11.25, 22.5, 30.0)) -> Dict[str, torch.Tensor]:
+def normals_metrics(
+    pred: torch.Tensor,
+    gt: torch.Tensor,
+    valid: Optional[torch.Tensor] = None,
+    thresholds: Sequence[float] = (11.25, 22.5, 30.0),
+) -> Dict[str, torch.Tensor]:
     """Per image: angular ``rmse``, ``mean``, ``median`` (degrees) and ``a11``/``a22``/``a30`` (% within).
 
     The median of an even count is the mean of the two middle values (numpy's, as in Bae et al.).
@@ -155,8 +177,11 @@ def normals_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: Optional[torch.
     valid = gvalid if valid is None else valid & gvalid
     keep = valid.flatten(1).any(dim=1)
     err, valid = angular_error_deg(pred[keep], gt[keep].nan_to_num()), valid[keep]
-    out = {"rmse": _masked_mean(err ** 2, valid).sqrt(), "mean": _masked_mean(err, valid),
-           "median": torch.stack([e[v].quantile(0.5) for e, v in zip(err, valid)]) if len(err) else err.new_zeros(0)}
+    out = {
+        "rmse": _masked_mean(err**2, valid).sqrt(),
+        "mean": _masked_mean(err, valid),
+        "median": torch.stack([e[v].quantile(0.5) for e, v in zip(err, valid)]) if len(err) else err.new_zeros(0),
+    }
     for th in thresholds:
         out[f"a{int(th)}"] = 100 * _masked_mean((err < th).double(), valid)
     return out
@@ -217,13 +242,16 @@ class SegMeter:
         iou = self.per_class_iou()
         acc = torch.where(self.label > 0, self.inter / self.label.clamp(min=1), torch.full_like(self.label, math.nan))
         present = ~torch.isnan(iou)
-        return {"mIoU": 100 * float(iou[present].mean()) if present.any() else 0.0,
-                "mAcc": 100 * float(acc[~torch.isnan(acc)].mean()) if (~torch.isnan(acc)).any() else 0.0,
-                "aAcc": 100 * float(self.inter.sum() / self.label.sum().clamp(min=1))}
+        return {
+            "mIoU": 100 * float(iou[present].mean()) if present.any() else 0.0,
+            "mAcc": 100 * float(acc[~torch.isnan(acc)].mean()) if (~torch.isnan(acc)).any() else 0.0,
+            "aAcc": 100 * float(self.inter.sum() / self.label.sum().clamp(min=1)),
+        }
 
 
-def miou(pred: torch.Tensor, gt: torch.Tensor, num_classes: int, ignore_index: int = 255,
-         reduce_zero_label: bool = False) -> float:
+def miou(
+    pred: torch.Tensor, gt: torch.Tensor, num_classes: int, ignore_index: int = 255, reduce_zero_label: bool = False
+) -> float:
     """mIoU (%) of one batch of predictions (see :class:`SegMeter`)."""
     m = SegMeter(num_classes, ignore_index, reduce_zero_label)
     m.update(pred, gt)

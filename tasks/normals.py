@@ -6,6 +6,7 @@ plain angular loss on xyz), ``mask`` (``depth: true``: only pixels whose raw dep
 Probe3D/SnD ``train_snorm.py``; ``depth: false``: every pixel with a non-zero normal). Metrics per image then averaged: angular ``rmse``, ``mean``, ``median``
 (degrees) and ``a11``, ``a22``, ``a30`` (% of pixels within 11.25, 22.5, 30 degrees).
 """
+
 from __future__ import annotations
 
 from typing import Any, List
@@ -24,8 +25,10 @@ def _valid(target, proto, batch):
     if not batch or "depth" not in batch:
         from bench.errors import BenchError
 
-        raise BenchError("the normals valid mask needs the raw depth (sample key 'depth') but the batch has none",
-                         "use a normals reader that returns depth, or set task.protocol.mask.depth=false")
+        raise BenchError(
+            "the normals valid mask needs the raw depth (sample key 'depth') but the batch has none",
+            "use a normals reader that returns depth, or set task.protocol.mask.depth=false",
+        )
     return normals_valid(target, batch["depth"], m.get("max_depth"))
 
 

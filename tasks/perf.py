@@ -6,6 +6,7 @@ other: "cached" extracts the training features once and trains on them; "on the 
 features of every batch every epoch (what an augmented protocol has to do). The table gives the
 wall time of each phase (from the task's metrics.json) and the ratio of the totals.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,10 +42,16 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(int(args.threads))
     work = Path(tempfile.mkdtemp(prefix="bench_perf_probe_"))
-    ov = ["task=synth_depth", f"backbone={args.backbone}", f"task.dataset.scenes={args.scenes}",
-          f"task.dataset.held_out={args.held_out}", f"task.dataset.views={args.views}",
-          f"task.dataset.size={args.size}",
-          f"task.protocols.linear.schedule.epochs={args.epochs}", f"paths.cache_dir={work}/cache"]
+    ov = [
+        "task=synth_depth",
+        f"backbone={args.backbone}",
+        f"task.dataset.scenes={args.scenes}",
+        f"task.dataset.held_out={args.held_out}",
+        f"task.dataset.views={args.views}",
+        f"task.dataset.size={args.size}",
+        f"task.protocols.linear.schedule.epochs={args.epochs}",
+        f"paths.cache_dir={work}/cache",
+    ]
     if args.data_dir:
         ov.append(f"paths.data_dir={args.data_dir}")
     t0 = time.perf_counter()
@@ -58,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
     t_build = time.perf_counter() - t0
 
     rows, totals = [], {}
-    runs = [("cached", [])] + ([] if args.skip_uncached else [("on the fly", ["task.protocols.linear.features.cache=false"])])
+    runs = [("cached", [])] + (
+        [] if args.skip_uncached else [("on the fly", ["task.protocols.linear.features.cache=false"])]
+    )
     for label, extra in runs:
         cfg = compose(ov + extra)
         seed_everything(0)
@@ -68,11 +77,23 @@ def run(args: argparse.Namespace) -> int:
         info = json.loads((work / label.replace(" ", "_") / "metrics.json").read_text())
         s = info["seconds"]
         totals[label] = total
-        rows.append([label, f"{s['prepare']:.1f}", f"{s['train']:.1f}", info["train"]["steps"], f"{s['test']:.1f}",
-                     f"{total:.1f}", f"{m['rmse']:.4f}", f"{m['a1']:.3f}"])
-    print(f"synth_depth linear probe, {args.backbone}, {args.epochs} epochs, {n_train} train / {n_test} test views "
-          f"at {args.size}x{args.size}, {torch.get_num_threads()} threads "
-          f"(scenes ready in {t_data:.1f} s, backbone built in {t_build:.1f} s)")
+        rows.append(
+            [
+                label,
+                f"{s['prepare']:.1f}",
+                f"{s['train']:.1f}",
+                info["train"]["steps"],
+                f"{s['test']:.1f}",
+                f"{total:.1f}",
+                f"{m['rmse']:.4f}",
+                f"{m['a1']:.3f}",
+            ]
+        )
+    print(
+        f"synth_depth linear probe, {args.backbone}, {args.epochs} epochs, {n_train} train / {n_test} test views "
+        f"at {args.size}x{args.size}, {torch.get_num_threads()} threads "
+        f"(scenes ready in {t_data:.1f} s, backbone built in {t_build:.1f} s)"
+    )
     print(tabulate(rows, headers=["features", "data+extract s", "train s", "steps", "test s", "total s", "rmse", "a1"]))
     if len(totals) == 2:
         print(f"on the fly / cached total time: {totals['on the fly'] / totals['cached']:.2f}x")

@@ -25,6 +25,7 @@ The final resize to the label size is ``resize: {mode, align_corners}`` (default
 ``align_corners=False``: mmseg's ``resize``). Probe3D ``train_snorm.py`` resizes normals bicubic,
 ``train_depth.py`` depth bilinear; ``align_corners=True`` since ``fbe0cd2``, False before.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
@@ -36,7 +37,9 @@ from torch import nn
 from .losses import kappa_from_raw
 
 
-def _resize(x: torch.Tensor, size: Tuple[int, int], mode: str = "bilinear", align_corners: bool = False) -> torch.Tensor:
+def _resize(
+    x: torch.Tensor, size: Tuple[int, int], mode: str = "bilinear", align_corners: bool = False
+) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     ac = align_corners if mode in ("bilinear", "bicubic") else None
@@ -54,8 +57,14 @@ def _same_size(feats: Sequence[torch.Tensor]) -> List[torch.Tensor]:
 
 
 class LinearHead(nn.Module):
-    def __init__(self, in_dims: Sequence[int], out_dim: int, upsample: int = 1, batchnorm: bool = False,
-                 align_corners: bool = False):
+    def __init__(
+        self,
+        in_dims: Sequence[int],
+        out_dim: int,
+        upsample: int = 1,
+        batchnorm: bool = False,
+        align_corners: bool = False,
+    ):
         super().__init__()
         c = int(sum(in_dims))
         self.upsample, self.align_corners = int(upsample), bool(align_corners)
@@ -95,17 +104,26 @@ class FusionBlock(nn.Module):
 
 
 class DPTHead(nn.Module):
-    def __init__(self, in_dims: Sequence[int], out_dim: int, hidden: int = 512, kernel_size: int = 3,
-                 upsample_mode: str = "bilinear", align_corners: bool = False):
+    def __init__(
+        self,
+        in_dims: Sequence[int],
+        out_dim: int,
+        hidden: int = 512,
+        kernel_size: int = 3,
+        upsample_mode: str = "bilinear",
+        align_corners: bool = False,
+    ):
         super().__init__()
         self.upsample_mode, self.align_corners = str(upsample_mode), bool(align_corners)
         if len(in_dims) != 4:
             raise ValueError(f"the DPT head needs 4 feature maps, got {len(in_dims)}")
         self.proj = nn.ModuleList(nn.Conv2d(c, hidden, 1) for c in in_dims)
-        self.fuse = nn.ModuleList([FusionBlock(hidden, kernel_size) for _ in range(3)]
-                                  + [FusionBlock(hidden, kernel_size, with_skip=False)])
-        self.out = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(True),
-                                 nn.Conv2d(hidden, out_dim, 3, padding=1))
+        self.fuse = nn.ModuleList(
+            [FusionBlock(hidden, kernel_size) for _ in range(3)] + [FusionBlock(hidden, kernel_size, with_skip=False)]
+        )
+        self.out = nn.Sequential(
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(True), nn.Conv2d(hidden, out_dim, 3, padding=1)
+        )
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         up = lambda x, s: _up(x, s, self.upsample_mode, self.align_corners)  # noqa: E731
@@ -141,11 +159,22 @@ OUT_CHANNELS = {"normals": 4}
 def build_head(cfg: Mapping[str, Any], in_dims: Sequence[int], out_dim: int) -> nn.Module:
     kind = str(cfg.get("type", "linear"))
     if kind == "linear":
-        return LinearHead(in_dims, out_dim, int(cfg.get("upsample", 1)), bool(cfg.get("batchnorm", False)),
-                          bool(cfg.get("align_corners", False)))
+        return LinearHead(
+            in_dims,
+            out_dim,
+            int(cfg.get("upsample", 1)),
+            bool(cfg.get("batchnorm", False)),
+            bool(cfg.get("align_corners", False)),
+        )
     if kind == "dpt":
-        return DPTHead(in_dims, out_dim, int(cfg.get("hidden", 512)), int(cfg.get("kernel_size", 3)),
-                       str(cfg.get("upsample_mode", "bilinear")), bool(cfg.get("align_corners", False)))
+        return DPTHead(
+            in_dims,
+            out_dim,
+            int(cfg.get("hidden", 512)),
+            int(cfg.get("kernel_size", 3)),
+            str(cfg.get("upsample_mode", "bilinear")),
+            bool(cfg.get("align_corners", False)),
+        )
     from bench.errors import UnknownNameError
 
     raise UnknownNameError("probe head", kind, ["linear", "dpt"])
@@ -158,14 +187,22 @@ class DenseProbe(nn.Module):
     seg -> ``{"logits": [B,C,H,W]}``.
     """
 
-    def __init__(self, task: str, head_cfg: Mapping[str, Any], in_dims: Sequence[int], *,
-                 depth_cfg: Mapping[str, Any] | None = None, num_classes: int | None = None):
+    def __init__(
+        self,
+        task: str,
+        head_cfg: Mapping[str, Any],
+        in_dims: Sequence[int],
+        *,
+        depth_cfg: Mapping[str, Any] | None = None,
+        num_classes: int | None = None,
+    ):
         super().__init__()
         self.task = task
         if task == "depth":
             d = dict(depth_cfg or {})
-            self.depth = BinnedDepth(d.get("min_depth", 1e-3), d.get("max_depth", 10.0), d.get("bins", 256),
-                                     d.get("norm", "linear"))
+            self.depth = BinnedDepth(
+                d.get("min_depth", 1e-3), d.get("max_depth", 10.0), d.get("bins", 256), d.get("norm", "linear")
+            )
             out = int(d.get("bins", 256))
         elif task == "normals":
             out = 4

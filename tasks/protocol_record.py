@@ -8,6 +8,7 @@ dotted path inside the protocol node and ``anchor`` the value the anchor's code 
 value under a named schedule variant (``schedule_variant``). docs/PROTOCOLS.md lists them with the switch
 that restores the anchor's behaviour (setting ``key`` to ``anchor``).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping
@@ -48,8 +49,7 @@ def active_deviations(proto: Mapping[str, Any]) -> List[Dict[str, Any]]:
         if variant and variant in (d.get("anchor_by_variant") or {}):  # e.g. SnD's 307,200 iterations
             anchor = d["anchor_by_variant"][variant]
         if _canon(value) != _canon(anchor):
-            out.append({"id": name, "key": str(d["key"]), "value": value, "anchor": anchor,
-                        "why": d.get("why", "")})
+            out.append({"id": name, "key": str(d["key"]), "value": value, "anchor": anchor, "why": d.get("why", "")})
     return out
 
 
@@ -59,8 +59,12 @@ def protocol_summary(cfg: DictConfig) -> Dict[str, Any]:
 
     proto = resolve_protocol(cfg) if "protocols" in cfg.task else {}
     devs = active_deviations(proto)
-    return {"name": str(proto.get("name", "default")), "version": proto.get("version"),
-            "deviations": [d["id"] for d in devs], "deviation_details": devs}
+    return {
+        "name": str(proto.get("name", "default")),
+        "version": proto.get("version"),
+        "deviations": [d["id"] for d in devs],
+        "deviation_details": devs,
+    }
 
 
 def list_protocols() -> List[str]:

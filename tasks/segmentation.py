@@ -4,6 +4,7 @@ Dataset keys used here: ``num_classes`` and ``reduce_zero_label`` (0 = unlabelle
 applied to the labels before the loss and the metric). Metrics (mmseg ``IoUMetric``, dataset-level
 intersections and unions): ``mIoU`` over the classes present, ``mAcc``, ``aAcc`` (percent).
 """
+
 from __future__ import annotations
 
 from typing import Any, List
@@ -41,7 +42,10 @@ for _name, _desc in [
     ("nyu_seg", "NYUv2 13-class segmentation as FiT3D (mmseg layout, reduce_zero_label); mIoU"),
     ("nyu_seg40", "NYUv2 40-class segmentation (mmseg layout, reduce_zero_label; no published rows); mIoU"),
     ("scannet_seg", "ScanNet 40-class segmentation in FiT3D's eval_data/scannet layout (reduce_zero_label); mIoU"),
-    ("scannetpp_seg", "ScanNet++ semantic segmentation, 100 classes (FiT3D processed layout or raw DSLR renders); mIoU"),
+    (
+        "scannetpp_seg",
+        "ScanNet++ semantic segmentation, 100 classes (FiT3D processed layout or raw DSLR renders); mIoU",
+    ),
     ("ade20k_seg", "ADE20k 150 classes (reduce_zero_label), sliding-window 512/341; mIoU"),
     ("voc_seg", "Pascal VOC 2012, 21 classes, sliding-window 512/341; mIoU"),
 ]:

@@ -4,6 +4,7 @@ Windows of ``window`` pixels every ``stride`` pixels; the last window in each di
 back to end at the border, and windows never exceed the image (an image smaller than the window is
 one window). Overlapping predictions are averaged.
 """
+
 from __future__ import annotations
 
 from typing import Callable, List, Sequence, Tuple, Union
@@ -23,19 +24,20 @@ def window_starts(length: int, window: int, stride: int) -> List[int]:
     return sorted({max(min(i * stride + window, length) - window, 0) for i in range(n)})
 
 
-def slide_inference(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, window: Size,
-                    stride: Size) -> torch.Tensor:
+def slide_inference(
+    predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, window: Size, stride: Size
+) -> torch.Tensor:
     """Average ``predict(crop) -> [B,K,h,w]`` over sliding windows of ``image`` ``[B,3,H,W]``."""
     (wh, ww), (sh, sw) = _pair(window), _pair(stride)
     H, W = image.shape[-2:]
     out = count = None
     for y in window_starts(H, wh, sh):
         for x in window_starts(W, ww, sw):
-            crop = image[..., y:y + min(wh, H), x:x + min(ww, W)]
+            crop = image[..., y : y + min(wh, H), x : x + min(ww, W)]
             pred = predict(crop)
             if out is None:
                 out = pred.new_zeros(pred.shape[0], pred.shape[1], H, W)
                 count = pred.new_zeros(1, 1, H, W)
-            out[..., y:y + crop.shape[-2], x:x + crop.shape[-1]] += pred
-            count[..., y:y + crop.shape[-2], x:x + crop.shape[-1]] += 1
+            out[..., y : y + crop.shape[-2], x : x + crop.shape[-1]] += pred
+            count[..., y : y + crop.shape[-2], x : x + crop.shape[-1]] += 1
     return out / count

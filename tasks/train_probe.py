@@ -33,6 +33,7 @@ schedule keys that change nothing in the result): checkpoints in the caller's ``
 resume from the latest one -- probe, AdamW (OneCycle betas), lr schedule, batch order
 (:class:`EpochBatches`), stateful loss counters, RNG states (docs/SCALING.md).
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,10 @@ def total_steps(sched: Mapping[str, Any], steps_per_epoch: int) -> int:
         return int(sched["iters"])
     if sched.get("epochs"):
         return int(math.ceil(float(sched["epochs"]) * steps_per_epoch))
-    raise BenchError("the probe schedule sets neither epochs nor iters",
-                     "set task.protocols.<protocol>.schedule.epochs or task.protocols.<protocol>.schedule.iters")
+    raise BenchError(
+        "the probe schedule sets neither epochs nor iters",
+        "set task.protocols.<protocol>.schedule.epochs or task.protocols.<protocol>.schedule.iters",
+    )
 
 
 def warmup_steps(sched: Mapping[str, Any], steps_per_epoch: int) -> int:
@@ -63,13 +66,25 @@ def warmup_steps(sched: Mapping[str, Any], steps_per_epoch: int) -> int:
 
 
 def _decay(decay: str, p: float, min_factor: float, power: float) -> float:
-    c = {"cosine": lambda: 0.5 * (1 + math.cos(math.pi * p)), "quarter_cosine": lambda: math.cos(0.5 * math.pi * p),
-         "poly": lambda: (1 - p) ** power, "constant": lambda: 1.0}[decay]()
+    c = {
+        "cosine": lambda: 0.5 * (1 + math.cos(math.pi * p)),
+        "quarter_cosine": lambda: math.cos(0.5 * math.pi * p),
+        "poly": lambda: (1 - p) ** power,
+        "constant": lambda: 1.0,
+    }[decay]()
     return min_factor + (1.0 - min_factor) * c
 
 
-def lr_factor(step: int, total: int, warmup: int, decay: str = "cosine", warmup_start: float = 0.01,
-              min_factor: float = 0.0, power: float = 1.0, shape: str = "sequential") -> float:
+def lr_factor(
+    step: int,
+    total: int,
+    warmup: int,
+    decay: str = "cosine",
+    warmup_start: float = 0.01,
+    min_factor: float = 0.0,
+    power: float = 1.0,
+    shape: str = "sequential",
+) -> float:
     """The lr multiplier at ``step`` (0-based) of ``total`` steps (see the module docstring)."""
     from bench.errors import UnknownNameError
 
@@ -101,12 +116,20 @@ def onecycle_momentum(step: int, total: int, base: float = 0.85, peak: float = 0
     return cos(base, peak, (step - end1) / max(total - 1 - end1, 1e-12))
 
 
-def make_loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True, num_workers: int = 0,
-                drop_last: bool = False) -> DataLoader:
+def make_loader(
+    dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True, num_workers: int = 0, drop_last: bool = False
+) -> DataLoader:
     g = torch.Generator()
     g.manual_seed(int(seed))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers,
-                      drop_last=drop_last and len(dataset) >= batch_size, persistent_workers=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=g,
+        num_workers=num_workers,
+        drop_last=drop_last and len(dataset) >= batch_size,
+        persistent_workers=False,
+    )
 
 
 class _Indices(Dataset):
@@ -131,8 +154,15 @@ class EpochBatches:
     a resumed run redraws the epoch's order and skips the batches already used, without loading them.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True, num_workers: int = 0,
-                 drop_last: bool = False):
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        drop_last: bool = False,
+    ):
         self.dataset, self.batch_size, self.shuffle = dataset, int(batch_size), bool(shuffle)
         self.num_workers, self.drop_last = int(num_workers), bool(drop_last)
         self.index_loader = make_loader(_Indices(len(dataset)), self.batch_size, seed, self.shuffle, 0, self.drop_last)
@@ -149,8 +179,13 @@ class EpochBatches:
         batches = [b.tolist() for b in self.index_loader]  # advances ``gen`` exactly as one epoch of the loader
         data_gen = torch.Generator()
         data_gen.set_state(self._epoch_start)
-        loader = DataLoader(self.dataset, batch_sampler=batches[self.position:], num_workers=self.num_workers,
-                            generator=data_gen, persistent_workers=False)
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=batches[self.position :],
+            num_workers=self.num_workers,
+            generator=data_gen,
+            persistent_workers=False,
+        )
         self._it = iter(loader)
 
     def next(self) -> Any:
@@ -190,12 +225,22 @@ class _Counters:
             vars(v).update(state.get(k, {}))
 
 
-def train_probe(module: torch.nn.Module, dataset: Dataset, step_loss: Callable[[Any], torch.Tensor],
-                sched: Mapping[str, Any], *, seed: int = 0, num_workers: int = 0, desc: str = "probe",
-                progress: bool = True, on_step: Optional[Callable[[int, float], None]] = None,
-                workdir: Union[str, Path, None] = None, stop_after: Optional[int] = None,
-                loss_state: Optional[Mapping[str, Any]] = None, fingerprint: Optional[Mapping[str, Any]] = None
-                ) -> Dict[str, Any]:
+def train_probe(
+    module: torch.nn.Module,
+    dataset: Dataset,
+    step_loss: Callable[[Any], torch.Tensor],
+    sched: Mapping[str, Any],
+    *,
+    seed: int = 0,
+    num_workers: int = 0,
+    desc: str = "probe",
+    progress: bool = True,
+    on_step: Optional[Callable[[int, float], None]] = None,
+    workdir: Union[str, Path, None] = None,
+    stop_after: Optional[int] = None,
+    loss_state: Optional[Mapping[str, Any]] = None,
+    fingerprint: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Any]:
     """Train ``module``'s parameters to minimise ``step_loss(batch)`` over ``dataset``.
 
     Runs through :class:`bench.train.TrainLoop`: with a ``workdir`` it checkpoints there every
@@ -215,19 +260,35 @@ def train_probe(module: torch.nn.Module, dataset: Dataset, step_loss: Callable[[
 
     sched = dict(sched)
     bs = int(sched.get("batch_size", 8))
-    batches = EpochBatches(dataset, bs, seed, shuffle=bool(sched.get("shuffle", True)), num_workers=num_workers,
-                           drop_last=bool(sched.get("drop_last", False)))
+    batches = EpochBatches(
+        dataset,
+        bs,
+        seed,
+        shuffle=bool(sched.get("shuffle", True)),
+        num_workers=num_workers,
+        drop_last=bool(sched.get("drop_last", False)),
+    )
     per_epoch = len(batches)
     if per_epoch == 0:
         raise BenchError("the probe's training split is empty", "check task.dataset (splits, limit)")
     total, warm = total_steps(sched, per_epoch), warmup_steps(sched, per_epoch)
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=float(sched.get("lr", 1e-3)),
-                            weight_decay=float(sched.get("weight_decay", 0.01)),
-                            betas=tuple(sched.get("betas", (0.9, 0.999))))
-    factor = lambda s: lr_factor(s, total, warm, str(sched.get("decay", "cosine")),  # noqa: E731
-                                 float(sched.get("warmup_start", 0.01)), float(sched.get("min_factor", 0.0)),
-                                 float(sched.get("power", 1.0)), str(sched.get("shape", "sequential")))
+    opt = torch.optim.AdamW(
+        params,
+        lr=float(sched.get("lr", 1e-3)),
+        weight_decay=float(sched.get("weight_decay", 0.01)),
+        betas=tuple(sched.get("betas", (0.9, 0.999))),
+    )
+    factor = lambda s: lr_factor(
+        s,
+        total,
+        warm,
+        str(sched.get("decay", "cosine")),  # noqa: E731
+        float(sched.get("warmup_start", 0.01)),
+        float(sched.get("min_factor", 0.0)),
+        float(sched.get("power", 1.0)),
+        str(sched.get("shape", "sequential")),
+    )
     momentum = sched.get("momentum")
     if momentum not in (None, "onecycle"):
         from bench.errors import UnknownNameError
@@ -257,12 +318,29 @@ def train_probe(module: torch.nn.Module, dataset: Dataset, step_loss: Callable[[
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="probe-")
         workdir = tmp.name
-    loop = TrainLoop(Path(workdir), total, opt, state, scheduler=sched_obj, ckpt_every=int(sched.get("ckpt_every", 500)),
-                     keep_last=int(sched.get("keep_last", 2)), grad_clip=float(clip) if clip else None,
-                     progress=progress, desc=desc, log_every=int(sched.get("log_every", 50)), images_per_step=bs,
-                     fingerprint={"kind": "probe", "per_epoch": per_epoch, "batch_size": bs, "items": len(dataset),
-                                  **dict(fingerprint or {})},
-                     tensorboard=False, distributed=False)  # rank 0 alone evaluates (bench.runner.run_cell)
+    loop = TrainLoop(
+        Path(workdir),
+        total,
+        opt,
+        state,
+        scheduler=sched_obj,
+        ckpt_every=int(sched.get("ckpt_every", 500)),
+        keep_last=int(sched.get("keep_last", 2)),
+        grad_clip=float(clip) if clip else None,
+        progress=progress,
+        desc=desc,
+        log_every=int(sched.get("log_every", 50)),
+        images_per_step=bs,
+        fingerprint={
+            "kind": "probe",
+            "per_epoch": per_epoch,
+            "batch_size": bs,
+            "items": len(dataset),
+            **dict(fingerprint or {}),
+        },
+        tensorboard=False,
+        distributed=False,
+    )  # rank 0 alone evaluates (bench.runner.run_cell)
     module.train()
     try:
         history = loop.run(step_fn, after_step, stop_after=stop_after)
@@ -272,12 +350,18 @@ def train_probe(module: torch.nn.Module, dataset: Dataset, step_loss: Callable[[
         raise NonFiniteLossError(
             f"{desc}: the probe loss became {value} at step {step} (epoch {step // per_epoch})",
             "lower task.protocols.<protocol>.schedule.lr, or check the labels of the training split "
-            "(e.g. depth <= 0 inside the valid mask)") from None
+            "(e.g. depth <= 0 inside the valid mask)",
+        ) from None
     finally:
         if tmp is not None:
             tmp.cleanup()
     module.eval()
     losses = [float(h["loss"]) for h in history]
-    last = losses[-min(per_epoch, len(losses)):] or [float("nan")]
-    return {"steps": loop.step, "total_steps": total, "epochs": loop.step / per_epoch,
-            "final_loss": sum(last) / len(last), "losses": losses}
+    last = losses[-min(per_epoch, len(losses)) :] or [float("nan")]
+    return {
+        "steps": loop.step,
+        "total_steps": total,
+        "epochs": loop.step / per_epoch,
+        "final_loss": sum(last) / len(last),
+        "losses": losses,
+    }

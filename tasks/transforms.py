@@ -26,6 +26,7 @@ works on 0-255 pixels: ``clip((255 x)^gamma * brightness * colour_c, 0, 255)``. 
 and albumentations ``RandomResizedCrop(scale=(0.5, 1), ratio=(1, 1), p=0.5, interpolation=0)``. Test order: centre crop (image and labels), then resize of the *image only*: metrics are
 computed at the label resolution, predictions are resized to it (mmseg / Probe3D practice).
 """
+
 from __future__ import annotations
 
 import math
@@ -76,8 +77,9 @@ def resize(sample: Dict[str, Any], size: Tuple[int, int], labels: bool = True) -
     return out
 
 
-def crop(sample: Dict[str, Any], top: int, left: int, h: int, w: int,
-         image_pad: Optional[Sequence[float]] = None) -> Dict[str, Any]:
+def crop(
+    sample: Dict[str, Any], top: int, left: int, h: int, w: int, image_pad: Optional[Sequence[float]] = None
+) -> Dict[str, Any]:
     """Crop a window (top/left may be negative; outside the image is padded).
 
     ``image_pad``: per-channel image fill in [0,1] (the normalisation mean = mmseg's ``Pad`` with 0
@@ -96,7 +98,7 @@ def crop(sample: Dict[str, Any], top: int, left: int, h: int, w: int,
         elif pt or pl or pb or pr:
             x = F.pad(x[None] if x.ndim == 2 else x, (pl, pr, pt, pb), value=fill)
             x = x[0] if out[k].ndim == 2 else x
-        out[k] = x[..., top + pt:top + pt + h, left + pl:left + pl + w]
+        out[k] = x[..., top + pt : top + pt + h, left + pl : left + pl + w]
     return out
 
 
@@ -167,7 +169,9 @@ def photometric(image: torch.Tensor, gen: Optional[torch.Generator] = None) -> t
 
 def is_augmented(cfg: Mapping[str, Any]) -> bool:
     """Whether a training transform is random (then features cannot be cached)."""
-    return bool(any(cfg.get(k) for k in RANDOM_KEYS) or (cfg.get("crop") and cfg.get("crop_mode", "random") == "random"))
+    return bool(
+        any(cfg.get(k) for k in RANDOM_KEYS) or (cfg.get("crop") and cfg.get("crop_mode", "random") == "random")
+    )
 
 
 def rotate(sample: Dict[str, Any], degrees: float) -> Dict[str, Any]:
@@ -201,8 +205,9 @@ def color_aug(image: torch.Tensor, gamma: float, brightness: float, colors: Sequ
     return x.clamp(0, 255) / 255.0
 
 
-def apply(sample: Dict[str, Any], cfg: Mapping[str, Any], train: bool,
-          gen: Optional[torch.Generator] = None) -> Dict[str, Any]:
+def apply(
+    sample: Dict[str, Any], cfg: Mapping[str, Any], train: bool, gen: Optional[torch.Generator] = None
+) -> Dict[str, Any]:
     H, W = sample["image"].shape[-2:]
     rand = lambda: float(torch.rand((), generator=gen))  # noqa: E731
     uni = lambda lo, hi: lo + (hi - lo) * rand()  # noqa: E731
@@ -247,8 +252,9 @@ def apply(sample: Dict[str, Any], cfg: Mapping[str, Any], train: bool,
         if cj and rand() < float(cj.get("p", 0.8)):
             from torchvision.transforms import ColorJitter
 
-            jit = ColorJitter(cj.get("brightness", 0.2), cj.get("contrast", 0.2), cj.get("saturation", 0.2),
-                              cj.get("hue", 0.2))
+            jit = ColorJitter(
+                cj.get("brightness", 0.2), cj.get("contrast", 0.2), cj.get("saturation", 0.2), cj.get("hue", 0.2)
+            )
             seed = int(torch.randint(0, 2**31 - 1, (), generator=gen))
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -261,8 +267,9 @@ def apply(sample: Dict[str, Any], cfg: Mapping[str, Any], train: bool,
             seed = int(torch.randint(0, 2**31 - 1, (), generator=gen))
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                top, left, ch, cw = RandomResizedCrop.get_params(sample["image"], list(rr.get("scale", [0.5, 1.0])),
-                                                                list(rr.get("ratio", [1.0, 1.0])))
+                top, left, ch, cw = RandomResizedCrop.get_params(
+                    sample["image"], list(rr.get("scale", [0.5, 1.0])), list(rr.get("ratio", [1.0, 1.0]))
+                )
             sample = crop(sample, top, left, ch, cw)
             sample = {k: (_nearest(v, (h, w)) if k in PAD else v) for k, v in sample.items()}
         return sample
@@ -288,6 +295,8 @@ class Transformed(Dataset):
         if missing:
             from bench.errors import DataMissingError
 
-            raise DataMissingError(f"sample {i} of {type(self.dataset).__name__} has no {', '.join(missing)}",
-                                   "use a dataset/layout that provides these labels for this task")
+            raise DataMissingError(
+                f"sample {i} of {type(self.dataset).__name__} has no {', '.join(missing)}",
+                "use a dataset/layout that provides these labels for this task",
+            )
         return apply({k: s[k] for k in self.keys}, self.cfg, self.train)

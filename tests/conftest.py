@@ -1,4 +1,5 @@
 """Shared pytest fixtures. Each fixture is self-contained; append new ones below."""
+
 from __future__ import annotations
 
 import os
@@ -43,18 +44,27 @@ def local_hub(tmp_path, monkeypatch):
 
     hub = LocalHub(timeout=300)
     home = tmp_path / "hf_home"
-    for var, val in {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
-                     "HF_TOKEN": "hf_local_test_token", "HF_HUB_DISABLE_XET": "1"}.items():
+    for var, val in {
+        "HF_ENDPOINT": hub.endpoint,
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_TOKEN": "hf_local_test_token",
+        "HF_HUB_DISABLE_XET": "1",
+    }.items():
         monkeypatch.setenv(var, val)
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     for var in ("NO_PROXY", "no_proxy"):  # never send loopback traffic through a proxy
         monkeypatch.setenv(var, ",".join(filter(None, [os.environ.get(var), "127.0.0.1", "localhost"])))
-    for name, val in {"ENDPOINT": hub.endpoint,
-                      "HUGGINGFACE_CO_URL_TEMPLATE": hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
-                      "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
-                      "HF_TOKEN_PATH": str(home / "token"), "HF_HUB_OFFLINE": False,
-                      "HF_HUB_DISABLE_XET": True}.items():
+    for name, val in {
+        "ENDPOINT": hub.endpoint,
+        "HUGGINGFACE_CO_URL_TEMPLATE": hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_TOKEN_PATH": str(home / "token"),
+        "HF_HUB_OFFLINE": False,
+        "HF_HUB_DISABLE_XET": True,
+    }.items():
         monkeypatch.setattr(C, name, val)
 
     class _NoSleep:  # the client's backoff calls time.sleep between retries

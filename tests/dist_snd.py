@@ -5,6 +5,7 @@ WORKDIR (resuming from it), and rank 0 saves the student's weights to OUT.pt. Ra
 install an audit hook that records every file they create, write, rename or delete under
 WORKDIR's parent, and print the list as ``WRITES <json>`` on exit (stdout is not a file write).
 """
+
 from __future__ import annotations
 
 import atexit

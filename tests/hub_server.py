@@ -27,6 +27,7 @@ fixture in ``tests/conftest.py``)::
 
 The server stops when the context/fixture ends and, in any case, after ``timeout`` seconds.
 """
+
 from __future__ import annotations
 
 import base64
@@ -113,9 +114,17 @@ class HubState:
             self.commit(repo, "main", {".gitattributes": GITATTRIBUTES}, [], "initial commit", create_branch=True)
             return repo, True
 
-    def commit(self, repo: Repo, branch: str, add: Mapping[str, bytes], delete: List[Tuple[str, bool]],
-               title: str, description: str = "", parent: Optional[str] = None,
-               create_branch: bool = False) -> Commit:
+    def commit(
+        self,
+        repo: Repo,
+        branch: str,
+        add: Mapping[str, bytes],
+        delete: List[Tuple[str, bool]],
+        title: str,
+        description: str = "",
+        parent: Optional[str] = None,
+        create_branch: bool = False,
+    ) -> Commit:
         """Apply additions and deletions (path, is_folder) on top of ``branch``; return the new commit."""
         with self.lock:
             head_oid = repo.branches.get(branch)
@@ -132,7 +141,9 @@ class HubState:
                 for p in gone:
                     del files[p]
             files.update(add)
-            blob = json.dumps([head_oid, title, next(self._counter), sorted((p, git_blob_oid(d)) for p, d in files.items())])
+            blob = json.dumps(
+                [head_oid, title, next(self._counter), sorted((p, git_blob_oid(d)) for p, d in files.items())]
+            )
             oid = hashlib.sha1(blob.encode()).hexdigest()
             c = Commit(oid, head_oid, title, description, files, time.time())
             repo.commits[oid] = c
@@ -155,8 +166,13 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     # -- plumbing -------------------------------------------------------------------------
-    def _send(self, status: int, body: bytes = b"", headers: Optional[Dict[str, str]] = None,
-              content_type: str = "application/json") -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: Optional[Dict[str, str]] = None,
+        content_type: str = "application/json",
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -237,33 +253,71 @@ class _Handler(BaseHTTPRequestHandler):
             op = rest[0] if rest else ""
             if m == "GET" and op in ("", "revision"):
                 _, c = st.resolve(rtype, rid, rest[1] if op else "main")
-                return self._json({
-                    "_id": hashlib.md5(rid.encode()).hexdigest()[:24], "id": rid, "author": rid.split("/")[0],
-                    "sha": c.oid, "lastModified": _iso(c.date), "createdAt": _iso(repo.created),
-                    "private": repo.private, "disabled": False, "gated": False, "downloads": 0, "likes": 0,
-                    "tags": [], "siblings": [{"rfilename": p} for p in sorted(c.files)]})
+                return self._json(
+                    {
+                        "_id": hashlib.md5(rid.encode()).hexdigest()[:24],
+                        "id": rid,
+                        "author": rid.split("/")[0],
+                        "sha": c.oid,
+                        "lastModified": _iso(c.date),
+                        "createdAt": _iso(repo.created),
+                        "private": repo.private,
+                        "disabled": False,
+                        "gated": False,
+                        "downloads": 0,
+                        "likes": 0,
+                        "tags": [],
+                        "siblings": [{"rfilename": p} for p in sorted(c.files)],
+                    }
+                )
             if m == "GET" and op == "tree" and len(rest) >= 2:
-                return self._json(self._tree(st.resolve(rtype, rid, rest[1])[1], "/".join(rest[2:]),
-                                             query.get("recursive", "").lower() in ("1", "true")))
+                return self._json(
+                    self._tree(
+                        st.resolve(rtype, rid, rest[1])[1],
+                        "/".join(rest[2:]),
+                        query.get("recursive", "").lower() in ("1", "true"),
+                    )
+                )
             if m == "GET" and op == "refs":
                 ref = lambda kind, n, o: {"name": n, "ref": f"refs/{kind}/{n}", "targetCommit": o}  # noqa: E731
-                return self._json({"branches": [ref("heads", n, o) for n, o in sorted(repo.branches.items())],
-                                   "tags": [ref("tags", n, o) for n, o in sorted(repo.tags.items())],
-                                   "converts": [], "pullRequests": []})
+                return self._json(
+                    {
+                        "branches": [ref("heads", n, o) for n, o in sorted(repo.branches.items())],
+                        "tags": [ref("tags", n, o) for n, o in sorted(repo.tags.items())],
+                        "converts": [],
+                        "pullRequests": [],
+                    }
+                )
             if m == "GET" and op == "commits" and len(rest) == 2:
                 c, out = st.resolve(rtype, rid, rest[1])[1], []
                 while c is not None:
-                    out.append({"id": c.oid, "title": c.title, "message": c.message, "date": _iso(c.date),
-                                "authors": [{"user": hub.user, "avatar": ""}]})
+                    out.append(
+                        {
+                            "id": c.oid,
+                            "title": c.title,
+                            "message": c.message,
+                            "date": _iso(c.date),
+                            "authors": [{"user": hub.user, "avatar": ""}],
+                        }
+                    )
                     c = repo.commits.get(c.parent) if c.parent else None
                 return self._json(out)
             if m == "POST" and op == "preupload" and len(rest) == 2:
                 files = st.resolve(rtype, rid, rest[1])[1].files
                 req = json.loads(self._body() or b"{}")
-                return self._json({"files": [
-                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                     "oid": git_blob_oid(files[f["path"]]) if f["path"] in files else None}
-                    for f in req.get("files", [])]})
+                return self._json(
+                    {
+                        "files": [
+                            {
+                                "path": f["path"],
+                                "uploadMode": "regular",
+                                "shouldIgnore": False,
+                                "oid": git_blob_oid(files[f["path"]]) if f["path"] in files else None,
+                            }
+                            for f in req.get("files", [])
+                        ]
+                    }
+                )
             if m == "POST" and op == "commit" and len(rest) == 2:
                 return self._commit(st, repo, rest[1], query)
             if m in ("POST", "DELETE") and op == "branch" and len(rest) == 2:
@@ -292,12 +346,12 @@ class _Handler(BaseHTTPRequestHandler):
         under = sorted(p for p in c.files if p.startswith(prefix))
         if path and not under:
             raise HubHTTPError(404, "EntryNotFound", f"{path} does not exist at {c.oid}", c.oid)
-        dirs = sorted({p[: i] for p in under for i in range(len(prefix), len(p)) if p[i] == "/"})
-        entries = [{"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
-                   for d in dirs] + [{"type": "file", "oid": git_blob_oid(c.files[p]), "size": len(c.files[p]),
-                                      "path": p} for p in under]
+        dirs = sorted({p[:i] for p in under for i in range(len(prefix), len(p)) if p[i] == "/"})
+        entries = [
+            {"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d} for d in dirs
+        ] + [{"type": "file", "oid": git_blob_oid(c.files[p]), "size": len(c.files[p]), "path": p} for p in under]
         if not recursive:
-            entries = [e for e in entries if "/" not in e["path"][len(prefix):]]
+            entries = [e for e in entries if "/" not in e["path"][len(prefix) :]]
         return entries
 
     def _commit(self, st: HubState, repo: Repo, rev: str, query: Dict[str, str]) -> None:
@@ -318,13 +372,28 @@ class _Handler(BaseHTTPRequestHandler):
             elif key in ("deletedFile", "deletedFolder"):
                 delete.append((val["path"], key == "deletedFolder"))
             else:  # lfsFile: preupload never asks for LFS, so a client sending one is a bug worth seeing
-                raise HubHTTPError(400, None, f"unsupported commit operation '{key}' (the local Hub only takes "
-                                          "regular uploads)")
-        c = st.commit(repo, rev, add, delete, header.get("summary") or "commit", header.get("description", ""),
-                      parent=header.get("parentCommit"))
+                raise HubHTTPError(
+                    400, None, f"unsupported commit operation '{key}' (the local Hub only takes regular uploads)"
+                )
+        c = st.commit(
+            repo,
+            rev,
+            add,
+            delete,
+            header.get("summary") or "commit",
+            header.get("description", ""),
+            parent=header.get("parentCommit"),
+        )
         prefix = "datasets/" if repo.repo_type == "dataset" else ""
-        self._json({"success": True, "commitOid": c.oid, "hookOutput": "", "pullRequestUrl": None,
-                    "commitUrl": f"{self.server.hub.endpoint}/{prefix}{repo.repo_id}/commit/{c.oid}"})
+        self._json(
+            {
+                "success": True,
+                "commitOid": c.oid,
+                "hookOutput": "",
+                "pullRequestUrl": None,
+                "commitUrl": f"{self.server.hub.endpoint}/{prefix}{repo.repo_id}/commit/{c.oid}",
+            }
+        )
 
     def _resolve(self, st: HubState, rtype: str, rid: str, rev: str, path: str) -> None:
         with st.lock:
@@ -332,14 +401,18 @@ class _Handler(BaseHTTPRequestHandler):
             data = c.files.get(path)
         if data is None:
             raise HubHTTPError(404, "EntryNotFound", f"Entry not found: {path}", c.oid)
-        headers = {"ETag": f'"{git_blob_oid(data)}"', "X-Repo-Commit": c.oid, "Accept-Ranges": "bytes",
-                   "Content-Disposition": f'inline; filename="{path.rsplit("/", 1)[-1]}"'}
+        headers = {
+            "ETag": f'"{git_blob_oid(data)}"',
+            "X-Repo-Commit": c.oid,
+            "Accept-Ranges": "bytes",
+            "Content-Disposition": f'inline; filename="{path.rsplit("/", 1)[-1]}"',
+        }
         rng = self.headers.get("Range", "")
         if rng.startswith("bytes=") and self.command == "GET":
             a, _, b = rng[6:].partition("-")
             start, end = int(a or 0), int(b) if b else len(data) - 1
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-            return self._send(206, data[start:end + 1], headers, "application/octet-stream")
+            return self._send(206, data[start : end + 1], headers, "application/octet-stream")
         self._send(200, data, headers, "application/octet-stream")
 
 
@@ -367,8 +440,12 @@ class LocalHub:
         self._server.hub = self
         self.port = self._server.server_address[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"local-hub-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"local-hub-{self.port}",
+            daemon=True,
+        )
         self._timer = threading.Timer(timeout, self.stop)
         self._timer.daemon = True
         self._stopped = False
@@ -401,10 +478,19 @@ class LocalHub:
         self.stop()
 
     # -- direct (non-HTTP) helpers for tests --------------------------------------------------
-    def seed(self, repo_id: str, files: Mapping[str, FileData], *, branch: str = "main",
-             message: str = "seed files", repo_type: str = "model", private: bool = False) -> str:
+    def seed(
+        self,
+        repo_id: str,
+        files: Mapping[str, FileData],
+        *,
+        branch: str = "main",
+        message: str = "seed files",
+        repo_type: str = "model",
+        private: bool = False,
+    ) -> str:
         """Create ``repo_id`` if needed and commit ``files`` (path in repo -> bytes, text or local file)
         to ``branch`` (created from main if new). Returns the new commit sha."""
+
         def as_bytes(v: FileData) -> bytes:
             if isinstance(v, bytes):
                 return v

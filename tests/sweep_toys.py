@@ -11,6 +11,7 @@ Select them over packaged configs: ``method.name=toy_train +method.steps=4 +meth
 in the plan's plugins), where it registers at import; the test process calls :func:`register` /
 :func:`unregister` so other tests never see the toys.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,6 +27,7 @@ from bench.registry import METHODS, TASKS
 @dataclass
 class ToyTrainSchema:
     """``method.*`` of toy_train (bench.schema): optional keys on top of any packaged method config."""
+
     name: str = schema.REQ
     steps: int = 4
     lr: float = 0.5
@@ -45,8 +47,15 @@ class ToyTrain:
         with torch.no_grad():
             target = torch.randn(backbone(images).shape, generator=g)
         opt = torch.optim.SGD(backbone.parameters(), lr=float(m.get("lr", 0.5)), momentum=0.9)
-        loop = TrainLoop(workdir, total_steps=int(m.get("steps", 4)), optimizer=opt, state={"model": backbone},
-                         ckpt_every=1, keep_last=2, progress=False)
+        loop = TrainLoop(
+            workdir,
+            total_steps=int(m.get("steps", 4)),
+            optimizer=opt,
+            state={"model": backbone},
+            ckpt_every=1,
+            keep_last=2,
+            progress=False,
+        )
 
         def step(i: int):
             time.sleep(float(m.get("sleep_s", 0)))
@@ -69,9 +78,11 @@ class ToyFail:
         raise RuntimeError("toy_fail fails on purpose")
 
 
-_ENTRIES = [(METHODS, "toy_train", ToyTrain, "toy: tiny deterministic resumable training (tests)"),
-            (TASKS, "toy_probe", ToyProbe, "toy: feature statistics (tests)"),
-            (TASKS, "toy_fail", ToyFail, "toy: always raises (tests)")]
+_ENTRIES = [
+    (METHODS, "toy_train", ToyTrain, "toy: tiny deterministic resumable training (tests)"),
+    (TASKS, "toy_probe", ToyProbe, "toy: feature statistics (tests)"),
+    (TASKS, "toy_fail", ToyFail, "toy: always raises (tests)"),
+]
 
 
 def register() -> None:

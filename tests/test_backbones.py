@@ -1,4 +1,5 @@
 """Backbones: weight layouts (official DINOv2 / timm / lukemelas), strict loading, the feature seam."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,14 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 import bench.hub
-from bench.backbones import (ConcatBackbone, ViTBackbone, build_backbone, dinov2_official_to_timm,
-                             load_backbone_weights, save_backbone)
+from bench.backbones import (
+    ConcatBackbone,
+    ViTBackbone,
+    build_backbone,
+    dinov2_official_to_timm,
+    load_backbone_weights,
+    save_backbone,
+)
 from bench.backbones.vit import TINY_VIT_KW
 from bench.errors import BenchError, CheckpointError, UnknownNameError
 from bench.registry import BACKBONES
@@ -41,25 +48,53 @@ def cfg_of(name: str, **over):
 # -- official DINOv2 layout, written from the official model definition ---------------------------------
 def official_shapes(dim: int, depth: int, reg: bool, swiglu: bool, grid: int = 37) -> dict:
     """Key -> shape of ``dinov2_vit*14[_reg4]_pretrain.pth`` (facebookresearch/dinov2 DinoVisionTransformer)."""
-    s = {"cls_token": (1, 1, dim), "pos_embed": (1, 1 + grid * grid, dim), "mask_token": (1, dim),
-         "patch_embed.proj.weight": (dim, 3, 14, 14), "patch_embed.proj.bias": (dim,),
-         "norm.weight": (dim,), "norm.bias": (dim,)}
+    s = {
+        "cls_token": (1, 1, dim),
+        "pos_embed": (1, 1 + grid * grid, dim),
+        "mask_token": (1, dim),
+        "patch_embed.proj.weight": (dim, 3, 14, 14),
+        "patch_embed.proj.bias": (dim,),
+        "norm.weight": (dim,),
+        "norm.bias": (dim,),
+    }
     if reg:
         s["register_tokens"] = (1, 4, dim)
     hidden = 4 * dim
     for i in range(depth):
         p = f"blocks.{i}."
-        s.update({p + "norm1.weight": (dim,), p + "norm1.bias": (dim,), p + "attn.qkv.weight": (3 * dim, dim),
-                  p + "attn.qkv.bias": (3 * dim,), p + "attn.proj.weight": (dim, dim), p + "attn.proj.bias": (dim,),
-                  p + "ls1.gamma": (dim,), p + "norm2.weight": (dim,), p + "norm2.bias": (dim,),
-                  p + "ls2.gamma": (dim,)})
+        s.update(
+            {
+                p + "norm1.weight": (dim,),
+                p + "norm1.bias": (dim,),
+                p + "attn.qkv.weight": (3 * dim, dim),
+                p + "attn.qkv.bias": (3 * dim,),
+                p + "attn.proj.weight": (dim, dim),
+                p + "attn.proj.bias": (dim,),
+                p + "ls1.gamma": (dim,),
+                p + "norm2.weight": (dim,),
+                p + "norm2.bias": (dim,),
+                p + "ls2.gamma": (dim,),
+            }
+        )
         if swiglu:  # SwiGLUFFNFused: hidden = (int(4*dim * 2/3) + 7) // 8 * 8
             h = (int(hidden * 2 / 3) + 7) // 8 * 8
-            s.update({p + "mlp.w12.weight": (2 * h, dim), p + "mlp.w12.bias": (2 * h,),
-                      p + "mlp.w3.weight": (dim, h), p + "mlp.w3.bias": (dim,)})
+            s.update(
+                {
+                    p + "mlp.w12.weight": (2 * h, dim),
+                    p + "mlp.w12.bias": (2 * h,),
+                    p + "mlp.w3.weight": (dim, h),
+                    p + "mlp.w3.bias": (dim,),
+                }
+            )
         else:
-            s.update({p + "mlp.fc1.weight": (hidden, dim), p + "mlp.fc1.bias": (hidden,),
-                      p + "mlp.fc2.weight": (dim, hidden), p + "mlp.fc2.bias": (dim,)})
+            s.update(
+                {
+                    p + "mlp.fc1.weight": (hidden, dim),
+                    p + "mlp.fc1.bias": (hidden,),
+                    p + "mlp.fc2.weight": (dim, hidden),
+                    p + "mlp.fc2.bias": (dim,),
+                }
+            )
     return s
 
 
@@ -96,8 +131,11 @@ def official_forward(sd, x, depth, heads, offset, antialias, swiglu=False):
     for i in range(depth):
         p = lambda n: sd[f"blocks.{i}.{n}"]  # noqa: E731
         y = F.layer_norm(t, (D,), p("norm1.weight"), p("norm1.bias"), eps=1e-6)
-        q, k, v = F.linear(y, p("attn.qkv.weight"), p("attn.qkv.bias")).reshape(
-            B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            F.linear(y, p("attn.qkv.weight"), p("attn.qkv.bias"))
+            .reshape(B, N, 3, heads, D // heads)
+            .permute(2, 0, 3, 1, 4)
+        )
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)
         t = t + p("ls1.gamma") * F.linear(a, p("attn.proj.weight"), p("attn.proj.bias"))
         y = F.layer_norm(t, (D,), p("norm2.weight"), p("norm2.bias"), eps=1e-6)
@@ -105,11 +143,12 @@ def official_forward(sd, x, depth, heads, offset, antialias, swiglu=False):
             x1, x2 = F.linear(y, p("mlp.w12.weight"), p("mlp.w12.bias")).chunk(2, dim=-1)
             y = F.linear(F.silu(x1) * x2, p("mlp.w3.weight"), p("mlp.w3.bias"))
         else:
-            y = F.linear(F.gelu(F.linear(y, p("mlp.fc1.weight"), p("mlp.fc1.bias"))),
-                         p("mlp.fc2.weight"), p("mlp.fc2.bias"))
+            y = F.linear(
+                F.gelu(F.linear(y, p("mlp.fc1.weight"), p("mlp.fc1.bias"))), p("mlp.fc2.weight"), p("mlp.fc2.bias")
+            )
         t = t + p("ls2.gamma") * y
     t = F.layer_norm(t, (D,), sd["norm.weight"], sd["norm.bias"], eps=1e-6)
-    return t[:, 1 + nreg:].reshape(B, h, w, D).permute(0, 3, 1, 2)
+    return t[:, 1 + nreg :].reshape(B, h, w, D).permute(0, 3, 1, 2)
 
 
 # -- DINOv2 weight layouts ---------------------------------------------------------------------------------
@@ -137,6 +176,7 @@ def test_dinov2_vits14_official_and_timm_layouts_agree(tmp_path, reg):
         plain = timm.create_model(timm_name, pretrained=False, num_classes=0)
     plain.load_state_dict(a.model.state_dict(), strict=True, assign=True)
     from timm.models.vision_transformer import checkpoint_filter_fn
+
     theirs = checkpoint_filter_fn(dict(official), plain)
     ours = dinov2_official_to_timm(dict(official))
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
@@ -146,14 +186,23 @@ def test_swiglu_official_layout_matches_reference(tmp_path):
     """ViT-g's SwiGLU (w12/w3) on a shrunk model of the same timm family."""
     official = random_official(48, 2, reg=True, swiglu=True, grid=4)
     torch.save(official, tmp_path / "tiny_g.pth")
-    model = timm.create_model("vit_giant_patch14_reg4_dinov2", pretrained=False, num_classes=0,
-                              dynamic_img_size=True, img_size=56, embed_dim=48, depth=2, num_heads=2)
+    model = timm.create_model(
+        "vit_giant_patch14_reg4_dinov2",
+        pretrained=False,
+        num_classes=0,
+        dynamic_img_size=True,
+        img_size=56,
+        embed_dim=48,
+        depth=2,
+        num_heads=2,
+    )
     bb = ViTBackbone("tiny_g", model, interpolate_offset=0.0, interpolate_antialias=True)
     bb.load_weights(tmp_path / "tiny_g.pth")
     x = torch.rand(1, 3, 70, 42)
     with torch.no_grad():
-        torch.testing.assert_close(bb(x), official_forward(official, bb.prepare(x), 2, 2, 0.0, True, swiglu=True),
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            bb(x), official_forward(official, bb.prepare(x), 2, 2, 0.0, True, swiglu=True), atol=1e-4, rtol=1e-4
+        )
 
 
 @pytest.mark.parametrize("name", [f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")])
@@ -188,7 +237,10 @@ def test_mismatched_checkpoints_name_the_keys(tmp_path):
 
     tiny = build_backbone(cfg_of("tiny_vit"))  # a different width (like ViT-B keys into ViT-S)
     save_backbone(tiny, tmp_path / "tiny.safetensors")
-    with pytest.raises(CheckpointError, match=r"missing keys \[blocks\.10\..*shape mismatch \[blocks\.0\.attn\.proj\.bias: checkpoint \(48,\) vs model \(384,\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing keys \[blocks\.10\..*shape mismatch \[blocks\.0\.attn\.proj\.bias: checkpoint \(48,\) vs model \(384,\)",
+    ):
         build_backbone(cfg_of("dinov2_vits14", weights=str(tmp_path / "tiny.safetensors")))
 
 
@@ -230,8 +282,7 @@ def test_vit_tokens_match_timm():
         with torch.no_grad():
             tokens = bb.model.forward_features(bb.prepare(x))
             assert torch.allclose(bb(x), tokens[:, 1:].unflatten(1, (h, w)).permute(0, 3, 1, 2), atol=1e-6)
-            inter = bb.model.forward_intermediates(bb.prepare(x), indices=[0, 2], norm=True,
-                                                   intermediates_only=True)
+            inter = bb.model.forward_intermediates(bb.prepare(x), indices=[0, 2], norm=True, intermediates_only=True)
             mine = bb.layers(x, [0, -2])
             assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(mine, inter))
 
@@ -260,7 +311,7 @@ def test_layers_indices_norm_cls_and_grad():
         assert len(bb.layers(x)) == 4  # cfg.backbone.layers
         raw = bb.layers(x, [-1], norm=False)[0]
         assert not torch.allclose(raw, last)
-        (fmap, cls), = bb.layers(x, [3], return_cls=True)
+        ((fmap, cls),) = bb.layers(x, [3], return_cls=True)
         assert fmap.shape == (2, 48, 3, 4) and cls.shape == (2, 48) and torch.equal(fmap, last)
     with pytest.raises(BenchError, match=r"out of range.*\[-4, 3\]"):
         bb.layers(x, [4])
@@ -282,8 +333,8 @@ def test_concat_backbone():
     with torch.no_grad():
         y = cat(x)
         assert torch.equal(y[:, :48], orig(x)) and torch.equal(y[:, 48:], ft(x))
-        (m, c), = cat.layers(x, [1], return_cls=True)
-        assert m.shape == (1, 96, 4, 4) and c.shape == (1, 48)   # FiT3D: the original's CLS only
+        ((m, c),) = cat.layers(x, [1], return_cls=True)
+        assert m.shape == (1, 96, 4, 4) and c.shape == (1, 48)  # FiT3D: the original's CLS only
         assert torch.equal(c, orig.layers(x, [1], return_cls=True)[0][1])
     assert not any(p.requires_grad for p in orig.parameters())
     with pytest.raises(BenchError, match="cannot concatenate"):
@@ -294,10 +345,12 @@ def test_save_load_roundtrip_into_plain_timm(tmp_path):
     a = build_backbone(cfg_of("tiny_vit"))
     path = save_backbone(a, tmp_path / "model.safetensors")
     from safetensors import safe_open
+
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["backbone"] == "tiny_vit"
     plain = timm.create_model("vit_small_patch14_dinov2", pretrained=False, **TINY_VIT_KW)
     from safetensors.torch import load_file
+
     plain.load_state_dict(load_file(str(path)), strict=True)
     b = build_backbone(cfg_of("tiny_vit"))
     load_backbone_weights(b, path)
@@ -314,6 +367,7 @@ def lite0():
 
 def _photo(name: str) -> torch.Tensor:
     from skimage import data
+
     img = torch.from_numpy(np.ascontiguousarray(getattr(data, name)())).permute(2, 0, 1)[None].float() / 255
     return F.interpolate(img, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
 
@@ -330,13 +384,14 @@ def test_efficientnet_lite0_dense_features_and_layouts(lite0, tmp_path):
     x = torch.rand(2, 3, 100, 130)
     with torch.no_grad():
         f = lite0(x)
-        (m, gap), = lite0.layers(x, [-1], return_cls=True)
+        ((m, gap),) = lite0.layers(x, [-1], return_cls=True)
     assert (lite0.patch_size, lite0.embed_dim, lite0.num_blocks, lite0.has_cls) == (16, 432, 1, False)
     assert f.shape == (2, 432, 6, 8) and torch.equal(m, f)
     torch.testing.assert_close(gap, f.mean(dim=(2, 3)))
     # the lukemelas -> timm map targets timm's efficientnet_lite0 layout: a saved model loads there strictly
     save_backbone(lite0, tmp_path / "model.safetensors")
     from safetensors.torch import load_file
+
     sd = load_file(str(tmp_path / "model.safetensors"))
     for arch in ("efficientnet_lite0", "tf_efficientnet_lite0"):
         timm.create_model(arch, pretrained=False).load_state_dict(sd, strict=True)

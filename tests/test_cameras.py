@@ -1,13 +1,25 @@
 """Camera conventions: +0.5 pixel centres, OpenCV w2c, GL<->CV, quaternions, correspondences."""
+
 import math
 
 import pytest
 import torch
 
-from bench.cameras import (crop_intrinsics, dense_correspondence, look_at, opencv_w2c_to_opengl_c2w,
-                           opengl_c2w_to_opencv_w2c, pixel_grid, project_points, quat_to_rotmat,
-                           relative_rotation_deg, rotmat_to_quat, sample_depth, scale_intrinsics,
-                           unproject_depth)
+from bench.cameras import (
+    crop_intrinsics,
+    dense_correspondence,
+    look_at,
+    opencv_w2c_to_opengl_c2w,
+    opengl_c2w_to_opencv_w2c,
+    pixel_grid,
+    project_points,
+    quat_to_rotmat,
+    relative_rotation_deg,
+    rotmat_to_quat,
+    sample_depth,
+    scale_intrinsics,
+    unproject_depth,
+)
 
 D = torch.float64
 
@@ -27,7 +39,7 @@ def test_pixel_grid_centres():
     g = pixel_grid(3, 4)
     assert g.shape == (3, 4, 2)
     assert g[0, 0].tolist() == [0.5, 0.5]
-    assert g[2, 3].tolist() == [3.5, 2.5]             # (u, v) = (col + 0.5, row + 0.5)
+    assert g[2, 3].tolist() == [3.5, 2.5]  # (u, v) = (col + 0.5, row + 0.5)
 
 
 def test_unproject_hand_computed():
@@ -62,18 +74,18 @@ def test_project_is_differentiable():
 
 
 def test_opengl_opencv_conversion():
-    c2w_gl = torch.eye(4, dtype=D)                     # GL camera at origin looking down -z
+    c2w_gl = torch.eye(4, dtype=D)  # GL camera at origin looking down -z
     w2c = opengl_c2w_to_opencv_w2c(c2w_gl)
     assert torch.equal(w2c, torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=D)))
     uv, z = project_points(torch.tensor([[0.0, 1.0, -2.0]], dtype=D), _K(), w2c)
-    assert z.item() == 2.0 and uv[0, 1].item() < 40   # in front; world up is image up
+    assert z.item() == 2.0 and uv[0, 1].item() < 40  # in front; world up is image up
     w2c = _random_w2c(5, seed=1)
     assert torch.allclose(opengl_c2w_to_opencv_w2c(opencv_w2c_to_opengl_c2w(w2c)), w2c, atol=1e-12)
 
 
 def test_quaternions():
     s = math.sqrt(0.5)
-    R = quat_to_rotmat(torch.tensor([s, 0, 0, s], dtype=D))          # 90 deg about z
+    R = quat_to_rotmat(torch.tensor([s, 0, 0, s], dtype=D))  # 90 deg about z
     assert torch.allclose(R, torch.tensor([[0, -1, 0], [1, 0, 0], [0, 0, 1]], dtype=D), atol=1e-12)
     q = torch.randn(64, 4, dtype=D, generator=torch.Generator().manual_seed(0))
     q = q / q.norm(dim=-1, keepdim=True)
@@ -81,16 +93,16 @@ def test_quaternions():
     R = quat_to_rotmat(q)
     assert torch.allclose(R @ R.transpose(-1, -2), torch.eye(3, dtype=D).expand(64, 3, 3), atol=1e-12)
     assert torch.allclose(rotmat_to_quat(R), q, atol=1e-9)
-    assert torch.allclose(rotmat_to_quat(quat_to_rotmat(-q)), q, atol=1e-9)   # sign canonical (w >= 0)
+    assert torch.allclose(rotmat_to_quat(quat_to_rotmat(-q)), q, atol=1e-9)  # sign canonical (w >= 0)
 
 
 def test_look_at_axes():
     w2c = look_at(torch.tensor([0.0, 0.0, 1.0], dtype=D), torch.tensor([4.0, 0.0, 1.0], dtype=D))
     K = _K()
     uv, z = project_points(torch.tensor([[4.0, 0.0, 1.0], [4.0, 0.0, 2.0], [4.0, -1.0, 1.0]], dtype=D), K, w2c)
-    assert torch.allclose(uv[0], torch.tensor([50.0, 40.0], dtype=D))    # target -> principal point
-    assert uv[1, 1] < 40 and abs(uv[1, 0] - 50) < 1e-9                   # world up -> image up
-    assert uv[2, 0] > 50                                                 # world -y is to the right
+    assert torch.allclose(uv[0], torch.tensor([50.0, 40.0], dtype=D))  # target -> principal point
+    assert uv[1, 1] < 40 and abs(uv[1, 0] - 50) < 1e-9  # world up -> image up
+    assert uv[2, 0] > 50  # world -y is to the right
     assert torch.allclose(z, torch.full((3,), 4.0, dtype=D))
     with pytest.raises(ValueError):
         look_at(torch.zeros(3), torch.tensor([0.0, 0.0, 1.0]))
@@ -104,9 +116,9 @@ def test_scale_and_crop_intrinsics():
     assert torch.allclose(uv2, uv * torch.tensor([2.0, 0.5], dtype=D))
     # pixel centres of a 2x-downsampled image sit at the centres of 2x2 blocks of the original
     Ks = scale_intrinsics(K, 0.5, 0.5)
-    p = unproject_depth(torch.ones(1, 1, dtype=D), Ks)[0, 0]              # small pixel (0, 0)
+    p = unproject_depth(torch.ones(1, 1, dtype=D), Ks)[0, 0]  # small pixel (0, 0)
     uv_big, _ = project_points(p[None], K)
-    assert torch.allclose(uv_big, torch.tensor([[1.0, 1.0]], dtype=D))    # corner of pixels 0..1
+    assert torch.allclose(uv_big, torch.tensor([[1.0, 1.0]], dtype=D))  # corner of pixels 0..1
     uvc, _ = project_points(pts, crop_intrinsics(K, 10, 5))
     assert torch.allclose(uvc, uv - torch.tensor([10.0, 5.0], dtype=D))
 
@@ -128,7 +140,7 @@ def _plane_depth(K, H, W, height=1.5):
 
 def _translate(x=0.0, y=0.0, z=0.0):
     T = torch.eye(4, dtype=D)
-    T[:3, 3] = -torch.tensor([x, y, z], dtype=D)       # camera centre at (x, y, z), no rotation
+    T[:3, 3] = -torch.tensor([x, y, z], dtype=D)  # camera centre at (x, y, z), no rotation
     return T
 
 
@@ -138,7 +150,7 @@ def test_dense_correspondence_fronto_parallel_and_occlusion():
     wall = torch.full((H, W), 4.0, dtype=D)
     a, b = _translate(), _translate(x=0.4)
     uv, valid = dense_correspondence(wall, K, a, wall, K, b)
-    shift = 50 * 0.4 / 4.0                             # f * baseline / depth = 5 px
+    shift = 50 * 0.4 / 4.0  # f * baseline / depth = 5 px
     g = pixel_grid(H, W, dtype=D)
     assert torch.allclose(uv, g - torch.tensor([shift, 0.0], dtype=D))
     assert torch.equal(valid, g[..., 0] - shift >= 0)  # exactly the pixels that stay in the image
@@ -171,16 +183,26 @@ def test_dense_correspondence_grazing_floor_batched():
     K = _K(40, 32, 24)
     da = _plane_depth(K, H, W)
     b = _translate(x=0.23, z=0.37)
-    db = _plane_depth(K, H, W)                          # camera moved parallel to the floor
-    uv, valid = dense_correspondence(da[None].expand(2, H, W), K.expand(2, 3, 3), _translate().expand(2, 4, 4),
-                                     db[None].expand(2, H, W), K.expand(2, 3, 3), b.expand(2, 4, 4))
+    db = _plane_depth(K, H, W)  # camera moved parallel to the floor
+    uv, valid = dense_correspondence(
+        da[None].expand(2, H, W),
+        K.expand(2, 3, 3),
+        _translate().expand(2, 4, 4),
+        db[None].expand(2, H, W),
+        K.expand(2, 3, 3),
+        b.expand(2, 4, 4),
+    )
     assert valid.shape == (2, H, W) and torch.equal(valid[0], valid[1])
     inb = (da > 0) & (uv[0, ..., 0] >= 0) & (uv[0, ..., 0] < W) & (uv[0, ..., 1] >= 0) & (uv[0, ..., 1] < H)
-    inb &= db.reshape(-1)[(uv[0, ..., 1].floor().clamp(0, H - 1) * W + uv[0, ..., 0].floor().clamp(0, W - 1)).long()
-                          ].reshape(H, W) > 0       # lands on floor pixels of b
+    inb &= (
+        db.reshape(-1)[
+            (uv[0, ..., 1].floor().clamp(0, H - 1) * W + uv[0, ..., 0].floor().clamp(0, W - 1)).long()
+        ].reshape(H, W)
+        > 0
+    )  # lands on floor pixels of b
     near, bil = sample_depth(db[None], uv[0][inb][None])
     assert inb.sum() > 300 and (bil > 0).float().mean() > 0.9  # (bilinear needs 4 floor neighbours)
     assert torch.equal(valid[0][inb], bil[0] > 0) and not valid[0][~inb].any()
-    z = 1.5 / ((uv[0][inb][:, 1] - 24) / 40)           # exact depth of the floor in b at uv
+    z = 1.5 / ((uv[0][inb][:, 1] - 24) / 40)  # exact depth of the floor in b at uv
     assert torch.allclose(bil[0][bil[0] > 0], z[bil[0] > 0], rtol=1e-9)
-    assert ((near[0] - z).abs() / z).max() > 0.01      # nearest alone would reject far floor pixels
+    assert ((near[0] - z).abs() / z).max() > 0.01  # nearest alone would reject far floor pixels

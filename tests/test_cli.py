@@ -1,4 +1,5 @@
 """The CLI: help, list, and one clear error line + non-zero exit + no record for bad input."""
+
 import subprocess
 import sys
 
@@ -10,8 +11,12 @@ from bench.cli import main
 
 @pytest.fixture
 def paths(tmp_path):
-    return [f"paths.results_dir={tmp_path}/results", f"paths.output_dir={tmp_path}/outputs",
-            f"paths.cache_dir={tmp_path}/cache", f"paths.data_dir={tmp_path}/data"]
+    return [
+        f"paths.results_dir={tmp_path}/results",
+        f"paths.output_dir={tmp_path}/outputs",
+        f"paths.cache_dir={tmp_path}/cache",
+        f"paths.data_dir={tmp_path}/data",
+    ]
 
 
 def _no_records(tmp_path):
@@ -40,11 +45,14 @@ def test_list_names_every_registry(capsys):
         assert name in out
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("method=no_such_method", "unknown method 'no_such_method'"),
-    ("task=no_such_task", "unknown task 'no_such_task'"),
-    ("backbone=no_such_backbone", "unknown backbone 'no_such_backbone'"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("method=no_such_method", "unknown method 'no_such_method'"),
+        ("task=no_such_task", "unknown task 'no_such_task'"),
+        ("backbone=no_such_backbone", "unknown backbone 'no_such_backbone'"),
+    ],
+)
 def test_unknown_names(override, needle, paths, tmp_path, capsys):
     assert main(["run", override, *paths]) == 2
     line = _one_error_line(capsys)
@@ -58,13 +66,19 @@ def test_wrong_checkpoint_keys(paths, tmp_path, capsys):
     rc = main(["run", "backbone=tiny_vit", f"backbone.weights={bad}", "task=synth_depth", *paths])
     assert rc == 2
     line = _one_error_line(capsys)
-    assert "missing keys" in line and "unexpected keys [head.extra]" in line and "shape mismatch" in line and "Fix:" in line
+    assert (
+        "missing keys" in line
+        and "unexpected keys [head.extra]" in line
+        and "shape mismatch" in line
+        and "Fix:" in line
+    )
     assert _no_records(tmp_path)
 
 
 def test_missing_dataset_root(paths, tmp_path, capsys):
-    rc = main(["run", "method=dinov2", "task=nyu_depth", "backbone=tiny_vit",
-               f"task.dataset.root={tmp_path}/nowhere", *paths])
+    rc = main(
+        ["run", "method=dinov2", "task=nyu_depth", "backbone=tiny_vit", f"task.dataset.root={tmp_path}/nowhere", *paths]
+    )
     assert rc == 2
     line = _one_error_line(capsys)
     assert "nowhere" in line and "python -m bench data" in line

@@ -1,4 +1,5 @@
 """The CLI's module docstring names every command the parser has (what ``python -m bench --help`` lists)."""
+
 import argparse
 import re
 

@@ -1,4 +1,5 @@
 """Every config file composes and resolves; unknown names fail with the valid list; cache keys."""
+
 import pytest
 from omegaconf import OmegaConf
 

@@ -1,6 +1,7 @@
 """Contracts, parametrised over every registered name: each backbone keeps the feature seam, each task
 names a missing dataset root before any work, each experiment recipe composes for every method it is
 meant for and runs a cell end to end with tiny overrides."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,12 @@ EXPERIMENTS = group_options("experiment")
 
 
 def _paths(tmp_path):
-    return [f"paths.results_dir={tmp_path}/results", f"paths.output_dir={tmp_path}/outputs",
-            f"paths.cache_dir={tmp_path}/cache", f"paths.data_dir={tmp_path}/data"]
+    return [
+        f"paths.results_dir={tmp_path}/results",
+        f"paths.output_dir={tmp_path}/outputs",
+        f"paths.cache_dir={tmp_path}/cache",
+        f"paths.data_dir={tmp_path}/data",
+    ]
 
 
 # -- backbones ----------------------------------------------------------------------------------------
@@ -83,7 +88,7 @@ def _recipe_methods(name: str):
         if line.lstrip("# ").startswith("python -m bench sweep"):
             for word in line.split():
                 if word.startswith("method="):
-                    methods |= set(word[len("method="):].split(","))
+                    methods |= set(word[len("method=") :].split(","))
     return sorted(methods)
 
 
@@ -105,9 +110,20 @@ def test_recipe_runs_a_tiny_cell(experiment, tmp_path):
     tiny synthetic set, a one-epoch probe."""
     from bench.runner import run_cell
 
-    cfg = compose([f"experiment={experiment}", "method=dinov2", "task=synth_depth", *_paths(tmp_path),
-                   "task.dataset.scenes=2", "task.dataset.views=2", "task.dataset.size=64",
-                   "task.dataset.held_out=1", "task.protocols.linear.schedule.epochs=1", "task.progress=false"])
+    cfg = compose(
+        [
+            f"experiment={experiment}",
+            "method=dinov2",
+            "task=synth_depth",
+            *_paths(tmp_path),
+            "task.dataset.scenes=2",
+            "task.dataset.views=2",
+            "task.dataset.size=64",
+            "task.dataset.held_out=1",
+            "task.protocols.linear.schedule.epochs=1",
+            "task.progress=false",
+        ]
+    )
     rec = run_cell(cfg)
     assert rec["backbone"] == compose([f"experiment={experiment}"]).backbone.name
     assert rec["task"] == "synth_depth" and 0 < rec["metrics"]["rmse"] < 10

@@ -1,5 +1,6 @@
 """Training-free correspondence: hand-built matching, metrics with hand-computed values, the pair
 pipelines on constructed geometry with an oracle backbone, and synth_corr end to end with tiny_vit."""
+
 from __future__ import annotations
 
 import json
@@ -23,18 +24,22 @@ torch.set_num_threads(2)
 # ------------------------------------------------------------------------------------ matching
 def test_hand_built_matching_ratio_test_and_topk_order():
     e = torch.eye(3)
-    refs = torch.stack([e[0], e[1], e[1], e[2]])           # r1 and r2 are identical: q1 is ambiguous
-    q = torch.tensor([[1.0, 0, 0],                           # q0 -> r0, d = (0, 1), weight ~1
-                      [0.0, 1, 0],                           # q1 -> r1 or r2, d = (0, 0), weight 0
-                      [0.6, 0, 0.8],                         # q2 -> r3, d = (0.2, 0.4), weight 0.5
-                      [0.28, 0, 0.96]])                      # q3 -> r3, d = (0.04, 0.72), weight 1 - 1/18
+    refs = torch.stack([e[0], e[1], e[1], e[2]])  # r1 and r2 are identical: q1 is ambiguous
+    q = torch.tensor(
+        [
+            [1.0, 0, 0],  # q0 -> r0, d = (0, 1), weight ~1
+            [0.0, 1, 0],  # q1 -> r1 or r2, d = (0, 0), weight 0
+            [0.6, 0, 0.8],  # q2 -> r3, d = (0.2, 0.4), weight 0.5
+            [0.28, 0, 0.96],
+        ]
+    )  # q3 -> r3, d = (0.04, 0.72), weight 1 - 1/18
     dist, idx = nn2(q, refs)
     assert torch.allclose(dist[2], torch.tensor([0.2, 0.4])) and idx[2, 0] == 3 and idx[3, 0] == 3
     w = ratio_weights(dist)
     assert torch.allclose(w, torch.tensor([1.0, 0.0, 0.5, 1 - 0.04 / 0.72]), atol=1e-6)
 
     ia, ib, wt = match_ratio_topk(q, refs, num=3)
-    assert ia.tolist() == [0, 3, 2] and ib.tolist() == [0, 3, 3]   # best first; the ambiguous q1 drops out
+    assert ia.tolist() == [0, 3, 2] and ib.tolist() == [0, 3, 3]  # best first; the ambiguous q1 drops out
     assert torch.allclose(wt, torch.tensor([1.0, 1 - 0.04 / 0.72, 0.5]), atol=1e-6)
     ia, ib, _ = match_ratio_topk(q, refs, num=None, max_ratio=0.4)  # Lowe: reject ratio > 0.4 (q1: 1, q2: 0.5)
     assert ia.tolist() == [0, 3]
@@ -70,8 +75,9 @@ def test_recalls_and_rotation_binning_on_constructed_poses():
     errs = [torch.tensor([1.0, 6, 12, 30]), torch.tensor([4.0, 9, 25]), torch.tensor([11.0]), torch.tensor([0.5, 50])]
     results = [{"err": e, "angle": float(a)} for e, a in zip(errs, ang)]
     results.append({"err": torch.zeros(0), "angle": 5.0})  # a pair without matches is counted, not averaged
-    m = summarise_pixel_pairs(results, {"px_thresholds": [5, 10, 20], "binned_threshold": 10,
-                                        "rotation_bins": [0, 15, 30, 60, 180]})
+    m = summarise_pixel_pairs(
+        results, {"px_thresholds": [5, 10, 20], "binned_threshold": 10, "rotation_bins": [0, 15, 30, 60, 180]}
+    )
     # pooled over the 10 matches: < 5 px: 1, 4, 0.5 -> 3; < 10: + 6, 9 -> 5; < 20: + 12, 11 -> 7
     assert m["recall_5px"] == pytest.approx(30.0) and m["recall_10px"] == pytest.approx(50.0)
     assert m["recall_20px"] == pytest.approx(70.0)
@@ -81,8 +87,13 @@ def test_recalls_and_rotation_binning_on_constructed_poses():
     assert m["pairs"] == 4 and m["pairs_without_matches"] == 1 and m["pairs_rot0_15"] == 1
 
     b = rotation_binned(torch.tensor([100.0, 0.0]), torch.tensor([70.0, 80.0]), [0, 30, 60, 90, 120], "r")
-    assert b == {"pairs_rot0_30": 0.0, "pairs_rot30_60": 0.0, "pairs_rot60_90": 2.0, "r_rot60_90": 50.0,
-                 "pairs_rot90_120": 0.0}  # empty bins carry a count but no (NaN) mean
+    assert b == {
+        "pairs_rot0_30": 0.0,
+        "pairs_rot30_60": 0.0,
+        "pairs_rot60_90": 2.0,
+        "r_rot60_90": 50.0,
+        "pairs_rot90_120": 0.0,
+    }  # empty bins carry a count but no (NaN) mean
     assert recalls(torch.tensor([1.0, float("inf")]), [5]) == [50.0]
 
 
@@ -123,9 +134,9 @@ def shifted_plane_pair(shift_quarter_px: int = 1):
     """A textured fronto-parallel plane at z = 2 m seen by two cameras 32x32 (f = 16) translated along
     x so that the image moves by exactly 4 * shift pixels (one quarter-grid cell per unit)."""
     g = np.random.default_rng(0)
-    blocks = g.permutation(250)[:8 * 8 + 8 * shift_quarter_px].reshape(8, 8 + shift_quarter_px) + 1  # unique ids
-    world = np.kron(blocks, np.ones((4, 4)))                                     # 4x4-pixel blocks
-    img_a = world[:, shift_quarter_px * 4:]                                      # camera a sees columns shifted
+    blocks = g.permutation(250)[: 8 * 8 + 8 * shift_quarter_px].reshape(8, 8 + shift_quarter_px) + 1  # unique ids
+    world = np.kron(blocks, np.ones((4, 4)))  # 4x4-pixel blocks
+    img_a = world[:, shift_quarter_px * 4 :]  # camera a sees columns shifted
     img_b = world[:, :32]
     images = torch.zeros(2, 3, 32, 32)
     images[0, 0], images[1, 0] = torch.tensor(img_a / 255.0), torch.tensor(img_b / 255.0)
@@ -133,8 +144,12 @@ def shifted_plane_pair(shift_quarter_px: int = 1):
     w2c_a, w2c_b = torch.eye(4), torch.eye(4)
     # a point at pixel u in a is at u + 4*shift in b: u_b = u_a + f * (t_b - t_a) / z
     w2c_b[0, 3] = 4.0 * shift_quarter_px * 2.0 / 16.0
-    return {"images": images, "depth": torch.full((2, 32, 32), 2.0), "K": torch.stack([K, K]),
-            "w2c": torch.stack([w2c_a, w2c_b])}
+    return {
+        "images": images,
+        "depth": torch.full((2, 32, 32), 2.0),
+        "K": torch.stack([K, K]),
+        "w2c": torch.stack([w2c_a, w2c_b]),
+    }
 
 
 def test_depth_pair_pipeline_exact_on_shifted_plane():
@@ -172,8 +187,11 @@ class GridCodeBackbone(LookupBackbone):
 
 
 def test_keypoint_transfer_hand_computed():
-    s = {"image_src": torch.rand(3, 20, 30), "image_trg": torch.rand(3, 20, 30),
-         "kps_src": torch.tensor([[1.0, 2.0], [10.0, 12.0], [29.0, 19.0]])}
+    s = {
+        "image_src": torch.rand(3, 20, 30),
+        "image_trg": torch.rand(3, 20, 30),
+        "kps_src": torch.tensor([[1.0, 2.0], [10.0, 12.0], [29.0, 19.0]]),
+    }
     # padded to 30x30, size 30 -> scale 1; kp centres (1.5,2.5), (10.5,12.5), (29.5,19.5) fall in patches
     # (0,0), (1,1), (1,2) whose centres (5,5), (15,15), (25,15) -> minus 0.5 in original pixels
     pred = transfer_keypoints(GridCodeBackbone(), s, {"image_size": 30})
@@ -184,9 +202,16 @@ def test_spair_task_end_to_end_on_fixture(tmp_path):
     from test_readers import make_spair
 
     make_spair(tmp_path / "SPair-71k")
-    cfg = compose(["task=spair_corr", f"paths.data_dir={tmp_path}", "task.protocol.image_size=30",
-                   "task.dataset.kwargs.pairs_per_category=null", "task.protocol.mode=centre",
-                   "task.dataset.kwargs.sampling=per_category"])
+    cfg = compose(
+        [
+            "task=spair_corr",
+            f"paths.data_dir={tmp_path}",
+            "task.protocol.image_size=30",
+            "task.dataset.kwargs.pairs_per_category=null",
+            "task.protocol.mode=centre",
+            "task.dataset.kwargs.sampling=per_category",
+        ]
+    )
     task = TASKS.get("spair_corr")()
     task.check(cfg)
     m = task.evaluate(GridCodeBackbone(), cfg, tmp_path / "work")
@@ -207,10 +232,20 @@ def test_real_dataset_tasks_fail_early_naming_the_root(tmp_path):
 def test_synth_corr_end_to_end_tiny_vit(tmp_path):
     from bench.backbones import build_backbone
 
-    cfg = compose(["task=synth_corr", "backbone=tiny_vit", f"paths.data_dir={tmp_path}",
-                   "task.dataset.scenes=1", "task.dataset.views=4", "task.dataset.size=[48,48]",
-                   "task.dataset.eval_scenes=all", "task.protocol.view_gaps=[1,2]", "task.protocol.pairs_per_gap=2",
-                   "task.protocol.min_overlap=0.05"])
+    cfg = compose(
+        [
+            "task=synth_corr",
+            "backbone=tiny_vit",
+            f"paths.data_dir={tmp_path}",
+            "task.dataset.scenes=1",
+            "task.dataset.views=4",
+            "task.dataset.size=[48,48]",
+            "task.dataset.eval_scenes=all",
+            "task.protocol.view_gaps=[1,2]",
+            "task.protocol.pairs_per_gap=2",
+            "task.protocol.min_overlap=0.05",
+        ]
+    )
     torch.manual_seed(0)
     bb = build_backbone(cfg.backbone).eval()
     m = TASKS.get("synth_corr")().evaluate(bb, cfg, tmp_path / "work")
@@ -233,7 +268,7 @@ def test_correspondence_features_are_last_block_without_final_norm_centre_padded
     for task in ("scannet_corr", "navi_corr", "spair_corr"):
         proto = compose([f"task={task}"]).task.protocol
         assert proto.final_norm is False and proto.pad == "center" and proto.layers is None
-    assert center_pad_offsets(480, 640, 14) == (2, 2, 5, 5)        # 644 - 640 = 4 -> 2/2, 490 - 480 = 10 -> 5/5
+    assert center_pad_offsets(480, 640, 14) == (2, 2, 5, 5)  # 644 - 640 = 4 -> 2/2, 490 - 480 = 10 -> 5/5
     assert center_pad_offsets(800, 800, 14) == (6, 6, 6, 6) and center_pad_offsets(28, 14, 14) == (0, 0, 0, 0)
     torch.manual_seed(0)
     bb = build_backbone(compose(["backbone=tiny_vit"]).backbone).eval()
@@ -242,11 +277,11 @@ def test_correspondence_features_are_last_block_without_final_norm_centre_padded
     assert padded.shape[-2:] == (490, 644) and torch.equal(padded[..., 5:485, 2:642], x)
     assert not torch.allclose((padded - bb.mean) / bb.std, torch.zeros(()), atol=1e-6)  # the image is not zero
     assert torch.allclose(((padded - bb.mean) / bb.std)[..., :5, :], torch.zeros(()), atol=1e-6)  # the border is
-    y = torch.rand(1, 3, 56, 70)                                     # a patch multiple: no padding at all
+    y = torch.rand(1, 3, 56, 70)  # a patch multiple: no padding at all
     with torch.no_grad():
         raw = extract_features(bb, y, final_norm=False, pad="center")
         assert torch.allclose(raw, bb.layers(y, [-1], norm=False)[0])
-        assert not torch.allclose(raw, bb(y), atol=1e-3)             # the final LayerNorm changes the map
+        assert not torch.allclose(raw, bb(y), atol=1e-3)  # the final LayerNorm changes the map
         assert extract_features(bb, x[..., :60, :70], final_norm=False, pad="center").shape[-2:] == (5, 5)
     assert feature_extent(bb, 480, 640, "center") == (480.0, 640.0)  # the map is spread over the image
 
@@ -261,9 +296,13 @@ def test_spair_probe3d_exact_mode_hand_computed(tmp_path):
 
     from tasks.correspondence import keypoint_hits_probe3d
 
-    s = {"image_src": torch.rand(3, 20, 30), "image_trg": torch.rand(3, 20, 30),
-         "kps_src": torch.tensor([[1.0, 2.0], [10.0, 12.0]]), "kps_trg": torch.tensor([[3.0, 4.0], [20.0, 15.0]]),
-         "bbox_trg": torch.tensor([2.0, 3.0, 22.0, 13.0])}
+    s = {
+        "image_src": torch.rand(3, 20, 30),
+        "image_trg": torch.rand(3, 20, 30),
+        "kps_src": torch.tensor([[1.0, 2.0], [10.0, 12.0]]),
+        "kps_trg": torch.tensor([[3.0, 4.0], [20.0, 15.0]]),
+        "bbox_trg": torch.tensor([2.0, 3.0, 22.0, 13.0]),
+    }
     proto = {"image_size": 30, "alpha": 0.3, "final_norm": False, "pad": "center"}
     assert keypoint_hits_probe3d(GridCodeBackbone(), s, proto).tolist() == [True, False]
     assert keypoint_hits_probe3d(GridCodeBackbone(), s, dict(proto, alpha=0.26)).tolist() == [True, False]
@@ -275,13 +314,31 @@ def test_spair_probe3d_exact_mode_hand_computed(tmp_path):
     assert sorted(str(b) for _, b in ds.items) == ["0", "1", "2", "all", "all", "all"]  # a pair is in 2 samples
     one = SPair(tmp_path / "SPair-71k", "test", pairs_per_category=1, sampling="per_bucket")
     assert [b for _, b in one.items] == [0, 1, 2, "all"] and one[3]["bucket"] == "all"
-    cfg = compose(["task=spair_corr", f"paths.data_dir={tmp_path}", "task.protocol.image_size=30",
-                   "task.protocol.alpha=0.3", "task.dataset.kwargs.pairs_per_category=null"])
+    cfg = compose(
+        [
+            "task=spair_corr",
+            f"paths.data_dir={tmp_path}",
+            "task.protocol.image_size=30",
+            "task.protocol.alpha=0.3",
+            "task.dataset.kwargs.pairs_per_category=null",
+        ]
+    )
     assert cfg.task.protocol.mode == "probe3d" and cfg.task.dataset.kwargs.sampling == "per_bucket"
     m = TASKS.get("spair_corr")().evaluate(GridCodeBackbone(), cfg, tmp_path / "work")
     assert m["pck_0.3"] == pytest.approx(50.0) and m["pck_0.3_vp0"] == pytest.approx(50.0) and m["pairs"] == 3
-    m = TASKS.get("spair_corr")().evaluate(GridCodeBackbone(), compose(
-        ["task=spair_corr", f"paths.data_dir={tmp_path}", "task.protocol.image_size=30", "task.protocol.alpha=0.3",
-         "task.dataset.kwargs.pairs_per_category=null", "task.protocol.mode=centre",
-         "task.dataset.kwargs.sampling=per_category"]), tmp_path / "work2")
+    m = TASKS.get("spair_corr")().evaluate(
+        GridCodeBackbone(),
+        compose(
+            [
+                "task=spair_corr",
+                f"paths.data_dir={tmp_path}",
+                "task.protocol.image_size=30",
+                "task.protocol.alpha=0.3",
+                "task.dataset.kwargs.pairs_per_category=null",
+                "task.protocol.mode=centre",
+                "task.dataset.kwargs.sampling=per_category",
+            ]
+        ),
+        tmp_path / "work2",
+    )
     assert m["pck_0.3"] == pytest.approx(100.0)

@@ -1,5 +1,6 @@
 """The demo recipe runs end to end (shrunk), lands in the leaderboard, and a second task reuses the
 trained backbone from the cache instead of training again."""
+
 import json
 
 import pytest
@@ -11,16 +12,30 @@ from bench.table import leaderboard_markdown
 
 
 def _shrunk(tmp_path, task):
-    return compose([
-        "experiment=demo", f"task={task}",
-        f"paths.results_dir={tmp_path}/results", f"paths.output_dir={tmp_path}/outputs",
-        f"paths.cache_dir={tmp_path}/cache", f"paths.data_dir={tmp_path}/data",
-        # the demo, shrunk: 3 SnD steps on 2 tiny rooms, a 1-epoch probe on 3 tiny rooms
-        "method.data.scenes=2", "method.data.views=6", "method.data.size=[48,64]", "method.views.gap=2",
-        "method.optim.steps=3", "method.ckpt_every=2", "method.progress=false",
-        "task.dataset.scenes=3", "task.dataset.views=3", "task.dataset.size=48", "task.dataset.held_out=1",
-        "task.protocols.linear.schedule.epochs=1", "task.progress=false",
-    ])
+    return compose(
+        [
+            "experiment=demo",
+            f"task={task}",
+            f"paths.results_dir={tmp_path}/results",
+            f"paths.output_dir={tmp_path}/outputs",
+            f"paths.cache_dir={tmp_path}/cache",
+            f"paths.data_dir={tmp_path}/data",
+            # the demo, shrunk: 3 SnD steps on 2 tiny rooms, a 1-epoch probe on 3 tiny rooms
+            "method.data.scenes=2",
+            "method.data.views=6",
+            "method.data.size=[48,64]",
+            "method.views.gap=2",
+            "method.optim.steps=3",
+            "method.ckpt_every=2",
+            "method.progress=false",
+            "task.dataset.scenes=3",
+            "task.dataset.views=3",
+            "task.dataset.size=48",
+            "task.dataset.held_out=1",
+            "task.protocols.linear.schedule.epochs=1",
+            "task.progress=false",
+        ]
+    )
 
 
 @pytest.mark.slow

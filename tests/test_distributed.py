@@ -1,5 +1,6 @@
 """Data-parallel training on CPU (gloo, torchrun): 2 ranks x batch 1 == 1 process x batch 2, exact resume of a
 2-rank run, rank 0 alone writes; plus the pieces (gradient all-reduce, pooled-mean weighting, step loader)."""
+
 from __future__ import annotations
 
 import json
@@ -29,24 +30,51 @@ def scenes(tmp_path_factory):
 
 
 def _overrides(root, steps=4):
-    return ["method=splat_distill", "backbone=tiny_vit", "device=cpu", "method.data.dataset=synthetic",
-            f"method.data.root={root}", f"method.data.scenes={SCENES}", f"method.data.views={VIEWS}",
-            f"method.data.size=[{SIZE[0]},{SIZE[1]}]", "method.data.seed=0", "method.views.gap=4",
-            "method.head.prototypes=64", "method.head.hidden_dim=64", "method.head.bottleneck_dim=16",
-            "method.optim.batch_size=2", "method.optim.lr=2e-3", "method.teacher.every=1",
-            "method.teacher.momentum=0.9", "method.progress=false", f"method.optim.steps={steps}",
-            "method.ckpt_every=2", "method.log_every=2", "method.lift.slic_segments=16",
-            "method.adapter.dropout=0.0",  # stochastic layers draw per-rank streams: equality needs none
-            "loader.workers=0"]
+    return [
+        "method=splat_distill",
+        "backbone=tiny_vit",
+        "device=cpu",
+        "method.data.dataset=synthetic",
+        f"method.data.root={root}",
+        f"method.data.scenes={SCENES}",
+        f"method.data.views={VIEWS}",
+        f"method.data.size=[{SIZE[0]},{SIZE[1]}]",
+        "method.data.seed=0",
+        "method.views.gap=4",
+        "method.head.prototypes=64",
+        "method.head.hidden_dim=64",
+        "method.head.bottleneck_dim=16",
+        "method.optim.batch_size=2",
+        "method.optim.lr=2e-3",
+        "method.teacher.every=1",
+        "method.teacher.momentum=0.9",
+        "method.progress=false",
+        f"method.optim.steps={steps}",
+        "method.ckpt_every=2",
+        "method.log_every=2",
+        "method.lift.slic_segments=16",
+        "method.adapter.dropout=0.0",  # stochastic layers draw per-rank streams: equality needs none
+        "loader.workers=0",
+    ]
 
 
 def _torchrun(workdir, out, stop_after, overrides, nproc=2):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "tests" / "dist_snd.py"), str(workdir), str(out), str(stop_after), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(ROOT / "tests" / "dist_snd.py"),
+        str(workdir),
+        str(out),
+        str(stop_after),
+        *overrides,
+    ]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(ROOT))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    writes = [json.loads(line[len("WRITES "):]) for line in p.stdout.splitlines() if line.startswith("WRITES ")]
+    writes = [json.loads(line[len("WRITES ") :]) for line in p.stdout.splitlines() if line.startswith("WRITES ")]
     assert len(writes) == nproc - 1, p.stdout[-2000:]
     return writes
 
@@ -105,8 +133,9 @@ def test_example_draws_depend_only_on_seed_and_index():
     b.sample(), b.sample()  # a running stream does not shift the indexed draws
     assert [a.example(i) for i in range(10)] == [b.example(i) for i in reversed(range(10))][::-1]
     assert len({a.example(i) for i in range(50)}) > 10
-    assert ViewSampler([20, 30], gap=8, seed=4).example(0) != a.example(0) or a.example(1) != \
-        ViewSampler([20, 30], gap=8, seed=4).example(1)
+    assert ViewSampler([20, 30], gap=8, seed=4).example(0) != a.example(0) or a.example(1) != ViewSampler(
+        [20, 30], gap=8, seed=4
+    ).example(1)
 
 
 def test_step_loader_in_order_with_workers_and_restart():
@@ -127,15 +156,17 @@ def _worker_allreduce(rank, world, port, out):
 
     from bench import distributed as bd
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     bd.init("cpu")
     p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
-    p.grad = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1)   # q.grad missing on every rank -> zeros
+    p.grad = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1)  # q.grad missing on every rank -> zeros
     bd.allreduce_gradients([p, q])
     w = bd.global_mean_weight(torch.tensor(1.0 + 3 * rank))  # counts 1 and 4 -> 2*1/5, 2*4/5
-    torch.save({"p": p.grad, "q": q.grad, "w": w, "bs": bd.per_rank_batch(4), "slice": list(bd.rank_slice(4))},
-               f"{out}.{rank}")
+    torch.save(
+        {"p": p.grad, "q": q.grad, "w": w, "bs": bd.per_rank_batch(4), "slice": list(bd.rank_slice(4))}, f"{out}.{rank}"
+    )
     dist.destroy_process_group()
 
 

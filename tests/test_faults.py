@@ -1,5 +1,6 @@
 """The fault catalogue (docs/FAULTS.md), kept true: every row's id is a case below that provokes the fault
 and asserts one `error: ...` line containing the row's text, exit 2, no traceback, no record written."""
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,13 @@ def catalogue() -> dict:
 
 
 def paths(tmp: Path) -> list:
-    return [f"paths.root={tmp}", f"paths.data_dir={tmp}/data", f"paths.results_dir={tmp}/results",
-            f"paths.output_dir={tmp}/outputs", f"paths.cache_dir={tmp}/cache"]
+    return [
+        f"paths.root={tmp}",
+        f"paths.data_dir={tmp}/data",
+        f"paths.results_dir={tmp}/results",
+        f"paths.output_dir={tmp}/outputs",
+        f"paths.cache_dir={tmp}/cache",
+    ]
 
 
 def _cli(*argv):
@@ -40,6 +46,7 @@ def _cli(*argv):
 
 def _as_cli(fn):
     """Run ``fn`` and report a BenchError the way the CLI does."""
+
     def act():
         try:
             fn()
@@ -47,6 +54,7 @@ def _as_cli(fn):
             print(f"error: {e.line()}", file=sys.stderr)
             return e.exit_code
         return 0
+
     return act
 
 
@@ -111,6 +119,7 @@ def _case(cid: str, tmp: Path, monkeypatch, request):
         if cid == "hub-offline-uncached":
             monkeypatch.setenv("HF_HUB_OFFLINE", "1")
             import huggingface_hub.constants as C
+
             monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
             return run("backbone=dinov2_vits14", "backbone.hub_repo=org/tiny")
         return run("backbone=tiny_vit", f"backbone.weights={hub.hf_ref('org/tiny', 'nope.safetensors')}")
@@ -130,14 +139,26 @@ def _case(cid: str, tmp: Path, monkeypatch, request):
             (tmp / "ade" / "images" / "validation" / f"ADE_{k}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
         return run("method=dinov2", "backbone=tiny_vit", "task=ade20k_seg", f"task.dataset.root={tmp}/ade")
     if cid == "sweep-bad-cell":
-        return _cli("sweep", "method=dinov2", "backbone=tiny_vit", "task=synth_depth,nyu_depth", *p,
-                    f"cluster.folder={tmp}/sweep")
+        return _cli(
+            "sweep",
+            "method=dinov2",
+            "backbone=tiny_vit",
+            "task=synth_depth,nyu_depth",
+            *p,
+            f"cluster.folder={tmp}/sweep",
+        )
     if cid in ("record-empty", "record-list", "record-metric-text", "record-not-json"):
         runs = tmp / "results" / "runs"
         runs.mkdir(parents=True)
-        (runs / "bad.json").write_text({"record-empty": "{}", "record-list": "[1, 2]", "record-not-json": "{torn",
-                                        "record-metric-text": '{"id": "x", "method": "m", "backbone": "b", '
-                                                              '"task": "t", "metrics": {"rmse": "abc"}}'}[cid])
+        (runs / "bad.json").write_text(
+            {
+                "record-empty": "{}",
+                "record-list": "[1, 2]",
+                "record-not-json": "{torn",
+                "record-metric-text": '{"id": "x", "method": "m", "backbone": "b", '
+                '"task": "t", "metrics": {"rmse": "abc"}}',
+            }[cid]
+        )
         return _cli("table", "--results", str(tmp / "results"))
     if cid == "table-no-dir":
         return _cli("table", "--results", "nowhere")  # relative to tmp (the test's cwd)
@@ -145,8 +166,14 @@ def _case(cid: str, tmp: Path, monkeypatch, request):
         from bench.config import compose
         from bench.runner import MODEL_FILE, backbone_dir
 
-        ov = ["method.name=toy_train", "backbone=tiny_vit", "task.name=toy_probe", "+method.steps=1",
-              "+method.sleep_s=0", *p]
+        ov = [
+            "method.name=toy_train",
+            "backbone=tiny_vit",
+            "task.name=toy_probe",
+            "+method.steps=1",
+            "+method.sleep_s=0",
+            *p,
+        ]
         model = backbone_dir(compose(ov)) / MODEL_FILE
         model.parent.mkdir(parents=True)
         model.write_bytes(b"\x00garbage, not safetensors")
@@ -163,6 +190,7 @@ def _case(cid: str, tmp: Path, monkeypatch, request):
 
         def full_disk(*a, **k):
             raise OSError(28, "No space left on device")
+
         monkeypatch.setattr(records, "write_record", full_disk)
         return _cli("run", *TOY, *p)
     if cid == "probe-nan":
@@ -172,11 +200,19 @@ def _case(cid: str, tmp: Path, monkeypatch, request):
 
         def diverge():
             m = torch.nn.Linear(1, 1)
-            loop = TrainLoop(tmp / "wd", total_steps=2, optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
-                             state={"model": m}, grad_clip=1.0, progress=False)
+            loop = TrainLoop(
+                tmp / "wd",
+                total_steps=2,
+                optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+                state={"model": m},
+                grad_clip=1.0,
+                progress=False,
+            )
             loop.run(lambda i: m(torch.ones(1)).sum() * float("nan"))
+
         return _as_cli(diverge)
     if cid == "failed-run-error-file":
+
         def failing_run():
             try:
                 main(["run", "method.name=dinov2", "backbone=tiny_vit", "task.name=toy_fail", *p])
@@ -184,6 +220,7 @@ def _case(cid: str, tmp: Path, monkeypatch, request):
                 err = next((tmp / "outputs").rglob("error.txt"))
                 assert "toy_fail fails on purpose" in (err.parent / "run.log").read_text()
                 raise BenchError(err.read_text().splitlines()[0]) from None
+
         return _as_cli(failing_run)
     raise KeyError(cid)
 
@@ -195,8 +232,13 @@ class NaNProbe:
         from tasks.train_probe import train_probe
 
         probe = torch.nn.Linear(1, 1)
-        train_probe(probe, [torch.ones(1), torch.ones(1)], lambda b: probe(b).sum() * float("nan"),
-                    {"epochs": 1, "batch_size": 1, "lr": 1e-3}, progress=False)
+        train_probe(
+            probe,
+            [torch.ones(1), torch.ones(1)],
+            lambda b: probe(b).sum() * float("nan"),
+            {"epochs": 1, "batch_size": 1, "lr": 1e-3},
+            progress=False,
+        )
         return {"m": 1.0}
 
 
@@ -252,15 +294,22 @@ def test_training_nan_without_clipping_suggests_it(tmp_path):
     from bench.train import TrainLoop
 
     m = torch.nn.Linear(1, 1)
-    loop = TrainLoop(tmp_path, total_steps=2, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), state={"model": m},
-                     progress=False)
+    loop = TrainLoop(
+        tmp_path, total_steps=2, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), state={"model": m}, progress=False
+    )
     with pytest.raises(NonFiniteLossError, match="enable gradient clipping"):
         loop.run(lambda i: m(torch.ones(1)).sum() * float("nan"))
 
 
 def test_the_real_cli_prints_one_line_and_no_traceback(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "bench", "run", "seed=abc", *paths(tmp_path)], capture_output=True,
-                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "run", "seed=abc", *paths(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert [ln for ln in out.stderr.splitlines() if ln.strip()] == [
-        "error: seed must be an integer, got 'abc'. Fix: pass seed=<integer>, e.g. seed=0"]
+        "error: seed must be an integer, got 'abc'. Fix: pass seed=<integer>, e.g. seed=0"
+    ]

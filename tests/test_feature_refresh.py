@@ -1,4 +1,5 @@
 """A forced run (``force=true``) extracts the probe features again instead of reusing the feature cache."""
+
 import json
 from pathlib import Path
 
@@ -31,11 +32,11 @@ def test_refresh_extracts_every_sample_again_and_replaces_stale_files(tmp_path):
     cache = FeatureCache(tmp_path, "pool", "0123456789", FeatureSpec(layers=(0,)), {}, {})
     cache.fill(bb, images, batch_size=2, progress=False)
     assert bb.calls == 2
-    torch_save([[torch.zeros(3, 2, 2)]], cache.path(1))          # a stale sample (e.g. older extraction code)
+    torch_save([[torch.zeros(3, 2, 2)]], cache.path(1))  # a stale sample (e.g. older extraction code)
     cache.fill(bb, images, batch_size=2, progress=False)
     assert bb.calls == 2 and cache.load(1)[0][0].abs().sum() == 0  # complete cache: reused as it is
     cache.fill(bb, images, batch_size=2, progress=False, refresh=True)
-    assert bb.calls == 4                                           # both batches again
+    assert bb.calls == 4  # both batches again
     for i in range(3):
         assert torch.equal(cache.load(i)[0][0], torch.nn.functional.avg_pool2d(images[i]["image"], 4))
     assert json.loads((cache.dir / "meta.json").read_text())["count"] == 3
@@ -45,8 +46,10 @@ def test_refresh_extracts_every_sample_again_and_replaces_stale_files(tmp_path):
 class _FakeRGBD(torch.utils.data.Dataset):
     def __init__(self, root, split, n=3):
         g = torch.Generator().manual_seed(0 if split == "train" else 1)
-        self.items = [{"image": torch.rand(3, 32, 32, generator=g), "depth": 1 + 4 * torch.rand(32, 32, generator=g)}
-                      for _ in range(int(n))]
+        self.items = [
+            {"image": torch.rand(3, 32, 32, generator=g), "depth": 1 + 4 * torch.rand(32, 32, generator=g)}
+            for _ in range(int(n))
+        ]
 
     @classmethod
     def check(cls, root):
@@ -63,9 +66,17 @@ def test_dense_task_with_force_true_recomputes_the_cached_teacher_features(tmp_p
     from bench.backbones import build_backbone
 
     bb = build_backbone(compose(["backbone=tiny_cnn"]).backbone)
-    base = ["task=synth_depth", "backbone=tiny_cnn", f"paths.data_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache",
-            "task.dataset.name=tests_fake_rgbd_refresh", f"task.dataset.root={tmp_path}", "task.progress=false",
-            "task.protocols.linear.schedule.epochs=1", "task.protocols.linear.schedule.batch_size=2"]
+    base = [
+        "task=synth_depth",
+        "backbone=tiny_cnn",
+        f"paths.data_dir={tmp_path}",
+        f"paths.cache_dir={tmp_path}/cache",
+        "task.dataset.name=tests_fake_rgbd_refresh",
+        f"task.dataset.root={tmp_path}",
+        "task.progress=false",
+        "task.protocols.linear.schedule.epochs=1",
+        "task.protocols.linear.schedule.batch_size=2",
+    ]
     task = TASKS.get("synth_depth")()
 
     def run(*extra) -> Path:
@@ -79,7 +90,7 @@ def test_dense_task_with_force_true_recomputes_the_cached_teacher_features(tmp_p
     stale = [[torch.full_like(t, 7.0) for t in layer] for layer in fresh]
     torch_save(stale, sample)
     assert run() == sample and torch.equal(torch.load(sample, weights_only=True)[0][0], stale[0][0])  # reused
-    assert run("force=true") == sample                                                                 # same key
+    assert run("force=true") == sample  # same key
     again = torch.load(sample, weights_only=True)
     assert torch.equal(again[0][0], fresh[0][0]) and not torch.equal(again[0][0], stale[0][0])
 
@@ -90,10 +101,20 @@ def test_sweep_force_flag_makes_frozen_cells_refresh_their_features(toys, tmp_pa
     does not (force=true would retrain its backbone; ``force=true`` as an override does that)."""
     from bench import sweep
 
-    ov = ["backbone=tiny_vit", "task=synth_corr", f"paths.root={tmp_path}", f"paths.data_dir={tmp_path}/data",
-          f"paths.results_dir={tmp_path}/results", f"paths.output_dir={tmp_path}/outputs",
-          f"paths.cache_dir={tmp_path}/cache", "+method.steps=2", "+method.sleep_s=0",
-          f"cluster.folder={tmp_path}/sweep", "method.name=dinov2,toy_train", "task.name=toy_probe"]
+    ov = [
+        "backbone=tiny_vit",
+        "task=synth_corr",
+        f"paths.root={tmp_path}",
+        f"paths.data_dir={tmp_path}/data",
+        f"paths.results_dir={tmp_path}/results",
+        f"paths.output_dir={tmp_path}/outputs",
+        f"paths.cache_dir={tmp_path}/cache",
+        "+method.steps=2",
+        "+method.sleep_s=0",
+        f"cluster.folder={tmp_path}/sweep",
+        "method.name=dinov2,toy_train",
+        "task.name=toy_probe",
+    ]
     frozen, trained = "eval:dinov2-tiny_vit-toy_probe-s0", "eval:toy_train-tiny_vit-toy_probe-s0"
     plain, forced = sweep.make_plan(ov), sweep.make_plan(ov, force=True)
     assert "force=true" not in plain.job_overrides[frozen] and forced.job_overrides[frozen][-1] == "force=true"

@@ -1,4 +1,5 @@
 """The depth panels of ``depth_normals.png`` carry one colour bar in metres (no backbone, no GPU)."""
+
 from __future__ import annotations
 
 import matplotlib
@@ -16,14 +17,14 @@ def _colour_bars(fig):
 
 
 def test_depth_panels_share_one_scale_with_a_colour_bar_in_metres():
-    gt = torch.tensor([[0.0, 1.5], [2.0, 4.0]])                 # 0 = invalid; largest valid depth 4 m
+    gt = torch.tensor([[0.0, 1.5], [2.0, 4.0]])  # 0 = invalid; largest valid depth 4 m
     fig, axes = plt.subplots(1, 3)
     bar = figures.depth_panels(fig, list(axes), gt, {"a": gt * 0.5, "b": gt + 1.0})
     try:
         (cax,) = _colour_bars(fig)
         assert cax is bar.ax and cax.get_ylabel() == "depth (m)"
-        assert cax.get_ylim() == (0.0, 4.0)                       # the bar spans 0 .. max valid depth
-        for ax in axes:                                           # every panel is drawn on the bar's scale
+        assert cax.get_ylim() == (0.0, 4.0)  # the bar spans 0 .. max valid depth
+        for ax in axes:  # every panel is drawn on the bar's scale
             (im,) = ax.get_images()
             assert (im.norm.vmin, im.norm.vmax) == (0.0, 4.0) and im.get_cmap().name == figures.DEPTH_CMAP
         # rmse over the valid pixels only: sqrt((0.75^2 + 1^2 + 2^2) / 3) = 1.3617

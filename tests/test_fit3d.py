@@ -1,6 +1,7 @@
 """FiT3D baseline: stage I quality, densification/pruning, caching and exact resume of both stages,
 stage II through the runner (saved, strict timm reload, evaluated), the concatenation protocol, the
 frozen-teacher method, and a smoke run of ``perf lift``. Tiny synthetic scene, tiny_vit, CPU."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,25 +23,55 @@ from baselines.fit3d.method import FiT3D, epoch_batches, fit_scenes, masked_l1, 
 from baselines.fit3d.stage1 import SceneFit, feature_correlation, fit_scene, scene_key, scene_seed
 
 ITERS = 24
-STAGE1 = [f"method.stage1.iterations={ITERS}", "method.stage1.init_points=300", "method.stage1.feature_dim=8",
-          "method.stage1.lr.colors=1e-2", "method.stage1.lr.features=1e-2", "method.stage1.lr.decoder=1e-2",
-          "method.stage1.densify.from=8", "method.stage1.densify.until=20", "method.stage1.densify.every=8",
-          "method.stage1.opacity_reset_every=0", "method.stage1.ckpt_every=8"]
+STAGE1 = [
+    f"method.stage1.iterations={ITERS}",
+    "method.stage1.init_points=300",
+    "method.stage1.feature_dim=8",
+    "method.stage1.lr.colors=1e-2",
+    "method.stage1.lr.features=1e-2",
+    "method.stage1.lr.decoder=1e-2",
+    "method.stage1.densify.from=8",
+    "method.stage1.densify.until=20",
+    "method.stage1.densify.every=8",
+    "method.stage1.opacity_reset_every=0",
+    "method.stage1.ckpt_every=8",
+]
 
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
     torch.set_num_threads(2)
     p = tmp_path_factory.mktemp("fit3d")
-    return compose([
-        "method=fit3d", "backbone=tiny_vit", "task=synth_depth", "device=cpu", "seed=0",
-        f"paths.results_dir={p}/results", f"paths.output_dir={p}/outputs", f"paths.cache_dir={p}/cache",
-        f"paths.data_dir={p}/data", "method.progress=false", "method.ckpt_every=1",
-        "method.data.dataset=synthetic", f"method.data.root={p}/scenes", "method.data.scenes=1",
-        "method.data.views=4", "method.data.size=[28,42]", "method.data.seed=3", *STAGE1,
-        "task.dataset.scenes=2", "task.dataset.views=2", "task.dataset.size=28", "task.dataset.held_out=1",
-        "task.protocols.linear.schedule.epochs=1", "task.progress=false",
-        "method.diagnostics.data.views=4", "method.diagnostics.pairs=2"])
+    return compose(
+        [
+            "method=fit3d",
+            "backbone=tiny_vit",
+            "task=synth_depth",
+            "device=cpu",
+            "seed=0",
+            f"paths.results_dir={p}/results",
+            f"paths.output_dir={p}/outputs",
+            f"paths.cache_dir={p}/cache",
+            f"paths.data_dir={p}/data",
+            "method.progress=false",
+            "method.ckpt_every=1",
+            "method.data.dataset=synthetic",
+            f"method.data.root={p}/scenes",
+            "method.data.scenes=1",
+            "method.data.views=4",
+            "method.data.size=[28,42]",
+            "method.data.seed=3",
+            *STAGE1,
+            "task.dataset.scenes=2",
+            "task.dataset.views=2",
+            "task.dataset.size=28",
+            "task.dataset.held_out=1",
+            "task.protocols.linear.schedule.epochs=1",
+            "task.progress=false",
+            "method.diagnostics.data.views=4",
+            "method.diagnostics.pairs=2",
+        ]
+    )
 
 
 def _teacher(cfg):
@@ -81,8 +112,12 @@ def test_stage1_cache_is_reused(cfg, stage1):
     m = cfg.method
     key = scene_key("a", m.data, "t", m.stage1, 0)
     assert key == scene_key("a", {**m.data, "scenes": 7}, "t", {**m.stage1, "ckpt_every": 3}, 0)  # same fit
-    for other in (scene_key("b", m.data, "t", m.stage1, 0), scene_key("a", m.data, "u", m.stage1, 0),
-                  scene_key("a", m.data, "t", {**m.stage1, "iterations": 5}, 0), scene_key("a", m.data, "t", m.stage1, 1)):
+    for other in (
+        scene_key("b", m.data, "t", m.stage1, 0),
+        scene_key("a", m.data, "u", m.stage1, 0),
+        scene_key("a", m.data, "t", {**m.stage1, "iterations": 5}, 0),
+        scene_key("a", m.data, "t", m.stage1, 1),
+    ):
         assert other != key
 
 
@@ -109,11 +144,11 @@ def _gaussians():
     is on, else split)."""
     g = SceneGaussians(5, 2)
     with torch.no_grad():
-        g.means.copy_(torch.tensor([[0., 0, 4], [.5, 0, 4], [0, .5, 4], [-.5, 0, 4], [0, -.5, 4]]))
-        g.log_scales.copy_(torch.log(torch.tensor([.005, .05, .005, .005, .5]))[:, None].expand(-1, 3))
+        g.means.copy_(torch.tensor([[0.0, 0, 4], [0.5, 0, 4], [0, 0.5, 4], [-0.5, 0, 4], [0, -0.5, 4]]))
+        g.log_scales.copy_(torch.log(torch.tensor([0.005, 0.05, 0.005, 0.005, 0.5]))[:, None].expand(-1, 3))
         g.quats[:, 0] = 1
-        g.opacity_logits.copy_(torch.logit(torch.tensor([.5, .5, .001, .5, .5])))
-        g.features.copy_(torch.arange(10.).reshape(5, 2))
+        g.opacity_logits.copy_(torch.logit(torch.tensor([0.5, 0.5, 0.001, 0.5, 0.5])))
+        g.features.copy_(torch.arange(10.0).reshape(5, 2))
     return g
 
 
@@ -142,15 +177,17 @@ def test_densify_clone_split_prune_counts_and_optimizer_state():
     for p in g.parameters():  # the optimiser follows the new parameters; moments of new entries are zero
         st = opt.state[p]
         assert any(q is p for grp in opt.param_groups for q in grp["params"])
-        assert st["exp_avg"].shape == p.shape and st["exp_avg"][2:].abs().sum() == 0 and st["exp_avg"][:2].abs().sum() > 0
-    out = g.render(torch.eye(4)[None], torch.tensor([[[20., 0, 16], [0, 20, 16], [0, 0, 1]]]), 32, 32)
+        assert (
+            st["exp_avg"].shape == p.shape and st["exp_avg"][2:].abs().sum() == 0 and st["exp_avg"][:2].abs().sum() > 0
+        )
+    out = g.render(torch.eye(4)[None], torch.tensor([[[20.0, 0, 16], [0, 20, 16], [0, 0, 1]]]), 32, 32)
     (out["rgb"].sum() + out["features"].sum()).backward()  # a step after the edit works
     opt.step()
 
 
 def test_prune_too_large_and_growth_cap():
     g = _gaussians()
-    g.max_radii.copy_(torch.tensor([1., 2, 1, 30, 1]))  # D is large on screen
+    g.max_radii.copy_(torch.tensor([1.0, 2, 1, 30, 1]))  # D is large on screen
     g.grad_accum.copy_(torch.tensor([3e-4, 3e-4, 9e-4, 1e-4, 3e-4]))
     g.grad_count.fill_(1)
     ev = g.densify_and_prune(None, grad_threshold=2e-4, extent=1.0, max_screen_size=20, world_size=0.1)
@@ -165,23 +202,23 @@ def test_prune_too_large_and_growth_cap():
 
 def test_view_space_gradient_statistics_and_opacity_reset():
     g = _gaussians()
-    K = torch.tensor([[20., 0, 16], [0, 10, 16], [0, 0, 1]])
+    K = torch.tensor([[20.0, 0, 16], [0, 10, 16], [0, 0, 1]])
     view = g.view_stats(torch.eye(4), K, 32, 32)
     assert view["visible"].tolist() == [True, True, False, True, True]  # C: opacity < 1/255 is culled
-    assert torch.allclose(view["z"], torch.full((5,), 4.))
-    g.means.grad = torch.tensor([[1., 0, 0], [0, 2, 0], [0, 0, 5], [0, 0, 0], [3, 4, 0]])
+    assert torch.allclose(view["z"], torch.full((5,), 4.0))
+    g.means.grad = torch.tensor([[1.0, 0, 0], [0, 2, 0], [0, 0, 5], [0, 0, 0], [3, 4, 0]])
     g.add_stats(view)
     # dL/du = dL/dx * z / fx, NDC: x W/2  ->  A: 1 * 4/20 * 16 = 3.2; B: 2 * 4/10 * 16 = 12.8; z-only: 0
-    assert torch.allclose(g.grad_accum, torch.tensor([3.2, 12.8, 0, 0, math.hypot(3 * .2 * 16, 4 * .4 * 16)]))
-    assert torch.equal(g.grad_count, torch.tensor([1., 1, 0, 1, 1]))
+    assert torch.allclose(g.grad_accum, torch.tensor([3.2, 12.8, 0, 0, math.hypot(3 * 0.2 * 16, 4 * 0.4 * 16)]))
+    assert torch.equal(g.grad_count, torch.tensor([1.0, 1, 0, 1, 1]))
     assert torch.equal(g.max_radii, torch.where(view["visible"], view["radius"], 0))
     opt = _adam_with_state(g)
     g.reset_opacity(0.01, opt)
-    assert torch.allclose(g.opacities, torch.tensor([.01, .01, .001, .01, .01]), atol=1e-6)
+    assert torch.allclose(g.opacities, torch.tensor([0.01, 0.01, 0.001, 0.01, 0.01]), atol=1e-6)
     assert opt.state[g.opacity_logits]["exp_avg"].abs().sum() == 0
     # colours: rgb = 0.5 + C0 * dc, clamped at 0
     g.colors_dc.data[0] = torch.tensor([1 / C0, -1 / C0, 0])
-    assert torch.allclose(g.rgb[0], torch.tensor([1.5, 0, .5]))
+    assert torch.allclose(g.rgb[0], torch.tensor([1.5, 0, 0.5]))
 
 
 def test_load_state_dict_resizes():
@@ -197,9 +234,9 @@ def test_feature_correlation_and_masked_l1():
     assert feature_correlation(x, 2 * x + 1) == pytest.approx(1.0)
     assert feature_correlation(x, -x) == pytest.approx(-1.0)
     assert feature_correlation(torch.zeros_like(x), x) == 0.0
-    pred, tgt = torch.zeros(1, 2, 1, 2), torch.tensor([[[[1., 3]], [[2, 5]]]])
+    pred, tgt = torch.zeros(1, 2, 1, 2), torch.tensor([[[[1.0, 3]], [[2, 5]]]])
     # cell 0 (weight 1): |1| + |2|; cell 1 (weight 0.5): 0.5 (|3| + |5|); / (2 channels x 1.5)
-    assert float(masked_l1(pred, tgt, torch.tensor([[[1., .5]]]))) == pytest.approx((3 + 4) / 3)
+    assert float(masked_l1(pred, tgt, torch.tensor([[[1.0, 0.5]]]))) == pytest.approx((3 + 4) / 3)
 
 
 def test_epoch_batches_cover_every_item_once_per_epoch():
@@ -280,9 +317,27 @@ def test_lift_perf_smoke(tmp_path, capsys):
     fn = PERF.get("lift")
     parser = argparse.ArgumentParser()
     fn.add_arguments(parser)
-    args = parser.parse_args(["--size", "28", "28", "--views", "2", "--iters", "1", "--init-points", "100",
-                              "--backbone", "tiny_vit", "--gap", "1", "--reconstructors", "depth",
-                              "--data-dir", str(tmp_path)])
+    args = parser.parse_args(
+        [
+            "--size",
+            "28",
+            "28",
+            "--views",
+            "2",
+            "--iters",
+            "1",
+            "--init-points",
+            "100",
+            "--backbone",
+            "tiny_vit",
+            "--gap",
+            "1",
+            "--reconstructors",
+            "depth",
+            "--data-dir",
+            str(tmp_path),
+        ]
+    )
     assert fn(args) == 0
     out = capsys.readouterr().out
     assert "FiT3D stage I" in out and "SnD feed-forward (depth)" in out and "30000 iterations" in out
@@ -293,13 +348,13 @@ def test_stage2_loss_mask_rules_and_batchnorm_eval():
     from baselines.fit3d.method import stage2_mask, train_mode
     from bench.backbones import build_backbone
 
-    alpha = torch.tensor([[[0.9, 0.2], [0.7, 0.0]]])                       # [1,H,W]
-    anon = torch.tensor([[[255, 255], [0, 255]]])                          # 0 = anonymised
+    alpha = torch.tensor([[[0.9, 0.2], [0.7, 0.0]]])  # [1,H,W]
+    anon = torch.tensor([[[255, 255], [0, 255]]])  # 0 = anonymised
     view = {"anon": anon}
     assert stage2_mask(view, alpha, 0.5, "anon")[0, 0].tolist() == [[1, 1], [0, 1]]
     assert stage2_mask(view, alpha, 0.5, "coverage")[0, 0].tolist() == [[1, 0], [1, 0]]
     assert stage2_mask(view, alpha, 0.5, "anon_and_coverage")[0, 0].tolist() == [[1, 0], [0, 0]]
-    assert stage2_mask({}, alpha, 0.5, "anon")[0, 0].tolist() == [[1, 1], [1, 1]]   # no masks: all ones
+    assert stage2_mask({}, alpha, 0.5, "anon")[0, 0].tolist() == [[1, 1], [1, 1]]  # no masks: all ones
     bb = build_backbone(compose(["backbone=tiny_cnn"]).backbone)
     bns = [m for m in bb.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert bns

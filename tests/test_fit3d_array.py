@@ -1,6 +1,7 @@
 """FiT3D stage I as a job array (issue 15 item 4): the sweep plans one stage-I task per scene (or per
 shard), skips scenes already fitted, makes the training job depend on every task; the array's fits are
 the ones the sequential path computes (same cache keys), so stage II trains the same backbone."""
+
 from __future__ import annotations
 
 import json
@@ -18,21 +19,53 @@ from bench.runner import MODEL_FILE, backbone_dir
 from baselines.fit3d.method import open_scenes, run_stage1, scene_dirs, stage1_shards, stage1_teacher, teacher_identity
 from baselines.fit3d.stage1 import is_fitted
 
-STAGE1 = ["method.stage1.iterations=6", "method.stage1.init_points=120", "method.stage1.feature_dim=4",
-          "method.stage1.densify.from=2", "method.stage1.densify.until=5", "method.stage1.densify.every=2",
-          "method.stage1.opacity_reset_every=0", "method.stage1.ckpt_every=2", "method.stage1.eval=false"]
+STAGE1 = [
+    "method.stage1.iterations=6",
+    "method.stage1.init_points=120",
+    "method.stage1.feature_dim=4",
+    "method.stage1.densify.from=2",
+    "method.stage1.densify.until=5",
+    "method.stage1.densify.every=2",
+    "method.stage1.opacity_reset_every=0",
+    "method.stage1.ckpt_every=2",
+    "method.stage1.eval=false",
+]
 
 
 def overrides(tmp: Path, cache: str = "cache", *extra: str) -> list:
-    return ["method=fit3d", "backbone=tiny_vit", "task=synth_depth", "device=cpu", "seed=0",
-            f"paths.root={tmp}", f"paths.results_dir={tmp}/results", f"paths.output_dir={tmp}/outputs",
-            f"paths.cache_dir={tmp}/{cache}", f"paths.data_dir={tmp}/data", "method.progress=false",
-            "method.data.dataset=synthetic", f"method.data.root={tmp}/scenes", "method.data.scenes=3",
-            "method.data.views=3", "method.data.size=[28,28]", "method.data.seed=3", *STAGE1,
-            "method.stage2.steps=2", "method.ckpt_every=1", "method.diagnostics.data.views=2",
-            "method.diagnostics.pairs=1", "task.dataset.scenes=2", "task.dataset.views=2", "task.dataset.size=28",
-            "task.dataset.held_out=1", "task.protocols.linear.schedule.epochs=1", "task.progress=false",
-            f"cluster.folder={tmp}/sweep", "loader.workers=0", *extra]
+    return [
+        "method=fit3d",
+        "backbone=tiny_vit",
+        "task=synth_depth",
+        "device=cpu",
+        "seed=0",
+        f"paths.root={tmp}",
+        f"paths.results_dir={tmp}/results",
+        f"paths.output_dir={tmp}/outputs",
+        f"paths.cache_dir={tmp}/{cache}",
+        f"paths.data_dir={tmp}/data",
+        "method.progress=false",
+        "method.data.dataset=synthetic",
+        f"method.data.root={tmp}/scenes",
+        "method.data.scenes=3",
+        "method.data.views=3",
+        "method.data.size=[28,28]",
+        "method.data.seed=3",
+        *STAGE1,
+        "method.stage2.steps=2",
+        "method.ckpt_every=1",
+        "method.diagnostics.data.views=2",
+        "method.diagnostics.pairs=1",
+        "task.dataset.scenes=2",
+        "task.dataset.views=2",
+        "task.dataset.size=28",
+        "task.dataset.held_out=1",
+        "task.protocols.linear.schedule.epochs=1",
+        "task.progress=false",
+        f"cluster.folder={tmp}/sweep",
+        "loader.workers=0",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +84,7 @@ def test_plan_has_one_stage1_task_per_scene_and_training_depends_on_all(scenes):
     assert [j.items for j in stage1] == [[s] for s in ids] and len(ids) == 3
     assert all(j.array == f"stage1@{key}" and j.after_ok == [] for j in stage1)
     train = plan.jobs[f"train:{key}"]
-    assert train.after_ok == [j.name for j in stage1]             # afterok on every array task
+    assert train.after_ok == [j.name for j in stage1]  # afterok on every array task
     assert list(plan.jobs).index(train.name) > max(list(plan.jobs).index(j.name) for j in stage1)
     assert plan.jobs["leaderboard"].after_any == [n for n in plan.jobs if n != "leaderboard"]
     text = sweep.plan_table(plan)
@@ -59,16 +92,20 @@ def test_plan_has_one_stage1_task_per_scene_and_training_depends_on_all(scenes):
     assert all(f"afterok {j.name}" in text for j in stage1)
     cells = [c for c in plan.cells if c.trains]
     two = sweep._prepare_jobs(compose(overrides(tmp, "cache", "cluster.stage1_per_task=2")), key, cells)
-    assert [j.items for j in two] == [ids[:2], ids[2:]] and [j.name for j in two] == [f"stage1:{key}/0",
-                                                                                       f"stage1:{key}/1"]
+    assert [j.items for j in two] == [ids[:2], ids[2:]] and [j.name for j in two] == [
+        f"stage1:{key}/0",
+        f"stage1:{key}/1",
+    ]
     # cluster.stage1_per_task=0: no array, the training job fits the scenes itself (sequential)
     assert sweep._prepare_jobs(compose(overrides(tmp, "cache", "cluster.stage1_per_task=0")), key, cells) == []
 
 
 def test_slurm_dependency_names_the_whole_array_once():
-    jobs = {"s/a": JobRecord("s/a", "stage1", [], "stage1@k", job_id="41_0"),
-            "s/b": JobRecord("s/b", "stage1", [], "stage1@k", job_id="41_1"),
-            "other": JobRecord("other", "train", [], "train", job_id="40")}
+    jobs = {
+        "s/a": JobRecord("s/a", "stage1", [], "stage1@k", job_id="41_0"),
+        "s/b": JobRecord("s/b", "stage1", [], "stage1@k", job_id="41_1"),
+        "other": JobRecord("other", "train", [], "train", job_id="40"),
+    }
     train = JobRecord("t", "train", [], "train", after_ok=["s/a", "s/b"])
     part = JobRecord("t2", "train", [], "train", after_ok=["s/a", "other"])
     dep = SlurmBackend._dependency
@@ -82,12 +119,12 @@ def test_array_tasks_fit_the_sequential_cache_and_skip_fitted_scenes(scenes):
     shards, fitted = stage1_shards(cfg)
     assert shards == [[s] for s in ids] and fitted == []
     job = PrepareJob(overrides=overrides(tmp, "cache_array"), cwd=str(Path.cwd()), items=[ids[1]])
-    out = job()                                                    # the callable a SLURM/local array task runs
+    out = job()  # the callable a SLURM/local array task runs
     assert list(out) == [ids[1]] and is_fitted(Path(out[ids[1]]))
     shards, fitted = stage1_shards(cfg)
-    assert shards == [[ids[0]], [ids[2]]] and fitted == [ids[1]]   # the fitted scene gets no task
+    assert shards == [[ids[0]], [ids[2]]] and fitted == [ids[1]]  # the fitted scene gets no task
     mtime = (Path(out[ids[1]]) / "scene.safetensors").stat().st_mtime_ns
-    run_stage1(cfg, [ids[1]])                                      # a requeued task: the finished scene is reused
+    run_stage1(cfg, [ids[1]])  # a requeued task: the finished scene is reused
     assert (Path(out[ids[1]]) / "scene.safetensors").stat().st_mtime_ns == mtime
     # the sequential path (stage I inside the training job, fit_scenes) keys the scenes identically
     seq = compose(overrides(tmp, "cache_seq"))
@@ -104,14 +141,15 @@ def test_local_sweep_array_equals_the_sequential_backbone(scenes, capsys):
     from bench import runner
 
     tmp, ids = scenes
-    ov = overrides(tmp, "cache_local", "cluster.max_workers=2", "cluster.poll_s=0.3",
-                   f"cluster.folder={tmp}/outputs/sweeps/array")
+    ov = overrides(
+        tmp, "cache_local", "cluster.max_workers=2", "cluster.poll_s=0.3", f"cluster.folder={tmp}/outputs/sweeps/array"
+    )
     plan = sweep.make_plan(ov)
     assert sum(j.kind == "stage1" for j in plan.jobs.values()) == 3
     done = sweep.run(plan, echo=lambda *_: None)
     assert all(j.state == "done" for j in done.jobs.values()), [(j.name, j.error) for j in done.jobs.values()]
     seq_cfg = compose(overrides(tmp, "cache_local_seq"))
-    seq_dir = runner.train(seq_cfg)                                # sequential: stage I in the training job
+    seq_dir = runner.train(seq_cfg)  # sequential: stage I in the training job
     arr_dir = backbone_dir(compose(ov))
     assert arr_dir.name == seq_dir.name
     a, b = load_file(str(arr_dir / MODEL_FILE)), load_file(str(seq_dir / MODEL_FILE))

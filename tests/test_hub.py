@@ -2,6 +2,7 @@
 
 Only loopback traffic: the ``local_hub`` fixture points HF_ENDPOINT at 127.0.0.1 and the cache at tmp_path.
 """
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,9 @@ def test_revision_pinning(local_hub, tmp_path):
     for rev in (first["commit"], "v1"):
         old = read_state_dict(f"hf://{REPO}/model.safetensors@{rev}")
         assert torch.equal(old["w"], sd_a["w"])
-    assert (hub.hub_snapshot(REPO, first["commit"]) / "model.safetensors").read_bytes() == \
-        (a / "model.safetensors").read_bytes()
+    assert (hub.hub_snapshot(REPO, first["commit"]) / "model.safetensors").read_bytes() == (
+        a / "model.safetensors"
+    ).read_bytes()
 
     dev = hub.hub_push(str(a / "model.safetensors"), REPO, branch="dev")
     assert dev["revision"] == "dev" and local_hub.head(REPO, "dev") == dev["commit"]
@@ -139,8 +141,10 @@ def test_offline_mode_uses_only_the_cache(local_hub, tmp_path, monkeypatch):
     assert hub.hub_snapshot(REPO, allow_patterns=["*.safetensors"]).name == sha
     with pytest.raises(HubError) as e:
         hub.resolve_hf_path(f"hf://{REPO}/config.yaml")  # on the Hub, but never downloaded
-    assert "HF_HUB_OFFLINE is set and 'config.yaml' of Hub repo 'bench-org/tiny' is not in the local cache" \
+    assert (
+        "HF_HUB_OFFLINE is set and 'config.yaml' of Hub repo 'bench-org/tiny' is not in the local cache"
         in e.value.problem
+    )
     assert f"python -m bench hub pull {REPO}" in e.value.fix
     with pytest.raises(HubError, match="HF_HUB_OFFLINE is set"):
         hub.hub_push(str(src), REPO)
@@ -168,8 +172,11 @@ def test_push_sources_run_dir_and_cache_key(tmp_path, monkeypatch):
     for source in (str(bb), key, str(run)):
         root, files = hub.push_sources(source)
         assert root == bb and set(files) == expected
-    assert set(hub.push_sources(str(bb), include=["*"], exclude=["*.yaml"])[1]) == \
-        {"model.safetensors", "train_info.json", "ckpt/last.pt"}
+    assert set(hub.push_sources(str(bb), include=["*"], exclude=["*.yaml"])[1]) == {
+        "model.safetensors",
+        "train_info.json",
+        "ckpt/last.pt",
+    }
     write_json(run / "record.json", {"checkpoint": {"kind": "pretrained"}})
     with pytest.raises(HubError, match="no trained checkpoint"):
         hub.push_sources(str(run))
@@ -209,6 +216,7 @@ def test_pushed_backbone_loads_with_timm_create_model(local_hub, tmp_path):
     with torch.no_grad():
         assert torch.equal(model.forward_features(x), bb.model.forward_features(x))
     # bench reads the pushed file back too (timm layout, strict)
-    back = build_backbone(OmegaConf.create({"name": "tiny_vit",
-                                            "weights": "hf://bench-org/tiny-vit/model.safetensors"}))
+    back = build_backbone(
+        OmegaConf.create({"name": "tiny_vit", "weights": "hf://bench-org/tiny-vit/model.safetensors"})
+    )
     assert all(torch.equal(back.model.state_dict()[k], own[k]) for k in own)

@@ -2,6 +2,7 @@
 per configuration, sweep skips by fingerprint, path-independent backbone cache keys, one training for
 two concurrent identical cells, resumed segments summed, files following the umask, the demo's own
 results directory."""
+
 from __future__ import annotations
 
 import json
@@ -22,16 +23,34 @@ ROOT = TESTS.parent
 
 
 def paths(tmp: Path, cache: str | None = None, data: str | None = None) -> list:
-    return [f"paths.root={tmp}", f"paths.data_dir={data or tmp / 'data'}", f"paths.results_dir={tmp}/results",
-            f"paths.output_dir={tmp}/outputs", f"paths.cache_dir={cache or tmp / 'cache'}"]
+    return [
+        f"paths.root={tmp}",
+        f"paths.data_dir={data or tmp / 'data'}",
+        f"paths.results_dir={tmp}/results",
+        f"paths.output_dir={tmp}/outputs",
+        f"paths.cache_dir={cache or tmp / 'cache'}",
+    ]
 
 
 def write_record(results: Path, cfg, value: float, created: str) -> dict:
     ident = cell_identity(cfg)
-    rec = {"schema": 1, "id": f"{created}_{cfg.method.name}_{ident['cell'][:6]}", "created": created,
-           "method": cfg.method.name, "backbone": cfg.backbone.name, "task": cfg.task.name, "dataset": "synthetic",
-           "protocol": {"name": "linear"}, "seed": int(cfg.seed), "metrics": {"rmse": value}, "report": ["rmse"],
-           "identity": ident, "config": {}, "wall_time_s": {"total": 1.0}, "device": {"cpu": "x", "threads": 1}}
+    rec = {
+        "schema": 1,
+        "id": f"{created}_{cfg.method.name}_{ident['cell'][:6]}",
+        "created": created,
+        "method": cfg.method.name,
+        "backbone": cfg.backbone.name,
+        "task": cfg.task.name,
+        "dataset": "synthetic",
+        "protocol": {"name": "linear"},
+        "seed": int(cfg.seed),
+        "metrics": {"rmse": value},
+        "report": ["rmse"],
+        "identity": ident,
+        "config": {},
+        "wall_time_s": {"total": 1.0},
+        "device": {"cpu": "x", "threads": 1},
+    }
     records.write_record(results, rec)
     return rec
 
@@ -42,12 +61,23 @@ def test_fingerprint_covers_the_recipe_not_paths_or_progress(tmp_path):
     a = cell_identity(compose(base))
     assert a["label"] == "demo" and a["short"] == a["row"][:8] and len(a["cell"]) == 16
     # what does not change the number: paths, progress, logging/ckpt cadence, the device
-    for ov in (paths(tmp_path / "elsewhere"), ["method.progress=false", "task.progress=false"],
-               ["method.ckpt_every=7", "method.log_every=3"], ["device=cpu"], ["task.num_workers=2"]):
+    for ov in (
+        paths(tmp_path / "elsewhere"),
+        ["method.progress=false", "task.progress=false"],
+        ["method.ckpt_every=7", "method.log_every=3"],
+        ["device=cpu"],
+        ["task.num_workers=2"],
+    ):
         assert cell_identity(compose(base + ov))["cell"] == a["cell"], ov
     # what does: the training data, the method, the probe schedule, the eval data, the protocol, the seed
-    for ov in (["method.data.scenes=5"], ["method.optim.lr=2e-4"], ["task.protocols.linear.schedule.epochs=4"],
-               ["task.dataset.seed=3"], ["protocol=probe3d"], ["backbone=tiny_vit"]):
+    for ov in (
+        ["method.data.scenes=5"],
+        ["method.optim.lr=2e-4"],
+        ["task.protocols.linear.schedule.epochs=4"],
+        ["task.dataset.seed=3"],
+        ["protocol=probe3d"],
+        ["backbone=tiny_vit"],
+    ):
         b = cell_identity(compose(base + ov))
         assert b["row"] != a["row"] and b["cell"] != a["cell"], ov
     s1 = cell_identity(compose(base + ["seed=1"]))
@@ -59,7 +89,9 @@ def test_changed_recipe_gets_its_own_leaderboard_row(tmp_path):
     res = tmp_path / "results"
     base = ["method=dinov2", "backbone=efficientnet_lite0", *paths(tmp_path)]
     for seed, v in ((0, 1.0), (1, 3.0)):
-        write_record(res, compose(base + ["experiment=mini_benchmark", f"seed={seed}"]), v, f"2026-01-01T00:00:0{seed}Z")
+        write_record(
+            res, compose(base + ["experiment=mini_benchmark", f"seed={seed}"]), v, f"2026-01-01T00:00:0{seed}Z"
+        )
     # the demo's recipe: another training set and probe schedule -> a separate row, not a replacement
     demo = compose(base + ["experiment=demo"])
     write_record(res, demo, 9.5, "2026-01-02T00:00:00Z")
@@ -77,8 +109,16 @@ def test_changed_recipe_gets_its_own_leaderboard_row(tmp_path):
 
 def test_legacy_records_are_shown_apart_and_never_skip_a_sweep(toys, tmp_path):
     res = tmp_path / "results"
-    legacy = {"id": "old", "created": "2025-01-01T00:00:00Z", "method": "dinov2", "backbone": "tiny_vit",
-              "task": "toy_probe", "seed": 1, "protocol": {"name": "default"}, "metrics": {"rmse": 7.25}}
+    legacy = {
+        "id": "old",
+        "created": "2025-01-01T00:00:00Z",
+        "method": "dinov2",
+        "backbone": "tiny_vit",
+        "task": "toy_probe",
+        "seed": 1,
+        "protocol": {"name": "default"},
+        "metrics": {"rmse": 7.25},
+    }
     records.write_record(res, legacy)
     cfg = compose(["method.name=dinov2", "task.name=toy_probe", "backbone=tiny_vit", *paths(tmp_path)])
     write_record(res, cfg, 1.5, "2026-01-01T00:00:00Z")
@@ -86,14 +126,22 @@ def test_legacy_records_are_shown_apart_and_never_skip_a_sweep(toys, tmp_path):
     legacy_row = next(ln for ln in md.splitlines() if "legacy (no fingerprint)" in ln)
     assert "7.25" in legacy_row and "1.5" not in legacy_row and "1.5" in md
     # the legacy record's cell (seed 1) does not count as done; the fingerprinted one (seed 0) does
-    assert not records.has_record(res, compose(["method.name=dinov2", "task.name=toy_probe", "backbone=tiny_vit",
-                                                "seed=1", *paths(tmp_path)]))
+    assert not records.has_record(
+        res, compose(["method.name=dinov2", "task.name=toy_probe", "backbone=tiny_vit", "seed=1", *paths(tmp_path)])
+    )
     assert records.has_record(res, cfg)
 
 
 def test_sweep_rerun_after_a_changed_override_runs_the_changed_cells(toys, tmp_path):
-    ov = ["method.name=dinov2", "backbone=tiny_vit", "task=synth_corr", "task.name=toy_probe", *paths(tmp_path),
-          f"cluster.folder={tmp_path}/sweep", "seed=0,1"]
+    ov = [
+        "method.name=dinov2",
+        "backbone=tiny_vit",
+        "task=synth_corr",
+        "task.name=toy_probe",
+        *paths(tmp_path),
+        f"cluster.folder={tmp_path}/sweep",
+        "seed=0,1",
+    ]
     for cfg in (compose([o for o in ov if not o.startswith("seed")] + [f"seed={s}"]) for s in (0, 1)):
         write_record(tmp_path / "results", cfg, 1.0, "2026-01-01T00:00:00Z")
     assert sweep.make_plan(ov).jobs == {}  # same configuration: both cells done
@@ -104,8 +152,13 @@ def test_sweep_rerun_after_a_changed_override_runs_the_changed_cells(toys, tmp_p
 
 
 def test_reproduce_into_a_new_results_dir_is_not_a_noop(toys, tmp_path, capsys):
-    ov = ["method.name=dinov2", "backbone=tiny_vit", "task.name=toy_probe", *paths(tmp_path),
-          f"cluster.folder={tmp_path}/sweep"]
+    ov = [
+        "method.name=dinov2",
+        "backbone=tiny_vit",
+        "task.name=toy_probe",
+        *paths(tmp_path),
+        f"cluster.folder={tmp_path}/sweep",
+    ]
     write_record(tmp_path / "results", compose(ov), 1.0, "2026-01-01T00:00:00Z")
     assert sweep.run(sweep.make_plan(ov), echo=print) is None
     out = capsys.readouterr().out
@@ -135,8 +188,12 @@ def test_backbone_key_is_the_same_for_every_spelling_of_the_same_inputs(tmp_path
     ckpt = tmp_path / "cache" / "reconstructors" / "cost_volume.safetensors"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"weights" * 100)
-    common = ["method=splat_distill", "backbone=tiny_vit", "method.data.dataset=scannetpp",
-              "method.reconstructor.name=learned"]
+    common = [
+        "method=splat_distill",
+        "backbone=tiny_vit",
+        "method.data.dataset=scannetpp",
+        "method.reconstructor.name=learned",
+    ]
     key = backbone_cache_key(compose(common + paths(tmp_path)))
     monkeypatch.chdir(tmp_path)  # relative vs absolute spellings
     assert backbone_cache_key(compose(common + paths(tmp_path, cache="cache", data="data"))) == key
@@ -147,8 +204,12 @@ def test_backbone_key_is_the_same_for_every_spelling_of_the_same_inputs(tmp_path
     # a moved cache and another data dir with identical content
     shutil.copytree(tmp_path / "cache", tmp_path / "moved" / "cache")
     shutil.copytree(data, tmp_path / "copy" / "data")
-    assert backbone_cache_key(compose(common + paths(tmp_path, cache=str(tmp_path / "moved/cache"),
-                                                     data=str(tmp_path / "copy/data")))) == key
+    assert (
+        backbone_cache_key(
+            compose(common + paths(tmp_path, cache=str(tmp_path / "moved/cache"), data=str(tmp_path / "copy/data")))
+        )
+        == key
+    )
     # different content is a different key: one changed byte in a frame, or another checkpoint
     frame = tmp_path / "copy/data/scannetpp/scene_b/dslr/frame_0000.png"
     frame.write_bytes(frame.read_bytes()[:-1] + b"X")
@@ -188,12 +249,27 @@ sys.exit(main(["run", *sys.argv[1:]]))
 
 
 def test_two_concurrent_identical_cells_train_once(tmp_path):
-    ov = ["method.name=toy_train", "backbone=tiny_vit", "task=synth_corr", "task.name=toy_probe",
-          "+method.steps=6", "+method.sleep_s=0.3", *paths(tmp_path)]
+    ov = [
+        "method.name=toy_train",
+        "backbone=tiny_vit",
+        "task=synth_corr",
+        "task.name=toy_probe",
+        "+method.steps=6",
+        "+method.sleep_s=0.3",
+        *paths(tmp_path),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     code = _RUN.format(tests=str(TESTS))
-    procs = [subprocess.Popen([sys.executable, "-c", code, *ov, f"run_dir={tmp_path}/outputs/run{i}"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, *ov, f"run_dir={tmp_path}/outputs/run{i}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     recs = records.load_records(tmp_path / "results")
@@ -241,10 +317,17 @@ def test_files_follow_the_umask(tmp_path):
 
 
 def test_hub_warnings_are_printed_once():
-    code = ("import logging; from bench.cli import _setup_logging; _setup_logging(False); "
-            "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code = (
+        "import logging; from bench.cli import _setup_logging; _setup_logging(False); "
+        "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert out.stderr.count("Retrying in 1s") == 1, out.stderr
 
 
@@ -258,7 +341,9 @@ def test_progress_logs_lines_when_stderr_is_not_a_terminal(caplog, monkeypatch):
         bar = progress(range(4), desc="synthetic pairs", unit="pair", every_s=0.0)
         assert isinstance(bar, LogProgress) and list(bar) == [0, 1, 2, 3]
     lines = [r.getMessage() for r in caplog.records if r.name == "bench.progress"]
-    assert lines[0].startswith("synthetic pairs: 0/4 pair (0%") and lines[-1].startswith("synthetic pairs: 4/4 pair (100%")
+    assert lines[0].startswith("synthetic pairs: 0/4 pair (0%") and lines[-1].startswith(
+        "synthetic pairs: 4/4 pair (100%"
+    )
     assert len(lines) == 5  # start + one per item (every_s=0)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="bench.progress"):

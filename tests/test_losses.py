@@ -1,4 +1,5 @@
 """Losses against hand-computed values; the gradient loss never mixes batch items."""
+
 import math
 
 import pytest
@@ -30,7 +31,7 @@ def test_gradient_loss_hand_example_and_per_image():
     pred, gt = _from_log_diff(D)
     valid = torch.ones(2, 3, 3, dtype=torch.bool)
     # image 1: one vertical pair (row 0 vs row 2, col 0) and one horizontal pair, each |1 - 0| = 1; 9 valid
-    single = [float(L.gradient_loss(pred[i:i + 1], gt[i:i + 1], valid[i:i + 1], eps=0)) for i in range(2)]
+    single = [float(L.gradient_loss(pred[i : i + 1], gt[i : i + 1], valid[i : i + 1], eps=0)) for i in range(2)]
     assert single == pytest.approx([0.0, 2 / 9])
     assert float(L.gradient_loss(pred, gt, valid, eps=0)) == pytest.approx(1 / 9)
 
@@ -48,8 +49,10 @@ def test_gradient_loss_does_not_mix_batch_items():
     pred2 = pred.clone()
     pred2[0, 0, 0] *= math.e
     full = float(L.gradient_loss(pred2, gt, valid, scales=(1, 2, 4, 6), eps=0))
-    parts = [float(L.gradient_loss(pred2[i:i + 1], gt[i:i + 1], valid[i:i + 1], scales=(1, 2, 4, 6), eps=0))
-             for i in range(2)]
+    parts = [
+        float(L.gradient_loss(pred2[i : i + 1], gt[i : i + 1], valid[i : i + 1], scales=(1, 2, 4, 6), eps=0))
+        for i in range(2)
+    ]
     assert full == pytest.approx(sum(parts) / 2) and parts[1] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -106,9 +109,9 @@ def test_published_mmseg_gradient_loss_is_zero_at_two_images_per_gpu():
     # FiT3D/SnD evaluation/depth/models/losses/gradientloss.py on [B,1,H,W]: its slices hit batch/channel axes
     torch.manual_seed(0)
     gt = torch.rand(2, 1, 6, 8) * 5 + 0.5
-    pred = torch.rand(2, 1, 6, 8) * 5 + 0.5   # far from gt, with strong spatial gradient errors
+    pred = torch.rand(2, 1, 6, 8) * 5 + 0.5  # far from gt, with strong spatial gradient errors
     assert float(L.mmseg_gradient_loss(pred, gt)) == 0.0
-    assert float(L.gradient_loss(pred[:, 0], gt[:, 0], gt[:, 0] > 0)) > 0.1   # the spatial loss is not
+    assert float(L.gradient_loss(pred[:, 0], gt[:, 0], gt[:, 0] > 0)) > 0.1  # the spatial loss is not
     # at 3 images it differences image 0 against image 2 (batch axis): non-zero, mixing images
     g3 = torch.full((3, 1, 2, 2), 2.0)
     p3 = g3.clone()
@@ -121,10 +124,12 @@ def test_sigloss_unbiased_variance_and_100_iteration_warm_up():
     # g = log(pred) - log(gt) = (0, log 2): mean g = log2/2, unbiased var = (log2)^2 / 2
     gt, pred, v = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 4.0]]), torch.tensor([[True, True]])
     g = math.log(2.0)
-    assert float(L.sig_loss(pred, gt, v, eps=0, variance="unbiased")) == pytest.approx(math.sqrt(g * g / 2 + 0.15 * g * g / 4))
+    assert float(L.sig_loss(pred, gt, v, eps=0, variance="unbiased")) == pytest.approx(
+        math.sqrt(g * g / 2 + 0.15 * g * g / 4)
+    )
     sig = L.SigLoss(warm_up=True, warm_iter=100, variance="unbiased", eps=0.0)
     warm = [float(sig(pred, gt, v)) for _ in range(100)]
-    assert warm == pytest.approx([math.sqrt(0.15) * g / 2] * 100)   # sqrt(0.15 mean(g)^2)
+    assert warm == pytest.approx([math.sqrt(0.15) * g / 2] * 100)  # sqrt(0.15 mean(g)^2)
     assert float(sig(pred, gt, v)) == pytest.approx(math.sqrt(g * g / 2 + 0.15 * g * g / 4))  # iteration 101
 
 
@@ -134,7 +139,7 @@ def test_probe3d_gradient_loss_pools_the_batch():
     D[1, 0, 0] = 1.0
     pred, gt = _from_log_diff(D)
     valid = torch.ones(2, 3, 3, dtype=torch.bool)
-    valid[0, 2, 2] = False   # image 0 has 8 valid pixels, image 1 has 9
+    valid[0, 2, 2] = False  # image 0 has 8 valid pixels, image 1 has 9
     # image 1: 2 pairs with |1 - 0|; pooled: 2 / (8 + 9); per image: (0 + 2/9) / 2
     assert float(L.gradient_loss(pred, gt, valid, (1,), eps=0, reduction="batch")) == pytest.approx(2 / 17)
     assert float(L.gradient_loss(pred, gt, valid, (1,), eps=0, reduction="image")) == pytest.approx(1 / 9)

@@ -1,4 +1,5 @@
 """MEF (methods/mef, method=mef / mef_official): loss, LoRA, data, training, resume, export, checkpoint layout."""
+
 from __future__ import annotations
 
 import json
@@ -15,11 +16,27 @@ from bench.errors import BenchError, CheckpointError
 
 
 def cfg_for(tmp: Path, *extra: str, backbone: str = "tiny_vit"):
-    return compose([f"backbone={backbone}", "method=mef", "device=cpu", f"paths.data_dir={tmp}/data",
-                    f"paths.cache_dir={tmp}/cache", f"paths.results_dir={tmp}/results",
-                    f"paths.output_dir={tmp}/outputs", "method.data.dataset=synthetic", "method.data.root=null",
-                    "method.data.objects=3", "method.data.views=8", "method.data.size=[48,48]", "method.points=300",
-                    "method.progress=false", "method.optim.lr=1e-3", "method.ckpt_every=3", *extra])
+    return compose(
+        [
+            f"backbone={backbone}",
+            "method=mef",
+            "device=cpu",
+            f"paths.data_dir={tmp}/data",
+            f"paths.cache_dir={tmp}/cache",
+            f"paths.results_dir={tmp}/results",
+            f"paths.output_dir={tmp}/outputs",
+            "method.data.dataset=synthetic",
+            "method.data.root=null",
+            "method.data.objects=3",
+            "method.data.views=8",
+            "method.data.size=[48,48]",
+            "method.points=300",
+            "method.progress=false",
+            "method.optim.lr=1e-3",
+            "method.ckpt_every=3",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +57,8 @@ def test_ranking_loss_hand_computed():
     p2 = torch.tensor([[[0.001, 0.0, 0.0], [0.5, 0.0, 0.0], [0.05, 0.0, 0.0]]])  # positive, negative, neither
     loss, info = ranking_loss(d1, d2, p1, p2)
     sig = lambda x: 1 / (1 + math.exp(min(max(-x / 0.01, -50), 50)))  # noqa: E731
-    r1 = 1 + sig(0.0)                      # q = 1
-    ap1 = r1 / (r1 + sig(c - 1))           # only t=1 is a negative (t=2 is 0.05 away: neither)
+    r1 = 1 + sig(0.0)  # q = 1
+    ap1 = r1 / (r1 + sig(c - 1))  # only t=1 is a negative (t=2 is 0.05 away: neither)
     r2 = 1 + sig(0.0)
     ap2 = r2 / (r2 + sig(c - 1))
     assert info["positives"] == 1
@@ -59,9 +76,9 @@ def test_qv_lora_targets_structure_and_merge():
     from methods.mef.adapt import QVLoRA, lora_targets
 
     torch.manual_seed(0)
-    bb = build_backbone(compose(["backbone=tiny_vit"]).backbone)   # 4 blocks: all are "the last 4"
-    for n, p in bb.model.named_parameters():                          # random init has layer scale 1e-5:
-        if n.endswith("gamma"):                                       # give the attention branch a real gradient
+    bb = build_backbone(compose(["backbone=tiny_vit"]).backbone)  # 4 blocks: all are "the last 4"
+    for n, p in bb.model.named_parameters():  # random init has layer scale 1e-5:
+        if n.endswith("gamma"):  # give the attention branch a real gradient
             p.data.fill_(1.0)
     assert list(lora_targets(bb.model, 2)) == ["blocks.2.attn.qkv", "blocks.3.attn.qkv"]
     before = {k: v.clone() for k, v in bb.model.state_dict().items()}
@@ -75,7 +92,7 @@ def test_qv_lora_targets_structure_and_merge():
     with torch.no_grad():
         wrapped = bb(x)
     model = lora.merge()
-    assert set(model.state_dict()) == set(before)                    # plain timm layout again
+    assert set(model.state_dict()) == set(before)  # plain timm layout again
     with torch.no_grad():
         assert torch.allclose(bb(x), wrapped, atol=1e-5)
     C = bb.embed_dim
@@ -84,9 +101,9 @@ def test_qv_lora_targets_structure_and_merge():
         if i < 2:
             assert delta.abs().max() == 0
             continue
-        assert delta[:C].abs().max() > 0 and delta[2 * C:].abs().max() > 0   # q and v moved
-        assert delta[C:2 * C].abs().max() == 0                                # k exactly untouched
-        assert all(int(torch.linalg.matrix_rank(d, rtol=1e-3)) <= 4 for d in (delta[:C], delta[2 * C:]))
+        assert delta[:C].abs().max() > 0 and delta[2 * C :].abs().max() > 0  # q and v moved
+        assert delta[C : 2 * C].abs().max() == 0  # k exactly untouched
+        assert all(int(torch.linalg.matrix_rank(d, rtol=1e-3)) <= 4 for d in (delta[:C], delta[2 * C :]))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items() if "qkv.weight" not in k)
 
 
@@ -95,8 +112,11 @@ def test_lora_on_cnn_backbones():
 
     bb = build_backbone(compose(["backbone=tiny_cnn"]).backbone)
     t = lora_targets(bb.model, 4)
-    assert t and all(k == "conv" for k in t.values()) and all(n.startswith(("blocks.1", "blocks.2", "blocks.3",
-                                                                             "blocks.4")) for n in t)
+    assert (
+        t
+        and all(k == "conv" for k in t.values())
+        and all(n.startswith(("blocks.1", "blocks.2", "blocks.3", "blocks.4")) for n in t)
+    )
     lora = QVLoRA(bb.model, r=2, blocks=4)
     assert lora.parameters() and all(p.requires_grad for p in lora.parameters())
     lora.merge()
@@ -111,10 +131,10 @@ def test_object_generator_exact_correspondence(objects_root):
     assert ds.items == ["obj_0000", "obj_0001", "obj_0002"] and ds.num_views == 8 and ds.pixel_offset == 0.5
     a, b = ds.view("obj_0001", 0), ds.view("obj_0001", 1)
     assert torch.equal(a["mask"], a["depth"] > 0) and a["mask"].any()
-    assert (a["image"][:, ~a["mask"]] == 0).all()                     # black background, as MEF's renders
+    assert (a["image"][:, ~a["mask"]] == 0).all()  # black background, as MEF's renders
     pix = torch.nonzero(a["mask"])[:, [1, 0]]
     P = unproject(pix, a["depth"], a["K"], a["pose"], ds.pixel_offset)
-    assert P.abs().max() <= 0.5 + 1e-2                                  # normalised object: largest side 1
+    assert P.abs().max() <= 0.5 + 1e-2  # normalised object: largest side 1
     # exact check: cast view 1's ray through every projected point; the first hit is the point itself
     # (visible) or an occluder in front of it, never anything behind it
     from bench.data import objects as ob
@@ -124,13 +144,13 @@ def test_object_generator_exact_correspondence(objects_root):
     shift[:3, 3] = -torch.tensor(ob.CENTRE, dtype=torch.float64)
     w2c = b["pose"].double() @ shift
     cam = (torch.cat([P.double(), torch.ones(len(P), 1, dtype=torch.float64)], 1) @ b["pose"].T)[:, :3]
-    dirs = (cam / cam[:, 2:]) @ w2c[:3, :3]                             # world rays with unit camera z
+    dirs = (cam / cam[:, 2:]) @ w2c[:3, :3]  # world rays with unit camera z
     eye = -w2c[:3, :3].T @ w2c[:3, 3]
     t, _, _ = cast_rays(Primitives(ob.make_object(1, 1)), eye.float(), dirs.float())
     z = cam[:, 2].float()
-    visible = (t - z).abs() < 2e-3                                      # mm quantisation: 5e-4
-    assert visible.sum() > 20                                           # co-visible points exist ...
-    assert bool((t[~visible] < z[~visible]).all())                      # ... the others are occluded
+    visible = (t - z).abs() < 2e-3  # mm quantisation: 5e-4
+    assert visible.sum() > 20  # co-visible points exist ...
+    assert bool((t[~visible] < z[~visible]).all())  # ... the others are occluded
 
 
 def test_reader_official_layout(tmp_path):
@@ -189,8 +209,14 @@ def test_pairs_are_stateless_and_augmentation_moves_points(objects_root):
 def test_tiny_training_loss_falls_and_heldout_correspondence_moves(tmp_path):
     from methods.mef.method import MEF
 
-    cfg = cfg_for(tmp_path, "method.optim.steps=12", "method.data.held_out=1", "method.eval.pairs=3",
-                  "method.eval.points=300", "method.augment=false")
+    cfg = cfg_for(
+        tmp_path,
+        "method.optim.steps=12",
+        "method.data.held_out=1",
+        "method.eval.pairs=3",
+        "method.eval.points=300",
+        "method.augment=false",
+    )
     bb = build_backbone(cfg.backbone)
     out = MEF().fit(bb, cfg, tmp_path / "w")
     ev = json.loads((tmp_path / "w" / "eval_pairs.json").read_text())
@@ -198,10 +224,12 @@ def test_tiny_training_loss_falls_and_heldout_correspondence_moves(tmp_path):
     assert len(hist) == 12 and all(math.isfinite(h["loss"]) for h in hist)
     first = np.mean([h["loss"] for h in hist[:4] if h["positives"]])
     last = np.mean([h["loss"] for h in hist[-4:] if h["positives"]])
-    assert last < first                                           # the ranking loss falls
+    assert last < first  # the ranking loss falls
     before, after = ev["before"], ev["after"]
-    assert after["loss"] < before["loss"]                         # held-out objects: ranking improves ...
-    assert after["recall@0.1"] != before["recall@0.1"] or after["median_err"] != before["median_err"]  # ... matches move
+    assert after["loss"] < before["loss"]  # held-out objects: ranking improves ...
+    assert (
+        after["recall@0.1"] != before["recall@0.1"] or after["median_err"] != before["median_err"]
+    )  # ... matches move
     assert (tmp_path / "w" / "refine_head.safetensors").is_file()
     assert type(out).__name__ == "RefinedBackbone"
 
@@ -247,8 +275,8 @@ def test_export_loads_into_plain_timm_and_conv_strictly(tmp_path):
         want = trained(x)
         bb = build_backbone(cfg.backbone)
         bb.model = plain
-        assert torch.allclose(conv(bb(x)), want, atol=1e-6)      # timm model + conv = the exported features
-        reused, ref2 = obtain_backbone(cfg)                       # the runner's cache re-attaches the head
+        assert torch.allclose(conv(bb(x)), want, atol=1e-6)  # timm model + conv = the exported features
+        reused, ref2 = obtain_backbone(cfg)  # the runner's cache re-attaches the head
         assert ref2["reused"] and torch.allclose(reused(x), want, atol=1e-6)
         # tasks read the refined map for the last block, the inner maps elsewhere
         maps = reused.layers(x, [0, 3], norm=False)
@@ -259,10 +287,20 @@ def test_export_loads_into_plain_timm_and_conv_strictly(tmp_path):
 # -- official checkpoint -----------------------------------------------------------------------------
 def _official_ckpt(path: Path, C: int, r: int = 4, blocks: int = 4, **overrides):
     g = torch.Generator().manual_seed(0)
-    ck = {"epoch": 99, "global_step": 10000, "pytorch-lightning_version": "1.9.0", "optimizer_states": [],
-          "lr_schedulers": [], "callbacks": {},
-          "state_dict": {"refine_conv": {"weight": torch.randn(C, C, 3, 3, generator=g) * 0.01,
-                                         "bias": torch.randn(C, generator=g) * 0.01}}}
+    ck = {
+        "epoch": 99,
+        "global_step": 10000,
+        "pytorch-lightning_version": "1.9.0",
+        "optimizer_states": [],
+        "lr_schedulers": [],
+        "callbacks": {},
+        "state_dict": {
+            "refine_conv": {
+                "weight": torch.randn(C, C, 3, 3, generator=g) * 0.01,
+                "bias": torch.randn(C, generator=g) * 0.01,
+            }
+        },
+    }
     for i in range(2 * blocks):
         ck[f"w_a_{i:03d}"] = torch.randn(r, C, generator=g) * 0.1
         ck[f"w_b_{i:03d}"] = torch.randn(C, r, generator=g) * 0.1
@@ -276,21 +314,27 @@ def _official_ckpt(path: Path, C: int, r: int = 4, blocks: int = 4, **overrides)
 def test_mef_official_layout(tmp_path):
     from bench.runner import obtain_backbone
 
-    cfg = compose(["backbone=tiny_vit", "method=mef_official", f"method.checkpoint={tmp_path / 'dinov2_base.ckpt'}",
-                   f"run_dir={tmp_path / 'run'}"])
+    cfg = compose(
+        [
+            "backbone=tiny_vit",
+            "method=mef_official",
+            f"method.checkpoint={tmp_path / 'dinov2_base.ckpt'}",
+            f"run_dir={tmp_path / 'run'}",
+        ]
+    )
     C = 48
     ck = _official_ckpt(tmp_path / "dinov2_base.ckpt", C)
     bb, ref = obtain_backbone(cfg, tmp_path / "run")
     assert ref["kind"] == "official" and ref["lora_blocks"] == 4 and ref["lora_rank"] == 4
     from bench.seed import seed_everything
 
-    seed_everything(int(cfg.seed))                                   # as obtain_backbone: the same random tiny ViT
+    seed_everything(int(cfg.seed))  # as obtain_backbone: the same random tiny ViT
     base = build_backbone(cfg.backbone)
     sd = base.model.state_dict()
-    for k in range(4):                                               # hand-merged: q rows and v rows
+    for k in range(4):  # hand-merged: q rows and v rows
         W = sd[f"blocks.{k}.attn.qkv.weight"].clone()
         W[:C] += ck[f"w_b_{2 * k:03d}"] @ ck[f"w_a_{2 * k:03d}"]
-        W[2 * C:] += ck[f"w_b_{2 * k + 1:03d}"] @ ck[f"w_a_{2 * k + 1:03d}"]
+        W[2 * C :] += ck[f"w_b_{2 * k + 1:03d}"] @ ck[f"w_a_{2 * k + 1:03d}"]
         assert torch.allclose(bb.model.state_dict()[f"blocks.{k}.attn.qkv.weight"], W, atol=1e-6)
     conv = torch.nn.Conv2d(C, C, 3, padding=1)
     conv.load_state_dict(ck["state_dict"]["refine_conv"])
@@ -299,13 +343,16 @@ def test_mef_official_layout(tmp_path):
     with torch.no_grad():
         assert torch.allclose(bb(x), conv(base(x)), atol=1e-6)
     # strictness: a missing pair, a stray tensor, a foreign conv key, a flat state dict
-    for bad, match in (({"w_b_007": None}, "complete q/v pairs"), ({"extra": torch.zeros(1)}, "unexpected tensor"),
-                       ({"state_dict": {"refine_conv": {"weight": torch.zeros(C, C, 3, 3)}}}, "refine_conv has keys"),
-                       ({"state_dict": {"refine_conv.weight": torch.zeros(1)}}, "exactly \\['refine_conv'\\]")):
+    for bad, match in (
+        ({"w_b_007": None}, "complete q/v pairs"),
+        ({"extra": torch.zeros(1)}, "unexpected tensor"),
+        ({"state_dict": {"refine_conv": {"weight": torch.zeros(C, C, 3, 3)}}}, "refine_conv has keys"),
+        ({"state_dict": {"refine_conv.weight": torch.zeros(1)}}, "exactly \\['refine_conv'\\]"),
+    ):
         _official_ckpt(tmp_path / "dinov2_base.ckpt", C, **bad)
         with pytest.raises(CheckpointError, match=match):
             obtain_backbone(cfg, tmp_path / "run")
-    _official_ckpt(tmp_path / "dinov2_base.ckpt", 64)                # made for another width
+    _official_ckpt(tmp_path / "dinov2_base.ckpt", 64)  # made for another width
     with pytest.raises(CheckpointError, match="does not fit backbone"):
         obtain_backbone(cfg, tmp_path / "run")
 
@@ -325,13 +372,46 @@ def test_leaderboard_places_published_mef_beside_ours(tmp_path):
     from bench.table import task_table, records_frame, reference_frame
     import pandas as pd
 
-    ours = pd.DataFrame([{"method": m, "backbone": "dinov2_vits14", "task": "nyu_depth", "dataset": "nyu",
-                          "protocol": "linear", "seed": 0, "metric": "rmse", "value": v, "created": "x", "id": m,
-                          "reported": True, "rank": 0, "wall_s": 1.0, "device": "cpu", "threads": 1,
-                          "cell": f"{m}/0", "row": m, "recipe": "r `00000000`", "evaluation": "b/t"}
-                         for m, v in (("dinov2", 0.5), ("mef", 0.6), ("splat_distill", 0.4))])
-    ref = pd.DataFrame([{"source": "paper", "method": m, "backbone": "dinov2_vits14", "task": "nyu_depth",
-                         "metric": "rmse", "value": v, "note": ""} for m, v in (("mef", 0.5656), ("dinov2", 0.521))])
+    ours = pd.DataFrame(
+        [
+            {
+                "method": m,
+                "backbone": "dinov2_vits14",
+                "task": "nyu_depth",
+                "dataset": "nyu",
+                "protocol": "linear",
+                "seed": 0,
+                "metric": "rmse",
+                "value": v,
+                "created": "x",
+                "id": m,
+                "reported": True,
+                "rank": 0,
+                "wall_s": 1.0,
+                "device": "cpu",
+                "threads": 1,
+                "cell": f"{m}/0",
+                "row": m,
+                "recipe": "r `00000000`",
+                "evaluation": "b/t",
+            }
+            for m, v in (("dinov2", 0.5), ("mef", 0.6), ("splat_distill", 0.4))
+        ]
+    )
+    ref = pd.DataFrame(
+        [
+            {
+                "source": "paper",
+                "method": m,
+                "backbone": "dinov2_vits14",
+                "task": "nyu_depth",
+                "metric": "rmse",
+                "value": v,
+                "note": "",
+            }
+            for m, v in (("mef", 0.5656), ("dinov2", 0.521))
+        ]
+    )
     lines = [ln for ln in task_table(ours, ref, "nyu_depth", "linear").splitlines()[2:]]
     names = [ln.split("|")[1].strip() for ln in lines]
     assert names == ["dinov2", "dinov2 *(published)*", "mef", "mef *(published)*", "splat_distill"]

@@ -1,4 +1,5 @@
 """Every metric against hand-computed values (see tasks/metrics.py and docs/PROTOCOLS.md)."""
+
 import math
 
 import pytest
@@ -18,14 +19,35 @@ def test_depth_constant_offset_hand_values():
     pred = gt + 1  # ratios 2, 1.5, 1.2, 1.1
     m = M.depth_metrics(pred, gt)
     e = torch.log(pred / gt)
-    _close(m, {"a1": [0.5], "a2": [0.75], "a3": [0.75], "rmse": [1.0], "abs_rel": [0.45], "sq_rel": [0.45],
-               "rmse_log": [math.sqrt(float((e ** 2).mean()))],
-               "log10": [float(torch.log10(pred / gt).mean())],
-               "silog": [100 * math.sqrt(float((e ** 2).mean() - e.mean() ** 2))]})
+    _close(
+        m,
+        {
+            "a1": [0.5],
+            "a2": [0.75],
+            "a3": [0.75],
+            "rmse": [1.0],
+            "abs_rel": [0.45],
+            "sq_rel": [0.45],
+            "rmse_log": [math.sqrt(float((e**2).mean()))],
+            "log10": [float(torch.log10(pred / gt).mean())],
+            "silog": [100 * math.sqrt(float((e**2).mean() - e.mean() ** 2))],
+        },
+    )
     # a constant multiplicative error has zero SILog and rmse_log = |log ratio|
     m = M.depth_metrics(torch.full((1, 2, 2), 2.4), torch.full((1, 2, 2), 2.0))
-    _close(m, {"a1": [1.0], "rmse": [0.4], "abs_rel": [0.2], "sq_rel": [0.08], "rmse_log": [math.log(1.2)],
-               "log10": [math.log10(1.2)], "silog": [0.0]}, tol=1e-6)
+    _close(
+        m,
+        {
+            "a1": [1.0],
+            "rmse": [0.4],
+            "abs_rel": [0.2],
+            "sq_rel": [0.08],
+            "rmse_log": [math.log(1.2)],
+            "log10": [math.log10(1.2)],
+            "silog": [0.0],
+        },
+        tol=1e-6,
+    )
 
 
 def test_depth_is_per_image_then_averaged_and_ignores_invalid():
@@ -45,7 +67,9 @@ def test_crops_and_max_depth():
     mask = M.crop_mask(480, 640, "eigen")
     assert mask.sum() == 426 * 560 and mask[45, 41] and not mask[44, 41] and not mask[45, 601]
     g = M.crop_mask(375, 1242, "garg")
-    assert g.sum() == (int(0.99189189 * 375) - int(0.40810811 * 375)) * (int(0.96405229 * 1242) - int(0.03594771 * 1242))
+    assert g.sum() == (int(0.99189189 * 375) - int(0.40810811 * 375)) * (
+        int(0.96405229 * 1242) - int(0.03594771 * 1242)
+    )
     gt = torch.tensor([[[1.0, 11.0, 0.0, float("inf")]]])
     assert M.depth_valid(gt, max_depth=10).tolist() == [[[True, False, False, False]]]
     with pytest.raises(Exception, match="unknown depth evaluation crop"):
@@ -83,11 +107,21 @@ def test_normals_known_rotation():
     gt[:, 2] = 1.0
     gt[:, :, :, 3] = torch.tensor([0.0, 1.0, 0.0]).view(3, 1)  # a different gt direction
     angles = [5.0, 20.0, 40.0, 40.0]
-    pred = torch.cat([_rot_x(gt[0, :, :, i:i + 1], a) for i, a in enumerate(angles)], dim=-1)[None]
+    pred = torch.cat([_rot_x(gt[0, :, :, i : i + 1], a) for i, a in enumerate(angles)], dim=-1)[None]
     pred = pred * 3.0  # metrics must not depend on the predicted length
     m = M.normals_metrics(pred, gt)
-    _close(m, {"rmse": [math.sqrt((25 + 400 + 1600 + 1600) / 4)], "mean": [26.25], "median": [30.0],
-               "a11": [25.0], "a22": [50.0], "a30": [50.0]}, tol=1e-6)
+    _close(
+        m,
+        {
+            "rmse": [math.sqrt((25 + 400 + 1600 + 1600) / 4)],
+            "mean": [26.25],
+            "median": [30.0],
+            "a11": [25.0],
+            "a22": [50.0],
+            "a30": [50.0],
+        },
+        tol=1e-6,
+    )
     # invalid (zero) ground truth is excluded; per-image averaging
     gt2 = gt.clone()
     gt2[..., 2:] = 0

@@ -1,6 +1,7 @@
 """MVSplat's encoder (methods/splat_distill/mvsplat.py) against the official encoder's outputs on the
 random-weight reference fixture, its checkpoint loading, the SH basis, covariance splatting, and
 Splat-and-Distill steps with reconstructor.name=mvsplat."""
+
 from __future__ import annotations
 
 import math
@@ -23,11 +24,22 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(os.environ.get("BENCH_MVSPLAT_FIXTURE", ROOT / ".." / "shared" / "fixtures" / "mvsplat"))
 WEIGHTS = FIXTURE / "mvsplat_re10k_random_state_dict.safetensors"
 needs_fixture = pytest.mark.skipif(
-    not FIXTURE.is_dir(), reason=f"MVSplat reference fixture folder {FIXTURE} is absent (set BENCH_MVSPLAT_FIXTURE)")
+    not FIXTURE.is_dir(), reason=f"MVSplat reference fixture folder {FIXTURE} is absent (set BENCH_MVSPLAT_FIXTURE)"
+)
 
 # the fixture README's recommended float32 tolerances (section 7)
-TOL = dict(depth_rel=5e-3, ray_dir=1e-5, means_over_depth=5e-3, cov_over_max=1e-2, scales_rel=5e-3,
-           rotations=2e-4, harmonics=4e-4, opacities=2e-5, raw=5e-4, inter=2e-4)
+TOL = dict(
+    depth_rel=5e-3,
+    ray_dir=1e-5,
+    means_over_depth=5e-3,
+    cov_over_max=1e-2,
+    scales_rel=5e-3,
+    rotations=2e-4,
+    harmonics=4e-4,
+    opacities=2e-5,
+    raw=5e-4,
+    inter=2e-4,
+)
 
 
 def _rotation(axis, angle):
@@ -49,7 +61,7 @@ def one_thread():
 # ------------------------------------------------------------------------------- SH basis
 def test_wigner_d_is_a_representation_in_e3nn_basis():
     R1, R2 = _rotation([0.3, -1.0, 0.4], 0.7), _rotation([1.0, 0.2, -0.1], -1.9)
-    assert torch.allclose(wigner_d(1, R1), R1, atol=1e-12)                     # degree 1: R itself on (x,y,z)
+    assert torch.allclose(wigner_d(1, R1), R1, atol=1e-12)  # degree 1: R itself on (x,y,z)
     for l in range(5):
         D1, D2 = wigner_d(l, R1), wigner_d(l, R2)
         assert torch.allclose(wigner_d(l, R1 @ R2), D1 @ D2, atol=1e-10)
@@ -77,7 +89,9 @@ def test_eval_harmonics_is_rotation_covariant():
     # degree 1 at direction d is proportional to d (x, y, z order)
     one = torch.zeros(3, 3, 25, dtype=torch.float64)
     one[0, 0, 1], one[1, 0, 2], one[2, 0, 3] = 1, 1, 1
-    assert torch.allclose(eval_harmonics(one, d[:1].expand(3, 3))[:, 0], math.sqrt(3 / (4 * math.pi)) * d[0], atol=1e-12)
+    assert torch.allclose(
+        eval_harmonics(one, d[:1].expand(3, 3))[:, 0], math.sqrt(3 / (4 * math.pi)) * d[0], atol=1e-12
+    )
     # the polynomial form equals the rotation-matrix definition at new directions
     from methods.splat_distill.mvsplat import _d_column_at
 
@@ -99,8 +113,8 @@ def fixture_run(tmp_path_factory):
     assert len(sd) == 471 and sum(v.numel() for v in sd.values()) == 11_955_734
     ckpt = tmp_path_factory.mktemp("mvsplat") / "re10k_like.ckpt"
     torch.save({"state_dict": {**sd, "decoder.other": torch.zeros(1)}, "epoch": 0, "global_step": 0}, ckpt)
-    enc = MVSplatEncoder.from_checkpoint(ckpt)                                       # strict
-    assert all(torch.equal(enc.state_dict()[k[len("encoder."):]], v) for k, v in sd.items())
+    enc = MVSplatEncoder.from_checkpoint(ckpt)  # strict
+    assert all(torch.equal(enc.state_dict()[k[len("encoder.") :]], v) for k, v in sd.items())
     del sd
     fx = load_file(str(FIXTURE / "mvsplat_re10k_random.safetensors"))
     extra = FIXTURE / "mvsplat_re10k_random_intermediates.safetensors"
@@ -109,8 +123,8 @@ def fixture_run(tmp_path_factory):
     torch.set_num_threads(1)  # see one_thread
     for case in ("a", "b"):
         pre = f"case_{case}."
-        context = {k[len(pre + "context."):]: v for k, v in fx.items() if k.startswith(pre + "context.")}
-        expected = {k[len(pre):]: v for k, v in fx.items() if k.startswith(pre) and ".context." not in "." + k}
+        context = {k[len(pre + "context.") :]: v for k, v in fx.items() if k.startswith(pre + "context.")}
+        expected = {k[len(pre) :]: v for k, v in fx.items() if k.startswith(pre) and ".context." not in "." + k}
         inter: dict = {}
         with torch.no_grad():
             out = enc(context, intermediates=inter)
@@ -121,7 +135,7 @@ def fixture_run(tmp_path_factory):
 
 def errors(context, expected, out, inter) -> dict:
     """The README's metrics (section 7) for one case."""
-    depth = expected["visualization_dump.depth"][..., 0, 0]                         # [B,V,H,W]
+    depth = expected["visualization_dump.depth"][..., 0, 0]  # [B,V,H,W]
     B = depth.shape[0]
     d = depth.reshape(B, -1)
     origin = context["extrinsics"][:, :, :3, 3].repeat_interleave(depth[0].numel() // depth.shape[1], 1)
@@ -133,15 +147,20 @@ def errors(context, expected, out, inter) -> dict:
         "ray_dir": (unit(m - origin) - unit(m_ref - origin)).norm(dim=-1).max(),
         "means_over_depth": ((m - m_ref).norm(dim=-1) / d).max(),
         "cov_over_max": ((cov - cov_ref).abs().amax((-1, -2)) / cov_ref.abs().amax((-1, -2))).max(),
-        "scales_rel": ((out["scales"] - expected["visualization_dump.scales"]).abs()
-                       / expected["visualization_dump.scales"]).max(),
+        "scales_rel": (
+            (out["scales"] - expected["visualization_dump.scales"]).abs() / expected["visualization_dump.scales"]
+        ).max(),
         "rotations": (out["rotations"] - expected["visualization_dump.rotations"]).abs().max(),
         "harmonics": (out["harmonics"] - expected["gaussians.harmonics"]).abs().max(),
-        "opacities": max((out["opacities"] - expected["gaussians.opacities"]).abs().max(),
-                         (out["densities"].reshape(B, -1) - expected["depth_predictor.densities"].reshape(B, -1)).abs().max()),
+        "opacities": max(
+            (out["opacities"] - expected["gaussians.opacities"]).abs().max(),
+            (out["densities"].reshape(B, -1) - expected["depth_predictor.densities"].reshape(B, -1)).abs().max(),
+        ),
         "raw": (out["raw_gaussians"] - expected["depth_predictor.raw_gaussians"]).abs().max(),
-        "depth_predictor_depths": ((out["depths"].reshape(B, -1) - expected["depth_predictor.depths"].reshape(B, -1)).abs()
-                                   / expected["depth_predictor.depths"].reshape(B, -1)).max(),
+        "depth_predictor_depths": (
+            (out["depths"].reshape(B, -1) - expected["depth_predictor.depths"].reshape(B, -1)).abs()
+            / expected["depth_predictor.depths"].reshape(B, -1)
+        ).max(),
     }
     e = {k: float(v) for k, v in e.items()}
     for k, ref in expected.items():
@@ -161,7 +180,7 @@ def test_matches_official_encoder_on_fixture(fixture_run, case):
     assert out["harmonics"].shape == (B, N, 3, 25) and out["opacities"].shape == (B, N)
     assert out["depths"].shape == (B, V, H, W)
     inter_keys = {k for k in expected if k.startswith("inter.")}
-    assert len(inter_keys) >= 17 and inter_keys <= set(inter)                      # every stored intermediate
+    assert len(inter_keys) >= 17 and inter_keys <= set(inter)  # every stored intermediate
     e = errors(context, expected, out, inter)
     tol = dict(TOL, depth_predictor_depths=TOL["depth_rel"])
     bad = {k: v for k, v in e.items() if v > tol.get(k, TOL["inter"])}
@@ -175,15 +194,20 @@ def test_checkpoint_errors_name_the_keys(tmp_path):
     sd = {f"encoder.{k}": v.clone() for k, v in MVSplatEncoder().state_dict().items()}
     good = tmp_path / "enc.safetensors"
     save_file(sd, str(good))
-    MVSplatEncoder.from_checkpoint(good)                                            # bare encoder.* dict
+    MVSplatEncoder.from_checkpoint(good)  # bare encoder.* dict
     import argparse
 
     lightning = tmp_path / "lightning.ckpt"  # non-tensor objects beside the state dict (hyper-parameters)
     torch.save({"state_dict": sd, "hyper_parameters": argparse.Namespace(lr=1e-4), "epoch": 1}, lightning)
     enc = MVSplatEncoder.from_checkpoint(lightning)
-    assert torch.equal(enc.state_dict()["depth_predictor.to_gaussians.2.bias"], sd["encoder.depth_predictor.to_gaussians.2.bias"])
+    assert torch.equal(
+        enc.state_dict()["depth_predictor.to_gaussians.2.bias"], sd["encoder.depth_predictor.to_gaussians.2.bias"]
+    )
     cases = {
-        "missing": ({k: v for k, v in sd.items() if "to_disparity.2.bias" not in k}, "encoder.depth_predictor.to_disparity.2.bias"),
+        "missing": (
+            {k: v for k, v in sd.items() if "to_disparity.2.bias" not in k},
+            "encoder.depth_predictor.to_disparity.2.bias",
+        ),
         "unexpected": ({**sd, "encoder.extra.weight": torch.zeros(2)}, "encoder.extra.weight"),
         "shape": ({**sd, "encoder.depth_predictor.to_gaussians.2.bias": torch.zeros(3)}, "to_gaussians.2.bias"),
     }
@@ -201,8 +225,13 @@ def test_checkpoint_errors_name_the_keys(tmp_path):
 
 def test_context_errors():
     enc = MVSplatEncoder()
-    ctx = {"image": torch.rand(1, 2, 3, 40, 48), "intrinsics": torch.eye(3).expand(1, 2, 3, 3),
-           "extrinsics": torch.eye(4).expand(1, 2, 4, 4), "near": torch.ones(1, 2), "far": torch.full((1, 2), 100.0)}
+    ctx = {
+        "image": torch.rand(1, 2, 3, 40, 48),
+        "intrinsics": torch.eye(3).expand(1, 2, 3, 3),
+        "extrinsics": torch.eye(4).expand(1, 2, 4, 4),
+        "near": torch.ones(1, 2),
+        "far": torch.full((1, 2), 100.0),
+    }
     with pytest.raises(BenchError, match="multiples of 16"):
         enc(ctx)
     with pytest.raises(BenchError, match="near < far"):
@@ -225,7 +254,7 @@ def _random_gaussians(seed: int, N: int = 80, dtype=torch.float64):
     from bench.splat.project import quat_to_rotmat
 
     R = quat_to_rotmat(quats)
-    cov = R @ torch.diag_embed(scales ** 2) @ R.transpose(-1, -2)
+    cov = R @ torch.diag_embed(scales**2) @ R.transpose(-1, -2)
     return means, quats, scales, opac, feats, w2c, K, cov
 
 
@@ -254,7 +283,7 @@ def test_covariance_tiled_matches_dense_with_gradients():
     g1, g2 = [*g1[:1], sym(g1[1]), *g1[2:]], [*g2[:1], sym(g2[1]), *g2[2:]]
     for x, y in list(zip(o1, o2)) + list(zip(g1, g2)):
         assert torch.allclose(x, y, atol=1e-8 * max(1.0, float(y.detach().abs().max())))
-    assert float(g2[1].abs().sum()) > 0                                               # covariances get gradients
+    assert float(g2[1].abs().sum()) > 0  # covariances get gradients
     with pytest.raises(BenchError, match="covars"):
         rasterize(means, None, None, opac, feats, w2c, K, 24, 18, covars=cov[:, :2])
     with pytest.raises(BenchError, match="quats and scales, or covars"):
@@ -265,8 +294,19 @@ def test_covariance_tiled_matches_dense_with_gradients():
 def test_covariance_gsplat_matches_cpu_engine():
     means, _, _, opac, feats, w2c, K, cov = (t.float() for t in _random_gaussians(2))
     ref = rasterize_tiled(means, None, None, opac, feats, w2c, K, 24, 18, covars=cov)
-    out = rasterize(*(t.cuda() for t in (means,)), None, None, opac.cuda(), feats.cuda(), w2c.cuda(), K.cuda(),
-                    24, 18, covars=cov.cuda(), backend="gsplat")
+    out = rasterize(
+        *(t.cuda() for t in (means,)),
+        None,
+        None,
+        opac.cuda(),
+        feats.cuda(),
+        w2c.cuda(),
+        K.cuda(),
+        24,
+        18,
+        covars=cov.cuda(),
+        backend="gsplat",
+    )
     for x, y in zip(out, ref):
         assert (x.cpu() - y).abs().max() < 1e-3 * max(1.0, float(y.abs().max()))
 
@@ -291,14 +331,31 @@ def test_splat_distill_steps_with_mvsplat_reconstructor(one_thread, tmp_path):
     size = (32, 48)
     root = ensure_synthetic(tmp_path / "synth", 2, 6, size, 0)
     overrides = [
-        "method=splat_distill", "backbone=tiny_vit", "device=cpu", "method.data.dataset=synthetic",
-        f"method.data.root={root}", "method.data.scenes=2", "method.data.views=6",
-        f"method.data.size=[{size[0]},{size[1]}]", "method.data.seed=0", "method.views.gap=2",
-        "method.head.prototypes=64", "method.head.hidden_dim=64", "method.head.bottleneck_dim=16",
-        "method.optim.batch_size=1", "method.optim.lr=1e-3", "method.optim.steps=3", "method.teacher.every=1",
-        "method.progress=false", f"method.ckpt_every={10 ** 6}", "method.reconstructor.name=mvsplat",
-        f"method.reconstructor.checkpoint={ckpt}", "method.reconstructor.near=0.5", "method.reconstructor.far=20",
-        "method.lift.coverage=rgb"]
+        "method=splat_distill",
+        "backbone=tiny_vit",
+        "device=cpu",
+        "method.data.dataset=synthetic",
+        f"method.data.root={root}",
+        "method.data.scenes=2",
+        "method.data.views=6",
+        f"method.data.size=[{size[0]},{size[1]}]",
+        "method.data.seed=0",
+        "method.views.gap=2",
+        "method.head.prototypes=64",
+        "method.head.hidden_dim=64",
+        "method.head.bottleneck_dim=16",
+        "method.optim.batch_size=1",
+        "method.optim.lr=1e-3",
+        "method.optim.steps=3",
+        "method.teacher.every=1",
+        "method.progress=false",
+        f"method.ckpt_every={10**6}",
+        "method.reconstructor.name=mvsplat",
+        f"method.reconstructor.checkpoint={ckpt}",
+        "method.reconstructor.near=0.5",
+        "method.reconstructor.far=20",
+        "method.lift.coverage=rgb",
+    ]
     cfg = compose(overrides)
     seed_everything(0)
     distiller, data, _, loop, step_fn = build_training(build_backbone(cfg.backbone), cfg, tmp_path / "run", "cpu")
@@ -311,7 +368,7 @@ def test_splat_distill_steps_with_mvsplat_reconstructor(one_thread, tmp_path):
         gs = rec({k: v[:2] for k, v in views.items()})
     assert gs.covariances.shape == (2, *size, 3, 3) and gs.harmonics.shape == (2, *size, 3, 25)
     ev = torch.linalg.eigvalsh(gs.covariances.double())
-    assert bool((ev > 0).all()) and float((ev[..., -1] / ev[..., 0]).median()) > 1.5       # not isotropic
+    assert bool((ev > 0).all()) and float((ev[..., -1] / ev[..., 0]).median()) > 1.5  # not isotropic
     assert float(gs.depth.min()) > 0.5 * 0.5 and float(gs.depth.max()) <= 20 * (1 + 1e-4)
     # the two coverage rules on the same example: any contribution (rgb) covers at least what alpha > 0.5 does
     ex = [{k: v for k, v in views.items()}]

@@ -4,6 +4,7 @@ The local Hub serves random weights in the released key layouts (SnD: official D
 ``mask_token``; FiT3D: timm layout) under the real repo and file names; the methods download them
 through hf:// and the real client, map them into the timm ViT-S/14 and load them strictly.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -29,19 +30,35 @@ def official_dinov2(width=384, depth=12, grid=37, registers=0, seed=0):
             return torch.full(shape, next(consts) / 100)
         return base + scale * torch.randn(*shape, generator=g)
 
-    sd = {"cls_token": r(1, 1, width), "pos_embed": r(1, 1 + grid * grid, width), "mask_token": r(1, width),
-          "patch_embed.proj.weight": r(width, 3, 14, 14), "patch_embed.proj.bias": r(width)}
+    sd = {
+        "cls_token": r(1, 1, width),
+        "pos_embed": r(1, 1 + grid * grid, width),
+        "mask_token": r(1, width),
+        "patch_embed.proj.weight": r(width, 3, 14, 14),
+        "patch_embed.proj.bias": r(width),
+    }
     if registers:
         sd["register_tokens"] = r(1, registers, width)
     for i in range(depth):
         b = f"blocks.{i}."
-        sd.update({b + "norm1.weight": r(width, base=1.0), b + "norm1.bias": r(width),
-                   b + "attn.qkv.weight": r(3 * width, width), b + "attn.qkv.bias": r(3 * width),
-                   b + "attn.proj.weight": r(width, width), b + "attn.proj.bias": r(width),
-                   b + "ls1.gamma": r(width, scale=0.1), b + "norm2.weight": r(width, base=1.0),
-                   b + "norm2.bias": r(width), b + "mlp.fc1.weight": r(4 * width, width),
-                   b + "mlp.fc1.bias": r(4 * width), b + "mlp.fc2.weight": r(width, 4 * width),
-                   b + "mlp.fc2.bias": r(width), b + "ls2.gamma": r(width, scale=0.1)})
+        sd.update(
+            {
+                b + "norm1.weight": r(width, base=1.0),
+                b + "norm1.bias": r(width),
+                b + "attn.qkv.weight": r(3 * width, width),
+                b + "attn.qkv.bias": r(3 * width),
+                b + "attn.proj.weight": r(width, width),
+                b + "attn.proj.bias": r(width),
+                b + "ls1.gamma": r(width, scale=0.1),
+                b + "norm2.weight": r(width, base=1.0),
+                b + "norm2.bias": r(width),
+                b + "mlp.fc1.weight": r(4 * width, width),
+                b + "mlp.fc1.bias": r(4 * width),
+                b + "mlp.fc2.weight": r(width, 4 * width),
+                b + "mlp.fc2.bias": r(width),
+                b + "ls2.gamma": r(width, scale=0.1),
+            }
+        )
     sd.update({"norm.weight": r(width, base=1.0), "norm.bias": r(width)})
     return sd
 
@@ -107,8 +124,9 @@ def test_snd_official_released_files_through_the_hub(local_hub, tiny, tiny_relea
     torch.save(blend, tmp_path / "a.pth")
     # the no-blending file wrapped as a training script might save it: {"state_dict": {"module.<key>": ...}}
     torch.save({"state_dict": {"module." + k: v for k, v in no_blend.items()}}, tmp_path / "b.pth")
-    sha = local_hub.seed(SND, {"dinov2_small_snd.pth": tmp_path / "a.pth",
-                               "dinov2_small_snd_no_blending.pth": tmp_path / "b.pth"})
+    sha = local_hub.seed(
+        SND, {"dinov2_small_snd.pth": tmp_path / "a.pth", "dinov2_small_snd_no_blending.pth": tmp_path / "b.pth"}
+    )
     x = torch.rand(2, 3, 56, 70, generator=torch.Generator().manual_seed(0))
 
     for sd, overrides in ((blend, ()), (no_blend, ("method.blending=false",))):
@@ -120,8 +138,14 @@ def test_snd_official_released_files_through_the_hub(local_hub, tiny, tiny_relea
         assert out is tiny
         _assert_loaded(tiny, timm_sd, x, y_ref)
     assert method.checkpoint_ref == {
-        "kind": "official", "checkpoint": f"hf://{SND}/dinov2_small_snd_no_blending.pth", "repo": SND,
-        "file": "dinov2_small_snd_no_blending.pth", "revision": None, "variant": "small", "commit": sha}
+        "kind": "official",
+        "checkpoint": f"hf://{SND}/dinov2_small_snd_no_blending.pth",
+        "repo": SND,
+        "file": "dinov2_small_snd_no_blending.pth",
+        "revision": None,
+        "variant": "small",
+        "commit": sha,
+    }
     assert any("/resolve/main/dinov2_small_snd.pth" in path for _, path in local_hub.requests)
 
 
@@ -147,8 +171,10 @@ def test_fit3d_official_timm_layout_and_revision_pinning(local_hub, tiny, tiny_r
 
 
 def test_wrong_layout_or_architecture_fails_clearly(local_hub, tiny, tmp_path):
-    hf_layout = {"embeddings.cls_token": torch.zeros(1, 1, 48),
-                 "encoder.layer.0.attention.attention.query.weight": torch.zeros(48, 48)}
+    hf_layout = {
+        "embeddings.cls_token": torch.zeros(1, 1, 48),
+        "encoder.layer.0.attention.attention.query.weight": torch.zeros(48, 48),
+    }
     torch.save(hf_layout, tmp_path / "hf.pth")
     local_hub.seed("someone/converted", {"model.pth": tmp_path / "hf.pth"})
     cfg = _cfg("snd_official", "method.checkpoint=hf://someone/converted/model.pth", backbone="tiny_vit")
@@ -162,8 +188,10 @@ def test_wrong_layout_or_architecture_fails_clearly(local_hub, tiny, tmp_path):
     cfg = _cfg("fit3d_official", f"method.checkpoint={tmp_path / 'b.pth'}", backbone="tiny_vit")
     with pytest.raises(CheckpointError) as e:
         METHODS.get("fit3d_official")().fit(tiny, cfg, tmp_path)
-    assert "another architecture than backbone 'tiny_vit': width 768 (backbone: 48), depth 2 (backbone: 4)" \
+    assert (
+        "another architecture than backbone 'tiny_vit': width 768 (backbone: 48), depth 2 (backbone: 4)"
         in e.value.problem
+    )
     assert "backbone=dinov2_vitb14" in e.value.fix
 
 
@@ -179,8 +207,9 @@ def test_variant_must_match_the_backbone(local_hub):
         METHODS.get("fit3d_official")().fit(None, _cfg("fit3d_official", "method.variant=large"), None)
     ref, info = snd.reference(_cfg("snd_official", "method.blending=false", backbone="dinov2_vitb14"))
     assert ref == f"hf://{SND}/dinov2_base_snd_no_blending.pth" and info["variant"] == "base"
-    ref, _ = METHODS.get("fit3d_official")().reference(_cfg("fit3d_official", "method.revision=v1",
-                                                            backbone="dinov2_vits14_reg"))
+    ref, _ = METHODS.get("fit3d_official")().reference(
+        _cfg("fit3d_official", "method.revision=v1", backbone="dinov2_vits14_reg")
+    )
     assert ref == f"hf://{FIT3D}/dinov2_reg_small_finetuned.pth@v1"
     assert not local_hub.requests  # names are checked before anything is downloaded
 

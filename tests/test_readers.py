@@ -1,5 +1,6 @@
 """Real-dataset readers on tiny fixtures written in the real file formats (PNG/JPEG via PIL, .mat via
 scipy, .npz, .pkl, .json, .txt split lists), plus the `bench data` check and its error messages."""
+
 from __future__ import annotations
 
 import json
@@ -60,12 +61,17 @@ def make_nyu_probe3d(root: Path, n_mat: int = 3, n_lab: int = 4):
         norm = np.zeros((6, 8, 3), np.float32)
         norm[..., 2] = -1.0
         (root / "nyu_geonet").mkdir(parents=True, exist_ok=True)
-        scipy.io.savemat(root / "nyu_geonet" / f"kitchen_{i:04d}.mat",
-                         {"img": img - mean2, "depth": depth, "norm": norm})
-    data = {"images": np.stack([rand_rgb(6, 8, 10 + j).transpose(2, 0, 1) for j in range(n_lab)]),
-            "depths": np.stack([np.full((6, 8), 0.5 * (j + 1), np.float32) for j in range(n_lab)]),
-            "snorms": np.stack([np.tile(np.array([0, 1, 0], np.float32)[:, None, None], (1, 6, 8))] * n_lab),
-            "scene_types": [["kitchen"]] * n_lab, "train_indices": np.array([0, 2]), "test_indices": np.array([1, 3])}
+        scipy.io.savemat(
+            root / "nyu_geonet" / f"kitchen_{i:04d}.mat", {"img": img - mean2, "depth": depth, "norm": norm}
+        )
+    data = {
+        "images": np.stack([rand_rgb(6, 8, 10 + j).transpose(2, 0, 1) for j in range(n_lab)]),
+        "depths": np.stack([np.full((6, 8), 0.5 * (j + 1), np.float32) for j in range(n_lab)]),
+        "snorms": np.stack([np.tile(np.array([0, 1, 0], np.float32)[:, None, None], (1, 6, 8))] * n_lab),
+        "scene_types": [["kitchen"]] * n_lab,
+        "train_indices": np.array([0, 2]),
+        "test_indices": np.array([1, 3]),
+    }
     with open(root / "nyuv2_snorm_all.pkl", "wb") as f:
         pickle.dump(data, f)
     return imgs, data
@@ -92,7 +98,8 @@ def test_nyuv2_probe3d(tmp_path):
 def test_nyuv2_mmseg_depth_and_seg(tmp_path):
     (tmp_path / "nyu_train.txt").write_text(
         "/kitchen_0028b/rgb_00045.jpg /kitchen_0028b/sync_depth_00045.png 518.8579\n"
-        "/kitchen_0028b/rgb_00046.jpg None 518.8579\n")
+        "/kitchen_0028b/rgb_00046.jpg None 518.8579\n"
+    )
     (tmp_path / "nyu_test.txt").write_text("bathroom/rgb_00001.jpg bathroom/sync_depth_00001.png 518.8579\n")
     for d, stem in (("kitchen_0028b", "00045"), ("bathroom", "00001")):
         save_rgb(tmp_path / d / f"rgb_{stem}.jpg", rand_rgb(5, 7))
@@ -177,8 +184,14 @@ def make_navi(root: Path):
         from bench.data.navi import encode_navi_depth
 
         save_u16(wild / "depth" / f"{i:03d}.png", encode_navi_depth(depth))
-        anns.append({"object_id": "obj1", "filename": f"{i:03d}.jpg", "image_size": [80, 120],
-                     "camera": {"q": q_y(deg), "t": [0.0, 0.0, 1000.0], "focal_length": 100.0}})
+        anns.append(
+            {
+                "object_id": "obj1",
+                "filename": f"{i:03d}.jpg",
+                "image_size": [80, 120],
+                "camera": {"q": q_y(deg), "t": [0.0, 0.0, 1000.0], "focal_length": 100.0},
+            }
+        )
     (wild / "annotations.json").write_text(json.dumps(anns))
     (root / "obj1" / "multiview_00_pixel").mkdir(parents=True)
     (root / "obj2" / "wild_set").mkdir(parents=True)  # no multiview scene: excluded from "test"
@@ -223,13 +236,13 @@ def test_navi_probe3d_bbox_rule():
     from bench.data.navi import center_crop, probe3d_bbox, resize_short_nearest
 
     m = torch.zeros(10, 10, dtype=torch.bool)
-    m[2:8, 8:10] = True          # near the right edge: tl (2, 8), br (7, 9), box (5, 1), side 5, pad (0, 4)
-    assert probe3d_bbox(m) == (2, 4, 5)   # centred start (2, 6) leaves the image -> (2, 8 - 4); a clamp gives (2, 5)
+    m[2:8, 8:10] = True  # near the right edge: tl (2, 8), br (7, 9), box (5, 1), side 5, pad (0, 4)
+    assert probe3d_bbox(m) == (2, 4, 5)  # centred start (2, 6) leaves the image -> (2, 8 - 4); a clamp gives (2, 5)
     m = torch.zeros(10, 10, dtype=torch.bool)
     m[0:6, 0:2] = True
     assert probe3d_bbox(m) == (0, 0, 5)
     m = torch.zeros(10, 10, dtype=torch.bool)
-    m[3:6, 4:9] = True           # tl (3, 4), box (2, 4), side 4, pad (2, 0): centred (2, 4) fits
+    m[3:6, 4:9] = True  # tl (3, 4), box (2, 4), side 4, pad (2, 0): centred (2, 4) fits
     assert probe3d_bbox(m) == (2, 4, 4)
     assert resize_short_nearest(torch.zeros(1, 30, 45), 20).shape == (1, 20, 30)
     assert resize_short_nearest(torch.zeros(1, 45, 31), 20).shape == (1, 29, 20)  # int(20 * 45 / 31) = 29
@@ -251,12 +264,22 @@ def make_spair(root: Path):
         (root / "PairAnnotation" / d).mkdir(parents=True, exist_ok=True)
     for n in ("2008_000008", "2008_000075", "2008_000100"):
         save_rgb(root / "JPEGImages" / "cat" / f"{n}.jpg", rand_rgb(20, 30))
-    for k, (s, t) in enumerate((("2008_000008", "2008_000075"), ("2008_000075", "2008_000100"),
-                                ("2008_000008", "2008_000100"))):
-        ann = {"filename": f"{k:06d}-{s}-{t}:cat", "src_imname": f"{s}.jpg", "trg_imname": f"{t}.jpg",
-               "category": "cat", "src_kps": [[1, 2], [10, 12]], "trg_kps": [[3, 4], [20, 15]],
-               "src_bndbox": [0, 0, 29, 19], "trg_bndbox": [2, 3, 22, 13], "viewpoint_variation": k % 3,
-               "src_imsize": [30, 20, 3], "trg_imsize": [30, 20, 3]}
+    for k, (s, t) in enumerate(
+        (("2008_000008", "2008_000075"), ("2008_000075", "2008_000100"), ("2008_000008", "2008_000100"))
+    ):
+        ann = {
+            "filename": f"{k:06d}-{s}-{t}:cat",
+            "src_imname": f"{s}.jpg",
+            "trg_imname": f"{t}.jpg",
+            "category": "cat",
+            "src_kps": [[1, 2], [10, 12]],
+            "trg_kps": [[3, 4], [20, 15]],
+            "src_bndbox": [0, 0, 29, 19],
+            "trg_bndbox": [2, 3, 22, 13],
+            "viewpoint_variation": k % 3,
+            "src_imsize": [30, 20, 3],
+            "trg_imsize": [30, 20, 3],
+        }
         (root / "PairAnnotation" / "test" / f"{k:06d}-{s}-{t}:cat.json").write_text(json.dumps(ann))
 
 
@@ -386,8 +409,12 @@ def test_cli_data_missing_lists_files_and_sources(tmp_path, capsys):
 
 
 def test_cli_subprocess_nonexistent_root():
-    r = subprocess.run([sys.executable, "-m", "bench", "data", "nyuv2", "--root", "/nonexistent"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "bench", "data", "nyuv2", "--root", "/nonexistent"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "/nonexistent (dataset root does not exist)" in r.stdout
     assert "horatio.cs.nyu.edu" in r.stdout and "nyuv2_snorm_all.pkl" in r.stdout
@@ -453,8 +480,10 @@ def test_geonet_rgb_is_restored_with_uint8_truncation(tmp_path):
     assert float(img[0, 0, 0] + np.float32(2 * 122.175)) < 37.0  # the float error the cast truncates
     assert geonet_rgb(img)[0, 0].tolist() == [36, 10, 200]
     (tmp_path / "nyu_geonet").mkdir()
-    scipy.io.savemat(tmp_path / "nyu_geonet" / "a_0001.mat", {"img": img, "depth": np.ones((480, 640), np.float32),
-                                                            "norm": np.zeros((480, 640, 3), np.float32)})
+    scipy.io.savemat(
+        tmp_path / "nyu_geonet" / "a_0001.mat",
+        {"img": img, "depth": np.ones((480, 640), np.float32), "norm": np.zeros((480, 640, 3), np.float32)},
+    )
     with open(tmp_path / "nyuv2_snorm_all.pkl", "wb") as f:
         pickle.dump({"images": [], "depths": [], "snorms": [], "test_indices": []}, f)
     s = reader("nyuv2")(tmp_path, "trainval", layout="probe3d")[0]
@@ -474,8 +503,14 @@ def test_normals_readers_return_raw_depth(tmp_path):
     t = open_split(cfg.task.dataset, "test")[0]
     assert torch.allclose(t["depth"], torch.full((6, 8), 1.0))  # labelled frame test_indices[0] = 1 -> 0.5 * 2
     # synthetic normals: the scene reader loads render_depth (uint16 mm) beside the normals
-    cfg = _task_cfg("task=synth_normals", f"paths.data_dir={tmp_path}", "task.dataset.scenes=1",
-                    "task.dataset.views=1", "task.dataset.size=16", "task.dataset.held_out=0")
+    cfg = _task_cfg(
+        "task=synth_normals",
+        f"paths.data_dir={tmp_path}",
+        "task.dataset.scenes=1",
+        "task.dataset.views=1",
+        "task.dataset.size=16",
+        "task.dataset.held_out=0",
+    )
     s = open_split(cfg.task.dataset, "train")[0]
     assert s["normals"].shape == (3, 16, 16) and s["depth"].shape == (16, 16)
     assert (s["depth"] > 0).all() and s["depth"].max() < 20  # metres (a room), not millimetres
@@ -509,18 +544,22 @@ def test_scannetpp_fit3d_processed_layout(tmp_path):
     for sc, f, mm in (("0a5c013435", "DSC00010", 1500), ("0a5c013435", "DSC00002", 20000)):
         save_rgb(root / "data" / sc / "images" / f"{f}.JPG", rand_rgb(6, 9))
         save_u16(root / "data" / sc / "depth" / f"{f}.png", np.full((6, 9), mm))
-    (root / "scannetpp_train.txt").write_text("/data/0a5c013435/images/DSC00010.JPG /data/0a5c013435/depth/DSC00010.png\n"
-                                              "data/0a5c013435/images/DSC00002.JPG data/0a5c013435/depth/DSC00002.png\n"
-                                              "data/0a5c013435/images/DSC00003.JPG None\n")
+    (root / "scannetpp_train.txt").write_text(
+        "/data/0a5c013435/images/DSC00010.JPG /data/0a5c013435/depth/DSC00010.png\n"
+        "data/0a5c013435/images/DSC00002.JPG data/0a5c013435/depth/DSC00002.png\n"
+        "data/0a5c013435/images/DSC00003.JPG None\n"
+    )
     (root / "scannetpp_val.txt").write_text("data/0a5c013435/images/DSC00002.JPG data/0a5c013435/depth/DSC00002.png\n")
     cfg = _task_cfg("task=scannetpp_depth", f"paths.data_dir={tmp_path}")
     assert cfg.task.dataset.name == "scannetpp_fit3d" and cfg.task.dataset.source == "fit3d"
     train = open_split(cfg.task.dataset, "train")
-    assert len(train) == 2 and train[0]["id"].endswith("DSC00002.JPG")    # sorted by the RGB path
-    assert torch.allclose(train[0]["depth"], torch.full((6, 9), 20.0)) and torch.allclose(train[1]["depth"], torch.full((6, 9), 1.5))
+    assert len(train) == 2 and train[0]["id"].endswith("DSC00002.JPG")  # sorted by the RGB path
+    assert torch.allclose(train[0]["depth"], torch.full((6, 9), 20.0)) and torch.allclose(
+        train[1]["depth"], torch.full((6, 9), 1.5)
+    )
     for sub in ("training", "validation"):
         save_rgb(root / "images" / sub / "0a5c013435_DSC00010.JPG", rand_rgb(4, 4))
-        save_rgb(root / "images" / sub / "ignored.png", rand_rgb(4, 4))         # not the .JPG suffix
+        save_rgb(root / "images" / sub / "ignored.png", rand_rgb(4, 4))  # not the .JPG suffix
         save_u8(root / "annotations" / sub / "0a5c013435_DSC00010.png", np.array([[0, 1, 100, 37]] * 4))
     seg = _task_cfg("task=scannetpp_seg", f"paths.data_dir={tmp_path}").task.dataset
     assert seg.reduce_zero_label and seg.num_classes == 100
@@ -553,7 +592,7 @@ def test_scannet_fit3d_depth_and_seg_tasks(tmp_path, capsys):
     seg = _task_cfg("task=scannet_seg", f"paths.data_dir={tmp_path}").task.dataset
     assert seg.num_classes == 40 and seg.reduce_zero_label and seg.kwargs.layout == "fit3d_seg"
     with pytest.raises(DataMissingError, match="scannet_fit3d"):
-        open_split(seg, "test")   # the seg folders are not there: the error names the `bench data` command
+        open_split(seg, "test")  # the seg folders are not there: the error names the `bench data` command
     rc = cli_main(["data", "scannet_fit3d", "--root", str(root)])
     out = capsys.readouterr().out
     assert rc == 0 and "fit3d_depth layout) at" in out and "fit3d_seg layout): not prepared" in out
@@ -585,19 +624,37 @@ def test_fit3d_eval_tasks_run_end_to_end(tmp_path):
         for k in range(n):
             save_rgb(pp / "images" / sub / f"x_{k}.JPG", rand_rgb(40, 40, k))
             save_u8(pp / "annotations" / sub / f"x_{k}.png", g.integers(0, 5, (40, 40)))
-    common = ["backbone=tiny_cnn", f"paths.data_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache", "task.progress=false"]
+    common = [
+        "backbone=tiny_cnn",
+        f"paths.data_dir={tmp_path}",
+        f"paths.cache_dir={tmp_path}/cache",
+        "task.progress=false",
+    ]
     bb = build_backbone(_task_cfg("backbone=tiny_cnn").backbone)
-    cfg = _task_cfg("task=scannet_depth", *common, "task.protocols.linear.train.crop=[32,48]",
-                    "task.protocols.linear.schedule.iters=2", "task.protocols.linear.schedule.warmup_iters=1",
-                    "task.protocols.linear.schedule.batch_size=2")
+    cfg = _task_cfg(
+        "task=scannet_depth",
+        *common,
+        "task.protocols.linear.train.crop=[32,48]",
+        "task.protocols.linear.schedule.iters=2",
+        "task.protocols.linear.schedule.warmup_iters=1",
+        "task.protocols.linear.schedule.batch_size=2",
+    )
     TASKS.get("scannet_depth")().check(cfg)
     m = TASKS.get("scannet_depth")().evaluate(bb, cfg, tmp_path / "d")
     assert math.isfinite(m["rmse"]) and 0 <= m["a1"] <= 1
-    cfg = _task_cfg("task=scannetpp_seg", *common, "task.dataset.num_classes=4",
-                    "task.protocols.linear.train.resize_short=40", "task.protocols.linear.train.crop=[32,32]",
-                    "task.protocols.linear.test.resize_short=40", "task.protocols.linear.test.sliding.window=32",
-                    "task.protocols.linear.test.sliding.stride=16", "task.protocols.linear.schedule.iters=2",
-                    "task.protocols.linear.schedule.warmup_iters=1", "task.protocols.linear.schedule.batch_size=2")
+    cfg = _task_cfg(
+        "task=scannetpp_seg",
+        *common,
+        "task.dataset.num_classes=4",
+        "task.protocols.linear.train.resize_short=40",
+        "task.protocols.linear.train.crop=[32,32]",
+        "task.protocols.linear.test.resize_short=40",
+        "task.protocols.linear.test.sliding.window=32",
+        "task.protocols.linear.test.sliding.stride=16",
+        "task.protocols.linear.schedule.iters=2",
+        "task.protocols.linear.schedule.warmup_iters=1",
+        "task.protocols.linear.schedule.batch_size=2",
+    )
     m = TASKS.get("scannetpp_seg")().evaluate(bb, cfg, tmp_path / "s")
     assert 0 <= m["mIoU"] <= 100
 

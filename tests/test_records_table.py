@@ -1,4 +1,5 @@
 """Records are atomic and complete; the leaderboard aggregates the latest record per cell."""
+
 import json
 import os
 
@@ -9,10 +10,21 @@ from bench.errors import BenchError
 
 
 def _rec(results, method, task, seed, value, created, protocol="linear"):
-    rec = {"schema": 1, "id": f"{created}_{method}_{task}_s{seed}", "created": created, "method": method,
-           "backbone": "tiny_vit", "task": task, "dataset": "synthetic", "protocol": {"name": protocol},
-           "seed": seed, "metrics": {"rmse": value, "a1": 0.5}, "report": ["rmse", "a1"],
-           "wall_time_s": {"total": 10.0}, "device": {"cpu": "x86_64", "threads": 2}}
+    rec = {
+        "schema": 1,
+        "id": f"{created}_{method}_{task}_s{seed}",
+        "created": created,
+        "method": method,
+        "backbone": "tiny_vit",
+        "task": task,
+        "dataset": "synthetic",
+        "protocol": {"name": protocol},
+        "seed": seed,
+        "metrics": {"rmse": value, "a1": 0.5},
+        "report": ["rmse", "a1"],
+        "wall_time_s": {"total": 10.0},
+        "device": {"cpu": "x86_64", "threads": 2},
+    }
     records.write_record(results, rec)
     return rec
 
@@ -29,7 +41,7 @@ def test_atomic_write_leaves_no_temp_and_old_file_on_failure(tmp_path):
 
 
 def test_latest_record_per_cell_and_seed_aggregation(tmp_path):
-    _rec(tmp_path, "dinov2", "synth_depth", 0, 9.0, "2026-01-01T00:00:00Z")   # superseded
+    _rec(tmp_path, "dinov2", "synth_depth", 0, 9.0, "2026-01-01T00:00:00Z")  # superseded
     _rec(tmp_path, "dinov2", "synth_depth", 0, 1.0, "2026-01-02T00:00:00Z")
     _rec(tmp_path, "dinov2", "synth_depth", 1, 3.0, "2026-01-02T00:00:01Z")
     _rec(tmp_path, "splat_distill", "synth_depth", 0, 0.5, "2026-01-02T00:00:02Z")
@@ -46,7 +58,8 @@ def test_published_rows_are_marked(tmp_path):
     _rec(tmp_path, "dinov2", "nyu_depth", 0, 0.6, "2026-01-02T00:00:00Z")
     (tmp_path / "reference").mkdir()
     (tmp_path / "reference" / "p.csv").write_text(
-        "source,method,backbone,task,metric,value,note\nSnD paper,splat_distill,dinov2_vits14,nyu_depth,rmse,0.4912,x\n")
+        "source,method,backbone,task,metric,value,note\nSnD paper,splat_distill,dinov2_vits14,nyu_depth,rmse,0.4912,x\n"
+    )
     md = table.leaderboard_markdown(tmp_path)
     assert "splat_distill *(published)*" in md and "0.4912" in md
     path = table.write_leaderboard(tmp_path)
@@ -69,7 +82,8 @@ def test_corrupt_record_is_named(tmp_path):
 def test_leaderboard_with_only_published_numbers(tmp_path):
     (tmp_path / "reference").mkdir()
     (tmp_path / "reference" / "p.csv").write_text(
-        "source,method,backbone,task,metric,value,note\nSnD paper,splat_distill,dinov2_vits14,nyu_depth,rmse,0.4912,x\n")
+        "source,method,backbone,task,metric,value,note\nSnD paper,splat_distill,dinov2_vits14,nyu_depth,rmse,0.4912,x\n"
+    )
     md = table.leaderboard_markdown(tmp_path)
     assert "No records yet" in md and "0.4912" in md
 
@@ -80,17 +94,44 @@ def test_training_diagnostics_from_records_and_beside_them(tmp_path):
     from bench.runner import train_diagnostics
 
     res = tmp_path / "results"
-    info = {"wall_time_s": 3.0, "diagnostics": {"feature_change": 0.149, "adapted_weight_change": 0.0067,
-                                                "kl_first": 1.3e-3, "kl_last": 1.5e-4, "held_out": {"views": 12},
-                                                "student_grid": [6, 8], "before": {"x": 1}}}
-    assert train_diagnostics(info) == {"feature_change": 0.149, "adapted_weight_change": 0.0067,
-                                       "kl_first": 1.3e-3, "kl_last": 1.5e-4, "student_grid": [6, 8]}
-    for seed, ck in ((0, {"kind": "trained", "cache_key": "snd-bb-aaaa", "train_diagnostics": {"feature_change": 0.25}}),
-                     (1, {"kind": "trained", "cache_key": "snd-bb-bbbb"}),
-                     (2, {"kind": "frozen"})):
-        records.write_record(res, {"id": f"r{seed}", "created": f"2026-01-0{seed + 1}T00:00:00Z", "method": "snd",
-                                   "backbone": "bb", "task": "t", "seed": seed, "protocol": {"name": "linear"},
-                                   "metrics": {"m": 1.0}, "checkpoint": ck})
+    info = {
+        "wall_time_s": 3.0,
+        "diagnostics": {
+            "feature_change": 0.149,
+            "adapted_weight_change": 0.0067,
+            "kl_first": 1.3e-3,
+            "kl_last": 1.5e-4,
+            "held_out": {"views": 12},
+            "student_grid": [6, 8],
+            "before": {"x": 1},
+        },
+    }
+    assert train_diagnostics(info) == {
+        "feature_change": 0.149,
+        "adapted_weight_change": 0.0067,
+        "kl_first": 1.3e-3,
+        "kl_last": 1.5e-4,
+        "student_grid": [6, 8],
+    }
+    for seed, ck in (
+        (0, {"kind": "trained", "cache_key": "snd-bb-aaaa", "train_diagnostics": {"feature_change": 0.25}}),
+        (1, {"kind": "trained", "cache_key": "snd-bb-bbbb"}),
+        (2, {"kind": "frozen"}),
+    ):
+        records.write_record(
+            res,
+            {
+                "id": f"r{seed}",
+                "created": f"2026-01-0{seed + 1}T00:00:00Z",
+                "method": "snd",
+                "backbone": "bb",
+                "task": "t",
+                "seed": seed,
+                "protocol": {"name": "linear"},
+                "metrics": {"m": 1.0},
+                "checkpoint": ck,
+            },
+        )
     io.write_json(res / "diagnostics" / "snd-bb-bbbb.json", info)
     md = table.leaderboard_markdown(res)
     section = md.split("## Training diagnostics")[1].split("\n## ")[0]

@@ -1,5 +1,6 @@
 """Typed config schemas (bench/schema.py): misspelled / missing keys and wrong types fail up front, with
 the key named; the committed records' fingerprints are unchanged by the schemas."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,14 @@ def test_committed_fingerprints_recompose(rec):
     """The record's cell recomposed from its recipe, method, task and seed (as `bench sweep` composes it,
     then the runner applies method.per_task) passes the schemas and hashes to the committed fingerprint;
     validating leaves the config byte-for-byte the same."""
-    cfg = compose([f"experiment={rec['identity']['label']}", f"method={rec['method']}", f"task={rec['task']}",
-                   f"seed={rec['seed']}"])
+    cfg = compose(
+        [
+            f"experiment={rec['identity']['label']}",
+            f"method={rec['method']}",
+            f"task={rec['task']}",
+            f"seed={rec['seed']}",
+        ]
+    )
     cfg = apply_per_task(cfg)
     before = stable_hash(to_container(cfg), 64)
     schema.check(cfg)
@@ -92,12 +99,15 @@ def test_nested_and_top_level_unknown_keys():
     assert "did you mean method.stage1.densify.until" in _err(["method=fit3d", "+method.stage1.densify.untill=4"])
     assert "'method.learning_rate'" in _err(["method=mef", "+method.learning_rate=1"])
     msg = _err(["task=synth_depth", "+task.protocols.linear.schedule.epoch=4"])
-    assert "'task.protocols.linear.schedule.epoch'" in msg and "did you mean task.protocols.linear.schedule.epochs" in msg
+    assert (
+        "'task.protocols.linear.schedule.epoch'" in msg and "did you mean task.protocols.linear.schedule.epochs" in msg
+    )
     assert "'task.protocol.num_cor'" in _err(["task=synth_corr", "+task.protocol.num_cor=3"])
     assert "'cluster.max_worker'" in _err(["cluster=local", "+cluster.max_worker=3"])
     assert "'cluster.train.timeout'" in _err(["cluster=slurm", "+cluster.train.timeout=3"])
     assert "'method.per_task.correspondence.lift.blend'" in _err(
-        ["method=splat_distill", "+method.per_task.correspondence.lift.blend=1"])
+        ["method=splat_distill", "+method.per_task.correspondence.lift.blend=1"]
+    )
 
 
 def test_wrong_types_and_missing_keys():
@@ -138,11 +148,22 @@ def test_every_method_yaml_has_a_schema_with_exactly_its_keys():
 
 
 def _cli(args, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_RESULTS": str(tmp_path / "results"),
-           "BENCH_OUTPUTS": str(tmp_path / "outputs"), "BENCH_CACHE": str(tmp_path / "cache"),
-           "BENCH_DATA": str(tmp_path / "data")}
-    return subprocess.run([sys.executable, "-m", "bench", "run", *args], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "BENCH_RESULTS": str(tmp_path / "results"),
+        "BENCH_OUTPUTS": str(tmp_path / "outputs"),
+        "BENCH_CACHE": str(tmp_path / "cache"),
+        "BENCH_DATA": str(tmp_path / "data"),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "bench", "run", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
 
 
 def test_cli_recipe_with_misspelled_key(tmp_path):
@@ -150,8 +171,9 @@ def test_cli_recipe_with_misspelled_key(tmp_path):
     naming the key and the nearest valid one, nothing written."""
     conf = tmp_path / "conf" / "experiment"
     conf.mkdir(parents=True)
-    (conf / "my_recipe.yaml").write_text("# @package _global_\ndefaults:\n  - override /method: splat_distill\n"
-                                         "method:\n  optim: {stpes: 5}\n")
+    (conf / "my_recipe.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /method: splat_distill\nmethod:\n  optim: {stpes: 5}\n"
+    )
     r = _cli([f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=my_recipe", "device=cpu"], tmp_path)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
@@ -166,16 +188,23 @@ def test_cli_misspelled_key_on_command_line(tmp_path, monkeypatch, capsys):
     """`python -m bench run` (its main(), in this process) with a misspelled key: exit 2, one error line."""
     from bench.cli import main
 
-    for var, d in (("BENCH_RESULTS", "results"), ("BENCH_OUTPUTS", "outputs"), ("BENCH_CACHE", "cache"),
-                   ("BENCH_DATA", "data")):
+    for var, d in (
+        ("BENCH_RESULTS", "results"),
+        ("BENCH_OUTPUTS", "outputs"),
+        ("BENCH_CACHE", "cache"),
+        ("BENCH_DATA", "data"),
+    ):
         monkeypatch.setenv(var, str(tmp_path / d))
     monkeypatch.chdir(tmp_path)
-    for args, key, near in ((["method=splat_distill", "method.optim.stpes=5"], "method.optim.stpes",
-                             "method.optim.steps"),
-                            (["method=splat_distill", "+method.optim.stpes=5"], "method.optim.stpes",
-                             "method.optim.steps"),
-                            (["task=synth_depth", "+task.protocols.linear.schedule.epoch=4"],
-                             "task.protocols.linear.schedule.epoch", "task.protocols.linear.schedule.epochs")):
+    for args, key, near in (
+        (["method=splat_distill", "method.optim.stpes=5"], "method.optim.stpes", "method.optim.steps"),
+        (["method=splat_distill", "+method.optim.stpes=5"], "method.optim.stpes", "method.optim.steps"),
+        (
+            ["task=synth_depth", "+task.protocols.linear.schedule.epoch=4"],
+            "task.protocols.linear.schedule.epoch",
+            "task.protocols.linear.schedule.epochs",
+        ),
+    ):
         assert main(["run", *args, "device=cpu"]) == 2
         err = capsys.readouterr().err
         lines = err.strip().splitlines()
@@ -184,16 +213,34 @@ def test_cli_misspelled_key_on_command_line(tmp_path, monkeypatch, capsys):
         assert not any((tmp_path / d).exists() for d in ("results", "outputs", "cache"))
 
 
-@pytest.mark.parametrize("key,bad", [("upsample_grid", "diagonal"), ("all_excluded", "nan"), ("uncovered", "skip"),
-                                     ("blend_segments", "some"), ("render_basis", "pixels"), ("upsample", "nearest"),
-                                     ("resize", "crop"), ("masks", "sam")])
+@pytest.mark.parametrize(
+    "key,bad",
+    [
+        ("upsample_grid", "diagonal"),
+        ("all_excluded", "nan"),
+        ("uncovered", "skip"),
+        ("blend_segments", "some"),
+        ("render_basis", "pixels"),
+        ("upsample", "nearest"),
+        ("resize", "crop"),
+        ("masks", "sam"),
+    ],
+)
 def test_snd_lift_choices_checked_at_distiller_construction(key, bad):
     """A lift choice that is not one is refused when the Distiller is built (before any training step), not
     in the per-step targets()."""
     from bench.backbones import build_backbone
     from methods.splat_distill.distill import Distiller
 
-    cfg = compose(["method=splat_distill", "backbone=tiny_cnn", "method.head.prototypes=16", "method.head.hidden_dim=16",
-                   "method.head.bottleneck_dim=8", f"method.lift.{key}={bad}"])
+    cfg = compose(
+        [
+            "method=splat_distill",
+            "backbone=tiny_cnn",
+            "method.head.prototypes=16",
+            "method.head.hidden_dim=16",
+            "method.head.bottleneck_dim=8",
+            f"method.lift.{key}={bad}",
+        ]
+    )
     with pytest.raises(BenchError, match=rf"method\.lift\.{key}='{bad}' is not a choice"):
         Distiller(build_backbone(cfg.backbone), cfg.method)

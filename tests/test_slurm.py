@@ -4,6 +4,7 @@ slurmdbd + MariaDB under a temp dir), through real sbatch/sacct/scancel.
 The session fixture installs the Debian packages if needed and starts the cluster; without root/apt
 the tests are skipped with the reason, except in CI (CI=true), where they must run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,11 +54,27 @@ def slurm_cluster(tmp_path_factory):
 
 def overrides(tmp: Path, *extra: str) -> list:
     """Tiny cells on the test cluster: 1 CPU per job, 3-minute limit (submitit signals 90 s before)."""
-    return ["backbone=tiny_vit", "task=synth_corr", f"paths.root={tmp}", f"paths.data_dir={tmp}/data",
-            f"paths.results_dir={tmp}/results", f"paths.output_dir={tmp}/outputs", f"paths.cache_dir={tmp}/cache",
-            "cluster=slurm", f"cluster.folder={tmp}/sweep", "cluster.partition=debug", "cluster.gpus_per_node=0",
-            "cluster.cpus_per_task=1", "cluster.mem_gb=1", "cluster.timeout_min=3", "cluster.eval.timeout_min=3",
-            "cluster.table.timeout_min=3", "cluster.table.mem_gb=1", "cluster.poll_s=1", *extra]
+    return [
+        "backbone=tiny_vit",
+        "task=synth_corr",
+        f"paths.root={tmp}",
+        f"paths.data_dir={tmp}/data",
+        f"paths.results_dir={tmp}/results",
+        f"paths.output_dir={tmp}/outputs",
+        f"paths.cache_dir={tmp}/cache",
+        "cluster=slurm",
+        f"cluster.folder={tmp}/sweep",
+        "cluster.partition=debug",
+        "cluster.gpus_per_node=0",
+        "cluster.cpus_per_task=1",
+        "cluster.mem_gb=1",
+        "cluster.timeout_min=3",
+        "cluster.eval.timeout_min=3",
+        "cluster.table.timeout_min=3",
+        "cluster.table.mem_gb=1",
+        "cluster.poll_s=1",
+        *extra,
+    ]
 
 
 def args(*argv: str):
@@ -80,16 +97,23 @@ def wait_for(cond, timeout: float, what: str, step: float = 0.5):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-TINY_SYNTH = ["task.dataset.scenes=3", "task.dataset.views=2", "task.dataset.size=32", "task.dataset.held_out=1",
-              "task.protocols.linear.schedule.epochs=1", "task.progress=false"]
+TINY_SYNTH = [
+    "task.dataset.scenes=3",
+    "task.dataset.views=2",
+    "task.dataset.size=32",
+    "task.dataset.held_out=1",
+    "task.protocols.linear.schedule.epochs=1",
+    "task.progress=false",
+]
 
 
 def test_sweep_2x2_through_sbatch(slurm_cluster, toys, tmp_path, capsys):
     """2 methods (frozen dinov2, trained toy_train) x 2 synthetic tasks (synth_depth, synth_seg), tiny."""
     from bench.data.synthetic import ensure_synthetic
 
-    ov = overrides(tmp_path, "method.name=dinov2,toy_train", "task=synth_depth,synth_seg", "+method.steps=3",
-                   *TINY_SYNTH)
+    ov = overrides(
+        tmp_path, "method.name=dinov2,toy_train", "task=synth_depth,synth_seg", "+method.steps=3", *TINY_SYNTH
+    )
     data = compose([o.split(",")[0] for o in ov]).task.dataset  # prepared once, as `bench data` would
     ensure_synthetic(data.root, scenes=data.scenes, views=data.views, size=[data.size] * 2, seed=data.seed)
     s = sweep.run(sweep.make_plan(ov), poll_s=1)
@@ -100,7 +124,11 @@ def test_sweep_2x2_through_sbatch(slurm_cluster, toys, tmp_path, capsys):
     assert len(arrays) == 1 and all("_" in ids[n] for n in ids if n.startswith("eval:toy_train"))
     recs = records.load_records(tmp_path / "results")
     assert sorted((r["method"], r["task"]) for r in recs) == [
-        ("dinov2", "synth_depth"), ("dinov2", "synth_seg"), ("toy_train", "synth_depth"), ("toy_train", "synth_seg")]
+        ("dinov2", "synth_depth"),
+        ("dinov2", "synth_seg"),
+        ("toy_train", "synth_depth"),
+        ("toy_train", "synth_seg"),
+    ]
     assert all(r["checkpoint"].get("reused") for r in recs if r["method"] == "toy_train")  # trained once
     board = (tmp_path / "results" / "leaderboard.md").read_text()
     assert "synth_depth" in board and "synth_seg" in board and "toy_train" in board
@@ -118,8 +146,14 @@ def test_requeue_resume_failure_and_cancel(slurm_cluster, toys, tmp_path, capsys
     * seed 1's training is scancel'ed: reported as cancelled, its evaluations are cancelled by SLURM
       (invalid dependency) and reported so; the leaderboard job still runs; nothing hangs.
     """
-    ov = overrides(tmp_path, "method.name=toy_train", "task.name=toy_probe,toy_fail", "seed=0,1", "+method.steps=6",
-                   "+method.sleep_s=1.5")
+    ov = overrides(
+        tmp_path,
+        "method.name=toy_train",
+        "task.name=toy_probe,toy_fail",
+        "seed=0,1",
+        "+method.steps=6",
+        "+method.sleep_s=1.5",
+    )
     s = sweep.run(sweep.make_plan(ov), wait=False)
     t0, t1 = (next(j for j in s.jobs.values() if j.kind == "train" and j.cells[0].endswith(f"s{k}")) for k in (0, 1))
     workdir = Path(tmp_path / "cache" / "backbones" / t0.name.split(":", 1)[1])
@@ -138,7 +172,9 @@ def test_requeue_resume_failure_and_cancel(slurm_cluster, toys, tmp_path, capsys
     assert "toy_fail fails on purpose" in Path(s.jobs[fail0].stderr).read_text()
     assert state[t1.name] == "cancelled"
     for cell in t1.cells:
-        assert state[f"eval:{cell}"] == "cancelled" and s.jobs[f"eval:{cell}"].error == f"dependency {t1.name} cancelled"
+        assert (
+            state[f"eval:{cell}"] == "cancelled" and s.jobs[f"eval:{cell}"].error == f"dependency {t1.name} cancelled"
+        )
     log = Path(t0.stderr).read_text()
     assert "Requeued job" in log and "resumed from" in log  # submitit requeued it; TrainLoop resumed
     capsys.readouterr()
@@ -163,14 +199,20 @@ def test_two_task_training_job_runs_as_two_ranks(slurm_cluster, toys, tmp_path):
 
     from bench.runner import train
 
-    ov = overrides(tmp_path, "method.name=toy_train", "task.name=toy_probe", "+method.steps=3",
-                   "+cluster.train.tasks_per_node=2", "+cluster.train.timeout_min=10")
+    ov = overrides(
+        tmp_path,
+        "method.name=toy_train",
+        "task.name=toy_probe",
+        "+method.steps=3",
+        "+cluster.train.tasks_per_node=2",
+        "+cluster.train.timeout_min=10",
+    )
     s = sweep.run(sweep.make_plan(ov), poll_s=1)
     assert {n: j.state for n, j in s.jobs.items()} == {n: "done" for n in s.jobs}, sweep.status_table(s)
     t = next(j for j in s.jobs.values() if j.kind == "train")
     logs = Path(t.stderr).parent
-    assert len(list(logs.glob(f"{t.job_id}_*_log.err"))) == 2          # two tasks ran
-    assert "distributed: 2 ranks" in Path(t.stderr).read_text()         # ... joined as one process group
+    assert len(list(logs.glob(f"{t.job_id}_*_log.err"))) == 2  # two tasks ran
+    assert "distributed: 2 ranks" in Path(t.stderr).read_text()  # ... joined as one process group
     workdir = tmp_path / "cache" / "backbones" / t.name.split(":", 1)[1]
     ckpt = torch.load(sorted(workdir.glob("ckpt_*.pt"))[-1], weights_only=True)
     assert ckpt["fingerprint"]["world_size"] == 2 and len(ckpt["rng_ranks"]) == 2

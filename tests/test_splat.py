@@ -1,5 +1,6 @@
 """bench.splat: the tiled CPU engine against the dense all-pairs reference, gsplat's compositing rules on
 hand-made cases, gradients, multi-camera batching, and geometry on a synthetic scene."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,9 @@ PARAMS = ("means", "quats", "scales", "opacities", "features")
 ENGINES = {"default": {}, "small": dict(tile=4, seg=16, budget=1 << 11)}
 
 
-def random_scene(seed: int, N: int = 120, C: int = 2, D: int = 5, H: int = 18, W: int = 26,
-                 dtype=torch.float64, opaque: bool = False) -> dict:
+def random_scene(
+    seed: int, N: int = 120, C: int = 2, D: int = 5, H: int = 18, W: int = 26, dtype=torch.float64, opaque: bool = False
+) -> dict:
     """Gaussians around the origin, some behind / crossing the near plane / beside the frustum,
     anisotropic, opacities from below 1/255 to 1 (capped); cameras ~3 m away."""
     g = torch.Generator().manual_seed(seed)
@@ -30,13 +32,23 @@ def random_scene(seed: int, N: int = 120, C: int = 2, D: int = 5, H: int = 18, W
     w2c = torch.eye(4, dtype=dtype).repeat(C, 1, 1)
     for c in range(C):  # small rotations about y, translations
         a = 0.15 * c
-        w2c[c, :3, :3] = torch.tensor([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]],
-                                      dtype=dtype)
+        w2c[c, :3, :3] = torch.tensor(
+            [[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]], dtype=dtype
+        )
         w2c[c, :3, 3] = torch.tensor([0.2 * c, -0.1 * c, 3.0], dtype=dtype)
     f = 0.9 * W
     K = torch.tensor([[f, 0, W / 2 + 0.7], [0, f * 1.05, H / 2 - 0.4], [0, 0, 1]], dtype=dtype).repeat(C, 1, 1)
-    return dict(means=means, quats=torch.randn(N, 4, generator=g, dtype=dtype), scales=scales,
-                opacities=opac, features=torch.randn(N, D, generator=g, dtype=dtype), w2c=w2c, K=K, W=W, H=H)
+    return dict(
+        means=means,
+        quats=torch.randn(N, 4, generator=g, dtype=dtype),
+        scales=scales,
+        opacities=opac,
+        features=torch.randn(N, D, generator=g, dtype=dtype),
+        w2c=w2c,
+        K=K,
+        W=W,
+        H=H,
+    )
 
 
 def render(fn, s: dict, grads: bool = True, **kw):
@@ -87,8 +99,9 @@ def test_float32_engine_matches_reference():
 
 def test_gradcheck_tiny():
     s = random_scene(4, N=4, C=2, D=2, H=5, W=6)
-    s["means"] = torch.tensor([[0.0, 0.0, 0.2], [0.3, 0.1, 0.0], [-0.2, 0.2, 0.4], [0.1, -0.3, -0.1]],
-                              dtype=torch.float64)
+    s["means"] = torch.tensor(
+        [[0.0, 0.0, 0.2], [0.3, 0.1, 0.0], [-0.2, 0.2, 0.4], [0.1, -0.3, -0.1]], dtype=torch.float64
+    )
     s["scales"] = torch.full((4, 3), 0.15, dtype=torch.float64) + 0.1 * torch.rand(4, 3, dtype=torch.float64)
     s["opacities"] = torch.tensor([0.9, 0.6, 0.8, 0.5], dtype=torch.float64)
     s["K"][:, 0, 0] = s["K"][:, 1, 1] = 6.0
@@ -106,13 +119,17 @@ def one_pixel_scene(alphas, W=5, H=3, z0=2.0, dz=0.5):
     (2, 1); with opacity ``a`` each has alpha exactly ``a`` there (capped at 0.999)."""
     n = len(alphas)
     z = torch.tensor([z0 + dz * i for i in range(n)], dtype=torch.float64)
-    return dict(means=torch.stack([torch.zeros(n), torch.zeros(n), z], -1).double(),
-                quats=torch.tensor([[1.0, 0, 0, 0]] * n, dtype=torch.float64),
-                scales=torch.full((n, 3), 1e-4, dtype=torch.float64),
-                opacities=torch.tensor(alphas, dtype=torch.float64),
-                features=torch.eye(n, dtype=torch.float64),
-                w2c=torch.eye(4, dtype=torch.float64)[None],
-                K=torch.tensor([[[10.0, 0, 2.5], [0, 10.0, 1.5], [0, 0, 1]]], dtype=torch.float64), W=W, H=H), z
+    return dict(
+        means=torch.stack([torch.zeros(n), torch.zeros(n), z], -1).double(),
+        quats=torch.tensor([[1.0, 0, 0, 0]] * n, dtype=torch.float64),
+        scales=torch.full((n, 3), 1e-4, dtype=torch.float64),
+        opacities=torch.tensor(alphas, dtype=torch.float64),
+        features=torch.eye(n, dtype=torch.float64),
+        w2c=torch.eye(4, dtype=torch.float64)[None],
+        K=torch.tensor([[[10.0, 0, 2.5], [0, 10.0, 1.5], [0, 0, 1]]], dtype=torch.float64),
+        W=W,
+        H=H,
+    ), z
 
 
 @pytest.mark.parametrize("backend", ["torch", "dense"])
@@ -132,10 +149,10 @@ def test_alpha_cap_and_transmittance_cutoff(backend):
     # composited, nor anything behind it
     s, z = one_pixel_scene([0.95, 0.95, 0.95, 0.95, 0.5])
     (f, a, d), _ = render(lambda *x, **k: rasterize(*x, backend=backend, **k), s, grads=False)
-    w = torch.tensor([0.95, 0.95 * 0.05, 0.95 * 0.05 ** 2, 0.0, 0.0], dtype=torch.float64)
+    w = torch.tensor([0.95, 0.95 * 0.05, 0.95 * 0.05**2, 0.0, 0.0], dtype=torch.float64)
     assert torch.allclose(f[0, 1, 2], w, atol=1e-12)
-    assert a[0, 1, 2].item() == pytest.approx(1 - 0.05 ** 3, abs=1e-12)
-    assert d[0, 1, 2].item() == pytest.approx((w[:3] * z[:3]).sum().item() / (1 - 0.05 ** 3), abs=1e-12)
+    assert a[0, 1, 2].item() == pytest.approx(1 - 0.05**3, abs=1e-12)
+    assert d[0, 1, 2].item() == pytest.approx((w[:3] * z[:3]).sum().item() / (1 - 0.05**3), abs=1e-12)
 
     # in front, an opaque Gaussian centred 2 px to the right: its alpha here, exp(-2 / 0.3) < 1/255, is
     # skipped and leaves T unchanged, so the one behind gets T = 1
@@ -162,14 +179,14 @@ def test_multi_camera_batch_equals_single_camera_calls():
     out, gout = render(rasterize, s)
     outs, gsum = [], None
     for c in range(3):
-        sc = dict(s, w2c=s["w2c"][c:c + 1], K=s["K"][c:c + 1])
+        sc = dict(s, w2c=s["w2c"][c : c + 1], K=s["K"][c : c + 1])
         p = {k: sc[k].clone().requires_grad_(True) for k in PARAMS}
         o = rasterize(*(p[k] for k in PARAMS), sc["w2c"], sc["K"], sc["W"], sc["H"])
         outs.append(o)
         # same random weights as the batched loss, restricted to this camera
         g = torch.Generator().manual_seed(123)
         ws = [torch.randn(x.shape, generator=g, dtype=x.dtype) for x in out]
-        loss = sum((oi * wi[c:c + 1]).sum() for oi, wi in zip(o, ws))
+        loss = sum((oi * wi[c : c + 1]).sum() for oi, wi in zip(o, ws))
         gc = torch.autograd.grad(loss, [p[k] for k in PARAMS])
         gsum = gc if gsum is None else [a + b for a, b in zip(gsum, gc)]
     for i in range(3):
@@ -215,8 +232,7 @@ def test_projection_matches_gsplat_torch_reference(seed):
     s = random_scene(seed, N=200, C=3)
     ours = project(s["means"], s["quats"], s["scales"], s["opacities"], s["w2c"], s["K"], s["W"], s["H"])
     covars, _ = _quat_scale_to_covar_preci(s["quats"], s["scales"], compute_preci=False, triu=False)
-    radii, means2d, depths, conics, _ = _fully_fused_projection(s["means"], covars, s["w2c"], s["K"],
-                                                                s["W"], s["H"])
+    radii, means2d, depths, conics, _ = _fully_fused_projection(s["means"], covars, s["w2c"], s["K"], s["W"], s["H"])
     assert backend_loaded or "gsplat.cuda._backend" not in sys.modules  # no CUDA compile was triggered
     torch.testing.assert_close(ours.depth, depths, rtol=1e-12, atol=1e-12)
     front = depths > 0.01
@@ -254,8 +270,9 @@ def geometry_case(v, engine=rasterize):
     opacity 0.99), splatted into views 0 and 1. Returns per view: (psnr, mean rel. depth error, mask)."""
     from bench.cameras import dense_correspondence
 
-    g = pixel_aligned_gaussians(v["depth"][0], v["K"][0], v["w2c"][0], v["images"][0].permute(1, 2, 0),
-                                scale=0.1, opacity=0.99)
+    g = pixel_aligned_gaussians(
+        v["depth"][0], v["K"][0], v["w2c"][0], v["images"][0].permute(1, 2, 0), scale=0.1, opacity=0.99
+    )
     H, W = v["depth"].shape[-2:]
     f, a, d = engine(g["means"], g["quats"], g["scales"], g["opacities"], g["features"], v["w2c"], v["K"], W, H)
     res = []

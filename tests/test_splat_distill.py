@@ -1,5 +1,6 @@
 """Splat-and-Distill: sampling, upsampling/blending rules, head/loss, LoRA merge, geometry sanity,
 a tiny training run (loss falls, strict timm load), exact resume, and the learned reconstructor."""
+
 from __future__ import annotations
 
 import json
@@ -17,11 +18,15 @@ from bench.seed import seed_everything
 from methods.splat_distill.adapt import Adapter
 from methods.splat_distill.features import mask_aware_upsample, segment_blend
 from methods.splat_distill.head import DINOHead, dino_cross_entropy, distill_loss
-from methods.splat_distill.reconstruct import (CostVolumeReconstructor, DepthUnprojection, MVSplatAdapter,
-                                               build_reconstructor)
+from methods.splat_distill.reconstruct import (
+    CostVolumeReconstructor,
+    DepthUnprojection,
+    MVSplatAdapter,
+    build_reconstructor,
+)
 from methods.splat_distill.views import ViewSampler
 
-SIZE = (56, 70)          # tiny_vit (patch 14) -> a 4x5 grid
+SIZE = (56, 70)  # tiny_vit (patch 14) -> a 4x5 grid
 SCENES, VIEWS, SEED = 3, 10, 0
 
 
@@ -33,13 +38,30 @@ def scenes(tmp_path_factory):
 
 
 def _cfg(root, *extra):
-    return compose([
-        "method=splat_distill", "backbone=tiny_vit", "device=cpu", "method.data.dataset=synthetic",
-        f"method.data.root={root}", f"method.data.scenes={SCENES}", f"method.data.views={VIEWS}",
-        f"method.data.size=[{SIZE[0]},{SIZE[1]}]", f"method.data.seed={SEED}", "method.views.gap=4",
-        "method.head.prototypes=128", "method.head.hidden_dim=128", "method.head.bottleneck_dim=32",
-        "method.optim.batch_size=2", "method.optim.lr=2e-3", "method.teacher.every=1",
-        "method.teacher.momentum=0.9", "method.progress=false", "method.diagnostics.enabled=false", *extra])
+    return compose(
+        [
+            "method=splat_distill",
+            "backbone=tiny_vit",
+            "device=cpu",
+            "method.data.dataset=synthetic",
+            f"method.data.root={root}",
+            f"method.data.scenes={SCENES}",
+            f"method.data.views={VIEWS}",
+            f"method.data.size=[{SIZE[0]},{SIZE[1]}]",
+            f"method.data.seed={SEED}",
+            "method.views.gap=4",
+            "method.head.prototypes=128",
+            "method.head.hidden_dim=128",
+            "method.head.bottleneck_dim=32",
+            "method.optim.batch_size=2",
+            "method.optim.lr=2e-3",
+            "method.teacher.every=1",
+            "method.teacher.momentum=0.9",
+            "method.progress=false",
+            "method.diagnostics.enabled=false",
+            *extra,
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------------- sampling
@@ -50,7 +72,7 @@ def test_view_sampler_paper_rule_and_state():
         scene, (c0, c1, t) = s.sample()
         assert c1 - c0 == 8 and c0 <= t <= c1 and c1 < [20, 30][scene]
         seen_t.add(t - c0)
-    assert seen_t == set(range(9))                     # uniform over the inclusive range
+    assert seen_t == set(range(9))  # uniform over the inclusive range
     state = s.state_dict()
     a = [s.sample() for _ in range(5)]
     s.load_state_dict(state)
@@ -66,7 +88,7 @@ def test_view_sampler_paper_rule_and_state():
 
 # ---------------------------------------------------------------------- upsampling / blending
 def test_mask_aware_upsample_rule():
-    feats = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])                          # [1,1,2,2]
+    feats = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # [1,1,2,2]
     plain = mask_aware_upsample(feats, None, (4, 4))
     assert torch.allclose(plain, F.interpolate(feats, size=(4, 4), mode="bilinear", align_corners=False))
     # left half label 0, right half label 1: no pixel may mix the two columns of patches
@@ -79,7 +101,7 @@ def test_mask_aware_upsample_rule():
     assert torch.allclose(up[:, 2:], torch.tensor([[2.0], [2.5], [3.5], [4.0]]).expand(4, 2))
     # a pixel whose label no neighbouring patch has falls back to plain bilinear
     odd = mask.clone()
-    odd[0, 2, 1] = 7                                   # (no patch centre sits on this pixel)
+    odd[0, 2, 1] = 7  # (no patch centre sits on this pixel)
     assert mask_aware_upsample(feats, odd, (4, 4))[0, 0, 2, 1] == pytest.approx(float(plain[0, 0, 2, 1]))
 
 
@@ -97,7 +119,7 @@ def test_dino_head_and_cross_entropy():
     head = DINOHead(6, out_dim=10, hidden_dim=16, bottleneck_dim=4)
     x = torch.randn(2, 6, 3, 3)
     logits = head(x)
-    assert logits.shape == (2, 10, 3, 3) and logits.abs().max() <= 1.0 + 1e-6   # cosines, temperature 1
+    assert logits.shape == (2, 10, 3, 3) and logits.abs().max() <= 1.0 + 1e-6  # cosines, temperature 1
     s, t = torch.tensor([[1.0, 0.0]]).view(1, 2, 1, 1), torch.tensor([[0.0, 1.0]]).view(1, 2, 1, 1)
     pt = torch.softmax(torch.tensor([0.0, 1.0]), 0)
     expected = -(pt * torch.log_softmax(torch.tensor([1.0, 0.0]), 0)).sum()
@@ -163,8 +185,9 @@ def test_reconstructor_seam_errors(tmp_path):
     with pytest.raises(CheckpointError, match="pretrain-reconstructor"):
         build_reconstructor({"name": "learned", "checkpoint": str(tmp_path / "none.safetensors")})
     with pytest.raises(BenchError, match="depth maps"):
-        DepthUnprojection()({"images": torch.rand(2, 3, 4, 4), "K": torch.eye(3).expand(2, 3, 3),
-                             "w2c": torch.eye(4).expand(2, 4, 4)})
+        DepthUnprojection()(
+            {"images": torch.rand(2, 3, 4, 4), "K": torch.eye(3).expand(2, 3, 3), "w2c": torch.eye(4).expand(2, 4, 4)}
+        )
 
 
 def test_geometry_sanity_splat_vs_perturbed_pose(scenes):
@@ -185,7 +208,7 @@ def test_geometry_sanity_splat_vs_perturbed_pose(scenes):
         w2c = e["w2c"].clone()
         c = torch.linalg.inv(w2c[2])[:3, 3]
         yaw = torch.tensor([[math.cos(0.25), 0, math.sin(0.25)], [0, 1, 0], [-math.sin(0.25), 0, math.cos(0.25)]])
-        w2c[2, :3, :3] = yaw @ w2c[2, :3, :3]               # rotate the target camera ~14 deg about its y axis
+        w2c[2, :3, :3] = yaw @ w2c[2, :3, :3]  # rotate the target camera ~14 deg about its y axis
         w2c[2, :3, 3] = -w2c[2, :3, :3] @ c
         e["w2c"] = w2c
         perturbed.append(e)
@@ -200,9 +223,18 @@ def test_geometry_sanity_splat_vs_perturbed_pose(scenes):
     assert cos_true > cos_pert + 0.05, (cos_true, cos_pert)
 
 
-@pytest.mark.parametrize("switch", ["method.loss=cosine", "method.loss=direct", "method.teacher.frozen=true",
-                                    "method.lift.blending=false", "method.lift.upsample=bilinear",
-                                    "method.lift.masks=slic", "method.adapter.mode=full"])
+@pytest.mark.parametrize(
+    "switch",
+    [
+        "method.loss=cosine",
+        "method.loss=direct",
+        "method.teacher.frozen=true",
+        "method.lift.blending=false",
+        "method.lift.upsample=bilinear",
+        "method.lift.masks=slic",
+        "method.adapter.mode=full",
+    ],
+)
 def test_ablation_switches(scenes, switch):
     from bench.data.scenes import MultiViewScenes
     from methods.splat_distill.distill import Distiller
@@ -216,7 +248,7 @@ def test_ablation_switches(scenes, switch):
     loss, _ = d.loss(ex)
     loss.backward()
     assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.parameters())
-    if "lift" in switch:   # the targets change
+    if "lift" in switch:  # the targets change
         assert not torch.allclose(d.targets(ex)[0], base.targets(ex)[0])
     with torch.no_grad():
         for p in d.parameters():
@@ -244,7 +276,7 @@ def test_prototype_gain_trains_in_student_and_follows_ema_in_teacher(scenes):
     assert d.head.gain.grad is not None and d.head.gain.grad.abs().sum() > 0
     opt.step()
     g = d.head.gain.detach().clone()
-    assert (g - 1).abs().max() > 1e-3                        # the gain moved in the student
+    assert (g - 1).abs().max() > 1e-3  # the gain moved in the student
     d.update_teacher(d.ema.every)
     m = d.ema.momentum
     assert torch.allclose(d.teacher_head.gain, m * torch.ones_like(g) + (1 - m) * g, atol=1e-7)
@@ -263,8 +295,13 @@ def test_official_defaults_no_clipping_and_lora_factor_ema(scenes, tmp_path):
     cfg = compose(["method=splat_distill"])
     m = cfg.method
     assert m.optim.grad_clip is None and m.adapter.target_modules == "official" and m.head.train_gain
-    assert (m.lift.upsample_grid, m.lift.all_excluded, m.lift.uncovered, m.lift.blend_segments, m.lift.resize) == \
-        ("corners", "zero", "zero_fill", "all", "official")
+    assert (m.lift.upsample_grid, m.lift.all_excluded, m.lift.uncovered, m.lift.blend_segments, m.lift.resize) == (
+        "corners",
+        "zero",
+        "zero_fill",
+        "all",
+        "official",
+    )
     assert (m.teacher.ema, m.teacher.dropout) == ("lora_factors", True)
     d, _, _, loop, _ = build_training(build_backbone(_cfg(scenes).backbone), _cfg(scenes), tmp_path, "cpu")
     assert loop.grad_clip is None
@@ -277,13 +314,13 @@ def test_official_defaults_no_clipping_and_lora_factor_ema(scenes, tmp_path):
     d.update_teacher(d.ema.every)
     s_sd, t_sd, mom = d.backbone.model.state_dict(), d.teacher.model.state_dict(), d.ema.momentum
     k = "blocks.0.attn.qkv.lora_B.default.weight"
-    assert torch.allclose(t_sd[k], mom * 0 + (1 - mom) * s_sd[k], atol=1e-7)   # B started at 0
+    assert torch.allclose(t_sd[k], mom * 0 + (1 - mom) * s_sd[k], atol=1e-7)  # B started at 0
 
 
 def test_corner_grid_mask_aware_upsample_official_rule():
     from methods.splat_distill.features import corner_mask_aware_upsample
 
-    feats = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])                          # [1,1,2,2]
+    feats = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # [1,1,2,2]
     plain = corner_mask_aware_upsample(feats, None, (3, 3))[0, 0]
     assert torch.allclose(plain, torch.tensor([[1.0, 1.5, 2.0], [2.0, 2.5, 3.0], [3.0, 3.5, 4.0]]))
     # patch labels are read at pixels round(linspace(0, 2, 2)) = 0 and 2; the centre pixel (1, 1) has a
@@ -299,7 +336,7 @@ def test_official_resize_floor_multiple_without_antialias(scenes):
     from methods.splat_distill.distill import Distiller
 
     d = Distiller(build_backbone(_cfg(scenes).backbone), _cfg(scenes).method)
-    x = torch.rand(1, 3, 55, 83)                      # floor multiples of 14: 42 x 70 (the backbone rounds: 56 x 84)
+    x = torch.rand(1, 3, 55, 83)  # floor multiples of 14: 42 x 70 (the backbone rounds: 56 x 84)
     y = d.backbone_input(x)
     assert y.shape[-2:] == (42, 70) and d.student_grid(55, 83) == (3, 5)
     assert torch.allclose(y, F.interpolate(x, size=(42, 70), mode="bilinear", align_corners=False, antialias=False))
@@ -322,8 +359,16 @@ def test_correspondence_tasks_of_a_grid_use_the_no_blending_backbone():
     # the sweep plans one training job per variant: backbone_dir keys the task's variant
     from bench.sweep import make_plan
 
-    plan = make_plan(["method=splat_distill", "backbone=tiny_vit", "task=synth_depth,synth_seg,synth_corr", "seed=0",
-                      "paths.cache_dir=/nonexistent/cache", "paths.results_dir=/nonexistent/results"])
+    plan = make_plan(
+        [
+            "method=splat_distill",
+            "backbone=tiny_vit",
+            "task=synth_depth,synth_seg,synth_corr",
+            "seed=0",
+            "paths.cache_dir=/nonexistent/cache",
+            "paths.results_dir=/nonexistent/results",
+        ]
+    )
     trains = {j.name: sorted(j.cells) for j in plan.jobs.values() if j.kind == "train"}
     assert len(trains) == 2 and sorted(len(c) for c in trains.values()) == [1, 2]
     off = SnDOfficial()
@@ -345,8 +390,15 @@ def test_runner_applies_the_task_variant(monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "obtain_backbone", stop)
     monkeypatch.setattr(runner, "_task", lambda c: object())
     for task in ("synth_corr", "synth_depth"):
-        cfg = compose(["method=splat_distill", "backbone=tiny_vit", f"task={task}", f"paths.results_dir={tmp_path}",
-                       f"run_dir={tmp_path / task}"])
+        cfg = compose(
+            [
+                "method=splat_distill",
+                "backbone=tiny_vit",
+                f"task={task}",
+                f"paths.results_dir={tmp_path}",
+                f"run_dir={tmp_path / task}",
+            ]
+        )
         with pytest.raises(RuntimeError, match="stop"):
             runner.run_cell(cfg)
     assert seen == [("synth_corr", False), ("synth_depth", True)]
@@ -363,13 +415,20 @@ def _fit(cfg, workdir, stop_after=None):
 def test_tiny_run_loss_falls_and_saves_plain_timm(scenes, tmp_path):
     from bench.backbones import save_backbone
 
-    cfg = _cfg(scenes, "method.optim.steps=20", "method.ckpt_every=10", "method.diagnostics.enabled=true",
-               f"method.diagnostics.data.root={scenes}", f"method.diagnostics.data.scenes={SCENES}",
-               f"method.diagnostics.data.views={VIEWS}", f"method.diagnostics.data.seed={SEED}")
+    cfg = _cfg(
+        scenes,
+        "method.optim.steps=20",
+        "method.ckpt_every=10",
+        "method.diagnostics.enabled=true",
+        f"method.diagnostics.data.root={scenes}",
+        f"method.diagnostics.data.scenes={SCENES}",
+        f"method.diagnostics.data.views={VIEWS}",
+        f"method.diagnostics.data.seed={SEED}",
+    )
     bb = _fit(cfg, tmp_path / "run")
     diag = json.loads((tmp_path / "run" / "diagnostics.json").read_text())
     assert diag["adapted_weight_change"] > 0 and diag["feature_change"] > 0 and diag["student_grid"] == [4, 5]
-    for when in ("before", "after"):   # ground-truth correspondences are more alike than random pixels
+    for when in ("before", "after"):  # ground-truth correspondences are more alike than random pixels
         assert diag[when]["corr_cos"] > diag[when]["random_cos"]
     assert {"kl_first", "kl_last", "head_cos_first", "head_cos_last"} <= diag.keys()
     hist = json.loads((tmp_path / "run" / "history.json").read_text())
@@ -378,7 +437,10 @@ def test_tiny_run_loss_falls_and_saves_plain_timm(scenes, tmp_path):
     mean = lambda hs, k: sum(h[k] for h in hs) / len(hs)  # noqa: E731
     assert mean(last, "loss") < mean(first, "loss")
     assert mean(last, "kl") < 0.7 * mean(first, "kl")
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["ckpt_00000010.pt", "ckpt_00000020.pt"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "ckpt_00000010.pt",
+        "ckpt_00000020.pt",
+    ]
     save_backbone(bb, tmp_path / "model.safetensors")
     plain = bb.spec.create_model()
     load_state_dict_strict(plain, read_state_dict(tmp_path / "model.safetensors"), source="trained")
@@ -390,7 +452,7 @@ def test_tiny_run_loss_falls_and_saves_plain_timm(scenes, tmp_path):
 def test_resume_is_bit_identical(scenes, tmp_path):
     cfg = _cfg(scenes, "method.optim.steps=6", "method.ckpt_every=3")
     full = _fit(cfg, tmp_path / "full")
-    _fit(cfg, tmp_path / "cut", stop_after=3)           # "interrupted" after the step-3 checkpoint
+    _fit(cfg, tmp_path / "cut", stop_after=3)  # "interrupted" after the step-3 checkpoint
     resumed = _fit(cfg, tmp_path / "cut")
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -407,9 +469,37 @@ def test_learned_reconstructor_beats_constant_depth(scenes, tmp_path, capsys):
     p = argparse.ArgumentParser()
     add_arguments(p)
     out = tmp_path / "cv.safetensors"
-    args = p.parse_args(["--root", str(scenes), "--scenes", str(SCENES), "--held-out", "1", "--views", str(VIEWS),
-                         "--size", str(SIZE[0]), str(SIZE[1]), "--seed", str(SEED), "--steps", "25", "--batch", "1",
-                         "--gap", "2", "4", "--lr", "2e-3", "--device", "cpu", "--no-progress", "--out", str(out)])
+    args = p.parse_args(
+        [
+            "--root",
+            str(scenes),
+            "--scenes",
+            str(SCENES),
+            "--held-out",
+            "1",
+            "--views",
+            str(VIEWS),
+            "--size",
+            str(SIZE[0]),
+            str(SIZE[1]),
+            "--seed",
+            str(SEED),
+            "--steps",
+            "25",
+            "--batch",
+            "1",
+            "--gap",
+            "2",
+            "4",
+            "--lr",
+            "2e-3",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert main(args) == 0
     report = json.loads((tmp_path / "cv.eval.json").read_text())["metrics"]
     assert report["learned"]["abs_rel"] < report["constant_train_median"]["abs_rel"]
@@ -423,9 +513,9 @@ def test_diagnostic_measures_hand_values():
 
     before = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([0.0, 4.0])}
     after = {"a": torch.tensor([3.0, 3.0]), "b": torch.tensor([0.0, 0.0]), "bn.running_mean": torch.ones(2)}
-    assert relative_change(before, after) == pytest.approx(5.0 / 5.0)      # sqrt(9 + 16) / sqrt(9 + 16)
+    assert relative_change(before, after) == pytest.approx(5.0 / 5.0)  # sqrt(9 + 16) / sqrt(9 + 16)
     f0 = torch.zeros(2, 1, 1)
-    f0[0] = 1.0                                                             # [C=2,h=1,w=1]: (1, 0)
+    f0[0] = 1.0  # [C=2,h=1,w=1]: (1, 0)
     f1 = torch.tensor([1.0, 1.0]).view(2, 1, 1)
     out = feature_change([f0[None]], [f1[None]])
-    assert out["feature_change"] == pytest.approx(1.0) and out["feature_1_minus_cos"] == pytest.approx(1 - 2 ** -0.5)
+    assert out["feature_change"] == pytest.approx(1.0) and out["feature_1_minus_cos"] == pytest.approx(1 - 2**-0.5)

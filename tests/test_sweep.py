@@ -1,6 +1,7 @@
 """bench sweep: grid expansion, planning (training groups, dependencies, arrays), skip-existing,
 cached/forced backbones, the local backend (dependencies, failure isolation), the status view,
 and one end-to-end local sweep through the real job functions (toy method/tasks: sweep_toys.py)."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,19 @@ from bench.errors import BenchError, ClusterError
 
 def base(tmp: Path, *extra: str) -> list:
     """Overrides for a tiny cell under ``tmp`` (every path explicit: BENCH_* env vars do not leak in)."""
-    return ["backbone=tiny_vit", "task=synth_corr", f"paths.root={tmp}", f"paths.data_dir={tmp}/data",
-            f"paths.results_dir={tmp}/results", f"paths.output_dir={tmp}/outputs", f"paths.cache_dir={tmp}/cache",
-            "+method.steps=2", "+method.sleep_s=0", f"cluster.folder={tmp}/sweep", *extra]
+    return [
+        "backbone=tiny_vit",
+        "task=synth_corr",
+        f"paths.root={tmp}",
+        f"paths.data_dir={tmp}/data",
+        f"paths.results_dir={tmp}/results",
+        f"paths.output_dir={tmp}/outputs",
+        f"paths.cache_dir={tmp}/cache",
+        "+method.steps=2",
+        "+method.sleep_s=0",
+        f"cluster.folder={tmp}/sweep",
+        *extra,
+    ]
 
 
 def args(*argv: str) -> argparse.Namespace:
@@ -38,10 +49,20 @@ def write_record(results_dir: Path, method: str, task: str, seed: int, backbone:
 
     cfg = compose(base(results_dir.parent, f"method.name={method}", f"task.name={task}", f"seed={seed}"))
     rid = records.new_record_id(method, backbone, task, seed)
-    records.write_record(results_dir, {"id": rid, "created": "2026-01-01T00:00:00Z", "method": method,
-                                       "backbone": backbone, "task": task, "seed": seed,
-                                       "protocol": {"name": "default"}, "metrics": {"m": 1.0},
-                                       "identity": cell_identity(cfg)})
+    records.write_record(
+        results_dir,
+        {
+            "id": rid,
+            "created": "2026-01-01T00:00:00Z",
+            "method": method,
+            "backbone": backbone,
+            "task": task,
+            "seed": seed,
+            "protocol": {"name": "default"},
+            "metrics": {"m": 1.0},
+            "identity": cell_identity(cfg),
+        },
+    )
 
 
 def test_expand_grid():
@@ -54,8 +75,7 @@ def test_expand_grid():
 
 
 def test_plan_groups_cells_by_trained_backbone(toys, tmp_path):
-    plan = sweep.make_plan(base(tmp_path, "method.name=dinov2,toy_train", "task.name=toy_probe,toy_fail",
-                                "seed=0,1"))
+    plan = sweep.make_plan(base(tmp_path, "method.name=dinov2,toy_train", "task.name=toy_probe,toy_fail", "seed=0,1"))
     assert len(plan.cells) == 8 and not any(c.skip for c in plan.cells)
     trains = [j for j in plan.jobs.values() if j.kind == "train"]
     assert len(trains) == 2  # one per seed: the two tasks of a seed share one trained backbone
@@ -109,11 +129,16 @@ def _records(jobs):
 
 def test_local_backend_dependencies_and_failure_isolation(tmp_path):
     ok, bad = functools.partial(time.sleep, 0.1), functools.partial(int, "x")  # cheap job callables
-    jobs = _records([JobRecord("t_ok", "train", [], "train"), JobRecord("t_bad", "train", [], "train"),
-                     JobRecord("e_ok", "eval", [], "eval", after_ok=["t_ok"]),
-                     JobRecord("e_dep", "eval", [], "eval", after_ok=["t_bad"]),
-                     JobRecord("e_bad", "eval", [], "eval"),
-                     JobRecord("table", "table", [], "table", after_any=["t_ok", "t_bad", "e_ok", "e_dep", "e_bad"])])
+    jobs = _records(
+        [
+            JobRecord("t_ok", "train", [], "train"),
+            JobRecord("t_bad", "train", [], "train"),
+            JobRecord("e_ok", "eval", [], "eval", after_ok=["t_ok"]),
+            JobRecord("e_dep", "eval", [], "eval", after_ok=["t_bad"]),
+            JobRecord("e_bad", "eval", [], "eval"),
+            JobRecord("table", "table", [], "table", after_any=["t_ok", "t_bad", "e_ok", "e_dep", "e_bad"]),
+        ]
+    )
     order = []
 
     def make(rec):
@@ -128,8 +153,14 @@ def test_local_backend_dependencies_and_failure_isolation(tmp_path):
         time.sleep(0.2)
         backend.step(jobs)
     state = {n: j.state for n, j in jobs.items()}
-    assert state == {"t_ok": "done", "t_bad": "failed", "e_ok": "done", "e_dep": "cancelled", "e_bad": "failed",
-                     "table": "done"}
+    assert state == {
+        "t_ok": "done",
+        "t_bad": "failed",
+        "e_ok": "done",
+        "e_dep": "cancelled",
+        "e_bad": "failed",
+        "table": "done",
+    }
     assert order.index("e_ok") > order.index("t_ok") and order[-1] == "table" and "e_dep" not in order
     assert jobs["e_dep"].error == "dependency t_bad failed" and jobs["e_dep"].job_id is None
     for name in ("t_bad", "e_bad"):
@@ -169,8 +200,14 @@ def test_dry_run_prints_the_plan_and_runs_nothing(toys, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_local_sweep_end_to_end(toys, tmp_path, capsys):
-    ov = base(tmp_path, "method.name=dinov2,toy_train", "task.name=toy_probe", "cluster.max_workers=2",
-              "cluster.poll_s=0.3", f"cluster.folder={tmp_path}/outputs/sweeps/first")
+    ov = base(
+        tmp_path,
+        "method.name=dinov2,toy_train",
+        "task.name=toy_probe",
+        "cluster.max_workers=2",
+        "cluster.poll_s=0.3",
+        f"cluster.folder={tmp_path}/outputs/sweeps/first",
+    )
     assert sweep.main(args(*ov)) == 0
     out = capsys.readouterr().out
     assert "4 done" in out and "leaderboard: " in out
@@ -191,18 +228,36 @@ def test_plan_skips_a_cell_whose_record_ran_a_per_task_variant(tmp_path):
     from bench.identity import cell_identity
     from bench.method_variants import apply_per_task
 
-    ov = ["method=splat_distill", "backbone=tiny_vit", "task=synth_corr", "seed=0", f"paths.root={tmp_path}",
-          f"paths.data_dir={tmp_path}/data", f"paths.results_dir={tmp_path}/results",
-          f"paths.output_dir={tmp_path}/outputs", f"paths.cache_dir={tmp_path}/cache"]
+    ov = [
+        "method=splat_distill",
+        "backbone=tiny_vit",
+        "task=synth_corr",
+        "seed=0",
+        f"paths.root={tmp_path}",
+        f"paths.data_dir={tmp_path}/data",
+        f"paths.results_dir={tmp_path}/results",
+        f"paths.output_dir={tmp_path}/outputs",
+        f"paths.cache_dir={tmp_path}/cache",
+    ]
     cfg = compose(ov)
     ran = apply_per_task(cfg)  # what the runner runs and records
     assert ran.method.lift.blending is False and cfg.method.lift.blending is True
     assert cell_identity(cfg) == cell_identity(ran)
     no_variant = compose(ov + ["~method.per_task"])
     assert cell_identity(no_variant)["parts"]["method"] != cell_identity(cfg)["parts"]["method"]
-    records.write_record(tmp_path / "results", {
-        "id": records.new_record_id("splat_distill", "tiny_vit", "synth_corr", 0), "created": "2026-01-01T00:00:00Z",
-        "method": "splat_distill", "backbone": "tiny_vit", "task": "synth_corr", "seed": 0,
-        "protocol": {"name": "default"}, "metrics": {"m": 1.0}, "identity": cell_identity(ran)})
+    records.write_record(
+        tmp_path / "results",
+        {
+            "id": records.new_record_id("splat_distill", "tiny_vit", "synth_corr", 0),
+            "created": "2026-01-01T00:00:00Z",
+            "method": "splat_distill",
+            "backbone": "tiny_vit",
+            "task": "synth_corr",
+            "seed": 0,
+            "protocol": {"name": "default"},
+            "metrics": {"m": 1.0},
+            "identity": cell_identity(ran),
+        },
+    )
     plan = sweep.make_plan(ov)
     assert [c.skip for c in plan.cells] == [True] and plan.jobs == {}

@@ -1,4 +1,5 @@
 """Synthetic scenes: determinism, exact geometry, on-disk format, reader round trip, clear errors."""
+
 import json
 
 import numpy as np
@@ -25,7 +26,9 @@ def _files(root):
 
 def test_layout_and_meta(root):
     meta = json.loads((root / "meta.json").read_text())
-    assert meta["generator"] == S.GENERATOR and meta["seed"] == SEED and meta["scene_ids"] == ["synth_0000", "synth_0001"]
+    assert (
+        meta["generator"] == S.GENERATOR and meta["seed"] == SEED and meta["scene_ids"] == ["synth_0000", "synth_0001"]
+    )
     sdir = root / "synth_0000"
     tf = json.loads((sdir / "dslr/nerfstudio/transforms_undistorted.json").read_text())
     assert tf["camera_model"] == "PINHOLE" and (tf["w"], tf["h"]) == (64, 64) and len(tf["frames"]) == VIEWS
@@ -41,11 +44,13 @@ def test_layout_and_meta(root):
 
 
 def test_deterministic_per_seed(root, tmp_path):
-    again = S.generate(tmp_path / "b", SCENES, VIEWS, SIZE, SEED, workers=2)   # also: workers don't matter
+    again = S.generate(tmp_path / "b", SCENES, VIEWS, SIZE, SEED, workers=2)  # also: workers don't matter
     assert _files(again) == _files(root)
     other = S.generate(tmp_path / "c", 1, VIEWS, SIZE, SEED + 1)
     a, c = _files(root), _files(other)
-    assert a["synth_0000/dslr/undistorted_images/frame_0000.png"] != c["synth_0000/dslr/undistorted_images/frame_0000.png"]
+    assert (
+        a["synth_0000/dslr/undistorted_images/frame_0000.png"] != c["synth_0000/dslr/undistorted_images/frame_0000.png"]
+    )
     assert a["synth_0000/meta.json"] != c["synth_0000/meta.json"]
 
 
@@ -56,9 +61,11 @@ def test_workers_run_from_a_script_without_main_guard(root, tmp_path):
     import sys
 
     script = tmp_path / "plain.py"
-    script.write_text("from bench.data.synthetic import generate\n"
-                      f"generate({str(tmp_path / 'w')!r}, {SCENES}, {VIEWS}, {tuple(SIZE)!r}, {SEED}, workers=2)\n"
-                      "print('ran')\n")
+    script.write_text(
+        "from bench.data.synthetic import generate\n"
+        f"generate({str(tmp_path / 'w')!r}, {SCENES}, {VIEWS}, {tuple(SIZE)!r}, {SEED}, workers=2)\n"
+        "print('ran')\n"
+    )
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["ran"]  # the script body ran exactly once
@@ -89,14 +96,17 @@ def test_reader_round_trip(root):
     assert K.shape == (VIEWS, 3, 3) and torch.allclose(w[[0, 2, 3]], s["w2c"])
     # the stored c2w is OpenGL: converting back gives the generator's pose
     tf = json.loads((root / "synth_0001/dslr/nerfstudio/transforms_undistorted.json").read_text())
-    assert torch.allclose(torch.tensor(tf["frames"][2]["transform_matrix"], dtype=torch.float64),
-                          opencv_w2c_to_opengl_c2w(w2c[1]), atol=1e-12)
+    assert torch.allclose(
+        torch.tensor(tf["frames"][2]["transform_matrix"], dtype=torch.float64),
+        opencv_w2c_to_opengl_c2w(w2c[1]),
+        atol=1e-12,
+    )
     # labels are exactly what the renderer gives at pixel centres
     r = S.render_view(scene, S.intrinsics(64, 64), w2c[1], 64, 64)
     assert torch.equal(s["semantic"][1], r["semantic"]) and torch.equal(s["instance"][1], r["instance"])
-    assert (s["depth"][1] - r["depth"]).abs().max() <= 0.0005 + 1e-6          # mm quantisation
+    assert (s["depth"][1] - r["depth"]).abs().max() <= 0.0005 + 1e-6  # mm quantisation
     assert (s["normals"][1] - r["normals"].permute(2, 0, 1)).abs().max() < 1e-3
-    assert set(s["semantic"].unique().tolist()) >= {0, 1}                     # walls and floor in view
+    assert set(s["semantic"].unique().tolist()) >= {0, 1}  # walls and floor in view
 
 
 def test_resize_scales_intrinsics(root):
@@ -104,8 +114,11 @@ def test_resize_scales_intrinsics(root):
     s = ds.load_views("synth_0000", [1])
     assert s["images"].shape == (1, 3, 32, 48) and s["depth"].shape == (1, 32, 48)
     K = S.intrinsics(64, 64)
-    assert torch.allclose(s["K"][0].double(), torch.tensor(
-        [[K[0, 0] * 0.75, 0, 24.0], [0, K[1, 1] * 0.5, 16.0], [0, 0, 1]], dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(
+        s["K"][0].double(),
+        torch.tensor([[K[0, 0] * 0.75, 0, 24.0], [0, K[1, 1] * 0.5, 16.0], [0, 0, 1]], dtype=torch.float64),
+        atol=1e-5,
+    )
     assert torch.allclose(ds.cameras("synth_0000")[0][1], s["K"][0])
 
 
@@ -117,10 +130,11 @@ def test_multiview_geometry_consistent(root):
         s = ds.load_views(scene, range(VIEWS))
         prims = S.Primitives(json.loads((root / scene / "meta.json").read_text()))
         for i, j in [(0, 1), (1, 2), (3, 2), (0, 3)]:
-            uv, valid = dense_correspondence(s["depth"][i], s["K"][i], s["w2c"][i],
-                                             s["depth"][j], s["K"][j], s["w2c"][j])
+            uv, valid = dense_correspondence(
+                s["depth"][i], s["K"][i], s["w2c"][i], s["depth"][j], s["K"][j], s["w2c"][j]
+            )
             frac = valid.float().mean().item()
-            assert frac > (0.5 if abs(i - j) == 1 else 0.2), (scene, i, j, frac)   # strong overlap
+            assert frac > (0.5 if abs(i - j) == 1 else 0.2), (scene, i, j, frac)  # strong overlap
             pts = unproject_depth(s["depth"][i], s["K"][i], s["w2c"][i])[valid].double()
             Rj, tj = s["w2c"][j, :3, :3].double(), s["w2c"][j, :3, 3].double()
             z = (pts @ Rj.T + tj)[:, 2]
@@ -129,13 +143,14 @@ def test_multiview_geometry_consistent(root):
             pix = torch.cat([uvj, torch.ones_like(uvj[:, :1])], -1)
             dirs = (pix @ torch.linalg.inv(s["K"][j].double()).T) @ Rj
             t, idx, _ = S.cast_rays(prims, -Rj.T @ tj, dirs)
-            rel = ((t.double() - z).abs() / z)
+            rel = (t.double() - z).abs() / z
             # away from silhouettes in j (3x3 around the landing pixel is one instance): all agree;
             # on them a depth map cannot resolve sub-pixel visibility: nearly all agree
             inst = torch.nn.functional.pad(s["instance"][j][None].float(), (1, 1, 1, 1), mode="replicate")[0]
             r0, c0 = uvj[:, 1].long() + 1, uvj[:, 0].long() + 1
-            interior = torch.stack([inst[r0 + dr, c0 + dc] == inst[r0, c0]
-                                    for dr in (-1, 0, 1) for dc in (-1, 0, 1)]).all(0)
+            interior = torch.stack(
+                [inst[r0 + dr, c0 + dc] == inst[r0, c0] for dr in (-1, 0, 1) for dc in (-1, 0, 1)]
+            ).all(0)
             assert rel[interior].max() < 0.01 and interior.float().mean() > 0.7, (scene, i, j, rel.max())
             assert (rel < 0.01).float().mean() > 0.995 and rel.median() < 1e-3
             same = prims.instance[idx] == s["instance"][i][valid]
@@ -148,23 +163,23 @@ def test_normals_consistent_with_depth(root):
     for v in range(VIEWS):
         n = s["normals"][v]
         assert torch.allclose(n.norm(dim=0), torch.ones(64, 64), atol=2e-3)
-        pts = unproject_depth(s["depth"][v], s["K"][v])                           # camera frame
-        assert ((pts * n.permute(1, 2, 0)).sum(-1) < 0).all()                     # facing the camera
+        pts = unproject_depth(s["depth"][v], s["K"][v])  # camera frame
+        assert ((pts * n.permute(1, 2, 0)).sum(-1) < 0).all()  # facing the camera
         # the floor: world points at z = 0, world normal +z
         floor = s["semantic"][v] == 1
         R = s["w2c"][v, :3, :3]
         pw = unproject_depth(s["depth"][v], s["K"][v], s["w2c"][v])[floor]
         assert pw[:, 2].abs().max() < 0.01
-        nw = (n.permute(1, 2, 0)[floor] @ R)
+        nw = n.permute(1, 2, 0)[floor] @ R
         assert torch.allclose(nw, torch.tensor([0.0, 0.0, 1.0]).expand_as(nw), atol=1e-3)
         # normals from depth gradients (cross product of neighbours) on planar interiors
         dx, dy = pts[1:-1, 2:] - pts[1:-1, :-2], pts[2:, 1:-1] - pts[:-2, 1:-1]
         ng = torch.nn.functional.normalize(torch.linalg.cross(dy, dx, dim=-1), dim=-1)  # faces the camera
         inst = s["instance"][v]
-        planar = (s["semantic"][v][1:-1, 1:-1] <= 3)   # walls, floor, ceiling, boxes
+        planar = s["semantic"][v][1:-1, 1:-1] <= 3  # walls, floor, ceiling, boxes
         for dr in (-1, 0, 1):
             for dc in (-1, 0, 1):
-                planar &= inst[1 + dr:63 + dr, 1 + dc:63 + dc] == inst[1:-1, 1:-1]
+                planar &= inst[1 + dr : 63 + dr, 1 + dc : 63 + dc] == inst[1:-1, 1:-1]
         cos = (ng * n.permute(1, 2, 0)[1:-1, 1:-1]).sum(-1)[planar]
         ang = torch.rad2deg(torch.arccos(cos.clamp(-1, 1)))
         assert planar.sum() > 500 and ang.median() < 2.0 and (ang < 10).float().mean() > 0.9, (v, ang.median())
@@ -185,7 +200,7 @@ def test_ensure_synthetic_reuses_matching_set(tmp_path):
     img = r / "synth_0000/dslr/undistorted_images/frame_0000.png"
     mtime = img.stat().st_mtime_ns
     assert S.ensure_synthetic(tmp_path / "e", 1, 2, (16, 16), 0) == r and img.stat().st_mtime_ns == mtime
-    S.ensure_synthetic(tmp_path / "e", 1, 3, (16, 16), 0)                 # other params: regenerated
+    S.ensure_synthetic(tmp_path / "e", 1, 3, (16, 16), 0)  # other params: regenerated
     assert MultiViewScenes(r).num_views("synth_0000") == 3
 
 
@@ -208,7 +223,7 @@ def test_missing_and_corrupt_files(tmp_path):
         ds.load_views("synth_0000", [1])
     assert str(depth) in e.value.problem and "python -m bench data synthetic" in e.value.fix
     img = r / "synth_0000/dslr/undistorted_images/frame_0000.png"
-    img.write_bytes(img.read_bytes()[:60])                                 # truncated PNG
+    img.write_bytes(img.read_bytes()[:60])  # truncated PNG
     with pytest.raises(DataMissingError) as e:
         ds.load_views("synth_0000", [0])
     assert str(img) in e.value.problem and "corrupt" in e.value.fix
@@ -232,16 +247,27 @@ def test_reads_real_scannetpp_layout(tmp_path):
     (sdir / "render_depth").mkdir()
     (sdir / "undistorted_render_semantic").mkdir()
     c2w = opencv_w2c_to_opengl_c2w(S.camera_path(S.make_scene(0, 0, 3), 3))
-    frames = [{"file_path": f"DSC0000{i}.JPG", "transform_matrix": c2w[i].tolist(), "is_bad": i == 1}
-              for i in (2, 0, 1)]
-    tf = {"camera_model": "PINHOLE", "fl_x": 40.0, "fl_y": 41.0, "cx": 16.0,
-          "cy": 12.0, "w": 32, "h": 24, "k1": 0.0, "frames": frames, "test_frames": []}
+    frames = [
+        {"file_path": f"DSC0000{i}.JPG", "transform_matrix": c2w[i].tolist(), "is_bad": i == 1} for i in (2, 0, 1)
+    ]
+    tf = {
+        "camera_model": "PINHOLE",
+        "fl_x": 40.0,
+        "fl_y": 41.0,
+        "cx": 16.0,
+        "cy": 12.0,
+        "w": 32,
+        "h": 24,
+        "k1": 0.0,
+        "frames": frames,
+        "test_frames": [],
+    }
     (sdir / "nerfstudio/transforms_undistorted.json").write_text(json.dumps(tf))
     for i in (0, 1, 2):
         Image.fromarray(np.full((12, 16, 3), 40 * i, np.uint8)).save(sdir / f"undistorted_images/DSC0000{i}.JPG")
         Image.fromarray(np.full((24, 32), 1500 + i, np.uint16)).save(sdir / f"render_depth/DSC0000{i}.JPG.png")
         sem = np.full((24, 32), 7, np.uint16)
-        sem[:2] = 65535                                              # rows 0-1 -> output row 0
+        sem[:2] = 65535  # rows 0-1 -> output row 0
         Image.fromarray(sem).save(sdir / f"undistorted_render_semantic/DSC0000{i}.png")
     ds = MultiViewScenes(tmp_path)
     assert ds.scene_ids == ["0a5c013435"] and ds.frame_names("0a5c013435") == ["DSC00000.JPG", "DSC00002.JPG"]
@@ -262,14 +288,18 @@ def test_reads_real_scannetpp_layout(tmp_path):
 def test_cli(tmp_path, capsys):
     from bench.cli import main
 
-    assert main(["data", "synthetic", "--scenes", "1", "--views", "2", "--size", "16", "24",
-                 "--out", str(tmp_path / "s")]) == 0
+    assert (
+        main(["data", "synthetic", "--scenes", "1", "--views", "2", "--size", "16", "24", "--out", str(tmp_path / "s")])
+        == 0
+    )
     assert "1 x 2 views at 16x24" in capsys.readouterr().out
-    assert main(["data", "synthetic", "--scenes", "1", "--views", "2", "--size", "16", "24",
-                 "--out", str(tmp_path / "s")]) == 0
+    assert (
+        main(["data", "synthetic", "--scenes", "1", "--views", "2", "--size", "16", "24", "--out", str(tmp_path / "s")])
+        == 0
+    )
     assert "reused" in capsys.readouterr().out
     assert MultiViewScenes(tmp_path / "s").load_views("synth_0000", [1])["images"].shape == (1, 3, 16, 24)
     assert main(["data", "scannetpp", "--root", str(tmp_path / "none")]) == 2
     out = capsys.readouterr()
     assert "kaldir.vc.in.tum.de/scannetpp" in out.out and "does not exist" in out.err
-    assert main(["data", "scannetpp", "--root", str(tmp_path / "s")]) == 0      # same layout: readable
+    assert main(["data", "scannetpp", "--root", str(tmp_path / "s")]) == 0  # same layout: readable

@@ -1,4 +1,5 @@
 """bench.train: schedule, EMA, RNG states, atomic checkpoints, exact resume, NaN stop."""
+
 from __future__ import annotations
 
 import random
@@ -9,8 +10,7 @@ import torch
 from torch import nn
 
 from bench.errors import CheckpointError, NonFiniteLossError
-from bench.train import (EMA, Checkpointer, TrainLoop, one_cycle_cosine, one_cycle_factor, rng_state,
-                         set_rng_state)
+from bench.train import EMA, Checkpointer, TrainLoop, one_cycle_cosine, one_cycle_factor, rng_state, set_rng_state
 
 
 @pytest.mark.parametrize("total", [1000, 150, 37])
@@ -20,16 +20,19 @@ def test_one_cycle_matches_torch_onecycle(total):
     sched = one_cycle_cosine(ours, total, pct_start=0.01)
     if total * 0.01 - 1 > 0:  # torch's OneCycleLR divides by zero for shorter runs; ours starts at the peak
         ref_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2e-5)
-        ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, 2e-5, total_steps=total, pct_start=0.01,
-                                                  cycle_momentum=False, anneal_strategy="cos")
+        ref = torch.optim.lr_scheduler.OneCycleLR(
+            ref_opt, 2e-5, total_steps=total, pct_start=0.01, cycle_momentum=False, anneal_strategy="cos"
+        )
     else:
         ref = None
     for step in range(total):
         lr = ours.param_groups[0]["lr"]
         if ref is not None:
             assert lr == pytest.approx(ref.get_last_lr()[0], rel=1e-9, abs=1e-15)
-            ref.optimizer.step(); ref.step()
-        ours.step(); sched.step()
+            ref.optimizer.step()
+            ref.step()
+        ours.step()
+        sched.step()
     # hand values: starts at peak/25 (or the peak without warm-up), ends at peak/(25*1e4)
     assert one_cycle_factor(0, 1000) == pytest.approx(1 / 25)
     assert one_cycle_factor(9, 1000) == pytest.approx(1.0)
@@ -40,8 +43,10 @@ def test_one_cycle_matches_torch_onecycle(total):
 def test_ema_update_math_and_interval():
     target, source = nn.Linear(2, 1), nn.Linear(2, 1)
     with torch.no_grad():
-        target.weight.fill_(1.0); target.bias.fill_(0.0)
-        source.weight.fill_(3.0); source.bias.fill_(2.0)
+        target.weight.fill_(1.0)
+        target.bias.fill_(0.0)
+        source.weight.fill_(3.0)
+        source.bias.fill_(2.0)
     ema = EMA(target, momentum=0.75, every=10)
     assert not ema.update(5, source.state_dict())
     assert torch.equal(target.weight, torch.ones(1, 2))
@@ -108,8 +113,17 @@ def _toy_run(workdir, stop_after=None, total=12, nan_at=None):
             loss = loss * float("nan")
         return loss, {"n": float(len(i))}
 
-    loop = TrainLoop(workdir, total, opt, {"model": model, "ema": ema, "sampler": sampler},
-                     scheduler=sched, ckpt_every=5, keep_last=2, grad_clip=1.0, progress=False)
+    loop = TrainLoop(
+        workdir,
+        total,
+        opt,
+        {"model": model, "ema": ema, "sampler": sampler},
+        scheduler=sched,
+        ckpt_every=5,
+        keep_last=2,
+        grad_clip=1.0,
+        progress=False,
+    )
     hist = loop.run(step_fn, after_step=lambda s: ema.update(s, model.state_dict()), stop_after=stop_after)
     return model, teacher, hist, loop
 

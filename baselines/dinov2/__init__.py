@@ -1,4 +1,5 @@
 """The raw teacher as a method: the backbone as loaded, frozen, no training."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -7,6 +7,7 @@ then stage II fine-tuning of the whole backbone) and ``perf`` (``python -m bench
 per-scene optimisation vs Splat-and-Distill's feed-forward lifting).
 Facts: docs/methods/fit3d.md; config: bench/conf/method/fit3d.yaml.
 """
+
 from . import method, perf  # noqa: F401  (registrations)
 from .method import FiT3D
 

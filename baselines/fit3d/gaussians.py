@@ -27,6 +27,7 @@ and re-points the optimiser at the new ones, editing their Adam state (new entri
 removed ones are dropped), as 3DGS does. :meth:`load_state_dict` resizes to the saved N in place (no
 graph exists yet), which makes checkpoints with a different Gaussian count resumable.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Mapping, Optional
@@ -52,7 +53,7 @@ def knn_mean_sq_dist(points: Tensor, k: int = 3, chunk: int = 512) -> Tensor:
     out = []
     k = min(k, max(len(points) - 1, 1))
     for i in range(0, len(points), chunk):
-        d = torch.cdist(points[i:i + chunk], points).pow_(2)
+        d = torch.cdist(points[i : i + chunk], points).pow_(2)
         d[torch.arange(d.shape[0]), torch.arange(i, i + d.shape[0])] = torch.inf  # not itself
         out.append(d.topk(k, dim=1, largest=False).values.mean(1))
     return torch.cat(out) if out else points.new_zeros(0)
@@ -71,13 +72,20 @@ class SceneGaussians(nn.Module):
             self.register_buffer(name, torch.zeros(n))
 
     def _shapes(self) -> Dict[str, tuple]:
-        return {"means": (3,), "log_scales": (3,), "quats": (4,), "opacity_logits": (), "colors_dc": (3,),
-                "features": (self.feature_dim,)}
+        return {
+            "means": (3,),
+            "log_scales": (3,),
+            "quats": (4,),
+            "opacity_logits": (),
+            "colors_dc": (3,),
+            "features": (self.feature_dim,),
+        }
 
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_points(cls, points: Tensor, colors: Tensor, feature_dim: int = 64, opacity: float = 0.1,
-                    knn: int = 3) -> "SceneGaussians":
+    def from_points(
+        cls, points: Tensor, colors: Tensor, feature_dim: int = 64, opacity: float = 0.1, knn: int = 3
+    ) -> "SceneGaussians":
         """3DGS initialisation from a coloured point cloud: isotropic scale = sqrt of the mean squared
         distance to the ``knn`` nearest neighbours, identity rotation, opacity 0.1, colour from the
         points, features zero (FiT3D)."""
@@ -107,15 +115,17 @@ class SceneGaussians(nn.Module):
     def rgb(self) -> Tensor:
         return (0.5 + C0 * self.colors_dc).clamp_min(0.0)
 
-    def render(self, w2c: Tensor, K: Tensor, width: int, height: int, rgb: bool = True,
-               features: bool = True) -> Dict[str, Tensor]:
+    def render(
+        self, w2c: Tensor, K: Tensor, width: int, height: int, rgb: bool = True, features: bool = True
+    ) -> Dict[str, Tensor]:
         """Render into C cameras: ``rgb [C,3,H,W]``, ``features [C,D,H,W]``, ``alpha [C,H,W]``,
         ``depth [C,H,W]`` (requested channels only, one rasterizer call)."""
         chans = ([self.rgb] if rgb else []) + ([self.features] if features else [])
         if not chans:
             raise ValueError("render: request rgb and/or features")
-        img, alpha, depth = rasterize(self.means, self.quats, self.scales, self.opacities, torch.cat(chans, 1),
-                                      w2c, K, int(width), int(height))
+        img, alpha, depth = rasterize(
+            self.means, self.quats, self.scales, self.opacities, torch.cat(chans, 1), w2c, K, int(width), int(height)
+        )
         img = img.permute(0, 3, 1, 2)
         out = {"alpha": alpha, "depth": depth}
         if rgb:
@@ -177,8 +187,9 @@ class SceneGaussians(nn.Module):
     def reset_opacity(self, value: float = 0.01, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         """Clamp opacities to at most ``value``; the opacity's Adam moments restart from zero (3DGS)."""
         with torch.no_grad():
-            self.opacity_logits.data = torch.minimum(self.opacity_logits.data,
-                                                     inverse_sigmoid(torch.tensor(value)).to(self.opacity_logits))
+            self.opacity_logits.data = torch.minimum(
+                self.opacity_logits.data, inverse_sigmoid(torch.tensor(value)).to(self.opacity_logits)
+            )
         state = optimizer.state.get(self.opacity_logits) if optimizer is not None else None
         if state:
             for key in ("exp_avg", "exp_avg_sq"):
@@ -190,8 +201,15 @@ class SceneGaussians(nn.Module):
     def view_stats(self, w2c: Tensor, K: Tensor, width: int, height: int) -> Dict[str, Tensor]:
         """Per-Gaussian visibility, screen radius and camera depth in one camera (before a step)."""
         proj = project(self.means, self.quats, self.scales, self.opacities, w2c[None], K[None], width, height)
-        return {"visible": proj.valid[0], "radius": proj.radius[0].amax(-1), "z": proj.depth[0],
-                "w2c": w2c, "K": K, "width": width, "height": height}
+        return {
+            "visible": proj.valid[0],
+            "radius": proj.radius[0].amax(-1),
+            "z": proj.depth[0],
+            "w2c": w2c,
+            "K": K,
+            "width": width,
+            "height": height,
+        }
 
     @torch.no_grad()
     def add_stats(self, view: Mapping[str, Tensor]) -> None:
@@ -210,10 +228,19 @@ class SceneGaussians(nn.Module):
         self.max_radii.copy_(torch.where(vis, torch.maximum(self.max_radii, view["radius"]), self.max_radii))
 
     @torch.no_grad()
-    def densify_and_prune(self, optimizer: Optional[torch.optim.Optimizer], *, grad_threshold: float,
-                          extent: float, percent_dense: float = 0.01, min_opacity: float = 0.005,
-                          max_screen_size: Optional[float] = None, world_size: float = 0.1,
-                          max_gaussians: Optional[int] = None, split_n: int = 2) -> Dict[str, int]:
+    def densify_and_prune(
+        self,
+        optimizer: Optional[torch.optim.Optimizer],
+        *,
+        grad_threshold: float,
+        extent: float,
+        percent_dense: float = 0.01,
+        min_opacity: float = 0.005,
+        max_screen_size: Optional[float] = None,
+        world_size: float = 0.1,
+        max_gaussians: Optional[int] = None,
+        split_n: int = 2,
+    ) -> Dict[str, int]:
         """Clone / split / prune (module docstring). Returns the counts and the new N."""
         n = self.num
         grads = torch.where(self.grad_count > 0, self.grad_accum / self.grad_count.clamp_min(1), 0)

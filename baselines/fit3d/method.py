@@ -14,6 +14,7 @@ the returned backbone's weights to ``model.safetensors``.
 The teacher of stage I is a frozen copy of the input backbone taken before any update, so a resumed
 run (which starts from the same pretrained backbone) finds the same cached scene fits.
 """
+
 from __future__ import annotations
 
 import copy
@@ -99,16 +100,25 @@ def scene_dirs(data, teacher_id: str, cfg: DictConfig) -> Dict[str, Path]:
     """``scene -> fit directory`` (``<scene_cache>/<scene>-<key>``) of every training scene."""
     m = cfg.method
     root = Path(str(m.scene_cache))
-    return {scene: root / f"{scene}-{scene_key(scene, m.data, teacher_id, m.stage1, int(cfg.seed))}"
-            for scene in data.scene_ids}
+    return {
+        scene: root / f"{scene}-{scene_key(scene, m.data, teacher_id, m.stage1, int(cfg.seed))}"
+        for scene in data.scene_ids
+    }
 
 
 def fit_one(data, scene: str, wd: Path, teacher, cfg: DictConfig, device, progress: bool = True) -> None:
     """Stage I of one scene into ``wd``, unless it is fitted already (an unfinished fit resumes)."""
     if not is_fitted(wd):  # read the views only when needed
         views = data.load_views(scene, range(data.num_views(scene)))
-        fit_scene(views, teacher, cfg.method.stage1, wd, seed=scene_seed(int(cfg.seed), scene), device=device,
-                  progress=progress)
+        fit_scene(
+            views,
+            teacher,
+            cfg.method.stage1,
+            wd,
+            seed=scene_seed(int(cfg.seed), scene),
+            device=device,
+            progress=progress,
+        )
 
 
 def fit_scenes(data, teacher, cfg: DictConfig, device, progress: bool = True) -> Dict[str, Path]:
@@ -124,8 +134,13 @@ def fit_scenes(data, teacher, cfg: DictConfig, device, progress: bool = True) ->
     dist.barrier()  # every scene is fitted (by some rank) before stage II reads them
     for i, (scene, wd) in enumerate(dirs.items()):
         info = json.loads((wd / INFO_FILE).read_text())
-        log.info("fit3d stage I %d/%d %s: %s", i + 1, len(data.scene_ids), scene,
-                 {k: info.get(k) for k in ("num_gaussians", "final", "s_per_iteration")})
+        log.info(
+            "fit3d stage I %d/%d %s: %s",
+            i + 1,
+            len(data.scene_ids),
+            scene,
+            {k: info.get(k) for k in ("num_gaussians", "final", "s_per_iteration")},
+        )
     return dirs
 
 
@@ -145,7 +160,7 @@ def stage1_shards(cfg: DictConfig, per_task: int = 1) -> Tuple[List[List[str]], 
     dirs = scene_dirs(data, teacher_identity(stage1_teacher(cfg), cfg), cfg)
     todo = [s for s, wd in dirs.items() if not is_fitted(wd)]
     per_task = max(int(per_task), 1)
-    return [todo[i:i + per_task] for i in range(0, len(todo), per_task)], [s for s in dirs if s not in todo]
+    return [todo[i : i + per_task] for i in range(0, len(todo), per_task)], [s for s in dirs if s not in todo]
 
 
 def run_stage1(cfg: DictConfig, scenes: List[str]) -> Dict[str, str]:
@@ -162,8 +177,10 @@ def run_stage1(cfg: DictConfig, scenes: List[str]) -> Dict[str, str]:
     if unknown:
         from bench.errors import BenchError
 
-        raise BenchError(f"stage-I scenes {unknown} are not training scenes of method.data",
-                         "re-plan the sweep (the data or its scene list changed)")
+        raise BenchError(
+            f"stage-I scenes {unknown} are not training scenes of method.data",
+            "re-plan the sweep (the data or its scene list changed)",
+        )
     for scene in scenes:
         fit_one(data, scene, dirs[scene], teacher, cfg, device, progress)
         log.info("fit3d stage I %s: %s", scene, dirs[scene])
@@ -176,11 +193,14 @@ def epoch_batches(step: int, num_items: int, batch: int, seed: int) -> List[int]
     per_epoch = math.ceil(num_items / batch)
     epoch, b = divmod(step, per_epoch)
     perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 104_729 + epoch))
-    return perm[b * batch:(b + 1) * batch].tolist()
+    return perm[b * batch : (b + 1) * batch].tolist()
 
 
-@METHODS.register("fit3d", "FiT3D: per-scene feature Gaussians (3DGS + 64-d features, cached), then whole-backbone "
-                           "fine-tuning on their rendered features (trains)")
+@METHODS.register(
+    "fit3d",
+    "FiT3D: per-scene feature Gaussians (3DGS + 64-d features, cached), then whole-backbone "
+    "fine-tuning on their rendered features (trains)",
+)
 class FiT3D:
     """FiT3D baseline (stage I + stage II); resumable from ``workdir``.
 
@@ -216,8 +236,10 @@ class FiT3D:
         dirs = fit_scenes(data, teacher, cfg, device, progress)
         del teacher
         if dist.is_main():
-            write_json(workdir / "stage1_scenes.json",
-                       {s: {"dir": str(d), **json.loads((d / INFO_FILE).read_text())} for s, d in dirs.items()})
+            write_json(
+                workdir / "stage1_scenes.json",
+                {s: {"dir": str(d), **json.loads((d / INFO_FILE).read_text())} for s, d in dirs.items()},
+            )
 
         # ---- stage II
         seed_everything(int(cfg.seed))  # independent of whether stage I ran or was reused
@@ -228,8 +250,11 @@ class FiT3D:
         steps = int(s2.steps) if s2.steps else math.ceil(len(items) / bs) * int(s2.epochs)
         from methods.splat_distill.diagnostics import Diagnostics, trainable_weights
 
-        size = [int(x) for x in m.data.size] if m.data.size is not None else list(
-            data.load_views(data.scene_ids[0], [0])["images"].shape[-2:])
+        size = (
+            [int(x) for x in m.data.size]
+            if m.data.size is not None
+            else list(data.load_views(data.scene_ids[0], [0])["images"].shape[-2:])
+        )
         diag = Diagnostics(m, size, cfg.paths.data_dir, device)
         diag.start(backbone.to(device), trainable_weights(backbone.model))
         backbone = train_mode(backbone.to(device).requires_grad_(True), bn_mode)
@@ -238,10 +263,21 @@ class FiT3D:
         from bench.train import autocast
 
         dist.seed_offset(int(cfg.seed))
-        loop = TrainLoop(workdir / "stage2", steps, opt, {"model": backbone.model}, grad_clip=s2.grad_clip,
-                         ckpt_every=int(m.ckpt_every), keep_last=int(m.keep_last),
-                         progress=progress, desc="fit3d stage II", log_every=int(m.log_every),
-                         log_dir=workdir, images_per_step=bs, device=device)
+        loop = TrainLoop(
+            workdir / "stage2",
+            steps,
+            opt,
+            {"model": backbone.model},
+            grad_clip=s2.grad_clip,
+            ckpt_every=int(m.ckpt_every),
+            keep_last=int(m.keep_last),
+            progress=progress,
+            desc="fit3d stage II",
+            log_every=int(m.log_every),
+            log_dir=workdir,
+            images_per_step=bs,
+            device=device,
+        )
         thr, p_flip = float(s2.alpha_threshold), float(s2.hflip)
         precision = str(cfg.precision)
         global_avg = str(cfg.distributed.grad_average) == "global"
@@ -257,8 +293,13 @@ class FiT3D:
                 out.append((scene, data.load_views(scene, [v]), float(torch.rand((), generator=g)) < p_flip))
             return out
 
-        loader = StepLoader(views_of, steps, int(cfg.loader.workers), int(cfg.loader.prefetch),
-                            pin_memory=str(device).startswith("cuda"))
+        loader = StepLoader(
+            views_of,
+            steps,
+            int(cfg.loader.workers),
+            int(cfg.loader.prefetch),
+            pin_memory=str(device).startswith("cuda"),
+        )
 
         def step_fn(step: int):
             images, targets, masks = [], [], []
@@ -286,8 +327,14 @@ class FiT3D:
                 loss = loss * dist.global_mean_weight(mask.sum())
             return loss, {"coverage": float(mask.mean())}
 
-        log.info("fit3d stage II: %d scenes, %d views, %d steps x batch %d, device %s", len(data.scene_ids),
-                 len(items), steps, bs, device)
+        log.info(
+            "fit3d stage II: %d scenes, %d views, %d steps x batch %d, device %s",
+            len(data.scene_ids),
+            len(items),
+            steps,
+            bs,
+            device,
+        )
         history = loop.run(step_fn, stop_after=stop_after)
         loader.close()
         backbone = backbone.eval().requires_grad_(False)

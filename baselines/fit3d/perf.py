@@ -21,6 +21,7 @@ features rendered in every view of the scene:
   (``methods/splat_distill``), once per view. The teacher runs per example as in training (no sharing
   across targets), which overstates SnD's cost.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,9 @@ def time_fit3d(views, teacher, args, device) -> dict:
     from .stage1 import fit_scene
 
     stage1 = compose(["method=fit3d"]).method.stage1
-    stage1 = OmegaConf.merge(stage1, {"iterations": args.iters, "init_points": args.init_points, "eval": False,
-                                      "ckpt_every": 10 ** 9})
+    stage1 = OmegaConf.merge(
+        stage1, {"iterations": args.iters, "init_points": args.init_points, "eval": False, "ckpt_every": 10**9}
+    )
     V, _, H, W = views["images"].shape
     with tempfile.TemporaryDirectory() as tmp:
         _sync(device)
@@ -80,14 +82,20 @@ def time_fit3d(views, teacher, args, device) -> dict:
         t0 = time.perf_counter()
         w2c, K = views["w2c"].to(device), views["K"].to(device)
         for i in range(V):
-            fit.render_targets(w2c[i:i + 1], K[i:i + 1], W, H)
+            fit.render_targets(w2c[i : i + 1], K[i : i + 1], W, H)
         _sync(device)
         t_render = time.perf_counter() - t0
     info = fit.info
     per_iter = info["loop_s"] / max(info["iterations"], 1)
     setup = t_fit - info["loop_s"]
-    return {"measured": t_fit + t_render, "setup": setup, "per_iter": per_iter, "render": t_render,
-            "paper": setup + per_iter * args.paper_iters + t_render, "gaussians": info["num_gaussians"]}
+    return {
+        "measured": t_fit + t_render,
+        "setup": setup,
+        "per_iter": per_iter,
+        "render": t_render,
+        "paper": setup + per_iter * args.paper_iters + t_render,
+        "gaussians": info["num_gaussians"],
+    }
 
 
 def time_snd(views, teacher, args, device, reconstructor: str) -> dict:
@@ -116,10 +124,10 @@ def time_snd(views, teacher, args, device, reconstructor: str) -> dict:
         feats = teacher(views["images"][ctx])
         up = upsample(feats, masks[ctx], (H, W), "mask_aware", scale)
         gs = recon({k: v[ctx] for k, v in views.items()})
-        render, alpha, _ = rasterize(*gs.splat_args(up), views["w2c"][t:t + 1], views["K"][t:t + 1], W, H)
+        render, alpha, _ = rasterize(*gs.splat_args(up), views["w2c"][t : t + 1], views["K"][t : t + 1], W, H)
         render = render.permute(0, 3, 1, 2)
         covered = alpha > 0.5
-        render = segment_blend(render, masks[t:t + 1], 0.5, covered)
+        render = segment_blend(render, masks[t : t + 1], 0.5, covered)
         return to_patch_grid(render, grid, teacher.patch_size, padded)
 
     target(0)  # warm-up
@@ -128,12 +136,17 @@ def time_snd(views, teacher, args, device, reconstructor: str) -> dict:
     for t in range(V):
         target(t)
     _sync(device)
-    return {"measured": time.perf_counter() - t0,
-            "note": "" if reconstructor == "depth" else
-            ("trained" if Path(args.learned_checkpoint).is_file() else "random weights")}
+    return {
+        "measured": time.perf_counter() - t0,
+        "note": ""
+        if reconstructor == "depth"
+        else ("trained" if Path(args.learned_checkpoint).is_file() else "random weights"),
+    }
 
 
-@PERF.register("lift", "3D-consistent target features for a scene: FiT3D per-scene optimisation vs SnD feed-forward lifting")
+@PERF.register(
+    "lift", "3D-consistent target features for a scene: FiT3D per-scene optimisation vs SnD feed-forward lifting"
+)
 def lift_perf(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
@@ -146,30 +159,53 @@ def lift_perf(args: argparse.Namespace) -> int:
     scene, views = _scene(args)
     V, _, H, W = views["images"].shape
     teacher = _teacher(args.backbone, device)
-    print(f"scene {scene}: {V} views at {H}x{W}; teacher {args.backbone} ({teacher.embed_dim} ch, random weights); "
-          f"device {device}, {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"scene {scene}: {V} views at {H}x{W}; teacher {args.backbone} ({teacher.embed_dim} ch, random weights); "
+        f"device {device}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
 
     fit = time_fit3d(views, teacher, args, device)
-    rows = [["FiT3D stage I", f"measured: {args.iters} iterations ({fit['gaussians']} Gaussians) + render all views",
-             fit["measured"], fit["measured"] / V],
-            ["FiT3D stage I", f"extrapolated: {args.paper_iters} iterations (paper) at "
-             f"{fit['per_iter']:.3f} s/iteration + render all views", fit["paper"], fit["paper"] / V]]
+    rows = [
+        [
+            "FiT3D stage I",
+            f"measured: {args.iters} iterations ({fit['gaussians']} Gaussians) + render all views",
+            fit["measured"],
+            fit["measured"] / V,
+        ],
+        [
+            "FiT3D stage I",
+            f"extrapolated: {args.paper_iters} iterations (paper) at "
+            f"{fit['per_iter']:.3f} s/iteration + render all views",
+            fit["paper"],
+            fit["paper"] / V,
+        ],
+    ]
     snd = {}
     for rec in args.reconstructors:
         snd[rec] = time_snd(views, teacher, args, device, rec)
         note = f", {snd[rec]['note']}" if snd[rec]["note"] else ""
-        rows.append([f"SnD feed-forward ({rec}{note})", "per target view: teacher x2, upsample, reconstruct, lift, "
-                     "splat, blend, downscale", snd[rec]["measured"], snd[rec]["measured"] / V])
+        rows.append(
+            [
+                f"SnD feed-forward ({rec}{note})",
+                "per target view: teacher x2, upsample, reconstruct, lift, splat, blend, downscale",
+                snd[rec]["measured"],
+                snd[rec]["measured"] / V,
+            ]
+        )
     ref = snd[args.reconstructors[0]]["measured"]
     table = [[a, b, f"{t:.1f}", f"{pv:.2f}", f"{t / ref:.1f}x"] for a, b, t, pv in rows]
     print(f"stage I setup (teacher features + init) {fit['setup']:.2f} s, rendering all views {fit['render']:.2f} s")
-    print(tabulate(table, headers=["pipeline", "what", "s per scene", "s per view",
-                                   f"vs SnD ({args.reconstructors[0]})"]))
+    print(
+        tabulate(table, headers=["pipeline", "what", "s per scene", "s per view", f"vs SnD ({args.reconstructors[0]})"])
+    )
     for rec, r in snd.items():
         ratio = fit["paper"] / r["measured"]
-        print(f"FiT3D ({args.paper_iters} it.) / SnD ({rec}): {ratio:.0f}x per scene -- target >= 100x: "
-              f"{'met' if ratio >= 100 else 'NOT met'}; at the measured {args.iters} iterations: "
-              f"{fit['measured'] / r['measured']:.1f}x")
+        print(
+            f"FiT3D ({args.paper_iters} it.) / SnD ({rec}): {ratio:.0f}x per scene -- target >= 100x: "
+            f"{'met' if ratio >= 100 else 'NOT met'}; at the measured {args.iters} iterations: "
+            f"{fit['measured'] / r['measured']:.1f}x"
+        )
     return 0
 
 
@@ -183,8 +219,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-points", type=int, default=20_000, help="initial Gaussians of stage I")
     parser.add_argument("--gap", type=int, default=4, help="SnD context-view gap (frames)")
     parser.add_argument("--reconstructors", nargs="+", default=["depth", "learned"], choices=["depth", "learned"])
-    parser.add_argument("--learned-checkpoint", default=".cache/bench/reconstructors/cost_volume.safetensors",
-                        help="pretrained cost-volume reconstructor (random weights if the file is missing)")
+    parser.add_argument(
+        "--learned-checkpoint",
+        default=".cache/bench/reconstructors/cost_volume.safetensors",
+        help="pretrained cost-volume reconstructor (random weights if the file is missing)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--data-dir", default="data", help="where the synthetic scene is generated")

@@ -20,6 +20,7 @@ the teacher (backbone config + a digest of its weights), the stage-I config and 
 ``scene.safetensors`` (Gaussians + decoder) and ``info.json`` (PSNR, feature correlation, timing)
 mark a finished fit; an unfinished one resumes exactly from ``ckpt/`` (:class:`bench.train.TrainLoop`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,8 +61,9 @@ def upsample_to_image(feats: Tensor, size, backbone) -> Tensor:
     H, W = size
     if getattr(backbone, "resize_mode", "resize") == "pad":
         p = backbone.patch_size
-        return F.interpolate(feats, size=(feats.shape[-2] * p, feats.shape[-1] * p), mode="bilinear",
-                             align_corners=False)[..., :H, :W]
+        return F.interpolate(
+            feats, size=(feats.shape[-2] * p, feats.shape[-1] * p), mode="bilinear", align_corners=False
+        )[..., :H, :W]
     return F.interpolate(feats, size=(H, W), mode="bilinear", align_corners=False)
 
 
@@ -78,7 +80,7 @@ def downsample_to_grid(x: Tensor, grid, backbone) -> Tensor:
 @torch.no_grad()
 def teacher_features(teacher: nn.Module, images: Tensor, batch: int = 8) -> Tensor:
     """Last-layer normed patch tokens ``[V,C,h,w]`` of ``images [V,3,H,W]`` (batched)."""
-    return torch.cat([teacher(images[i:i + batch]) for i in range(0, len(images), batch)])
+    return torch.cat([teacher(images[i : i + batch]) for i in range(0, len(images), batch)])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,7 +139,11 @@ class SceneFit:
         return self.decoder(out["features"]), out["alpha"]
 
     def save(self, directory: Path) -> Path:
-        sd = {f"gaussians.{k}": v for k, v in self.gaussians.state_dict().items() if k not in ("grad_accum", "grad_count", "max_radii")}
+        sd = {
+            f"gaussians.{k}": v
+            for k, v in self.gaussians.state_dict().items()
+            if k not in ("grad_accum", "grad_count", "max_radii")
+        }
         sd["decoder.weight"] = self.decoder.weight.detach()
         path = save_safetensors({k: v.detach().cpu().contiguous() for k, v in sd.items()}, Path(directory) / SCENE_FILE)
         write_json(Path(directory) / INFO_FILE, self.info)
@@ -151,7 +157,7 @@ class SceneFit:
         sd = read_state_dict(directory / SCENE_FILE)
         info = json.loads((directory / INFO_FILE).read_text())
         g = SceneGaussians(0, sd["gaussians.features"].shape[1])
-        gs = {k[len("gaussians."):]: v for k, v in sd.items() if k.startswith("gaussians.")}
+        gs = {k[len("gaussians.") :]: v for k, v in sd.items() if k.startswith("gaussians.")}
         n = gs["means"].shape[0]
         gs.update({k: torch.zeros(n) for k in ("grad_accum", "grad_count", "max_radii")})
         g.load_state_dict(gs)
@@ -174,7 +180,7 @@ def scene_key(scene: str, data: Mapping[str, Any], teacher_id: str, stage1: Mapp
 
 
 def scene_seed(seed: int, scene: str) -> int:
-    return (int(seed) * 1_000_003 + int(hashlib.sha256(scene.encode()).hexdigest()[:8], 16)) % (2 ** 31)
+    return (int(seed) * 1_000_003 + int(hashlib.sha256(scene.encode()).hexdigest()[:8], 16)) % (2**31)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,10 +190,12 @@ def scene_seed(seed: int, scene: str) -> int:
 def _init_points(views: Mapping[str, Tensor], n: int, gen: torch.Generator):
     depth = views.get("depth")
     if depth is None:
-        raise DataMissingError("FiT3D stage I initialises the Gaussians from depth and the scenes have no depth maps",
-                               "render depth for the scenes (see `python -m bench data scannetpp --help`) or use "
-                               "method.data.dataset=synthetic")
-    pts = unproject_depth(depth, views["K"], views["w2c"])           # [V,H,W,3]
+        raise DataMissingError(
+            "FiT3D stage I initialises the Gaussians from depth and the scenes have no depth maps",
+            "render depth for the scenes (see `python -m bench data scannetpp --help`) or use "
+            "method.data.dataset=synthetic",
+        )
+    pts = unproject_depth(depth, views["K"], views["w2c"])  # [V,H,W,3]
     ok = depth > 0
     pts, cols = pts[ok], views["images"].permute(0, 2, 3, 1)[ok]
     if len(pts) == 0:
@@ -212,20 +220,29 @@ def _view_order(step: int, num_views: int, seed: int) -> int:
 
 
 @torch.no_grad()
-def evaluate_fit(gaussians: SceneGaussians, decoder: nn.Module, views: Mapping[str, Tensor], tfeat: Tensor,
-                 teacher: nn.Module, chunk: int = 4) -> Dict[str, float]:
+def evaluate_fit(
+    gaussians: SceneGaussians,
+    decoder: nn.Module,
+    views: Mapping[str, Tensor],
+    tfeat: Tensor,
+    teacher: nn.Module,
+    chunk: int = 4,
+) -> Dict[str, float]:
     """Rendered-RGB PSNR over the views and the correlation of decoded rendered features with the
     teacher's upsampled features (:func:`feature_correlation`)."""
     H, W = views["images"].shape[-2:]
     mse, moments = 0.0, 0.0
     for i in range(0, len(views["images"]), chunk):  # streaming: full-res features never all in memory
-        out = gaussians.render(views["w2c"][i:i + chunk], views["K"][i:i + chunk], W, H)
-        mse += float(F.mse_loss(out["rgb"].clamp(0, 1), views["images"][i:i + chunk], reduction="sum"))
-        moments = moments + correlation_moments(decoder(out["features"]),
-                                                upsample_to_image(tfeat[i:i + chunk], (H, W), teacher))
+        out = gaussians.render(views["w2c"][i : i + chunk], views["K"][i : i + chunk], W, H)
+        mse += float(F.mse_loss(out["rgb"].clamp(0, 1), views["images"][i : i + chunk], reduction="sum"))
+        moments = moments + correlation_moments(
+            decoder(out["features"]), upsample_to_image(tfeat[i : i + chunk], (H, W), teacher)
+        )
     mse /= views["images"].numel()
-    return {"psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
-            "feature_corr": correlation_from_moments(moments, len(views["images"]) * H * W)}
+    return {
+        "psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
+        "feature_corr": correlation_from_moments(moments, len(views["images"]) * H * W),
+    }
 
 
 def is_fitted(workdir: Path) -> bool:
@@ -233,9 +250,17 @@ def is_fitted(workdir: Path) -> bool:
     return (Path(workdir) / SCENE_FILE).is_file() and (Path(workdir) / INFO_FILE).is_file()
 
 
-def fit_scene(views: Mapping[str, Tensor], teacher: nn.Module, stage1: Mapping[str, Any], workdir: Path, *,
-              seed: int = 0, device: str | torch.device = "cpu", progress: bool = True,
-              stop_after: Optional[int] = None) -> SceneFit:
+def fit_scene(
+    views: Mapping[str, Tensor],
+    teacher: nn.Module,
+    stage1: Mapping[str, Any],
+    workdir: Path,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    stop_after: Optional[int] = None,
+) -> SceneFit:
     """Fit (or resume, or reuse) one scene's feature Gaussians in ``workdir``; see the module docstring.
 
     ``views``: the scene sample (all views; needs ``depth``). ``stop_after``: end this call after that
@@ -260,18 +285,33 @@ def fit_scene(views: Mapping[str, Tensor], teacher: nn.Module, stage1: Mapping[s
     extent = camera_extent(views["w2c"].cpu())
     iters = int(stage1["iterations"])
     lr = stage1["lr"]
-    groups = [("means", [g.means], float(lr["means"]) * extent), ("log_scales", [g.log_scales], float(lr["scales"])),
-              ("quats", [g.quats], float(lr["quats"])), ("opacity_logits", [g.opacity_logits], float(lr["opacities"])),
-              ("colors_dc", [g.colors_dc], float(lr["colors"])), ("features", [g.features], float(lr["features"])),
-              ("decoder", list(decoder.parameters()), float(lr["decoder"]))]
+    groups = [
+        ("means", [g.means], float(lr["means"]) * extent),
+        ("log_scales", [g.log_scales], float(lr["scales"])),
+        ("quats", [g.quats], float(lr["quats"])),
+        ("opacity_logits", [g.opacity_logits], float(lr["opacities"])),
+        ("colors_dc", [g.colors_dc], float(lr["colors"])),
+        ("features", [g.features], float(lr["features"])),
+        ("decoder", list(decoder.parameters()), float(lr["decoder"])),
+    ]
     opt = torch.optim.Adam([{"params": p, "lr": r, "name": n} for n, p, r in groups], lr=0.0, eps=1e-15)
     decay = float(lr["means_final"]) / float(lr["means"])
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, [lambda s: decay ** min(s / max(iters, 1), 1.0)] + [lambda s: 1.0] * (len(groups) - 1))
-    loop = TrainLoop(workdir / "ckpt", iters, opt, {"gaussians": g, "decoder": decoder}, scheduler=sched,
-                     ckpt_every=int(stage1["ckpt_every"]), keep_last=2, progress=progress,
-                     desc=f"fit3d stage I {workdir.name[:24]}", log_every=10,
-                     distributed=False)  # one scene per rank: a loop of its own
+        opt, [lambda s: decay ** min(s / max(iters, 1), 1.0)] + [lambda s: 1.0] * (len(groups) - 1)
+    )
+    loop = TrainLoop(
+        workdir / "ckpt",
+        iters,
+        opt,
+        {"gaussians": g, "decoder": decoder},
+        scheduler=sched,
+        ckpt_every=int(stage1["ckpt_every"]),
+        keep_last=2,
+        progress=progress,
+        desc=f"fit3d stage I {workdir.name[:24]}",
+        log_every=10,
+        distributed=False,
+    )  # one scene per rank: a loop of its own
     init_file = workdir / "init_metrics.json"
     if bool(stage1["eval"]) and not init_file.exists() and not loop.checkpointer.steps():
         write_json(init_file, {**evaluate_fit(g, decoder, views, tfeat, teacher), "num_gaussians": g.num})
@@ -281,35 +321,45 @@ def fit_scene(views: Mapping[str, Tensor], teacher: nn.Module, stage1: Mapping[s
     d_from, d_until, d_every = int(dens["from"]), int(dens["until"]), int(dens["every"])
     reset_every = int(stage1["opacity_reset_every"])
     current: Dict[str, Any] = {}
-    anon = (views["anon"].to(views["images"].device) > 0) if "anon" in views else None   # [V,H,W] True = keep
+    anon = (views["anon"].to(views["images"].device) > 0) if "anon" in views else None  # [V,H,W] True = keep
 
     def step_fn(step: int):
         v = _view_order(step, V, seed)
         if step + 1 < d_until:  # statistics of this step are gathered in after_step(step + 1)
             current["view"] = g.view_stats(views["w2c"][v], views["K"][v], W, H)
-        out = g.render(views["w2c"][v:v + 1], views["K"][v:v + 1], W, H)
-        img = views["images"][v:v + 1]
-        target = upsample_to_image(tfeat[v:v + 1], (H, W), teacher)
+        out = g.render(views["w2c"][v : v + 1], views["K"][v : v + 1], W, H)
+        img = views["images"][v : v + 1]
+        target = upsample_to_image(tfeat[v : v + 1], (H, W), teacher)
         decoded = decoder(out["features"])
         if anon is not None:  # FiT3D train_feat_gaussian.py: anonymised pixels take the render as target
-            keep = anon[v:v + 1, None]
+            keep = anon[v : v + 1, None]
             img = torch.where(keep, img, out["rgb"].detach())
             target = torch.where(keep, target, decoded.detach())
         l1 = (out["rgb"] - img).abs().mean()
         dssim = 1.0 - ssim(out["rgb"], img)
         lf = (decoded - target).abs().mean()
         loss = (1 - lam) * l1 + lam * dssim + fw * lf
-        return loss, {"l1": float(l1.detach()), "dssim": float(dssim.detach()), "feat_l1": float(lf.detach()), "num": g.num}
+        return loss, {
+            "l1": float(l1.detach()),
+            "dssim": float(dssim.detach()),
+            "feat_l1": float(lf.detach()),
+            "num": g.num,
+        }
 
     def after_step(it: int):  # ``it`` = finished iterations (3DGS's 1-based iteration)
         if it < d_until:
             g.add_stats(current.pop("view"))
             if it > d_from and it % d_every == 0:
                 g.densify_and_prune(
-                    opt, grad_threshold=float(dens["grad_threshold"]), extent=extent,
-                    percent_dense=float(dens["percent_dense"]), min_opacity=float(dens["min_opacity"]),
+                    opt,
+                    grad_threshold=float(dens["grad_threshold"]),
+                    extent=extent,
+                    percent_dense=float(dens["percent_dense"]),
+                    min_opacity=float(dens["min_opacity"]),
                     max_screen_size=float(dens["max_screen_size"]) if reset_every and it > reset_every else None,
-                    world_size=float(dens["world_size"]), max_gaussians=dens["max_gaussians"])
+                    world_size=float(dens["world_size"]),
+                    max_gaussians=dens["max_gaussians"],
+                )
             if reset_every and it % reset_every == 0:
                 g.reset_opacity(float(stage1["reset_opacity_to"]), opt)
 
@@ -318,14 +368,22 @@ def fit_scene(views: Mapping[str, Tensor], teacher: nn.Module, stage1: Mapping[s
     history = loop.run(step_fn, after_step, stop_after=stop_after)
     t_loop = time.perf_counter() - t0
     done = loop.step - start
-    info: Dict[str, Any] = {"iterations": loop.step, "num_gaussians": g.num, "extent": extent,
-                            "views": V, "size": [H, W], "teacher_dim": int(tfeat.shape[1]),
-                            "setup_s": t_setup, "loop_s": t_loop,
-                            "s_per_iteration": t_loop / done if done else None,
-                            "final_loss": history[-1]["loss"] if history else None,
-                            # Gaussian count over the run (before each densification step's update)
-                            "num_gaussians_curve": [[h["step"], int(h["num"])] for h in history
-                                                    if h["step"] == 1 or h["step"] % max(d_every, 1) == 0]}
+    info: Dict[str, Any] = {
+        "iterations": loop.step,
+        "num_gaussians": g.num,
+        "extent": extent,
+        "views": V,
+        "size": [H, W],
+        "teacher_dim": int(tfeat.shape[1]),
+        "setup_s": t_setup,
+        "loop_s": t_loop,
+        "s_per_iteration": t_loop / done if done else None,
+        "final_loss": history[-1]["loss"] if history else None,
+        # Gaussian count over the run (before each densification step's update)
+        "num_gaussians_curve": [
+            [h["step"], int(h["num"])] for h in history if h["step"] == 1 or h["step"] % max(d_every, 1) == 0
+        ],
+    }
     fit = SceneFit(g.requires_grad_(False), decoder.requires_grad_(False), info)
     if loop.step < iters:  # interrupted on purpose: not a finished fit
         return fit
@@ -333,9 +391,15 @@ def fit_scene(views: Mapping[str, Tensor], teacher: nn.Module, stage1: Mapping[s
         if init_file.exists():
             info["init"] = json.loads(init_file.read_text())
         info["final"] = evaluate_fit(g, decoder, views, tfeat, teacher)
-        log.info("fit3d stage I %s: %d Gaussians, PSNR %.2f dB (init %.2f), feature corr %.3f (init %.3f)",
-                 workdir.name, g.num, info["final"]["psnr"], info.get("init", {}).get("psnr", float("nan")),
-                 info["final"]["feature_corr"], info.get("init", {}).get("feature_corr", float("nan")))
+        log.info(
+            "fit3d stage I %s: %d Gaussians, PSNR %.2f dB (init %.2f), feature corr %.3f (init %.3f)",
+            workdir.name,
+            g.num,
+            info["final"]["psnr"],
+            info.get("init", {}).get("psnr", float("nan")),
+            info["final"]["feature_corr"],
+            info.get("init", {}).get("feature_corr", float("nan")),
+        )
     fit.save(workdir)
     fit.path = workdir
     return fit

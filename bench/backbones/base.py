@@ -10,6 +10,7 @@ state dict is in timm layout, so a saved ``model.safetensors`` loads into
 Families register a :class:`BackboneSpec` per name in ``BACKBONES``;
 :func:`build_backbone` turns a ``cfg.backbone`` node into a Backbone with its weights.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,13 +67,26 @@ class Backbone(nn.Module):
     are ``-num_blocks .. num_blocks-1``), ``has_cls`` (a real CLS token exists).
     """
 
-    def __init__(self, name: str, model: nn.Module, *, patch_size: int, embed_dim: int, num_blocks: int,
-                 has_cls: bool, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 resize: str = "resize", layers: Sequence[int] = (-1,), spec: Optional["BackboneSpec"] = None):
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        *,
+        patch_size: int,
+        embed_dim: int,
+        num_blocks: int,
+        has_cls: bool,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        resize: str = "resize",
+        layers: Sequence[int] = (-1,),
+        spec: Optional["BackboneSpec"] = None,
+    ):
         super().__init__()
         if resize not in RESIZE_MODES:
-            raise BenchError(f"backbone.resize='{resize}' is not a resize mode",
-                             f"use one of: {', '.join(RESIZE_MODES)}")
+            raise BenchError(
+                f"backbone.resize='{resize}' is not a resize mode", f"use one of: {', '.join(RESIZE_MODES)}"
+            )
         self.name, self.model, self.spec = name, model, spec
         self.patch_size, self.embed_dim, self.num_blocks, self.has_cls = patch_size, embed_dim, num_blocks, has_cls
         self.resize_mode = resize
@@ -92,8 +106,9 @@ class Backbone(nn.Module):
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] images -> normalised, resized (or zero-padded: bottom/right or centred) to the patch multiple."""
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(f"{self.name}: expected float images [B,3,H,W] in [0,1], got "
-                             f"{tuple(images.shape)} {images.dtype}")
+            raise ValueError(
+                f"{self.name}: expected float images [B,3,H,W] in [0,1], got {tuple(images.shape)} {images.dtype}"
+            )
         H, W = images.shape[-2:]
         h, w = self.grid_size(H, W)
         x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
@@ -103,8 +118,7 @@ class Backbone(nn.Module):
                 t, b, l, r = pad_2d(H, W, self.patch_size, self.resize_mode)
                 x = F.pad(x, (l, r, t, b))
             else:
-                x = F.interpolate(x, size=(tH, tW), mode="bilinear", align_corners=False,
-                                  antialias=tH < H or tW < W)
+                x = F.interpolate(x, size=(tH, tW), mode="bilinear", align_corners=False, antialias=tH < H or tW < W)
         return x
 
     # -- output side ------------------------------------------------------------------------------
@@ -113,12 +127,15 @@ class Backbone(nn.Module):
         idx = [int(i) for i in ([idx] if isinstance(idx, int) else idx)]
         bad = [i for i in idx if not -n <= i < n]
         if bad or not idx:
-            raise BenchError(f"layer indices {bad or '[]'} out of range for backbone '{self.name}' "
-                             f"with {n} block(s)", f"use indices in [{-n}, {n - 1}] (negative counts from the end)")
+            raise BenchError(
+                f"layer indices {bad or '[]'} out of range for backbone '{self.name}' with {n} block(s)",
+                f"use indices in [{-n}, {n - 1}] (negative counts from the end)",
+            )
         return [i % n for i in idx]
 
-    def layers(self, images: torch.Tensor, idx: Optional[Sequence[int]] = None, norm: bool = True,
-               return_cls: bool = False) -> List[Any]:
+    def layers(
+        self, images: torch.Tensor, idx: Optional[Sequence[int]] = None, norm: bool = True, return_cls: bool = False
+    ) -> List[Any]:
         """Features of blocks ``idx`` (default: ``cfg.backbone.layers``), each ``[B, C, h, w]``.
 
         ``norm`` applies the final norm layer to each (DINOv2 ``get_intermediate_layers``).
@@ -159,15 +176,18 @@ class Backbone(nn.Module):
             load_state_dict_strict(self.model, sd, source=source or f"checkpoint {path}", key_map=key_map)
         if on_meta:
             own = self.model.state_dict()
-            self.model.load_state_dict({k: v.to(own[k].dtype).contiguous() for k, v in mapped.items()},
-                                       strict=True, assign=True)
+            self.model.load_state_dict(
+                {k: v.to(own[k].dtype).contiguous() for k, v in mapped.items()}, strict=True, assign=True
+            )
             left = [n for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers()) if t.is_meta]
             if left:
                 raise RuntimeError(f"{self.name}: tensors not in the state dict stay on meta: {left[:5]}")
 
     def extra_repr(self) -> str:
-        return (f"name={self.name}, patch_size={self.patch_size}, embed_dim={self.embed_dim}, "
-                f"num_blocks={self.num_blocks}, has_cls={self.has_cls}, resize={self.resize_mode}")
+        return (
+            f"name={self.name}, patch_size={self.patch_size}, embed_dim={self.embed_dim}, "
+            f"num_blocks={self.num_blocks}, has_cls={self.has_cls}, resize={self.resize_mode}"
+        )
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -199,7 +219,9 @@ def input_rules(backbone, pad: Optional[str] = None, pos_embed: Optional[str] = 
         raise BenchError(f"position-embedding rule '{pos_embed}' is unknown", "use timm, hub or null")
     saved = []
     for m in parts:
-        saved.append((m, m.resize_mode, getattr(m, "interpolate_offset", None), getattr(m, "interpolate_antialias", None)))
+        saved.append(
+            (m, m.resize_mode, getattr(m, "interpolate_offset", None), getattr(m, "interpolate_antialias", None))
+        )
         if pad is not None:
             m.resize_mode = pad
         if pos_embed is not None and hasattr(m, "interpolate_offset"):
@@ -218,7 +240,7 @@ def strip_prefix(sd: StateDict, prefixes: Sequence[str] = ("module.", "backbone.
     """Drop a wrapper prefix (DDP ``module.``, ``backbone.``) shared by every key."""
     for p in prefixes:
         if sd and all(k.startswith(p) for k in sd):
-            return strip_prefix({k[len(p):]: v for k, v in sd.items()}, prefixes)
+            return strip_prefix({k[len(p) :]: v for k, v in sd.items()}, prefixes)
     return sd
 
 
@@ -253,16 +275,19 @@ def resolve_weights(cfg: Mapping[str, Any], spec: BackboneSpec) -> Optional[str]
     if w == "hub":
         repo = cfg.get("hub_repo")
         if not repo:
-            raise CheckpointError(f"backbone '{cfg['name']}' has weights=hub but no hub_repo",
-                                  "set backbone.hub_repo=org/repo, or backbone.weights=<local file>")
+            raise CheckpointError(
+                f"backbone '{cfg['name']}' has weights=hub but no hub_repo",
+                "set backbone.hub_repo=org/repo, or backbone.weights=<local file>",
+            )
         from ..hub import hub_download
 
-        return str(hub_download(str(repo), str(cfg.get("hub_file") or "model.safetensors"),
-                                cfg.get("hub_revision")))
+        return str(hub_download(str(repo), str(cfg.get("hub_file") or "model.safetensors"), cfg.get("hub_revision")))
     if w == "package":
         if spec.package_weights is None:
-            raise CheckpointError(f"backbone '{cfg['name']}' has no weights shipped in a package",
-                                  "use backbone.weights=hub, none, or a local checkpoint file")
+            raise CheckpointError(
+                f"backbone '{cfg['name']}' has no weights shipped in a package",
+                "use backbone.weights=hub, none, or a local checkpoint file",
+            )
         return str(spec.package_weights())
     return w if w.startswith("hf://") else os.path.expanduser(w)
 

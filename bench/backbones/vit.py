@@ -13,6 +13,7 @@ native 37x37 grid (518 px) nothing is resampled.
 Weights: timm layout (``timm/vit_*_dinov2.lvd142m`` on the Hub) or the official layout
 (``dinov2_vits14[_reg4]_pretrain.pth``), mapped by :func:`dinov2_official_to_timm`.
 """
+
 from __future__ import annotations
 
 import re
@@ -33,8 +34,7 @@ _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")  # official FSDP chunks: b
 
 def is_dinov2_official(sd: Mapping[str, torch.Tensor]) -> bool:
     """True for the official DINOv2 layout (``mask_token``, ``register_tokens``, SwiGLU ``w12``/``w3``)."""
-    return ("mask_token" in sd or "register_tokens" in sd
-            or any(".mlp.w12." in k or _CHUNKED_BLOCK.match(k) for k in sd))
+    return "mask_token" in sd or "register_tokens" in sd or any(".mlp.w12." in k or _CHUNKED_BLOCK.match(k) for k in sd)
 
 
 def dinov2_official_to_timm(sd: StateDict) -> StateDict:
@@ -70,21 +70,40 @@ def resample_patch_pos(pos: torch.Tensor, old: tuple, new: tuple, offset: float,
 class ViTBackbone(Backbone):
     """A timm VisionTransformer with a CLS token (and optional registers) as a dense backbone."""
 
-    def __init__(self, name: str, model: nn.Module, *, interpolate_offset: float = 0.0,
-                 interpolate_antialias: bool = True, **kw: Any):
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        *,
+        interpolate_offset: float = 0.0,
+        interpolate_antialias: bool = True,
+        **kw: Any,
+    ):
         if model.cls_token is None:
             raise ValueError(f"{name}: ViTBackbone needs a model with a CLS token")
         if model.reg_token is not None and not model.no_embed_class:
             raise ValueError(f"{name}: register tokens need no_embed_class=True (timm DINOv2 reg layout)")
-        super().__init__(name, model, patch_size=model.patch_embed.patch_size[0], embed_dim=model.embed_dim,
-                         num_blocks=len(model.blocks), has_cls=True, **kw)
+        super().__init__(
+            name,
+            model,
+            patch_size=model.patch_embed.patch_size[0],
+            embed_dim=model.embed_dim,
+            num_blocks=len(model.blocks),
+            has_cls=True,
+            **kw,
+        )
         self.interpolate_offset, self.interpolate_antialias = float(interpolate_offset), bool(interpolate_antialias)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], spec: BackboneSpec, meta: bool = False) -> "ViTBackbone":
-        return cls(str(cfg["name"]), spec.create_model(meta), spec=spec,
-                   interpolate_offset=float(cfg.get("interpolate_offset", 0.0)),
-                   interpolate_antialias=bool(cfg.get("interpolate_antialias", True)), **common_kwargs(cfg))
+        return cls(
+            str(cfg["name"]),
+            spec.create_model(meta),
+            spec=spec,
+            interpolate_offset=float(cfg.get("interpolate_offset", 0.0)),
+            interpolate_antialias=bool(cfg.get("interpolate_antialias", True)),
+            **common_kwargs(cfg),
+        )
 
     @staticmethod
     def checkpoint_filter(state_dict: StateDict, model: nn.Module) -> StateDict:
@@ -101,8 +120,9 @@ class ViTBackbone(Backbone):
             raise RuntimeError(f"{self.name}: build the timm ViT with dynamic_img_size=True")
         n_pos_prefix = 0 if m.no_embed_class else 1
         pos = m.pos_embed
-        patch_pos = resample_patch_pos(pos[:, n_pos_prefix:], m.patch_embed.grid_size, (h, w),
-                                       self.interpolate_offset, self.interpolate_antialias)
+        patch_pos = resample_patch_pos(
+            pos[:, n_pos_prefix:], m.patch_embed.grid_size, (h, w), self.interpolate_offset, self.interpolate_antialias
+        )
         cls = m.cls_token.expand(B, -1, -1)
         if m.no_embed_class:  # timm DINOv2 reg layout: CLS position already folded into cls_token
             prefix = [cls] + ([m.reg_token.expand(B, -1, -1)] if m.reg_token is not None else [])
@@ -123,22 +143,35 @@ class ViTBackbone(Backbone):
         out = []
         for i in idx:
             t = m.norm(taken[i]) if norm else taken[i]
-            fmap = t[:, m.num_prefix_tokens:].unflatten(1, (h, w)).permute(0, 3, 1, 2)
+            fmap = t[:, m.num_prefix_tokens :].unflatten(1, (h, w)).permute(0, 3, 1, 2)
             out.append((fmap, t[:, 0]) if return_cls else fmap)
         return out
 
 
 # -- registered names ---------------------------------------------------------------------------------
 _VIT_KW = dict(num_classes=0, dynamic_img_size=True)
-_DINOV2 = {"s": ("small", "ViT-S/14, 384 ch, 12 blocks"), "b": ("base", "ViT-B/14, 768 ch, 12 blocks"),
-           "l": ("large", "ViT-L/14, 1024 ch, 24 blocks"), "g": ("giant", "ViT-g/14, 1536 ch, 40 blocks, SwiGLU")}
+_DINOV2 = {
+    "s": ("small", "ViT-S/14, 384 ch, 12 blocks"),
+    "b": ("base", "ViT-B/14, 768 ch, 12 blocks"),
+    "l": ("large", "ViT-L/14, 1024 ch, 24 blocks"),
+    "g": ("giant", "ViT-g/14, 1536 ch, 40 blocks, SwiGLU"),
+}
 for _k, (_size, _desc) in _DINOV2.items():
-    BACKBONES.add(f"dinov2_vit{_k}14", BackboneSpec(ViTBackbone, f"vit_{_size}_patch14_dinov2", _VIT_KW),
-                  f"DINOv2 {_desc} (timm vit_{_size}_patch14_dinov2)")
-    BACKBONES.add(f"dinov2_vit{_k}14_reg", BackboneSpec(ViTBackbone, f"vit_{_size}_patch14_reg4_dinov2", _VIT_KW),
-                  f"DINOv2 {_desc}, 4 registers (timm vit_{_size}_patch14_reg4_dinov2)")
+    BACKBONES.add(
+        f"dinov2_vit{_k}14",
+        BackboneSpec(ViTBackbone, f"vit_{_size}_patch14_dinov2", _VIT_KW),
+        f"DINOv2 {_desc} (timm vit_{_size}_patch14_dinov2)",
+    )
+    BACKBONES.add(
+        f"dinov2_vit{_k}14_reg",
+        BackboneSpec(ViTBackbone, f"vit_{_size}_patch14_reg4_dinov2", _VIT_KW),
+        f"DINOv2 {_desc}, 4 registers (timm vit_{_size}_patch14_reg4_dinov2)",
+    )
 
 # Same timm family as DINOv2 (patch 14, CLS, layer scale), shrunk: 4x4 native grid, 4 blocks, 48 ch.
 TINY_VIT_KW = dict(_VIT_KW, img_size=56, embed_dim=48, depth=4, num_heads=2)
-BACKBONES.add("tiny_vit", BackboneSpec(ViTBackbone, "vit_small_patch14_dinov2", TINY_VIT_KW),
-              "tests only: random-init DINOv2-style ViT (patch 14, 48 ch, 4 blocks)")
+BACKBONES.add(
+    "tiny_vit",
+    BackboneSpec(ViTBackbone, "vit_small_patch14_dinov2", TINY_VIT_KW),
+    "tests only: random-init DINOv2-style ViT (patch 14, 48 ch, 4 blocks)",
+)

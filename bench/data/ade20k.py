@@ -5,6 +5,7 @@ PNG, 0 = "other"/unlabelled, 1..150 the classes). Labels are returned as stored;
 protocol sets ``reduce_zero_label`` (0 -> 255, k -> k-1) in the task config.
 Samples: ``image`` [3,H,W] in [0,1], ``semantic`` [H,W] int64, ``id``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,11 +36,13 @@ unzip ADEChallengeData2016.zip      (creates ADEChallengeData2016/; point --root
 ADE20K / MIT Scene Parsing: free for research and education (see the terms on
 http://sceneparsing.csail.mit.edu/ and https://groups.csail.mit.edu/vision/datasets/ADE20K/);
 images come from SUN and Places, whose own terms apply."""
-    trees = {"mmseg": """\
+    trees = {
+        "mmseg": """\
 images/training/ADE_train_XXXXXXXX.jpg        (20210)
 images/validation/ADE_val_XXXXXXXX.jpg        (2000)
 annotations/training/ADE_train_XXXXXXXX.png   (0 = other, 1..150)
-annotations/validation/ADE_val_XXXXXXXX.png"""}
+annotations/validation/ADE_val_XXXXXXXX.png"""
+    }
 
     @classmethod
     def required(cls, root: Path, layout: str) -> List[Path]:

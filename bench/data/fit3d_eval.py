@@ -17,6 +17,7 @@ Samples: ``image`` [3,H,W] in [0,1], ``depth`` [H,W] metres (0 = invalid) or ``s
 stored, ``id``. No intrinsics: FiT3D's depth loaders attach NYU's constant ``cam_intrinsic`` to every frame,
 which the linear probe never reads.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,8 +35,8 @@ class FiT3DEvalSet(FileDataset):
 
     layouts = ("fit3d_depth", "fit3d_seg")
     splits = {"fit3d_depth": ("train", "val"), "fit3d_seg": ("train", "val")}
-    prefix: ClassVar[str] = ""        # split files <prefix>_{train,val}.txt
-    img_suffix: ClassVar[str] = ""    # mmseg img_suffix of the segmentation images
+    prefix: ClassVar[str] = ""  # split files <prefix>_{train,val}.txt
+    img_suffix: ClassVar[str] = ""  # mmseg img_suffix of the segmentation images
     #: other accepted names of the depth split files, per split (first existing wins)
     alt_split_files: ClassVar[Dict[str, tuple]] = {}
 
@@ -61,8 +62,9 @@ class FiT3DEvalSet(FileDataset):
             for line in read_lines(path):
                 parts = line.split(" ")
                 if len(parts) < 2:
-                    raise DataMissingError(f"{path}: line '{line}' is not '<rgb> <depth>'",
-                                           "use FiT3D's split files unchanged")
+                    raise DataMissingError(
+                        f"{path}: line '{line}' is not '<rgb> <depth>'", "use FiT3D's split files unchanged"
+                    )
                 if parts[1] == "None":
                     continue
                 items.append((root / parts[0].lstrip("/\\"), root / parts[1].lstrip("/\\")))
@@ -81,19 +83,23 @@ class FiT3DEvalSet(FileDataset):
         if self.layout == "fit3d_depth":
             image, depth = read_rgb(img), read_depth_png(target, DEPTH_SCALE)
             if image.shape[-2:] != depth.shape:
-                raise DataMissingError(f"{img} and {target} differ in size",
-                                       "the split file pairs the wrong files: use FiT3D's split files")
+                raise DataMissingError(
+                    f"{img} and {target} differ in size",
+                    "the split file pairs the wrong files: use FiT3D's split files",
+                )
             return {"image": image, "depth": depth, "id": rid}
         return {"image": read_rgb(img), "semantic": read_label_png(target), "id": rid}
 
 
-@register_reader("scannetpp_fit3d", "ScanNet++ in FiT3D's processed eval layout (eval_data/scannetpp): "
-                 "depth split files + 100-class mmseg seg")
+@register_reader(
+    "scannetpp_fit3d",
+    "ScanNet++ in FiT3D's processed eval layout (eval_data/scannetpp): depth split files + 100-class mmseg seg",
+)
 class ScanNetPPFiT3D(FiT3DEvalSet):
     title = "ScanNet++ (FiT3D processed evaluation set)"
     dirname = "fit3d_eval/scannetpp"
     prefix = "scannetpp"
-    img_suffix = ".JPG"               # mmseg/datasets/scannetpp.py
+    img_suffix = ".JPG"  # mmseg/datasets/scannetpp.py
     sources = """\
 FiT3D's processed ScanNet++ evaluation set ("Processed scannetpp dataset with annotations", FiT3D README,
   section Evaluation): Google Drive file id 18BGnCzk51nv79M-SiJ6ezX2WOTcQDZyi
@@ -104,22 +110,25 @@ The raw DSLR scenes (FiT3D's training data) are the separate reader `python -m b
     licence = """\
 ScanNet++ Terms of Use (non-commercial research; apply at https://kaldir.vc.in.tum.de/scannetpp/).
 bench cannot download it for you."""
-    trees = {"fit3d_depth": """\
+    trees = {
+        "fit3d_depth": """\
 scannetpp_train.txt  scannetpp_val.txt   (lines '<rgb> <depth>', relative to the root)
 <rgb>: DSLR frames (FiT3D: 876x584, the x2-downscaled undistorted images; not verified here)
 <depth>: uint16 PNG, millimetres (depth_scale 1000); evaluated at 0.001 < d < 20 m, no crop""",
-             "fit3d_seg": """\
+        "fit3d_seg": """\
 images/training/*.JPG       annotations/training/*.png     (0 = background, 1..100 classes)
-images/validation/*.JPG     annotations/validation/*.png"""}
+images/validation/*.JPG     annotations/validation/*.png""",
+    }
 
 
-@register_reader("scannet_fit3d", "ScanNet in FiT3D's eval layout (eval_data/scannet): depth split files "
-                 "+ 40-class mmseg seg")
+@register_reader(
+    "scannet_fit3d", "ScanNet in FiT3D's eval layout (eval_data/scannet): depth split files + 40-class mmseg seg"
+)
 class ScanNetFiT3D(FiT3DEvalSet):
     title = "ScanNet (FiT3D evaluation layout)"
     dirname = "fit3d_eval/scannet"
     prefix = "scannet"
-    img_suffix = ".jpg"               # mmseg/datasets/scannet.py
+    img_suffix = ".jpg"  # mmseg/datasets/scannet.py
     # Splat-and-Distill evaluation1/evaluation/configs/vits_scannet_depth_linear_config.py names the same
     # lists train_index.txt / test_index.txt (root eval_data/scannet_probe)
     alt_split_files = {"train": ("train_index.txt",), "val": ("test_index.txt",)}
@@ -134,10 +143,12 @@ Which frames and scenes FiT3D used could not be verified: the published rows ass
     licence = """\
 ScanNet Terms of Use (non-commercial research; sign the agreement at http://www.scan-net.org/).
 bench cannot download ScanNet for you."""
-    trees = {"fit3d_depth": """\
+    trees = {
+        "fit3d_depth": """\
 scannet_train.txt  scannet_val.txt       (lines '<rgb> <depth>', relative to the root;
                                           SnD's train_index.txt / test_index.txt are read as well)
 <rgb>: colour JPG, <depth>: uint16 PNG millimetres (depth_scale 1000), 640x480 (Eigen crop 45:471, 41:601)""",
-             "fit3d_seg": """\
+        "fit3d_seg": """\
 images/training/*.jpg       annotations/training/*.png     (0 = unannotated, 1..40 NYU40 classes)
-images/validation/*.jpg     annotations/validation/*.png"""}
+images/validation/*.jpg     annotations/validation/*.png""",
+    }

@@ -13,6 +13,7 @@ that every KITTI frame contains. ``crop`` adds ``eval_mask`` [H,W] bool: ``"garg
 Samples: ``image`` [3,H,W] in [0,1], ``depth`` [H,W] metres (0 invalid), ``K`` [3,3] (the left colour
 camera of the drive's date, adjusted for the crop; omitted for an unknown date), optional ``eval_mask``, ``id``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,9 +25,13 @@ from ..errors import DataMissingError
 from .layout import FileDataset, read_depth_png, read_lines, read_rgb, register_reader
 
 #: P_rect_02 focal lengths / principal points per recording date (KITTI raw calibration)
-KITTI_K = {"2011_09_26": (721.5377, 609.5593, 172.8540), "2011_09_28": (707.0493, 604.0814, 180.5066),
-           "2011_09_29": (718.3351, 600.3891, 181.5122), "2011_09_30": (707.0912, 601.8873, 183.1104),
-           "2011_10_03": (718.8560, 607.1928, 185.2157)}
+KITTI_K = {
+    "2011_09_26": (721.5377, 609.5593, 172.8540),
+    "2011_09_28": (707.0493, 604.0814, 180.5066),
+    "2011_09_29": (718.3351, 600.3891, 181.5122),
+    "2011_09_30": (707.0912, 601.8873, 183.1104),
+    "2011_10_03": (718.8560, 607.1928, 185.2157),
+}
 KB_H, KB_W = 352, 1216
 
 
@@ -34,9 +39,9 @@ def crop_mask(H: int, W: int, kind: str) -> torch.Tensor:
     """The Garg or Eigen evaluation crop as a bool mask (fractions of the frame, as the toolbox)."""
     m = torch.zeros(H, W, dtype=torch.bool)
     if kind == "garg":
-        m[int(0.40810811 * H):int(0.99189189 * H), int(0.03594771 * W):int(0.96405229 * W)] = True
+        m[int(0.40810811 * H) : int(0.99189189 * H), int(0.03594771 * W) : int(0.96405229 * W)] = True
     elif kind == "eigen":
-        m[int(0.3324324 * H):int(0.91351351 * H), int(0.0359477 * W):int(0.96405229 * W)] = True
+        m[int(0.3324324 * H) : int(0.91351351 * H), int(0.0359477 * W) : int(0.96405229 * W)] = True
     else:
         raise DataMissingError(f"unknown KITTI evaluation crop '{kind}'", "use crop=garg, crop=eigen or crop=null")
     return m
@@ -59,13 +64,22 @@ split files kitti_eigen_train.txt / kitti_eigen_test.txt: the toolbox's splits
     licence = """\
 KITTI: Creative Commons Attribution-NonCommercial-ShareAlike 3.0 (non-commercial use only);
 see http://www.cvlibs.net/datasets/kitti/."""
-    trees = {"toolbox": """\
+    trees = {
+        "toolbox": """\
 kitti_eigen_train.txt  kitti_eigen_test.txt
 input/<date>/<date>_drive_XXXX_sync/image_02/data/<frame>.png
-gt_depth/<date>_drive_XXXX_sync/proj_depth/groundtruth/image_02/<frame>.png   (uint16, metres x 256)"""}
+gt_depth/<date>_drive_XXXX_sync/proj_depth/groundtruth/image_02/<frame>.png   (uint16, metres x 256)"""
+    }
 
-    def __init__(self, root, split: str, layout=None, kb_crop: bool = True, crop: Optional[str] = "garg",
-                 max_depth: Optional[float] = None):
+    def __init__(
+        self,
+        root,
+        split: str,
+        layout=None,
+        kb_crop: bool = True,
+        crop: Optional[str] = "garg",
+        max_depth: Optional[float] = None,
+    ):
         super().__init__(root, split, layout)
         self.kb_crop, self.crop, self.max_depth = bool(kb_crop), crop, max_depth
         if crop is not None:
@@ -93,8 +107,10 @@ gt_depth/<date>_drive_XXXX_sync/proj_depth/groundtruth/image_02/<frame>.png   (u
         img_path, dep_path = self.items[i]
         image, depth = read_rgb(img_path), read_depth_png(dep_path, 256.0)
         if image.shape[-2:] != depth.shape:
-            raise DataMissingError(f"{img_path} and {dep_path} differ in size",
-                                   "the split file pairs the wrong files: use the toolbox/BTS split files")
+            raise DataMissingError(
+                f"{img_path} and {dep_path} differ in size",
+                "the split file pairs the wrong files: use the toolbox/BTS split files",
+            )
         date = img_path.relative_to(self.root / "input").parts[0]
         K = None
         if date in KITTI_K:  # no guess for an unknown date: K is then omitted
@@ -105,14 +121,17 @@ gt_depth/<date>_drive_XXXX_sync/proj_depth/groundtruth/image_02/<frame>.png   (u
             top, left = H - KB_H, (W - KB_W) // 2
             if top < 0 or left < 0:
                 raise DataMissingError(f"{img_path} is smaller than the 352x1216 KB crop", "use the raw KITTI frames")
-            image, depth = image[:, top:top + KB_H, left:left + KB_W], depth[top:top + KB_H, left:left + KB_W]
+            image, depth = image[:, top : top + KB_H, left : left + KB_W], depth[top : top + KB_H, left : left + KB_W]
             if K is not None:
                 K[0, 2] -= left
                 K[1, 2] -= top
         if self.max_depth is not None:
             depth = torch.where(depth > self.max_depth, torch.zeros_like(depth), depth)
-        out = {"image": image.contiguous(), "depth": depth.contiguous(),
-               "id": str(img_path.relative_to(self.root / "input"))}
+        out = {
+            "image": image.contiguous(),
+            "depth": depth.contiguous(),
+            "id": str(img_path.relative_to(self.root / "input")),
+        }
         if K is not None:
             out["K"] = K
         if self.crop is not None:

@@ -14,6 +14,7 @@ data is absent, and the ``python -m bench data <name>`` command (``add_arguments
 prints the download sources, licence notes and the expected tree when something is missing and a
 per-split count when everything is there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,17 +48,22 @@ def fmt_missing(paths: Sequence[str], limit: int = MAX_LISTED) -> str:
 def register_reader(name: str, description: str):
     """Class decorator: register a :class:`FileDataset` reader in ``DATASETS`` as ``name`` (also its
     ``name`` attribute, which ``python -m bench data <name>`` and the messages use)."""
+
     def deco(cls):
         cls.name = name
         return DATASETS.register(name, description)(cls)
+
     return deco
 
 
 def register_command(name: str, description: str, add_arguments, cli) -> type:
     """Register a ``DATASETS`` entry that is only the ``python -m bench data <name>`` command (a
     generator or checker whose data is read elsewhere); returns the entry."""
-    entry = type(f"{name}_command", (), {"add_arguments": staticmethod(add_arguments), "cli": staticmethod(cli),
-                                         "__doc__": description})
+    entry = type(
+        f"{name}_command",
+        (),
+        {"add_arguments": staticmethod(add_arguments), "cli": staticmethod(cli), "__doc__": description},
+    )
     return DATASETS.register(name, description)(entry)
 
 
@@ -78,8 +84,9 @@ def open_image(path: Path, fix: Optional[str] = None):
             return img.copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         repair = fix or "replace it from the original archive"
-        raise DataMissingError(f"cannot decode image {path} ({type(e).__name__}: {e})",
-                               f"the file is corrupt or truncated: {repair}") from None
+        raise DataMissingError(
+            f"cannot decode image {path} ({type(e).__name__}: {e})", f"the file is corrupt or truncated: {repair}"
+        ) from None
 
 
 def read_rgb(path: Path, exif_transpose: bool = False) -> torch.Tensor:
@@ -97,8 +104,10 @@ def read_array(path: Path) -> np.ndarray:
     """The raw pixel values of a single-channel PNG: 16-bit depth stays 16-bit, palette PNGs give indices."""
     img = open_image(path)
     if img.mode in ("RGB", "RGBA"):
-        raise DataMissingError(f"{path} is an {img.mode} image where a single-channel map was expected",
-                               "use the label/depth PNGs of the original release (palette or grey, not colour)")
+        raise DataMissingError(
+            f"{path} is an {img.mode} image where a single-channel map was expected",
+            "use the label/depth PNGs of the original release (palette or grey, not colour)",
+        )
     return np.asarray(img)
 
 
@@ -131,12 +140,12 @@ class FileDataset(torch.utils.data.Dataset):
 
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
-    dirname: ClassVar[str] = ""                     # default folder under $BENCH_DATA
+    dirname: ClassVar[str] = ""  # default folder under $BENCH_DATA
     layouts: ClassVar[Sequence[str]] = ("default",)
     splits: ClassVar[Mapping[str, Sequence[str]]] = {"default": ("test",)}
-    sources: ClassVar[str] = ""                     # where to get it (URLs, commands)
+    sources: ClassVar[str] = ""  # where to get it (URLs, commands)
     licence: ClassVar[str] = ""
-    trees: ClassVar[Mapping[str, str]] = {}         # expected tree per layout
+    trees: ClassVar[Mapping[str, str]] = {}  # expected tree per layout
 
     def __init__(self, root: str | os.PathLike, split: str, layout: Optional[str] = None):
         super().__init__()
@@ -144,8 +153,9 @@ class FileDataset(torch.utils.data.Dataset):
         self.layout = self._layout(layout)
         valid = self.splits[self.layout]
         if split not in valid:
-            raise DataMissingError(f"{self.name} ({self.layout} layout) has no split '{split}'",
-                                   f"use one of: {', '.join(valid)}")
+            raise DataMissingError(
+                f"{self.name} ({self.layout} layout) has no split '{split}'", f"use one of: {', '.join(valid)}"
+            )
         self.split = split
         missing = self.missing(self.root, self.layout)
         if missing:
@@ -153,7 +163,8 @@ class FileDataset(torch.utils.data.Dataset):
                 f"{self.title} ({self.layout} layout) not found under {self.root}: missing {fmt_missing(missing, 4)}",
                 f"prepare it as `python -m bench data {self.name} --root {self.root}"
                 + (f" --layout {self.layout}" if len(self.layouts) > 1 else "")
-                + "` explains (download links, expected tree)")
+                + "` explains (download links, expected tree)",
+            )
         self.items: List[Any] = self.index(self.root, self.layout, split)
 
     # -- to implement -------------------------------------------------------------------------
@@ -226,23 +237,32 @@ class FileDataset(torch.utils.data.Dataset):
 
     @classmethod
     def guide(cls, layouts: Sequence[str], root: Path) -> str:
-        trees = "\n".join(f"Expected tree ({lay} layout) under {root}:\n{_indent(cls.trees.get(lay, ''))}"
-                          for lay in layouts)
-        return (f"{cls.title}\n\nWhere to get it:\n{_indent(cls.sources)}\n\n"
-                f"Licence / terms:\n{_indent(cls.licence)}\n\n{trees}")
+        trees = "\n".join(
+            f"Expected tree ({lay} layout) under {root}:\n{_indent(cls.trees.get(lay, ''))}" for lay in layouts
+        )
+        return (
+            f"{cls.title}\n\nWhere to get it:\n{_indent(cls.sources)}\n\n"
+            f"Licence / terms:\n{_indent(cls.licence)}\n\n{trees}"
+        )
 
     # -- `python -m bench data <name>` ---------------------------------------------------------
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--root", type=Path, default=default_root(cls.dirname or cls.name),
-                            help=f"dataset root (default: $BENCH_DATA/{cls.dirname or cls.name})")
+        parser.add_argument(
+            "--root",
+            type=Path,
+            default=default_root(cls.dirname or cls.name),
+            help=f"dataset root (default: $BENCH_DATA/{cls.dirname or cls.name})",
+        )
         if len(cls.layouts) > 1:
-            parser.add_argument("--layout", choices=list(cls.layouts), default=None,
-                                help="check only this layout (default: all; passes if one is complete)")
-        parser.add_argument("--deep", action="store_true",
-                            help="also check every file the split lists reference")
-        parser.add_argument("--verify", action="store_true",
-                            help="with --deep: also decode every image (slow)")
+            parser.add_argument(
+                "--layout",
+                choices=list(cls.layouts),
+                default=None,
+                help="check only this layout (default: all; passes if one is complete)",
+            )
+        parser.add_argument("--deep", action="store_true", help="also check every file the split lists reference")
+        parser.add_argument("--verify", action="store_true", help="with --deep: also decode every image (slow)")
 
     @classmethod
     def cli(cls, args: argparse.Namespace) -> int:
@@ -276,8 +296,10 @@ class FileDataset(torch.utils.data.Dataset):
         print(cls.guide([lay for lay, _ in report], root))
         print()
         first = report[0][1]
-        raise DataMissingError(f"{cls.title} not prepared under {root}: missing {fmt_missing(first, 3)}",
-                               "download and arrange it as printed above, then re-run this check")
+        raise DataMissingError(
+            f"{cls.title} not prepared under {root}: missing {fmt_missing(first, 3)}",
+            "download and arrange it as printed above, then re-run this check",
+        )
 
     @classmethod
     def _verify(cls, root: Path, layout: str) -> List[str]:
@@ -290,7 +312,6 @@ class FileDataset(torch.utils.data.Dataset):
                         if why:
                             bad.append(why)
         return bad
-
 
 
 class ImageLabelDataset(FileDataset):
@@ -326,10 +347,14 @@ def load_npz(path: Path, fix: Optional[str] = None, keys: Sequence[str] = ()) ->
         with np.load(path, allow_pickle=False) as z:
             out = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataMissingError(f"cannot read {path} ({type(e).__name__}: {e})",
-                               "the file is corrupt or truncated: " + (fix or "download it again")) from None
+        raise DataMissingError(
+            f"cannot read {path} ({type(e).__name__}: {e})",
+            "the file is corrupt or truncated: " + (fix or "download it again"),
+        ) from None
     missing = [k for k in keys if k not in out]
     if missing:
-        raise DataMissingError(f"{path} has no array {', '.join(missing)} (it has: {', '.join(out) or 'none'})",
-                               fix or "see `python -m bench data <name>` for the layout")
+        raise DataMissingError(
+            f"{path} has no array {', '.join(missing)} (it has: {', '.join(out) or 'none'})",
+            fix or "see `python -m bench data <name>` for the layout",
+        )
     return out

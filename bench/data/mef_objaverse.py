@@ -15,6 +15,7 @@ A root prepared for bench is the renders folder with the two files from the offi
 same layout plus a ``meta.json`` that records its own intrinsics, image size and pixel-centre
 convention (``pixel_offset`` 0.5, exact for its ray-cast depth); the reader prefers it when present.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,9 @@ def mef_intrinsics() -> torch.Tensor:
     return torch.tensor([[MEF_FOCAL, 0.0, 256.0], [0.0, MEF_FOCAL, 256.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
 
 
-def unproject(pix: torch.Tensor, depth: torch.Tensor, K: torch.Tensor, pose: torch.Tensor,
-              pixel_offset: float = 0.0) -> torch.Tensor:
+def unproject(
+    pix: torch.Tensor, depth: torch.Tensor, K: torch.Tensor, pose: torch.Tensor, pixel_offset: float = 0.0
+) -> torch.Tensor:
     """Object-frame points ``[N,3]`` of integer pixels ``pix [N,2]`` (x=column, y=row) of a view with
     z-depth ``depth [H,W]`` (metres / object units), intrinsics ``K`` and object-to-camera ``pose``."""
     pix = pix.long()
@@ -59,13 +61,20 @@ def list_objects(root: Path) -> List[str]:
         if p.is_file():
             names = [ln.strip().split(".")[0] for ln in p.read_text().splitlines() if ln.strip()]
             return [n for n in names if (root / n / "color_000000.png").is_file()]
-    found = sorted({str(p.parent.relative_to(root)) for pat in ("*/color_000000.png", "*/*/color_000000.png")
-                    for p in root.glob(pat)})
+    found = sorted(
+        {
+            str(p.parent.relative_to(root))
+            for pat in ("*/color_000000.png", "*/*/color_000000.png")
+            for p in root.glob(pat)
+        }
+    )
     return found
 
 
-@register_reader("mef_objaverse", "MEF's Objaverse multi-view object renders (color/depth/mask per pose, "
-                 "obj_poses.npy), training data of method=mef")
+@register_reader(
+    "mef_objaverse",
+    "MEF's Objaverse multi-view object renders (color/depth/mask per pose, obj_poses.npy), training data of method=mef",
+)
 class ObjectRenders(FileDataset):
     """Multi-view renders of objects; ``self.items`` are object names. ``view(obj, i)`` reads one view."""
 
@@ -84,21 +93,26 @@ Offline stand-in: method.data.dataset=synthetic_objects (bench.data.objects, gen
     licence = """\
 Objaverse 1.0: ODC-By 1.0 as a collection; every object keeps its own Creative Commons licence
 (see the per-object metadata on the Hub). 3DCorrEnhance code and pose file: MIT licence."""
-    trees = {"mef": """\
+    trees = {
+        "mef": """\
 obj_poses.npy                          [42,4,4] object-to-camera poses (official data/obj_poses.npy)
 10k.txt                                <group>/<uid> per line (optional; default: every rendered folder)
 <group>/<uid>/color_000000.png ...     RGB 512x512, black background, one per pose
 <group>/<uid>/depth_000000.png ...     uint16 z-depth, millimetres, 0 = background
-<group>/<uid>/mask_000000.png ...      0 / 255 object mask"""}
+<group>/<uid>/mask_000000.png ...      0 / 255 object mask"""
+    }
 
-    def __init__(self, root, split: str = "train", layout: Optional[str] = None,
-                 objects: Optional[Sequence[str]] = None):
+    def __init__(
+        self, root, split: str = "train", layout: Optional[str] = None, objects: Optional[Sequence[str]] = None
+    ):
         super().__init__(root, split, layout)
         if objects is not None:
             self.items = [str(o) for o in objects]
         if not self.items:
-            raise DataMissingError(f"no rendered objects under {self.root}",
-                                   f"render them as `python -m bench data {self.name} --root {self.root}` explains")
+            raise DataMissingError(
+                f"no rendered objects under {self.root}",
+                f"render them as `python -m bench data {self.name} --root {self.root}` explains",
+            )
         self.poses = torch.from_numpy(np.load(self.root / POSES_FILE).astype(np.float64))
         meta = {}
         if (self.root / META_FILE).is_file():
@@ -107,9 +121,11 @@ obj_poses.npy                          [42,4,4] object-to-camera poses (official
         self.K = torch.tensor(meta["K"], dtype=torch.float64) if "K" in meta else mef_intrinsics()
         self.pixel_offset = float(meta.get("pixel_offset", 0.0))
         if self.poses.ndim != 3 or self.poses.shape[1:] != (4, 4):
-            raise DataMissingError(f"{self.root / POSES_FILE} holds an array of shape {tuple(self.poses.shape)}, "
-                                   "not [V,4,4] object-to-camera poses",
-                                   "copy data/obj_poses.npy of the official repository")
+            raise DataMissingError(
+                f"{self.root / POSES_FILE} holds an array of shape {tuple(self.poses.shape)}, "
+                "not [V,4,4] object-to-camera poses",
+                "copy data/obj_poses.npy of the official repository",
+            )
 
     @classmethod
     def required(cls, root: Path, layout: str) -> List[Path]:
@@ -145,8 +161,11 @@ obj_poses.npy                          [42,4,4] object-to-camera poses (official
         depth = torch.from_numpy(read_array(d / f"depth_{i:06d}.png").astype(np.float32) / 1000.0)
         mask = torch.from_numpy(read_array(d / f"mask_{i:06d}.png") > 0)
         if depth.shape != image.shape[-2:] or mask.shape != image.shape[-2:]:
-            raise DataMissingError(f"{d} view {i}: color {tuple(image.shape[-2:])}, depth {tuple(depth.shape)} and "
-                                   f"mask {tuple(mask.shape)} differ in size", "re-render the object")
+            raise DataMissingError(
+                f"{d} view {i}: color {tuple(image.shape[-2:])}, depth {tuple(depth.shape)} and "
+                f"mask {tuple(mask.shape)} differ in size",
+                "re-render the object",
+            )
         return {"image": image, "depth": depth, "mask": mask, "pose": self.poses[i], "K": self.K}
 
     def __getitem__(self, i: int) -> Dict[str, Any]:

@@ -3,6 +3,7 @@
 Used by every method that trains on posed multi-view scenes (``splat_distill``, the ``fit3d``
 baseline), so that no method package imports another.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,12 +36,15 @@ def open_scenes(data: Mapping[str, Any], data_dir: str | Path = "data"):
         from .synthetic import ensure_synthetic
 
         if not isinstance(data.get("scenes"), int) or data.get("views") is None or size is None:
-            raise BenchError("method.data.dataset=synthetic needs counts method.data.scenes and method.data.views "
-                             "and method.data.size", "e.g. method.data.scenes=4 method.data.views=16 "
-                             "method.data.size=[96,128]")
+            raise BenchError(
+                "method.data.dataset=synthetic needs counts method.data.scenes and method.data.views "
+                "and method.data.size",
+                "e.g. method.data.scenes=4 method.data.views=16 method.data.size=[96,128]",
+            )
         root = Path(data["root"]) if data.get("root") else synthetic_root(data, data_dir)
-        ensure_synthetic(root, int(data["scenes"]), int(data["views"]), size, int(data["seed"]),
-                         workers=data.get("workers"))
+        ensure_synthetic(
+            root, int(data["scenes"]), int(data["views"]), size, int(data["seed"]), workers=data.get("workers")
+        )
         return MultiViewScenes(root, None, size)
     if kind != "scannetpp":
         raise BenchError(f"method.data.dataset='{kind}' is not a training dataset", f"use one of {TRAINING_DATASETS}")

@@ -25,6 +25,7 @@ projections in one camera, does not see), ``w2c [2,4,4]`` (the object frame is t
 translation in metres), ``id``, ``object``. Probe3D's ``depth[depth < min_depth] = 0`` after the nearest
 resize is a no-op (nearest sampling creates no new values) and is not repeated.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,7 +71,7 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     """torchvision ``CenterCrop(size)``: top/left = ``int(round((H - size) / 2))`` (Python rounding)."""
     H, W = x.shape[-2:]
     top, left = int(round((H - size) / 2.0)), int(round((W - size) / 2.0))
-    return x[..., top:top + size, left:left + size]
+    return x[..., top : top + size, left : left + size]
 
 
 def probe3d_bbox(mask: torch.Tensor) -> Tuple[int, int, int]:
@@ -105,8 +106,10 @@ def _load_annotations(path: Path) -> Dict[str, Dict[str, Any]]:
     except FileNotFoundError:
         raise DataMissingError(f"missing file {path}", "re-extract navi_v1.0.tar.gz") from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DataMissingError(f"cannot parse {path} ({type(e).__name__}: {e})",
-                               "expected NAVI's list of {filename, camera, image_size}: re-extract it") from None
+        raise DataMissingError(
+            f"cannot parse {path} ({type(e).__name__}: {e})",
+            "expected NAVI's list of {filename, camera, image_size}: re-extract it",
+        ) from None
 
 
 @register_reader("navi", "NAVI objects (in-the-wild + multi-view): RGB-D, poses; Probe3D correspondence pairs")
@@ -125,14 +128,24 @@ optional: Probe3D's data_processing/resize_navi.py writes downsampled_* copies (
     licence = """\
 NAVI: see https://github.com/google/navi and https://navidataset.github.io/ for the terms of use
 (research dataset released by Google; cite Jampani et al., NeurIPS 2023)."""
-    trees = {"navi_v1": """\
+    trees = {
+        "navi_v1": """\
 <object_id>/wild_set/annotations.json
 <object_id>/wild_set/images/<id>.jpg         (or downsampled_<id>.jpg)
 <object_id>/wild_set/depth/<id>.png          (uint16 disparity code)
-<object_id>/multiview*/...                   (same structure)"""}
+<object_id>/multiview*/...                   (same structure)"""
+    }
 
-    def __init__(self, root, split: str = "test", layout=None, size: int = 512, max_angle: float = 120.0,
-                 every: int = 4, seed: int = 8):
+    def __init__(
+        self,
+        root,
+        split: str = "test",
+        layout=None,
+        size: int = 512,
+        max_angle: float = 120.0,
+        every: int = 4,
+        seed: int = 8,
+    ):
         super().__init__(root, split, layout)  # indexes the pairs with the protocol defaults
         self.size = int(size)
         if (float(max_angle), int(every), int(seed)) != (120.0, 4, 8):
@@ -168,8 +181,9 @@ NAVI: see https://github.com/google/navi and https://navidataset.github.io/ for 
         return sorted(p.stem for p in d.iterdir() if p.suffix.lower() == ".jpg" and "_" not in p.stem)
 
     @classmethod
-    def pairs(cls, root: Path, split: str, max_angle: float = 120.0, every: int = 4,
-              seed: int = 8) -> List[Tuple[Path, str, str]]:
+    def pairs(
+        cls, root: Path, split: str, max_angle: float = 120.0, every: int = 4, seed: int = 8
+    ) -> List[Tuple[Path, str, str]]:
         gen = torch.Generator().manual_seed(seed)
         out = []
         for coll in cls.collections(root, split):
@@ -179,8 +193,9 @@ NAVI: see https://github.com/google/navi and https://navidataset.github.io/ for 
             ann = _load_annotations(coll / "annotations.json")
             missing = [i for i in ids if i not in ann]
             if missing:
-                raise DataMissingError(f"{coll / 'annotations.json'} has no entry for images {missing[:3]}",
-                                       "re-extract the collection")
+                raise DataMissingError(
+                    f"{coll / 'annotations.json'} has no entry for images {missing[:3]}", "re-extract the collection"
+                )
             w2c = torch.stack([navi_w2c(ann[i]["camera"]) for i in ids])
             ang = relative_rotation_deg(w2c[:, None], w2c[None, :])
             for a, img in enumerate(ids):
@@ -194,8 +209,9 @@ NAVI: see https://github.com/google/navi and https://navidataset.github.io/ for 
     @classmethod
     def item_files(cls, item: Any) -> List[Path]:
         coll, a, b = item
-        return [cls._file(coll, "images", i, ".jpg") for i in (a, b)] + \
-               [cls._file(coll, "depth", i, ".png") for i in (a, b)]
+        return [cls._file(coll, "images", i, ".jpg") for i in (a, b)] + [
+            cls._file(coll, "depth", i, ".png") for i in (a, b)
+        ]
 
     @staticmethod
     def _file(coll: Path, sub: str, img_id: str, ext: str) -> Path:
@@ -216,14 +232,17 @@ NAVI: see https://github.com/google/navi and https://navidataset.github.io/ for 
         oh, ow = ann["image_size"]
         f = float(ann["camera"]["focal_length"]) * S / min(oh, ow)
         K = torch.tensor([[f, 0.0, S / 2.0], [0.0, f, S / 2.0], [0.0, 0.0, 1.0]])
-        xyz = unproject_depth(depth, K).permute(2, 0, 1)                       # [3,S,S], as Probe3D's xyz_grid
+        xyz = unproject_depth(depth, K).permute(2, 0, 1)  # [3,S,S], as Probe3D's xyz_grid
         if not bool((depth > 0).any()):
-            raise DataMissingError(f"{dpath} has no valid depth", "re-extract the collection (depth maps are never empty)")
+            raise DataMissingError(
+                f"{dpath} has no valid depth", "re-extract the collection (depth maps are never empty)"
+            )
         r0, c0, side = probe3d_bbox(depth > 0)
-        image, depth, xyz = (t[..., r0:r0 + side, c0:c0 + side] for t in (image, depth, xyz))
+        image, depth, xyz = (t[..., r0 : r0 + side, c0 : c0 + side] for t in (image, depth, xyz))
         K = scale_intrinsics(crop_intrinsics(K, c0, r0), S / side, S / side)
-        image, depth, xyz = (F.interpolate(t.reshape(1, -1, side, side), size=(S, S), mode="nearest")[0]
-                             for t in (image, depth, xyz))
+        image, depth, xyz = (
+            F.interpolate(t.reshape(1, -1, side, side), size=(S, S), mode="nearest")[0] for t in (image, depth, xyz)
+        )
         return {"image": image, "depth": depth[0], "xyz": xyz, "K": K, "w2c": navi_w2c(ann["camera"])}
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
@@ -232,7 +251,12 @@ NAVI: see https://github.com/google/navi and https://navidataset.github.io/ for 
             self._ann[coll] = _load_annotations(coll / "annotations.json")
         ann = self._ann[coll]
         va, vb = self.view(coll, a, ann[a]), self.view(coll, b, ann[b])
-        return {"images": torch.stack([va["image"], vb["image"]]), "depth": torch.stack([va["depth"], vb["depth"]]),
-                "xyz": torch.stack([va["xyz"], vb["xyz"]]),
-                "K": torch.stack([va["K"], vb["K"]]), "w2c": torch.stack([va["w2c"], vb["w2c"]]),
-                "id": f"{coll.parent.name}/{coll.name}:{a}-{b}", "object": coll.parent.name}
+        return {
+            "images": torch.stack([va["image"], vb["image"]]),
+            "depth": torch.stack([va["depth"], vb["depth"]]),
+            "xyz": torch.stack([va["xyz"], vb["xyz"]]),
+            "K": torch.stack([va["K"], vb["K"]]),
+            "w2c": torch.stack([va["w2c"], vb["w2c"]]),
+            "id": f"{coll.parent.name}/{coll.name}:{a}-{b}",
+            "object": coll.parent.name,
+        }

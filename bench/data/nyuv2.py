@@ -29,6 +29,7 @@
 Samples: ``image`` [3,H,W] in [0,1], ``K`` [3,3] (the NYU Kinect intrinsics), and ``depth`` [H,W] metres
 (0 invalid), ``normals`` [3,H,W] (probe3d), ``semantic`` [H,W] int64 (mmseg_seg), ``name``.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -68,13 +69,16 @@ def _load_pkl(path: Path) -> Dict[str, Any]:
             with open(path, "rb") as f:
                 data = pickle.load(f)
         except FileNotFoundError:
-            raise DataMissingError(f"missing file {path}", "build it with Probe3D's data_processing/create_nyu_pkl.py") from None
+            raise DataMissingError(
+                f"missing file {path}", "build it with Probe3D's data_processing/create_nyu_pkl.py"
+            ) from None
         except (pickle.UnpicklingError, EOFError, OSError) as e:
             raise DataMissingError(f"cannot read {path} ({e})", "rebuild it with create_nyu_pkl.py") from None
         keys = {"images", "depths", "snorms", "test_indices"}
         if not isinstance(data, dict) or not keys <= set(data):
-            raise DataMissingError(f"{path} lacks the keys {sorted(keys)}",
-                                   "rebuild it with Probe3D's data_processing/create_nyu_pkl.py")
+            raise DataMissingError(
+                f"{path} lacks the keys {sorted(keys)}", "rebuild it with Probe3D's data_processing/create_nyu_pkl.py"
+            )
         _PKL_CACHE[path] = data
     return _PKL_CACHE[path]
 
@@ -84,9 +88,11 @@ class NYUv2(FileDataset):
     title = "NYU Depth v2"
     dirname = "nyuv2"
     layouts = ("probe3d", "mmseg_depth", "mmseg_seg")
-    splits = {"probe3d": ("train", "valid", "trainval", "test"),
-              "mmseg_depth": ("train", "test"),
-              "mmseg_seg": ("train", "val")}
+    splits = {
+        "probe3d": ("train", "valid", "trainval", "test"),
+        "mmseg_depth": ("train", "test"),
+        "mmseg_seg": ("train", "val"),
+    }
     sources = """\
 probe3d:
   GeoNet training frames (data1.zip + data2.zip): https://github.com/xjqi/GeoNet (links in its README);
@@ -122,8 +128,14 @@ images/training/*.png           annotations/training/*.png     (0 = background, 
 images/validation/*.png         annotations/validation/*.png""",
     }
 
-    def __init__(self, root, split: str, layout: Optional[str] = None, max_depth: Optional[float] = None,
-                 max_label: Optional[int] = None):
+    def __init__(
+        self,
+        root,
+        split: str,
+        layout: Optional[str] = None,
+        max_depth: Optional[float] = None,
+        max_label: Optional[int] = None,
+    ):
         super().__init__(root, split, layout)
         self.max_depth = max_depth
         self.max_label = None if max_label is None else int(max_label)
@@ -181,8 +193,12 @@ images/validation/*.png         annotations/validation/*.png""",
             return self._probe3d(item)
         if self.layout == "mmseg_depth":
             img, dep = item
-            return {"image": read_rgb(img), "depth": self._clip(read_depth_png(dep, 1000.0)),
-                    "K": NYU_K.clone(), "name": str(img.relative_to(self.root))}
+            return {
+                "image": read_rgb(img),
+                "depth": self._clip(read_depth_png(dep, 1000.0)),
+                "K": NYU_K.clone(),
+                "name": str(img.relative_to(self.root)),
+            }
         img, lab = item
         semantic = read_label_png(lab)
         if self.max_label is not None:
@@ -192,7 +208,8 @@ images/validation/*.png         annotations/validation/*.png""",
                 raise DataMissingError(
                     f"{lab} has label {top}, above the {self.max_label} classes this task reads",
                     "task=nyu_seg reads FiT3D's 13-class labels (0..13); for 40-class annotations use "
-                    "task=nyu_seg40 (root nyuv2_40), or point task.dataset.root at the 13-class folders")
+                    "task=nyu_seg40 (root nyuv2_40), or point task.dataset.root at the 13-class folders",
+                )
         return {"image": read_rgb(img), "semantic": semantic, "K": NYU_K.clone(), "name": img.stem}
 
     def _probe3d(self, item) -> Dict[str, Any]:
@@ -213,12 +230,21 @@ images/validation/*.png         annotations/validation/*.png""",
                 depth = torch.from_numpy(np.asarray(m["depth"], dtype=np.float32)[:480, :640].copy())
                 normals = torch.from_numpy(np.asarray(m["norm"], dtype=np.float32)[:480, :640].copy()).permute(2, 0, 1)
             except FileNotFoundError:
-                raise DataMissingError(f"missing file {ref}", "re-extract the GeoNet archives into nyu_geonet/") from None
+                raise DataMissingError(
+                    f"missing file {ref}", "re-extract the GeoNet archives into nyu_geonet/"
+                ) from None
             except (ValueError, KeyError, OSError, TypeError) as e:
-                raise DataMissingError(f"cannot read GeoNet frame {ref} ({type(e).__name__}: {e})",
-                                       "the file is corrupt or not a GeoNet .mat (keys img, depth, norm): "
-                                       "replace it from the original archive") from None
+                raise DataMissingError(
+                    f"cannot read GeoNet frame {ref} ({type(e).__name__}: {e})",
+                    "the file is corrupt or not a GeoNet .mat (keys img, depth, norm): "
+                    "replace it from the original archive",
+                ) from None
             image = torch.from_numpy(geonet_rgb(img).astype(np.float32) / 255.0).permute(2, 0, 1)
             name = ref.stem
-        return {"image": image.contiguous(), "depth": self._clip(depth), "normals": normals.contiguous(),
-                "K": NYU_K.clone(), "name": name}
+        return {
+            "image": image.contiguous(),
+            "depth": self._clip(depth),
+            "normals": normals.contiguous(),
+            "K": NYU_K.clone(),
+            "name": name,
+        }

@@ -26,6 +26,7 @@ Layout under ``root`` (read back by ``ObjectRenders``)::
 
 Deterministic: object ``i`` of seed ``s`` depends only on ``(s, i)``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,9 +46,9 @@ from .mef_objaverse import MEF_FOCAL, MEF_SIZE, POSES_FILE
 
 GENERATOR = "bench.objects"
 VERSION = 1
-ROOM = 16.0                 # invisible room (side, object units) that holds the cameras
+ROOM = 16.0  # invisible room (side, object units) that holds the cameras
 CENTRE = (ROOM / 2, ROOM / 2, ROOM / 2)
-DISTANCE = 2.0              # camera distance to the object centre (MEF: 2)
+DISTANCE = 2.0  # camera distance to the object centre (MEF: 2)
 # lights in the camera frame (OpenCV axes, object 2 units ahead), after MEF's blenderproc.py
 CAMERA_LIGHTS = (((1.0, -1.0, 1.0), 0.55), ((-1.0, -1.0, -1.0), 0.35), ((1.0, 0.0, 1.0), 0.15))
 
@@ -71,9 +72,13 @@ def _extent(kind: str, R: np.ndarray, size: Sequence[float]) -> np.ndarray:
 def _rotation(rng: np.random.Generator) -> np.ndarray:
     q = rng.normal(size=4)
     w, x, y, z = q / np.linalg.norm(q)
-    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-                     [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-                     [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
 
 
 def make_object(seed: int, index: int) -> dict:
@@ -101,15 +106,36 @@ def make_object(seed: int, index: int) -> dict:
     objects = []
     patterns = ("checker", "stripes", "noise", "dots", "tiles")
     for kd, R, s, c in parts:
-        objects.append({"kind": kd, "semantic": 3, "instance": 7 + len(objects),
-                        "center": [float(v) for v in (c - mid) * scale + np.array(CENTRE)], "R": R.tolist(),
-                        "size": [float(v) * scale for v in s],
-                        "texture": _spec._texture(rng, patterns, (0.06, 0.25))})
-    dull = {"pattern": "noise", "scale": 1.0, "c1": [0.0, 0.0, 0.0], "c2": [0.0, 0.0, 0.0], "phase": [0.5] * 3,
-            "dir": [1.0, 0.0, 0.0], "waves": [[1.0, 0.0, 0.0, 0.0, 1.0]]}
-    return {"object_id": object_name(index), "seed": int(seed), "index": int(index),
-            "room": {"size": [ROOM] * 3, "textures": [dull] * 6}, "objects": objects, "lights": [],
-            "ambient": float(rng.uniform(0.25, 0.35)), "normalisation": {"scale": scale, "centre": list(mid)}}
+        objects.append(
+            {
+                "kind": kd,
+                "semantic": 3,
+                "instance": 7 + len(objects),
+                "center": [float(v) for v in (c - mid) * scale + np.array(CENTRE)],
+                "R": R.tolist(),
+                "size": [float(v) * scale for v in s],
+                "texture": _spec._texture(rng, patterns, (0.06, 0.25)),
+            }
+        )
+    dull = {
+        "pattern": "noise",
+        "scale": 1.0,
+        "c1": [0.0, 0.0, 0.0],
+        "c2": [0.0, 0.0, 0.0],
+        "phase": [0.5] * 3,
+        "dir": [1.0, 0.0, 0.0],
+        "waves": [[1.0, 0.0, 0.0, 0.0, 1.0]],
+    }
+    return {
+        "object_id": object_name(index),
+        "seed": int(seed),
+        "index": int(index),
+        "room": {"size": [ROOM] * 3, "textures": [dull] * 6},
+        "objects": objects,
+        "lights": [],
+        "ambient": float(rng.uniform(0.25, 0.35)),
+        "normalisation": {"scale": scale, "centre": list(mid)},
+    }
 
 
 def orbit_poses(views: int, distance: float = DISTANCE) -> torch.Tensor:
@@ -139,26 +165,40 @@ def render_object(obj: dict, pose: torch.Tensor, K: torch.Tensor, H: int, W: int
     prims = _raycast.Primitives(obj)
     shift = torch.eye(4, dtype=torch.float64)
     shift[:3, 3] = -torch.tensor(CENTRE, dtype=torch.float64)
-    w2c = pose.double() @ shift                                   # world (room) -> camera
+    w2c = pose.double() @ shift  # world (room) -> camera
     c2w = torch.linalg.inv(w2c)
-    prims.lights = [((c2w[:3, :3] @ torch.tensor(p, dtype=torch.float64) + c2w[:3, 3]).float(), inten)
-                    for p, inten in CAMERA_LIGHTS]
+    prims.lights = [
+        ((c2w[:3, :3] @ torch.tensor(p, dtype=torch.float64) + c2w[:3, 3]).float(), inten) for p, inten in CAMERA_LIGHTS
+    ]
     r = _raycast.render_view(prims, K, w2c, H, W, supersample)
     mask = r["instance"] >= 7
-    return {"rgb": r["rgb"] * mask[..., None], "depth": torch.where(mask, r["depth"], torch.zeros_like(r["depth"])),
-            "mask": mask}
+    return {
+        "rgb": r["rgb"] * mask[..., None],
+        "depth": torch.where(mask, r["depth"], torch.zeros_like(r["depth"])),
+        "mask": mask,
+    }
 
 
 def _set_meta(objects: int, views: int, size: Sequence[int], seed: int, supersample: int) -> dict:
     H, W = int(size[0]), int(size[1])
-    return {"generator": GENERATOR, "version": VERSION, "objects": int(objects), "views": int(views),
-            "size": [H, W], "seed": int(seed), "supersample": int(supersample), "distance": DISTANCE,
-            "K": object_intrinsics(H, W).tolist(), "pixel_offset": 0.5,
-            "object_ids": [object_name(i) for i in range(objects)]}
+    return {
+        "generator": GENERATOR,
+        "version": VERSION,
+        "objects": int(objects),
+        "views": int(views),
+        "size": [H, W],
+        "seed": int(seed),
+        "supersample": int(supersample),
+        "distance": DISTANCE,
+        "K": object_intrinsics(H, W).tolist(),
+        "pixel_offset": 0.5,
+        "object_ids": [object_name(i) for i in range(objects)],
+    }
 
 
-def generate_object(root: Path, seed: int, index: int, poses: torch.Tensor, size: Sequence[int],
-                    supersample: int = 2) -> Path:
+def generate_object(
+    root: Path, seed: int, index: int, poses: torch.Tensor, size: Sequence[int], supersample: int = 2
+) -> Path:
     H, W = int(size[0]), int(size[1])
     obj = make_object(seed, index)
     d = Path(root) / obj["object_id"]
@@ -173,12 +213,22 @@ def generate_object(root: Path, seed: int, index: int, poses: torch.Tensor, size
     return d
 
 
-def generate(root: str | os.PathLike, objects: int = 8, views: int = 42, size: Sequence[int] = (128, 128),
-             seed: int = 0, supersample: int = 2, progress: bool = False) -> Path:
+def generate(
+    root: str | os.PathLike,
+    objects: int = 8,
+    views: int = 42,
+    size: Sequence[int] = (128, 128),
+    seed: int = 0,
+    supersample: int = 2,
+    progress: bool = False,
+) -> Path:
     """Render ``objects`` x ``views``; ``root/meta.json`` is written last (it marks a complete set)."""
-    root = _writer.begin_set(root, objects >= 1 and views >= 2 and min(size) >= 8,
-                             f"invalid object set: objects={objects}, views={views}, size={list(size)}",
-                             "use at least 1 object, 2 views and 8x8 pixels")
+    root = _writer.begin_set(
+        root,
+        objects >= 1 and views >= 2 and min(size) >= 8,
+        f"invalid object set: objects={objects}, views={views}, size={list(size)}",
+        "use at least 1 object, 2 views and 8x8 pixels",
+    )
     poses = orbit_poses(views)
     np.save(root / POSES_FILE, poses.numpy())
     (root / "objects.txt").write_text("".join(f"{object_name(i)}\n" for i in range(objects)))
@@ -196,20 +246,30 @@ def generate(root: str | os.PathLike, objects: int = 8, views: int = 42, size: S
     return root
 
 
-def holds_set(root: str | os.PathLike, objects: int, views: int, size: Sequence[int], seed: int,
-              supersample: int = 2) -> bool:
+def holds_set(
+    root: str | os.PathLike, objects: int, views: int, size: Sequence[int], seed: int, supersample: int = 2
+) -> bool:
     root = Path(root)
-    return _writer.set_meta(root) == _set_meta(objects, views, size, seed, supersample) and \
-        (root / POSES_FILE).is_file()
+    return (
+        _writer.set_meta(root) == _set_meta(objects, views, size, seed, supersample) and (root / POSES_FILE).is_file()
+    )
 
 
-def ensure_objects(root: str | os.PathLike | None = None, objects: int = 8, views: int = 42,
-                   size: Sequence[int] = (128, 128), seed: int = 0, supersample: int = 2,
-                   progress: bool = False) -> Path:
+def ensure_objects(
+    root: str | os.PathLike | None = None,
+    objects: int = 8,
+    views: int = 42,
+    size: Sequence[int] = (128, 128),
+    seed: int = 0,
+    supersample: int = 2,
+    progress: bool = False,
+) -> Path:
     """``root`` holding exactly this set, generated unless already there (one generator at a time)."""
-    return _writer.ensure_set(Path(root) if root is not None else default_root(),
-                              lambda r: holds_set(r, objects, views, size, seed, supersample),
-                              lambda r: generate(r, objects, views, size, seed, supersample, progress))
+    return _writer.ensure_set(
+        Path(root) if root is not None else default_root(),
+        lambda r: holds_set(r, objects, views, size, seed, supersample),
+        lambda r: generate(r, objects, views, size, seed, supersample, progress),
+    )
 
 
 def split_objects(names: Sequence[str], held_out: float | int) -> tuple:
@@ -231,13 +291,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def cli(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_root()
     kw = dict(objects=args.objects, views=args.views, size=args.size, seed=args.seed, supersample=args.supersample)
-    how = _writer.reuse_or_generate(out, args.force, lambda r: holds_set(r, **kw),
-                                    lambda r: generate(r, **kw, progress=True))
-    print(f"synthetic objects: {args.objects} x {args.views} views at {args.size[0]}x{args.size[1]}, seed "
-          f"{args.seed} -> {out} ({how}); MEF layout, read by mef_objaverse")
+    how = _writer.reuse_or_generate(
+        out, args.force, lambda r: holds_set(r, **kw), lambda r: generate(r, **kw, progress=True)
+    )
+    print(
+        f"synthetic objects: {args.objects} x {args.views} views at {args.size[0]}x{args.size[1]}, seed "
+        f"{args.seed} -> {out} ({how}); MEF layout, read by mef_objaverse"
+    )
     return 0
 
 
-SyntheticObjects = register_command("synthetic_objects", "built-in procedural objects on orbit cameras, exact depth/poses "
-                                    "(MEF's render layout); training data of method=mef offline",
-                                    add_arguments, cli)
+SyntheticObjects = register_command(
+    "synthetic_objects",
+    "built-in procedural objects on orbit cameras, exact depth/poses "
+    "(MEF's render layout); training data of method=mef offline",
+    add_arguments,
+    cli,
+)

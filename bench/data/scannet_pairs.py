@@ -15,6 +15,7 @@ correspondence task scales ``K_depth`` once, by its depth_scale (Probe3D: ``K[:2
 colour JPEGs inside LoFTR's ``scannet_test_1500.tar`` are 640x480 or the raw 1296x968 could not be
 verified here (the archive is licensed); either size gives the same K_depth.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -68,12 +69,14 @@ scannet_test_1500.tar from LoFTR (Google Drive id 1wtl-mNicxGlXZ-UQJxFnKuWPvvssQ
     licence = """\
 ScanNet Terms of Use (non-commercial research; sign the agreement at http://www.scan-net.org/).
 bench cannot download ScanNet for you: accept the terms yourself."""
-    trees = {"loftr": """\
+    trees = {
+        "loftr": """\
 test.npz                        (name: int [1500, 4] = scene, sub-scan, frame_0, frame_1)
 intrinsics.npz                  (sceneXXXX_YY -> 3x3)
 sceneXXXX_YY/color/<frame>.jpg
 sceneXXXX_YY/depth/<frame>.png  (uint16 millimetres)
-sceneXXXX_YY/pose/<frame>.txt   (4x4 camera-to-world)"""}
+sceneXXXX_YY/pose/<frame>.txt   (4x4 camera-to-world)"""
+    }
 
     def __init__(self, root, split: str = "test", layout=None):
         super().__init__(root, split, layout)
@@ -87,15 +90,20 @@ sceneXXXX_YY/pose/<frame>.txt   (4x4 camera-to-world)"""}
     def index(cls, root: Path, layout: str, split: str) -> List[Any]:
         names = load_npz(root / "test.npz").get("name")
         if names is None or names.ndim != 2 or names.shape[1] != 4:
-            raise DataMissingError(f"{root / 'test.npz'} has no 'name' array of shape [N, 4]",
-                                   "download test.npz from the LoFTR repository again")
+            raise DataMissingError(
+                f"{root / 'test.npz'} has no 'name' array of shape [N, 4]",
+                "download test.npz from the LoFTR repository again",
+            )
         return [(f"scene{int(a):04d}_{int(b):02d}", int(f0), int(f1)) for a, b, f0, f1 in names.tolist()]
 
     @staticmethod
     def files(root: Path, scene: str, frame: int) -> Dict[str, Path]:
         d = root / scene
-        return {"color": d / "color" / f"{frame}.jpg", "depth": d / "depth" / f"{frame}.png",
-                "pose": d / "pose" / f"{frame}.txt"}
+        return {
+            "color": d / "color" / f"{frame}.jpg",
+            "depth": d / "depth" / f"{frame}.png",
+            "pose": d / "pose" / f"{frame}.txt",
+        }
 
     @classmethod
     def missing(cls, root: Path, layout: str, deep: bool = False) -> List[str]:
@@ -125,8 +133,10 @@ sceneXXXX_YY/pose/<frame>.txt   (4x4 camera-to-world)"""}
     def __getitem__(self, i: int) -> Dict[str, Any]:
         scene, f0, f1 = self.items[i]
         if scene not in self.intrinsics:
-            raise DataMissingError(f"{self.root / 'intrinsics.npz'} has no entry for {scene}",
-                                   "download intrinsics.npz from the LoFTR repository again")
+            raise DataMissingError(
+                f"{self.root / 'intrinsics.npz'} has no entry for {scene}",
+                "download intrinsics.npz from the LoFTR repository again",
+            )
         K_npz = torch.as_tensor(self.intrinsics[scene], dtype=torch.float32).reshape(3, 3)
         images, depths, w2c = [], [], []
         for f in (f0, f1):
@@ -135,8 +145,16 @@ sceneXXXX_YY/pose/<frame>.txt   (4x4 camera-to-world)"""}
             depths.append(read_depth_png(fs["depth"], 1000.0))
             w2c.append(torch.linalg.inv(read_pose(fs["pose"])).float())
         if images[0].shape != images[1].shape or depths[0].shape != depths[1].shape:
-            raise DataMissingError(f"frames {f0} and {f1} of {scene} differ in size",
-                                   "ScanNet-1500 frames are all 640x480: re-extract the archive")
+            raise DataMissingError(
+                f"frames {f0} and {f1} of {scene} differ in size",
+                "ScanNet-1500 frames are all 640x480: re-extract the archive",
+            )
         K_img, K_depth = pair_intrinsics(K_npz, images[0].shape[-2:], depths[0].shape)
-        return {"images": torch.stack(images), "depth": torch.stack(depths), "K": torch.stack([K_img, K_img]),
-                "K_depth": torch.stack([K_depth, K_depth]), "w2c": torch.stack(w2c), "id": f"{scene}:{f0}-{f1}"}
+        return {
+            "images": torch.stack(images),
+            "depth": torch.stack(depths),
+            "K": torch.stack([K_img, K_img]),
+            "K_depth": torch.stack([K_depth, K_depth]),
+            "w2c": torch.stack(w2c),
+            "id": f"{scene}:{f0}-{f1}",
+        }

@@ -23,6 +23,7 @@ Caveat for real ScanNet++: the toolkit's ``common/render.py`` renders ``render_d
 *distorted* (fisheye) DSLR camera. Pair undistorted images with depth that was rendered with, or
 remapped to, the undistorted camera (``undistorted_render_depth``), which is preferred when present.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,10 +99,10 @@ class _Scene:
     path: Path
     image_dir: Path
     json_path: Path
-    names: List[str]                    # file_path of each view, sorted
-    K: np.ndarray                       # [N,3,3] float64, for the size (w, h) in the json
-    w2c: np.ndarray                     # [N,4,4] float64 OpenCV
-    wh: np.ndarray                      # [N,2] (w, h) from the json
+    names: List[str]  # file_path of each view, sorted
+    K: np.ndarray  # [N,3,3] float64, for the size (w, h) in the json
+    w2c: np.ndarray  # [N,4,4] float64 OpenCV
+    wh: np.ndarray  # [N,2] (w, h) from the json
     maps: Dict[str, Path] = field(default_factory=dict)
 
 
@@ -120,8 +121,9 @@ class MultiViewScenes:
     int64 (semantic 255 = ignore).
     """
 
-    def __init__(self, root: str | os.PathLike, scene_ids: Optional[Sequence[str]] = None,
-                 size: Optional[Sequence[int]] = None):
+    def __init__(
+        self, root: str | os.PathLike, scene_ids: Optional[Sequence[str]] = None, size: Optional[Sequence[int]] = None
+    ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataMissingError(f"data root {self.root} does not exist", self._fix())
@@ -131,8 +133,9 @@ class MultiViewScenes:
             scene_ids = self._discover()
             if not scene_ids:
                 raise DataMissingError(
-                    f"no scenes under {self.root} (looked for <scene>/{_LAYOUTS[0][0]} and "
-                    f"<scene>/{_LAYOUTS[1][0]})", self._fix())
+                    f"no scenes under {self.root} (looked for <scene>/{_LAYOUTS[0][0]} and <scene>/{_LAYOUTS[1][0]})",
+                    self._fix(),
+                )
         self.scene_ids: List[str] = [str(s) for s in scene_ids]
         self._cache: Dict[str, _Scene] = {}
 
@@ -148,10 +151,14 @@ class MultiViewScenes:
         meta = self._synthetic_meta() if self.root.is_dir() else None
         if meta is not None or "synth" in self.root.name:
             m = meta or {"scenes": 8, "views": 24, "size": [224, 224], "seed": 0}
-            return (f"re-generate with `python -m bench data synthetic --scenes {m['scenes']} --views {m['views']} "
-                    f"--size {m['size'][0]} {m['size'][1]} --seed {m['seed']} --out {self.root} --force`")
-        return (f"prepare ScanNet++ (licensed; apply at https://kaldir.vc.in.tum.de/scannetpp/) and check the "
-                f"layout with `python -m bench data scannetpp --root {self.root}`")
+            return (
+                f"re-generate with `python -m bench data synthetic --scenes {m['scenes']} --views {m['views']} "
+                f"--size {m['size'][0]} {m['size'][1]} --seed {m['seed']} --out {self.root} --force`"
+            )
+        return (
+            f"prepare ScanNet++ (licensed; apply at https://kaldir.vc.in.tum.de/scannetpp/) and check the "
+            f"layout with `python -m bench data scannetpp --root {self.root}`"
+        )
 
     def _scene_root(self) -> Path:
         for cand in (self.root, self.root / "data", self.root / "scenes"):
@@ -173,9 +180,11 @@ class MultiViewScenes:
         if lay is None:
             raw = sdir / "dslr" / "nerfstudio" / "transforms.json"
             if raw.is_file():
-                raise DataMissingError(f"scene {scene} has only the distorted {raw}",
-                                       "undistort it with the ScanNet++ toolkit (`python -m dslr.undistort "
-                                       "dslr/configs/undistort.yml`) to get transforms_undistorted.json")
+                raise DataMissingError(
+                    f"scene {scene} has only the distorted {raw}",
+                    "undistort it with the ScanNet++ toolkit (`python -m dslr.undistort "
+                    "dslr/configs/undistort.yml`) to get transforms_undistorted.json",
+                )
             raise DataMissingError(f"scene {scene} not found: missing {sdir / _LAYOUTS[0][0]}", self._fix())
         js, imgs, base = lay
         json_path = sdir / js
@@ -185,9 +194,12 @@ class MultiViewScenes:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataMissingError(f"cannot parse {json_path} ({type(e).__name__}: {e})", self._fix()) from None
         if str(meta.get("camera_model", "PINHOLE")).upper() not in ("PINHOLE", "SIMPLE_PINHOLE") or any(
-                abs(float(meta.get(k, 0.0))) > 0 for k in ("k1", "k2", "k3", "k4", "p1", "p2")):
-            raise DataMissingError(f"{json_path} describes a distorted camera ({meta.get('camera_model')})",
-                                   "use the undistorted images and transforms_undistorted.json")
+            abs(float(meta.get(k, 0.0))) > 0 for k in ("k1", "k2", "k3", "k4", "p1", "p2")
+        ):
+            raise DataMissingError(
+                f"{json_path} describes a distorted camera ({meta.get('camera_model')})",
+                "use the undistorted images and transforms_undistorted.json",
+            )
         seen, uniq = set(), []
         for f in sorted(frames, key=lambda f: f["file_path"]):
             if f["file_path"] not in seen:
@@ -197,8 +209,10 @@ class MultiViewScenes:
             raise DataMissingError(f"{json_path} lists no frames", self._fix())
         get = lambda f, k: float(f.get(k, meta.get(k)))  # noqa: E731  per-frame values override
         try:
-            K = np.array([[[get(f, "fl_x"), 0, get(f, "cx")], [0, get(f, "fl_y"), get(f, "cy")], [0, 0, 1]]
-                          for f in uniq], dtype=np.float64)
+            K = np.array(
+                [[[get(f, "fl_x"), 0, get(f, "cx")], [0, get(f, "fl_y"), get(f, "cy")], [0, 0, 1]] for f in uniq],
+                dtype=np.float64,
+            )
             wh = np.array([[get(f, "w"), get(f, "h")] for f in uniq], dtype=np.float64)
             c2w = torch.tensor(np.array([f["transform_matrix"] for f in uniq], dtype=np.float64))
         except (TypeError, ValueError, KeyError) as e:
@@ -231,8 +245,9 @@ class MultiViewScenes:
         s = self._scene(scene)
         K = torch.from_numpy(s.K)
         if self.size is not None:
-            K = torch.stack([scale_intrinsics(k, self.size[1] / w, self.size[0] / h)
-                             for k, (w, h) in zip(K, s.wh.tolist())])
+            K = torch.stack(
+                [scale_intrinsics(k, self.size[1] / w, self.size[0] / h) for k, (w, h) in zip(K, s.wh.tolist())]
+            )
         return K.float(), torch.from_numpy(s.w2c).float()
 
     def load_views(self, scene: str, view_indices: Sequence[int]) -> Dict[str, Tensor]:
@@ -248,7 +263,7 @@ class MultiViewScenes:
             name = s.names[i]
             path = s.image_dir / name
             if not path.is_file() and (s.json_path.parent / name).is_file():
-                path = s.json_path.parent / name              # generic nerfstudio: relative to the json
+                path = s.json_path.parent / name  # generic nerfstudio: relative to the json
             img = open_image(path, fix).convert("RGB")
             W0, H0 = img.size
             image = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
@@ -264,12 +279,13 @@ class MultiViewScenes:
         return {k: torch.stack(v) for k, v in out.items()}
 
     @staticmethod
-    def _load_map(key: str, d: Path, name: str, stem: str, native: Tuple[int, int], size: Tuple[int, int],
-                  fix: str) -> Tensor:
+    def _load_map(
+        key: str, d: Path, name: str, stem: str, native: Tuple[int, int], size: Tuple[int, int], fix: str
+    ) -> Tensor:
         suffix = MAP_DIRS[key][1]
         path = d / f"{stem}{suffix}"
         if not path.is_file() and (d / f"{Path(name).name}{suffix}").is_file():
-            path = d / f"{Path(name).name}{suffix}"           # e.g. DSC01234.JPG.png
+            path = d / f"{Path(name).name}{suffix}"  # e.g. DSC01234.JPG.png
         if key == "normals":
             arr = load_npz(path, fix, keys=("normals",))["normals"]
             if arr.ndim != 3 or arr.shape[-1] != 3:
@@ -285,9 +301,9 @@ class MultiViewScenes:
             else:
                 a = arr.astype(np.int64)
                 if key == "semantic":
-                    a[a >= 255] = 255                                 # 65535 / out of range -> ignore
+                    a[a >= 255] = 255  # 65535 / out of range -> ignore
                 x = torch.from_numpy(a)
-        x = _resize(x, native, "nearest")                            # maps rendered at another size
+        x = _resize(x, native, "nearest")  # maps rendered at another size
         return _resize(x, size, "nearest")
 
 
@@ -298,8 +314,9 @@ class ViewDataset(Dataset):
     present, ``depth [H,W]``, ``normals [3,H,W]``, ``semantic [H,W]``, ``instance [H,W]``.
     """
 
-    def __init__(self, root: str | os.PathLike, scene_ids: Optional[Sequence[str]] = None,
-                 size: Optional[Sequence[int]] = None):
+    def __init__(
+        self, root: str | os.PathLike, scene_ids: Optional[Sequence[str]] = None, size: Optional[Sequence[int]] = None
+    ):
         self.scenes = MultiViewScenes(root, scene_ids, size)
         self.items = [(s, i) for s in self.scenes.scene_ids for i in range(self.scenes.num_views(s))]
 
@@ -338,8 +355,9 @@ def _cli(args: argparse.Namespace) -> int:
     root = Path(args.root) if args.root else Path(os.environ.get("BENCH_DATA", "data")) / "scannetpp"
     if not root.is_dir():
         print(SCANNETPP_HELP)
-        raise DataMissingError(f"ScanNet++ root {root} does not exist",
-                               "download and prepare ScanNet++ as printed above, then pass --root")
+        raise DataMissingError(
+            f"ScanNet++ root {root} does not exist", "download and prepare ScanNet++ as printed above, then pass --root"
+        )
     try:
         ds = MultiViewScenes(root, args.scenes)
     except DataMissingError:
@@ -354,27 +372,35 @@ def _cli(args: argparse.Namespace) -> int:
             continue
         missing = [n for n in s.names if not (s.image_dir / n).is_file()]
         if missing:
-            bad.append(f"{sid}: {len(missing)} of {len(s.names)} images missing in {s.image_dir} "
-                       f"(first: {missing[0]})")
+            bad.append(f"{sid}: {len(missing)} of {len(s.names)} images missing in {s.image_dir} (first: {missing[0]})")
         rows.append((sid, len(s.names), *("yes" if k in s.maps else "-" for k in MAP_DIRS)))
     print(f"ScanNet++ at {ds.scene_root}: {len(rows)} scene(s)")
     if rows:
         from tabulate import tabulate
+
         print(tabulate(rows[:20], headers=["scene", "views", *MAP_DIRS]))
         if len(rows) > 20:
             print(f"... and {len(rows) - 20} more")
         for key in MAP_DIRS:
             n = sum(r[2 + list(MAP_DIRS).index(key)] == "yes" for r in rows)
             if n < len(rows) and key != "normals":
-                print(f"note: {len(rows) - n} scene(s) have no {key} maps "
-                      f"(expected dslr/{MAP_DIRS[key][0][0]}/); tasks that need {key} skip or fail on them")
+                print(
+                    f"note: {len(rows) - n} scene(s) have no {key} maps "
+                    f"(expected dslr/{MAP_DIRS[key][0][0]}/); tasks that need {key} skip or fail on them"
+                )
     if bad:
         print("\n".join(bad[:20]))
-        raise DataMissingError(f"{len(bad)} ScanNet++ scene(s) are incomplete under {root}",
-                               "re-download/re-run the undistortion for the scenes listed above")
+        raise DataMissingError(
+            f"{len(bad)} ScanNet++ scene(s) are incomplete under {root}",
+            "re-download/re-run the undistortion for the scenes listed above",
+        )
     return 0
 
 
-ScanNetPPData = register_command("scannetpp", "ScanNet++ DSLR (undistorted, FiT3D preprocessing): posed RGB, rendered "
-                                 "depth/semantics; licensed, checked not downloaded",
-                                 _add_arguments, _cli)
+ScanNetPPData = register_command(
+    "scannetpp",
+    "ScanNet++ DSLR (undistorted, FiT3D preprocessing): posed RGB, rendered "
+    "depth/semantics; licensed, checked not downloaded",
+    _add_arguments,
+    _cli,
+)

@@ -20,6 +20,7 @@ A sample: ``image_src``, ``image_trg`` [3,H,W] in [0,1] (original sizes), ``kps_
 ``trg_kps`` (those visible in both images); Probe3D reads the same points from ``ImageAnnotation`` and keeps
 those valid in both, which we take to be the same set (not checked on the full release).
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,26 @@ import torch
 from ..errors import DataMissingError
 from .layout import FileDataset, read_rgb, register_reader
 
-CATEGORIES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-              "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor")
+CATEGORIES = (
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "train",
+    "tvmonitor",
+)
 SPLIT_DIRS = {"train": "trn", "val": "val", "test": "test"}
 
 
@@ -43,7 +62,9 @@ def _read_json(path: Path) -> Dict[str, Any]:
     except FileNotFoundError:
         raise DataMissingError(f"missing file {path}", "re-extract SPair-71k.tar.gz") from None
     except json.JSONDecodeError as e:
-        raise DataMissingError(f"cannot parse {path} ({e})", "the file is corrupt: re-extract SPair-71k.tar.gz") from None
+        raise DataMissingError(
+            f"cannot parse {path} ({e})", "the file is corrupt: re-extract SPair-71k.tar.gz"
+        ) from None
 
 
 @register_reader("spair71k", "SPair-71k semantic keypoint pairs (18 categories), for keypoint transfer / PCK")
@@ -59,14 +80,24 @@ tar -xzf SPair-71k.tar.gz      (creates SPair-71k/; point --root at it)
     licence = """\
 SPair-71k: research use (images from PASCAL VOC 2012 and PASCAL 3D+, Flickr terms apply);
 cite Min et al., "SPair-71k: A Large-scale Benchmark for Semantic Correspondence", 2019."""
-    trees = {"spair": """\
+    trees = {
+        "spair": """\
 JPEGImages/<category>/<image>.jpg
 PairAnnotation/trn/*.json  PairAnnotation/val/*.json  PairAnnotation/test/*.json
   (<id>-<src>-<trg>:<category>.json with src_kps, trg_kps, src_bndbox, trg_bndbox, viewpoint_variation)
-ImageAnnotation/, Segmentation/, Layout/   (shipped; not read)"""}
+ImageAnnotation/, Segmentation/, Layout/   (shipped; not read)"""
+    }
 
-    def __init__(self, root, split: str = "test", layout=None, categories: Optional[Sequence[str]] = None,
-                 pairs_per_category: Optional[int] = 200, seed: int = 20, sampling: str = "per_category"):
+    def __init__(
+        self,
+        root,
+        split: str = "test",
+        layout=None,
+        categories: Optional[Sequence[str]] = None,
+        pairs_per_category: Optional[int] = 200,
+        seed: int = 20,
+        sampling: str = "per_category",
+    ):
         super().__init__(root, split, layout)
         if categories is not None:
             bad = [c for c in categories if c not in CATEGORIES]
@@ -77,13 +108,15 @@ ImageAnnotation/, Segmentation/, Layout/   (shipped; not read)"""}
         elif sampling == "per_category":
             self.items = self.select(self.items, categories, pairs_per_category, seed)
         else:
-            raise DataMissingError(f"unknown SPair-71k sampling '{sampling}'",
-                                   "use sampling=per_bucket (Probe3D) or sampling=per_category")
+            raise DataMissingError(
+                f"unknown SPair-71k sampling '{sampling}'", "use sampling=per_bucket (Probe3D) or sampling=per_category"
+            )
 
     @classmethod
     def required(cls, root: Path, layout: str) -> List[Path]:
-        return [root / "JPEGImages" / c for c in CATEGORIES] + \
-               [root / "PairAnnotation" / d for d in SPLIT_DIRS.values()]
+        return [root / "JPEGImages" / c for c in CATEGORIES] + [
+            root / "PairAnnotation" / d for d in SPLIT_DIRS.values()
+        ]
 
     @classmethod
     def index(cls, root: Path, layout: str, split: str) -> List[Any]:
@@ -94,8 +127,9 @@ ImageAnnotation/, Segmentation/, Layout/   (shipped; not read)"""}
         return path.stem.rsplit(":", 1)[-1]
 
     @classmethod
-    def select(cls, files: List[Path], categories: Optional[Sequence[str]], per_category: Optional[int],
-               seed: int) -> List[Path]:
+    def select(
+        cls, files: List[Path], categories: Optional[Sequence[str]], per_category: Optional[int], seed: int
+    ) -> List[Path]:
         by_cat: Dict[str, List[Path]] = {}
         for f in files:
             by_cat.setdefault(cls.category(f), []).append(f)
@@ -111,8 +145,9 @@ ImageAnnotation/, Segmentation/, Layout/   (shipped; not read)"""}
         return out
 
     @classmethod
-    def select_buckets(cls, files: List[Path], categories: Optional[Sequence[str]], per_bucket: Optional[int],
-                       seed: int) -> List[Tuple[Path, Any]]:
+    def select_buckets(
+        cls, files: List[Path], categories: Optional[Sequence[str]], per_bucket: Optional[int], seed: int
+    ) -> List[Tuple[Path, Any]]:
         """Probe3D's samples: per category and bucket (0, 1, 2, "all") its own seeded draw."""
         out: List[Tuple[Path, Any]] = []
         for cat in sorted({cls.category(f) for f in files}):
@@ -141,14 +176,23 @@ ImageAnnotation/, Segmentation/, Layout/   (shipped; not read)"""}
             bbox_trg = torch.tensor(a["trg_bndbox"], dtype=torch.float32)
             vp = int(a.get("viewpoint_variation", -1))
         except (KeyError, IndexError, ValueError, TypeError) as e:
-            raise DataMissingError(f"malformed pair annotation {path} ({type(e).__name__}: {e})",
-                                   "re-extract SPair-71k.tar.gz") from None
+            raise DataMissingError(
+                f"malformed pair annotation {path} ({type(e).__name__}: {e})", "re-extract SPair-71k.tar.gz"
+            ) from None
         if kps_src.shape != kps_trg.shape:
             raise DataMissingError(f"{path}: src_kps and trg_kps differ in length", "re-extract SPair-71k.tar.gz")
         img_dir = self.root / "JPEGImages" / cat
-        out = {"image_src": read_rgb(img_dir / src), "image_trg": read_rgb(img_dir / trg),
-               "kps_src": kps_src, "kps_trg": kps_trg, "bbox_src": bbox_src, "bbox_trg": bbox_trg,
-               "category": cat, "viewpoint_variation": vp, "id": path.stem}
+        out = {
+            "image_src": read_rgb(img_dir / src),
+            "image_trg": read_rgb(img_dir / trg),
+            "kps_src": kps_src,
+            "kps_trg": kps_trg,
+            "bbox_src": bbox_src,
+            "bbox_trg": bbox_trg,
+            "category": cat,
+            "viewpoint_variation": vp,
+            "id": path.stem,
+        }
         if bucket is not None:
             out["bucket"] = bucket
         return out

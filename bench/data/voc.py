@@ -10,6 +10,7 @@ tests on ``val`` (1,449): FiT3D ``evaluation/configs/vits_voc2012_sem_linear_con
 ``ImageSets/Segmentation/train.txt``, ann_dir ``SegmentationClass``). ``train_aug`` is an opt-in deviation.
 Samples: ``image`` [3,H,W] in [0,1], ``semantic`` [H,W] int64 (palette indices; 255 ignore), ``id``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,9 +18,13 @@ from typing import Any, List, Optional
 
 from .layout import ImageLabelDataset, read_lines, register_reader
 
-SPLIT_FILES = {"train": [("train", "SegmentationClass")], "val": [("val", "SegmentationClass")],
-               "trainval": [("trainval", "SegmentationClass")], "aug": [("aug", "SegmentationClassAug")],
-               "train_aug": [("train", "SegmentationClass"), ("aug", "SegmentationClassAug")]}
+SPLIT_FILES = {
+    "train": [("train", "SegmentationClass")],
+    "val": [("val", "SegmentationClass")],
+    "trainval": [("trainval", "SegmentationClass")],
+    "aug": [("aug", "SegmentationClassAug")],
+    "train_aug": [("train", "SegmentationClass"), ("aug", "SegmentationClassAug")],
+}
 
 
 def voc_root(root: Path) -> Path:
@@ -43,17 +48,19 @@ optional SBD augmentation (voc2012_aug layout):
     licence = """\
 PASCAL VOC: images from Flickr, used under Flickr's terms; annotations free for research
 (http://host.robots.ox.ac.uk/pascal/VOC/). SBD (Hariharan et al. 2011): research use."""
-    trees = {"voc2012": """\
+    trees = {
+        "voc2012": """\
 JPEGImages/<id>.jpg
 SegmentationClass/<id>.png             (palette PNG, 255 = boundary)
 ImageSets/Segmentation/train.txt       (1464 ids: voc_seg's training split, as FiT3D)
 ImageSets/Segmentation/val.txt         (1449 ids: voc_seg's test split)  trainval.txt""",
-             "voc2012_aug": """\
+        "voc2012_aug": """\
 (everything of the voc2012 layout) plus
 SegmentationClassAug/<id>.png           (grey PNG)
 ImageSets/Segmentation/aug.txt          (10582 ids with train, from mmseg's voc_aug.py)
 (not the published protocol: voc_seg reads it only with task.dataset.kwargs.layout=voc2012_aug
- task.dataset.splits.train=train_aug)"""}
+ task.dataset.splits.train=train_aug)""",
+    }
 
     def __init__(self, root, split: str, layout: Optional[str] = None):
         if layout is None and split in ("aug", "train_aug"):
@@ -71,8 +78,13 @@ ImageSets/Segmentation/aug.txt          (10582 ids with train, from mmseg's voc_
     @classmethod
     def required(cls, root: Path, layout: str) -> List[Path]:
         sets = root / "ImageSets" / "Segmentation"
-        req = [root / "JPEGImages", root / "SegmentationClass", sets / "train.txt", sets / "val.txt",
-               sets / "trainval.txt"]
+        req = [
+            root / "JPEGImages",
+            root / "SegmentationClass",
+            sets / "train.txt",
+            sets / "val.txt",
+            sets / "trainval.txt",
+        ]
         if layout == "voc2012_aug":
             req += [root / "SegmentationClassAug", sets / "aug.txt"]
         return req

@@ -8,6 +8,7 @@ done at import: the CPU trainers (FiT3D, Splat-and-Distill) and the benchmark wo
 :func:`tune_allocator` once at start. Equivalent without code:
 ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295``.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -27,7 +28,7 @@ def tune_allocator() -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
+        ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
     except (OSError, AttributeError):  # not glibc (musl, ...)
         return False
     _done = ok

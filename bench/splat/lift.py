@@ -1,4 +1,5 @@
 """Lifting a posed view into 3D Gaussians."""
+
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,9 @@ from torch import Tensor
 from ..cameras import unproject_depth
 
 
-def pixel_aligned_gaussians(depth: Tensor, K: Tensor, w2c: Tensor, features: Tensor, scale: float = 1.0,
-                            opacity: float = 0.99) -> dict:
+def pixel_aligned_gaussians(
+    depth: Tensor, K: Tensor, w2c: Tensor, features: Tensor, scale: float = 1.0, opacity: float = 0.99
+) -> dict:
     """One isotropic Gaussian per valid pixel of a view, centred on the pixel's 3D point (the ray
     through the pixel centre at the pixel's depth).
 

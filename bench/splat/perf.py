@@ -12,6 +12,7 @@ engine up to 10x slower (``--omp-default`` to keep it). The dense reference need
 Gaussian x pixel pair; it is skipped when that exceeds ``--max-dense-pairs`` or the memory available.
 With CUDA, each case at D=384 also times one gsplat call against 128 three-channel gsplat passes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,9 @@ def _plane_views(n: int, size: int, radius: float = 3.0, elev_deg: float = 60.0,
     K = torch.tensor([[f, 0, size / 2], [0, f, size / 2], [0, 0, 1.0]])
     az = [math.radians(spread_deg * (i - (n - 1) / 2)) for i in range(n)]
     el = math.radians(elev_deg)
-    eye = torch.tensor([[radius * math.cos(el) * math.cos(a), radius * math.cos(el) * math.sin(a),
-                         radius * math.sin(el)] for a in az])
+    eye = torch.tensor(
+        [[radius * math.cos(el) * math.cos(a), radius * math.cos(el) * math.sin(a), radius * math.sin(el)] for a in az]
+    )
     w2c = look_at(eye, torch.zeros_like(eye))
     v, u = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
     rays = torch.stack([(u - K[0, 2]) / f, (v - K[1, 2]) / f, torch.ones_like(u)], -1)  # camera frame
@@ -55,8 +57,9 @@ def make_case(n_src: int, n_cam: int, size: int, D: int, seed: int = 0):
     """Gaussians from ``n_src`` 37x37 views and ``n_cam`` target cameras of ``size`` pixels."""
     g = torch.Generator().manual_seed(seed)
     Ks, w2cs, depths = _plane_views(n_src, 37, spread_deg=12.0)
-    parts = [pixel_aligned_gaussians(depths[i], Ks[i], w2cs[i], torch.randn(37, 37, D, generator=g))
-             for i in range(n_src)]
+    parts = [
+        pixel_aligned_gaussians(depths[i], Ks[i], w2cs[i], torch.randn(37, 37, D, generator=g)) for i in range(n_src)
+    ]
     scene = {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
     Kt, w2ct, _ = _plane_views(n_cam, size, spread_deg=9.0)
     return scene, w2ct, Kt
@@ -65,22 +68,24 @@ def make_case(n_src: int, n_cam: int, size: int, D: int, seed: int = 0):
 def _loss_weights(C: int, size: int, D: int, dev: str = "cpu"):
     """Fixed random weights: the loss is a random linear function of features, alpha and depth."""
     g = torch.Generator(device=dev).manual_seed(1)
-    return [torch.randn(shape, generator=g, device=dev) for shape in ((C, size, size, D), (C, size, size),
-                                                                      (C, size, size))]
+    return [
+        torch.randn(shape, generator=g, device=dev) for shape in ((C, size, size, D), (C, size, size), (C, size, size))
+    ]
 
 
 def _fwd_bwd(engine: str, scene, w2c, K, size: int, weights) -> None:
     from . import rasterize
 
     p = {k: v.requires_grad_(True) for k, v in scene.items()}
-    out = rasterize(p["means"], p["quats"], p["scales"], p["opacities"], p["features"], w2c, K, size, size,
-                    backend=engine)
+    out = rasterize(
+        p["means"], p["quats"], p["scales"], p["opacities"], p["features"], w2c, K, size, size, backend=engine
+    )
     sum((o * w).sum() for o, w in zip(out, weights)).backward()
 
 
 def _rss_mb() -> float:
     with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _worker(spec: dict) -> dict:
@@ -88,6 +93,7 @@ def _worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     if spec["tune_alloc"]:
         from .alloc import tune_allocator
+
         tune_allocator()
     scene, w2c, K = make_case(spec["src"], spec["cams"], spec["size"], spec["D"])
     weights = _loss_weights(spec["cams"], spec["size"], spec["D"])
@@ -108,13 +114,17 @@ DENSE_BYTES_PER_PAIR = 130  # measured peak of the dense reference's forward+bac
 def _available_gb() -> float:
     with open("/proc/meminfo") as fh:
         info = dict(line.split(":", 1) for line in fh)
-    return int(info["MemAvailable"].split()[0]) / 2 ** 20
+    return int(info["MemAvailable"].split()[0]) / 2**20
 
 
 def _run_sub(spec: dict, omp_passive: bool = True) -> dict:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE") if omp_passive else None
-    out = subprocess.run([sys.executable, "-m", "bench.splat.perf", "--worker", json.dumps(spec)],
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.splat.perf", "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -148,13 +158,11 @@ def _gpu_table(cases, reps: int) -> None:
             (f.sum() + a.sum() + d.sum()).backward()
 
         def passes():  # the official approach: 3 channels per call
-            out = [rasterize_gsplat(*args, p["features"][:, i:i + 3], w2c, K, size, size)
-                   for i in range(0, 384, 3)]
+            out = [rasterize_gsplat(*args, p["features"][:, i : i + 3], w2c, K, size, size) for i in range(0, 384, 3)]
             (sum(o[0].sum() for o in out) + out[0][1].sum() + out[0][2].sum()).backward()
 
         t1, t128 = timed(one), timed(passes)
-        rows.append([f"{src}->{cams}", f"{size}x{size}", f"{t1 * 1e3:.2f}", f"{t128 * 1e3:.2f}",
-                     f"{t128 / t1:.1f}x"])
+        rows.append([f"{src}->{cams}", f"{size}x{size}", f"{t1 * 1e3:.2f}", f"{t128 * 1e3:.2f}", f"{t128 / t1:.1f}x"])
     print(tabulate(rows, headers=["views->cams", "size", "gsplat D=384 ms", "128 x 3ch ms", "speed-up"]))
 
 
@@ -164,14 +172,18 @@ def splat_perf(args: argparse.Namespace) -> int:
 
     cases = list(itertools.product(args.src, args.cams, args.sizes, args.dims))
     rows = []
-    fmt = lambda r: ([f"{r['time'] * 1e3:.0f}", f"{r['cpu'] * 1e3:.0f}", f"{r['mem']:.0f}"] if "time" in r
-                     else [r["error"], "-", "-"])
+    fmt = lambda r: (
+        [f"{r['time'] * 1e3:.0f}", f"{r['cpu'] * 1e3:.0f}", f"{r['mem']:.0f}"]
+        if "time" in r
+        else [r["error"], "-", "-"]
+    )
     for src, cams, size, D in cases:
-        spec = dict(src=src, cams=cams, size=size, D=D, reps=args.reps, threads=args.threads,
-                    tune_alloc=not args.no_tune_alloc)
+        spec = dict(
+            src=src, cams=cams, size=size, D=D, reps=args.reps, threads=args.threads, tune_alloc=not args.no_tune_alloc
+        )
         eng = _run_sub({**spec, "engine": "torch"}, args.omp_passive)
         pairs = src * 37 * 37 * cams * size * size
-        need_gb, avail_gb = pairs * DENSE_BYTES_PER_PAIR / 2 ** 30, _available_gb()
+        need_gb, avail_gb = pairs * DENSE_BYTES_PER_PAIR / 2**30, _available_gb()
         if args.no_dense or pairs > args.max_dense_pairs:
             ref = {"error": "skipped"}
         elif need_gb > avail_gb - 2:
@@ -185,14 +197,27 @@ def splat_perf(args: argparse.Namespace) -> int:
             row += fmt(_run_sub({**spec, "engine": "torch", "tune_alloc": False}, args.omp_passive))
         rows.append(row)
         print(f"  done {row}", file=sys.stderr, flush=True)
-    headers = ["views->cams", "size", "D", "engine ms", "engine cpu ms", "engine MB", "dense ms", "dense cpu ms",
-               "dense MB", "dense/engine", "(cpu)"]
+    headers = [
+        "views->cams",
+        "size",
+        "D",
+        "engine ms",
+        "engine cpu ms",
+        "engine MB",
+        "dense ms",
+        "dense cpu ms",
+        "dense MB",
+        "dense/engine",
+        "(cpu)",
+    ]
     if args.compare_malloc:
         headers += ["engine ms, default malloc", "cpu ms", "MB"]
-    print(f"forward+backward: median wall / process-CPU time of {args.reps} runs (dense: "
-          f"{min(args.reps, args.dense_reps)}) after a warm-up, {args.threads} threads; MB = peak RSS increase "
-          f"(ru_maxrss) of a fresh process; glibc allocator tuning {'off' if args.no_tune_alloc else 'on'}; "
-          f"OMP_WAIT_POLICY={'PASSIVE' if args.omp_passive else 'default'}")
+    print(
+        f"forward+backward: median wall / process-CPU time of {args.reps} runs (dense: "
+        f"{min(args.reps, args.dense_reps)}) after a warm-up, {args.threads} threads; MB = peak RSS increase "
+        f"(ru_maxrss) of a fresh process; glibc allocator tuning {'off' if args.no_tune_alloc else 'on'}; "
+        f"OMP_WAIT_POLICY={'PASSIVE' if args.omp_passive else 'default'}"
+    )
     print(tabulate(rows, headers=headers))
     if torch.cuda.is_available():
         _gpu_table(sorted({(s, c, z) for s, c, z, _ in cases}), args.reps)
@@ -210,14 +235,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-reps", type=int, default=1, help="reps for the (slow) dense reference")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-dense", action="store_true", help="skip the dense reference")
-    parser.add_argument("--max-dense-pairs", type=float, default=1.3e8,
-                        help="skip the dense reference above this many Gaussian x pixel pairs")
+    parser.add_argument(
+        "--max-dense-pairs",
+        type=float,
+        default=1.3e8,
+        help="skip the dense reference above this many Gaussian x pixel pairs",
+    )
     parser.add_argument("--no-tune-alloc", action="store_true", help="keep glibc's default malloc settings")
-    parser.add_argument("--omp-default", dest="omp_passive", action="store_false",
-                        help="keep OpenMP's default spin-waiting (workers run with OMP_WAIT_POLICY=PASSIVE, "
-                             "which avoids a 10x slow-down when other processes share the cores)")
-    parser.add_argument("--compare-malloc", action="store_true",
-                        help="also time the engine with glibc's default malloc settings")
+    parser.add_argument(
+        "--omp-default",
+        dest="omp_passive",
+        action="store_false",
+        help="keep OpenMP's default spin-waiting (workers run with OMP_WAIT_POLICY=PASSIVE, "
+        "which avoids a 10x slow-down when other processes share the cores)",
+    )
+    parser.add_argument(
+        "--compare-malloc", action="store_true", help="also time the engine with glibc's default malloc settings"
+    )
 
 
 splat_perf.add_arguments = add_arguments

@@ -12,6 +12,7 @@ Rules (gsplat ``ProjectionEWA3DGSFused.cu`` / ``Utils.cuh``):
   ``radius = ceil(extend * sqrt(cov2d_ii))`` per axis (this culls nothing whose alpha could reach
   1/255); Gaussians with opacity < 1/255 or a box entirely outside the image are culled.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,9 +39,20 @@ class Projected:
     valid: Tensor  # [C,N] bool
 
 
-def project(means: Tensor, quats: Optional[Tensor], scales: Optional[Tensor], opacities: Tensor, w2c: Tensor,
-            K: Tensor, width: int, height: int, near: float = 0.01, far: float = 1e10, eps2d: float = 0.3,
-            covars: Optional[Tensor] = None) -> Projected:
+def project(
+    means: Tensor,
+    quats: Optional[Tensor],
+    scales: Optional[Tensor],
+    opacities: Tensor,
+    w2c: Tensor,
+    K: Tensor,
+    width: int,
+    height: int,
+    near: float = 0.01,
+    far: float = 1e10,
+    eps2d: float = 0.3,
+    covars: Optional[Tensor] = None,
+) -> Projected:
     """Project N Gaussians into C cameras (differentiable w.r.t. the Gaussians; culling is not).
     ``covars [N,3,3]`` (world covariances) replaces ``quats`` / ``scales`` when given."""
     if covars is None:
@@ -61,8 +73,7 @@ def project(means: Tensor, quats: Optional[Tensor], scales: Optional[Tensor], op
     tx = zs * torch.minimum(lim_x[1] + lim_x[0], torch.maximum(-(lim_x[2] + lim_x[0]), x / zs))
     ty = zs * torch.minimum(lim_y[1] + lim_y[0], torch.maximum(-(lim_y[2] + lim_y[0]), y / zs))
     zero = torch.zeros_like(zs)
-    J = torch.stack([fx / zs, zero, -fx * tx / zs ** 2,
-                     zero, fy / zs, -fy * ty / zs ** 2], -1).reshape(*zs.shape, 2, 3)
+    J = torch.stack([fx / zs, zero, -fx * tx / zs**2, zero, fy / zs, -fy * ty / zs**2], -1).reshape(*zs.shape, 2, 3)
     cov2 = J @ covc @ J.transpose(-1, -2)  # [C,N,2,2]
     c00, c01, c11 = cov2[..., 0, 0] + eps2d, cov2[..., 0, 1], cov2[..., 1, 1] + eps2d
     det = c00 * c11 - c01 * c01
@@ -76,6 +87,10 @@ def project(means: Tensor, quats: Optional[Tensor], scales: Optional[Tensor], op
         extend = torch.sqrt(2 * torch.log(op.clamp_min(ALPHA_THRESHOLD) / ALPHA_THRESHOLD)).clamp_max(3.33)
         radius = torch.ceil(extend[..., None] * torch.stack([c00, c11], -1).detach().clamp_min(0).sqrt())
         m = mean2d.detach()
-        valid = valid & ~((m[..., 0] + radius[..., 0] <= 0) | (m[..., 0] - radius[..., 0] >= width)
-                   | (m[..., 1] + radius[..., 1] <= 0) | (m[..., 1] - radius[..., 1] >= height))
+        valid = valid & ~(
+            (m[..., 0] + radius[..., 0] <= 0)
+            | (m[..., 0] - radius[..., 0] >= width)
+            | (m[..., 1] + radius[..., 1] <= 0)
+            | (m[..., 1] - radius[..., 1] >= height)
+        )
     return Projected(mean2d, conic, z, radius, valid)

@@ -13,6 +13,7 @@ which the transmittance would be ``<= 1e-4``, and that Gaussian and everything b
 composited. Outputs: features ``sum w_i f_i``, alpha ``1 - T``, depth ``sum w_i z_i / max(alpha, 1e-10)``
 (gsplat's "ED" render mode), with ``w_i = alpha_i T_i``.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -23,23 +24,38 @@ from torch import Tensor
 
 def _rotation(q: Tensor) -> Tensor:
     w, x, y, z = (q / q.norm(dim=-1, keepdim=True)).unbind(-1)
-    rows = [[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-            [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-            [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]]
+    rows = [
+        [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+    ]
     return torch.stack([torch.stack(r, -1) for r in rows], -2)
 
 
-def rasterize_dense(means: Tensor, quats: Optional[Tensor], scales: Optional[Tensor], opacities: Tensor,
-                    features: Tensor, w2c: Tensor, K: Tensor, width: int, height: int, near: float = 0.01,
-                    far: float = 1e10, eps2d: float = 0.3, covars: Optional[Tensor] = None):
+def rasterize_dense(
+    means: Tensor,
+    quats: Optional[Tensor],
+    scales: Optional[Tensor],
+    opacities: Tensor,
+    features: Tensor,
+    w2c: Tensor,
+    K: Tensor,
+    width: int,
+    height: int,
+    near: float = 0.01,
+    far: float = 1e10,
+    eps2d: float = 0.3,
+    covars: Optional[Tensor] = None,
+):
     """Same contract as :func:`bench.splat.rasterize`; one camera at a time, all pairs at once."""
     if covars is None:
         R = _rotation(quats)
-        cov3 = R @ torch.diag_embed(scales ** 2) @ R.transpose(-1, -2)  # [N,3,3]
+        cov3 = R @ torch.diag_embed(scales**2) @ R.transpose(-1, -2)  # [N,3,3]
     else:
         cov3 = covars
-    v, u = torch.meshgrid(torch.arange(height, dtype=means.dtype), torch.arange(width, dtype=means.dtype),
-                          indexing="ij")
+    v, u = torch.meshgrid(
+        torch.arange(height, dtype=means.dtype), torch.arange(width, dtype=means.dtype), indexing="ij"
+    )
     pix = torch.stack([u, v], -1).reshape(-1, 2).to(means.device) + 0.5  # [P,2] pixel centres
     feats, alphas, depths = [], [], []
     for c in range(w2c.shape[0]):
@@ -57,8 +73,9 @@ def rasterize_dense(means: Tensor, quats: Optional[Tensor], scales: Optional[Ten
         J[:, 0, 0], J[:, 0, 2] = fx / z, -fx * xz / z
         J[:, 1, 1], J[:, 1, 2] = fy / z, -fy * yz / z
         W = w2c[c, :3, :3]
-        cov2 = J @ W @ cov3[idx] @ W.T @ J.transpose(-1, -2) + eps2d * torch.eye(2, dtype=means.dtype,
-                                                                                 device=means.device)
+        cov2 = J @ W @ cov3[idx] @ W.T @ J.transpose(-1, -2) + eps2d * torch.eye(
+            2, dtype=means.dtype, device=means.device
+        )
         inv = torch.linalg.inv(cov2)  # [G,2,2]
         dx, dy = pix[:, :1] - mu[:, 0], pix[:, 1:] - mu[:, 1]  # [P,G] offsets from the means
         maha = inv[:, 0, 0] * dx * dx + (inv[:, 0, 1] + inv[:, 1, 0]) * dx * dy + inv[:, 1, 1] * dy * dy

@@ -33,6 +33,7 @@ skipped (T unchanged); the pixel stops at the first Gaussian whose ``T * (1 - al
 a positive definite conic; the expanded quadratic here can round to -1e-7 near the centre, so the
 engine does not test it.)
 """
+
 from __future__ import annotations
 
 import math
@@ -104,8 +105,14 @@ def _plan(proj, opac: Tensor, width: int, height: int, tile: int, seg: int, budg
         local = torch.arange(len(rep), device=dev) - (torch.cumsum(cnt, 0) - cnt)[rep]
         ix, iy = x0[rep] + local % nx[rep], y0[rep] + local // nx[rep]
         # drop (tile, Gaussian) pairs whose alpha stays below 1/255 on the whole tile (~20% of the box's)
-        keep = _touches(proj.mean2d.detach()[cam, gid][rep], proj.conic.detach()[cam, gid][rep],
-                        opac.detach().expand(C, N)[cam, gid][rep], ix * tile, iy * tile, tile)
+        keep = _touches(
+            proj.mean2d.detach()[cam, gid][rep],
+            proj.conic.detach()[cam, gid][rep],
+            opac.detach().expand(C, N)[cam, gid][rep],
+            ix * tile,
+            iy * tile,
+            tile,
+        )
         rep, ix, iy = rep[keep], ix[keep], iy[keep]
         tid = cam[rep] * (TY * TX) + iy * TX + ix
         depth = torch.where(proj.valid, proj.depth.detach(), torch.inf)
@@ -125,7 +132,7 @@ def _plan(proj, opac: Tensor, width: int, height: int, tile: int, seg: int, budg
         nt = max(1, budget // (P * seg))
         while i < len(lens) and lens[i] > 0:
             G = lens[i]
-            tiles = by_len[i:i + nt]
+            tiles = by_len[i : i + nt]
             tiles = tiles[counts[tiles] > 0]
             i += nt
             k = torch.arange(G, device=dev)
@@ -143,15 +150,16 @@ def _coefs(m: Tensor, co: Tensor, centre: Tensor) -> Tensor:
     """Coefficients [na,6,S] with sigma = mono @ coef for means m [na,S,2], conics co [na,S,3]."""
     x, y = (m - centre[:, None, :]).unbind(-1)
     a, b, c = co.unbind(-1)
-    return torch.stack([0.5 * a, 0.5 * c, b, -(a * x + b * y), -(c * y + b * x),
-                        0.5 * a * x * x + 0.5 * c * y * y + b * x * y], 1)
+    return torch.stack(
+        [0.5 * a, 0.5 * c, b, -(a * x + b * y), -(c * y + b * x), 0.5 * a * x * x + 0.5 * c * y * y + b * x * y], 1
+    )
 
 
 def _segment(ch: Chunk, act, s: int, S: int, T0: Tensor, mean2d: Tensor, conic: Tensor, opac: Tensor):
     """Gaussians s:s+S of the active tiles ``act`` (None = all) of a chunk, given the transmittance
     ``T0 [na,P]`` in front of them: blending weights w [na,P,S], T after each, and the quantities the
     backward needs. T is a running product like gsplat's ``T *= 1 - alpha``."""
-    gids = ch.gids[:, s:s + S] if act is None else ch.gids[act, s:s + S]
+    gids = ch.gids[:, s : s + S] if act is None else ch.gids[act, s : s + S]
     mono, centre = (ch.mono, ch.centre) if act is None else (ch.mono[act], ch.centre[act])
     o = opac[gids][:, None, :]
     raw = torch.exp(torch.bmm(mono, _coefs(mean2d[gids], conic[gids], centre)).neg_()).mul_(o)  # o exp(-sigma)
@@ -179,7 +187,7 @@ class _Composite(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mean2d, conic, opac, feat, z, plan: Plan):
-        P, D, S = plan.tile ** 2, feat.shape[1], plan.seg
+        P, D, S = plan.tile**2, feat.shape[1], plan.seg
         n_all = plan.C * plan.TY * plan.TX
         out_f, out_za = feat.new_zeros(n_all, P, D), feat.new_zeros(n_all, P, 2)
         walks = []
@@ -197,7 +205,7 @@ class _Composite(torch.autograd.Function):
                 T0 = _sel(T, act)
                 w, Ta, gids, _ = _segment(ch, act, s, S, T0, mean2d, conic, opac)
                 segs.append((s, act, T0))
-                f = torch.bmm(w, _rows(feat, _sel(ch.fids, act)[:, s:s + S]))
+                f = torch.bmm(w, _rows(feat, _sel(ch.fids, act)[:, s : s + S]))
                 zg = z[gids]
                 za = torch.bmm(w, torch.stack([zg, torch.ones_like(zg)], -1))
                 if act is None:
@@ -224,10 +232,10 @@ class _Composite(torch.autograd.Function):
         strict = torch.ones(S, S, dtype=feat.dtype, device=feat.device).triu(1).T  # [k,i] = 1 if k > i
         for ch, segs in zip(plan.chunks, ctx.walks):
             gf_all, gza_all = g_out_f.index_select(0, ch.tiles), g_out_za.index_select(0, ch.tiles)
-            behind = feat.new_zeros(len(ch.tiles), plan.tile ** 2)  # sum over later segments of dL/dw w
+            behind = feat.new_zeros(len(ch.tiles), plan.tile**2)  # sum over later segments of dL/dw w
             for s, act, T0 in reversed(segs):
                 w, _, gids, st = _segment(ch, act, s, S, T0, mean2d, conic, opac)
-                fids = _sel(ch.fids, act)[:, s:s + S]
+                fids = _sel(ch.fids, act)[:, s : s + S]
                 gf, gza, f, zg = _sel(gf_all, act), _sel(gza_all, act), _rows(feat, fids), z[gids]
                 n = gids.shape[1]
                 wt = w.transpose(1, 2)
@@ -257,10 +265,24 @@ class _Composite(torch.autograd.Function):
         return g_m, g_c, g_o, g_f, g_z, None
 
 
-def rasterize_tiled(means: Tensor, quats: Optional[Tensor], scales: Optional[Tensor], opacities: Tensor,
-                    features: Tensor, w2c: Tensor, K: Tensor, width: int, height: int, near: float = 0.01,
-                    far: float = 1e10, eps2d: float = 0.3, tile: int = 8, seg: int = 64, budget: int = 1 << 20,
-                    covars: Optional[Tensor] = None):
+def rasterize_tiled(
+    means: Tensor,
+    quats: Optional[Tensor],
+    scales: Optional[Tensor],
+    opacities: Tensor,
+    features: Tensor,
+    w2c: Tensor,
+    K: Tensor,
+    width: int,
+    height: int,
+    near: float = 0.01,
+    far: float = 1e10,
+    eps2d: float = 0.3,
+    tile: int = 8,
+    seg: int = 64,
+    budget: int = 1 << 20,
+    covars: Optional[Tensor] = None,
+):
     """Tiled engine; same contract as :func:`bench.splat.rasterize`."""
     C, N, D = w2c.shape[0], means.shape[0], features.shape[1]
     proj = project(means, quats, scales, opacities, w2c, K, width, height, near, far, eps2d, covars)
@@ -270,8 +292,14 @@ def rasterize_tiled(means: Tensor, quats: Optional[Tensor], scales: Optional[Ten
         x = x.reshape(C * N, *x.shape[2:])
         return torch.cat([x, x.new_zeros(1, *x.shape[1:])])
 
-    f, za = _Composite.apply(ext(proj.mean2d), ext(proj.conic), ext(opacities.expand(C, N)),
-                             torch.cat([features, features.new_zeros(1, D)]), ext(proj.depth), plan)
+    f, za = _Composite.apply(
+        ext(proj.mean2d),
+        ext(proj.conic),
+        ext(opacities.expand(C, N)),
+        torch.cat([features, features.new_zeros(1, D)]),
+        ext(proj.depth),
+        plan,
+    )
     t = plan.tile
 
     def image(x: Tensor) -> Tensor:  # [nTiles,P,k] -> [C,H,W,k]

@@ -6,6 +6,7 @@ seam, its export), ``data`` (training pairs and augmentation), ``method`` (the r
 method). The released checkpoints are ``method=mef_official`` (:mod:`baselines.official`).
 Facts and deviations: docs/methods/mef.md; config: bench/conf/method/mef.yaml.
 """
+
 from . import method  # noqa: F401  (registration)
 from .method import MEF
 

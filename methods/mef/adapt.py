@@ -19,6 +19,7 @@ On CNN backbones (EfficientNet-Lite0, tiny_cnn), which have no attention, the sa
 1x1 convolutions ``conv_pw``/``conv_pwl`` of the last 4 blocks of the feature path (the modules
 splat_distill adapts, :mod:`methods.splat_distill.adapt`), rank ``r``, scale 1.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
@@ -40,7 +41,7 @@ def last_blocks(model: nn.Module, n: int) -> List[str]:
             names += [f"blocks.{i}.{j}" for j in range(len(blk))]
         else:
             names.append(f"blocks.{i}")
-    return names[-int(n):]
+    return names[-int(n) :]
 
 
 def lora_targets(model: nn.Module, n_blocks: int) -> Dict[str, str]:
@@ -53,8 +54,10 @@ def lora_targets(model: nn.Module, n_blocks: int) -> Dict[str, str]:
         else:
             out.update({f"{blk}.{c}": "conv" for c in ("conv_pw", "conv_pwl") if f"{blk}.{c}" in modules})
     if not out:
-        raise BenchError(f"no MEF LoRA targets in the last {n_blocks} blocks of {type(model).__name__}",
-                         "MEF adapts attn.qkv (ViTs) or conv_pw/conv_pwl (EfficientNets)")
+        raise BenchError(
+            f"no MEF LoRA targets in the last {n_blocks} blocks of {type(model).__name__}",
+            "MEF adapts attn.qkv (ViTs) or conv_pw/conv_pwl (EfficientNets)",
+        )
     return out
 
 
@@ -73,18 +76,18 @@ class QVLoRA:
         self._hooks = []
         if qkv and conv:
             raise BenchError("MEF LoRA targets mix attention and convolution modules", "use a ViT or a CNN backbone")
-        rank = 2 * self.r if (qkv and qv_only) else self.r     # alpha = rank: scale 1, as the official
+        rank = 2 * self.r if (qkv and qv_only) else self.r  # alpha = rank: scale 1, as the official
         config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=qkv or conv, bias="none")
         self._lora = LoraModel(model, config, "default")
         self.masks: Dict[str, torch.Tensor] = {}
         if qv_only:
             for name in qkv:
                 layer = self.model.get_submodule(name)
-                B = layer.lora_B["default"].weight                         # [3C, 2r]
+                B = layer.lora_B["default"].weight  # [3C, 2r]
                 C = B.shape[0] // 3
                 mask = torch.zeros_like(B)
-                mask[:C, :self.r] = 1.0
-                mask[2 * C:, self.r:] = 1.0
+                mask[:C, : self.r] = 1.0
+                mask[2 * C :, self.r :] = 1.0
                 self.masks[name] = mask
                 self._hooks.append(B.register_hook(lambda g, m=mask: g * m.to(g)))
         for name in self.targets:
@@ -116,8 +119,9 @@ class QVLoRA:
         return self.model
 
 
-def merge_official_lora(model: nn.Module, w_as: Sequence[torch.Tensor], w_bs: Sequence[torch.Tensor],
-                        blocks: int = 4) -> None:
+def merge_official_lora(
+    model: nn.Module, w_as: Sequence[torch.Tensor], w_bs: Sequence[torch.Tensor], blocks: int = 4
+) -> None:
     """Fold the official checkpoint's ``w_a_XXX``/``w_b_XXX`` pairs into ``model``'s ``attn.qkv``:
     pair ``2k`` is the query and ``2k+1`` the value update of block ``len(blocks) - blocks + k``."""
     names = [n for n in last_blocks(model, blocks)]
@@ -130,6 +134,8 @@ def merge_official_lora(model: nn.Module, w_as: Sequence[torch.Tensor], w_bs: Se
             for j, rows in ((2 * k, slice(0, C)), (2 * k + 1, slice(2 * C, 3 * C))):
                 A, B = w_as[j].to(qkv.weight), w_bs[j].to(qkv.weight)
                 if A.shape[1] != C or B.shape[0] != C or A.shape[0] != B.shape[1]:
-                    raise ValueError(f"LoRA pair {j:03d} has shapes A {tuple(A.shape)}, B {tuple(B.shape)}; "
-                                     f"expected A [r, {C}] and B [{C}, r]")
+                    raise ValueError(
+                        f"LoRA pair {j:03d} has shapes A {tuple(A.shape)}, B {tuple(B.shape)}; "
+                        f"expected A [r, {C}] and B [{C}, r]"
+                    )
                 qkv.weight[rows] += B @ A

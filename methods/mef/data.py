@@ -15,6 +15,7 @@ Here the draws come from generators seeded by ``(seed, step)`` (stateless: a res
 same pairs) and the augmentations are written with torch / kornia (albumentations is not a
 dependency); ISONoise is not reproduced (docs/methods/mef.md).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,15 @@ def sample_points(mask: torch.Tensor, n: int, rng: np.random.Generator) -> torch
 
 
 # -- augmentation ----------------------------------------------------------------------------------
-def shift_scale_rotate(image: torch.Tensor, mask: torch.Tensor, pts: torch.Tensor, g: torch.Generator,
-                       shift: float = 0.25, scale: float = 0.25, rotate: float = 45.0):
+def shift_scale_rotate(
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    pts: torch.Tensor,
+    g: torch.Generator,
+    shift: float = 0.25,
+    scale: float = 0.25,
+    rotate: float = 45.0,
+):
     """Random similarity about the image centre; image bilinear, mask nearest, black border; the points
     ``pts [N,2]`` (x, y) move with it. Returns ``(image, mask, pts)``."""
     H, W = image.shape[-2:]
@@ -54,16 +62,20 @@ def shift_scale_rotate(image: torch.Tensor, mask: torch.Tensor, pts: torch.Tenso
     tx, ty = float(u[2]) * shift * W, float(u[3]) * shift * H
     c, si = math.cos(ang) * s, math.sin(ang) * s
     cx, cy = W / 2, H / 2
-    M = torch.tensor([[c, -si, cx + tx - c * cx + si * cy], [si, c, cy + ty - si * cx - c * cy], [0, 0, 1]],
-                     dtype=torch.float64)                               # source pixel -> destination pixel
+    M = torch.tensor(
+        [[c, -si, cx + tx - c * cx + si * cy], [si, c, cy + ty - si * cx - c * cy], [0, 0, 1]], dtype=torch.float64
+    )  # source pixel -> destination pixel
     Minv = torch.linalg.inv(M)
-    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64) + 0.5, torch.arange(W, dtype=torch.float64) + 0.5,
-                            indexing="ij")
-    src = torch.stack([xs, ys, torch.ones_like(xs)], -1) @ Minv.T       # destination -> source (centres)
+    ys, xs = torch.meshgrid(
+        torch.arange(H, dtype=torch.float64) + 0.5, torch.arange(W, dtype=torch.float64) + 0.5, indexing="ij"
+    )
+    src = torch.stack([xs, ys, torch.ones_like(xs)], -1) @ Minv.T  # destination -> source (centres)
     grid = torch.stack([2 * src[..., 0] / W - 1, 2 * src[..., 1] / H - 1], -1)[None].float()
     img = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-    msk = F.grid_sample(mask[None, None].float(), grid, mode="nearest", padding_mode="zeros",
-                        align_corners=False)[0, 0] > 0.5
+    msk = (
+        F.grid_sample(mask[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)[0, 0]
+        > 0.5
+    )
     p = torch.cat([pts.double() + 0.5, torch.ones(len(pts), 1, dtype=torch.float64)], 1) @ M.T
     return img, msk, (p[:, :2] - 0.5).float()
 
@@ -73,7 +85,7 @@ def colour_augment(image: torch.Tensor, g: torch.Generator, p: float = 0.5) -> t
     import kornia
 
     x = image[None]
-    if float(torch.rand((), generator=g)) < p:                         # kernel 1 (no-op) or 3
+    if float(torch.rand((), generator=g)) < p:  # kernel 1 (no-op) or 3
         if float(torch.rand((), generator=g)) < 0.5:
             x = kornia.filters.gaussian_blur2d(x, (3, 3), (0.8, 0.8))  # sigma of a 3-tap kernel (OpenCV rule)
     if float(torch.rand((), generator=g)) < p:
@@ -105,8 +117,15 @@ def augment_view(view: Dict[str, Any], g: torch.Generator, geom_p: float = 0.5) 
 class PairSampler:
     """Training pairs of ``objects`` of ``data``; ``pair(step)`` is a pure function of ``(seed, step)``."""
 
-    def __init__(self, data: ObjectRenders, objects: Sequence[str], points: int = 3000, max_angle: float = 120.0,
-                 augment: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        data: ObjectRenders,
+        objects: Sequence[str],
+        points: int = 3000,
+        max_angle: float = 120.0,
+        augment: bool = True,
+        seed: int = 0,
+    ):
         if not objects:
             raise ValueError("no training objects")
         self.data, self.objects = data, list(objects)
@@ -116,8 +135,15 @@ class PairSampler:
         v = self.data.view(obj, i)
         pix = sample_points(v["mask"], self.points, rng)
         pts = unproject(pix, v["depth"], v["K"], v["pose"], self.data.pixel_offset)
-        return {"image": v["image"], "mask": v["mask"], "pix": pix.float(), "pts": pts, "pose": v["pose"],
-                "object": obj, "view": i}
+        return {
+            "image": v["image"],
+            "mask": v["mask"],
+            "pix": pix.float(),
+            "pts": pts,
+            "pose": v["pose"],
+            "object": obj,
+            "view": i,
+        }
 
     def choose(self, rng: np.random.Generator):
         V = self.data.num_views
@@ -143,12 +169,21 @@ class PairSampler:
         return [a, b]
 
 
-def eval_pairs(data: ObjectRenders, objects: Sequence[str], pairs: int, points: int = 1000, seed: int = 0,
-               max_angle: float = 90.0) -> List[List[Dict[str, Any]]]:
+def eval_pairs(
+    data: ObjectRenders, objects: Sequence[str], pairs: int, points: int = 1000, seed: int = 0, max_angle: float = 90.0
+) -> List[List[Dict[str, Any]]]:
     """Fixed un-augmented pairs of held-out objects for :func:`methods.mef.method.pair_correspondence`."""
     s = PairSampler(data, objects, points=points, max_angle=max_angle, augment=False, seed=seed + 7919)
     return [s.pair(k) for k in range(int(pairs))]
 
 
-__all__ = ["PairSampler", "augment_view", "colour_augment", "eval_pairs", "relative_rotation_deg",
-           "rotation_angle_deg", "sample_points", "shift_scale_rotate"]
+__all__ = [
+    "PairSampler",
+    "augment_view",
+    "colour_augment",
+    "eval_pairs",
+    "relative_rotation_deg",
+    "rotation_angle_deg",
+    "sample_points",
+    "shift_scale_rotate",
+]

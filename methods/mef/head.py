@@ -21,6 +21,7 @@ metadata: format ``mef-refine-head``, channels, stride), which loads strictly in
 ``torch.nn.Conv2d(C, C, 3, padding=1)``. ``python -m bench`` re-attaches it when it reuses a cached
 backbone (:meth:`methods.mef.method.MEF.restore`).
 """
+
 from __future__ import annotations
 
 import json
@@ -70,9 +71,11 @@ class RefinedBackbone(nn.Module):
     def __init__(self, inner: nn.Module, head: nn.Conv2d, stride: Optional[int] = None):
         super().__init__()
         if head.in_channels != inner.embed_dim or head.out_channels != inner.embed_dim:
-            raise CheckpointError(f"MEF refinement head has {head.in_channels}->{head.out_channels} channels, "
-                                  f"backbone '{inner.name}' has {inner.embed_dim}",
-                                  "use the head saved with this backbone")
+            raise CheckpointError(
+                f"MEF refinement head has {head.in_channels}->{head.out_channels} channels, "
+                f"backbone '{inner.name}' has {inner.embed_dim}",
+                "use the head saved with this backbone",
+            )
         self.inner, self.head = inner, head
         self.stride = int(stride) if stride else None
         self.name, self.num_blocks, self.has_cls = inner.name, inner.num_blocks, inner.has_cls
@@ -116,8 +119,9 @@ class RefinedBackbone(nn.Module):
     def refine(self, fmap: torch.Tensor) -> torch.Tensor:
         return self.head(fmap)
 
-    def layers(self, images: torch.Tensor, idx: Optional[Sequence[int]] = None, norm: bool = True,
-               return_cls: bool = False) -> List[Any]:
+    def layers(
+        self, images: torch.Tensor, idx: Optional[Sequence[int]] = None, norm: bool = True, return_cls: bool = False
+    ) -> List[Any]:
         idx = self.default_layers if idx is None else self.inner._check_layers(idx)
         out = self.inner.layers(self._resize(images), idx, norm, return_cls)
         last = self.num_blocks - 1
@@ -146,8 +150,7 @@ def save_head(head: nn.Conv2d, path: str | os.PathLike, stride: Optional[int] = 
     from bench.io import save_safetensors
 
     sd = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
-    meta = {"format": HEAD_FORMAT, "channels": str(head.in_channels), "kernel_size": "3",
-            "stride": json.dumps(stride)}
+    meta = {"format": HEAD_FORMAT, "channels": str(head.in_channels), "kernel_size": "3", "stride": json.dumps(stride)}
     return save_safetensors(sd, path, metadata=meta)
 
 
@@ -159,14 +162,17 @@ def load_head(path: str | os.PathLike, channels: int) -> Tuple[nn.Conv2d, Option
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"MEF refinement head {path} is missing",
-                              "re-train with force=true (the cached backbone is incomplete)")
+        raise CheckpointError(
+            f"MEF refinement head {path} is missing", "re-train with force=true (the cached backbone is incomplete)"
+        )
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         sd = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("format") != HEAD_FORMAT:
-        raise CheckpointError(f"{path} is not an MEF refinement head (format {meta.get('format')!r})",
-                              "point at the refine_head.safetensors written beside model.safetensors")
+        raise CheckpointError(
+            f"{path} is not an MEF refinement head (format {meta.get('format')!r})",
+            "point at the refine_head.safetensors written beside model.safetensors",
+        )
     head = refine_conv(channels)
     load_state_dict_strict(head, sd, source=f"MEF refinement head {path}")
     return head.eval(), json.loads(meta.get("stride", "null"))

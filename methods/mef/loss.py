@@ -17,6 +17,7 @@ with similarity ``q = sim[s, t]`` scores two soft average precisions
 and the loss is ``mean(1 - (ap1 + ap2) / 2)`` over all positives of the batch (rows are view-1 points
 only, as in the official code). The ``-50..50`` clamp of the exponent is the official one.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Tuple
@@ -34,16 +35,23 @@ def temp_sigmoid(x: Tensor, temp: float = TEMPERATURE) -> Tensor:
     return 1.0 / (1.0 + torch.exp(torch.clamp(-x / temp, min=-50.0, max=50.0)))
 
 
-def ap_terms(desc1: Tensor, desc2: Tensor, pts1: Tensor, pts2: Tensor, pos_thresh: float = POS_THRESH,
-             neg_thresh: float = NEG_THRESH, temp: float = TEMPERATURE) -> Tensor:
+def ap_terms(
+    desc1: Tensor,
+    desc2: Tensor,
+    pts1: Tensor,
+    pts2: Tensor,
+    pos_thresh: float = POS_THRESH,
+    neg_thresh: float = NEG_THRESH,
+    temp: float = TEMPERATURE,
+) -> Tensor:
     """The soft AP ``(ap1 + ap2) / 2`` of every positive pair ``[P]`` (module docstring) for batched unit
     descriptors ``desc1 [B,S,C]``, ``desc2 [B,T,C]`` and object points ``pts1 [B,S,3]``, ``pts2 [B,T,3]``."""
-    dist = torch.cdist(pts1.float(), pts2.float())                      # [B,S,T]
-    sim = torch.bmm(desc1, desc2.transpose(-1, -2))                     # [B,S,T]
+    dist = torch.cdist(pts1.float(), pts2.float())  # [B,S,T]
+    sim = torch.bmm(desc1, desc2.transpose(-1, -2))  # [B,S,T]
     b, s, t = torch.nonzero(dist < pos_thresh, as_tuple=True)
-    q = sim[b, s, t]                                                    # [P]
-    rows = sim[b, s]                                                    # [P,T]
-    neg = (dist[b, s] > neg_thresh).to(sim.dtype)                       # [P,T]
+    q = sim[b, s, t]  # [P]
+    rows = sim[b, s]  # [P,T]
+    neg = (dist[b, s] > neg_thresh).to(sim.dtype)  # [P,T]
     r1 = temp_sigmoid(q - 1.0, temp) + 1.0
     ap1 = r1 / (r1 + (temp_sigmoid(rows - 1.0, temp) * neg).sum(-1))
     r2 = temp_sigmoid(1.0 - q, temp) + 1.0
@@ -51,8 +59,15 @@ def ap_terms(desc1: Tensor, desc2: Tensor, pts1: Tensor, pts2: Tensor, pos_thres
     return (ap1 + ap2) / 2
 
 
-def ranking_loss(desc1: Tensor, desc2: Tensor, pts1: Tensor, pts2: Tensor, pos_thresh: float = POS_THRESH,
-                 neg_thresh: float = NEG_THRESH, temp: float = TEMPERATURE) -> Tuple[Tensor, Dict[str, float]]:
+def ranking_loss(
+    desc1: Tensor,
+    desc2: Tensor,
+    pts1: Tensor,
+    pts2: Tensor,
+    pos_thresh: float = POS_THRESH,
+    neg_thresh: float = NEG_THRESH,
+    temp: float = TEMPERATURE,
+) -> Tuple[Tensor, Dict[str, float]]:
     """``mean(1 - ap)`` over the positives (:func:`ap_terms`); ``(loss, {"positives", "ap"})``."""
     return reduce_terms([ap_terms(desc1, desc2, pts1, pts2, pos_thresh, neg_thresh, temp)], desc1)
 

@@ -15,6 +15,7 @@ Returned: :class:`methods.mef.head.RefinedBackbone` (LoRA merged into the timm m
 feature head); ``fit`` writes the head to ``<workdir>/refine_head.safetensors`` and the runner the
 timm weights to ``model.safetensors``; :meth:`MEF.restore` re-attaches the head on reuse.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,13 +39,12 @@ from .loss import ap_terms, reduce_terms
 log = logging.getLogger("bench")
 
 DATASETS = ("mef_objaverse", "synthetic_objects", "synthetic")
-MEF_RENDER = 512          # MEF's render size, for which target_res 640 is official
+MEF_RENDER = 512  # MEF's render size, for which target_res 640 is official
 
 
 def objects_root(data: Mapping[str, Any], data_dir) -> Path:
     H, W = (int(s) for s in data["size"])
-    return (Path(data_dir) / f"synthetic_objects_s{int(data['seed'])}_{object_count(data)}x{int(data['views'])}"
-            f"_{H}x{W}")
+    return Path(data_dir) / f"synthetic_objects_s{int(data['seed'])}_{object_count(data)}x{int(data['views'])}_{H}x{W}"
 
 
 def object_count(data: Mapping[str, Any]) -> int:
@@ -53,8 +53,10 @@ def object_count(data: Mapping[str, Any]) -> int:
     if n is None:
         n = data.get("scenes")  # optional: only the shared recipes set it
     if not isinstance(n, int) or n < 1:
-        raise BenchError("method.data.dataset=synthetic_objects needs a count method.data.objects "
-                         f"(got {n!r})", "e.g. method.data.objects=4 method.data.views=16 method.data.size=[96,128]")
+        raise BenchError(
+            f"method.data.dataset=synthetic_objects needs a count method.data.objects (got {n!r})",
+            "e.g. method.data.objects=4 method.data.views=16 method.data.size=[96,128]",
+        )
     return n
 
 
@@ -77,11 +79,19 @@ def open_objects(data: Mapping[str, Any], data_dir) -> tuple:
             names = [str(x) for x in sel]
     else:
         if data["views"] is None or data["size"] is None:
-            raise BenchError("method.data.dataset=synthetic_objects needs method.data.views and method.data.size",
-                             "e.g. method.data.views=16 method.data.size=[96,128]")
+            raise BenchError(
+                "method.data.dataset=synthetic_objects needs method.data.views and method.data.size",
+                "e.g. method.data.views=16 method.data.size=[96,128]",
+            )
         root = Path(str(data["root"])) if data["root"] else objects_root(data, data_dir)
-        ensure_objects(root, object_count(data), int(data["views"]), [int(s) for s in data["size"]],
-                       int(data["seed"]), int(data["supersample"]))
+        ensure_objects(
+            root,
+            object_count(data),
+            int(data["views"]),
+            [int(s) for s in data["size"]],
+            int(data["seed"]),
+            int(data["supersample"]),
+        )
         reader = ObjectRenders(root)
         names = reader.items
     held = data["held_out"] or 0
@@ -124,9 +134,10 @@ class Finetuner:
         p = self.backbone.patch_size
         x = image[None].to(self.device)
         if (gh * p, gw * p) != (H, W):
-            x = F.interpolate(x, size=(gh * p, gw * p), mode="bilinear", align_corners=False,
-                              antialias=gh * p < H or gw * p < W)
-        fmap = self.head(self.backbone(x))                                 # [1,C,gh,gw]
+            x = F.interpolate(
+                x, size=(gh * p, gw * p), mode="bilinear", align_corners=False, antialias=gh * p < H or gw * p < W
+            )
+        fmap = self.head(self.backbone(x))  # [1,C,gh,gw]
         pix = pix.to(self.device).float()
         g = torch.stack([2 * pix[:, 0] / W - 1, 2 * pix[:, 1] / H - 1], -1)[None, None]
         d = F.grid_sample(fmap, g, mode="bilinear", padding_mode="border", align_corners=False)[0, :, 0].T
@@ -137,8 +148,17 @@ class Finetuner:
         for a, b in pairs:
             d1, d2 = self.descriptors(a["image"], a["pix"]), self.descriptors(b["image"], b["pix"])
             anchor = d1 if anchor is None else anchor
-            terms.append(ap_terms(d1[None], d2[None], a["pts"][None].to(self.device), b["pts"][None].to(self.device),
-                                  self.pos, self.neg, self.temp))
+            terms.append(
+                ap_terms(
+                    d1[None],
+                    d2[None],
+                    a["pts"][None].to(self.device),
+                    b["pts"][None].to(self.device),
+                    self.pos,
+                    self.neg,
+                    self.temp,
+                )
+            )
         return reduce_terms(terms, anchor)
 
     def finish(self, stride: Optional[int] = None) -> RefinedBackbone:
@@ -148,8 +168,9 @@ class Finetuner:
 
 
 @torch.no_grad()
-def pair_correspondence(tuner: Finetuner, pairs, radii: Sequence[float] = (0.05, 0.1),
-                        visible: float = 0.03) -> Dict[str, float]:
+def pair_correspondence(
+    tuner: Finetuner, pairs, radii: Sequence[float] = (0.05, 0.1), visible: float = 0.03
+) -> Dict[str, float]:
     """Nearest-neighbour matching on held-out object pairs: for the sampled view-1 points that appear
     in view 2 (a view-2 point within ``visible`` object units), the 3D error of the view-2 point whose
     descriptor is most similar; ``recall@r`` = share within ``r`` (object units, largest side 1);
@@ -179,9 +200,18 @@ def build(backbone, cfg: DictConfig, workdir: Path, device: str):
     pairs = eval_pairs(reader, held, int(m.eval.pairs), int(m.eval.points), int(cfg.seed)) if held else []
     o = m.optim
     opt = torch.optim.AdamW(tuner.parameters(), lr=float(o.lr), weight_decay=float(o.weight_decay))
-    loop = TrainLoop(Path(workdir) / "checkpoints", int(o.steps), opt, {"model": backbone.model, "head": tuner.head},
-                     ckpt_every=int(m.ckpt_every), keep_last=int(m.keep_last), grad_clip=o.grad_clip,
-                     progress=bool(m.progress), desc="mef", log_every=int(m.log_every))
+    loop = TrainLoop(
+        Path(workdir) / "checkpoints",
+        int(o.steps),
+        opt,
+        {"model": backbone.model, "head": tuner.head},
+        ckpt_every=int(m.ckpt_every),
+        keep_last=int(m.keep_last),
+        grad_clip=o.grad_clip,
+        progress=bool(m.progress),
+        desc="mef",
+        log_every=int(m.log_every),
+    )
     batch = int(o.batch_size or 1)
 
     def step_fn(step: int):
@@ -191,8 +221,11 @@ def build(backbone, cfg: DictConfig, workdir: Path, device: str):
     return tuner, sampler, pairs, loop, step_fn
 
 
-@METHODS.register("mef", "MEF (ICLR 2025): q/v LoRA on the last 4 blocks + 3x3 refinement conv, trained with a "
-                         "smooth-AP ranking loss on multi-view object renders (trains)")
+@METHODS.register(
+    "mef",
+    "MEF (ICLR 2025): q/v LoRA on the last 4 blocks + 3x3 refinement conv, trained with a "
+    "smooth-AP ranking loss on multi-view object renders (trains)",
+)
 class MEF:
     """Train a backbone with MEF; resumable from ``workdir``. ``stop_after`` (not a config key) ends
     this call after that many steps (after a checkpoint); the next call continues."""
@@ -207,8 +240,13 @@ class MEF:
         report: Dict[str, Any] = {}
         if pairs and fresh:
             report["before"] = pair_correspondence(tuner, pairs)
-        log.info("mef: %d training steps x batch %d on %s, device %s", loop.total_steps,
-                 int(cfg.method.optim.batch_size or 1), cfg.method.data.dataset, device)
+        log.info(
+            "mef: %d training steps x batch %d on %s, device %s",
+            loop.total_steps,
+            int(cfg.method.optim.batch_size or 1),
+            cfg.method.data.dataset,
+            device,
+        )
         history = loop.run(step_fn, stop_after=stop_after)
         write_json(workdir / "history.json", history)
         if pairs:

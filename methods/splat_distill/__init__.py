@@ -7,6 +7,7 @@ slot), ``distill`` (one training step), ``method`` (the registered ``splat_disti
 ``pretrain`` (``python -m bench pretrain-reconstructor``) and ``perf`` (``python -m bench perf train``).
 Facts: docs/methods/splat_distill.md; config: bench/conf/method/splat_distill.yaml.
 """
+
 from . import method, perf  # noqa: F401  (registrations)
 from .method import SplatDistill
 from .pretrain import add_arguments, main

@@ -26,6 +26,7 @@ stay frozen in both modes (the student runs its norm layers in eval mode; batche
 (``W + scale * B A`` for LoRA layers, the parameter itself otherwise) for the EMA teacher, which is
 a plain (merged) copy of the backbone: the teacher is the EMA of the student's function weights.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Mapping, Sequence
@@ -44,21 +45,31 @@ TARGET_CHOICES = ("official", "auto", "attention")
 
 def default_targets(model: nn.Module, choice: str = "official") -> List[str]:
     if choice not in TARGET_CHOICES:
-        raise BenchError(f"method.adapter.target_modules='{choice}' is not a target choice",
-                         f"use one of {TARGET_CHOICES} or a list of module-name suffixes")
+        raise BenchError(
+            f"method.adapter.target_modules='{choice}' is not a target choice",
+            f"use one of {TARGET_CHOICES} or a list of module-name suffixes",
+        )
     names = {n for n, _ in model.named_modules()}
     if any(n.endswith("attn.qkv") for n in names):
         return list(VIT_TARGETS if choice == "attention" else OFFICIAL_VIT_TARGETS)
     if any(n.endswith("conv_pw") or n.endswith("conv_pwl") for n in names):
         return list(CNN_TARGETS)
-    raise BenchError(f"no default LoRA targets for {type(model).__name__}",
-                     "set method.adapter.target_modules to a list of module-name suffixes, "
-                     "or method.adapter.mode=full")
+    raise BenchError(
+        f"no default LoRA targets for {type(model).__name__}",
+        "set method.adapter.target_modules to a list of module-name suffixes, or method.adapter.mode=full",
+    )
 
 
 class Adapter:
-    def __init__(self, model: nn.Module, mode: str = "lora", r: int = 8, alpha: float = 8,
-                 dropout: float = 0.1, target_modules: Sequence[str] | str = "auto"):
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: str = "lora",
+        r: int = 8,
+        alpha: float = 8,
+        dropout: float = 0.1,
+        target_modules: Sequence[str] | str = "auto",
+    ):
         if mode not in MODES:
             raise BenchError(f"method.adapter.mode='{mode}' is not an adaptation mode", f"use one of {MODES}")
         self.model, self.mode = model, mode
@@ -74,14 +85,17 @@ class Adapter:
             targets = default_targets(model, str(target_modules or "official"))
         else:
             targets = list(target_modules)
-        config = LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout),
-                            target_modules=targets, bias="none")
+        config = LoraConfig(
+            r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=targets, bias="none"
+        )
         try:
             self._lora = LoraModel(model, config, "default")  # injects in place, freezes the base
         except ValueError as e:
-            raise BenchError(f"cannot apply LoRA to {type(model).__name__}: {e}",
-                             "set method.adapter.target_modules to module-name suffixes that exist "
-                             "(e.g. attn.qkv), or method.adapter.mode=full") from None
+            raise BenchError(
+                f"cannot apply LoRA to {type(model).__name__}: {e}",
+                "set method.adapter.target_modules to module-name suffixes that exist "
+                "(e.g. attn.qkv), or method.adapter.mode=full",
+            ) from None
 
     def lora_layers(self) -> Dict[str, nn.Module]:
         return lora_layers(self.model)

@@ -16,6 +16,7 @@ the trained backbone's ``train_info.json`` (``diagnostics``):
 The held-out views come from a synthetic set of its own (``diagnostics.data``; generator seed and
 rooms distinct from training and from the tasks), resized like the training views.
 """
+
 from __future__ import annotations
 
 import logging
@@ -79,7 +80,9 @@ def _sample(feat: torch.Tensor, uv: torch.Tensor, H: int, W: int) -> torch.Tenso
     return F.grid_sample(feat[None], g.to(feat.dtype), mode="bilinear", align_corners=False)[0, :, 0].t()
 
 
-def consistency(feats: List[torch.Tensor], held: Mapping[str, Any], points: int = 256, seed: int = 0) -> Dict[str, float]:
+def consistency(
+    feats: List[torch.Tensor], held: Mapping[str, Any], points: int = 256, seed: int = 0
+) -> Dict[str, float]:
     """Centred cosine at ground-truth corresponding pixels vs random pixels, over the held-out pairs."""
     gen = torch.Generator().manual_seed(seed)
     cc, rc = [], []
@@ -135,7 +138,9 @@ class Diagnostics:
             self.before_feats = features(backbone, self.held, self.device)
             self.result["before"] = consistency(self.before_feats, self.held, self.points)
 
-    def finish(self, backbone, weights: Mapping[str, torch.Tensor], history: Optional[List[dict]] = None) -> Dict[str, Any]:
+    def finish(
+        self, backbone, weights: Mapping[str, torch.Tensor], history: Optional[List[dict]] = None
+    ) -> Dict[str, Any]:
         out = self.result
         if self.before_weights is not None:
             out["adapted_weight_change"] = relative_change(self.before_weights, weights)
@@ -144,8 +149,11 @@ class Diagnostics:
             after = features(backbone, self.held, self.device)
             out.update(feature_change(self.before_feats, after))
             out["after"] = consistency(after, self.held, self.points)
-            out["held_out"] = {"scenes": len(self.held["views"]), "pairs": len(self.held["pairs"]),
-                               "views": sum(int(v["images"].shape[0]) for v in self.held["views"])}
+            out["held_out"] = {
+                "scenes": len(self.held["views"]),
+                "pairs": len(self.held["pairs"]),
+                "views": sum(int(v["images"].shape[0]) for v in self.held["views"]),
+            }
         if history:
             for key in ("loss", "kl", "head_cos"):
                 vals = [h[key] for h in history if key in h]

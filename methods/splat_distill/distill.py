@@ -22,6 +22,7 @@ For each example (2 context views + 1 target view of one scene):
 
 Every official rule is the default and has a named switch (docs/methods/splat_distill.md).
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,8 +40,17 @@ from bench.distributed import global_mean_weight
 from bench.train import EMA, autocast
 
 from .adapt import Adapter, plain_state
-from .features import (MASKS, UPSAMPLE_GRIDS, UPSAMPLERS, grid_scale, segment_blend, slic_masks, to_patch_grid,
-                       to_patch_grid_nearest, upsample)
+from .features import (
+    MASKS,
+    UPSAMPLE_GRIDS,
+    UPSAMPLERS,
+    grid_scale,
+    segment_blend,
+    slic_masks,
+    to_patch_grid,
+    to_patch_grid_nearest,
+    upsample,
+)
 from .head import LOSSES, DINOHead, distill_loss
 from .reconstruct import build_reconstructor
 
@@ -62,8 +72,13 @@ class Distiller:
     ``cfg`` is ``cfg.method`` (see ``bench/conf/method/splat_distill.yaml``).
     """
 
-    def __init__(self, backbone: nn.Module, cfg: Mapping[str, Any], device: str | torch.device = "cpu",
-                 reconstructor: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        cfg: Mapping[str, Any],
+        device: str | torch.device = "cpu",
+        reconstructor: Optional[nn.Module] = None,
+    ):
         self.cfg, self.device = cfg, torch.device(device)
         lift, head, teacher, a = cfg["lift"], cfg["head"], cfg["teacher"], cfg["adapter"]
         self.loss_kind = choice("method.loss", cfg["loss"], LOSSES)
@@ -72,30 +87,43 @@ class Distiller:
         self.ema_kind = choice("method.teacher.ema", teacher["ema"], EMA_KINDS)
         if self.ema_kind == "merged":  # the teacher is a plain copy; the EMA averages the effective weights
             self.teacher = copy.deepcopy(backbone).eval().requires_grad_(False)
-        self.adapter = Adapter(self.backbone.model, str(a["mode"]), int(a["r"]), float(a["alpha"]), float(a["dropout"]),
-                               a["target_modules"])
+        self.adapter = Adapter(
+            self.backbone.model,
+            str(a["mode"]),
+            int(a["r"]),
+            float(a["alpha"]),
+            float(a["dropout"]),
+            a["target_modules"],
+        )
         if self.ema_kind == "lora_factors":  # official: the teacher is a copy of the LoRA student
             self.teacher = copy.deepcopy(self.backbone).eval().requires_grad_(False)
         self.teacher_dropout = bool(teacher["dropout"])
-        self.initial_weights = self.adapter.adapted_weights()   # for the relative-weight-change diagnostic
-        self.head = DINOHead(backbone.embed_dim, int(head["prototypes"]), int(head["hidden_dim"]),
-                             int(head["bottleneck_dim"]), train_gain=bool(head["train_gain"])).to(self.device)
+        self.initial_weights = self.adapter.adapted_weights()  # for the relative-weight-change diagnostic
+        self.head = DINOHead(
+            backbone.embed_dim,
+            int(head["prototypes"]),
+            int(head["hidden_dim"]),
+            int(head["bottleneck_dim"]),
+            train_gain=bool(head["train_gain"]),
+        ).to(self.device)
         self.temps = float(head["student_temp"]), float(head["teacher_temp"])
         self.teacher_head = copy.deepcopy(self.head)
         momentum = 1.0 if teacher["frozen"] else float(teacher["momentum"])
-        self.ema = EMA(nn.ModuleDict({"backbone": self.teacher.model, "head": self.teacher_head}), momentum,
-                       int(teacher["every"]))
+        self.ema = EMA(
+            nn.ModuleDict({"backbone": self.teacher.model, "head": self.teacher_head}), momentum, int(teacher["every"])
+        )
         self.teacher_head.eval()
-        self.reconstructor = (reconstructor if reconstructor is not None
-                              else build_reconstructor(cfg["reconstructor"])).to(self.device)
+        self.reconstructor = (
+            reconstructor if reconstructor is not None else build_reconstructor(cfg["reconstructor"])
+        ).to(self.device)
         size = cfg["data"]["size"]
         if hasattr(self.reconstructor, "check_size") and size is not None:
             self.reconstructor.check_size(*(int(s) for s in size))  # MVSplat: fail before training starts
         self.student = nn.ModuleDict({"backbone": self.backbone.model, "head": self.head})
         self.timings: Dict[str, float] = defaultdict(float)
         self.profile = False
-        self.precision = "32"          # or "bf16-mixed": autocast of the teacher and student backbones
-        self.grad_average = "global"   # several ranks: "global" pooled mean (= one process) | "local" mean
+        self.precision = "32"  # or "bf16-mixed": autocast of the teacher and student backbones
+        self.grad_average = "global"  # several ranks: "global" pooled mean (= one process) | "local" mean
 
     def _lift_rules(self, lift: Mapping[str, Any]) -> None:
         """The ``method.lift`` choices as attributes, each checked against its choices (one-line errors)."""
@@ -189,8 +217,10 @@ class Distiller:
         source = self.mask_source
         if source == "instance" or (source == "auto" and views.get("instance") is not None):
             if views.get("instance") is None:
-                raise BenchError("method.lift.masks=instance but the scenes have no instance maps",
-                                 "use method.lift.masks=slic (or auto)")
+                raise BenchError(
+                    "method.lift.masks=instance but the scenes have no instance maps",
+                    "use method.lift.masks=slic (or auto)",
+                )
             return views["instance"]
         return slic_masks(views["images"], *self.slic)
 
@@ -211,17 +241,17 @@ class Distiller:
         mode, ugrid, excluded = self.upsample_mode, self.upsample_grid, self.all_excluded
         uncovered, over, basis = self.uncovered, self.blend_segments, self.render_basis
         with self._timed("teacher"), autocast(self.precision, self.device):
-            feats = self.teacher_forward(torch.cat([ex["images"][:2] for ex in examples]))   # [2B,C,h,w]
+            feats = self.teacher_forward(torch.cat([ex["images"][:2] for ex in examples]))  # [2B,C,h,w]
         feats = feats.float()  # lifting, splatting and blending stay float32
         scale = grid_scale(self.teacher, (H, W)) if ugrid == "centres" else None
         up_kw = {"grid": ugrid, "all_excluded": excluded}
         _, C, h, w = feats.shape
         use_basis = basis == "patches" or (basis == "auto" and 2 * h * w < C)
         with self._timed("masks"):
-            masks = [self.masks(ex) for ex in examples]                                 # each [3,H,W]
+            masks = [self.masks(ex) for ex in examples]  # each [3,H,W]
         if use_basis:
             eye = torch.eye(2 * h * w, device=feats.device, dtype=feats.dtype)
-            eye = eye.reshape(2 * h * w, 2, h, w).permute(1, 0, 2, 3)                   # [2,2hw,h,w] one-hot
+            eye = eye.reshape(2 * h * w, 2, h, w).permute(1, 0, 2, 3)  # [2,2hw,h,w] one-hot
         else:
             with self._timed("upsample"):
                 up = upsample(feats, torch.cat([m[:2] for m in masks]), (H, W), mode, scale, **up_kw)
@@ -232,31 +262,33 @@ class Distiller:
             with self._timed("reconstruct"):
                 gs = self.reconstructor({k: v[:2] for k, v in ex.items()})
             with self._timed("upsample"):
-                src = upsample(eye, masks[i][:2], (H, W), mode, scale, **up_kw) if use_basis else up[2 * i: 2 * i + 2]
+                src = upsample(eye, masks[i][:2], (H, W), mode, scale, **up_kw) if use_basis else up[2 * i : 2 * i + 2]
             with self._timed("splat"):
                 rgb_rule = self.coverage == "rgb"  # the official trainer: uncovered where the RGB render is 0
                 if rgb_rule:
                     src = torch.cat([src, gs.colors(ex["images"][:2], ex["w2c"][2]).to(src.dtype)], 1)
                 render, alpha, _ = gs.splat(src, ex["w2c"][2:3], ex["K"][2:3], W, H)
-                render = render.permute(0, 3, 1, 2)                                     # [1,D,H,W]
+                render = render.permute(0, 3, 1, 2)  # [1,D,H,W]
                 if rgb_rule:
                     render, rgb = render[:, :-3], render[:, -3:]
-                    covered = (rgb != 0).any(1)                                          # [1,H,W]
+                    covered = (rgb != 0).any(1)  # [1,H,W]
                 else:
-                    covered = alpha > self.alpha_threshold           # [1,H,W]
+                    covered = alpha > self.alpha_threshold  # [1,H,W]
                 if self.normalize_alpha:
                     render = render / alpha.clamp_min(1e-6)[:, None]
             with self._timed("blend"):
                 if self.blending:  # official: segment means over every segment pixel
-                    render = segment_blend(render, masks[i][2:3], self.blend_alpha,
-                                           covered if over == "covered" else None)
+                    render = segment_blend(
+                        render, masks[i][2:3], self.blend_alpha, covered if over == "covered" else None
+                    )
                 t = to_patch_grid(render, grid, self.backbone.patch_size, padded)
                 if use_basis:  # contract the patch basis with the context views' patch features
-                    t = torch.einsum("bkyx,kc->bcyx", t, feats[2 * i: 2 * i + 2].permute(0, 2, 3, 1).reshape(-1, C))
+                    t = torch.einsum("bkyx,kc->bcyx", t, feats[2 * i : 2 * i + 2].permute(0, 2, 3, 1).reshape(-1, C))
                 out.append(t)
                 if uncovered == "zero_fill":  # official: nearest-downscaled "nothing rendered" mask
-                    miss = to_patch_grid_nearest((~covered)[:, None].to(render.dtype), grid,
-                                                 self.backbone.patch_size, padded)
+                    miss = to_patch_grid_nearest(
+                        (~covered)[:, None].to(render.dtype), grid, self.backbone.patch_size, padded
+                    )
                     valid.append(miss[:, 0] < 0.5)
                 else:
                     cov = to_patch_grid(covered[:, None].to(render.dtype), grid, self.backbone.patch_size, padded)
@@ -276,14 +308,15 @@ class Distiller:
             if student.shape != target.shape:
                 raise RuntimeError(f"student grid {tuple(student.shape)} != target grid {tuple(target.shape)}")
             covered = valid
-            embedded = student.detach().permute(0, 2, 3, 1)[covered]          # [N,C] covered cells
+            embedded = student.detach().permute(0, 2, 3, 1)[covered]  # [N,C] covered cells
             if self.uncovered == "zero_fill":
                 # official: both sides zeroed where nothing was rendered, the loss averages every cell
                 keep = valid[:, None]
                 student, target = student * keep.to(student.dtype), target * keep.to(target.dtype)
                 valid = torch.ones_like(valid)
-            loss, extra = distill_loss(self.loss_kind, student, target, valid, self.head, self.teacher_head,
-                                       *self.temps)
+            loss, extra = distill_loss(
+                self.loss_kind, student, target, valid, self.head, self.teacher_head, *self.temps
+            )
         extra["coverage"] = float(covered.float().mean())
         if self.loss_kind == "dino":
             extra["head_cos"] = self.head.embedding_cosine(embedded)

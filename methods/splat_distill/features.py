@@ -6,6 +6,7 @@ does: patch ``j`` has its centre at pixel coordinate ``(j + 0.5) / s`` where ``s
 cells per pixel (``h / H`` for backbones that resize the image to the patch multiple, ``1 / patch``
 for backbones that pad it). Pixel centres sit at +0.5 (project convention).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -28,8 +29,12 @@ def _axis(n_out: int, n_in: int, scale: float, device) -> Tuple[torch.Tensor, to
     return i0, i1, src - i0, centre
 
 
-def mask_aware_upsample(feats: torch.Tensor, masks: Optional[torch.Tensor], size: Tuple[int, int],
-                        scale: Optional[Tuple[float, float]] = None) -> torch.Tensor:
+def mask_aware_upsample(
+    feats: torch.Tensor,
+    masks: Optional[torch.Tensor],
+    size: Tuple[int, int],
+    scale: Optional[Tuple[float, float]] = None,
+) -> torch.Tensor:
     """Upsample ``feats [B,C,h,w]`` to ``size=(H,W)`` with mask-aware bilinear weights.
 
     Each output pixel takes the bilinear weights of its 4 neighbouring patches, but a patch counts only
@@ -53,16 +58,16 @@ def mask_aware_upsample(feats: torch.Tensor, masks: Optional[torch.Tensor], size
         out = sum(feats[:, :, yi][:, :, :, xi] * wt for yi, xi, wt in taps)
     if masks is None:
         return out
-    labels_lr = masks[:, cy][:, :, cx]                                              # [B,h,w]
+    labels_lr = masks[:, cy][:, :, cx]  # [B,h,w]
     keep = torch.stack([labels_lr[:, yi][:, :, xi] == masks for yi, xi, _ in taps])  # [4,B,H,W]
-    wts = torch.stack([wt.expand(H, W) for *_, wt in taps])[:, None]                 # [4,1,H,W]
+    wts = torch.stack([wt.expand(H, W) for *_, wt in taps])[:, None]  # [4,1,H,W]
     wts = torch.where(wts < 1e-6, torch.zeros_like(wts), wts)  # float noise on exact grid hits is no tap
     masked = wts * keep
     total = masked.sum(0)
-    fix = (total > 0) & ((~keep) & (wts > 0)).any(0)          # some weighted neighbour is excluded
+    fix = (total > 0) & ((~keep) & (wts > 0)).any(0)  # some weighted neighbour is excluded
     b, yy, xx = fix.nonzero(as_tuple=True)
     if b.numel():
-        norm = masked[:, b, yy, xx] / total[b, yy, xx]                                # [4,N]
+        norm = masked[:, b, yy, xx] / total[b, yy, xx]  # [4,N]
         val = sum(feats[b, :, yi[yy], xi[xx]] * norm[k][:, None] for k, (yi, xi, _) in enumerate(taps))
         out = _scatter_pixels(out, b, yy, xx, val)
     return out
@@ -75,8 +80,9 @@ def _scatter_pixels(out: torch.Tensor, b, yy, xx, val: torch.Tensor) -> torch.Te
     return out.permute(0, 3, 1, 2)
 
 
-def corner_mask_aware_upsample(feats: torch.Tensor, masks: Optional[torch.Tensor], size: Tuple[int, int],
-                               all_excluded: str = "zero") -> torch.Tensor:
+def corner_mask_aware_upsample(
+    feats: torch.Tensor, masks: Optional[torch.Tensor], size: Tuple[int, int], all_excluded: str = "zero"
+) -> torch.Tensor:
     """Mask-aware bilinear upsampling on the official grid (Splat-and-Distill
     ``src/model/vit/utils.py: mask_aware_bilinear_upsample_hr_mask``), for ``feats [B,C,h,w]``.
 
@@ -105,16 +111,17 @@ def corner_mask_aware_upsample(feats: torch.Tensor, masks: Optional[torch.Tensor
 
     def tap(k: int) -> torch.Tensor:
         yi, xi, _ = taps[k]
-        return feats[:, :, yi][:, :, :, xi]                                         # [B,C,H,W]
+        return feats[:, :, yi][:, :, :, xi]  # [B,C,H,W]
 
     def plain() -> torch.Tensor:
         return sum(tap(k) * taps[k][2] for k in range(4))
 
     if masks is None:
         return plain()
-    labels_lr = masks[:, cy][:, :, cx]                                              # [B,h,w]
-    wts = torch.stack([wt.expand(B, H, W) * (labels_lr[:, yi][:, :, xi] == masks).to(feats.dtype)
-                       for yi, xi, wt in taps])                                     # [4,B,H,W]
+    labels_lr = masks[:, cy][:, :, cx]  # [B,h,w]
+    wts = torch.stack(
+        [wt.expand(B, H, W) * (labels_lr[:, yi][:, :, xi] == masks).to(feats.dtype) for yi, xi, wt in taps]
+    )  # [4,B,H,W]
     total = wts.sum(0)
     wts = wts / torch.where(total == 0, torch.ones_like(total), total)
     out = sum(tap(k) * wts[k][:, None] for k in range(4))
@@ -125,9 +132,15 @@ def corner_mask_aware_upsample(feats: torch.Tensor, masks: Optional[torch.Tensor
     return out
 
 
-def upsample(feats: torch.Tensor, masks: Optional[torch.Tensor], size: Tuple[int, int], mode: str,
-             scale: Optional[Tuple[float, float]] = None, grid: str = "centres",
-             all_excluded: str = "bilinear") -> torch.Tensor:
+def upsample(
+    feats: torch.Tensor,
+    masks: Optional[torch.Tensor],
+    size: Tuple[int, int],
+    mode: str,
+    scale: Optional[Tuple[float, float]] = None,
+    grid: str = "centres",
+    all_excluded: str = "bilinear",
+) -> torch.Tensor:
     """Upsample patch features to the image: ``mode`` mask_aware | bilinear; ``grid`` corners
     (official, :func:`corner_mask_aware_upsample`) | centres (:func:`mask_aware_upsample`, whose
     all-excluded pixels fall back to bilinear)."""
@@ -144,24 +157,37 @@ def slic_masks(images: torch.Tensor, n_segments: int = 100, compactness: float =
     """SLIC superpixels (scikit-image) of ``images [B,3,H,W]`` in [0,1] -> labels ``[B,H,W]`` int64."""
     from skimage.segmentation import slic
 
-    out = [torch.from_numpy(np.ascontiguousarray(
-        slic(img.permute(1, 2, 0).detach().cpu().double().numpy(), n_segments=n_segments,
-             compactness=compactness, start_label=0, channel_axis=-1)).astype(np.int64))
-           for img in images]
+    out = [
+        torch.from_numpy(
+            np.ascontiguousarray(
+                slic(
+                    img.permute(1, 2, 0).detach().cpu().double().numpy(),
+                    n_segments=n_segments,
+                    compactness=compactness,
+                    start_label=0,
+                    channel_axis=-1,
+                )
+            ).astype(np.int64)
+        )
+        for img in images
+    ]
     return torch.stack(out).to(images.device)
 
 
-def segment_blend(feats: torch.Tensor, labels: torch.Tensor, alpha: float,
-                  valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+def segment_blend(
+    feats: torch.Tensor, labels: torch.Tensor, alpha: float, valid: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """``alpha * F + (1 - alpha) * mean_segment(F)`` for ``feats [B,C,H,W]``, ``labels [B,H,W]``.
 
     The segment mean is taken over the segment's ``valid`` pixels (those a Gaussian covers, when
     given); pixels of a segment with no valid pixel keep their own feature.
     """
     B, C, H, W = feats.shape
-    _, inv = torch.unique(labels.reshape(B, -1) + (torch.arange(B, device=labels.device) * (labels.max() + 1))[:, None],
-                          return_inverse=True)
-    inv = inv.reshape(-1)                                                           # [B*H*W]
+    _, inv = torch.unique(
+        labels.reshape(B, -1) + (torch.arange(B, device=labels.device) * (labels.max() + 1))[:, None],
+        return_inverse=True,
+    )
+    inv = inv.reshape(-1)  # [B*H*W]
     n = int(inv.max()) + 1
     f = feats.permute(0, 2, 3, 1).reshape(-1, C)
     wts = (valid.reshape(-1) if valid is not None else torch.ones_like(inv, dtype=torch.bool)).to(feats.dtype)

@@ -1,4 +1,5 @@
 """The DINO projection head and the distillation losses."""
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,15 @@ class DINOHead(nn.Module):
     cosines). Applied per pixel to ``[B, C, h, w]`` maps, returns ``[B, K, h, w]``.
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 num_layers: int = 3, train_gain: bool = True):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_layers: int = 3,
+        train_gain: bool = True,
+    ):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (num_layers - 1)
         layers = []
@@ -39,9 +47,9 @@ class DINOHead(nn.Module):
         nn.init.trunc_normal_(self.prototypes, std=0.02)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        x = feats.permute(0, 2, 3, 1)                                   # [B,h,w,C]
+        x = feats.permute(0, 2, 3, 1)  # [B,h,w,C]
         x = F.normalize(self.mlp(x), dim=-1)
-        logits = x @ (self.gain * F.normalize(self.prototypes, dim=-1)).t()   # [B,h,w,K]
+        logits = x @ (self.gain * F.normalize(self.prototypes, dim=-1)).t()  # [B,h,w,K]
         return logits.permute(0, 3, 1, 2)
 
     @torch.no_grad()
@@ -66,16 +74,24 @@ def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (x * w).sum() / w.sum().clamp_min(1.0)
 
 
-def dino_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                       student_temp: float = 1.0, teacher_temp: float = 1.0) -> torch.Tensor:
+def dino_cross_entropy(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, student_temp: float = 1.0, teacher_temp: float = 1.0
+) -> torch.Tensor:
     """Per-pixel ``-sum_k p_teacher log p_student`` ``[B,h,w]``; teacher detached, no centering."""
     p_t = F.softmax(teacher_logits.detach() / teacher_temp, dim=1)
     return -(p_t * F.log_softmax(student_logits / student_temp, dim=1)).sum(dim=1)
 
 
-def distill_loss(kind: str, student_feats: torch.Tensor, target_feats: torch.Tensor, valid: torch.Tensor,
-                 student_head: nn.Module | None = None, teacher_head: nn.Module | None = None,
-                 student_temp: float = 1.0, teacher_temp: float = 1.0):
+def distill_loss(
+    kind: str,
+    student_feats: torch.Tensor,
+    target_feats: torch.Tensor,
+    valid: torch.Tensor,
+    student_head: nn.Module | None = None,
+    teacher_head: nn.Module | None = None,
+    student_temp: float = 1.0,
+    teacher_temp: float = 1.0,
+):
     """Loss between student features and splatted teacher targets, both ``[B,C,h,w]``, on ``valid``.
 
     ``dino``: cross-entropy through the DINO heads (the method). Ablations: ``cosine`` (1 - cos on

@@ -1,4 +1,5 @@
 """The ``splat_distill`` method: the trainer behind the Method seam."""
+
 from __future__ import annotations
 
 import logging
@@ -19,6 +20,7 @@ from .views import ViewSampler
 
 log = logging.getLogger("bench")
 
+
 def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
     """Everything a run needs: ``(distiller, data, sampler, loop, step_fn)``.
 
@@ -32,25 +34,38 @@ def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
     m = cfg.method
     with dist.main_first():  # rank 0 generates a synthetic set once; the others then read it
         data = open_scenes(m.data, cfg.paths.data_dir)
-    sampler = ViewSampler([data.num_views(s) for s in data.scene_ids], m.views.gap, str(m.views.target),
-                          seed=int(cfg.seed))
+    sampler = ViewSampler(
+        [data.num_views(s) for s in data.scene_ids], m.views.gap, str(m.views.target), seed=int(cfg.seed)
+    )
     distiller = Distiller(backbone, m, device)
     distiller.precision = str(cfg.precision)
     distiller.grad_average = str(cfg.distributed.grad_average)
     if distiller.grad_average not in dist.GRAD_AVERAGES:
-        raise BenchError(f"distributed.grad_average='{distiller.grad_average}' is not a choice",
-                         f"use one of {dist.GRAD_AVERAGES}")
+        raise BenchError(
+            f"distributed.grad_average='{distiller.grad_average}' is not a choice", f"use one of {dist.GRAD_AVERAGES}"
+        )
     dist.seed_offset(int(cfg.seed))  # identical set-up on every rank, then per-rank dropout streams
     o = m.optim
     opt = torch.optim.Adam(distiller.parameters(), lr=float(o.lr))
     sched = one_cycle_cosine(opt, int(o.steps), float(o.warmup_pct))
     batch = int(o.batch_size)
     positions = dist.rank_slice(batch)
-    loop = TrainLoop(Path(workdir) / "checkpoints", int(o.steps), opt,
-                     {"student": distiller.student, "ema": distiller.ema, "sampler": sampler},
-                     scheduler=sched, ckpt_every=int(m.ckpt_every), keep_last=int(m.keep_last),
-                     grad_clip=o.grad_clip or None, progress=bool(m.progress), desc="splat_distill",
-                     log_every=int(m.log_every), log_dir=Path(workdir), images_per_step=3 * batch, device=device)
+    loop = TrainLoop(
+        Path(workdir) / "checkpoints",
+        int(o.steps),
+        opt,
+        {"student": distiller.student, "ema": distiller.ema, "sampler": sampler},
+        scheduler=sched,
+        ckpt_every=int(m.ckpt_every),
+        keep_last=int(m.keep_last),
+        grad_clip=o.grad_clip or None,
+        progress=bool(m.progress),
+        desc="splat_distill",
+        log_every=int(m.log_every),
+        log_dir=Path(workdir),
+        images_per_step=3 * batch,
+        device=device,
+    )
 
     def examples(step: int):  # this rank's examples of step ``step`` (runs in a loader worker)
         out = []
@@ -59,8 +74,13 @@ def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
             out.append(data.load_views(data.scene_ids[s], idx))
         return out
 
-    loader = StepLoader(examples, int(o.steps), int(cfg.loader.workers), int(cfg.loader.prefetch),
-                        pin_memory=str(device).startswith("cuda"))
+    loader = StepLoader(
+        examples,
+        int(o.steps),
+        int(cfg.loader.workers),
+        int(cfg.loader.prefetch),
+        pin_memory=str(device).startswith("cuda"),
+    )
 
     def step_fn(step: int):
         return distiller.loss(loader.get(step))
@@ -77,8 +97,11 @@ def distiller_size(m, data):
     return list(v["images"].shape[-2:])
 
 
-@METHODS.register("splat_distill", "Splat-and-Distill: EMA teacher features lifted onto feed-forward Gaussians, "
-                                   "splatted into a target view, distilled into a LoRA student (trains)")
+@METHODS.register(
+    "splat_distill",
+    "Splat-and-Distill: EMA teacher features lifted onto feed-forward Gaussians, "
+    "splatted into a target view, distilled into a LoRA student (trains)",
+)
 class SplatDistill:
     """Train a backbone with Splat-and-Distill; resumable from ``workdir``.
 
@@ -99,11 +122,21 @@ class SplatDistill:
 
         H, W = (int(x) for x in distiller_size(cfg.method, data))
         grid = distiller.student_grid(H, W)
-        log.info("splat_distill: %d scenes, %d steps x global batch %d (%d rank(s) x %d), %s, device %s, "
-                 "precision %s, %dx%d views -> student grid %dx%d", len(data.scene_ids), loop.total_steps,
-                 int(cfg.method.optim.batch_size), dist.world_size(),
-                 dist.per_rank_batch(int(cfg.method.optim.batch_size)), cfg.method.reconstructor.name, device,
-                 distiller.precision, H, W, *grid)
+        log.info(
+            "splat_distill: %d scenes, %d steps x global batch %d (%d rank(s) x %d), %s, device %s, "
+            "precision %s, %dx%d views -> student grid %dx%d",
+            len(data.scene_ids),
+            loop.total_steps,
+            int(cfg.method.optim.batch_size),
+            dist.world_size(),
+            dist.per_rank_batch(int(cfg.method.optim.batch_size)),
+            cfg.method.reconstructor.name,
+            device,
+            distiller.precision,
+            H,
+            W,
+            *grid,
+        )
         with dist.main_first():  # rank 0 generates the held-out diagnostics set once
             diag = Diagnostics(cfg.method, (H, W), cfg.paths.data_dir, device)
             diag.start(distiller.backbone, distiller.initial_weights)
@@ -112,8 +145,13 @@ class SplatDistill:
         def logged_step(step: int):
             loss, extra = step_fn(step)
             if loop.main and ((step + 1) % log_every == 0 or step == 0):
-                log.info("splat_distill step %d/%d: ce %.5f %s", step + 1, loop.total_steps, float(loss.detach()),
-                         " ".join(f"{k} {v:.4g}" for k, v in extra.items()))
+                log.info(
+                    "splat_distill step %d/%d: ce %.5f %s",
+                    step + 1,
+                    loop.total_steps,
+                    float(loss.detach()),
+                    " ".join(f"{k} {v:.4g}" for k, v in extra.items()),
+                )
             return loss, extra
 
         history = loop.run(logged_step, after_step=distiller.update_teacher, stop_after=stop_after)

@@ -28,6 +28,7 @@ Everything in the depth predictor runs in (view, batch) order, as in MVSplat. En
     enc = MVSplatEncoder.from_checkpoint("re10k.ckpt")
     out = enc({"image": ..., "intrinsics": ..., "extrinsics": ..., "near": ..., "far": ...})
 """
+
 from __future__ import annotations
 
 import math
@@ -48,11 +49,25 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: the RE10K configuration of the public checkpoint (MVSplat config/experiment/re10k.yaml over
 #: config/model/encoder/costvolume.yaml)
-RE10K = dict(d_feature=128, num_depth_candidates=128, num_views=2, attn_splits=2,
-             costvolume_unet_feat_dim=128, costvolume_unet_channel_mult=(1, 1, 1), costvolume_unet_attn_res=(4,),
-             depth_unet_feat_dim=32, depth_unet_channel_mult=(1, 1, 1, 1, 1), depth_unet_attn_res=(16,),
-             scale_min=0.5, scale_max=15.0, sh_degree=4, opacity_initial=0.0, opacity_final=0.0, opacity_warm_up=1,
-             downscale=4)
+RE10K = dict(
+    d_feature=128,
+    num_depth_candidates=128,
+    num_views=2,
+    attn_splits=2,
+    costvolume_unet_feat_dim=128,
+    costvolume_unet_channel_mult=(1, 1, 1),
+    costvolume_unet_attn_res=(4,),
+    depth_unet_feat_dim=32,
+    depth_unet_channel_mult=(1, 1, 1, 1, 1),
+    depth_unet_attn_res=(16,),
+    scale_min=0.5,
+    scale_max=15.0,
+    sh_degree=4,
+    opacity_initial=0.0,
+    opacity_final=0.0,
+    opacity_warm_up=1,
+    downscale=4,
+)
 SIZE_MULTIPLE = 16  # two stride-2 levels at 1/4 resolution, four at full resolution
 
 
@@ -103,7 +118,7 @@ def sine_position(h: int, w: int, channels: int, device, dtype=torch.float32) ->
     xs = torch.arange(1, w + 1, dtype=torch.float32, device=device) / (w + 1e-6) * (2 * math.pi)
     i = torch.arange(half, dtype=torch.float32, device=device)
     freq = 10000.0 ** (2 * torch.div(i, 2, rounding_mode="floor") / half)
-    even = (i % 2 == 0)
+    even = i % 2 == 0
 
     def enc(t: Tensor) -> Tensor:  # [n] -> [half, n]
         a = t[None, :] / freq[:, None]
@@ -136,12 +151,12 @@ def _shift_mask(h: int, w: int, k: int, device) -> Tensor:
 
     def bands(n: int, win: int, shift: int) -> Tensor:
         r = torch.zeros(n, dtype=torch.float32, device=device)
-        r[n - win:n - shift] = 1
-        r[n - shift:] = 2
+        r[n - win : n - shift] = 1
+        r[n - shift :] = 2
         return r
 
     region = bands(h, wh, sh)[:, None] * 3 + bands(w, ww, sw)[None, :]
-    lab = _windows(region[None, :, :, None], k)[..., 0]             # [k*k, L]
+    lab = _windows(region[None, :, :, None], k)[..., 0]  # [k*k, L]
     diff = lab[:, None, :] - lab[:, :, None]
     return torch.where(diff != 0, torch.full_like(diff, -100.0), torch.zeros_like(diff))
 
@@ -157,8 +172,9 @@ class _AttnLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d)
         self.ffn = ffn
         if ffn:
-            self.mlp = nn.Sequential(nn.Linear(2 * d, 2 * d * expansion, bias=False), nn.GELU(),
-                                     nn.Linear(2 * d * expansion, d, bias=False))
+            self.mlp = nn.Sequential(
+                nn.Linear(2 * d, 2 * d * expansion, bias=False), nn.GELU(), nn.Linear(2 * d * expansion, d, bias=False)
+            )
             self.norm2 = nn.LayerNorm(d)
 
     def forward(self, x: Tensor, kv: Tensor, h: int, w: int, k: int, mask: Tensor | None) -> Tensor:
@@ -199,9 +215,9 @@ class _Transformer(nn.Module):
             raise BenchError(f"the MVSplat encoder takes 2 context views, got {V}", "pass exactly 2 context views")
         B, C, h, w = feats[0].shape
         mask = _shift_mask(h, w, k, feats[0].device)
-        x = torch.cat([f.flatten(2).transpose(1, 2) for f in feats])               # [(v b), L, C]
+        x = torch.cat([f.flatten(2).transpose(1, 2) for f in feats])  # [(v b), L, C]
         for i, blk in enumerate(self.layers):
-            other = torch.cat([x[B:], x[:B]])                                        # the other view
+            other = torch.cat([x[B:], x[:B]])  # the other view
             m = mask if i % 2 == 1 else None
             x = blk.self_attn(x, x, h, w, k, m)
             x = blk.cross_attn_ffn(x, other, h, w, k, m)
@@ -248,10 +264,10 @@ class _UAttention(nn.Module):
         N, C, h, w = x.shape
         V, B, T = self.views, N // self.views, h * w
         x = x.reshape(N, C, T)
-        qkv = self.qkv(x).reshape(V, B, 3 * C, T).permute(1, 2, 0, 3).reshape(B, 3 * C, V * T)   # (v b) -> b, (v t)
+        qkv = self.qkv(x).reshape(V, B, 3 * C, T).permute(1, 2, 0, 3).reshape(B, 3 * C, V * T)  # (v b) -> b, (v t)
         ch = C // self.heads
         q, k, v = qkv.reshape(B * self.heads, 3 * ch, V * T).split(ch, dim=1)
-        s = ch ** -0.25
+        s = ch**-0.25
         wts = torch.einsum("nct,ncs->nts", q * s, k * s).float().softmax(-1).to(q.dtype)
         a = torch.einsum("nts,ncs->nct", wts, v).reshape(B, C, V, T).permute(2, 0, 1, 3).reshape(N, C, T)
         h_ = self.norm(self.proj_out(a))
@@ -329,21 +345,30 @@ class _DepthPredictor(nn.Module):
         cu, du = cfg["costvolume_unet_feat_dim"], cfg["depth_unet_feat_dim"]
         self.num_depths, self.up = D, cfg["downscale"]
         self.corr_refine_net = nn.Sequential(
-            nn.Conv2d(D + C, cu, 3, 1, 1), nn.GroupNorm(8, cu), nn.GELU(),
+            nn.Conv2d(D + C, cu, 3, 1, 1),
+            nn.GroupNorm(8, cu),
+            nn.GELU(),
             _UNet(cu, tuple(cfg["costvolume_unet_channel_mult"]), tuple(cfg["costvolume_unet_attn_res"]), V),
-            nn.Conv2d(cu, D, 3, 1, 1))
+            nn.Conv2d(cu, D, 3, 1, 1),
+        )
         self.regressor_residual = nn.Conv2d(D + C, D, 1)
         self.depth_head_lowres = nn.Sequential(nn.Conv2d(D, 2 * D, 3, 1, 1), nn.GELU(), nn.Conv2d(2 * D, D, 3, 1, 1))
-        self.upsampler = nn.Sequential(nn.Conv2d(2 * C, C, 3, 1, 1),
-                                       nn.Upsample(scale_factor=self.up, mode="bilinear", align_corners=True),
-                                       nn.GELU())
+        self.upsampler = nn.Sequential(
+            nn.Conv2d(2 * C, C, 3, 1, 1),
+            nn.Upsample(scale_factor=self.up, mode="bilinear", align_corners=True),
+            nn.GELU(),
+        )
         self.proj_feature = nn.Conv2d(C, du, 3, 1, 1)
         self.refine_unet = nn.Sequential(
-            nn.Conv2d(3 + du + 2, du, 3, 1, 1), nn.GroupNorm(4, du), nn.GELU(),
-            _UNet(du, tuple(cfg["depth_unet_channel_mult"]), tuple(cfg["depth_unet_attn_res"]), V))
+            nn.Conv2d(3 + du + 2, du, 3, 1, 1),
+            nn.GroupNorm(4, du),
+            nn.GELU(),
+            _UNet(du, tuple(cfg["depth_unet_channel_mult"]), tuple(cfg["depth_unet_attn_res"]), V),
+        )
         raw = 2 + 7 + 3 * (cfg["sh_degree"] + 1) ** 2
-        self.to_gaussians = nn.Sequential(nn.Conv2d(du + 3 + C, 2 * raw, 3, 1, 1), nn.GELU(),
-                                          nn.Conv2d(2 * raw, raw, 3, 1, 1))
+        self.to_gaussians = nn.Sequential(
+            nn.Conv2d(du + 3 + C, 2 * raw, 3, 1, 1), nn.GELU(), nn.Conv2d(2 * raw, raw, 3, 1, 1)
+        )
         self.to_disparity = nn.Sequential(nn.Conv2d(du, 2 * du, 3, 1, 1), nn.GELU(), nn.Conv2d(2 * du, 2, 3, 1, 1))
 
 
@@ -368,17 +393,19 @@ def plane_sweep(feat: Tensor, other: Tensor, K: Tensor, pose: Tensor, depths: Te
     N, C, h, w = other.shape
     D = depths.shape[1]
     with torch.no_grad():
-        ys, xs = torch.meshgrid(torch.arange(h, device=feat.device, dtype=feat.dtype),
-                                torch.arange(w, device=feat.device, dtype=feat.dtype), indexing="ij")
+        ys, xs = torch.meshgrid(
+            torch.arange(h, device=feat.device, dtype=feat.dtype),
+            torch.arange(w, device=feat.device, dtype=feat.dtype),
+            indexing="ij",
+        )
         pix = torch.stack([xs, ys, torch.ones_like(xs)]).reshape(1, 3, h * w).expand(N, 3, h * w)
-        rays = torch.linalg.inv(K) @ pix                                              # [N,3,hw]
-        pts = (pose[:, :3, :3] @ rays)[:, :, None, :] * depths[:, None, :, None]       # [N,3,D,hw]
+        rays = torch.linalg.inv(K) @ pix  # [N,3,hw]
+        pts = (pose[:, :3, :3] @ rays)[:, :, None, :] * depths[:, None, :, None]  # [N,3,D,hw]
         pts = pts + pose[:, :3, 3][:, :, None, None]
         proj = (K @ pts.reshape(N, 3, D * h * w)).reshape(N, 3, D, h * w)
         xy = proj[:, :2] / proj[:, 2:].clamp(min=1e-3)
-        grid = torch.stack([2 * xy[:, 0] / (w - 1) - 1, 2 * xy[:, 1] / (h - 1) - 1], -1)   # [N,D,hw,2]
-    out = F.grid_sample(other, grid.reshape(N, D * h, w, 2), mode="bilinear", padding_mode="zeros",
-                        align_corners=True)
+        grid = torch.stack([2 * xy[:, 0] / (w - 1) - 1, 2 * xy[:, 1] / (h - 1) - 1], -1)  # [N,D,hw,2]
+    out = F.grid_sample(other, grid.reshape(N, D * h, w, 2), mode="bilinear", padding_mode="zeros", align_corners=True)
     return out.reshape(N, C, D, h, w)
 
 
@@ -394,7 +421,7 @@ def _real_generators(l: int) -> Tensor:
     """
     n = 2 * l + 1
     m = [float(x) for x in range(-l, l + 1)]
-    jp = torch.zeros(n, n, dtype=torch.complex128)      # J+ |m> = sqrt(l(l+1) - m(m+1)) |m+1>
+    jp = torch.zeros(n, n, dtype=torch.complex128)  # J+ |m> = sqrt(l(l+1) - m(m+1)) |m+1>
     for i in range(n - 1):
         jp[i + 1, i] = math.sqrt(l * (l + 1) - m[i] * (m[i] + 1))
     jm = jp.conj().T
@@ -412,7 +439,7 @@ def _real_generators(l: int) -> Tensor:
             Q[r, l + a], Q[r, l - a] = (-1) ** a * s, 1j * (-1) ** a * s
     Q = (-1j) ** l * Q
     real = []
-    for J in (jx, jy, jz):                              # anti-Hermitian -iJ, seen in the real basis
+    for J in (jx, jy, jz):  # anti-Hermitian -iJ, seen in the real basis
         g = Q.conj().T @ (-1j * J) @ Q
         assert float(g.imag.abs().max()) < 1e-9
         real.append(g.real)
@@ -427,7 +454,7 @@ def _axis_map() -> tuple[tuple[int, float], ...]:
     eps = torch.zeros(3, 3, 3, dtype=torch.float64)
     for a, b, c in ((0, 1, 2), (1, 2, 0), (2, 0, 1)):
         eps[a, b, c], eps[a, c, b] = 1, -1
-    L = -eps                                             # (L_a)_bc = -eps_abc: d/dt of rotation about a
+    L = -eps  # (L_a)_bc = -eps_abc: d/dt of rotation about a
     out = []
     for a in range(3):
         for j in range(3):
@@ -447,10 +474,12 @@ def _rotmat_to_axis_angle(R: Tensor) -> Tensor:
     best = cand.argmax(-1)
     d = torch.sqrt(cand.gather(-1, best[..., None])[..., 0].clamp_min(1e-300)) * 2  # 4 * |largest component|
     a21, a12, a02, a20, a10, a01 = R[..., 2, 1], R[..., 1, 2], R[..., 0, 2], R[..., 2, 0], R[..., 1, 0], R[..., 0, 1]
-    qs = [torch.stack([d / 4, (a21 - a12) / d, (a02 - a20) / d, (a10 - a01) / d], -1),
-          torch.stack([(a21 - a12) / d, d / 4, (a01 + a10) / d, (a02 + a20) / d], -1),
-          torch.stack([(a02 - a20) / d, (a01 + a10) / d, d / 4, (a12 + a21) / d], -1),
-          torch.stack([(a10 - a01) / d, (a02 + a20) / d, (a12 + a21) / d, d / 4], -1)]
+    qs = [
+        torch.stack([d / 4, (a21 - a12) / d, (a02 - a20) / d, (a10 - a01) / d], -1),
+        torch.stack([(a21 - a12) / d, d / 4, (a01 + a10) / d, (a02 + a20) / d], -1),
+        torch.stack([(a02 - a20) / d, (a01 + a10) / d, d / 4, (a12 + a21) / d], -1),
+        torch.stack([(a10 - a01) / d, (a02 + a20) / d, (a12 + a21) / d, d / 4], -1),
+    ]
     q = torch.stack(qs, -2).gather(-2, best[..., None, None].expand(*best.shape, 1, 4))[..., 0, :]  # wxyz
     q = q * torch.where(q[..., :1] < 0, -1.0, 1.0)
     v = q[..., 1:]
@@ -464,8 +493,10 @@ def wigner_d(l: int, R: Tensor) -> Tensor:
     (the basis MVSplat's harmonics live in); ``wigner_d(1, R) == R``. Computed in float64."""
     det = torch.linalg.det(R.double())
     if not torch.allclose(det, torch.ones_like(det), atol=1e-3):
-        raise BenchError("a camera rotation is not a proper rotation (det != 1)",
-                         "pass camera-to-world extrinsics whose rotation part is orthonormal with det +1")
+        raise BenchError(
+            "a camera rotation is not a proper rotation (det != 1)",
+            "pass camera-to-world extrinsics whose rotation part is orthonormal with det +1",
+        )
     w = _rotmat_to_axis_angle(R)
     G = _real_generators(l)
     gen = sum(sign * w[..., a, None, None] * G[j] for a, (j, sign) in enumerate(_axis_map()))
@@ -477,7 +508,7 @@ def rotate_harmonics(sh: Tensor, R: Tensor) -> Tensor:
     out = []
     for l in range(math.isqrt(sh.shape[-1])):
         Dl = wigner_d(l, R).to(sh.dtype)
-        out.append((Dl @ sh[..., l * l:(l + 1) ** 2, None])[..., 0])
+        out.append((Dl @ sh[..., l * l : (l + 1) ** 2, None])[..., 0])
     return torch.cat(out, -1)
 
 
@@ -502,8 +533,8 @@ def _sh_polynomial(l: int) -> tuple[Tensor, Tensor]:
     exps = torch.tensor([(a, b, l - a - b) for a in range(l + 1) for b in range(l + 1 - a)], dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
     d = F.normalize(torch.randn(8 * len(exps) + 8, 3, generator=g, dtype=torch.float64), dim=-1)
-    mono = (d[:, None, :] ** exps[None]).prod(-1)                                   # [S,M]
-    coef = torch.linalg.lstsq(mono, _d_column_at(l, d)).solution                   # [M,2l+1]
+    mono = (d[:, None, :] ** exps[None]).prod(-1)  # [S,M]
+    coef = torch.linalg.lstsq(mono, _d_column_at(l, d)).solution  # [M,2l+1]
     return exps, coef
 
 
@@ -517,7 +548,7 @@ def eval_harmonics(sh: Tensor, dirs: Tensor) -> Tensor:
         exps, coef = _sh_polynomial(l)
         mono = (dirs.double()[..., None, :] ** exps.to(dirs.device)).prod(-1)
         vals.append(mono @ coef.to(dirs.device) * math.sqrt((2 * l + 1) / (4 * math.pi)))
-    basis = torch.cat(vals, -1).to(sh.dtype)                     # [...,n]
+    basis = torch.cat(vals, -1).to(sh.dtype)  # [...,n]
     return (sh * basis[..., None, :]).sum(-1)
 
 
@@ -531,9 +562,20 @@ def quat_xyzw_to_rotmat(q: Tensor, eps: float = 1e-8) -> Tensor:
     """xyzw quaternions (any norm) -> rotation matrices, with the factor 2 / (|q|^2 + eps)."""
     x, y, z, w = q.unbind(-1)
     s = 2 / ((q * q).sum(-1) + eps)
-    return torch.stack([1 - s * (y * y + z * z), s * (x * y - z * w), s * (x * z + y * w),
-                        s * (x * y + z * w), 1 - s * (x * x + z * z), s * (y * z - x * w),
-                        s * (x * z - y * w), s * (y * z + x * w), 1 - s * (x * x + y * y)], -1).reshape(*q.shape[:-1], 3, 3)
+    return torch.stack(
+        [
+            1 - s * (y * y + z * z),
+            s * (x * y - z * w),
+            s * (x * z + y * w),
+            s * (x * y + z * w),
+            1 - s * (x * x + z * z),
+            s * (y * z - x * w),
+            s * (x * z - y * w),
+            s * (y * z + x * w),
+            1 - s * (x * x + y * y),
+        ],
+        -1,
+    ).reshape(*q.shape[:-1], 3, 3)
 
 
 # ==================================================================================== the encoder
@@ -568,7 +610,7 @@ class MVSplatEncoder(nn.Module):
         """1 for degree 0, 0.1 * 0.25^l for degree l: damps the view-dependent coefficients."""
         mask = torch.ones((self.cfg["sh_degree"] + 1) ** 2)
         for l in range(1, self.cfg["sh_degree"] + 1):
-            mask[l * l:(l + 1) ** 2] = 0.1 * 0.25 ** l
+            mask[l * l : (l + 1) ** 2] = 0.1 * 0.25**l
         return mask
 
     # -- loading ---------------------------------------------------------------------------------
@@ -578,9 +620,11 @@ class MVSplatEncoder(nn.Module):
         (safetensors / torch file), prefix removed; other keys (decoder, losses, ...) are ignored."""
         path = Path(path)
         if not path.is_file():
-            raise CheckpointError(f"MVSplat checkpoint {path} does not exist",
-                                  "download MVSplat's re10k.ckpt (github donydchen/mvsplat, README 'pretrained "
-                                  "models') and pass its path as method.reconstructor.checkpoint")
+            raise CheckpointError(
+                f"MVSplat checkpoint {path} does not exist",
+                "download MVSplat's re10k.ckpt (github donydchen/mvsplat, README 'pretrained "
+                "models') and pass its path as method.reconstructor.checkpoint",
+            )
         try:
             if path.suffix == ".safetensors":
                 from safetensors.torch import load_file
@@ -593,39 +637,51 @@ class MVSplatEncoder(nn.Module):
                     # checkpoints may pickle hyper-parameter objects that the safe reader refuses
                     sd = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
-            raise CheckpointError(f"cannot read MVSplat checkpoint {path}: {type(e).__name__}: {e}",
-                                  "pass MVSplat's re10k.ckpt (a Lightning checkpoint) or a safetensors/pt "
-                                  "file of its encoder.* weights") from e
+            raise CheckpointError(
+                f"cannot read MVSplat checkpoint {path}: {type(e).__name__}: {e}",
+                "pass MVSplat's re10k.ckpt (a Lightning checkpoint) or a safetensors/pt file of its encoder.* weights",
+            ) from e
         if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
             sd = sd["state_dict"]
         if not isinstance(sd, dict):
             raise CheckpointError(f"{path} holds no state dict", "pass MVSplat's re10k.ckpt or an encoder.* state dict")
-        enc = {k[len("encoder."):]: v for k, v in sd.items() if isinstance(k, str) and k.startswith("encoder.")}
+        enc = {k[len("encoder.") :]: v for k, v in sd.items() if isinstance(k, str) and k.startswith("encoder.")}
         if not enc:
             some = ", ".join(sorted(str(k) for k in sd)[:4])
-            raise CheckpointError(f"{path} has no encoder.* keys (found {len(sd)} keys, e.g. {some})",
-                                  "pass MVSplat's re10k.ckpt, whose state_dict holds the encoder under 'encoder.'")
+            raise CheckpointError(
+                f"{path} has no encoder.* keys (found {len(sd)} keys, e.g. {some})",
+                "pass MVSplat's re10k.ckpt, whose state_dict holds the encoder under 'encoder.'",
+            )
         return enc
 
     def load_encoder_state(self, sd: Mapping[str, Tensor], source: str = "checkpoint", assign: bool = False) -> None:
         """Strict load (names and shapes); the error names the missing/unexpected/mis-shaped keys."""
         own = self.state_dict()
         missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-        shapes = [f"encoder.{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sorted(set(own) & set(sd)) if tuple(own[k].shape) != tuple(sd[k].shape)]
+        shapes = [
+            f"encoder.{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in sorted(set(own) & set(sd))
+            if tuple(own[k].shape) != tuple(sd[k].shape)
+        ]
         if missing or unexpected or shapes:
             parts = []
             if missing:
-                parts.append(f"{len(missing)} missing keys ({', '.join('encoder.' + k for k in missing[:6])}"
-                             f"{', ...' if len(missing) > 6 else ''})")
+                parts.append(
+                    f"{len(missing)} missing keys ({', '.join('encoder.' + k for k in missing[:6])}"
+                    f"{', ...' if len(missing) > 6 else ''})"
+                )
             if unexpected:
-                parts.append(f"{len(unexpected)} unexpected keys ({', '.join('encoder.' + k for k in unexpected[:6])}"
-                             f"{', ...' if len(unexpected) > 6 else ''})")
+                parts.append(
+                    f"{len(unexpected)} unexpected keys ({', '.join('encoder.' + k for k in unexpected[:6])}"
+                    f"{', ...' if len(unexpected) > 6 else ''})"
+                )
             if shapes:
                 parts.append("shape mismatch (" + ", ".join(shapes[:4]) + ")")
-            raise CheckpointError(f"{source} is not an MVSplat RE10K-configuration encoder: " + "; ".join(parts),
-                                  "pass MVSplat's re10k.ckpt (128 depth candidates, 2 context views); other "
-                                  "MVSplat configurations are not supported")
+            raise CheckpointError(
+                f"{source} is not an MVSplat RE10K-configuration encoder: " + "; ".join(parts),
+                "pass MVSplat's re10k.ckpt (128 depth candidates, 2 context views); other "
+                "MVSplat configurations are not supported",
+            )
         self.load_state_dict(dict(sd), strict=True, assign=assign)
 
     @classmethod
@@ -635,8 +691,11 @@ class MVSplatEncoder(nn.Module):
         sd = cls.read_encoder_state(path)
         with torch.device("meta"):
             enc = cls()
-        enc.load_encoder_state({k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
-                               source=f"MVSplat checkpoint {path}", assign=True)
+        enc.load_encoder_state(
+            {k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
+            source=f"MVSplat checkpoint {path}",
+            assign=True,
+        )
         enc.sh_mask = enc._sh_mask()
         return enc.eval()
 
@@ -647,28 +706,39 @@ class MVSplatEncoder(nn.Module):
             raise BenchError(f"MVSplat context lacks {missing}", f"pass a dict with {list(CONTEXT_KEYS)}")
         img = context["image"]
         if img.dim() != 5 or img.shape[2] != 3:
-            raise BenchError(f"MVSplat context image must be [B,V,3,H,W], got {tuple(img.shape)}",
-                             "stack the context views as [batch, views, 3, H, W]")
+            raise BenchError(
+                f"MVSplat context image must be [B,V,3,H,W], got {tuple(img.shape)}",
+                "stack the context views as [batch, views, 3, H, W]",
+            )
         B, V, _, H, W = img.shape
         if V != self.cfg["num_views"]:
-            raise BenchError(f"the MVSplat encoder takes {self.cfg['num_views']} context views, got {V}",
-                             "pass exactly 2 context views")
+            raise BenchError(
+                f"the MVSplat encoder takes {self.cfg['num_views']} context views, got {V}",
+                "pass exactly 2 context views",
+            )
         if H % SIZE_MULTIPLE or W % SIZE_MULTIPLE:
-            raise BenchError(f"MVSplat needs image sizes that are multiples of {SIZE_MULTIPLE}, got {H}x{W}",
-                             f"crop or resize the views to multiples of {SIZE_MULTIPLE} (e.g. "
-                             f"{H // SIZE_MULTIPLE * SIZE_MULTIPLE}x{W // SIZE_MULTIPLE * SIZE_MULTIPLE})")
+            raise BenchError(
+                f"MVSplat needs image sizes that are multiples of {SIZE_MULTIPLE}, got {H}x{W}",
+                f"crop or resize the views to multiples of {SIZE_MULTIPLE} (e.g. "
+                f"{H // SIZE_MULTIPLE * SIZE_MULTIPLE}x{W // SIZE_MULTIPLE * SIZE_MULTIPLE})",
+            )
         for k, shape in (("intrinsics", (B, V, 3, 3)), ("extrinsics", (B, V, 4, 4)), ("near", (B, V)), ("far", (B, V))):
             if tuple(context[k].shape) != shape:
-                raise BenchError(f"MVSplat context {k} must be {list(shape)}, got {list(context[k].shape)}",
-                                 "see MVSplatEncoder's docstring for the context format")
+                raise BenchError(
+                    f"MVSplat context {k} must be {list(shape)}, got {list(context[k].shape)}",
+                    "see MVSplatEncoder's docstring for the context format",
+                )
         near, far = context["near"], context["far"]
         if not bool(((near > 0) & (far > near)).all()):
-            raise BenchError("MVSplat needs 0 < near < far for every context view",
-                             "set method.reconstructor.near / far to the scene's depth range")
+            raise BenchError(
+                "MVSplat needs 0 < near < far for every context view",
+                "set method.reconstructor.near / far to the scene's depth range",
+            )
         return B, V, H, W
 
-    def forward(self, context: Mapping[str, Tensor], global_step: int = 0,
-                intermediates: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, context: Mapping[str, Tensor], global_step: int = 0, intermediates: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         B, V, H, W = self.check_context(context)
         cfg, dp = self.cfg, self.depth_predictor
         inter = intermediates if intermediates is not None else {}
@@ -684,19 +754,21 @@ class MVSplatEncoder(nn.Module):
         cnn = cnn.reshape(B, V, C, h, w)
         k = cfg["attn_splits"]
         if h % k or w % k:
-            raise BenchError(f"feature map {h}x{w} does not split into {k}x{k} windows",
-                             f"use image sizes that are multiples of {SIZE_MULTIPLE}")
+            raise BenchError(
+                f"feature map {h}x{w} does not split into {k}x{k} windows",
+                f"use image sizes that are multiples of {SIZE_MULTIPLE}",
+            )
         pos = sine_position(h // k, w // k, C, images.device, dtype).repeat(1, k, k)
         views = [cnn[:, i] + pos for i in range(V)]
         for i, t in enumerate(views):
             inter[f"inter.transformer_input.view{i}"] = t
-        trans = torch.stack(self.backbone.transformer(views, k), 1)                  # [B,V,C,h,w]
+        trans = torch.stack(self.backbone.transformer(views, k), 1)  # [B,V,C,h,w]
         inter["inter.backbone_cnn_features"], inter["inter.backbone_trans_features"] = cnn, trans
         # ---- cost volume, in (v b) order
         feat = _vb(trans)
         other = _vb(trans[:, [1, 0]])
         E = context["extrinsics"]
-        rel = torch.linalg.inv(E[:, 1]) @ E[:, 0]                                      # ref cam 0 -> cam 1
+        rel = torch.linalg.inv(E[:, 1]) @ E[:, 0]  # ref cam 0 -> cam 1
         pose = torch.cat([rel, torch.linalg.inv(rel)])
         K = _vb(context["intrinsics"]).clone()
         K[:, 0] *= float(w)
@@ -713,13 +785,19 @@ class MVSplatEncoder(nn.Module):
         u_out = net[3](u_in)
         refined = net[4](u_out)
         resid = dp.regressor_residual(cv_in)
-        inter.update({"inter.costvolume_unet_in": u_in, "inter.costvolume_unet_out": u_out,
-                      "inter.corr_refine_out": refined, "inter.corr_residual_out": resid})
+        inter.update(
+            {
+                "inter.costvolume_unet_in": u_in,
+                "inter.costvolume_unet_out": u_out,
+                "inter.corr_refine_out": refined,
+                "inter.corr_residual_out": resid,
+            }
+        )
         logits = dp.depth_head_lowres(refined + resid)
         inter["inter.depth_logits_lowres"] = logits
         pdf = logits.softmax(1)
         coarse = (disp[:, :, None, None] * pdf).sum(1, keepdim=True)
-        peak = F.interpolate(pdf.max(1, keepdim=True)[0], scale_factor=dp.up)            # nearest
+        peak = F.interpolate(pdf.max(1, keepdim=True)[0], scale_factor=dp.up)  # nearest
         full = F.interpolate(coarse, scale_factor=dp.up, mode="bilinear", align_corners=True)
         # ---- refinement and heads at full resolution
         imgs = _vb(images)
@@ -729,47 +807,62 @@ class MVSplatEncoder(nn.Module):
         rn = dp.refine_unet
         r_uin = rn[2](rn[1](rn[0](r_in)))
         r_out = rn[3](r_uin)
-        inter.update({"inter.upsampler_out": up, "inter.refine_in": r_in, "inter.refine_unet_in": r_uin,
-                      "inter.refine_out": r_out})
-        raw = dp.to_gaussians(torch.cat([r_out, imgs, up], 1))                          # [(vb),84,H,W]
+        inter.update(
+            {
+                "inter.upsampler_out": up,
+                "inter.refine_in": r_in,
+                "inter.refine_unet_in": r_uin,
+                "inter.refine_out": r_out,
+            }
+        )
+        raw = dp.to_gaussians(torch.cat([r_out, imgs, up], 1))  # [(vb),84,H,W]
         dd = dp.to_disparity(r_out)
         inter["inter.delta_disp_and_raw_density"] = dd
         density = torch.sigmoid(dd[:, 1:2])
         fine = (full + dd[:, :1]).clamp(lo[:, :, None, None], hi[:, :, None, None])
-        depth = _bv((1.0 / fine)[:, 0], B)                                               # [B,V,H,W]
+        depth = _bv((1.0 / fine)[:, 0], B)  # [B,V,H,W]
         density = _bv(density[:, 0], B)
-        raw = _bv(raw, B).flatten(3).transpose(2, 3)                                     # [B,V,HW,84]
+        raw = _bv(raw, B).flatten(3).transpose(2, 3)  # [B,V,HW,84]
         out = self.adapt(raw, depth, density, context, global_step, inter)
         out.update(depths=depth, densities=density, raw_gaussians=raw)
         return out
 
     def opacity(self, density: Tensor, global_step: int) -> Tensor:
         cfg = self.cfg
-        x = cfg["opacity_initial"] + min(global_step / cfg["opacity_warm_up"], 1) * (cfg["opacity_final"] - cfg["opacity_initial"])
-        e = 2.0 ** x
+        x = cfg["opacity_initial"] + min(global_step / cfg["opacity_warm_up"], 1) * (
+            cfg["opacity_final"] - cfg["opacity_initial"]
+        )
+        e = 2.0**x
         return 0.5 * (1 - (1 - density) ** e + density ** (1 / e))
 
-    def adapt(self, raw: Tensor, depth: Tensor, density: Tensor, context: Mapping[str, Tensor], global_step: int,
-              inter: dict[str, Tensor]) -> dict[str, Tensor]:
+    def adapt(
+        self,
+        raw: Tensor,
+        depth: Tensor,
+        density: Tensor,
+        context: Mapping[str, Tensor],
+        global_step: int,
+        inter: dict[str, Tensor],
+    ) -> dict[str, Tensor]:
         """Raw head output ``[B,V,HW,84]`` + depths -> world-space Gaussians (MVSplat's GaussianAdapter)."""
         B, V, HW, _ = raw.shape
         H, W = depth.shape[-2:]
         cfg = self.cfg
         dev, dt = raw.device, raw.dtype
         ys, xs = torch.meshgrid(torch.arange(H, device=dev), torch.arange(W, device=dev), indexing="ij")
-        centre = torch.stack([(xs.reshape(-1) + 0.5) / W, (ys.reshape(-1) + 0.5) / H], -1).to(dt)   # [HW,2]
+        centre = torch.stack([(xs.reshape(-1) + 0.5) / W, (ys.reshape(-1) + 0.5) / H], -1).to(dt)  # [HW,2]
         pix = torch.tensor([1.0 / W, 1.0 / H], dtype=dt, device=dev)
-        xy = centre + (raw[..., :2].sigmoid() - 0.5) * pix                                        # [B,V,HW,2]
+        xy = centre + (raw[..., :2].sigmoid() - 0.5) * pix  # [B,V,HW,2]
         inter["inter.adapter_xy"] = xy[:, :, :, None, None, :]
         Kn, E = context["intrinsics"], context["extrinsics"]
         d = depth.reshape(B, V, HW)
-        mult = 0.1 * (torch.linalg.inv(Kn[..., :2, :2]) @ pix).sum(-1)                            # [B,V]
+        mult = 0.1 * (torch.linalg.inv(Kn[..., :2, :2]) @ pix).sum(-1)  # [B,V]
         scales = cfg["scale_min"] + (cfg["scale_max"] - cfg["scale_min"]) * raw[..., 2:5].sigmoid()
         scales = scales * d[..., None] * mult[:, :, None, None]
         q = raw[..., 5:9]
         q = q / (q.norm(dim=-1, keepdim=True) + 1e-8)
         d_sh = (cfg["sh_degree"] + 1) ** 2
-        sh = raw[..., 9:9 + 3 * d_sh].reshape(B, V, HW, 3, d_sh) * self.sh_mask.to(dt)
+        sh = raw[..., 9 : 9 + 3 * d_sh].reshape(B, V, HW, 3, d_sh) * self.sh_mask.to(dt)
         Rq = quat_xyzw_to_rotmat(q)
         cov = Rq @ torch.diag_embed(scales * scales) @ Rq.transpose(-1, -2)
         Rc = E[:, :, None, :3, :3]
@@ -783,6 +876,11 @@ class MVSplatEncoder(nn.Module):
         harm = rotate_harmonics(sh, E[:, :, None, None, :3, :3])
         opac = self.opacity(density.reshape(B, V, HW), global_step)
         N = V * HW
-        return {"means": means.reshape(B, N, 3), "covariances": cov.reshape(B, N, 3, 3),
-                "harmonics": harm.reshape(B, N, 3, d_sh), "opacities": opac.reshape(B, N),
-                "scales": scales.reshape(B, N, 3), "rotations": q.reshape(B, N, 4)}
+        return {
+            "means": means.reshape(B, N, 3),
+            "covariances": cov.reshape(B, N, 3, 3),
+            "harmonics": harm.reshape(B, N, 3, d_sh),
+            "opacities": opac.reshape(B, N),
+            "scales": scales.reshape(B, N, 3),
+            "rotations": q.reshape(B, N, 4),
+        }

@@ -12,6 +12,7 @@ ranks) pair: ms/step, steps/s, images/s (3 views per example x global batch), th
 data, and peak memory. Several ranks are ``torch.multiprocessing`` processes joined by
 :mod:`bench.distributed` (gloo on CPU); ``--variants`` with no names prints only that table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,17 +28,25 @@ from bench.registry import PERF
 
 #: the demo scale (CPU): synthetic scenes, EfficientNet-Lite0, small head, short schedule
 DEMO_OVERRIDES = [
-    "method.data.dataset=synthetic", "method.data.root=null", "method.data.scenes=4", "method.data.views=16",
-    "method.data.size=[96,128]", "method.views.gap=4", "method.optim.batch_size=1", "method.optim.lr=1e-4",
-    "method.head.prototypes=1024", "method.head.hidden_dim=512", "method.teacher.every=1",
+    "method.data.dataset=synthetic",
+    "method.data.root=null",
+    "method.data.scenes=4",
+    "method.data.views=16",
+    "method.data.size=[96,128]",
+    "method.views.gap=4",
+    "method.optim.batch_size=1",
+    "method.optim.lr=1e-4",
+    "method.head.prototypes=1024",
+    "method.head.hidden_dim=512",
+    "method.teacher.every=1",
     "method.teacher.momentum=0.99",
 ]
 VARIANTS = {  # name -> overrides on top of the demo configuration
     "demo": [],
-    "splat_features": ["method.lift.render_basis=features"],     # no patch-basis splatting
-    "bilinear": ["method.lift.upsample=bilinear"],               # ablation: plain bilinear upsampling
-    "full_ft": ["method.adapter.mode=full"],                     # full fine-tuning instead of LoRA
-    "learned_recon": ["method.reconstructor.name=learned"],      # needs pretrain-reconstructor first
+    "splat_features": ["method.lift.render_basis=features"],  # no patch-basis splatting
+    "bilinear": ["method.lift.upsample=bilinear"],  # ablation: plain bilinear upsampling
+    "full_ft": ["method.adapter.mode=full"],  # full fine-tuning instead of LoRA
+    "learned_recon": ["method.reconstructor.name=learned"],  # needs pretrain-reconstructor first
     # MVSplat's encoder (pass method.reconstructor.checkpoint=/path/to/re10k.ckpt); room-scale depth range
     "mvsplat": ["method.reconstructor.name=mvsplat", "method.reconstructor.near=0.5", "method.reconstructor.far=20"],
 }
@@ -49,13 +58,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
-                   help="configurations timed side by side (the first is the reference)")
-    p.add_argument("--ranks", type=int, nargs="+", default=[1],
-                   help="data-parallel ranks to compare (e.g. 1 2): the 'demo' variant at a fixed per-rank batch, "
-                        "started as torch.distributed processes (gloo on CPU, NCCL on GPUs)")
-    p.add_argument("--precision", nargs="+", default=["32"], choices=["32", "bf16-mixed"],
-                   help="precisions to compare on the 'demo' variant (bf16-mixed = autocast of the backbones)")
+    p.add_argument(
+        "--variants",
+        nargs="*",
+        default=DEFAULT_VARIANTS,
+        choices=list(VARIANTS),
+        help="configurations timed side by side (the first is the reference)",
+    )
+    p.add_argument(
+        "--ranks",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="data-parallel ranks to compare (e.g. 1 2): the 'demo' variant at a fixed per-rank batch, "
+        "started as torch.distributed processes (gloo on CPU, NCCL on GPUs)",
+    )
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        default=["32"],
+        choices=["32", "bf16-mixed"],
+        help="precisions to compare on the 'demo' variant (bf16-mixed = autocast of the backbones)",
+    )
     p.add_argument("--workers", type=int, default=1, help="loader worker processes (loader.workers)")
     p.add_argument("overrides", nargs="*", help="extra hydra overrides applied to every variant")
 
@@ -70,8 +94,17 @@ def _measure(overrides: List[str], steps: int, warmup: int):
 
     from .method import build_training
 
-    cfg = compose(["method=splat_distill", "device=cpu", "method.log_every=1000000", *overrides,
-                   f"method.optim.steps={warmup + steps}", f"method.ckpt_every={10 ** 9}", "method.progress=false"])
+    cfg = compose(
+        [
+            "method=splat_distill",
+            "device=cpu",
+            "method.log_every=1000000",
+            *overrides,
+            f"method.optim.steps={warmup + steps}",
+            f"method.ckpt_every={10**9}",
+            "method.progress=false",
+        ]
+    )
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg)
     backbone = build_backbone(cfg.backbone)
@@ -90,21 +123,31 @@ def _measure(overrides: List[str], steps: int, warmup: int):
         wall = time.perf_counter() - t0
         step_fn.loader.close()
     times = [h["time_s"] for h in hist[warmup:]]
-    return {"step_s": statistics.median(times), "mean_s": sum(times) / len(times), "wall": wall,
-            "data_wait_s": step_fn.loader.wait_s / steps, "images_per_step": 3 * int(cfg.method.optim.batch_size),
-            "stages": {k: v / steps for k, v in distiller.timings.items()}, "loss": [h["loss"] for h in hist],
-            "grid": tuple(backbone.grid_size(*cfg.method.data.size)), "C": backbone.embed_dim,
-            "device": device, "memory_mb": memory_mb(device)}
+    return {
+        "step_s": statistics.median(times),
+        "mean_s": sum(times) / len(times),
+        "wall": wall,
+        "data_wait_s": step_fn.loader.wait_s / steps,
+        "images_per_step": 3 * int(cfg.method.optim.batch_size),
+        "stages": {k: v / steps for k, v in distiller.timings.items()},
+        "loss": [h["loss"] for h in hist],
+        "grid": tuple(backbone.grid_size(*cfg.method.data.size)),
+        "C": backbone.embed_dim,
+        "device": device,
+        "memory_mb": memory_mb(device),
+    }
 
 
-def _rank_worker(rank: int, world: int, port: int, overrides: List[str], steps: int, warmup: int, threads: int,
-                 out: str) -> None:
+def _rank_worker(
+    rank: int, world: int, port: int, overrides: List[str], steps: int, warmup: int, threads: int, out: str
+) -> None:
     """One rank of a timed multi-rank run (``torch.multiprocessing.spawn``); rank 0 writes the timings."""
     import json
     import os
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(max(threads // world, 1))
     from bench import distributed as dist
 
@@ -149,12 +192,37 @@ def _scaling_table(args, base: List[str]) -> None:
             ref = ref or (ips, r["step_s"])
             one = next((x for x in rows if x[0] == precision and x[1] == 1), None)
             eff = f"{ips / (n * one[-1]):.2f}" if one is not None and n > 1 else "-"
-            rows.append([precision, n, f"{r['step_s'] * 1e3:.0f}", f"{1.0 / r['step_s']:.2f}", f"{ips:.1f}",
-                         f"{ref[1] / r['step_s']:.2f}x", eff, f"{100 * r['data_wait_s'] / r['mean_s']:.1f}%",
-                         f"{r.get('memory_mb', 0):.0f}", ips])
+            rows.append(
+                [
+                    precision,
+                    n,
+                    f"{r['step_s'] * 1e3:.0f}",
+                    f"{1.0 / r['step_s']:.2f}",
+                    f"{ips:.1f}",
+                    f"{ref[1] / r['step_s']:.2f}x",
+                    eff,
+                    f"{100 * r['data_wait_s'] / r['mean_s']:.1f}%",
+                    f"{r.get('memory_mb', 0):.0f}",
+                    ips,
+                ]
+            )
     print(f"\n'demo' at {args.threads} threads, per-rank batch fixed, {args.workers} loader worker(s):")
-    print(tabulate([x[:-1] for x in rows], headers=["precision", "ranks", "ms/step", "steps/s", "images/s",
-                                                    "steps/s vs first", "scaling eff.", "data wait", "peak MiB"]))
+    print(
+        tabulate(
+            [x[:-1] for x in rows],
+            headers=[
+                "precision",
+                "ranks",
+                "ms/step",
+                "steps/s",
+                "images/s",
+                "steps/s vs first",
+                "scaling eff.",
+                "data wait",
+                "peak MiB",
+            ],
+        )
+    )
 
 
 @PERF.register("train", "Splat-and-Distill training steps/s at demo scale (synthetic scenes; CPU unless device=cuda)")
@@ -174,20 +242,36 @@ def train_perf(args: argparse.Namespace) -> int:
     for name in args.variants:
         results[name] = _measure(base + VARIANTS[name], args.steps, args.warmup)
     ref = results[args.variants[0]]
-    rows = [[name, f"{r['step_s'] * 1e3:.0f}", f"{1.0 / r['step_s']:.2f}", f"{ref['step_s'] / r['step_s']:.2f}x",
-             f"{100 * r['stages'].get('reconstruct', 0.0) / r['mean_s']:.0f}%"]
-            for name, r in results.items()]
-    print(f"backbone {args.backbone} (C={ref['C']}, grid {ref['grid']}), device {ref['device']}, "
-          f"{args.threads} threads, "
-          f"median of {args.steps} steps after {args.warmup} warm-up; overrides: {' '.join(base)}")
-    print(tabulate(rows, headers=["variant", "ms/step", "steps/s", f"speed vs '{args.variants[0]}'",
-                                  "reconstructor share"]))
+    rows = [
+        [
+            name,
+            f"{r['step_s'] * 1e3:.0f}",
+            f"{1.0 / r['step_s']:.2f}",
+            f"{ref['step_s'] / r['step_s']:.2f}x",
+            f"{100 * r['stages'].get('reconstruct', 0.0) / r['mean_s']:.0f}%",
+        ]
+        for name, r in results.items()
+    ]
+    print(
+        f"backbone {args.backbone} (C={ref['C']}, grid {ref['grid']}), device {ref['device']}, "
+        f"{args.threads} threads, "
+        f"median of {args.steps} steps after {args.warmup} warm-up; overrides: {' '.join(base)}"
+    )
+    print(
+        tabulate(
+            rows, headers=["variant", "ms/step", "steps/s", f"speed vs '{args.variants[0]}'", "reconstructor share"]
+        )
+    )
     parts = dict(ref["stages"])
     parts["waiting for data (loader)"] = ref["data_wait_s"]
     parts["backward + optimiser + EMA"] = max(ref["mean_s"] - sum(parts.values()), 0.0)
     print(f"\nstages of '{args.variants[0]}' (mean per step):")
-    print(tabulate([[k, f"{v * 1e3:.0f}", f"{100 * v / ref['mean_s']:.0f}%"] for k, v in parts.items()],
-                   headers=["stage", "ms", "share"]))
+    print(
+        tabulate(
+            [[k, f"{v * 1e3:.0f}", f"{100 * v / ref['mean_s']:.0f}%"] for k, v in parts.items()],
+            headers=["stage", "ms", "share"],
+        )
+    )
     return 0
 
 

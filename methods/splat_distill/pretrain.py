@@ -13,6 +13,7 @@ against the dataset depth, beside two constant-depth baselines: the training set
 (a constant predictor fit on the training data) and each image's own median (an oracle constant).
 Training resumes from ``<out>.train/`` when interrupted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,14 +38,20 @@ log = logging.getLogger("bench")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=("synthetic", "scannetpp"), default="synthetic")
-    d.add_argument("--root", default=None, help="data root (synthetic: generated there; default "
-                   "<data_dir>/synthetic_recon_s<seed>_<scenes>x<views>_<H>x<W>)")
+    d.add_argument(
+        "--root",
+        default=None,
+        help="data root (synthetic: generated there; default "
+        "<data_dir>/synthetic_recon_s<seed>_<scenes>x<views>_<H>x<W>)",
+    )
     d.add_argument("--scenes", type=int, default=36, help="scenes in total (synthetic: generated)")
     d.add_argument("--held-out", type=int, default=4, help="the last N scenes are held out for evaluation")
     d.add_argument("--views", type=int, default=24, help="synthetic: views per scene")
     d.add_argument("--size", type=int, nargs=2, default=(64, 80), metavar=("H", "W"))
     d.add_argument("--seed", type=int, default=2, help="synthetic generator seed and training seed")
-    d.add_argument("--gap", type=int, nargs="+", default=[2, 6], help="frame gap between the two views (int or min max)")
+    d.add_argument(
+        "--gap", type=int, nargs="+", default=[2, 6], help="frame gap between the two views (int or min max)"
+    )
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=1500)
     t.add_argument("--batch", type=int, default=2)
@@ -58,8 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     n.add_argument("--hidden", type=int, default=64)
     n.add_argument("--near", type=float, default=0.5)
     n.add_argument("--far", type=float, default=20.0)
-    p.add_argument("--out", default=None, help="checkpoint path (default: method.reconstructor.checkpoint "
-                   "of the config, <cache_dir>/reconstructors/cost_volume.safetensors)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="checkpoint path (default: method.reconstructor.checkpoint "
+        "of the config, <cache_dir>/reconstructors/cost_volume.safetensors)",
+    )
     p.add_argument("--eval-only", action="store_true", help="evaluate an existing --out checkpoint")
 
 
@@ -79,9 +90,14 @@ def render_loss(model: CostVolumeReconstructor, batch: Dict[str, torch.Tensor], 
     rgb_l, depth_l = [], []
     for b in range(B):
         for i, j in ((0, 1), (1, 0)):
-            g = PixelGaussians.from_depth(pred["depth"][b, i:i + 1], K[b, i:i + 1], w2c[b, i:i + 1],
-                                          pred["opacity"][b, i:i + 1], pred["scale_mult"][b, i:i + 1])
-            rgb, alpha, z = rasterize(*g.splat_args(images[b, i:i + 1]), w2c[b, j:j + 1], K[b, j:j + 1], W, H)
+            g = PixelGaussians.from_depth(
+                pred["depth"][b, i : i + 1],
+                K[b, i : i + 1],
+                w2c[b, i : i + 1],
+                pred["opacity"][b, i : i + 1],
+                pred["scale_mult"][b, i : i + 1],
+            )
+            rgb, alpha, z = rasterize(*g.splat_args(images[b, i : i + 1]), w2c[b, j : j + 1], K[b, j : j + 1], W, H)
             rgb_l.append((rgb[0].permute(2, 0, 1) - images[b, j]).abs().mean())
             gt = depth[b, j]
             ok = (gt > 0) & (alpha[0] > 0.5)
@@ -91,8 +107,9 @@ def render_loss(model: CostVolumeReconstructor, batch: Dict[str, torch.Tensor], 
 
 
 @torch.no_grad()
-def evaluate(model: CostVolumeReconstructor, data, ids: Sequence[str], gap: int, train_median: float,
-             device: str = "cpu") -> Dict[str, Dict[str, float]]:
+def evaluate(
+    model: CostVolumeReconstructor, data, ids: Sequence[str], gap: int, train_median: float, device: str = "cpu"
+) -> Dict[str, Dict[str, float]]:
     """Depth AbsRel / RMSE over every (i, i+gap) pair of the ``ids`` scenes, for the network and the
     constant baselines."""
     acc = {k: {"abs_rel": 0.0, "sq": 0.0} for k in ("learned", "constant_train_median", "oracle_image_median")}
@@ -105,9 +122,11 @@ def evaluate(model: CostVolumeReconstructor, data, ids: Sequence[str], gap: int,
             for k in range(2):
                 ok = gt[k] > 0
                 g = gt[k][ok]
-                preds = {"learned": pred["depth"][0, k].cpu()[ok],
-                         "constant_train_median": torch.full_like(g, train_median),
-                         "oracle_image_median": torch.full_like(g, float(g.median()))}
+                preds = {
+                    "learned": pred["depth"][0, k].cpu()[ok],
+                    "constant_train_median": torch.full_like(g, train_median),
+                    "oracle_image_median": torch.full_like(g, float(g.median())),
+                }
                 for name, p in preds.items():
                     acc[name]["abs_rel"] += float(((p - g).abs() / g).mean())
                     acc[name]["sq"] += float(((p - g) ** 2).mean().sqrt())
@@ -132,8 +151,11 @@ def _open(args):
         from bench.data.synthetic import ensure_synthetic, split_scenes
 
         H, W = args.size
-        root = Path(args.root) if args.root else Path(compose([]).paths.data_dir) / (
-            f"synthetic_recon_s{args.seed}_{args.scenes}x{args.views}_{H}x{W}")
+        root = (
+            Path(args.root)
+            if args.root
+            else Path(compose([]).paths.data_dir) / (f"synthetic_recon_s{args.seed}_{args.scenes}x{args.views}_{H}x{W}")
+        )
         ensure_synthetic(root, args.scenes, args.views, args.size, args.seed)
         data = MultiViewScenes(root, None, args.size)
         train, held = split_scenes(data.scene_ids, args.held_out)
@@ -142,7 +164,7 @@ def _open(args):
             raise BenchError("--dataset scannetpp needs --root", "pass --root <ScanNet++ root>")
         data = MultiViewScenes(args.root, None, args.size)
         ids = data.scene_ids[: args.scenes]
-        train, held = ids[: len(ids) - args.held_out], ids[len(ids) - args.held_out:]
+        train, held = ids[: len(ids) - args.held_out], ids[len(ids) - args.held_out :]
     if not train:
         raise BenchError("no training scenes left after holding out", "use more --scenes or a smaller --held-out")
     return data, train, held
@@ -162,25 +184,60 @@ def main(args: argparse.Namespace) -> int:
         model = CostVolumeReconstructor.load(out).to(device).eval()
     else:
         model = CostVolumeReconstructor(args.feat_dim, args.num_depths, args.hidden, args.near, args.far).to(device)
-        sampler = ViewSampler([data.num_views(s) for s in train_ids], args.gap if len(args.gap) > 1 else args.gap[0],
-                              "context", seed=args.seed)
+        sampler = ViewSampler(
+            [data.num_views(s) for s in train_ids],
+            args.gap if len(args.gap) > 1 else args.gap[0],
+            "context",
+            seed=args.seed,
+        )
         opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-        loop = TrainLoop(out.with_name(out.name + ".train"), args.steps, opt, {"model": model, "sampler": sampler},
-                         scheduler=one_cycle_cosine(opt, args.steps, 0.05), ckpt_every=max(args.steps // 10, 1),
-                         grad_clip=1.0, progress=not args.no_progress, desc="pretrain-reconstructor",
-                         fingerprint={k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(args).items()
-                                      if k not in ("no_progress", "device", "eval_only", "func")})
+        loop = TrainLoop(
+            out.with_name(out.name + ".train"),
+            args.steps,
+            opt,
+            {"model": model, "sampler": sampler},
+            scheduler=one_cycle_cosine(opt, args.steps, 0.05),
+            ckpt_every=max(args.steps // 10, 1),
+            grad_clip=1.0,
+            progress=not args.no_progress,
+            desc="pretrain-reconstructor",
+            fingerprint={
+                k: (list(v) if isinstance(v, (list, tuple)) else v)
+                for k, v in vars(args).items()
+                if k not in ("no_progress", "device", "eval_only", "func")
+            },
+        )
         model.train()
-        loop.run(lambda step: render_loss(model, {k: v.to(device) for k, v in _batch(
-            data, train_ids, sampler, args.batch).items()}, args.depth_weight))
+        loop.run(
+            lambda step: render_loss(
+                model,
+                {k: v.to(device) for k, v in _batch(data, train_ids, sampler, args.batch).items()},
+                args.depth_weight,
+            )
+        )
         model.eval()
     median = _median_depth(data, train_ids)
     gap = args.gap[0] if len(args.gap) == 1 else (args.gap[0] + args.gap[1]) // 2
-    report = {"held_out_scenes": list(held_ids), "train_scenes": len(train_ids), "gap": gap,
-              "train_median_depth": median, "metrics": evaluate(model, data, held_ids or train_ids, gap, median, device)}
+    report = {
+        "held_out_scenes": list(held_ids),
+        "train_scenes": len(train_ids),
+        "gap": gap,
+        "train_median_depth": median,
+        "metrics": evaluate(model, data, held_ids or train_ids, gap, median, device),
+    }
     if not args.eval_only:
-        model.save(out, {"train": {"dataset": args.dataset, "scenes": len(train_ids), "steps": args.steps,
-                                    "size": list(args.size), "seed": args.seed}})
+        model.save(
+            out,
+            {
+                "train": {
+                    "dataset": args.dataset,
+                    "scenes": len(train_ids),
+                    "steps": args.steps,
+                    "size": list(args.size),
+                    "seed": args.seed,
+                }
+            },
+        )
     write_json(out.with_name(out.stem + ".eval.json"), report)
     from tabulate import tabulate
 

@@ -14,6 +14,7 @@ a per-pixel assignment. Implementations (``method.reconstructor.name``):
   user's checkpoint (MVSplat's public ``re10k.ckpt``), frozen: anisotropic Gaussians with full world
   covariances and SH colours, splatted with ``rasterize(covars=...)``.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,14 @@ class PixelGaussians:
     harmonics: Optional[torch.Tensor] = None
 
     @classmethod
-    def from_depth(cls, depth: torch.Tensor, K: torch.Tensor, w2c: torch.Tensor, opacities: torch.Tensor,
-                   scale_mult: torch.Tensor | float = 1.0) -> "PixelGaussians":
+    def from_depth(
+        cls,
+        depth: torch.Tensor,
+        K: torch.Tensor,
+        w2c: torch.Tensor,
+        opacities: torch.Tensor,
+        scale_mult: torch.Tensor | float = 1.0,
+    ) -> "PixelGaussians":
         """Pixel-aligned Gaussians from z-depth ``[V,H,W]``: scale = mult * depth / sqrt(fx * fy)."""
         footprint = 1.0 / torch.sqrt(K[:, 0, 0] * K[:, 1, 1])[:, None, None]
         means = unproject_depth(depth, K, w2c)
@@ -66,8 +73,15 @@ class PixelGaussians:
         feats = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])[keep]
         return means, quats, s[:, None].expand(-1, 3), self.opacities.reshape(-1)[keep], feats
 
-    def splat(self, features: torch.Tensor, w2c: torch.Tensor, K: torch.Tensor, width: int, height: int,
-              min_opacity: float = 0.0):
+    def splat(
+        self,
+        features: torch.Tensor,
+        w2c: torch.Tensor,
+        K: torch.Tensor,
+        width: int,
+        height: int,
+        min_opacity: float = 0.0,
+    ):
         """Render per-pixel ``features [V,C,H,W]`` into cameras ``w2c [T,4,4]``, ``K [T,3,3]`` with
         :func:`bench.splat.rasterize` (full covariances when the reconstructor gives them) ->
         ``(features [T,H,W,C], alpha [T,H,W], depth [T,H,W])``."""
@@ -90,7 +104,7 @@ class PixelGaussians:
 
         centre = invert_rigid(w2c[None])[0, :3, 3]
         d = F.normalize(self.means - centre, dim=-1)
-        rgb = (eval_harmonics(self.harmonics, d) + 0.5).clamp_min(0.0)                # [V,H,W,3]
+        rgb = (eval_harmonics(self.harmonics, d) + 0.5).clamp_min(0.0)  # [V,H,W,3]
         return rgb.permute(0, 3, 1, 2)
 
 
@@ -104,9 +118,11 @@ class DepthUnprojection(nn.Module):
 
     def forward(self, views: Mapping[str, torch.Tensor]) -> PixelGaussians:
         if views.get("depth") is None:
-            raise DataMissingError("the depth-unprojection reconstructor needs depth maps and the scenes have none",
-                                   "use method.reconstructor.name=learned (see `python -m bench "
-                                   "pretrain-reconstructor --help`) or a dataset with depth")
+            raise DataMissingError(
+                "the depth-unprojection reconstructor needs depth maps and the scenes have none",
+                "use method.reconstructor.name=learned (see `python -m bench "
+                "pretrain-reconstructor --help`) or a dataset with depth",
+            )
         depth = views["depth"]
         return PixelGaussians.from_depth(depth, views["K"], views["w2c"], torch.ones_like(depth), self.scale_mult)
 
@@ -130,8 +146,9 @@ class CostVolumeReconstructor(nn.Module):
     Output per pixel: depth (z, metres), opacity in (0,1), scale multiplier in (0.25, 2.25).
     """
 
-    def __init__(self, feat_dim: int = 32, num_depths: int = 32, hidden: int = 64, near: float = 0.5,
-                 far: float = 20.0):
+    def __init__(
+        self, feat_dim: int = 32, num_depths: int = 32, hidden: int = 64, near: float = 0.5, far: float = 20.0
+    ):
         super().__init__()
         self.config = dict(feat_dim=feat_dim, num_depths=num_depths, hidden=hidden, near=near, far=far)
         self.num_depths = num_depths
@@ -146,25 +163,28 @@ class CostVolumeReconstructor(nn.Module):
         nn.init.zeros_(self.refine[-1].bias)
         self.register_buffer("inv_depths", torch.linspace(1.0 / far, 1.0 / near, num_depths), persistent=False)
 
-    def cost_volume(self, feats: torch.Tensor, K: torch.Tensor, w2c: torch.Tensor,
-                    image_size: Tuple[int, int]) -> torch.Tensor:
+    def cost_volume(
+        self, feats: torch.Tensor, K: torch.Tensor, w2c: torch.Tensor, image_size: Tuple[int, int]
+    ) -> torch.Tensor:
         """``feats [B,2,C,h,w]`` of images of ``image_size`` -> correlation volumes ``[B,2,D,h,w]``."""
         B, V, C, h, w = feats.shape
         D = self.num_depths
-        Kl = scale_intrinsics(K, w / image_size[1], h / image_size[0])          # [B,2,3,3] at feature res
-        src = [1, 0]                                                             # the other view
+        Kl = scale_intrinsics(K, w / image_size[1], h / image_size[0])  # [B,2,3,3] at feature res
+        src = [1, 0]  # the other view
         uv = pixel_grid(h, w, feats.device, feats.dtype).reshape(1, h * w, 2)
-        rays = torch.cat([uv, torch.ones_like(uv[..., :1])], -1) @ torch.linalg.inv(Kl).transpose(-1, -2).reshape(B * V, 3, 3)
-        depths = (1.0 / self.inv_depths).to(feats.dtype)                         # [D]
-        pts = rays[:, None] * depths[None, :, None, None]                        # [BV,D,hw,3] ref camera
-        rel = (w2c[:, src] @ invert_rigid(w2c)).reshape(B * V, 4, 4)             # ref cam -> src cam
-        uv_s, z = project_points(pts.reshape(B * V, D * h * w, 3),
-                                 Kl[:, src].reshape(B * V, 3, 3), rel)           # [BV,Dhw,2]
+        rays = torch.cat([uv, torch.ones_like(uv[..., :1])], -1) @ torch.linalg.inv(Kl).transpose(-1, -2).reshape(
+            B * V, 3, 3
+        )
+        depths = (1.0 / self.inv_depths).to(feats.dtype)  # [D]
+        pts = rays[:, None] * depths[None, :, None, None]  # [BV,D,hw,3] ref camera
+        rel = (w2c[:, src] @ invert_rigid(w2c)).reshape(B * V, 4, 4)  # ref cam -> src cam
+        uv_s, z = project_points(pts.reshape(B * V, D * h * w, 3), Kl[:, src].reshape(B * V, 3, 3), rel)  # [BV,Dhw,2]
         grid = torch.stack([uv_s[..., 0] / w * 2 - 1, uv_s[..., 1] / h * 2 - 1], -1)
         grid = torch.where((z > 1e-3)[..., None], grid, torch.full_like(grid, -2.0))  # behind: outside
         f_src = feats[:, src].reshape(B * V, C, h, w)
-        warped = F.grid_sample(f_src, grid.reshape(B * V, D * h, w, 2), mode="bilinear",
-                               padding_mode="zeros", align_corners=False).reshape(B * V, C, D, h, w)
+        warped = F.grid_sample(
+            f_src, grid.reshape(B * V, D * h, w, 2), mode="bilinear", padding_mode="zeros", align_corners=False
+        ).reshape(B * V, C, D, h, w)
         cost = (warped * feats.reshape(B * V, C, 1, h, w)).sum(1) / math.sqrt(C)
         return cost.reshape(B, V, D, h, w)
 
@@ -185,42 +205,53 @@ class CostVolumeReconstructor(nn.Module):
         out = self.out(u)
         prob = out[:, : self.num_depths].softmax(1)
         inv = (prob * self.inv_depths.to(prob.dtype)[None, :, None, None]).sum(1, keepdim=True)
-        low = torch.cat([inv, out[:, self.num_depths:]], 1)                     # [BV,3,h,w]
+        low = torch.cat([inv, out[:, self.num_depths :]], 1)  # [BV,3,h,w]
         up = F.interpolate(low, size=(H, W), mode="bilinear", align_corners=False)
         ref = self.refine(torch.cat([x, up], 1))
         inv_lo, inv_hi = float(self.inv_depths[0]), float(self.inv_depths[-1])
         inv = (up[:, 0] + 0.1 * inv_hi * torch.tanh(ref[:, 0])).clamp(inv_lo, inv_hi)
-        return {"depth": (1.0 / inv).reshape(B, V, H, W),
-                "opacity": torch.sigmoid(up[:, 1] + ref[:, 1] + 2.0).reshape(B, V, H, W),
-                "scale_mult": (0.25 + 2.0 * torch.sigmoid(up[:, 2] + ref[:, 2])).reshape(B, V, H, W)}
+        return {
+            "depth": (1.0 / inv).reshape(B, V, H, W),
+            "opacity": torch.sigmoid(up[:, 1] + ref[:, 1] + 2.0).reshape(B, V, H, W),
+            "scale_mult": (0.25 + 2.0 * torch.sigmoid(up[:, 2] + ref[:, 2])).reshape(B, V, H, W),
+        }
 
     def forward(self, views: Mapping[str, torch.Tensor]) -> PixelGaussians:
         pred = self.predict(views["images"][None], views["K"][None], views["w2c"][None])
-        return PixelGaussians.from_depth(pred["depth"][0], views["K"], views["w2c"], pred["opacity"][0],
-                                         pred["scale_mult"][0])
+        return PixelGaussians.from_depth(
+            pred["depth"][0], views["K"], views["w2c"], pred["opacity"][0], pred["scale_mult"][0]
+        )
 
     # -- checkpoint: weights (safetensors) + architecture (json next to it)
     def save(self, path: str | Path, extra: Optional[Mapping[str, Any]] = None) -> Path:
         from bench.io import save_safetensors
 
         path = Path(path)
-        meta = {"class": type(self).__name__, "config": json.dumps(self.config), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
+        meta = {
+            "class": type(self).__name__,
+            "config": json.dumps(self.config),
+            **{k: json.dumps(v) for k, v in (extra or {}).items()},
+        }
         return save_safetensors(self.state_dict(), path, metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "CostVolumeReconstructor":
         path = Path(path)
         if not path.is_file():
-            raise CheckpointError(f"learned reconstructor checkpoint {path} does not exist",
-                                  f"pretrain it: `python -m bench pretrain-reconstructor --out {path}` "
-                                  "(or use method.reconstructor.name=depth)")
+            raise CheckpointError(
+                f"learned reconstructor checkpoint {path} does not exist",
+                f"pretrain it: `python -m bench pretrain-reconstructor --out {path}` "
+                "(or use method.reconstructor.name=depth)",
+            )
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         if meta.get("class") != cls.__name__:
-            raise CheckpointError(f"{path} is not a {cls.__name__} checkpoint",
-                                  "pass a file written by `python -m bench pretrain-reconstructor`")
+            raise CheckpointError(
+                f"{path} is not a {cls.__name__} checkpoint",
+                "pass a file written by `python -m bench pretrain-reconstructor`",
+            )
         model = cls(**json.loads(meta["config"]))
         load_state_dict_strict(model, read_state_dict(path), source=f"reconstructor {path}")
         return model
@@ -243,11 +274,14 @@ class MVSplatAdapter(nn.Module):
             raise BenchError(
                 f"method.reconstructor.name=mvsplat needs an MVSplat checkpoint (checkpoint={checkpoint!r})",
                 "download MVSplat's re10k.ckpt (github donydchen/mvsplat, README) and pass "
-                "method.reconstructor.checkpoint=/path/to/re10k.ckpt")
+                "method.reconstructor.checkpoint=/path/to/re10k.ckpt",
+            )
         near, far = float(near), float(far)
         if not 0 < near < far:
-            raise BenchError(f"method.reconstructor.near={near} / far={far} is not a depth range",
-                             "use 0 < near < far (MVSplat RE10K: near=1 far=100)")
+            raise BenchError(
+                f"method.reconstructor.near={near} / far={far} is not a depth range",
+                "use 0 < near < far (MVSplat RE10K: near=1 far=100)",
+            )
         from .mvsplat import MVSplatEncoder
 
         self.near, self.far = near, far
@@ -260,9 +294,11 @@ class MVSplatAdapter(nn.Module):
 
         if H % SIZE_MULTIPLE or W % SIZE_MULTIPLE:
             m = SIZE_MULTIPLE
-            raise BenchError(f"the MVSplat reconstructor needs image sides that are multiples of {m}, got {H}x{W}",
-                             f"set method.data.size to multiples of {m}, e.g. "
-                             f"[{max(m, round(H / m) * m)},{max(m, round(W / m) * m)}]")
+            raise BenchError(
+                f"the MVSplat reconstructor needs image sides that are multiples of {m}, got {H}x{W}",
+                f"set method.data.size to multiples of {m}, e.g. "
+                f"[{max(m, round(H / m) * m)},{max(m, round(W / m) * m)}]",
+            )
 
     @classmethod
     def context(cls, views: Mapping[str, torch.Tensor], near: float, far: float) -> Dict[str, torch.Tensor]:
@@ -275,8 +311,13 @@ class MVSplatAdapter(nn.Module):
         Kn[:, 1] /= H
         c2w = invert_rigid(views["w2c"])
         full = lambda v: torch.full((1, V), v, dtype=images.dtype, device=images.device)
-        return {"image": images[None].clamp(0, 1), "intrinsics": Kn[None], "extrinsics": c2w[None],
-                "near": full(near), "far": full(far)}
+        return {
+            "image": images[None].clamp(0, 1),
+            "intrinsics": Kn[None],
+            "extrinsics": c2w[None],
+            "near": full(near),
+            "far": full(far),
+        }
 
     def forward(self, views: Mapping[str, torch.Tensor]) -> PixelGaussians:
         V, _, H, W = views["images"].shape
@@ -285,9 +326,15 @@ class MVSplatAdapter(nn.Module):
         w2c = views["w2c"]
         z = (means @ w2c[:, None, :3, :3].transpose(-1, -2) + w2c[:, None, None, :3, 3])[..., 2]  # own camera z
         cov = out["covariances"][0].reshape(V, H, W, 3, 3)
-        iso = torch.linalg.det(cov).clamp_min(0) ** (1 / 6)                                # geometric-mean std
-        return PixelGaussians(means, iso, out["opacities"][0].reshape(V, H, W), z * (z > 0), cov,
-                              out["harmonics"][0].reshape(V, H, W, 3, -1))
+        iso = torch.linalg.det(cov).clamp_min(0) ** (1 / 6)  # geometric-mean std
+        return PixelGaussians(
+            means,
+            iso,
+            out["opacities"][0].reshape(V, H, W),
+            z * (z > 0),
+            cov,
+            out["harmonics"][0].reshape(V, H, W, 3, -1),
+        )
 
 
 def build_reconstructor(cfg: Mapping[str, Any]) -> nn.Module:
@@ -300,6 +347,7 @@ def build_reconstructor(cfg: Mapping[str, Any]) -> nn.Module:
     elif name == "mvsplat":
         model = MVSplatAdapter(cfg["checkpoint"], cfg["near"], cfg["far"])
     else:
-        raise BenchError(f"method.reconstructor.name='{name}' is not a reconstructor",
-                         f"use one of {', '.join(RECONSTRUCTORS)}")
+        raise BenchError(
+            f"method.reconstructor.name='{name}' is not a reconstructor", f"use one of {', '.join(RECONSTRUCTORS)}"
+        )
     return model.eval().requires_grad_(False)

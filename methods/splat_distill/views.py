@@ -15,6 +15,7 @@ depend on the number of ranks or data-loader workers, nor on what was drawn befo
 re-sharded run sees the same examples. :meth:`ViewSampler.sample` (sequential draws from its own
 generator, whose state is checkpointed) remains for callers that keep a running stream.
 """
+
 from __future__ import annotations
 
 from typing import Sequence, Tuple, Union
@@ -27,16 +28,18 @@ PLACEMENTS = ("uniform", "middle", "context")
 
 
 class ViewSampler:
-    def __init__(self, num_views: Sequence[int], gap: Union[int, Sequence[int]] = 8,
-                 placement: str = "uniform", seed: int = 0):
+    def __init__(
+        self, num_views: Sequence[int], gap: Union[int, Sequence[int]] = 8, placement: str = "uniform", seed: int = 0
+    ):
         if placement not in PLACEMENTS:
-            raise BenchError(f"method.views.target='{placement}' is not a target placement",
-                             f"use one of {PLACEMENTS}")
+            raise BenchError(f"method.views.target='{placement}' is not a target placement", f"use one of {PLACEMENTS}")
         self.num_views = [int(n) for n in num_views]
         self.scenes = [i for i, n in enumerate(self.num_views) if n >= 2]
         if not self.scenes:
-            raise BenchError("no scene has the 2 views a training example needs",
-                             "use scenes with at least 2 views (method.data.views >= 2)")
+            raise BenchError(
+                "no scene has the 2 views a training example needs",
+                "use scenes with at least 2 views (method.data.views >= 2)",
+            )
         gap = [int(gap), int(gap)] if isinstance(gap, (int, float)) else [int(g) for g in gap]
         if len(gap) != 2 or not 1 <= gap[0] <= gap[1]:
             raise BenchError(f"method.views.gap={gap} is not a frame gap", "use an int >= 1 or [min, max]")

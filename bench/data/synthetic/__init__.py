@@ -42,13 +42,52 @@ Modules: :mod:`.spec` (constants, scene sampling, camera path), :mod:`.raycast` 
 shading), :mod:`.writer` (files of one scene, the worker pool, reuse and splits), :mod:`.cli`
 (``python -m bench data synthetic`` and the registry entry). Every name is re-exported here.
 """
-from .spec import (CLASSES, DEPTH, DSLR, GENERATOR, IMAGES, INSTANCE, NORMALS, SEMANTIC, TRANSFORMS, VERSION,
-                   camera_path, default_root, intrinsics, make_scene)
+
+from .spec import (
+    CLASSES,
+    DEPTH,
+    DSLR,
+    GENERATOR,
+    IMAGES,
+    INSTANCE,
+    NORMALS,
+    SEMANTIC,
+    TRANSFORMS,
+    VERSION,
+    camera_path,
+    default_root,
+    intrinsics,
+    make_scene,
+)
 from .raycast import Primitives, cast_rays, render_view
 from .writer import default_workers, ensure_synthetic, generate, generate_scene, holds_set, split_scenes
 from .cli import SyntheticData, add_arguments, cli
 
-__all__ = ["CLASSES", "GENERATOR", "VERSION", "make_scene", "camera_path", "intrinsics",
-           "render_view", "cast_rays", "Primitives", "generate", "generate_scene", "ensure_synthetic",
-           "holds_set", "split_scenes", "default_root", "DSLR", "TRANSFORMS", "IMAGES", "DEPTH", "NORMALS",
-           "SEMANTIC", "INSTANCE", "SyntheticData", "add_arguments", "cli", "default_workers"]
+__all__ = [
+    "CLASSES",
+    "GENERATOR",
+    "VERSION",
+    "make_scene",
+    "camera_path",
+    "intrinsics",
+    "render_view",
+    "cast_rays",
+    "Primitives",
+    "generate",
+    "generate_scene",
+    "ensure_synthetic",
+    "holds_set",
+    "split_scenes",
+    "default_root",
+    "DSLR",
+    "TRANSFORMS",
+    "IMAGES",
+    "DEPTH",
+    "NORMALS",
+    "SEMANTIC",
+    "INSTANCE",
+    "SyntheticData",
+    "add_arguments",
+    "cli",
+    "default_workers",
+]

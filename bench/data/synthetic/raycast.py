@@ -1,5 +1,6 @@
 """Ray caster: analytic ray-primitive intersection, procedural textures and Lambertian shading,
 vectorised in torch; :func:`render_view` renders one view with exact depth, normals and labels."""
+
 from __future__ import annotations
 
 import functools
@@ -58,7 +59,7 @@ def _cylinder_t(o: Tensor, d: Tensor, r: float, hh: float) -> Tuple[Tensor, Tens
     side = (disc >= 0) & (a > 0) & (ts > 0) & (zs.abs() <= hh)
     t = torch.where(side, ts, torch.full_like(ts, _INF))
     cap = torch.zeros_like(side)
-    if abs(float(o[2])) > hh:                                    # only the cap facing the camera
+    if abs(float(o[2])) > hh:  # only the cap facing the camera
         zc = hh if float(o[2]) > 0 else -hh
         tc = (zc - o[2]) / _safe(d[:, 2])
         x, y = o[0] + tc * d[:, 0], o[1] + tc * d[:, 1]
@@ -81,7 +82,7 @@ def _screen_box(c: Tensor, rb: float, K: Tensor, w2c: Tensor, H: int, W: int):
     if float(cc[2]) - rb <= 1e-3:
         return 0, H, 0, W
     corners = cc + rb * torch.tensor([[a, b, e] for a in (-1, 1) for b in (-1, 1) for e in (-1, 1)], dtype=_DT)
-    uv = (corners @ K.to(_DT).T)
+    uv = corners @ K.to(_DT).T
     uv = uv[:, :2] / uv[:, 2:]
     x0, y0 = (uv.amin(0).floor() - 1).tolist()
     x1, y1 = (uv.amax(0).ceil() + 1).tolist()
@@ -90,8 +91,9 @@ def _screen_box(c: Tensor, rb: float, K: Tensor, w2c: Tensor, H: int, W: int):
     return (y0, y1, x0, x1) if (x1 > x0 and y1 > y0) else None
 
 
-def cast_rays(prims: Primitives, eye: Tensor, dirs: Tensor, K: Tensor | None = None,
-              w2c: Tensor | None = None) -> Tuple[Tensor, Tensor, Tensor]:
+def cast_rays(
+    prims: Primitives, eye: Tensor, dirs: Tensor, K: Tensor | None = None, w2c: Tensor | None = None
+) -> Tuple[Tensor, Tensor, Tensor]:
     """Closest hit of rays ``eye + t * dirs`` (eye [3]; dirs world, any length).
 
     ``dirs`` is ``[N, 3]``, or ``[H, W, S, 3]`` (S rays per pixel of an H x W image seen by camera
@@ -131,9 +133,10 @@ def cast_rays(prims: Primitives, eye: Tensor, dirs: Tensor, K: Tensor | None = N
             tk = torch.where((disc >= 0) & (tk > 0), tk, torch.full_like(tk, _INF))
             local = aux = None
         else:
-            local = (R.T @ (eye - c), d @ R)                           # local frame (R: local -> world)
-            tk, aux = (_box_t if ob["kind"] == "box" else
-                       lambda o, dl, sz: _cylinder_t(o, dl, float(sz[0]), float(sz[1])))(*local, s)
+            local = (R.T @ (eye - c), d @ R)  # local frame (R: local -> world)
+            tk, aux = (
+                _box_t if ob["kind"] == "box" else lambda o, dl, sz: _cylinder_t(o, dl, float(sz[0]), float(sz[1]))
+            )(*local, s)
         shape = (y1 - y0, x1 - x0, G[2])
         tk = tk.reshape(shape)
         closer = tk < t[y0:y1, x0:x1]
@@ -141,7 +144,7 @@ def cast_rays(prims: Primitives, eye: Tensor, dirs: Tensor, K: Tensor | None = N
         idx[y0:y1, x0:x1][closer] = 6 + k
         hits.append((k, ob, box, local, aux))
 
-    for k, ob, (y0, y1, x0, x1), local, aux in hits:                  # normals where k is the closest
+    for k, ob, (y0, y1, x0, x1), local, aux in hits:  # normals where k is the closest
         m = idx[y0:y1, x0:x1] == 6 + k
         if not bool(m.any()):
             continue
@@ -152,13 +155,16 @@ def cast_rays(prims: Primitives, eye: Tensor, dirs: Tensor, K: Tensor | None = N
         else:
             ol, dl = local[0], local[1][mf]
             if ob["kind"] == "box":
-                fa = aux[mf].argmax(-1)                                # slab that was entered last
+                fa = aux[mf].argmax(-1)  # slab that was entered last
                 nl = torch.nn.functional.one_hot(fa, 3).to(_DT) * -torch.sign(dl.gather(1, fa[:, None]))
             else:
                 p = ol + tm[:, None] * dl
                 zero = torch.zeros_like(p[:, 0])
-                nl = torch.where(aux[mf][:, None], torch.stack([zero, zero, torch.sign(p[:, 2])], -1),
-                                 torch.stack([p[:, 0], p[:, 1], zero], -1))
+                nl = torch.where(
+                    aux[mf][:, None],
+                    torch.stack([zero, zero, torch.sign(p[:, 2])], -1),
+                    torch.stack([p[:, 0], p[:, 1], zero], -1),
+                )
             nw = nl @ prims.R[k].T
         sub = normals[y0:y1, x0:x1]
         sub[m] = nw
@@ -204,7 +210,7 @@ def _albedo(tex: dict, p: Tensor, flat: Tensor) -> Tensor:
 
 def _shade(prims: Primitives, points: Tensor, normals: Tensor, idx: Tensor) -> Tensor:
     """Lambertian + ambient colour [N,3] in [0, 1]."""
-    order = torch.argsort(idx, stable=True)                        # group rays by primitive
+    order = torch.argsort(idx, stable=True)  # group rays by primitive
     counts = torch.bincount(idx, minlength=len(prims.textures)).tolist()
     ps, ns = points[order], normals[order]
     albedo = torch.empty_like(ps)
@@ -216,15 +222,15 @@ def _shade(prims: Primitives, points: Tensor, normals: Tensor, idx: Tensor) -> T
         end += cnt
         p, n = ps[sl], ns[sl]
         kind = prims.objects[k - 6]["kind"] if k >= 6 else "room"
-        if k >= 6:                                                   # object frame
+        if k >= 6:  # object frame
             c, R = prims.C[k - 6], prims.R[k - 6]
             pl, nl = (p - c) @ R, n @ R
         else:
             pl, nl = p, n
-        flat = nl.abs() > 0.5                                       # planar faces: the normal axis
+        flat = nl.abs() > 0.5  # planar faces: the normal axis
         if kind == "sphere":
             flat = torch.zeros_like(flat)
-        elif kind == "cylinder":                                    # only the caps are planar
+        elif kind == "cylinder":  # only the caps are planar
             flat = flat & torch.tensor([False, False, True])
         albedo[sl] = _albedo(prims.textures[k], pl, flat)
     rgb = torch.empty_like(albedo)
@@ -250,8 +256,9 @@ def _camera_rays(K: Tuple[float, ...], H: int, W: int, offsets: Tuple[float, ...
     return pix @ torch.linalg.inv(torch.tensor(K, dtype=torch.float64).reshape(3, 3)).T
 
 
-def render_view(scene: dict | Primitives, K: Tensor, w2c: Tensor, H: int, W: int,
-                supersample: int = 2) -> Dict[str, Tensor]:
+def render_view(
+    scene: dict | Primitives, K: Tensor, w2c: Tensor, H: int, W: int, supersample: int = 2
+) -> Dict[str, Tensor]:
     """Render one view: ``rgb [H,W,3]`` float in [0,1], ``depth [H,W]`` (z, metres), ``normals [H,W,3]``
     (camera frame), ``semantic``/``instance [H,W]`` int64. Geometry and labels come from the ray
     through each pixel centre; RGB averages ``supersample^2`` sub-pixel rays."""
@@ -267,8 +274,12 @@ def render_view(scene: dict | Primitives, K: Tensor, w2c: Tensor, H: int, W: int
     d0 = rays([0.5])
     t, idx, nw = cast_rays(prims, eye, d0, K, w2c)
     t, idx, nw = t.reshape(-1), idx.reshape(-1), nw.reshape(-1, 3)
-    out = {"depth": t.reshape(H, W), "normals": (nw @ R.T.to(_DT)).reshape(H, W, 3),
-           "semantic": prims.semantic[idx].reshape(H, W), "instance": prims.instance[idx].reshape(H, W)}
+    out = {
+        "depth": t.reshape(H, W),
+        "normals": (nw @ R.T.to(_DT)).reshape(H, W, 3),
+        "semantic": prims.semantic[idx].reshape(H, W),
+        "instance": prims.instance[idx].reshape(H, W),
+    }
     if supersample <= 1:
         rgb = _shade(prims, eye + t[:, None] * d0.reshape(-1, 3), nw, idx)
     else:
@@ -278,4 +289,3 @@ def render_view(scene: dict | Primitives, K: Tensor, w2c: Tensor, H: int, W: int
         rgb = _shade(prims, eye + ts[:, None] * ds, ns, ids).reshape(H * W, -1, 3).mean(1)
     out["rgb"] = rgb.reshape(H, W, 3)
     return out
-

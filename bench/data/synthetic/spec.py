@@ -1,5 +1,6 @@
 """Scene specification: the set's constants and layout, and the sampling of one room (objects, textures,
 lights, camera path) from ``(seed, index)`` as plain JSON-serialisable dicts."""
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,6 @@ def default_root() -> Path:
     return data_root("synthetic")
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Scene sampling (numpy Generator -> plain JSON-serialisable dicts)
 # ----------------------------------------------------------------------------------------------
@@ -41,19 +41,25 @@ def _colour(rng: np.random.Generator, sat: Tuple[float, float], val: Tuple[float
     return list(v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1))
 
 
-def _texture(rng: np.random.Generator, patterns: Sequence[str], scale: Tuple[float, float],
-             sat=(0.2, 0.8), val=(0.35, 0.95)) -> dict:
+def _texture(
+    rng: np.random.Generator, patterns: Sequence[str], scale: Tuple[float, float], sat=(0.2, 0.8), val=(0.35, 0.95)
+) -> dict:
     c1 = _colour(rng, sat, val)
     c2 = _colour(rng, sat, val) if rng.uniform() < 0.6 else list(np.clip(np.array(c1) * rng.uniform(0.35, 0.7), 0, 1))
     d = rng.normal(size=3)
     return {
-        "pattern": str(rng.choice(list(patterns))), "scale": float(rng.uniform(*scale)),
-        "c1": c1, "c2": c2, "phase": list(rng.uniform(0.2, 0.8, size=3)),
+        "pattern": str(rng.choice(list(patterns))),
+        "scale": float(rng.uniform(*scale)),
+        "c1": c1,
+        "c2": c2,
+        "phase": list(rng.uniform(0.2, 0.8, size=3)),
         "dir": list(d / np.linalg.norm(d)),
         # smooth noise: rows (wx, wy, wz, phase, amplitude); also used as a low-contrast "grain"
-        "waves": [list(rng.normal(size=3) * rng.uniform(0.6, 2.5)) + [float(rng.uniform(0, 2 * math.pi)),
-                                                                      float(rng.uniform(0.5, 1.0))]
-                  for _ in range(5)],
+        "waves": [
+            list(rng.normal(size=3) * rng.uniform(0.6, 2.5))
+            + [float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(0.5, 1.0))]
+            for _ in range(5)
+        ],
     }
 
 
@@ -61,8 +67,13 @@ def _path_xy(cam: dict, n: int) -> np.ndarray:
     """Camera positions in xy, densely sampled along the path (for object clearance)."""
     theta = cam["theta0"] + cam["direction"] * np.linspace(0, cam["arc"], n)
     rad = 1 + cam["wobble"] * np.sin(2 * theta + cam["phase"][0])
-    return np.stack([cam["center"][0] + cam["axes"][0] * rad * np.cos(theta),
-                     cam["center"][1] + cam["axes"][1] * rad * np.sin(theta)], -1)
+    return np.stack(
+        [
+            cam["center"][0] + cam["axes"][0] * rad * np.cos(theta),
+            cam["center"][1] + cam["axes"][1] * rad * np.sin(theta),
+        ],
+        -1,
+    )
 
 
 def make_scene(seed: int, index: int, views: int = 24) -> dict:
@@ -73,15 +84,24 @@ def make_scene(seed: int, index: int, views: int = 24) -> dict:
     rho = rng.uniform(0.5, 0.65)
     step = math.radians(rng.uniform(7.0, 11.0))
     cam = {
-        "center": centre, "axes": [rho * L[0] / 2, rho * L[1] / 2], "theta0": float(rng.uniform(0, 2 * math.pi)),
-        "direction": float(rng.choice([-1.0, 1.0])), "arc": float(min(2 * math.pi, step * max(views - 1, 1))),
-        "wobble": 0.08, "height": float(rng.uniform(1.3, 1.7)), "height_amp": 0.15,
-        "target_z": float(rng.uniform(0.6, 1.0)), "jitter": 0.35, "phase": list(rng.uniform(0, 2 * math.pi, 5)),
+        "center": centre,
+        "axes": [rho * L[0] / 2, rho * L[1] / 2],
+        "theta0": float(rng.uniform(0, 2 * math.pi)),
+        "direction": float(rng.choice([-1.0, 1.0])),
+        "arc": float(min(2 * math.pi, step * max(views - 1, 1))),
+        "wobble": 0.08,
+        "height": float(rng.uniform(1.3, 1.7)),
+        "height_amp": 0.15,
+        "target_z": float(rng.uniform(0.6, 1.0)),
+        "jitter": 0.35,
+        "phase": list(rng.uniform(0, 2 * math.pi, 5)),
     }
     path = _path_xy(cam, 512)
 
-    room_tex = [_texture(rng, ("stripes", "noise", "tiles", "dots"), (0.25, 0.8), sat=(0.05, 0.4), val=(0.55, 0.95))
-                for _ in range(4)]
+    room_tex = [
+        _texture(rng, ("stripes", "noise", "tiles", "dots"), (0.25, 0.8), sat=(0.05, 0.4), val=(0.55, 0.95))
+        for _ in range(4)
+    ]
     room_tex.append(_texture(rng, ("checker", "tiles", "noise"), (0.3, 0.9), sat=(0.1, 0.6), val=(0.3, 0.8)))
     room_tex.append(_texture(rng, ("noise", "tiles", "dots"), (0.4, 1.0), sat=(0.0, 0.2), val=(0.75, 0.95)))
     room = {"size": L, "textures": room_tex}
@@ -102,9 +122,17 @@ def make_scene(seed: int, index: int, views: int = 24) -> dict:
         return None
 
     def add(kind: str, semantic: int, centre_, R, size, tex):
-        objects.append({"kind": kind, "semantic": semantic, "instance": 7 + len(objects),
-                        "center": [float(c) for c in centre_], "R": np.asarray(R, float).tolist(),
-                        "size": [float(s) for s in size], "texture": tex})
+        objects.append(
+            {
+                "kind": kind,
+                "semantic": semantic,
+                "instance": 7 + len(objects),
+                "center": [float(c) for c in centre_],
+                "R": np.asarray(R, float).tolist(),
+                "size": [float(s) for s in size],
+                "texture": tex,
+            }
+        )
 
     obj_pat = ("checker", "stripes", "noise", "dots", "tiles")
     kinds = rng.choice(["box", "sphere", "cylinder"], size=int(rng.integers(8, 15)), p=[0.4, 0.3, 0.3])
@@ -124,19 +152,19 @@ def make_scene(seed: int, index: int, views: int = 24) -> dict:
                 add("sphere", 4, (*xy, z), np.eye(3), [r], tex)
         else:
             r, hh = rng.uniform(0.1, 0.3), rng.uniform(0.15, 0.6)
-            if rng.uniform() < 0.7:                                 # upright
+            if rng.uniform() < 0.7:  # upright
                 xy = place(r)
                 if xy:
                     add("cylinder", 5, (*xy, hh), _rot_z(rng.uniform(0, math.pi)), [r, hh], tex)
-            else:                                                   # lying on its side
+            else:  # lying on its side
                 xy = place(float(math.hypot(r, hh)))
                 if xy:
                     lie = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])  # local z -> world x
                     add("cylinder", 5, (*xy, r), _rot_z(rng.uniform(0, math.pi)) @ lie, [r, hh], tex)
 
-    for _ in range(int(rng.integers(1, 4))):                        # paintings: thin boxes on walls
+    for _ in range(int(rng.integers(1, 4))):  # paintings: thin boxes on walls
         wall = int(rng.integers(0, 4))
-        axis, side = wall // 2, wall % 2                            # wall on plane x=0/Lx (axis 0), y=0/Ly
+        axis, side = wall // 2, wall % 2  # wall on plane x=0/Lx (axis 0), y=0/Ly
         w, hgt, th = rng.uniform(0.4, 1.2), rng.uniform(0.3, 0.9), 0.02
         along = 1 - axis
         c = [0.0, 0.0, float(rng.uniform(1.1, min(1.9, L[2] - hgt / 2 - 0.1)))]
@@ -144,20 +172,47 @@ def make_scene(seed: int, index: int, views: int = 24) -> dict:
         c[axis] = (L[axis] - th / 2 - 0.002) if side else (th / 2 + 0.002)
         half = [0.0, 0.0, hgt / 2]
         half[axis], half[along] = th / 2, w / 2
-        add("box", 6, c, np.eye(3), half, _texture(rng, ("stripes", "noise", "dots", "checker"), (0.05, 0.2),
-                                                     sat=(0.4, 1.0), val=(0.3, 1.0)))
-    if rng.uniform() < 0.8:                                         # a rug under the furniture
+        add(
+            "box",
+            6,
+            c,
+            np.eye(3),
+            half,
+            _texture(rng, ("stripes", "noise", "dots", "checker"), (0.05, 0.2), sat=(0.4, 1.0), val=(0.3, 1.0)),
+        )
+    if rng.uniform() < 0.8:  # a rug under the furniture
         hx, hy = rng.uniform(0.5, 1.2), rng.uniform(0.4, 1.0)
         c = (rng.uniform(hx + 0.2, L[0] - hx - 0.2), rng.uniform(hy + 0.2, L[1] - hy - 0.2), 0.006)
-        add("box", 7, c, _rot_z(rng.uniform(0, math.pi)), [hx, hy, 0.005],
-            _texture(rng, ("stripes", "checker", "dots"), (0.1, 0.3), sat=(0.3, 0.9), val=(0.3, 0.8)))
+        add(
+            "box",
+            7,
+            c,
+            _rot_z(rng.uniform(0, math.pi)),
+            [hx, hy, 0.005],
+            _texture(rng, ("stripes", "checker", "dots"), (0.1, 0.3), sat=(0.3, 0.9), val=(0.3, 0.8)),
+        )
 
-    lights = [{"pos": [float(rng.uniform(0.2, 0.8) * L[0]), float(rng.uniform(0.2, 0.8) * L[1]),
-                       float(L[2] - rng.uniform(0.2, 0.5))], "intensity": float(rng.uniform(0.5, 0.8))}
-              for _ in range(2)]
-    return {"scene_id": f"synth_{index:04d}", "seed": int(seed), "index": int(index), "room": room,
-            "objects": objects, "lights": lights, "ambient": float(rng.uniform(0.22, 0.32)),
-            "camera_path": cam}
+    lights = [
+        {
+            "pos": [
+                float(rng.uniform(0.2, 0.8) * L[0]),
+                float(rng.uniform(0.2, 0.8) * L[1]),
+                float(L[2] - rng.uniform(0.2, 0.5)),
+            ],
+            "intensity": float(rng.uniform(0.5, 0.8)),
+        }
+        for _ in range(2)
+    ]
+    return {
+        "scene_id": f"synth_{index:04d}",
+        "seed": int(seed),
+        "index": int(index),
+        "room": room,
+        "objects": objects,
+        "lights": lights,
+        "ambient": float(rng.uniform(0.22, 0.32)),
+        "camera_path": cam,
+    }
 
 
 def camera_path(scene: dict, views: int) -> Tensor:
@@ -167,13 +222,23 @@ def camera_path(scene: dict, views: int) -> Tensor:
     theta = cam["theta0"] + cam["direction"] * cam["arc"] * u
     ph = cam["phase"]
     rad = 1 + cam["wobble"] * np.sin(2 * theta + ph[0])
-    eye = np.stack([cam["center"][0] + cam["axes"][0] * rad * np.cos(theta),
-                    cam["center"][1] + cam["axes"][1] * rad * np.sin(theta),
-                    cam["height"] + cam["height_amp"] * np.sin(1.5 * theta + ph[1])], -1)
+    eye = np.stack(
+        [
+            cam["center"][0] + cam["axes"][0] * rad * np.cos(theta),
+            cam["center"][1] + cam["axes"][1] * rad * np.sin(theta),
+            cam["height"] + cam["height_amp"] * np.sin(1.5 * theta + ph[1]),
+        ],
+        -1,
+    )
     j = cam["jitter"]
-    target = np.stack([cam["center"][0] + j * np.sin(theta + ph[2]),
-                       cam["center"][1] + j * np.sin(1.3 * theta + ph[3]),
-                       cam["target_z"] + 0.4 * j * np.sin(0.7 * theta + ph[4])], -1)
+    target = np.stack(
+        [
+            cam["center"][0] + j * np.sin(theta + ph[2]),
+            cam["center"][1] + j * np.sin(1.3 * theta + ph[3]),
+            cam["target_z"] + 0.4 * j * np.sin(0.7 * theta + ph[4]),
+        ],
+        -1,
+    )
     return look_at(torch.from_numpy(eye), torch.from_numpy(target))
 
 
@@ -181,4 +246,3 @@ def intrinsics(H: int, W: int, hfov_deg: float = 70.0) -> Tensor:
     """Pinhole K (float64): square pixels, horizontal field of view ``hfov_deg``, centred."""
     f = W / (2 * math.tan(math.radians(hfov_deg) / 2))
     return torch.tensor([[f, 0, W / 2], [0, f, H / 2], [0, 0, 1]], dtype=torch.float64)
-

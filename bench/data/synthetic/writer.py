@@ -1,5 +1,6 @@
 """Writer and worker pool: one scene's files in the ScanNet++ DSLR layout, whole sets rendered in
 worker processes, and the reuse / split helpers (:func:`ensure_synthetic`, :func:`split_scenes`)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,21 @@ from ...cameras import opencv_w2c_to_opengl_c2w
 from ...errors import BenchError
 from ...io import write_json
 from .raycast import Primitives, render_view
-from .spec import (CLASSES, DEPTH, GENERATOR, IMAGES, INSTANCE, NORMALS, SEMANTIC, TRANSFORMS, VERSION, camera_path,
-                   default_root, intrinsics, make_scene)
+from .spec import (
+    CLASSES,
+    DEPTH,
+    GENERATOR,
+    IMAGES,
+    INSTANCE,
+    NORMALS,
+    SEMANTIC,
+    TRANSFORMS,
+    VERSION,
+    camera_path,
+    default_root,
+    intrinsics,
+    make_scene,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -38,8 +52,12 @@ def _write_npz(path: Path, **arrays: np.ndarray) -> None:
         for key, arr in arrays.items():
             buf = io.BytesIO()
             np.save(buf, arr)
-            zf.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue(),
-                        compress_type=zipfile.ZIP_DEFLATED, compresslevel=3)
+            zf.writestr(
+                zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
+                buf.getvalue(),
+                compress_type=zipfile.ZIP_DEFLATED,
+                compresslevel=3,
+            )
 
 
 def rgb_u8(rgb: torch.Tensor) -> np.ndarray:
@@ -115,18 +133,28 @@ def set_progress(progress: bool, total: int, unit: str, desc: str):
     if not progress:
         return None
     from ...progress import progress as _progress
+
     return _progress(total=total, unit=unit, desc=desc)
 
 
 def _set_meta(scenes: int, views: int, size: Sequence[int], seed: int, supersample: int, hfov_deg: float) -> dict:
-    return {"generator": GENERATOR, "version": VERSION, "scenes": int(scenes), "views": int(views),
-            "size": [int(size[0]), int(size[1])], "seed": int(seed), "supersample": int(supersample),
-            "hfov_deg": float(hfov_deg), "classes": list(CLASSES),
-            "scene_ids": [f"synth_{i:04d}" for i in range(scenes)]}
+    return {
+        "generator": GENERATOR,
+        "version": VERSION,
+        "scenes": int(scenes),
+        "views": int(views),
+        "size": [int(size[0]), int(size[1])],
+        "seed": int(seed),
+        "supersample": int(supersample),
+        "hfov_deg": float(hfov_deg),
+        "classes": list(CLASSES),
+        "scene_ids": [f"synth_{i:04d}" for i in range(scenes)],
+    }
 
 
-def generate_scene(root: Path, seed: int, index: int, views: int, size: Sequence[int],
-                   supersample: int = 2, hfov_deg: float = 70.0) -> Path:
+def generate_scene(
+    root: Path, seed: int, index: int, views: int, size: Sequence[int], supersample: int = 2, hfov_deg: float = 70.0
+) -> Path:
     """Render and write one scene; returns its directory."""
     H, W = int(size[0]), int(size[1])
     scene = make_scene(seed, index, views)
@@ -148,14 +176,30 @@ def generate_scene(root: Path, seed: int, index: int, views: int, size: Sequence
         _write_png(sdir / INSTANCE / f"{name}.png", r["instance"].numpy().astype(np.uint16))
         c2w = opencv_w2c_to_opengl_c2w(w2cs[v])
         frames.append({"file_path": f"{name}.png", "transform_matrix": c2w.tolist(), "is_bad": False})
-    transforms = {"camera_model": "PINHOLE", "fl_x": float(K[0, 0]), "fl_y": float(K[1, 1]),
-                  "cx": float(K[0, 2]), "cy": float(K[1, 2]), "w": W, "h": H, "frames": frames,
-                  "test_frames": []}
+    transforms = {
+        "camera_model": "PINHOLE",
+        "fl_x": float(K[0, 0]),
+        "fl_y": float(K[1, 1]),
+        "cx": float(K[0, 2]),
+        "cy": float(K[1, 2]),
+        "w": W,
+        "h": H,
+        "frames": frames,
+        "test_frames": [],
+    }
     write_json(sdir / TRANSFORMS, transforms)
-    scene_meta = dict(scene, generator=GENERATOR, version=VERSION, views=views, size=[H, W],
-                      supersample=supersample, hfov_deg=hfov_deg, classes=list(CLASSES),
-                      instances=[{"id": i + 1, "semantic": s} for i, s in enumerate([0, 0, 0, 0, 1, 2])] +
-                      [{"id": o["instance"], "semantic": o["semantic"]} for o in scene["objects"]])
+    scene_meta = dict(
+        scene,
+        generator=GENERATOR,
+        version=VERSION,
+        views=views,
+        size=[H, W],
+        supersample=supersample,
+        hfov_deg=hfov_deg,
+        classes=list(CLASSES),
+        instances=[{"id": i + 1, "semantic": s} for i, s in enumerate([0, 0, 0, 0, 1, 2])]
+        + [{"id": o["instance"], "semantic": o["semantic"]} for o in scene["objects"]],
+    )
     write_json(sdir / "meta.json", scene_meta)
     return sdir
 
@@ -166,8 +210,9 @@ def _worker_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
     torch.set_num_threads(1)  # 2 workers fill 2 cores without OpenMP oversubscription
     for i in spec["indices"]:
-        generate_scene(Path(spec["root"]), spec["seed"], i, spec["views"], spec["size"], spec["supersample"],
-                       spec["hfov_deg"])
+        generate_scene(
+            Path(spec["root"]), spec["seed"], i, spec["views"], spec["size"], spec["supersample"], spec["hfov_deg"]
+        )
         print(i, flush=True)
     return 0
 
@@ -183,8 +228,11 @@ def _run_workers(root: Path, indices: Sequence[int], workers: int, on_done, **kw
     import threading
 
     pkg_parent = str(Path(__file__).resolve().parents[3])  # importable even without an install
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE",
-               PYTHONPATH=os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p))
+    env = dict(
+        os.environ,
+        OMP_WAIT_POLICY="PASSIVE",
+        PYTHONPATH=os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p),
+    )
     code = "import sys; from bench.data.synthetic.writer import _worker_main; sys.exit(_worker_main(sys.argv[1]))"
     done: "queue.Queue[int]" = queue.Queue()
     procs, readers = [], []
@@ -192,10 +240,12 @@ def _run_workers(root: Path, indices: Sequence[int], workers: int, on_done, **kw
         for w in range(workers):
             spec = dict(kw, root=str(root), indices=list(indices[w::workers]))
             err = tempfile.TemporaryFile()
-            proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], stdout=subprocess.PIPE,
-                                    stderr=err, env=env, text=True)
-            reader = threading.Thread(target=lambda p=proc: [done.put(int(line)) for line in p.stdout
-                                                             if line.strip().isdigit()], daemon=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", code, json.dumps(spec)], stdout=subprocess.PIPE, stderr=err, env=env, text=True
+            )
+            reader = threading.Thread(
+                target=lambda p=proc: [done.put(int(line)) for line in p.stdout if line.strip().isdigit()], daemon=True
+            )
             reader.start()
             readers.append(reader)
             procs.append((proc, err))
@@ -212,9 +262,10 @@ def _run_workers(root: Path, indices: Sequence[int], workers: int, on_done, **kw
                         p, e = failed[0]
                         e.seek(0)
                         tail = e.read().decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-                        raise BenchError(f"synthetic scene generation failed in a worker process "
-                                         f"(exit {p.returncode}): {tail[0]}",
-                                         "re-run with workers=1 (--workers 1) to see the full traceback")
+                        raise BenchError(
+                            f"synthetic scene generation failed in a worker process (exit {p.returncode}): {tail[0]}",
+                            "re-run with workers=1 (--workers 1) to see the full traceback",
+                        )
             on_done()
         for p, _ in procs:
             p.wait()
@@ -231,16 +282,27 @@ def default_workers(scenes: int, views: int, size: Sequence[int]) -> int:
     return 2 if scenes >= 2 and scenes * views * size[0] * size[1] >= 2_000_000 else 1
 
 
-def generate(root: str | os.PathLike, scenes: int = 8, views: int = 24, size: Sequence[int] = (224, 224),
-             seed: int = 0, supersample: int = 2, hfov_deg: float = 70.0, progress: bool = False,
-             workers: int | None = None) -> Path:
+def generate(
+    root: str | os.PathLike,
+    scenes: int = 8,
+    views: int = 24,
+    size: Sequence[int] = (224, 224),
+    seed: int = 0,
+    supersample: int = 2,
+    hfov_deg: float = 70.0,
+    progress: bool = False,
+    workers: int | None = None,
+) -> Path:
     """Render ``scenes`` x ``views`` and write them under ``root``; ``root/meta.json`` is written last
     (its presence marks a complete set). ``workers``: processes (config ``task.dataset.workers`` or
     ``--workers``; at most one per scene; default :func:`default_workers`). Output does not depend
     on ``workers``."""
-    root = begin_set(root, scenes >= 1 and views >= 1 and min(size) >= 8,
-                     f"invalid synthetic set: scenes={scenes}, views={views}, size={list(size)}",
-                     "use at least 1 scene, 1 view and 8x8 pixels")
+    root = begin_set(
+        root,
+        scenes >= 1 and views >= 1 and min(size) >= 8,
+        f"invalid synthetic set: scenes={scenes}, views={views}, size={list(size)}",
+        "use at least 1 scene, 1 view and 8x8 pixels",
+    )
     workers = default_workers(scenes, views, size) if workers is None else max(1, min(int(workers), scenes))
     kw = dict(seed=seed, views=views, size=list(size), supersample=supersample, hfov_deg=hfov_deg)
     bar = set_progress(progress, scenes, "scene", f"synthetic ({views} views each) -> {root}")
@@ -260,19 +322,36 @@ def generate(root: str | os.PathLike, scenes: int = 8, views: int = 24, size: Se
     return root
 
 
-def ensure_synthetic(root: str | os.PathLike | None = None, scenes: int = 8, views: int = 24,
-                     size: Sequence[int] = (224, 224), seed: int = 0, supersample: int = 2,
-                     hfov_deg: float = 70.0, progress: bool = True, workers: int | None = None) -> Path:
+def ensure_synthetic(
+    root: str | os.PathLike | None = None,
+    scenes: int = 8,
+    views: int = 24,
+    size: Sequence[int] = (224, 224),
+    seed: int = 0,
+    supersample: int = 2,
+    hfov_deg: float = 70.0,
+    progress: bool = True,
+    workers: int | None = None,
+) -> Path:
     """Return ``root`` holding the requested set, generating it only if ``root/meta.json`` does not
     already describe exactly these parameters (and the scenes' transforms are present). ``progress``:
     a bar (terminal) or log lines while it generates."""
-    return ensure_set(Path(root) if root is not None else default_root(),
-                      lambda r: holds_set(r, scenes, views, size, seed, supersample, hfov_deg),
-                      lambda r: generate(r, scenes, views, size, seed, supersample, hfov_deg, progress, workers))
+    return ensure_set(
+        Path(root) if root is not None else default_root(),
+        lambda r: holds_set(r, scenes, views, size, seed, supersample, hfov_deg),
+        lambda r: generate(r, scenes, views, size, seed, supersample, hfov_deg, progress, workers),
+    )
 
 
-def holds_set(root: str | os.PathLike, scenes: int, views: int, size: Sequence[int], seed: int,
-              supersample: int = 2, hfov_deg: float = 70.0) -> bool:
+def holds_set(
+    root: str | os.PathLike,
+    scenes: int,
+    views: int,
+    size: Sequence[int],
+    seed: int,
+    supersample: int = 2,
+    hfov_deg: float = 70.0,
+) -> bool:
     """Whether ``root`` holds a complete generated set with exactly these parameters."""
     root = Path(root)
     want = _set_meta(scenes, views, size, seed, supersample, hfov_deg)
@@ -289,5 +368,4 @@ def split_scenes(scene_ids: Sequence[str], held_out: int | float = 0.25) -> Tupl
     if held_out and n >= 2:
         k = max(k, 1)
     k = min(max(k, 0), max(n - 1, 0))
-    return ids[: n - k], ids[n - k:]
-
+    return ids[: n - k], ids[n - k :]
