@@ -220,3 +220,38 @@ def test_two_task_training_job_runs_as_two_ranks(slurm_cluster, toys, tmp_path):
     ref = train(compose(ref_ov + [f"paths.cache_dir={tmp_path}/ref_cache"]))
     got, want = load_file(workdir / "model.safetensors"), load_file(ref / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_fit3d_stage1_array_through_sbatch(slurm_cluster, tmp_path):
+    """FiT3D stage I as a SLURM job array (one task per scene); stage II waits on the whole array
+    (``afterok:<array id>``), then the probe; every scene is fitted and the backbone is trained."""
+    from test_fit3d_array import overrides as fit3d_overrides
+
+    from baselines.fit3d.stage1 import is_fitted
+    from bench.cluster import SlurmBackend
+    from bench.runner import MODEL_FILE, backbone_dir
+
+    slurm = [o for o in overrides(tmp_path) if o.startswith("cluster")]
+    ov = fit3d_overrides(tmp_path, "cache", *slurm, "+cluster.train.timeout_min=5", "+cluster.stage1.timeout_min=5")
+    plan = sweep.make_plan(ov)
+    stage1 = [j for j in plan.jobs.values() if j.kind == "stage1"]
+    assert len(stage1) == 3
+    s = sweep.run(plan, poll_s=1)
+    assert {n: j.state for n, j in s.jobs.items()} == {n: "done" for n in s.jobs}, sweep.status_table(s)
+    ids = [s.jobs[j.name].job_id for j in stage1]
+    assert len({i.split("_")[0] for i in ids}) == 1 and all("_" in i for i in ids)  # one array, 3 tasks
+    train = next(j for j in s.jobs.values() if j.kind == "train")
+    assert SlurmBackend._dependency(None, train, s.jobs) == f"afterok:{ids[0].split('_')[0]}"  # one word
+    acct = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", ",".join([*ids, train.job_id]), "-o", "JobID,Start,End"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    times = {row.split("|")[0]: row.split("|")[1:] for row in acct}
+    assert max(times[i][1] for i in ids) <= times[train.job_id][0]  # stage II started after every fit ended
+    cfg = compose(ov)
+    assert (backbone_dir(cfg) / MODEL_FILE).is_file()
+    fits = sorted((tmp_path / "cache").rglob("scene.safetensors"))
+    assert len(fits) == 3 and all(is_fitted(f.parent) for f in fits)
+    assert len(records.load_records(tmp_path / "results")) == 1
