@@ -482,6 +482,7 @@ def figure_dose_response(
     if not table:
         return None
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     metric_of = {}
     for rec in records:
@@ -497,8 +498,6 @@ def figure_dose_response(
             ax.fill_between(x, [p[2] for p in pts], [p[3] for p in pts], color=line.get_color(), alpha=0.2)
         ax.axhline(0.0, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log")
-        from matplotlib.ticker import NullLocator
-
         steps = sorted({p[0] for pts in table[task].values() for p in pts})
         ax.set_xticks(steps, [str(x) for x in steps])  # the measured training lengths, not 10^k
         ax.xaxis.set_minor_locator(NullLocator())

@@ -185,6 +185,16 @@ def cell_of(record: Mapping[str, Any]) -> tuple:
     )
 
 
+def train_diagnostics(info: Mapping[str, Any]) -> Dict[str, Any]:
+    """The scalar training diagnostics of a trained backbone's ``train_info.json`` (adapted-layer and
+    held-out feature change, first/last loss, KL, head collapse... see methods/splat_distill/diagnostics.py)
+    that a record carries; the per-view detail stays in the cache's train_info.json."""
+    d = info.get("diagnostics") or {}
+    return {
+        k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool) or k == "student_grid"
+    }
+
+
 def is_legacy(record: Mapping[str, Any]) -> bool:
     """A record written before cell fingerprints (it cannot say which configuration it came from)."""
     return not isinstance(record.get("identity"), dict)

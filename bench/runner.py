@@ -41,6 +41,7 @@ from .identity import cell_identity
 from .io import write_json, write_text
 from .preflight import check_image_size, preflight
 from .method_variants import apply_per_task
+from .records import train_diagnostics
 from .registry import METHODS, TASKS
 from .seed import seed_everything
 
@@ -211,16 +212,6 @@ def _start_segment(workdir: Path, fresh: bool) -> List[Dict[str, Any]]:
 def _train_info(key: str, segments: List[Dict[str, Any]]) -> Dict[str, Any]:
     spans = [round(float(s["end"]) - float(s["start"]), 3) for s in segments]
     return {"wall_time_s": round(sum(spans), 3), "segments": len(spans), "segment_wall_time_s": spans, "cache_key": key}
-
-
-def train_diagnostics(info: Dict[str, Any]) -> Dict[str, Any]:
-    """The scalar training diagnostics of a trained backbone's ``train_info.json`` (adapted-layer and
-    held-out feature change, first/last loss, KL, head collapse... see methods/splat_distill/diagnostics.py)
-    that a record carries; the per-view detail stays in the cache's train_info.json."""
-    d = info.get("diagnostics") or {}
-    return {
-        k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool) or k == "student_grid"
-    }
 
 
 def _train_time(workdir: Path) -> Dict[str, Any]:

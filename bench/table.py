@@ -22,7 +22,7 @@ from tabulate import tabulate
 
 from .errors import BenchError
 from .io import write_text
-from .records import load_records
+from .records import load_records, train_diagnostics
 
 REFERENCE_COLUMNS = ["source", "method", "backbone", "task", "metric", "value", "note"]
 
@@ -254,15 +254,13 @@ def _data_desc(d: dict) -> str:
     return ", ".join(parts)
 
 
-def config_rows(results_dir: str | Path, ids) -> List[List[str]]:
+def config_rows(shown) -> List[List[str]]:
     """Per (method, backbone, task) of the shown records: seeds, hashes of the method and task config
     nodes (one hash = one configuration across seeds), the method's training data and the task data."""
     from .config import stable_hash
 
     rows: dict = {}
-    for rec in load_records(results_dir):
-        if rec["id"] not in ids:
-            continue
+    for rec in shown:
         cfg = rec.get("config") or {}
         m, t = cfg.get("method") or {}, cfg.get("task") or {}
         trained = (rec.get("checkpoint") or {}).get("kind") == "trained"
@@ -314,19 +312,15 @@ def record_diagnostics(rec, results_dir: str | Path) -> dict:
         return dict(ck["train_diagnostics"])
     path = Path(results_dir) / "diagnostics" / f"{ck.get('cache_key')}.json"
     if ck.get("cache_key") and path.is_file():
-        from .runner import train_diagnostics
-
         return train_diagnostics(json.loads(path.read_text()))
     return {}
 
 
-def diagnostics_rows(results_dir: str | Path, ids) -> List[List[str]]:
+def diagnostics_rows(shown, results_dir: str | Path) -> List[List[str]]:
     """One row per trained backbone (cache key) of the shown records: method, backbone, the tasks that
     used it, seed, and the scalar diagnostics of :data:`DIAGNOSTIC_COLUMNS`."""
     rows: dict = {}
-    for rec in load_records(results_dir):
-        if rec["id"] not in ids:
-            continue
+    for rec in shown:
         d = record_diagnostics(rec, results_dir)
         if not d:
             continue
@@ -394,6 +388,8 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
         ]
     if not ours.empty:
         recs = ours.drop_duplicates("id")
+        ids = set(recs["id"])
+        shown = [rec for rec in load_records(results_dir) if rec["id"] in ids]
         out += [
             "## Configuration",
             "",
@@ -404,7 +400,7 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
             "separate jobs, so their cells reuse the cached backbone).",
             "",
             tabulate(
-                config_rows(results_dir, set(recs["id"])),
+                config_rows(shown),
                 headers=[
                     "method",
                     "backbone",
@@ -427,23 +423,30 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
                 "and `sweep` re-runs their cells.",
                 "",
             ]
-    diag = diagnostics_rows(results_dir, set(ours.drop_duplicates("id")["id"])) if not ours.empty else []
-    if diag:
-        out += [
-            "## Training diagnostics",
-            "",
-            "Per trained backbone (its cache key), from its `train_info.json`: relative change of the held-out "
-            "features (and their 1 - cos), relative change of the adapted weights, first/last training loss, the "
-            "KL part of the distillation cross-entropy and the head's mean pairwise embedding cosine (collapse) "
-            "where the method has them (methods/splat_distill/diagnostics.py).",
-            "",
-            tabulate(
-                diag,
-                headers=["method", "backbone", "seed", "tasks", "backbone key", *[h for _, h in DIAGNOSTIC_COLUMNS]],
-                tablefmt="github",
-            ),
-            "",
-        ]
+        diag = diagnostics_rows(shown, results_dir)
+        if diag:
+            out += [
+                "## Training diagnostics",
+                "",
+                "Per trained backbone (its cache key), from its `train_info.json`: relative change of the held-out "
+                "features (and their 1 - cos), relative change of the adapted weights, first/last training loss, the "
+                "KL part of the distillation cross-entropy and the head's mean pairwise embedding cosine (collapse) "
+                "where the method has them (methods/splat_distill/diagnostics.py).",
+                "",
+                tabulate(
+                    diag,
+                    headers=[
+                        "method",
+                        "backbone",
+                        "seed",
+                        "tasks",
+                        "backbone key",
+                        *[h for _, h in DIAGNOSTIC_COLUMNS],
+                    ],
+                    tablefmt="github",
+                ),
+                "",
+            ]
     figs = sorted((results_dir / "figures").glob("*.png"))
     if figs:
         out += ["## Figures", ""] + [f"- [{p.stem}](figures/{p.name})" for p in figs] + [""]
