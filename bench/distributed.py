@@ -313,3 +313,66 @@ def describe_cfg(cfg) -> dict:
     out = describe(global_batch_of(cfg), str((cfg.get("distributed") or {}).get("grad_average", "global")))
     out["precision"] = str(cfg.get("precision", "32"))
     return out
+
+
+# --------------------------------------------------------------------------------- synchronised BN
+class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
+    """``BatchNorm2d`` whose training statistics are those of the global batch over all ranks (SyncBN),
+    for any backend (``torch.nn.SyncBatchNorm`` runs on GPUs only; this one also on CPU with gloo).
+
+    Two differentiable all-reduces (``torch.distributed.nn.functional.all_reduce``): the per-channel
+    sum and count, then the sum of squared deviations from the global mean (two passes, as a single
+    process's BatchNorm computes the variance, not ``E[x^2] - E[x]^2``). A rank may hold no items
+    (an epoch's ragged last batch): it contributes zero sums and still joins both collectives. The
+    running statistics get the global mean and the unbiased global variance, identically on every
+    rank. Outside training, or without a process group, it is ``BatchNorm2d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and initialized() and world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        dims = (0, 2, 3)
+        count = torch.full((1,), float(x.numel() // max(c, 1)), dtype=x.dtype, device=x.device)
+        total = all_reduce(torch.cat([x.sum(dim=dims), count]))
+        n = total[c]
+        mean = total[:c] / n
+        centred = x - mean.view(1, c, 1, 1)
+        var = all_reduce((centred * centred).sum(dim=dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = var * (n / (n - 1)) if float(n) > 1 else var
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * unbiased.detach())
+        y = centred / torch.sqrt(var + self.eps).view(1, c, 1, 1)
+        if self.affine:
+            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+        return y
+
+
+def sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every ``BatchNorm2d`` computing global-batch statistics over the ranks (the
+    anchors' SyncBN): ``torch.nn.SyncBatchNorm`` on CUDA, :class:`GlobalBatchNorm2d` otherwise. The
+    state-dict keys are unchanged. Without a multi-rank process group, ``module`` itself."""
+    if not (initialized() and world_size() > 1):
+        return module
+    params = list(module.parameters()) + list(module.buffers())
+    if params and params[0].device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+    def convert(m: torch.nn.Module) -> torch.nn.Module:
+        if isinstance(m, torch.nn.BatchNorm2d) and not isinstance(m, GlobalBatchNorm2d):
+            g = GlobalBatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+            g.load_state_dict(m.state_dict())
+            g.to(next(iter(m.buffers()), torch.zeros(())).device)
+            g.train(m.training)
+            return g
+        for name, child in m.named_children():
+            setattr(m, name, convert(child))
+        return m
+
+    return convert(module)

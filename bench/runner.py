@@ -89,8 +89,11 @@ def obtain_backbone(cfg: DictConfig, run_dir: Path | None = None) -> Tuple[Any, 
     backbone = build_backbone(cfg.backbone)
     check_image_size(cfg, int(getattr(backbone, "patch_size", 1) or 1))  # before any training
     if not getattr(method, "trains", False):
+        from . import distributed as dist
+
         workdir = Path(run_dir) if run_dir is not None else Path(cfg.run_dir)
-        backbone = method.fit(backbone, cfg, workdir)
+        with dist.main_first():  # rank 0 downloads a Hub checkpoint before the other ranks read it
+            backbone = method.fit(backbone, cfg, workdir)
         ref = {"kind": "pretrained", "backbone_weights": to_container(cfg.backbone).get("weights")}
         ref.update(getattr(method, "checkpoint_ref", None) or {})
         return backbone, ref
@@ -293,8 +296,12 @@ def run_cell(cfg: DictConfig) -> Dict[str, Any] | None:
     device = resolve_device(cfg)
     from . import distributed as dist
 
-    if not dist.is_main():  # a multi-rank run: every rank trains, rank 0 alone evaluates and writes
-        if getattr(method, "trains", False):
+    dist.init(device, str((cfg.get("distributed") or {}).get("backend", "auto")))
+    if not dist.is_main():  # a multi-rank run: every rank trains, rank 0 alone writes
+        if getattr(task, "data_parallel", False):  # the probe trains on all ranks; rank 0 tests
+            backbone, _ = obtain_backbone(cfg)
+            _evaluate(cfg, task, _eval_backbone(cfg, backbone, device), device, Path(cfg.run_dir) / "task")
+        elif getattr(method, "trains", False):
             obtain_backbone(cfg)
         return None
     run_dir = _unique_dir(Path(cfg.run_dir))
@@ -312,6 +319,51 @@ def run_cell(cfg: DictConfig) -> Dict[str, Any] | None:
         return _run_cell(cfg, method, task, identity, device, run_dir, t_start)
 
 
+def _eval_backbone(cfg: DictConfig, backbone, device: str):
+    """The network the task probes: the method's backbone, or FiT3D's [original, fine-tuned] concat."""
+    protocol = to_container(cfg.task.get("protocol", {})) or {}
+    if protocol.get("concat_original"):
+        from .backbones import ConcatBackbone, build_backbone
+
+        seed_everything(int(cfg.seed))  # same state as obtain_backbone's build: same init for random-init nets
+        backbone = ConcatBackbone(build_backbone(cfg.backbone), backbone)
+    return backbone.to(device).eval()
+
+
+def _evaluate(cfg: DictConfig, task, backbone, device: str, workdir: Path):
+    """``task.evaluate`` from the seeded state, under the run's precision (bf16-mixed: feature extraction
+    and the probe under autocast); a fix naming ``<protocol>`` names the run's protocol."""
+    seed_everything(int(cfg.seed))
+    from .train import autocast
+
+    try:
+        with autocast(cfg.get("precision", "32"), device):
+            return task.evaluate(backbone, cfg, workdir)
+    except BenchError as e:  # name the key this run can override: task.protocols.<its protocol>.schedule.*
+        if "<protocol>" not in (e.fix or "") + e.problem:
+            raise
+        proto = str(cfg.get("protocol", "linear"))
+        raise type(e)(e.problem.replace("<protocol>", proto), (e.fix or "").replace("<protocol>", proto)) from None
+
+
+def _probe_layout(cfg: DictConfig, task, protocol: Dict[str, Any]) -> Dict[str, Any] | None:
+    """How the task's probe was trained over ranks: global batch, loss-group size, ranks, per-rank batch."""
+    sched = protocol.get("schedule") if isinstance(protocol.get("schedule"), dict) else None
+    if not sched or "batch_size" not in sched:
+        return None
+    from . import distributed as dist
+
+    ranks = dist.world_size() if getattr(task, "data_parallel", False) and dist.initialized() else 1
+    bs = int(sched["batch_size"])
+    return {
+        "world_size": ranks,
+        "global_batch": bs,
+        "samples_per_gpu": sched.get("samples_per_gpu"),
+        "per_rank_batch": bs // ranks,
+        "batchnorm": "global batch (SyncBN)" if ranks > 1 else "global batch",
+    }
+
+
 def _describe_distributed(cfg: DictConfig) -> Dict[str, Any]:
     from . import distributed as dist
 
@@ -325,25 +377,10 @@ def _run_cell(cfg, method, task, identity, device, run_dir: Path, t_start: float
     if ckpt.get("kind") == "trained" and not ckpt.get("reused"):
         t_fit = max(t_fit, float(ckpt.get("train_wall_time_s", 0.0)))  # every resumed segment counts
     protocol = to_container(cfg.task.get("protocol", {})) or {}
-    if protocol.get("concat_original"):
-        from .backbones import ConcatBackbone, build_backbone
-
-        seed_everything(int(cfg.seed))  # same state as obtain_backbone's build: same init for random-init nets
-        backbone = ConcatBackbone(build_backbone(cfg.backbone), backbone)
-    backbone = backbone.to(device).eval()
+    backbone = _eval_backbone(cfg, backbone, device)
 
     t0 = time.time()
-    seed_everything(int(cfg.seed))
-    from .train import autocast
-
-    try:
-        with autocast(cfg.get("precision", "32"), device):  # bf16-mixed: feature extraction + probes under autocast
-            metrics = records.validate_metrics(task.evaluate(backbone, cfg, run_dir / "task"))
-    except BenchError as e:  # name the key this run can override: task.protocols.<its protocol>.schedule.*
-        if "<protocol>" not in (e.fix or "") + e.problem:
-            raise
-        proto = str(cfg.get("protocol", "linear"))
-        raise type(e)(e.problem.replace("<protocol>", proto), (e.fix or "").replace("<protocol>", proto)) from None
+    metrics = records.validate_metrics(_evaluate(cfg, task, backbone, device, run_dir / "task"))
     t_eval = time.time() - t0
 
     seed = int(cfg.seed)
@@ -365,7 +402,7 @@ def _run_cell(cfg, method, task, identity, device, run_dir: Path, t_start: float
         "code_version": records.code_version(),
         "wall_time_s": {"fit": round(t_fit, 3), "evaluate": round(t_eval, 3), "total": round(time.time() - t_start, 3)},
         "device": records.device_info(device),
-        "distributed": _describe_distributed(cfg),
+        "distributed": {**_describe_distributed(cfg), "probe": _probe_layout(cfg, task, protocol)},
         "packages": records.package_versions(),
         "run_dir": str(run_dir),
     }

@@ -462,6 +462,7 @@ class Schedule:
     iters: Optional[int] = None
     epochs: Optional[float] = None
     batch_size: Optional[int] = None
+    samples_per_gpu: Optional[int] = None  # loss groups: the anchor's images per GPU (tasks/train_probe.py)
     lr: Optional[float] = None
     weight_decay: Optional[float] = None
     betas: Optional[List[float]] = None

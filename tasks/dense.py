@@ -28,6 +28,7 @@ evaluation, applied by the runner via ``bench.backbones.ConcatBackbone``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -49,7 +50,7 @@ from .data import check_dataset, dataset_identity, open_split
 from .features import CachedFeatures, FeatureCache, FeatureSpec, assemble, features, weights_hash
 from .probes import DenseProbe
 from .sliding import slide_inference
-from .train_probe import train_probe
+from .train_probe import check_groups, train_probe
 from . import transforms as T
 from .transforms import Transformed, is_augmented
 
@@ -89,11 +90,18 @@ def probe_dir(cfg: DictConfig, weights: str) -> Path:
 CURVE_FILES = ("history.jsonl", "metrics.jsonl", "train.log")
 
 
+def _spg(proto: Mapping[str, Any]) -> Optional[int]:
+    """The protocol's loss-group size (``schedule.samples_per_gpu``; None: one group, the whole batch)."""
+    v = (proto.get("schedule") or {}).get("samples_per_gpu")
+    return int(v) if v else None
+
+
 class DenseTask:
     """Base of the depth / normals / segmentation tasks. Subclasses set ``kind`` and ``label`` and
     implement :meth:`loss` and :meth:`metrics` (+ :meth:`probe_kwargs`)."""
 
     kind = ""  # "depth" | "normals" | "seg"
+    data_parallel = True  # under torchrun / SLURM tasks every rank trains the probe (bench.runner.run_cell)
     label = ""  # sample key of the target
     extra = ()  # further sample keys the loss / metrics read (normals: the raw depth for the valid mask)
 
@@ -106,6 +114,11 @@ class DenseTask:
 
     def start(self, task: Mapping[str, Any], proto: Mapping[str, Any]) -> None:
         """Called once before probe training (stateful losses, e.g. SigLoss's warm-up counter)."""
+
+    def iteration(self):
+        """Context of one training step whose loss is computed per loss group (SigLoss: one warm-up
+        count per step, not per group)."""
+        return contextlib.nullcontext()
 
     def loss(
         self,
@@ -145,9 +158,13 @@ class DenseTask:
         task = OmegaConf.to_container(cfg.task, resolve=True)
         task.pop("protocols", None)
         proto = resolve_protocol(cfg)
+        from bench import distributed as dist
+
+        main, parallel = dist.is_main(), dist.initialized() and dist.is_distributed()
         workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        seed, progress = int(cfg.get("seed", 0)), bool(task.get("progress", True))
+        if main:
+            workdir.mkdir(parents=True, exist_ok=True)
+        seed, progress = int(cfg.get("seed", 0)), bool(task.get("progress", True)) and main
         workers = int(task.get("num_workers", 0))
         device = module_device(backbone)
         backbone.eval()
@@ -161,9 +178,12 @@ class DenseTask:
         test = Transformed(open_split(cfg.task.dataset, "test"), test_cfg, False, keys)
 
         first = features(backbone, train[0]["image"][None].to(device), spec)
-        probe = DenseProbe(
-            self.kind, proto.get("head", {}), [f.shape[1] for f in first], **self.probe_kwargs(task, proto)
-        ).to(device)
+        in_dims = [f.shape[1] for f in first]
+        probe = DenseProbe(self.kind, proto.get("head", {}), in_dims, **self.probe_kwargs(task, proto)).to(device)
+        if parallel:  # one probe on every rank (rank 0's), BatchNorm over the global batch (SyncBN)
+            check_groups(int((proto.get("schedule") or {}).get("batch_size", 8)), _spg(proto), dist.world_size())
+            dist.broadcast_state([probe])
+            probe = dist.sync_batchnorm(probe)
 
         fcfg = proto.get("features", {})
         weights = weights_hash(backbone)
@@ -182,24 +202,43 @@ class DenseTask:
                 dataset_identity(cfg.task.dataset, "train"),
                 str(fcfg.get("cache_dtype", "float32")),
             )
-            cache.fill(
-                backbone,
-                train,
-                batch_size=int(fcfg.get("batch_size", 8)),
-                device=str(device),
-                progress=progress,
-                refresh=bool(cfg.get("force", False)),
-            )
+            with dist.main_first():  # rank 0 extracts; the others then find the cache complete
+                cache.fill(
+                    backbone,
+                    train,
+                    batch_size=int(fcfg.get("batch_size", 8)),
+                    device=str(device),
+                    progress=progress,
+                    refresh=bool(cfg.get("force", False)) and main,
+                )
             data = CachedFeatures(cache, train, (self.label, *self.extra))
             get_feats = lambda b: [f.to(device) for f in assemble(b["features"])]  # noqa: E731
         else:
             data = train
             get_feats = lambda b: features(backbone, b["image"].to(device), spec)  # noqa: E731
 
-        def step_loss(batch):
+        def step_loss(batch, sizes=None):
+            if batch is None:  # this rank holds no item of the step: a zero loss that joins SyncBN
+                with self.iteration():  # the step still counts (SigLoss warm-up), as on the other ranks
+                    out = probe([torch.zeros(0, c, 1, 1, device=device) for c in in_dims], (1, 1))
+                    return sum(v.sum() for v in out.values()) * 0.0
             target = self.prepare_target(batch[self.label], task).to(device)
             extra = {k: batch[k].to(device) for k in self.extra}
-            return self.loss(probe(get_feats(batch), tuple(target.shape[-2:])), target, proto, extra)
+            out = probe(get_feats(batch), tuple(target.shape[-2:]))
+            if sizes is None:
+                return self.loss(out, target, proto, extra)
+            total, start = None, 0
+            with self.iteration():  # one loss per group (the anchor's GPU), summed; train_probe averages
+                for n in sizes:
+                    part = slice(start, start + n)
+                    loss = self.loss(
+                        {k: v[part] for k, v in out.items()},
+                        target[part],
+                        proto,
+                        {k: v[part] for k, v in extra.items()},
+                    )
+                    total, start = (loss if total is None else total + loss), start + n
+            return total
 
         self.start(task, proto)
         plain = (bool, int, float, str, type(None))
@@ -228,11 +267,19 @@ class DenseTask:
                 workdir=pdir,
                 stop_after=stop_after,
                 loss_state=stateful,
+                distributed=parallel,
             )
         if info.pop("total_steps") > info["steps"]:  # stop_after: unfinished, resumable from pdir
             return None
+        if not main:  # rank 0 tests (as Probe3D: "validate and test on single gpu") and writes
+            dist.barrier()
+            return None
         t2 = time.time()
-        metrics = self.test(backbone, probe, test, spec, task, proto, device, progress, workers)
+        try:
+            metrics = self.test(backbone, probe, test, spec, task, proto, device, progress, workers)
+        finally:
+            if parallel:
+                dist.barrier()
         t3 = time.time()
 
         save_safetensors(

@@ -37,6 +37,10 @@ class DepthTask(DenseTask):
             bool(lc.get("warm_up", False)), int(lc.get("warm_iter", 100)), str(lc.get("sig_variance", "biased"))
         )
 
+    def iteration(self):
+        sig = getattr(self, "_sig", None)
+        return sig.iteration() if sig is not None else super().iteration()
+
     def loss(self, out, target, proto, batch=None):
         lc = proto.get("loss", {}) or {}
         valid = depth_valid(target, max_depth=lc.get("max_depth"))

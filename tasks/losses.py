@@ -26,8 +26,9 @@ Shapes: depth ``[B,H,W]`` metres with a boolean ``valid`` mask ``[B,H,W]``; norm
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,11 +85,30 @@ class SigLoss:
             eps,
         )
         self.counter = 0
+        self.held = None  # inside iteration(): the warm-up state of every call of this iteration
+
+    @contextlib.contextmanager
+    def iteration(self) -> Iterator[None]:
+        """One training iteration whose loss is computed in several calls (one per loss group, i.e. per
+        GPU of the anchor, where each GPU's SigLoss counts its own iterations): every call inside sees
+        the same warm-up state, and the counter advances once, even if no call is made (a rank that
+        holds no group of the step)."""
+        warm = bool(self.warm_up and self.counter < self.warm_iter)
+        self.held = warm
+        try:
+            yield
+        finally:
+            self.held = None
+            if warm:
+                self.counter += 1
 
     def __call__(self, pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, train: bool = True) -> torch.Tensor:
-        warm = bool(self.warm_up and train and self.counter < self.warm_iter)
-        if warm:
-            self.counter += 1
+        if train and self.held is not None:
+            warm = self.held
+        else:
+            warm = bool(self.warm_up and train and self.counter < self.warm_iter)
+            if warm:
+                self.counter += 1
         return sig_loss(pred, gt, valid, self.sigma, self.eps, self.variance, warm)
 
 

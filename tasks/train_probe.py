@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -162,13 +162,32 @@ class EpochBatches:
         shuffle: bool = True,
         num_workers: int = 0,
         drop_last: bool = False,
+        group: Optional[int] = None,
+        world: int = 1,
+        rank: int = 0,
     ):
         self.dataset, self.batch_size, self.shuffle = dataset, int(batch_size), bool(shuffle)
         self.num_workers, self.drop_last = int(num_workers), bool(drop_last)
+        self.group, self.world, self.rank = (int(group) if group else None), int(world), int(rank)
         self.index_loader = make_loader(_Indices(len(dataset)), self.batch_size, seed, self.shuffle, 0, self.drop_last)
         self.epoch, self.position = 0, 0
         self._epoch_start = self.index_loader.generator.get_state()
         self._it = None
+        self._plan: List[Tuple[List[int], int]] = []
+        self.groups: Tuple[List[int], int] = ([], 0)  # of the last batch: (this rank's group sizes, groups of the step)
+
+    def split(self, batch: List[int]) -> Tuple[List[int], List[int], int]:
+        """This rank's share of one global index batch: ``(indices, group sizes, groups in the step)``.
+
+        The batch is cut into consecutive groups of ``group`` items (the last may be smaller; one group
+        without ``group``) and rank ``r`` of ``W`` takes groups ``r*c .. r*c+c-1``, ``c = ceil(G / W)``:
+        a group never straddles two ranks, and a rank may get none of an epoch's ragged last batch.
+        """
+        g = self.group or max(len(batch), 1)
+        groups = [batch[i : i + g] for i in range(0, len(batch), g)]
+        per = -(-len(groups) // self.world)
+        mine = groups[self.rank * per : (self.rank + 1) * per]
+        return [i for grp in mine for i in grp], [len(grp) for grp in mine], len(groups)
 
     def __len__(self) -> int:
         return len(self.index_loader)
@@ -177,11 +196,13 @@ class EpochBatches:
         gen = self.index_loader.generator
         gen.set_state(self._epoch_start)
         batches = [b.tolist() for b in self.index_loader]  # advances ``gen`` exactly as one epoch of the loader
+        parts = [self.split(b) for b in batches[self.position :]]
+        self._plan = [(sizes, total) for _, sizes, total in parts]
         data_gen = torch.Generator()
         data_gen.set_state(self._epoch_start)
         loader = DataLoader(
             self.dataset,
-            batch_sampler=batches[self.position :],
+            batch_sampler=[idx for idx, _, _ in parts if idx],
             num_workers=self.num_workers,
             generator=data_gen,
             persistent_workers=False,
@@ -189,18 +210,17 @@ class EpochBatches:
         self._it = iter(loader)
 
     def next(self) -> Any:
-        """The next batch (a new epoch starts when one is used up)."""
+        """This rank's part of the next batch, or None when it holds no item of it (a new epoch starts
+        when one is used up); :attr:`groups` then holds its group sizes and the step's group count."""
         if self._it is None:
             self._open()
-        try:
-            batch = next(self._it)
-        except StopIteration:
+        if not self._plan:
             self.epoch, self.position = self.epoch + 1, 0
             self._epoch_start = self.index_loader.generator.get_state()
             self._open()
-            batch = next(self._it)
+        self.groups = self._plan.pop(0)
         self.position += 1
-        return batch
+        return next(self._it) if self.groups[0] else None
 
     def state_dict(self) -> Dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "generator": self._epoch_start.clone()}
@@ -225,6 +245,31 @@ class _Counters:
             vars(v).update(state.get(k, {}))
 
 
+def check_groups(batch_size: int, samples_per_gpu: Optional[int], world: int = 1) -> None:
+    """The loss groups of a probe schedule fit its batch and the number of ranks (a clear error if not)."""
+    key = "task.protocols.<protocol>.schedule"
+    if samples_per_gpu is not None and (samples_per_gpu < 1 or batch_size % samples_per_gpu):
+        raise BenchError(
+            f"{key}.batch_size={batch_size} is not a multiple of samples_per_gpu={samples_per_gpu}",
+            f"set {key}.samples_per_gpu to a divisor of the batch (the anchor's images per GPU)",
+        )
+    if world <= 1:
+        return
+    if samples_per_gpu is None:
+        raise BenchError(
+            f"this probe's loss is one group over the whole batch of {batch_size}, which cannot be split "
+            f"over {world} ranks",
+            f"run the evaluation in one process, or set {key}.samples_per_gpu={max(batch_size // world, 1)} "
+            "(the per-GPU batch of a DDP run; it changes the cell)",
+        )
+    if (batch_size // samples_per_gpu) % world:
+        raise BenchError(
+            f"{batch_size // samples_per_gpu} loss groups of {samples_per_gpu} images per step do not split "
+            f"over {world} ranks",
+            f"start a number of ranks that divides {batch_size // samples_per_gpu}",
+        )
+
+
 def train_probe(
     module: torch.nn.Module,
     dataset: Dataset,
@@ -240,6 +285,7 @@ def train_probe(
     stop_after: Optional[int] = None,
     loss_state: Optional[Mapping[str, Any]] = None,
     fingerprint: Optional[Mapping[str, Any]] = None,
+    distributed: bool = False,
 ) -> Dict[str, Any]:
     """Train ``module``'s parameters to minimise ``step_loss(batch)`` over ``dataset``.
 
@@ -252,14 +298,35 @@ def train_probe(
     in a temporary directory (no resume). ``stop_after`` ends the call after that many steps (after a
     checkpoint); ``steps < total`` in the result then tells the caller training is unfinished.
 
+    **Loss groups** (``sched.samples_per_gpu``, the anchor's per-GPU batch): the global batch of
+    ``batch_size`` items is cut into groups of ``samples_per_gpu``, ``step_loss(batch, sizes)`` returns
+    the *sum* of the losses of its groups (``sizes``: the group sizes within ``batch``) and the step's
+    loss is that sum over the ``G`` groups of the step divided by ``G`` -- the loss DDP optimises when
+    every GPU computes its loss on its own ``samples_per_gpu`` images and the gradients are averaged.
+    Without the key, ``step_loss(batch)`` is the loss of the whole batch (one group).
+
+    **Data-parallel** (``distributed=True`` in a multi-rank process group): every rank draws the same
+    global batches and loads only its groups (:meth:`EpochBatches.split`), its loss is
+    ``W / G x`` the sum of its groups' losses (so the rank-averaged gradient is the gradient of the
+    one-process loss above), ``step_loss(None, [])`` is called on a rank that holds no group of the step
+    (it must return a zero loss that still takes part in the collectives, e.g. SyncBN's), gradients are
+    averaged by :class:`bench.train.TrainLoop`, and rank 0 alone writes. A run needs loss groups
+    (``samples_per_gpu``) and ``batch_size / samples_per_gpu`` groups divisible by the number of ranks.
+
     Returns ``{"steps", "total_steps", "epochs", "final_loss" (mean of the last epoch), "losses" (per step)}``.
     """
     import tempfile
 
+    from bench import distributed as dist
     from bench.train import TrainLoop
 
     sched = dict(sched)
     bs = int(sched.get("batch_size", 8))
+    spg = sched.get("samples_per_gpu")
+    spg = int(spg) if spg else None
+    world = dist.world_size() if distributed and dist.initialized() else 1
+    check_groups(bs, spg, world)
+    grouped = spg is not None or world > 1
     batches = EpochBatches(
         dataset,
         bs,
@@ -267,6 +334,9 @@ def train_probe(
         shuffle=bool(sched.get("shuffle", True)),
         num_workers=num_workers,
         drop_last=bool(sched.get("drop_last", False)),
+        group=spg,
+        world=world,
+        rank=dist.rank() if world > 1 else 0,
     )
     per_epoch = len(batches)
     if per_epoch == 0:
@@ -302,7 +372,12 @@ def train_probe(
     values: Dict[int, float] = {}
 
     def step_fn(step: int) -> torch.Tensor:
-        loss = step_loss(batches.next())
+        batch = batches.next()
+        if grouped:
+            sizes, groups = batches.groups
+            loss = step_loss(batch, sizes) * (world / groups)
+        else:
+            loss = step_loss(batch)
         if momentum == "onecycle":  # beta1 of this step, before the optimiser step (mmcv momentum hook)
             for g in opt.param_groups:
                 g["betas"] = (onecycle_momentum(step, total), g["betas"][1])
@@ -336,11 +411,12 @@ def train_probe(
             "per_epoch": per_epoch,
             "batch_size": bs,
             "items": len(dataset),
+            **({"samples_per_gpu": spg} if spg else {}),
             **dict(fingerprint or {}),
         },
         tensorboard=False,
-        distributed=False,
-    )  # rank 0 alone evaluates (bench.runner.run_cell)
+        distributed=world > 1,
+    )
     module.train()
     try:
         history = loop.run(step_fn, after_step, stop_after=stop_after)

@@ -143,3 +143,30 @@ def test_probe3d_gradient_loss_pools_the_batch():
     # image 1: 2 pairs with |1 - 0|; pooled: 2 / (8 + 9); per image: (0 + 2/9) / 2
     assert float(L.gradient_loss(pred, gt, valid, (1,), eps=0, reduction="batch")) == pytest.approx(2 / 17)
     assert float(L.gradient_loss(pred, gt, valid, (1,), eps=0, reduction="image")) == pytest.approx(1 / 9)
+
+
+def test_sigloss_iteration_counts_one_warm_up_step_for_all_its_groups():
+    """One step's loss computed per 2-image group (the anchor's GPUs): each group's SigLoss over its own
+    pixels, all in the same warm-up state, and the counter advances once per step (also with no call)."""
+    g1 = torch.tensor([0.1, 0.3])  # log-ratios of group 1 (2 valid pixels), group 2 (3 pixels)
+    g2 = torch.tensor([-0.2, 0.0, 0.5])
+    gt = torch.ones(5)
+    pred = torch.exp(torch.cat([g1, g2])) * (gt + L.EPS) - L.EPS
+    valid = torch.ones(5, dtype=torch.bool)
+    sig = L.SigLoss(warm_up=True, warm_iter=1, variance="unbiased")
+    with sig.iteration():  # warm-up: sqrt(0.15 mean(g)^2) per group
+        a, b = sig(pred[:2], gt[:2], valid[:2]), sig(pred[2:], gt[2:], valid[2:])
+    assert sig.counter == 1
+    assert float(a) == pytest.approx(math.sqrt(0.15) * 0.2, rel=1e-5)
+    assert float(b) == pytest.approx(math.sqrt(0.15) * 0.1, rel=1e-5)
+    with sig.iteration():  # after warm-up: sqrt(var_unbiased(g) + 0.15 mean(g)^2) per group
+        a, b = sig(pred[:2], gt[:2], valid[:2]), sig(pred[2:], gt[2:], valid[2:])
+    assert sig.counter == 1
+    assert float(a) == pytest.approx(math.sqrt(0.02 + 0.15 * 0.04), rel=1e-5)
+    assert float(b) == pytest.approx(math.sqrt(0.13 + 0.15 * 0.01), rel=1e-5)
+    pooled = L.sig_loss(pred, gt, valid, variance="unbiased")  # one SigLoss over the 5 pooled pixels differs
+    assert abs(float(pooled) - 0.5 * float(a + b)) > 1e-2
+    idle = L.SigLoss(warm_up=True, warm_iter=3)
+    with idle.iteration():  # a rank without items in this step still counts it
+        pass
+    assert idle.counter == 1

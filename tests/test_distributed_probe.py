@@ -1,0 +1,180 @@
+"""Data-parallel probes on CPU (gloo, torchrun): a 2-rank probe equals the 1-process probe of the same global
+batch (loss groups of ``samples_per_gpu`` images, BatchNorm over the global batch = SyncBN, an epoch's ragged
+last batch leaving one rank without items), a 2-rank probe cut and resumed equals the uninterrupted one, only
+rank 0 writes, and ``torchrun -m bench run`` writes one record that says how its probe was trained."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bench.backbones import build_backbone
+from bench.config import compose
+from bench.registry import TASKS
+from bench.seed import seed_everything
+
+ROOT = Path(__file__).resolve().parents[1]
+#: float tolerance of "same probe": the same sums taken in another order (two ranks vs one batch)
+ATOL = 1e-5
+
+# 3 training rooms x 3 views = 9 items, batch 4 in groups of 2: batches 4, 4, 1 per epoch; the last one is
+# a single group, so rank 1 holds no item of it (its zero loss still joins SyncBN and the gradient average)
+COMMON = [
+    "backbone=tiny_cnn",
+    "device=cpu",
+    "task.dataset.scenes=4",
+    "task.dataset.views=3",
+    "task.dataset.size=40",
+    "task.dataset.held_out=1",
+    "task.progress=false",
+    "task.protocols.linear.schedule.epochs=2",
+    "task.protocols.linear.schedule.batch_size=4",
+    "task.protocols.linear.schedule.samples_per_gpu=2",
+    "+task.protocols.linear.schedule.ckpt_every=2",
+]
+TASK_OV = {
+    "synth_seg": [],  # linear head with BatchNorm (mmseg BNHead: SyncBN in the anchor)
+    "synth_depth": ["task.protocols.linear.loss.warm_up=true", "task.protocols.linear.loss.warm_iter=3"],
+}
+
+
+def _ov(tmp_path, task, cache="cache"):
+    return [f"paths.data_dir={tmp_path}/data", f"paths.cache_dir={tmp_path}/{cache}", *COMMON, *TASK_OV[task]]
+
+
+def _single(tmp_path, task, work):
+    cfg = compose([f"task={task}", *_ov(tmp_path, task, f"cache_{work}")])
+    seed_everything(0)
+    bb = build_backbone(cfg.backbone).eval()
+    seed_everything(0)
+    metrics = TASKS.get(task)().evaluate(bb, cfg, tmp_path / work)
+    return metrics, load_file(str(tmp_path / work / "probe.safetensors"))
+
+
+def _torchrun(args, nproc=2, module=False):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:  # a free loopback port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1"]
+    cmd += [f"--master_port={port}", "--nnodes=1", *(["-m"] if module else []), *args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def _dist(tmp_path, task, root, stop_after=0, cache="cache"):
+    out = _torchrun([str(ROOT / "tests" / "dist_probe.py"), str(root), task, str(stop_after), *_ov(tmp_path, task, cache)])
+    writes = [json.loads(x[len("WRITES ") :]) for x in out.splitlines() if x.startswith("WRITES ")]
+    metrics = [json.loads(x[len("METRICS ") :]) for x in out.splitlines() if x.startswith("METRICS ")]
+    assert writes == [[]], writes  # rank 1 created, wrote, renamed or deleted nothing under root
+    return metrics[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["synth_seg", "synth_depth"])
+def test_two_rank_probe_equals_one_process_and_resumes_exactly(tmp_path, task):
+    one_metrics, one = _single(tmp_path, task, "one")  # also generates the synthetic data both runs read
+
+    root = tmp_path / "two"
+    two_metrics = _dist(tmp_path, task, root, cache="cache_two")
+    two = load_file(str(root / "work" / "probe.safetensors"))
+    assert one.keys() == two.keys()
+    diff = max(float((one[k].double() - two[k].double()).abs().max()) for k in one)
+    assert diff < ATOL, diff
+    if task == "synth_seg":  # BatchNorm running statistics of the global batches, as one process computes them
+        assert any(k.endswith("running_var") for k in one)
+    for k, v in one_metrics.items():
+        assert two_metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-4), k
+
+    # cut after the step-2 checkpoint (the run continues in a new torchrun), equal to the uninterrupted 2 ranks
+    cut = tmp_path / "cut"
+    assert _dist(tmp_path, task, cut, stop_after=2, cache="cache_cut") is None
+    assert not (cut / "work" / "probe.safetensors").exists()
+    assert len(list((tmp_path / "cache_cut" / "probes").glob("*/ckpt_00000002.pt"))) == 1
+    assert _dist(tmp_path, task, cut, cache="cache_cut") == two_metrics
+    resumed = load_file(str(cut / "work" / "probe.safetensors"))
+    assert all(torch.equal(resumed[k], two[k]) for k in two)
+    curve = [json.loads(x)["loss"] for x in (cut / "work" / "probe_history.jsonl").read_text().splitlines()]
+    ref = [json.loads(x)["loss"] for x in (root / "work" / "probe_history.jsonl").read_text().splitlines()]
+    assert curve == ref and len(curve) == 6  # 2 epochs x 3 batches, the global batch's loss
+
+
+def test_sigloss_per_group_is_not_the_pooled_sigloss(tmp_path):
+    """The loss groups matter for depth: SigLoss over 2-image groups, averaged, trains another probe than
+    SigLoss over the pooled batch of 4 (so the equality above is not the trivial one)."""
+    _, grouped = _single(tmp_path, "synth_depth", "grouped")
+    COMMON_POOLED = [o for o in COMMON if "samples_per_gpu" not in o] + ["task.protocols.linear.schedule.samples_per_gpu=null"]
+    cfg = compose(["task=synth_depth", f"paths.data_dir={tmp_path}/data", f"paths.cache_dir={tmp_path}/cp",
+                   *COMMON_POOLED, *TASK_OV["synth_depth"]])
+    seed_everything(0)
+    bb = build_backbone(cfg.backbone).eval()
+    seed_everything(0)
+    TASKS.get("synth_depth")().evaluate(bb, cfg, tmp_path / "pooled")
+    pooled = load_file(str(tmp_path / "pooled" / "probe.safetensors"))
+    assert max(float((grouped[k] - pooled[k]).abs().max()) for k in grouped) > 100 * ATOL
+
+
+@pytest.mark.slow
+def test_torchrun_bench_run_writes_one_record_of_a_two_rank_probe(tmp_path):
+    _single(tmp_path, "synth_seg", "one")  # generates the data; its metrics are the reference
+    ref = json.loads((tmp_path / "one" / "metrics.json").read_text())["metrics"]
+    results = tmp_path / "results"
+    ov = [o for o in _ov(tmp_path, "synth_seg", "cache_cli")]
+    _torchrun(
+        ["bench", "run", "method=dinov2", "task=synth_seg", f"paths.results_dir={results}",
+         f"paths.output_dir={tmp_path}/out", *ov],
+        module=True,
+    )
+    records = list((results / "runs").glob("*.json"))
+    assert len(records) == 1
+    rec = json.loads(records[0].read_text())
+    assert rec["distributed"]["probe"] == {
+        "world_size": 2,
+        "global_batch": 4,
+        "samples_per_gpu": 2,
+        "per_rank_batch": 2,
+        "batchnorm": "global batch (SyncBN)",
+    }
+    for k, v in ref.items():
+        assert rec["metrics"][k] == pytest.approx(v, rel=1e-4, abs=1e-4), k
+
+
+def test_loss_groups_must_fit_the_batch_and_the_ranks():
+    from bench.errors import BenchError
+    from tasks.train_probe import check_groups
+
+    check_groups(16, 2, 8)
+    check_groups(16, None, 1)
+    with pytest.raises(BenchError, match="not a multiple of samples_per_gpu"):
+        check_groups(10, 4)
+    with pytest.raises(BenchError, match="cannot be split over 2 ranks") as e:
+        check_groups(8, None, 2)
+    assert "samples_per_gpu=4" in e.value.fix
+    with pytest.raises(BenchError, match="3 loss groups of 2 images per step do not split over 2 ranks"):
+        check_groups(6, 2, 2)
+
+
+def test_epoch_batches_split_groups_over_ranks_without_straddling():
+    from tasks.train_probe import EpochBatches
+
+    eb = [EpochBatches(list(range(9)), 4, seed=0, group=2, world=2, rank=r) for r in (0, 1)]
+    full = EpochBatches(list(range(9)), 4, seed=0)
+    for _ in range(6):  # two epochs: batches of 4, 4, 1
+        whole = full.next().tolist()
+        parts = [e.next() for e in eb]
+        sizes = [e.groups for e in eb]
+        got = [p.tolist() if p is not None else [] for p in parts]
+        assert got[0] + got[1] == whole  # the global batch, in order, each item on one rank
+        if len(whole) == 4:
+            assert sizes == [([2], 2), ([2], 2)]
+        else:  # the ragged last batch: one group, on rank 0; rank 1 holds nothing
+            assert sizes == [([1], 1), ([], 1)] and parts[1] is None
