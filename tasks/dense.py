@@ -145,7 +145,10 @@ class DenseTask:
     # -- runner seam ------------------------------------------------------------------------------------
     def check(self, cfg: DictConfig) -> None:
         """Fail early (before any training): unknown protocol, dataset not prepared."""
-        resolve_protocol(cfg)
+        from bench import distributed as dist
+
+        proto = resolve_protocol(cfg)
+        check_groups(int((proto.get("schedule") or {}).get("batch_size", 8)), _spg(proto), dist.world_size())
         check_dataset(cfg.task.dataset)
 
     def evaluate(

@@ -132,6 +132,7 @@ SYNTH = [
     "backbone=tiny_cnn",
     "task.protocols.linear.schedule.epochs=4",
     "task.protocols.linear.schedule.batch_size=3",
+    "task.protocols.linear.schedule.samples_per_gpu=1",  # 3 loss groups per step (SigLoss per image)
     "task.protocols.linear.loss.warm_up=true",
     "task.protocols.linear.loss.warm_iter=3",
     "+task.protocols.linear.schedule.ckpt_every=2",

@@ -297,7 +297,7 @@ def test_records_carry_name_version_and_active_deviations():
     from tasks.protocol_record import protocol_summary
 
     s = protocol_summary(compose(["task=nyu_depth"]))
-    assert (s["name"], s["version"], s["deviations"]) == ("linear", 2, [])
+    assert (s["name"], s["version"], s["deviations"]) == ("linear", 3, [])  # v3: SigLoss per 2-image GPU batch
     s = protocol_summary(compose(["task=nyu_depth", "task.protocols.linear.loss.grad_weight=0.5"]))
     assert s["deviations"] == ["grad_loss"] and s["deviation_details"][0]["anchor"] == 0.0
     s = protocol_summary(compose(["task=synth_depth"]))
