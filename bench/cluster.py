@@ -120,6 +120,8 @@ class EvalJob(_BenchJob):
         from . import runner
 
         record = runner.run_cell(self._config())
+        if record is None:  # a rank > 0 of a multi-task job: it trained with rank 0, which wrote the record
+            return None
         return {"id": record["id"], "path": record.get("_path"), "metrics": record["metrics"]}
 
 

@@ -346,24 +346,6 @@ def _evaluate(cfg: DictConfig, task, backbone, device: str, workdir: Path):
         raise type(e)(e.problem.replace("<protocol>", proto), (e.fix or "").replace("<protocol>", proto)) from None
 
 
-def _probe_layout(cfg: DictConfig, task, protocol: Dict[str, Any]) -> Dict[str, Any] | None:
-    """How the task's probe was trained over ranks: global batch, loss-group size, ranks, per-rank batch."""
-    sched = protocol.get("schedule") if isinstance(protocol.get("schedule"), dict) else None
-    if not sched or "batch_size" not in sched:
-        return None
-    from . import distributed as dist
-
-    ranks = dist.world_size() if getattr(task, "data_parallel", False) and dist.initialized() else 1
-    bs = int(sched["batch_size"])
-    return {
-        "world_size": ranks,
-        "global_batch": bs,
-        "samples_per_gpu": sched.get("samples_per_gpu"),
-        "per_rank_batch": bs // ranks,
-        "batchnorm": "global batch (SyncBN)" if ranks > 1 else "global batch",
-    }
-
-
 def _describe_distributed(cfg: DictConfig) -> Dict[str, Any]:
     from . import distributed as dist
 
@@ -402,7 +384,10 @@ def _run_cell(cfg, method, task, identity, device, run_dir: Path, t_start: float
         "code_version": records.code_version(),
         "wall_time_s": {"fit": round(t_fit, 3), "evaluate": round(t_eval, 3), "total": round(time.time() - t_start, 3)},
         "device": records.device_info(device),
-        "distributed": {**_describe_distributed(cfg), "probe": _probe_layout(cfg, task, protocol)},
+        "distributed": {
+            **_describe_distributed(cfg),
+            "probe": task.probe_layout(cfg) if hasattr(task, "probe_layout") else None,
+        },
         "packages": records.package_versions(),
         "run_dir": str(run_dir),
     }

@@ -145,11 +145,33 @@ class DenseTask:
     # -- runner seam ------------------------------------------------------------------------------------
     def check(self, cfg: DictConfig) -> None:
         """Fail early (before any training): unknown protocol, dataset not prepared."""
-        from bench import distributed as dist
 
         proto = resolve_protocol(cfg)
-        check_groups(int((proto.get("schedule") or {}).get("batch_size", 8)), _spg(proto), dist.world_size())
+        check_groups(int((proto.get("schedule") or {}).get("batch_size", 8)), _spg(proto))
         check_dataset(cfg.task.dataset)
+
+    def probe_layout(self, cfg: DictConfig) -> Dict[str, Any]:
+        """What a record says about how its probe was trained: ranks, global batch, loss groups, the
+        largest per-rank batch (ranks take whole groups), BatchNorm statistics."""
+        sched = resolve_protocol(cfg).get("schedule") or {}
+        ranks, bs, spg = self.probe_ranks(cfg), int(sched.get("batch_size", 8)), _spg(resolve_protocol(cfg))
+        return {
+            "world_size": ranks,
+            "global_batch": bs,
+            "samples_per_gpu": spg,
+            "per_rank_batch": -(-(bs // spg) // ranks) * spg if ranks > 1 else bs,
+            "batchnorm": "global batch (SyncBN)" if ranks > 1 else "global batch",
+        }
+
+    def probe_ranks(self, cfg: DictConfig) -> int:
+        """How many ranks train this cell's probe: all of a multi-rank run when the protocol has loss
+        groups (``schedule.samples_per_gpu``), else 1 (rank 0 trains it as one process: a loss over the
+        whole batch cannot be split)."""
+        from bench import distributed as dist
+
+        if not (dist.initialized() and dist.is_distributed()):
+            return 1
+        return dist.world_size() if _spg(resolve_protocol(cfg)) is not None else 1
 
     def evaluate(
         self, backbone, cfg: DictConfig, workdir: Path, stop_after: Optional[int] = None
@@ -163,7 +185,16 @@ class DenseTask:
         proto = resolve_protocol(cfg)
         from bench import distributed as dist
 
-        main, parallel = dist.is_main(), dist.initialized() and dist.is_distributed()
+        main, parallel = dist.is_main(), self.probe_ranks(cfg) > 1
+        if dist.is_distributed() and not parallel:
+            if not main:
+                return None  # rank 0 trains and tests the probe alone
+            log.warning(
+                "%s: the probe's loss is one group over the whole batch (no task.protocols.%s.schedule."
+                "samples_per_gpu), so rank 0 trains it alone; set samples_per_gpu for a data-parallel probe",
+                cfg.task.name,
+                cfg.get("protocol", "linear"),
+            )
         workdir = Path(workdir)
         if main:
             workdir.mkdir(parents=True, exist_ok=True)
@@ -184,7 +215,6 @@ class DenseTask:
         in_dims = [f.shape[1] for f in first]
         probe = DenseProbe(self.kind, proto.get("head", {}), in_dims, **self.probe_kwargs(task, proto)).to(device)
         if parallel:  # one probe on every rank (rank 0's), BatchNorm over the global batch (SyncBN)
-            check_groups(int((proto.get("schedule") or {}).get("batch_size", 8)), _spg(proto), dist.world_size())
             dist.broadcast_state([probe])
             probe = dist.sync_batchnorm(probe)
 
@@ -205,7 +235,7 @@ class DenseTask:
                 dataset_identity(cfg.task.dataset, "train"),
                 str(fcfg.get("cache_dtype", "float32")),
             )
-            with dist.main_first():  # rank 0 extracts; the others then find the cache complete
+            with dist.main_first() if parallel else contextlib.nullcontext():  # rank 0 extracts first
                 cache.fill(
                     backbone,
                     train,

@@ -245,28 +245,13 @@ class _Counters:
             vars(v).update(state.get(k, {}))
 
 
-def check_groups(batch_size: int, samples_per_gpu: Optional[int], world: int = 1) -> None:
-    """The loss groups of a probe schedule fit its batch and the number of ranks (a clear error if not)."""
+def check_groups(batch_size: int, samples_per_gpu: Optional[int]) -> None:
+    """The loss groups of a probe schedule fit its batch (a clear error if not)."""
     key = "task.protocols.<protocol>.schedule"
     if samples_per_gpu is not None and (samples_per_gpu < 1 or batch_size % samples_per_gpu):
         raise BenchError(
             f"{key}.batch_size={batch_size} is not a multiple of samples_per_gpu={samples_per_gpu}",
             f"set {key}.samples_per_gpu to a divisor of the batch (the anchor's images per GPU)",
-        )
-    if world <= 1:
-        return
-    if samples_per_gpu is None:
-        raise BenchError(
-            f"this probe's loss is one group over the whole batch of {batch_size}, which cannot be split "
-            f"over {world} ranks",
-            f"run the evaluation in one process, or set {key}.samples_per_gpu={max(batch_size // world, 1)} "
-            "(the per-GPU batch of a DDP run; it changes the cell)",
-        )
-    if (batch_size // samples_per_gpu) % world:
-        raise BenchError(
-            f"{batch_size // samples_per_gpu} loss groups of {samples_per_gpu} images per step do not split "
-            f"over {world} ranks",
-            f"start a number of ranks that divides {batch_size // samples_per_gpu}",
         )
 
 
@@ -310,8 +295,8 @@ def train_probe(
     ``W / G x`` the sum of its groups' losses (so the rank-averaged gradient is the gradient of the
     one-process loss above), ``step_loss(None, [])`` is called on a rank that holds no group of the step
     (it must return a zero loss that still takes part in the collectives, e.g. SyncBN's), gradients are
-    averaged by :class:`bench.train.TrainLoop`, and rank 0 alone writes. A run needs loss groups
-    (``samples_per_gpu``) and ``batch_size / samples_per_gpu`` groups divisible by the number of ranks.
+    averaged by :class:`bench.train.TrainLoop`, and rank 0 alone writes. It needs loss groups
+    (``samples_per_gpu``); any number of ranks works (ranks may hold unequal numbers of groups).
 
     Returns ``{"steps", "total_steps", "epochs", "final_loss" (mean of the last epoch), "losses" (per step)}``.
     """
@@ -325,7 +310,12 @@ def train_probe(
     spg = sched.get("samples_per_gpu")
     spg = int(spg) if spg else None
     world = dist.world_size() if distributed and dist.initialized() else 1
-    check_groups(bs, spg, world)
+    check_groups(bs, spg)
+    if world > 1 and spg is None:
+        raise BenchError(
+            "a data-parallel probe needs loss groups (its loss is one group over the whole batch)",
+            "set task.protocols.<protocol>.schedule.samples_per_gpu, or train the probe in one process",
+        )
     grouped = spg is not None or world > 1
     batches = EpochBatches(
         dataset,
