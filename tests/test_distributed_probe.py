@@ -68,7 +68,7 @@ def _torchrun(args, nproc=2, module=False):
     cmd += [f"--master_port={port}", "--nnodes=1", *(["-m"] if module else []), *args]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(ROOT))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout
+    return p.stdout + p.stderr
 
 
 def _dist(tmp_path, task, root, stop_after=0, cache="cache"):
@@ -179,6 +179,7 @@ def test_torchrun_bench_run_writes_one_record_of_a_two_rank_probe(tmp_path):
         ],
         module=True,
     )
+    assert "so rank 0 trains it alone; set samples_per_gpu for a data-parallel probe" in out
     (normals,) = [json.loads(p.read_text()) for p in (results / "runs").glob("*synth_normals*.json")]
     assert normals["distributed"]["probe"]["world_size"] == 1 and normals["distributed"]["world_size"] == 2
     cfg = compose(["task=synth_normals", *ov])

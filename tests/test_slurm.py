@@ -194,7 +194,8 @@ def test_requeue_resume_failure_and_cancel(slurm_cluster, toys, tmp_path, capsys
 
 def test_two_task_training_job_runs_as_two_ranks(slurm_cluster, toys, tmp_path):
     """A training job of 2 SLURM tasks becomes 2 torch ranks (gloo) through submitit's
-    TorchDistributedEnvironment, finishes, and (same full batch on both ranks) equals a 1-process run."""
+    TorchDistributedEnvironment, finishes, and (same full batch on both ranks) equals a 1-process run; an
+    evaluation job of 2 tasks runs the cell on both and writes one record (rank 1 returns nothing)."""
     from safetensors.torch import load_file
 
     from bench.runner import train
@@ -206,9 +207,15 @@ def test_two_task_training_job_runs_as_two_ranks(slurm_cluster, toys, tmp_path):
         "+method.steps=3",
         "+cluster.train.tasks_per_node=2",
         "+cluster.train.timeout_min=10",
+        "+cluster.eval.tasks_per_node=2",
     )
     s = sweep.run(sweep.make_plan(ov), poll_s=1)
     assert {n: j.state for n, j in s.jobs.items()} == {n: "done" for n in s.jobs}, sweep.status_table(s)
+    e = next(j for j in s.jobs.values() if j.kind == "eval")
+    task_logs = sorted(Path(e.stderr).parent.glob(f"{e.job_id}_*_log.err"))
+    assert len(task_logs) == 2  # the eval job ran 2 tasks, neither failed
+    assert not [f.name for f in task_logs if "Traceback" in f.read_text()], [f.read_text()[-2000:] for f in task_logs]
+    assert len(records.load_records(tmp_path / "results")) == 1  # ... and wrote one record
     t = next(j for j in s.jobs.values() if j.kind == "train")
     logs = Path(t.stderr).parent
     assert len(list(logs.glob(f"{t.job_id}_*_log.err"))) == 2  # two tasks ran
