@@ -304,15 +304,13 @@ class DenseTask:
             )
         if info.pop("total_steps") > info["steps"]:  # stop_after: unfinished, resumable from pdir
             return None
-        if not main:  # rank 0 tests (as Probe3D: "validate and test on single gpu") and writes
-            dist.barrier()
-            return None
         t2 = time.time()
-        try:
-            metrics = self.test(backbone, probe, test, spec, task, proto, device, progress, workers)
-        finally:
-            if parallel:
-                dist.barrier()
+        # every rank tests a strided share of the split; rank 0 adds up the meters (mmseg's distributed test)
+        metrics = self.test(
+            backbone, probe, test, spec, task, proto, device, progress, workers, shard=dist.rank() if parallel else None
+        )
+        if not main:  # rank 0 writes
+            return None
         t3 = time.time()
 
         save_safetensors(
@@ -348,10 +346,28 @@ class DenseTask:
 
     @torch.no_grad()
     def test(
-        self, backbone, probe, test, spec: FeatureSpec, task, proto, device, progress: bool = True, workers: int = 0
+        self,
+        backbone,
+        probe,
+        test,
+        spec: FeatureSpec,
+        task,
+        proto,
+        device,
+        progress: bool = True,
+        workers: int = 0,
+        shard: Optional[int] = None,
     ) -> Dict[str, float]:
+        """The protocol's metrics of ``probe`` on the ``test`` split. ``shard`` (a data-parallel run): this
+        rank tests images ``shard, shard + W, ...`` and the meters of all ranks are summed (per-image
+        means and dataset-level pixel counts add up, so the metrics are those of the whole split; the
+        per-image sums are float64, added in another order). Returns the metrics on rank 0, None elsewhere."""
+        from bench import distributed as dist
+
         probe.eval()
         tcfg = proto.get("test", {}) or {}
+        if shard is not None:
+            test = torch.utils.data.Subset(test, range(shard, len(test), dist.world_size()))
         loader = DataLoader(test, batch_size=int(tcfg.get("batch_size", 1)), shuffle=False, num_workers=workers)
         sliding = tcfg.get("sliding")
         meters = self.new_meters(task, proto)
@@ -379,6 +395,13 @@ class DenseTask:
                 if tcfg.get("flip"):
                     out = self.flip_average(out, probe(features(backbone, img.flip(-1), spec), size))
             self.update_meters(meters, out, target, proto, {k: batch[k].to(device) for k in self.extra})
+        if shard is not None:
+            gathered = dist.all_gather_object(meters)
+            if not dist.is_main():
+                return None
+            meters = gathered[0]
+            for other in gathered[1:]:
+                meters = [m.merge(o) for m, o in zip(meters, other)]
         result: Dict[str, float] = {}
         for m in meters:
             result.update(m.result())

@@ -202,6 +202,13 @@ class MeanMeter:
     def result(self) -> Dict[str, float]:
         return {self.prefix + k: self.sums[k] / self.count[k] for k in self.sums if self.count[k] > 0}
 
+    def merge(self, other: "MeanMeter") -> "MeanMeter":
+        """Add the images of ``other`` (e.g. another rank's share of the test split)."""
+        for k, v in other.sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.count[k] = self.count.get(k, 0) + other.count[k]
+        return self
+
 
 class SegMeter:
     """Dataset-level confusion counts -> aAcc, mAcc, mIoU (mmseg ``IoUMetric``).
@@ -234,6 +241,13 @@ class SegMeter:
         self.inter += area_inter
         self.union += area_pred + area_gt - area_inter
         self.label += area_gt
+
+    def merge(self, other: "SegMeter") -> "SegMeter":
+        """Add the pixel counts of ``other`` (e.g. another rank's share of the test split): exact."""
+        self.inter += other.inter
+        self.union += other.union
+        self.label += other.label
+        return self
 
     def per_class_iou(self) -> torch.Tensor:
         return torch.where(self.union > 0, self.inter / self.union.clamp(min=1), torch.full_like(self.union, math.nan))

@@ -113,24 +113,25 @@ def test_two_rank_probe_equals_one_process_and_resumes_exactly(tmp_path, task):
 def test_sigloss_per_group_is_not_the_pooled_sigloss(tmp_path):
     """The loss groups matter for depth: SigLoss over 2-image groups, averaged, trains another probe than
     SigLoss over the pooled batch of 4 (so the equality above is not the trivial one)."""
-    _, grouped = _single(tmp_path, "synth_depth", "grouped")
-    COMMON_POOLED = [o for o in COMMON if "samples_per_gpu" not in o] + [
-        "task.protocols.linear.schedule.samples_per_gpu=null"
-    ]
-    cfg = compose(
-        [
-            "task=synth_depth",
-            f"paths.data_dir={tmp_path}/data",
-            f"paths.cache_dir={tmp_path}/cp",
-            *COMMON_POOLED,
-            *TASK_OV["synth_depth"],
-        ]
-    )
-    seed_everything(0)
-    bb = build_backbone(cfg.backbone).eval()
-    seed_everything(0)
-    TASKS.get("synth_depth")().evaluate(bb, cfg, tmp_path / "pooled")
-    pooled = load_file(str(tmp_path / "pooled" / "probe.safetensors"))
+
+    def probe(work, *extra):
+        cfg = compose(
+            [
+                "task=synth_depth",
+                f"paths.data_dir={tmp_path}/data",
+                f"paths.cache_dir={tmp_path}/cache_{work}",
+                *COMMON,
+                "task.protocols.linear.loss.warm_up=false",
+                *extra,
+            ]
+        )
+        seed_everything(0)
+        bb = build_backbone(cfg.backbone).eval()
+        seed_everything(0)
+        TASKS.get("synth_depth")().evaluate(bb, cfg, tmp_path / work)
+        return load_file(str(tmp_path / work / "probe.safetensors"))
+
+    grouped, pooled = probe("grouped"), probe("pooled", "task.protocols.linear.schedule.samples_per_gpu=null")
     assert max(float((grouped[k] - pooled[k]).abs().max()) for k in grouped) > 100 * ATOL
 
 

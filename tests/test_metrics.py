@@ -148,3 +148,26 @@ def test_miou_hand_example_with_ignore_and_reduce_zero_label():
     meter.update(torch.tensor([[0, 0]]), torch.tensor([[0, 1]]))
     meter.update(torch.tensor([[1, 1, 1, 1]]), torch.tensor([[1, 1, 1, 1]]))
     assert meter.per_class_iou().tolist() == pytest.approx([1 / 2, 4 / 5])
+
+
+def test_meters_of_two_shards_merge_to_the_whole_split():
+    """A data-parallel test: ranks test strided shares; the merged meters give the whole split's metrics."""
+    import torch
+
+    from tasks.metrics import MeanMeter, SegMeter
+
+    g = torch.Generator().manual_seed(0)
+    preds = torch.randint(0, 4, (6, 5, 5), generator=g)
+    gts = torch.randint(0, 4, (6, 5, 5), generator=g)
+    gts[0, 0, 0] = 255  # an ignored pixel
+    whole, shards = SegMeter(4), [SegMeter(4), SegMeter(4)]
+    mean, mshards = MeanMeter(), [MeanMeter(), MeanMeter()]
+    for i in range(6):
+        whole.update(preds[i : i + 1], gts[i : i + 1])
+        shards[i % 2].update(preds[i : i + 1], gts[i : i + 1])
+        v = {"rmse": torch.tensor([float(i) ** 0.5])}
+        mean.update(v)
+        mshards[i % 2].update(v)
+    assert shards[0].merge(shards[1]).result() == whole.result()
+    assert mshards[0].merge(mshards[1]).result()["rmse"] == pytest.approx(mean.result()["rmse"], rel=1e-15)
+    assert mean.result()["rmse"] == pytest.approx(sum(i**0.5 for i in range(6)) / 6)
