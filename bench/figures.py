@@ -37,7 +37,7 @@ from .errors import BenchError
 log = logging.getLogger("bench")
 
 METHOD_ORDER = ("dinov2", "fit3d", "splat_distill")
-LABELS = {"dinov2": "raw teacher", "fit3d": "FiT3D", "splat_distill": "Splat-and-Distill"}
+LABELS = {"dinov2": "raw teacher", "fit3d": "FiT3D", "splat_distill": "Splat-and-Distill", "mef": "MEF"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
