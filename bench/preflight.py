@@ -118,6 +118,10 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
 
 
 def check_dirs(cfg: DictConfig, trains: bool) -> None:
+    from .distributed import is_main
+
+    if not is_main():  # ranks > 0 of a multi-rank run write nothing (and test nothing by writing)
+        return
     check_writable(Path(cfg.paths.results_dir) / "runs", "results_dir")
     check_writable(Path(str(cfg.run_dir)).parent, "output_dir")
     if trains:
