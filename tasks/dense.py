@@ -217,6 +217,7 @@ class DenseTask:
         if parallel:  # one probe on every rank (rank 0's), BatchNorm over the global batch (SyncBN)
             dist.broadcast_state([probe])
             probe = dist.sync_batchnorm(probe)
+            dist.seed_offset(seed)  # each rank draws its own random augmentations from here on
 
         fcfg = proto.get("features", {})
         weights = weights_hash(backbone)
