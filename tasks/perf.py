@@ -1,4 +1,5 @@
-"""``python -m bench perf probe``: a 10-epoch synth_depth probe, with and without the feature cache.
+"""``python -m bench perf probe``: a 10-epoch synth_depth probe, with and without the feature cache
+(``--ranks 1 2``: and the cached probe trained data-parallel on 1 and 2 ranks, side by side).
 
 Both runs use the same composed config (task=synth_depth, linear protocol, the chosen backbone, the
 synthetic set of the given size) and a fresh feature-cache directory, in one process, one after the
@@ -29,6 +30,101 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--data-dir", default=None, help="where the synthetic scenes live (default: $BENCH_DATA or ./data)")
     p.add_argument("--skip-uncached", action="store_true", help="only time the cached run")
+    p.add_argument(
+        "--ranks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="also train the cached probe data-parallel on each of these numbers of ranks (e.g. 1 2; CPU: gloo, "
+        "--threads split between the ranks) at the same global batch, side by side",
+    )
+
+
+def _rank_worker(rank: int, world: int, port: int, overrides, threads: int, work: str, out: str) -> None:
+    """One rank of a data-parallel probe (``torch.multiprocessing``): rank 0 writes its timings to ``out``."""
+    import os
+
+    import torch
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(threads)
+    from bench import distributed as dist
+    from bench.backbones import build_backbone
+    from bench.config import compose
+    from bench.registry import TASKS
+    from bench.seed import seed_everything
+
+    dist.init("cpu")
+    cfg = compose(overrides)
+    seed_everything(0)
+    backbone = build_backbone(cfg.backbone).eval()
+    seed_everything(0)
+    m = TASKS.get("synth_depth")().evaluate(backbone, cfg, Path(work))
+    if rank == 0:
+        info = json.loads((Path(work) / "metrics.json").read_text())
+        Path(out).write_text(json.dumps({"metrics": m, "seconds": info["seconds"], "steps": info["train"]["steps"]}))
+    dist.shutdown()
+
+
+def _ranks_table(ov, ranks, threads: int, work: Path) -> None:
+    """Train-phase speed of the cached probe on 1..N ranks at one global batch (loss groups split over them)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from tabulate import tabulate
+
+    from bench.config import compose
+    from tasks.dense import resolve_protocol
+
+    sched = resolve_protocol(compose(ov))["schedule"]
+    rows, one = [], None
+    for n in ranks:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out, wd = work / f"ranks{n}.json", work / f"ranks{n}"
+        t = max(1, threads // n)
+        mp.spawn(_rank_worker, args=(n, port, ov, t, str(wd), str(out)), nprocs=n, join=True)
+        r = json.loads(out.read_text())
+        sps = r["steps"] / r["seconds"]["train"]
+        one = one or sps
+        rows.append(
+            [
+                n,
+                t,
+                f"{r['seconds']['train']:.1f}",
+                r["steps"],
+                f"{sps:.2f}",
+                f"{sps * int(sched['batch_size']):.1f}",
+                f"{sps / one:.2f}",
+                f"{sps / (n * one):.2f}" if n > 1 else "-",
+                f"{r['seconds']['test']:.1f}",
+                f"{r['metrics']['rmse']:.6f}",
+            ]
+        )
+    print(
+        f"\ndata-parallel probe (cached features), global batch {sched['batch_size']} in loss groups of "
+        f"{sched.get('samples_per_gpu')}; same numbers expected in every row (float rounding)"
+    )
+    print(
+        tabulate(
+            rows,
+            headers=[
+                "ranks",
+                "threads/rank",
+                "train s",
+                "steps",
+                "steps/s",
+                "images/s",
+                "speed-up",
+                "efficiency",
+                "test s",
+                "rmse",
+            ],
+        )
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
     n_train, n_test = len(open_split(cfg.task.dataset, "train")), len(open_split(cfg.task.dataset, "test"))
     t_data = time.perf_counter() - t0
     t0 = time.perf_counter()
-    backbone = build_backbone(cfg.backbone)
+    seed_everything(0)  # as the rank workers build it: one feature cache serves every run
+    backbone = build_backbone(cfg.backbone).eval()
     t_build = time.perf_counter() - t0
 
     rows, totals = [], {}
@@ -97,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
     print(tabulate(rows, headers=["features", "data+extract s", "train s", "steps", "test s", "total s", "rmse", "a1"]))
     if len(totals) == 2:
         print(f"on the fly / cached total time: {totals['on the fly'] / totals['cached']:.2f}x")
+    if args.ranks:
+        _ranks_table(ov, args.ranks, int(args.threads), work)  # the cache filled above serves every run
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
