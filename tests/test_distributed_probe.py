@@ -217,3 +217,18 @@ def test_epoch_batches_split_groups_over_ranks_without_straddling():
             assert sizes == [([2], 2), ([2], 2)]
         else:  # the ragged last batch: one group, on rank 0; rank 1 holds nothing
             assert sizes == [([1], 1), ([], 1)] and parts[1] is None
+
+
+@pytest.mark.slow
+def test_perf_probe_ranks_reports_one_row_per_rank_count_with_the_same_metric(tmp_path):
+    cmd = [sys.executable, "-m", "bench", "perf", "probe", "--backbone", "tiny_cnn", "--scenes", "4", "--held-out", "1"]
+    cmd += ["--views", "3", "--size", "40", "--epochs", "2", "--skip-uncached", "--ranks", "1", "2"]
+    cmd += ["--data-dir", str(tmp_path / "data")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    head = next(i for i, x in enumerate(lines) if x.lstrip().startswith("ranks"))
+    rows = [x.split() for x in lines[head + 2 : head + 4]]
+    assert [r[0] for r in rows] == ["1", "2"] and all(float(r[4]) > 0 for r in rows)  # steps/s
+    assert rows[0][-1] == rows[1][-1]  # rmse to 6 decimals: the same probe on 1 and 2 ranks
