@@ -1,7 +1,7 @@
 """Worker of tests/test_distributed.py, started as ``torchrun --standalone --nproc_per_node=N``.
 
-``python tests/dist_snd.py WORKDIR OUT.pt STOP_AFTER overrides...`` trains Splat-and-Distill in
-WORKDIR (resuming from it), and rank 0 saves the student's weights to OUT.pt. Ranks other than 0
+``python tests/dist_snd.py WORKDIR OUT.pt STOP_AFTER overrides...`` trains the configured method
+(Splat-and-Distill, MEF) in WORKDIR (resuming from it), and rank 0 saves the trained weights to OUT.pt. Ranks other than 0
 install an audit hook that records every file they create, write, rename or delete under
 WORKDIR's parent, and print the list as ``WRITES <json>`` on exit (stdout is not a file write).
 """
@@ -47,14 +47,15 @@ def main() -> None:
     torch.set_num_threads(1)
     from bench.backbones import build_backbone
     from bench.config import compose
+    from bench.registry import METHODS
     from bench.seed import seed_everything
-    from methods.splat_distill import SplatDistill
 
     cfg = compose(overrides)
     seed_everything(0)
-    bb = SplatDistill().fit(build_backbone(cfg.backbone), cfg, workdir, stop_after=stop_after or None)
+    bb = METHODS.get(cfg.method.name)().fit(build_backbone(cfg.backbone), cfg, workdir, stop_after=stop_after or None)
+    state = bb.model.state_dict() if cfg.method.name == "splat_distill" else bb.state_dict()  # MEF: + its head
     if rank == 0:
-        torch.save({k: v.detach().clone() for k, v in bb.model.state_dict().items()}, out)
+        torch.save({k: v.detach().clone() for k, v in state.items()}, out)
 
 
 if __name__ == "__main__":

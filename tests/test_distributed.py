@@ -119,6 +119,45 @@ def test_two_ranks_equal_one_process_and_resume_exactly(scenes, tmp_path):
     assert "history" not in ckpt and len(ckpt["rng_ranks"]) == 2 and ckpt["fingerprint"]["world_size"] == 2
 
 
+@pytest.mark.slow
+def test_mef_two_ranks_equal_one_process(tmp_path):
+    """MEF data-parallel: 2 ranks x 1 object pair == 1 process x 2 pairs (the pooled-positives mean re-weighted
+    per rank), rank 1 writes nothing."""
+    from bench.backbones import build_backbone
+    from bench.seed import seed_everything
+    from methods.mef import MEF
+
+    ov = [
+        "method=mef",
+        "backbone=tiny_vit",
+        "device=cpu",
+        f"paths.data_dir={tmp_path}/data",
+        "method.data.dataset=synthetic",
+        "method.data.root=null",
+        "method.data.objects=3",
+        "method.data.views=8",
+        "method.data.size=[48,48]",
+        "method.points=300",
+        "method.progress=false",
+        "method.optim.lr=1e-3",
+        "method.optim.steps=3",
+        "method.optim.batch_size=2",
+        "method.ckpt_every=3",
+    ]
+    cfg = compose(ov)
+    seed_everything(0)
+    init = {k: v.clone() for k, v in build_backbone(cfg.backbone).model.state_dict().items()}
+    seed_everything(0)
+    one = MEF().fit(build_backbone(cfg.backbone), cfg, tmp_path / "one").state_dict()  # also writes the objects
+    assert _torchrun(tmp_path / "two", tmp_path / "two.pt", 0, ov) == [[]]
+    two = torch.load(tmp_path / "two.pt")
+    assert one.keys() == two.keys()
+    diff = max(float((one[k] - two[k]).abs().max()) for k in one)
+    moved = max(float((one[f"inner.model.{k}"] - v).abs().max()) for k, v in init.items())
+    assert diff < ATOL and moved > 10 * diff, (diff, moved)
+    assert (tmp_path / "two" / "history.json").exists()  # rank 0 wrote the curve (rank 1 nothing: above)
+
+
 def _initial(ov):
     from bench.backbones import build_backbone
     from bench.seed import seed_everything

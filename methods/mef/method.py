@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from bench.errors import BenchError
 from bench.io import write_json
 from bench.registry import METHODS
+from bench import distributed as dist
 from bench.train import TrainLoop, start_run
 
 from .adapt import QVLoRA
@@ -213,10 +214,18 @@ def build(backbone, cfg: DictConfig, workdir: Path, device: str):
         log_every=int(m.log_every),
     )
     batch = int(o.batch_size or 1)
+    # data-parallel (torchrun / SLURM tasks): method.optim.batch_size is the global batch, rank r takes
+    # its consecutive slice of every step's pairs; the loss (a mean over the pooled positives) is
+    # re-weighted so that the rank-averaged gradient is that of the pooled mean (docs/SCALING.md)
+    mine = list(dist.rank_slice(batch)) if dist.is_distributed() else list(range(batch))
+    pooled = str((cfg.get("distributed") or {}).get("grad_average", "global")) == "global"
 
     def step_fn(step: int):
         tuner.train()
-        return tuner.loss([sampler.pair(step * batch + k) for k in range(batch)])
+        loss, info = tuner.loss([sampler.pair(step * batch + k) for k in mine])
+        if dist.is_distributed() and pooled:
+            loss = loss * dist.global_mean_weight(info["positives"])
+        return loss, info
 
     return tuner, sampler, pairs, loop, step_fn
 
@@ -237,8 +246,9 @@ class MEF:
         workdir = Path(workdir)
         tuner, _, pairs, loop, step_fn = build(backbone, cfg, workdir, device)
         fresh = loop.checkpointer.latest() is None
+        main = dist.is_main()  # ranks > 0 of a multi-rank run train and write nothing
         report: Dict[str, Any] = {}
-        if pairs and fresh:
+        if pairs and fresh and main:
             report["before"] = pair_correspondence(tuner, pairs)
         log.info(
             "mef: %d training steps x batch %d on %s, device %s",
@@ -248,13 +258,15 @@ class MEF:
             device,
         )
         history = loop.run(step_fn, stop_after=stop_after)
-        write_json(workdir / "history.json", history)
-        if pairs:
+        if main:
+            write_json(workdir / "history.json", history)
+        if pairs and main:
             report["after"] = pair_correspondence(tuner, pairs)
             write_json(workdir / "eval_pairs.json", report)
         stride = cfg.method.export_stride
         out = tuner.finish(int(stride) if stride else None)
-        save_head(out.head, workdir / HEAD_FILE, out.stride)
+        if main:
+            save_head(out.head, workdir / HEAD_FILE, out.stride)
         return out
 
     def restore(self, backbone, cfg: DictConfig, workdir: Path):
