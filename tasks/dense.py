@@ -144,8 +144,8 @@ class DenseTask:
 
     # -- runner seam ------------------------------------------------------------------------------------
     def check(self, cfg: DictConfig) -> None:
-        """Fail early (before any training): unknown protocol, dataset not prepared."""
-
+        """Fail early (before any training): unknown protocol, loss groups that misfit the batch, dataset
+        not prepared."""
         proto = resolve_protocol(cfg)
         check_groups(int((proto.get("schedule") or {}).get("batch_size", 8)), _spg(proto))
         check_dataset(cfg.task.dataset)
