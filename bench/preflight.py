@@ -90,10 +90,6 @@ def validate(cfg: DictConfig, trains: bool | None = None) -> None:
                 f"task.protocols.{proto}.schedule.{k}={v!r} cannot train a probe",
                 f"pass task.protocols.{proto}.schedule.{k}=<number > 0>",
             )
-    if isinstance(sched, dict) and sched.get("samples_per_gpu") is not None:  # loss groups (tasks/train_probe.py)
-        from tasks.train_probe import check_groups
-
-        check_groups(int(sched.get("batch_size") or 8), sched["samples_per_gpu"], f"task.protocols.{proto}.schedule")
 
 
 def check_writable(path: str | os.PathLike, what: str) -> None:

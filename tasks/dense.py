@@ -93,7 +93,7 @@ CURVE_FILES = ("history.jsonl", "metrics.jsonl", "train.log")
 def _spg(proto: Mapping[str, Any]) -> Optional[int]:
     """The protocol's loss-group size (``schedule.samples_per_gpu``; None: one group, the whole batch)."""
     v = (proto.get("schedule") or {}).get("samples_per_gpu")
-    return int(v) if v else None
+    return None if v is None else int(v)
 
 
 class DenseTask:
@@ -147,14 +147,15 @@ class DenseTask:
         """Fail early (before any training): unknown protocol, loss groups that misfit the batch, dataset
         not prepared."""
         proto = resolve_protocol(cfg)
-        check_groups(int((proto.get("schedule") or {}).get("batch_size", 8)), _spg(proto))
+        key = f"task.protocols.{cfg.get('protocol', 'linear')}.schedule"
+        check_groups(int((proto.get("schedule") or {}).get("batch_size", 8)), _spg(proto), key)
         check_dataset(cfg.task.dataset)
 
     def probe_layout(self, cfg: DictConfig) -> Dict[str, Any]:
         """What a record says about how its probe was trained: ranks, global batch, loss groups, the
         largest per-rank batch (ranks take whole groups), BatchNorm statistics."""
-        sched = resolve_protocol(cfg).get("schedule") or {}
-        ranks, bs, spg = self.probe_ranks(cfg), int(sched.get("batch_size", 8)), _spg(resolve_protocol(cfg))
+        proto = resolve_protocol(cfg)
+        ranks, bs, spg = self.probe_ranks(proto), int((proto.get("schedule") or {}).get("batch_size", 8)), _spg(proto)
         return {
             "world_size": ranks,
             "global_batch": bs,
@@ -163,15 +164,15 @@ class DenseTask:
             "batchnorm": "global batch (SyncBN)" if ranks > 1 else "global batch",
         }
 
-    def probe_ranks(self, cfg: DictConfig) -> int:
-        """How many ranks train this cell's probe: all of a multi-rank run when the protocol has loss
-        groups (``schedule.samples_per_gpu``), else 1 (rank 0 trains it as one process: a loss over the
-        whole batch cannot be split)."""
+    def probe_ranks(self, proto: Mapping[str, Any]) -> int:
+        """How many ranks train the probe of the resolved protocol ``proto``: all of a multi-rank run when
+        it has loss groups (``schedule.samples_per_gpu``), else 1 (rank 0 trains it as one process: a
+        loss over the whole batch cannot be split)."""
         from bench import distributed as dist
 
         if not (dist.initialized() and dist.is_distributed()):
             return 1
-        return dist.world_size() if _spg(resolve_protocol(cfg)) is not None else 1
+        return dist.world_size() if _spg(proto) is not None else 1
 
     def evaluate(
         self, backbone, cfg: DictConfig, workdir: Path, stop_after: Optional[int] = None
@@ -185,7 +186,7 @@ class DenseTask:
         proto = resolve_protocol(cfg)
         from bench import distributed as dist
 
-        main, parallel = dist.is_main(), self.probe_ranks(cfg) > 1
+        main, parallel = dist.is_main(), self.probe_ranks(proto) > 1
         if dist.is_distributed() and not parallel:
             if not main:
                 return None  # rank 0 trains and tests the probe alone

@@ -245,10 +245,11 @@ class _Counters:
             vars(v).update(state.get(k, {}))
 
 
-def check_groups(batch_size: int, samples_per_gpu: Any, key: str = "task.protocols.<protocol>.schedule") -> None:
+def check_groups(
+    batch_size: int, samples_per_gpu: Optional[int], key: str = "task.protocols.<protocol>.schedule"
+) -> None:
     """The loss groups of a probe schedule fit its batch (a clear error if not)."""
-    bad = not isinstance(samples_per_gpu, int) or isinstance(samples_per_gpu, bool) or samples_per_gpu < 1
-    if samples_per_gpu is not None and (bad or batch_size % samples_per_gpu):
+    if samples_per_gpu is not None and (samples_per_gpu < 1 or batch_size % samples_per_gpu):
         raise BenchError(
             f"{key}.batch_size={batch_size} is not a multiple of samples_per_gpu={samples_per_gpu}",
             f"set {key}.samples_per_gpu to a divisor of the batch (the anchor's images per GPU)",
@@ -307,8 +308,7 @@ def train_probe(
 
     sched = dict(sched)
     bs = int(sched.get("batch_size", 8))
-    spg = sched.get("samples_per_gpu")
-    spg = int(spg) if spg else None
+    spg = None if sched.get("samples_per_gpu") is None else int(sched["samples_per_gpu"])
     world = dist.world_size() if distributed and dist.initialized() else 1
     check_groups(bs, spg)
     if world > 1 and spg is None:

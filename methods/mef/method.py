@@ -218,7 +218,7 @@ def build(backbone, cfg: DictConfig, workdir: Path, device: str):
     # its consecutive slice of every step's pairs; the loss (a mean over the pooled positives) is
     # re-weighted so that the rank-averaged gradient is that of the pooled mean (docs/SCALING.md)
     mine = list(dist.rank_slice(batch)) if dist.is_distributed() else list(range(batch))
-    pooled = str((cfg.get("distributed") or {}).get("grad_average", "global")) == "global"
+    pooled = str(cfg.distributed.grad_average) == "global"
 
     def step_fn(step: int):
         tuner.train()
