@@ -85,9 +85,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
+    from .records import default_results_dir
     from .table import write_leaderboard
 
-    path = write_leaderboard(args.results)
+    path = write_leaderboard(args.results or default_results_dir())
     print(f"wrote {path}")
     return 0
 
@@ -236,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("table", help="rebuild results/leaderboard.md from the records")
-    p.add_argument("--results", default="results", help="results directory (default: results)")
+    p.add_argument(
+        "--results", default=None, help="results directory (default: $BENCH_RESULTS, else $BENCH_ROOT/results)"
+    )
     p.set_defaults(func=cmd_table)
 
     sub.add_parser("list", help="list methods, tasks, backbones, datasets and benchmarks").set_defaults(func=cmd_list)

@@ -41,7 +41,9 @@ LABELS = {"dinov2": "raw teacher", "fit3d": "FiT3D", "splat_distill": "Splat-and
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--results", default="results", help="results dir (records in <results>/runs)")
+    p.add_argument(
+        "--results", default=None, help="results dir (records in <results>/runs; default: $BENCH_RESULTS, else results)"
+    )
     p.add_argument("--out", default=None, help="output dir (default <results>/figures)")
     p.add_argument("--backbone", default="efficientnet_lite0", help="backbone of the records to draw")
     p.add_argument("--seed", type=int, default=0, help="seed of the records to draw")
@@ -387,9 +389,19 @@ def make_figures(
 
 
 def main(args: argparse.Namespace) -> int:
+    from .records import default_results_dir
+
     torch.set_num_threads(min(2, torch.get_num_threads()))
     for p in make_figures(
-        args.results, args.out, args.backbone, args.seed, args.view, args.pair, args.px, args.lines, args.only
+        args.results or default_results_dir(),
+        args.out,
+        args.backbone,
+        args.seed,
+        args.view,
+        args.pair,
+        args.px,
+        args.lines,
+        args.only,
     ):
         print(p)
     return 0

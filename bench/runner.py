@@ -391,15 +391,18 @@ def _run_cell(cfg, method, task, identity, device, run_dir: Path, t_start: float
         "packages": records.package_versions(),
         "run_dir": str(run_dir),
     }
+    record = records.seal(record)  # its run id and content digest, the same in both files
     write_json(run_dir / "record.json", record)  # first: a late failure below loses nothing
     try:
         path = records.write_record(cfg.paths.results_dir, record)
     except OSError as e:
+        target = records.runs_dir(cfg.paths.results_dir) / f"{record['id']}.json"
         raise BenchError(
             f"the record could not be written to {records.runs_dir(cfg.paths.results_dir)} "
             f"({e.strerror or type(e).__name__}); it is saved in {run_dir / 'record.json'}",
-            f"free space / make the results directory writable, then copy {run_dir / 'record.json'} "
-            f"to {records.runs_dir(cfg.paths.results_dir)}/{record['id']}.json",
+            f"free space / make the results directory writable, then move it into place under its own name: "
+            f"mv {run_dir / 'record.json'} {target} (one file per run: a second copy in the runs directory "
+            "is counted once and reported)",
         ) from None
     log.info("record written: %s", path)
     record["_path"] = str(path)

@@ -54,10 +54,11 @@ def _evaluation_key(rec) -> str:
     return f"{LEGACY}:{rec.get('backbone')}"
 
 
-def records_frame(results_dir: str | Path) -> pd.DataFrame:
-    """One row per (record, metric), latest record per cell only."""
+def records_frame(results_dir: str | Path, recs: List[dict] | None = None) -> pd.DataFrame:
+    """One row per (record, metric), latest record per cell only (``recs``: the records of
+    ``results_dir`` when already loaded)."""
     rows = []
-    for rec in load_records(results_dir):
+    for rec in load_records(results_dir) if recs is None else recs:
         proto = (rec.get("protocol") or {}).get("name", "default")
         cell, row_key, recipe = record_identity(rec)
         for metric, value in rec["metrics"].items():
@@ -338,7 +339,8 @@ def diagnostics_rows(shown, results_dir: str | Path) -> List[List[str]]:
 
 def leaderboard_markdown(results_dir: str | Path) -> str:
     results_dir = Path(results_dir)
-    ours = records_frame(results_dir)
+    loaded = load_records(results_dir)  # once: each duplicate or refused record is reported once
+    ours = records_frame(results_dir, loaded)
     ref = reference_frame(results_dir)
     out = [
         "# bench leaderboard",
@@ -389,7 +391,7 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
     if not ours.empty:
         recs = ours.drop_duplicates("id")
         ids = set(recs["id"])
-        shown = [rec for rec in load_records(results_dir) if rec["id"] in ids]
+        shown = [rec for rec in loaded if rec["id"] in ids]
         out += [
             "## Configuration",
             "",

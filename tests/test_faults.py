@@ -162,6 +162,21 @@ def _case(cid: str, tmp: Path, monkeypatch, request):
             }[cid]
         )
         return _cli("table", "--results", str(tmp / "results"))
+    if cid in ("record-non-finite", "record-edited"):
+        import json
+
+        from bench import records
+
+        rec = {"id": "x", "method": "m", "backbone": "b", "task": "t", "metrics": {"rmse": 1.0}}
+        if cid == "record-edited":
+            rec = records.seal(rec)
+            rec["metrics"]["rmse"] = 0.5  # a better number typed in by hand
+        else:
+            rec["metrics"]["rmse"] = float("nan")
+        runs = tmp / "results" / "runs"
+        runs.mkdir(parents=True)
+        (runs / "bad.json").write_text(json.dumps(rec))
+        return _cli("table", "--results", str(tmp / "results"))
     if cid == "table-no-dir":
         return _cli("table", "--results", "nowhere")  # relative to tmp (the test's cwd)
     if cid == "cached-model-corrupt":
@@ -315,3 +330,54 @@ def test_the_real_cli_prints_one_line_and_no_traceback(tmp_path):
     assert [ln for ln in out.stderr.splitlines() if ln.strip()] == [
         "error: seed must be an integer, got 'abc'. Fix: pass seed=<integer>, e.g. seed=0"
     ]
+
+
+# ---------------------------------------------------------------- issue 27.7: results directory, code version
+def test_table_honours_bench_results(tmp_path, monkeypatch, capsys):
+    """`bench table` without --results writes the leaderboard of $BENCH_RESULTS, not ./results."""
+    from bench import records
+
+    res = tmp_path / "elsewhere"
+    rec = {"id": "r0", "method": "dinov2", "backbone": "b", "task": "t", "metrics": {"rmse": 0.25}}
+    records.write_record(res, rec)
+    (tmp_path / "results").mkdir()  # the checkout's committed results: must stay untouched
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BENCH_RESULTS", str(res))
+    assert main(["table"]) == 0
+    assert "## t " in (res / "leaderboard.md").read_text()  # the record of $BENCH_RESULTS is on it
+    assert not (tmp_path / "results" / "leaderboard.md").exists()
+    monkeypatch.delenv("BENCH_RESULTS")
+    monkeypatch.setenv("BENCH_ROOT", str(tmp_path / "root"))
+    assert records.default_results_dir() == str(tmp_path / "root" / "results")  # as paths.results_dir
+
+
+def test_dirty_flag_counts_tracked_source_files_only(tmp_path):
+    """A rewritten leaderboard, a new record or an untracked file is not a code change; an edited source is."""
+    import shutil
+
+    from bench import records
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "repo"
+    (repo / "bench").mkdir(parents=True)
+    (repo / "results").mkdir()
+    (repo / "bench" / "x.py").write_text("A = 1\n")
+    (repo / "results" / "leaderboard.md").write_text("# old\n")
+
+    def git(*a):
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=repo, check=True, capture_output=True
+        )
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "init")
+    clean = records.code_version(repo / "bench")
+    assert re.fullmatch(r"[0-9a-f]{12}", clean), clean
+    (repo / "results" / "leaderboard.md").write_text("# rewritten by bench table\n")
+    (repo / "results" / "new_record.json").write_text("{}")
+    (repo / "bench" / "scratch.py").write_text("untracked\n")
+    assert records.code_version(repo / "bench") == clean
+    (repo / "bench" / "x.py").write_text("A = 2\n")
+    assert records.code_version(repo / "bench") == clean + "-dirty"

@@ -140,3 +140,61 @@ def test_training_diagnostics_from_records_and_beside_them(tmp_path):
     cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
     assert cells[0][:6] == ["snd", "bb", "0", "t", "`snd-bb-aaaa`", "0.25"] and set(cells[0][6:]) == {""}
     assert cells[1][4:9] == ["`snd-bb-bbbb`", "0.149", "", "0.0067", ""] and cells[1][10:12] == ["0.0013", "0.00015"]
+
+
+def test_a_record_stored_twice_counts_once(tmp_path, caplog):
+    """A copy of a record under another name is one run: the seeds' mean and count do not change."""
+    _rec(tmp_path, "dinov2", "synth_depth", 0, 1.0, "2026-01-02T00:00:00Z")
+    _rec(tmp_path, "dinov2", "synth_depth", 1, 3.0, "2026-01-02T00:00:01Z")
+    runs = records.runs_dir(tmp_path)
+    first = sorted(runs.glob("*.json"))[0]
+    (runs / "zz_copy.json").write_text(first.read_text())
+    with caplog.at_level("WARNING", logger="bench"):
+        recs = records.load_records(tmp_path)
+        md = table.leaderboard_markdown(tmp_path)
+    assert len(recs) == 2 and all(r["run_id"] and r["digest"].startswith("sha256:") for r in recs)
+    df = table.records_frame(tmp_path)
+    assert sorted(df[df.metric == "rmse"]["value"]) == [1.0, 3.0]  # not [1.0, 1.0, 3.0]
+    assert "2.0000 ± 1.4142" in md  # mean of seeds 1 and 3, sample std sqrt(2)
+    copies = [r.getMessage() for r in caplog.records if "repeats the run" in r.getMessage()]
+    assert copies and all("zz_copy.json" in m and "counted once" in m for m in copies)
+
+
+def test_write_record_refuses_non_finite_metrics_before_writing(tmp_path):
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        rec = {"id": "r", "method": "m", "backbone": "b", "task": "t", "metrics": {"rmse": bad, "a1": 0.5}}
+        with pytest.raises(BenchError, match="metric 'rmse'"):
+            records.write_record(tmp_path, rec)
+    assert not records.runs_dir(tmp_path).exists() or not list(records.runs_dir(tmp_path).iterdir())
+
+
+def test_a_hand_made_nan_record_is_refused_by_name(tmp_path):
+    runs = records.runs_dir(tmp_path)
+    runs.mkdir()
+    bad = {"id": "r", "method": "m", "backbone": "b", "task": "t", "metrics": {"rmse": float("nan")}}
+    (runs / "nan.json").write_text(json.dumps(bad))  # json writes NaN (not JSON, but Python reads it)
+    with pytest.raises(BenchError, match=r"nan.json: metric 'rmse' is nan, not a finite number"):
+        records.load_records(tmp_path)
+
+
+def test_an_edited_record_is_refused_and_a_legacy_one_is_read(tmp_path):
+    _rec(tmp_path, "dinov2", "synth_depth", 0, 1.0, "2026-01-02T00:00:00Z")
+    (path,) = records.runs_dir(tmp_path).glob("*.json")
+    rec = json.loads(path.read_text())
+    assert rec["digest"] == records.content_digest(rec) and records.load_records(tmp_path)[0]["metrics"]["rmse"] == 1.0
+    rec["metrics"]["rmse"] = 0.9
+    path.write_text(json.dumps(rec, indent=1))
+    with pytest.raises(BenchError, match="was changed after bench wrote it"):
+        records.load_records(tmp_path)
+    del rec["digest"]  # a record from before digests: read as it is
+    path.write_text(json.dumps(rec))
+    assert records.load_records(tmp_path)[0]["metrics"]["rmse"] == 0.9
+
+
+def test_the_digest_ignores_layout_but_not_content():
+    rec = records.seal({"id": "r", "method": "m", "backbone": "b", "task": "t", "metrics": {"rmse": 0.1 + 0.2}})
+    again = json.loads(json.dumps(rec, indent=4, sort_keys=True))  # another layout, the same content
+    assert records.content_digest(again) == rec["digest"]
+    again["seed"] = 1
+    assert records.content_digest(again) != rec["digest"]
+    assert records.seal(rec)["run_id"] == rec["run_id"]  # sealing again keeps the run
