@@ -24,8 +24,13 @@ Paths are replaced by what they point at, so that two spellings of one input giv
   settings only, the root is dropped (so the key is the same before and after generation);
 * a path under ``paths.output_dir`` / ``paths.results_dir`` or a directory under
   ``paths.cache_dir`` (derived outputs, caches) and a path that does not exist -> dropped;
-* ``method.reconstructor.checkpoint`` counts only when ``method.reconstructor.name`` is
-  ``learned`` (:data:`UNUSED_UNLESS`).
+* a key whose value is a file that decides the number (a checkpoint, backbone weights: the keys the
+  config schemas mark as files, :func:`bench.schema.file_keys`) -> ``sha256:<digest of its bytes>``
+  however it is spelled (a bare relative name included) and wherever it lives; its words that name no
+  file (``hub``, ``none``...), ``hf://`` references (repo, file and revision) and null stay as they are;
+  a file that does not exist is dropped, as any path;
+* ``method.reconstructor.checkpoint`` counts unless ``method.reconstructor.name`` is ``depth``
+  (the one reconstructor that reads no checkpoint; :data:`UNUSED_UNLESS`).
 
 File digests are memoised per process (by real path, size and mtime); a manifest re-lists its
 directory every time (stat only, files are re-read only when their size or mtime changed).
@@ -48,7 +53,7 @@ GENERATED_DATASETS = {"synthetic"}
 # dotted key -> condition on the composed (resolved) config for the key to count
 UNUSED_UNLESS: Dict[str, Callable[[Mapping[str, Any]], bool]] = {
     "method.reconstructor.checkpoint": lambda c: (
-        ((c.get("method") or {}).get("reconstructor") or {}).get("name") == "learned"
+        ((c.get("method") or {}).get("reconstructor") or {}).get("name") != "depth"
     ),
 }
 _SMALL = 64 * 1024
@@ -187,9 +192,44 @@ def _drop_unused(c: Dict[str, Any]) -> Dict[str, Any]:
     return c
 
 
+def _nodes(c: Any, parts: list) -> Iterable[Tuple[Dict[str, Any], str]]:
+    """(parent mapping, leaf key) of every place the dotted ``parts`` (``*`` = any name) exist in ``c``."""
+    if not isinstance(c, dict):
+        return
+    head, rest = parts[0], parts[1:]
+    keys = list(c) if head == "*" else [head] if head in c else []
+    for k in keys:
+        if rest:
+            yield from _nodes(c[k], rest)
+        else:
+            yield c, k
+
+
+def _digest_files(c: Dict[str, Any]) -> Dict[str, Any]:
+    """Replace the value of every file-valued key (:func:`bench.schema.file_keys`, also inside
+    ``method.per_task.<kind>``) by the digest of the file it names (see the module docstring)."""
+    from .schema import file_keys
+
+    for dotted, words in file_keys().items():
+        parts = dotted.split(".")
+        places = list(_nodes(c, parts))
+        if parts[0] == "method":
+            places += list(_nodes(c, ["method", "per_task", "*", *parts[1:]]))
+        for node, leaf in places:
+            v = node[leaf]
+            if not isinstance(v, str) or not v or v in words or "://" in v:
+                continue
+            p = Path(os.path.expanduser(v)).resolve()  # a relative name: from the working directory
+            if p.is_file():
+                node[leaf] = "sha256:" + file_digest(p)
+            elif not p.exists():
+                node.pop(leaf)  # nothing to read (as any path that does not exist)
+    return c
+
+
 def components(cfg: Any) -> Dict[str, Any]:
     """The normalised parts of a composed config that determine a cell's number (seed excluded)."""
-    c = _drop_unused(to_container(cfg))
+    c = _digest_files(_drop_unused(to_container(cfg)))
     paths = c.get("paths") or {}
     method = _normalise(c.get("method") or {}, paths)
     backbone = _normalise(c.get("backbone") or {}, paths)

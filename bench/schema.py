@@ -43,6 +43,13 @@ def _key(name: str):
     return field(default=REQ, metadata={"key": name})
 
 
+def _file(*words: str):
+    """A key whose value is a file that decides a cell's number (a checkpoint, weights): it enters the cell
+    fingerprint and the trained-backbone key by the digest of its content (:mod:`bench.identity`).
+    ``words``: values that name no file (e.g. ``hub``)."""
+    return field(default=REQ, metadata={"input": "file", "words": tuple(words)})
+
+
 # ------------------------------------------------------------------------------------------- methods
 @dataclass
 class SceneData:
@@ -128,7 +135,7 @@ class SnDTeacher:
 class SnDReconstructor:
     name: str = REQ
     scale_mult: float = REQ
-    checkpoint: Optional[str] = REQ
+    checkpoint: Optional[str] = _file()
     near: float = REQ
     far: float = REQ
 
@@ -315,7 +322,7 @@ class OfficialMethod:
     variant: str = REQ
     repo: str = REQ
     revision: Optional[str] = REQ
-    checkpoint: Optional[str] = REQ
+    checkpoint: Optional[str] = _file()
 
 
 @dataclass
@@ -602,6 +609,37 @@ class SlurmCluster(ClusterCommon):
 CLUSTERS: Dict[str, type] = {"local": LocalCluster, "slurm": SlurmCluster}
 OVERRIDE_KINDS = ("train", "eval", "table", "stage1")  # cluster.<kind>: per-job-kind overrides
 PER_TASK_KEY = "per_task"  # method.per_task.<task kind>: method keys
+
+
+# file-valued keys of config nodes without a schema here (the backbone node) -> their words that name no file
+# (bench/backbones/base.py resolve_weights: none | random | hub | package; hub and package weights are
+# identified by hub_repo/hub_file/hub_revision and the record's package versions)
+OTHER_FILE_KEYS: Dict[str, tuple] = {"backbone.weights": ("none", "random", "hub", "package")}
+
+
+def file_fields(schema: type, prefix: str) -> Dict[str, tuple]:
+    """The keys of ``schema`` (nested dataclasses walked, dotted under ``prefix``) marked as files
+    (:func:`_file`) -> their words that name no file."""
+    out: Dict[str, tuple] = {}
+    for key, f in _fields(schema).items():
+        dotted = f"{prefix}.{key}"
+        if f.metadata.get("input") == "file":
+            out[dotted] = tuple(f.metadata.get("words", ()))
+        nested = _nested(f.type) or _dict_of(f.type)
+        if nested is not None:
+            out.update(file_fields(nested, dotted if _nested(f.type) else f"{dotted}.*"))
+    return out
+
+
+def file_keys() -> Dict[str, tuple]:
+    """Every config key whose value is a file that decides a number (dotted; ``*`` = any name) -> its words
+    that name no file: the marked keys of every method and protocol schema, and :data:`OTHER_FILE_KEYS`."""
+    out = dict(OTHER_FILE_KEYS)
+    for schema in METHODS.values():
+        out.update(file_fields(schema, "method"))
+    out.update(file_fields(DenseProtocol, "task.protocol"))
+    out.update(file_fields(CorrespondenceProtocol, "task.protocol"))
+    return out
 
 
 def register_method(name: str, node: type) -> None:

@@ -352,3 +352,105 @@ def test_progress_logs_lines_when_stderr_is_not_a_terminal(caplog, monkeypatch):
             bar.update(1)
         bar.close()
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["gen: 0/100 it", "gen: 100/100 it"]
+
+
+# ------------------------------------------------------------------ issue 26.6: every input file by content
+FILE_NAME_HINT = ("checkpoint", "ckpt", "weights", "file", "lpips")
+
+
+def _schema_str_fields(schema, prefix):
+    """Every string-valued key of a schema dataclass (nested ones walked), dotted."""
+    import dataclasses
+    import typing
+
+    from bench import schema as sch
+
+    out = []
+    for key, f in sch._fields(schema).items():
+        tp, _ = sch._strip_optional(f.type)
+        if dataclasses.is_dataclass(tp):
+            out += _schema_str_fields(tp, f"{prefix}.{key}")
+        elif tp is str or tp is typing.Any:
+            out.append((f"{prefix}.{key}", f))
+    return out
+
+
+def test_every_file_valued_schema_key_is_an_identity_input():
+    """Walk the config schemas: a string key named like a file (checkpoint, weights, ...) must be marked as a
+    file (bench.schema._file), i.e. enter the fingerprint by content; file_keys() lists exactly the marked ones."""
+    from bench import schema as sch
+
+    keys = sch.file_keys()
+    nodes = [(s, "method") for s in sch.METHODS.values()] + [(s, "task.protocol") for s in sch.PROTOCOLS.values()]
+    marked = set(sch.OTHER_FILE_KEYS)
+    for node, prefix in nodes:
+        for dotted, f in _schema_str_fields(node, prefix):
+            leaf = dotted.rpartition(".")[2].lower()
+            if f.metadata.get("input") == "file":
+                marked.add(dotted)
+            elif any(h in leaf for h in FILE_NAME_HINT):
+                pytest.fail(f"{dotted} looks file-valued but is not marked as a file in bench/schema.py (use _file())")
+    assert (
+        marked == set(keys) and {"method.reconstructor.checkpoint", "method.checkpoint", "backbone.weights"} <= marked
+    )
+
+
+def _with(cfg, dotted, value):
+    from omegaconf import OmegaConf
+
+    cfg = cfg.copy()
+    OmegaConf.update(cfg, dotted, value, force_add=True)
+    return cfg
+
+
+def _method_for(dotted):
+    """A method whose schema has the file key ``dotted`` (and the overrides that make it count)."""
+    from bench import schema as sch
+
+    if not dotted.startswith("method."):
+        return "dinov2", []
+    for name, node in sch.METHODS.items():
+        if dotted in sch.file_fields(node, "method"):
+            extra = ["method.reconstructor.name=mvsplat"] if dotted == "method.reconstructor.checkpoint" else []
+            return name, extra
+    raise AssertionError(dotted)
+
+
+@pytest.mark.parametrize("dotted", ["method.reconstructor.checkpoint", "method.checkpoint", "backbone.weights"])
+def test_each_file_key_enters_by_content_under_any_spelling(dotted, tmp_path, monkeypatch):
+    """For every file-valued key: two files with different bytes behind the same bare name give two cell
+    fingerprints and two trained-backbone keys; the same bytes under a relative and an absolute spelling, one."""
+    from bench import schema as sch
+    from bench.identity import backbone_key
+
+    assert dotted in sch.file_keys()
+    method, extra = _method_for(dotted)
+    base = compose([f"method={method}", "task=synth_depth", *paths(tmp_path), *extra])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.ckpt").write_bytes(b"weights A")
+    a = _with(base, dotted, "w.ckpt")
+    ident_a, key_a = cell_identity(a), backbone_key(a)
+    assert cell_identity(_with(base, dotted, str(tmp_path / "w.ckpt")))["cell"] == ident_a["cell"]
+    (tmp_path / "w.ckpt").write_bytes(b"weights B")
+    os.utime(tmp_path / "w.ckpt", ns=(1, 1))  # another mtime: the digest memo sees a new file
+    b = _with(base, dotted, "w.ckpt")
+    assert cell_identity(b)["cell"] != ident_a["cell"] and cell_identity(b)["row"] != ident_a["row"]
+    assert backbone_key(b) != key_a
+
+
+def test_two_mvsplat_files_give_two_fingerprints_and_depth_ignores_the_file(tmp_path):
+    from bench.identity import backbone_key
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "re10k.ckpt").write_bytes(b"mvsplat A")
+    (tmp_path / "b" / "re10k.ckpt").write_bytes(b"mvsplat B")
+    ov = ["method=splat_distill", "task=synth_depth", *paths(tmp_path)]
+    mv = [*ov, "method.reconstructor.name=mvsplat"]
+    fa = compose([*mv, f"method.reconstructor.checkpoint={tmp_path}/a/re10k.ckpt"])
+    fb = compose([*mv, f"method.reconstructor.checkpoint={tmp_path}/b/re10k.ckpt"])
+    assert cell_identity(fa)["cell"] != cell_identity(fb)["cell"] and backbone_key(fa) != backbone_key(fb)
+    # the depth reconstructor reads no checkpoint: any file, or none, is the same cell (the committed grid's case)
+    depth = [compose([*ov, f"method.reconstructor.checkpoint={tmp_path}/{d}/re10k.ckpt"]) for d in "ab"]
+    depth.append(compose([*ov, "method.reconstructor.checkpoint=null"]))
+    assert len({cell_identity(c)["cell"] for c in depth}) == 1 and len({backbone_key(c) for c in depth}) == 1
