@@ -28,7 +28,7 @@ import contextlib
 import datetime
 import logging
 import os
-from typing import Any, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -198,11 +198,20 @@ _BUCKET = 25 * 2**20  # bytes per all-reduce, as DDP's default bucket_cap_mb
 
 
 def allreduce_gradients(params: Iterable[torch.Tensor]) -> None:
-    """Average the gradients of ``params`` over ranks, in flat buckets (a missing grad counts as 0)."""
+    """Average the gradients of ``params`` over ranks, in flat buckets, as DistributedDataParallel does
+    (pytorch torch/csrc/distributed/c10d/reducer.cpp): a parameter that got a gradient on some rank but
+    not on this one counts as 0 here; a parameter that got none on any rank (globally unused) keeps
+    ``grad=None`` on every rank, so that the optimiser skips it (no weight decay, no moment update) exactly
+    as in one process. One extra all-reduce of a has-grad flag per parameter decides which is which."""
     if not initialized():
         return
     dist, w = _dist(), world_size()
     params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    flags = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    dist.all_reduce(flags)  # how many ranks have each grad
+    params = [p for p, n in zip(params, flags.tolist()) if n > 0]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -226,14 +235,55 @@ def allreduce_gradients(params: Iterable[torch.Tensor]) -> None:
                 chunk, size = [], 0
 
 
-def broadcast_state(modules: Iterable[torch.nn.Module], src: int = 0) -> None:
-    """Copy rank ``src``'s parameters and buffers into every rank's modules (DDP's start-up sync)."""
+def broadcast_state(modules: Iterable[torch.nn.Module], src: int = 0, tensors: Iterable[torch.Tensor] = ()) -> None:
+    """Copy rank ``src``'s parameters and buffers into every rank's modules, and ``tensors`` (e.g. an
+    optimiser's parameters that no module lists) -- DDP's start-up sync (``_sync_module_states``)."""
     if not initialized():
         return
     dist = _dist()
-    for m in modules:
-        for t in list(m.parameters()) + list(m.buffers()):
+    every = [t for m in modules for t in list(m.parameters()) + list(m.buffers())] + list(tensors)
+    seen: set = set()
+    for t in every:
+        if id(t) not in seen:
+            seen.add(id(t))
             dist.broadcast(t.data, src=src)
+
+
+def weighted_means(values: Mapping[str, Tuple[float, float]]) -> Dict[str, float]:
+    """``{name: (value, weight)}`` of this rank -> ``{name: sum_r w_r v_r / sum_r w_r}`` over the ranks, on
+    every rank (one all-reduce): a rank's mean over ``w_r`` items -> the mean over the global batch, the
+    number one process with the global batch computes. A name whose total weight is 0 keeps this rank's
+    value. Without a process group: the values themselves."""
+    if not initialized() or not values:
+        return {k: float(v) for k, (v, _) in values.items()}
+    names = list(values)
+    flat = []
+    for k in names:
+        v, wt = float(values[k][0]), float(values[k][1])
+        flat += [v * wt if wt else 0.0, wt]
+    t = torch.tensor(flat, dtype=torch.float64)
+    if _dist().get_backend() == "nccl":
+        t = t.cuda()
+    t = all_reduce_sum(t).cpu().tolist()
+    return {k: (t[2 * i] / t[2 * i + 1] if t[2 * i + 1] else float(values[k][0])) for i, k in enumerate(names)}
+
+
+def pooled_rows(x: torch.Tensor, max_rows: int) -> torch.Tensor:
+    """The rows of the global batch's ``x`` (every rank's ``x`` concatenated in rank order, as one process
+    holds them) at ``linspace(0, N - 1, max_rows)`` when there are more than ``max_rows`` of them, else all;
+    on every rank. Only the chosen rows travel. Without a process group: the same choice on ``x``."""
+    if not initialized():
+        return x[torch.linspace(0, x.shape[0] - 1, max_rows).long()] if x.shape[0] > max_rows else x
+    counts = all_gather_object(int(x.shape[0]))
+    total, start = sum(counts), sum(counts[: rank()])
+    if total > max_rows:
+        idx = torch.linspace(0, total - 1, max_rows).long()
+        local = idx[(idx >= start) & (idx < start + x.shape[0])] - start
+        mine = x[local.to(x.device)]
+    else:
+        mine = x
+    parts = all_gather_object(mine.detach().cpu())
+    return torch.cat(parts).to(x.device)
 
 
 @contextlib.contextmanager

@@ -136,6 +136,7 @@ def obtain_backbone(cfg: DictConfig, run_dir: Path | None = None) -> Tuple[Any, 
                 },
             )
         dist.barrier()  # the cached model exists for every rank once this returns
+        backbone = _same_as_saved(backbone, method, cfg, workdir, model_path)
     return backbone, {
         "kind": "trained",
         "cache_key": workdir.name,
@@ -182,6 +183,38 @@ def _load_cached(backbone, model_path: Path) -> None:
             f"the cached trained backbone {model_path} cannot be loaded ({e.problem})",
             f"delete {model_path} (or run with force=true) to train it again",
         ) from None
+
+
+def _same_as_saved(backbone, method, cfg, workdir: Path, model_path: Path):
+    """On every rank of a multi-rank training: the trained backbone, verified equal (weights hash) to the one
+    rank 0 saved; a rank whose copy differs loads rank 0's saved file instead (and says so), so that every
+    rank evaluates exactly the recorded backbone. One process: ``backbone`` itself."""
+    from . import distributed as dist
+    from .checkpoint import weights_hash
+
+    if not dist.is_distributed():
+        return backbone
+    mine = weights_hash(backbone)
+    saved = dist.broadcast_object(mine)  # rank 0's: the backbone it saved to model_path
+    if mine == saved:
+        return backbone
+    log.warning(
+        "rank %d: trained backbone %s differs from rank 0's saved %s; evaluating %s",
+        dist.rank(),
+        mine,
+        saved,
+        model_path,
+    )
+    _load_cached(backbone, model_path)
+    if hasattr(method, "restore"):
+        backbone = method.restore(backbone, cfg, workdir)
+    if weights_hash(backbone) != saved:
+        raise BenchError(
+            f"rank {dist.rank()} cannot reproduce rank 0's trained backbone {model_path} (weights hash "
+            f"{weights_hash(backbone)} != {saved})",
+            "run the cell with one process, or report the ranks' divergence",
+        )
+    return backbone
 
 
 def _newest_mtime(workdir: Path) -> float:

@@ -325,7 +325,9 @@ class TrainLoop:
     size of a multi-rank run, are always part of it) must match the checkpoint's to resume from it.
     ``step_fn(step)`` computes this rank's loss of step ``step`` (0-based) and returns it, optionally
     with a dict of extra floats to log; the loop checks the rank-averaged loss is finite,
-    back-propagates, averages the gradients over ranks (:func:`bench.distributed.allreduce_gradients`),
+    back-propagates, averages the gradients over ranks (:func:`bench.distributed.allreduce_gradients`;
+    a parameter no rank gave a gradient keeps none, as under DDP), after starting every rank from rank 0's
+    weights and buffers (:func:`bench.distributed.broadcast_state`),
     clips, steps the optimiser and scheduler, then calls ``after_step(step + 1)`` (e.g. the EMA update).
 
     Rank 0 alone writes: checkpoints (``workdir``) and the training curves (:class:`TrainLog` in
@@ -433,6 +435,15 @@ class TrainLoop:
         for group in self.optimizer.param_groups:
             yield from group["params"]
 
+    def _modules(self) -> List[nn.Module]:
+        """The modules of ``state`` (an EMA's target included)."""
+        out = []
+        for v in self.state.values():
+            m = v if isinstance(v, nn.Module) else getattr(v, "target", None)
+            if isinstance(m, nn.Module):
+                out.append(m)
+        return out
+
     # -- run
     def run(
         self,
@@ -451,6 +462,8 @@ class TrainLoop:
 
         if not self.resume() and self.main:
             self.log.read_history(0)  # a fresh run: no stale curves from an earlier workdir use
+        if self.distributed:  # every rank starts from rank 0's weights and buffers (DDP's _sync_module_states)
+            dist.broadcast_state(self._modules(), tensors=list(self._params()))
         end = self.total_steps if stop_after is None else min(int(stop_after), self.total_steps)
         bar = tqdm(
             total=self.total_steps,

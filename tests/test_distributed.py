@@ -200,7 +200,7 @@ def _worker_allreduce(rank, world, port, out):
     )
     bd.init("cpu")
     p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
-    p.grad = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1)  # q.grad missing on every rank -> zeros
+    p.grad = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1)  # q.grad missing on every rank -> None (DDP)
     bd.allreduce_gradients([p, q])
     w = bd.global_mean_weight(torch.tensor(1.0 + 3 * rank))  # counts 1 and 4 -> 2*1/5, 2*4/5
     torch.save(
@@ -220,7 +220,97 @@ def test_gradient_average_and_pooled_mean_weight(tmp_path):
     mp.spawn(_worker_allreduce, args=(2, port, str(tmp_path / "r")), nprocs=2, join=True)
     r0, r1 = torch.load(tmp_path / "r.0"), torch.load(tmp_path / "r.1")
     for r in (r0, r1):
-        assert torch.equal(r["p"], torch.tensor([1.5, 3.0, 4.5])) and torch.equal(r["q"], torch.zeros(2))
+        assert torch.equal(r["p"], torch.tensor([1.5, 3.0, 4.5])) and r["q"] is None
         assert r["bs"] == 2
     assert r0["w"] == pytest.approx(2 / 5) and r1["w"] == pytest.approx(8 / 5)
     assert r0["slice"] == [0, 1] and r1["slice"] == [2, 3]
+
+
+# ------------------------------------------------------------------ issue 26.8: many ranks, one truth
+class _Net(torch.nn.Module):
+    """``used`` sees every example, ``sometimes`` only examples flagged 1 (none of rank 0's), ``never`` none."""
+
+    def __init__(self):
+        super().__init__()
+        self.used = torch.nn.Linear(2, 1)
+        self.sometimes = torch.nn.Parameter(torch.ones(1))
+        self.never = torch.nn.Linear(3, 3)
+
+    def forward(self, x, flags):
+        out = self.used(x)[:, 0]
+        if bool(flags.any()):
+            out = out + self.sometimes * flags
+        return out
+
+
+_X = torch.tensor([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0], [-1.0, 1.5]])  # the global batch of every step
+_FLAGS = torch.tensor([0.0, 0.0, 1.0, 1.0])
+
+
+def _train_net(workdir, rank, world):
+    from bench.distributed import allreduce_gradients  # noqa: F401  (the loop calls it)
+    from bench.train import TrainLoop
+
+    torch.manual_seed(0)
+    net = _Net()
+    if rank == 1:  # a rank that built other weights starts from rank 0's all the same
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(1.0)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=0.5)
+    mine = slice(rank * 4 // world, (rank + 1) * 4 // world)
+
+    def step(_):
+        return ((net(_X[mine], _FLAGS[mine]) - 1.0) ** 2).mean()
+
+    TrainLoop(workdir, 3, opt, {"model": net}, progress=False, ckpt_every=10, tensorboard=False).run(step)
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _worker_truth(rank, world, port, out):
+    import torch.distributed as dist
+
+    from bench import distributed as bd
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    bd.init("cpu")
+    weights = _train_net(f"{out}_w{rank}", rank, world)
+    # diagnostics: a rank's mean over n cells -> the pooled mean; sampled rows of the pooled batch
+    kl = bd.weighted_means({"kl": ([0.2, 0.5][rank], [3.0, 1.0][rank]), "empty": (7.0, 0.0)})
+    rows = torch.arange(10.0).reshape(5, 2)[[slice(0, 2), slice(2, 5)][rank]]
+    torch.save(
+        {"w": weights, "kl": kl, "rows": bd.pooled_rows(rows, 3), "all": bd.pooled_rows(rows, 9)}, f"{out}.{rank}"
+    )
+    dist.destroy_process_group()
+
+
+def test_two_ranks_log_the_global_batch_and_leave_unused_parameters_alone(tmp_path):
+    """2 ranks x 2 examples == 1 process x 4 examples with AdamW (weight decay): the parameter no rank uses keeps
+    grad None and its initial weights bit for bit (as DDP leaves it), the one only rank 1 uses trains as in one
+    process, rank 1's other start-up weights are replaced by rank 0's; diagnostics are the global batch's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    one = _train_net(tmp_path / "one", 0, 1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker_truth, args=(2, port, str(tmp_path / "r")), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "r.0"), torch.load(tmp_path / "r.1")
+    torch.manual_seed(0)
+    init = _Net().state_dict()
+    for r in (r0, r1):
+        for k in ("never.weight", "never.bias"):
+            assert torch.equal(r["w"][k], one[k]) and torch.equal(one[k], init[k]), k  # no decay, bit for bit
+        for k in ("used.weight", "used.bias", "sometimes"):
+            assert torch.allclose(r["w"][k], one[k], atol=1e-6) and not torch.equal(one[k], init[k]), k
+        assert r["kl"]["kl"] == pytest.approx((0.2 * 3 + 0.5 * 1) / 4)  # pooled over the 4 cells, not rank 0's 0.2
+        assert r["kl"]["empty"] == 7.0
+        pooled = torch.arange(10.0).reshape(5, 2)
+        assert torch.equal(r["rows"], pooled[torch.linspace(0, 4, 3).long()])  # rows 0, 2, 4 of the pooled batch
+        assert torch.equal(r["all"], pooled)
+    assert all(torch.equal(r0["w"][k], r1["w"][k]) for k in one)  # the ranks agree exactly

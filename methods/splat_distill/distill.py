@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import BenchError, choice
-from bench.distributed import global_mean_weight
+from bench.distributed import global_mean_weight, pooled_rows, weighted_means
 from bench.train import EMA, autocast
 
 from .adapt import Adapter, plain_state
@@ -53,6 +53,8 @@ from .features import (
 )
 from .head import LOSSES, DINOHead, distill_loss
 from .reconstruct import build_reconstructor
+
+HEAD_COS_POINTS = 512  # covered cells of a step's global batch the collapse cosine is measured on
 
 COVERAGE = ("alpha", "rgb")  # a target pixel is covered: alpha > alpha_threshold | its RGB render is not 0
 
@@ -317,9 +319,17 @@ class Distiller:
             loss, extra = distill_loss(
                 self.loss_kind, student, target, valid, self.head, self.teacher_head, *self.temps
             )
-        extra["coverage"] = float(covered.float().mean())
+        # the logged diagnostics are the global batch's (the numbers one process with the whole batch logs):
+        # means over cells pooled over the ranks, the collapse cosine on the pooled batch's sampled cells
+        n_valid = float(valid.sum())
+        extra = weighted_means(
+            {
+                **{k: (v, n_valid) for k, v in extra.items()},  # kl: a mean over the valid cells
+                "coverage": (float(covered.float().mean()), float(covered.numel())),
+            }
+        )
         if self.loss_kind == "dino":
-            extra["head_cos"] = self.head.embedding_cosine(embedded)
+            extra["head_cos"] = self.head.embedding_cosine(pooled_rows(embedded, HEAD_COS_POINTS), HEAD_COS_POINTS)
         if self.grad_average == "global":  # several ranks: each rank's share of the pooled global mean
             loss = loss * global_mean_weight(valid.sum())
         return loss, extra
