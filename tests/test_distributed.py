@@ -319,3 +319,43 @@ def test_two_ranks_log_the_global_batch_and_leave_unused_parameters_alone(tmp_pa
         assert torch.equal(r["rows"], pooled[torch.linspace(0, 4, 3).long()])  # rows 0, 2, 4 of the pooled batch
         assert torch.equal(r["all"], pooled)
     assert all(torch.equal(r0["w"][k], r1["w"][k]) for k in one)  # the ranks agree exactly
+
+
+def _worker_saved(rank, world, port, out):
+    import torch.distributed as dist
+
+    from bench import distributed as bd
+    from bench.backbones import build_backbone, save_backbone
+    from bench.checkpoint import weights_hash
+    from bench.runner import _same_as_saved
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    bd.init("cpu")
+    torch.manual_seed(rank)  # rank 1's copy differs from the one rank 0 saves
+    cfg = {"name": "tiny_cnn", "weights": "none", "hub_repo": None, "layers": [-1], "resize": "resize"}
+    bb = build_backbone({**cfg, "mean": [0.5] * 3, "std": [0.25] * 3})
+    before = weights_hash(bb)
+    path = Path(f"{out}_model.safetensors")
+    if rank == 0:
+        save_backbone(bb, path)
+    bd.barrier()
+    after = weights_hash(_same_as_saved(bb, object(), None, path.parent, path))
+    torch.save({"before": before, "after": after}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_ranks_evaluate_the_backbone_rank_0_saved(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker_saved, args=(2, port, str(tmp_path / "r")), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "r.0"), torch.load(tmp_path / "r.1")
+    assert r1["before"] != r0["before"]  # rank 1 trained (here: built) another backbone
+    assert r0["after"] == r1["after"] == r0["before"]  # both evaluate the one rank 0 saved
