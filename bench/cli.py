@@ -4,7 +4,7 @@ Commands (``python -m bench COMMAND --help`` for each one's options):
 
 * ``run`` -- one cell (method x backbone x task): obtain the backbone, evaluate the task, write its record;
 * ``sweep`` -- a grid of cells as SLURM (submitit) or local jobs (:mod:`bench.sweep`);
-* ``table`` -- rebuild ``results/leaderboard.md`` from the records;
+* ``table`` -- rebuild ``results/leaderboard.md`` (or ``--format latex|csv|html``) from the records;
 * ``list`` -- the registered methods, tasks, backbones, datasets and benchmarks;
 * ``data NAME`` -- check a prepared dataset (what is missing, where to get it) or generate a synthetic set;
 * ``perf NAME`` -- a benchmark that measures compared variants side by side and prints ratios;
@@ -86,10 +86,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_table(args: argparse.Namespace) -> int:
     from .records import default_results_dir
-    from .table import write_leaderboard
+    from .table_formats import write_table
 
-    path = write_leaderboard(args.results or default_results_dir())
-    print(f"wrote {path}")
+    path = write_table(args.results or default_results_dir(), args.format, args.output)
+    if path is not None:
+        print(f"wrote {path}")
     return 0
 
 
@@ -236,10 +237,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the composed config and exit")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("table", help="rebuild results/leaderboard.md from the records")
+    p = sub.add_parser(
+        "table",
+        help="rebuild results/leaderboard.md (or .tex/.csv/.html) from the records",
+        description="Rebuild the leaderboard from the records: Markdown (results/leaderboard.md), LaTeX booktabs "
+        "tables (leaderboard.tex), one CSV row per configuration with per-seed columns (leaderboard.csv) or a "
+        "self-contained HTML page (leaderboard.html), all from the same rows.",
+    )
     p.add_argument(
         "--results", default=None, help="results directory (default: $BENCH_RESULTS, else $BENCH_ROOT/results)"
     )
+    p.add_argument(
+        "--format",
+        choices=["md", "latex", "csv", "html"],
+        default="md",
+        help="output format (default: md)",
+    )
+    p.add_argument("--output", default=None, help="file to write (default: <results>/leaderboard.<ext>; -: stdout)")
     p.set_defaults(func=cmd_table)
 
     sub.add_parser("list", help="list methods, tasks, backbones, datasets and benchmarks").set_defaults(func=cmd_list)

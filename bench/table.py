@@ -195,7 +195,14 @@ def _row_family(row: dict) -> tuple:
     return (base, row["source"] != "ours", name, str(row["backbone"]))
 
 
-def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) -> str:
+def task_rows(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) -> tuple:
+    """The rows of one task/protocol table, shared by every output format (:mod:`bench.table_formats`).
+
+    Returns ``(cols, rows)``: ``cols`` the shown columns in order, each row a dict with the shown
+    (formatted) values under those names plus the numbers they came from: ``_values`` {metric: {seed:
+    value}} (a published row: {metric: {None: value}}), ``_delta`` (:func:`delta_vs_teacher`'s tuple or
+    None), ``_published``, ``_row`` (the row fingerprint), ``_ids`` (the record ids) and ``_metrics``.
+    """
     sub = ours[(ours.task == task) & (ours.protocol == protocol)]
     shown = sub[sub["reported"].astype(bool)].sort_values("rank", kind="stable")
     metrics: List[str] = list(dict.fromkeys(shown["metric"])) or sorted(sub["metric"].unique())
@@ -211,15 +218,20 @@ def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) 
             "source": "ours",
             "seeds": g["seed"].nunique(),
             "wall (s)": f"{g.groupby('seed')['wall_s'].first().mean():.0f}",
+            "_published": False,
+            "_row": g["row"].iloc[0],
+            "_ids": sorted(g["id"].unique()),
+            "_values": {},
+            "_delta": None,
         }
         for m in metrics:
             v = g[g.metric == m]["value"]
             row[m] = _fmt(v.mean(), v.std(ddof=1) if len(v) > 1 else 0.0, len(v))
+            row["_values"][m] = {int(s): float(x) for s, x in zip(g[g.metric == m]["seed"], v)}
         if metrics:
             same = sub[(sub.row == g["row"].iloc[0]) | (sub.method == TEACHER)]  # this row vs the teacher
-            row[delta_col] = format_delta(
-                delta_vs_teacher(same, method, backbone, metrics[0], evaluation=g["evaluation"].iloc[0])
-            )
+            row["_delta"] = delta_vs_teacher(same, method, backbone, metrics[0], evaluation=g["evaluation"].iloc[0])
+            row[delta_col] = format_delta(row["_delta"])
         rows.append(row)
     for (source, method, backbone), g in ref_t.groupby(["source", "method", "backbone"], sort=True):
         row = {
@@ -229,13 +241,27 @@ def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) 
             "source": source,
             "seeds": "",
             "wall (s)": "",
+            "_published": True,
+            "_row": "",
+            "_ids": [],
+            "_values": {},
+            "_delta": None,
         }
         for m in metrics:
             v = g[g.metric == m]["value"]
             row[m] = f"{float(v.iloc[0]):.4g}" if len(v) else ""
+            if len(v):
+                row["_values"][m] = {None: float(v.iloc[0])}
         rows.append(row)
     rows.sort(key=_row_family)  # published rows beside ours of the same method (mef, mef_official, mef published)
     cols = ["method", "backbone", "recipe"] + metrics + [delta_col, "seeds", "wall (s)", "source"]
+    for row in rows:
+        row["_metrics"] = metrics
+    return cols, rows
+
+
+def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) -> str:
+    cols, rows = task_rows(ours, ref, task, protocol)
     return tabulate([[r.get(c, "") for c in cols] for r in rows], headers=cols, tablefmt="github")
 
 

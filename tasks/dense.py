@@ -335,6 +335,8 @@ class DenseTask:
         for name in CURVE_FILES:  # the curves stay with the run; the checkpoints are no longer needed
             if (pdir / name).exists():
                 shutil.copyfile(pdir / name, workdir / f"probe_{name}")
+        if (pdir / "tensorboard").is_dir():  # TensorBoard events when installed (pip install -e ".[tb]")
+            shutil.copytree(pdir / "tensorboard", workdir / "probe_tensorboard", dirs_exist_ok=True)
         shutil.rmtree(pdir, ignore_errors=True)
         log.info("%s: %s", task["name"], json.dumps({k: round(v, 4) for k, v in metrics.items()}))
         return metrics

@@ -404,7 +404,7 @@ def train_probe(
             **({"samples_per_gpu": spg} if spg else {}),
             **dict(fingerprint or {}),
         },
-        tensorboard=False,
+        tensorboard=tmp is None,  # TensorBoard events (the [tb] extra) beside the curves of a kept workdir
         distributed=world > 1,
     )
     module.train()

