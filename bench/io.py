@@ -51,11 +51,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 # torch's zip writer reports a full disk as a RuntimeError ("unexpected pos 768 vs 662", "file write failed")
 _TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG)
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 def write_failure(e: BaseException) -> str | None:
-    """Why a write failed, when ``e`` is a file system failure (full disk, quota, read-only, ...): the
+    """Why a write failed, when ``e`` is a file system failure (full disk, quota, read-only file system): the
     text to show (e.g. "No space left on device"); None for any other error."""
     if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
         return e.strerror or os.strerror(e.errno)

@@ -188,6 +188,10 @@ def check_dirs(cfg: DictConfig, trains: bool) -> None:
     check_writable(Path(cfg.paths.results_dir) / "runs", "results_dir")
     check_writable(Path(str(cfg.run_dir)).parent, "output_dir")
     check_writable(Path(cfg.paths.cache_dir) / ("backbones" if trains else "probes"), "cache_dir")
+    node = to_container(cfg.task.get("dataset") or {}) if "task" in cfg else {}
+    if isinstance(node, dict) and node.get("name") == "synthetic" and node.get("root"):
+        if not (Path(str(node["root"])) / "meta.json").is_file():  # generated on first use: written here
+            check_writable(Path(str(node["root"])), "data_dir")
 
 
 def _existing(path: Path) -> Path:
@@ -269,6 +273,33 @@ def check_inputs(cfg: DictConfig) -> None:
         )
     for ref in dict.fromkeys(refs):
         check_hub_file(*parse_hf_path(ref))
+
+
+def check_method_checkpoints(cfg: DictConfig) -> None:
+    """The local checkpoint files a method reads: ``method.checkpoint`` (the official methods' replacement of
+    the released file) and Splat-and-Distill's ``method.reconstructor.checkpoint`` (learned / mvsplat)."""
+    m = to_container(cfg.method) if "method" in cfg else {}
+    rec = m.get("reconstructor") if isinstance(m.get("reconstructor"), dict) else {}
+    wanted = [("method.checkpoint", m.get("checkpoint"), "pass an existing file or hf://org/repo/file, or null")]
+    if rec.get("name") == "learned":
+        path = rec.get("checkpoint")
+        wanted.append(
+            (
+                "method.reconstructor.checkpoint",
+                path,
+                f"pretrain it: `python -m bench pretrain-reconstructor --out {path}`",
+            )
+        )
+    elif rec.get("name") == "mvsplat":
+        fix = (
+            "download MVSplat's re10k.ckpt (github donydchen/mvsplat, README) and pass method.reconstructor.checkpoint="
+        )
+        if not rec.get("checkpoint"):
+            raise CheckpointError("method.reconstructor.name=mvsplat needs an MVSplat checkpoint", fix + "<file>")
+        wanted.append(("method.reconstructor.checkpoint", rec.get("checkpoint"), fix + "<that file>"))
+    for key, path, fix in wanted:
+        if isinstance(path, str) and path and not path.startswith("hf://") and not Path(path).expanduser().is_file():
+            raise CheckpointError(f"{key} file not found: {path} (no such file)", fix)
 
 
 def _sizes(v: Any) -> Iterable[int]:
@@ -425,7 +456,7 @@ def preflight(cfg: DictConfig, method: Any, task: Any, problems: list | None = N
     check_dirs(cfg, trains)
     found: list = []
     checks = [lambda: task.check(cfg)] if hasattr(task, "check") else []  # e.g. the dataset exists
-    checks += [lambda: check_test_images(cfg), lambda: check_inputs(cfg)]  # inputs: may ask the Hub once per file
+    checks += [lambda: check_test_images(cfg), lambda: check_inputs(cfg), lambda: check_method_checkpoints(cfg)]
     for check in checks:
         try:
             check()

@@ -502,12 +502,14 @@ def busy_cells(cache_dir: str | Path) -> Dict[Tuple[str, str], str]:
     for claim in sorted(claims_dir(cache_dir).glob("*.json")):
         try:
             folder = json.loads(claim.read_text())["folder"]
-            live = refresh(Sweep.load(folder))
+            live = Sweep.load(folder)
+            if not live.finished() and live.data["cluster"].get("name") == "slurm":
+                live = refresh(live)  # the scheduler's states (as --status); a local sweep is its driver's
         except (OSError, ValueError, KeyError, TypeError, BenchError):
             claim.unlink(missing_ok=True)  # a torn claim or a deleted sweep folder: nothing runs there
             continue
-        if live.finished():
-            claim.unlink(missing_ok=True)
+        if live.finished() or (live.data["cluster"].get("name") != "slurm" and not _driver_alive(live)):
+            claim.unlink(missing_ok=True)  # over, or its local driver died (its jobs died with it)
             continue
         for c in live.data["cells"]:
             if not c.get("skip"):

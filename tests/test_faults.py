@@ -282,6 +282,15 @@ def _ade(tmp: Path, corrupt_train: int = 0) -> Path:
 def _case_issue27(cid: str, tmp: Path, monkeypatch, p: list, run):
     if cid == "cache-not-writable-frozen":
         return _cli("run", *TOY, *p, f"paths.cache_dir={_read_only_dir(tmp)}")
+    if cid == "data-dir-not-writable":
+        return _cli("run", *TOY, *p, f"paths.data_dir={_read_only_dir(tmp)}")
+    if cid == "reconstructor-checkpoint-missing":
+        return run(
+            "method=splat_distill",
+            "backbone=tiny_vit",
+            "method.reconstructor.name=learned",
+            "method.reconstructor.checkpoint=/nowhere.safetensors",
+        )
     if cid == "disk-space-checkpoints":
         _disk_free(monkeypatch, 1000)
         return _cli("run", *TOY_TRAIN, *p)
