@@ -20,6 +20,15 @@ task (``afterok``); scenes already fitted (cache key) get no task; cells of froz
 job (``afterany`` on all others) rebuilds ``results/leaderboard.md``. ``force=true`` as an override
 also retrains cached backbones (the evaluation jobs then reuse the fresh weights).
 
+Missing prerequisites (data not prepared, weights / checkpoint files, Hub files) of every cell are
+collected: ``--dry-run`` prints the plan and lists them as warnings; a real submission is refused with
+all of them at once (:class:`bench.errors.MissingPrerequisites`).
+
+Two sweeps of one grid: planning and submission hold ``<cache_dir>/sweeps/.plan.lock``, and every
+submitted sweep leaves a claim there (its folder) until it is over; a sweep planned meanwhile skips the
+cells that a live sweep runs (same results directory and fingerprint) and names it. A sweep without
+``cluster.folder`` gets a new timestamped folder (``-1``, ``-2`` ... within one second).
+
 The sweep directory (``cluster.folder``) holds ``sweep.json`` (the plan and every job's state,
 scheduler id and log paths; rewritten atomically on every change) and submitit's logs under
 ``logs/<job id>/``. The driver waits for the jobs and prints each state change; on SLURM,
