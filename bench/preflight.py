@@ -129,7 +129,8 @@ def check_dataset_values(node: Any, key: str) -> None:
     if isinstance(held, bool) or not isinstance(held, (int, float)):
         k = None
     else:
-        k = held if _is_int(held) else round(held * scenes) if 0 < held < 1 else None
+        # a fraction holds out at least one scene (bench.data.synthetic.split_scenes)
+        k = held if _is_int(held) else max(round(held * scenes), 1) if 0 < held < 1 else None
     if k is None or not 1 <= k < scenes:
         where = "to test on" if k is None or k < 1 else "to train on"
         raise BenchError(
