@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -610,3 +611,33 @@ def test_training_split_is_verified_once(tmp_path, monkeypatch):
     with pytest.raises(BenchError, match=r"1 training image\(s\) of dataset 'ade20k' cannot be decoded: .*ADE_2.jpg"):
         preflight.check_test_images(cfg)
     assert len(decoded) == 4  # the training split only: the test split's manifest did not change
+
+
+def test_sweep_started_while_another_plans_waits_then_skips(toys, tmp_path, capsys, monkeypatch):
+    """Two sweeps of one grid started together: the second waits for the planner lock the first holds
+    (flock: also between threads of one process), then finds the first's claim and runs nothing."""
+    import threading
+
+    from bench import sweep
+
+    monkeypatch.chdir(tmp_path)
+    ov = ["method.name=dinov2", "backbone=tiny_vit", "task.name=toy_probe", *paths(tmp_path)]
+    cache, planning = tmp_path / "cache", threading.Event()
+    made = {}
+
+    def first():
+        with sweep.planner_lock(cache):
+            plan = sweep.make_plan(ov, busy=sweep.busy_cells(cache))
+            planning.set()
+            time.sleep(1.0)  # the second sweep starts meanwhile
+            made["sweep"] = sweep.Sweep.create(plan)
+
+    t = threading.Thread(target=first)
+    t.start()
+    planning.wait(60)
+    assert main(["sweep", *ov]) == 0
+    t.join()
+    out, err = capsys.readouterr()
+    assert "another sweep is being planned; waiting for it" in err
+    assert "1 cells, 0 to run" in out and f"running in the live sweep {made['sweep'].folder.absolute()}" in out
+    assert len(list((tmp_path / "outputs" / "sweeps").iterdir())) == 1
