@@ -59,6 +59,31 @@ class ClusterError(BenchError):
     """SLURM / submitit is unavailable or a job failed."""
 
 
+class MissingPrerequisites(BenchError):
+    """Several missing prerequisites (data, weights, checkpoints) found together: the error line counts
+    them, the lines after it give each one with its own fix."""
+
+    def __init__(self, problems: Iterable[BenchError]):
+        self.problems = list(problems)
+        super().__init__(
+            f"{len(self.problems)} prerequisites of this run are missing",
+            "each one is listed below with its fix; run again once all are in place",
+        )
+
+    def line(self) -> str:
+        return super().line() + "".join(f"\n  - {p.line()}" for p in self.problems)
+
+
+def raise_all(problems: Iterable[BenchError]) -> None:
+    """Raise nothing (no problem), the problem itself (one), or :class:`MissingPrerequisites` (several,
+    each listed once)."""
+    unique = list({p.line(): p for p in problems}.values())
+    if len(unique) == 1:
+        raise unique[0]
+    if unique:
+        raise MissingPrerequisites(unique)
+
+
 def choice(key: str, value, choices) -> str:
     """``str(value)`` when it is one of ``choices``; else the one-line error naming ``key`` and the choices."""
     v = str(value)

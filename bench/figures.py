@@ -18,7 +18,14 @@ record points to) and writes PNGs (matplotlib, Agg) to ``results/figures/``:
   records at two or more step counts.
 
 The figures need the trained backbones and probes, which live in the cache / run directories of the
-machine that ran the grid: run ``python -m bench sweep experiment=mini_benchmark ...`` first.
+machine that ran the grid. On another machine (e.g. a fresh clone with the committed records) run the
+same grid into a new results directory first -- a sweep skips every cell that already has a record in
+its results directory -- and draw from that one (:func:`grid_command` prints both commands)::
+
+    python -m bench sweep experiment=mini_benchmark method=dinov2,fit3d,mef,splat_distill \
+        task=synth_corr,synth_depth,synth_normals,synth_seg backbone=efficientnet_lite0 seed=0 cluster=local \
+        paths.results_dir=results_local
+    python -m bench figures --results results_local
 """
 
 from __future__ import annotations
@@ -60,6 +67,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+class NotOnThisMachine(BenchError):
+    """A record's trained backbone or probe lives on the machine that ran its grid, not here."""
+
+
+def grid_command(results: str | Path, recs: Mapping[tuple, Mapping[str, Any]], backbone: str, seed: int) -> str:
+    """The commands that make a record set's backbones and probes on this machine: the same grid (the
+    records' recipe, methods, tasks, backbone and seed) swept into a NEW results directory (a sweep skips
+    every cell whose record already exists in its results directory, so into ``results`` it would run
+    nothing), then the figures of that directory."""
+    results = Path(results)
+    has_records = (results / "runs").is_dir() and any((results / "runs").glob("*.json"))
+    new = results.with_name(results.name + "_local") if has_records else results
+    labels = sorted({str((r.get("identity") or {}).get("label") or "") for r in recs.values()} - {""})
+    recipe = labels[0] if len(labels) == 1 and labels[0] in _experiments() else "mini_benchmark"
+    methods = ",".join(sorted({m for m, _ in recs}) or METHOD_ORDER)
+    tasks = ",".join(sorted({t for _, t in recs}) or ("synth_depth", "synth_normals", "synth_corr", "synth_seg"))
+    return (
+        f"python -m bench sweep experiment={recipe} method={methods} task={tasks} backbone={backbone} "
+        f"seed={seed} cluster=local paths.results_dir={new}, then python -m bench figures --results {new}"
+        + ("" if backbone == "efficientnet_lite0" else f" --backbone {backbone}")
+        + ("" if seed == 0 else f" --seed {seed}")
+    )
+
+
+def _experiments() -> List[str]:
+    from .config import group_options
+
+    return list(group_options("experiment"))
+
+
 # ---------------------------------------------------------------------------------------- helpers
 def pca_rgb(feat: torch.Tensor) -> torch.Tensor:
     """``[C,h,w]`` -> ``[h,w,3]`` in [0,1]: projection on the first three principal components, each
@@ -99,7 +136,7 @@ def backbone_of(rec: Mapping[str, Any]):
     if ck.get("kind") == "trained":
         path = Path(str(ck.get("path", "")))
         if not path.is_file():
-            raise BenchError(
+            raise NotOnThisMachine(
                 f"the trained backbone of record {rec['id']} is not on this machine ({path})",
                 "run the grid first (python -m bench sweep experiment=mini_benchmark ...), which trains and caches it",
             )
@@ -145,7 +182,7 @@ def probe_prediction(rec: Mapping[str, Any], backbone, image: torch.Tensor) -> t
     task = OmegaConf.to_container(cfg.task, resolve=True)
     path = Path(str(rec.get("run_dir", ""))) / "task" / "probe.safetensors"
     if not path.is_file():
-        raise BenchError(
+        raise NotOnThisMachine(
             f"the probe of record {rec['id']} is not on this machine ({path})",
             "run the grid first (python -m bench sweep experiment=mini_benchmark ...)",
         )
@@ -373,18 +410,23 @@ def make_figures(
     if not recs:
         raise BenchError(
             f"no records of backbone {backbone} seed {seed} in {results}/runs",
-            "run the grid first: python -m bench sweep experiment=mini_benchmark ...",
+            f"run the grid first: {grid_command(results, {}, backbone, seed)}",
         )
-    backbones: Dict[str, Any] = {}
-    for m in sorted({m for m, _ in recs}):
-        rec = next(r for (mm, _), r in sorted(recs.items()) if mm == m)
-        backbones[m] = backbone_of(rec)
-    paths = [
-        figure_pca(recs, backbones, out, view),
-        figure_depth_normals(recs, backbones, out, view),
-        figure_correspondence(recs, backbones, out, pair, px, lines),
-        dose,
-    ]
+    try:
+        backbones: Dict[str, Any] = {}
+        for m in sorted({m for m, _ in recs}):
+            rec = next(r for (mm, _), r in sorted(recs.items()) if mm == m)
+            backbones[m] = backbone_of(rec)
+        paths = [
+            figure_pca(recs, backbones, out, view),
+            figure_depth_normals(recs, backbones, out, view),
+            figure_correspondence(recs, backbones, out, pair, px, lines),
+            dose,
+        ]
+    except NotOnThisMachine as e:  # the records came from another machine (e.g. the committed grid)
+        raise BenchError(
+            e.problem, f"make them here by running the same grid: {grid_command(results, recs, backbone, seed)}"
+        ) from None
     return [p for p in paths if p is not None]
 
 

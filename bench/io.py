@@ -6,6 +6,7 @@ A crash mid-write leaves either the old file or the new one, never a torn one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -46,6 +47,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# torch's zip writer reports a full disk as a RuntimeError ("unexpected pos 768 vs 662", "file write failed")
+_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+def write_failure(e: BaseException) -> str | None:
+    """Why a write failed, when ``e`` is a file system failure (full disk, quota, read-only file system): the
+    text to show (e.g. "No space left on device"); None for any other error."""
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+        return e.strerror or os.strerror(e.errno)
+    if isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILURES):
+        return f"the file could not be written completely, most likely a full disk ({str(e).splitlines()[0]})"
+    return None
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -10,11 +10,12 @@ cell starts and ``bench sweep`` for every cell before it submits anything. Every
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Tuple
+from typing import Any, Iterable, Iterator, Mapping, Tuple
 
 from omegaconf import DictConfig
 
@@ -24,7 +25,8 @@ from .errors import BenchError, CheckpointError
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # method keys that set how long/how much a method trains: must be positive integers
 LENGTH_KEYS = ("steps", "iterations", "epochs", "batch_size")
-SCHEDULE_KEYS = ("epochs", "iters", "batch_size")
+SCHEDULE_KEYS = ("epochs", "iters", "batch_size", "lr")
+SEED_MAX = 2**32 - 1  # numpy's seed range (seed_everything seeds numpy, python and torch with it)
 ENV_OF = {
     "results_dir": "BENCH_RESULTS",
     "output_dir": "BENCH_OUTPUTS",
@@ -52,6 +54,8 @@ def validate(cfg: DictConfig, trains: bool | None = None) -> None:
     seed = cfg.get("seed")
     if not _is_int(seed):
         raise BenchError(f"seed must be an integer, got {seed!r}", "pass seed=<integer>, e.g. seed=0")
+    if not 0 <= seed <= SEED_MAX:
+        raise BenchError(f"seed={seed} is outside 0..{SEED_MAX} (2**32-1)", "pass a seed in that range, e.g. seed=0")
     device = str(cfg.get("device", "auto"))
     if not DEVICE_RE.match(device):
         raise BenchError(f"unknown device '{device}'", "use device=auto, device=cpu, device=cuda or device=cuda:N")
@@ -90,6 +94,64 @@ def validate(cfg: DictConfig, trains: bool | None = None) -> None:
                 f"task.protocols.{proto}.schedule.{k}={v!r} cannot train a probe",
                 f"pass task.protocols.{proto}.schedule.{k}=<number > 0>",
             )
+    if "task" in cfg:
+        check_dataset_values(to_container(cfg.task.get("dataset") or {}), "task.dataset")
+    method_data = to_container(cfg.method.get("data") or {}) if "method" in cfg else {}
+    if isinstance(method_data, dict) and method_data.get("dataset") == "synthetic":
+        check_synthetic_memory(method_data, "method.data")
+
+
+def check_dataset_values(node: Any, key: str) -> None:
+    """``limit`` (a positive count), and for a generated synthetic set ``scenes``/``views``/``held_out``
+    (at least one scene in each split: a held_out of 0 leaves no test split, one of ``scenes`` or more
+    would be clamped silently) and the memory its rendering needs."""
+    if not isinstance(node, dict):
+        return
+    limit = node.get("limit")
+    if limit is not None and (not _is_int(limit) or limit < 1):
+        raise BenchError(
+            f"{key}.limit={limit!r}: a split limited to fewer than 1 sample has nothing to train or test on",
+            f"pass {key}.limit=<integer >= 1>, or {key}.limit=null for the whole split",
+        )
+    if node.get("name") != "synthetic":
+        return
+    if node.get("eval_scenes") == "all":  # a training-free task evaluating every scene: no split
+        return check_synthetic_memory(node, key)
+    scenes, views = node.get("scenes", 8), node.get("views", 24)
+    for k, v, low in (("scenes", scenes, 2), ("views", views, 1)):
+        if not _is_int(v) or v < low:
+            raise BenchError(
+                f"{key}.{k}={v!r}: a synthetic set needs at least {low} {k}"
+                + (" (one to train the probe on, one held out to test it)" if k == "scenes" else ""),
+                f"pass {key}.{k}=<integer >= {low}>",
+            )
+    held = node.get("held_out", 0.25)
+    if isinstance(held, bool) or not isinstance(held, (int, float)):
+        k = None
+    else:
+        # a fraction holds out at least one scene (bench.data.synthetic.split_scenes)
+        k = held if _is_int(held) else max(round(held * scenes), 1) if 0 < held < 1 else None
+    if k is None or not 1 <= k < scenes:
+        where = "to test on" if k is None or k < 1 else "to train on"
+        raise BenchError(
+            f"{key}.held_out={held!r} with {key}.scenes={scenes} leaves no scene {where}",
+            f"pass {key}.held_out=<integer 1..{scenes - 1}> (the test scenes) or a fraction in (0, 1)",
+        )
+    check_synthetic_memory(node, key)
+
+
+def check_synthetic_memory(node: Mapping[str, Any], key: str) -> None:
+    """Refuse a synthetic image size whose rendering cannot fit in the available memory (the estimate of
+    :func:`bench.data.synthetic.writer.render_memory`), before any file of the set is written."""
+    from .data.synthetic.writer import check_memory, default_workers
+
+    size = node.get("size", [128, 128])
+    hw = [size, size] if _is_int(size) else list(size) if isinstance(size, (list, tuple)) else None
+    if not hw or len(hw) != 2 or not all(_is_int(v) and v > 0 for v in hw):
+        return
+    scenes, views = max(int(node.get("scenes", 8) or 1), 1), int(node.get("views", 24) or 1)
+    workers = max(1, min(int(node.get("workers") or default_workers(scenes, views, hw)), scenes))
+    check_memory(hw, int(node.get("supersample", 2) or 1), workers, f"{key}.size")
 
 
 def check_writable(path: str | os.PathLike, what: str) -> None:
@@ -118,14 +180,43 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
 
 
 def check_dirs(cfg: DictConfig, trains: bool) -> None:
+    """Every directory a cell writes: results, its run directory, and the cache (every cell: the probes'
+    checkpoints and lock files and the feature cache live there, and trained backbones)."""
     from .distributed import is_main
 
     if not is_main():  # ranks > 0 of a multi-rank run write nothing (and test nothing by writing)
         return
     check_writable(Path(cfg.paths.results_dir) / "runs", "results_dir")
     check_writable(Path(str(cfg.run_dir)).parent, "output_dir")
-    if trains:
-        check_writable(Path(cfg.paths.cache_dir) / "backbones", "cache_dir")
+    check_writable(Path(cfg.paths.cache_dir) / ("backbones" if trains else "probes"), "cache_dir")
+    node = to_container(cfg.task.get("dataset") or {}) if "task" in cfg else {}
+    if isinstance(node, dict) and node.get("name") == "synthetic" and node.get("root"):
+        if not (Path(str(node["root"])) / "meta.json").is_file():  # generated on first use: written here
+            check_writable(Path(str(node["root"])), "data_dir")
+
+
+def _existing(path: Path) -> Path:
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def size_text(n: float) -> str:
+    """Bytes as a short human text (GiB / MiB / KiB)."""
+    for unit, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= k:
+            return f"{n / k:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def check_space(path: str | os.PathLike, need: int, what: str, fix: str) -> None:
+    """Refuse when the file system of ``path`` has less than ``need`` bytes free (``shutil.disk_usage``)."""
+    import shutil
+
+    free = shutil.disk_usage(_existing(Path(path))).free
+    if need > free:
+        raise BenchError(f"{what} needs about {size_text(need)} in {path}, {size_text(free)} is free there", fix)
 
 
 def check_hub_file(repo: str, filename: str, revision: str | None = None) -> None:
@@ -185,6 +276,33 @@ def check_inputs(cfg: DictConfig) -> None:
         check_hub_file(*parse_hf_path(ref))
 
 
+def check_method_checkpoints(cfg: DictConfig) -> None:
+    """The local checkpoint files a method reads: ``method.checkpoint`` (the official methods' replacement of
+    the released file) and Splat-and-Distill's ``method.reconstructor.checkpoint`` (learned / mvsplat)."""
+    m = to_container(cfg.method) if "method" in cfg else {}
+    rec = m.get("reconstructor") if isinstance(m.get("reconstructor"), dict) else {}
+    wanted = [("method.checkpoint", m.get("checkpoint"), "pass an existing file or hf://org/repo/file, or null")]
+    if rec.get("name") == "learned":
+        path = rec.get("checkpoint")
+        wanted.append(
+            (
+                "method.reconstructor.checkpoint",
+                path,
+                f"pretrain it: `python -m bench pretrain-reconstructor --out {path}`",
+            )
+        )
+    elif rec.get("name") == "mvsplat":
+        fix = (
+            "download MVSplat's re10k.ckpt (github donydchen/mvsplat, README) and pass method.reconstructor.checkpoint="
+        )
+        if not rec.get("checkpoint"):
+            raise CheckpointError("method.reconstructor.name=mvsplat needs an MVSplat checkpoint", fix + "<file>")
+        wanted.append(("method.reconstructor.checkpoint", rec.get("checkpoint"), fix + "<that file>"))
+    for key, path, fix in wanted:
+        if isinstance(path, str) and path and not path.startswith("hf://") and not Path(path).expanduser().is_file():
+            raise CheckpointError(f"{key} file not found: {path} (no such file)", fix)
+
+
 def _sizes(v: Any) -> Iterable[int]:
     if _is_int(v):
         return [v]
@@ -212,56 +330,140 @@ def check_image_size(cfg: DictConfig, stride: int) -> None:
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _VERIFIED: set = set()
+SPLIT_WORDS = {"train": "training", "test": "test"}
 
 
-def check_test_images(cfg: DictConfig) -> None:
-    """Decode every image of the task's test split (real datasets read by a file reader): a corrupt
-    image fails the cell now, not after the whole probe training. All bad files are counted."""
-    node = to_container(cfg.task.get("dataset") or {}) if "task" in cfg else {}
-    name = node.get("name") if isinstance(node, dict) else None
-    if not name or name in ("synthetic", "scannetpp") or not cfg.get("verify_test_images", True):
-        return
+def decode_check(path: Path) -> str | None:
+    """None if the image at ``path`` decodes to its end, else why not. JPEGs are decoded in draft mode
+    (DCT-scaled to 1/8: every byte of the entropy stream is still read, so a truncated or corrupt file
+    fails) -- several times faster than a full decode; other formats are decoded fully."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft("RGB", (max(img.width // 8, 1), max(img.height // 8, 1)))
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _split_images(node: Mapping[str, Any], split: str) -> list:
+    """The image files (``IMAGE_SUFFIXES``) of one split of a file-reader dataset, [] for other readers."""
     from torch.utils.data import Subset
 
-    from .config import stable_hash
-    from .data.layout import verify_image
     from tasks.data import open_split
 
-    key = stable_hash(node)
-    if key in _VERIFIED:  # a sweep's cells share their task's test split: decode it once per process
-        return
-    ds = open_split(node, "test")
+    ds = open_split(node, split)
     idx = None
     while isinstance(ds, Subset):
         idx, ds = list(ds.indices), ds.dataset
     items = getattr(ds, "items", None)
     if items is None or not hasattr(type(ds), "item_files"):
-        return
+        return []
+    files = (p for i in (idx if idx is not None else range(len(items))) for p in type(ds).item_files(items[i]))
+    return list(dict.fromkeys(Path(p) for p in files if Path(p).suffix.lower() in IMAGE_SUFFIXES))
+
+
+def _manifest(files: list, root: Path) -> str:
+    """Content manifest of a split: hash of each file's path (relative to the root), size and mtime."""
+    from .config import stable_hash
+
+    rows = []
+    for f in files:
+        try:
+            st = f.stat()
+            rows.append([os.path.relpath(f, root), st.st_size, st.st_mtime_ns])
+        except OSError:
+            rows.append([os.path.relpath(f, root), -1, -1])
+    return stable_hash(rows, 16)
+
+
+def verify_images(files: list, desc: str) -> list:
+    """``[(path, why), ...]`` of the ``files`` that do not decode: a small thread pool (PIL decodes
+    outside the GIL) sized from ``os.cpu_count()``, with progress (:mod:`bench.progress`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .progress import progress
+
     bad = []
-    for i in idx if idx is not None else range(len(items)):
-        for p in type(ds).item_files(items[i]):
-            if Path(p).suffix.lower() in IMAGE_SUFFIXES:
-                why = verify_image(Path(p))
+    workers = max(1, min(8, (os.cpu_count() or 1)))
+    bar = progress(total=len(files), desc=desc, unit="img", enable=len(files) > 200)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            for f, why in zip(files, pool.map(decode_check, files, chunksize=16)):
                 if why:
-                    bad.append(str(p))
-    if bad:
-        from .errors import DataMissingError
-
-        shown = ", ".join(bad[:3]) + (f", ... ({len(bad) - 3} more)" if len(bad) > 3 else "")
-        raise DataMissingError(
-            f"{len(bad)} test image(s) of dataset '{name}' cannot be decoded: {shown}",
-            f"replace them (`python -m bench data {name} --root {node.get('root')} --deep "
-            "--verify` lists every bad file), or skip this check with verify_test_images=false",
-        )
-    _VERIFIED.add(key)
+                    bad.append((f, why))
+                bar.update(1)
+    finally:
+        bar.close()
+    return bad
 
 
-def preflight(cfg: DictConfig, method: Any, task: Any) -> None:
-    """Everything that can be checked before work, in the order a user would fix it."""
+def check_test_images(cfg: DictConfig) -> None:
+    """Decode every image of the task's training and test splits (real datasets read by a file reader): a
+    corrupt image fails the cell now, not when the probe reaches it hours later. All bad files are
+    counted. A split that decoded cleanly is remembered under ``<cache_dir>/verified/`` by its content
+    manifest (relative paths, sizes, mtimes), so each dataset is decoded once, not once per cell."""
+    node = to_container(cfg.task.get("dataset") or {}) if "task" in cfg else {}
+    name = node.get("name") if isinstance(node, dict) else None
+    if not name or name in ("synthetic", "scannetpp") or not cfg.get("verify_test_images", True):
+        return
+    from .config import stable_hash
+    from .errors import DataMissingError, raise_all
+    from .io import write_json
+
+    found = []
+    for split in [s for s in ("train", "test") if s == "test" or s in (node.get("splits") or {})]:
+        key = stable_hash([node, split])
+        if key in _VERIFIED:  # a sweep's cells share their task's splits: decode once per process
+            continue
+        files = _split_images(node, split)
+        if not files:
+            _VERIFIED.add(key)
+            continue
+        root = Path(str(node.get("root")))
+        stamp = Path(cfg.paths.cache_dir) / "verified" / f"{name}-{split}-{_manifest(files, root)}.json"
+        if stamp.is_file():
+            _VERIFIED.add(key)
+            continue
+        bad = verify_images(files, f"verify {name} {split} images")
+        if bad:
+            shown = ", ".join(str(f) for f, _ in bad[:3]) + (f", ... ({len(bad) - 3} more)" if len(bad) > 3 else "")
+            found.append(
+                DataMissingError(
+                    f"{len(bad)} {SPLIT_WORDS[split]} image(s) of dataset '{name}' cannot be decoded: {shown}",
+                    f"replace them (`python -m bench data {name} --root {node.get('root')} --deep "
+                    "--verify` lists every bad file), or skip this check with verify_test_images=false",
+                )
+            )
+            continue
+        with contextlib.suppress(OSError):  # a cache that cannot be written only costs a re-check
+            write_json(stamp, {"dataset": name, "split": split, "root": str(root), "images": len(files)})
+        _VERIFIED.add(key)
+    raise_all(found)
+
+
+def preflight(cfg: DictConfig, method: Any, task: Any, problems: list | None = None) -> None:
+    """Everything that can be checked before work, in the order a user would fix it. A bad value or an
+    unusable directory is raised at once; the missing prerequisites (data not prepared, corrupt test images,
+    weights files, Hub files) are all looked for: appended to ``problems`` when given, else raised
+    together (:func:`bench.errors.raise_all`)."""
+    from .errors import DataMissingError, HubError, raise_all
+
     trains = bool(getattr(method, "trains", False))
     validate(cfg, trains)
     check_dirs(cfg, trains)
-    if hasattr(task, "check"):
-        task.check(cfg)  # e.g. the dataset exists: fail before training, not after (local: before the Hub)
-    check_test_images(cfg)
-    check_inputs(cfg)  # weights files and Hub refs (may ask the Hub once per file)
+    found: list = []
+    checks = [lambda: task.check(cfg)] if hasattr(task, "check") else []  # e.g. the dataset exists
+    checks += [lambda: check_test_images(cfg), lambda: check_inputs(cfg), lambda: check_method_checkpoints(cfg)]
+    for check in checks:
+        try:
+            check()
+        except (DataMissingError, CheckpointError, HubError) as e:
+            found.append(e)
+    if problems is not None:
+        problems.extend(found)
+    else:
+        raise_all(found)

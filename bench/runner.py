@@ -38,8 +38,8 @@ from . import records
 from .config import backbone_cache_key, to_container
 from .errors import BenchError, CheckpointError
 from .identity import cell_identity
-from .io import write_json, write_text
-from .preflight import check_image_size, preflight
+from .io import write_failure, write_json, write_text
+from .preflight import check_image_size, check_space, preflight
 from .method_variants import apply_per_task
 from .records import train_diagnostics
 from .registry import METHODS, TASKS
@@ -51,6 +51,9 @@ MODEL_FILE = "model.safetensors"
 SEGMENTS_FILE = "segments.json"
 LOG_FILE = "run.log"
 ERROR_FILE = "error.txt"
+# float32 copies of the parameters a training run writes: model.safetensors, and the last 2 training
+# checkpoints (bench.train.Checkpointer keep_last=2) of the weights and Adam's two moments each
+CKPT_COPIES = 1 + 2 * 3
 
 
 def resolve_device(cfg: DictConfig) -> str:
@@ -119,12 +122,31 @@ def obtain_backbone(cfg: DictConfig, run_dir: Path | None = None) -> Tuple[Any, 
 
         segments: List[Dict[str, Any]] = []
         if dist.is_main():  # several ranks train together; rank 0 alone writes
+            n = sum(p.numel() for p in backbone.parameters())
+            check_space(
+                workdir,
+                n * 4 * CKPT_COPIES,
+                f"training {cfg.method.name} ({n:,} parameters: model.safetensors and the last 2 checkpoints "
+                "with optimizer state)",
+                "free space there, or point BENCH_CACHE (paths.cache_dir) at a file system with room",
+            )
             workdir.mkdir(parents=True, exist_ok=True)
             write_text(workdir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             segments = _start_segment(workdir, fresh=bool(cfg.get("force", False)))
         backbone = method.fit(backbone, cfg, workdir)
         if dist.is_main():
-            save_backbone(backbone, model_path)
+            try:
+                save_backbone(backbone, model_path)
+            except (OSError, RuntimeError) as e:
+                why = write_failure(e)
+                if why is None:
+                    raise
+                raise BenchError(
+                    f"the trained backbone could not be saved to {model_path} ({why}); the training "
+                    f"checkpoints are kept in {workdir}",
+                    f"free space (or make {workdir} writable), then run the same command again: it resumes "
+                    "from the last checkpoint and saves the backbone",
+                ) from None
             segments[-1]["end"] = time.time()
             write_json(workdir / SEGMENTS_FILE, segments)
             write_json(
@@ -301,7 +323,8 @@ def run_log(run_dir: Path) -> Iterator[None]:
     except BaseException as e:
         line = e.line() if isinstance(e, BenchError) else f"{type(e).__name__}: {e}"
         log.error("run failed: %s", line)
-        write_text(run_dir / ERROR_FILE, f"{line}\n\n{traceback.format_exc()}")
+        with contextlib.suppress(OSError):  # a full disk must not hide the error itself
+            write_text(run_dir / ERROR_FILE, f"{line}\n\n{traceback.format_exc()}")
         raise
     finally:
         root.removeHandler(handler)
@@ -349,7 +372,19 @@ def run_cell(cfg: DictConfig) -> Dict[str, Any] | None:
             identity["label"],
             identity["cell"],
         )
-        return _run_cell(cfg, method, task, identity, device, run_dir, t_start)
+        try:
+            return _run_cell(cfg, method, task, identity, device, run_dir, t_start)
+        except (OSError, RuntimeError) as e:
+            why = write_failure(e)
+            if why is None:
+                raise
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            raise BenchError(
+                f"a write failed during the run: {why}{where}; what the run produced is kept: its run directory "
+                f"{run_dir}, and the trained backbones, feature cache and probe checkpoints under {cfg.paths.cache_dir}",
+                "free space (or make the directory writable), then run the same command again: it resumes from "
+                "what is kept",
+            ) from None
 
 
 def _eval_backbone(cfg: DictConfig, backbone, device: str):

@@ -20,6 +20,15 @@ task (``afterok``); scenes already fitted (cache key) get no task; cells of froz
 job (``afterany`` on all others) rebuilds ``results/leaderboard.md``. ``force=true`` as an override
 also retrains cached backbones (the evaluation jobs then reuse the fresh weights).
 
+Missing prerequisites (data not prepared, weights / checkpoint files, Hub files) of every cell are
+collected: ``--dry-run`` prints the plan and lists them as warnings; a real submission is refused with
+all of them at once (:class:`bench.errors.MissingPrerequisites`).
+
+Two sweeps of one grid: planning and submission hold ``<cache_dir>/sweeps/.plan.lock``, and every
+submitted sweep leaves a claim there (its folder) until it is over; a sweep planned meanwhile skips the
+cells that a live sweep runs (same results directory and fingerprint) and names it. A sweep without
+``cluster.folder`` gets a new timestamped folder (``-1``, ``-2`` ... within one second).
+
 The sweep directory (``cluster.folder``) holds ``sweep.json`` (the plan and every job's state,
 scheduler id and log paths; rewritten atomically on every change) and submitit's logs under
 ``logs/<job id>/``. The driver waits for the jobs and prints each state change; on SLURM,
@@ -29,7 +38,9 @@ scheduler id and log paths; rewritten atomically on every change) and submitit's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import fcntl
 import inspect
 import itertools
 import os
@@ -38,13 +49,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from tabulate import tabulate
 
 from .cluster import TERMINAL, EvalJob, JobRecord, PrepareJob, TableJob, TrainJob, make_backend, require_slurm
 from .config import compose, stable_hash, to_container
-from .errors import BenchError
+from .errors import BenchError, DataMissingError, raise_all
 from .io import write_json
 
 STATE_FILE = "sweep.json"
@@ -94,6 +105,7 @@ class Cell:
     results_dir: str
     skip: bool  # a record with this cell's fingerprint exists (and no --force)
     fingerprint: str = ""  # identity.cell of its records
+    running_in: str = ""  # the folder of another live sweep that runs this cell (then skip is true)
 
 
 @dataclass
@@ -105,6 +117,9 @@ class Plan:
     folder: str
     plugins: List[Tuple[str, str]] = field(default_factory=list)
     job_overrides: Dict[str, List[str]] = field(default_factory=dict)
+    folder_given: bool = False  # cluster.folder was set (else a new folder under <output_dir>/sweeps)
+    problems: List[BenchError] = field(default_factory=list)  # missing prerequisites (collect=True)
+    cache_dir: str = ""  # where the live sweeps' claims are kept (the first cell's paths.cache_dir)
 
     @property
     def results_dirs(self) -> List[str]:
@@ -136,8 +151,16 @@ def _plugins(cfgs) -> List[Tuple[str, str]]:
     return sorted(out.items())
 
 
-def make_plan(overrides: Sequence[str], force: bool = False) -> Plan:
-    """Expand ``overrides`` into cells and the jobs that run them (see the module docstring)."""
+def make_plan(
+    overrides: Sequence[str],
+    force: bool = False,
+    busy: Optional[Mapping[Tuple[str, str], str]] = None,
+    collect: bool = False,
+) -> Plan:
+    """Expand ``overrides`` into cells and the jobs that run them (see the module docstring). ``busy``:
+    (results dir, fingerprint) -> folder of a live sweep that runs that cell (:func:`busy_cells`); such
+    cells are skipped. ``collect``: missing prerequisites of every cell are gathered in ``plan.problems``
+    instead of raised (a dry run shows them as warnings)."""
     from .identity import cell_identity
     from .preflight import preflight
     from .records import is_legacy, load_records, runs_dir
@@ -151,10 +174,11 @@ def make_plan(overrides: Sequence[str], force: bool = False) -> Plan:
     done: Dict[str, set] = {}  # results dir -> fingerprints of its records
     cells, ids = [], set()
     cfg_of: Dict[str, Any] = {}
+    problems: List[BenchError] = []
     for point, cfg in zip(grid, cfgs):
         method = METHODS.get(cfg.method.name)
         trains = bool(getattr(method, "trains", False))
-        preflight(cfg, method(), TASKS.get(cfg.task.name)())  # every cell, before anything is submitted
+        preflight(cfg, method(), TASKS.get(cfg.task.name)(), problems)  # every cell, before anything is submitted
         rdir = str(cfg.paths.results_dir)
         if rdir not in done:
             done[rdir] = (
@@ -163,6 +187,7 @@ def make_plan(overrides: Sequence[str], force: bool = False) -> Plan:
                 else set()
             )
         fingerprint = cell_identity(cfg)["cell"]
+        running_in = (busy or {}).get((rdir, fingerprint), "")
         cid = f"{cfg.method.name}-{cfg.backbone.name}-{cfg.task.name}-s{int(cfg.seed)}"
         extra = sorted(ov for ov in point if _key(ov) in varying)
         if extra or cid in ids:
@@ -182,10 +207,13 @@ def make_plan(overrides: Sequence[str], force: bool = False) -> Plan:
                 cache_key=key,
                 cached=trains and (backbone_dir(cfg) / MODEL_FILE).exists(),
                 results_dir=rdir,
-                skip=not (force or retrain) and fingerprint in done[rdir],
+                skip=bool(running_in) or (not (force or retrain) and fingerprint in done[rdir]),
                 fingerprint=fingerprint,
+                running_in=running_in,
             )
         )
+    if not collect:
+        raise_all(problems)  # every missing prerequisite of the grid at once, before anything is submitted
 
     jobs: Dict[str, JobRecord] = {}
     job_overrides: Dict[str, List[str]] = {}
@@ -195,7 +223,11 @@ def make_plan(overrides: Sequence[str], force: bool = False) -> Plan:
         if group[0].cached and not retrain:
             continue
         name = f"train:{key}"
-        prep = _prepare_jobs(cfg_of[group[0].id], key, group)
+        try:
+            prep = _prepare_jobs(cfg_of[group[0].id], key, group)
+        except DataMissingError as e:  # only with collect: the method's training data is missing
+            problems.append(e)
+            prep = []
         for rec in prep:
             jobs[rec.name] = rec
             job_overrides[rec.name] = group[0].overrides
@@ -226,6 +258,9 @@ def make_plan(overrides: Sequence[str], force: bool = False) -> Plan:
         ),
         plugins=_plugins(cfgs),
         job_overrides=job_overrides,
+        folder_given=any(_key(ov) == "cluster.folder" for ov in overrides),  # else the config's timestamped one
+        problems=list({p.line(): p for p in problems}.values()),
+        cache_dir=str(base.paths.cache_dir),
     )
 
 
@@ -271,13 +306,24 @@ def plan_table(plan: Plan) -> str:
         rows.append([j.name, j.kind, j.array, after, what])
     n_skip = sum(c.skip for c in plan.cells)
     out = [
-        f"sweep: {len(plan.cells)} cells, {len(plan.cells) - n_skip} to run, {n_skip} skipped (record exists); "
+        f"sweep: {len(plan.cells)} cells, {len(plan.cells) - n_skip} to run, {n_skip} skipped (record exists"
+        + (" or running in another sweep" if any(c.running_in for c in plan.cells) else "")
+        + "); "
         f"{len(plan.jobs)} jobs on cluster={plan.cluster.get('name')}; folder {plan.folder}"
     ]
     if rows:
         out.append(tabulate(rows, headers=["job", "kind", "array", "depends on", "cells"], tablefmt="github"))
-    if n_skip:
-        out.append("skipped (use --force to re-run): " + ", ".join(c.id for c in plan.cells if c.skip))
+    running = [c for c in plan.cells if c.running_in]
+    for folder in dict.fromkeys(c.running_in for c in running):
+        out.append(
+            f"skipped, running in the live sweep {folder}: "
+            + ", ".join(c.id for c in running if c.running_in == folder)
+            + f" (follow it: python -m bench sweep --status {folder})"
+        )
+    if n_skip > len(running):
+        out.append(
+            "skipped (use --force to re-run): " + ", ".join(c.id for c in plan.cells if c.skip and not c.running_in)
+        )
         out.append(
             "(a skipped cell has a record of the same configuration and seed; paths.results_dir=<new dir> "
             "reproduces the grid into a separate results directory)"
@@ -300,9 +346,25 @@ class Sweep:
     @classmethod
     def create(cls, plan: Plan) -> "Sweep":
         folder = Path(plan.folder)
-        if (folder / STATE_FILE).exists():
-            raise BenchError(f"{folder} already holds a sweep", "pick a new cluster.folder (or omit it)")
-        folder.mkdir(parents=True, exist_ok=True)
+        if plan.folder_given:
+            if (folder / STATE_FILE).exists():
+                raise BenchError(
+                    f"cluster.folder={folder} already holds a sweep",
+                    "pass a new cluster.folder, or leave cluster.folder unset: each sweep then gets a new folder "
+                    "under <output_dir>/sweeps",
+                )
+            folder.mkdir(parents=True, exist_ok=True)
+        else:  # the default, named by the second it was planned: two sweeps of one second get -1, -2, ...
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            base, i = folder, 0
+            while True:
+                try:
+                    folder.mkdir()
+                    break
+                except FileExistsError:
+                    i += 1
+                    folder = base.with_name(f"{base.name}-{i}")
+            plan.folder = str(folder)
         data = {
             "schema": SCHEMA,
             "created": _now(),
@@ -318,7 +380,17 @@ class Sweep:
         }
         sweep = cls(folder, data)
         sweep.save()
+        if plan.cache_dir:  # other sweeps planned from now on skip the cells this one runs
+            claim = claims_dir(plan.cache_dir) / f"{stable_hash(str(folder.absolute()), 12)}.json"
+            write_json(claim, {"folder": str(folder.absolute())})
+            sweep.data["claim"] = str(claim)
+            sweep.save()
         return sweep
+
+    def release(self) -> None:
+        """Drop this sweep's claim on its cells (it has finished)."""
+        if self.data.get("claim"):
+            Path(self.data["claim"]).unlink(missing_ok=True)
 
     @classmethod
     def load(cls, folder: str | Path) -> "Sweep":
@@ -406,22 +478,82 @@ def latest_sweep(overrides: Sequence[str]) -> Path:
     return found[-1].parent
 
 
+# --------------------------------------------------------------------------------------- live sweeps
+def claims_dir(cache_dir: str | Path) -> Path:
+    """``<cache_dir>/sweeps/``: one claim file per live sweep (its folder) and the planner's lock."""
+    return Path(cache_dir) / "sweeps"
+
+
+@contextlib.contextmanager
+def planner_lock(cache_dir: str | Path):
+    """One sweep plans (and writes its claim) at a time: a second sweep started meanwhile waits for the
+    first to be planned and submitted, then skips the cells the first one runs."""
+    d = claims_dir(cache_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / ".plan.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("another sweep is being planned; waiting for it", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def busy_cells(cache_dir: str | Path) -> Dict[Tuple[str, str], str]:
+    """(results dir, fingerprint) -> folder, for every cell that a live sweep (claim under
+    :func:`claims_dir`, not finished) runs. Claims of finished or vanished sweeps are removed."""
+    import json
+
+    out: Dict[Tuple[str, str], str] = {}
+    for claim in sorted(claims_dir(cache_dir).glob("*.json")):
+        try:
+            folder = json.loads(claim.read_text())["folder"]
+            live = Sweep.load(folder)
+            if not live.finished() and live.data["cluster"].get("name") == "slurm":
+                live = refresh(live)  # the scheduler's states (as --status); a local sweep is its driver's
+        except (OSError, ValueError, KeyError, TypeError, BenchError):
+            claim.unlink(missing_ok=True)  # a torn claim or a deleted sweep folder: nothing runs there
+            continue
+        if live.finished() or (live.data["cluster"].get("name") != "slurm" and not _driver_alive(live)):
+            claim.unlink(missing_ok=True)  # over, or its local driver died (its jobs died with it)
+            continue
+        for c in live.data["cells"]:
+            if not c.get("skip"):
+                out[(str(c["results_dir"]), str(c.get("fingerprint", "")))] = str(folder)
+    return out
+
+
 # --------------------------------------------------------------------------------------- running
-def run(plan: Plan, wait: bool = True, poll_s: Optional[float] = None, echo=print) -> Optional[Sweep]:
+def run(
+    plan: Plan, wait: bool = True, poll_s: Optional[float] = None, echo=print, sweep: Optional[Sweep] = None
+) -> Optional[Sweep]:
     """Submit/run the plan's jobs; with ``wait`` block until all are over, reporting state changes.
 
-    Returns the :class:`Sweep` (None when every cell already has a record: nothing is written)."""
-    if not plan.jobs:
+    Returns the :class:`Sweep` (None when every cell already has a record: nothing is written).
+    ``sweep``: already created from ``plan`` (:func:`main` creates it under :func:`planner_lock`)."""
+    if sweep is None and not plan.jobs:
         dirs = ", ".join(plan.results_dirs)
+        elsewhere = sorted({c.running_in for c in plan.cells if c.running_in})
+        if elsewhere:
+            echo(
+                f"nothing to run here: {sum(bool(c.running_in) for c in plan.cells)} cell(s) are running in the "
+                f"live sweep(s) {', '.join(elsewhere)} (python -m bench sweep --status <folder> follows them), the "
+                "others have a record"
+            )
+            return None
         echo(
             f"nothing to run: every cell has a record of the same configuration in {dirs} (--force re-runs "
             "them; paths.results_dir=<new dir> reproduces them into a separate results directory, e.g. "
             "BENCH_RESULTS=results_repro)"
         )
         return None
-    if plan.cluster.get("name") == "slurm":
-        require_slurm()  # before anything is written
-    sweep = Sweep.create(plan)
+    if sweep is None:
+        if plan.cluster.get("name") == "slurm":
+            require_slurm()  # before anything is written
+        sweep = Sweep.create(plan)
     backend = sweep.backend()
     try:
         backend.start(sweep.jobs)
@@ -442,6 +574,7 @@ def run(plan: Plan, wait: bool = True, poll_s: Optional[float] = None, echo=prin
                         extra += f": {j.error} (log: {j.stderr})"
                     echo(f"{time.strftime('%H:%M:%S')} {n} {j.state}{extra}")
             if sweep.finished():
+                sweep.release()
                 break
             time.sleep(poll_s)
             backend.step(sweep.jobs)
@@ -450,6 +583,7 @@ def run(plan: Plan, wait: bool = True, poll_s: Optional[float] = None, echo=prin
         if backend.waits:
             backend.cancel(sweep.jobs)
             sweep.save()
+            sweep.release()
             echo("interrupted: local jobs cancelled")
         else:
             echo(f"stopped waiting; the jobs keep running: python -m bench sweep --status {sweep.folder}")
@@ -485,11 +619,28 @@ def main(args: argparse.Namespace) -> int:
         sweep = refresh(Sweep.load(folder))
         print(status_table(sweep))
         return 0
-    plan = make_plan(args.overrides, force=args.force)
-    print(plan_table(plan))
-    if args.dry_run:
+    cache = compose(expand_grid(args.overrides)[0]).paths.cache_dir
+    if args.dry_run:  # the plan, and every missing prerequisite as a warning: nothing is written
+        plan = make_plan(args.overrides, force=args.force, busy=busy_cells(cache), collect=True)
+        print(plan_table(plan))
+        for p in plan.problems:
+            print(f"warning: {p.line()}", file=sys.stderr)
+        if plan.problems:
+            print(
+                f"warning: {len(plan.problems)} missing prerequisite(s) above: a real submission is refused "
+                "until they are in place",
+                file=sys.stderr,
+            )
         return 0
-    sweep = run(plan, wait=not args.no_wait, poll_s=args.poll)
+    with planner_lock(cache):  # a second sweep of the same grid waits here, then skips what this one runs
+        plan = make_plan(args.overrides, force=args.force, busy=busy_cells(cache))
+        print(plan_table(plan))
+        created = None
+        if plan.jobs:
+            if plan.cluster.get("name") == "slurm":
+                require_slurm()  # before anything is written
+            created = Sweep.create(plan)
+    sweep = run(plan, wait=not args.no_wait, poll_s=args.poll, sweep=created)
     if sweep is not None and sweep.finished():
         print(status_table(sweep))
         lb = [str(Path(d) / "leaderboard.md") for d in sweep.data["results_dirs"]]

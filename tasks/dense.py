@@ -237,6 +237,18 @@ class DenseTask:
                 dataset_identity(cfg.task.dataset, "train"),
                 str(fcfg.get("cache_dtype", "float32")),
             )
+            todo = cache.todo(len(train)) if main else 0
+            if todo:  # refuse before the extraction when the samples cannot fit
+                from bench.preflight import check_space
+
+                per = cache.sample_bytes(backbone, train[0]["image"])
+                check_space(
+                    cache.dir,
+                    todo * per,
+                    f"the feature cache of {todo} samples x {per:,} bytes ({fcfg.get('cache_dtype', 'float32')})",
+                    "free space, point BENCH_CACHE (paths.cache_dir) at a file system with room, or pass "
+                    f"task.protocols.{cfg.get('protocol', 'linear')}.features.cache=false",
+                )
             with dist.main_first() if parallel else contextlib.nullcontext():  # rank 0 extracts first
                 cache.fill(
                     backbone,

@@ -171,12 +171,41 @@ class FeatureCache:
                     r = raw_features(backbone, torch.stack(imgs).to(device), self.spec)
                     per = [[[t[j] for t in layer] for layer in r] for j in range(len(ids))]
                 for i, entry in zip(ids, per):
-                    torch_save([[t.to("cpu", self.dtype).clone() for t in layer] for layer in entry], self.path(i))
+                    try:
+                        torch_save([[t.to("cpu", self.dtype).clone() for t in layer] for layer in entry], self.path(i))
+                    except (OSError, RuntimeError) as e:
+                        self._write_failed(e, n)
                 bar.update(len(ids))
         finally:
             bar.close()
         write_json(self.dir / "meta.json", {**self.payload, "count": n})
         return self
+
+    def sample_bytes(self, backbone, image: torch.Tensor) -> int:
+        """Bytes one sample's features take in the cache (``image`` [3,H,W]: one forward pass)."""
+        device = next(iter(backbone.parameters()), torch.zeros(())).device
+        with torch.no_grad():
+            raw = raw_features(backbone, image[None].to(device), self.spec)
+        return sum(t[0].numel() for layer in raw for t in layer) * self.dtype.itemsize
+
+    def todo(self, n: int) -> int:
+        """Samples of an ``n``-sample split that are not stored yet."""
+        return 0 if self.complete(n) else sum(not self.path(i).exists() for i in range(n))
+
+    def _write_failed(self, e: BaseException, n: int) -> None:
+        from bench.errors import BenchError
+        from bench.io import write_failure
+
+        why = write_failure(e)
+        if why is None:
+            raise e
+        kept = sum(self.path(i).exists() for i in range(n))
+        raise BenchError(
+            f"the feature cache could not be written ({why}) after {kept} of {n} samples; those {kept} are kept "
+            f"in {self.dir}",
+            "free space (or point BENCH_CACHE / paths.cache_dir at a file system with room), then run the same "
+            "command again: the extraction resumes from the stored samples",
+        ) from None
 
     def load(self, i: int) -> List[List[torch.Tensor]]:
         try:

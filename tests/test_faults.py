@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -239,7 +240,155 @@ def _case(cid: str, tmp: Path, monkeypatch, request):
                 raise BenchError(err.read_text().splitlines()[0]) from None
 
         return _as_cli(failing_run)
+    extra = _case_issue27(cid, tmp, monkeypatch, p, run)
+    if extra is not None:
+        return extra
     raise KeyError(cid)
+
+
+# ------------------------------------------------------------------ issue 27: disk, values, images, sweeps, figures
+SYNTH_TINY = [
+    "method=dinov2",
+    "backbone=tiny_vit",
+    "task=synth_depth",
+    "task.dataset.scenes=2",
+    "task.dataset.views=2",
+    "task.dataset.size=28",
+    "task.dataset.held_out=1",
+    "task.progress=false",
+]
+TOY_TRAIN = [
+    "method.name=toy_train",
+    "backbone=tiny_vit",
+    "task.name=toy_probe",
+    "+method.steps=2",
+    "+method.sleep_s=0",
+]
+
+
+def _disk_free(monkeypatch, free: int) -> None:
+    """Every file system reports ``free`` bytes free (shutil.disk_usage, as bench.preflight reads it)."""
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=free))
+
+
+def _ade(tmp: Path, corrupt_train: int = 0) -> Path:
+    """A tiny ADE20K in its real layout (2 training, 2 validation images); the first ``corrupt_train``
+    training JPEGs truncated to half their bytes."""
+    from PIL import Image
+    import numpy as np
+
+    root = tmp / "ade"
+    rng = np.random.default_rng(0)
+    for sub in ("training", "validation"):
+        for k in (1, 2):
+            (root / "images" / sub).mkdir(parents=True, exist_ok=True)
+            (root / "annotations" / sub).mkdir(parents=True, exist_ok=True)
+            img = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(img).save(root / "images" / sub / f"ADE_{k}.jpg", quality=95)
+            Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "annotations" / sub / f"ADE_{k}.png")
+    for k in range(1, corrupt_train + 1):
+        f = root / "images" / "training" / f"ADE_{k}.jpg"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return root
+
+
+def _case_issue27(cid: str, tmp: Path, monkeypatch, p: list, run):
+    if cid == "cache-not-writable-frozen":
+        return _cli("run", *TOY, *p, f"paths.cache_dir={_read_only_dir(tmp)}")
+    if cid == "data-dir-not-writable":
+        return _cli("run", *TOY, *p, f"paths.data_dir={_read_only_dir(tmp)}")
+    if cid == "reconstructor-checkpoint-missing":
+        return run(
+            "method=splat_distill",
+            "backbone=tiny_vit",
+            "method.reconstructor.name=learned",
+            "method.reconstructor.checkpoint=/nowhere.safetensors",
+        )
+    if cid == "disk-space-checkpoints":
+        _disk_free(monkeypatch, 1000)
+        return _cli("run", *TOY_TRAIN, *p)
+    if cid == "disk-space-features":
+        _disk_free(monkeypatch, 1000)
+        return _cli("run", *SYNTH_TINY, *p)
+    if cid == "disk-full-features-late":
+        from bench import io as bench_io
+        import tasks.features as features_mod
+
+        calls = {"n": 0}
+
+        def fills_up(obj, path):  # the first sample is written, then the disk is full
+            calls["n"] += 1
+            if calls["n"] > 1:
+                raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 768 vs 662")
+            return bench_io.torch_save(obj, path)
+
+        monkeypatch.setattr(features_mod, "torch_save", fills_up)
+        return _cli("run", *SYNTH_TINY, *p)
+    if cid == "disk-full-backbone-late":
+        import bench.backbones as backbones
+
+        def full(*a, **k):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(backbones, "save_backbone", full)
+        return _cli("run", *TOY_TRAIN, *p)
+    if cid == "seed-out-of-range":
+        return run("seed=-1")
+    if cid == "seed-too-large":
+        return run(f"seed={2**32}")
+    if cid == "probe-lr-not-positive":
+        return run("task.protocols.linear.schedule.lr=-0.001")
+    if cid == "dataset-limit-zero":
+        return run("task.dataset.limit=0")
+    if cid == "held-out-zero":
+        return run("task.dataset.held_out=0")
+    if cid == "held-out-all-scenes":
+        return run("task.dataset.held_out=24")
+    if cid == "synthetic-size-memory":
+        return run("task.dataset.size=60000")
+    if cid == "synthetic-size-memory-data":
+        return _cli("data", "synthetic", "--size", "60000", "60000", "--out", str(tmp / "data" / "huge"))
+    if cid == "train-images-corrupt":
+        root = _ade(tmp, corrupt_train=1)
+        return run("method=dinov2", "backbone=tiny_vit", "task=ade20k_seg", f"task.dataset.root={root}")
+    if cid == "sweep-folder-taken":
+        from bench import sweep
+
+        old = sweep.Sweep.create(sweep.make_plan([*TOY, *p, f"cluster.folder={tmp}/taken"]))
+        for j in old.jobs.values():  # an earlier sweep that is over (so its cells are not claimed)
+            j.state = "failed"
+        old.save()
+        return _cli("sweep", *TOY, *p, f"cluster.folder={tmp}/taken")
+    if cid == "prerequisites-all-at-once":
+        return run(
+            "method=dinov2",
+            "backbone=tiny_vit",
+            "backbone.weights=/nowhere.pth",
+            "task=nyu_depth",
+            "task.dataset.root=/nowhere",
+        )
+    if cid == "sweep-prerequisites-all-at-once":
+        return _cli(
+            "sweep",
+            "method=dinov2",
+            "backbone=tiny_vit",
+            "task=synth_depth,nyu_depth,ade20k_seg",
+            *p,
+            f"cluster.folder={tmp}/sweep",
+        )
+    if cid == "figures-grid-elsewhere":
+        import shutil
+
+        committed = sorted((ROOT / "results" / "runs").glob("*_splat_distill_efficientnet_lite0_synth_depth_s0.json"))
+        if not committed:
+            pytest.skip("no committed splat_distill record to draw from")
+        (tmp / "committed" / "runs").mkdir(parents=True)
+        shutil.copy(committed[-1], tmp / "committed" / "runs")
+        return _cli("figures", "--results", str(tmp / "committed"), "--out", str(tmp / "figs"))
+    return None
 
 
 class NaNProbe:
@@ -304,6 +453,55 @@ def test_fault(cid, tmp_path, monkeypatch, capsys, toys, nan_task, request):
         assert len(saved) == 1 and str(saved[0]) in lines[0]
     if cid in ("train-nan-clip-on",):
         assert "gradient clipping" not in lines[0]
+    _assert_issue27(cid, tmp_path, err, lines[0])
+
+
+def _assert_issue27(cid: str, tmp: Path, err: str, line: str) -> None:
+    """What each issue-27 case must leave behind (nothing partial; what was produced is kept, and where)."""
+    cache = tmp / "cache"
+    if cid in ("disk-space-checkpoints", "disk-space-features"):
+        assert "is free there" in line and "needs about" in line
+        assert not list(cache.rglob("*.pt")) and not list(cache.rglob("model.safetensors"))
+    if cid == "disk-full-features-late":
+        kept = list((cache / "features").rglob("*.pt"))
+        assert len(kept) == 1 and str(kept[0].parent) in line and not list(cache.rglob(".*.tmp"))
+    if cid == "disk-full-backbone-late":
+        ckpts = list((cache / "backbones").rglob("ckpt_*.pt"))
+        assert ckpts and str(ckpts[0].parent) in line and not list(cache.rglob("model.safetensors"))
+    if cid in ("synthetic-size-memory", "synthetic-size-memory-data"):
+        assert not (tmp / "data" / "huge").exists() and not list((tmp / "data").rglob("meta.json"))
+    if cid == "train-images-corrupt":
+        assert str(tmp / "ade" / "images" / "training" / "ADE_1.jpg") in line
+    if cid == "sweep-folder-taken":
+        assert "or omit it" not in line
+    if cid == "prerequisites-all-at-once":
+        listed = [ln for ln in err.splitlines() if ln.startswith("  - ")]
+        assert len(listed) == 2 and "dataset 'nyuv2' is not prepared" in listed[0], err
+        assert "backbone weights file not found: /nowhere.pth" in listed[1] and all("Fix: " in ln for ln in listed)
+    if cid == "sweep-prerequisites-all-at-once":
+        listed = [ln for ln in err.splitlines() if ln.startswith("  - ")]
+        assert [("nyuv2" in ln, "ade20k" in ln) for ln in listed] == [(True, False), (False, True)], err
+        assert not (tmp / "sweep").exists()
+    if cid == "figures-grid-elsewhere":
+        _assert_grid_command_runs(tmp, line)
+
+
+def _assert_grid_command_runs(tmp: Path, line: str) -> None:
+    """The sweep the figures error prints plans the record's cell to RUN (the same sweep into the committed
+    results directory skips it), and draws from the directory it fills."""
+    from bench import sweep
+
+    cmd = line.split("running the same grid: ", 1)[1]
+    sweep_cmd, figures_cmd = cmd.split(", then ")
+    ov = sweep_cmd.split()[4:]
+    new = next(o.split("=", 1)[1] for o in ov if o.startswith("paths.results_dir="))
+    assert new == f"{tmp}/committed_local" and figures_cmd.endswith(f"--results {new}")
+    ov = [o for o in ov if not o.startswith("cluster=")] + [f"paths.cache_dir={tmp}/cache", f"paths.data_dir={tmp}/d"]
+    here = sweep.make_plan(ov)
+    there = sweep.make_plan(
+        [o for o in ov if not o.startswith("paths.results_dir=")] + [f"paths.results_dir={tmp}/committed"]
+    )
+    assert [c.skip for c in there.cells] == [True] and [c.skip for c in here.cells] == [False]
 
 
 def test_training_nan_without_clipping_suggests_it(tmp_path):
@@ -381,3 +579,131 @@ def test_dirty_flag_counts_tracked_source_files_only(tmp_path):
     assert records.code_version(repo / "bench") == clean
     (repo / "bench" / "x.py").write_text("A = 2\n")
     assert records.code_version(repo / "bench") == clean + "-dirty"
+
+
+# ------------------------------------------------------------------ issue 27: behaviours that are not errors
+def test_dry_run_lists_missing_prerequisites_as_warnings(tmp_path, capsys, monkeypatch):
+    """README's SLURM --dry-run in a fresh clone: the plan is printed and every missing prerequisite is a
+    warning (exit 0, nothing written); the same sweep for real is refused with all of them."""
+    monkeypatch.chdir(tmp_path)
+    ov = [
+        "method=dinov2",
+        "backbone=tiny_vit",
+        "backbone.weights=/nowhere.pth",
+        "task=nyu_depth,ade20k_seg",
+        *paths(tmp_path),
+        f"cluster.folder={tmp_path}/sweep",
+    ]
+    assert main(["sweep", *ov, "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "2 cells, 2 to run" in out and "eval:dinov2-tiny_vit-nyu_depth-s0" in out
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
+    assert any("dataset 'nyuv2' is not prepared" in w for w in warnings), err
+    assert any("dataset 'ade20k' is not prepared" in w for w in warnings), err
+    assert any("backbone weights file not found: /nowhere.pth" in w for w in warnings), err
+    assert "error:" not in err and not (tmp_path / "sweep").exists()
+    assert main(["sweep", *ov]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 3 prerequisites of this run are missing") and err.count("\n  - ") == 3
+
+
+def test_second_sweep_skips_what_a_live_sweep_runs(toys, tmp_path, capsys, monkeypatch):
+    """A sweep that is running (its driver alive, jobs not over) claims its cells: a second sweep of the
+    same grid plans them as skipped, names the sweep they run in, and runs nothing; once the first is over
+    its claim is dropped. Two sweeps planned in the same second get two folders."""
+    from bench import sweep
+    from bench.cluster import TERMINAL
+
+    monkeypatch.chdir(tmp_path)
+    ov = [
+        "method.name=dinov2,toy_train",
+        "backbone=tiny_vit",
+        "task.name=toy_probe",
+        "+method.steps=2",
+        *paths(tmp_path),
+    ]
+    with sweep.planner_lock(tmp_path / "cache"):
+        first = sweep.Sweep.create(sweep.make_plan(ov, busy=sweep.busy_cells(tmp_path / "cache")))
+    claims = list((tmp_path / "cache" / "sweeps").glob("*.json"))
+    assert len(claims) == 1 and first.folder.parent == tmp_path / "outputs" / "sweeps"
+
+    assert main(["sweep", *ov]) == 0  # its driver (this process) is alive and no job is over
+    out = capsys.readouterr().out
+    assert "2 cells, 0 to run, 2 skipped" in out and f"running in the live sweep {first.folder.absolute()}" in out
+    assert "nothing to run here: 2 cell(s) are running" in out
+    assert sorted(p.name for p in first.folder.parent.iterdir()) == [first.folder.name]  # no second sweep
+
+    same_second = sweep.make_plan(ov)  # the default folder of this second, planned again
+    same_second.folder = str(first.folder)
+    second = sweep.Sweep.create(same_second)
+    assert second.folder == first.folder.with_name(first.folder.name + "-1")
+
+    for s in (first, second):
+        for j in s.jobs.values():
+            j.state = "done"
+        s.save()
+    assert sweep.busy_cells(tmp_path / "cache") == {} and not list((tmp_path / "cache" / "sweeps").glob("*.json"))
+    assert all(j.state in TERMINAL for j in first.jobs.values())
+    assert "2 to run" in sweep.plan_table(sweep.make_plan(ov, busy=sweep.busy_cells(tmp_path / "cache")))
+
+
+def test_training_split_is_verified_once(tmp_path, monkeypatch):
+    """Every training and test image is decoded before work (in parallel); a clean split is remembered by
+    its content manifest under <cache_dir>/verified/, so a second process decodes nothing; a changed file
+    is decoded again."""
+    from bench import preflight
+    from bench.config import compose
+
+    root = _ade(tmp_path)
+    cfg = compose(
+        ["method=dinov2", "backbone=tiny_vit", "task=ade20k_seg", f"task.dataset.root={root}", *paths(tmp_path)]
+    )
+    decoded = []
+    real = preflight.decode_check
+    monkeypatch.setattr(preflight, "decode_check", lambda p: decoded.append(p) or real(p))
+    monkeypatch.setattr(preflight, "_VERIFIED", set())
+    preflight.check_test_images(cfg)
+    assert len(decoded) == 8  # 2 images + 2 label maps per split, both splits
+    assert len(list((tmp_path / "cache" / "verified").glob("ade20k-*.json"))) == 2
+
+    monkeypatch.setattr(preflight, "_VERIFIED", set())  # a new process: only the cache remembers
+    decoded.clear()
+    preflight.check_test_images(cfg)
+    assert decoded == []
+
+    monkeypatch.setattr(preflight, "_VERIFIED", set())
+    bad = root / "images" / "training" / "ADE_2.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # changed content: a new manifest, decoded again, refused
+    with pytest.raises(BenchError, match=r"1 training image\(s\) of dataset 'ade20k' cannot be decoded: .*ADE_2.jpg"):
+        preflight.check_test_images(cfg)
+    assert len(decoded) == 4  # the training split only: the test split's manifest did not change
+
+
+def test_sweep_started_while_another_plans_waits_then_skips(toys, tmp_path, capsys, monkeypatch):
+    """Two sweeps of one grid started together: the second waits for the planner lock the first holds
+    (flock: also between threads of one process), then finds the first's claim and runs nothing."""
+    import threading
+
+    from bench import sweep
+
+    monkeypatch.chdir(tmp_path)
+    ov = ["method.name=dinov2", "backbone=tiny_vit", "task.name=toy_probe", *paths(tmp_path)]
+    cache, planning = tmp_path / "cache", threading.Event()
+    made = {}
+
+    def first():
+        with sweep.planner_lock(cache):
+            plan = sweep.make_plan(ov, busy=sweep.busy_cells(cache))
+            planning.set()
+            time.sleep(1.0)  # the second sweep starts meanwhile
+            made["sweep"] = sweep.Sweep.create(plan)
+
+    t = threading.Thread(target=first)
+    t.start()
+    planning.wait(60)
+    assert main(["sweep", *ov]) == 0
+    t.join()
+    out, err = capsys.readouterr()
+    assert "another sweep is being planned; waiting for it" in err
+    assert "1 cells, 0 to run" in out and f"running in the live sweep {made['sweep'].folder.absolute()}" in out
+    assert len(list((tmp_path / "outputs" / "sweeps").iterdir())) == 1
