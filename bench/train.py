@@ -466,6 +466,8 @@ class TrainLoop:
         try:
             while self.step < end:
                 t0 = time.perf_counter()
+                # before the step function: one that accumulates micro-batches runs its own backward passes
+                self.optimizer.zero_grad(set_to_none=True)
                 out = step_fn(self.step)
                 loss, extra = out if isinstance(out, tuple) else (out, {})
                 shown = loss.detach().float()
@@ -481,7 +483,6 @@ class TrainLoop:
                         "in a new workdir from step 0; rerunning unchanged resumes the last good checkpoint and "
                         "will likely diverge again)",
                     )
-                self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.distributed:
                     dist.allreduce_gradients(self._params())

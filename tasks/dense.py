@@ -200,7 +200,10 @@ class DenseTask:
         if main:
             workdir.mkdir(parents=True, exist_ok=True)
         seed, progress = int(cfg.get("seed", 0)), bool(task.get("progress", True)) and main
-        workers = int(task.get("num_workers", 0))
+        from bench.loader import resolve_workers
+
+        workers = resolve_workers(task.get("num_workers", 0))  # auto: min(8, cores per local rank - 1)
+        train_workers = workers
         device = module_device(backbone)
         backbone.eval()
 
@@ -247,6 +250,8 @@ class DenseTask:
                     refresh=bool(cfg.get("force", False)) and main,
                 )
             data = CachedFeatures(cache, train, (self.label, *self.extra))
+            if str(task.get("num_workers", 0)) == "auto":
+                train_workers = 0  # cached features are read from memory: worker processes would only add start-up
             get_feats = lambda b: [f.to(device) for f in assemble(b["features"])]  # noqa: E731
         else:
             data = train
@@ -296,7 +301,7 @@ class DenseTask:
                 step_loss,
                 proto.get("schedule", {}),
                 seed=seed,
-                num_workers=workers,
+                num_workers=train_workers,
                 desc=f"{task['name']} probe",
                 progress=progress,
                 workdir=pdir,
