@@ -266,3 +266,21 @@ def test_export_writes_the_official_json_and_names(official):
 
     arr = np.asarray(Image.open(scene / "instance_segmentation" / f"{names[0]}.png"))
     assert arr.dtype == np.uint16
+
+
+# ------------------------------------------------------------------------------ perf paper (item 6)
+def test_perf_paper_runs_on_cpu_at_a_tiny_size(tmp_path, capsys):
+    from bench.cli import main
+
+    out = tmp_path / "tables.txt"
+    args = ["perf", "paper", "--backbone", "tiny_vit", "--size", "56", "70", "--batch", "2", "--device", "cpu"]
+    args += ["--workers", "1", "--scenes", "1", "--views", "6", "--data-dir", str(tmp_path / "d"), "--out", str(out)]
+    args += ["method.head.prototypes=64", "method.head.hidden_dim=64", "method.head.bottleneck_dim=16"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    for stage in ("loader wait", "teacher forward", "upsampling", "reconstruction", "splat", "student forward"):
+        assert stage in text
+    for stage in ("loss (DINO heads)", "backward", "optimiser", "EMA", "examples/s per worker", "peak memory"):
+        assert stage in text
+    assert "SLIC computed in the step: 0" in text  # the official layout's instance masks
+    assert out.read_text().strip() == text.strip()
