@@ -324,7 +324,8 @@ def train_probe(
     OneCycle betas), the lr schedule, the batch order (:class:`EpochBatches`), ``loss_state`` (objects
     whose attributes change while training, e.g. a SigLoss warm-up counter) and the RNG states -- and a
     call with the same workdir resumes from the latest checkpoint: the result is bit-identical to an
-    uninterrupted run (with ``num_workers=0``, or augmentation-free data). Without a workdir it trains
+    uninterrupted run, with any ``num_workers`` (a dataset with ``seeded_item`` draws each item's random
+    transforms from its own seed, :meth:`EpochBatches.item_seed`). Without a workdir it trains
     in a temporary directory (no resume). ``stop_after`` ends the call after that many steps (after a
     checkpoint); ``steps < total`` in the result then tells the caller training is unfinished.
 

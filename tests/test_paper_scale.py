@@ -252,6 +252,11 @@ def test_accumulate_is_not_part_of_the_fingerprint_and_must_divide_the_batch(syn
     assert cell_identity(a)["cell"] == cell_identity(b)["cell"] and backbone_key(a) == backbone_key(b)
     with pytest.raises(BenchError, match="accumulate=3"):
         _fit(_cfg(synth, "method.optim.accumulate=3"), tmp_path / "bad")
+    from bench.preflight import validate
+
+    with pytest.raises(BenchError, match="accumulate=3"):  # refused before any work
+        validate(_cfg(synth, "method.optim.accumulate=3"), trains=True)
+    validate(b, trains=True)
 
 
 def test_export_writes_the_official_json_and_names(official):

@@ -56,6 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-tflops", type=float, default=200.0, help="effective GPU throughput for the estimate")
     p.add_argument("--data-dir", default=None, help="where the generated scenes are kept (default: a temp dir)")
     p.add_argument("--out", default=None, help="append the tables to this file")
+    p.add_argument(
+        "--tune-allocator",
+        action="store_true",
+        help="CPU: keep freed memory in the process (the trainers' faster setting; the resident set then "
+        "no longer follows the live tensors, so the memory columns overstate)",
+    )
     p.add_argument("overrides", nargs="*", help="extra hydra overrides")
 
 
@@ -104,7 +110,8 @@ def measure(args: argparse.Namespace) -> Dict[str, object]:
     batch = args.batch or (PAPER_BATCH if device.startswith("cuda") else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
-    tune_allocator()
+    if device.startswith("cuda") or args.tune_allocator:
+        tune_allocator()  # CPU: off by default, so that freed tensors leave the resident set (honest peaks)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(args.data_dir) if args.data_dir else Path(tmp)
         data_dir.mkdir(parents=True, exist_ok=True)
