@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -289,3 +290,56 @@ def test_perf_paper_runs_on_cpu_at_a_tiny_size(tmp_path, capsys):
         assert stage in text
     assert "SLIC computed in the step: 0" in text  # the official layout's instance masks
     assert out.read_text().strip() == text.strip()
+
+
+# ---------------------------------------------------------------------------- numerics, threads (4, 5)
+def test_tf32_on_cuda_as_the_official_trainer_and_32_true_opts_out():
+    from methods.splat_distill.method import matmul_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert matmul_precision(compose(["precision=32"]), "cuda") == "tf32"
+        assert torch.get_float32_matmul_precision() == "high"
+        assert matmul_precision(compose(["precision=bf16-mixed"]), "cuda:0") == "bf16-mixed+tf32"
+        assert matmul_precision(compose(["precision=32-true"]), "cuda") == "32-true"
+        assert torch.get_float32_matmul_precision() == "highest"
+        torch.set_float32_matmul_precision("highest")
+        assert matmul_precision(compose(["precision=32"]), "cpu") == "32"  # CPU: nothing changes
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_cpu_ranks_share_the_cores(monkeypatch):
+    from bench.distributed import cpu_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(8)), raising=False)
+    try:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's default: replaced by cores / local ranks
+        assert cpu_threads() == 4 and torch.get_num_threads() == 4
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice is kept
+        assert cpu_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_entry_point_sets_passive_omp_wait_unless_set(tmp_path):
+    import subprocess
+    import sys
+
+    probe = "import os, runpy, sys; sys.argv = ['bench', 'list']; import bench.__main__"
+    code = f"import os\ntry:\n    {probe}\nexcept SystemExit:\n    pass\nprint('POLICY', os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "POLICY PASSIVE" in out.stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+        timeout=120,
+    )
+    assert "POLICY ACTIVE" in out.stdout
