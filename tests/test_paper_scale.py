@@ -343,3 +343,13 @@ def test_entry_point_sets_passive_omp_wait_unless_set(tmp_path):
         timeout=120,
     )
     assert "POLICY ACTIVE" in out.stdout
+
+
+def test_record_carries_the_training_precision_accumulation_and_deviations(tmp_path):
+    from bench.io import write_json
+    from bench.runner import _train_time
+
+    run = {"precision": "tf32", "accumulate": 2, "micro_batch": 7, "deviations": {"slic_masks": {"scenes": 3}}}
+    write_json(tmp_path / "train_info.json", {"wall_time_s": 5.0, "segments": 1, "training": run})
+    got = _train_time(tmp_path)
+    assert got["train_run"] == run and got["train_wall_time_s"] == 5.0
