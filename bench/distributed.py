@@ -108,11 +108,25 @@ def init(device: str = "cpu", backend: str = "auto", timeout_min: float = 180.0)
                 f"WORLD_SIZE={world_size()} is set but {var} is not",
                 "start distributed runs with torchrun (or a SLURM sweep), which sets the rendezvous",
             )
+    if not cuda:
+        cpu_threads()
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
     if not is_main():  # one log, one progress bar: rank 0's
         logging.getLogger("bench").setLevel(logging.WARNING)
     log.info("distributed: %d ranks, backend %s, rank 0 on %s", world_size(), backend, os.uname().nodename)
     return True
+
+
+def cpu_threads() -> int:
+    """Intra-op threads of a CPU rank: the usable cores shared by the ranks of this machine
+    (``cores // local ranks``, at least 1), so that ranks do not oversubscribe the cores. An
+    ``OMP_NUM_THREADS`` other than torchrun's default of 1 is the user's choice and is kept."""
+    from .loader import local_ranks, usable_cores
+
+    user = os.environ.get("OMP_NUM_THREADS", "")
+    n = int(user) if user.isdigit() and int(user) > 1 else max(usable_cores() // local_ranks(), 1)
+    torch.set_num_threads(n)
+    return n
 
 
 def shutdown() -> None:

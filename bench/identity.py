@@ -47,7 +47,9 @@ from .config import NONESSENTIAL_KEYS, stable_hash, to_container
 
 VERSION = 1
 # keys that never change a cell's number (display, logging, cadence, parallelism)
-DISPLAY_KEYS = frozenset(NONESSENTIAL_KEYS | {"report", "description"})
+DISPLAY_KEYS = frozenset(NONESSENTIAL_KEYS | {"report", "description", "accumulate"})
+# ``accumulate`` (micro-batches per step, ``method.optim.accumulate``) splits a step's batch without changing
+# its gradient beyond float rounding, like the number of ranks, which is not part of any key either
 # datasets whose content is a deterministic function of their settings (root = where, not what)
 GENERATED_DATASETS = {"synthetic"}
 # dotted key -> condition on the composed (resolved) config for the key to count

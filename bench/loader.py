@@ -16,6 +16,7 @@ main thread spent waiting for data (``python -m bench perf train`` reports it as
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from typing import Any, Callable, Optional
 
@@ -27,6 +28,38 @@ def _identity(x: Any) -> Any:
     return x
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def local_ranks() -> int:
+    """Ranks started on this machine (``LOCAL_WORLD_SIZE`` of torchrun, SLURM's tasks per node), else 1."""
+    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        v = os.environ.get(var, "")
+        if v.isdigit() and int(v) > 0:
+            return int(v)
+    return 1
+
+
+def resolve_workers(value: Any, cap: int = 8) -> int:
+    """Loader worker processes: an int as given, or ``auto`` = ``min(cap, cores of this rank - 1)`` where a
+    rank's cores are the usable cores shared by the ranks on this machine (one core stays with training).
+    Workers only move host work off the training thread: they never change a number."""
+    if value is None or str(value) == "auto":
+        return max(min(int(cap), usable_cores() // local_ranks() - 1), 0)
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        from .errors import BenchError
+
+        raise BenchError(f"loader workers={value!r} is not a count", "use an int >= 0 or auto") from None
+    return max(n, 0)
+
+
 class _Steps(Dataset):
     def __init__(self, fn: Callable[[int], Any], start: int, end: int):
         self.fn, self.start, self.end = fn, int(start), int(end)
@@ -36,7 +69,9 @@ class _Steps(Dataset):
 
     def __getitem__(self, i: int):
         step = self.start + int(i)
-        return step, self.fn(step)
+        t0 = time.process_time()  # CPU seconds of the producing thread (a worker, or the training thread)
+        payload = self.fn(step)
+        return step, payload, time.process_time() - t0
 
 
 def _worker_init(_: int) -> None:
@@ -47,7 +82,9 @@ class StepLoader:
     """``get(step)`` -> ``fn(step)``, computed ahead by ``workers`` processes (``prefetch`` steps each).
 
     ``workers=0`` calls ``fn`` on the main thread (same results). ``pin_memory`` speeds up the copy to
-    a GPU. The workers are forked from the training process and only run ``fn`` (CPU work).
+    a GPU (the trainer copies with ``non_blocking``). The workers are forked from the training process,
+    persist for the run (a new set only when the caller jumps) and only run ``fn`` (CPU work);
+    ``work_s`` sums the CPU seconds ``fn`` took, so ``fetched / work_s`` is one worker's examples rate.
     """
 
     def __init__(
@@ -58,6 +95,7 @@ class StepLoader:
         self._it: Optional[Any] = None
         self._next = -1
         self.wait_s = 0.0
+        self.work_s = 0.0  # CPU seconds spent producing the fetched steps (in the workers when workers > 0)
         self.fetched = 0
 
     def _start(self, step: int) -> None:
@@ -75,7 +113,7 @@ class StepLoader:
                 collate_fn=_identity,
                 pin_memory=self.pin_memory,
                 worker_init_fn=_worker_init,
-                persistent_workers=False,
+                persistent_workers=True,  # one iterator per run (restarted only on a jump)
                 generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
                 # fork: ``fn`` is usually a closure over the trainer's data (not picklable)
                 multiprocessing_context="fork" if "fork" in mp.get_all_start_methods() else None,
@@ -87,8 +125,9 @@ class StepLoader:
         if self._it is None or step != self._next:
             self._start(step)
         t0 = time.perf_counter()
-        got, payload = next(self._it)
+        got, payload, work = next(self._it)
         self.wait_s += time.perf_counter() - t0
+        self.work_s += work
         self.fetched += 1
         if got != step:  # cannot happen with an in-order loader; guards exactness
             raise RuntimeError(f"data loader returned step {got} for step {step}")

@@ -71,6 +71,14 @@ def validate(cfg: DictConfig, trains: bool | None = None) -> None:
                     "record the untrained backbone as trained)",
                     f"pass {key}=<integer >= 1>",
                 )
+        optim = to_container(cfg.method).get("optim") or {}
+        acc, bs = optim.get("accumulate"), optim.get("batch_size")
+        if acc is not None and (not _is_int(acc) or acc < 1 or (_is_int(bs) and bs % acc)):
+            raise BenchError(
+                f"method.optim.accumulate={acc!r} does not split method.optim.batch_size={bs!r} into equal "
+                "micro-batches",
+                "pass method.optim.accumulate=<a divisor of the batch per rank>, e.g. 1",
+            )
     proto = str(cfg.get("protocol", "linear"))
     sched = to_container(cfg.task.get("protocol", {}) or {}).get("schedule") if "task" in cfg else None
     if (

@@ -280,6 +280,8 @@ def _train_time(workdir: Path) -> Dict[str, Any]:
         out = {"train_wall_time_s": float(info["wall_time_s"]), "train_segments": int(info.get("segments", 1))}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
+    if isinstance(info.get("training"), dict):  # e.g. SnD: training precision (tf32), accumulate, deviations
+        out["train_run"] = info["training"]
     diag = train_diagnostics(info)
     return {**out, "train_diagnostics": diag} if diag else out
 

@@ -166,6 +166,7 @@ class SnDOptim:
     steps: int = REQ
     batch_size: int = REQ
     grad_clip: Optional[float] = REQ
+    accumulate: int = 1
 
 
 @dataclass

@@ -200,14 +200,35 @@ class Checkpointer:
 
 
 def memory_mb(device: Any = None) -> float:
-    """Peak memory of this process in MiB: CUDA peak allocated on a GPU, else the peak resident set."""
+    """Peak memory of this process in MiB since the last :func:`reset_peak_memory`: CUDA peak allocated on
+    a GPU, else the peak resident set of this process (``VmHWM``; ``ru_maxrss`` where there is no /proc,
+    which a forked process inherits from its parent)."""
     if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     import resource
     import sys
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def reset_peak_memory(device: Any = None) -> None:
+    """Start a new peak-memory measurement: ``torch.cuda.reset_peak_memory_stats`` on a GPU; on Linux the
+    process's peak resident set is reset too (``/proc/self/clear_refs`` value 5), so a process forked from
+    a larger one measures its own peak."""
+    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 class TrainLog:
@@ -479,6 +500,8 @@ class TrainLoop:
         try:
             while self.step < end:
                 t0 = time.perf_counter()
+                # before the step function: one that accumulates micro-batches runs its own backward passes
+                self.optimizer.zero_grad(set_to_none=True)
                 out = step_fn(self.step)
                 loss, extra = out if isinstance(out, tuple) else (out, {})
                 shown = loss.detach().float()
@@ -494,7 +517,6 @@ class TrainLoop:
                         "in a new workdir from step 0; rerunning unchanged resumes the last good checkpoint and "
                         "will likely diverge again)",
                     )
-                self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.distributed:
                     dist.allreduce_gradients(self._params())

@@ -200,7 +200,10 @@ class DenseTask:
         if main:
             workdir.mkdir(parents=True, exist_ok=True)
         seed, progress = int(cfg.get("seed", 0)), bool(task.get("progress", True)) and main
-        workers = int(task.get("num_workers", 0))
+        from bench.loader import resolve_workers
+
+        workers = resolve_workers(task.get("num_workers", 0))  # auto: min(8, cores per local rank - 1)
+        train_workers = workers
         device = module_device(backbone)
         backbone.eval()
 
@@ -259,18 +262,20 @@ class DenseTask:
                     refresh=bool(cfg.get("force", False)) and main,
                 )
             data = CachedFeatures(cache, train, (self.label, *self.extra))
-            get_feats = lambda b: [f.to(device) for f in assemble(b["features"])]  # noqa: E731
+            if str(task.get("num_workers", 0)) == "auto":
+                train_workers = 0  # cached features are read from memory: worker processes would only add start-up
+            get_feats = lambda b: [f.to(device, non_blocking=True) for f in assemble(b["features"])]  # noqa: E731
         else:
             data = train
-            get_feats = lambda b: features(backbone, b["image"].to(device), spec)  # noqa: E731
+            get_feats = lambda b: features(backbone, b["image"].to(device, non_blocking=True), spec)  # noqa: E731
 
         def step_loss(batch, sizes=None):
             if batch is None:  # this rank holds no item of the step: a zero loss that joins SyncBN
                 with self.iteration():  # the step still counts (SigLoss warm-up), as on the other ranks
                     out = probe([torch.zeros(0, c, 1, 1, device=device) for c in in_dims], (1, 1))
                     return sum(v.sum() for v in out.values()) * 0.0
-            target = self.prepare_target(batch[self.label], task).to(device)
-            extra = {k: batch[k].to(device) for k in self.extra}
+            target = self.prepare_target(batch[self.label], task).to(device, non_blocking=True)
+            extra = {k: batch[k].to(device, non_blocking=True) for k in self.extra}
             out = probe(get_feats(batch), tuple(target.shape[-2:]))
             if sizes is None:
                 return self.loss(out, target, proto, extra)
@@ -308,7 +313,7 @@ class DenseTask:
                 step_loss,
                 proto.get("schedule", {}),
                 seed=seed,
-                num_workers=workers,
+                num_workers=train_workers,
                 desc=f"{task['name']} probe",
                 progress=progress,
                 workdir=pdir,

@@ -143,6 +143,34 @@ class _Indices(Dataset):
         return int(i)
 
 
+class _Plan:
+    """A batch sampler whose batches are replaced every epoch (persistent loader workers stay alive)."""
+
+    def __init__(self):
+        self.batches: List[List[Any]] = []
+
+    def __iter__(self):
+        return iter(list(self.batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _SeededItems(Dataset):
+    """``dataset.seeded_item(i, generator)`` for ``(i, seed)`` keys: each item's random transforms draw from
+    a generator of its own seed, wherever (main thread or which worker) it is loaded."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        i, seed = key
+        return self.dataset.seeded_item(int(i), torch.Generator().manual_seed(int(seed)))
+
+
 class EpochBatches:
     """The probe's training batches, epoch after epoch, with a resumable position.
 
@@ -170,6 +198,10 @@ class EpochBatches:
         self.num_workers, self.drop_last = int(num_workers), bool(drop_last)
         self.group, self.world, self.rank = (int(group) if group else None), int(world), int(rank)
         self.index_loader = make_loader(_Indices(len(dataset)), self.batch_size, seed, self.shuffle, 0, self.drop_last)
+        self.seed = int(seed)
+        self.seeded = hasattr(dataset, "seeded_item")  # random transforms drawn from per-item generators
+        self._sampler = _Plan()
+        self._loader: Optional[DataLoader] = None
         self.epoch, self.position = 0, 0
         self._epoch_start = self.index_loader.generator.get_state()
         self._it = None
@@ -196,18 +228,30 @@ class EpochBatches:
         gen = self.index_loader.generator
         gen.set_state(self._epoch_start)
         batches = [b.tolist() for b in self.index_loader]  # advances ``gen`` exactly as one epoch of the loader
+        if self.seeded:  # item j of the epoch's p-th global batch: its own augmentation seed
+            batches = [[(i, self.item_seed(p, j)) for j, i in enumerate(b)] for p, b in enumerate(batches)]
         parts = [self.split(b) for b in batches[self.position :]]
         self._plan = [(sizes, total) for _, sizes, total in parts]
-        data_gen = torch.Generator()
-        data_gen.set_state(self._epoch_start)
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=[idx for idx, _, _ in parts if idx],
-            num_workers=self.num_workers,
-            generator=data_gen,
-            persistent_workers=False,
-        )
-        self._it = iter(loader)
+        self._sampler.batches = [idx for idx, _, _ in parts if idx]
+        if self._loader is None or self.num_workers == 0:
+            data_gen = torch.Generator()
+            data_gen.set_state(self._epoch_start)
+            self._loader = DataLoader(
+                _SeededItems(self.dataset) if self.seeded else self.dataset,
+                batch_sampler=self._sampler,
+                num_workers=self.num_workers,
+                generator=data_gen,
+                persistent_workers=self.num_workers > 0,  # the same worker processes for every epoch
+                pin_memory=self.num_workers > 0 and torch.cuda.is_available(),
+                prefetch_factor=4 if self.num_workers > 0 else None,
+            )
+        self._it = iter(self._loader)
+
+    def item_seed(self, position: int, j: int) -> int:
+        """Seed of the random transforms of item ``j`` of the epoch's ``position``-th global batch: a
+        function of ``(seed, epoch, position, j)`` only, so neither the number of loader workers nor the
+        number of ranks nor a mid-epoch resume changes an augmentation draw."""
+        return (((self.seed * 1_000_003 + self.epoch) * 1_000_003 + int(position)) * 1_000_003 + int(j)) % (2**63)
 
     def next(self) -> Any:
         """This rank's part of the next batch, or None when it holds no item of it (a new epoch starts
@@ -280,7 +324,8 @@ def train_probe(
     OneCycle betas), the lr schedule, the batch order (:class:`EpochBatches`), ``loss_state`` (objects
     whose attributes change while training, e.g. a SigLoss warm-up counter) and the RNG states -- and a
     call with the same workdir resumes from the latest checkpoint: the result is bit-identical to an
-    uninterrupted run (with ``num_workers=0``, or augmentation-free data). Without a workdir it trains
+    uninterrupted run, with any ``num_workers`` (a dataset with ``seeded_item`` draws each item's random
+    transforms from its own seed, :meth:`EpochBatches.item_seed`). Without a workdir it trains
     in a temporary directory (no resume). ``stop_after`` ends the call after that many steps (after a
     checkpoint); ``steps < total`` in the result then tells the caller training is unfinished.
 

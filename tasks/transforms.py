@@ -289,7 +289,7 @@ class Transformed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> Dict[str, Any]:
+    def _sample(self, i: int) -> Dict[str, Any]:
         s = self.dataset[i]
         missing = [k for k in self.keys if k not in s]
         if missing:
@@ -299,4 +299,12 @@ class Transformed(Dataset):
                 f"sample {i} of {type(self.dataset).__name__} has no {', '.join(missing)}",
                 "use a dataset/layout that provides these labels for this task",
             )
-        return apply({k: s[k] for k in self.keys}, self.cfg, self.train)
+        return {k: s[k] for k in self.keys}
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        return apply(self._sample(i), self.cfg, self.train)
+
+    def seeded_item(self, i: int, gen: torch.Generator) -> Dict[str, Any]:
+        """Item ``i`` with its random transforms drawn from ``gen`` (the probe trainer seeds one generator
+        per item: the same draws with any number of loader workers, ranks, or after a resume)."""
+        return apply(self._sample(i), self.cfg, self.train, gen)

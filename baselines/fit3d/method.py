@@ -259,7 +259,7 @@ class FiT3D:
         diag.start(backbone.to(device), trainable_weights(backbone.model))
         backbone = train_mode(backbone.to(device).requires_grad_(True), bn_mode)
         opt = torch.optim.AdamW(backbone.model.parameters(), lr=float(s2.lr), weight_decay=float(s2.weight_decay))
-        from bench.loader import StepLoader
+        from bench.loader import StepLoader, resolve_workers
         from bench.train import autocast
 
         dist.seed_offset(int(cfg.seed))
@@ -296,7 +296,7 @@ class FiT3D:
         loader = StepLoader(
             views_of,
             steps,
-            int(cfg.loader.workers),
+            resolve_workers(cfg.loader.workers),
             int(cfg.loader.prefetch),
             pin_memory=str(device).startswith("cuda"),
         )

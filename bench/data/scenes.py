@@ -12,8 +12,11 @@ Scene folders are found under ``root`` (or ``root/data`` as in the official Scan
     <scene>/dslr/render_normal_camera/<stem>.npz          ["normals"]: float16 [H,W,3] camera-frame
                                                            (synthetic only, optional)
 
-    FiT3D (scannetpp_preprocess/reorganize_data.py)
-    <scene>/transforms_train.json, <scene>/images/<file_path>, optional render_* folders next to them
+    FiT3D (scannetpp_preprocess/reorganize_data.py) and the official Splat-and-Distill ScanNet++ layout
+    <scene>/transforms_train.json, <scene>/images/<file_path>, optional render_* folders next to them,
+    <scene>/instance_segmentation/<file_path>.png   instance ids (SnD ``dataset_scannetpp.py``: read with
+                                                   ``PILToTensor``, resized nearest); an RGB-coded map gets
+                                                   one id per colour (``(r << 16) | (g << 8) | b``)
 
 Poses: nerfstudio ``transform_matrix`` is camera-to-world in OpenGL axes and is converted to OpenCV
 world-to-camera. Frames flagged ``is_bad`` are skipped; views are ordered by ``file_path`` (the DSLR
@@ -43,14 +46,16 @@ from ..cameras import opengl_c2w_to_opencv_w2c, scale_intrinsics
 from ..errors import DataMissingError
 from .layout import load_npz, open_image, register_command
 
-__all__ = ["MultiViewScenes", "ViewDataset", "MAP_DIRS", "SCANNETPP_HELP"]
+__all__ = ["MultiViewScenes", "ViewDataset", "MAP_DIRS", "SCANNETPP_HELP", "export_snd_layout"]
 
 #: optional per-view maps: candidate folder names (first existing wins) and file suffix
 MAP_DIRS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "depth": (("undistorted_render_depth", "render_depth"), ".png"),
     "normals": (("render_normal_camera",), ".npz"),
     "semantic": (("undistorted_render_semantic", "render_semantic"), ".png"),
-    "instance": (("undistorted_render_instance", "render_instance"), ".png"),
+    # instance ids; ``instance_segmentation/<file_path>.png`` is the official Splat-and-Distill ScanNet++ layout
+    # (davidshavin4/Splat-and-Distill src/dataset/dataset_scannetpp.py: <root>/scenes/<id>/instance_segmentation/)
+    "instance": (("undistorted_render_instance", "render_instance", "instance_segmentation"), ".png"),
     # ScanNet++ anonymisation masks (255 = keep, 0 = anonymised; FiT3D datasets/scannetpp.py reads <scene>/masks/)
     "anon": (("undistorted_anon_masks", "masks"), ".png"),
 }
@@ -284,8 +289,9 @@ class MultiViewScenes:
     ) -> Tensor:
         suffix = MAP_DIRS[key][1]
         path = d / f"{stem}{suffix}"
-        if not path.is_file() and (d / f"{Path(name).name}{suffix}").is_file():
-            path = d / f"{Path(name).name}{suffix}"  # e.g. DSC01234.JPG.png
+        for alt in (d / f"{Path(name).name}{suffix}", d / f"{name}{suffix}"):  # e.g. DSC01234.JPG.png (SnD)
+            if not path.is_file() and alt.is_file():
+                path = alt
         if key == "normals":
             arr = load_npz(path, fix, keys=("normals",))["normals"]
             if arr.ndim != 3 or arr.shape[-1] != 3:
@@ -294,6 +300,9 @@ class MultiViewScenes:
             x = F.normalize(x, dim=0) * (x.abs().sum(0, keepdim=True) > 0)
         else:
             arr = np.asarray(open_image(path, fix))
+            if key == "instance" and arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour-coded instances
+                a = arr[..., :3].astype(np.int64)
+                arr = (a[..., 0] << 16) | (a[..., 1] << 8) | a[..., 2]
             if arr.ndim != 2:
                 raise DataMissingError(f"{path} is not a single-channel map (shape {arr.shape})", fix)
             if key == "depth":
@@ -343,6 +352,48 @@ def _layout(sdir: Path) -> Optional[Tuple[str, str, str]]:
         if (sdir / lay[0]).is_file():
             return lay
     return None
+
+
+# ------------------------------------------------------------- the official Splat-and-Distill layout
+def export_snd_layout(
+    src: str | os.PathLike, out: str | os.PathLike, scene_ids: Optional[Sequence[str]] = None, jpeg: bool = True
+) -> Path:
+    """Write the scenes under ``src`` (any layout this module reads) in the official Splat-and-Distill
+    ScanNet++ layout (davidshavin4/Splat-and-Distill ``src/dataset/dataset_scannetpp.py``)::
+
+        <out>/scenes/<id>/transforms_train.json                 nerfstudio frames (file_path = image name)
+        <out>/scenes/<id>/images/DSC<NNNNN>.JPG                 RGB (JPEG q95 as the DSLR; PNG with jpeg=False)
+        <out>/scenes/<id>/instance_segmentation/<file_path>.png instance ids (uint16)
+        <out>/scenes/<id>/render_depth/DSC<NNNNN>.png           uint16 mm (bench's depth reconstructor)
+
+    Scenes without instance maps get no ``instance_segmentation/``. Returns ``out``; for tests and
+    ``python -m bench perf paper`` (generated scenes in the paper's on-disk format)."""
+    from PIL import Image
+
+    reader = MultiViewScenes(src, scene_ids)
+    out = Path(out)
+    for sid in reader.scene_ids:
+        s = reader._scene(sid)
+        sdir = out / "scenes" / sid
+        meta = json.loads(s.json_path.read_text())
+        by_path = {f["file_path"]: f for f in meta["frames"]}
+        frames = []
+        for k, name in enumerate(s.names):
+            new = f"DSC{k + 1:05d}." + ("JPG" if jpeg else "png")
+            img = Image.open(s.image_dir / name).convert("RGB")
+            (sdir / "images").mkdir(parents=True, exist_ok=True)
+            img.save(sdir / "images" / new, **({"quality": 95} if jpeg else {}))
+            for key, folder, fname in (
+                ("instance", "instance_segmentation", f"{new}.png"),
+                ("depth", "render_depth", f"{Path(new).stem}.png"),
+            ):
+                if key in s.maps:
+                    src_map = s.maps[key] / f"{Path(name).stem}.png"
+                    (sdir / folder).mkdir(parents=True, exist_ok=True)
+                    (sdir / folder / fname).write_bytes(src_map.read_bytes())
+            frames.append({**by_path[name], "file_path": new})
+        (sdir / "transforms_train.json").write_text(json.dumps({**meta, "frames": frames}))
+    return out
 
 
 # ------------------------------------------------------------------- python -m bench data scannetpp

@@ -126,6 +126,10 @@ class Distiller:
         self.profile = False
         self.precision = "32"  # or "bf16-mixed": autocast of the teacher and student backbones
         self.grad_average = "global"  # several ranks: "global" pooled mean (= one process) | "local" mean
+        self.token_chunk = 4096  # DINO cross-entropy over at most this many tokens at a time (memory; same numbers)
+        self.accumulate = 1  # micro-batches per step (method.optim.accumulate)
+        self.deviations: Dict[str, Any] = {}  # named deviations of this run (e.g. SLIC masks), for the record
+        self.slic_on_step = 0  # examples whose SLIC segments were computed inside the step (not by the loader)
 
     def _lift_rules(self, lift: Mapping[str, Any]) -> None:
         """The ``method.lift`` choices as attributes, each checked against its choices (one-line errors)."""
@@ -215,6 +219,19 @@ class Distiller:
         self.timings[name] += time.perf_counter() - t0
 
     # -- targets -----------------------------------------------------------------------------------
+    def needs_slic(self, views: Mapping[str, torch.Tensor]) -> bool:
+        """Whether the example's segment masks are SLIC superpixels (``masks: slic``, or ``auto`` without
+        instance maps)."""
+        return self.mask_source == "slic" or (self.mask_source == "auto" and views.get("instance") is None)
+
+    def prepare(self, views: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Host-side work of one example, run where the example is loaded (a loader worker): the SLIC
+        segments when they are needed, as ``views["segments"]`` (the same function of the same images
+        as computing them in the step, so the numbers do not change)."""
+        if self.needs_slic(views) and "segments" not in views:
+            views["segments"] = slic_masks(views["images"], *self.slic)
+        return views
+
     def masks(self, views: Mapping[str, torch.Tensor]) -> torch.Tensor:
         source = self.mask_source
         if source == "instance" or (source == "auto" and views.get("instance") is not None):
@@ -224,6 +241,9 @@ class Distiller:
                     "use method.lift.masks=slic (or auto)",
                 )
             return views["instance"]
+        if views.get("segments") is not None:  # computed by the loader (:meth:`prepare`)
+            return views["segments"]
+        self.slic_on_step += 1  # callers that bypass the loader: SLIC on the calling thread
         return slic_masks(views["images"], *self.slic)
 
     @torch.no_grad()
@@ -254,9 +274,6 @@ class Distiller:
         if use_basis:
             eye = torch.eye(2 * h * w, device=feats.device, dtype=feats.dtype)
             eye = eye.reshape(2 * h * w, 2, h, w).permute(1, 0, 2, 3)  # [2,2hw,h,w] one-hot
-        else:
-            with self._timed("upsample"):
-                up = upsample(feats, torch.cat([m[:2] for m in masks]), (H, W), mode, scale, **up_kw)
         grid = self.student_grid(H, W)
         padded = getattr(self.backbone, "resize_mode", "resize") == "pad"
         out, valid = [], []
@@ -264,7 +281,11 @@ class Distiller:
             with self._timed("reconstruct"):
                 gs = self.reconstructor({k: v[:2] for k, v in ex.items()})
             with self._timed("upsample"):
-                src = upsample(eye, masks[i][:2], (H, W), mode, scale, **up_kw) if use_basis else up[2 * i : 2 * i + 2]
+                # one example's context views at a time (the official code loops per image): the full-
+                # resolution [2, C, H, W] maps of one example live at once, not those of the whole batch
+                src = upsample(
+                    eye if use_basis else feats[2 * i : 2 * i + 2], masks[i][:2], (H, W), mode, scale, **up_kw
+                )
             with self._timed("splat"):
                 rgb_rule = self.coverage == "rgb"  # the official trainer: uncovered where the RGB render is 0
                 if rgb_rule:
@@ -298,10 +319,50 @@ class Distiller:
         return torch.cat(out), torch.cat(valid)
 
     # -- loss --------------------------------------------------------------------------------------
-    def loss(self, examples: List[Mapping[str, torch.Tensor]]):
-        """Loss of one batch of examples; returns ``(loss, extra floats to log)``."""
-        examples = [{k: v.to(self.device) for k, v in ex.items()} for ex in examples]
-        target, valid = self.targets(examples)
+    def loss(self, examples: List[Mapping[str, torch.Tensor]], accumulate: int = 1):
+        """Loss of one batch of examples; returns ``(loss, extra floats to log)``.
+
+        ``accumulate > 1`` (``method.optim.accumulate``) splits the batch into that many consecutive
+        micro-batches: all their targets first (no gradient), then per micro-batch the student forward and
+        a backward of its share ``n_k / N`` of the batch's masked mean (``n_k`` its loss cells); the last
+        share is returned for the training loop's backward. The gradient is the unsplit batch's, up to
+        float rounding (with LoRA dropout the micro-batches draw other dropout masks)."""
+        examples = [{k: v.to(self.device, non_blocking=True) for k, v in ex.items()} for ex in examples]
+        accumulate = max(int(accumulate), 1)
+        if accumulate == 1:
+            target, valid = self.targets(examples)
+            loss, extra, n = self._student_loss(examples, target, valid)
+            if self.grad_average == "global":  # several ranks: each rank's share of the pooled global mean
+                loss = loss * global_mean_weight(n)
+            return loss, extra
+        m = len(examples) // accumulate
+        parts = [examples[k * m : (k + 1) * m] for k in range(accumulate)]
+        targets = [self.targets(p) for p in parts]
+        counts = [self._cells(v) for _, v in targets]
+        total = sum(counts)
+        weight = global_mean_weight(total) if self.grad_average == "global" else 1.0
+        done, sums = None, defaultdict(float)
+        for k, (p, (target, valid)) in enumerate(zip(parts, targets)):
+            loss, extra, n = self._student_loss(p, target, valid)
+            part = loss * (n / total.clamp_min(1.0)) * weight
+            for key, v in extra.items():
+                sums[key] += v * len(p) / len(examples)
+            if k < accumulate - 1:
+                with self._timed("backward"):
+                    part.backward()
+                done = part.detach() if done is None else done + part.detach()
+            else:
+                out = part + done
+        return out, dict(sums)
+
+    def _cells(self, valid: torch.Tensor) -> torch.Tensor:
+        """Loss cells of a micro-batch: every cell (``uncovered: zero_fill``) or the valid ones."""
+        if self.uncovered == "zero_fill":
+            return torch.tensor(float(valid.numel()), device=valid.device)
+        return valid.sum().float()
+
+    def _student_loss(self, examples, target: torch.Tensor, valid: torch.Tensor):
+        """``(masked-mean loss, extra floats, loss cells)`` of the student on ``examples``' targets."""
         with self._timed("student"):
             self.adapter.train()
             with autocast(self.precision, self.device):
@@ -316,8 +377,16 @@ class Distiller:
                 keep = valid[:, None]
                 student, target = student * keep.to(student.dtype), target * keep.to(target.dtype)
                 valid = torch.ones_like(valid)
+        with self._timed("loss"):
             loss, extra = distill_loss(
-                self.loss_kind, student, target, valid, self.head, self.teacher_head, *self.temps
+                self.loss_kind,
+                student,
+                target,
+                valid,
+                self.head,
+                self.teacher_head,
+                *self.temps,
+                token_chunk=self.token_chunk,
             )
         # the logged diagnostics are the global batch's (the numbers one process with the whole batch logs):
         # means over cells pooled over the ranks, the collapse cosine on the pooled batch's sampled cells
@@ -330,6 +399,4 @@ class Distiller:
         )
         if self.loss_kind == "dino":
             extra["head_cos"] = self.head.embedding_cosine(pooled_rows(embedded, HEAD_COS_POINTS), HEAD_COS_POINTS)
-        if self.grad_average == "global":  # several ranks: each rank's share of the pooled global mean
-            loss = loss * global_mean_weight(valid.sum())
-        return loss, extra
+        return loss, extra, valid.sum()

@@ -113,8 +113,14 @@ def corner_mask_aware_upsample(
         yi, xi, _ = taps[k]
         return feats[:, :, yi][:, :, :, xi]  # [B,C,H,W]
 
+    def blend(weights) -> torch.Tensor:  # sum_k tap_k * w_k, one tap alive at a time (the same sums in order)
+        out = tap(0).mul_(weights(0))
+        for k in range(1, 4):
+            out += tap(k).mul_(weights(k))
+        return out
+
     def plain() -> torch.Tensor:
-        return sum(tap(k) * taps[k][2] for k in range(4))
+        return blend(lambda k: taps[k][2])
 
     if masks is None:
         return plain()
@@ -124,7 +130,7 @@ def corner_mask_aware_upsample(
     )  # [4,B,H,W]
     total = wts.sum(0)
     wts = wts / torch.where(total == 0, torch.ones_like(total), total)
-    out = sum(tap(k) * wts[k][:, None] for k in range(4))
+    out = blend(lambda k: wts[k][:, None])
     if all_excluded == "bilinear":
         out = torch.where((total == 0)[:, None], plain(), out)
     elif all_excluded != "zero":

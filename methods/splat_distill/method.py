@@ -29,7 +29,7 @@ def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
     :class:`bench.loader.StepLoader` (``loader.workers`` processes, ``loader.prefetch`` steps each).
     """
     from bench import distributed as dist
-    from bench.loader import StepLoader
+    from bench.loader import StepLoader, resolve_workers
 
     m = cfg.method
     with dist.main_first():  # rank 0 generates a synthetic set once; the others then read it
@@ -67,26 +67,75 @@ def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
         device=device,
     )
 
+    distiller.deviations = mask_deviations(distiller, data)
+    distiller.accumulate = accumulate = int(o.get("accumulate", 1) or 1)
+    if accumulate < 1 or len(positions) % accumulate:
+        raise BenchError(
+            f"method.optim.accumulate={accumulate} does not divide this rank's batch of {len(positions)}",
+            f"use a divisor of {len(positions)} (global batch {batch} / {dist.world_size()} rank(s))",
+        )
+
     def examples(step: int):  # this rank's examples of step ``step`` (runs in a loader worker)
         out = []
         for j in positions:
             s, idx = sampler.example(step * batch + j)
-            out.append(data.load_views(data.scene_ids[s], idx))
+            out.append(distiller.prepare(data.load_views(data.scene_ids[s], idx)))  # + SLIC here, off the step
         return out
 
     loader = StepLoader(
         examples,
         int(o.steps),
-        int(cfg.loader.workers),
+        resolve_workers(cfg.loader.workers),
         int(cfg.loader.prefetch),
         pin_memory=str(device).startswith("cuda"),
     )
 
     def step_fn(step: int):
-        return distiller.loss(loader.get(step))
+        return distiller.loss(loader.get(step), accumulate)
 
     step_fn.loader = loader
     return distiller, data, sampler, loop, step_fn
+
+
+def mask_deviations(distiller, data) -> dict:
+    """Named deviations of the segment masks: ``lift.masks: auto`` on scenes without instance maps uses
+    SLIC superpixels (the official trainer reads ``instance_segmentation/``); said once in the log."""
+    if distiller.mask_source != "auto":
+        return {}
+    missing = [s for s in data.scene_ids if not data.has(s, "instance")]
+    if not missing:
+        return {}
+    log.warning(
+        "splat_distill: %d of %d training scenes have no instance maps (e.g. %s): their segment masks are SLIC "
+        "superpixels (method.lift.masks=auto), not the official instance_segmentation/ masks; computed by the "
+        "data loader, recorded as deviation 'slic_masks'",
+        len(missing),
+        len(data.scene_ids),
+        missing[0],
+    )
+    return {
+        "slic_masks": {
+            "key": "method.lift.masks",
+            "anchor": "instance",
+            "value": "slic",
+            "scenes": len(missing),
+            "why": "scenes without instance maps (instance_segmentation/ or render_instance/): SLIC superpixels",
+        }
+    }
+
+
+def matmul_precision(cfg, device: str) -> str:
+    """The official trainer's float32 matmul precision (``torch.set_float32_matmul_precision('high')``,
+    Splat-and-Distill ``src/main.py``): TF32 on CUDA for ``precision: 32`` and ``bf16-mixed``;
+    ``precision: 32-true`` keeps full float32. Returns the record's name of the training precision."""
+    p = str(cfg.precision)
+    if not str(device).startswith("cuda"):
+        return p
+    if p == "32-true":
+        torch.set_float32_matmul_precision("highest")
+        return "32-true"
+    torch.set_float32_matmul_precision("high")
+    return "tf32" if p in ("32", "fp32") else f"{p}+tf32"
 
 
 def distiller_size(m, data):
@@ -113,10 +162,18 @@ class SplatDistill:
     trains = True
 
     def fit(self, backbone, cfg: DictConfig, workdir: Path, stop_after: Optional[int] = None):
-        from .diagnostics import Diagnostics
-
         device = start_run(cfg)
         workdir = Path(workdir)
+        before = torch.get_float32_matmul_precision()
+        precision = matmul_precision(cfg, device)
+        try:
+            return self._fit(backbone, cfg, workdir, stop_after, device, precision)
+        finally:
+            torch.set_float32_matmul_precision(before)  # evaluation keeps the process's own setting
+
+    def _fit(self, backbone, cfg: DictConfig, workdir: Path, stop_after, device: str, precision: str):
+        from .diagnostics import Diagnostics
+
         distiller, data, _, loop, step_fn = build_training(backbone, cfg, workdir, device)
         from bench import distributed as dist
 
@@ -160,7 +217,15 @@ class SplatDistill:
         sd = out.model.state_dict()
         result = diag.finish(out, {k: sd[k] for k in distiller.initial_weights}, history)
         result["student_grid"] = list(grid)
-        self.train_info = {"diagnostics": result}
+        self.train_info = {
+            "diagnostics": result,
+            "training": {
+                "precision": precision,
+                "accumulate": distiller.accumulate,
+                "micro_batch": dist.per_rank_batch(int(cfg.method.optim.batch_size)) // distiller.accumulate,
+                "deviations": distiller.deviations,
+            },
+        }
         if loop.main:  # rank 0 alone writes
             write_json(workdir / "history.json", history)
             write_json(workdir / "diagnostics.json", result)

@@ -77,10 +77,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--precision",
         nargs="+",
         default=["32"],
-        choices=["32", "bf16-mixed"],
-        help="precisions to compare on the 'demo' variant (bf16-mixed = autocast of the backbones)",
+        choices=["32", "tf32", "bf16-mixed"],
+        help="precisions to compare on the 'demo' variant (32 = full float32 matmuls; tf32 = float32 with TF32 "
+        "matmuls on CUDA, the official trainer's setting; bf16-mixed = autocast of the backbones, TF32 elsewhere)",
     )
-    p.add_argument("--workers", type=int, default=1, help="loader worker processes (loader.workers)")
+    p.add_argument("--workers", default="1", help="loader worker processes (loader.workers: an int or auto)")
     p.add_argument("overrides", nargs="*", help="extra hydra overrides applied to every variant")
 
 
@@ -90,10 +91,14 @@ def _measure(overrides: List[str], steps: int, warmup: int):
     from bench.runner import resolve_device
     from bench.seed import seed_everything
 
-    from bench.train import memory_mb
+    from bench.train import memory_mb, reset_peak_memory
 
     from .method import build_training
 
+    prec = next((o.split("=", 1)[1] for o in overrides if o.startswith("precision=")), "32")
+    if prec == "tf32":  # precision 32 with TF32 matmuls (the official trainer's setting on CUDA)
+        overrides = [o for o in overrides if not o.startswith("precision=")] + ["precision=32"]
+    torch.set_float32_matmul_precision("highest" if prec in ("32", "32-true") else "high")
     cfg = compose(
         [
             "method=splat_distill",
@@ -107,6 +112,7 @@ def _measure(overrides: List[str], steps: int, warmup: int):
     )
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg)
+    reset_peak_memory(device)  # this measurement's peak, not an earlier variant's or the parent process's
     backbone = build_backbone(cfg.backbone)
     with tempfile.TemporaryDirectory() as tmp:
         distiller, *_, loop, step_fn = build_training(backbone, cfg, Path(tmp), device)
@@ -146,7 +152,13 @@ def _rank_worker(
     import os
 
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS=str(max(threads // world, 1)),
     )
     torch.set_num_threads(max(threads // world, 1))
     from bench import distributed as dist
