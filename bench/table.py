@@ -20,7 +20,7 @@ from typing import List
 import pandas as pd
 from tabulate import tabulate
 
-from .errors import BenchError
+from .errors import BenchError, what_is_at
 from .io import write_text
 from .records import load_records, train_diagnostics
 
@@ -456,7 +456,7 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
 def write_leaderboard(results_dir: str | Path) -> Path:
     if not Path(results_dir).is_dir():
         raise BenchError(
-            f"results directory {results_dir} does not exist",
+            f"results directory {results_dir} {what_is_at(results_dir, 'directory')}",
             "pass an existing results directory with --results (records are in <results>/runs/)",
         )
     path = Path(results_dir) / "leaderboard.md"

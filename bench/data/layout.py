@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import DataMissingError
+from ..errors import DataMissingError, what_is_at
 from ..registry import DATASETS
 
 #: how many missing paths a message lists before summarising the rest
@@ -200,7 +200,7 @@ class FileDataset(torch.utils.data.Dataset):
         splits' indexes reference."""
         root = Path(root)
         if not root.is_dir():
-            return [f"{root} (dataset root does not exist)"]
+            return [f"{root} (dataset root {what_is_at(root, 'directory')})"]
         missing = [str(p) for p in cls.required(root, layout) if not p.exists()]
         if missing or not deep:
             return missing
@@ -223,7 +223,7 @@ class FileDataset(torch.utils.data.Dataset):
         if layout is not None or len(cls.layouts) == 1:
             return cls.missing(root, cls._layout(layout), deep)
         if not root.is_dir():
-            return [f"{root} (dataset root does not exist)"]
+            return [f"{root} (dataset root {what_is_at(root, 'directory')})"]
         out = []
         for lay in cls.layouts:
             miss = cls.missing(root, lay, deep)
