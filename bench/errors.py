@@ -88,3 +88,9 @@ def what_is_at(path, want: str = "file") -> str:
         return "is a file, not a directory" if want != "file" else "is a file"
     kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
     return f"is {kind}, not a {want}"
+
+
+def missing_file(path) -> str:
+    """'missing file <path>', or what stands there instead (e.g. '<path> is a directory, not a file')."""
+    why = what_is_at(path, "file")
+    return f"missing file {path}" if why == "does not exist" else f"{path} {why}"

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import DataMissingError, what_is_at
+from ..errors import DataMissingError, missing_file, what_is_at
 from ..registry import DATASETS
 
 #: how many missing paths a message lists before summarising the rest
@@ -77,7 +77,7 @@ def open_image(path: Path, fix: Optional[str] = None):
 
     path = Path(path)
     if not path.is_file():
-        raise DataMissingError(f"missing file {path}", fix or LAYOUT_FIX)
+        raise DataMissingError(missing_file(path), fix or LAYOUT_FIX)
     try:
         with Image.open(path) as img:
             img.load()
@@ -342,7 +342,7 @@ def load_npz(path: Path, fix: Optional[str] = None, keys: Sequence[str] = ()) ->
     is a :class:`DataMissingError` (``fix``: how to repair)."""
     path = Path(path)
     if not path.is_file():
-        raise DataMissingError(f"missing file {path}", fix or "see `python -m bench data <name>` for the layout")
+        raise DataMissingError(missing_file(path), fix or "see `python -m bench data <name>` for the layout")
     try:
         with np.load(path, allow_pickle=False) as z:
             out = {k: z[k] for k in z.files}

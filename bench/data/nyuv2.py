@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..errors import DataMissingError, what_is_at
+from ..errors import DataMissingError, missing_file
 from ..safe_pickle import PickleRefused, load_plain_pickle
 from .layout import FileDataset, read_depth_png, read_label_png, read_lines, read_rgb, register_reader
 
@@ -68,7 +68,7 @@ def _load_pkl(path: Path) -> Dict[str, Any]:
     if path not in _PKL_CACHE:
         if not path.is_file():
             raise DataMissingError(
-                f"missing file {path} (it {what_is_at(path, 'file')})",
+                missing_file(path),
                 "build it with Probe3D's data_processing/create_nyu_pkl.py",
             )
         try:
@@ -235,9 +235,7 @@ images/validation/*.png         annotations/validation/*.png""",
                 depth = torch.from_numpy(np.asarray(m["depth"], dtype=np.float32)[:480, :640].copy())
                 normals = torch.from_numpy(np.asarray(m["norm"], dtype=np.float32)[:480, :640].copy()).permute(2, 0, 1)
             except FileNotFoundError:
-                raise DataMissingError(
-                    f"missing file {ref}", "re-extract the GeoNet archives into nyu_geonet/"
-                ) from None
+                raise DataMissingError(missing_file(ref), "re-extract the GeoNet archives into nyu_geonet/") from None
             except (ValueError, KeyError, OSError, TypeError) as e:
                 raise DataMissingError(
                     f"cannot read GeoNet frame {ref} ({type(e).__name__}: {e})",
