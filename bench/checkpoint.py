@@ -33,8 +33,9 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         path = resolve_hf_path(path_s)
     path = Path(path)
     if not path.is_file():
+        why = what_is_at(path, "file")
         raise CheckpointError(
-            f"checkpoint file {path} {what_is_at(path, 'file')}",
+            f"checkpoint file not found: {path}" if why == "does not exist" else f"checkpoint file {path} {why}",
             "pass an existing file (or hf://org/repo/file) as the checkpoint path",
         )
     try:
