@@ -33,8 +33,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 
 from bench.checkpoint import StateDict, load_state_dict_strict, read_state_dict
-from bench.errors import BenchError, CheckpointError
+from bench.errors import BenchError, CheckpointError, what_is_at
 from bench.registry import METHODS
+from bench.safe_pickle import PickleRefused, load_torch
 
 PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "teacher.", "student.")
 
@@ -211,12 +212,12 @@ def read_mef_checkpoint(path: Path, source: str) -> Dict[str, Any]:
     bookkeeping (epoch, optimizer_states, ...), which is ignored. Any other tensor, a missing or
     unpaired index, or extra/missing conv keys is an error."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+        ck = load_torch(path)  # Lightning bookkeeping objects are skipped, never run (bench/safe_pickle.py)
+    except PickleRefused as e:
         raise CheckpointError(
-            f"cannot read {source}: {type(e).__name__}: {e}",
+            f"cannot read {source}: {e}",
             "pass MEF's released .ckpt (e.g. hf://qq456cvb/3DCorrEnhance/dinov2_base.ckpt)",
-        ) from e
+        ) from None
     if not isinstance(ck, dict) or not isinstance(ck.get("state_dict"), dict):
         raise CheckpointError(
             f"{source} is not an MEF checkpoint (no 'state_dict' dict)",
@@ -299,7 +300,9 @@ class MEFOfficial(OfficialCheckpoint):
             info.setdefault("repo", parse_hf_path(ref)[0])
         source = f"method={cfg.method.name} checkpoint {ref}"
         if not path.is_file():
-            raise CheckpointError(f"{source}: file not found", "pass an existing file or hf://org/repo/file")
+            raise CheckpointError(
+                f"{source}: {path} {what_is_at(path, 'file')}", "pass an existing file or hf://org/repo/file"
+            )
         ck = read_mef_checkpoint(path, source)
         blocks = len(ck["A"]) // 2
         if blocks > backbone.num_blocks:

@@ -14,7 +14,8 @@ from typing import Callable, Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, what_is_at
+from .safe_pickle import PickleRefused, describe_skipped, load_torch
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -32,8 +33,10 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         path = resolve_hf_path(path_s)
     path = Path(path)
     if not path.is_file():
+        why = what_is_at(path, "file")
         raise CheckpointError(
-            f"checkpoint file not found: {path}", "pass an existing file (or hf://org/repo/file) as the checkpoint path"
+            f"checkpoint file not found: {path}" if why == "does not exist" else f"checkpoint file {path} {why}",
+            "pass an existing file (or hf://org/repo/file) as the checkpoint path",
         )
     try:
         if path.suffix == ".safetensors":
@@ -41,7 +44,12 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
 
             sd = load_file(str(path))
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = load_torch(path)  # never runs code the file names (bench/safe_pickle.py)
+    except PickleRefused as e:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {e}",
+            "pass a safetensors file or a torch.save'd state dict (bench reads only tensors and plain containers)",
+        ) from None
     except Exception as e:  # corrupt or foreign file
         raise CheckpointError(
             f"cannot read checkpoint {path}: {type(e).__name__}: {e}", "re-download or re-create the file"
@@ -51,8 +59,10 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
             sd = sd[key]
             break
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        skipped = describe_skipped(sd)
         raise CheckpointError(
-            f"{path} does not hold a flat state dict of tensors",
+            f"{path} does not hold a flat state dict of tensors"
+            + (f" (it names {skipped}, which bench does not load)" if skipped else ""),
             "save the model's state_dict() (or a dict with a 'model'/'state_dict' entry)",
         )
     return dict(sd)

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import submitit
-from submitit.core import utils as submitit_utils
 
 from .errors import ClusterError
+from .safe_pickle import load_plain_pickle
 
 log = logging.getLogger("bench.cluster")
 
@@ -194,8 +194,8 @@ def _read_outcome(job: submitit.Job) -> Tuple[Optional[str], Any]:
     path = job.paths.result_pickle
     if not path.exists():
         return None, None
-    try:
-        return submitit_utils.pickle_load(path)
+    try:  # plain containers only (what bench's jobs return): a result naming any class is refused, not run
+        return load_plain_pickle(path)
     except Exception as e:  # a torn/unreadable pickle is a failure of that job, not of the sweep
         return "error", f"unreadable result {path}: {e}"
 

@@ -7,6 +7,8 @@ else in bench prints tracebacks for user mistakes.
 
 from __future__ import annotations
 
+import os
+import stat
 from typing import Iterable
 
 
@@ -90,3 +92,30 @@ def choice(key: str, value, choices) -> str:
     if v not in choices:
         raise BenchError(f"{key}='{v}' is not a choice", f"use one of {tuple(choices)}")
     return v
+
+
+def what_is_at(path, want: str = "file") -> str:
+    """What stands at ``path`` when it is not the ``want`` ('file' or 'directory') a message expected:
+    'does not exist', 'is a directory, not a file', 'is a broken symbolic link', ..."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "is a broken symbolic link" if os.path.islink(path) else "does not exist"
+    except NotADirectoryError:
+        return "does not exist (a parent of it is a file, not a directory)"
+    except PermissionError:
+        return "cannot be reached (permission denied on a parent directory)"
+    except OSError as e:
+        return f"cannot be examined ({e.strerror or e})"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a directory, not a file" if want == "file" else "is a directory"
+    if stat.S_ISREG(st.st_mode):
+        return "is a file, not a directory" if want != "file" else "is a file"
+    kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+    return f"is {kind}, not a {want}"
+
+
+def missing_file(path) -> str:
+    """'missing file <path>', or what stands there instead (e.g. '<path> is a directory, not a file')."""
+    why = what_is_at(path, "file")
+    return f"missing file {path}" if why == "does not exist" else f"{path} {why}"

@@ -1,6 +1,8 @@
 """Atomic file writes: temp file in the same directory, fsync, rename.
 
-A crash mid-write leaves either the old file or the new one, never a torn one.
+A crash mid-write leaves either the old file or the new one, never a torn one. A writer killed
+mid-write (SIGKILL) leaves its hidden temp file behind; the next write into that directory removes it
+(:func:`remove_stale_temps`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ import contextlib
 import errno
 import json
 import os
+import re
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -30,12 +35,71 @@ def _umask() -> int:
     return mask
 
 
+#: bench's temp names: ``.<target name>.<host>-<pid>.<random>.tmp`` (the writer's host and process id)
+_TEMP_NAME = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+#: a temp file is stale when its writer is gone and it has not changed for this long (seconds) ...
+STALE_AFTER_S = 10 * 60
+#: ... or, written on another host (a shared file system: its process cannot be checked), for this long
+STALE_OTHER_HOST_S = 24 * 3600
+_SWEPT: set = set()
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or an impossible pid: keep the file)
+    return True
+
+
+def remove_stale_temps(directory: str | os.PathLike, now: float | None = None) -> list:
+    """Delete bench's own temp files in ``directory`` left by writers that died (SIGKILL, power loss):
+    bench's temp-name pattern only, unchanged for :data:`STALE_AFTER_S` and written by a process of this
+    host that is no longer alive (another host's: unchanged for :data:`STALE_OTHER_HOST_S`). Returns the
+    removed paths; errors (a file removed meanwhile, no permission) are ignored."""
+    now = time.time() if now is None else now
+    host, removed = _host(), []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for e in entries:
+        m = _TEMP_NAME.match(e.name)
+        if not m:
+            continue
+        try:
+            if not e.is_file(follow_symlinks=False):
+                continue
+            age = now - e.stat(follow_symlinks=False).st_mtime
+            if m.group("host") == host:
+                stale = age > STALE_AFTER_S and int(m.group("pid")) != os.getpid() and not _alive(int(m.group("pid")))
+            else:
+                stale = age > STALE_OTHER_HOST_S
+            if stale:
+                os.unlink(e.path)
+                removed.append(e.path)
+        except OSError:
+            continue
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; on success rename it onto ``path``."""
+    """Yield a temp path next to ``path``; on success rename it onto ``path``. The first write of this
+    process into a directory also removes the stale temp files of dead writers there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    key = os.path.abspath(path.parent)
+    if key not in _SWEPT:
+        _SWEPT.add(key)
+        remove_stale_temps(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_host()}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:

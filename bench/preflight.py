@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator, Mapping, Tuple
 from omegaconf import DictConfig
 
 from .config import to_container
-from .errors import BenchError, CheckpointError
+from .errors import BenchError, CheckpointError, what_is_at
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # method keys that set how long/how much a method trains: must be positive integers
@@ -276,8 +276,9 @@ def check_inputs(cfg: DictConfig) -> None:
     elif (
         isinstance(w, str) and w not in ("hub", "none", "package", "random", "") and not Path(w).expanduser().is_file()
     ):
+        why = what_is_at(Path(w).expanduser(), "file")
         raise CheckpointError(
-            f"backbone weights file not found: {w}",
+            f"backbone weights file not found: {w}" if why == "does not exist" else f"backbone weights {w} {why}",
             "pass an existing file as backbone.weights=/path/to/file (or hub / hf://org/repo/file)",
         )
     for ref in dict.fromkeys(refs):

@@ -14,13 +14,14 @@ and are shown in rows marked *published*.
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from pathlib import Path
 from typing import List
 
 import pandas as pd
 from tabulate import tabulate
 
-from .errors import BenchError
+from .errors import BenchError, what_is_at
 from .io import write_text
 from .records import load_records, train_diagnostics
 
@@ -30,15 +31,23 @@ REFERENCE_COLUMNS = ["source", "method", "backbone", "task", "metric", "value", 
 LEGACY = "legacy"
 
 
+def md_text(text: str) -> str:
+    """``text`` as literal Markdown table-cell text: HTML (``& < >``) as entities; the cell separator ``|``,
+    backslash, backtick and ``*`` backslash-escaped; line breaks as spaces."""
+    text = " ".join(str(text).split())
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return re.sub(r"([\\|`*])", r"\\\1", text)
+
+
 def record_identity(rec) -> tuple:
     """(cell, row, recipe) of a record; a legacy record's cell/row is its (method, backbone, task,
-    protocol, seed) key, marked legacy."""
+    protocol, seed) key, marked legacy. The recipe's user-given label is escaped for Markdown."""
     ident = rec.get("identity")
     if isinstance(ident, dict):
         return (
             ident["cell"],
             ident["row"],
-            f"{ident.get('label') or 'default'} `{ident.get('short', ident['row'][:8])}`",
+            f"{md_text(ident.get('label') or 'default')} `{ident.get('short', ident['row'][:8])}`",
         )
     proto = (rec.get("protocol") or {}).get("name", "default")
     key = f"{LEGACY}:{rec['method']}/{rec['backbone']}/{rec['task']}/{proto}"
@@ -484,7 +493,7 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
 def write_leaderboard(results_dir: str | Path) -> Path:
     if not Path(results_dir).is_dir():
         raise BenchError(
-            f"results directory {results_dir} does not exist",
+            f"results directory {results_dir} {what_is_at(results_dir, 'directory')}",
             "pass an existing results directory with --results (records are in <results>/runs/)",
         )
     path = Path(results_dir) / "leaderboard.md"

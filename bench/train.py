@@ -186,11 +186,13 @@ class Checkpointer:
         return path
 
     def load(self, path: Union[str, Path]) -> Dict[str, Any]:
+        from .safe_pickle import PickleRefused, load_torch
+
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
+            return load_torch(path)  # bench's own file; read without running code all the same
+        except PickleRefused as e:
             raise CheckpointError(
-                f"cannot read training checkpoint {path}: {type(e).__name__}: {e}",
+                f"cannot read training checkpoint {path}: {e}",
                 f"delete {path} to resume from the previous checkpoint, or delete the workdir to start over",
             ) from e
 

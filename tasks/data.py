@@ -54,7 +54,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from bench.config import to_container
-from bench.errors import DataMissingError
+from bench.errors import DataMissingError, what_is_at
 from bench.registry import DATASETS
 
 
@@ -65,7 +65,7 @@ def check_dataset(ds_cfg: Any) -> None:
     if name == "synthetic":
         return  # generated on demand
     if not root.is_dir():
-        missing = [f"{root} (dataset root does not exist)"]
+        missing = [f"{root} (dataset root {what_is_at(root, 'directory')})"]
     elif name == "scannetpp":
         missing = [str(root / f) for f in _scene_split_files(node) if not (root / f).is_file()]
     else:

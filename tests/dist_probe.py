@@ -1,4 +1,5 @@
-"""Worker of tests/test_distributed_probe.py, started as ``torchrun --standalone --nproc_per_node=N``.
+"""Worker of tests/test_distributed_probe.py, started by ``tests/loopback.py:torchrun`` (loopback only; each
+rank's stdout in its own file, so the lines below are whole lines of one rank).
 
 ``python tests/dist_probe.py ROOT TASK STOP_AFTER overrides...`` evaluates TASK (a dense probe) on the
 frozen, seeded backbone of the overrides with ``DenseTask.evaluate(workdir=ROOT/work)`` (resuming from

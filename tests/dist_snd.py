@@ -1,4 +1,5 @@
-"""Worker of tests/test_distributed.py, started as ``torchrun --standalone --nproc_per_node=N``.
+"""Worker of tests/test_distributed.py, started by ``tests/loopback.py:torchrun`` (loopback only; each rank's
+stdout in its own file).
 
 ``python tests/dist_snd.py WORKDIR OUT.pt STOP_AFTER overrides...`` trains the configured method
 (Splat-and-Distill, MEF) in WORKDIR (resuming from it), and rank 0 saves the trained weights to OUT.pt. Ranks other than 0
@@ -29,7 +30,7 @@ def _watch(root: str) -> list:
         if path is None or isinstance(path, int):
             return
         p = os.path.abspath(os.fsdecode(path))
-        if p.startswith(root):
+        if p == root or p.startswith(root.rstrip(os.sep) + os.sep):
             seen.append([event, p])
 
     sys.addaudithook(hook)

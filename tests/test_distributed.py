@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import torch
 
 from bench.config import compose
 from bench.loader import StepLoader
+from loopback import tagged, torchrun
 from methods.splat_distill.views import ViewSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,23 +58,10 @@ def _overrides(root, steps=4):
 
 
 def _torchrun(workdir, out, stop_after, overrides, nproc=2):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        str(ROOT / "tests" / "dist_snd.py"),
-        str(workdir),
-        str(out),
-        str(stop_after),
-        *overrides,
-    ]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(ROOT))
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    writes = [json.loads(line[len("WRITES ") :]) for line in p.stdout.splitlines() if line.startswith("WRITES ")]
-    assert len(writes) == nproc - 1, p.stdout[-2000:]
+    """Loopback only, one output file per rank (tests/loopback.py); the ranks > 0's WRITES lists."""
+    logs = torchrun([str(ROOT / "tests" / "dist_snd.py"), str(workdir), str(out), str(stop_after), *overrides], nproc)
+    writes = [json.loads(x) for r in range(1, nproc) for x in tagged(logs[r], "WRITES")]
+    assert len(writes) == nproc - 1 and not tagged(logs[0], "WRITES"), logs
     return writes
 
 
@@ -203,6 +189,7 @@ def _worker_allreduce(rank, world, port, out):
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own sockets on loopback
     bd.init("cpu")
     p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
     p.grad = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1)  # q.grad missing on every rank -> None (DDP)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from bench.backbones import build_backbone
 from bench.config import compose
 from bench.registry import TASKS
 from bench.seed import seed_everything
+from loopback import tagged, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 #: float tolerance of "same probe": the same sums taken in another order (two ranks vs one batch)
@@ -60,24 +60,19 @@ def _single(tmp_path, task, work):
 
 
 def _torchrun(args, nproc=2, module=False):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:  # a free loopback port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1"]
-    cmd += [f"--master_port={port}", "--nnodes=1", *(["-m"] if module else []), *args]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(ROOT))
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout + p.stderr
+    """{rank: its output}: loopback only, one file per rank (tests/loopback.py)."""
+    return torchrun(args, nproc=nproc, module=module)
 
 
 def _dist(tmp_path, task, root, stop_after=0, cache="cache"):
     out = _torchrun(
         [str(ROOT / "tests" / "dist_probe.py"), str(root), task, str(stop_after), *_ov(tmp_path, task, cache)]
     )
-    writes = [json.loads(x[len("WRITES ") :]) for x in out.splitlines() if x.startswith("WRITES ")]
-    metrics = [json.loads(x[len("METRICS ") :]) for x in out.splitlines() if x.startswith("METRICS ")]
+    writes = [json.loads(x) for x in tagged(out[1], "WRITES")]
+    metrics = [json.loads(x) for x in tagged(out[0], "METRICS")]
     assert writes == [[]], writes  # rank 1 created, wrote, renamed or deleted nothing under root
+    assert not tagged(out[0], "WRITES") and not tagged(out[1], "METRICS")  # each rank says only its own
+    assert len(metrics) == 1, out[0][-2000:]
     return metrics[0]
 
 
@@ -180,7 +175,7 @@ def test_torchrun_bench_run_writes_one_record_of_a_two_rank_probe(tmp_path):
         ],
         module=True,
     )
-    assert "so rank 0 trains it alone; set samples_per_gpu for a data-parallel probe" in out
+    assert "so rank 0 trains it alone; set samples_per_gpu for a data-parallel probe" in out[0]
     (normals,) = [json.loads(p.read_text()) for p in (results / "runs").glob("*synth_normals*.json")]
     assert normals["distributed"]["probe"]["world_size"] == 1 and normals["distributed"]["world_size"] == 2
     cfg = compose(["task=synth_normals", *ov])

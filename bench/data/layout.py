@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import DataMissingError
+from ..errors import DataMissingError, missing_file, what_is_at
 from ..registry import DATASETS
 
 #: how many missing paths a message lists before summarising the rest
@@ -77,7 +77,7 @@ def open_image(path: Path, fix: Optional[str] = None):
 
     path = Path(path)
     if not path.is_file():
-        raise DataMissingError(f"missing file {path}", fix or LAYOUT_FIX)
+        raise DataMissingError(missing_file(path), fix or LAYOUT_FIX)
     try:
         with Image.open(path) as img:
             img.load()
@@ -200,7 +200,7 @@ class FileDataset(torch.utils.data.Dataset):
         splits' indexes reference."""
         root = Path(root)
         if not root.is_dir():
-            return [f"{root} (dataset root does not exist)"]
+            return [f"{root} (dataset root {what_is_at(root, 'directory')})"]
         missing = [str(p) for p in cls.required(root, layout) if not p.exists()]
         if missing or not deep:
             return missing
@@ -223,7 +223,7 @@ class FileDataset(torch.utils.data.Dataset):
         if layout is not None or len(cls.layouts) == 1:
             return cls.missing(root, cls._layout(layout), deep)
         if not root.is_dir():
-            return [f"{root} (dataset root does not exist)"]
+            return [f"{root} (dataset root {what_is_at(root, 'directory')})"]
         out = []
         for lay in cls.layouts:
             miss = cls.missing(root, lay, deep)
@@ -342,7 +342,7 @@ def load_npz(path: Path, fix: Optional[str] = None, keys: Sequence[str] = ()) ->
     is a :class:`DataMissingError` (``fix``: how to repair)."""
     path = Path(path)
     if not path.is_file():
-        raise DataMissingError(f"missing file {path}", fix or "see `python -m bench data <name>` for the layout")
+        raise DataMissingError(missing_file(path), fix or "see `python -m bench data <name>` for the layout")
     try:
         with np.load(path, allow_pickle=False) as z:
             out = {k: z[k] for k in z.files}

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cameras import crop_intrinsics, quat_to_rotmat, relative_rotation_deg, scale_intrinsics, unproject_depth
-from ..errors import DataMissingError
+from ..errors import DataMissingError, missing_file
 from .layout import FileDataset, read_array, read_rgb, register_reader
 
 
@@ -103,8 +103,8 @@ def _load_annotations(path: Path) -> Dict[str, Dict[str, Any]]:
     try:
         data = json.loads(path.read_text())
         return {Path(a["filename"]).stem: a for a in data}
-    except FileNotFoundError:
-        raise DataMissingError(f"missing file {path}", "re-extract navi_v1.0.tar.gz") from None
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise DataMissingError(missing_file(path), "re-extract navi_v1.0.tar.gz") from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DataMissingError(
             f"cannot parse {path} ({type(e).__name__}: {e})",

@@ -4,8 +4,9 @@
   per frame with ``img``, ``depth``, ``norm``; read with scipy, no HDF5 needed), testing on the 654
   labelled test frames from ``nyuv2_snorm_all.pkl``, the pickle Probe3D's ``create_nyu_pkl.py`` builds
   from ``nyu_depth_v2_labeled.mat`` (raw depth) and the Ladicky/FAIR surface normals. We read that
-  pickle rather than the v7.3 ``.mat`` (HDF5) so that h5py is not needed. A pickle runs code when
-  loaded: only point this at a file you built yourself.
+  pickle rather than the v7.3 ``.mat`` (HDF5) so that h5py is not needed. It is read with an allow-list
+  (numpy arrays and scalars, plain containers; :func:`bench.safe_pickle.load_plain_pickle`): a pickle that
+  names anything else is refused, nothing it names is run.
   Splits as Probe3D: sort the GeoNet files, drop two corrupt frames (sorted indices 21181 and 6919, only
   when the full release is present), ``valid`` = every 20th frame, ``train`` = the rest, ``trainval`` =
   all; ``test`` = the pickle's ``test_indices``.
@@ -32,14 +33,14 @@ Samples: ``image`` [3,H,W] in [0,1], ``K`` [3,3] (the NYU Kinect intrinsics), an
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from ..errors import DataMissingError
+from ..errors import DataMissingError, missing_file
+from ..safe_pickle import PickleRefused, load_plain_pickle
 from .layout import FileDataset, read_depth_png, read_label_png, read_lines, read_rgb, register_reader
 
 #: NYUv2 Kinect colour intrinsics at 640x480 (as used by the depth toolbox), pixel centres at +0.5
@@ -65,14 +66,18 @@ def geonet_rgb(img: np.ndarray) -> np.ndarray:
 def _load_pkl(path: Path) -> Dict[str, Any]:
     path = path.resolve()
     if path not in _PKL_CACHE:
-        try:
-            with open(path, "rb") as f:
-                data = pickle.load(f)
-        except FileNotFoundError:
+        if not path.is_file():
             raise DataMissingError(
-                f"missing file {path}", "build it with Probe3D's data_processing/create_nyu_pkl.py"
+                missing_file(path),
+                "build it with Probe3D's data_processing/create_nyu_pkl.py",
+            )
+        try:
+            data = load_plain_pickle(path, numpy=True)  # numpy arrays and plain containers only: nothing runs
+        except PickleRefused as e:
+            raise DataMissingError(
+                f"cannot read {path}: {e}", "rebuild it with Probe3D's data_processing/create_nyu_pkl.py"
             ) from None
-        except (pickle.UnpicklingError, EOFError, OSError) as e:
+        except OSError as e:
             raise DataMissingError(f"cannot read {path} ({e})", "rebuild it with create_nyu_pkl.py") from None
         keys = {"images", "depths", "snorms", "test_indices"}
         if not isinstance(data, dict) or not keys <= set(data):
@@ -230,9 +235,7 @@ images/validation/*.png         annotations/validation/*.png""",
                 depth = torch.from_numpy(np.asarray(m["depth"], dtype=np.float32)[:480, :640].copy())
                 normals = torch.from_numpy(np.asarray(m["norm"], dtype=np.float32)[:480, :640].copy()).permute(2, 0, 1)
             except FileNotFoundError:
-                raise DataMissingError(
-                    f"missing file {ref}", "re-extract the GeoNet archives into nyu_geonet/"
-                ) from None
+                raise DataMissingError(missing_file(ref), "re-extract the GeoNet archives into nyu_geonet/") from None
             except (ValueError, KeyError, OSError, TypeError) as e:
                 raise DataMissingError(
                     f"cannot read GeoNet frame {ref} ({type(e).__name__}: {e})",

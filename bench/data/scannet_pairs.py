@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..cameras import scale_intrinsics
-from ..errors import DataMissingError
+from ..errors import DataMissingError, missing_file
 from .layout import FileDataset, load_npz, read_depth_png, read_rgb, register_reader
 
 
@@ -45,8 +45,8 @@ def read_pose(path: Path) -> torch.Tensor:
     """A 4x4 camera-to-world text matrix."""
     try:
         T = np.loadtxt(path, dtype=np.float64).reshape(4, 4)
-    except FileNotFoundError:
-        raise DataMissingError(f"missing file {path}", "re-extract scannet_test_1500.tar") from None
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise DataMissingError(missing_file(path), "re-extract scannet_test_1500.tar") from None
     except ValueError as e:
         raise DataMissingError(f"cannot parse pose {path} ({e})", "expected a 4x4 matrix of numbers") from None
     if not np.isfinite(T).all():

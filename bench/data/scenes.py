@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..cameras import opengl_c2w_to_opencv_w2c, scale_intrinsics
-from ..errors import DataMissingError
+from ..errors import DataMissingError, what_is_at
 from .layout import load_npz, open_image, register_command
 
 __all__ = ["MultiViewScenes", "ViewDataset", "MAP_DIRS", "SCANNETPP_HELP", "export_snd_layout"]
@@ -131,7 +131,7 @@ class MultiViewScenes:
     ):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise DataMissingError(f"data root {self.root} does not exist", self._fix())
+            raise DataMissingError(f"data root {self.root} {what_is_at(self.root, 'directory')}", self._fix())
         self.size = (int(size[0]), int(size[1])) if size is not None else None
         self.scene_root = self._scene_root()
         if scene_ids is None:
@@ -407,7 +407,8 @@ def _cli(args: argparse.Namespace) -> int:
     if not root.is_dir():
         print(SCANNETPP_HELP)
         raise DataMissingError(
-            f"ScanNet++ root {root} does not exist", "download and prepare ScanNet++ as printed above, then pass --root"
+            f"ScanNet++ root {root} {what_is_at(root, 'directory')}",
+            "download and prepare ScanNet++ as printed above, then pass --root",
         )
     try:
         ds = MultiViewScenes(root, args.scenes)

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import DataMissingError
+from ..errors import DataMissingError, missing_file
 from .layout import FileDataset, read_rgb, register_reader
 
 CATEGORIES = (
@@ -59,8 +59,8 @@ SPLIT_DIRS = {"train": "trn", "val": "val", "test": "test"}
 def _read_json(path: Path) -> Dict[str, Any]:
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataMissingError(f"missing file {path}", "re-extract SPair-71k.tar.gz") from None
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise DataMissingError(missing_file(path), "re-extract SPair-71k.tar.gz") from None
     except json.JSONDecodeError as e:
         raise DataMissingError(
             f"cannot parse {path} ({e})", "the file is corrupt: re-extract SPair-71k.tar.gz"

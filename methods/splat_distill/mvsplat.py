@@ -32,7 +32,6 @@ Everything in the depth predictor runs in (view, batch) order, as in MVSplat. En
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
@@ -42,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.errors import BenchError, CheckpointError
+from bench.errors import BenchError, CheckpointError, what_is_at
+from bench.safe_pickle import PickleRefused, load_torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -621,7 +621,7 @@ class MVSplatEncoder(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(
-                f"MVSplat checkpoint {path} does not exist",
+                f"MVSplat checkpoint {path} {what_is_at(path, 'file')}",
                 "download MVSplat's re10k.ckpt (github donydchen/mvsplat, README 'pretrained "
                 "models') and pass its path as method.reconstructor.checkpoint",
             )
@@ -630,12 +630,13 @@ class MVSplatEncoder(nn.Module):
                 from safetensors.torch import load_file
 
                 sd: Any = load_file(str(path))
-            else:
-                try:
-                    sd = torch.load(path, map_location="cpu", weights_only=True)
-                except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError):  # Lightning
-                    # checkpoints may pickle hyper-parameter objects that the safe reader refuses
-                    sd = torch.load(path, map_location="cpu", weights_only=False)
+            else:  # a Lightning checkpoint's hyper-parameter objects are skipped, never run
+                sd = load_torch(path)
+        except PickleRefused as e:
+            raise CheckpointError(
+                f"cannot read MVSplat checkpoint {path}: {e}",
+                "pass MVSplat's re10k.ckpt (a Lightning checkpoint) or a safetensors/pt file of its encoder.* weights",
+            ) from None
         except Exception as e:
             raise CheckpointError(
                 f"cannot read MVSplat checkpoint {path}: {type(e).__name__}: {e}",

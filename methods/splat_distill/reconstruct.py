@@ -29,7 +29,7 @@ from torch import nn
 
 from bench.cameras import invert_rigid, pixel_grid, project_points, scale_intrinsics, unproject_depth
 from bench.checkpoint import load_state_dict_strict, read_state_dict
-from bench.errors import BenchError, CheckpointError, DataMissingError
+from bench.errors import BenchError, CheckpointError, DataMissingError, what_is_at
 
 RECONSTRUCTORS = ("depth", "learned", "mvsplat")
 
@@ -239,7 +239,7 @@ class CostVolumeReconstructor(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(
-                f"learned reconstructor checkpoint {path} does not exist",
+                f"learned reconstructor checkpoint {path} {what_is_at(path, 'file')}",
                 f"pretrain it: `python -m bench pretrain-reconstructor --out {path}` "
                 "(or use method.reconstructor.name=depth)",
             )

@@ -9,7 +9,16 @@
 # Runs as root (the daemons run as root, no systemd). All keys, sockets, state, databases and
 # logs live in DIR; nothing in /etc, /run or /var is used. Ports are picked free at start.
 # Accounting (slurmdbd + MariaDB) is what lets submitit notice cancelled/timed-out jobs: it polls
-# `sacct` only. Facts this relies on: /work/shared/docs/ENVIRONMENT.md (SLURM + submitit).
+# `sacct` only.
+#
+# Every daemon listens on loopback only. MariaDB: --bind-address=127.0.0.1, and its `slurm` user may
+# touch only slurmdbd's own database (slurm_acct_db). SLURM: CommunicationParameters=NoCtldInAddrAny,
+# NoInAddrAny makes slurmctld, slurmd and slurmdbd bind the address the host name resolves to instead
+# of INADDR_ANY (slurm_setup_addr in SchedMD/slurm src/common/slurm_protocol_api.c uses gethostname()),
+# so the cluster uses that address when it is a loopback one (127.0.0.0/8, as in containers and Debian's
+# /etc/hosts). When the host name resolves elsewhere, SLURM cannot be held on loopback: start refuses
+# unless BENCH_SLURM_ANY_ADDR=1 accepts daemons listening on all interfaces (they still authenticate
+# every request with this cluster's private munge key).
 set -euo pipefail
 
 PKGS=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
@@ -52,6 +61,10 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
 
+host_addr() {  # the IPv4 address the host name resolves to (what SLURM's NoInAddrAny binds)
+    python3 -c 'import socket; print(socket.gethostbyname(socket.gethostname()))' 2>/dev/null || echo unresolved
+}
+
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
     local t=$1 what=$2; shift 2
     local end=$((SECONDS + t))
@@ -80,6 +93,15 @@ do_start() {
     chmod 0700 "$D/munge"; chmod 0755 "$D/run"
     read -r P_CTLD P_SLURMD P_DBD P_SQL <<<"$(free_ports 4)"
     local sock="$D/run/munge.socket" host; host=$(hostname -s)
+    local addr comm; addr=$(host_addr)  # what NoInAddrAny binds: the host name's address
+    if [[ $addr == 127.* ]]; then
+        comm="CommunicationParameters=NoCtldInAddrAny,NoInAddrAny"
+    elif [[ ${BENCH_SLURM_ANY_ADDR:-0} == 1 ]]; then
+        echo "cluster.sh: warning: $(hostname) resolves to $addr, not loopback: the SLURM daemons listen on all interfaces (BENCH_SLURM_ANY_ADDR=1)" >&2
+        addr=127.0.0.1 comm=""
+    else
+        die "$(hostname) resolves to '$addr', not a loopback address, so SLURM cannot bind loopback only: map the host name to 127.0.0.1 in /etc/hosts, or set BENCH_SLURM_ANY_ADDR=1 to let the daemons listen on all interfaces"
+    fi
 
     # munge: key 0400 root, socket dir 0755, all under DIR
     dd if=/dev/urandom of="$D/munge/munge.key" bs=1024 count=1 status=none
@@ -99,14 +121,15 @@ do_start() {
     wait_for 30 mariadbd mariadb --no-defaults -uroot --socket="$D/run/mysql.sock" -e "SELECT 1"
     mariadb --no-defaults -uroot --socket="$D/run/mysql.sock" -e \
         "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm';
-         GRANT ALL ON *.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;"
+         GRANT ALL PRIVILEGES ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;"
 
     cat >"$D/slurmdbd.conf" <<EOF
 AuthType=auth/munge
 AuthInfo=socket=$sock
 DbdHost=localhost
-DbdAddr=127.0.0.1
+DbdAddr=$addr
 DbdPort=$P_DBD
+$comm
 SlurmUser=root
 PidFile=$D/run/slurmdbd.pid
 LogFile=$D/log/slurmdbd.log
@@ -123,8 +146,9 @@ EOF
     local node; node=$(slurmd -C | head -n 1)
     cat >"$D/slurm.conf" <<EOF
 ClusterName=$CLUSTER
-SlurmctldHost=localhost
+SlurmctldHost=localhost($addr)
 SlurmctldPort=$P_CTLD
+$comm
 SlurmdPort=$P_SLURMD
 SlurmUser=root
 SlurmdUser=root
@@ -156,10 +180,10 @@ InactiveLimit=0
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
+AccountingStorageHost=$addr
 AccountingStoragePort=$P_DBD
 AccountingStoragePass=$sock
-$node NodeAddr=127.0.0.1 State=UNKNOWN
+$node NodeAddr=$addr State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
     cat >"$D/env.sh" <<EOF
@@ -168,7 +192,7 @@ EOF
     export SLURM_CONF="$D/slurm.conf"
 
     bg slurmdbd slurmdbd -D   # reads slurmdbd.conf next to $SLURM_CONF
-    wait_for 30 slurmdbd bash -c "exec 3<>/dev/tcp/127.0.0.1/$P_DBD"
+    wait_for 30 slurmdbd bash -c "exec 3<>/dev/tcp/$addr/$P_DBD"
     bg slurmctld slurmctld -D -i -f "$D/slurm.conf"
     wait_for 30 slurmctld scontrol ping
     bg slurmd slurmd -D -N "$host" -f "$D/slurm.conf"
