@@ -34,7 +34,7 @@ import torch
 
 from bench.checkpoint import StateDict, load_state_dict_strict, read_state_dict
 from bench.errors import BenchError, CheckpointError, what_is_at
-from bench.registry import METHODS
+from bench.registry import METHODS, OFFICIAL_ADAPTERS
 from bench.safe_pickle import PickleRefused, load_torch
 
 PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "teacher.", "student.")
@@ -268,7 +268,8 @@ class MEFOfficial(OfficialCheckpoint):
     backbone's pretrained DINOv2 (MEF loads ``torch.hub`` ``dinov2_vit*14[_reg]``; bench's
     ``dinov2_vit*14[_reg]`` backbones are those weights in timm layout). The pairs are merged into the
     last blocks' ``attn.qkv`` (:func:`methods.mef.adapt.merge_official_lora`) and the conv becomes the
-    feature head (:class:`methods.mef.head.RefinedBackbone`)."""
+    feature head (:class:`methods.mef.head.RefinedBackbone`): :mod:`methods.mef.official`, reached through the
+    declared hook :data:`bench.registry.OFFICIAL_ADAPTERS`."""
 
     repo = "qq456cvb/3DCorrEnhance"
     variants = {
@@ -286,9 +287,6 @@ class MEFOfficial(OfficialCheckpoint):
         return f"dinov2_{variant}.ckpt"
 
     def fit(self, backbone, cfg, workdir: Path):
-        from methods.mef.adapt import merge_official_lora
-        from methods.mef.head import RefinedBackbone, refine_conv
-
         ref, info = self.reference(cfg)
         path = Path(ref)
         if ref.startswith("hf://"):
@@ -310,18 +308,7 @@ class MEFOfficial(OfficialCheckpoint):
                 f"{source} adapts {blocks} blocks; backbone '{backbone.name}' has {backbone.num_blocks}",
                 "pick the backbone the checkpoint was trained for (method.variant)",
             )
-        head = refine_conv(backbone.embed_dim)
-        try:
-            merge_official_lora(backbone.model, ck["A"], ck["B"], blocks)
-            load_state_dict_strict(head, ck["refine"], source=f"{source} (refine_conv)")
-        except ValueError as e:
-            raise CheckpointError(
-                f"{source} does not fit backbone '{backbone.name}': {e}",
-                "pick the backbone the checkpoint was trained for (ViT-S 384 ch, B 768, L 1024, "
-                "g 1536; *_reg for the register models)",
-            ) from None
-        for p in list(backbone.parameters()) + list(head.parameters()):
-            p.requires_grad_(False)
         self.checkpoint_ref = {"kind": "official", **info, "lora_blocks": blocks, "lora_rank": int(ck["A"][0].shape[0])}
         stride = cfg.method.export_stride
-        return RefinedBackbone(backbone.eval(), head.eval(), stride=int(stride) if stride else None)
+        adapt = OFFICIAL_ADAPTERS.get("mef")  # methods/mef/official.py (the declared hook: no method import here)
+        return adapt(backbone.eval(), ck, blocks, source, stride=int(stride) if stride else None)

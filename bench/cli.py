@@ -86,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_table(args: argparse.Namespace) -> int:
     from .records import default_results_dir
-    from .table_formats import write_table
+    from .table_output import write_table
 
     path = write_table(args.results or default_results_dir(), args.format, args.output)
     if path is not None:

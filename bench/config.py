@@ -155,14 +155,3 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     """sha256 of the canonical JSON of ``obj`` (key order does not matter)."""
     blob = json.dumps(to_container(obj), sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
-
-
-def backbone_cache_key(cfg: DictConfig) -> str:
-    """Key of a trained backbone: everything that determines its weights.
-
-    The method config (its training data identified by content, not by path), the backbone
-    config and the seed. Logging and checkpoint cadence do not count (:mod:`bench.identity`).
-    """
-    from .identity import backbone_key
-
-    return backbone_key(cfg)

@@ -440,3 +440,58 @@ def sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
         return m
 
     return convert(module)
+
+
+# --- device, precision and the start of a run (one place, as DINOv2's dinov2/distributed) ----------------
+def resolve_device(cfg) -> str:
+    want = str(cfg.get("device", "auto"))
+    if want == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError(
+            f"device={want} requested but CUDA is not available on this machine", "run with device=cpu (or device=auto)"
+        )
+    return want
+
+
+PRECISIONS = ("32", "bf16-mixed")
+
+
+def check_precision(precision: Any) -> str:
+    """``precision`` config value -> ``"32"`` or ``"bf16-mixed"`` (a clear error otherwise)."""
+    p = str(precision if precision is not None else "32")
+    if p in ("32", "fp32", "32-true"):
+        return "32"
+    if p in ("bf16-mixed", "bf16"):
+        return "bf16-mixed"
+    raise BenchError(f"precision={precision} is not a precision", f"use one of {PRECISIONS}")
+
+
+def autocast(precision: Any, device: Any):
+    """Context for backbone forward passes: bf16 autocast for ``bf16-mixed``, nothing for ``32``.
+
+    Autocast covers matmuls/convolutions only; callers keep the rasterizer and the losses in float32
+    (they cast their inputs with ``.float()``). Backward runs outside the context, as torch recommends.
+    """
+    import contextlib
+
+    if check_precision(precision) == "32":
+        return contextlib.nullcontext()
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16)
+
+
+def start_run(cfg) -> str:
+    """Common start of a method's ``fit``: seed everything from ``cfg.seed``, resolve the device, join
+    the process group of a multi-rank run (``torchrun`` / SLURM tasks; NCCL on CUDA, gloo on CPU) and,
+    on CPU, tune the allocator for the splatting engine. Returns the device string."""
+    from .seed import seed_everything
+    from .splat import tune_allocator
+
+    seed_everything(int(cfg.seed))
+    device = resolve_device(cfg)
+    check_precision(cfg.get("precision", "32"))
+    init(device, str((cfg.get("distributed") or {}).get("backend", "auto")))
+    if device == "cpu":
+        tune_allocator()
+    return device

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
+import logging
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -19,6 +22,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
+
+from .errors import BenchError
+
+log = logging.getLogger("bench")
 
 
 def _umask() -> int:
@@ -160,3 +167,53 @@ def save_safetensors(
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return write_with(path, lambda p: save_file(tensors, str(p), metadata=dict(metadata or {})))
+
+
+# --- disk space and locks of the directories bench writes --------------------------------------------------
+def _existing(path: Path) -> Path:
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def size_text(n: float) -> str:
+    """Bytes as a short human text (GiB / MiB / KiB)."""
+    for unit, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= k:
+            return f"{n / k:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def check_space(path: str | os.PathLike, need: int, what: str, fix: str) -> None:
+    """Refuse when the file system of ``path`` has less than ``need`` bytes free (``shutil.disk_usage``)."""
+    free = shutil.disk_usage(_existing(Path(path))).free
+    if need > free:
+        raise BenchError(f"{what} needs about {size_text(need)} in {path}, {size_text(free)} is free there", fix)
+
+
+def _rank() -> int:
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """Exclusive lock of a backbone workdir (``.<name>.lock`` beside it), released when the holder
+    exits or dies. Only rank 0 of a multi-process job takes it (its other ranks train with it)."""
+    if _rank() != 0:
+        yield
+        return
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    with open(workdir.parent / f".{workdir.name}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is training %s; waiting for it to finish", workdir)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator, Mapping, Tuple
 from omegaconf import DictConfig
 
 from .config import to_container
+from .io import check_space, size_text  # noqa: F401  (re-exported for callers of preflight)
 from .errors import BenchError, CheckpointError, what_is_at
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -201,30 +202,6 @@ def check_dirs(cfg: DictConfig, trains: bool) -> None:
     if isinstance(node, dict) and node.get("name") == "synthetic" and node.get("root"):
         if not (Path(str(node["root"])) / "meta.json").is_file():  # generated on first use: written here
             check_writable(Path(str(node["root"])), "data_dir")
-
-
-def _existing(path: Path) -> Path:
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def size_text(n: float) -> str:
-    """Bytes as a short human text (GiB / MiB / KiB)."""
-    for unit, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= k:
-            return f"{n / k:.1f} {unit}"
-    return f"{int(n)} B"
-
-
-def check_space(path: str | os.PathLike, need: int, what: str, fix: str) -> None:
-    """Refuse when the file system of ``path`` has less than ``need`` bytes free (``shutil.disk_usage``)."""
-    import shutil
-
-    free = shutil.disk_usage(_existing(Path(path))).free
-    if need > free:
-        raise BenchError(f"{what} needs about {size_text(need)} in {path}, {size_text(free)} is free there", fix)
 
 
 def check_hub_file(repo: str, filename: str, revision: str | None = None) -> None:

@@ -274,7 +274,7 @@ def cell_of(record: Mapping[str, Any]) -> tuple:
 
 def train_diagnostics(info: Mapping[str, Any]) -> Dict[str, Any]:
     """The scalar training diagnostics of a trained backbone's ``train_info.json`` (adapted-layer and
-    held-out feature change, first/last loss, KL, head collapse... see methods/splat_distill/diagnostics.py)
+    held-out feature change, first/last loss, KL, head collapse... see bench/diagnostics.py)
     that a record carries; the per-view detail stays in the cache's train_info.json."""
     d = info.get("diagnostics") or {}
     return {

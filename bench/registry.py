@@ -66,6 +66,9 @@ TASKS = Registry("task")
 BACKBONES = Registry("backbone")
 DATASETS = Registry("dataset")
 PERF = Registry("benchmark")
+# the declared hook through which a baseline that loads a released checkpoint reaches a method's code
+# (e.g. MEF's LoRA merge): methods register here, baselines look up, neither imports the other
+OFFICIAL_ADAPTERS = Registry("official checkpoint adapter")
 
 # Every module that registers something. One line per plugin module.
 PLUGIN_MODULES = [

@@ -6,7 +6,7 @@
     record = bench.runner.run_cell(cfg)
 
 Trained backbones are cached under ``<cache_dir>/backbones/<key>/`` where ``key`` hashes
-everything that determines the weights (:func:`bench.config.backbone_cache_key`). The
+everything that determines the weights (:func:`bench.identity.backbone_key`). The
 method trains (and resumes) inside that directory; when it returns, the runner saves
 ``model.safetensors`` (timm layout) there atomically, so a second task for the same
 method reuses it instead of training again. The workdir is locked while a process trains in it
@@ -22,7 +22,6 @@ so a late failure there loses nothing) and, if it failed, ``error.txt``.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import socket
@@ -31,15 +30,15 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import records
-from .config import backbone_cache_key, to_container
+from .config import to_container
+from .distributed import resolve_device
 from .errors import BenchError, CheckpointError
-from .identity import cell_identity
-from .io import write_failure, write_json, write_text
-from .preflight import check_image_size, check_space, preflight
+from .identity import backbone_key, cell_identity
+from .io import check_space, workdir_lock, write_failure, write_json, write_text
+from .preflight import check_image_size, preflight
 from .method_variants import apply_per_task
 from .records import train_diagnostics
 from .registry import METHODS, TASKS
@@ -56,20 +55,9 @@ ERROR_FILE = "error.txt"
 CKPT_COPIES = 1 + 2 * 3
 
 
-def resolve_device(cfg: DictConfig) -> str:
-    want = str(cfg.get("device", "auto"))
-    if want == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise BenchError(
-            f"device={want} requested but CUDA is not available on this machine", "run with device=cpu (or device=auto)"
-        )
-    return want
-
-
 def backbone_dir(cfg: DictConfig) -> Path:
     # keyed by the method variant of the task's kind (method.per_task), so a sweep groups cells by it
-    return Path(cfg.paths.cache_dir) / "backbones" / backbone_cache_key(apply_per_task(cfg))
+    return Path(cfg.paths.cache_dir) / "backbones" / backbone_key(apply_per_task(cfg))
 
 
 def _method(cfg: DictConfig):
@@ -166,33 +154,6 @@ def obtain_backbone(cfg: DictConfig, run_dir: Path | None = None) -> Tuple[Any, 
         "reused": False,
         **_train_time(workdir),
     }
-
-
-def _rank() -> int:
-    for var in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: Path) -> Iterator[None]:
-    """Exclusive lock of a backbone workdir (``.<name>.lock`` beside it), released when the holder
-    exits or dies. Only rank 0 of a multi-process job takes it (its other ranks train with it)."""
-    if _rank() != 0:
-        yield
-        return
-    workdir.parent.mkdir(parents=True, exist_ok=True)
-    with open(workdir.parent / f".{workdir.name}.lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is training %s; waiting for it to finish", workdir)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _load_cached(backbone, model_path: Path) -> None:
@@ -404,7 +365,7 @@ def _evaluate(cfg: DictConfig, task, backbone, device: str, workdir: Path):
     """``task.evaluate`` from the seeded state, under the run's precision (bf16-mixed: feature extraction
     and the probe under autocast); a fix naming ``<protocol>`` names the run's protocol."""
     seed_everything(int(cfg.seed))
-    from .train import autocast
+    from .distributed import autocast
 
     try:
         with autocast(cfg.get("precision", "32"), device):

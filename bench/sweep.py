@@ -12,7 +12,7 @@ values, writable directories, weights, datasets). A cell is skipped only when a 
 cell fingerprint (:mod:`bench.identity`: configuration + seed) exists, unless ``--force``; legacy
 records (no fingerprint) never count.
 Cells of training methods are grouped by their trained-backbone cache key
-(:func:`bench.config.backbone_cache_key`): ONE training job per distinct backbone (none if it is
+(:func:`bench.identity.backbone_key`): ONE training job per distinct backbone (none if it is
 already cached), then the cells' evaluation jobs depend on it (``afterok``), one array per
 training job. A method with a preparation stage (FiT3D stage I: one scene fit per task,
 ``cluster.stage1_per_task``) gets an array of it before its training job, which depends on every

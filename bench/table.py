@@ -468,7 +468,7 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
                 "Per trained backbone (its cache key), from its `train_info.json`: relative change of the held-out "
                 "features (and their 1 - cos), relative change of the adapted weights, first/last training loss, the "
                 "KL part of the distillation cross-entropy and the head's mean pairwise embedding cosine (collapse) "
-                "where the method has them (methods/splat_distill/diagnostics.py).",
+                "where the method has them (bench/diagnostics.py).",
                 "",
                 tabulate(
                     diag,

@@ -22,11 +22,8 @@ from typing import Dict, List, Optional
 
 import pandas as pd
 
-from .errors import BenchError
-from .io import write_text
 from .table import (
     TEACHER,
-    leaderboard_markdown,
     records_frame,
     reference_frame,
     task_rows,
@@ -254,40 +251,3 @@ def leaderboard_csv(results_dir: str | Path) -> str:
                     row.update({"delta_ci95_low": mean - hw, "delta_ci95_high": mean + hw})
             out.append(row)
     return pd.DataFrame(out).to_csv(index=False, float_format="%.10g", lineterminator="\n")
-
-
-# --- writing --------------------------------------------------------------------------------------------
-def render(results_dir: str | Path, fmt: str) -> str:
-    """The leaderboard of ``results_dir`` in format ``fmt`` (a key of :data:`FORMATS`)."""
-    if fmt == "md":
-        return leaderboard_markdown(results_dir)
-    if fmt == "latex":
-        return leaderboard_latex(results_dir)
-    if fmt == "csv":
-        return leaderboard_csv(results_dir)
-    if fmt == "html":
-        from .leaderboard_html import leaderboard_html
-
-        return leaderboard_html(results_dir)
-    raise BenchError(f"unknown table format '{fmt}'", f"use one of {', '.join(FORMATS)}")
-
-
-def write_table(results_dir: str | Path, fmt: str = "md", output: Optional[str] = None) -> Optional[Path]:
-    """Write the leaderboard in ``fmt`` to ``output`` (default ``<results>/<FORMATS[fmt]>``; ``-``: stdout,
-    returns None). Nothing is written when the records cannot be read."""
-    if fmt not in FORMATS:
-        raise BenchError(f"unknown table format '{fmt}'", f"use one of {', '.join(FORMATS)}")
-    if not Path(results_dir).is_dir():
-        raise BenchError(
-            f"results directory {results_dir} does not exist",
-            "pass an existing results directory with --results (records are in <results>/runs/)",
-        )
-    text = render(results_dir, fmt)
-    if output == "-":
-        import sys
-
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
-        return None
-    path = Path(output) if output else Path(results_dir) / FORMATS[fmt]
-    write_text(path, text)
-    return path

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import BenchError, CheckpointError, NonFiniteLossError
+from .errors import CheckpointError, NonFiniteLossError
 from .io import torch_save
 
 log = logging.getLogger("bench")
@@ -580,48 +580,3 @@ class TrainLoop:
             time=time.time(),
         )
         self.log.window(row)
-
-
-PRECISIONS = ("32", "bf16-mixed")
-
-
-def check_precision(precision: Any) -> str:
-    """``precision`` config value -> ``"32"`` or ``"bf16-mixed"`` (a clear error otherwise)."""
-    p = str(precision if precision is not None else "32")
-    if p in ("32", "fp32", "32-true"):
-        return "32"
-    if p in ("bf16-mixed", "bf16"):
-        return "bf16-mixed"
-    raise BenchError(f"precision={precision} is not a precision", f"use one of {PRECISIONS}")
-
-
-def autocast(precision: Any, device: Any):
-    """Context for backbone forward passes: bf16 autocast for ``bf16-mixed``, nothing for ``32``.
-
-    Autocast covers matmuls/convolutions only; callers keep the rasterizer and the losses in float32
-    (they cast their inputs with ``.float()``). Backward runs outside the context, as torch recommends.
-    """
-    import contextlib
-
-    if check_precision(precision) == "32":
-        return contextlib.nullcontext()
-    kind = "cuda" if str(device).startswith("cuda") else "cpu"
-    return torch.autocast(device_type=kind, dtype=torch.bfloat16)
-
-
-def start_run(cfg) -> str:
-    """Common start of a method's ``fit``: seed everything from ``cfg.seed``, resolve the device, join
-    the process group of a multi-rank run (``torchrun`` / SLURM tasks; NCCL on CUDA, gloo on CPU) and,
-    on CPU, tune the allocator for the splatting engine. Returns the device string."""
-    from . import distributed as dist
-    from .runner import resolve_device
-    from .seed import seed_everything
-    from .splat import tune_allocator
-
-    seed_everything(int(cfg.seed))
-    device = resolve_device(cfg)
-    check_precision(cfg.get("precision", "32"))
-    dist.init(device, str((cfg.get("distributed") or {}).get("backend", "auto")))
-    if device == "cpu":
-        tune_allocator()
-    return device

@@ -242,7 +242,7 @@ class DenseTask:
             )
             todo = cache.todo(len(train)) if main else 0
             if todo:  # refuse before the extraction when the samples cannot fit
-                from bench.preflight import check_space
+                from bench.io import check_space
 
                 per = cache.sample_bytes(backbone, train[0]["image"])
                 check_space(
@@ -302,7 +302,7 @@ class DenseTask:
             and all(isinstance(a, plain) for a in vars(v).values())
         }
 
-        from bench.runner import workdir_lock
+        from bench.io import workdir_lock
 
         pdir = probe_dir(cfg, weights)
         t1 = time.time()

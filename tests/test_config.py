@@ -3,7 +3,8 @@
 import pytest
 from omegaconf import OmegaConf
 
-from bench.config import GROUPS, backbone_cache_key, compose, group_options
+from bench.config import GROUPS, compose, group_options
+from bench.identity import backbone_key as backbone_cache_key
 from bench.errors import UnknownNameError
 from bench.registry import BACKBONES, METHODS, TASKS
 

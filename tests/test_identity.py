@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from bench import records, sweep, table
-from bench.config import backbone_cache_key, compose
+from bench.config import compose
+from bench.identity import backbone_key as backbone_cache_key
 from bench.identity import cell_identity, manifest_digest
 
 TESTS = Path(__file__).resolve().parent

@@ -18,7 +18,7 @@ import pytest
 from leaderboard_fixture import make_results
 from test_table_formats import parse_page
 
-from bench.table_formats import write_table
+from bench.table_output import write_table
 
 APT = ["apt-get", "-q", "-o", "DPkg::Lock::Timeout=300"]
 HEADER, ROWS, PAGE = (45, 62, 80), {(255, 255, 255), (238, 243, 251)}, (247, 247, 247)  # the page's CSS colours

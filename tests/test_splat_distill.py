@@ -345,7 +345,7 @@ def test_official_resize_floor_multiple_without_antialias(scenes):
 
 def test_correspondence_tasks_of_a_grid_use_the_no_blending_backbone():
     from baselines.official import SnDOfficial
-    from bench.config import backbone_cache_key
+    from bench.identity import backbone_key as backbone_cache_key
     from bench.method_variants import apply_per_task, task_kind
 
     keys = {}
@@ -509,7 +509,7 @@ def test_learned_reconstructor_beats_constant_depth(scenes, tmp_path, capsys):
 
 
 def test_diagnostic_measures_hand_values():
-    from methods.splat_distill.diagnostics import feature_change, relative_change
+    from bench.diagnostics import feature_change, relative_change
 
     before = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([0.0, 4.0])}
     after = {"a": torch.tensor([3.0, 3.0]), "b": torch.tensor([0.0, 0.0]), "bn.running_mean": torch.ones(2)}

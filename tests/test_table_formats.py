@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from leaderboard_fixture import make_results
 
-from bench import table, table_formats
+from bench import table, table_formats, table_output
 from bench.cli import main
 
 HW = 6.353102368087347  # t(0.975, 1) * sd([-0.5, -1.5]) / sqrt(2)
@@ -52,7 +52,7 @@ def test_sections_are_the_markdown_tables(tmp_path):
 def test_committed_markdown_regenerates_byte_identical_but_the_date(monkeypatch):
     monkeypatch.chdir(REPO)
     committed = (REPO / "results" / "leaderboard.md").read_text()
-    fresh = table_formats.render("results", "md")
+    fresh = table_output.render("results", "md")
     date = re.compile(r"\(\d{4}-\d\d-\d\d \d\d:\d\d UTC\)")
     old, new = committed.splitlines(), fresh.splitlines()
     assert len(old) == len(new)

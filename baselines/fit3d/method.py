@@ -35,7 +35,8 @@ from bench.errors import choice
 from bench.io import write_json
 from bench.registry import METHODS
 from bench.seed import seed_everything
-from bench.train import TrainLoop, start_run
+from bench.distributed import start_run
+from bench.train import TrainLoop
 
 from .stage1 import INFO_FILE, SceneFit, downsample_to_grid, fit_scene, is_fitted, scene_key, scene_seed
 
@@ -166,7 +167,7 @@ def stage1_shards(cfg: DictConfig, per_task: int = 1) -> Tuple[List[List[str]], 
 def run_stage1(cfg: DictConfig, scenes: List[str]) -> Dict[str, str]:
     """One stage-I array task: fit ``scenes`` (resuming unfinished fits, skipping finished ones);
     returns ``scene -> fit directory``."""
-    from bench.runner import resolve_device
+    from bench.distributed import resolve_device
 
     device = resolve_device(cfg)
     progress = bool(cfg.method.get("progress", True))
@@ -248,7 +249,7 @@ class FiT3D:
         bs = int(s2.batch_size)
         # stage2.steps (optional) fixes the number of optimiser steps instead of epochs (dose-response runs)
         steps = int(s2.steps) if s2.steps else math.ceil(len(items) / bs) * int(s2.epochs)
-        from methods.splat_distill.diagnostics import Diagnostics, trainable_weights
+        from bench.diagnostics import Diagnostics, trainable_weights
 
         size = (
             [int(x) for x in m.data.size]
@@ -260,7 +261,7 @@ class FiT3D:
         backbone = train_mode(backbone.to(device).requires_grad_(True), bn_mode)
         opt = torch.optim.AdamW(backbone.model.parameters(), lr=float(s2.lr), weight_decay=float(s2.weight_decay))
         from bench.loader import StepLoader, resolve_workers
-        from bench.train import autocast
+        from bench.distributed import autocast
 
         dist.seed_offset(int(cfg.seed))
         loop = TrainLoop(

@@ -30,7 +30,8 @@ from bench.errors import BenchError
 from bench.io import write_json
 from bench.registry import METHODS
 from bench import distributed as dist
-from bench.train import TrainLoop, start_run
+from bench.distributed import start_run
+from bench.train import TrainLoop
 
 from .adapt import QVLoRA
 from .data import PairSampler, eval_pairs

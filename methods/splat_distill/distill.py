@@ -37,7 +37,8 @@ from torch import nn
 
 from bench.errors import BenchError, choice
 from bench.distributed import global_mean_weight, pooled_rows, weighted_means
-from bench.train import EMA, autocast
+from bench.distributed import autocast
+from bench.train import EMA
 
 from .adapt import Adapter, plain_state
 from .features import (

@@ -13,7 +13,8 @@ from bench.data.multiview import open_scenes
 from bench.errors import BenchError
 from bench.io import write_json
 from bench.registry import METHODS
-from bench.train import TrainLoop, one_cycle_cosine, start_run
+from bench.distributed import start_run
+from bench.train import TrainLoop, one_cycle_cosine
 
 from .distill import Distiller
 from .views import ViewSampler
@@ -172,7 +173,7 @@ class SplatDistill:
             torch.set_float32_matmul_precision(before)  # evaluation keeps the process's own setting
 
     def _fit(self, backbone, cfg: DictConfig, workdir: Path, stop_after, device: str, precision: str):
-        from .diagnostics import Diagnostics
+        from bench.diagnostics import Diagnostics
 
         distiller, data, _, loop, step_fn = build_training(backbone, cfg, workdir, device)
         from bench import distributed as dist

@@ -88,7 +88,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _measure(overrides: List[str], steps: int, warmup: int):
     from bench.backbones import build_backbone
     from bench.config import compose
-    from bench.runner import resolve_device
+    from bench.distributed import resolve_device
     from bench.seed import seed_everything
 
     from bench.train import memory_mb, reset_peak_memory

@@ -99,7 +99,7 @@ def measure(args: argparse.Namespace) -> Dict[str, object]:
     from bench.backbones import build_backbone
     from bench.config import compose
     from bench.loader import resolve_workers
-    from bench.runner import resolve_device
+    from bench.distributed import resolve_device
     from bench.seed import seed_everything
     from bench.splat import tune_allocator
     from bench.train import memory_mb, reset_peak_memory

@@ -171,7 +171,7 @@ def _open(args):
 
 
 def main(args: argparse.Namespace) -> int:
-    from bench.runner import resolve_device
+    from bench.distributed import resolve_device
     from bench.splat import tune_allocator
 
     device = resolve_device({"device": args.device})

@@ -1,4 +1,4 @@
-"""Training-side diagnostics: does a fine-tuning method change the backbone, and how?
+"""Training-side diagnostics of any fine-tuning method: does it change the backbone, and how?
 
 Used by Splat-and-Distill and FiT3D (``method.diagnostics``), written to the training log and to
 the trained backbone's ``train_info.json`` (``diagnostics``):
@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from bench.cameras import dense_correspondence
+from .cameras import dense_correspondence
 
 log = logging.getLogger("bench")
 
@@ -46,7 +46,7 @@ def open_held_out(diag: Mapping[str, Any], size, data_dir) -> Optional[Dict[str,
     """The held-out views: ``{"views": [dict per scene], "pairs": [(scene_idx, a, b)]}``, or None."""
     if not diag or not diag["enabled"]:
         return None
-    from methods.splat_distill.method import open_scenes
+    from .data.multiview import open_scenes
 
     d = dict(diag["data"] or {})
     d.setdefault("dataset", "synthetic")
