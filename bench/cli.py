@@ -118,8 +118,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_registry_commands(sub: argparse._SubParsersAction, name: str, help: str, registry) -> None:
+def _add_registry_commands(sub: argparse._SubParsersAction, name: str, help: str, registry, full: bool) -> None:
+    """``name`` with one sub-command per registry entry; without ``full`` only the command's line of the top
+    help (listing the entries loads every plugin, torch and timm included: done only when asked for)."""
     p = sub.add_parser(name, help=help, description=help)
+    if not full:
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        return
     inner = p.add_subparsers(dest="entry", metavar="NAME", required=True)
     for e in registry.entries():
         q = inner.add_parser(e.name, help=e.description, description=e.description)
@@ -210,7 +215,14 @@ def cmd_hub(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command(argv: List[str]) -> Optional[str]:
+    """The sub-command named in ``argv`` (its first word that is not an option), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser; the registries (every plugin: torch, timm) and the modules of the external commands are
+    loaded only for the ``command`` that needs them, so ``--help``, ``table`` or ``hub`` start fast."""
     from .registry import DATASETS, PERF
 
     parser = argparse.ArgumentParser(
@@ -257,8 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_table)
 
     sub.add_parser("list", help="list methods, tasks, backbones, datasets and benchmarks").set_defaults(func=cmd_list)
-    _add_registry_commands(sub, "data", "check a prepared dataset or generate synthetic scenes", DATASETS)
-    _add_registry_commands(sub, "perf", "run a benchmark (ratios measured side by side)", PERF)
+    _add_registry_commands(
+        sub, "data", "check a prepared dataset or generate synthetic scenes", DATASETS, command == "data"
+    )
+    _add_registry_commands(sub, "perf", "run a benchmark (ratios measured side by side)", PERF, command == "perf")
     p = sub.add_parser(
         "hub",
         help="pull/push checkpoints from/to the Hugging Face Hub",
@@ -268,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_hub)
 
     for name, (module, help) in EXTERNAL_COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=help, description=help).add_argument(
+                "rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS
+            )
+            continue
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:
@@ -283,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        parser = build_parser()
+        parser = build_parser(_command(argv))
         args = parser.parse_args(argv)
         _setup_logging(args.verbose)
         return int(args.func(args) or 0)
