@@ -7,7 +7,7 @@
 * :class:`Checkpointer` -- atomic ``ckpt_<step>.pt`` files (via :mod:`bench.io`), keep the last N.
 * :class:`TrainLoop` -- the loop itself: exact resume from the latest checkpoint, optimiser step,
   gradient clipping, scheduler, after-step hook (EMA), checkpoints every N steps and at the end,
-  a tqdm progress bar (loss, steps/s, ETA) and a :class:`~bench.errors.NonFiniteLossError` that
+  progress (loss, steps/s, ETA: a tqdm bar on a terminal, log lines elsewhere, bench.progress) and a :class:`~bench.errors.NonFiniteLossError` that
   stops the run *before* the bad step touches the weights, keeping the last good checkpoint.
 
 Exact resume means a run interrupted after any checkpoint and restarted with the same workdir
@@ -479,24 +479,15 @@ class TrainLoop:
         ``stop_after``: stop (after checkpointing) once this many steps are done -- simulates an
         interruption in tests and lets callers run a budget of steps per invocation.
         """
-        from tqdm.auto import tqdm
-
         from . import distributed as dist
+        from .progress import progress
 
         if not self.resume() and self.main:
             self.log.read_history(0)  # a fresh run: no stale curves from an earlier workdir use
         if self.distributed:  # every rank starts from rank 0's weights and buffers (DDP's _sync_module_states)
             dist.broadcast_state(self._modules(), tensors=list(self._params()))
         end = self.total_steps if stop_after is None else min(int(stop_after), self.total_steps)
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            desc=self.desc,
-            unit="step",
-            disable=not self.progress,
-            dynamic_ncols=True,
-            leave=False,
-        )
+        bar = progress(total=self.total_steps, initial=self.step, desc=self.desc, unit="step", enable=self.progress)
         window: List[Dict[str, float]] = []
         t_window = time.perf_counter()
         try:

@@ -40,7 +40,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from bench.progress import progress as show_progress
 
 from bench.backbones import module_device
 from bench.errors import BenchError, UnknownNameError
@@ -392,7 +392,7 @@ class DenseTask:
         loader = DataLoader(test, batch_size=int(tcfg.get("batch_size", 1)), shuffle=False, num_workers=workers)
         sliding = tcfg.get("sliding")
         meters = self.new_meters(task, proto)
-        for batch in tqdm(loader, desc=f"{task['name']} test", disable=not progress, leave=False, dynamic_ncols=True):
+        for batch in show_progress(loader, desc=f"{task['name']} test", unit="batch", enable=progress):
             img = batch["image"].to(device)
             target = self.prepare_target(batch[self.label], task).to(device)
             size = tuple(target.shape[-2:])

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
+from bench.progress import progress as show_progress
 
 from bench.checkpoint import weights_hash  # noqa: F401  (re-exported: tasks.features.weights_hash)
 from bench.config import stable_hash
@@ -151,15 +151,7 @@ class FeatureCache:
             return self
         todo = [i for i in range(n) if refresh or not self.path(i).exists()]
         device = device or next(iter(backbone.parameters()), torch.zeros(())).device
-        bar = tqdm(
-            total=n,
-            initial=n - len(todo),
-            desc=f"features {self.key}",
-            unit="img",
-            disable=not progress,
-            leave=False,
-            dynamic_ncols=True,
-        )
+        bar = show_progress(total=n, initial=n - len(todo), desc=f"features {self.key}", unit="img", enable=progress)
         try:
             for s in range(0, len(todo), batch_size):
                 ids = todo[s : s + batch_size]

@@ -26,7 +26,7 @@ mmcv's linear warm-up factor ``1 - (1 - step / warmup) (1 - warmup_start)``.
 (poly) or 1 (constant).
 
 The training set is shuffled every epoch from the given seed. A NaN/inf loss raises
-:class:`bench.errors.NonFiniteLossError`. A tqdm bar shows loss, lr, rate and ETA.
+:class:`bench.errors.NonFiniteLossError`. Progress (bench.progress: a bar on a terminal, log lines in SLURM logs) shows loss, lr, rate and ETA.
 
 Training runs through :class:`bench.train.TrainLoop` (``ckpt_every`` / ``keep_last`` / ``log_every``:
 schedule keys that change nothing in the result): checkpoints in the caller's ``workdir`` and an exact

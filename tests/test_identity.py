@@ -355,6 +355,29 @@ def test_progress_logs_lines_when_stderr_is_not_a_terminal(caplog, monkeypatch):
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["gen: 0/100 it", "gen: 100/100 it"]
 
 
+def test_progress_of_a_resumed_loop_logs_rate_and_values(caplog, monkeypatch):
+    """A training loop resumed at step 40 of 100 logs lines (not bar carriage returns) in a SLURM log: it starts
+    at 40/100, its rate and ETA count only this process's steps, and the loop's values (loss, lr) follow."""
+    import logging
+
+    from bench.progress import LogProgress, progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    now = [0.0]
+    monkeypatch.setattr("bench.progress.time.monotonic", lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="bench.progress"):
+        bar = progress(total=100, initial=40, desc="train", unit="step", every_s=3600)
+        assert isinstance(bar, LogProgress)
+        for _ in range(60):
+            now[0] += 2.0  # 2 s a step
+            bar.update(1)
+            bar.set_postfix(loss="0.5", lr="1e-4", refresh=False)
+        bar.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "bench.progress"]
+    assert lines[0] == "train: 40/100 step (40%, 0 s)"
+    assert lines[-1] == "train: 100/100 step (100%, 120 s, 0.5 step/s, ~0 s left) loss=0.5 lr=1e-4"
+
+
 # ------------------------------------------------------------------ issue 26.6: every input file by content
 FILE_NAME_HINT = ("checkpoint", "ckpt", "weights", "file", "lpips")
 
