@@ -72,20 +72,29 @@ def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def depth_metrics(
-    pred: torch.Tensor, gt: torch.Tensor, valid: Optional[torch.Tensor] = None, min_pred: float = 1e-3
+    pred: torch.Tensor,
+    gt: torch.Tensor,
+    valid: Optional[torch.Tensor] = None,
+    min_pred: Optional[float] = None,
+    empty_as_zero: bool = False,
 ) -> Dict[str, torch.Tensor]:
-    """Linear-protocol depth metrics per image (``[B]`` each); images with no valid pixel are dropped.
+    """Linear-protocol depth metrics per image (``[B]`` each).
 
-    ``pred`` is clamped to ``>= min_pred`` (the toolbox clamps to its min depth) so logs are finite.
+    An image with no valid pixel is dropped (the depth toolbox's ``calculate`` returns NaN for it and
+    ``np.nanmean`` skips it), or with ``empty_as_zero`` kept with every metric 0 (Probe3D
+    ``evaluate_depth``, whose valid count is clamped to 1). ``min_pred``: clamp the prediction from below
+    first (None: as it is; the linear protocol's clamp to the head's range happens before, see
+    ``test.clamp``).
     """
     pred, gt = pred.double(), gt.double()
     valid = (torch.isfinite(gt) & (gt > 0)) if valid is None else valid & torch.isfinite(gt) & (gt > 0)
     keep = valid.flatten(1).any(dim=1)
-    pred, gt, valid = (
-        pred[keep].clamp(min=min_pred),
-        gt[keep].where(valid[keep], torch.ones_like(gt[keep])),
-        valid[keep],
-    )
+    if empty_as_zero:
+        keep = torch.ones_like(keep)
+    pred, gt, valid = pred[keep], gt[keep].where(valid[keep], torch.ones_like(gt[keep])), valid[keep]
+    if min_pred is not None:
+        pred = pred.clamp(min=min_pred)
+    pred = pred.where(valid, torch.ones_like(pred))  # invalid pixels never enter a log or a ratio
     ratio = torch.maximum(gt / pred, pred / gt)
     diff = gt - pred
     e = pred.log() - gt.log()
@@ -121,15 +130,23 @@ def fit_scale_shift(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -
 
 
 def probe3d_depth_metrics(
-    pred: torch.Tensor, gt: torch.Tensor, valid: Optional[torch.Tensor] = None, scale_invariant: bool = False
+    pred: torch.Tensor,
+    gt: torch.Tensor,
+    valid: Optional[torch.Tensor] = None,
+    scale_invariant: bool = False,
+    empty_as_zero: bool = True,
 ) -> Dict[str, torch.Tensor]:
     """Probe3D depth metrics per image: d1, d2, d3 (threshold recalls) and rmse.
 
-    With ``scale_invariant`` the prediction is first aligned per image by :func:`fit_scale_shift`.
+    With ``scale_invariant`` the prediction is first aligned per image by :func:`fit_scale_shift`. An image
+    with no valid pixel counts with every metric 0 (``evals/utils/metrics.py::evaluate_depth`` clamps the
+    valid count to 1 and averages every image); ``empty_as_zero=False`` drops it instead.
     """
     pred, gt = pred.double(), gt.double()
     valid = (torch.isfinite(gt) & (gt > 0)) if valid is None else valid & torch.isfinite(gt) & (gt > 0)
     keep = valid.flatten(1).any(dim=1)
+    if empty_as_zero:
+        keep = torch.ones_like(keep)
     pred, gt, valid = pred[keep], gt[keep].where(valid[keep], torch.ones_like(gt[keep])), valid[keep]
     if scale_invariant:
         s, t = fit_scale_shift(pred, gt, valid)

@@ -15,6 +15,37 @@ from typing import Any, Dict, List, Mapping
 
 from omegaconf import DictConfig
 
+from bench.errors import BenchError, UnknownNameError
+
+
+def apply_code_version(proto: Dict[str, Any], where: str = "task.protocol") -> None:
+    """Set the keys that the protocol's ``code_version`` fixes (``code_versions.<version>``: dotted key ->
+    value, docs/PROTOCOLS.md) in the plain protocol dict ``proto``. The version decides those keys in every
+    rule at once (loss, interpolation, resize), so a node that sets one of them itself is an error, as is an
+    unknown version name."""
+    table = proto.get("code_versions")
+    if not table:
+        return
+    version = proto.get("code_version")
+    if version not in table:
+        raise UnknownNameError(f"code version of {where}", str(version), list(table))
+    for dotted, value in dict(table[version] or {}).items():
+        *parents, leaf = str(dotted).split(".")
+        node = proto
+        for k in parents:
+            if node.get(k) is None:
+                node[k] = {}
+            node = node[k]
+            if not isinstance(node, dict):
+                raise BenchError(f"{where}.{'.'.join(parents)} must be a mapping", "see bench/conf/task/_protocols")
+        if leaf in node and node[leaf] != value:
+            raise BenchError(
+                f"{where}.{dotted}={node[leaf]!r} is fixed by {where}.code_version={version} (which sets {value!r})",
+                f"remove {where}.{dotted}, or select the code version that has it: "
+                f"{where}.code_version=<{' | '.join(table)}>",
+            )
+        node[leaf] = value
+
 
 def _canon(v: Any) -> Any:
     if isinstance(v, Mapping):
@@ -53,6 +84,15 @@ def active_deviations(proto: Mapping[str, Any]) -> List[Dict[str, Any]]:
     return out
 
 
+def code_version(proto: Mapping[str, Any]) -> Any:
+    """The code a resolved protocol follows, as the records and results/reference/*.csv name it:
+    ``code_version``, plus ``+<schedule_variant>`` when a named schedule variant is selected (SnD's
+    single-GPU schedule on FiT3D's code: ``fit3d_evaluation+snd_1gpu``); None for a protocol without one."""
+    name = proto.get("code_version")
+    variant = proto.get("schedule_variant")
+    return f"{name}+{variant}" if name and variant else name
+
+
 def protocol_summary(cfg: DictConfig) -> Dict[str, Any]:
     """``{"name", "version", "deviations": [ids...], "deviation_details": [...]}`` of ``cfg``'s task protocol."""
     from .dense import resolve_protocol
@@ -62,6 +102,7 @@ def protocol_summary(cfg: DictConfig) -> Dict[str, Any]:
     return {
         "name": str(proto.get("name", "default")),
         "version": proto.get("version"),
+        "code_version": code_version(proto),
         "deviations": [d["id"] for d in devs],
         "deviation_details": devs,
     }
