@@ -24,7 +24,9 @@ from .errors import BenchError
 from .io import write_text
 from .records import load_records, train_diagnostics
 
-REFERENCE_COLUMNS = ["source", "method", "backbone", "task", "metric", "value", "note"]
+# code_version: the anchor code a published number came from (tasks.protocol_record.code_version names):
+# a reference row is shown only beside records of the same code version
+REFERENCE_COLUMNS = ["source", "method", "backbone", "task", "metric", "value", "note", "code_version"]
 
 
 LEGACY = "legacy"
@@ -68,6 +70,7 @@ def records_frame(results_dir: str | Path) -> pd.DataFrame:
                     "task": rec["task"],
                     "dataset": rec.get("dataset", ""),
                     "protocol": proto,
+                    "code_version": (rec.get("protocol") or {}).get("code_version"),
                     "seed": int(rec.get("seed", 0)),
                     "metric": metric,
                     "value": float(value),
@@ -94,6 +97,7 @@ def records_frame(results_dir: str | Path) -> pd.DataFrame:
         "task",
         "dataset",
         "protocol",
+        "code_version",
         "seed",
         "metric",
         "value",
@@ -199,6 +203,9 @@ def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) 
     shown = sub[sub["reported"].astype(bool)].sort_values("rank", kind="stable")
     metrics: List[str] = list(dict.fromkeys(shown["metric"])) or sorted(sub["metric"].unique())
     ref_t = ref[ref.task == task]
+    if protocol != "-":  # beside records: only the published numbers of the same code version
+        versions = set(sub["code_version"].dropna()) if "code_version" in sub else set()
+        ref_t = ref_t[ref_t["code_version"].isin(versions)]
     metrics += [m for m in dict.fromkeys(ref_t["metric"]) if m not in metrics]
     rows = []
     delta_col = f"Δ vs teacher ({metrics[0]}, 95% CI)" if metrics else "Δ vs teacher"
@@ -220,12 +227,14 @@ def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) 
                 delta_vs_teacher(same, method, backbone, metrics[0], evaluation=g["evaluation"].iloc[0])
             )
         rows.append(row)
-    for (source, method, backbone), g in ref_t.groupby(["source", "method", "backbone"], sort=True):
+    for (source, method, backbone, code), g in ref_t.groupby(
+        ["source", "method", "backbone", "code_version"], sort=True
+    ):
         row = {
             "method": f"{method} *(published)*",
             "backbone": backbone,
             "recipe": "",
-            "source": source,
+            "source": f"{source} [code: {code}]",
             "seeds": "",
             "wall (s)": "",
         }

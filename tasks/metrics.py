@@ -167,16 +167,21 @@ def angular_error_deg(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 def normals_valid(
     gt: torch.Tensor, depth: Optional[torch.Tensor] = None, max_depth: Optional[float] = None
 ) -> torch.Tensor:
-    """Valid normals: finite and non-zero ([B,3,H,W] -> [B,H,W]); with ``depth`` ([B,H,W] raw metres,
-    0 = missing) also ``depth > 0`` and ``depth <= max_depth``: Probe3D ``train_snorm.py`` and SnD
-    ``evaluation2/train_snorm.py`` use ``mask = depth > 0`` after the dataset zeroed depth > 10 m
-    (``evals/datasets/nyu.py``: ``depth[depth > self.max_depth] = 0``)."""
-    valid = torch.isfinite(gt).all(dim=1) & (gt.abs().sum(dim=1) > 0)
-    if depth is not None:
-        d = depth[:, 0] if depth.ndim == 4 else depth
-        valid &= torch.isfinite(d) & (d > 0)
-        if max_depth is not None:
-            valid &= d <= max_depth
+    """Valid normals ([B,3,H,W] -> [B,H,W]).
+
+    Without ``depth``: finite and non-zero ground truth. With ``depth`` ([B,H,W] raw metres, 0 = missing):
+    ``depth > 0`` and ``depth <= max_depth`` (and a finite normal) **only** -- Probe3D ``train_snorm.py`` and
+    SnD ``evaluation2/train_snorm.py`` use ``mask = depth > 0`` after the dataset zeroed depth > 10 m
+    (``evals/datasets/nyu.py``: ``depth[depth > self.max_depth] = 0``), so a pixel with valid depth and a zero
+    ground-truth normal counts: its cosine similarity with any prediction is 0, an error of 90 degrees in the
+    metrics and ``acos(0)`` in the loss."""
+    finite = torch.isfinite(gt).all(dim=1)
+    if depth is None:
+        return finite & (gt.abs().sum(dim=1) > 0)
+    d = depth[:, 0] if depth.ndim == 4 else depth
+    valid = finite & torch.isfinite(d) & (d > 0)
+    if max_depth is not None:
+        valid &= d <= max_depth
     return valid
 
 
@@ -188,10 +193,12 @@ def normals_metrics(
 ) -> Dict[str, torch.Tensor]:
     """Per image: angular ``rmse``, ``mean``, ``median`` (degrees) and ``a11``/``a22``/``a30`` (% within).
 
-    The median of an even count is the mean of the two middle values (numpy's, as in Bae et al.).
+    The median of an even count is the mean of the two middle values (numpy's, as in Bae et al.). ``valid``
+    (e.g. :func:`normals_valid` with the depth mask) is used as given: a zero ground-truth normal inside it
+    counts as 90 degrees (Probe3D ``evals/utils/metrics.py::evaluate_surface_norm``); without ``valid``, the
+    finite non-zero normals.
     """
-    gvalid = normals_valid(gt)
-    valid = gvalid if valid is None else valid & gvalid
+    valid = normals_valid(gt) if valid is None else valid & torch.isfinite(gt).all(dim=1)
     keep = valid.flatten(1).any(dim=1)
     err, valid = angular_error_deg(pred[keep], gt[keep].nan_to_num()), valid[keep]
     out = {
@@ -232,8 +239,9 @@ class SegMeter:
 
     Per class, intersection and union are summed over all images; IoU = I/U and the mean is over
     the classes *present* (union > 0, i.e. in the ground truth or the prediction; mmseg's nanmean).
-    Pixels labelled ``ignore_index`` are excluded. With ``reduce_zero_label`` the ground truth is
-    remapped first (0 -> ignore, k -> k-1).
+    Pixels labelled ``ignore_index`` are excluded; a ground-truth id >= ``num_classes`` (not the ignore
+    index) adds its pixel's prediction to that class's union, as mmseg. With ``reduce_zero_label`` the
+    ground truth is remapped first (0 -> ignore, k -> k-1).
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, reduce_zero_label: bool = False):
@@ -249,12 +257,19 @@ class SegMeter:
             from .data import reduce_zero_label
 
             gt = reduce_zero_label(gt)
-        keep = (gt != self.ignore_index) & (gt >= 0) & (gt < self.num_classes)
+        # mmseg ``intersect_and_union`` (FiT3D ``mmsegmentation/mmseg/core/evaluation/metrics.py``): only
+        # ``ignore_index`` pixels are dropped; ``torch.histc(min=0, max=n-1)`` then skips a ground-truth id
+        # outside 0..n-1 in the label and intersection counts, but the pixel's prediction still counts,
+        # i.e. it joins the predicted class's union
+        keep = gt != self.ignore_index
         p, g = pred.long()[keep], gt[keep]
         n = self.num_classes
-        area_inter = torch.bincount(g[p == g], minlength=n)[:n].double()
-        area_pred = torch.bincount(p.clamp(0, n - 1), minlength=n)[:n].double()
-        area_gt = torch.bincount(g, minlength=n)[:n].double()
+        inside = (g >= 0) & (g < n)
+        hit = inside & (p == g)
+        area_inter = torch.bincount(g[hit], minlength=n)[:n].double()
+        p_in = p[(p >= 0) & (p < n)]
+        area_pred = torch.bincount(p_in, minlength=n)[:n].double()
+        area_gt = torch.bincount(g[inside], minlength=n)[:n].double()
         self.inter += area_inter
         self.union += area_pred + area_gt - area_inter
         self.label += area_gt

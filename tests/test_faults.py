@@ -238,7 +238,19 @@ class NaNProbe:
             probe,
             [torch.ones(1), torch.ones(1)],
             lambda b: probe(b).sum() * float("nan"),
-            {"epochs": 1, "batch_size": 1, "lr": 1e-3},
+            {
+                "epochs": 1,
+                "batch_size": 1,
+                "lr": 1e-3,
+                "weight_decay": 0.01,
+                "betas": [0.9, 0.999],
+                "decay": "constant",
+                "shape": "sequential",
+                "warmup": 0,
+                "warmup_start": 1.0,
+                "min_factor": 1.0,
+                "shuffle": True,
+            },
             progress=False,
         )
         return {"m": 1.0}
