@@ -368,9 +368,7 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
     if ours.empty:
         out += ["*No records yet: run a cell, e.g. `python -m bench run experiment=demo`.*", ""]
     cells = ours[["task", "protocol"]].drop_duplicates().sort_values(["task", "protocol"]).itertuples(index=False)
-    seen_tasks = set()
     for task, protocol in cells:
-        seen_tasks.add(task)
         g = ours[(ours.task == task) & (ours.protocol == protocol)]
         out += [
             f"## {task} — protocol `{protocol}` (dataset: {g['dataset'].iloc[0]})",
@@ -378,11 +376,15 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
             task_table(ours, ref, task, protocol),
             "",
         ]
-    ref_only = sorted(set(ref["task"]) - seen_tasks)
+    shown = set(zip(ours["task"], ours["code_version"])) if not ours.empty else set()
+    unmatched = ref[
+        pd.Series([(t, c) not in shown for t, c in zip(ref["task"], ref["code_version"])], index=ref.index, dtype=bool)
+    ]
+    ref_only = sorted(set(unmatched["task"]))
     if ref_only:
-        out += ["## Published reference numbers (no bench records yet for these tasks)", ""]
+        out += ["## Published reference numbers (no bench records of their task and code version yet)", ""]
         for task in ref_only:
-            out += [f"### {task}", "", task_table(ours, ref, task, protocol="-"), ""]
+            out += [f"### {task}", "", task_table(ours, unmatched, task, protocol="-"), ""]
     if not ours.empty:
         hw = ours.drop_duplicates("id")
         out += [

@@ -437,7 +437,8 @@ def test_runner_records_the_protocol_and_honours_concat_original(synth_env, tmp_
     rec = run_cell(cfg)
     assert rec["protocol"]["name"] == "probe3d" and rec["protocol"]["concat_original"] is True
     assert rec["protocol"]["head"]["type"] == "dpt" and "si_rmse" in rec["metrics"]
-    assert rec["protocol"]["version"] == 2 and "schedule_length" in rec["protocol"]["deviations"]
+    assert rec["protocol"]["version"] == 3 and "schedule_length" in rec["protocol"]["deviations"]
+    assert rec["protocol"]["code_version"] == "probe3d_1fff822"
     # the probe saw [original, fine-tuned, original CLS stand-in] features (FiT3D: 3C): 3 x tiny_cnn's 112
     from safetensors.torch import load_file
 
