@@ -44,7 +44,7 @@ def test_linear_depth_and_normals_read_the_last_block_without_final_norm():
     assert _proto("task=nyu_normals")["features"]["cls"] is False  # Probe3D DINO wrapper output="dense"
     bb = _bb()
     x = torch.rand(1, 3, 56, 56)
-    spec = FeatureSpec.from_config({"layers": "last", "norm": False}, bb)
+    spec = FeatureSpec.from_config({"layers": "last", "norm": False, "cls": False}, bb)
     with torch.no_grad():
         raw = bb.layers(x, [3], norm=False)[0]
         normed = bb.layers(x, [3], norm=True)[0]
