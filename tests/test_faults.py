@@ -97,6 +97,12 @@ def _case(cid: str, tmp: Path, monkeypatch, request):
         return run("task.protocols.linear.schedule.batch_size=0")
     if cid == "probe-groups-misfit":
         return run("task.protocols.linear.schedule.samples_per_gpu=3")
+    if cid == "protocol-key-missing":
+        return run("~task.protocols.linear.schedule.lr")
+    if cid == "top-level-key-misspelt":
+        return run("+devcie=cpu")
+    if cid == "dataset-key-misspelt":
+        return run("+task.dataset.limt=3")
     if cid == "image-below-stride":
         return run("method=dinov2", "backbone=tiny_vit", "task.dataset.size=8")
     if cid == "unknown-key":
