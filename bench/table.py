@@ -202,6 +202,8 @@ def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) 
     sub = ours[(ours.task == task) & (ours.protocol == protocol)]
     shown = sub[sub["reported"].astype(bool)].sort_values("rank", kind="stable")
     metrics: List[str] = list(dict.fromkeys(shown["metric"])) or sorted(sub["metric"].unique())
+    if "code_version" not in ref:  # a frame from elsewhere without the column: its code is not stated
+        ref = ref.assign(code_version=None)
     ref_t = ref[ref.task == task]
     if protocol != "-":  # beside records: only the published numbers of the same code version
         versions = set(sub["code_version"].dropna()) if "code_version" in sub else set()
