@@ -230,7 +230,7 @@ def task_table(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) 
             )
         rows.append(row)
     for (source, method, backbone, code), g in ref_t.groupby(
-        ["source", "method", "backbone", "code_version"], sort=True
+        ["source", "method", "backbone", "code_version"], sort=True, dropna=False
     ):
         row = {
             "method": f"{method} *(published)*",
