@@ -58,6 +58,18 @@ UNUSED_UNLESS: Dict[str, Callable[[Mapping[str, Any]], bool]] = {
         ((c.get("method") or {}).get("reconstructor") or {}).get("name") != "depth"
     ),
 }
+# Protocol keys (dotted, inside task.protocol) added after records were fingerprinted, with the value that
+# the code used before the key existed: a protocol that states exactly that value fingerprints as if the
+# key were absent (the same computation, so the same cell), any other value enters the fingerprint.
+# (issue 26: the schedule's betas / shuffle and the linear protocols' code version, the depth test clamp and
+# empty-image rule became required keys; the committed linear-protocol records keep their fingerprints.)
+ABSENT_EQUIVALENT: Dict[str, Any] = {
+    "code_version": "fit3d_evaluation",
+    "schedule.betas": [0.9, 0.999],
+    "schedule.shuffle": True,
+    "test.clamp": True,
+    "eval.empty_images": "drop",
+}
 _SMALL = 64 * 1024
 _memo: Dict[Tuple, str] = {}
 
@@ -229,9 +241,27 @@ def _digest_files(c: Dict[str, Any]) -> Dict[str, Any]:
     return c
 
 
+def _drop_absent_equivalent(task: Dict[str, Any]) -> None:
+    """Remove from ``task["protocol"]`` the keys of :data:`ABSENT_EQUIVALENT` that hold their old implicit value."""
+    proto = task.get("protocol")
+    if not isinstance(proto, dict):
+        return
+    for dotted, old in ABSENT_EQUIVALENT.items():
+        *parents, leaf = dotted.split(".")
+        node: Any = proto
+        for k in parents:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == old:
+            del node[leaf]
+
+
 def components(cfg: Any) -> Dict[str, Any]:
     """The normalised parts of a composed config that determine a cell's number (seed excluded)."""
     c = _digest_files(_drop_unused(to_container(cfg)))
+
+    c = _drop_unused(to_container(cfg))
+    if isinstance(c.get("task"), dict):
+        _drop_absent_equivalent(c["task"])
     paths = c.get("paths") or {}
     method = _normalise(c.get("method") or {}, paths)
     backbone = _normalise(c.get("backbone") or {}, paths)

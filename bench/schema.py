@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from omegaconf import MISSING
 
-from .errors import BenchError
+from .errors import BenchError, UnknownNameError
 
 REQ: Any = MISSING  # a key the config must have; its value (the default) lives in the yaml
 
@@ -397,6 +397,7 @@ class Loss:
     grad_weight: Optional[float] = None
     grad_scales: Optional[List[int]] = None
     grad_reduction: Optional[str] = None
+    grad_slices: Optional[str] = None  # image | leading (Probe3D 1fff822: batch/channel axes); set by code_version
     max_depth: Optional[float] = None
     # normals
     type: Optional[str] = None
@@ -462,6 +463,7 @@ class Transforms:
     # test only
     batch_size: Optional[int] = None
     flip: Optional[bool] = None
+    clamp: Optional[bool] = None  # depth: clamp the prediction to [depth.min_depth, depth.max_depth] (FiT3D)
     sliding: Optional[Sliding] = None
 
 
@@ -497,6 +499,7 @@ class DepthEval:
     strict_max: Optional[bool] = None
     crop: Any = None
     metrics: Optional[List[str]] = None
+    empty_images: Optional[str] = None  # drop (depth toolbox nanmean) | zero (Probe3D evaluate_depth)
 
 
 @dataclass
@@ -521,6 +524,8 @@ class DenseProtocol:
     name: Optional[str] = None
     version: Optional[int] = None
     source: Optional[str] = None
+    code_version: Optional[str] = None  # the anchor code the protocol follows (docs/PROTOCOLS.md)
+    code_versions: Optional[Dict[str, Dict[str, Any]]] = None  # version -> {dotted key: value} it fixes
     anchors: Optional[List[str]] = None
     concat_original: Optional[bool] = None
     features: Optional[Features] = None
@@ -826,12 +831,106 @@ def check_method(method: Mapping[str, Any], where: str = "") -> None:
         check_node(sub, schema, f"method.{PER_TASK_KEY}.{kind}", required=False, alternatives=others, where=where)
 
 
+# Keys every dense protocol of a task kind must state (dotted, inside task.protocols.<name>): the numbers and
+# switches an anchor fixes. None of them has a default in code (tasks/*.py read them with ``need``), so a
+# missing one is an error here, before any work, instead of a silent fallback.
+REQUIRED_DENSE: Dict[str, tuple] = {
+    "*": tuple(
+        """name version code_version features.layers features.norm features.cls features.pad features.pos_embed
+        features.batch_size head.type test.batch_size schedule.batch_size schedule.lr schedule.weight_decay
+        schedule.betas schedule.decay schedule.shape schedule.warmup_start schedule.min_factor schedule.shuffle""".split()
+    ),
+    "depth": tuple(
+        """depth.bins depth.min_depth depth.max_depth depth.norm loss.sig_weight loss.sig_variance loss.warm_up
+        loss.grad_weight loss.max_depth eval.min_depth eval.max_depth eval.metrics eval.empty_images test.clamp""".split()
+    ),
+    "normals": ("loss.type", "mask.depth"),
+    "seg": ("loss.avg_non_ignore",),
+}
+# required when another key has a value: (key, value or None = any true value) -> keys
+REQUIRED_IF: Dict[tuple, tuple] = {
+    ("head.type", "linear"): ("head.upsample",),
+    ("head.type", "dpt"): ("head.hidden", "head.kernel_size", "head.upsample_mode", "head.align_corners"),
+    ("schedule.decay", "poly"): ("schedule.power",),
+    ("loss.warm_up", None): ("loss.warm_iter",),
+    ("loss.grad_weight", None): ("loss.grad_scales", "loss.grad_reduction"),
+    ("mask.depth", None): ("mask.max_depth",),
+}
+
+
+def apply_code_version(proto: Dict[str, Any], where: str = "task.protocol") -> None:
+    """Set the keys that the protocol's ``code_version`` fixes (``code_versions.<version>``: dotted key ->
+    value, docs/PROTOCOLS.md) in the plain protocol dict ``proto``. The version decides those keys in every
+    rule at once (loss, interpolation, resize), so a node that sets one of them itself is an error, as is an
+    unknown version name."""
+    table = proto.get("code_versions")
+    if not table:
+        return
+    version = proto.get("code_version")
+    if version not in table:
+        raise UnknownNameError(f"code version of {where}", str(version), list(table))
+    for dotted, value in dict(table[version] or {}).items():
+        *parents, leaf = str(dotted).split(".")
+        node = proto
+        for k in parents:
+            if node.get(k) is None:
+                node[k] = {}
+            node = node[k]
+            if not isinstance(node, dict):
+                raise BenchError(f"{where}.{'.'.join(parents)} must be a mapping", "see bench/conf/task/_protocols")
+        if leaf in node and node[leaf] != value:
+            raise BenchError(
+                f"{where}.{dotted}={node[leaf]!r} is fixed by {where}.code_version={version} (which sets {value!r})",
+                f"remove {where}.{dotted}, or select the code version that has it: "
+                f"{where}.code_version=<{' | '.join(table)}>",
+            )
+        node[leaf] = value
+
+
+def _has(node: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
+    cur: Any = node
+    for part in dotted.split("."):
+        if not isinstance(cur, Mapping) or part not in cur:
+            return False, None
+        cur = cur[part]
+    return True, cur
+
+
+def check_dense_required(node: Mapping[str, Any], kind: str, prefix: str, where: str = "") -> None:
+    """The keys :data:`REQUIRED_DENSE` / :data:`REQUIRED_IF` ask of a dense protocol node of task ``kind``
+    (after its ``code_version`` set the keys it fixes): one SchemaError naming the first missing key."""
+    import copy
+
+    node = copy.deepcopy(dict(node))
+    apply_code_version(node, prefix)
+    keys = list(REQUIRED_DENSE["*"]) + list(REQUIRED_DENSE.get(kind, ()))
+    for (key, value), then in REQUIRED_IF.items():
+        present, v = _has(node, key)
+        if present and (v == value if value is not None else bool(v)):
+            keys += list(then)
+    sched = node.get("schedule") or {}
+    if not sched.get("iters"):
+        keys.append("schedule.epochs")
+    if sched.get("warmup_iters") is None:
+        keys.append("schedule.warmup")
+    for key in keys:
+        if not _has(node, key)[0]:
+            raise SchemaError(
+                f"config key '{prefix}.{key}' is missing{where}: the protocol must state it (no default stands in "
+                "for the anchor's value)",
+                f"set it in bench/conf/task/_protocols/*.yaml or the task yaml (docs/PROTOCOLS.md has the anchor's "
+                f"value), e.g. +{prefix}.{key}=...",
+            )
+
+
 def check_protocols(task: Mapping[str, Any], where: str = "") -> None:
     """Every ``task.protocols.<name>`` (dense tasks) or the ``task.protocol`` node (correspondence tasks)."""
     protocols = task.get("protocols")
     if isinstance(protocols, Mapping):
         for name, node in protocols.items():
             check_node(node, DenseProtocol, f"task.protocols.{name}", required=False, where=where)
+            if task.get("kind") in ("depth", "normals", "seg"):
+                check_dense_required(node, str(task["kind"]), f"task.protocols.{name}", where)
     elif isinstance(task.get("protocol"), Mapping):
         check_node(task["protocol"], CorrespondenceProtocol, "task.protocol", required=False, where=where)
 
@@ -845,12 +944,82 @@ def check_cluster(cluster: Mapping[str, Any], where: str = "") -> None:
         check_node(cluster.get(kind) or {}, schema, f"cluster.{kind}", required=False, where=where)
 
 
+def _conf_dir():
+    from importlib import resources
+
+    return resources.files("bench.conf")
+
+
+def _yaml_keys(path) -> Dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(OmegaConf.load(str(path)), resolve=False) or {}
+    node.pop("defaults", None)
+    return node
+
+
+def _interpolated(cfg: Any) -> set:
+    """Top-level names that some value of the (unresolved) config interpolates (``${train_steps}``): keys a
+    recipe may add for its own use."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    blob = str(OmegaConf.to_container(cfg, resolve=False)) if OmegaConf.is_config(cfg) else str(cfg)
+    return set(re.findall(r"\$\{\s*([A-Za-z_][A-Za-z0-9_]*)", blob))
+
+
+def check_top_level(cfg: Mapping[str, Any], where: str = "") -> None:
+    """Top-level keys (and the keys of its plain mappings, ``distributed``, ``loader``) are those of
+    ``bench/conf/config.yaml`` and its config groups, or a key the config interpolates (a recipe's own
+    ``train_steps``): a misspelt ``devcie:`` in a recipe is one error naming the nearest key."""
+    base = _yaml_keys(_conf_dir().joinpath("config.yaml"))
+    valid = set(base) | {"paths", "backbone", "method", "task", "cluster", "experiment", "hydra"}
+    used = _interpolated(cfg)
+    for k in cfg.keys():
+        if k not in valid and k not in used:
+            raise unknown_key(str(k), sorted(valid), where)
+    for k, sub in base.items():
+        if isinstance(sub, Mapping) and isinstance(cfg.get(k), Mapping):
+            for kk in cfg[k].keys():
+                if kk not in sub:
+                    raise unknown_key(f"{k}.{kk}", [f"{k}.{n}" for n in sub], where)
+
+
+def check_task_keys(task: Mapping[str, Any], where: str = "") -> None:
+    """``task.*`` keys are those some task yaml (``bench/conf/task/*.yaml``) has, and ``task.dataset.*`` those
+    that a task yaml gives a dataset of the same ``dataset.name``: a recipe's ``task.dataset.limt`` is an
+    error naming ``limit``."""
+    task_keys: set = set()
+    by_name: Dict[str, set] = {}
+    for path in _conf_dir().joinpath("task").iterdir():
+        if not path.name.endswith(".yaml"):
+            continue
+        node = _yaml_keys(path)
+        task_keys |= set(node)
+        ds = node.get("dataset")
+        if isinstance(ds, Mapping):
+            by_name.setdefault(str(ds.get("name")), set()).update(ds)
+    for k in task.keys():
+        if k not in task_keys:
+            raise unknown_key(f"task.{k}", [f"task.{n}" for n in sorted(task_keys)], where)
+    ds = task.get("dataset")
+    if isinstance(ds, Mapping):
+        allowed = by_name.get(str(ds.get("name"))) or set().union(*by_name.values())
+        for k in ds.keys():
+            if k not in allowed:
+                raise unknown_key(f"task.dataset.{k}", [f"task.dataset.{n}" for n in sorted(allowed)], where)
+
+
 def check(cfg: Any) -> None:
     """Validate the composed config ``cfg`` (see the module docstring); raises :class:`SchemaError`."""
     from .config import to_container
 
     c = {k: to_container(cfg[k]) for k in ("method", "task", "cluster") if k in cfg}
     where = _recipe_hint(cfg)
+    check_top_level(cfg, where)
+    if isinstance(c.get("task"), Mapping):
+        check_task_keys(c["task"], where)
     if isinstance(c.get("method"), Mapping):
         check_method(c["method"], where)
     if isinstance(c.get("task"), Mapping):

@@ -25,7 +25,9 @@ from .errors import BenchError, what_is_at
 from .io import write_text
 from .records import load_records, train_diagnostics
 
-REFERENCE_COLUMNS = ["source", "method", "backbone", "task", "metric", "value", "note"]
+# code_version: the anchor code a published number came from (tasks.protocol_record.code_version names):
+# a reference row is shown only beside records of the same code version
+REFERENCE_COLUMNS = ["source", "method", "backbone", "task", "metric", "value", "note", "code_version"]
 
 
 LEGACY = "legacy"
@@ -78,6 +80,7 @@ def records_frame(results_dir: str | Path, recs: List[dict] | None = None) -> pd
                     "task": rec["task"],
                     "dataset": rec.get("dataset", ""),
                     "protocol": proto,
+                    "code_version": (rec.get("protocol") or {}).get("code_version"),
                     "seed": int(rec.get("seed", 0)),
                     "metric": metric,
                     "value": float(value),
@@ -104,6 +107,7 @@ def records_frame(results_dir: str | Path, recs: List[dict] | None = None) -> pd
         "task",
         "dataset",
         "protocol",
+        "code_version",
         "seed",
         "metric",
         "value",
@@ -215,7 +219,12 @@ def task_rows(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) -
     sub = ours[(ours.task == task) & (ours.protocol == protocol)]
     shown = sub[sub["reported"].astype(bool)].sort_values("rank", kind="stable")
     metrics: List[str] = list(dict.fromkeys(shown["metric"])) or sorted(sub["metric"].unique())
+    if "code_version" not in ref:  # a frame from elsewhere without the column: its code is not stated
+        ref = ref.assign(code_version=None)
     ref_t = ref[ref.task == task]
+    if protocol != "-":  # beside records: only the published numbers of the same code version
+        versions = set(sub["code_version"].dropna()) if "code_version" in sub else set()
+        ref_t = ref_t[ref_t["code_version"].isin(versions)]
     metrics += [m for m in dict.fromkeys(ref_t["metric"]) if m not in metrics]
     rows = []
     delta_col = f"Δ vs teacher ({metrics[0]}, 95% CI)" if metrics else "Δ vs teacher"
@@ -242,12 +251,14 @@ def task_rows(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) -
             row["_delta"] = delta_vs_teacher(same, method, backbone, metrics[0], evaluation=g["evaluation"].iloc[0])
             row[delta_col] = format_delta(row["_delta"])
         rows.append(row)
-    for (source, method, backbone), g in ref_t.groupby(["source", "method", "backbone"], sort=True):
+    for (source, method, backbone, code), g in ref_t.groupby(
+        ["source", "method", "backbone", "code_version"], sort=True, dropna=False
+    ):
         row = {
             "method": f"{method} *(published)*",
             "backbone": backbone,
             "recipe": "",
-            "source": source,
+            "source": f"{source} [code: {code}]",
             "seeds": "",
             "wall (s)": "",
             "_published": True,
@@ -396,9 +407,7 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
     if ours.empty:
         out += ["*No records yet: run a cell, e.g. `python -m bench run experiment=demo`.*", ""]
     cells = ours[["task", "protocol"]].drop_duplicates().sort_values(["task", "protocol"]).itertuples(index=False)
-    seen_tasks = set()
     for task, protocol in cells:
-        seen_tasks.add(task)
         g = ours[(ours.task == task) & (ours.protocol == protocol)]
         out += [
             f"## {task} — protocol `{protocol}` (dataset: {g['dataset'].iloc[0]})",
@@ -406,11 +415,15 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
             task_table(ours, ref, task, protocol),
             "",
         ]
-    ref_only = sorted(set(ref["task"]) - seen_tasks)
+    shown = set(zip(ours["task"], ours["code_version"])) if not ours.empty else set()
+    unmatched = ref[
+        pd.Series([(t, c) not in shown for t, c in zip(ref["task"], ref["code_version"])], index=ref.index, dtype=bool)
+    ]
+    ref_only = sorted(set(unmatched["task"]))
     if ref_only:
-        out += ["## Published reference numbers (no bench records yet for these tasks)", ""]
+        out += ["## Published reference numbers (no bench records of their task and code version yet)", ""]
         for task in ref_only:
-            out += [f"### {task}", "", task_table(ours, ref, task, protocol="-"), ""]
+            out += [f"### {task}", "", task_table(ours, unmatched, task, protocol="-"), ""]
     if not ours.empty:
         hw = ours.drop_duplicates("id")
         out += [

@@ -46,11 +46,12 @@ from bench.backbones import module_device
 from bench.errors import BenchError, UnknownNameError
 from bench.io import save_safetensors, write_json
 
+from bench.schema import apply_code_version
 from .data import check_dataset, dataset_identity, open_split
 from .features import CachedFeatures, FeatureCache, FeatureSpec, assemble, features, weights_hash
 from .probes import DenseProbe
 from .sliding import slide_inference
-from .train_probe import check_groups, train_probe
+from .train_probe import check_groups, check_schedule, need, train_probe
 from . import transforms as T
 from .transforms import Transformed, is_augmented
 
@@ -67,6 +68,7 @@ def resolve_protocol(cfg: DictConfig) -> Dict[str, Any]:
         raise UnknownNameError("protocol", str(cfg.get("protocol")), valid) from None
     if not isinstance(proto, dict):
         raise BenchError(f"task '{task.name}' has no protocol node", "set task.protocol (see bench/conf/task/)")
+    apply_code_version(proto, f"task.protocols.{cfg.get('protocol', 'linear')}")
     variant = proto.get("schedule_variant")
     if variant:  # a named schedule variant is merged over the protocol's schedule
         named = dict(proto.get("schedules") or {})
@@ -148,14 +150,19 @@ class DenseTask:
         not prepared."""
         proto = resolve_protocol(cfg)
         key = f"task.protocols.{cfg.get('protocol', 'linear')}.schedule"
-        check_groups(int((proto.get("schedule") or {}).get("batch_size", 8)), _spg(proto), key)
+        check_schedule(proto.get("schedule") or {}, key)
+        check_groups(int(proto["schedule"]["batch_size"]), _spg(proto), key)
         check_dataset(cfg.task.dataset)
 
     def probe_layout(self, cfg: DictConfig) -> Dict[str, Any]:
         """What a record says about how its probe was trained: ranks, global batch, loss groups, the
         largest per-rank batch (ranks take whole groups), BatchNorm statistics."""
         proto = resolve_protocol(cfg)
-        ranks, bs, spg = self.probe_ranks(proto), int((proto.get("schedule") or {}).get("batch_size", 8)), _spg(proto)
+        ranks, bs, spg = (
+            self.probe_ranks(proto),
+            int(need(proto.get("schedule") or {}, "batch_size", "task.protocol.schedule")),
+            _spg(proto),
+        )
         return {
             "world_size": ranks,
             "global_batch": bs,
@@ -256,7 +263,7 @@ class DenseTask:
                 cache.fill(
                     backbone,
                     train,
-                    batch_size=int(fcfg.get("batch_size", 8)),
+                    batch_size=int(need(fcfg, "batch_size", "task.protocol.features")),
                     device=str(device),
                     progress=progress,
                     refresh=bool(cfg.get("force", False)) and main,
@@ -320,6 +327,7 @@ class DenseTask:
                 stop_after=stop_after,
                 loss_state=stateful,
                 distributed=parallel,
+                key=f"task.protocols.{cfg.get('protocol', 'linear')}.schedule",
             )
         if info.pop("total_steps") > info["steps"]:  # stop_after: unfinished, resumable from pdir
             return None
@@ -389,7 +397,9 @@ class DenseTask:
         tcfg = proto.get("test", {}) or {}
         if shard is not None:
             test = torch.utils.data.Subset(test, range(shard, len(test), dist.world_size()))
-        loader = DataLoader(test, batch_size=int(tcfg.get("batch_size", 1)), shuffle=False, num_workers=workers)
+        loader = DataLoader(
+            test, batch_size=int(need(tcfg, "batch_size", "task.protocol.test")), shuffle=False, num_workers=workers
+        )
         sliding = tcfg.get("sliding")
         meters = self.new_meters(task, proto)
         for batch in show_progress(loader, desc=f"{task['name']} test", unit="batch", enable=progress):

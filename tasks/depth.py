@@ -21,8 +21,11 @@ from bench.registry import TASKS
 from .dense import DenseTask
 from .losses import SigLoss, depth_loss
 from .metrics import MeanMeter, depth_metrics, depth_valid, probe3d_depth_metrics
+from .train_probe import need
 
 METRIC_SETS = ("standard", "scale_invariant")
+EMPTY_IMAGES = ("drop", "zero")
+LOSS = "task.protocol.loss"
 
 
 class DepthTask(DenseTask):
@@ -33,9 +36,8 @@ class DepthTask(DenseTask):
 
     def start(self, task, proto):
         lc = proto.get("loss", {}) or {}
-        self._sig = SigLoss(
-            bool(lc.get("warm_up", False)), int(lc.get("warm_iter", 100)), str(lc.get("sig_variance", "biased"))
-        )
+        warm = bool(need(lc, "warm_up", LOSS))
+        self._sig = SigLoss(warm, int(need(lc, "warm_iter", LOSS)) if warm else 0, str(need(lc, "sig_variance", LOSS)))
 
     def iteration(self):
         sig = getattr(self, "_sig", None)
@@ -43,24 +45,33 @@ class DepthTask(DenseTask):
 
     def loss(self, out, target, proto, batch=None):
         lc = proto.get("loss", {}) or {}
-        valid = depth_valid(target, max_depth=lc.get("max_depth"))
-        sig = getattr(self, "_sig", None) or SigLoss(False, 0, str(lc.get("sig_variance", "biased")))
+        if "max_depth" not in lc:
+            need(lc, "max_depth", LOSS)
+        valid = depth_valid(target, max_depth=lc["max_depth"])
+        sig = getattr(self, "_sig", None) or SigLoss(False, 0, str(need(lc, "sig_variance", LOSS)))
+        grad = float(need(lc, "grad_weight", LOSS))
         return depth_loss(
             out["depth"],
             target,
             valid,
-            float(lc.get("sig_weight", 1.0)),
-            float(lc.get("grad_weight", 0.5)),
-            tuple(lc.get("grad_scales", (1,))),
-            str(lc.get("grad_reduction", "image")),
+            float(need(lc, "sig_weight", LOSS)),
+            grad,
+            tuple(need(lc, "grad_scales", LOSS)) if grad else (),
+            str(need(lc, "grad_reduction", LOSS)) if grad else "image",
             sig=sig,
+            grad_slices=str(lc.get("grad_slices") or "image"),
         )
 
     def flip_average(self, out, flipped):
         return {"depth": 0.5 * (out["depth"] + flipped["depth"].flip(-1))}
 
     def new_meters(self, task, proto) -> List[Any]:
-        sets = list((proto.get("eval", {}) or {}).get("metrics", ["standard"]))
+        ec = proto.get("eval", {}) or {}
+        sets = list(need(ec, "metrics", "task.protocol.eval"))
+        if str(need(ec, "empty_images", "task.protocol.eval")) not in EMPTY_IMAGES:
+            from bench.errors import UnknownNameError
+
+            raise UnknownNameError("task.protocol.eval.empty_images", str(ec["empty_images"]), EMPTY_IMAGES)
         bad = [s for s in sets if s not in METRIC_SETS]
         if bad:
             from bench.errors import UnknownNameError
@@ -73,14 +84,18 @@ class DepthTask(DenseTask):
         valid = depth_valid(
             target,
             max_depth=ec.get("max_depth"),
-            min_depth=float(ec.get("min_depth", 0.0) or 0.0),
+            min_depth=float(ec.get("min_depth") or 0.0),
             crop=ec.get("crop"),
-            strict_max=bool(ec.get("strict_max", False)),
+            strict_max=bool(ec.get("strict_max")),
         )
         pred = out["depth"]
-        meters[0].update(depth_metrics(pred, target, valid))
+        if need(proto.get("test", {}) or {}, "clamp", "task.protocol.test"):  # FiT3D encode_decode: head range
+            d = proto["depth"]
+            pred = pred.clamp(min=float(d["min_depth"]), max=float(d["max_depth"]))
+        zero = ec["empty_images"] == "zero"  # Probe3D evaluate_depth: an empty image counts, as zeros
+        meters[0].update(depth_metrics(pred, target, valid, empty_as_zero=zero))
         if len(meters) > 1:
-            si = probe3d_depth_metrics(pred, target, valid, scale_invariant=True)
+            si = probe3d_depth_metrics(pred, target, valid, scale_invariant=True, empty_as_zero=zero)
             meters[1].update({"a1": si["d1"], "a2": si["d2"], "a3": si["d3"], "rmse": si["rmse"]})
 
 

@@ -53,7 +53,9 @@ class FeatureSpec:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], backbone) -> "FeatureSpec":
-        layers = cfg.get("layers", "last")
+        from .train_probe import need
+
+        layers = need(cfg, "layers", "task.protocol.features")
         if layers == "last":
             idx = [backbone.num_blocks - 1]
         elif layers == "quartiles":
@@ -65,8 +67,8 @@ class FeatureSpec:
         pad, pos = cfg.get("pad"), cfg.get("pos_embed")
         return cls(
             tuple(idx),
-            bool(cfg.get("norm", True)),
-            bool(cfg.get("cls", False)),
+            bool(need(cfg, "norm", "task.protocol.features")),
+            bool(need(cfg, "cls", "task.protocol.features")),
             None if pad is None else str(pad),
             None if pos is None else str(pos),
         )

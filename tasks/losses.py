@@ -171,25 +171,45 @@ def gradient_loss(
     return total[0] if reduction == "batch" else total.mean()
 
 
+GRAD_SLICES = ("image", "leading")
+
+
 def depth_loss(
     pred: torch.Tensor,
     gt: torch.Tensor,
     valid: torch.Tensor,
-    sig_weight: float = 1.0,
-    grad_weight: float = 0.5,
-    grad_scales: Sequence[int] = (1,),
-    grad_reduction: str = "image",
+    sig_weight: float,
+    grad_weight: float,
+    grad_scales: Sequence[int],
+    grad_reduction: str,
     sig=None,
+    grad_slices: str = "image",
 ) -> torch.Tensor:
-    """``sig_weight * SigLoss + grad_weight * gradient loss``.
+    """``sig_weight * SigLoss + grad_weight * gradient loss`` (weights from the protocol's ``loss``).
 
     Linear protocol: 1, 0 (the published GradientLoss is 0 at 2 images per GPU), SigLoss with
     warm-up; Probe3D: 10, 0.5, scales (1, 2, 4, 6) pooled over the batch. ``sig`` is a
     :class:`SigLoss` (stateful warm-up) or None for the plain biased :func:`sig_loss`.
+
+    ``grad_slices``: ``image`` -- :func:`gradient_loss` on the image axes (Probe3D since ``ac00369``, SnD
+    ``evaluation2/evals/utils/losses.py``); ``leading`` -- Probe3D's first commit ``1fff822``, whose
+    ``gradient_loss`` slices ``[::2i, ::2i]``, ``[0:-2, :]`` and ``[:, 0:-2]`` act on the batch and channel
+    axes of its ``[B,1,H,W]`` tensors (:func:`mmseg_gradient_loss`, the same slices; ``grad_scales`` and
+    ``grad_reduction`` do not apply: its scales are ``x[::2i, ::2i]``, i = 1..3, sums pooled over the
+    batch). The invalid pixels (``valid`` false, e.g. gt > max_depth, which ``DepthLoss`` zeroes) enter
+    as gt 0, as there.
     """
     loss = sig_weight * (sig(pred, gt, valid) if sig is not None else sig_loss(pred, gt, valid))
     if grad_weight:
-        loss = loss + grad_weight * gradient_loss(pred, gt, valid, grad_scales, reduction=grad_reduction)
+        if grad_slices == "leading":
+            gt0 = torch.where(valid, gt, torch.zeros_like(gt))
+            loss = loss + grad_weight * mmseg_gradient_loss(pred[:, None], gt0[:, None])
+        elif grad_slices == "image":
+            loss = loss + grad_weight * gradient_loss(pred, gt, valid, grad_scales, reduction=grad_reduction)
+        else:
+            from bench.errors import UnknownNameError
+
+            raise UnknownNameError("gradient-loss slices (task.protocol.loss.grad_slices)", grad_slices, GRAD_SLICES)
     return loss
 
 

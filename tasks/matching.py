@@ -106,10 +106,13 @@ def sample_features(feats: Tensor, uv: Tensor, extent: Tuple[float, float], mode
 
 def center_pad_offsets(H: int, W: int, patch: int) -> Tuple[int, int, int, int]:
     """``(left, right, top, bottom)`` zero-padding to the patch multiple, as Probe3D's ``center_padding``
-    (``evals/models/utils.py``): ``pad = patch - H % patch`` (none when divisible), top = pad // 2."""
-    ph = (patch - H % patch) % patch
-    pw = (patch - W % patch) % patch
-    return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
+    (``evals/models/utils.py``, :func:`bench.backbones.base.pad_2d` mode ``center_probe3d``): no padding
+    when both sides are multiples, else ``patch - size % patch`` on **each** axis, so an axis that is
+    already a multiple gets a whole extra patch (448x640 -> 462x644, 476x480 -> 490x490); top = pad // 2."""
+    from bench.backbones.base import pad_2d
+
+    top, bottom, left, right = pad_2d(H, W, patch, "center_probe3d")
+    return left, right, top, bottom
 
 
 def center_pad(backbone, images: Tensor) -> Tensor:

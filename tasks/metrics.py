@@ -72,20 +72,29 @@ def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def depth_metrics(
-    pred: torch.Tensor, gt: torch.Tensor, valid: Optional[torch.Tensor] = None, min_pred: float = 1e-3
+    pred: torch.Tensor,
+    gt: torch.Tensor,
+    valid: Optional[torch.Tensor] = None,
+    min_pred: Optional[float] = None,
+    empty_as_zero: bool = False,
 ) -> Dict[str, torch.Tensor]:
-    """Linear-protocol depth metrics per image (``[B]`` each); images with no valid pixel are dropped.
+    """Linear-protocol depth metrics per image (``[B]`` each).
 
-    ``pred`` is clamped to ``>= min_pred`` (the toolbox clamps to its min depth) so logs are finite.
+    An image with no valid pixel is dropped (the depth toolbox's ``calculate`` returns NaN for it and
+    ``np.nanmean`` skips it), or with ``empty_as_zero`` kept with every metric 0 (Probe3D
+    ``evaluate_depth``, whose valid count is clamped to 1). ``min_pred``: clamp the prediction from below
+    first (None: as it is; the linear protocol's clamp to the head's range happens before, see
+    ``test.clamp``).
     """
     pred, gt = pred.double(), gt.double()
     valid = (torch.isfinite(gt) & (gt > 0)) if valid is None else valid & torch.isfinite(gt) & (gt > 0)
     keep = valid.flatten(1).any(dim=1)
-    pred, gt, valid = (
-        pred[keep].clamp(min=min_pred),
-        gt[keep].where(valid[keep], torch.ones_like(gt[keep])),
-        valid[keep],
-    )
+    if empty_as_zero:
+        keep = torch.ones_like(keep)
+    pred, gt, valid = pred[keep], gt[keep].where(valid[keep], torch.ones_like(gt[keep])), valid[keep]
+    if min_pred is not None:
+        pred = pred.clamp(min=min_pred)
+    pred = pred.where(valid, torch.ones_like(pred))  # invalid pixels never enter a log or a ratio
     ratio = torch.maximum(gt / pred, pred / gt)
     diff = gt - pred
     e = pred.log() - gt.log()
@@ -121,15 +130,23 @@ def fit_scale_shift(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -
 
 
 def probe3d_depth_metrics(
-    pred: torch.Tensor, gt: torch.Tensor, valid: Optional[torch.Tensor] = None, scale_invariant: bool = False
+    pred: torch.Tensor,
+    gt: torch.Tensor,
+    valid: Optional[torch.Tensor] = None,
+    scale_invariant: bool = False,
+    empty_as_zero: bool = True,
 ) -> Dict[str, torch.Tensor]:
     """Probe3D depth metrics per image: d1, d2, d3 (threshold recalls) and rmse.
 
-    With ``scale_invariant`` the prediction is first aligned per image by :func:`fit_scale_shift`.
+    With ``scale_invariant`` the prediction is first aligned per image by :func:`fit_scale_shift`. An image
+    with no valid pixel counts with every metric 0 (``evals/utils/metrics.py::evaluate_depth`` clamps the
+    valid count to 1 and averages every image); ``empty_as_zero=False`` drops it instead.
     """
     pred, gt = pred.double(), gt.double()
     valid = (torch.isfinite(gt) & (gt > 0)) if valid is None else valid & torch.isfinite(gt) & (gt > 0)
     keep = valid.flatten(1).any(dim=1)
+    if empty_as_zero:
+        keep = torch.ones_like(keep)
     pred, gt, valid = pred[keep], gt[keep].where(valid[keep], torch.ones_like(gt[keep])), valid[keep]
     if scale_invariant:
         s, t = fit_scale_shift(pred, gt, valid)
@@ -150,16 +167,21 @@ def angular_error_deg(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 def normals_valid(
     gt: torch.Tensor, depth: Optional[torch.Tensor] = None, max_depth: Optional[float] = None
 ) -> torch.Tensor:
-    """Valid normals: finite and non-zero ([B,3,H,W] -> [B,H,W]); with ``depth`` ([B,H,W] raw metres,
-    0 = missing) also ``depth > 0`` and ``depth <= max_depth``: Probe3D ``train_snorm.py`` and SnD
-    ``evaluation2/train_snorm.py`` use ``mask = depth > 0`` after the dataset zeroed depth > 10 m
-    (``evals/datasets/nyu.py``: ``depth[depth > self.max_depth] = 0``)."""
-    valid = torch.isfinite(gt).all(dim=1) & (gt.abs().sum(dim=1) > 0)
-    if depth is not None:
-        d = depth[:, 0] if depth.ndim == 4 else depth
-        valid &= torch.isfinite(d) & (d > 0)
-        if max_depth is not None:
-            valid &= d <= max_depth
+    """Valid normals ([B,3,H,W] -> [B,H,W]).
+
+    Without ``depth``: finite and non-zero ground truth. With ``depth`` ([B,H,W] raw metres, 0 = missing):
+    ``depth > 0`` and ``depth <= max_depth`` (and a finite normal) **only** -- Probe3D ``train_snorm.py`` and
+    SnD ``evaluation2/train_snorm.py`` use ``mask = depth > 0`` after the dataset zeroed depth > 10 m
+    (``evals/datasets/nyu.py``: ``depth[depth > self.max_depth] = 0``), so a pixel with valid depth and a zero
+    ground-truth normal counts: its cosine similarity with any prediction is 0, an error of 90 degrees in the
+    metrics and ``acos(0)`` in the loss."""
+    finite = torch.isfinite(gt).all(dim=1)
+    if depth is None:
+        return finite & (gt.abs().sum(dim=1) > 0)
+    d = depth[:, 0] if depth.ndim == 4 else depth
+    valid = finite & torch.isfinite(d) & (d > 0)
+    if max_depth is not None:
+        valid &= d <= max_depth
     return valid
 
 
@@ -171,10 +193,12 @@ def normals_metrics(
 ) -> Dict[str, torch.Tensor]:
     """Per image: angular ``rmse``, ``mean``, ``median`` (degrees) and ``a11``/``a22``/``a30`` (% within).
 
-    The median of an even count is the mean of the two middle values (numpy's, as in Bae et al.).
+    The median of an even count is the mean of the two middle values (numpy's, as in Bae et al.). ``valid``
+    (e.g. :func:`normals_valid` with the depth mask) is used as given: a zero ground-truth normal inside it
+    counts as 90 degrees (Probe3D ``evals/utils/metrics.py::evaluate_surface_norm``); without ``valid``, the
+    finite non-zero normals.
     """
-    gvalid = normals_valid(gt)
-    valid = gvalid if valid is None else valid & gvalid
+    valid = normals_valid(gt) if valid is None else valid & torch.isfinite(gt).all(dim=1)
     keep = valid.flatten(1).any(dim=1)
     err, valid = angular_error_deg(pred[keep], gt[keep].nan_to_num()), valid[keep]
     out = {
@@ -215,8 +239,9 @@ class SegMeter:
 
     Per class, intersection and union are summed over all images; IoU = I/U and the mean is over
     the classes *present* (union > 0, i.e. in the ground truth or the prediction; mmseg's nanmean).
-    Pixels labelled ``ignore_index`` are excluded. With ``reduce_zero_label`` the ground truth is
-    remapped first (0 -> ignore, k -> k-1).
+    Pixels labelled ``ignore_index`` are excluded; a ground-truth id >= ``num_classes`` (not the ignore
+    index) adds its pixel's prediction to that class's union, as mmseg. With ``reduce_zero_label`` the
+    ground truth is remapped first (0 -> ignore, k -> k-1).
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, reduce_zero_label: bool = False):
@@ -232,12 +257,19 @@ class SegMeter:
             from .data import reduce_zero_label
 
             gt = reduce_zero_label(gt)
-        keep = (gt != self.ignore_index) & (gt >= 0) & (gt < self.num_classes)
+        # mmseg ``intersect_and_union`` (FiT3D ``mmsegmentation/mmseg/core/evaluation/metrics.py``): only
+        # ``ignore_index`` pixels are dropped; ``torch.histc(min=0, max=n-1)`` then skips a ground-truth id
+        # outside 0..n-1 in the label and intersection counts, but the pixel's prediction still counts,
+        # i.e. it joins the predicted class's union
+        keep = gt != self.ignore_index
         p, g = pred.long()[keep], gt[keep]
         n = self.num_classes
-        area_inter = torch.bincount(g[p == g], minlength=n)[:n].double()
-        area_pred = torch.bincount(p.clamp(0, n - 1), minlength=n)[:n].double()
-        area_gt = torch.bincount(g, minlength=n)[:n].double()
+        inside = (g >= 0) & (g < n)
+        hit = inside & (p == g)
+        area_inter = torch.bincount(g[hit], minlength=n)[:n].double()
+        p_in = p[(p >= 0) & (p < n)]
+        area_pred = torch.bincount(p_in, minlength=n)[:n].double()
+        area_gt = torch.bincount(g[inside], minlength=n)[:n].double()
         self.inter += area_inter
         self.union += area_pred + area_gt - area_inter
         self.label += area_gt

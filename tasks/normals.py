@@ -16,6 +16,7 @@ from bench.registry import TASKS
 from .dense import DenseTask
 from .losses import angular_loss, angular_nll_loss
 from .metrics import MeanMeter, normals_metrics, normals_valid
+from .train_probe import need
 
 
 def _valid(target, proto, batch):
@@ -47,7 +48,7 @@ class NormalsTask(DenseTask):
 
     def loss(self, out, target, proto, batch=None):
         valid = _valid(target, proto, batch)
-        kind = str((proto.get("loss", {}) or {}).get("type", "nll"))
+        kind = str(need(proto.get("loss", {}) or {}, "type", "task.protocol.loss"))
         if kind == "nll":
             return angular_nll_loss(out["normals"], out["kappa"], target, valid)
         if kind == "angular":

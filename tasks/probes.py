@@ -157,12 +157,17 @@ OUT_CHANNELS = {"normals": 4}
 
 
 def build_head(cfg: Mapping[str, Any], in_dims: Sequence[int], out_dim: int) -> nn.Module:
-    kind = str(cfg.get("type", "linear"))
+    """The probe head of ``cfg`` (``task.protocol.head``): its sizes come from the protocol, none from code;
+    absent switches (``batchnorm``, ``align_corners``) are off."""
+    from .train_probe import need
+
+    where = "task.protocol.head"
+    kind = str(need(cfg, "type", where))
     if kind == "linear":
         return LinearHead(
             in_dims,
             out_dim,
-            int(cfg.get("upsample", 1)),
+            int(need(cfg, "upsample", where)),
             bool(cfg.get("batchnorm", False)),
             bool(cfg.get("align_corners", False)),
         )
@@ -170,9 +175,9 @@ def build_head(cfg: Mapping[str, Any], in_dims: Sequence[int], out_dim: int) -> 
         return DPTHead(
             in_dims,
             out_dim,
-            int(cfg.get("hidden", 512)),
-            int(cfg.get("kernel_size", 3)),
-            str(cfg.get("upsample_mode", "bilinear")),
+            int(need(cfg, "hidden", where)),
+            int(need(cfg, "kernel_size", where)),
+            str(need(cfg, "upsample_mode", where)),
             bool(cfg.get("align_corners", False)),
         )
     from bench.errors import UnknownNameError
@@ -199,11 +204,13 @@ class DenseProbe(nn.Module):
         super().__init__()
         self.task = task
         if task == "depth":
-            d = dict(depth_cfg or {})
+            from .train_probe import need
+
+            d, where = dict(depth_cfg or {}), "task.protocol.depth"
             self.depth = BinnedDepth(
-                d.get("min_depth", 1e-3), d.get("max_depth", 10.0), d.get("bins", 256), d.get("norm", "linear")
+                need(d, "min_depth", where), need(d, "max_depth", where), need(d, "bins", where), need(d, "norm", where)
             )
-            out = int(d.get("bins", 256))
+            out = int(d["bins"])
         elif task == "normals":
             out = 4
         elif task == "seg":

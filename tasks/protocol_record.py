@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Mapping
 
 from omegaconf import DictConfig
 
+from bench.schema import apply_code_version  # noqa: F401  (the rule lives with the schema that checks it)
+
 
 def _canon(v: Any) -> Any:
     if isinstance(v, Mapping):
@@ -53,6 +55,15 @@ def active_deviations(proto: Mapping[str, Any]) -> List[Dict[str, Any]]:
     return out
 
 
+def code_version(proto: Mapping[str, Any]) -> Any:
+    """The code a resolved protocol follows, as the records and results/reference/*.csv name it:
+    ``code_version``, plus ``+<schedule_variant>`` when a named schedule variant is selected (SnD's
+    single-GPU schedule on FiT3D's code: ``fit3d_evaluation+snd_1gpu``); None for a protocol without one."""
+    name = proto.get("code_version")
+    variant = proto.get("schedule_variant")
+    return f"{name}+{variant}" if name and variant else name
+
+
 def protocol_summary(cfg: DictConfig) -> Dict[str, Any]:
     """``{"name", "version", "deviations": [ids...], "deviation_details": [...]}`` of ``cfg``'s task protocol."""
     from .dense import resolve_protocol
@@ -62,6 +73,7 @@ def protocol_summary(cfg: DictConfig) -> Dict[str, Any]:
     return {
         "name": str(proto.get("name", "default")),
         "version": proto.get("version"),
+        "code_version": code_version(proto),
         "deviations": [d["id"] for d in devs],
         "deviation_details": devs,
     }

@@ -12,6 +12,7 @@ from typing import Any, List
 from bench.registry import TASKS
 
 from .data import reduce_zero_label
+from .train_probe import need
 from .dense import DenseTask
 from .losses import seg_loss
 from .metrics import SegMeter
@@ -28,7 +29,7 @@ class SegmentationTask(DenseTask):
 
     def loss(self, out, target, proto, batch=None):
         lc = proto.get("loss", {}) or {}
-        return seg_loss(out["logits"], target, avg_non_ignore=bool(lc.get("avg_non_ignore", False)))
+        return seg_loss(out["logits"], target, avg_non_ignore=bool(need(lc, "avg_non_ignore", "task.protocol.loss")))
 
     def new_meters(self, task, proto) -> List[Any]:
         return [SegMeter(int(task["dataset"]["num_classes"]))]

@@ -25,8 +25,13 @@ mmcv's linear warm-up factor ``1 - (1 - step / warmup) (1 - warmup_start)``.
 ``cos(pi p / 2)`` (quarter_cosine: Probe3D's ``0.99 cos(0.5 pi p) + 0.01``), ``(1 - p)^power``
 (poly) or 1 (constant).
 
-The training set is shuffled every epoch from the given seed. A NaN/inf loss raises
-:class:`bench.errors.NonFiniteLossError`. Progress (bench.progress: a bar on a terminal, log lines in SLURM logs) shows loss, lr, rate and ETA.
+Every key an anchor fixes is required (:data:`REQUIRED`; a missing one is a :class:`bench.errors.BenchError`
+naming it): no lr, batch size, warm-up or schedule shape is filled in here. ``shuffle`` decides the
+training order: ``true`` reshuffles every epoch from the seed (mmseg's ``IterBasedRunner`` sampler),
+``false`` keeps the dataset order every epoch (Probe3D / SnD ``evaluation2`` ``build_loader``:
+``shuffle = (split == "train") and not use_ddp``, and they train on ``trainval``). A NaN/inf loss raises
+:class:`bench.errors.NonFiniteLossError`. Progress (bench.progress: a bar on a terminal, log lines in SLURM logs) shows
+loss, lr, rate and ETA.
 
 Training runs through :class:`bench.train.TrainLoop` (``ckpt_every`` / ``keep_last`` / ``log_every``:
 schedule keys that change nothing in the result): checkpoints in the caller's ``workdir`` and an exact
@@ -48,6 +53,32 @@ DECAYS = ("cosine", "quarter_cosine", "poly", "constant")
 SHAPES = ("sequential", "mmcv")
 
 
+# schedule keys every dense protocol must set (no code default stands in for an anchor's number)
+REQUIRED = ("batch_size", "lr", "weight_decay", "betas", "decay", "shape", "warmup_start", "min_factor", "shuffle")
+
+
+def need(node: Mapping[str, Any], key: str, where: str) -> Any:
+    """``node[key]``, or one BenchError naming ``<where>.<key>`` when the config lacks it."""
+    if key not in node or node[key] is None:
+        raise BenchError(
+            f"config key '{where}.{key}' is missing: the protocol must state it (no default stands in for the anchor's value)",
+            f"set {where}.{key} in the task's protocol (bench/conf/task/_protocols/*.yaml; docs/PROTOCOLS.md has the anchor's value)",
+        )
+    return node[key]
+
+
+def check_schedule(sched: Mapping[str, Any], where: str = "task.protocol.schedule") -> None:
+    """Every required schedule key is present (see :data:`REQUIRED`): one BenchError naming the first missing one."""
+    for k in REQUIRED:
+        need(sched, k, where)
+    if not sched.get("iters") and not sched.get("epochs"):
+        need(sched, "epochs", where)
+    if sched.get("warmup_iters") is None:
+        need(sched, "warmup", where)
+    if sched.get("decay") == "poly":
+        need(sched, "power", where)
+
+
 def total_steps(sched: Mapping[str, Any], steps_per_epoch: int) -> int:
     if sched.get("iters"):
         return int(sched["iters"])
@@ -59,10 +90,13 @@ def total_steps(sched: Mapping[str, Any], steps_per_epoch: int) -> int:
     )
 
 
-def warmup_steps(sched: Mapping[str, Any], steps_per_epoch: int) -> int:
+def warmup_steps(sched: Mapping[str, Any], steps_per_epoch: int) -> float:
+    """Warm-up length in steps: ``warmup_iters`` (an integer, mmcv), or ``warmup`` epochs times the
+    steps per epoch **as a float**, not rounded (Probe3D ``train_depth.py``: ``warmup_epochs *
+    len(trainval_loader)``, compared with ``<=`` in ``evals/utils/optim.py::cosine_decay_linear_warmup``)."""
     if sched.get("warmup_iters") is not None:
         return int(sched["warmup_iters"])
-    return int(round(float(sched.get("warmup", 0.0) or 0.0) * steps_per_epoch))
+    return float(sched["warmup"] or 0.0) * steps_per_epoch
 
 
 def _decay(decay: str, p: float, min_factor: float, power: float) -> float:
@@ -78,7 +112,7 @@ def _decay(decay: str, p: float, min_factor: float, power: float) -> float:
 def lr_factor(
     step: int,
     total: int,
-    warmup: int,
+    warmup: float,
     decay: str = "cosine",
     warmup_start: float = 0.01,
     min_factor: float = 0.0,
@@ -97,7 +131,7 @@ def lr_factor(
         if warmup > 0 and step < warmup:
             f *= 1.0 - (1.0 - step / warmup) * (1.0 - warmup_start)
         return f
-    if warmup > 0 and step < warmup:
+    if warmup > 0 and step <= warmup:  # Probe3D: ``current_step <= warmup_step`` (a float)
         return warmup_start + (1.0 - warmup_start) * step / warmup
     p = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
     return _decay(decay, p, min_factor, power)
@@ -316,6 +350,7 @@ def train_probe(
     loss_state: Optional[Mapping[str, Any]] = None,
     fingerprint: Optional[Mapping[str, Any]] = None,
     distributed: bool = False,
+    key: str = "task.protocol.schedule",
 ) -> Dict[str, Any]:
     """Train ``module``'s parameters to minimise ``step_loss(batch)`` over ``dataset``.
 
@@ -352,10 +387,11 @@ def train_probe(
     from bench.train import TrainLoop
 
     sched = dict(sched)
-    bs = int(sched.get("batch_size", 8))
+    check_schedule(sched, key)
+    bs = int(sched["batch_size"])
     spg = None if sched.get("samples_per_gpu") is None else int(sched["samples_per_gpu"])
     world = dist.world_size() if distributed and dist.initialized() else 1
-    check_groups(bs, spg)
+    check_groups(bs, spg, key)
     if world > 1 and spg is None:
         raise BenchError(
             "a data-parallel probe needs loss groups (its loss is one group over the whole batch)",
@@ -366,7 +402,7 @@ def train_probe(
         dataset,
         bs,
         seed,
-        shuffle=bool(sched.get("shuffle", True)),
+        shuffle=bool(sched["shuffle"]),
         num_workers=num_workers,
         drop_last=bool(sched.get("drop_last", False)),
         group=spg,
@@ -380,19 +416,19 @@ def train_probe(
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
         params,
-        lr=float(sched.get("lr", 1e-3)),
-        weight_decay=float(sched.get("weight_decay", 0.01)),
-        betas=tuple(sched.get("betas", (0.9, 0.999))),
+        lr=float(sched["lr"]),
+        weight_decay=float(sched["weight_decay"]),
+        betas=tuple(float(b) for b in sched["betas"]),
     )
-    factor = lambda s: lr_factor(
+    factor = lambda s: lr_factor(  # noqa: E731
         s,
         total,
         warm,
-        str(sched.get("decay", "cosine")),  # noqa: E731
-        float(sched.get("warmup_start", 0.01)),
-        float(sched.get("min_factor", 0.0)),
-        float(sched.get("power", 1.0)),
-        str(sched.get("shape", "sequential")),
+        str(sched["decay"]),
+        float(sched["warmup_start"]),
+        float(sched["min_factor"]),
+        float(sched["power"]) if sched.get("power") is not None else 1.0,  # read only by decay=poly (required there)
+        str(sched["shape"]),
     )
     momentum = sched.get("momentum")
     if momentum not in (None, "onecycle"):

@@ -100,6 +100,12 @@ def _case(cid: str, tmp: Path, monkeypatch, request):
         return run("task.protocols.linear.schedule.batch_size=0")
     if cid == "probe-groups-misfit":
         return run("task.protocols.linear.schedule.samples_per_gpu=3")
+    if cid == "protocol-key-missing":
+        return run("~task.protocols.linear.schedule.lr")
+    if cid == "top-level-key-misspelt":
+        return run("+devcie=cpu")
+    if cid == "dataset-key-misspelt":
+        return run("+task.dataset.limt=3")
     if cid == "image-below-stride":
         return run("method=dinov2", "backbone=tiny_vit", "task.dataset.size=8")
     if cid == "unknown-key":
@@ -404,7 +410,19 @@ class NaNProbe:
             probe,
             [torch.ones(1), torch.ones(1)],
             lambda b: probe(b).sum() * float("nan"),
-            {"epochs": 1, "batch_size": 1, "lr": 1e-3},
+            {
+                "epochs": 1,
+                "batch_size": 1,
+                "lr": 1e-3,
+                "weight_decay": 0.01,
+                "betas": [0.9, 0.999],
+                "decay": "constant",
+                "shape": "sequential",
+                "warmup": 0,
+                "warmup_start": 1.0,
+                "min_factor": 1.0,
+                "shuffle": True,
+            },
             progress=False,
         )
         return {"m": 1.0}

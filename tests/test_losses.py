@@ -74,7 +74,7 @@ def test_depth_loss_weights():
     pred, gt = _from_log_diff(D)
     valid = gt > 0
     want = 10 * float(L.sig_loss(pred, gt, valid)) + 0.5 * float(L.gradient_loss(pred, gt, valid, (1, 2, 4, 6)))
-    got = float(L.depth_loss(pred, gt, valid, 10.0, 0.5, (1, 2, 4, 6)))
+    got = float(L.depth_loss(pred, gt, valid, 10.0, 0.5, (1, 2, 4, 6), "image"))
     assert got == pytest.approx(want)
 
 
@@ -170,3 +170,47 @@ def test_sigloss_iteration_counts_one_warm_up_step_for_all_its_groups():
     with idle.iteration():  # a rank without items in this step still counts it
         pass
     assert idle.counter == 1
+
+
+# -- issue 26 item 1: the gradient loss of each Probe3D code version -------------------------------------------------
+def test_probe3d_1fff822_gradient_loss_compares_images_two_apart_at_batch_8():
+    # Probe3D 1fff822 evals/utils/losses.py::gradient_loss on [B,1,H,W]: depth[::2i, ::2i] and d[0:-2, :] - d[2:, :]
+    # slice the batch and channel axes. With 1 channel the horizontal term is empty and the vertical one is
+    # |d[b] - d[b+2]| per pixel, over the scales x, x[::2], x[::4], x[::6] of the batch axis.
+    B, H, W = 8, 3, 4
+    gt = torch.full((B, H, W), 2.0)
+    pred = gt.clone()
+    pred[3] *= math.e  # log-difference d = 1 on image 3 only
+    valid = gt > 0
+    # scale 1 (8 images, 96 valid): pairs (1,3), (3,5) differ -> 2 x 12 pixels; scale 2 (images 0,2,4,6): no
+    # image 3; scale 4 (0, 4): none; scale 6 (0, 6): none
+    want = 0.5 * (2 * 12 / (8 * 12))
+    got = L.depth_loss(pred, gt, valid, 0.0, 0.5, (1, 2, 4, 6), "batch", grad_slices="leading")
+    assert float(got) == pytest.approx(want, rel=1e-3)  # eps = 1e-3 inside the logs
+    # the same batch under the image-axes loss (ac00369 / SnD evaluation2): image 3 is constant in d, so no
+    # spatial gradient anywhere
+    img = L.depth_loss(pred, gt, valid, 0.0, 0.5, (1, 2, 4, 6), "batch", grad_slices="image")
+    assert float(img) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_probe3d_1fff822_gradient_loss_is_zero_at_batch_2():
+    torch.manual_seed(1)
+    gt = torch.rand(2, 6, 8) + 0.5
+    pred = torch.rand(2, 6, 8) + 0.5
+    got = L.depth_loss(pred, gt, gt > 0, 0.0, 0.5, (1, 2, 4, 6), "batch", grad_slices="leading")
+    assert float(got) == 0.0
+
+
+def test_evaluation2_gradient_loss_on_the_image_axes():
+    # SnD evaluation2/evals/utils/losses.py (= Probe3D ac00369): depth[..., ::2i, ::2i], d[..., 0:-2, :] - d[..., 2:, :]
+    # and sums / valid counts pooled over the batch. One image, d = 1 at pixel (0, 0) of a 5x5 map:
+    # scale 1: 2 pairs / 25; x[::2, ::2] (3x3): 2 / 9; x[::4, ::4] (2x2) and x[::6, ::6] (1x1): no pairs 2 apart.
+    D = torch.zeros(2, 5, 5)
+    D[0, 0, 0] = 1.0
+    pred, gt = _from_log_diff(D)
+    valid = torch.ones(2, 5, 5, dtype=torch.bool)
+    got = L.depth_loss(pred, gt, valid, 0.0, 1.0, (1, 2, 4, 6), "batch", grad_slices="image")
+    assert float(got) == pytest.approx(2 / 50 + 2 / 18, rel=1e-3)  # eps = 1e-3 inside the logs
+    # the batch-axis slices see two images that differ only at (0, 0): 2 images < 3, so no pair 2 apart
+    lead = L.depth_loss(pred, gt, valid, 0.0, 1.0, (1, 2, 4, 6), "batch", grad_slices="leading")
+    assert float(lead) == 0.0

@@ -29,6 +29,9 @@ SCHED = {
     "grad_clip": 0.5,
     "warmup_start": 0.01,
     "min_factor": 0.0,
+    "weight_decay": 0.01,
+    "betas": [0.9, 0.999],
+    "shuffle": True,
     "ckpt_every": 2,
 }
 

@@ -44,7 +44,7 @@ def test_linear_depth_and_normals_read_the_last_block_without_final_norm():
     assert _proto("task=nyu_normals")["features"]["cls"] is False  # Probe3D DINO wrapper output="dense"
     bb = _bb()
     x = torch.rand(1, 3, 56, 56)
-    spec = FeatureSpec.from_config({"layers": "last", "norm": False}, bb)
+    spec = FeatureSpec.from_config({"layers": "last", "norm": False, "cls": False}, bb)
     with torch.no_grad():
         raw = bb.layers(x, [3], norm=False)[0]
         normed = bb.layers(x, [3], norm=True)[0]
@@ -170,7 +170,21 @@ def test_onecycle_momentum_and_grad_clip():
         w,
         data,
         lambda b: 1e4 * w(b["x"]).sum(),
-        {"iters": 2, "batch_size": 1, "lr": 1e-3, "warmup_iters": 0, "grad_clip": 1.0, "momentum": "onecycle"},
+        {
+            "iters": 2,
+            "batch_size": 1,
+            "lr": 1e-3,
+            "warmup_iters": 0,
+            "grad_clip": 1.0,
+            "momentum": "onecycle",
+            "weight_decay": 0.01,
+            "betas": [0.9, 0.999],
+            "decay": "cosine",
+            "shape": "sequential",
+            "warmup_start": 0.01,
+            "min_factor": 0.0,
+            "shuffle": True,
+        },
         progress=False,
         on_step=lambda s, v: grads.append(float(w.weight.grad.norm())),
     )

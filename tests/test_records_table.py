@@ -58,7 +58,8 @@ def test_published_rows_are_marked(tmp_path):
     _rec(tmp_path, "dinov2", "nyu_depth", 0, 0.6, "2026-01-02T00:00:00Z")
     (tmp_path / "reference").mkdir()
     (tmp_path / "reference" / "p.csv").write_text(
-        "source,method,backbone,task,metric,value,note\nSnD paper,splat_distill,dinov2_vits14,nyu_depth,rmse,0.4912,x\n"
+        "source,method,backbone,task,metric,value,note,code_version\n"
+        "SnD paper,splat_distill,dinov2_vits14,nyu_depth,rmse,0.4912,x,fit3d_evaluation+snd_1gpu\n"
     )
     md = table.leaderboard_markdown(tmp_path)
     assert "splat_distill *(published)*" in md and "0.4912" in md
@@ -82,7 +83,8 @@ def test_corrupt_record_is_named(tmp_path):
 def test_leaderboard_with_only_published_numbers(tmp_path):
     (tmp_path / "reference").mkdir()
     (tmp_path / "reference" / "p.csv").write_text(
-        "source,method,backbone,task,metric,value,note\nSnD paper,splat_distill,dinov2_vits14,nyu_depth,rmse,0.4912,x\n"
+        "source,method,backbone,task,metric,value,note,code_version\n"
+        "SnD paper,splat_distill,dinov2_vits14,nyu_depth,rmse,0.4912,x,fit3d_evaluation+snd_1gpu\n"
     )
     md = table.leaderboard_markdown(tmp_path)
     assert "No records yet" in md and "0.4912" in md

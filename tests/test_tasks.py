@@ -67,6 +67,18 @@ def test_sliding_windows_follow_mmseg_grid_and_average():
     assert torch.allclose(out, img * 2) and calls == [(12, 16)] * 6
 
 
+# the schedule keys every protocol states (tasks.train_probe.REQUIRED), at neutral values
+FULL = {
+    "weight_decay": 0.01,
+    "betas": [0.9, 0.999],
+    "decay": "cosine",
+    "shape": "sequential",
+    "warmup_start": 0.01,
+    "min_factor": 0.0,
+    "shuffle": True,
+}
+
+
 def test_lr_schedules_hand_values():
     # Probe3D: 1.5 warm-up epochs from 0.01, then 0.99 cos(0.5 pi p) + 0.01
     kw = dict(total=100, warmup=10, decay="quarter_cosine", warmup_start=0.01, min_factor=0.01)
@@ -90,7 +102,7 @@ def test_trainer_shuffles_reproducibly_and_stops_on_nan():
         seen.append(batch["x"].flatten().tolist())
         return w(batch["x"]).pow(2).mean()
 
-    sched = {"epochs": 2, "batch_size": 3, "lr": 1e-3, "warmup": 0.5}
+    sched = {"epochs": 2, "batch_size": 3, "lr": 1e-3, "warmup": 0.5, **FULL}
     info = train_probe(w, data, step, sched, seed=0, progress=False)
     assert info["steps"] == 4 and len(info["losses"]) == 4
     first = [x for b in seen[:2] for x in b]
@@ -425,7 +437,8 @@ def test_runner_records_the_protocol_and_honours_concat_original(synth_env, tmp_
     rec = run_cell(cfg)
     assert rec["protocol"]["name"] == "probe3d" and rec["protocol"]["concat_original"] is True
     assert rec["protocol"]["head"]["type"] == "dpt" and "si_rmse" in rec["metrics"]
-    assert rec["protocol"]["version"] == 2 and "schedule_length" in rec["protocol"]["deviations"]
+    assert rec["protocol"]["version"] == 3 and "schedule_length" in rec["protocol"]["deviations"]
+    assert rec["protocol"]["code_version"] == "probe3d_1fff822"
     # the probe saw [original, fine-tuned, original CLS stand-in] features (FiT3D: 3C): 3 x tiny_cnn's 112
     from safetensors.torch import load_file
 
