@@ -25,7 +25,10 @@ Paths are replaced by what they point at, so that two spellings of one input giv
 * a path under ``paths.output_dir`` / ``paths.results_dir`` or a directory under
   ``paths.cache_dir`` (derived outputs, caches) and a path that does not exist -> dropped;
 * ``method.reconstructor.checkpoint`` counts only when ``method.reconstructor.name`` is
-  ``learned`` (:data:`UNUSED_UNLESS`).
+  ``learned`` or ``mvsplat`` (:data:`UNUSED_UNLESS`);
+* a key added after records were written (:data:`ADDED_KEYS`) counts only when its value differs from
+  the behaviour the code had before the key existed: those records keep their fingerprints, and a cell
+  that selects the new behaviour gets a new one.
 
 File digests are memoised per process (by real path, size and mtime); a manifest re-lists its
 directory every time (stat only, files are re-read only when their size or mtime changed).
@@ -48,9 +51,11 @@ GENERATED_DATASETS = {"synthetic"}
 # dotted key -> condition on the composed (resolved) config for the key to count
 UNUSED_UNLESS: Dict[str, Callable[[Mapping[str, Any]], bool]] = {
     "method.reconstructor.checkpoint": lambda c: (
-        ((c.get("method") or {}).get("reconstructor") or {}).get("name") == "learned"
+        ((c.get("method") or {}).get("reconstructor") or {}).get("name") in ("learned", "mvsplat")
     ),
 }
+# dotted key -> the value that reproduces what the code did before the key existed (left out of the identity)
+ADDED_KEYS: Dict[str, Any] = {}
 _SMALL = 64 * 1024
 _memo: Dict[Tuple, str] = {}
 
@@ -173,7 +178,16 @@ def _normalise(obj: Any, paths: Mapping[str, Any], drop: Iterable[str] = DISPLAY
 
 
 def _drop_unused(c: Dict[str, Any]) -> Dict[str, Any]:
-    for dotted, used in UNUSED_UNLESS.items():
+    def at(dotted: str) -> Any:
+        node: Any = c
+        for k in dotted.split("."):
+            if not isinstance(node, dict) or k not in node:
+                return KeyError
+            node = node[k]
+        return node
+
+    added = {d: (lambda _c, d=d, v=v: at(d) != v) for d, v in ADDED_KEYS.items()}
+    for dotted, used in {**UNUSED_UNLESS, **added}.items():
         if used(c):
             continue
         *parents, leaf = dotted.split(".")

@@ -265,3 +265,5 @@ def preflight(cfg: DictConfig, method: Any, task: Any) -> None:
         task.check(cfg)  # e.g. the dataset exists: fail before training, not after (local: before the Hub)
     check_test_images(cfg)
     check_inputs(cfg)  # weights files and Hub refs (may ask the Hub once per file)
+    if hasattr(method, "check_inputs"):
+        method.check_inputs(cfg)  # the method's own inputs (e.g. Splat-and-Distill's reconstructor checkpoint)

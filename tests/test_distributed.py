@@ -14,6 +14,7 @@ import torch
 
 from bench.config import compose
 from bench.loader import StepLoader
+from methods.splat_distill.official import CPU_DEVIATIONS
 from methods.splat_distill.views import ViewSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +56,7 @@ def _overrides(root, steps=4):
         "method.lift.slic_segments=16",
         "method.adapter.dropout=0.0",  # stochastic layers draw per-rank streams: equality needs none
         "loader.workers=0",
+        *CPU_DEVIATIONS,
     ]
 
 

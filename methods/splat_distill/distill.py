@@ -20,7 +20,8 @@ For each example (2 context views + 1 target view of one scene):
 7. the student embeds the target view (both backbones see the image resized to the floor multiple of
    the patch size); loss = DINO-head cross-entropy (or an ablation loss).
 
-Every official rule is the default and has a named switch (docs/methods/splat_distill.md).
+Every official rule is the default; every other choice is a named deviation (methods/splat_distill/official.py,
+docs/methods/splat_distill.md).
 """
 
 from __future__ import annotations

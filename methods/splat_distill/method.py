@@ -112,6 +112,22 @@ class SplatDistill:
 
     trains = True
 
+    @staticmethod
+    def check_inputs(cfg: DictConfig) -> None:
+        """Preflight: the reconstructor's checkpoint (mvsplat / learned) is given and exists."""
+        from .official import check_inputs
+
+        check_inputs(cfg)
+
+    @staticmethod
+    def deviations(cfg: DictConfig):
+        """The named deviations from the official rules in force (a record's ``method_deviations``)."""
+        from bench.config import to_container
+
+        from .official import deviations
+
+        return deviations(to_container(cfg.method))
+
     def fit(self, backbone, cfg: DictConfig, workdir: Path, stop_after: Optional[int] = None):
         from .diagnostics import Diagnostics
 

@@ -26,8 +26,11 @@ import torch
 
 from bench.registry import PERF
 
+from .official import CPU_DEVIATIONS
+
 #: the demo scale (CPU): synthetic scenes, EfficientNet-Lite0, small head, short schedule
 DEMO_OVERRIDES = [
+    *CPU_DEVIATIONS,
     "method.data.dataset=synthetic",
     "method.data.root=null",
     "method.data.scenes=4",
@@ -46,7 +49,10 @@ VARIANTS = {  # name -> overrides on top of the demo configuration
     "splat_features": ["method.lift.render_basis=features"],  # no patch-basis splatting
     "bilinear": ["method.lift.upsample=bilinear"],  # ablation: plain bilinear upsampling
     "full_ft": ["method.adapter.mode=full"],  # full fine-tuning instead of LoRA
-    "learned_recon": ["method.reconstructor.name=learned"],  # needs pretrain-reconstructor first
+    "learned_recon": [  # needs pretrain-reconstructor first (it writes this file)
+        "method.reconstructor.name=learned",
+        "method.reconstructor.checkpoint=${paths.cache_dir}/reconstructors/cost_volume.safetensors",
+    ],
     # MVSplat's encoder (pass method.reconstructor.checkpoint=/path/to/re10k.ckpt); room-scale depth range
     "mvsplat": ["method.reconstructor.name=mvsplat", "method.reconstructor.near=0.5", "method.reconstructor.far=20"],
 }

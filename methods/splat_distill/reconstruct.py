@@ -339,13 +339,17 @@ class MVSplatAdapter(nn.Module):
 
 def build_reconstructor(cfg: Mapping[str, Any]) -> nn.Module:
     """``cfg.method.reconstructor`` -> a frozen reconstructor module in eval mode."""
+    from .official import check_reconstructor, resolve_checkpoint
+
     name = str(cfg["name"])
+    if name in ("learned", "mvsplat"):
+        check_reconstructor(cfg)  # a checkpoint is given: one error that says where it comes from
     if name == "depth":
         model = DepthUnprojection(float(cfg["scale_mult"]))
     elif name == "learned":
-        model = CostVolumeReconstructor.load(str(cfg["checkpoint"]))
+        model = CostVolumeReconstructor.load(resolve_checkpoint(cfg["checkpoint"]))
     elif name == "mvsplat":
-        model = MVSplatAdapter(cfg["checkpoint"], cfg["near"], cfg["far"])
+        model = MVSplatAdapter(str(resolve_checkpoint(cfg["checkpoint"])), cfg["near"], cfg["far"])
     else:
         raise BenchError(
             f"method.reconstructor.name='{name}' is not a reconstructor", f"use one of {', '.join(RECONSTRUCTORS)}"
