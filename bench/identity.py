@@ -55,7 +55,9 @@ UNUSED_UNLESS: Dict[str, Callable[[Mapping[str, Any]], bool]] = {
     ),
 }
 # dotted key -> the value that reproduces what the code did before the key existed (left out of the identity)
-ADDED_KEYS: Dict[str, Any] = {}
+ADDED_KEYS: Dict[str, Any] = {
+    "method.lift.feature_covariance": "true_covariance",  # Splat-and-Distill's feature splat before the official render
+}
 _SMALL = 64 * 1024
 _memo: Dict[Tuple, str] = {}
 

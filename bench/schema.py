@@ -146,6 +146,7 @@ class SnDLift:
     coverage: str = REQ
     uncovered: str = REQ
     normalize_alpha: bool = REQ
+    feature_covariance: str = REQ
     blending: bool = REQ
     blend_alpha: float = REQ
     blend_segments: str = REQ

@@ -87,3 +87,74 @@ def test_print_config_shows_the_official_reconstructor_and_coverage():
     )
     assert out.returncode == 0, out.stderr
     assert "name: mvsplat" in out.stdout and "coverage: rgb" in out.stdout
+
+
+# ------------------------------------------------------------------------------ the official feature render
+def _one_gaussian(cov):
+    """One Gaussian 5 m in front of an identity camera (f = 100 px), its mean on pixel (16, 16)'s centre."""
+    import torch
+
+    from methods.splat_distill.reconstruct import PixelGaussians
+
+    g = PixelGaussians(
+        means=torch.tensor([0.0, 0.0, 5.0]).reshape(1, 1, 1, 3),
+        scales=torch.ones(1, 1, 1),
+        opacities=torch.full((1, 1, 1), 0.9),
+        depth=torch.full((1, 1, 1), 5.0),
+        covariances=None if cov is None else cov.reshape(1, 1, 1, 3, 3),
+    )
+    K = torch.tensor([[[100.0, 0.0, 16.5], [0.0, 100.0, 16.5], [0.0, 0.0, 1.0]]])
+    return g, torch.eye(4)[None], K
+
+
+def _analytic_alpha(var_x: float, var_y: float, opacity: float = 0.9, size: int = 33):
+    """gsplat's classic rule at the projected centre: 2D covariance (f/z)^2 Sigma_xy + 0.3 I, alpha capped at
+    0.999, alphas below 1/255 not drawn."""
+    import torch
+
+    d = torch.arange(size, dtype=torch.float64) - 16.0
+    vx, vy = 400.0 * var_x + 0.3, 400.0 * var_y + 0.3  # (f/z)^2 = (100/5)^2
+    a = opacity * torch.exp(-0.5 * (d[None, :] ** 2 / vx + d[:, None] ** 2 / vy))
+    return torch.where(a >= 1 / 255, a.clamp(max=0.999), torch.zeros_like(a))
+
+
+def test_variance_as_scale_render_vs_true_covariance_exact_footprint():
+    """An x-elongated Gaussian (std 0.2, 0.1, 0.05 m along x, y, z): the true render has 2D variances
+    400 * (0.04, 0.01) + 0.3 px^2; the official render's eigenvector frame of diag(0.04, 0.01, 0.0025) is a
+    permutation with det -1 -> identity rotation, and the variances become the scales: the render's 3D
+    covariance is diag(0.0025^2, 0.01^2, 0.04^2) -- elongated along z, nearly a point on screen."""
+    import math
+
+    import torch
+
+    from methods.splat_distill.reconstruct import official_render_covariances
+
+    cov = torch.diag(torch.tensor([0.04, 0.01, 0.0025]))
+    g, w2c, K = _one_gaussian(cov)
+    feats = torch.ones(1, 1, 1, 1)
+    true_f, true_a, _ = g.splat(feats, w2c, K, 33, 33, covariance="true_covariance")
+    off_f, off_a, _ = g.splat(feats, w2c, K, 33, 33, covariance="official")
+    torch.testing.assert_close(true_a[0].double(), _analytic_alpha(0.04, 0.01), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(off_a[0].double(), _analytic_alpha(0.0025**2, 0.01**2), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(off_f[0, ..., 0], off_a[0])  # one Gaussian of feature 1: feature = alpha
+    assert int((true_a > 0).sum()) == 283 and int((off_a > 0).sum()) == 9  # pixels drawn (alpha >= 1/255)
+    # rotated about z by 30 degrees: eigh's frame again has det -1 -> the same axis-aligned official footprint
+    a = math.radians(30)
+    Rz = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    rot = Rz @ torch.diag(torch.tensor([0.0025, 0.01, 0.04])) @ Rz.T
+    torch.testing.assert_close(official_render_covariances(rot), torch.diag(torch.tensor([0.0025, 0.01, 0.04]) ** 2))
+    # a frame with det +1 keeps its rotation: R diag(lambda^2) R^T
+    lam, R = torch.linalg.eigh(rot)
+    flip = R.clone()
+    flip[:, 0] = -flip[:, 0]  # the same eigenvectors, det +1
+    spd = flip @ torch.diag(lam) @ flip.T
+    l2, R2 = torch.linalg.eigh(spd)
+    want = (R2 @ torch.diag(l2**2) @ R2.T) if float(torch.linalg.det(R2)) > 0 else torch.diag(l2**2)
+    torch.testing.assert_close(official_render_covariances(spd), want)
+    # isotropic Gaussians (depth reconstructor: scale s): the official footprint is scale s^2
+    g_iso, _, _ = _one_gaussian(None)
+    g_iso.scales = torch.full((1, 1, 1), 0.1)
+    _, iso_a, _ = g_iso.splat(feats, w2c, K, 33, 33, covariance="official")
+    torch.testing.assert_close(iso_a[0].double(), _analytic_alpha(1e-4, 1e-4), atol=1e-5, rtol=1e-4)
+    _, iso_t, _ = g_iso.splat(feats, w2c, K, 33, 33)
+    torch.testing.assert_close(iso_t[0].double(), _analytic_alpha(1e-2, 1e-2), atol=1e-5, rtol=1e-4)

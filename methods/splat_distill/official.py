@@ -17,6 +17,7 @@ from bench.errors import BenchError, CheckpointError
 OFFICIAL: Dict[str, tuple] = {
     "reconstructor.name": ("mvsplat", "src/model/encoder/encoder_costvolume.py (MVSplat's encoder, frozen)"),
     "lift.coverage": ("rgb", "src/model/model_wrapper.py: err_masks = (output.color == 0).all(dim=2)"),
+    "lift.feature_covariance": ("official", "src/ludvig/ludvig.py: eigenvalues as scales, det < 0 frames -> identity"),
     "lift.resize": ("official", "src/model/vit/dinov2.py extract_features: floor multiple of 14, bilinear"),
     "lift.upsample": ("mask_aware", "src/model/vit/utils.py mask_aware_bilinear_upsample_hr_mask"),
     "lift.upsample_grid": ("corners", "src/model/vit/utils.py: align_corners=True grid"),
@@ -34,8 +35,12 @@ OFFICIAL: Dict[str, tuple] = {
     "optim.grad_clip": (None, "main.py passes no gradient_clip_val"),
 }
 # the CPU recipes' named deviations (bench/conf/method_recipe/splat_distill_<recipe>.yaml) as overrides: the
-# dataset's depth instead of MVSplat, alpha coverage (used by `bench perf train` and the tests)
-CPU_DEVIATIONS = ["method.reconstructor.name=depth", "method.lift.coverage=alpha"]
+# dataset's depth instead of MVSplat, alpha coverage, the true covariances in the feature splat (used by `bench perf train` and the tests)
+CPU_DEVIATIONS = [
+    "method.reconstructor.name=depth",
+    "method.lift.coverage=alpha",
+    "method.lift.feature_covariance=true_covariance",
+]
 # checkpoints: where each reconstructor's file comes from (the preflight error says it)
 CHECKPOINT_SOURCES = {
     "mvsplat": (
