@@ -57,6 +57,10 @@ UNUSED_UNLESS: Dict[str, Callable[[Mapping[str, Any]], bool]] = {
 # dotted key -> the value that reproduces what the code did before the key existed (left out of the identity)
 ADDED_KEYS: Dict[str, Any] = {
     "method.lift.feature_covariance": "true_covariance",  # Splat-and-Distill's feature splat before the official render
+    "method.head.prototype_init": "trunc_normal",  # Splat-and-Distill's prototypes before the official init
+    "method.views.order": "uniform",  # Splat-and-Distill's view sampling before the official rules
+    "method.views.contiguous": False,
+    "method.views.keep_bad": False,
 }
 _SMALL = 64 * 1024
 _memo: Dict[Tuple, str] = {}

@@ -94,6 +94,9 @@ class DINOv2Method:
 class SnDViews:
     gap: Any = REQ  # int | [min, max]
     target: str = REQ
+    order: str = REQ
+    contiguous: bool = REQ
+    keep_bad: bool = REQ
 
 
 @dataclass
@@ -113,6 +116,7 @@ class SnDHead:
     student_temp: float = REQ
     teacher_temp: float = REQ
     train_gain: bool = REQ
+    prototype_init: str = REQ
 
 
 @dataclass

@@ -29,7 +29,15 @@ def test_defaults_are_the_official_rules_and_recipes_name_their_deviations():
     assert _ids(cfg) == []
     for recipe in ("demo", "mini_benchmark", "dose_response"):
         cfg = compose([f"experiment={recipe}", "method=splat_distill"])
-        assert _ids(cfg)[:2] == ["reconstructor.name=depth", "lift.coverage=alpha"], recipe
+        assert _ids(cfg) == [
+            "views.order=uniform",
+            "views.contiguous=false",
+            "views.keep_bad=false",
+            "reconstructor.name=depth",
+            "lift.coverage=alpha",
+            "lift.feature_covariance=true_covariance",
+            "head.prototype_init=trunc_normal",
+        ], recipe
     # the recipes' other methods do not carry Splat-and-Distill's deviations
     for method in ("dinov2", "fit3d", "mef"):
         assert "reconstructor" not in compose(["experiment=mini_benchmark", f"method={method}"]).method
@@ -158,3 +166,56 @@ def test_variance_as_scale_render_vs_true_covariance_exact_footprint():
     torch.testing.assert_close(iso_a[0].double(), _analytic_alpha(1e-4, 1e-4), atol=1e-5, rtol=1e-4)
     _, iso_t, _ = g_iso.splat(feats, w2c, K, 33, 33)
     torch.testing.assert_close(iso_t[0].double(), _analytic_alpha(1e-2, 1e-2), atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ view sampling, prototypes
+def test_view_sampling_official_rules(tmp_path):
+    """One pass over the scenes per epoch without replacement; redraw when the context frame numbers skip;
+    is_bad frames kept by the official reader."""
+    import json
+
+    from bench.data.scenes import MultiViewScenes
+    from bench.data.synthetic import ensure_synthetic
+    from methods.splat_distill.views import ViewSampler, frame_numbers
+
+    s = ViewSampler([10] * 5, gap=3, seed=4, order="epoch")
+    for epoch in range(3):
+        scenes = [s.example(epoch * 5 + k)[0] for k in range(5)]
+        assert sorted(scenes) == [0, 1, 2, 3, 4], scenes
+    assert [s.example(k)[0] for k in range(5)] != [s.example(5 + k)[0] for k in range(5)]  # a new order per epoch
+    # frames 4 and 5 missing: numbers 0 1 2 3 6 7 8 9 10 11 -> no context pair may straddle the hole
+    nums = [frame_numbers([f"DSC{n:05d}.JPG" for n in (0, 1, 2, 3, 6, 7, 8, 9, 10, 11)])]
+    assert nums[0][4] == 6
+    s = ViewSampler([10], gap=2, seed=0, numbers=nums)
+    pairs = {s.example(i)[1][:2] for i in range(300)}
+    assert pairs == {(0, 2), (1, 3), (4, 6), (5, 7), (6, 8), (7, 9)}
+    assert {ViewSampler([10], gap=2, seed=0).example(i)[1][:2] for i in range(300)} >= {(2, 4), (3, 5)}
+    with pytest.raises(Exception, match="contiguous=false"):
+        ViewSampler([4], gap=2, numbers=[[0, 2, 4, 6]])
+    # is_bad frames: skipped by default, kept with keep_bad (the official loader reads every frame)
+    root = ensure_synthetic(tmp_path / "synth", 1, 5, (32, 48), 0)
+    scene = MultiViewScenes(root).scene_ids[0]
+    js = next((root / scene).rglob("transforms_undistorted.json"))
+    meta = json.loads(js.read_text())
+    meta["frames"][2]["is_bad"] = True
+    js.write_text(json.dumps(meta))
+    assert MultiViewScenes(root).num_views(scene) == 4
+    assert MultiViewScenes(root, keep_bad=True).num_views(scene) == 5
+
+
+def test_prototype_init_is_nn_linear_default():
+    """Official: the last layer is nn.Linear(bottleneck, K) created after apply(_init_weights): kaiming-uniform
+    with a = sqrt(5), i.e. U(-1/sqrt(256), 1/sqrt(256)) for the paper's bottleneck 256 (std 1/sqrt(3*256))."""
+    import math
+
+    import torch
+
+    from methods.splat_distill.head import DINOHead
+
+    torch.manual_seed(0)
+    p = DINOHead(8, out_dim=4096, hidden_dim=16, bottleneck_dim=256, prototype_init="linear").prototypes.detach()
+    bound = 1 / math.sqrt(256)
+    assert float(p.abs().max()) <= bound and float(p.abs().max()) > 0.99 * bound
+    assert abs(float(p.std()) - bound / math.sqrt(3)) < 0.01 * bound
+    t = DINOHead(8, out_dim=4096, hidden_dim=16, bottleneck_dim=256, prototype_init="trunc_normal").prototypes
+    assert abs(float(t.detach().std()) - 0.02) < 0.002

@@ -16,7 +16,7 @@ Scene folders are found under ``root`` (or ``root/data`` as in the official Scan
     <scene>/transforms_train.json, <scene>/images/<file_path>, optional render_* folders next to them
 
 Poses: nerfstudio ``transform_matrix`` is camera-to-world in OpenGL axes and is converted to OpenCV
-world-to-camera. Frames flagged ``is_bad`` are skipped; views are ordered by ``file_path`` (the DSLR
+world-to-camera. Frames flagged ``is_bad`` are skipped (``keep_bad=True``: kept); views are ordered by ``file_path`` (the DSLR
 capture order). Semantic value 65535 (ScanNet++'s rendered "unlabelled") becomes 255 (ignore).
 
 Caveat for real ScanNet++: the toolkit's ``common/render.py`` renders ``render_depth`` with the
@@ -122,12 +122,17 @@ class MultiViewScenes:
     """
 
     def __init__(
-        self, root: str | os.PathLike, scene_ids: Optional[Sequence[str]] = None, size: Optional[Sequence[int]] = None
+        self,
+        root: str | os.PathLike,
+        scene_ids: Optional[Sequence[str]] = None,
+        size: Optional[Sequence[int]] = None,
+        keep_bad: bool = False,
     ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataMissingError(f"data root {self.root} does not exist", self._fix())
         self.size = (int(size[0]), int(size[1])) if size is not None else None
+        self.keep_bad = bool(keep_bad)  # frames flagged is_bad are read too (Splat-and-Distill's official loader)
         self.scene_root = self._scene_root()
         if scene_ids is None:
             scene_ids = self._discover()
@@ -190,7 +195,7 @@ class MultiViewScenes:
         json_path = sdir / js
         try:
             meta = json.loads(json_path.read_text())
-            frames = [f for f in meta["frames"] if not f.get("is_bad", False)]
+            frames = [f for f in meta["frames"] if self.keep_bad or not f.get("is_bad", False)]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataMissingError(f"cannot parse {json_path} ({type(e).__name__}: {e})", self._fix()) from None
         if str(meta.get("camera_model", "PINHOLE")).upper() not in ("PINHOLE", "SIMPLE_PINHOLE") or any(

@@ -108,6 +108,7 @@ class Distiller:
             int(head["hidden_dim"]),
             int(head["bottleneck_dim"]),
             train_gain=bool(head["train_gain"]),
+            prototype_init=str(head["prototype_init"]),
         ).to(self.device)
         self.temps = float(head["student_temp"]), float(head["teacher_temp"])
         self.teacher_head = copy.deepcopy(self.head)

@@ -16,7 +16,7 @@ from bench.registry import METHODS
 from bench.train import TrainLoop, one_cycle_cosine, start_run
 
 from .distill import Distiller
-from .views import ViewSampler
+from .views import ViewSampler, frame_numbers
 
 log = logging.getLogger("bench")
 
@@ -33,9 +33,14 @@ def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
 
     m = cfg.method
     with dist.main_first():  # rank 0 generates a synthetic set once; the others then read it
-        data = open_scenes(m.data, cfg.paths.data_dir)
+        data = open_scenes(m.data, cfg.paths.data_dir, keep_bad=bool(m.views.keep_bad))
     sampler = ViewSampler(
-        [data.num_views(s) for s in data.scene_ids], m.views.gap, str(m.views.target), seed=int(cfg.seed)
+        [data.num_views(s) for s in data.scene_ids],
+        m.views.gap,
+        str(m.views.target),
+        seed=int(cfg.seed),
+        order=str(m.views.order),
+        numbers=[frame_numbers(data.frame_names(s)) for s in data.scene_ids] if m.views.contiguous else None,
     )
     distiller = Distiller(backbone, m, device)
     distiller.precision = str(cfg.precision)

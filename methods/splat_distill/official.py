@@ -15,6 +15,9 @@ from bench.errors import BenchError, CheckpointError
 
 # key under ``method.`` -> (official value, where the official code has it)
 OFFICIAL: Dict[str, tuple] = {
+    "views.order": ("epoch", "src/dataset/dataset_scannetpp.py: a dataset of scenes, DataLoader shuffle=True"),
+    "views.contiguous": (True, "src/dataset/dataset_scannetpp.py __getitem__: redraw when frame numbers skip"),
+    "views.keep_bad": (True, "src/dataset/dataset_scannetpp.py: frames flagged is_bad are kept"),
     "reconstructor.name": ("mvsplat", "src/model/encoder/encoder_costvolume.py (MVSplat's encoder, frozen)"),
     "lift.coverage": ("rgb", "src/model/model_wrapper.py: err_masks = (output.color == 0).all(dim=2)"),
     "lift.feature_covariance": ("official", "src/ludvig/ludvig.py: eigenvalues as scales, det < 0 frames -> identity"),
@@ -29,6 +32,7 @@ OFFICIAL: Dict[str, tuple] = {
     "teacher.frozen": (False, "src/model/vit/dinov2.py update_teacher: EMA teacher"),
     "teacher.ema": ("lora_factors", "src/model/vit/dinov2.py update_teacher: every LoRA factor"),
     "teacher.dropout": (True, "Lightning runs the wrapper, teacher included, in train mode"),
+    "head.prototype_init": ("linear", "src/model/vit/dinov2.py DINOHead: last layer built after apply(_init_weights)"),
     "head.train_gain": (True, "src/model/vit/dinov2.py: weight-norm gain of the last layer trains"),
     "adapter.mode": ("lora", "src/model/vit/dinov2.py: PEFT LoRA"),
     "adapter.target_modules": ("official", "src/model/vit/dinov2.py: target_modules=[qkv, proj]"),
@@ -40,6 +44,10 @@ CPU_DEVIATIONS = [
     "method.reconstructor.name=depth",
     "method.lift.coverage=alpha",
     "method.lift.feature_covariance=true_covariance",
+    "method.head.prototype_init=trunc_normal",
+    "method.views.order=uniform",
+    "method.views.contiguous=false",
+    "method.views.keep_bad=false",
 ]
 # checkpoints: where each reconstructor's file comes from (the preflight error says it)
 CHECKPOINT_SOURCES = {
