@@ -61,6 +61,7 @@ ADDED_KEYS: Dict[str, Any] = {
     "method.views.order": "uniform",  # Splat-and-Distill's view sampling before the official rules
     "method.views.contiguous": False,
     "method.views.keep_bad": False,
+    "method.resize": "backbone",  # FiT3D's input resize before the official floor rule
 }
 _SMALL = 64 * 1024
 _memo: Dict[Tuple, str] = {}

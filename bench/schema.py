@@ -243,6 +243,7 @@ class Fit3DStage2:
 class Fit3DMethod(Cadence):
     name: str = REQ
     data: SceneData = REQ
+    resize: str = REQ
     scene_cache: str = REQ
     stage1: Fit3DStage1 = REQ
     stage2: Fit3DStage2 = REQ

@@ -219,3 +219,24 @@ def test_prototype_init_is_nn_linear_default():
     assert abs(float(p.std()) - bound / math.sqrt(3)) < 0.01 * bound
     t = DINOHead(8, out_dim=4096, hidden_dim=16, bottleneck_dim=256, prototype_init="trunc_normal").prototypes
     assert abs(float(t.detach().std()) - 0.02) < 0.002
+
+
+def test_fit3d_student_grid_is_the_floor_multiple():
+    """FiT3D utils/model_utils.py (both stages): 576x880 -> bilinear to 574x868 -> a 41x62 grid (bench's
+    backbone rule, nearest multiple, gives 41x63)."""
+    import torch
+    import torch.nn.functional as F
+
+    from baselines.fit3d.stage1 import floor_resize, teacher_features
+    from bench.backbones import build_backbone
+
+    bb = build_backbone(compose(["backbone=tiny_vit"]).backbone).eval()
+    x = torch.rand(1, 3, 576, 880)
+    y = floor_resize(x, bb)
+    assert tuple(y.shape[-2:]) == (574, 868)
+    torch.testing.assert_close(y, F.interpolate(x, size=(574, 868), mode="bilinear", antialias=False))
+    assert tuple(teacher_features(bb, x, resize="official").shape[-2:]) == (41, 62)
+    assert tuple(teacher_features(bb, x, resize="backbone").shape[-2:]) == (41, 63)
+    assert floor_resize(x[..., :574, :868], bb) is not None and floor_resize(y, bb) is y  # already a multiple
+    assert compose(["method=fit3d"]).method.resize == "official"
+    assert compose(["experiment=mini_benchmark", "method=fit3d"]).method.resize == "backbone"
