@@ -240,3 +240,34 @@ def test_fit3d_student_grid_is_the_floor_multiple():
     assert floor_resize(x[..., :574, :868], bb) is not None and floor_resize(y, bb) is y  # already a multiple
     assert compose(["method=fit3d"]).method.resize == "official"
     assert compose(["experiment=mini_benchmark", "method=fit3d"]).method.resize == "backbone"
+
+
+# ------------------------------------------------------------------------------ the paper recipes
+def test_paper_recipes_compose_for_the_whole_grid():
+    """experiment=snd_paper (ViT-S / ViT-B) and snd_paper_eval over its paper_tasks: every cell composes and
+    passes the schemas; the evaluation grid reuses the backbone snd_paper trains (same cache key)."""
+    from bench import schema
+    from bench.config import backbone_cache_key, group_options
+    from bench.method_variants import apply_per_task
+
+    tasks = list(compose(["experiment=snd_paper_eval"]).paper_tasks)
+    assert len(tasks) == 13 and set(tasks) <= set(group_options("task"))
+    for bb in ("dinov2_vits14", "dinov2_vitb14"):
+        train = compose(["experiment=snd_paper", f"backbone={bb}"])
+        m = train.method
+        assert (m.data.dataset, list(m.data.size), m.optim.batch_size, m.optim.steps) == (
+            "scannetpp",
+            [576, 880],
+            14,
+            300000,
+        )
+        assert m.reconstructor.name == "mvsplat" and str(m.reconstructor.checkpoint).endswith("mvsplat_scannetpp.ckpt")
+        assert _ids(train) == []  # the official rules, no deviation
+        for task in tasks:
+            cfg = compose(["experiment=snd_paper_eval", f"backbone={bb}", f"task={task}"])
+            schema.check(cfg)
+            schema.check(apply_per_task(cfg))
+            if not task.endswith("_corr"):
+                assert backbone_cache_key(cfg) == backbone_cache_key(
+                    compose(["experiment=snd_paper", f"backbone={bb}", f"task={task}"])
+                )
