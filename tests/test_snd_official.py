@@ -49,7 +49,7 @@ def test_defaults_are_the_official_rules_and_recipes_name_their_deviations():
 def test_mvsplat_checkpoint_is_a_required_input(tmp_path):
     with pytest.raises(CheckpointError, match="needs a checkpoint") as e:
         check_inputs(compose(["method=splat_distill"]))
-    assert "re10k.ckpt" in e.value.fix and "pretrain-reconstructor model=mvsplat" in e.value.fix
+    assert "re10k.ckpt" in e.value.fix and "ScanNet++" in e.value.fix
     with pytest.raises(CheckpointError, match="does not exist"):
         check_inputs(compose(["method=splat_distill", f"method.reconstructor.checkpoint={tmp_path / 'x.ckpt'}"]))
     (tmp_path / "x.ckpt").write_bytes(b"x")

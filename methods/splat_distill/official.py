@@ -52,9 +52,8 @@ CPU_DEVIATIONS = [
 # checkpoints: where each reconstructor's file comes from (the preflight error says it)
 CHECKPOINT_SOURCES = {
     "mvsplat": (
-        "MVSplat's re10k.ckpt release (github donydchen/mvsplat, README 'pretrained models'), or its ScanNet++ "
-        "fine-tuning as the paper ran it: `python -m bench pretrain-reconstructor model=mvsplat` "
-        "(docs/methods/mvsplat.md)"
+        "MVSplat's re10k.ckpt release (github donydchen/mvsplat, README 'pretrained models'), or a ScanNet++ "
+        "fine-tuning of it as the paper ran (its weights were never released; docs/methods/mvsplat.md)"
     ),
     "learned": "the file `python -m bench pretrain-reconstructor` wrote (<cache_dir>/reconstructors/cost_volume.safetensors)",
 }
