@@ -31,6 +31,9 @@ Paths are replaced by what they point at, so that two spellings of one input giv
   a file that does not exist is dropped, as any path;
 * ``method.reconstructor.checkpoint`` counts unless ``method.reconstructor.name`` is ``depth``
   (the one reconstructor that reads no checkpoint; :data:`UNUSED_UNLESS`).
+* a key added after records were written (:data:`ADDED_KEYS`; protocol keys: :data:`ABSENT_EQUIVALENT`)
+  counts only when its value differs from the behaviour the code had before the key existed: those records
+  keep their fingerprints, and a cell that selects the new behaviour gets a new one.
 
 File digests are memoised per process (by real path, size and mtime); a manifest re-lists its
 directory every time (stat only, files are re-read only when their size or mtime changed).
@@ -69,6 +72,15 @@ ABSENT_EQUIVALENT: Dict[str, Any] = {
     "schedule.shuffle": True,
     "test.clamp": True,
     "eval.empty_images": "drop",
+}
+# dotted key -> the value that reproduces what the code did before the key existed (left out of the identity)
+ADDED_KEYS: Dict[str, Any] = {
+    "method.lift.feature_covariance": "true_covariance",  # Splat-and-Distill's feature splat before the official render
+    "method.head.prototype_init": "trunc_normal",  # Splat-and-Distill's prototypes before the official init
+    "method.views.order": "uniform",  # Splat-and-Distill's view sampling before the official rules
+    "method.views.contiguous": False,
+    "method.views.keep_bad": False,
+    "method.resize": "backbone",  # FiT3D's input resize before the official floor rule
 }
 _SMALL = 64 * 1024
 _memo: Dict[Tuple, str] = {}
@@ -192,7 +204,16 @@ def _normalise(obj: Any, paths: Mapping[str, Any], drop: Iterable[str] = DISPLAY
 
 
 def _drop_unused(c: Dict[str, Any]) -> Dict[str, Any]:
-    for dotted, used in UNUSED_UNLESS.items():
+    def at(dotted: str) -> Any:
+        node: Any = c
+        for k in dotted.split("."):
+            if not isinstance(node, dict) or k not in node:
+                return KeyError
+            node = node[k]
+        return node
+
+    added = {d: (lambda _c, d=d, v=v: at(d) != v) for d, v in ADDED_KEYS.items()}
+    for dotted, used in {**UNUSED_UNLESS, **added}.items():
         if used(c):
             continue
         *parents, leaf = dotted.split(".")

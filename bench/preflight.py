@@ -444,6 +444,8 @@ def preflight(cfg: DictConfig, method: Any, task: Any, problems: list | None = N
     found: list = []
     checks = [lambda: task.check(cfg)] if hasattr(task, "check") else []  # e.g. the dataset exists
     checks += [lambda: check_test_images(cfg), lambda: check_inputs(cfg), lambda: check_method_checkpoints(cfg)]
+    if hasattr(method, "check_inputs"):  # the method's own inputs (e.g. Splat-and-Distill's reconstructor checkpoint)
+        checks.append(lambda: method.check_inputs(cfg))
     for check in checks:
         try:
             check()

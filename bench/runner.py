@@ -411,6 +411,7 @@ def _run_cell(cfg, method, task, identity, device, run_dir: Path, t_start: float
         "metrics": metrics,
         "report": list(cfg.task.get("report", sorted(metrics))),
         "config": to_container(cfg),
+        **({"method_deviations": method.deviations(cfg)} if hasattr(method, "deviations") else {}),
         "checkpoint": ckpt,
         "code_version": records.code_version(),
         "wall_time_s": {"fit": round(t_fit, 3), "evaluate": round(t_eval, 3), "total": round(time.time() - t_start, 3)},

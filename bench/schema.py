@@ -101,6 +101,9 @@ class DINOv2Method:
 class SnDViews:
     gap: Any = REQ  # int | [min, max]
     target: str = REQ
+    order: str = REQ
+    contiguous: bool = REQ
+    keep_bad: bool = REQ
 
 
 @dataclass
@@ -120,6 +123,7 @@ class SnDHead:
     student_temp: float = REQ
     teacher_temp: float = REQ
     train_gain: bool = REQ
+    prototype_init: str = REQ
 
 
 @dataclass
@@ -153,6 +157,7 @@ class SnDLift:
     coverage: str = REQ
     uncovered: str = REQ
     normalize_alpha: bool = REQ
+    feature_covariance: str = REQ
     blending: bool = REQ
     blend_alpha: float = REQ
     blend_segments: str = REQ
@@ -246,6 +251,7 @@ class Fit3DStage2:
 class Fit3DMethod(Cadence):
     name: str = REQ
     data: SceneData = REQ
+    resize: str = REQ
     scene_cache: str = REQ
     stage1: Fit3DStage1 = REQ
     stage2: Fit3DStage2 = REQ

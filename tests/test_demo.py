@@ -45,6 +45,7 @@ def test_demo_recipe_end_to_end_and_backbone_reuse(tmp_path, capsys):
     assert rec["checkpoint"]["kind"] == "trained" and rec["checkpoint"]["reused"] is False
     assert 0 < rec["metrics"]["rmse"] < 10 and 0 <= rec["metrics"]["a1"] <= 1
     assert rec["protocol"]["name"] == "linear"
+    assert {"reconstructor.name=depth", "lift.coverage=alpha"} <= {d["id"] for d in rec["method_deviations"]}
     saved = json.loads(open(rec["_path"]).read())
     assert saved["metrics"] == rec["metrics"] and saved["config"]["method"]["optim"]["steps"] == 3
 

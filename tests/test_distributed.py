@@ -13,6 +13,7 @@ import torch
 from bench.config import compose
 from bench.loader import StepLoader
 from loopback import tagged, torchrun
+from methods.splat_distill.official import CPU_DEVIATIONS
 from methods.splat_distill.views import ViewSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +55,7 @@ def _overrides(root, steps=4):
         "method.lift.slic_segments=16",
         "method.adapter.dropout=0.0",  # stochastic layers draw per-rank streams: equality needs none
         "loader.workers=0",
+        *CPU_DEVIATIONS,
     ]
 
 

@@ -122,6 +122,8 @@ def _case(cid: str, tmp: Path, monkeypatch, request):
         return _cli("run", *TOY, *p, f"paths.output_dir={_a_file(tmp)}/x")
     if cid == "cache-not-writable":
         return _cli("run", "method=splat_distill", "backbone=tiny_vit", *p, f"paths.cache_dir={_a_file(tmp)}")
+    if cid == "snd-checkpoint-missing":
+        return run("method=splat_distill", "backbone=tiny_vit")
     if cid == "weights-missing":
         return run("backbone=tiny_vit", "backbone.weights=/nowhere.pth")
     if cid in ("hub-file-missing", "hub-offline-uncached"):

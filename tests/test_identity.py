@@ -194,6 +194,7 @@ def test_backbone_key_is_the_same_for_every_spelling_of_the_same_inputs(tmp_path
         "backbone=tiny_vit",
         "method.data.dataset=scannetpp",
         "method.reconstructor.name=learned",
+        "method.reconstructor.checkpoint=${paths.cache_dir}/reconstructors/cost_volume.safetensors",
     ]
     key = backbone_cache_key(compose(common + paths(tmp_path)))
     monkeypatch.chdir(tmp_path)  # relative vs absolute spellings
@@ -218,7 +219,7 @@ def test_backbone_key_is_the_same_for_every_spelling_of_the_same_inputs(tmp_path
     (tmp_path / "moved/cache/reconstructors/cost_volume.safetensors").write_bytes(b"other" * 100)
     assert backbone_cache_key(compose(common + paths(tmp_path, cache=str(tmp_path / "moved/cache")))) != key
     # the depth reconstructor does not read the checkpoint: its key ignores it (present or not)
-    depth = [c for c in common if "reconstructor" not in c]
+    depth = [c for c in common if "reconstructor" not in c] + ["method.reconstructor.name=depth"]
     k_depth = backbone_cache_key(compose(depth + paths(tmp_path)))
     assert backbone_cache_key(compose(depth + paths(tmp_path, cache=str(tmp_path / "nowhere")))) == k_depth
 

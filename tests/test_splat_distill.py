@@ -24,6 +24,7 @@ from methods.splat_distill.reconstruct import (
     MVSplatAdapter,
     build_reconstructor,
 )
+from methods.splat_distill.official import CPU_DEVIATIONS
 from methods.splat_distill.views import ViewSampler
 
 SIZE = (56, 70)  # tiny_vit (patch 14) -> a 4x5 grid
@@ -59,6 +60,7 @@ def _cfg(root, *extra):
             "method.teacher.momentum=0.9",
             "method.progress=false",
             "method.diagnostics.enabled=false",
+            *CPU_DEVIATIONS,
             *extra,
         ]
     )
@@ -303,6 +305,7 @@ def test_official_defaults_no_clipping_and_lora_factor_ema(scenes, tmp_path):
         "official",
     )
     assert (m.teacher.ema, m.teacher.dropout) == ("lora_factors", True)
+    assert (m.reconstructor.name, m.reconstructor.checkpoint, m.lift.coverage) == ("mvsplat", None, "rgb")
     d, _, _, loop, _ = build_training(build_backbone(_cfg(scenes).backbone), _cfg(scenes), tmp_path, "cpu")
     assert loop.grad_clip is None
     # the teacher is a LoRA copy: its A and B factors are averaged separately
@@ -367,6 +370,7 @@ def test_correspondence_tasks_of_a_grid_use_the_no_blending_backbone():
             "seed=0",
             "paths.cache_dir=/nonexistent/cache",
             "paths.results_dir=/nonexistent/results",
+            *CPU_DEVIATIONS,
         ]
     )
     trains = {j.name: sorted(j.cells) for j in plan.jobs.values() if j.kind == "train"}
@@ -397,6 +401,7 @@ def test_runner_applies_the_task_variant(monkeypatch, tmp_path):
                 f"task={task}",
                 f"paths.results_dir={tmp_path}",
                 f"run_dir={tmp_path / task}",
+                *CPU_DEVIATIONS,
             ]
         )
         with pytest.raises(RuntimeError, match="stop"):

@@ -238,6 +238,8 @@ def test_plan_skips_a_cell_whose_record_ran_a_per_task_variant(tmp_path):
         f"paths.results_dir={tmp_path}/results",
         f"paths.output_dir={tmp_path}/outputs",
         f"paths.cache_dir={tmp_path}/cache",
+        "method.reconstructor.name=depth",
+        "method.lift.coverage=alpha",
     ]
     cfg = compose(ov)
     ran = apply_per_task(cfg)  # what the runner runs and records

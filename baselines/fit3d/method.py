@@ -38,7 +38,17 @@ from bench.seed import seed_everything
 from bench.distributed import start_run
 from bench.train import TrainLoop
 
-from .stage1 import INFO_FILE, SceneFit, downsample_to_grid, fit_scene, is_fitted, scene_key, scene_seed
+from .stage1 import (
+    INFO_FILE,
+    SceneFit,
+    downsample_to_grid,
+    fit_scene,
+    RESIZES,
+    floor_resize,
+    is_fitted,
+    scene_key,
+    scene_seed,
+)
 
 log = logging.getLogger("bench")
 
@@ -94,7 +104,8 @@ def teacher_identity(teacher, cfg: DictConfig) -> str:
     """The teacher of stage I = its weights (digest) + everything else that shapes its features
     (resize, normalisation...): part of every scene's cache key."""
     arch = {k: v for k, v in to_container(cfg.backbone).items() if k != "weights" and not k.startswith("hub_")}
-    return f"{cfg.backbone.name}:{weights_hash(teacher)}:{stable_hash(arch)}"
+    floor = str(cfg.method.resize) == "official" and getattr(teacher, "resize_mode", "resize") == "resize"
+    return f"{cfg.backbone.name}:{weights_hash(teacher)}:{stable_hash(arch)}" + (":floor14" if floor else "")
 
 
 def scene_dirs(data, teacher_id: str, cfg: DictConfig) -> Dict[str, Path]:
@@ -119,6 +130,7 @@ def fit_one(data, scene: str, wd: Path, teacher, cfg: DictConfig, device, progre
             seed=scene_seed(int(cfg.seed), scene),
             device=device,
             progress=progress,
+            resize=str(cfg.method.resize),
         )
 
 
@@ -228,6 +240,7 @@ class FiT3D:
         progress = bool(m.progress)
         bn_mode = choice("method.stage2.batchnorm", s2.batchnorm, ("eval", "train"))  # before stage I's work
         loss_mask = choice("method.stage2.loss_mask", s2.loss_mask, LOSS_MASKS)
+        resize = choice("method.resize", m.resize, RESIZES)
         from bench import distributed as dist
 
         with dist.main_first():  # rank 0 generates a synthetic set once
@@ -318,7 +331,7 @@ class FiT3D:
                     dist.global_mean_weight(0.0)  # the collective every rank joins
                 return torch.zeros((), device=device, requires_grad=True), {"coverage": 0.0}
             with autocast(precision, device):
-                out = backbone(torch.cat(images))
+                out = backbone(floor_resize(torch.cat(images), backbone, resize))
             out = out.float()
             grid = tuple(out.shape[-2:])
             target = downsample_to_grid(torch.cat(targets), grid, backbone)

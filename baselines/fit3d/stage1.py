@@ -77,10 +77,35 @@ def downsample_to_grid(x: Tensor, grid, backbone) -> Tensor:
     return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
 
 
+RESIZES = ("official", "backbone")  # method.resize
+
+
+def floor_resize(images: Tensor, backbone, rule: str = "official") -> Tensor:
+    """``rule: official`` (FiT3D ``utils/model_utils.py`` ``forward_2d_model(_batch)``, both stages): the image
+    is resized to the floor multiple of the patch size, bilinear without antialiasing (576x880 -> 574x868, a
+    41x62 grid of 14 px patches), before the backbone; ``backbone``: left to the backbone's own rule (nearest
+    multiple: 41x63). Padding backbones are never resized."""
+    if rule not in RESIZES:
+        from bench.errors import BenchError
+
+        raise BenchError(f"method.resize='{rule}' is not a choice", f"use one of {RESIZES}")
+    if rule == "backbone" or getattr(backbone, "resize_mode", "resize") != "resize":
+        return images
+    p = int(backbone.patch_size)
+    H, W = images.shape[-2:]
+    size = (max(p, H - H % p), max(p, W - W % p))
+    if size == (H, W):
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=False)
+
+
 @torch.no_grad()
-def teacher_features(teacher: nn.Module, images: Tensor, batch: int = 8) -> Tensor:
-    """Last-layer normed patch tokens ``[V,C,h,w]`` of ``images [V,3,H,W]`` (batched)."""
-    return torch.cat([teacher(images[i : i + batch]) for i in range(0, len(images), batch)])
+def teacher_features(teacher: nn.Module, images: Tensor, batch: int = 8, resize: str = "backbone") -> Tensor:
+    """Last-layer normed patch tokens ``[V,C,h,w]`` of ``images [V,3,H,W]`` (batched; ``resize``: see
+    :func:`floor_resize`)."""
+    return torch.cat(
+        [teacher(floor_resize(images[i : i + batch], teacher, resize)) for i in range(0, len(images), batch)]
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,12 +285,13 @@ def fit_scene(
     device: str | torch.device = "cpu",
     progress: bool = True,
     stop_after: Optional[int] = None,
+    resize: str = "backbone",
 ) -> SceneFit:
     """Fit (or resume, or reuse) one scene's feature Gaussians in ``workdir``; see the module docstring.
 
     ``views``: the scene sample (all views; needs ``depth``). ``stop_after``: end this call after that
     many iterations (a checkpoint is written; the next call resumes) -- then the returned fit is the
-    partial one and nothing is cached as finished.
+    partial one and nothing is cached as finished. ``resize``: the teacher's input rule (:func:`floor_resize`).
     """
     workdir = Path(workdir)
     if is_fitted(workdir):
@@ -275,7 +301,7 @@ def fit_scene(
     views = {k: v.to(device) for k, v in views.items()}
     V, _, H, W = views["images"].shape
     seed_everything(seed)
-    tfeat = teacher_features(teacher.to(device).eval(), views["images"])
+    tfeat = teacher_features(teacher.to(device).eval(), views["images"], resize=resize)
     D = int(stage1["feature_dim"])
     pts, cols = _init_points(views, int(stage1["init_points"]), torch.Generator().manual_seed(seed))
     g = SceneGaussians.from_points(pts, cols, D, float(stage1["init_opacity"]))

@@ -21,12 +21,12 @@ def synthetic_root(data: Mapping[str, Any], data_dir: str | Path) -> Path:
     return Path(data_dir) / f"synthetic_snd_s{int(data['seed'])}_{int(data['scenes'])}x{int(data['views'])}_{H}x{W}"
 
 
-def open_scenes(data: Mapping[str, Any], data_dir: str | Path = "data"):
+def open_scenes(data: Mapping[str, Any], data_dir: str | Path = "data", keep_bad: bool = False):
     """``cfg.method.data`` -> a :class:`bench.data.scenes.MultiViewScenes` over the training scenes.
 
     ``dataset: synthetic`` generates the set on first use (``ensure_synthetic``, with ``workers``
-    processes if set); ``scannetpp`` reads a prepared ScanNet++ DSLR root. ``scenes``: null (all), a
-    count (the first N sorted), or a list of ids.
+    processes if set); ``scannetpp`` reads a prepared ScanNet++ DSLR root (``keep_bad``: frames flagged
+    ``is_bad`` too). ``scenes``: null (all), a count (the first N sorted), or a list of ids.
     """
     from .scenes import MultiViewScenes
 
@@ -50,7 +50,7 @@ def open_scenes(data: Mapping[str, Any], data_dir: str | Path = "data"):
         raise BenchError(f"method.data.dataset='{kind}' is not a training dataset", f"use one of {TRAINING_DATASETS}")
     scenes = data.get("scenes")
     ids = None if scenes is None or isinstance(scenes, int) else [str(x) for x in scenes]
-    reader = MultiViewScenes(Path(data["root"]), ids, size)
+    reader = MultiViewScenes(Path(data["root"]), ids, size, keep_bad=keep_bad)
     if isinstance(scenes, int):
         reader.scene_ids = reader.scene_ids[:scenes]
     return reader

@@ -19,7 +19,7 @@ Scene folders are found under ``root`` (or ``root/data`` as in the official Scan
                                                    one id per colour (``(r << 16) | (g << 8) | b``)
 
 Poses: nerfstudio ``transform_matrix`` is camera-to-world in OpenGL axes and is converted to OpenCV
-world-to-camera. Frames flagged ``is_bad`` are skipped; views are ordered by ``file_path`` (the DSLR
+world-to-camera. Frames flagged ``is_bad`` are skipped (``keep_bad=True``: kept); views are ordered by ``file_path`` (the DSLR
 capture order). Semantic value 65535 (ScanNet++'s rendered "unlabelled") becomes 255 (ignore).
 
 Caveat for real ScanNet++: the toolkit's ``common/render.py`` renders ``render_depth`` with the
@@ -127,12 +127,17 @@ class MultiViewScenes:
     """
 
     def __init__(
-        self, root: str | os.PathLike, scene_ids: Optional[Sequence[str]] = None, size: Optional[Sequence[int]] = None
+        self,
+        root: str | os.PathLike,
+        scene_ids: Optional[Sequence[str]] = None,
+        size: Optional[Sequence[int]] = None,
+        keep_bad: bool = False,
     ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataMissingError(f"data root {self.root} {what_is_at(self.root, 'directory')}", self._fix())
         self.size = (int(size[0]), int(size[1])) if size is not None else None
+        self.keep_bad = bool(keep_bad)  # frames flagged is_bad are read too (Splat-and-Distill's official loader)
         self.scene_root = self._scene_root()
         if scene_ids is None:
             scene_ids = self._discover()
@@ -195,7 +200,7 @@ class MultiViewScenes:
         json_path = sdir / js
         try:
             meta = json.loads(json_path.read_text())
-            frames = [f for f in meta["frames"] if not f.get("is_bad", False)]
+            frames = [f for f in meta["frames"] if self.keep_bad or not f.get("is_bad", False)]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataMissingError(f"cannot parse {json_path} ({type(e).__name__}: {e})", self._fix()) from None
         if str(meta.get("camera_model", "PINHOLE")).upper() not in ("PINHOLE", "SIMPLE_PINHOLE") or any(

@@ -9,7 +9,9 @@ For each example (2 context views + 1 target view of one scene):
    zero where all four neighbours are excluded; or plain bilinear);
 3. the frozen reconstructor predicts one Gaussian per context pixel; each Gaussian carries its
    pixel's full-width feature (lifting = assignment);
-4. :func:`bench.splat.rasterize` splats them into the target camera; pixels with alpha below
+4. :func:`bench.splat.rasterize` splats them into the target camera (``lift.feature_covariance: official``:
+   the footprint of the official LUDVIG-style feature splat, variances as scales; ``true_covariance``: the
+   reconstructor's covariances); pixels with alpha below
    ``alpha_threshold`` are uncovered (``lift.coverage=rgb``: the official trainer's rule instead, a
    pixel is uncovered where the splatted RGB colours are exactly 0);
 5. semantic blending with the target-view segment mean over all segment pixels:
@@ -20,7 +22,8 @@ For each example (2 context views + 1 target view of one scene):
 7. the student embeds the target view (both backbones see the image resized to the floor multiple of
    the patch size); loss = DINO-head cross-entropy (or an ablation loss).
 
-Every official rule is the default and has a named switch (docs/methods/splat_distill.md).
+Every official rule is the default; every other choice is a named deviation (methods/splat_distill/official.py,
+docs/methods/splat_distill.md).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from .features import (
     upsample,
 )
 from .head import LOSSES, DINOHead, distill_loss
-from .reconstruct import build_reconstructor
+from .reconstruct import FEATURE_COVARIANCES, build_reconstructor
 
 HEAD_COS_POINTS = 512  # covered cells of a step's global batch the collapse cosine is measured on
 
@@ -108,6 +111,7 @@ class Distiller:
             int(head["hidden_dim"]),
             int(head["bottleneck_dim"]),
             train_gain=bool(head["train_gain"]),
+            prototype_init=str(head["prototype_init"]),
         ).to(self.device)
         self.temps = float(head["student_temp"]), float(head["teacher_temp"])
         self.teacher_head = copy.deepcopy(self.head)
@@ -143,6 +147,9 @@ class Distiller:
         self.uncovered = choice("method.lift.uncovered", lift["uncovered"], UNCOVERED)
         self.blend_segments = choice("method.lift.blend_segments", lift["blend_segments"], BLEND_SEGMENTS)
         self.render_basis = choice("method.lift.render_basis", lift["render_basis"], RENDER_BASES)
+        self.feature_covariance = choice(
+            "method.lift.feature_covariance", lift["feature_covariance"], FEATURE_COVARIANCES
+        )
         self.slic = int(lift["slic_segments"]), float(lift["slic_compactness"])
         self.alpha_threshold = float(lift["alpha_threshold"])
         self.normalize_alpha, self.blending = bool(lift["normalize_alpha"]), bool(lift["blending"])
@@ -289,12 +296,18 @@ class Distiller:
                 )
             with self._timed("splat"):
                 rgb_rule = self.coverage == "rgb"  # the official trainer: uncovered where the RGB render is 0
-                if rgb_rule:
+                one_pass = rgb_rule and self.feature_covariance == "true_covariance"  # colours ride along the features
+                cam = (ex["w2c"][2:3], ex["K"][2:3], W, H)
+                if one_pass:
                     src = torch.cat([src, gs.colors(ex["images"][:2], ex["w2c"][2]).to(src.dtype)], 1)
-                render, alpha, _ = gs.splat(src, ex["w2c"][2:3], ex["K"][2:3], W, H)
+                render, alpha, _ = gs.splat(src, *cam, covariance=self.feature_covariance)
                 render = render.permute(0, 3, 1, 2)  # [1,D,H,W]
-                if rgb_rule:
+                if one_pass:
                     render, rgb = render[:, :-3], render[:, -3:]
+                elif rgb_rule:  # official: the RGB render (MVSplat's decoder) splats the true covariances
+                    rgb = gs.splat(gs.colors(ex["images"][:2], ex["w2c"][2]).to(src.dtype), *cam)[0]
+                    rgb = rgb.permute(0, 3, 1, 2)
+                if rgb_rule:
                     covered = (rgb != 0).any(1)  # [1,H,W]
                 else:
                     covered = alpha > self.alpha_threshold  # [1,H,W]

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.errors import BenchError
+
 LOSSES = ("dino", "cosine", "direct")
+PROTOTYPE_INITS = ("linear", "trunc_normal")  # method.head.prototype_init
 
 
 class DINOHead(nn.Module):
@@ -20,6 +25,11 @@ class DINOHead(nn.Module):
     gain **trains** in the student and follows the EMA in the teacher: a learned per-prototype inverse
     temperature. ``train_gain=False`` fixes it at 1 (DINO's ``norm_last_layer``; the logits are then
     cosines). Applied per pixel to ``[B, C, h, w]`` maps, returns ``[B, K, h, w]``.
+
+    ``prototype_init``: ``linear`` (official: ``DINOHead.__init__`` runs ``self.apply(self._init_weights)``
+    (trunc-normal 0.02) over the MLP and only then creates the last layer, which keeps ``nn.Linear``'s
+    default, kaiming-uniform with ``a = sqrt(5)``: U(-1/sqrt(bottleneck), 1/sqrt(bottleneck))) |
+    ``trunc_normal`` (std 0.02, as the MLP).
     """
 
     def __init__(
@@ -30,8 +40,13 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
         num_layers: int = 3,
         train_gain: bool = True,
+        prototype_init: str = "trunc_normal",
     ):
         super().__init__()
+        if prototype_init not in PROTOTYPE_INITS:
+            raise BenchError(
+                f"method.head.prototype_init='{prototype_init}' is not a choice", f"use one of {PROTOTYPE_INITS}"
+            )
         dims = [in_dim] + [hidden_dim] * (num_layers - 1)
         layers = []
         for a, b in zip(dims[:-1], dims[1:]):
@@ -44,7 +59,10 @@ class DINOHead(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        nn.init.trunc_normal_(self.prototypes, std=0.02)
+        if prototype_init == "linear":  # official: the last layer is built after apply(_init_weights)
+            nn.init.kaiming_uniform_(self.prototypes, a=math.sqrt(5))  # = nn.Linear(bottleneck, K)'s default
+        else:
+            nn.init.trunc_normal_(self.prototypes, std=0.02)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         x = feats.permute(0, 2, 3, 1)  # [B,h,w,C]

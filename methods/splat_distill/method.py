@@ -17,7 +17,7 @@ from bench.distributed import start_run
 from bench.train import TrainLoop, one_cycle_cosine
 
 from .distill import Distiller
-from .views import ViewSampler
+from .views import ViewSampler, frame_numbers
 
 log = logging.getLogger("bench")
 
@@ -34,9 +34,14 @@ def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
 
     m = cfg.method
     with dist.main_first():  # rank 0 generates a synthetic set once; the others then read it
-        data = open_scenes(m.data, cfg.paths.data_dir)
+        data = open_scenes(m.data, cfg.paths.data_dir, keep_bad=bool(m.views.keep_bad))
     sampler = ViewSampler(
-        [data.num_views(s) for s in data.scene_ids], m.views.gap, str(m.views.target), seed=int(cfg.seed)
+        [data.num_views(s) for s in data.scene_ids],
+        m.views.gap,
+        str(m.views.target),
+        seed=int(cfg.seed),
+        order=str(m.views.order),
+        numbers=[frame_numbers(data.frame_names(s)) for s in data.scene_ids] if m.views.contiguous else None,
     )
     distiller = Distiller(backbone, m, device)
     distiller.precision = str(cfg.precision)
@@ -161,6 +166,22 @@ class SplatDistill:
     """
 
     trains = True
+
+    @staticmethod
+    def check_inputs(cfg: DictConfig) -> None:
+        """Preflight: the reconstructor's checkpoint (mvsplat / learned) is given and exists."""
+        from .official import check_inputs
+
+        check_inputs(cfg)
+
+    @staticmethod
+    def deviations(cfg: DictConfig):
+        """The named deviations from the official rules in force (a record's ``method_deviations``)."""
+        from bench.config import to_container
+
+        from .official import deviations
+
+        return deviations(to_container(cfg.method))
 
     def fit(self, backbone, cfg: DictConfig, workdir: Path, stop_after: Optional[int] = None):
         device = start_run(cfg)

@@ -26,8 +26,11 @@ import torch
 
 from bench.registry import PERF
 
+from .official import CPU_DEVIATIONS
+
 #: the demo scale (CPU): synthetic scenes, EfficientNet-Lite0, small head, short schedule
 DEMO_OVERRIDES = [
+    *CPU_DEVIATIONS,
     "method.data.dataset=synthetic",
     "method.data.root=null",
     "method.data.scenes=4",
@@ -46,7 +49,10 @@ VARIANTS = {  # name -> overrides on top of the demo configuration
     "splat_features": ["method.lift.render_basis=features"],  # no patch-basis splatting
     "bilinear": ["method.lift.upsample=bilinear"],  # ablation: plain bilinear upsampling
     "full_ft": ["method.adapter.mode=full"],  # full fine-tuning instead of LoRA
-    "learned_recon": ["method.reconstructor.name=learned"],  # needs pretrain-reconstructor first
+    "learned_recon": [  # needs pretrain-reconstructor first (it writes this file)
+        "method.reconstructor.name=learned",
+        "method.reconstructor.checkpoint=${paths.cache_dir}/reconstructors/cost_volume.safetensors",
+    ],
     # MVSplat's encoder (pass method.reconstructor.checkpoint=/path/to/re10k.ckpt); room-scale depth range
     "mvsplat": ["method.reconstructor.name=mvsplat", "method.reconstructor.near=0.5", "method.reconstructor.far=20"],
 }
@@ -288,3 +294,84 @@ def train_perf(args: argparse.Namespace) -> int:
 
 
 train_perf.add_arguments = add_arguments
+
+
+# ------------------------------------------------------------------------------ feature render rules
+def _render_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--examples", type=int, default=16, help="training examples compared (the run's first draws)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("overrides", nargs="*", help="hydra overrides (default: the demo scenes, depth reconstructor)")
+
+
+def compare_renders(overrides: List[str], examples: int) -> dict:
+    """Splatted targets of the same examples with ``lift.feature_covariance=official`` (variances as scales)
+    and ``true_covariance``: coverage of both rules and the cosine between the two targets.
+
+    The teacher runs without dropout so that the two renders see the same teacher features."""
+    from bench.backbones import build_backbone
+    from bench.config import compose
+    from bench.data.multiview import open_scenes
+    from bench.seed import seed_everything
+
+    from .distill import Distiller
+    from .views import ViewSampler
+
+    cfg = compose(["method=splat_distill", "device=cpu", *DEMO_OVERRIDES, *overrides])
+    seed_everything(int(cfg.seed))
+    m = cfg.method
+    data = open_scenes(m.data, cfg.paths.data_dir)
+    sampler = ViewSampler([data.num_views(s) for s in data.scene_ids], m.views.gap, str(m.views.target), int(cfg.seed))
+    d = Distiller(build_backbone(cfg.backbone), m, "cpu")
+    d.teacher_dropout = False
+    exs = []
+    for i in range(examples):
+        s, idx = sampler.example(i)
+        exs.append(data.load_views(data.scene_ids[s], idx))
+    out: dict = {}
+    for mode in ("true_covariance", "official"):
+        d.feature_covariance = mode
+        for rule in ("alpha", "rgb"):
+            d.coverage = rule
+            t, v = d.targets(exs)
+            out[(mode, rule)] = (t, v)
+    res = {"grid": list(out[("official", "rgb")][0].shape[-2:]), "examples": examples}
+    for rule in ("alpha", "rgb"):
+        (t_true, v_true), (t_off, v_off) = out[("true_covariance", rule)], out[("official", rule)]
+        both = v_true & v_off
+        cos = torch.nn.functional.cosine_similarity(t_true, t_off, dim=1)[both]
+        res[rule] = {
+            "coverage_true": float(v_true.float().mean()),
+            "coverage_official": float(v_off.float().mean()),
+            "cosine_mean": float(cos.mean()) if cos.numel() else float("nan"),
+            "cosine_p10": float(cos.quantile(0.1)) if cos.numel() else float("nan"),
+            "norm_ratio": float((t_off.norm(dim=1)[both] / t_true.norm(dim=1)[both].clamp_min(1e-12)).median()),
+        }
+    return res
+
+
+@PERF.register(
+    "snd-render",
+    "Splat-and-Distill targets: the official feature render (variances as scales) vs the true covariances",
+)
+def render_perf(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    torch.set_num_threads(args.threads)
+    r = compare_renders([f"backbone={args.backbone}", *args.overrides], args.examples)
+    rows = [
+        [rule, f"{x['coverage_true']:.3f}", f"{x['coverage_official']:.3f}", f"{x['cosine_mean']:.4f}",
+         f"{x['cosine_p10']:.4f}", f"{x['norm_ratio']:.3f}"]
+        for rule, x in ((k, r[k]) for k in ("alpha", "rgb"))
+    ]  # fmt: skip
+    print(f"{r['examples']} examples, student grid {r['grid'][0]}x{r['grid'][1]}:")
+    print(
+        tabulate(
+            rows,
+            headers=["coverage rule", "coverage true", "coverage official", "cos mean", "cos p10", "|official|/|true|"],
+        )
+    )
+    return 0
+
+
+render_perf.add_arguments = _render_args

@@ -68,8 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         default=None,
-        help="checkpoint path (default: method.reconstructor.checkpoint "
-        "of the config, <cache_dir>/reconstructors/cost_volume.safetensors)",
+        help="checkpoint path (default: <cache_dir>/reconstructors/cost_volume.safetensors; "
+        "pass it as method.reconstructor.checkpoint with method.reconstructor.name=learned)",
     )
     p.add_argument("--eval-only", action="store_true", help="evaluate an existing --out checkpoint")
 
@@ -139,8 +139,7 @@ def evaluate(
 def _default_out() -> Path:
     from bench.config import compose
 
-    cfg = compose(["method=splat_distill"])
-    return Path(cfg.method.reconstructor.checkpoint)
+    return Path(compose([]).paths.cache_dir) / "reconstructors" / "cost_volume.safetensors"
 
 
 def _open(args):

@@ -32,6 +32,24 @@ from bench.checkpoint import load_state_dict_strict, read_state_dict
 from bench.errors import BenchError, CheckpointError, DataMissingError, what_is_at
 
 RECONSTRUCTORS = ("depth", "learned", "mvsplat")
+FEATURE_COVARIANCES = ("official", "true_covariance")  # method.lift.feature_covariance
+
+
+def official_render_covariances(cov: torch.Tensor) -> torch.Tensor:
+    """The covariance the official LUDVIG-style feature splat renders for covariances ``cov [...,3,3]``.
+
+    Official ``src/ludvig/ludvig.py`` (``extract_scales_and_rotations``, ``rotation_matrix_to_quaternion``):
+    ``eigenvalues, R = torch.linalg.eigh(cov)``; the eigenvalues (variances) are passed to the 3DGS rasterizer
+    as its ``scales`` (standard deviations), and ``R`` becomes the rotation only when it is one (orthonormal to
+    1e-3 and ``det R > 0``), else the identity. The rasterizer builds ``R S S^T R^T`` from them, so the render
+    uses ``R' diag(eigenvalues^2) R'^T`` (``R'`` = ``R`` or the identity): returned here, to be splatted with
+    ``rasterize(covars=...)`` (the same footprint as the official scales + rotations)."""
+    lam, R = torch.linalg.eigh(cov)
+    eye = torch.eye(3, dtype=cov.dtype, device=cov.device).expand_as(R)
+    err = (R.transpose(-1, -2) @ R - eye).abs().amax(dim=(-2, -1))
+    valid = (err < 1e-3) & (torch.linalg.det(R) > 0)
+    R = torch.where(valid[..., None, None], R, eye)
+    return R @ torch.diag_embed(lam * lam) @ R.transpose(-1, -2)
 
 
 @dataclass
@@ -81,17 +99,30 @@ class PixelGaussians:
         width: int,
         height: int,
         min_opacity: float = 0.0,
+        covariance: str = "true_covariance",
     ):
         """Render per-pixel ``features [V,C,H,W]`` into cameras ``w2c [T,4,4]``, ``K [T,3,3]`` with
-        :func:`bench.splat.rasterize` (full covariances when the reconstructor gives them) ->
-        ``(features [T,H,W,C], alpha [T,H,W], depth [T,H,W])``."""
+        :func:`bench.splat.rasterize` -> ``(features [T,H,W,C], alpha [T,H,W], depth [T,H,W])``.
+
+        ``covariance``: ``true_covariance`` splats the reconstructor's Gaussians (full covariances when it gives them,
+        else isotropic ``scales``); ``official`` the footprint the official feature splat renders
+        (:func:`official_render_covariances` of the same covariances; isotropic ones are ``scale^2 I``)."""
         from bench.splat import rasterize
 
         means, quats, scales, opac, feats = self.splat_args(features, min_opacity)
-        if self.covariances is None:
+        if covariance not in FEATURE_COVARIANCES:
+            raise BenchError(
+                f"method.lift.feature_covariance='{covariance}' is not a choice", f"use one of {FEATURE_COVARIANCES}"
+            )
+        if self.covariances is None and covariance == "true_covariance":
             return rasterize(means, quats, scales, opac, feats, w2c, K, width, height)
         keep = (self.opacities > min_opacity).reshape(-1) & (self.depth > 0).reshape(-1)
-        cov = self.covariances.reshape(-1, 3, 3)[keep]
+        if self.covariances is not None:
+            cov = self.covariances.reshape(-1, 3, 3)[keep]
+        else:
+            cov = torch.diag_embed(scales * scales)  # isotropic: scale^2 I
+        if covariance == "official":
+            cov = official_render_covariances(cov)
         return rasterize(means, None, None, opac, feats, w2c, K, width, height, covars=cov)
 
     def colors(self, images: torch.Tensor, w2c: torch.Tensor) -> torch.Tensor:
@@ -339,13 +370,17 @@ class MVSplatAdapter(nn.Module):
 
 def build_reconstructor(cfg: Mapping[str, Any]) -> nn.Module:
     """``cfg.method.reconstructor`` -> a frozen reconstructor module in eval mode."""
+    from .official import check_reconstructor, resolve_checkpoint
+
     name = str(cfg["name"])
+    if name in ("learned", "mvsplat"):
+        check_reconstructor(cfg)  # a checkpoint is given: one error that says where it comes from
     if name == "depth":
         model = DepthUnprojection(float(cfg["scale_mult"]))
     elif name == "learned":
-        model = CostVolumeReconstructor.load(str(cfg["checkpoint"]))
+        model = CostVolumeReconstructor.load(resolve_checkpoint(cfg["checkpoint"]))
     elif name == "mvsplat":
-        model = MVSplatAdapter(cfg["checkpoint"], cfg["near"], cfg["far"])
+        model = MVSplatAdapter(str(resolve_checkpoint(cfg["checkpoint"])), cfg["near"], cfg["far"])
     else:
         raise BenchError(
             f"method.reconstructor.name='{name}' is not a reconstructor", f"use one of {', '.join(RECONSTRUCTORS)}"

@@ -18,21 +18,50 @@ generator, whose state is checkpointed) remains for callers that keep a running 
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+import re
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from bench.errors import BenchError
 
 PLACEMENTS = ("uniform", "middle", "context")
+ORDERS = ("epoch", "uniform")  # method.views.order
+MAX_REDRAWS = 10_000
+
+
+def frame_numbers(names: Sequence[str]) -> List[int]:
+    """The official loader's frame number of each file name: its first run of digits (-1 without one)."""
+    out = []
+    for n in names:
+        m = re.search(r"\d+", str(n))
+        out.append(int(m.group()) if m else -1)
+    return out
 
 
 class ViewSampler:
+    """``order``: ``uniform`` -- every example draws its scene uniformly (with replacement); ``epoch`` (official:
+    a map-style dataset of scenes, DataLoader ``shuffle=True``) -- examples ``e*S .. (e+1)*S - 1`` visit the
+    ``S`` scenes once each, in a permutation drawn per epoch ``e``. ``numbers``: per scene, each view's frame
+    number (:func:`frame_numbers`); when given, an example whose context views' numbers differ by other than
+    their index gap (frames missing in between) is drawn again in the same scene (official
+    ``dataset_scannetpp.py __getitem__``)."""
+
     def __init__(
-        self, num_views: Sequence[int], gap: Union[int, Sequence[int]] = 8, placement: str = "uniform", seed: int = 0
+        self,
+        num_views: Sequence[int],
+        gap: Union[int, Sequence[int]] = 8,
+        placement: str = "uniform",
+        seed: int = 0,
+        order: str = "uniform",
+        numbers: Optional[Sequence[Sequence[int]]] = None,
     ):
         if placement not in PLACEMENTS:
             raise BenchError(f"method.views.target='{placement}' is not a target placement", f"use one of {PLACEMENTS}")
+        if order not in ORDERS:
+            raise BenchError(f"method.views.order='{order}' is not a choice", f"use one of {ORDERS}")
+        self.order = order
+        self.numbers = None if numbers is None else [list(map(int, n)) for n in numbers]
         self.num_views = [int(n) for n in num_views]
         self.scenes = [i for i, n in enumerate(self.num_views) if n >= 2]
         if not self.scenes:
@@ -46,6 +75,28 @@ class ViewSampler:
         self.gap, self.placement = gap, placement
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(int(seed))
+        if self.numbers is not None:  # the official loop would never end on a scene without a valid window
+            for i in self.scenes:
+                if not self._windows(i):
+                    raise BenchError(
+                        f"scene {i} has no context pair {gap} frames apart without missing frame numbers",
+                        "drop the scene, or sample without the rule: method.views.contiguous=false",
+                    )
+
+    def _windows(self, scene: int) -> bool:
+        n, fn = self.num_views[scene], self.numbers[scene]
+        for g in range(self.gap[0], self.gap[1] + 1):
+            g = min(g, n - 1)
+            if any(fn[c + g] - fn[c] == g for c in range(n - g)):
+                return True
+        return False
+
+    def _epoch_scene(self, index: int) -> int:
+        """``order: epoch``: the scene of example ``index``: its epoch's permutation of the scenes."""
+        S = len(self.scenes)
+        epoch, k = divmod(int(index), S)
+        g = torch.Generator().manual_seed((self.seed + 1) * 2_000_029 + epoch)
+        return self.scenes[int(torch.randperm(S, generator=g)[k])]
 
     def _randint(self, lo: int, hi: int) -> int:
         """Uniform integer in ``[lo, hi]`` inclusive."""
@@ -60,16 +111,25 @@ class ViewSampler:
         saved = self.generator
         self.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(index))
         try:
-            return self._draw()
+            return self._draw(self._epoch_scene(index) if self.order == "epoch" else None)
         finally:
             self.generator = saved
 
-    def _draw(self) -> Tuple[int, Tuple[int, int, int]]:
-        scene = self.scenes[self._randint(0, len(self.scenes) - 1)]
+    def _draw(self, scene: Optional[int] = None) -> Tuple[int, Tuple[int, int, int]]:
+        if scene is None:
+            scene = self.scenes[self._randint(0, len(self.scenes) - 1)]
         n = self.num_views[scene]
-        gap = min(self._randint(*self.gap), n - 1)
-        c0 = self._randint(0, n - 1 - gap)
-        c1 = c0 + gap
+        for _ in range(MAX_REDRAWS):
+            gap = min(self._randint(*self.gap), n - 1)
+            c0 = self._randint(0, n - 1 - gap)
+            c1 = c0 + gap
+            if self.numbers is None or self.numbers[scene][c1] - self.numbers[scene][c0] == gap:
+                break
+        else:
+            raise BenchError(
+                f"no context pair without missing frames in scene {scene} after {MAX_REDRAWS} draws",
+                "sample without the rule: method.views.contiguous=false",
+            )
         if self.placement == "uniform":
             t = self._randint(c0, c1)
         elif self.placement == "middle":
