@@ -81,6 +81,7 @@ ADDED_KEYS: Dict[str, Any] = {
     "method.views.contiguous": False,
     "method.views.keep_bad": False,
     "method.resize": "backbone",  # FiT3D's input resize before the official floor rule
+    "method.stage2.drop_last": False,  # FiT3D's stage-II batches before the official loader's drop_last
 }
 _SMALL = 64 * 1024
 _memo: Dict[Tuple, str] = {}

@@ -239,6 +239,7 @@ class Fit3DStage2:
     batch_size: int = REQ
     epochs: int = REQ
     steps: Optional[int] = REQ
+    drop_last: bool = REQ
     grad_clip: Optional[float] = REQ
     batchnorm: str = REQ
     loss_mask: str = REQ

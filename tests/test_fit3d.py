@@ -355,6 +355,9 @@ def test_stage2_loss_mask_rules_and_batchnorm_eval():
     assert stage2_mask(view, alpha, 0.5, "coverage")[0, 0].tolist() == [[1, 0], [1, 0]]
     assert stage2_mask(view, alpha, 0.5, "anon_and_coverage")[0, 0].tolist() == [[1, 0], [0, 0]]
     assert stage2_mask({}, alpha, 0.5, "anon")[0, 0].tolist() == [[1, 1], [1, 1]]  # no masks: all ones
+    # a JPEG-edge value weighs its pixel partly, as FiT3D reads the mask (datasets/scannetpp.py: / 255.0)
+    edge = stage2_mask({"anon": torch.tensor([[[255, 51], [0, 204]]])}, alpha, 0.5, "anon")[0, 0]
+    assert torch.allclose(edge, torch.tensor([[1.0, 0.2], [0.0, 0.8]]))
     bb = build_backbone(compose(["backbone=tiny_cnn"]).backbone)
     bns = [m for m in bb.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert bns
@@ -366,3 +369,18 @@ def test_stage2_loss_mask_rules_and_batchnorm_eval():
     train_mode(bb, "train")
     assert all(m.training for m in bns)
     assert compose(["method=fit3d"]).method.stage2.loss_mask == "anon"
+
+
+def test_stage2_batches_drop_the_last_incomplete_one_as_the_official_loader():
+    """FiT3D finetune.py: BatchSampler(drop_last=True): 7 views in batches of 3 are 2 steps an epoch, each a
+    full batch of distinct views; drop_last=false keeps the smaller third batch (the recipes' deviation)."""
+    from baselines.fit3d.method import epoch_batches, steps_per_epoch
+
+    assert steps_per_epoch(7, 3, True) == 2 and steps_per_epoch(7, 3, False) == 3
+    epoch0 = [epoch_batches(s, 7, 3, seed=0, drop_last=True) for s in range(2)]
+    assert [len(b) for b in epoch0] == [3, 3] and len(set(epoch0[0] + epoch0[1])) == 6
+    assert epoch_batches(2, 7, 3, seed=0, drop_last=True) != epoch0[0]  # step 2 starts the next epoch
+    kept = [epoch_batches(s, 7, 3, seed=0) for s in range(3)]
+    assert [len(b) for b in kept] == [3, 3, 1] and sorted(sum(kept, [])) == list(range(7))
+    assert compose(["method=fit3d"]).method.stage2.drop_last is True
+    assert compose(["experiment=mini_benchmark", "method=fit3d"]).method.stage2.drop_last is False

@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from bench.checkpoint import weights_hash
 from bench.config import stable_hash, to_container
 from bench.data.multiview import open_scenes
-from bench.errors import choice
+from bench.errors import BenchError, choice
 from bench.io import write_json
 from bench.registry import METHODS
 from bench.seed import seed_everything
@@ -58,9 +58,16 @@ LOSS_MASKS = ("anon", "anon_and_coverage", "coverage")
 
 def stage2_mask(view, alpha, thr: float, kind: str = "anon"):
     """Stage-II loss weights ``[1,1,H,W]`` of one view. ``anon`` (FiT3D ``engine.train_one_epoch``): the
-    ScanNet++ anonymisation mask (1 = keep; all ones when the data has none), rendered coverage unused;
+    ScanNet++ anonymisation mask as a weight in [0, 1] (255 = keep; all ones when the data has none), rendered
+    coverage unused;
     ``coverage``: rendered alpha above ``thr``; ``anon_and_coverage``: both."""
-    anon = (view["anon"] > 0).to(alpha.dtype).to(alpha.device) if "anon" in view else torch.ones_like(alpha)
+    # the mask as a continuous weight, as FiT3D's datasets/scannetpp.py reads it (``/ 255.0``): JPEG-edge values
+    # between 0 and 255 weigh their pixels partly
+    anon = (
+        (view["anon"].to(alpha.dtype) / 255.0).clamp(0, 1).to(alpha.device)
+        if "anon" in view
+        else torch.ones_like(alpha)
+    )
     cov = (alpha > thr).to(alpha.dtype)
     m = {"anon": anon, "coverage": cov, "anon_and_coverage": anon * cov}[kind]
     return m[:, None]
@@ -200,10 +207,17 @@ def run_stage1(cfg: DictConfig, scenes: List[str]) -> Dict[str, str]:
     return {s: str(dirs[s]) for s in scenes}
 
 
-def epoch_batches(step: int, num_items: int, batch: int, seed: int) -> List[int]:
+def steps_per_epoch(num_items: int, batch: int, drop_last: bool) -> int:
+    """Batches of one pass: FiT3D's stage-II loader drops the last incomplete one (``finetune.py``:
+    ``BatchSampler(..., drop_last=True)``); ``drop_last=False`` keeps it."""
+    return num_items // batch if drop_last else math.ceil(num_items / batch)
+
+
+def epoch_batches(step: int, num_items: int, batch: int, seed: int, drop_last: bool = False) -> List[int]:
     """Item indices of optimiser step ``step``: a new permutation every epoch, consecutive batches of
-    it (the last one of an epoch may be smaller). Stateless, so resuming needs no sampler state."""
-    per_epoch = math.ceil(num_items / batch)
+    it (with ``drop_last`` the incomplete last one of an epoch is skipped, else it is a smaller batch).
+    Stateless, so resuming needs no sampler state."""
+    per_epoch = steps_per_epoch(num_items, batch, drop_last)
     epoch, b = divmod(step, per_epoch)
     perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 104_729 + epoch))
     return perm[b * batch : (b + 1) * batch].tolist()
@@ -261,7 +275,14 @@ class FiT3D:
         items: List[Tuple[str, int]] = [(s, v) for s in data.scene_ids for v in range(data.num_views(s))]
         bs = int(s2.batch_size)
         # stage2.steps (optional) fixes the number of optimiser steps instead of epochs (dose-response runs)
-        steps = int(s2.steps) if s2.steps else math.ceil(len(items) / bs) * int(s2.epochs)
+        drop_last = bool(s2.drop_last)
+        if drop_last and len(items) < bs:
+            raise BenchError(
+                f"method.stage2.batch_size={bs} is larger than the {len(items)} training views, and "
+                "method.stage2.drop_last=true (FiT3D's loader) drops every incomplete batch: no step would run",
+                f"lower method.stage2.batch_size to at most {len(items)}, or set method.stage2.drop_last=false",
+            )
+        steps = int(s2.steps) if s2.steps else steps_per_epoch(len(items), bs, drop_last) * int(s2.epochs)
         from bench.diagnostics import Diagnostics, trainable_weights
 
         size = (
@@ -298,7 +319,7 @@ class FiT3D:
         per_rank = -(-bs // dist.world_size())  # ranks take consecutive chunks of a step's (global) batch
 
         def views_of(step: int):  # this rank's views of step ``step`` (runs in a loader worker)
-            batch = epoch_batches(step, len(items), bs, int(cfg.seed))
+            batch = epoch_batches(step, len(items), bs, int(cfg.seed), drop_last)
             out = []
             for j in range(dist.rank() * per_rank, min((dist.rank() + 1) * per_rank, len(batch))):
                 scene, v = items[batch[j]]
