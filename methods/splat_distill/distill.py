@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import BenchError, choice
-from bench.distributed import global_mean_weight, pooled_rows, weighted_means
+from bench.distributed import all_reduce_sum, global_mean_weight, pooled_rows, weighted_means
 from bench.train import EMA, autocast
 
 from .adapt import Adapter, plain_state
@@ -51,7 +51,7 @@ from .features import (
     to_patch_grid_nearest,
     upsample,
 )
-from .head import LOSSES, DINOHead, distill_loss
+from .head import LOSSES, DINOHead, collapse_stats, distill_loss
 from .reconstruct import build_reconstructor
 
 HEAD_COS_POINTS = 512  # covered cells of a step's global batch the collapse cosine is measured on
@@ -317,10 +317,12 @@ class Distiller:
                 student, target = student * keep.to(student.dtype), target * keep.to(target.dtype)
                 valid = torch.ones_like(valid)
             loss, extra = distill_loss(
-                self.loss_kind, student, target, valid, self.head, self.teacher_head, *self.temps
+                self.loss_kind, student, target, valid, self.head, self.teacher_head, *self.temps, diag_valid=covered
             )
         # the logged diagnostics are the global batch's (the numbers one process with the whole batch logs):
-        # means over cells pooled over the ranks, the collapse cosine on the pooled batch's sampled cells
+        # means over cells pooled over the ranks, the collapse cosine on the pooled batch's sampled cells,
+        # prototype usage and teacher/student agreement from the prototype sums of every rank's cells
+        counts = extra.pop("collapse", None)
         n_valid = float(valid.sum())
         extra = weighted_means(
             {
@@ -328,6 +330,8 @@ class Distiller:
                 "coverage": (float(covered.float().mean()), float(covered.numel())),
             }
         )
+        if counts is not None:
+            extra.update(collapse_stats(all_reduce_sum(counts).cpu()))
         if self.loss_kind == "dino":
             extra["head_cos"] = self.head.embedding_cosine(pooled_rows(embedded, HEAD_COS_POINTS), HEAD_COS_POINTS)
         if self.grad_average == "global":  # several ranks: each rank's share of the pooled global mean
