@@ -26,9 +26,11 @@ from .errors import BenchError
 from .io import write_text
 from .table import (
     TEACHER,
+    format_mde,
     leaderboard_markdown,
     records_frame,
     reference_frame,
+    task_mde,
     task_rows,
 )
 
@@ -61,6 +63,7 @@ class Section:
     rows: List[dict]
     reference_only: bool = False
     metrics: List[str] = field(default_factory=list)
+    mde: str = ""  # the minimum detectable effect line (:func:`bench.table.format_mde`)
 
     @property
     def delta_col(self) -> str:
@@ -84,7 +87,8 @@ def sections(results_dir: str | Path, ours: Optional[pd.DataFrame] = None, ref=N
         seen.add(task)
         g = ours[(ours.task == task) & (ours.protocol == protocol)]
         cols, rows = task_rows(ours, ref, task, protocol)
-        out.append(Section(task, protocol, str(g["dataset"].iloc[0]), cols, rows, False, _metrics(rows, cols)))
+        mde = format_mde(task_mde(ours, task, protocol))
+        out.append(Section(task, protocol, str(g["dataset"].iloc[0]), cols, rows, False, _metrics(rows, cols), mde))
     for task in sorted(set(ref["task"]) - seen):
         cols, rows = task_rows(ours, ref, task, "-")
         out.append(Section(task, "-", "", cols, rows, True, _metrics(rows, cols)))
