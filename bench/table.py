@@ -274,9 +274,11 @@ def format_mde(entries: List[dict]) -> str:
             if dagger
             else ""
         )
+        teacher = any(d["source"] == "teacher" for d in e["metrics"].values())
         lines.append(
             f"Minimum detectable effect vs the teacher ({e['backbone']}, n = {e['n']} seeds; paired, "
-            f"α = {ALPHA} two-sided, power {POWER}; sd_diff = √2 × the teacher's seed sd): "
+            f"α = {ALPHA} two-sided, power {POWER}"
+            + ("; sd_diff = √2 × the teacher's seed sd): " if teacher else "): ")
             + ", ".join(parts)
             + note
             + "."
