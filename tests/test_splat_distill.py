@@ -161,9 +161,9 @@ def test_collapse_diagnostics_uniform_vs_collapsed():
     # teacher: batch-mean softmax (temperature 2) = one cell's softmax [a, b, b, b]
     a, b = math.exp(big / 2) / (math.exp(big / 2) + 3), 1 / (math.exp(big / 2) + 3)
     teacher_usage = -(a * math.log(a) + 3 * b * math.log(b))
-    assert got["student_usage_entropy"] == pytest.approx(math.log(4), abs=1e-12)  # mean of 4 rotated softmaxes
+    assert got["student_usage_entropy"] == pytest.approx(math.log(4), abs=1e-6)  # mean of 4 rotated softmaxes
     assert got["student_argmax_entropy"] == pytest.approx(math.log(4), abs=1e-12)
-    assert got["teacher_usage_entropy"] == pytest.approx(teacher_usage, rel=1e-9)
+    assert got["teacher_usage_entropy"] == pytest.approx(teacher_usage, rel=1e-5)  # float32 softmax sums
     assert got["teacher_argmax_entropy"] == 0.0
     assert got["agreement"] == pytest.approx(0.25)  # only cell 0: both pick prototype 0
     assert set(got) == set(COLLAPSE_KEYS)
@@ -171,7 +171,7 @@ def test_collapse_diagnostics_uniform_vs_collapsed():
     halves = [torch.zeros_like(valid), torch.zeros_like(valid)]
     halves[0][..., :2], halves[1][..., 2:4] = True, True
     summed = sum(collapse_counts(s, t, h, 1.0, 2.0) for h in halves)
-    assert collapse_stats(summed) == pytest.approx(got, rel=1e-12)
+    assert collapse_stats(summed) == pytest.approx(got, rel=1e-6)
     # uniform outputs: usage entropy log K for both, even though every argmax is a tie (-> prototype 0)
     flat = collapse_stats(collapse_counts(torch.zeros(1, K, 2, 2), torch.zeros(1, K, 2, 2), torch.ones(1, 2, 2)))
     assert flat["student_usage_entropy"] == pytest.approx(math.log(K)) and flat["agreement"] == 1.0

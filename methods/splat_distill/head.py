@@ -104,15 +104,15 @@ def collapse_counts(
     ``[sum p_student (K), sum p_teacher (K), argmax histogram of student (K), of teacher (K),
     cells where both argmaxes agree, cells]`` with ``p = softmax(logits / temp)`` over the K prototypes."""
     K = student_logits.shape[1]
-    keep = valid.reshape(-1).bool()
-    s = student_logits.detach().permute(0, 2, 3, 1).reshape(-1, K)[keep].double()
-    t = teacher_logits.detach().permute(0, 2, 3, 1).reshape(-1, K)[keep].double()
-    ps, pt = F.softmax(s / student_temp, dim=1), F.softmax(t / teacher_temp, dim=1)
-    a_s, a_t = s.argmax(1), t.argmax(1)
-    hs = torch.bincount(a_s, minlength=K).to(ps.dtype)
-    ht = torch.bincount(a_t, minlength=K).to(ps.dtype)
-    tail = torch.tensor([float((a_s == a_t).sum()), float(keep.sum())], dtype=ps.dtype, device=ps.device)
-    return torch.cat([ps.sum(0), pt.sum(0), hs, ht, tail])
+    keep = valid.bool()
+    w = keep.to(student_logits.dtype)
+    # the softmax sums contract with the mask (no copy of the logits per cell: K can be 65536)
+    ps = torch.einsum("bkhw,bhw->k", F.softmax(student_logits.detach() / student_temp, dim=1), w)
+    pt = torch.einsum("bkhw,bhw->k", F.softmax(teacher_logits.detach() / teacher_temp, dim=1), w)
+    a_s, a_t = student_logits.argmax(1)[keep], teacher_logits.argmax(1)[keep]
+    hs, ht = torch.bincount(a_s, minlength=K), torch.bincount(a_t, minlength=K)
+    tail = torch.tensor([float((a_s == a_t).sum()), float(keep.sum())], device=ps.device)
+    return torch.cat([ps.double(), pt.double(), hs.double(), ht.double(), tail.double()])
 
 
 def entropy(weights: torch.Tensor) -> float:
