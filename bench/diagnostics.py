@@ -12,6 +12,13 @@ the trained backbone's ``train_info.json`` (``diagnostics``):
   cameras, occlusion-tested): the centred cosine (features minus the pair's mean feature) between a
   pixel of view a and its corresponding pixel in view b (``corr_cos``), the same for a random pixel of
   b (``random_cos``), and ``consistency_gap = corr_cos - random_cos``, before and after training.
+* from the training history (first / last tenth of the steps, ``<key>_first`` / ``<key>_last``): the
+  loss, the KL part of the distillation cross-entropy, and the collapse diagnostics of the DINO head
+  (each the global batch's over ranks): ``head_cos`` (mean pairwise cosine of the head's bottleneck
+  embeddings), ``student/teacher_usage_entropy`` (entropy of the batch-mean softmax over prototypes),
+  ``student/teacher_argmax_entropy`` (entropy of the argmax-prototype histogram: 0 = collapse) and
+  ``agreement`` (fraction of covered cells whose student and teacher argmax prototypes agree);
+  :func:`methods.splat_distill.head.collapse_stats`.
 
 The held-out views come from a synthetic set of its own (``diagnostics.data``; generator seed and
 rooms distinct from training and from the tasks), resized like the training views.
@@ -26,6 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from .cameras import dense_correspondence
+
+from .head import COLLAPSE_KEYS
 
 log = logging.getLogger("bench")
 
@@ -155,7 +164,7 @@ class Diagnostics:
                 "views": sum(int(v["images"].shape[0]) for v in self.held["views"]),
             }
         if history:
-            for key in ("loss", "kl", "head_cos"):
+            for key in ("loss", "kl", "head_cos", *COLLAPSE_KEYS):
                 vals = [h[key] for h in history if key in h]
                 if vals:
                     k = max(1, len(vals) // 10)

@@ -206,6 +206,7 @@ def leaderboard_html(results_dir: str | Path) -> str:
                 "title": sec.title,
                 "columns": _columns(sec),
                 "rows": _page_rows(sec, by_id, results_dir),
+                "mde": sec.mde,
             }
         )
     methods = sorted({r["method"] for s in page for r in s["rows"]})
@@ -288,6 +289,7 @@ on real datasets and full schedules. Click a header to sort.</p>
 {% endfor %}
 </tbody>
 </table>
+{% if s.mde %}<p class="note">{{ s.mde }}</p>{% endif %}
 </section>
 {% endfor %}
 {% if figures %}

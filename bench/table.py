@@ -201,6 +201,104 @@ def format_delta(d) -> str:
     return f"{mean:+.{digits}f} [{mean - hw:+.{digits}f}, {mean + hw:+.{digits}f}]"
 
 
+ALPHA, POWER = 0.05, 0.8  # the minimum detectable effect's test: two-sided level and power
+
+
+def min_detectable_effect(sd_diff: float, n: int, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Smallest true mean difference a paired t-test over ``n`` seeds detects with probability ``power``
+    at two-sided level ``alpha``: ``(t_{1-alpha/2, n-1} + t_{power, n-1}) * sd_diff / sqrt(n)`` (the
+    usual central-t approximation), ``sd_diff`` the sd of the per-seed differences; nan for ``n < 2``."""
+    from scipy import stats
+
+    if n < 2 or pd.isna(sd_diff):
+        return float("nan")
+    df = n - 1
+    return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * sd_diff / n**0.5)
+
+
+def _reported_metrics(sub: pd.DataFrame) -> List[str]:
+    """The reported metrics of a task table's records in report order (all of them when none is)."""
+    shown = sub[sub["reported"].astype(bool)].sort_values("rank", kind="stable")
+    return list(dict.fromkeys(shown["metric"])) or sorted(sub["metric"].unique())
+
+
+def _pooled_paired_sd(sub: pd.DataFrame, teacher_row: pd.DataFrame, metric: str) -> tuple:
+    """Pooled sd of the per-seed differences to ``teacher_row`` of the other rows evaluated the same way
+    (same :func:`_evaluation_key`), over the seeds both have: ``(sd, rows)``; ``(nan, 0)`` when no row has
+    two paired seeds. Pooled: ``sqrt(sum (n_i - 1) s_i^2 / sum (n_i - 1))``."""
+    ref = teacher_row[teacher_row.metric == metric].groupby("seed")["value"].mean()
+    evaluation = teacher_row["evaluation"].iloc[0]
+    others = sub[(sub.method != TEACHER) & (sub.metric == metric) & (sub.evaluation == evaluation)]
+    num = dof = rows = 0
+    for _, g in others.groupby("row"):
+        mine = g.groupby("seed")["value"].mean()
+        diffs = pd.Series([float(v) - float(ref[s]) for s, v in mine.items() if s in ref.index])
+        if len(diffs) >= 2:
+            num += (len(diffs) - 1) * float(diffs.var(ddof=1))
+            dof += len(diffs) - 1
+            rows += 1
+    return ((num / dof) ** 0.5, rows) if dof else (float("nan"), 0)
+
+
+def task_mde(ours: pd.DataFrame, task: str, protocol: str) -> List[dict]:
+    """The minimum detectable effect (:func:`min_detectable_effect`) of each reported metric of one task
+    table, per raw-teacher row (one per backbone / evaluation), at that row's seed count ``n``.
+
+    ``sd_diff`` (the sd of a method's per-seed difference to the teacher) is estimated from the teacher:
+    ``sqrt(2) * sd_teacher``, the teacher's sample sd over its seeds (the probe's seed noise), which assumes
+    a method's seed noise is as large as the teacher's and independent of it. Where the teacher's seeds
+    are identical (a training-free task: no probe, sd 0) that says nothing about the methods' own training
+    noise, so ``sd_diff`` is the pooled sd of the other rows' observed paired differences instead
+    (``source: paired``). Returns ``[{"backbone", "n", "metrics": {metric: {"mde", "sd_diff", "source"}}}]``.
+    """
+    sub = ours[(ours.task == task) & (ours.protocol == protocol)]
+    metrics = _reported_metrics(sub) if not sub.empty else []
+    out = []
+    for (backbone, _), trow in sub[sub.method == TEACHER].groupby(["backbone", "row"], sort=True):
+        n = int(trow["seed"].nunique())
+        entry = {"backbone": backbone, "n": n, "metrics": {}}
+        for m in metrics:
+            per_seed = trow[trow.metric == m].groupby("seed")["value"].mean()
+            sd_t = float(per_seed.std(ddof=1)) if len(per_seed) > 1 else float("nan")
+            if n >= 2 and sd_t > 0:
+                sd_diff, source = 2**0.5 * sd_t, "teacher"
+            else:
+                sd_diff, rows = _pooled_paired_sd(sub, trow, m) if n >= 2 else (float("nan"), 0)
+                source = "paired" if rows else "none"
+            entry["metrics"][m] = {"mde": min_detectable_effect(sd_diff, n), "sd_diff": sd_diff, "source": source}
+        out.append(entry)
+    return out
+
+
+def format_mde(entries: List[dict]) -> str:
+    """One line per teacher row of :func:`task_mde` ('' for none): ``MDE (...): rmse 33.0, a11 12.1``;
+    values from the methods' paired differences marked †, not estimable ones '-'."""
+    lines = []
+    for e in entries:
+        parts, dagger = [], False
+        for m, d in e["metrics"].items():
+            v = d["mde"]
+            txt = "-" if pd.isna(v) else (f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}")
+            if d["source"] == "paired" and not pd.isna(v):
+                txt, dagger = txt + "†", True
+            parts.append(f"{m} {txt}")
+        note = (
+            " († the teacher's seeds are identical, no probe: from the pooled sd of the methods' paired differences)"
+            if dagger
+            else ""
+        )
+        teacher = any(d["source"] == "teacher" for d in e["metrics"].values())
+        lines.append(
+            f"Minimum detectable effect vs the teacher ({e['backbone']}, n = {e['n']} seeds; paired, "
+            f"α = {ALPHA} two-sided, power {POWER}"
+            + ("; sd_diff = √2 × the teacher's seed sd): " if teacher else "): ")
+            + ", ".join(parts)
+            + note
+            + "."
+        )
+    return "\n\n".join(lines)
+
+
 def _row_family(row: dict) -> tuple:
     """Sort key: method family (``x`` for ``x``, ``x_official`` and published ``x``), ours first."""
     name = str(row["method"]).replace(" *(published)*", "")
@@ -217,8 +315,7 @@ def task_rows(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) -
     None), ``_published``, ``_row`` (the row fingerprint), ``_ids`` (the record ids) and ``_metrics``.
     """
     sub = ours[(ours.task == task) & (ours.protocol == protocol)]
-    shown = sub[sub["reported"].astype(bool)].sort_values("rank", kind="stable")
-    metrics: List[str] = list(dict.fromkeys(shown["metric"])) or sorted(sub["metric"].unique())
+    metrics: List[str] = _reported_metrics(sub)
     if "code_version" not in ref:  # a frame from elsewhere without the column: its code is not stated
         ref = ref.assign(code_version=None)
     ref_t = ref[ref.task == task]
@@ -401,7 +498,12 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
         "configuration: `recipe` is its label and the short hash of its fingerprint (method, training data, "
         "backbone, task, protocol, evaluation data); different configurations never share a row. "
         "`Δ vs teacher`: the first metric's difference to the raw teacher (`dinov2`) evaluated the same way "
-        "(same backbone, task, protocol and evaluation data), paired by seed, with its 95% t-interval over seeds.",
+        "(same backbone, task, protocol and evaluation data), paired by seed, with its 95% t-interval over seeds. "
+        "Under each table, the minimum detectable effect per metric: the smallest true difference to the teacher "
+        "that a paired t-test over the grid's seeds finds with power 0.8 at α = 0.05 (two-sided), "
+        "`(t_0.975 + t_0.8) · sd_diff / √n` with n - 1 degrees of freedom and sd_diff = √2 × the teacher's "
+        "sample sd over its seeds (a method's seed noise assumed as large as the teacher's and independent of "
+        "it); a Δ smaller than it could not have been seen reliably.",
         "",
     ]
     if ours.empty:
@@ -415,6 +517,8 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
             task_table(ours, ref, task, protocol),
             "",
         ]
+        mde = format_mde(task_mde(ours, task, protocol))
+        out += [mde, ""] if mde else []
     shown = set(zip(ours["task"], ours["code_version"])) if not ours.empty else set()
     unmatched = ref[
         pd.Series([(t, c) not in shown for t, c in zip(ref["task"], ref["code_version"])], index=ref.index, dtype=bool)

@@ -24,8 +24,10 @@ import pandas as pd
 
 from .table import (
     TEACHER,
+    format_mde,
     records_frame,
     reference_frame,
+    task_mde,
     task_rows,
 )
 
@@ -58,6 +60,7 @@ class Section:
     rows: List[dict]
     reference_only: bool = False
     metrics: List[str] = field(default_factory=list)
+    mde: str = ""  # the minimum detectable effect line (:func:`bench.table.format_mde`)
 
     @property
     def delta_col(self) -> str:
@@ -81,7 +84,8 @@ def sections(results_dir: str | Path, ours: Optional[pd.DataFrame] = None, ref=N
         seen.add(task)
         g = ours[(ours.task == task) & (ours.protocol == protocol)]
         cols, rows = task_rows(ours, ref, task, protocol)
-        out.append(Section(task, protocol, str(g["dataset"].iloc[0]), cols, rows, False, _metrics(rows, cols)))
+        mde = format_mde(task_mde(ours, task, protocol))
+        out.append(Section(task, protocol, str(g["dataset"].iloc[0]), cols, rows, False, _metrics(rows, cols), mde))
     for task in sorted(set(ref["task"]) - seen):
         cols, rows = task_rows(ours, ref, task, "-")
         out.append(Section(task, "-", "", cols, rows, True, _metrics(rows, cols)))

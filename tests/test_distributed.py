@@ -101,8 +101,11 @@ def test_two_ranks_equal_one_process_and_resume_exactly(scenes, tmp_path):
     assert [h["step"] for h in hb] == [1, 2, 3, 4] and [h["loss"] for h in ha] == [h["loss"] for h in hb]
     h1 = json.loads((tmp_path / "one" / "history.json").read_text())
     assert [h["loss"] for h in h1] == pytest.approx([h["loss"] for h in ha], rel=1e-4)  # the global batch's loss
-    for key in ("kl", "coverage", "head_cos"):  # so are the logged diagnostics (issue 26.8), not rank 0's
+    for key in ("kl", "coverage", "head_cos", "student_usage_entropy", "teacher_usage_entropy"):
+        # so are the logged diagnostics (issue 26.8), not rank 0's; the prototype usage too (issue 30.3)
         assert [h[key] for h in h1] == pytest.approx([h[key] for h in ha], rel=1e-3), key
+    for key in ("agreement", "student_argmax_entropy", "teacher_argmax_entropy"):  # argmax: a near-tie may flip
+        assert [h[key] for h in h1] == pytest.approx([h[key] for h in ha], abs=0.05), key
     d1, d2 = (json.loads((tmp_path / d / "diagnostics.json").read_text()) for d in ("one", "two"))
     for key in ("kl_first", "kl_last", "head_cos_first", "head_cos_last", "loss_last"):
         assert d2[key] == pytest.approx(d1[key], rel=1e-3), key

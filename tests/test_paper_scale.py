@@ -225,6 +225,8 @@ def test_chunked_dino_loss_equals_the_batched_form():
         loss, extra = distill_loss("dino", student, target, valid, head, teacher, 0.5, 0.9, token_chunk=chunk)
         loss.backward()
         out[chunk] = (loss.detach(), extra["kl"], student.grad.clone(), [p.grad.clone() for p in head.parameters()])
+        out[chunk, "collapse"] = extra["collapse"]  # the collapse diagnostics' sums (issue 30) add over chunks
+    assert torch.allclose(out[0, "collapse"], out[7, "collapse"], rtol=1e-6, atol=1e-9)
     (l0, k0, g0, p0), (l7, k7, g7, p7) = out[0], out[7]
     assert abs(float(l0 - l7)) <= 1e-6 and abs(k0 - k7) <= 1e-6
     assert float((g0 - g7).abs().max()) <= 1e-6

@@ -17,7 +17,14 @@ from bench.errors import BenchError, CheckpointError
 from bench.seed import seed_everything
 from methods.splat_distill.adapt import Adapter
 from methods.splat_distill.features import mask_aware_upsample, segment_blend
-from methods.splat_distill.head import DINOHead, dino_cross_entropy, distill_loss
+from methods.splat_distill.head import (
+    COLLAPSE_KEYS,
+    DINOHead,
+    collapse_counts,
+    collapse_stats,
+    dino_cross_entropy,
+    distill_loss,
+)
 from methods.splat_distill.reconstruct import (
     CostVolumeReconstructor,
     DepthUnprojection,
@@ -135,8 +142,41 @@ def test_dino_head_and_cross_entropy():
     loss.backward()
     assert target.grad is None and x.grad[1].abs().sum() == 0 and x.grad[0, :, 0, 0].abs().sum() > 0
     assert extra["kl"] >= -1e-6
+    assert collapse_stats(extra["collapse"])["agreement"] in (0.0, 1.0)  # one valid cell
     for kind in ("cosine", "direct"):
         assert distill_loss(kind, target, target, valid)[0].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_collapse_diagnostics_uniform_vs_collapsed():
+    """Prototype usage entropy, argmax entropy and agreement on hand-made logits (K=4): a student whose 4
+    valid cells each pick their own prototype (uniform usage) vs a teacher whose cells all pick prototype 0
+    (collapsed); a 5th, invalid cell never counts."""
+    K, big = 4, 10.0
+    s = torch.zeros(1, K, 1, 5)
+    t = torch.zeros(1, K, 1, 5)
+    for i in range(4):
+        s[0, i, 0, i] = big  # cell i -> prototype i
+        t[0, 0, 0, i] = big  # every cell -> prototype 0
+    s[0, 0, 0, 4], t[0, 3, 0, 4] = big, big  # the invalid cell would change every number
+    valid = torch.tensor([[[True, True, True, True, False]]])
+    got = collapse_stats(collapse_counts(s, t, valid, 1.0, 2.0))
+    # teacher: batch-mean softmax (temperature 2) = one cell's softmax [a, b, b, b]
+    a, b = math.exp(big / 2) / (math.exp(big / 2) + 3), 1 / (math.exp(big / 2) + 3)
+    teacher_usage = -(a * math.log(a) + 3 * b * math.log(b))
+    assert got["student_usage_entropy"] == pytest.approx(math.log(4), abs=1e-6)  # mean of 4 rotated softmaxes
+    assert got["student_argmax_entropy"] == pytest.approx(math.log(4), abs=1e-12)
+    assert got["teacher_usage_entropy"] == pytest.approx(teacher_usage, rel=1e-5)  # float32 softmax sums
+    assert got["teacher_argmax_entropy"] == 0.0
+    assert got["agreement"] == pytest.approx(0.25)  # only cell 0: both pick prototype 0
+    assert set(got) == set(COLLAPSE_KEYS)
+    # the sums add over ranks: two halves summed == the whole batch
+    halves = [torch.zeros_like(valid), torch.zeros_like(valid)]
+    halves[0][..., :2], halves[1][..., 2:4] = True, True
+    summed = sum(collapse_counts(s, t, h, 1.0, 2.0) for h in halves)
+    assert collapse_stats(summed) == pytest.approx(got, rel=1e-6)
+    # uniform outputs: usage entropy log K for both, even though every argmax is a tie (-> prototype 0)
+    flat = collapse_stats(collapse_counts(torch.zeros(1, K, 2, 2), torch.zeros(1, K, 2, 2), torch.ones(1, 2, 2)))
+    assert flat["student_usage_entropy"] == pytest.approx(math.log(K)) and flat["agreement"] == 1.0
 
 
 # ------------------------------------------------------------------------------ LoRA merging
@@ -436,7 +476,12 @@ def test_tiny_run_loss_falls_and_saves_plain_timm(scenes, tmp_path):
     for when in ("before", "after"):  # ground-truth correspondences are more alike than random pixels
         assert diag[when]["corr_cos"] > diag[when]["random_cos"]
     assert {"kl_first", "kl_last", "head_cos_first", "head_cos_last"} <= diag.keys()
+    assert {f"{k}_{w}" for k in COLLAPSE_KEYS for w in ("first", "last")} <= diag.keys()
     hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    K = int(cfg.method.head.prototypes)
+    for h in hist:  # the collapse diagnostics of every step, in range
+        assert all(0.0 <= h[k] <= math.log(K) + 1e-9 for k in COLLAPSE_KEYS if k != "agreement")
+        assert 0.0 <= h["agreement"] <= 1.0
     assert len(hist) == 20 and all(h["coverage"] > 0.5 for h in hist)
     first, last = hist[:6], hist[-6:]
     mean = lambda hs, k: sum(h[k] for h in hs) / len(hs)  # noqa: E731

@@ -39,8 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import BenchError, choice
-from bench.distributed import global_mean_weight, pooled_rows, weighted_means
-from bench.distributed import autocast
+from bench.distributed import all_reduce_sum, autocast, global_mean_weight, pooled_rows, weighted_means
 from bench.train import EMA
 
 from .adapt import Adapter, plain_state
@@ -55,7 +54,7 @@ from .features import (
     to_patch_grid_nearest,
     upsample,
 )
-from .head import LOSSES, DINOHead, distill_loss
+from .head import LOSSES, DINOHead, collapse_stats, distill_loss
 from .reconstruct import FEATURE_COVARIANCES, build_reconstructor
 
 HEAD_COS_POINTS = 512  # covered cells of a step's global batch the collapse cosine is measured on
@@ -401,9 +400,12 @@ class Distiller:
                 self.teacher_head,
                 *self.temps,
                 token_chunk=self.token_chunk,
+                diag_valid=covered,
             )
         # the logged diagnostics are the global batch's (the numbers one process with the whole batch logs):
-        # means over cells pooled over the ranks, the collapse cosine on the pooled batch's sampled cells
+        # means over cells pooled over the ranks, the collapse cosine on the pooled batch's sampled cells,
+        # prototype usage and teacher/student agreement from the prototype sums of every rank's cells
+        counts = extra.pop("collapse", None)
         n_valid = float(valid.sum())
         extra = weighted_means(
             {
@@ -411,6 +413,8 @@ class Distiller:
                 "coverage": (float(covered.float().mean()), float(covered.numel())),
             }
         )
+        if counts is not None:
+            extra.update(collapse_stats(all_reduce_sum(counts).cpu()))
         if self.loss_kind == "dino":
             extra["head_cos"] = self.head.embedding_cosine(pooled_rows(embedded, HEAD_COS_POINTS), HEAD_COS_POINTS)
         return loss, extra, valid.sum()

@@ -100,6 +100,71 @@ def dino_cross_entropy(
     return -(p_t * F.log_softmax(student_logits / student_temp, dim=1)).sum(dim=1)
 
 
+COLLAPSE_KEYS = (
+    "student_usage_entropy",
+    "teacher_usage_entropy",
+    "student_argmax_entropy",
+    "teacher_argmax_entropy",
+    "agreement",
+)
+
+
+@torch.no_grad()
+def collapse_counts(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    valid: torch.Tensor,
+    student_temp: float = 1.0,
+    teacher_temp: float = 1.0,
+) -> torch.Tensor:
+    """Sums over the ``valid [B,h,w]`` cells of the logits ``[B,K,h,w]`` that the collapse diagnostics
+    need, as one float64 vector (sums add over ranks, so one all-reduce gives the global batch's):
+    ``[sum p_student (K), sum p_teacher (K), argmax histogram of student (K), of teacher (K),
+    cells where both argmaxes agree, cells]`` with ``p = softmax(logits / temp)`` over the K prototypes."""
+    K = student_logits.shape[1]
+    keep = valid.bool()
+    w = keep.to(student_logits.dtype)
+    # the softmax sums contract with the mask (no copy of the logits per cell: K can be 65536)
+    ps = torch.einsum("bkhw,bhw->k", F.softmax(student_logits.detach() / student_temp, dim=1), w)
+    pt = torch.einsum("bkhw,bhw->k", F.softmax(teacher_logits.detach() / teacher_temp, dim=1), w)
+    a_s, a_t = student_logits.argmax(1)[keep], teacher_logits.argmax(1)[keep]
+    hs, ht = torch.bincount(a_s, minlength=K), torch.bincount(a_t, minlength=K)
+    tail = torch.tensor([float((a_s == a_t).sum()), float(keep.sum())], device=ps.device)
+    return torch.cat([ps.double(), pt.double(), hs.double(), ht.double(), tail.double()])
+
+
+def entropy(weights: torch.Tensor) -> float:
+    """Entropy (nats) of the distribution proportional to the non-negative ``weights`` (0 log 0 = 0);
+    nan when they sum to 0. Uniform over K: ``log K``; everything on one prototype: 0."""
+    total = float(weights.sum())
+    if total <= 0:
+        return float("nan")
+    p = weights.double() / total
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
+
+
+def collapse_stats(counts: torch.Tensor) -> dict:
+    """The collapse diagnostics from :func:`collapse_counts`'s sums (one rank's or summed over ranks):
+
+    * ``*_usage_entropy``: entropy of the batch-mean softmax over prototypes (nats; ``log K`` = every
+      prototype used equally on average -- also what K uniform per-cell outputs give);
+    * ``*_argmax_entropy``: entropy of the histogram of each cell's most likely prototype (0 = every
+      cell picks the same prototype: collapse; ``log K`` at most);
+    * ``agreement``: fraction of cells where the student's and the teacher's argmax prototypes agree.
+    """
+    K = (counts.numel() - 2) // 4
+    ps, pt, hs, ht = (counts[i * K : (i + 1) * K] for i in range(4))
+    agree, n = float(counts[-2]), float(counts[-1])
+    return {
+        "student_usage_entropy": entropy(ps),
+        "teacher_usage_entropy": entropy(pt),
+        "student_argmax_entropy": entropy(hs),
+        "teacher_argmax_entropy": entropy(ht),
+        "agreement": agree / n if n > 0 else float("nan"),
+    }
+
+
 def distill_loss(
     kind: str,
     student_feats: torch.Tensor,
@@ -110,19 +175,32 @@ def distill_loss(
     student_temp: float = 1.0,
     teacher_temp: float = 1.0,
     token_chunk: int = 0,
+    diag_valid: torch.Tensor | None = None,
 ):
     """Loss between student features and splatted teacher targets, both ``[B,C,h,w]``, on ``valid``.
 
     ``dino``: cross-entropy through the DINO heads (the method). Ablations: ``cosine`` (1 - cos on
     the backbone features) and ``direct`` (mean squared error on the backbone features).
-    Returns ``(loss, extra)`` where ``extra`` holds floats to log (the KL part of the cross-entropy).
+    Returns ``(loss, extra)`` where ``extra`` holds floats to log (the KL part of the cross-entropy) and,
+    for ``dino``, ``collapse``: the :func:`collapse_counts` sums of the batch (a tensor; the caller reduces
+    them over ranks and turns them into floats with :func:`collapse_stats`), over the cells ``diag_valid``
+    (default ``valid``; the trainer passes the covered cells, so zero-filled uncovered cells, which all map
+    to the head's output for a zero vector, do not count as collapse).
     ``token_chunk > 0``: the DINO cross-entropy over more tokens than that is computed in chunks of
-    tokens (:func:`chunked_dino_loss`; the same value and gradient up to float rounding).
+    tokens (:func:`chunked_dino_loss`; the same value, gradient and collapse sums up to float rounding).
     """
     target_feats = target_feats.detach()
     if kind == "dino" and token_chunk and student_feats[:, 0].numel() > token_chunk:
         return chunked_dino_loss(
-            student_feats, target_feats, valid, student_head, teacher_head, student_temp, teacher_temp, token_chunk
+            student_feats,
+            target_feats,
+            valid,
+            student_head,
+            teacher_head,
+            student_temp,
+            teacher_temp,
+            token_chunk,
+            valid if diag_valid is None else diag_valid,
         )
     if kind == "dino":
         s_logits = student_head(student_feats)
@@ -133,7 +211,9 @@ def distill_loss(
             p_t = F.log_softmax(t_logits / teacher_temp, dim=1)
             entropy = -(p_t.exp() * p_t).sum(dim=1)
             kl = masked_mean(ce.detach() - entropy, valid)
-        return masked_mean(ce, valid), {"kl": float(kl)}
+            cells = valid if diag_valid is None else diag_valid
+            counts = collapse_counts(s_logits, t_logits, cells, student_temp, teacher_temp)
+        return masked_mean(ce, valid), {"kl": float(kl), "collapse": counts}
     if kind == "cosine":
         return masked_mean(1.0 - F.cosine_similarity(student_feats, target_feats, dim=1), valid), {}
     if kind == "direct":
@@ -150,6 +230,7 @@ def chunked_dino_loss(
     student_temp: float,
     teacher_temp: float,
     chunk: int,
+    diag_valid: torch.Tensor | None = None,
 ):
     """The ``dino`` branch of :func:`distill_loss` over ``chunk`` tokens at a time.
 
@@ -164,20 +245,23 @@ def chunked_dino_loss(
     s = student_feats.permute(0, 2, 3, 1).reshape(-1, C)
     t = target_feats.permute(0, 2, 3, 1).reshape(-1, C)
     w = valid.reshape(-1).to(s.dtype)
+    cells = (valid if diag_valid is None else diag_valid).reshape(-1)
 
-    def token_ce(s_part: torch.Tensor, t_part: torch.Tensor):
+    def token_ce(s_part: torch.Tensor, t_part: torch.Tensor, c_part: torch.Tensor):
         s_logits = student_head(s_part.t()[None, :, :, None])  # [1,K,n,1]: the head's pixel layout
         with torch.no_grad():
             t_logits = teacher_head(t_part.t()[None, :, :, None])
             p_t = F.log_softmax(t_logits / teacher_temp, dim=1)
             entropy = -(p_t.exp() * p_t).sum(dim=1).reshape(-1)
-        return dino_cross_entropy(s_logits, t_logits, student_temp, teacher_temp).reshape(-1), entropy
+            counts = collapse_counts(s_logits, t_logits, c_part[None, :, None], student_temp, teacher_temp)
+        return dino_cross_entropy(s_logits, t_logits, student_temp, teacher_temp).reshape(-1), entropy, counts
 
-    total, kl = s.new_zeros(()), s.new_zeros(())
+    total, kl, counts = s.new_zeros(()), s.new_zeros(()), None
     for i in range(0, s.shape[0], chunk):
         sl = slice(i, i + chunk)
-        ce, entropy = checkpoint(token_ce, s[sl], t[sl], use_reentrant=False)
+        ce, entropy, c = checkpoint(token_ce, s[sl], t[sl], cells[sl], use_reentrant=False)
         total = total + (ce * w[sl]).sum()
         kl = kl + ((ce.detach() - entropy) * w[sl]).sum()
+        counts = c if counts is None else counts + c  # the collapse sums add over chunks (as over ranks)
     n = w.sum().clamp_min(1.0)
-    return total / n, {"kl": float(kl / n)}
+    return total / n, {"kl": float(kl / n), "collapse": counts}
