@@ -72,8 +72,8 @@ def make_results(root: Path) -> Path:
     _rec(res, "splat_distill", "synth_seg", 0, {"mIoU": 42.0}, t.format(6))
     write_text(
         res / "reference" / "papers.csv",
-        "source,method,backbone,task,metric,value,note\n"
-        "SnD paper,splat_distill,dinov2_vits14,nyu_depth,rmse,0.4912,x\n"
-        "FiT3D paper,fit3d,dinov2_vits14,nyu_depth,rmse,0.42,x\n",
+        "source,method,backbone,task,metric,value,note,code_version\n"
+        "SnD paper,splat_distill,dinov2_vits14,nyu_depth,rmse,0.4912,x,fit3d_evaluation+snd_1gpu\n"
+        "FiT3D paper,fit3d,dinov2_vits14,nyu_depth,rmse,0.42,x,fit3d_evaluation\n",
     )
     return res

@@ -125,7 +125,11 @@ def test_csv_one_row_per_configuration_with_seed_columns(tmp_path):
     assert float(splat["delta_ci95_low"]) == pytest.approx(-1 - HW) and splat["published"] == "False"
     assert splat["record_ids"].count("splat_distill_synth_depth") == 2
     assert rows[1]["rmse_s1"] == "" and rows[1]["delta_ci95_low"] == ""  # mef: one seed, no interval
-    assert rows[5]["published"] == "True" and float(rows[5]["rmse_mean"]) == 0.42 and rows[5]["source"] == "FiT3D paper"
+    assert (
+        rows[5]["published"] == "True"
+        and float(rows[5]["rmse_mean"]) == 0.42
+        and rows[5]["source"] == "FiT3D paper [code: fit3d_evaluation]"
+    )
 
 
 class _Cells(HTMLParser):
