@@ -33,7 +33,7 @@ EXTERNAL_COMMANDS = {
     "figures": ("bench.figures", "draw the mini-benchmark figures (PCA, depth/normals, matches) from the records"),
     "pretrain-reconstructor": (
         "methods.splat_distill.pretrain",
-        "pretrain Splat-and-Distill's learned feed-forward reconstructor",
+        "train Splat-and-Distill's reconstructor: model=learned (pretrain) or model=mvsplat (fine-tune re10k.ckpt)",
     ),
 }
 
