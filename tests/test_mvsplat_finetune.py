@@ -142,7 +142,7 @@ def test_finetune_rgb_loss_falls_and_loads_into_snd(files, tmp_path):
 
     ckpt, vgg, root = files
     out = tmp_path / "ft.safetensors"
-    assert main(_args(files, out, 6, lr=1e-3)) == 0
+    assert main(_args(files, out, 8)) == 0  # the official lr 2e-4
     meta = json.loads(__import__("safetensors").safe_open(str(out), "pt").metadata()["bench"])
     assert meta["train"]["lpips_vgg"].startswith("sha256:") and meta["train"]["start_checkpoint"].startswith("sha256:")
 
@@ -157,7 +157,8 @@ def test_finetune_rgb_loss_falls_and_loads_into_snd(files, tmp_path):
     with torch.no_grad():
         mse0 = example_loss(before, lp, ex, 0.5, 20.0, 0.05)[1]["mse"]
         mse1 = example_loss(after, lp, ex, 0.5, 20.0, 0.05)[1]["mse"]
-    assert mse1 < 0.8 * mse0, (mse0, mse1)
+    print(f"fixed examples MSE {mse0:.5f} -> {mse1:.5f}")
+    assert mse1 < 0.7 * mse0, (mse0, mse1)
 
     rec = build_reconstructor({"name": "mvsplat", "checkpoint": str(out), "near": 0.5, "far": 20.0})
     assert isinstance(rec, MVSplatAdapter) and not rec.training

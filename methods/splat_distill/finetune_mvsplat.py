@@ -50,6 +50,12 @@ DEFAULTS = dict(
 )
 
 
+#: flags that do not decide the fine-tuned weights (the two files enter by digest instead of path), or that only
+#: ``model=learned`` reads
+NOT_IDENTITY = ("no_progress", "device", "eval_only", "func", "checkpoint", "lpips_vgg", "out", "root", "stop_after")
+NOT_IDENTITY += ("depth_weight", "feat_dim", "num_depths", "hidden")
+
+
 def default_vgg() -> Path:
     """Where torchvision keeps the VGG16 weights it downloads (``torch.hub.get_dir()/checkpoints``)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
@@ -267,9 +273,7 @@ def main(args: argparse.Namespace) -> int:
         opt, args.lr, args.steps + 10, pct_start=0.01, cycle_momentum=False, anneal_strategy="cos"
     )
     settings = {
-        k: (list(v) if isinstance(v, (list, tuple)) else v)
-        for k, v in vars(args).items()
-        if k not in ("no_progress", "device", "eval_only", "func", "checkpoint", "lpips_vgg", "out", "root")
+        k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(args).items() if k not in NOT_IDENTITY
     }
     loop = TrainLoop(
         out.with_name(out.name + ".train"),
