@@ -19,7 +19,8 @@ trains it with MVSplat's rules (sources in ``docs/methods/mvsplat.md``):
 LPIPS's VGG16 trunk comes from a user-supplied torchvision VGG16 state dict (``--lpips-vgg``, default the torch
 hub cache file torchvision would download); nothing is downloaded. Its digest, and the start checkpoint's, are
 part of the run's identity (resume fingerprint and the output's metadata). The output is a safetensors file of
-``encoder.*`` tensors that ``method.reconstructor.name=mvsplat method.reconstructor.checkpoint=<out>`` loads.
+``encoder.*`` tensors that ``method.reconstructor.name=mvsplat method.reconstructor.checkpoint=<out>`` loads; the
+default ``<cache_dir>/reconstructors/mvsplat_scannetpp.ckpt`` is where ``experiment=snd_paper`` looks.
 Training resumes from ``<out>.train/`` and is data-parallel over ``torch.distributed`` ranks (each rank renders
 its share of the global batch; example ``i`` of the run depends only on the seed and ``i``).
 """
@@ -229,14 +230,19 @@ def example_loss(
 
 
 def save_encoder(encoder: torch.nn.Module, out: Path, meta: Mapping[str, Any]) -> None:
-    """Atomically write the encoder as ``encoder.*`` safetensors (what ``MVSplatEncoder.from_checkpoint``
-    reads), with ``meta`` as JSON under the ``bench`` metadata key."""
+    """Atomically write the encoder's ``encoder.*`` tensors (what ``MVSplatEncoder.from_checkpoint`` reads):
+    a ``.safetensors`` file with ``meta`` as JSON under the ``bench`` metadata key, any other suffix a torch
+    file ``{"state_dict": ..., "bench": <meta JSON>}`` like MVSplat's Lightning checkpoints."""
     from safetensors.torch import save_file
 
     from bench.io import write_with
 
     sd = {f"encoder.{k}": v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    write_with(out, lambda p: save_file(sd, str(p), metadata={"bench": json.dumps(dict(meta), sort_keys=True)}))
+    text = json.dumps(dict(meta), sort_keys=True)
+    if out.suffix == ".safetensors":
+        write_with(out, lambda p: save_file(sd, str(p), metadata={"bench": text}))
+    else:
+        write_with(out, lambda p: torch.save({"state_dict": sd, "bench": text}, p))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -320,4 +326,4 @@ def main(args: argparse.Namespace) -> int:
 def _default_out() -> Path:
     from bench.config import compose
 
-    return Path(compose([]).paths.cache_dir) / "reconstructors" / "mvsplat_finetuned.safetensors"
+    return Path(compose([]).paths.cache_dir) / "reconstructors" / "mvsplat_scannetpp.ckpt"  # experiment=snd_paper

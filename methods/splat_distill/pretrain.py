@@ -102,8 +102,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         default=None,
-        help="checkpoint path (default: <cache_dir>/reconstructors/cost_volume.safetensors; "
-        "pass it as method.reconstructor.checkpoint with method.reconstructor.name=learned)",
+        help="checkpoint path (default: <cache_dir>/reconstructors/cost_volume.safetensors for model=learned, "
+        "<cache_dir>/reconstructors/mvsplat_scannetpp.ckpt for model=mvsplat; pass it as "
+        "method.reconstructor.checkpoint with method.reconstructor.name=learned / mvsplat)",
     )
     p.add_argument("--eval-only", action="store_true", help="evaluate an existing --out checkpoint")
     finetune_mvsplat.add_arguments(p)
