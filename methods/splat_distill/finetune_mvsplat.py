@@ -47,7 +47,16 @@ _SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
 
 #: defaults of ``model=mvsplat`` (official SnD config/experiment/scannetpp.yaml, MVSplat config/main.yaml)
 DEFAULTS = dict(
-    steps=300_001, batch=14, lr=2e-4, gap=[8], near=1.0, far=100.0, size=(576, 880), grad_clip=0.5, lpips_weight=0.05
+    held_out=0,
+    steps=300_001,
+    batch=14,
+    lr=2e-4,
+    gap=[8],
+    near=1.0,
+    far=100.0,
+    size=(576, 880),
+    grad_clip=0.5,
+    lpips_weight=0.05,
 )
 
 
@@ -254,7 +263,6 @@ def main(args: argparse.Namespace) -> int:
     from bench.train import TrainLoop
 
     from .mvsplat import MVSplatEncoder
-    from .pretrain import _open
     from .views import ViewSampler
 
     ckpt, vgg = preflight(args)
@@ -267,12 +275,14 @@ def main(args: argparse.Namespace) -> int:
     identity = {"start_checkpoint": "sha256:" + file_digest(ckpt), "lpips_vgg": "sha256:" + file_digest(vgg)}
     lpips_model = build_lpips(vgg).to(device)
     encoder = MVSplatEncoder.from_checkpoint(ckpt).to(device).train()
-    data, train_ids, _ = _open(args)
+    data, train_ids, numbers = _open_data(args)
     sampler = ViewSampler(
         [data.num_views(s) for s in train_ids],
         args.gap if len(args.gap) > 1 else args.gap[0],
         "uniform",
         seed=args.seed,
+        order="uniform" if numbers is None else "epoch",
+        numbers=numbers,
     )
     opt = torch.optim.Adam(encoder.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -321,6 +331,29 @@ def main(args: argparse.Namespace) -> int:
             f"method.reconstructor.checkpoint={out})"
         )
     return 0
+
+
+def _open_data(args: argparse.Namespace):
+    """-> (scenes, training scene ids, per-scene frame numbers or None). ScanNet++ is read as the official
+    loader reads it (SnD ``dataset_scannetpp.py``, which the paper's fine-tuning used): ``is_bad`` frames kept,
+    an example whose context frame numbers skip is drawn again, one pass over the scenes per epoch."""
+    from .views import frame_numbers
+
+    if args.dataset != "scannetpp":
+        from .pretrain import _open
+
+        data, train, _ = _open(args)
+        return data, train, None
+    from bench.data.multiview import open_scenes
+
+    if not args.root:
+        raise BenchError("--dataset scannetpp needs --root", "pass --root <ScanNet++ root>")
+    data = open_scenes({"dataset": "scannetpp", "root": args.root, "scenes": args.scenes, "size": args.size}, "", True)
+    ids = list(data.scene_ids)
+    train = ids[: len(ids) - args.held_out] if args.held_out else ids
+    if not train:
+        raise BenchError("no training scenes left after holding out", "use more --scenes or a smaller --held-out")
+    return data, train, [frame_numbers(data.frame_names(s)) for s in train]
 
 
 def _default_out() -> Path:

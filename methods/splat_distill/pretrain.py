@@ -41,7 +41,9 @@ log = logging.getLogger("bench")
 MODELS = ("learned", "mvsplat")
 #: ``model=learned`` defaults of the flags whose default depends on the model (``model=mvsplat``:
 #: :data:`.finetune_mvsplat.DEFAULTS`)
-LEARNED_DEFAULTS = dict(steps=1500, batch=2, lr=1e-3, gap=[2, 6], near=0.5, far=20.0, size=(64, 80))
+LEARNED_DEFAULTS = dict(
+    scenes=36, held_out=4, steps=1500, batch=2, lr=1e-3, gap=[2, 6], near=0.5, far=20.0, size=(64, 80)
+)
 #: flags only ``model=mvsplat`` reads (kept out of the learned trainer's resume fingerprint)
 MVSPLAT_ONLY = ("model", "checkpoint", "lpips_vgg", "lpips_weight", "grad_clip")
 
@@ -72,8 +74,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="data root (synthetic: generated there; default "
         "<data_dir>/synthetic_recon_s<seed>_<scenes>x<views>_<H>x<W>)",
     )
-    d.add_argument("--scenes", type=int, default=36, help="scenes in total (synthetic: generated)")
-    d.add_argument("--held-out", type=int, default=4, help="the last N scenes are held out for evaluation")
+    d.add_argument(
+        "--scenes",
+        type=int,
+        default=None,
+        help="scenes in total (synthetic: generated; learned: 36; mvsplat: all / 36 synthetic)",
+    )
+    d.add_argument(
+        "--held-out",
+        type=int,
+        default=None,
+        help="the last N scenes are held out (learned: 4, for evaluation; mvsplat: 0)",
+    )
     d.add_argument("--views", type=int, default=24, help="synthetic: views per scene")
     d.add_argument(
         "--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="learned: 64 80; mvsplat: 576 880"
@@ -116,6 +128,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
     model = getattr(args, "model", "learned")
     table = DEFAULTS if model == "mvsplat" else LEARNED_DEFAULTS
+    if model == "mvsplat" and getattr(args, "scenes", None) is None and getattr(args, "dataset", "") == "synthetic":
+        args.scenes = LEARNED_DEFAULTS["scenes"]  # a synthetic set needs a count
     for k, v in table.items():
         if getattr(args, k, None) is None:
             setattr(args, k, list(v) if isinstance(v, list) else v)
