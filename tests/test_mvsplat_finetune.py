@@ -204,3 +204,27 @@ def test_finetune_reads_scannetpp_official_layout(files, tmp_path):
     assert numbers[0] == sorted(numbers[0])
     assert main(args) == 0
     assert len(MVSplatEncoder.read_encoder_state(tmp_path / "ft.ckpt")) == 471
+
+
+@pytest.mark.cuda
+def test_finetune_on_cuda_renders_with_gsplat_like_the_cpu_engine(files, tmp_path):
+    """On CUDA the target render goes through gsplat (CUDA tensors only) and matches the CPU engine on the
+    encoder's Gaussians; two fine-tuning steps run on the GPU and write a loadable checkpoint."""
+    from bench.data.scenes import MultiViewScenes
+    from methods.splat_distill.finetune_mvsplat import _context, render_targets
+    from methods.splat_distill.mvsplat import MVSplatEncoder
+    from methods.splat_distill.pretrain import main
+
+    ckpt, _, root = files
+    data = MultiViewScenes(root, None, SIZE)
+    ex = {k: v for k, v in data.load_views(data.scene_ids[0], [0, 2, 1]).items() if k != "depth"}
+    enc = MVSplatEncoder.from_checkpoint(ckpt)
+    with torch.no_grad():
+        g = enc(_context([{k: v[:2] for k, v in ex.items()}], 0.5, 20.0))
+        cpu = render_targets(g, ex["w2c"][2:], ex["K"][2:], *SIZE, near=0.5)
+        gpu = render_targets({k: v.cuda() for k, v in g.items()}, ex["w2c"][2:].cuda(), ex["K"][2:].cuda(), *SIZE, 0.5)
+    assert (gpu.cpu() - cpu).abs().max() < 1e-3
+    a = _args(files, tmp_path / "gpu.safetensors", 2)
+    a.device = "cuda"
+    assert main(a) == 0
+    assert len(MVSplatEncoder.read_encoder_state(tmp_path / "gpu.safetensors")) == 471

@@ -257,6 +257,19 @@ def save_encoder(encoder: torch.nn.Module, out: Path, meta: Mapping[str, Any]) -
 def main(args: argparse.Namespace) -> int:
     from bench import distributed as dist
     from bench.distributed import resolve_device
+
+    ckpt, vgg = preflight(args)
+    out = Path(args.out) if args.out else _default_out()
+    device = resolve_device({"device": args.device})
+    dist.init(device)  # torchrun / SLURM ranks join here; a single process is untouched
+    try:
+        return _train(args, ckpt, vgg, out, device)
+    finally:
+        dist.shutdown()
+
+
+def _train(args: argparse.Namespace, ckpt: Path, vgg: Path, out: Path, device: str) -> int:
+    from bench import distributed as dist
     from bench.identity import file_digest
     from bench.seed import seed_everything
     from bench.splat import tune_allocator
@@ -265,9 +278,6 @@ def main(args: argparse.Namespace) -> int:
     from .mvsplat import MVSplatEncoder
     from .views import ViewSampler
 
-    ckpt, vgg = preflight(args)
-    out = Path(args.out) if args.out else _default_out()
-    device = resolve_device({"device": args.device})
     if device == "cpu":
         tune_allocator()
     per_rank = dist.per_rank_batch(args.batch, "--batch")
@@ -275,7 +285,9 @@ def main(args: argparse.Namespace) -> int:
     identity = {"start_checkpoint": "sha256:" + file_digest(ckpt), "lpips_vgg": "sha256:" + file_digest(vgg)}
     lpips_model = build_lpips(vgg).to(device)
     encoder = MVSplatEncoder.from_checkpoint(ckpt).to(device).train()
-    data, train_ids, numbers = _open_data(args)
+    dist.seed_offset(args.seed)  # each rank its own RNG stream after the identical set-up
+    with dist.main_first():  # rank 0 generates a synthetic set first
+        data, train_ids, numbers = _open_data(args)
     sampler = ViewSampler(
         [data.num_views(s) for s in train_ids],
         args.gap if len(args.gap) > 1 else args.gap[0],
