@@ -894,6 +894,9 @@ def _mvsplat_finetune_case(cid: str, tmp: Path):
     ckpt = tmp / "re10k.ckpt"
     ckpt.write_bytes(b"only its existence is checked before the VGG file")
     argv = ["pretrain-reconstructor", "model=mvsplat", "--size", "32", "32", "--out", str(tmp / "ft.safetensors")]
+    if cid == "mvsplat-finetune-scannetpp-missing":
+        return _cli(*argv, "--checkpoint", str(ckpt), "--lpips-vgg", str(ckpt), "--root", "/nowhere/scannetpp")
+    argv += ["--dataset", "synthetic"]
     if cid == "mvsplat-finetune-no-checkpoint":
         return _cli(*argv, "--lpips-vgg", str(ckpt))
     if cid == "mvsplat-finetune-checkpoint-missing":

@@ -50,7 +50,19 @@ def _args(files, out, steps, **extra):
     ckpt, vgg, root = files
     p = argparse.ArgumentParser()
     add_arguments(p)
-    argv = ["model=mvsplat", "--root", str(root), "--scenes", "1", "--held-out", "0", "--views", "5"]
+    argv = [
+        "model=mvsplat",
+        "--dataset",
+        "synthetic",
+        "--root",
+        str(root),
+        "--scenes",
+        "1",
+        "--held-out",
+        "0",
+        "--views",
+        "5",
+    ]
     argv += ["--size", str(SIZE[0]), str(SIZE[1]), "--seed", "0", "--steps", str(steps), "--batch", "1"]
     argv += ["--gap", "2", "--near", "0.5", "--far", "20", "--checkpoint", str(ckpt), "--lpips-vgg", str(vgg)]
     argv += ["--device", "cpu", "--no-progress", "--out", str(out)]
@@ -82,9 +94,17 @@ def test_defaults_are_the_official_ones():
         100.0,
         (576, 880),
     )
-    assert (a.grad_clip, a.lpips_weight) == (0.5, 0.05)
+    assert (a.grad_clip, a.lpips_weight, a.dataset, a.held_out, a.scenes) == (0.5, 0.05, "scannetpp", 0, None)
     b = resolve_defaults(p.parse_args([]))
-    assert (b.model, b.steps, b.batch, b.lr, b.gap) == ("learned", 1500, 2, 1e-3, [2, 6])
+    assert (b.model, b.steps, b.batch, b.lr, b.gap, b.dataset, b.scenes) == (
+        "learned",
+        1500,
+        2,
+        1e-3,
+        [2, 6],
+        "synthetic",
+        36,
+    )
     with pytest.raises(SystemExit):
         p.parse_args(["model=nope"])
 

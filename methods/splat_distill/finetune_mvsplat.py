@@ -47,6 +47,7 @@ _SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
 
 #: defaults of ``model=mvsplat`` (official SnD config/experiment/scannetpp.yaml, MVSplat config/main.yaml)
 DEFAULTS = dict(
+    dataset="scannetpp",
     held_out=0,
     steps=300_001,
     batch=14,
@@ -166,6 +167,17 @@ def preflight(args: argparse.Namespace) -> Tuple[Path, Path]:
                 f"use e.g. --size {max(m, round(H / m) * m)} {max(m, round(W / m) * m)}",
             )
         )
+    if args.dataset == "scannetpp":
+        root = Path(args.root) if args.root else _default_scannetpp()
+        if not root.is_dir():
+            problems.append(
+                BenchError(
+                    f"ScanNet++ root {root} {what_is_at(root, 'directory')}",
+                    "pass --root <ScanNet++ DSLR root in the official Splat-and-Distill layout> "
+                    "(or --dataset synthetic for a toy run)",
+                )
+            )
+        args.root = str(root)
     if not 0 < args.near < args.far:
         problems.append(BenchError(f"--near {args.near} --far {args.far} is not a depth range", "use 0 < near < far"))
     if problems:
@@ -358,14 +370,18 @@ def _open_data(args: argparse.Namespace):
         return data, train, None
     from bench.data.multiview import open_scenes
 
-    if not args.root:
-        raise BenchError("--dataset scannetpp needs --root", "pass --root <ScanNet++ root>")
     data = open_scenes({"dataset": "scannetpp", "root": args.root, "scenes": args.scenes, "size": args.size}, "", True)
     ids = list(data.scene_ids)
     train = ids[: len(ids) - args.held_out] if args.held_out else ids
     if not train:
         raise BenchError("no training scenes left after holding out", "use more --scenes or a smaller --held-out")
     return data, train, [frame_numbers(data.frame_names(s)) for s in train]
+
+
+def _default_scannetpp() -> Path:
+    from bench.config import compose
+
+    return Path(compose([]).paths.data_dir) / "scannetpp"  # where experiment=snd_paper reads it
 
 
 def _default_out() -> Path:

@@ -42,7 +42,16 @@ MODELS = ("learned", "mvsplat")
 #: ``model=learned`` defaults of the flags whose default depends on the model (``model=mvsplat``:
 #: :data:`.finetune_mvsplat.DEFAULTS`)
 LEARNED_DEFAULTS = dict(
-    scenes=36, held_out=4, steps=1500, batch=2, lr=1e-3, gap=[2, 6], near=0.5, far=20.0, size=(64, 80)
+    dataset="synthetic",
+    scenes=36,
+    held_out=4,
+    steps=1500,
+    batch=2,
+    lr=1e-3,
+    gap=[2, 6],
+    near=0.5,
+    far=20.0,
+    size=(64, 80),
 )
 #: flags only ``model=mvsplat`` reads (kept out of the learned trainer's resume fingerprint)
 MVSPLAT_ONLY = ("model", "checkpoint", "lpips_vgg", "lpips_weight", "grad_clip")
@@ -67,7 +76,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "encoder from re10k.ckpt with MVSplat's training rules)",
     )
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", choices=("synthetic", "scannetpp"), default="synthetic")
+    d.add_argument(
+        "--dataset",
+        choices=("synthetic", "scannetpp"),
+        default=None,
+        help="learned: synthetic; mvsplat: scannetpp (root default <data_dir>/scannetpp, the official layout)",
+    )
     d.add_argument(
         "--root",
         default=None,
@@ -128,11 +142,11 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
     model = getattr(args, "model", "learned")
     table = DEFAULTS if model == "mvsplat" else LEARNED_DEFAULTS
-    if model == "mvsplat" and getattr(args, "scenes", None) is None and getattr(args, "dataset", "") == "synthetic":
-        args.scenes = LEARNED_DEFAULTS["scenes"]  # a synthetic set needs a count
     for k, v in table.items():
         if getattr(args, k, None) is None:
             setattr(args, k, list(v) if isinstance(v, list) else v)
+    if model == "mvsplat" and getattr(args, "scenes", None) is None and args.dataset == "synthetic":
+        args.scenes = LEARNED_DEFAULTS["scenes"]  # a synthetic set needs a count
     if model == "mvsplat" and args.eval_only:
         raise BenchError("--eval-only is a model=learned option", "drop --eval-only for model=mvsplat")
     return args
