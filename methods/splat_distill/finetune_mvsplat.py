@@ -63,7 +63,7 @@ DEFAULTS = dict(
 
 #: flags that do not decide the fine-tuned weights (the two files enter by digest instead of path), or that only
 #: ``model=learned`` reads
-NOT_IDENTITY = ("no_progress", "device", "eval_only", "func", "checkpoint", "lpips_vgg", "out", "root", "stop_after")
+NOT_IDENTITY = ("no_progress", "device", "eval_only", "func", "checkpoint", "lpips_vgg", "out", "stop_after")
 NOT_IDENTITY += ("depth_weight", "feat_dim", "num_depths", "hidden")
 
 
@@ -334,7 +334,8 @@ def _train(args: argparse.Namespace, ckpt: Path, vgg: Path, out: Path, device: s
         ex = []
         for pos in dist.rank_slice(args.batch):
             s, (c0, c1, t) = sampler.example(i * args.batch + pos)
-            ex.append({k: v.to(device) for k, v in data.load_views(train_ids[s], [c0, c1, t]).items() if k != "depth"})
+            views = data.load_views(train_ids[s], [c0, c1, t])
+            ex.append({k: views[k].to(device) for k in ("images", "K", "w2c")})
         assert len(ex) == per_rank
         return example_loss(encoder, lpips_model, ex, args.near, args.far, args.lpips_weight, i)
 
