@@ -10,7 +10,8 @@ Commands (``python -m bench COMMAND --help`` for each one's options):
 * ``perf NAME`` -- a benchmark that measures compared variants side by side and prints ratios;
 * ``hub`` -- pull / push checkpoints from / to the Hugging Face Hub;
 * ``figures`` -- the mini-benchmark figures from the records (:mod:`bench.figures`);
-* ``pretrain-reconstructor`` -- pretrain Splat-and-Distill's learned feed-forward reconstructor.
+* ``pretrain-reconstructor`` -- train Splat-and-Distill's reconstructor (``model=learned``: pretrain bench's cost volume;
+  ``model=mvsplat``: fine-tune MVSplat's encoder from ``re10k.ckpt``).
 
 Every user-fixable failure is a :class:`bench.errors.BenchError`, printed as one line
 (``error: <problem>. Fix: <fix>``) with exit status 2.
@@ -33,7 +34,7 @@ EXTERNAL_COMMANDS = {
     "figures": ("bench.figures", "draw the mini-benchmark figures (PCA, depth/normals, matches) from the records"),
     "pretrain-reconstructor": (
         "methods.splat_distill.pretrain",
-        "pretrain Splat-and-Distill's learned feed-forward reconstructor",
+        "train Splat-and-Distill's reconstructor: model=learned (pretrain) or model=mvsplat (fine-tune re10k.ckpt)",
     ),
 }
 

@@ -84,6 +84,8 @@ def _case(cid: str, tmp: Path, monkeypatch, request):
     run = lambda *a: _cli("run", *a, *p)  # noqa: E731
     if cid in SECURITY_CASES:
         return _security_case(cid, tmp, run)
+    if cid.startswith("mvsplat-finetune-"):
+        return _mvsplat_finetune_case(cid, tmp)
     if cid == "seed-not-int":
         return run("seed=abc")
     if cid == "seed-float":
@@ -885,3 +887,26 @@ def test_quiet_lightning_foreign_objects(tmp_path):
     got = read_state_dict(path)
     assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
     assert not (tmp_path / "m").exists()
+
+
+def _mvsplat_finetune_case(cid: str, tmp: Path):
+    """``pretrain-reconstructor model=mvsplat`` with a missing input: refused in preflight, nothing written."""
+    ckpt = tmp / "re10k.ckpt"
+    ckpt.write_bytes(b"only its existence is checked before the VGG file")
+    argv = ["pretrain-reconstructor", "model=mvsplat", "--size", "32", "32", "--out", str(tmp / "ft.safetensors")]
+    if cid == "mvsplat-finetune-scannetpp-missing":
+        return _cli(*argv, "--checkpoint", str(ckpt), "--lpips-vgg", str(ckpt), "--root", "/nowhere/scannetpp")
+    argv += ["--dataset", "synthetic"]
+    if cid == "mvsplat-finetune-no-checkpoint":
+        return _cli(*argv, "--lpips-vgg", str(ckpt))
+    if cid == "mvsplat-finetune-checkpoint-missing":
+        return _cli(*argv, "--checkpoint", "/nowhere/re10k.ckpt", "--lpips-vgg", str(ckpt))
+    if cid == "mvsplat-finetune-vgg-missing":
+        return _cli(*argv, "--checkpoint", str(ckpt), "--lpips-vgg", "/nowhere/vgg16.pth")
+    raise AssertionError(cid)
+
+
+def test_mvsplat_finetune_faults_write_nothing(tmp_path, capsys):
+    for cid in ("mvsplat-finetune-no-checkpoint", "mvsplat-finetune-vgg-missing"):
+        assert _mvsplat_finetune_case(cid, tmp_path)() == 2
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["re10k.ckpt"]

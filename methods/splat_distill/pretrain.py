@@ -1,4 +1,7 @@
-"""``python -m bench pretrain-reconstructor``: pretrain the learned two-view reconstructor.
+"""``python -m bench pretrain-reconstructor [model=learned|mvsplat]``: train a reconstructor for Splat-and-Distill.
+
+``model=learned`` (the default, described here) pretrains the learned two-view reconstructor;
+``model=mvsplat`` fine-tunes MVSplat's encoder from ``re10k.ckpt`` (:mod:`.finetune_mvsplat`).
 
 Training pairs are two views ``gap`` frames apart of one training scene. The network predicts
 per-pixel depth, opacity and scale for both views; the Gaussians of each view, coloured with its
@@ -35,27 +38,84 @@ from .views import ViewSampler
 log = logging.getLogger("bench")
 
 
+MODELS = ("learned", "mvsplat")
+#: ``model=learned`` defaults of the flags whose default depends on the model (``model=mvsplat``:
+#: :data:`.finetune_mvsplat.DEFAULTS`)
+LEARNED_DEFAULTS = dict(
+    dataset="synthetic",
+    scenes=36,
+    held_out=4,
+    steps=1500,
+    batch=2,
+    lr=1e-3,
+    gap=[2, 6],
+    near=0.5,
+    far=20.0,
+    size=(64, 80),
+)
+#: flags only ``model=mvsplat`` reads (kept out of the learned trainer's resume fingerprint)
+MVSPLAT_ONLY = ("model", "checkpoint", "lpips_vgg", "lpips_weight", "grad_clip")
+
+
+def _model(v: str) -> str:
+    name = v.split("=", 1)[1] if v.startswith("model=") else v
+    if name not in MODELS:
+        raise argparse.ArgumentTypeError(f"{v!r}: use model=learned or model=mvsplat")
+    return name
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from . import finetune_mvsplat
+
+    p.add_argument(
+        "model",
+        nargs="?",
+        type=_model,
+        default="learned",
+        help="model=learned (default: bench's cost-volume reconstructor) or model=mvsplat (fine-tune MVSplat's "
+        "encoder from re10k.ckpt with MVSplat's training rules)",
+    )
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", choices=("synthetic", "scannetpp"), default="synthetic")
+    d.add_argument(
+        "--dataset",
+        choices=("synthetic", "scannetpp"),
+        default=None,
+        help="learned: synthetic; mvsplat: scannetpp (root default <data_dir>/scannetpp, the official layout)",
+    )
     d.add_argument(
         "--root",
         default=None,
         help="data root (synthetic: generated there; default "
         "<data_dir>/synthetic_recon_s<seed>_<scenes>x<views>_<H>x<W>)",
     )
-    d.add_argument("--scenes", type=int, default=36, help="scenes in total (synthetic: generated)")
-    d.add_argument("--held-out", type=int, default=4, help="the last N scenes are held out for evaluation")
+    d.add_argument(
+        "--scenes",
+        type=int,
+        default=None,
+        help="scenes in total (synthetic: generated; learned: 36; mvsplat: all / 36 synthetic)",
+    )
+    d.add_argument(
+        "--held-out",
+        type=int,
+        default=None,
+        help="the last N scenes are held out (learned: 4, for evaluation; mvsplat: 0)",
+    )
     d.add_argument("--views", type=int, default=24, help="synthetic: views per scene")
-    d.add_argument("--size", type=int, nargs=2, default=(64, 80), metavar=("H", "W"))
+    d.add_argument(
+        "--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="learned: 64 80; mvsplat: 576 880"
+    )
     d.add_argument("--seed", type=int, default=2, help="synthetic generator seed and training seed")
     d.add_argument(
-        "--gap", type=int, nargs="+", default=[2, 6], help="frame gap between the two views (int or min max)"
+        "--gap",
+        type=int,
+        nargs="+",
+        default=None,
+        help="frame gap between the two views (int or min max; learned: 2 6, mvsplat: 8)",
     )
     t = p.add_argument_group("training")
-    t.add_argument("--steps", type=int, default=1500)
-    t.add_argument("--batch", type=int, default=2)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--steps", type=int, default=None, help="learned: 1500; mvsplat: 300001")
+    t.add_argument("--batch", type=int, default=None, help="global batch (learned: 2; mvsplat: 14)")
+    t.add_argument("--lr", type=float, default=None, help="learned: 1e-3; mvsplat: 2e-4")
     t.add_argument("--depth-weight", type=float, default=1.0)
     t.add_argument("--device", default="auto")
     t.add_argument("--no-progress", action="store_true")
@@ -63,15 +123,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     n.add_argument("--feat-dim", type=int, default=32)
     n.add_argument("--num-depths", type=int, default=32)
     n.add_argument("--hidden", type=int, default=64)
-    n.add_argument("--near", type=float, default=0.5)
-    n.add_argument("--far", type=float, default=20.0)
+    n.add_argument("--near", type=float, default=None, help="learned: 0.5; mvsplat: 1")
+    n.add_argument("--far", type=float, default=None, help="learned: 20; mvsplat: 100")
     p.add_argument(
         "--out",
         default=None,
-        help="checkpoint path (default: <cache_dir>/reconstructors/cost_volume.safetensors; "
-        "pass it as method.reconstructor.checkpoint with method.reconstructor.name=learned)",
+        help="checkpoint path (default: <cache_dir>/reconstructors/cost_volume.safetensors for model=learned, "
+        "<cache_dir>/reconstructors/mvsplat_scannetpp.ckpt for model=mvsplat; pass it as "
+        "method.reconstructor.checkpoint with method.reconstructor.name=learned / mvsplat)",
     )
     p.add_argument("--eval-only", action="store_true", help="evaluate an existing --out checkpoint")
+    finetune_mvsplat.add_arguments(p)
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags left unset with the chosen model's defaults (in place)."""
+    from .finetune_mvsplat import DEFAULTS
+
+    model = getattr(args, "model", "learned")
+    table = DEFAULTS if model == "mvsplat" else LEARNED_DEFAULTS
+    for k, v in table.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, list(v) if isinstance(v, list) else v)
+    if model == "mvsplat" and getattr(args, "scenes", None) is None and args.dataset == "synthetic":
+        args.scenes = LEARNED_DEFAULTS["scenes"]  # a synthetic set needs a count
+    if model == "mvsplat" and args.eval_only:
+        raise BenchError("--eval-only is a model=learned option", "drop --eval-only for model=mvsplat")
+    return args
 
 
 def _batch(data, ids: Sequence[str], sampler: ViewSampler, n: int) -> Dict[str, torch.Tensor]:
@@ -170,6 +248,11 @@ def _open(args):
 
 
 def main(args: argparse.Namespace) -> int:
+    resolve_defaults(args)
+    if getattr(args, "model", "learned") == "mvsplat":
+        from .finetune_mvsplat import main as finetune
+
+        return finetune(args)
     from bench.distributed import resolve_device
     from bench.splat import tune_allocator
 
@@ -203,7 +286,7 @@ def main(args: argparse.Namespace) -> int:
             fingerprint={
                 k: (list(v) if isinstance(v, (list, tuple)) else v)
                 for k, v in vars(args).items()
-                if k not in ("no_progress", "device", "eval_only", "func")
+                if k not in ("no_progress", "device", "eval_only", "func", *MVSPLAT_ONLY)
             },
         )
         model.train()
