@@ -365,9 +365,9 @@ def _open_data(args: argparse.Namespace):
     from .views import frame_numbers
 
     if args.dataset != "scannetpp":
-        from .pretrain import _open
+        from .recon_data import open_training_scenes
 
-        data, train, _ = _open(args)
+        data, train, _ = open_training_scenes(args)
         return data, train, None
     from bench.data.multiview import open_scenes
 

@@ -32,6 +32,7 @@ from bench.seed import seed_everything
 from bench.splat import rasterize
 from bench.train import TrainLoop, one_cycle_cosine
 
+from .recon_data import open_training_scenes
 from .reconstruct import CostVolumeReconstructor, PixelGaussians
 from .views import ViewSampler
 
@@ -220,33 +221,6 @@ def _default_out() -> Path:
     return Path(compose([]).paths.cache_dir) / "reconstructors" / "cost_volume.safetensors"
 
 
-def _open(args):
-    from bench.data.scenes import MultiViewScenes
-
-    if args.dataset == "synthetic":
-        from bench.config import compose
-        from bench.data.synthetic import ensure_synthetic, split_scenes
-
-        H, W = args.size
-        root = (
-            Path(args.root)
-            if args.root
-            else Path(compose([]).paths.data_dir) / (f"synthetic_recon_s{args.seed}_{args.scenes}x{args.views}_{H}x{W}")
-        )
-        ensure_synthetic(root, args.scenes, args.views, args.size, args.seed)
-        data = MultiViewScenes(root, None, args.size)
-        train, held = split_scenes(data.scene_ids, args.held_out)
-    else:
-        if not args.root:
-            raise BenchError("--dataset scannetpp needs --root", "pass --root <ScanNet++ root>")
-        data = MultiViewScenes(args.root, None, args.size)
-        ids = data.scene_ids[: args.scenes]
-        train, held = ids[: len(ids) - args.held_out], ids[len(ids) - args.held_out :]
-    if not train:
-        raise BenchError("no training scenes left after holding out", "use more --scenes or a smaller --held-out")
-    return data, train, held
-
-
 def main(args: argparse.Namespace) -> int:
     resolve_defaults(args)
     if getattr(args, "model", "learned") == "mvsplat":
@@ -261,7 +235,7 @@ def main(args: argparse.Namespace) -> int:
         tune_allocator()
     seed_everything(args.seed)
     out = Path(args.out) if args.out else _default_out()
-    data, train_ids, held_ids = _open(args)
+    data, train_ids, held_ids = open_training_scenes(args)
     if args.eval_only:
         model = CostVolumeReconstructor.load(out).to(device).eval()
     else:
