@@ -263,27 +263,11 @@ def check_inputs(cfg: DictConfig) -> None:
 
 
 def check_method_checkpoints(cfg: DictConfig) -> None:
-    """The local checkpoint files a method reads: ``method.checkpoint`` (the official methods' replacement of
-    the released file) and Splat-and-Distill's ``method.reconstructor.checkpoint`` (learned / mvsplat)."""
+    """The local checkpoint file of the official methods (``method.checkpoint``, their replacement of the
+    released file). A method's own inputs (Splat-and-Distill's reconstructor checkpoint) are its
+    ``check_inputs`` (:func:`preflight`)."""
     m = to_container(cfg.method) if "method" in cfg else {}
-    rec = m.get("reconstructor") if isinstance(m.get("reconstructor"), dict) else {}
     wanted = [("method.checkpoint", m.get("checkpoint"), "pass an existing file or hf://org/repo/file, or null")]
-    if rec.get("name") == "learned":
-        path = rec.get("checkpoint")
-        wanted.append(
-            (
-                "method.reconstructor.checkpoint",
-                path,
-                f"pretrain it: `python -m bench pretrain-reconstructor --out {path}`",
-            )
-        )
-    elif rec.get("name") == "mvsplat":
-        fix = (
-            "download MVSplat's re10k.ckpt (github donydchen/mvsplat, README) and pass method.reconstructor.checkpoint="
-        )
-        if not rec.get("checkpoint"):
-            raise CheckpointError("method.reconstructor.name=mvsplat needs an MVSplat checkpoint", fix + "<file>")
-        wanted.append(("method.reconstructor.checkpoint", rec.get("checkpoint"), fix + "<that file>"))
     for key, path, fix in wanted:
         if isinstance(path, str) and path and not path.startswith("hf://") and not Path(path).expanduser().is_file():
             raise CheckpointError(f"{key} file not found: {path} (no such file)", fix)

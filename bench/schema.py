@@ -987,6 +987,8 @@ def check_top_level(cfg: Mapping[str, Any], where: str = "") -> None:
         if k not in valid and k not in used:
             raise unknown_key(str(k), sorted(valid), where)
     for k, sub in base.items():
+        if k == "recipe_values":  # free-form: a recipe's own values
+            continue
         if isinstance(sub, Mapping) and isinstance(cfg.get(k), Mapping):
             for kk in cfg[k].keys():
                 if kk not in sub:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .errors import BenchError
+from .errors import BenchError, what_is_at
 from .io import write_text
 from .leaderboard_html import leaderboard_html
 from .table import leaderboard_markdown
@@ -35,7 +35,7 @@ def write_table(results_dir: str | Path, fmt: str = "md", output: Optional[str] 
         raise BenchError(f"unknown table format '{fmt}'", f"use one of {', '.join(FORMATS)}")
     if not Path(results_dir).is_dir():
         raise BenchError(
-            f"results directory {results_dir} does not exist",
+            f"results directory {results_dir} {what_is_at(results_dir, 'directory')}",
             "pass an existing results directory with --results (records are in <results>/runs/)",
         )
     text = render(results_dir, fmt)

@@ -394,6 +394,7 @@ def test_leaderboard_places_published_mef_beside_ours(tmp_path):
                 "row": m,
                 "recipe": "r `00000000`",
                 "evaluation": "b/t",
+                "code_version": "fit3d_evaluation+snd_1gpu",  # published rows sit beside records of their code
             }
             for m, v in (("dinov2", 0.5), ("mef", 0.6), ("splat_distill", 0.4))
         ]
@@ -408,6 +409,7 @@ def test_leaderboard_places_published_mef_beside_ours(tmp_path):
                 "metric": "rmse",
                 "value": v,
                 "note": "",
+                "code_version": "fit3d_evaluation+snd_1gpu",
             }
             for m, v in (("mef", 0.5656), ("dinov2", 0.521))
         ]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bench.backbones import build_backbone
+from methods.splat_distill.official import CPU_DEVIATIONS
 from bench.config import compose
 from bench.seed import seed_everything
 
@@ -63,6 +64,7 @@ def _cfg(root, *extra, dataset="synthetic"):
             "method.progress=false",
             "method.diagnostics.enabled=false",
             "method.ckpt_every=1000",
+            *CPU_DEVIATIONS,  # the depth reconstructor (no MVSplat checkpoint here) and the CPU recipes' rules
             *extra,
         ]
     )
@@ -154,7 +156,20 @@ def test_augmented_probe_with_0_and_2_workers_is_bit_identical(tmp_path):
     g = torch.Generator().manual_seed(0)
     items = [{"image": torch.rand(3, 12, 12, generator=g), "depth": torch.rand(12, 12, generator=g)} for _ in range(10)]
     aug = {"hflip": True, "crop": [8, 8], "crop_mode": "random", "color_aug": {"p": 0.5}}
-    sched = {"iters": 6, "batch_size": 4, "lr": 1e-2, "ckpt_every": 1000}
+    sched = {
+        "iters": 6,
+        "batch_size": 4,
+        "lr": 1e-2,
+        "ckpt_every": 1000,
+        "warmup_iters": 0,
+        "decay": "constant",
+        "shape": "mmcv",
+        "warmup_start": 1.0,
+        "min_factor": 1.0,
+        "weight_decay": 0.0,
+        "betas": [0.9, 0.999],
+        "shuffle": True,
+    }
 
     def run(workers):
         torch.manual_seed(0)

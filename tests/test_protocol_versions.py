@@ -84,6 +84,7 @@ def test_leaderboard_shows_a_reference_row_only_beside_records_of_its_code_versi
                 recipe="x",
                 evaluation="e",
                 cell="c",
+                id="r0",
             )
         ]
     )

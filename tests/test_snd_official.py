@@ -244,13 +244,14 @@ def test_fit3d_student_grid_is_the_floor_multiple():
 
 # ------------------------------------------------------------------------------ the paper recipes
 def test_paper_recipes_compose_for_the_whole_grid():
-    """experiment=snd_paper (ViT-S / ViT-B) and snd_paper_eval over its paper_tasks: every cell composes and
+    """experiment=snd_paper (ViT-S / ViT-B) and snd_paper_eval over its recipe_values.paper_tasks: every cell composes and
     passes the schemas; the evaluation grid reuses the backbone snd_paper trains (same cache key)."""
     from bench import schema
-    from bench.config import backbone_cache_key, group_options
+    from bench.config import group_options
+    from bench.identity import backbone_key as backbone_cache_key
     from bench.method_variants import apply_per_task
 
-    tasks = list(compose(["experiment=snd_paper_eval"]).paper_tasks)
+    tasks = list(compose(["experiment=snd_paper_eval"]).recipe_values.paper_tasks)
     assert len(tasks) == 13 and set(tasks) <= set(group_options("task"))
     for bb in ("dinov2_vits14", "dinov2_vitb14"):
         train = compose(["experiment=snd_paper", f"backbone={bb}"])

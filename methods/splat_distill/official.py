@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
 
-from bench.errors import BenchError, CheckpointError
+from bench.errors import BenchError, CheckpointError, what_is_at
 
 # key under ``method.`` -> (official value, where the official code has it)
 OFFICIAL: Dict[str, tuple] = {
@@ -104,7 +104,8 @@ def check_reconstructor(rec: Mapping[str, Any]) -> None:
     if ckpt in (None, ""):
         raise CheckpointError(f"method.reconstructor.name={name} needs a checkpoint and none is given", how)
     if not str(ckpt).startswith("hf://") and not Path(str(ckpt)).expanduser().is_file():
-        raise CheckpointError(f"the {name} reconstructor checkpoint {ckpt} does not exist", how)
+        where = Path(str(ckpt)).expanduser()
+        raise CheckpointError(f"method.reconstructor.checkpoint {ckpt}: {where} {what_is_at(where, 'file')}", how)
 
 
 def check_inputs(cfg: Any) -> None:
