@@ -153,7 +153,9 @@ class TableJob(submitit.helpers.Checkpointable):
         from .table import write_leaderboard
 
         os.chdir(self.cwd)
-        return [str(write_leaderboard(d)) for d in self.results_dirs]
+        # a grid whose jobs wrote no record yet (e.g. only FiT3D stage-I fits) has no results directory: nothing
+        # to tabulate there (``bench table`` on such a directory is an error for a user who names it)
+        return [str(write_leaderboard(d)) for d in self.results_dirs if Path(d).is_dir()]
 
 
 # --------------------------------------------------------------------------------------- job records

@@ -12,9 +12,10 @@ the trained backbone's ``train_info.json`` (``diagnostics``):
   cameras, occlusion-tested): the centred cosine (features minus the pair's mean feature) between a
   pixel of view a and its corresponding pixel in view b (``corr_cos``), the same for a random pixel of
   b (``random_cos``), and ``consistency_gap = corr_cos - random_cos``, before and after training.
-* from the training history (first / last tenth of the steps, ``<key>_first`` / ``<key>_last``): the
-  loss, the KL part of the distillation cross-entropy, and the collapse diagnostics of the DINO head
-  (each the global batch's over ranks): ``head_cos`` (mean pairwise cosine of the head's bottleneck
+* from the training history, the curves the method names (``finish(curves=)``; first / last tenth of the
+  steps, ``<key>_first`` / ``<key>_last``): the loss; Splat-and-Distill's KL part of the distillation
+  cross-entropy and the collapse diagnostics of the DINO head (each the global batch's over ranks):
+  ``head_cos`` (mean pairwise cosine of the head's bottleneck
   embeddings), ``student/teacher_usage_entropy`` (entropy of the batch-mean softmax over prototypes),
   ``student/teacher_argmax_entropy`` (entropy of the argmax-prototype histogram: 0 = collapse) and
   ``agreement`` (fraction of covered cells whose student and teacher argmax prototypes agree);
@@ -27,14 +28,13 @@ rooms distinct from training and from the tasks), resized like the training view
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .cameras import dense_correspondence
 
-from .head import COLLAPSE_KEYS
 
 log = logging.getLogger("bench")
 
@@ -148,8 +148,15 @@ class Diagnostics:
             self.result["before"] = consistency(self.before_feats, self.held, self.points)
 
     def finish(
-        self, backbone, weights: Mapping[str, torch.Tensor], history: Optional[List[dict]] = None
+        self,
+        backbone,
+        weights: Mapping[str, torch.Tensor],
+        history: Optional[List[dict]] = None,
+        curves: Sequence[str] = ("loss",),
     ) -> Dict[str, Any]:
+        """The measures after training; ``curves``: keys of the training ``history`` whose first and last
+        tenth are summarised as ``<key>_first`` / ``<key>_last`` (a method names its own: SnD's kl, head_cos
+        and collapse diagnostics)."""
         out = self.result
         if self.before_weights is not None:
             out["adapted_weight_change"] = relative_change(self.before_weights, weights)
@@ -164,7 +171,7 @@ class Diagnostics:
                 "views": sum(int(v["images"].shape[0]) for v in self.held["views"]),
             }
         if history:
-            for key in ("loss", "kl", "head_cos", *COLLAPSE_KEYS):
+            for key in curves:
                 vals = [h[key] for h in history if key in h]
                 if vals:
                     k = max(1, len(vals) // 10)

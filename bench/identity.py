@@ -280,8 +280,6 @@ def _drop_absent_equivalent(task: Dict[str, Any]) -> None:
 def components(cfg: Any) -> Dict[str, Any]:
     """The normalised parts of a composed config that determine a cell's number (seed excluded)."""
     c = _digest_files(_drop_unused(to_container(cfg)))
-
-    c = _drop_unused(to_container(cfg))
     if isinstance(c.get("task"), dict):
         _drop_absent_equivalent(c["task"])
     paths = c.get("paths") or {}

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# libgomp's default spin-waiting burns cores that other processes of a test (torchrun ranks, loader workers,
+# subprocess CLIs) need; set before torch loads, inherited by every subprocess (the user's setting wins)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 
 # --- hardware gating: one place -----------------------------------------------------------------

@@ -110,9 +110,13 @@ def test_recipe_runs_a_tiny_cell(experiment, tmp_path):
     tiny synthetic set, a one-epoch probe."""
     from bench.runner import run_cell
 
+    # a recipe whose backbone loads Hub weights (the paper recipes: DINOv2) runs it on random weights here
+    # (tests never touch the network); its architecture, task and protocol are the recipe's
+    offline = ["backbone.weights=none"] if compose([f"experiment={experiment}"]).backbone.weights == "hub" else []
     cfg = compose(
         [
             f"experiment={experiment}",
+            *offline,
             "method=dinov2",
             "task=synth_depth",
             *_paths(tmp_path),

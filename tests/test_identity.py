@@ -476,6 +476,9 @@ def test_two_mvsplat_files_give_two_fingerprints_and_depth_ignores_the_file(tmp_
     fb = compose([*mv, f"method.reconstructor.checkpoint={tmp_path}/b/re10k.ckpt"])
     assert cell_identity(fa)["cell"] != cell_identity(fb)["cell"] and backbone_key(fa) != backbone_key(fb)
     # the depth reconstructor reads no checkpoint: any file, or none, is the same cell (the committed grid's case)
-    depth = [compose([*ov, f"method.reconstructor.checkpoint={tmp_path}/{d}/re10k.ckpt"]) for d in "ab"]
-    depth.append(compose([*ov, "method.reconstructor.checkpoint=null"]))
+    depth = [
+        compose([*ov, "method.reconstructor.name=depth", f"method.reconstructor.checkpoint={tmp_path}/{d}/re10k.ckpt"])
+        for d in "ab"
+    ]
+    depth.append(compose([*ov, "method.reconstructor.name=depth", "method.reconstructor.checkpoint=null"]))
     assert len({cell_identity(c)["cell"] for c in depth}) == 1 and len({backbone_key(c) for c in depth}) == 1

@@ -17,6 +17,7 @@ from bench.distributed import start_run
 from bench.train import TrainLoop, one_cycle_cosine
 
 from .distill import Distiller
+from .head import COLLAPSE_KEYS
 from .views import ViewSampler, frame_numbers
 
 log = logging.getLogger("bench")
@@ -237,7 +238,8 @@ class SplatDistill:
         step_fn.loader.close()
         out = distiller.finish(str(cfg.method.export))
         sd = out.model.state_dict()
-        result = diag.finish(out, {k: sd[k] for k in distiller.initial_weights}, history)
+        curves = ("loss", "kl", "head_cos", *COLLAPSE_KEYS)
+        result = diag.finish(out, {k: sd[k] for k in distiller.initial_weights}, history, curves)
         result["student_grid"] = list(grid)
         self.train_info = {
             "diagnostics": result,
