@@ -9,6 +9,7 @@ from bench.errors import UnknownNameError
 from bench.registry import BACKBONES, METHODS, TASKS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", [g for g in GROUPS if g != "experiment"])
 def test_every_option_of_every_group_composes(group):
     opts = group_options(group)
@@ -24,6 +25,7 @@ def test_every_experiment_recipe_composes(recipe):
     OmegaConf.to_container(cfg, resolve=True)
 
 
+@pytest.mark.slow
 def test_config_names_match_registries():
     assert set(group_options("method")) <= set(METHODS.names())
     assert set(group_options("task")) <= set(TASKS.names())

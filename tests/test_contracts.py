@@ -31,6 +31,7 @@ def test_every_backbone_has_a_config_and_every_config_a_backbone():
     assert sorted(e.name for e in BACKBONES.entries()) == group_options("backbone")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [e.name for e in BACKBONES.entries()])
 def test_backbone_contract(name):
     """Forward shape, output stride and layers() on the meta device (shapes only: ViT-g costs nothing)."""
@@ -56,6 +57,7 @@ def test_backbone_contract(name):
 
 
 # -- tasks --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_every_task_has_a_config_and_every_config_a_task():
     names = {str(compose([f"task={t}"]).task.name) for t in group_options("task")}
     assert names == {e.name for e in TASKS.entries()}
@@ -104,6 +106,7 @@ def test_recipe_composes_and_resolves(experiment, method, tmp_path):
     assert cfg.backbone.name in {e.name for e in BACKBONES.entries()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_recipe_runs_a_tiny_cell(experiment, tmp_path):
     """Each recipe's backbone, task and protocol end to end: the raw teacher (no training) on a

@@ -206,6 +206,7 @@ def _worker_allreduce(rank, world, port, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_gradient_average_and_pooled_mean_weight(tmp_path):
     import socket
 
@@ -284,6 +285,7 @@ def _worker_truth(rank, world, port, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_log_the_global_batch_and_leave_unused_parameters_alone(tmp_path):
     """2 ranks x 2 examples == 1 process x 4 examples with AdamW (weight decay): the parameter no rank uses keeps
     grad None and its initial weights bit for bit (as DDP leaves it), the one only rank 1 uses trains as in one
@@ -339,6 +341,7 @@ def _worker_saved(rank, world, port, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ranks_evaluate_the_backbone_rank_0_saved(tmp_path):
     import socket
 

@@ -105,6 +105,7 @@ def test_two_rank_probe_equals_one_process_and_resumes_exactly(tmp_path, task):
     assert curve == ref and len(curve) == 6  # 2 epochs x 3 batches, the global batch's loss
 
 
+@pytest.mark.slow
 def test_sigloss_per_group_is_not_the_pooled_sigloss(tmp_path):
     """The loss groups matter for depth: SigLoss over 2-image groups, averaged, trains another probe than
     SigLoss over the pooled batch of 4 (so the equality above is not the trivial one)."""

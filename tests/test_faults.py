@@ -451,6 +451,7 @@ def test_catalogue_and_cases_agree():
         assert f'"{cid}"' in src, f"docs/FAULTS.md lists {cid} but tests/test_faults.py has no case for it"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cid", CASES)
 def test_fault(cid, tmp_path, monkeypatch, capsys, toys, nan_task, request):
     monkeypatch.chdir(tmp_path)
@@ -540,6 +541,7 @@ def test_training_nan_without_clipping_suggests_it(tmp_path):
         loop.run(lambda i: m(torch.ones(1)).sum() * float("nan"))
 
 
+@pytest.mark.slow
 def test_the_real_cli_prints_one_line_and_no_traceback(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "bench", "run", "seed=abc", *paths(tmp_path)],
@@ -606,6 +608,7 @@ def test_dirty_flag_counts_tracked_source_files_only(tmp_path):
 
 
 # ------------------------------------------------------------------ issue 27: behaviours that are not errors
+@pytest.mark.slow
 def test_dry_run_lists_missing_prerequisites_as_warnings(tmp_path, capsys, monkeypatch):
     """README's SLURM --dry-run in a fresh clone: the plan is printed and every missing prerequisite is a
     warning (exit 0, nothing written); the same sweep for real is refused with all of them."""
@@ -631,6 +634,7 @@ def test_dry_run_lists_missing_prerequisites_as_warnings(tmp_path, capsys, monke
     assert err.startswith("error: 3 prerequisites of this run are missing") and err.count("\n  - ") == 3
 
 
+@pytest.mark.slow
 def test_second_sweep_skips_what_a_live_sweep_runs(toys, tmp_path, capsys, monkeypatch):
     """A sweep that is running (its driver alive, jobs not over) claims its cells: a second sweep of the
     same grid plans them as skipped, names the sweep they run in, and runs nothing; once the first is over
@@ -703,6 +707,7 @@ def test_training_split_is_verified_once(tmp_path, monkeypatch):
     assert len(decoded) == 4  # the training split only: the test split's manifest did not change
 
 
+@pytest.mark.slow
 def test_sweep_started_while_another_plans_waits_then_skips(toys, tmp_path, capsys, monkeypatch):
     """Two sweeps of one grid started together: the second waits for the planner lock the first holds
     (flock: also between threads of one process), then finds the first's claim and runs nothing."""
@@ -782,6 +787,7 @@ def _security_case(cid: str, tmp: Path, run):
     raise KeyError(cid)
 
 
+@pytest.mark.slow
 def test_no_case_ran_pickled_code(tmp_path, monkeypatch, capsys, toys, nan_task, request):
     """Every pickle case above, once more: the marker its payload would create never appears."""
     for cid in SECURITY_CASES[:5]:
@@ -807,6 +813,7 @@ def test_quiet_catalogue_has_tests():
         assert callable(globals().get("test_quiet_" + cid.replace("-", "_"))), f"no test for quiet case {cid}"
 
 
+@pytest.mark.slow
 def test_quiet_stale_temp_files(tmp_path):
     """A writer SIGKILLed mid-write leaves ``.<name>.<host>-<pid>.<rand>.tmp``; the next write into that
     directory removes it once stale (dead pid, unchanged for STALE_AFTER_S), and nothing else."""

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from bench.config import compose
@@ -62,6 +63,7 @@ class _FakeRGBD(torch.utils.data.Dataset):
         return self.items[i]
 
 
+@pytest.mark.slow
 def test_dense_task_with_force_true_recomputes_the_cached_teacher_features(tmp_path):
     from bench.backbones import build_backbone
 
@@ -95,6 +97,7 @@ def test_dense_task_with_force_true_recomputes_the_cached_teacher_features(tmp_p
     assert torch.equal(again[0][0], fresh[0][0]) and not torch.equal(again[0][0], stale[0][0])
 
 
+@pytest.mark.slow
 def test_sweep_force_flag_makes_frozen_cells_refresh_their_features(toys, tmp_path):
     """``sweep --force`` re-runs cells that have records; a frozen method's (e.g. the teacher's) job then
     runs with force=true (which re-extracts the features and trains nothing); a trained method's job

@@ -136,6 +136,7 @@ def test_trained_backbone_missing_is_a_clear_error(tmp_path):
         make_figures(tmp_path / "results", backbone="tiny_cnn")
 
 
+@pytest.mark.slow
 def test_make_figures_smoke(tmp_path):
     torch.manual_seed(0)
     for task in ("synth_depth", "synth_normals", "synth_corr"):

@@ -247,6 +247,7 @@ def test_epoch_batches_cover_every_item_once_per_epoch():
 
 
 # --------------------------------------------------------------------------------------------- stage II
+@pytest.mark.slow
 def test_stage2_through_runner_saved_reloads_and_evaluates(cfg, stage1):
     import timm
 

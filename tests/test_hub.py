@@ -253,6 +253,7 @@ torch.save(out, sys.argv[3])
 """
 
 
+@pytest.mark.slow
 def test_card_follows_hub_conventions_and_plain_timm_loads_a_revision(local_hub, tmp_path):
     """The card's front matter and config.json describe the pushed weights; plain timm (bench not importable)
     loads them at a non-main revision and, with the card's snippet, reproduces bench's features at 84x112."""

@@ -57,6 +57,7 @@ def write_record(results: Path, cfg, value: float, created: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------- fingerprints
+@pytest.mark.slow
 def test_fingerprint_covers_the_recipe_not_paths_or_progress(tmp_path):
     base = ["experiment=demo", *paths(tmp_path)]
     a = cell_identity(compose(base))
@@ -133,6 +134,7 @@ def test_legacy_records_are_shown_apart_and_never_skip_a_sweep(toys, tmp_path):
     assert records.has_record(res, cfg)
 
 
+@pytest.mark.slow
 def test_sweep_rerun_after_a_changed_override_runs_the_changed_cells(toys, tmp_path):
     ov = [
         "method.name=dinov2",
@@ -184,6 +186,7 @@ def _scenes(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_backbone_key_is_the_same_for_every_spelling_of_the_same_inputs(tmp_path, monkeypatch):
     data = _scenes(tmp_path / "data")
     ckpt = tmp_path / "cache" / "reconstructors" / "cost_volume.safetensors"
@@ -250,6 +253,7 @@ sys.exit(main(["run", *sys.argv[1:]]))
 """
 
 
+@pytest.mark.slow
 def test_two_concurrent_identical_cells_train_once(tmp_path):
     ov = [
         "method.name=toy_train",
@@ -463,6 +467,7 @@ def test_each_file_key_enters_by_content_under_any_spelling(dotted, tmp_path, mo
     assert backbone_key(b) != key_a
 
 
+@pytest.mark.slow
 def test_two_mvsplat_files_give_two_fingerprints_and_depth_ignores_the_file(tmp_path):
     from bench.identity import backbone_key
 

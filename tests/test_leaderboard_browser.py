@@ -78,6 +78,7 @@ def _visible(dom) -> list:
     return out
 
 
+@pytest.mark.slow
 def test_sort_and_filter_in_chromium(chromium, page, tmp_path):
     url = page.resolve().as_uri()
     dom_text = _browse(chromium, f"{url}?task=synth_depth&sort=rmse&dir=asc", tmp_path, "--dump-dom").stdout

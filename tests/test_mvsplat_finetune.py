@@ -109,6 +109,7 @@ def test_defaults_are_the_official_ones():
         p.parse_args(["model=nope"])
 
 
+@pytest.mark.slow
 def test_lpips_uses_the_given_vgg_file(files):
     """The LPIPS trunk holds the file's tensors (no download); LPIPS of an image with itself is 0 and grows
     with noise."""
@@ -151,6 +152,7 @@ def test_render_is_the_sh_colour_of_a_covering_gaussian():
     assert float(render_targets(g, torch.eye(4)[None], K, H, W, near=20.0).abs().max()) == 0.0
 
 
+@pytest.mark.slow
 def test_finetune_rgb_loss_falls_and_loads_into_snd(files, tmp_path):
     """A few steps lower the RGB error of the fixed training examples; the output loads strictly as SnD's
     mvsplat reconstructor with the fine-tuned weights."""
@@ -192,6 +194,7 @@ def test_finetune_rgb_loss_falls_and_loads_into_snd(files, tmp_path):
     assert gs.covariances.shape == (2, *SIZE, 3, 3) and torch.isfinite(gs.means).all()
 
 
+@pytest.mark.slow
 def test_finetune_resume_is_exact(files, tmp_path):
     """Interrupted after 1 of 2 steps and resumed == 2 steps straight (same weights, bit for bit)."""
     from methods.splat_distill.mvsplat import MVSplatEncoder
@@ -208,6 +211,7 @@ def test_finetune_resume_is_exact(files, tmp_path):
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
+@pytest.mark.slow
 def test_finetune_reads_scannetpp_official_layout(files, tmp_path):
     """``--dataset scannetpp`` on the official layout (the synthetic scene exported): frame numbers for the
     skip rule, epoch order, and one training step runs and writes a loadable checkpoint."""

@@ -143,6 +143,7 @@ def test_slic_fallback_is_logged_once_recorded_and_runs_in_the_loader(official, 
 
 
 # ------------------------------------------------------------------------------- workers (item 2)
+@pytest.mark.slow
 def test_snd_run_with_0_and_2_loader_workers_is_bit_identical(synth, tmp_path):
     a, _ = _fit(_cfg(synth, "loader.workers=0", "method.lift.masks=slic"), tmp_path / "w0")
     b, _ = _fit(_cfg(synth, "loader.workers=2", "method.lift.masks=slic"), tmp_path / "w2")
@@ -249,6 +250,7 @@ def test_chunked_dino_loss_equals_the_batched_form():
         assert float((a - b).abs().max()) <= 1e-6 * max(1.0, float(a.abs().max()))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_2x1_equals_1x2(synth, tmp_path):
     """method.optim.accumulate=2 at a batch of 2 trains the weights of the unsplit batch (float rounding);
     LoRA dropout off, as in the rank-count test, since micro-batches draw other dropout masks."""
@@ -342,6 +344,7 @@ def test_cpu_ranks_share_the_cores(monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_entry_point_sets_passive_omp_wait_unless_set(tmp_path):
     import subprocess
     import sys

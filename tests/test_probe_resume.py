@@ -142,6 +142,7 @@ SYNTH = [
 ]
 
 
+@pytest.mark.slow
 def test_dense_task_probe_resumes_to_the_same_metrics(tmp_path):
     """synth_depth through DenseTask.evaluate: cut after 3 steps, resumed, equals the uninterrupted run."""
     from bench.backbones import build_backbone
@@ -170,6 +171,7 @@ def test_dense_task_probe_resumes_to_the_same_metrics(tmp_path):
     assert not ckpts[0].parent.exists() and (tmp_path / "cut" / "probe_history.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_cadence_and_array_shards_leave_fingerprints_alone(tmp_path):
     from bench.identity import cell_identity
     from bench.runner import backbone_dir

@@ -408,6 +408,7 @@ def test_cli_data_missing_lists_files_and_sources(tmp_path, capsys):
     assert "error:" in cap.err and "Fix:" in cap.err and "intrinsics.npz" in cap.err
 
 
+@pytest.mark.slow
 def test_cli_subprocess_nonexistent_root():
     r = subprocess.run(
         [sys.executable, "-m", "bench", "data", "nyuv2", "--root", "/nonexistent"],

@@ -94,6 +94,7 @@ def test_unknown_method_key_named_with_nearest():
     assert "did you mean method.optim.steps?" in msg
 
 
+@pytest.mark.slow
 def test_nested_and_top_level_unknown_keys():
     assert "'method.lift.blendng'" in _err(["method=splat_distill", "+method.lift.blendng=false"])
     assert "did you mean method.stage1.densify.until" in _err(["method=fit3d", "+method.stage1.densify.untill=4"])
@@ -110,6 +111,7 @@ def test_nested_and_top_level_unknown_keys():
     )
 
 
+@pytest.mark.slow
 def test_wrong_types_and_missing_keys():
     assert "method.optim.steps='many' must be an integer" in _err(["method=splat_distill", "method.optim.steps=many"])
     assert "method.lift.blending=3 must be true or false" in _err(["method=splat_distill", "method.lift.blending=3"])
@@ -121,6 +123,7 @@ def test_wrong_types_and_missing_keys():
     assert cfg.method.optim.lr == 1 and isinstance(cfg.method.optim.lr, int)
 
 
+@pytest.mark.slow
 def test_other_methods_keys_are_accepted_but_typed():
     # the mini-benchmark recipe merges SnD and FiT3D keys into every method: accepted (with their types) ...
     schema.check(compose(["experiment=mini_benchmark", "method=dinov2"]))
@@ -139,6 +142,7 @@ def test_schemas_in_hydra_config_store():
     assert {"dense.yaml", "correspondence.yaml"} <= set(repo["protocol"])
 
 
+@pytest.mark.slow
 def test_every_method_yaml_has_a_schema_with_exactly_its_keys():
     """Each method's own yaml sets every required key of its schema and nothing else (the schemas list what
     the yaml holds; the yaml holds the defaults)."""
@@ -166,6 +170,7 @@ def _cli(args, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_cli_recipe_with_misspelled_key(tmp_path):
     """A recipe (own config directory on hydra's search path) with a misspelled key: exit 2, one error line
     naming the key and the nearest valid one, nothing written."""

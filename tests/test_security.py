@@ -239,6 +239,7 @@ def test_malicious_nyu_pickle_runs_nothing(tmp_path, monkeypatch, capsys):
     assert "nyuv2_snorm_all.pkl" in lines[0] and "builtins.exec" in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_the_real_cli_refuses_a_malicious_weights_file(tmp_path):
     """The installed entry point: one line on stderr, exit 2, no marker, no torch advice."""
     marker = tmp_path / "marker"

@@ -107,6 +107,7 @@ TINY_SYNTH = [
 ]
 
 
+@pytest.mark.slow
 def test_sweep_2x2_through_sbatch(slurm_cluster, toys, tmp_path, capsys):
     """2 methods (frozen dinov2, trained toy_train) x 2 synthetic tasks (synth_depth, synth_seg), tiny."""
     from bench.data.synthetic import ensure_synthetic
@@ -137,6 +138,7 @@ def test_sweep_2x2_through_sbatch(slurm_cluster, toys, tmp_path, capsys):
     assert "6 done" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_requeue_resume_failure_and_cancel(slurm_cluster, toys, tmp_path, capsys):
     """toy_train seeds 0,1 x tasks toy_probe, toy_fail.
 
@@ -192,6 +194,7 @@ def test_requeue_resume_failure_and_cancel(slurm_cluster, toys, tmp_path, capsys
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.slow
 def test_two_task_training_job_runs_as_two_ranks(slurm_cluster, toys, tmp_path):
     """A training job of 2 SLURM tasks becomes 2 torch ranks (gloo) through submitit's
     TorchDistributedEnvironment, finishes, and (same full batch on both ranks) equals a 1-process run; an
@@ -229,6 +232,7 @@ def test_two_task_training_job_runs_as_two_ranks(slurm_cluster, toys, tmp_path):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.slow
 def test_fit3d_stage1_array_through_sbatch(slurm_cluster, tmp_path):
     """FiT3D stage I as a SLURM job array (one task per scene); stage II waits on the whole array
     (``afterok:<array id>``), then the probe; every scene is fitted and the backbone is trained."""

@@ -22,6 +22,7 @@ def _ids(cfg):
     return [d["id"] for d in deviations(to_container(cfg.method))]
 
 
+@pytest.mark.slow
 def test_defaults_are_the_official_rules_and_recipes_name_their_deviations():
     cfg = compose(["method=splat_distill", "task=nyu_depth"])
     m = cfg.method
@@ -58,6 +59,7 @@ def test_mvsplat_checkpoint_is_a_required_input(tmp_path):
     check_inputs(compose(["experiment=demo"]))  # the depth reconstructor reads no checkpoint
 
 
+@pytest.mark.slow
 def test_run_without_checkpoint_fails_up_front_with_one_line(tmp_path):
     """`bench run method=splat_distill` without the MVSplat checkpoint: exit 2, one error line, nothing
     written (synthetic data, so the task check passes and the reconstructor check is what fails)."""
@@ -86,6 +88,7 @@ def test_run_without_checkpoint_fails_up_front_with_one_line(tmp_path):
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("*.json"))
 
 
+@pytest.mark.slow
 def test_print_config_shows_the_official_reconstructor_and_coverage():
     out = subprocess.run(
         [sys.executable, "-m", "bench", "run", "--print-config", "method=splat_distill", "task=nyu_depth"],
@@ -243,6 +246,7 @@ def test_fit3d_student_grid_is_the_floor_multiple():
 
 
 # ------------------------------------------------------------------------------ the paper recipes
+@pytest.mark.slow
 def test_paper_recipes_compose_for_the_whole_grid():
     """experiment=snd_paper (ViT-S / ViT-B) and snd_paper_eval over its recipe_values.paper_tasks: every cell composes and
     passes the schemas; the evaluation grid reuses the backbone snd_paper trains (same cache key)."""

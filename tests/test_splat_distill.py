@@ -277,6 +277,7 @@ def test_geometry_sanity_splat_vs_perturbed_pose(scenes):
         "method.adapter.mode=full",
     ],
 )
+@pytest.mark.slow
 def test_ablation_switches(scenes, switch):
     from bench.data.scenes import MultiViewScenes
     from methods.splat_distill.distill import Distiller
@@ -386,6 +387,7 @@ def test_official_resize_floor_multiple_without_antialias(scenes):
     assert d.backbone(y).shape[-2:] == (3, 5)
 
 
+@pytest.mark.slow
 def test_correspondence_tasks_of_a_grid_use_the_no_blending_backbone():
     from baselines.official import SnDOfficial
     from bench.identity import backbone_key as backbone_cache_key
@@ -457,6 +459,7 @@ def _fit(cfg, workdir, stop_after=None):
     return SplatDistill().fit(build_backbone(cfg.backbone), cfg, workdir, stop_after=stop_after)
 
 
+@pytest.mark.slow
 def test_tiny_run_loss_falls_and_saves_plain_timm(scenes, tmp_path):
     from bench.backbones import save_backbone
 
@@ -499,6 +502,7 @@ def test_tiny_run_loss_falls_and_saves_plain_timm(scenes, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(ref.model.state_dict().values(), plain.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(scenes, tmp_path):
     cfg = _cfg(scenes, "method.optim.steps=6", "method.ckpt_every=3")
     full = _fit(cfg, tmp_path / "full")
@@ -511,6 +515,7 @@ def test_resume_is_bit_identical(scenes, tmp_path):
     assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
 
 
+@pytest.mark.slow
 def test_learned_reconstructor_beats_constant_depth(scenes, tmp_path, capsys):
     import argparse
 

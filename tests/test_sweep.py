@@ -74,6 +74,7 @@ def test_expand_grid():
         sweep.expand_grid(["lr=interval(0,1)"])
 
 
+@pytest.mark.slow
 def test_plan_groups_cells_by_trained_backbone(toys, tmp_path):
     plan = sweep.make_plan(base(tmp_path, "method.name=dinov2,toy_train", "task.name=toy_probe,toy_fail", "seed=0,1"))
     assert len(plan.cells) == 8 and not any(c.skip for c in plan.cells)
@@ -94,6 +95,7 @@ def test_plan_groups_cells_by_trained_backbone(toys, tmp_path):
     assert "8 cells, 8 to run, 0 skipped" in text and f"afterok {trains[0].name}" in text
 
 
+@pytest.mark.slow
 def test_plan_skips_cells_with_records_unless_forced(toys, tmp_path):
     write_record(tmp_path / "results", "dinov2", "toy_probe", 0)
     ov = base(tmp_path, "method.name=dinov2", "task.name=toy_probe,toy_fail")
@@ -106,6 +108,7 @@ def test_plan_skips_cells_with_records_unless_forced(toys, tmp_path):
     assert sweep.make_plan(ov).jobs == {}
 
 
+@pytest.mark.slow
 def test_plan_reuses_cached_backbone_and_force_retrains(toys, tmp_path):
     from bench.runner import MODEL_FILE, backbone_dir
 
@@ -127,6 +130,7 @@ def _records(jobs):
     return {j.name: j for j in jobs}
 
 
+@pytest.mark.slow
 def test_local_backend_dependencies_and_failure_isolation(tmp_path):
     ok, bad = functools.partial(time.sleep, 0.1), functools.partial(int, "x")  # cheap job callables
     jobs = _records(
@@ -222,6 +226,7 @@ def test_local_sweep_end_to_end(toys, tmp_path, capsys):
     assert "sweeps/first (cluster=local): 4 done" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_plan_skips_a_cell_whose_record_ran_a_per_task_variant(tmp_path):
     """Splat-and-Distill trains a no-blending backbone for correspondence (method.per_task): the
     runner's record carries the fingerprint of that variant, and the plan must compute the same one."""

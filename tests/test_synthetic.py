@@ -43,6 +43,7 @@ def test_layout_and_meta(root):
     assert smeta["classes"] == list(S.CLASSES) and smeta["seed"] == SEED and smeta["objects"]
 
 
+@pytest.mark.slow
 def test_deterministic_per_seed(root, tmp_path):
     again = S.generate(tmp_path / "b", SCENES, VIEWS, SIZE, SEED, workers=2)  # also: workers don't matter
     assert _files(again) == _files(root)
@@ -54,6 +55,7 @@ def test_deterministic_per_seed(root, tmp_path):
     assert a["synth_0000/meta.json"] != c["synth_0000/meta.json"]
 
 
+@pytest.mark.slow
 def test_workers_run_from_a_script_without_main_guard(root, tmp_path):
     """Worker processes are fresh interpreters: a plain script (no ``if __name__ == "__main__"``) that
     generates scenes with 2 workers runs once and writes the same files as the in-process path."""
@@ -72,6 +74,7 @@ def test_workers_run_from_a_script_without_main_guard(root, tmp_path):
     assert _files(tmp_path / "w") == _files(root)
 
 
+@pytest.mark.slow
 def test_worker_failure_is_one_clear_error(tmp_path):
     (tmp_path / "synth_0001").write_text("a file where scene 1's folder must go")
     with pytest.raises(BenchError, match="worker process.*synth_0001") as e:

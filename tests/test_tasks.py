@@ -307,6 +307,7 @@ ROOMS = [
 ]
 
 
+@pytest.mark.slow
 def test_pretrained_features_beat_random_init_on_synth_depth(tmp_path):
     """ImageNet EfficientNet-Lite0 vs the same architecture at random init (two inits), same linear
     probe, same rooms. Measured on 2 cores: 0.531 vs 0.646 / 0.732 RMSE; over generator seeds 1-4 with
@@ -360,6 +361,7 @@ class FakeRGBD(torch.utils.data.Dataset):
         return self.items[i]
 
 
+@pytest.mark.slow
 def test_real_task_path_with_augmentation_crop_and_sliding(tmp_path):
     from bench.backbones import build_backbone
 
@@ -413,6 +415,7 @@ def test_real_task_path_with_augmentation_crop_and_sliding(tmp_path):
         TASKS.get("nyu_depth")().check(cfg)
 
 
+@pytest.mark.slow
 def test_runner_records_the_protocol_and_honours_concat_original(synth_env, tmp_path):
     from bench.runner import run_cell
 

@@ -156,6 +156,7 @@ def test_resume_refuses_a_different_run(tmp_path):
         _toy_run(tmp_path / "a", total=20)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_last_good(tmp_path):
     with pytest.raises(NonFiniteLossError) as e:
         _toy_run(tmp_path / "nan", nan_at=7)
