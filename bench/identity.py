@@ -31,7 +31,7 @@ Paths are replaced by what they point at, so that two spellings of one input giv
   a file that does not exist is dropped, as any path;
 * ``method.reconstructor.checkpoint`` counts unless ``method.reconstructor.name`` is ``depth``
   (the one reconstructor that reads no checkpoint; :data:`UNUSED_UNLESS`).
-* a key added after records were written (:data:`ADDED_KEYS`; protocol keys: :data:`ABSENT_EQUIVALENT`)
+* a key added after records were written (:data:`ADDED_KEYS`)
   counts only when its value differs from the behaviour the code had before the key existed: those records
   keep their fingerprints, and a cell that selects the new behaviour gets a new one.
 
@@ -61,20 +61,16 @@ UNUSED_UNLESS: Dict[str, Callable[[Mapping[str, Any]], bool]] = {
         ((c.get("method") or {}).get("reconstructor") or {}).get("name") != "depth"
     ),
 }
-# Protocol keys (dotted, inside task.protocol) added after records were fingerprinted, with the value that
-# the code used before the key existed: a protocol that states exactly that value fingerprints as if the
-# key were absent (the same computation, so the same cell), any other value enters the fingerprint.
-# (issue 26: the schedule's betas / shuffle and the linear protocols' code version, the depth test clamp and
-# empty-image rule became required keys; the committed linear-protocol records keep their fingerprints.)
-ABSENT_EQUIVALENT: Dict[str, Any] = {
-    "code_version": "fit3d_evaluation",
-    "schedule.betas": [0.9, 0.999],
-    "schedule.shuffle": True,
-    "test.clamp": True,
-    "eval.empty_images": "drop",
-}
-# dotted key -> the value that reproduces what the code did before the key existed (left out of the identity)
+# dotted key -> the value that reproduces what the code did before the key existed (left out of the identity):
+# a config that states exactly that value fingerprints as if the key were absent (the same computation, so the
+# same cell), any other value enters the fingerprint
 ADDED_KEYS: Dict[str, Any] = {
+    # issue 26: protocol keys that became required (the committed linear-protocol records keep their fingerprints)
+    "task.protocol.code_version": "fit3d_evaluation",
+    "task.protocol.schedule.betas": [0.9, 0.999],
+    "task.protocol.schedule.shuffle": True,
+    "task.protocol.test.clamp": True,
+    "task.protocol.eval.empty_images": "drop",
     "method.lift.feature_covariance": "true_covariance",  # Splat-and-Distill's feature splat before the official render
     "method.head.prototype_init": "trunc_normal",  # Splat-and-Distill's prototypes before the official init
     "method.views.order": "uniform",  # Splat-and-Distill's view sampling before the official rules
@@ -263,25 +259,9 @@ def _digest_files(c: Dict[str, Any]) -> Dict[str, Any]:
     return c
 
 
-def _drop_absent_equivalent(task: Dict[str, Any]) -> None:
-    """Remove from ``task["protocol"]`` the keys of :data:`ABSENT_EQUIVALENT` that hold their old implicit value."""
-    proto = task.get("protocol")
-    if not isinstance(proto, dict):
-        return
-    for dotted, old in ABSENT_EQUIVALENT.items():
-        *parents, leaf = dotted.split(".")
-        node: Any = proto
-        for k in parents:
-            node = node.get(k) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf in node and node[leaf] == old:
-            del node[leaf]
-
-
 def components(cfg: Any) -> Dict[str, Any]:
     """The normalised parts of a composed config that determine a cell's number (seed excluded)."""
     c = _digest_files(_drop_unused(to_container(cfg)))
-    if isinstance(c.get("task"), dict):
-        _drop_absent_equivalent(c["task"])
     paths = c.get("paths") or {}
     method = _normalise(c.get("method") or {}, paths)
     backbone = _normalise(c.get("backbone") or {}, paths)

@@ -20,7 +20,6 @@ from typing import Any, Iterable, Iterator, Mapping, Tuple
 from omegaconf import DictConfig
 
 from .config import to_container
-from .io import check_space, size_text  # noqa: F401  (re-exported for callers of preflight)
 from .errors import BenchError, CheckpointError, what_is_at
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")

@@ -15,8 +15,6 @@ from typing import Any, Dict, List, Mapping
 
 from omegaconf import DictConfig
 
-from bench.schema import apply_code_version  # noqa: F401  (the rule lives with the schema that checks it)
-
 
 def _canon(v: Any) -> Any:
     if isinstance(v, Mapping):
