@@ -384,4 +384,4 @@ def test_stage2_batches_drop_the_last_incomplete_one_as_the_official_loader():
     kept = [epoch_batches(s, 7, 3, seed=0) for s in range(3)]
     assert [len(b) for b in kept] == [3, 3, 1] and sorted(sum(kept, [])) == list(range(7))
     assert compose(["method=fit3d"]).method.stage2.drop_last is True
-    assert compose(["experiment=mini_benchmark", "method=fit3d"]).method.stage2.drop_last is False
+    assert compose(["experiment=mini_benchmark", "method=fit3d"]).method.stage2.drop_last is True
