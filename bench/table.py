@@ -440,6 +440,14 @@ DIAGNOSTIC_COLUMNS = [
     ("kl_last", "KL last"),
     ("head_cos_first", "head cos first"),
     ("head_cos_last", "head cos last"),
+    # collapse diagnostics (issue 30; docs/methods/splat_distill.md): entropy of the per-cell argmax prototype
+    # histogram (0 = every cell on one prototype) and student/teacher argmax agreement
+    ("student_argmax_entropy_first", "student argmax H first"),
+    ("student_argmax_entropy_last", "student argmax H last"),
+    ("teacher_argmax_entropy_first", "teacher argmax H first"),
+    ("teacher_argmax_entropy_last", "teacher argmax H last"),
+    ("agreement_first", "agreement first"),
+    ("agreement_last", "agreement last"),
 ]
 
 
