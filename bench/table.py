@@ -592,8 +592,10 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
                 "",
                 "Per trained backbone (its cache key), from its `train_info.json`: relative change of the held-out "
                 "features (and their 1 - cos), relative change of the adapted weights, first/last training loss, the "
-                "KL part of the distillation cross-entropy and the head's mean pairwise embedding cosine (collapse) "
-                "where the method has them (bench/diagnostics.py).",
+                "KL part of the distillation cross-entropy, the head's mean pairwise embedding cosine, and the "
+                "collapse diagnostics: the entropy (nats) of the histogram of each cell's most likely prototype "
+                "(student and teacher; 0 = every cell on one prototype) and the fraction of cells where they agree, "
+                "where the method has them (bench/diagnostics.py; first/last = means over the first/last tenth).",
                 "",
                 tabulate(
                     diag,
