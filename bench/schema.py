@@ -1,8 +1,12 @@
-"""Typed schemas of the config groups ``method``, ``task.protocol(s)`` and ``cluster``.
+"""Typed schemas of the config groups ``method``, ``task.protocol(s)`` and ``cluster``, and the check of a
+composed config against them.
 
-Every method, the probing protocols and the cluster back-ends have a dataclass here (the key names,
-their types, which keys a config of that kind must have), registered in hydra's ConfigStore under
-``schema/<group>/<name>`` (``schema/method/splat_distill``, ``schema/protocol/dense``,
+Each method's schema (its key names, their types, which keys a config of that method must have) lives
+beside the method (``methods/splat_distill/schema.py``, ``baselines/fit3d/schema.py``, ...) and registers
+itself in :data:`bench.registry.METHOD_SCHEMAS`; :func:`method_schemas` reads them. This module holds the
+generic machinery, the pieces several methods share (:class:`SceneData`, :class:`Diagnostics`,
+:class:`Cadence`), the probing protocols and the cluster back-ends. Every schema is also stored in hydra's
+ConfigStore under ``schema/<group>/<name>`` (``schema/method/splat_distill``, ``schema/protocol/dense``,
 ``schema/cluster/slurm``, ...). :func:`check` validates a composed config against them before any
 work (``bench.preflight.validate`` calls it): a key that no schema knows -- a misspelling in an
 experiment recipe, a ``+key=value`` on the command line -- or a value of the wrong type is one
@@ -34,16 +38,17 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from omegaconf import MISSING
 
 from .errors import BenchError, UnknownNameError
+from .registry import METHOD_SCHEMAS
 
 REQ: Any = MISSING  # a key the config must have; its value (the default) lives in the yaml
 
 
-def _key(name: str):
-    """A field whose config key is not a python identifier (``from``)."""
+def keyed(name: str):
+    """A required field whose config key is not a python identifier (``from``)."""
     return field(default=REQ, metadata={"key": name})
 
 
-def _file(*words: str):
+def file_input(*words: str):
     """A key whose value is a file that decides a cell's number (a checkpoint, weights): it enters the cell
     fingerprint and the trained-backbone key by the digest of its content (:mod:`bench.identity`).
     ``words``: values that name no file (e.g. ``hub``)."""
@@ -88,271 +93,6 @@ class Cadence:
     keep_last: int = REQ
     progress: bool = REQ
     log_every: int = REQ
-
-
-@dataclass
-class DINOv2Method:
-    """The raw teacher: nothing to configure."""
-
-    name: str = REQ
-
-
-@dataclass
-class SnDViews:
-    gap: Any = REQ  # int | [min, max]
-    target: str = REQ
-    order: str = REQ
-    contiguous: bool = REQ
-    keep_bad: bool = REQ
-
-
-@dataclass
-class SnDAdapter:
-    mode: str = REQ
-    r: int = REQ
-    alpha: float = REQ
-    dropout: float = REQ
-    target_modules: Any = REQ  # official | attention | [suffixes]
-
-
-@dataclass
-class SnDHead:
-    prototypes: int = REQ
-    hidden_dim: int = REQ
-    bottleneck_dim: int = REQ
-    student_temp: float = REQ
-    teacher_temp: float = REQ
-    train_gain: bool = REQ
-    prototype_init: str = REQ
-
-
-@dataclass
-class SnDTeacher:
-    momentum: float = REQ
-    every: int = REQ
-    frozen: bool = REQ
-    ema: str = REQ
-    dropout: bool = REQ
-
-
-@dataclass
-class SnDReconstructor:
-    name: str = REQ
-    scale_mult: float = REQ
-    checkpoint: Optional[str] = _file()
-    near: float = REQ
-    far: float = REQ
-
-
-@dataclass
-class SnDLift:
-    resize: str = REQ
-    upsample: str = REQ
-    upsample_grid: str = REQ
-    all_excluded: str = REQ
-    masks: str = REQ
-    slic_segments: int = REQ
-    slic_compactness: float = REQ
-    alpha_threshold: float = REQ
-    coverage: str = REQ
-    uncovered: str = REQ
-    normalize_alpha: bool = REQ
-    feature_covariance: str = REQ
-    blending: bool = REQ
-    blend_alpha: float = REQ
-    blend_segments: str = REQ
-    render_basis: str = REQ
-
-
-@dataclass
-class SnDOptim:
-    lr: float = REQ
-    warmup_pct: float = REQ
-    steps: int = REQ
-    batch_size: int = REQ
-    grad_clip: Optional[float] = REQ
-    accumulate: int = 1
-
-
-@dataclass
-class SplatDistillMethod(Cadence):
-    name: str = REQ
-    data: SceneData = REQ
-    views: SnDViews = REQ
-    adapter: SnDAdapter = REQ
-    head: SnDHead = REQ
-    teacher: SnDTeacher = REQ
-    reconstructor: SnDReconstructor = REQ
-    lift: SnDLift = REQ
-    loss: str = REQ
-    optim: SnDOptim = REQ
-    per_task: Dict[str, Any] = REQ  # task kind -> method keys (checked against this schema)
-    diagnostics: Diagnostics = REQ
-    export: str = REQ
-
-
-@dataclass
-class Fit3DLR:
-    means: float = REQ
-    means_final: float = REQ
-    scales: float = REQ
-    quats: float = REQ
-    opacities: float = REQ
-    colors: float = REQ
-    features: float = REQ
-    decoder: float = REQ
-
-
-@dataclass
-class Fit3DDensify:
-    from_: int = _key("from")
-    until: int = REQ
-    every: int = REQ
-    grad_threshold: float = REQ
-    percent_dense: float = REQ
-    min_opacity: float = REQ
-    max_screen_size: float = REQ
-    world_size: float = REQ
-    max_gaussians: Optional[int] = REQ
-
-
-@dataclass
-class Fit3DStage1:
-    iterations: int = REQ
-    init_points: int = REQ
-    init_opacity: float = REQ
-    feature_dim: int = REQ
-    lambda_dssim: float = REQ
-    feature_weight: float = REQ
-    lr: Fit3DLR = REQ
-    densify: Fit3DDensify = REQ
-    opacity_reset_every: int = REQ
-    reset_opacity_to: float = REQ
-    eval: bool = REQ
-    ckpt_every: int = REQ
-
-
-@dataclass
-class Fit3DStage2:
-    lr: float = REQ
-    weight_decay: float = REQ
-    batch_size: int = REQ
-    epochs: int = REQ
-    steps: Optional[int] = REQ
-    drop_last: bool = REQ
-    grad_clip: Optional[float] = REQ
-    batchnorm: str = REQ
-    loss_mask: str = REQ
-    hflip: float = REQ
-    alpha_threshold: float = REQ
-    cached_scenes: int = REQ
-
-
-@dataclass
-class Fit3DMethod(Cadence):
-    name: str = REQ
-    data: SceneData = REQ
-    resize: str = REQ
-    scene_cache: str = REQ
-    stage1: Fit3DStage1 = REQ
-    stage2: Fit3DStage2 = REQ
-    diagnostics: Diagnostics = REQ
-
-
-@dataclass
-class MEFData:
-    dataset: str = REQ
-    root: Optional[str] = REQ
-    objects: Any = REQ  # null | N | [ids]
-    held_out: Any = REQ  # count | fraction
-    views: int = REQ
-    size: Any = REQ
-    seed: int = REQ
-    supersample: int = REQ
-    scenes: Any = None  # the shared recipes' set-size key (used when objects is null)
-
-
-@dataclass
-class MEFLoRA:
-    r: int = REQ
-    blocks: int = REQ
-    qv_only: bool = REQ
-
-
-@dataclass
-class MEFInput:
-    target_res: Any = REQ  # auto | null | int
-    stride: int = REQ
-
-
-@dataclass
-class MEFLoss:
-    pos_thresh: float = REQ
-    neg_thresh: float = REQ
-    temperature: float = REQ
-
-
-@dataclass
-class MEFOptim:
-    lr: float = REQ
-    weight_decay: float = REQ
-    steps: int = REQ
-    batch_size: int = REQ
-    grad_clip: Optional[float] = REQ
-
-
-@dataclass
-class MEFEval:
-    pairs: int = REQ
-    points: int = REQ
-
-
-@dataclass
-class MEFMethod(Cadence):
-    name: str = REQ
-    data: MEFData = REQ
-    points: int = REQ
-    max_angle: float = REQ
-    augment: bool = REQ
-    lora: MEFLoRA = REQ
-    input: MEFInput = REQ
-    loss: MEFLoss = REQ
-    optim: MEFOptim = REQ
-    export_stride: Optional[int] = REQ
-    eval: MEFEval = REQ
-
-
-@dataclass
-class OfficialMethod:
-    """A released checkpoint loaded into the backbone (no training)."""
-
-    name: str = REQ
-    variant: str = REQ
-    repo: str = REQ
-    revision: Optional[str] = REQ
-    checkpoint: Optional[str] = _file()
-
-
-@dataclass
-class SnDOfficialMethod(OfficialMethod):
-    blending: bool = REQ
-    per_task: Dict[str, Any] = REQ
-
-
-@dataclass
-class MEFOfficialMethod(OfficialMethod):
-    export_stride: Optional[int] = REQ
-
-
-METHODS: Dict[str, type] = {
-    "dinov2": DINOv2Method,
-    "splat_distill": SplatDistillMethod,
-    "fit3d": Fit3DMethod,
-    "mef": MEFMethod,
-    "snd_official": SnDOfficialMethod,
-    "fit3d_official": OfficialMethod,
-    "mef_official": MEFOfficialMethod,
-}
 
 
 # ----------------------------------------------------------------------------------------- protocols
@@ -648,28 +388,35 @@ def file_keys() -> Dict[str, tuple]:
     """Every config key whose value is a file that decides a number (dotted; ``*`` = any name) -> its words
     that name no file: the marked keys of every method and protocol schema, and :data:`OTHER_FILE_KEYS`."""
     out = dict(OTHER_FILE_KEYS)
-    for schema in METHODS.values():
+    for schema in method_schemas().values():
         out.update(file_fields(schema, "method"))
     out.update(file_fields(DenseProtocol, "task.protocol"))
     out.update(file_fields(CorrespondenceProtocol, "task.protocol"))
     return out
 
 
-def register_method(name: str, node: type) -> None:
-    """The schema of a plugin method (registered by a script): its keys are checked, and join the union
-    that other methods' configs may carry."""
+def method_schemas() -> Dict[str, type]:
+    """Method name -> its schema, as each method registers it beside its code
+    (``@METHOD_SCHEMAS.register("splat_distill", ...)`` in ``methods/splat_distill/schema.py``; importing the
+    plugins of :data:`bench.registry.PLUGIN_MODULES` on first use). Each is also stored in hydra's
+    ConfigStore as ``schema/method/<name>``."""
     from hydra.core.config_store import ConfigStore
 
-    METHODS[name] = node
-    ConfigStore.instance().store(group="schema/method", name=name, node=node)
+    out = {e.name: e.obj for e in METHOD_SCHEMAS.entries()}
+    repo = ConfigStore.instance().repo.get("schema", {}).get("method", {})
+    for name, node in out.items():
+        if f"{name}.yaml" not in repo:
+            ConfigStore.instance().store(group="schema/method", name=name, node=node)
+    return out
 
 
 def register() -> None:
-    """Store every schema in hydra's ConfigStore (``schema/<group>/<name>``)."""
+    """Store the protocol and cluster schemas in hydra's ConfigStore (``schema/<group>/<name>``); the
+    methods' schemas are stored as they are looked up (:func:`method_schemas`)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    for group, table in (("method", METHODS), ("protocol", PROTOCOLS), ("cluster", CLUSTERS)):
+    for group, table in (("protocol", PROTOCOLS), ("cluster", CLUSTERS)):
         for name, node in table.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
 
@@ -829,10 +576,11 @@ def _recipe_hint(cfg: Mapping[str, Any]) -> str:
 def check_method(method: Mapping[str, Any], where: str = "") -> None:
     """``method.*`` against the selected method's schema, other methods' keys accepted (module docstring)."""
     name = method.get("name")
-    schema = METHODS.get(str(name))
+    schemas = method_schemas()
+    schema = schemas.get(str(name))
     if schema is None:
         return  # a plugin method without a schema
-    others = [s for n, s in METHODS.items() if n != name]
+    others = [s for n, s in schemas.items() if n != name]
     check_node(method, schema, "method", alternatives=others, where=where)
     for kind, sub in dict(method.get(PER_TASK_KEY) or {}).items():
         check_node(sub, schema, f"method.{PER_TASK_KEY}.{kind}", required=False, alternatives=others, where=where)
