@@ -10,7 +10,9 @@ ConfigStore under ``schema/<group>/<name>`` (``schema/method/splat_distill``, ``
 ``schema/cluster/slurm``, ...). :func:`check` validates a composed config against them before any
 work (``bench.preflight.validate`` calls it): a key that no schema knows -- a misspelling in an
 experiment recipe, a ``+key=value`` on the command line -- or a value of the wrong type is one
-:class:`bench.errors.BenchError` naming the key and the nearest valid key.
+:class:`bench.errors.BenchError` naming the key and the nearest valid key. omegaconf does the checking
+(:func:`check_node`: a copy of each node merged into ``OmegaConf.structured(schema)``, then thrown away);
+bench translates its errors into those lines.
 
 The schemas *validate*; they do not fill anything in. The yaml files under ``bench/conf`` stay the one
 place of every default, and the config that is run, recorded and fingerprinted (:mod:`bench.identity`)
@@ -588,8 +590,11 @@ def _foreign(
 ) -> None:
     """A key ``schema`` lacks (at ``parts`` below it): checked against the first alternative (another method's
     schema, at the same path) that has it, with its type there; a key no schema has is an error."""
-    own, alts = schema, list(alternatives)
+    own, alts, named = schema, list(alternatives), False
     for p in parts[:-1]:
+        if named:  # the name under a Dict[str, <dataclass>] field: its value has that dataclass's keys
+            named = False
+            continue
         k = names.get(p, p)
         f = _fields(own).get(k) if own is not None else None
         nested = _nested(f.type) if f is not None else None
@@ -598,8 +603,8 @@ def _foreign(
             alts = [_nested(_fields(a)[k].type) for a in alts if k in _fields(a)]
             alts = [a for a in alts if a is not None]
             own = nested
-        elif items is not None:  # a name under Dict[str, <dataclass>]: no alternatives there
-            own, alts = items, []
+        elif items is not None:  # no alternatives under a dict of dataclasses
+            own, alts, named = items, [], True
         else:
             own = None
     key = str(parts[-1])
