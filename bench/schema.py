@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from omegaconf import MISSING, BooleanNode, DictConfig, FloatNode, IntegerNode, ListConfig, OmegaConf, StringNode
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .errors import BenchError, UnknownNameError
 from .registry import METHOD_SCHEMAS
@@ -562,12 +562,19 @@ def _wrong_type(key: str, value: Any, kind: str, where: str) -> SchemaError:
 def _type_error(e: ValidationError, node: Dict[str, Any], prefix: str, names: Mapping[str, str], where: str):
     """omegaconf's ValidationError -> ``key=value must be <kind>`` (a list element: the whole list)."""
     parent, child = e.parent_node, e.child_node
-    if isinstance(parent, ListConfig):
-        parts, target = _path(parent._get_parent(), parent._key()), parent
-    else:
-        parts = _path(parent, e.key)
-        target = child if child is not None else parent._get_node(e.key)
-    return _wrong_type(_dotted(prefix, parts, names), _get(node, parts), _kind(target), where)
+    try:
+        if isinstance(parent, ListConfig):
+            parts, target = _path(parent._get_parent(), parent._key()), parent
+        else:
+            parts = _path(parent, e.key)
+            target = child if child is not None else parent._get_node(e.key)
+        return _wrong_type(_dotted(prefix, parts, names), _get(node, parts), _kind(target), where)
+    except (AttributeError, KeyError, IndexError, TypeError):  # an error omegaconf places elsewhere (a bad key)
+        msg = str(e).strip().splitlines()[0]
+        full = _dotted(prefix, str(e.full_key).split("."), names) if e.full_key else prefix
+        return SchemaError(
+            f"{full}: {msg}{where}", f"see the schema of {prefix} (`python -m bench run --print-config`)"
+        )
 
 
 def _refuse_conversions(node: Any, merged: Any, parts: List[Any], prefix: str, names: Mapping[str, str], where: str):
@@ -655,6 +662,9 @@ def check_node(
             del _get(own, parts[:-1])[parts[-1]]
         except ValidationError as e:
             raise _type_error(e, own, prefix, names, where) from None
+        except OmegaConfBaseException as e:  # e.g. a key that is not a string under Dict[str, ...]
+            full = _dotted(prefix, str(e.full_key).split("."), names) if e.full_key else prefix
+            raise SchemaError(f"{full}: {str(e).strip().splitlines()[0]}{where}", "use string keys there") from None
     _refuse_conversions(own, merged, [], prefix, names, where)
     if required:
         missing = sorted(OmegaConf.missing_keys(merged))
