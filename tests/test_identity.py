@@ -410,7 +410,9 @@ def test_every_file_valued_schema_key_is_an_identity_input():
     from bench import schema as sch
 
     keys = sch.file_keys()
-    nodes = [(s, "method") for s in sch.method_schemas().values()] + [(s, "task.protocol") for s in sch.PROTOCOLS.values()]
+    nodes = [(s, "method") for s in sch.method_schemas().values()] + [
+        (s, "task.protocol") for s in sch.PROTOCOLS.values()
+    ]
     marked = set(sch.OTHER_FILE_KEYS)
     for node, prefix in nodes:
         for dotted, f in _schema_str_fields(node, prefix):
@@ -418,7 +420,9 @@ def test_every_file_valued_schema_key_is_an_identity_input():
             if f.metadata.get("input") == "file":
                 marked.add(dotted)
             elif any(h in leaf for h in FILE_NAME_HINT):
-                pytest.fail(f"{dotted} looks file-valued but is not marked as a file in its schema (use bench.schema.file_input())")
+                pytest.fail(
+                    f"{dotted} looks file-valued but is not marked as a file in its schema (use bench.schema.file_input())"
+                )
     assert (
         marked == set(keys) and {"method.reconstructor.checkpoint", "method.checkpoint", "backbone.weights"} <= marked
     )
