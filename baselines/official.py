@@ -27,6 +27,7 @@ switch (``concat_original``), available for these methods like for any other.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -34,8 +35,36 @@ import torch
 
 from bench.checkpoint import StateDict, load_state_dict_strict, read_state_dict
 from bench.errors import BenchError, CheckpointError, what_is_at
-from bench.registry import METHODS, OFFICIAL_ADAPTERS
+from bench.registry import METHOD_SCHEMAS, METHODS, OFFICIAL_ADAPTERS
 from bench.safe_pickle import PickleRefused, load_torch
+from bench.schema import REQ, file_input
+
+
+# ------------------------------------------------------------------ config schemas (bench.schema)
+@METHOD_SCHEMAS.register("fit3d_official", "keys of method=fit3d_official")
+@dataclass
+class OfficialMethod:
+    """A released checkpoint loaded into the backbone (no training)."""
+
+    name: str = REQ
+    variant: str = REQ
+    repo: str = REQ
+    revision: Optional[str] = REQ
+    checkpoint: Optional[str] = file_input()
+
+
+@METHOD_SCHEMAS.register("snd_official", "keys of method=snd_official")
+@dataclass
+class SnDOfficialMethod(OfficialMethod):
+    blending: bool = REQ
+    per_task: Dict[str, Any] = REQ
+
+
+@METHOD_SCHEMAS.register("mef_official", "keys of method=mef_official")
+@dataclass
+class MEFOfficialMethod(OfficialMethod):
+    export_stride: Optional[int] = REQ
+
 
 PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "teacher.", "student.")
 

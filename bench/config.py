@@ -42,6 +42,27 @@ def search_path(overrides: Sequence[str]) -> List[str]:
     return dirs
 
 
+# hydra's own keys that name where output goes -> the bench key that does
+HYDRA_OUTPUT_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.runtime.output_dir")
+
+
+def _refuse_hydra_keys(overrides: Sequence[str]) -> None:
+    """``hydra.*`` overrides other than ``hydra.searchpath`` would be accepted by hydra's compose and have no
+    effect (bench composes with hydra but does not run as a hydra app): one error naming the key that works."""
+    for ov in overrides:
+        key, _, value = ov.lstrip("+~").partition("=")
+        if not key.startswith("hydra.") or key == "hydra.searchpath":
+            continue
+        if key in HYDRA_OUTPUT_KEYS:
+            fix = f"set the run directory with run_dir={value or '<dir>'} (or paths.output_dir=<dir> for every output)"
+        else:
+            fix = (
+                f"remove {key}: bench sets hydra's settings itself (the one hydra key it reads is "
+                "hydra.searchpath=[file://DIR], extra config directories)"
+            )
+        raise BenchError(f"the override {ov} has no effect: bench does not read hydra's {key}", fix)
+
+
 def _check_group_names(overrides: Sequence[str]) -> None:
     extra = search_path(overrides)
     for ov in overrides:
@@ -66,6 +87,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
     from omegaconf.errors import OmegaConfBaseException
 
     overrides = list(overrides)
+    _refuse_hydra_keys(overrides)
     _check_group_names(overrides)
     GlobalHydra.instance().clear()
     try:

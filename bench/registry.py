@@ -1,4 +1,5 @@
-"""Name -> implementation registries for methods, tasks, backbones, datasets and benchmarks.
+"""Name -> implementation registries for methods (and their config schemas), tasks, backbones, datasets and
+benchmarks.
 
 Implementations register themselves with a decorator next to their code::
 
@@ -6,7 +7,8 @@ Implementations register themselves with a decorator next to their code::
     class FrozenTeacher: ...
 
 :func:`load_plugins` imports every module listed in :data:`PLUGIN_MODULES`; adding a
-method or task means adding its module there (one line) plus its config file.
+method or task means adding its module there (one line) plus its config file; a method's schema registers
+in :data:`METHOD_SCHEMAS` beside it (``methods/<name>/schema.py``).
 """
 
 from __future__ import annotations
@@ -69,8 +71,12 @@ PERF = Registry("benchmark")
 # the declared hook through which a baseline that loads a released checkpoint reaches a method's code
 # (e.g. MEF's LoRA merge): methods register here, baselines look up, neither imports the other
 OFFICIAL_ADAPTERS = Registry("official checkpoint adapter")
+# each method's config schema (a dataclass, bench.schema), registered beside the method (its schema.py)
+METHOD_SCHEMAS = Registry("method schema")
 
-# Every module that registers something. One line per plugin module.
+# Every module that registers something. One line per plugin module (a method: its package, which imports its
+# method and schema modules; docs/ARCHITECTURE.md, "Adding a method"). A line added at run time is imported at
+# the next lookup.
 PLUGIN_MODULES = [
     "bench.backbones",
     "bench.data",
@@ -83,13 +89,12 @@ PLUGIN_MODULES = [
     "methods.mef",
 ]
 
-_loaded = False
+_loaded: set = set()
 
 
 def load_plugins() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for mod in PLUGIN_MODULES:
+    """Import every module of :data:`PLUGIN_MODULES` not imported yet."""
+    pending = [mod for mod in PLUGIN_MODULES if mod not in _loaded]
+    _loaded.update(pending)  # before importing: a lookup during an import does not start another round
+    for mod in pending:
         importlib.import_module(mod)

@@ -1,12 +1,18 @@
-"""Typed schemas of the config groups ``method``, ``task.protocol(s)`` and ``cluster``.
+"""Typed schemas of the config groups ``method``, ``task.protocol(s)`` and ``cluster``, and the check of a
+composed config against them.
 
-Every method, the probing protocols and the cluster back-ends have a dataclass here (the key names,
-their types, which keys a config of that kind must have), registered in hydra's ConfigStore under
-``schema/<group>/<name>`` (``schema/method/splat_distill``, ``schema/protocol/dense``,
+Each method's schema (its key names, their types, which keys a config of that method must have) lives
+beside the method (``methods/splat_distill/schema.py``, ``baselines/fit3d/schema.py``, ...) and registers
+itself in :data:`bench.registry.METHOD_SCHEMAS`; :func:`method_schemas` reads them. This module holds the
+generic machinery, the pieces several methods share (:class:`SceneData`, :class:`Diagnostics`,
+:class:`Cadence`), the probing protocols and the cluster back-ends. Every schema is also stored in hydra's
+ConfigStore under ``schema/<group>/<name>`` (``schema/method/splat_distill``, ``schema/protocol/dense``,
 ``schema/cluster/slurm``, ...). :func:`check` validates a composed config against them before any
 work (``bench.preflight.validate`` calls it): a key that no schema knows -- a misspelling in an
 experiment recipe, a ``+key=value`` on the command line -- or a value of the wrong type is one
-:class:`bench.errors.BenchError` naming the key and the nearest valid key.
+:class:`bench.errors.BenchError` naming the key and the nearest valid key. omegaconf does the checking
+(:func:`check_node`: a copy of each node merged into ``OmegaConf.structured(schema)``, then thrown away);
+bench translates its errors into those lines.
 
 The schemas *validate*; they do not fill anything in. The yaml files under ``bench/conf`` stay the one
 place of every default, and the config that is run, recorded and fingerprinted (:mod:`bench.identity`)
@@ -25,25 +31,30 @@ script) are not checked.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
+import json
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from omegaconf import MISSING
+from omegaconf import MISSING, BooleanNode, DictConfig, FloatNode, IntegerNode, ListConfig, OmegaConf, StringNode
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .errors import BenchError, UnknownNameError
+from .registry import METHOD_SCHEMAS
 
 REQ: Any = MISSING  # a key the config must have; its value (the default) lives in the yaml
 
 
-def _key(name: str):
-    """A field whose config key is not a python identifier (``from``)."""
+def keyed(name: str):
+    """A required field whose config key is not a python identifier (``from``)."""
     return field(default=REQ, metadata={"key": name})
 
 
-def _file(*words: str):
+def file_input(*words: str):
     """A key whose value is a file that decides a cell's number (a checkpoint, weights): it enters the cell
     fingerprint and the trained-backbone key by the digest of its content (:mod:`bench.identity`).
     ``words``: values that name no file (e.g. ``hub``)."""
@@ -88,271 +99,6 @@ class Cadence:
     keep_last: int = REQ
     progress: bool = REQ
     log_every: int = REQ
-
-
-@dataclass
-class DINOv2Method:
-    """The raw teacher: nothing to configure."""
-
-    name: str = REQ
-
-
-@dataclass
-class SnDViews:
-    gap: Any = REQ  # int | [min, max]
-    target: str = REQ
-    order: str = REQ
-    contiguous: bool = REQ
-    keep_bad: bool = REQ
-
-
-@dataclass
-class SnDAdapter:
-    mode: str = REQ
-    r: int = REQ
-    alpha: float = REQ
-    dropout: float = REQ
-    target_modules: Any = REQ  # official | attention | [suffixes]
-
-
-@dataclass
-class SnDHead:
-    prototypes: int = REQ
-    hidden_dim: int = REQ
-    bottleneck_dim: int = REQ
-    student_temp: float = REQ
-    teacher_temp: float = REQ
-    train_gain: bool = REQ
-    prototype_init: str = REQ
-
-
-@dataclass
-class SnDTeacher:
-    momentum: float = REQ
-    every: int = REQ
-    frozen: bool = REQ
-    ema: str = REQ
-    dropout: bool = REQ
-
-
-@dataclass
-class SnDReconstructor:
-    name: str = REQ
-    scale_mult: float = REQ
-    checkpoint: Optional[str] = _file()
-    near: float = REQ
-    far: float = REQ
-
-
-@dataclass
-class SnDLift:
-    resize: str = REQ
-    upsample: str = REQ
-    upsample_grid: str = REQ
-    all_excluded: str = REQ
-    masks: str = REQ
-    slic_segments: int = REQ
-    slic_compactness: float = REQ
-    alpha_threshold: float = REQ
-    coverage: str = REQ
-    uncovered: str = REQ
-    normalize_alpha: bool = REQ
-    feature_covariance: str = REQ
-    blending: bool = REQ
-    blend_alpha: float = REQ
-    blend_segments: str = REQ
-    render_basis: str = REQ
-
-
-@dataclass
-class SnDOptim:
-    lr: float = REQ
-    warmup_pct: float = REQ
-    steps: int = REQ
-    batch_size: int = REQ
-    grad_clip: Optional[float] = REQ
-    accumulate: int = 1
-
-
-@dataclass
-class SplatDistillMethod(Cadence):
-    name: str = REQ
-    data: SceneData = REQ
-    views: SnDViews = REQ
-    adapter: SnDAdapter = REQ
-    head: SnDHead = REQ
-    teacher: SnDTeacher = REQ
-    reconstructor: SnDReconstructor = REQ
-    lift: SnDLift = REQ
-    loss: str = REQ
-    optim: SnDOptim = REQ
-    per_task: Dict[str, Any] = REQ  # task kind -> method keys (checked against this schema)
-    diagnostics: Diagnostics = REQ
-    export: str = REQ
-
-
-@dataclass
-class Fit3DLR:
-    means: float = REQ
-    means_final: float = REQ
-    scales: float = REQ
-    quats: float = REQ
-    opacities: float = REQ
-    colors: float = REQ
-    features: float = REQ
-    decoder: float = REQ
-
-
-@dataclass
-class Fit3DDensify:
-    from_: int = _key("from")
-    until: int = REQ
-    every: int = REQ
-    grad_threshold: float = REQ
-    percent_dense: float = REQ
-    min_opacity: float = REQ
-    max_screen_size: float = REQ
-    world_size: float = REQ
-    max_gaussians: Optional[int] = REQ
-
-
-@dataclass
-class Fit3DStage1:
-    iterations: int = REQ
-    init_points: int = REQ
-    init_opacity: float = REQ
-    feature_dim: int = REQ
-    lambda_dssim: float = REQ
-    feature_weight: float = REQ
-    lr: Fit3DLR = REQ
-    densify: Fit3DDensify = REQ
-    opacity_reset_every: int = REQ
-    reset_opacity_to: float = REQ
-    eval: bool = REQ
-    ckpt_every: int = REQ
-
-
-@dataclass
-class Fit3DStage2:
-    lr: float = REQ
-    weight_decay: float = REQ
-    batch_size: int = REQ
-    epochs: int = REQ
-    steps: Optional[int] = REQ
-    drop_last: bool = REQ
-    grad_clip: Optional[float] = REQ
-    batchnorm: str = REQ
-    loss_mask: str = REQ
-    hflip: float = REQ
-    alpha_threshold: float = REQ
-    cached_scenes: int = REQ
-
-
-@dataclass
-class Fit3DMethod(Cadence):
-    name: str = REQ
-    data: SceneData = REQ
-    resize: str = REQ
-    scene_cache: str = REQ
-    stage1: Fit3DStage1 = REQ
-    stage2: Fit3DStage2 = REQ
-    diagnostics: Diagnostics = REQ
-
-
-@dataclass
-class MEFData:
-    dataset: str = REQ
-    root: Optional[str] = REQ
-    objects: Any = REQ  # null | N | [ids]
-    held_out: Any = REQ  # count | fraction
-    views: int = REQ
-    size: Any = REQ
-    seed: int = REQ
-    supersample: int = REQ
-    scenes: Any = None  # the shared recipes' set-size key (used when objects is null)
-
-
-@dataclass
-class MEFLoRA:
-    r: int = REQ
-    blocks: int = REQ
-    qv_only: bool = REQ
-
-
-@dataclass
-class MEFInput:
-    target_res: Any = REQ  # auto | null | int
-    stride: int = REQ
-
-
-@dataclass
-class MEFLoss:
-    pos_thresh: float = REQ
-    neg_thresh: float = REQ
-    temperature: float = REQ
-
-
-@dataclass
-class MEFOptim:
-    lr: float = REQ
-    weight_decay: float = REQ
-    steps: int = REQ
-    batch_size: int = REQ
-    grad_clip: Optional[float] = REQ
-
-
-@dataclass
-class MEFEval:
-    pairs: int = REQ
-    points: int = REQ
-
-
-@dataclass
-class MEFMethod(Cadence):
-    name: str = REQ
-    data: MEFData = REQ
-    points: int = REQ
-    max_angle: float = REQ
-    augment: bool = REQ
-    lora: MEFLoRA = REQ
-    input: MEFInput = REQ
-    loss: MEFLoss = REQ
-    optim: MEFOptim = REQ
-    export_stride: Optional[int] = REQ
-    eval: MEFEval = REQ
-
-
-@dataclass
-class OfficialMethod:
-    """A released checkpoint loaded into the backbone (no training)."""
-
-    name: str = REQ
-    variant: str = REQ
-    repo: str = REQ
-    revision: Optional[str] = REQ
-    checkpoint: Optional[str] = _file()
-
-
-@dataclass
-class SnDOfficialMethod(OfficialMethod):
-    blending: bool = REQ
-    per_task: Dict[str, Any] = REQ
-
-
-@dataclass
-class MEFOfficialMethod(OfficialMethod):
-    export_stride: Optional[int] = REQ
-
-
-METHODS: Dict[str, type] = {
-    "dinov2": DINOv2Method,
-    "splat_distill": SplatDistillMethod,
-    "fit3d": Fit3DMethod,
-    "mef": MEFMethod,
-    "snd_official": SnDOfficialMethod,
-    "fit3d_official": OfficialMethod,
-    "mef_official": MEFOfficialMethod,
-}
 
 
 # ----------------------------------------------------------------------------------------- protocols
@@ -648,34 +394,42 @@ def file_keys() -> Dict[str, tuple]:
     """Every config key whose value is a file that decides a number (dotted; ``*`` = any name) -> its words
     that name no file: the marked keys of every method and protocol schema, and :data:`OTHER_FILE_KEYS`."""
     out = dict(OTHER_FILE_KEYS)
-    for schema in METHODS.values():
+    for schema in method_schemas().values():
         out.update(file_fields(schema, "method"))
     out.update(file_fields(DenseProtocol, "task.protocol"))
     out.update(file_fields(CorrespondenceProtocol, "task.protocol"))
     return out
 
 
-def register_method(name: str, node: type) -> None:
-    """The schema of a plugin method (registered by a script): its keys are checked, and join the union
-    that other methods' configs may carry."""
+def method_schemas() -> Dict[str, type]:
+    """Method name -> its schema, as each method registers it beside its code
+    (``@METHOD_SCHEMAS.register("splat_distill", ...)`` in ``methods/splat_distill/schema.py``; importing the
+    plugins of :data:`bench.registry.PLUGIN_MODULES` on first use). Each is also stored in hydra's
+    ConfigStore as ``schema/method/<name>``."""
     from hydra.core.config_store import ConfigStore
 
-    METHODS[name] = node
-    ConfigStore.instance().store(group="schema/method", name=name, node=node)
+    out = {e.name: e.obj for e in METHOD_SCHEMAS.entries()}
+    repo = ConfigStore.instance().repo.get("schema", {}).get("method", {})
+    for name, node in out.items():
+        if f"{name}.yaml" not in repo:
+            ConfigStore.instance().store(group="schema/method", name=name, node=node)
+    return out
 
 
 def register() -> None:
-    """Store every schema in hydra's ConfigStore (``schema/<group>/<name>``)."""
+    """Store the protocol and cluster schemas in hydra's ConfigStore (``schema/<group>/<name>``); the
+    methods' schemas are stored as they are looked up (:func:`method_schemas`)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    for group, table in (("method", METHODS), ("protocol", PROTOCOLS), ("cluster", CLUSTERS)):
+    for group, table in (("protocol", PROTOCOLS), ("cluster", CLUSTERS)):
         for name, node in table.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
 
 
 # ---------------------------------------------------------------------------------------- validation
 def _fields(schema: type) -> Dict[str, dataclasses.Field]:
+    """Config key -> dataclass field (with its resolved type) of ``schema``."""
     hints = typing.get_type_hints(schema)
     out = {}
     for f in dataclasses.fields(schema):
@@ -684,52 +438,12 @@ def _fields(schema: type) -> Dict[str, dataclasses.Field]:
     return out
 
 
-def _required(f: dataclasses.Field) -> bool:
-    return f.default is REQ or f.default == MISSING
-
-
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
     if typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) < len(typing.get_args(tp)):
             return (args[0] if len(args) == 1 else typing.Union[tuple(args)]), True
     return tp, False
-
-
-def _type_name(tp: Any) -> str:
-    tp, optional = _strip_optional(tp)
-    origin = typing.get_origin(tp)
-    if origin in (list, List):
-        name = f"a list of {_type_name(typing.get_args(tp)[0])}"
-    elif origin in (dict, Dict) or dataclasses.is_dataclass(tp):
-        name = "a mapping"
-    else:
-        name = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
-    return f"{name} or null" if optional else name
-
-
-def _leaf_ok(v: Any, tp: Any) -> bool:
-    if tp is Any:
-        return True
-    tp, optional = _strip_optional(tp)
-    if v is None:
-        return optional
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        return any(_leaf_ok(v, a) for a in typing.get_args(tp))
-    if origin in (list, List):
-        return isinstance(v, list) and all(_leaf_ok(x, typing.get_args(tp)[0]) for x in v)
-    if origin in (dict, Dict):
-        return isinstance(v, dict)
-    if tp is bool:
-        return isinstance(v, bool)
-    if tp is int:
-        return isinstance(v, int) and not isinstance(v, bool)
-    if tp is float:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-    if tp is str:
-        return isinstance(v, str)
-    return isinstance(v, tp)
 
 
 def _nested(tp: Any) -> Optional[type]:
@@ -760,6 +474,163 @@ def unknown_key(key: str, valid: Sequence[str], where: str = "") -> SchemaError:
     )
 
 
+# ---------------------------------------------------------------- validation: OmegaConf structured merges
+# A node is checked by merging a copy of it into ``OmegaConf.structured(schema)``: omegaconf finds the keys the
+# schema lacks (ConfigKeyError), the values it cannot take (ValidationError) and the required keys left
+# ``???`` (missing_keys). The merged copy is thrown away. Two additions keep bench's rules: a key the schema
+# lacks is looked up in the alternatives (other methods' schemas) before it is an error, and a value omegaconf
+# would have converted (3 -> true, 5 -> '5', '5' -> 5; only an int for a float is fine) is a wrong type.
+_PASSED: set = set()  # (schema, required, alternatives, node as JSON) of the nodes that passed
+
+
+@functools.lru_cache(maxsize=None)
+def _structured(schema: type) -> DictConfig:
+    return OmegaConf.structured(schema)
+
+
+def _to_fields(node: Dict[str, Any], schema: type) -> Dict[str, Any]:
+    """``node`` with its config keys that are not python identifiers (``from``) renamed to their dataclass
+    field (``from_``), nested nodes too."""
+    fields = _fields(schema)
+    out = {}
+    for k, v in node.items():
+        f = fields.get(k)
+        if f is not None and isinstance(v, Mapping):
+            nested, items = _nested(f.type), _dict_of(f.type)
+            if nested is not None:
+                v = _to_fields(dict(v), nested)
+            elif items is not None:
+                v = {n: _to_fields(dict(s), items) if isinstance(s, Mapping) else s for n, s in v.items()}
+        out[f.name if f is not None else k] = v
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _config_keys(schema: type) -> Dict[str, str]:
+    """Dataclass field -> config key, where they differ (``from_`` -> ``from``), in ``schema`` and below."""
+    out: Dict[str, str] = {}
+    for key, f in _fields(schema).items():
+        if f.name != key:
+            out[f.name] = key
+        nested = _nested(f.type) or _dict_of(f.type)
+        if nested is not None:
+            out.update(_config_keys(nested))
+    return out
+
+
+def _path(parent: Any, key: Any) -> List[Any]:
+    """Keys from the merged config's root to ``parent[key]``."""
+    parts = [key]
+    node = parent
+    while node is not None and node._get_parent() is not None:
+        parts.append(node._key())
+        node = node._get_parent()
+    return parts[::-1]
+
+
+def _dotted(prefix: str, parts: Sequence[Any], names: Mapping[str, str]) -> str:
+    return ".".join([prefix, *(str(names.get(p, p)) for p in parts)])
+
+
+def _get(node: Any, parts: Sequence[Any]) -> Any:
+    for p in parts:
+        node = node[p]
+    return node
+
+
+def _kind(node: Any) -> str:
+    """What an omegaconf node takes, in words (``an integer or null``)."""
+    if isinstance(node, ListConfig):
+        element = node._metadata.element_type
+        words = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
+        name = f"a list of {words[element]}" if element in words else "a list"
+    elif isinstance(node, DictConfig):
+        name = "a mapping"
+    else:
+        name = {IntegerNode: "an integer", FloatNode: "a number", BooleanNode: "true or false"}.get(
+            type(node), "a string"
+        )
+    return f"{name} or null" if node._is_optional() else name
+
+
+def _wrong_type(key: str, value: Any, kind: str, where: str) -> SchemaError:
+    if kind == "a mapping":
+        return SchemaError(f"{key}={value!r} must be a mapping{where}", f"write {key} as {{key: value, ...}}")
+    return SchemaError(f"{key}={value!r} must be {kind}{where}", f"pass {key}=<{kind}>")
+
+
+def _type_error(e: ValidationError, node: Dict[str, Any], prefix: str, names: Mapping[str, str], where: str):
+    """omegaconf's ValidationError -> ``key=value must be <kind>`` (a list element: the whole list)."""
+    parent, child = e.parent_node, e.child_node
+    try:
+        if isinstance(parent, ListConfig):
+            parts, target = _path(parent._get_parent(), parent._key()), parent
+        else:
+            parts = _path(parent, e.key)
+            target = child if child is not None else parent._get_node(e.key)
+        return _wrong_type(_dotted(prefix, parts, names), _get(node, parts), _kind(target), where)
+    except (AttributeError, KeyError, IndexError, TypeError):  # an error omegaconf places elsewhere (a bad key)
+        msg = str(e).strip().splitlines()[0]
+        full = _dotted(prefix, str(e.full_key).split("."), names) if e.full_key else prefix
+        return SchemaError(
+            f"{full}: {msg}{where}", f"see the schema of {prefix} (`python -m bench run --print-config`)"
+        )
+
+
+def _refuse_conversions(node: Any, merged: Any, parts: List[Any], prefix: str, names: Mapping[str, str], where: str):
+    """A value omegaconf converted to the declared type (3 -> true, 5 -> '5') is a wrong type."""
+    items = node.items() if isinstance(node, Mapping) else enumerate(node)
+    for k, v in items:
+        target = merged._get_node(k)
+        if isinstance(v, (Mapping, list)) and isinstance(target, (DictConfig, ListConfig)):
+            _refuse_conversions(v, target, parts + [k], prefix, names, where)
+        elif isinstance(target, (IntegerNode, FloatNode, BooleanNode, StringNode)) and v is not None:
+            taken = target._value()
+            if type(taken) is not type(v) and not (isinstance(target, FloatNode) and type(v) is int):
+                if isinstance(merged, ListConfig):  # an element: the list is named, as omegaconf's errors are
+                    raise _wrong_type(_dotted(prefix, parts, names), list(node), _kind(merged), where)
+                raise _wrong_type(_dotted(prefix, parts + [k], names), v, _kind(target), where)
+
+
+def _foreign(
+    parts: List[Any], value: Any, schema: type, alternatives: Sequence[type], prefix: str, names, where: str
+) -> None:
+    """A key ``schema`` lacks (at ``parts`` below it): checked against the first alternative (another method's
+    schema, at the same path) that has it, with its type there; a key no schema has is an error."""
+    own, alts, named = schema, list(alternatives), False
+    for p in parts[:-1]:
+        if named:  # the name under a Dict[str, <dataclass>] field: its value has that dataclass's keys
+            named = False
+            continue
+        k = names.get(p, p)
+        f = _fields(own).get(k) if own is not None else None
+        nested = _nested(f.type) if f is not None else None
+        items = _dict_of(f.type) if f is not None else None
+        if nested is not None:
+            alts = [_nested(_fields(a)[k].type) for a in alts if k in _fields(a)]
+            alts = [a for a in alts if a is not None]
+            own = nested
+        elif items is not None:  # no alternatives under a dict of dataclasses
+            own, alts, named = items, [], True
+        else:
+            own = None
+    key = str(parts[-1])
+    at = _dotted(prefix, parts[:-1], names)
+    cands = [a for a in alts if key in _fields(a)]
+    if not cands:
+        valid = list(_fields(own)) if own is not None else []
+        valid = list(dict.fromkeys(valid + [n for a in alts for n in _fields(a)]))
+        raise unknown_key(f"{at}.{key}", [f"{at}.{n}" for n in valid], where)
+    first: Optional[SchemaError] = None
+    for a in cands:
+        try:
+            check_node({key: value}, a, at, required=False, alternatives=[b for b in cands if b is not a], where=where)
+            return
+        except SchemaError as e:
+            first = first or e
+    raise first  # type: ignore[misc]
+
+
 def check_node(
     node: Mapping[str, Any],
     schema: type,
@@ -769,56 +640,43 @@ def check_node(
     alternatives: Sequence[type] = (),
     where: str = "",
 ) -> None:
-    """Validate the mapping ``node`` (at dotted ``prefix``) against ``schema``; a key ``schema`` lacks is
-    checked against the first of ``alternatives`` that has it (type included). ``required``: every
-    field without a default must be present (the selected schema only, never the alternatives)."""
-    own = _fields(schema)
-    alts = [_fields(a) for a in alternatives]
+    """Validate the mapping ``node`` (at dotted ``prefix``) against ``schema`` by merging a copy of it into
+    ``OmegaConf.structured(schema)``; a key ``schema`` lacks is checked against the first of ``alternatives``
+    that has it (type included). ``required``: every field without a default must be present (the selected
+    schema only, never the alternatives)."""
     if not isinstance(node, Mapping):
-        raise SchemaError(f"{prefix}={node!r} must be a mapping{where}", f"write {prefix} as {{key: value, ...}}")
-    for k, v in node.items():
-        key = f"{prefix}.{k}"
-        cands = [(own[k], True)] if k in own else [(a[k], False) for a in alts if k in a]
-        if not cands:
-            valid = list(own) + [n for a in alts for n in a if n not in own]
-            raise unknown_key(key, [f"{prefix}.{n}" for n in dict.fromkeys(valid)], where)
-        first: Optional[BenchError] = None
-        for f, mine in cands:
-            nested_alts = [t for t in (_nested(a[k].type) for a in alts if k in a) if t is not None]
-            if mine is False:
-                nested_alts = [t for t in nested_alts if t is not _nested(f.type)]
-            try:
-                _check_value(v, f, key, required=required and mine, alternatives=nested_alts, where=where)
-                break
-            except SchemaError as e:
-                first = first or e
-        else:
-            raise first  # type: ignore[misc]
-    if required:
-        for k, f in own.items():
-            if _required(f) and k not in node:
-                raise SchemaError(
-                    f"config key '{prefix}.{k}' is missing{where}",
-                    f"set it in the config (its default lives in bench/conf), e.g. +{prefix}.{k}=...",
-                )
-
-
-def _check_value(
-    v: Any, f: dataclasses.Field, key: str, *, required: bool, alternatives: Sequence[type], where: str
-) -> None:
-    nested, items = _nested(f.type), _dict_of(f.type)
-    _, optional = _strip_optional(f.type)
-    if v is None and (optional or f.type is Any):
+        raise _wrong_type(prefix, node, "a mapping", where)
+    memo = (schema, required, tuple(alternatives), json.dumps(node, sort_keys=True, default=repr))
+    if memo in _PASSED:  # a sweep checks the same method and protocol nodes for many cells
         return
-    if nested is not None:
-        check_node(v, nested, key, required=required, alternatives=alternatives, where=where)
-    elif items is not None:
-        if not isinstance(v, Mapping):
-            raise SchemaError(f"{key}={v!r} must be a mapping{where}", f"write {key} as {{name: {{...}}}}")
-        for name, sub in v.items():
-            check_node(sub, items, f"{key}.{name}", required=required, where=where)
-    elif not _leaf_ok(v, f.type):
-        raise SchemaError(f"{key}={v!r} must be {_type_name(f.type)}{where}", f"pass {key}=<{_type_name(f.type)}>")
+    names = _config_keys(schema)
+    own = _to_fields(copy.deepcopy(dict(node)), schema)
+    while True:
+        try:
+            merged = OmegaConf.merge(_structured(schema), own)
+            break
+        except ConfigKeyError as e:  # a key the schema lacks: another method's, or nobody's
+            parts = _path(e.parent_node, e.key)
+            value = _get(own, parts)
+            _foreign(parts, value, schema, alternatives, prefix, names, where)
+            del _get(own, parts[:-1])[parts[-1]]
+        except ValidationError as e:
+            raise _type_error(e, own, prefix, names, where) from None
+        except OmegaConfBaseException as e:  # e.g. a key that is not a string under Dict[str, ...]
+            full = _dotted(prefix, str(e.full_key).split("."), names) if e.full_key else prefix
+            raise SchemaError(f"{full}: {str(e).strip().splitlines()[0]}{where}", "use string keys there") from None
+    _refuse_conversions(own, merged, [], prefix, names, where)
+    if required:
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            key = _dotted(prefix, missing[0].split("."), names)
+            raise SchemaError(
+                f"config key '{key}' is missing{where}",
+                f"set it in the config (its default lives in bench/conf), e.g. +{key}=...",
+            )
+    if len(_PASSED) > 4096:
+        _PASSED.clear()
+    _PASSED.add(memo)
 
 
 def _recipe_hint(cfg: Mapping[str, Any]) -> str:
@@ -829,10 +687,11 @@ def _recipe_hint(cfg: Mapping[str, Any]) -> str:
 def check_method(method: Mapping[str, Any], where: str = "") -> None:
     """``method.*`` against the selected method's schema, other methods' keys accepted (module docstring)."""
     name = method.get("name")
-    schema = METHODS.get(str(name))
+    schemas = method_schemas()
+    schema = schemas.get(str(name))
     if schema is None:
         return  # a plugin method without a schema
-    others = [s for n, s in METHODS.items() if n != name]
+    others = [s for n, s in schemas.items() if n != name]
     check_node(method, schema, "method", alternatives=others, where=where)
     for kind, sub in dict(method.get(PER_TASK_KEY) or {}).items():
         check_node(sub, schema, f"method.{PER_TASK_KEY}.{kind}", required=False, alternatives=others, where=where)
@@ -906,8 +765,6 @@ def _has(node: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
 def check_dense_required(node: Mapping[str, Any], kind: str, prefix: str, where: str = "") -> None:
     """The keys :data:`REQUIRED_DENSE` / :data:`REQUIRED_IF` ask of a dense protocol node of task ``kind``
     (after its ``code_version`` set the keys it fixes): one SchemaError naming the first missing key."""
-    import copy
-
     node = copy.deepcopy(dict(node))
     apply_code_version(node, prefix)
     keys = list(REQUIRED_DENSE["*"]) + list(REQUIRED_DENSE.get(kind, ()))

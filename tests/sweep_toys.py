@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 
 from bench import schema
-from bench.registry import METHODS, TASKS
+from bench.registry import METHOD_SCHEMAS, METHODS, TASKS
 
 
 @dataclass
 class ToyTrainSchema:
-    """``method.*`` of toy_train (bench.schema): optional keys on top of any packaged method config."""
+    """``method.*`` of toy_train (registered in bench.registry.METHOD_SCHEMAS): optional keys on top of any packaged
+    method config."""
 
     name: str = schema.REQ
     steps: int = 4
@@ -82,19 +83,18 @@ _ENTRIES = [
     (METHODS, "toy_train", ToyTrain, "toy: tiny deterministic resumable training (tests)"),
     (TASKS, "toy_probe", ToyProbe, "toy: feature statistics (tests)"),
     (TASKS, "toy_fail", ToyFail, "toy: always raises (tests)"),
+    (METHOD_SCHEMAS, "toy_train", ToyTrainSchema, "toy: keys of toy_train (tests)"),
 ]
 
 
 def register() -> None:
     for reg, name, obj, desc in _ENTRIES:
         reg.register(name, desc)(obj)
-    schema.register_method("toy_train", ToyTrainSchema)
 
 
 def unregister() -> None:
     for reg, name, _, _ in _ENTRIES:
         reg._entries.pop(name, None)  # test-only: keep the shared registries clean for other tests
-    schema.METHODS.pop("toy_train", None)
 
 
 register()

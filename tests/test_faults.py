@@ -108,6 +108,8 @@ def _case(cid: str, tmp: Path, monkeypatch, request):
         return run("+devcie=cpu")
     if cid == "dataset-key-misspelt":
         return run("+task.dataset.limt=3")
+    if cid == "hydra-key":
+        return run("hydra.run.dir=/tmp/x")
     if cid == "image-below-stride":
         return run("method=dinov2", "backbone=tiny_vit", "task.dataset.size=8")
     if cid == "unknown-key":

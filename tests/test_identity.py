@@ -406,11 +406,13 @@ def _schema_str_fields(schema, prefix):
 
 def test_every_file_valued_schema_key_is_an_identity_input():
     """Walk the config schemas: a string key named like a file (checkpoint, weights, ...) must be marked as a
-    file (bench.schema._file), i.e. enter the fingerprint by content; file_keys() lists exactly the marked ones."""
+    file (bench.schema.file_input), i.e. enter the fingerprint by content; file_keys() lists exactly the marked ones."""
     from bench import schema as sch
 
     keys = sch.file_keys()
-    nodes = [(s, "method") for s in sch.METHODS.values()] + [(s, "task.protocol") for s in sch.PROTOCOLS.values()]
+    nodes = [(s, "method") for s in sch.method_schemas().values()] + [
+        (s, "task.protocol") for s in sch.PROTOCOLS.values()
+    ]
     marked = set(sch.OTHER_FILE_KEYS)
     for node, prefix in nodes:
         for dotted, f in _schema_str_fields(node, prefix):
@@ -418,7 +420,9 @@ def test_every_file_valued_schema_key_is_an_identity_input():
             if f.metadata.get("input") == "file":
                 marked.add(dotted)
             elif any(h in leaf for h in FILE_NAME_HINT):
-                pytest.fail(f"{dotted} looks file-valued but is not marked as a file in bench/schema.py (use _file())")
+                pytest.fail(
+                    f"{dotted} looks file-valued but is not marked as a file in its schema (use bench.schema.file_input())"
+                )
     assert (
         marked == set(keys) and {"method.reconstructor.checkpoint", "method.checkpoint", "backbone.weights"} <= marked
     )
@@ -438,7 +442,7 @@ def _method_for(dotted):
 
     if not dotted.startswith("method."):
         return "dinov2", []
-    for name, node in sch.METHODS.items():
+    for name, node in sch.method_schemas().items():
         if dotted in sch.file_fields(node, "method"):
             extra = ["method.reconstructor.name=mvsplat"] if dotted == "method.reconstructor.checkpoint" else []
             return name, extra

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from bench.registry import METHODS
 
+from . import schema  # noqa: F401  (registration)
+
 
 @METHODS.register("dinov2", "raw teacher: the configured backbone as loaded, frozen (no training)")
 class FrozenTeacher:

@@ -8,7 +8,7 @@ per-scene optimisation vs Splat-and-Distill's feed-forward lifting).
 Facts: docs/methods/fit3d.md; config: bench/conf/method/fit3d.yaml.
 """
 
-from . import method, perf  # noqa: F401  (registrations)
+from . import method, perf, schema  # noqa: F401  (registrations)
 from .method import FiT3D
 
 __all__ = ["FiT3D"]

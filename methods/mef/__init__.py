@@ -7,7 +7,7 @@ method). The released checkpoints are ``method=mef_official`` (:mod:`baselines.o
 Facts and deviations: docs/methods/mef.md; config: bench/conf/method/mef.yaml.
 """
 
-from . import method, official  # noqa: F401  (registration)
+from . import method, official, schema  # noqa: F401  (registration)
 from .method import MEF
 
 __all__ = ["MEF"]

@@ -8,7 +8,7 @@ slot), ``distill`` (one training step), ``method`` (the registered ``splat_disti
 Facts: docs/methods/splat_distill.md; config: bench/conf/method/splat_distill.yaml.
 """
 
-from . import method, perf, perf_paper  # noqa: F401  (registrations)
+from . import method, perf, perf_paper, schema  # noqa: F401  (registrations)
 from .method import SplatDistill
 from .pretrain import add_arguments, main
 
