@@ -13,6 +13,10 @@ trains it with MVSplat's rules (sources in ``docs/methods/mvsplat.md``):
   Gaussians closer than 0.2 x ``near`` are culled (3DGS's frustum test after MVSplat's 1/near rescale);
 * loss = MSE (weight 1) + ``lpips_weight`` (0.05) x LPIPS-VGG (``lpips`` package, inputs in [0,1] with
   ``normalize=True``) between render and target;
+* ``--augment flip`` (MVSplat's training augmentation, ``src/dataset/shims/augmentation_shim.py``): each
+  example mirrored as a whole with probability 0.5 (images flipped, cameras reflected, intrinsics kept), drawn
+  per example from ``(seed, index)``; default ``none``, as Splat-and-Distill's ScanNet++ loader, which never
+  applies its config's ``augment: true``;
 * Adam, lr 2e-4, ``OneCycleLR`` over ``steps + 10`` with 1% warm-up and cosine annealing (the official
   ``configure_optimizers`` with ``cosine_lr: true``), gradient clipping at 0.5, 14 examples per step.
 
@@ -38,6 +42,8 @@ import torch.nn.functional as F
 
 from bench.errors import BenchError, CheckpointError, what_is_at
 
+from .recon_data import AUGMENTS, flips, reflect_views
+
 log = logging.getLogger("bench")
 
 #: torchvision's VGG16 ImageNet weights, the file ``lpips.LPIPS(net='vgg')`` would download on first use
@@ -58,6 +64,7 @@ DEFAULTS = dict(
     size=(576, 880),
     grad_clip=0.5,
     lpips_weight=0.05,
+    augment="none",
 )
 
 
@@ -127,6 +134,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     m.add_argument("--lpips-weight", type=float, default=None, help="LPIPS weight (default 0.05)")
     m.add_argument("--grad-clip", type=float, default=None, help="gradient norm clip (default 0.5)")
+    m.add_argument(
+        "--augment",
+        choices=AUGMENTS,
+        default=None,
+        help="none (default: Splat-and-Distill's ScanNet++ loader, which never applies its config's augment: true) "
+        "or flip (MVSplat's training augmentation: each example mirrored with probability 0.5)",
+    )
 
 
 def preflight(args: argparse.Namespace) -> Tuple[Path, Path]:
@@ -250,6 +264,16 @@ def example_loss(
     return loss, {"mse": float(mse.detach()), "lpips": float(lp.detach()), "psnr": float(psnr)}
 
 
+def training_example(data, ids: Sequence[str], sampler, index: int, seed: int, augment: str) -> Dict[str, torch.Tensor]:
+    """Example ``index`` of the run: its views (context, context, target: ``images``, pixel ``K``, ``w2c``) from
+    ``sampler.example(index)``, mirrored as a whole (:func:`~.recon_data.reflect_views`) when ``augment`` is
+    ``flip`` and :func:`~.recon_data.flips` draws it for ``(seed, index)``."""
+    s, (c0, c1, t) = sampler.example(index)
+    views = data.load_views(ids[s], [c0, c1, t])
+    ex = {k: views[k] for k in ("images", "K", "w2c")}
+    return reflect_views(ex) if augment == "flip" and flips(seed, index) else ex
+
+
 def save_encoder(encoder: torch.nn.Module, out: Path, meta: Mapping[str, Any]) -> None:
     """Atomically write the encoder's ``encoder.*`` tensors (what ``MVSplatEncoder.from_checkpoint`` reads):
     a ``.safetensors`` file with ``meta`` as JSON under the ``bench`` metadata key, any other suffix a torch
@@ -315,6 +339,8 @@ def _train(args: argparse.Namespace, ckpt: Path, vgg: Path, out: Path, device: s
     settings = {
         k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(args).items() if k not in NOT_IDENTITY
     }
+    if settings.get("augment") == "none":  # runs started before --augment existed keep their identity
+        settings.pop("augment")
     loop = TrainLoop(
         out.with_name(out.name + ".train"),
         args.steps,
@@ -333,9 +359,8 @@ def _train(args: argparse.Namespace, ckpt: Path, vgg: Path, out: Path, device: s
     def step(i: int):
         ex = []
         for pos in dist.rank_slice(args.batch):
-            s, (c0, c1, t) = sampler.example(i * args.batch + pos)
-            views = data.load_views(train_ids[s], [c0, c1, t])
-            ex.append({k: views[k].to(device) for k in ("images", "K", "w2c")})
+            views = training_example(data, train_ids, sampler, i * args.batch + pos, args.seed, args.augment)
+            ex.append({k: v.to(device) for k, v in views.items()})
         assert len(ex) == per_rank
         return example_loss(encoder, lpips_model, ex, args.near, args.far, args.lpips_weight, i)
 
