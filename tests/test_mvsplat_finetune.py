@@ -96,6 +96,7 @@ def test_defaults_are_the_official_ones():
     )
     assert (a.grad_clip, a.lpips_weight, a.dataset, a.held_out, a.scenes) == (0.5, 0.05, "scannetpp", 0, None)
     assert a.augment == "none"  # Splat-and-Distill's ScanNet++ loader never applies its config's augment: true
+    assert a.last_batch == "smaller"  # the official DataLoader's drop_last=False
     b = resolve_defaults(p.parse_args([]))
     assert (b.model, b.steps, b.batch, b.lr, b.gap, b.dataset, b.scenes) == (
         "learned",
@@ -114,6 +115,8 @@ def test_defaults_are_the_official_ones():
         resolve_defaults(p.parse_args(["--augment", "flip"]))
     with pytest.raises(SystemExit):
         p.parse_args(["model=mvsplat", "--augment", "rotate"])
+    with pytest.raises(BenchError, match="--last-batch is a model=mvsplat option"):
+        resolve_defaults(p.parse_args(["--last-batch", "carry"]))
 
 
 def _camera():
@@ -310,6 +313,20 @@ def test_finetune_resume_is_exact(files, tmp_path):
     assert main(_args(files, cut, 2, augment="flip")) == 0
     x, y = MVSplatEncoder.read_encoder_state(full), MVSplatEncoder.read_encoder_state(cut)
     assert json.loads(torch.load(cut, weights_only=True)["bench"])["train"]["steps"] == 2
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.slow
+def test_finetune_smaller_last_step_of_an_epoch(files, tmp_path):
+    """--last-batch smaller: an epoch of the one training scene is one example, so at --batch 2 every step holds
+    a single example and trains exactly the weights of --batch 1 (the same examples, the same mean)."""
+    from methods.splat_distill.mvsplat import MVSplatEncoder
+    from methods.splat_distill.pretrain import main
+
+    one, two = tmp_path / "b1.safetensors", tmp_path / "b2.safetensors"
+    assert main(_args(files, one, 2)) == 0
+    assert main(_args(files, two, 2, last_batch="smaller", batch=2)) == 0  # the later --batch 2 wins
+    x, y = MVSplatEncoder.read_encoder_state(one), MVSplatEncoder.read_encoder_state(two)
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 

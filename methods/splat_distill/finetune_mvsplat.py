@@ -17,6 +17,9 @@ trains it with MVSplat's rules (sources in ``docs/methods/mvsplat.md``):
   example mirrored as a whole with probability 0.5 (images flipped, cameras reflected, intrinsics kept), drawn
   per example from ``(seed, index)``; default ``none``, as Splat-and-Distill's ScanNet++ loader, which never
   applies its config's ``augment: true``;
+* ``--last-batch smaller`` (default; the official ``DataLoader``'s ``drop_last=False``): an epoch is one example
+  per training scene and ends with a smaller step of those left (:func:`~.views.step_examples`), its loss the
+  mean over the step's examples pooled over the ranks; ``carry``: every step has ``--batch`` examples;
 * Adam, lr 2e-4, ``OneCycleLR`` over ``steps + 10`` with 1% warm-up and cosine annealing (the official
   ``configure_optimizers`` with ``cosine_lr: true``), gradient clipping at 0.5, 14 examples per step.
 
@@ -43,6 +46,7 @@ import torch.nn.functional as F
 from bench.errors import BenchError, CheckpointError, what_is_at
 
 from .recon_data import AUGMENTS, flips, reflect_views
+from .views import LAST_BATCHES, rank_share, step_examples
 
 log = logging.getLogger("bench")
 
@@ -65,6 +69,7 @@ DEFAULTS = dict(
     grad_clip=0.5,
     lpips_weight=0.05,
     augment="none",
+    last_batch="smaller",
 )
 
 
@@ -140,6 +145,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="none (default: Splat-and-Distill's ScanNet++ loader, which never applies its config's augment: true) "
         "or flip (MVSplat's training augmentation: each example mirrored with probability 0.5)",
+    )
+    m.add_argument(
+        "--last-batch",
+        choices=LAST_BATCHES,
+        default=None,
+        help="smaller (default: the official DataLoader's drop_last=False, an epoch of one example per scene ends "
+        "with a smaller step) or carry (every step has the full --batch)",
     )
 
 
@@ -316,7 +328,7 @@ def _train(args: argparse.Namespace, ckpt: Path, vgg: Path, out: Path, device: s
 
     if device == "cpu":
         tune_allocator()
-    per_rank = dist.per_rank_batch(args.batch, "--batch")
+    dist.per_rank_batch(args.batch, "--batch")  # a full step's batch must divide over the ranks
     seed_everything(args.seed)
     identity = {"start_checkpoint": "sha256:" + file_digest(ckpt), "lpips_vgg": "sha256:" + file_digest(vgg)}
     lpips_model = build_lpips(vgg).to(device)
@@ -341,6 +353,8 @@ def _train(args: argparse.Namespace, ckpt: Path, vgg: Path, out: Path, device: s
     }
     if settings.get("augment") == "none":  # runs started before --augment existed keep their identity
         settings.pop("augment")
+    if settings.get("last_batch") == "carry":  # ... and before --last-batch existed
+        settings.pop("last_batch")
     loop = TrainLoop(
         out.with_name(out.name + ".train"),
         args.steps,
@@ -357,12 +371,17 @@ def _train(args: argparse.Namespace, ckpt: Path, vgg: Path, out: Path, device: s
     )
 
     def step(i: int):
+        idx = step_examples(i, args.batch, sampler.epoch_size, args.last_batch)
         ex = []
-        for pos in dist.rank_slice(args.batch):
-            views = training_example(data, train_ids, sampler, i * args.batch + pos, args.seed, args.augment)
+        for j in rank_share(len(idx), dist.rank(), dist.world_size()):
+            views = training_example(data, train_ids, sampler, idx[j], args.seed, args.augment)
             ex.append({k: v.to(device) for k, v in views.items()})
-        assert len(ex) == per_rank
-        return example_loss(encoder, lpips_model, ex, args.near, args.far, args.lpips_weight, i)
+        if not ex:  # an epoch's smaller last step left this rank nothing: a zero loss, zero gradients
+            dist.global_mean_weight(0.0)  # the collective every rank joins
+            zero = torch.zeros((), device=device, requires_grad=True)
+            return zero, {"mse": 0.0, "lpips": 0.0, "psnr": 0.0}
+        loss, extra = example_loss(encoder, lpips_model, ex, args.near, args.far, args.lpips_weight, i)
+        return loss * dist.global_mean_weight(len(ex)), extra  # the mean over the step's examples on all ranks
 
     history = loop.run(step, stop_after=getattr(args, "stop_after", None))
     if loop.step < args.steps:  # interrupted on purpose (tests): no final checkpoint yet
