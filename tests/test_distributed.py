@@ -120,7 +120,8 @@ def test_smaller_last_step_two_ranks_equal_one_process_and_resume(scenes, tmp_pa
     """views.last_batch=smaller (official): 3 scenes per epoch, global batch 2 -> steps of 2, 1, 2, 1 examples. In
     the 1-example steps rank 1 holds nothing and still joins every collective (no deadlock); its zero loss and
     the pooled-mean weight give the one-process gradient of that one example, so the weights and the logged
-    losses equal one process's. A one-process run cut mid-epoch (after step 1) resumes exactly."""
+    losses equal one process's. A one-process run cut mid-epoch (after step 1) resumes exactly. Empty micro-batches
+    of gradient accumulation on one rank run the same collectives as the other rank's."""
     ov = [*_overrides(scenes), "method.views.order=epoch", "method.views.last_batch=smaller"]
     one = _single(tmp_path / "one", ov)
     assert _torchrun(tmp_path / "two", tmp_path / "two.pt", 0, ov) == [[]]
@@ -135,6 +136,13 @@ def test_smaller_last_step_two_ranks_equal_one_process_and_resume(scenes, tmp_pa
     _single(tmp_path / "cut", ov, stop_after=1)
     cut = _single(tmp_path / "cut", ov)
     assert all(torch.equal(cut[k], one[k]) for k in one)
+    # a global batch of 4 over 3 scenes: every step holds 3 examples, shares 2 and 1; with accumulate=2 rank 1's
+    # first micro-batch is empty and joins the collectives of rank 0's first one
+    ov = [*ov, "method.optim.batch_size=4"]
+    one = _single(tmp_path / "one4", ov)
+    assert _torchrun(tmp_path / "two4", tmp_path / "two4.pt", 0, [*ov, "method.optim.accumulate=2"]) == [[]]
+    two = torch.load(tmp_path / "two4.pt")
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < ATOL
 
 
 @pytest.mark.slow
