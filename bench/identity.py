@@ -76,6 +76,7 @@ ADDED_KEYS: Dict[str, Any] = {
     "method.views.order": "uniform",  # Splat-and-Distill's view sampling before the official rules
     "method.views.contiguous": False,
     "method.views.keep_bad": False,
+    "method.views.last_batch": "carry",  # Splat-and-Distill's steps before the official smaller last step of an epoch
     "method.resize": "backbone",  # FiT3D's input resize before the official floor rule
     "method.stage2.drop_last": False,  # FiT3D's stage-II batches before the official loader's drop_last
 }

@@ -116,6 +116,36 @@ def test_two_ranks_equal_one_process_and_resume_exactly(scenes, tmp_path):
 
 
 @pytest.mark.slow
+def test_smaller_last_step_two_ranks_equal_one_process_and_resume(scenes, tmp_path):
+    """views.last_batch=smaller (official): 3 scenes per epoch, global batch 2 -> steps of 2, 1, 2, 1 examples. In
+    the 1-example steps rank 1 holds nothing and still joins every collective (no deadlock); its zero loss and
+    the pooled-mean weight give the one-process gradient of that one example, so the weights and the logged
+    losses equal one process's. A one-process run cut mid-epoch (after step 1) resumes exactly. Empty micro-batches
+    of gradient accumulation on one rank run the same collectives as the other rank's."""
+    ov = [*_overrides(scenes), "method.views.order=epoch", "method.views.last_batch=smaller"]
+    one = _single(tmp_path / "one", ov)
+    assert _torchrun(tmp_path / "two", tmp_path / "two.pt", 0, ov) == [[]]
+    two = torch.load(tmp_path / "two.pt")
+    diff = max(float((one[k] - two[k]).abs().max()) for k in one)
+    moved = max(float((one[k] - v).abs().max()) for k, v in _initial(ov).items())
+    assert diff < ATOL and moved > 10 * diff, (diff, moved)
+    h1 = json.loads((tmp_path / "one" / "history.json").read_text())
+    h2 = [json.loads(x) for x in (tmp_path / "two" / "history.jsonl").read_text().splitlines()]
+    assert [h["loss"] for h in h1] == pytest.approx([h["loss"] for h in h2], rel=1e-4)
+    assert [h["coverage"] for h in h1] == pytest.approx([h["coverage"] for h in h2], rel=1e-4)
+    _single(tmp_path / "cut", ov, stop_after=1)
+    cut = _single(tmp_path / "cut", ov)
+    assert all(torch.equal(cut[k], one[k]) for k in one)
+    # a global batch of 4 over 3 scenes: every step holds 3 examples, shares 2 and 1; with accumulate=2 rank 1's
+    # first micro-batch is empty and joins the collectives of rank 0's first one
+    ov = [*ov, "method.optim.batch_size=4"]
+    one = _single(tmp_path / "one4", ov)
+    assert _torchrun(tmp_path / "two4", tmp_path / "two4.pt", 0, [*ov, "method.optim.accumulate=2"]) == [[]]
+    two = torch.load(tmp_path / "two4.pt")
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < ATOL
+
+
+@pytest.mark.slow
 def test_mef_two_ranks_equal_one_process(tmp_path):
     """MEF data-parallel: 2 ranks x 1 object pair == 1 process x 2 pairs (the pooled-positives mean re-weighted
     per rank), rank 1 writes nothing."""

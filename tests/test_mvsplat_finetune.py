@@ -95,6 +95,8 @@ def test_defaults_are_the_official_ones():
         (576, 880),
     )
     assert (a.grad_clip, a.lpips_weight, a.dataset, a.held_out, a.scenes) == (0.5, 0.05, "scannetpp", 0, None)
+    assert a.augment == "none"  # Splat-and-Distill's ScanNet++ loader never applies its config's augment: true
+    assert a.last_batch == "smaller"  # the official DataLoader's drop_last=False
     b = resolve_defaults(p.parse_args([]))
     assert (b.model, b.steps, b.batch, b.lr, b.gap, b.dataset, b.scenes) == (
         "learned",
@@ -107,6 +109,105 @@ def test_defaults_are_the_official_ones():
     )
     with pytest.raises(SystemExit):
         p.parse_args(["model=nope"])
+    from bench.errors import BenchError
+
+    with pytest.raises(BenchError, match="--augment is a model=mvsplat option"):
+        resolve_defaults(p.parse_args(["--augment", "flip"]))
+    with pytest.raises(SystemExit):
+        p.parse_args(["model=mvsplat", "--augment", "rotate"])
+    with pytest.raises(BenchError, match="--last-batch is a model=mvsplat option"):
+        resolve_defaults(p.parse_args(["--last-batch", "carry"]))
+
+
+def _camera():
+    """A 64x48 camera (pixel K, principal point at the image centre) looking roughly down +z, in float64."""
+    import math
+
+    a, b = 0.2, -0.15
+    ry = torch.tensor([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]], dtype=torch.float64)
+    rx = torch.tensor([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]], dtype=torch.float64)
+    w2c = torch.eye(4, dtype=torch.float64)
+    w2c[:3, :3], w2c[:3, 3] = rx @ ry, torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64)
+    K = torch.tensor([[50.0, 0, 32.0], [0, 55.0, 21.0], [0, 0, 1]], dtype=torch.float64)
+    return K, w2c
+
+
+def _project(K, w2c, X):
+    c = X @ w2c[:3, :3].T + w2c[:3, 3]
+    p = c @ K.T
+    return p[:, :2] / p[:, 2:]
+
+
+def test_flip_reflects_cameras_so_points_project_to_mirrored_pixels():
+    """--augment flip (MVSplat's reflect_views): images flipped, w2c -> M w2c M with M = diag(-1,1,1,1), K kept.
+    A world point X seen by the reflected camera as M X lands on the mirrored pixel W - u (same v) when
+    cx = W/2; with the principal point off centre the official rule is off by exactly 2 cx - W pixels."""
+    from methods.splat_distill.recon_data import reflect_views
+
+    W, H = 64, 48
+    K, w2c = _camera()
+    images = torch.rand(3, 3, H, W, dtype=torch.float64)
+    views = {"images": images, "K": K.expand(3, 3, 3).clone(), "w2c": w2c.expand(3, 4, 4).clone()}
+    r = reflect_views(views)
+    assert torch.equal(r["images"][..., 5], images[..., W - 1 - 5]) and torch.equal(r["K"], views["K"])
+    X = torch.tensor([[0.3, -0.2, 2.5], [-0.7, 0.4, 3.1], [1.1, 0.9, 4.0]], dtype=torch.float64)
+    mirror = torch.diag(torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64))
+    uv, uv2 = _project(K, w2c, X), _project(K, r["w2c"][2], X @ mirror)
+    assert torch.allclose(uv2[:, 0], W - uv[:, 0], atol=1e-12) and torch.allclose(uv2[:, 1], uv[:, 1], atol=1e-12)
+    K2 = K.clone()
+    K2[0, 2] = 35.5  # off centre: the official shim keeps K, so the reprojection shifts by 2 cx - W = 7 pixels
+    r2 = reflect_views({**views, "K": K2.expand(3, 3, 3).clone()})
+    uv, uv2 = _project(K2, w2c, X), _project(K2, r2["w2c"][0], X @ mirror)
+    assert torch.allclose(uv2[:, 0] - (W - uv[:, 0]), torch.full((3,), 7.0, dtype=torch.float64), atol=1e-12)
+    twice = reflect_views(r)
+    assert all(torch.equal(twice[k], views[k]) for k in views)
+
+
+def test_flipped_gaussians_render_the_flipped_image():
+    """Splatting mirrored Gaussians (means M x, covariances M S M) into the reflected camera gives the flipped
+    render of the originals (bench.splat's CPU engine): what the encoder sees in a flipped example is a
+    consistent mirrored scene."""
+    from bench.splat import rasterize
+    from methods.splat_distill.recon_data import reflect_views
+
+    W, H = 64, 48
+    K, w2c = (t.float() for t in _camera())
+    g = torch.Generator().manual_seed(0)
+    means = torch.rand(12, 3, generator=g) * torch.tensor([2.0, 1.5, 1.0]) + torch.tensor([-1.0, -0.75, 2.0])
+    A = torch.randn(12, 3, 3, generator=g) * 0.08
+    cov = A @ A.transpose(1, 2) + 1e-3 * torch.eye(3)
+    opacity, rgb = torch.rand(12, generator=g) * 0.5 + 0.4, torch.rand(12, 3, generator=g)
+    M = torch.diag(torch.tensor([-1.0, 1.0, 1.0]))
+    r = reflect_views({"images": torch.zeros(1, 3, H, W), "K": K[None], "w2c": w2c[None]})
+    img = rasterize(means, None, None, opacity, rgb, w2c[None], K[None], W, H, covars=cov)[0][0]
+    img2 = rasterize(means @ M, None, None, opacity, rgb, r["w2c"], K[None], W, H, covars=M @ cov @ M)[0][0]
+    assert float(img.amax()) > 0.3  # the Gaussians are in view
+    assert torch.allclose(img2, img.flip(1), atol=1e-5), float((img2 - img.flip(1)).abs().max())
+
+
+def test_flip_draws_depend_only_on_seed_and_index(files):
+    """Half the examples are mirrored (MVSplat: probability 0.5), chosen by (seed, index) alone; the training
+    example of a flipped index is the reflected example, the others are left as they are."""
+    from bench.data.scenes import MultiViewScenes
+    from methods.splat_distill.finetune_mvsplat import training_example
+    from methods.splat_distill.recon_data import flips, reflect_views
+    from methods.splat_distill.views import ViewSampler
+
+    drawn = [flips(0, i) for i in range(4000)]
+    assert 0.47 < sum(drawn) / len(drawn) < 0.53
+    assert drawn == [flips(0, i) for i in range(4000)] and drawn != [flips(1, i) for i in range(4000)]
+    data = MultiViewScenes(files[2], None, SIZE)
+    ids = data.scene_ids
+    sampler = ViewSampler([data.num_views(s) for s in ids], 2, "uniform", seed=0)
+    on, off = drawn.index(True), drawn.index(False)
+    for i in (on, off):
+        s, idx = sampler.example(i)
+        views = data.load_views(ids[s], list(idx))
+        plain = {k: views[k] for k in ("images", "K", "w2c")}
+        want = reflect_views(plain) if i == on else plain
+        got = training_example(data, ids, sampler, i, 0, "flip")
+        assert all(torch.equal(got[k], want[k]) for k in want), i
+        assert all(torch.equal(training_example(data, ids, sampler, i, 0, "none")[k], plain[k]) for k in plain)
 
 
 @pytest.mark.slow
@@ -196,18 +297,36 @@ def test_finetune_rgb_loss_falls_and_loads_into_snd(files, tmp_path):
 
 @pytest.mark.slow
 def test_finetune_resume_is_exact(files, tmp_path):
-    """Interrupted after 1 of 2 steps and resumed == 2 steps straight (same weights, bit for bit)."""
+    """Interrupted after 1 of 2 steps and resumed == 2 steps straight (same weights, bit for bit), with
+    MVSplat's flip augmentation on."""
     from methods.splat_distill.mvsplat import MVSplatEncoder
     from methods.splat_distill.pretrain import main
 
+    from methods.splat_distill.recon_data import flips
+
+    assert flips(0, 0) and flips(0, 1)  # with --augment flip (seed 0) both examples are mirrored
     full, cut = tmp_path / "full.safetensors", tmp_path / "cut.ckpt"  # both output formats
-    assert main(_args(files, full, 2)) == 0
-    a = _args(files, cut, 2)
+    assert main(_args(files, full, 2, augment="flip")) == 0
+    a = _args(files, cut, 2, augment="flip")
     a.stop_after = 1
     assert main(a) == 0 and not cut.exists()
-    assert main(_args(files, cut, 2)) == 0
+    assert main(_args(files, cut, 2, augment="flip")) == 0
     x, y = MVSplatEncoder.read_encoder_state(full), MVSplatEncoder.read_encoder_state(cut)
     assert json.loads(torch.load(cut, weights_only=True)["bench"])["train"]["steps"] == 2
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.slow
+def test_finetune_smaller_last_step_of_an_epoch(files, tmp_path):
+    """--last-batch smaller: an epoch of the one training scene is one example, so at --batch 2 every step holds
+    a single example and trains exactly the weights of --batch 1 (the same examples, the same mean)."""
+    from methods.splat_distill.mvsplat import MVSplatEncoder
+    from methods.splat_distill.pretrain import main
+
+    one, two = tmp_path / "b1.safetensors", tmp_path / "b2.safetensors"
+    assert main(_args(files, one, 2)) == 0
+    assert main(_args(files, two, 2, last_batch="smaller", batch=2)) == 0  # the later --batch 2 wins
+    x, y = MVSplatEncoder.read_encoder_state(one), MVSplatEncoder.read_encoder_state(two)
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 

@@ -264,6 +264,20 @@ def test_gradient_accumulation_2x1_equals_1x2(synth, tmp_path):
     _same(masked, masked2, tol=1e-6)  # variable loss cells per micro-batch: weighted by their counts
 
 
+@pytest.mark.slow
+def test_accumulation_over_a_smaller_last_step(synth, tmp_path):
+    """views.last_batch=smaller: 2 scenes per epoch at a global batch of 4 are steps of 2 examples; accumulate=4
+    splits each into micro-batches of 0, 1, 0, 1 examples (the empty ones add nothing) and trains the weights of
+    accumulate=1 (float rounding), with the same logged losses."""
+    base = ["loader.workers=0", "method.adapter.dropout=0", "method.optim.batch_size=4"]
+    base += ["method.views.order=epoch", "method.views.last_batch=smaller"]
+    one, _ = _fit(_cfg(synth, *base), tmp_path / "a1")
+    four, _ = _fit(_cfg(synth, *base, "method.optim.accumulate=4"), tmp_path / "a4")
+    _same(one, four, tol=1e-6)
+    h1, h4 = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("a1", "a4"))
+    assert [h["loss"] for h in h1] == pytest.approx([h["loss"] for h in h4], rel=1e-5)
+
+
 def test_accumulate_is_not_part_of_the_fingerprint_and_must_divide_the_batch(synth, tmp_path):
     from bench.errors import BenchError
     from bench.identity import backbone_key, cell_identity

@@ -32,6 +32,7 @@ def test_defaults_are_the_official_rules_and_recipes_name_their_deviations():
         "views.order=uniform",
         "views.contiguous=false",
         "views.keep_bad=false",
+        "views.last_batch=carry",
         "reconstructor.name=depth",
         "lift.coverage=alpha",
         "lift.feature_covariance=true_covariance",
@@ -40,7 +41,7 @@ def test_defaults_are_the_official_rules_and_recipes_name_their_deviations():
     # the re-run mini-benchmark (issue 30) keeps only the deviations the CPU needs: no MVSplat weights, no SH colours
     for recipe in ("mini_benchmark", "dose_response"):
         cfg = compose([f"experiment={recipe}", "method=splat_distill"])
-        assert _ids(cfg) == ["reconstructor.name=depth", "lift.coverage=alpha"], recipe
+        assert _ids(cfg) == ["views.last_batch=carry", "reconstructor.name=depth", "lift.coverage=alpha"], recipe
         assert (cfg.method.teacher.momentum, cfg.method.teacher.every) == (0.999, 10), recipe
     # the recipes' other methods do not carry Splat-and-Distill's deviations
     for method in ("dinov2", "fit3d", "mef"):
@@ -207,6 +208,40 @@ def test_view_sampling_official_rules(tmp_path):
     js.write_text(json.dumps(meta))
     assert MultiViewScenes(root).num_views(scene) == 4
     assert MultiViewScenes(root, keep_bad=True).num_views(scene) == 5
+
+
+def test_smaller_last_step_of_an_epoch(monkeypatch):
+    """views.last_batch=smaller (official DataLoader, drop_last=False): 5 examples per epoch in batches of 2 are
+    steps of 2, 2, 1, each example once per epoch; carry runs on into the next epoch. Ranks take balanced
+    consecutive shares whose concatenation is the one-process step; a 1-example step leaves rank 1 none."""
+    from bench.errors import BenchError
+    from methods.splat_distill.method import step_share
+    from methods.splat_distill.views import ViewSampler, rank_share, step_examples
+
+    assert [list(step_examples(s, 2, 5)) for s in range(6)] == [[0, 1], [2, 3], [4], [5, 6], [7, 8], [9]]
+    assert [list(step_examples(s, 2, 5, "carry")) for s in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    assert [len(step_examples(s, 14, 28)) for s in range(3)] == [14, 14, 14]  # an epoch that divides: no small step
+    sampler = ViewSampler([10] * 5, gap=3, seed=2, order="epoch")
+    assert sampler.epoch_size == 5
+    for epoch in range(3):
+        steps = [[sampler.example(i)[0] for i in step_examples(st, 2, 5)] for st in range(3 * epoch, 3 * epoch + 3)]
+        assert [len(x) for x in steps] == [2, 2, 1] and sorted(sum(steps, [])) == [0, 1, 2, 3, 4], steps
+    carried = [sampler.example(i)[0] for st in range(3) for i in step_examples(st, 2, 5, "carry")]
+    assert sorted(carried[:5]) == [0, 1, 2, 3, 4] and carried[5] == sampler.example(5)[0]  # step 2 straddles
+    for n in range(7):
+        for world in (1, 2, 3):
+            shares = [rank_share(n, r, world) for r in range(world)]
+            assert [i for sh in shares for i in sh] == list(range(n))
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert [list(rank_share(14, r, 2)) for r in range(2)] == [list(range(7)), list(range(7, 14))]  # = rank_slice
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    seen = {}
+    for r in (0, 1):
+        monkeypatch.setenv("RANK", str(r))
+        seen[r] = [list(step_share(st, 2, 5, "smaller")) for st in range(3)]
+    assert seen == {0: [[0], [2], [4]], 1: [[1], [3], []]}  # step 2: rank 1 holds nothing
+    with pytest.raises(BenchError, match="last_batch"):
+        step_examples(0, 2, 5, "drop")
 
 
 def test_prototype_init_is_nn_linear_default():

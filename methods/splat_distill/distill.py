@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import BenchError, choice
-from bench.distributed import all_reduce_sum, autocast, global_mean_weight, pooled_rows, weighted_means
+from bench.distributed import all_reduce_sum, autocast, global_mean_weight, initialized, pooled_rows, weighted_means
 from bench.train import EMA
 
 from .adapt import Adapter, plain_state
@@ -343,23 +343,31 @@ class Distiller:
         examples = [{k: v.to(self.device, non_blocking=True) for k, v in ex.items()} for ex in examples]
         accumulate = max(int(accumulate), 1)
         if accumulate == 1:
-            target, valid = self.targets(examples)
-            loss, extra, n = self._student_loss(examples, target, valid)
+            if examples:
+                target, valid = self.targets(examples)
+                loss, extra, n = self._student_loss(examples, target, valid)
+            else:  # an epoch's smaller last step left this rank nothing: it still joins every collective
+                loss, extra, n = self._empty_loss()
             if self.grad_average == "global":  # several ranks: each rank's share of the pooled global mean
                 loss = loss * global_mean_weight(n)
             return loss, extra
-        m = len(examples) // accumulate
-        parts = [examples[k * m : (k + 1) * m] for k in range(accumulate)]
-        targets = [self.targets(p) for p in parts]
-        counts = [self._cells(v) for _, v in targets]
+        # ``accumulate`` consecutive micro-batches, as even as possible (a smaller last step's share may leave
+        # some empty: they add nothing but join the collectives, so every rank runs the same sequence of them)
+        cut = [k * len(examples) // accumulate for k in range(accumulate + 1)]
+        parts = [examples[cut[k] : cut[k + 1]] for k in range(accumulate)]
+        targets = [self.targets(p) if p else None for p in parts]
+        counts = [self._cells(t[1]) if t is not None else torch.zeros((), device=self.device) for t in targets]
         total = sum(counts)
         weight = global_mean_weight(total) if self.grad_average == "global" else 1.0
+        sizes = [len(p) for p in parts]
+        if initialized():  # the logged means weigh micro-batch k by its examples on all ranks
+            sizes = [int(x) for x in all_reduce_sum(torch.tensor(sizes, device=self.device)).tolist()]
         done, sums = None, defaultdict(float)
-        for k, (p, (target, valid)) in enumerate(zip(parts, targets)):
-            loss, extra, n = self._student_loss(p, target, valid)
+        for k, (p, t) in enumerate(zip(parts, targets)):
+            loss, extra, n = self._student_loss(p, *t) if p else self._empty_loss()
             part = loss * (n / total.clamp_min(1.0)) * weight
             for key, v in extra.items():
-                sums[key] += v * len(p) / len(examples)
+                sums[key] += v * sizes[k] / sum(sizes)
             if k < accumulate - 1:
                 with self._timed("backward"):
                     part.backward()
@@ -367,6 +375,22 @@ class Distiller:
             else:
                 out = part + done
         return out, dict(sums)
+
+    def _empty_loss(self):
+        """:meth:`_student_loss` of a rank (or micro-batch) without examples: a zero loss that reaches no
+        parameter (its gradients count as 0 in the all-reduce), nothing added to the pooled means, and the same
+        collectives in the same order (the logged means, the collapse sums, the pooled cells of the cosine)."""
+        zero = torch.zeros((), device=self.device, requires_grad=True)
+        dino = self.loss_kind == "dino"
+        extra = weighted_means({**({"kl": (0.0, 0.0)} if dino else {}), "coverage": (0.0, 0.0)})
+        if dino:
+            K = int(self.head.prototypes.shape[0])
+            extra.update(
+                collapse_stats(all_reduce_sum(torch.zeros(4 * K + 2, dtype=torch.float64, device=self.device)).cpu())
+            )
+            none = torch.zeros(0, int(self.backbone.embed_dim), device=self.device)
+            extra["head_cos"] = self.head.embedding_cosine(pooled_rows(none, HEAD_COS_POINTS), HEAD_COS_POINTS)
+        return zero, extra, torch.zeros((), device=self.device)
 
     def _cells(self, valid: torch.Tensor) -> torch.Tensor:
         """Loss cells of a micro-batch: every cell (``uncovered: zero_fill``) or the valid ones."""

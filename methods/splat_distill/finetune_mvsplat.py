@@ -13,6 +13,13 @@ trains it with MVSplat's rules (sources in ``docs/methods/mvsplat.md``):
   Gaussians closer than 0.2 x ``near`` are culled (3DGS's frustum test after MVSplat's 1/near rescale);
 * loss = MSE (weight 1) + ``lpips_weight`` (0.05) x LPIPS-VGG (``lpips`` package, inputs in [0,1] with
   ``normalize=True``) between render and target;
+* ``--augment flip`` (MVSplat's training augmentation, ``src/dataset/shims/augmentation_shim.py``): each
+  example mirrored as a whole with probability 0.5 (images flipped, cameras reflected, intrinsics kept), drawn
+  per example from ``(seed, index)``; default ``none``, as Splat-and-Distill's ScanNet++ loader, which never
+  applies its config's ``augment: true``;
+* ``--last-batch smaller`` (default; the official ``DataLoader``'s ``drop_last=False``): an epoch is one example
+  per training scene and ends with a smaller step of those left (:func:`~.views.step_examples`), its loss the
+  mean over the step's examples pooled over the ranks; ``carry``: every step has ``--batch`` examples;
 * Adam, lr 2e-4, ``OneCycleLR`` over ``steps + 10`` with 1% warm-up and cosine annealing (the official
   ``configure_optimizers`` with ``cosine_lr: true``), gradient clipping at 0.5, 14 examples per step.
 
@@ -38,6 +45,9 @@ import torch.nn.functional as F
 
 from bench.errors import BenchError, CheckpointError, what_is_at
 
+from .recon_data import AUGMENTS, flips, reflect_views
+from .views import LAST_BATCHES, rank_share, step_examples
+
 log = logging.getLogger("bench")
 
 #: torchvision's VGG16 ImageNet weights, the file ``lpips.LPIPS(net='vgg')`` would download on first use
@@ -58,6 +68,8 @@ DEFAULTS = dict(
     size=(576, 880),
     grad_clip=0.5,
     lpips_weight=0.05,
+    augment="none",
+    last_batch="smaller",
 )
 
 
@@ -127,6 +139,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     m.add_argument("--lpips-weight", type=float, default=None, help="LPIPS weight (default 0.05)")
     m.add_argument("--grad-clip", type=float, default=None, help="gradient norm clip (default 0.5)")
+    m.add_argument(
+        "--augment",
+        choices=AUGMENTS,
+        default=None,
+        help="none (default: Splat-and-Distill's ScanNet++ loader, which never applies its config's augment: true) "
+        "or flip (MVSplat's training augmentation: each example mirrored with probability 0.5)",
+    )
+    m.add_argument(
+        "--last-batch",
+        choices=LAST_BATCHES,
+        default=None,
+        help="smaller (default: the official DataLoader's drop_last=False, an epoch of one example per scene ends "
+        "with a smaller step) or carry (every step has the full --batch)",
+    )
 
 
 def preflight(args: argparse.Namespace) -> Tuple[Path, Path]:
@@ -250,6 +276,16 @@ def example_loss(
     return loss, {"mse": float(mse.detach()), "lpips": float(lp.detach()), "psnr": float(psnr)}
 
 
+def training_example(data, ids: Sequence[str], sampler, index: int, seed: int, augment: str) -> Dict[str, torch.Tensor]:
+    """Example ``index`` of the run: its views (context, context, target: ``images``, pixel ``K``, ``w2c``) from
+    ``sampler.example(index)``, mirrored as a whole (:func:`~.recon_data.reflect_views`) when ``augment`` is
+    ``flip`` and :func:`~.recon_data.flips` draws it for ``(seed, index)``."""
+    s, (c0, c1, t) = sampler.example(index)
+    views = data.load_views(ids[s], [c0, c1, t])
+    ex = {k: views[k] for k in ("images", "K", "w2c")}
+    return reflect_views(ex) if augment == "flip" and flips(seed, index) else ex
+
+
 def save_encoder(encoder: torch.nn.Module, out: Path, meta: Mapping[str, Any]) -> None:
     """Atomically write the encoder's ``encoder.*`` tensors (what ``MVSplatEncoder.from_checkpoint`` reads):
     a ``.safetensors`` file with ``meta`` as JSON under the ``bench`` metadata key, any other suffix a torch
@@ -292,7 +328,7 @@ def _train(args: argparse.Namespace, ckpt: Path, vgg: Path, out: Path, device: s
 
     if device == "cpu":
         tune_allocator()
-    per_rank = dist.per_rank_batch(args.batch, "--batch")
+    dist.per_rank_batch(args.batch, "--batch")  # a full step's batch must divide over the ranks
     seed_everything(args.seed)
     identity = {"start_checkpoint": "sha256:" + file_digest(ckpt), "lpips_vgg": "sha256:" + file_digest(vgg)}
     lpips_model = build_lpips(vgg).to(device)
@@ -315,6 +351,10 @@ def _train(args: argparse.Namespace, ckpt: Path, vgg: Path, out: Path, device: s
     settings = {
         k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(args).items() if k not in NOT_IDENTITY
     }
+    if settings.get("augment") == "none":  # runs started before --augment existed keep their identity
+        settings.pop("augment")
+    if settings.get("last_batch") == "carry":  # ... and before --last-batch existed
+        settings.pop("last_batch")
     loop = TrainLoop(
         out.with_name(out.name + ".train"),
         args.steps,
@@ -331,13 +371,17 @@ def _train(args: argparse.Namespace, ckpt: Path, vgg: Path, out: Path, device: s
     )
 
     def step(i: int):
+        idx = step_examples(i, args.batch, sampler.epoch_size, args.last_batch)
         ex = []
-        for pos in dist.rank_slice(args.batch):
-            s, (c0, c1, t) = sampler.example(i * args.batch + pos)
-            views = data.load_views(train_ids[s], [c0, c1, t])
-            ex.append({k: views[k].to(device) for k in ("images", "K", "w2c")})
-        assert len(ex) == per_rank
-        return example_loss(encoder, lpips_model, ex, args.near, args.far, args.lpips_weight, i)
+        for j in rank_share(len(idx), dist.rank(), dist.world_size()):
+            views = training_example(data, train_ids, sampler, idx[j], args.seed, args.augment)
+            ex.append({k: v.to(device) for k, v in views.items()})
+        if not ex:  # an epoch's smaller last step left this rank nothing: a zero loss, zero gradients
+            dist.global_mean_weight(0.0)  # the collective every rank joins
+            zero = torch.zeros((), device=device, requires_grad=True)
+            return zero, {"mse": 0.0, "lpips": 0.0, "psnr": 0.0}
+        loss, extra = example_loss(encoder, lpips_model, ex, args.near, args.far, args.lpips_weight, i)
+        return loss * dist.global_mean_weight(len(ex)), extra  # the mean over the step's examples on all ranks
 
     history = loop.run(step, stop_after=getattr(args, "stop_after", None))
     if loop.step < args.steps:  # interrupted on purpose (tests): no final checkpoint yet

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from bench.data.multiview import open_scenes
-from bench.errors import BenchError
+from bench.errors import BenchError, choice
 from bench.io import write_json
 from bench.registry import METHODS
 from bench.distributed import start_run
@@ -18,7 +18,7 @@ from bench.train import TrainLoop, one_cycle_cosine
 
 from .distill import Distiller
 from .head import COLLAPSE_KEYS
-from .views import ViewSampler, frame_numbers
+from .views import LAST_BATCHES, ViewSampler, frame_numbers, rank_share, step_examples
 
 log = logging.getLogger("bench")
 
@@ -34,6 +34,7 @@ def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
     from bench.loader import StepLoader, resolve_workers
 
     m = cfg.method
+    last_batch = choice("method.views.last_batch", m.views.last_batch, LAST_BATCHES)  # before any work
     with dist.main_first():  # rank 0 generates a synthetic set once; the others then read it
         data = open_scenes(m.data, cfg.paths.data_dir, keep_bad=bool(m.views.keep_bad))
     sampler = ViewSampler(
@@ -56,7 +57,7 @@ def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
     opt = torch.optim.Adam(distiller.parameters(), lr=float(o.lr))
     sched = one_cycle_cosine(opt, int(o.steps), float(o.warmup_pct))
     batch = int(o.batch_size)
-    positions = dist.rank_slice(batch)
+    positions = dist.rank_slice(batch)  # a full step's share (an error when the batch does not divide)
     loop = TrainLoop(
         Path(workdir) / "checkpoints",
         int(o.steps),
@@ -84,8 +85,8 @@ def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
 
     def examples(step: int):  # this rank's examples of step ``step`` (runs in a loader worker)
         out = []
-        for j in positions:
-            s, idx = sampler.example(step * batch + j)
+        for i in step_share(step, batch, sampler.epoch_size, last_batch):
+            s, idx = sampler.example(i)
             out.append(distiller.prepare(data.load_views(data.scene_ids[s], idx)))  # + SLIC here, off the step
         return out
 
@@ -102,6 +103,18 @@ def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
 
     step_fn.loader = loader
     return distiller, data, sampler, loop, step_fn
+
+
+def step_share(step: int, batch: int, epoch_size: int, last_batch: str) -> range:
+    """This rank's run-wide example indices of step ``step``: its :func:`~.views.rank_share` of the step's
+    :func:`~.views.step_examples` (``views.last_batch: smaller``, official: an epoch's last step holds the
+    ``epoch_size mod batch`` examples left, split over the ranks as evenly as possible; a rank may get none and
+    still joins the step's collectives, :meth:`Distiller.loss`)."""
+    from bench import distributed as dist
+
+    idx = step_examples(step, batch, epoch_size, last_batch)
+    share = rank_share(len(idx), dist.rank(), dist.world_size())
+    return idx[share.start : share.stop]
 
 
 def mask_deviations(distiller, data) -> dict:

@@ -55,7 +55,7 @@ LEARNED_DEFAULTS = dict(
     size=(64, 80),
 )
 #: flags only ``model=mvsplat`` reads (kept out of the learned trainer's resume fingerprint)
-MVSPLAT_ONLY = ("model", "checkpoint", "lpips_vgg", "lpips_weight", "grad_clip")
+MVSPLAT_ONLY = ("model", "checkpoint", "lpips_vgg", "lpips_weight", "grad_clip", "augment", "last_batch")
 
 
 def _model(v: str) -> str:
@@ -148,6 +148,10 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, k, list(v) if isinstance(v, list) else v)
     if model == "mvsplat" and getattr(args, "scenes", None) is None and args.dataset == "synthetic":
         args.scenes = LEARNED_DEFAULTS["scenes"]  # a synthetic set needs a count
+    for flag in ("augment", "last_batch"):
+        if model == "learned" and getattr(args, flag, None) is not None:
+            name = "--" + flag.replace("_", "-")
+            raise BenchError(f"{name} is a model=mvsplat option", f"drop {name} for model=learned")
     if model == "mvsplat" and args.eval_only:
         raise BenchError("--eval-only is a model=learned option", "drop --eval-only for model=mvsplat")
     return args

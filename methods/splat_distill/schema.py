@@ -17,6 +17,7 @@ class SnDViews:
     order: str = REQ
     contiguous: bool = REQ
     keep_bad: bool = REQ
+    last_batch: str = REQ
 
 
 @dataclass

@@ -9,7 +9,8 @@ the gap uses its full length. Target placements:
 * ``middle``  -- ``(c0 + c1) // 2``;
 * ``context`` -- one of the two context views (the paper's "context views as targets" ablation).
 
-The trainer draws example ``i`` of the run (``i = step * global_batch + position``) with
+The trainer draws example ``i`` of the run (the indices of a step: :func:`step_examples`; official, an epoch's
+last step is smaller; deviation ``carry``, ``i = step * global_batch + position``) with
 :meth:`ViewSampler.example`, from a generator seeded by ``(seed, i)``: the examples of a step do not
 depend on the number of ranks or data-loader workers, nor on what was drawn before, so a resumed or
 re-sharded run sees the same examples. :meth:`ViewSampler.sample` (sequential draws from its own
@@ -27,7 +28,36 @@ from bench.errors import BenchError
 
 PLACEMENTS = ("uniform", "middle", "context")
 ORDERS = ("epoch", "uniform")  # method.views.order
+LAST_BATCHES = ("smaller", "carry")  # method.views.last_batch
 MAX_REDRAWS = 10_000
+
+
+def step_examples(step: int, batch: int, epoch_size: int, last_batch: str = "smaller") -> range:
+    """Run-wide example indices (the ``index`` of :meth:`ViewSampler.example`) of optimiser step ``step``.
+
+    ``smaller`` (official: a map-style dataset of ``epoch_size`` scenes, ``DataLoader(batch_size, shuffle=True)``
+    with the default ``drop_last=False``): an epoch is ``ceil(epoch_size / batch)`` steps of ``batch`` examples
+    and a last one of the ``epoch_size mod batch`` left (when it is not 0), so every example of an epoch is seen
+    exactly once and no step straddles two epochs. ``carry`` (deviation): every step has ``batch`` examples,
+    ``step * batch .. step * batch + batch - 1``, an epoch's remainder running on into the next one."""
+    batch, step = int(batch), int(step)
+    if last_batch == "carry":
+        return range(step * batch, (step + 1) * batch)
+    if last_batch != "smaller":
+        raise BenchError(f"method.views.last_batch='{last_batch}' is not a choice", f"use one of {LAST_BATCHES}")
+    per_epoch = -(-int(epoch_size) // batch)
+    epoch, k = divmod(step, per_epoch)
+    start = epoch * int(epoch_size) + k * batch
+    return range(start, min(start + batch, (epoch + 1) * int(epoch_size)))
+
+
+def rank_share(n: int, rank: int, world: int) -> range:
+    """Positions (0-based within a step's ``n`` examples) that rank ``rank`` of ``world`` takes: consecutive,
+    balanced chunks from ``ceil(rank * n / world)`` up to the next rank's start. A full step whose batch divides
+    over the ranks gives every rank ``n / world`` (:func:`bench.distributed.rank_slice`); an epoch's smaller last
+    step gives shares that differ by at most one, the larger ones to the first ranks, and with ``n < world`` the
+    last ranks get none."""
+    return range(-(-rank * n // world), -(-(rank + 1) * n // world))
 
 
 def frame_numbers(names: Sequence[str]) -> List[int]:
@@ -90,6 +120,11 @@ class ViewSampler:
             if any(fn[c + g] - fn[c] == g for c in range(n - g)):
                 return True
         return False
+
+    @property
+    def epoch_size(self) -> int:
+        """Examples per epoch: one per scene with at least 2 views (the official dataset's length)."""
+        return len(self.scenes)
 
     def _epoch_scene(self, index: int) -> int:
         """``order: epoch``: the scene of example ``index``: its epoch's permutation of the scenes."""
