@@ -1,22 +1,15 @@
 """The CLI: help, list, and one clear error line + non-zero exit + no record for bad input."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from bench.cli import main
+from helpers import path_overrides, run_bench
 
 
 @pytest.fixture
 def paths(tmp_path):
-    return [
-        f"paths.results_dir={tmp_path}/results",
-        f"paths.output_dir={tmp_path}/outputs",
-        f"paths.cache_dir={tmp_path}/cache",
-        f"paths.data_dir={tmp_path}/data",
-    ]
+    return path_overrides(tmp_path, root=False)
 
 
 def _no_records(tmp_path):
@@ -32,7 +25,7 @@ def _one_error_line(capsys):
 
 
 def test_help_runs_as_a_module():
-    out = subprocess.run([sys.executable, "-m", "bench", "--help"], capture_output=True, text=True, timeout=120)
+    out = run_bench("--help", cwd=None, timeout=120)
     assert out.returncode == 0
     for cmd in ("run", "table", "list", "data", "perf"):
         assert cmd in out.stdout

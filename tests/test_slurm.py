@@ -7,7 +7,6 @@ the tests are skipped with the reason, except in CI (CI=true), where they must r
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import time
@@ -18,6 +17,7 @@ import torch
 
 from bench import records, sweep
 from bench.config import compose
+from helpers import sweep_args, tiny_cell
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SCRIPT = Path(__file__).parent / "slurm" / "cluster.sh"
@@ -55,13 +55,7 @@ def slurm_cluster(tmp_path_factory):
 def overrides(tmp: Path, *extra: str) -> list:
     """Tiny cells on the test cluster: 1 CPU per job, 3-minute limit (submitit signals 90 s before)."""
     return [
-        "backbone=tiny_vit",
-        "task=synth_corr",
-        f"paths.root={tmp}",
-        f"paths.data_dir={tmp}/data",
-        f"paths.results_dir={tmp}/results",
-        f"paths.output_dir={tmp}/outputs",
-        f"paths.cache_dir={tmp}/cache",
+        *tiny_cell(tmp),
         "cluster=slurm",
         f"cluster.folder={tmp}/sweep",
         "cluster.partition=debug",
@@ -75,12 +69,6 @@ def overrides(tmp: Path, *extra: str) -> list:
         "cluster.poll_s=1",
         *extra,
     ]
-
-
-def args(*argv: str):
-    p = argparse.ArgumentParser()
-    sweep.add_arguments(p)
-    return p.parse_args(list(argv))
 
 
 def squeue(job_id: str) -> str:
@@ -134,7 +122,7 @@ def test_sweep_2x2_through_sbatch(slurm_cluster, toys, tmp_path, capsys):
     board = (tmp_path / "results" / "leaderboard.md").read_text()
     assert "synth_depth" in board and "synth_seg" in board and "toy_train" in board
     capsys.readouterr()
-    assert sweep.main(args("--status", str(s.folder))) == 0
+    assert sweep.main(sweep_args("--status", str(s.folder))) == 0
     assert "6 done" in capsys.readouterr().out
 
 
@@ -180,7 +168,7 @@ def test_requeue_resume_failure_and_cancel(slurm_cluster, toys, tmp_path, capsys
     log = Path(t0.stderr).read_text()
     assert "Requeued job" in log and "resumed from" in log  # submitit requeued it; TrainLoop resumed
     capsys.readouterr()
-    assert sweep.main(args("--status", str(s.folder))) == 0
+    assert sweep.main(sweep_args("--status", str(s.folder))) == 0
     out = capsys.readouterr().out
     assert "3 done, 1 failed, 3 cancelled" in out and s.jobs[fail0].stderr in out
 
