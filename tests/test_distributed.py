@@ -12,43 +12,19 @@ import torch
 
 from bench.config import compose
 from bench.loader import StepLoader
-from loopback import tagged, torchrun
+from helpers import mef_tiny, snd_tiny
+from loopback import free_port, tagged, torchrun
 from methods.splat_distill.official import CPU_DEVIATIONS
 from methods.splat_distill.views import ViewSampler
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZE, SCENES, VIEWS = (56, 70), 3, 10
 #: float tolerance of "same weights": per-example gradients summed in another order (ranks vs one batch)
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
-    from bench.data.synthetic import ensure_synthetic
-
-    return ensure_synthetic(tmp_path_factory.mktemp("dist") / "synth", SCENES, VIEWS, SIZE, 0)
-
-
 def _overrides(root, steps=4):
     return [
-        "method=splat_distill",
-        "backbone=tiny_vit",
-        "device=cpu",
-        "method.data.dataset=synthetic",
-        f"method.data.root={root}",
-        f"method.data.scenes={SCENES}",
-        f"method.data.views={VIEWS}",
-        f"method.data.size=[{SIZE[0]},{SIZE[1]}]",
-        "method.data.seed=0",
-        "method.views.gap=4",
-        "method.head.prototypes=64",
-        "method.head.hidden_dim=64",
-        "method.head.bottleneck_dim=16",
-        "method.optim.batch_size=2",
-        "method.optim.lr=2e-3",
-        "method.teacher.every=1",
-        "method.teacher.momentum=0.9",
-        "method.progress=false",
+        *snd_tiny(root, prototypes=64, hidden=64, bottleneck=16),
         f"method.optim.steps={steps}",
         "method.ckpt_every=2",
         "method.log_every=2",
@@ -77,9 +53,17 @@ def _single(workdir, overrides, stop_after=None):
     return SplatDistill().fit(build_backbone(cfg.backbone), cfg, workdir, stop_after=stop_after).model.state_dict()
 
 
+def _spawn_2(worker, tmp_path):
+    """``worker(rank, 2, port, out)`` on 2 spawned processes (a free loopback port); the dicts they saved."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path / "r")), nprocs=2, join=True)
+    return torch.load(tmp_path / "r.0"), torch.load(tmp_path / "r.1")
+
+
 @pytest.mark.slow
-def test_two_ranks_equal_one_process_and_resume_exactly(scenes, tmp_path):
-    ov = _overrides(scenes)
+def test_two_ranks_equal_one_process_and_resume_exactly(snd_scenes, tmp_path):
+    ov = _overrides(snd_scenes)
     one = _single(tmp_path / "one", [*ov, "loader.workers=1"])  # 1 process, global batch 2, a loader worker
 
     writes = _torchrun(tmp_path / "two", tmp_path / "two.pt", 0, ov)
@@ -123,23 +107,7 @@ def test_mef_two_ranks_equal_one_process(tmp_path):
     from bench.seed import seed_everything
     from methods.mef import MEF
 
-    ov = [
-        "method=mef",
-        "backbone=tiny_vit",
-        "device=cpu",
-        f"paths.data_dir={tmp_path}/data",
-        "method.data.dataset=synthetic",
-        "method.data.root=null",
-        "method.data.objects=3",
-        "method.data.views=8",
-        "method.data.size=[48,48]",
-        "method.points=300",
-        "method.progress=false",
-        "method.optim.lr=1e-3",
-        "method.optim.steps=3",
-        "method.optim.batch_size=2",
-        "method.ckpt_every=3",
-    ]
+    ov = [*mef_tiny(tmp_path), "method.optim.steps=3", "method.optim.batch_size=2"]
     cfg = compose(ov)
     seed_everything(0)
     init = {k: v.clone() for k, v in build_backbone(cfg.backbone).model.state_dict().items()}
@@ -208,15 +176,7 @@ def _worker_allreduce(rank, world, port, out):
 
 @pytest.mark.slow
 def test_gradient_average_and_pooled_mean_weight(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker_allreduce, args=(2, port, str(tmp_path / "r")), nprocs=2, join=True)
-    r0, r1 = torch.load(tmp_path / "r.0"), torch.load(tmp_path / "r.1")
+    r0, r1 = _spawn_2(_worker_allreduce, tmp_path)
     for r in (r0, r1):
         assert torch.equal(r["p"], torch.tensor([1.5, 3.0, 4.5])) and r["q"] is None
         assert r["bs"] == 2
@@ -290,16 +250,8 @@ def test_two_ranks_log_the_global_batch_and_leave_unused_parameters_alone(tmp_pa
     """2 ranks x 2 examples == 1 process x 4 examples with AdamW (weight decay): the parameter no rank uses keeps
     grad None and its initial weights bit for bit (as DDP leaves it), the one only rank 1 uses trains as in one
     process, rank 1's other start-up weights are replaced by rank 0's; diagnostics are the global batch's."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     one = _train_net(tmp_path / "one", 0, 1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker_truth, args=(2, port, str(tmp_path / "r")), nprocs=2, join=True)
-    r0, r1 = torch.load(tmp_path / "r.0"), torch.load(tmp_path / "r.1")
+    r0, r1 = _spawn_2(_worker_truth, tmp_path)
     torch.manual_seed(0)
     init = _Net().state_dict()
     for r in (r0, r1):
@@ -343,14 +295,6 @@ def _worker_saved(rank, world, port, out):
 
 @pytest.mark.slow
 def test_ranks_evaluate_the_backbone_rank_0_saved(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker_saved, args=(2, port, str(tmp_path / "r")), nprocs=2, join=True)
-    r0, r1 = torch.load(tmp_path / "r.0"), torch.load(tmp_path / "r.1")
+    r0, r1 = _spawn_2(_worker_saved, tmp_path)
     assert r1["before"] != r0["before"]  # rank 1 trained (here: built) another backbone
     assert r0["after"] == r1["after"] == r0["before"]  # both evaluate the one rank 0 saved

@@ -15,6 +15,7 @@ from bench import sweep
 from bench.cluster import JobRecord, PrepareJob, SlurmBackend
 from bench.config import compose
 from bench.runner import MODEL_FILE, backbone_dir
+from helpers import fit3d_tiny
 
 from baselines.fit3d.method import open_scenes, run_stage1, scene_dirs, stage1_shards, stage1_teacher, teacher_identity
 from baselines.fit3d.stage1 import is_fitted
@@ -34,19 +35,7 @@ STAGE1 = [
 
 def overrides(tmp: Path, cache: str = "cache", *extra: str) -> list:
     return [
-        "method=fit3d",
-        "backbone=tiny_vit",
-        "task=synth_depth",
-        "device=cpu",
-        "seed=0",
-        f"paths.root={tmp}",
-        f"paths.results_dir={tmp}/results",
-        f"paths.output_dir={tmp}/outputs",
-        f"paths.cache_dir={tmp}/{cache}",
-        f"paths.data_dir={tmp}/data",
-        "method.progress=false",
-        "method.data.dataset=synthetic",
-        f"method.data.root={tmp}/scenes",
+        *fit3d_tiny(tmp, cache=f"{tmp}/{cache}"),
         "method.data.scenes=3",
         "method.data.views=3",
         "method.data.size=[28,28]",
