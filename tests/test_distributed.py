@@ -35,9 +35,13 @@ def _overrides(root, steps=4):
     ]
 
 
-def _torchrun(workdir, out, stop_after, overrides, nproc=2):
-    """Loopback only, one output file per rank (tests/loopback.py); the ranks > 0's WRITES lists."""
-    logs = torchrun([str(ROOT / "tests" / "dist_snd.py"), str(workdir), str(out), str(stop_after), *overrides], nproc)
+def _torchrun(jobs, nproc=2):
+    """``jobs`` [(workdir, out, stop_after, overrides)] in one launch (tests/dist_snd.py), loopback only, one
+    output file per rank (tests/loopback.py); the ranks > 0's WRITES lists."""
+    spec = [{"workdir": str(w), "out": str(o), "stop_after": s, "overrides": list(ov)} for w, o, s, ov in jobs]
+    path = Path(jobs[0][0]).parent / f"jobs_{Path(jobs[0][1]).stem}.json"
+    path.write_text(json.dumps(spec))
+    logs = torchrun([str(ROOT / "tests" / "dist_snd.py"), str(path)], nproc)
     writes = [json.loads(x) for r in range(1, nproc) for x in tagged(logs[r], "WRITES")]
     assert len(writes) == nproc - 1 and not tagged(logs[0], "WRITES"), logs
     return writes
@@ -61,23 +65,53 @@ def _spawn_2(worker, tmp_path):
     return torch.load(tmp_path / "r.0"), torch.load(tmp_path / "r.1")
 
 
+def _mef_overrides(tmp):
+    return [*mef_tiny(tmp), "method.optim.steps=3", "method.optim.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, snd_scenes):
+    """The first 2-rank launch, shared by the Splat-and-Distill and MEF tests below (one start-up for three runs):
+    SnD uninterrupted (``two``) and cut after its step-2 checkpoint (``cut``), MEF uninterrupted (``mef_two``);
+    first, the 1-process MEF run that the MEF test compares with (it also writes the objects both read)."""
+    from bench.backbones import build_backbone
+    from bench.seed import seed_everything
+    from methods.mef import MEF
+
+    tmp = tmp_path_factory.mktemp("ranks")
+    cfg = compose(_mef_overrides(tmp / "mef"))
+    seed_everything(0)
+    mef_init = {k: v.clone() for k, v in build_backbone(cfg.backbone).model.state_dict().items()}
+    seed_everything(0)
+    mef_one = MEF().fit(build_backbone(cfg.backbone), cfg, tmp / "mef" / "one").state_dict()
+    ov = _overrides(snd_scenes)
+    jobs = [
+        (tmp / "snd" / "two", tmp / "snd" / "two.pt", 0, ov),
+        (tmp / "snd" / "cut", tmp / "snd" / "cut_a.pt", 2, ov),
+        (tmp / "mef" / "two", tmp / "mef" / "two.pt", 0, _mef_overrides(tmp / "mef")),
+    ]
+    (tmp / "snd").mkdir()
+    writes = _torchrun(jobs)
+    return {"tmp": tmp, "writes": writes, "mef_init": mef_init, "mef_one": mef_one}
+
+
 @pytest.mark.slow
-def test_two_ranks_equal_one_process_and_resume_exactly(snd_scenes, tmp_path):
+def test_two_ranks_equal_one_process_and_resume_exactly(launched, snd_scenes):
+    tmp_path = launched["tmp"] / "snd"
     ov = _overrides(snd_scenes)
     one = _single(tmp_path / "one", [*ov, "loader.workers=1"])  # 1 process, global batch 2, a loader worker
 
-    writes = _torchrun(tmp_path / "two", tmp_path / "two.pt", 0, ov)
     two = torch.load(tmp_path / "two.pt")
-    assert writes == [[]]  # rank 1 created, wrote, renamed or deleted nothing
+    assert launched["writes"] == [[]]  # rank 1 created, wrote, renamed or deleted nothing
     assert one.keys() == two.keys()
     diff = max(float((one[k] - two[k]).abs().max()) for k in one)
     moved = max(float((one[k] - v).abs().max()) for k, v in _initial(ov).items())
     assert diff < ATOL and moved > 10 * diff, (diff, moved)  # training moved the weights far more than that
 
-    # interrupted after the step-2 checkpoint, resumed: equal to the uninterrupted 2-rank run
-    assert _torchrun(tmp_path / "cut", tmp_path / "cut_a.pt", 2, ov) == [[]]
+    # interrupted after the step-2 checkpoint (in the launch above), resumed in a new launch: equal to the
+    # uninterrupted 2-rank run
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["ckpt_00000002.pt"]
-    assert _torchrun(tmp_path / "cut", tmp_path / "cut.pt", 0, ov) == [[]]
+    assert _torchrun([(tmp_path / "cut", tmp_path / "cut.pt", 0, ov)]) == [[]]
     cut = torch.load(tmp_path / "cut.pt")
     assert all(torch.equal(cut[k], two[k]) for k in two)
     ha = [json.loads(x) for x in (tmp_path / "two" / "history.jsonl").read_text().splitlines()]
@@ -100,20 +134,11 @@ def test_two_ranks_equal_one_process_and_resume_exactly(snd_scenes, tmp_path):
 
 
 @pytest.mark.slow
-def test_mef_two_ranks_equal_one_process(tmp_path):
+def test_mef_two_ranks_equal_one_process(launched):
     """MEF data-parallel: 2 ranks x 1 object pair == 1 process x 2 pairs (the pooled-positives mean re-weighted
     per rank), rank 1 writes nothing."""
-    from bench.backbones import build_backbone
-    from bench.seed import seed_everything
-    from methods.mef import MEF
-
-    ov = [*mef_tiny(tmp_path), "method.optim.steps=3", "method.optim.batch_size=2"]
-    cfg = compose(ov)
-    seed_everything(0)
-    init = {k: v.clone() for k, v in build_backbone(cfg.backbone).model.state_dict().items()}
-    seed_everything(0)
-    one = MEF().fit(build_backbone(cfg.backbone), cfg, tmp_path / "one").state_dict()  # also writes the objects
-    assert _torchrun(tmp_path / "two", tmp_path / "two.pt", 0, ov) == [[]]
+    tmp_path, init, one = launched["tmp"] / "mef", launched["mef_init"], launched["mef_one"]
+    assert launched["writes"] == [[]]
     two = torch.load(tmp_path / "two.pt")
     assert one.keys() == two.keys()
     diff = max(float((one[k] - two[k]).abs().max()) for k in one)
