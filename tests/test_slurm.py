@@ -222,7 +222,7 @@ def test_two_task_training_job_runs_as_two_ranks(slurm_cluster, toys, tmp_path):
 
 @pytest.mark.slow
 def test_fit3d_stage1_array_through_sbatch(slurm_cluster, tmp_path):
-    """FiT3D stage I as a SLURM job array (one task per scene); stage II waits on the whole array
+    """FiT3D stage I as a SLURM job array (2 tasks: shards of 2 and 1 scenes); stage II waits on the whole array
     (``afterok:<array id>``), then the probe; every scene is fitted and the backbone is trained."""
     from test_fit3d_array import overrides as fit3d_overrides
 
@@ -231,14 +231,21 @@ def test_fit3d_stage1_array_through_sbatch(slurm_cluster, tmp_path):
     from bench.runner import MODEL_FILE, backbone_dir
 
     slurm = [o for o in overrides(tmp_path) if o.startswith("cluster")]
-    ov = fit3d_overrides(tmp_path, "cache", *slurm, "+cluster.train.timeout_min=5", "+cluster.stage1.timeout_min=5")
+    ov = fit3d_overrides(
+        tmp_path,
+        "cache",
+        *slurm,
+        "+cluster.train.timeout_min=5",
+        "+cluster.stage1.timeout_min=5",
+        "cluster.stage1_per_task=2",
+    )
     plan = sweep.make_plan(ov)
     stage1 = [j for j in plan.jobs.values() if j.kind == "stage1"]
-    assert len(stage1) == 3
+    assert [len(j.items) for j in stage1] == [2, 1]
     s = sweep.run(plan, poll_s=1)
     assert {n: j.state for n, j in s.jobs.items()} == {n: "done" for n in s.jobs}, sweep.status_table(s)
     ids = [s.jobs[j.name].job_id for j in stage1]
-    assert len({i.split("_")[0] for i in ids}) == 1 and all("_" in i for i in ids)  # one array, 3 tasks
+    assert len({i.split("_")[0] for i in ids}) == 1 and all("_" in i for i in ids)  # one array, 2 tasks
     train = next(j for j in s.jobs.values() if j.kind == "train")
     assert SlurmBackend._dependency(None, train, s.jobs) == f"afterok:{ids[0].split('_')[0]}"  # one word
     acct = subprocess.run(
