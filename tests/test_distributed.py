@@ -57,12 +57,33 @@ def _single(workdir, overrides, stop_after=None):
     return SplatDistill().fit(build_backbone(cfg.backbone), cfg, workdir, stop_after=stop_after).model.state_dict()
 
 
-def _spawn_2(worker, tmp_path):
-    """``worker(rank, 2, port, out)`` on 2 spawned processes (a free loopback port); the dicts they saved."""
+def _worker_pieces(rank, world, port, out):
+    """One spawned rank of the tests of the pieces below: joins the process group (loopback) once and runs each
+    piece's rank body, which saves its results to ``{out}_{piece}.{rank}``."""
+    import torch.distributed as dist
+
+    from bench import distributed as bd
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own sockets on loopback
+    bd.init("cpu")
+    for name, body in PIECES.items():
+        body(rank, world, f"{out}_{name}")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def pieces(tmp_path_factory):
+    """``{piece: (rank 0's results, rank 1's)}`` of one 2-rank spawn (a free loopback port) that runs every
+    piece's rank body (one start-up for the three tests)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path / "r")), nprocs=2, join=True)
-    return torch.load(tmp_path / "r.0"), torch.load(tmp_path / "r.1")
+    out = tmp_path_factory.mktemp("pieces") / "r"
+    mp.spawn(_worker_pieces, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    return {name: tuple(torch.load(f"{out}_{name}.{r}") for r in (0, 1)) for name in PIECES}
 
 
 def _mef_overrides(tmp):
@@ -179,16 +200,9 @@ def test_step_loader_in_order_with_workers_and_restart():
     ld0.close()
 
 
-def _worker_allreduce(rank, world, port, out):
-    import torch.distributed as dist
-
+def _rank_allreduce(rank, world, out):
     from bench import distributed as bd
 
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own sockets on loopback
-    bd.init("cpu")
     p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
     p.grad = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1)  # q.grad missing on every rank -> None (DDP)
     bd.allreduce_gradients([p, q])
@@ -196,12 +210,11 @@ def _worker_allreduce(rank, world, port, out):
     torch.save(
         {"p": p.grad, "q": q.grad, "w": w, "bs": bd.per_rank_batch(4), "slice": list(bd.rank_slice(4))}, f"{out}.{rank}"
     )
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_gradient_average_and_pooled_mean_weight(tmp_path):
-    r0, r1 = _spawn_2(_worker_allreduce, tmp_path)
+def test_gradient_average_and_pooled_mean_weight(pieces):
+    r0, r1 = pieces["allreduce"]
     for r in (r0, r1):
         assert torch.equal(r["p"], torch.tensor([1.5, 3.0, 4.5])) and r["q"] is None
         assert r["bs"] == 2
@@ -250,16 +263,9 @@ def _train_net(workdir, rank, world):
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def _worker_truth(rank, world, port, out):
-    import torch.distributed as dist
-
+def _rank_truth(rank, world, out):
     from bench import distributed as bd
 
-    torch.set_num_threads(1)
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    bd.init("cpu")
     weights = _train_net(f"{out}_w{rank}", rank, world)
     # diagnostics: a rank's mean over n cells -> the pooled mean; sampled rows of the pooled batch
     kl = bd.weighted_means({"kl": ([0.2, 0.5][rank], [3.0, 1.0][rank]), "empty": (7.0, 0.0)})
@@ -267,16 +273,15 @@ def _worker_truth(rank, world, port, out):
     torch.save(
         {"w": weights, "kl": kl, "rows": bd.pooled_rows(rows, 3), "all": bd.pooled_rows(rows, 9)}, f"{out}.{rank}"
     )
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_two_ranks_log_the_global_batch_and_leave_unused_parameters_alone(tmp_path):
+def test_two_ranks_log_the_global_batch_and_leave_unused_parameters_alone(pieces, tmp_path):
     """2 ranks x 2 examples == 1 process x 4 examples with AdamW (weight decay): the parameter no rank uses keeps
     grad None and its initial weights bit for bit (as DDP leaves it), the one only rank 1 uses trains as in one
     process, rank 1's other start-up weights are replaced by rank 0's; diagnostics are the global batch's."""
     one = _train_net(tmp_path / "one", 0, 1)
-    r0, r1 = _spawn_2(_worker_truth, tmp_path)
+    r0, r1 = pieces["truth"]
     torch.manual_seed(0)
     init = _Net().state_dict()
     for r in (r0, r1):
@@ -292,19 +297,12 @@ def test_two_ranks_log_the_global_batch_and_leave_unused_parameters_alone(tmp_pa
     assert all(torch.equal(r0["w"][k], r1["w"][k]) for k in one)  # the ranks agree exactly
 
 
-def _worker_saved(rank, world, port, out):
-    import torch.distributed as dist
-
+def _rank_saved(rank, world, out):
     from bench import distributed as bd
     from bench.backbones import build_backbone, save_backbone
     from bench.checkpoint import weights_hash
     from bench.runner import _same_as_saved
 
-    torch.set_num_threads(1)
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    bd.init("cpu")
     torch.manual_seed(rank)  # rank 1's copy differs from the one rank 0 saves
     cfg = {"name": "tiny_cnn", "weights": "none", "hub_repo": None, "layers": [-1], "resize": "resize"}
     bb = build_backbone({**cfg, "mean": [0.5] * 3, "std": [0.25] * 3})
@@ -315,11 +313,14 @@ def _worker_saved(rank, world, port, out):
     bd.barrier()
     after = weights_hash(_same_as_saved(bb, object(), None, path.parent, path))
     torch.save({"before": before, "after": after}, f"{out}.{rank}")
-    dist.destroy_process_group()
+
+
+#: the rank bodies one spawn runs (the ``pieces`` fixture)
+PIECES = {"allreduce": _rank_allreduce, "truth": _rank_truth, "saved": _rank_saved}
 
 
 @pytest.mark.slow
-def test_ranks_evaluate_the_backbone_rank_0_saved(tmp_path):
-    r0, r1 = _spawn_2(_worker_saved, tmp_path)
+def test_ranks_evaluate_the_backbone_rank_0_saved(pieces):
+    r0, r1 = pieces["saved"]
     assert r1["before"] != r0["before"]  # rank 1 trained (here: built) another backbone
     assert r0["after"] == r1["after"] == r0["before"]  # both evaluate the one rank 0 saved
