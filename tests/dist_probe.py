@@ -13,7 +13,6 @@ exit; rank 0 prints ``METRICS <json>``, the list of the jobs' metrics (``null`` 
 from __future__ import annotations
 
 import atexit
-import gc
 import json
 import os
 import sys
@@ -57,4 +56,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    gc.freeze()  # skip the collector's walk over torch's objects at exit, as bench/__main__.py does

@@ -12,7 +12,6 @@ print the list as ``WRITES <json>`` on exit (stdout is not a file write).
 from __future__ import annotations
 
 import atexit
-import gc
 import json
 import os
 import sys
@@ -67,4 +66,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    gc.freeze()  # skip the collector's walk over torch's objects at exit, as bench/__main__.py does

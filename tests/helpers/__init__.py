@@ -4,7 +4,7 @@
 * :func:`tiny_cell` / :func:`toy_sweep`: the tiny synthetic cell and the toy sweep cell (tests/sweep_toys.py)
   that the sweep, SLURM and feature-refresh tests plan.
 * :func:`sweep_args`: the parsed arguments of ``bench sweep``.
-* :func:`run_bench`: ``python -m bench ...`` in a subprocess that imports this checkout.
+* :func:`run_bench` / :func:`run_env`: ``python -m bench ...`` in a subprocess that imports this checkout.
 * :func:`snd_tiny` / :func:`mef_tiny` / :func:`fit3d_tiny`: Splat-and-Distill, MEF and FiT3D shrunk to seconds on CPU (the ``snd_scenes``
   fixture generates the synthetic rooms of ``snd_tiny`` once a session).
 * ``PROBE_SCHEDULE_NEUTRAL`` / ``TINY_SEG_LINEAR``: a probe schedule's remaining keys at neutral values, and the
@@ -56,6 +56,11 @@ def sweep_args(*argv: str) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
+def run_env(**extra: str) -> dict:
+    """The environment of a subprocess that imports this checkout: the inherited one, PYTHONPATH, ``extra``."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+
+
 def run_bench(*argv: str, cwd=ROOT, timeout: Optional[float] = 300, env: Optional[dict] = None):
     """``python -m bench *argv`` in a subprocess importing this checkout (PYTHONPATH); its CompletedProcess
     with text stdout/stderr. ``env`` adds to (or overrides) the inherited environment."""
@@ -65,7 +70,7 @@ def run_bench(*argv: str, cwd=ROOT, timeout: Optional[float] = 300, env: Optiona
         text=True,
         timeout=timeout,
         cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        env=run_env(**(env or {})),
     )
 
 
