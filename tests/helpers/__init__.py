@@ -74,11 +74,6 @@ def run_bench(*argv: str, cwd=ROOT, timeout: Optional[float] = 300, env: Optiona
     )
 
 
-def bench_env(tmp) -> dict:
-    """BENCH_RESULTS / BENCH_OUTPUTS / BENCH_CACHE / BENCH_DATA under ``tmp`` (for :func:`run_bench`'s ``env``)."""
-    return {f"BENCH_{k.upper()}": str(Path(tmp) / k) for k in ("results", "outputs", "cache", "data")}
-
-
 # --- Splat-and-Distill and MEF, tiny ----------------------------------------------------------------------------
 #: the synthetic rooms of snd_tiny: tiny_vit (patch 14) sees a 4x5 grid
 SND_SIZE, SND_SCENES, SND_VIEWS, SND_SEED = (56, 70), 3, 10, 0
