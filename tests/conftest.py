@@ -93,3 +93,12 @@ def toys():
     sweep_toys.register()
     yield sweep_toys
     sweep_toys.unregister()
+
+
+@pytest.fixture(scope="session")
+def snd_scenes(tmp_path_factory):
+    """The synthetic rooms of ``helpers.snd_tiny`` (generated once a session; tests only read them)."""
+    from bench.data.synthetic import ensure_synthetic
+    from helpers import SND_SCENES, SND_SEED, SND_SIZE, SND_VIEWS
+
+    return ensure_synthetic(tmp_path_factory.mktemp("snd") / "synth", SND_SCENES, SND_VIEWS, SND_SIZE, SND_SEED)

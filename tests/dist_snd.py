@@ -1,10 +1,12 @@
 """Worker of tests/test_distributed.py, started by ``tests/loopback.py:torchrun`` (loopback only; each rank's
 stdout in its own file).
 
-``python tests/dist_snd.py WORKDIR OUT.pt STOP_AFTER overrides...`` trains the configured method
-(Splat-and-Distill, MEF) in WORKDIR (resuming from it), and rank 0 saves the trained weights to OUT.pt. Ranks other than 0
-install an audit hook that records every file they create, write, rename or delete under
-WORKDIR's parent, and print the list as ``WRITES <json>`` on exit (stdout is not a file write).
+``python tests/dist_snd.py JOBS.json`` runs the training jobs of the file one after the other in this launch
+(one process group; a list, so several runs share the launch's start-up). Each job
+``{"workdir", "out", "stop_after", "overrides"}`` trains the configured method (Splat-and-Distill, MEF) in
+WORKDIR (resuming from it), and rank 0 saves the trained weights to OUT (a ``.pt``). Ranks other than 0 install
+an audit hook that records every file they create, write, rename or delete under any WORKDIR's parent, and
+print the list as ``WRITES <json>`` on exit (stdout is not a file write).
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ def _watch(root: str) -> list:
 
 
 def main() -> None:
-    workdir, out, stop_after, overrides = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+    jobs = json.loads(Path(sys.argv[1]).read_text())
     rank = int(os.environ.get("RANK", "0"))
-    writes = _watch(str(workdir.parent)) if rank != 0 else None
-    if writes is not None:
-        atexit.register(lambda: print("WRITES " + json.dumps(writes), flush=True))
+    if rank != 0:
+        parents = sorted({str(Path(job["workdir"]).parent) for job in jobs})
+        watched = [_watch(parent) for parent in parents]
+        atexit.register(lambda: print("WRITES " + json.dumps([w for seen in watched for w in seen]), flush=True))
     import torch
 
     torch.set_num_threads(1)
@@ -51,12 +54,14 @@ def main() -> None:
     from bench.registry import METHODS
     from bench.seed import seed_everything
 
-    cfg = compose(overrides)
-    seed_everything(0)
-    bb = METHODS.get(cfg.method.name)().fit(build_backbone(cfg.backbone), cfg, workdir, stop_after=stop_after or None)
-    state = bb.model.state_dict() if cfg.method.name == "splat_distill" else bb.state_dict()  # MEF: + its head
-    if rank == 0:
-        torch.save({k: v.detach().clone() for k, v in state.items()}, out)
+    for job in jobs:
+        cfg = compose(job["overrides"])
+        seed_everything(0)
+        stop_after = int(job["stop_after"]) or None
+        bb = METHODS.get(cfg.method.name)().fit(build_backbone(cfg.backbone), cfg, Path(job["workdir"]), stop_after)
+        state = bb.model.state_dict() if cfg.method.name == "splat_distill" else bb.state_dict()  # MEF: + its head
+        if rank == 0:
+            torch.save({k: v.detach().clone() for k, v in state.items()}, job["out"])
 
 
 if __name__ == "__main__":

@@ -1,22 +1,15 @@
 """The CLI: help, list, and one clear error line + non-zero exit + no record for bad input."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from bench.cli import main
+from helpers import path_overrides, run_bench, run_env
 
 
 @pytest.fixture
 def paths(tmp_path):
-    return [
-        f"paths.results_dir={tmp_path}/results",
-        f"paths.output_dir={tmp_path}/outputs",
-        f"paths.cache_dir={tmp_path}/cache",
-        f"paths.data_dir={tmp_path}/data",
-    ]
+    return path_overrides(tmp_path, root=False)
 
 
 def _no_records(tmp_path):
@@ -32,7 +25,7 @@ def _one_error_line(capsys):
 
 
 def test_help_runs_as_a_module():
-    out = subprocess.run([sys.executable, "-m", "bench", "--help"], capture_output=True, text=True, timeout=120)
+    out = run_bench("--help", cwd=None, timeout=120)
     assert out.returncode == 0
     for cmd in ("run", "table", "list", "data", "perf"):
         assert cmd in out.stdout
@@ -88,3 +81,20 @@ def test_missing_dataset_root(paths, tmp_path, capsys):
 def test_bad_override_syntax(paths, capsys):
     assert main(["run", "seed=[1,", *paths]) == 2
     assert "invalid config override" in _one_error_line(capsys)
+
+
+def test_a_process_that_imported_bench_exits_without_the_collectors_walk():
+    """Importing bench registers gc.freeze at exit (the finalisation's walk over torch's objects is most of a
+    run's exit time, docs/SCALING.md): a handler registered before the import runs after it and sees the
+    objects frozen; the other exit handlers still run."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, gc\n"
+        "atexit.register(lambda: print('FROZEN', gc.get_freeze_count() > 0, flush=True))\n"
+        "import bench\n"
+        "atexit.register(lambda: print('BEFORE', gc.get_freeze_count() > 0, flush=True))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=run_env())
+    assert out.returncode == 0 and out.stdout.split() == ["BEFORE", "False", "FROZEN", "True"], out

@@ -13,17 +13,13 @@ import tasks  # noqa: F401  (registers the tasks)
 from bench.config import compose, group_options
 from bench.errors import DataMissingError
 from bench.registry import BACKBONES, METHODS, TASKS
+from helpers import path_overrides
 
 EXPERIMENTS = group_options("experiment")
 
 
 def _paths(tmp_path):
-    return [
-        f"paths.results_dir={tmp_path}/results",
-        f"paths.output_dir={tmp_path}/outputs",
-        f"paths.cache_dir={tmp_path}/cache",
-        f"paths.data_dir={tmp_path}/data",
-    ]
+    return path_overrides(tmp_path, root=False)
 
 
 # -- backbones ----------------------------------------------------------------------------------------

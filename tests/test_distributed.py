@@ -12,43 +12,19 @@ import torch
 
 from bench.config import compose
 from bench.loader import StepLoader
-from loopback import tagged, torchrun
+from helpers import mef_tiny, snd_tiny
+from loopback import free_port, tagged, torchrun
 from methods.splat_distill.official import CPU_DEVIATIONS
 from methods.splat_distill.views import ViewSampler
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZE, SCENES, VIEWS = (56, 70), 3, 10
 #: float tolerance of "same weights": per-example gradients summed in another order (ranks vs one batch)
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
-    from bench.data.synthetic import ensure_synthetic
-
-    return ensure_synthetic(tmp_path_factory.mktemp("dist") / "synth", SCENES, VIEWS, SIZE, 0)
-
-
 def _overrides(root, steps=4):
     return [
-        "method=splat_distill",
-        "backbone=tiny_vit",
-        "device=cpu",
-        "method.data.dataset=synthetic",
-        f"method.data.root={root}",
-        f"method.data.scenes={SCENES}",
-        f"method.data.views={VIEWS}",
-        f"method.data.size=[{SIZE[0]},{SIZE[1]}]",
-        "method.data.seed=0",
-        "method.views.gap=4",
-        "method.head.prototypes=64",
-        "method.head.hidden_dim=64",
-        "method.head.bottleneck_dim=16",
-        "method.optim.batch_size=2",
-        "method.optim.lr=2e-3",
-        "method.teacher.every=1",
-        "method.teacher.momentum=0.9",
-        "method.progress=false",
+        *snd_tiny(root, prototypes=64, hidden=64, bottleneck=16),
         f"method.optim.steps={steps}",
         "method.ckpt_every=2",
         "method.log_every=2",
@@ -59,9 +35,13 @@ def _overrides(root, steps=4):
     ]
 
 
-def _torchrun(workdir, out, stop_after, overrides, nproc=2):
-    """Loopback only, one output file per rank (tests/loopback.py); the ranks > 0's WRITES lists."""
-    logs = torchrun([str(ROOT / "tests" / "dist_snd.py"), str(workdir), str(out), str(stop_after), *overrides], nproc)
+def _torchrun(jobs, nproc=2):
+    """``jobs`` [(workdir, out, stop_after, overrides)] in one launch (tests/dist_snd.py), loopback only, one
+    output file per rank (tests/loopback.py); the ranks > 0's WRITES lists."""
+    spec = [{"workdir": str(w), "out": str(o), "stop_after": s, "overrides": list(ov)} for w, o, s, ov in jobs]
+    path = Path(jobs[0][0]).parent / f"jobs_{Path(jobs[0][1]).stem}.json"
+    path.write_text(json.dumps(spec))
+    logs = torchrun([str(ROOT / "tests" / "dist_snd.py"), str(path)], nproc)
     writes = [json.loads(x) for r in range(1, nproc) for x in tagged(logs[r], "WRITES")]
     assert len(writes) == nproc - 1 and not tagged(logs[0], "WRITES"), logs
     return writes
@@ -77,23 +57,82 @@ def _single(workdir, overrides, stop_after=None):
     return SplatDistill().fit(build_backbone(cfg.backbone), cfg, workdir, stop_after=stop_after).model.state_dict()
 
 
+def _worker_pieces(rank, world, port, out):
+    """One spawned rank of the tests of the pieces below: joins the process group (loopback) once and runs each
+    piece's rank body, which saves its results to ``{out}_{piece}.{rank}``."""
+    import torch.distributed as dist
+
+    from bench import distributed as bd
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own sockets on loopback
+    bd.init("cpu")
+    for name, body in PIECES.items():
+        body(rank, world, f"{out}_{name}")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def pieces(tmp_path_factory):
+    """``{piece: (rank 0's results, rank 1's)}`` of one 2-rank spawn (a free loopback port) that runs every
+    piece's rank body (one start-up for the three tests)."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("pieces") / "r"
+    mp.spawn(_worker_pieces, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    return {name: tuple(torch.load(f"{out}_{name}.{r}") for r in (0, 1)) for name in PIECES}
+
+
+def _mef_overrides(tmp):
+    return [*mef_tiny(tmp), "method.optim.steps=3", "method.optim.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, snd_scenes):
+    """The first 2-rank launch, shared by the Splat-and-Distill and MEF tests below (one start-up for three runs):
+    SnD uninterrupted (``two``) and cut after its step-2 checkpoint (``cut``), MEF uninterrupted (``mef_two``);
+    first, the 1-process MEF run that the MEF test compares with (it also writes the objects both read)."""
+    from bench.backbones import build_backbone
+    from bench.seed import seed_everything
+    from methods.mef import MEF
+
+    tmp = tmp_path_factory.mktemp("ranks")
+    cfg = compose(_mef_overrides(tmp / "mef"))
+    seed_everything(0)
+    mef_init = {k: v.clone() for k, v in build_backbone(cfg.backbone).model.state_dict().items()}
+    seed_everything(0)
+    mef_one = MEF().fit(build_backbone(cfg.backbone), cfg, tmp / "mef" / "one").state_dict()
+    ov = _overrides(snd_scenes)
+    jobs = [
+        (tmp / "snd" / "two", tmp / "snd" / "two.pt", 0, ov),
+        (tmp / "snd" / "cut", tmp / "snd" / "cut_a.pt", 2, ov),
+        (tmp / "mef" / "two", tmp / "mef" / "two.pt", 0, _mef_overrides(tmp / "mef")),
+    ]
+    (tmp / "snd").mkdir()
+    writes = _torchrun(jobs)
+    return {"tmp": tmp, "writes": writes, "mef_init": mef_init, "mef_one": mef_one}
+
+
 @pytest.mark.slow
-def test_two_ranks_equal_one_process_and_resume_exactly(scenes, tmp_path):
-    ov = _overrides(scenes)
+def test_two_ranks_equal_one_process_and_resume_exactly(launched, snd_scenes):
+    tmp_path = launched["tmp"] / "snd"
+    ov = _overrides(snd_scenes)
     one = _single(tmp_path / "one", [*ov, "loader.workers=1"])  # 1 process, global batch 2, a loader worker
 
-    writes = _torchrun(tmp_path / "two", tmp_path / "two.pt", 0, ov)
     two = torch.load(tmp_path / "two.pt")
-    assert writes == [[]]  # rank 1 created, wrote, renamed or deleted nothing
+    assert launched["writes"] == [[]]  # rank 1 created, wrote, renamed or deleted nothing
     assert one.keys() == two.keys()
     diff = max(float((one[k] - two[k]).abs().max()) for k in one)
     moved = max(float((one[k] - v).abs().max()) for k, v in _initial(ov).items())
     assert diff < ATOL and moved > 10 * diff, (diff, moved)  # training moved the weights far more than that
 
-    # interrupted after the step-2 checkpoint, resumed: equal to the uninterrupted 2-rank run
-    assert _torchrun(tmp_path / "cut", tmp_path / "cut_a.pt", 2, ov) == [[]]
+    # interrupted after the step-2 checkpoint (in the launch above), resumed in a new launch: equal to the
+    # uninterrupted 2-rank run
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["ckpt_00000002.pt"]
-    assert _torchrun(tmp_path / "cut", tmp_path / "cut.pt", 0, ov) == [[]]
+    assert _torchrun([(tmp_path / "cut", tmp_path / "cut.pt", 0, ov)]) == [[]]
     cut = torch.load(tmp_path / "cut.pt")
     assert all(torch.equal(cut[k], two[k]) for k in two)
     ha = [json.loads(x) for x in (tmp_path / "two" / "history.jsonl").read_text().splitlines()]
@@ -116,15 +155,22 @@ def test_two_ranks_equal_one_process_and_resume_exactly(scenes, tmp_path):
 
 
 @pytest.mark.slow
-def test_smaller_last_step_two_ranks_equal_one_process_and_resume(scenes, tmp_path):
+def test_smaller_last_step_two_ranks_equal_one_process_and_resume(snd_scenes, tmp_path):
     """views.last_batch=smaller (official): 3 scenes per epoch, global batch 2 -> steps of 2, 1, 2, 1 examples. In
     the 1-example steps rank 1 holds nothing and still joins every collective (no deadlock); its zero loss and
     the pooled-mean weight give the one-process gradient of that one example, so the weights and the logged
     losses equal one process's. A one-process run cut mid-epoch (after step 1) resumes exactly. Empty micro-batches
     of gradient accumulation on one rank run the same collectives as the other rank's."""
-    ov = [*_overrides(scenes), "method.views.order=epoch", "method.views.last_batch=smaller"]
+    ov = [*_overrides(snd_scenes), "method.views.order=epoch", "method.views.last_batch=smaller"]
+    # a global batch of 4 over 3 scenes: every step holds 3 examples, shares 2 and 1; with accumulate=2 rank 1's
+    # first micro-batch is empty and joins the collectives of rank 0's first one
+    ov4 = [*ov, "method.optim.batch_size=4"]
+    jobs = [
+        (tmp_path / "two", tmp_path / "two.pt", 0, ov),
+        (tmp_path / "two4", tmp_path / "two4.pt", 0, [*ov4, "method.optim.accumulate=2"]),
+    ]
+    assert _torchrun(jobs) == [[]]
     one = _single(tmp_path / "one", ov)
-    assert _torchrun(tmp_path / "two", tmp_path / "two.pt", 0, ov) == [[]]
     two = torch.load(tmp_path / "two.pt")
     diff = max(float((one[k] - two[k]).abs().max()) for k in one)
     moved = max(float((one[k] - v).abs().max()) for k, v in _initial(ov).items())
@@ -136,46 +182,17 @@ def test_smaller_last_step_two_ranks_equal_one_process_and_resume(scenes, tmp_pa
     _single(tmp_path / "cut", ov, stop_after=1)
     cut = _single(tmp_path / "cut", ov)
     assert all(torch.equal(cut[k], one[k]) for k in one)
-    # a global batch of 4 over 3 scenes: every step holds 3 examples, shares 2 and 1; with accumulate=2 rank 1's
-    # first micro-batch is empty and joins the collectives of rank 0's first one
-    ov = [*ov, "method.optim.batch_size=4"]
-    one = _single(tmp_path / "one4", ov)
-    assert _torchrun(tmp_path / "two4", tmp_path / "two4.pt", 0, [*ov, "method.optim.accumulate=2"]) == [[]]
+    one = _single(tmp_path / "one4", ov4)
     two = torch.load(tmp_path / "two4.pt")
     assert max(float((one[k] - two[k]).abs().max()) for k in one) < ATOL
 
 
 @pytest.mark.slow
-def test_mef_two_ranks_equal_one_process(tmp_path):
+def test_mef_two_ranks_equal_one_process(launched):
     """MEF data-parallel: 2 ranks x 1 object pair == 1 process x 2 pairs (the pooled-positives mean re-weighted
     per rank), rank 1 writes nothing."""
-    from bench.backbones import build_backbone
-    from bench.seed import seed_everything
-    from methods.mef import MEF
-
-    ov = [
-        "method=mef",
-        "backbone=tiny_vit",
-        "device=cpu",
-        f"paths.data_dir={tmp_path}/data",
-        "method.data.dataset=synthetic",
-        "method.data.root=null",
-        "method.data.objects=3",
-        "method.data.views=8",
-        "method.data.size=[48,48]",
-        "method.points=300",
-        "method.progress=false",
-        "method.optim.lr=1e-3",
-        "method.optim.steps=3",
-        "method.optim.batch_size=2",
-        "method.ckpt_every=3",
-    ]
-    cfg = compose(ov)
-    seed_everything(0)
-    init = {k: v.clone() for k, v in build_backbone(cfg.backbone).model.state_dict().items()}
-    seed_everything(0)
-    one = MEF().fit(build_backbone(cfg.backbone), cfg, tmp_path / "one").state_dict()  # also writes the objects
-    assert _torchrun(tmp_path / "two", tmp_path / "two.pt", 0, ov) == [[]]
+    tmp_path, init, one = launched["tmp"] / "mef", launched["mef_init"], launched["mef_one"]
+    assert launched["writes"] == [[]]
     two = torch.load(tmp_path / "two.pt")
     assert one.keys() == two.keys()
     diff = max(float((one[k] - two[k]).abs().max()) for k in one)
@@ -216,16 +233,9 @@ def test_step_loader_in_order_with_workers_and_restart():
     ld0.close()
 
 
-def _worker_allreduce(rank, world, port, out):
-    import torch.distributed as dist
-
+def _rank_allreduce(rank, world, out):
     from bench import distributed as bd
 
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own sockets on loopback
-    bd.init("cpu")
     p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
     p.grad = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1)  # q.grad missing on every rank -> None (DDP)
     bd.allreduce_gradients([p, q])
@@ -233,20 +243,11 @@ def _worker_allreduce(rank, world, port, out):
     torch.save(
         {"p": p.grad, "q": q.grad, "w": w, "bs": bd.per_rank_batch(4), "slice": list(bd.rank_slice(4))}, f"{out}.{rank}"
     )
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_gradient_average_and_pooled_mean_weight(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker_allreduce, args=(2, port, str(tmp_path / "r")), nprocs=2, join=True)
-    r0, r1 = torch.load(tmp_path / "r.0"), torch.load(tmp_path / "r.1")
+def test_gradient_average_and_pooled_mean_weight(pieces):
+    r0, r1 = pieces["allreduce"]
     for r in (r0, r1):
         assert torch.equal(r["p"], torch.tensor([1.5, 3.0, 4.5])) and r["q"] is None
         assert r["bs"] == 2
@@ -295,16 +296,9 @@ def _train_net(workdir, rank, world):
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def _worker_truth(rank, world, port, out):
-    import torch.distributed as dist
-
+def _rank_truth(rank, world, out):
     from bench import distributed as bd
 
-    torch.set_num_threads(1)
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    bd.init("cpu")
     weights = _train_net(f"{out}_w{rank}", rank, world)
     # diagnostics: a rank's mean over n cells -> the pooled mean; sampled rows of the pooled batch
     kl = bd.weighted_means({"kl": ([0.2, 0.5][rank], [3.0, 1.0][rank]), "empty": (7.0, 0.0)})
@@ -312,24 +306,15 @@ def _worker_truth(rank, world, port, out):
     torch.save(
         {"w": weights, "kl": kl, "rows": bd.pooled_rows(rows, 3), "all": bd.pooled_rows(rows, 9)}, f"{out}.{rank}"
     )
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_two_ranks_log_the_global_batch_and_leave_unused_parameters_alone(tmp_path):
+def test_two_ranks_log_the_global_batch_and_leave_unused_parameters_alone(pieces, tmp_path):
     """2 ranks x 2 examples == 1 process x 4 examples with AdamW (weight decay): the parameter no rank uses keeps
     grad None and its initial weights bit for bit (as DDP leaves it), the one only rank 1 uses trains as in one
     process, rank 1's other start-up weights are replaced by rank 0's; diagnostics are the global batch's."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     one = _train_net(tmp_path / "one", 0, 1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker_truth, args=(2, port, str(tmp_path / "r")), nprocs=2, join=True)
-    r0, r1 = torch.load(tmp_path / "r.0"), torch.load(tmp_path / "r.1")
+    r0, r1 = pieces["truth"]
     torch.manual_seed(0)
     init = _Net().state_dict()
     for r in (r0, r1):
@@ -345,19 +330,12 @@ def test_two_ranks_log_the_global_batch_and_leave_unused_parameters_alone(tmp_pa
     assert all(torch.equal(r0["w"][k], r1["w"][k]) for k in one)  # the ranks agree exactly
 
 
-def _worker_saved(rank, world, port, out):
-    import torch.distributed as dist
-
+def _rank_saved(rank, world, out):
     from bench import distributed as bd
     from bench.backbones import build_backbone, save_backbone
     from bench.checkpoint import weights_hash
     from bench.runner import _same_as_saved
 
-    torch.set_num_threads(1)
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    bd.init("cpu")
     torch.manual_seed(rank)  # rank 1's copy differs from the one rank 0 saves
     cfg = {"name": "tiny_cnn", "weights": "none", "hub_repo": None, "layers": [-1], "resize": "resize"}
     bb = build_backbone({**cfg, "mean": [0.5] * 3, "std": [0.25] * 3})
@@ -368,19 +346,14 @@ def _worker_saved(rank, world, port, out):
     bd.barrier()
     after = weights_hash(_same_as_saved(bb, object(), None, path.parent, path))
     torch.save({"before": before, "after": after}, f"{out}.{rank}")
-    dist.destroy_process_group()
+
+
+#: the rank bodies one spawn runs (the ``pieces`` fixture)
+PIECES = {"allreduce": _rank_allreduce, "truth": _rank_truth, "saved": _rank_saved}
 
 
 @pytest.mark.slow
-def test_ranks_evaluate_the_backbone_rank_0_saved(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker_saved, args=(2, port, str(tmp_path / "r")), nprocs=2, join=True)
-    r0, r1 = torch.load(tmp_path / "r.0"), torch.load(tmp_path / "r.1")
+def test_ranks_evaluate_the_backbone_rank_0_saved(pieces):
+    r0, r1 = pieces["saved"]
     assert r1["before"] != r0["before"]  # rank 1 trained (here: built) another backbone
     assert r0["after"] == r1["after"] == r0["before"]  # both evaluate the one rank 0 saved

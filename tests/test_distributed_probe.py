@@ -64,45 +64,67 @@ def _torchrun(args, nproc=2, module=False):
     return torchrun(args, nproc=nproc, module=module)
 
 
-def _dist(tmp_path, task, root, stop_after=0, cache="cache"):
-    out = _torchrun(
-        [str(ROOT / "tests" / "dist_probe.py"), str(root), task, str(stop_after), *_ov(tmp_path, task, cache)]
-    )
+def _dist(tmp_path, jobs):
+    """Rank 0's metrics of ``jobs`` [(task, root, stop_after, cache)], run in one 2-rank launch
+    (tests/dist_probe.py); rank 1 must write nothing under any job's root."""
+    spec = [
+        {"root": str(root), "task": task, "stop_after": stop, "overrides": _ov(tmp_path / task, task, cache)}
+        for task, root, stop, cache in jobs
+    ]
+    path = tmp_path / f"jobs_{len(list(tmp_path.glob('jobs_*.json')))}.json"
+    path.write_text(json.dumps(spec))
+    out = _torchrun([str(ROOT / "tests" / "dist_probe.py"), str(path)])
     writes = [json.loads(x) for x in tagged(out[1], "WRITES")]
     metrics = [json.loads(x) for x in tagged(out[0], "METRICS")]
-    assert writes == [[]], writes  # rank 1 created, wrote, renamed or deleted nothing under root
+    assert writes == [[]], writes  # rank 1 created, wrote, renamed or deleted nothing under the roots
     assert not tagged(out[0], "WRITES") and not tagged(out[1], "METRICS")  # each rank says only its own
-    assert len(metrics) == 1, out[0][-2000:]
+    assert len(metrics) == 1 and len(metrics[0]) == len(jobs), out[0][-2000:]
     return metrics[0]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["synth_seg", "synth_depth"])
-def test_two_rank_probe_equals_one_process_and_resumes_exactly(tmp_path, task):
-    one_metrics, one = _single(tmp_path, task, "one")  # also generates the synthetic data both runs read
+def test_two_rank_probe_equals_one_process_and_resumes_exactly(tmp_path):
+    """For each task: 2 ranks train the probe 1 process trains; a 2-rank run cut after its step-2 checkpoint and
+    continued in a new launch equals the uninterrupted one. The two tasks' uninterrupted and cut runs share one
+    launch, their resumes a second one."""
+    tasks = list(TASK_OV)
+    single = {task: _single(tmp_path / task, task, "one") for task in tasks}  # also generates the data
+    first = _dist(
+        tmp_path,
+        [
+            job
+            for t in tasks
+            for job in ((t, tmp_path / t / "two", 0, "cache_two"), (t, tmp_path / t / "cut", 2, "cache_cut"))
+        ],
+    )
+    for i, task in enumerate(tasks):
+        base = tmp_path / task
+        one_metrics, one = single[task]
+        two_metrics, root = first[2 * i], base / "two"
+        two = load_file(str(root / "work" / "probe.safetensors"))
+        assert one.keys() == two.keys()
+        diff = max(float((one[k].double() - two[k].double()).abs().max()) for k in one)
+        assert diff < ATOL, (task, diff)
+        if task == "synth_seg":  # BatchNorm running statistics of the global batches, as one process computes them
+            assert any(k.endswith("running_var") for k in one)
+        for k, v in one_metrics.items():
+            assert two_metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-4), (task, k)
+        # cut after the step-2 checkpoint: no probe, one checkpoint
+        assert first[2 * i + 1] is None
+        assert not (base / "cut" / "work" / "probe.safetensors").exists()
+        assert len(list((base / "cache_cut" / "probes").glob("*/ckpt_00000002.pt"))) == 1
 
-    root = tmp_path / "two"
-    two_metrics = _dist(tmp_path, task, root, cache="cache_two")
-    two = load_file(str(root / "work" / "probe.safetensors"))
-    assert one.keys() == two.keys()
-    diff = max(float((one[k].double() - two[k].double()).abs().max()) for k in one)
-    assert diff < ATOL, diff
-    if task == "synth_seg":  # BatchNorm running statistics of the global batches, as one process computes them
-        assert any(k.endswith("running_var") for k in one)
-    for k, v in one_metrics.items():
-        assert two_metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-4), k
-
-    # cut after the step-2 checkpoint (the run continues in a new torchrun), equal to the uninterrupted 2 ranks
-    cut = tmp_path / "cut"
-    assert _dist(tmp_path, task, cut, stop_after=2, cache="cache_cut") is None
-    assert not (cut / "work" / "probe.safetensors").exists()
-    assert len(list((tmp_path / "cache_cut" / "probes").glob("*/ckpt_00000002.pt"))) == 1
-    assert _dist(tmp_path, task, cut, cache="cache_cut") == two_metrics
-    resumed = load_file(str(cut / "work" / "probe.safetensors"))
-    assert all(torch.equal(resumed[k], two[k]) for k in two)
-    curve = [json.loads(x)["loss"] for x in (cut / "work" / "probe_history.jsonl").read_text().splitlines()]
-    ref = [json.loads(x)["loss"] for x in (root / "work" / "probe_history.jsonl").read_text().splitlines()]
-    assert curve == ref and len(curve) == 6  # 2 epochs x 3 batches, the global batch's loss
+    # the cut runs continue in a new launch, equal to the uninterrupted 2 ranks
+    resumed_metrics = _dist(tmp_path, [(t, tmp_path / t / "cut", 0, "cache_cut") for t in tasks])
+    for task, metrics in zip(tasks, resumed_metrics):
+        base, cut = tmp_path / task, tmp_path / task / "cut"
+        assert metrics == first[2 * tasks.index(task)], task
+        two = load_file(str(base / "two" / "work" / "probe.safetensors"))
+        resumed = load_file(str(cut / "work" / "probe.safetensors"))
+        assert all(torch.equal(resumed[k], two[k]) for k in two), task
+        curve = [json.loads(x)["loss"] for x in (cut / "work" / "probe_history.jsonl").read_text().splitlines()]
+        ref = [json.loads(x)["loss"] for x in (base / "two" / "work" / "probe_history.jsonl").read_text().splitlines()]
+        assert curve == ref and len(curve) == 6, task  # 2 epochs x 3 batches, the global batch's loss
 
 
 @pytest.mark.slow

@@ -15,6 +15,8 @@ import torch
 
 from bench.cli import main
 from bench.errors import BenchError
+from helpers import path_overrides as paths
+from helpers import run_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTS_MD = ROOT / "docs" / "FAULTS.md"
@@ -29,16 +31,6 @@ def catalogue() -> dict:
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             out[m.group(1)] = re.findall(r"`([^`]+)`", cells[-1])
     return out
-
-
-def paths(tmp: Path) -> list:
-    return [
-        f"paths.root={tmp}",
-        f"paths.data_dir={tmp}/data",
-        f"paths.results_dir={tmp}/results",
-        f"paths.output_dir={tmp}/outputs",
-        f"paths.cache_dir={tmp}/cache",
-    ]
 
 
 def _cli(*argv):
@@ -545,13 +537,7 @@ def test_training_nan_without_clipping_suggests_it(tmp_path):
 
 @pytest.mark.slow
 def test_the_real_cli_prints_one_line_and_no_traceback(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "bench", "run", "seed=abc", *paths(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    out = run_bench("run", "seed=abc", *paths(tmp_path), cwd=None, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert [ln for ln in out.stderr.splitlines() if ln.strip()] == [
         "error: seed must be an integer, got 'abc'. Fix: pass seed=<integer>, e.g. seed=0"

@@ -9,6 +9,7 @@ import torch
 from bench.config import compose
 from bench.io import torch_save
 from bench.registry import DATASETS, TASKS
+from helpers import toy_sweep
 from tasks.features import FeatureCache, FeatureSpec
 
 
@@ -104,20 +105,7 @@ def test_sweep_force_flag_makes_frozen_cells_refresh_their_features(toys, tmp_pa
     does not (force=true would retrain its backbone; ``force=true`` as an override does that)."""
     from bench import sweep
 
-    ov = [
-        "backbone=tiny_vit",
-        "task=synth_corr",
-        f"paths.root={tmp_path}",
-        f"paths.data_dir={tmp_path}/data",
-        f"paths.results_dir={tmp_path}/results",
-        f"paths.output_dir={tmp_path}/outputs",
-        f"paths.cache_dir={tmp_path}/cache",
-        "+method.steps=2",
-        "+method.sleep_s=0",
-        f"cluster.folder={tmp_path}/sweep",
-        "method.name=dinov2,toy_train",
-        "task.name=toy_probe",
-    ]
+    ov = toy_sweep(tmp_path, "method.name=dinov2,toy_train", "task.name=toy_probe")
     frozen, trained = "eval:dinov2-tiny_vit-toy_probe-s0", "eval:toy_train-tiny_vit-toy_probe-s0"
     plain, forced = sweep.make_plan(ov), sweep.make_plan(ov, force=True)
     assert "force=true" not in plain.job_overrides[frozen] and forced.job_overrides[frozen][-1] == "force=true"

@@ -17,6 +17,7 @@ from bench.config import compose
 from bench.registry import METHODS, TASKS
 from bench.runner import MODEL_FILE, backbone_dir, run_cell
 from bench.seed import seed_everything
+from helpers import fit3d_tiny
 
 from baselines.fit3d.gaussians import C0, SceneGaussians
 from baselines.fit3d.method import FiT3D, epoch_batches, fit_scenes, masked_l1, open_scenes
@@ -44,19 +45,8 @@ def cfg(tmp_path_factory):
     p = tmp_path_factory.mktemp("fit3d")
     return compose(
         [
-            "method=fit3d",
-            "backbone=tiny_vit",
-            "task=synth_depth",
-            "device=cpu",
-            "seed=0",
-            f"paths.results_dir={p}/results",
-            f"paths.output_dir={p}/outputs",
-            f"paths.cache_dir={p}/cache",
-            f"paths.data_dir={p}/data",
-            "method.progress=false",
+            *fit3d_tiny(p, root=False),
             "method.ckpt_every=1",
-            "method.data.dataset=synthetic",
-            f"method.data.root={p}/scenes",
             "method.data.scenes=1",
             "method.data.views=4",
             "method.data.size=[28,42]",

@@ -15,6 +15,7 @@ from bench import sweep
 from bench.cluster import JobRecord, PrepareJob, SlurmBackend
 from bench.config import compose
 from bench.runner import MODEL_FILE, backbone_dir
+from helpers import fit3d_tiny
 
 from baselines.fit3d.method import open_scenes, run_stage1, scene_dirs, stage1_shards, stage1_teacher, teacher_identity
 from baselines.fit3d.stage1 import is_fitted
@@ -34,19 +35,7 @@ STAGE1 = [
 
 def overrides(tmp: Path, cache: str = "cache", *extra: str) -> list:
     return [
-        "method=fit3d",
-        "backbone=tiny_vit",
-        "task=synth_depth",
-        "device=cpu",
-        "seed=0",
-        f"paths.root={tmp}",
-        f"paths.results_dir={tmp}/results",
-        f"paths.output_dir={tmp}/outputs",
-        f"paths.cache_dir={tmp}/{cache}",
-        f"paths.data_dir={tmp}/data",
-        "method.progress=false",
-        "method.data.dataset=synthetic",
-        f"method.data.root={tmp}/scenes",
+        *fit3d_tiny(tmp, cache=f"{tmp}/{cache}"),
         "method.data.scenes=3",
         "method.data.views=3",
         "method.data.size=[28,28]",
@@ -134,18 +123,31 @@ def test_array_tasks_fit_the_sequential_cache_and_skip_fitted_scenes(scenes):
     assert a[ids[1]] == Path(out[ids[1]]) and [p.name for p in a.values()] == [p.name for p in b.values()]
 
 
+@pytest.fixture
+def same_threads_in_jobs(monkeypatch):
+    """The jobs this test starts run torch on this process's thread count (OMP_NUM_THREADS): bit-equal weights
+    need the same count on both paths, whatever the machine's cores or the caller's OMP_NUM_THREADS."""
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+
 @pytest.mark.slow
-def test_local_sweep_array_equals_the_sequential_backbone(scenes, capsys):
-    """cluster=local: 3 stage-I tasks (local jobs), then stage II, then the probe; the trained backbone
-    equals the one of the sequential path (stage I inside one training job, cluster.stage1_per_task=0)."""
+def test_local_sweep_array_equals_the_sequential_backbone(scenes, capsys, same_threads_in_jobs):
+    """cluster=local: 2 stage-I tasks (local jobs; shards of 2 and 1 scenes), then stage II, then the probe; the
+    trained backbone equals the one of the sequential path (stage I inside one training job,
+    cluster.stage1_per_task=0)."""
     from bench import runner
 
     tmp, ids = scenes
     ov = overrides(
-        tmp, "cache_local", "cluster.max_workers=2", "cluster.poll_s=0.3", f"cluster.folder={tmp}/outputs/sweeps/array"
+        tmp,
+        "cache_local",
+        "cluster.max_workers=2",
+        "cluster.poll_s=0.3",
+        f"cluster.folder={tmp}/outputs/sweeps/array",
+        "cluster.stage1_per_task=2",
     )
     plan = sweep.make_plan(ov)
-    assert sum(j.kind == "stage1" for j in plan.jobs.values()) == 3
+    assert [j.items for j in plan.jobs.values() if j.kind == "stage1"] == [ids[:2], ids[2:]]
     done = sweep.run(plan, echo=lambda *_: None)
     assert all(j.state == "done" for j in done.jobs.values()), [(j.name, j.error) for j in done.jobs.values()]
     seq_cfg = compose(overrides(tmp, "cache_local_seq"))

@@ -18,19 +18,10 @@ from bench import records, sweep, table
 from bench.config import compose
 from bench.identity import backbone_key as backbone_cache_key
 from bench.identity import cell_identity, manifest_digest
+from helpers import path_overrides as paths
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-
-
-def paths(tmp: Path, cache: str | None = None, data: str | None = None) -> list:
-    return [
-        f"paths.root={tmp}",
-        f"paths.data_dir={data or tmp / 'data'}",
-        f"paths.results_dir={tmp}/results",
-        f"paths.output_dir={tmp}/outputs",
-        f"paths.cache_dir={cache or tmp / 'cache'}",
-    ]
 
 
 def write_record(results: Path, cfg, value: float, created: str) -> dict:

@@ -13,27 +13,16 @@ import torch
 from bench.backbones import build_backbone
 from bench.config import compose
 from bench.errors import BenchError, CheckpointError
+from helpers import mef_tiny
 
 
 def cfg_for(tmp: Path, *extra: str, backbone: str = "tiny_vit"):
     return compose(
         [
-            f"backbone={backbone}",
-            "method=mef",
-            "device=cpu",
-            f"paths.data_dir={tmp}/data",
+            *mef_tiny(tmp, backbone),
             f"paths.cache_dir={tmp}/cache",
             f"paths.results_dir={tmp}/results",
             f"paths.output_dir={tmp}/outputs",
-            "method.data.dataset=synthetic",
-            "method.data.root=null",
-            "method.data.objects=3",
-            "method.data.views=8",
-            "method.data.size=[48,48]",
-            "method.points=300",
-            "method.progress=false",
-            "method.optim.lr=1e-3",
-            "method.ckpt_every=3",
             *extra,
         ]
     )

@@ -12,14 +12,10 @@ import torch
 from bench import schema
 from bench.config import compose
 from bench.errors import BenchError
-from tasks.dense import resolve_protocol
+from helpers import resolved_protocol as _proto
 from tasks.metrics import SegMeter, depth_metrics, normals_metrics, normals_valid, probe3d_depth_metrics
 from tasks.protocol_record import protocol_summary
 from tasks.train_probe import EpochBatches, lr_factor, warmup_steps
-
-
-def _proto(*overrides):
-    return resolve_protocol(compose(list(overrides)))
 
 
 # -- item 1: code versions -------------------------------------------------------------------------------------------

@@ -14,18 +14,15 @@ import torch.nn.functional as F
 from bench.backbones import ConcatBackbone, build_backbone
 from bench.backbones.base import input_rules, pad_2d
 from bench.config import compose
+from helpers import PROBE_SCHEDULE_NEUTRAL
+from helpers import resolved_protocol as _proto
 from tasks import transforms as T
-from tasks.dense import resolve_protocol
 from tasks.depth import DepthTask
 from tasks.features import FeatureSpec, features
 from tasks.metrics import depth_valid, normals_metrics, normals_valid
 from tasks.probes import DenseProbe, DPTHead
 from tasks.protocol_record import active_deviations, list_protocols
 from tasks.train_probe import lr_factor, onecycle_momentum
-
-
-def _proto(*overrides):
-    return resolve_protocol(compose(list(overrides)))
 
 
 def _bb(name="tiny_vit", **kw):
@@ -177,13 +174,7 @@ def test_onecycle_momentum_and_grad_clip():
             "warmup_iters": 0,
             "grad_clip": 1.0,
             "momentum": "onecycle",
-            "weight_decay": 0.01,
-            "betas": [0.9, 0.999],
-            "decay": "cosine",
-            "shape": "sequential",
-            "warmup_start": 0.01,
-            "min_factor": 0.0,
-            "shuffle": True,
+            **PROBE_SCHEDULE_NEUTRAL,
         },
         progress=False,
         on_step=lambda s, v: grads.append(float(w.weight.grad.norm())),

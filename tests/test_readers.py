@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from PIL import Image
 from bench.cli import main as cli_main
 from bench.errors import DataMissingError
 from bench.registry import DATASETS
+from helpers import TINY_SEG_LINEAR, run_bench
 
 torch.set_num_threads(2)
 
@@ -410,12 +409,7 @@ def test_cli_data_missing_lists_files_and_sources(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cli_subprocess_nonexistent_root():
-    r = subprocess.run(
-        [sys.executable, "-m", "bench", "data", "nyuv2", "--root", "/nonexistent"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = run_bench("data", "nyuv2", "--root", "/nonexistent", cwd=None, timeout=120)
     assert r.returncode == 2
     assert "/nonexistent (dataset root does not exist)" in r.stdout
     assert "horatio.cs.nyu.edu" in r.stdout and "nyuv2_snorm_all.pkl" in r.stdout
@@ -646,15 +640,7 @@ def test_fit3d_eval_tasks_run_end_to_end(tmp_path):
     cfg = _task_cfg(
         "task=scannetpp_seg",
         *common,
-        "task.dataset.num_classes=4",
-        "task.protocols.linear.train.resize_short=40",
-        "task.protocols.linear.train.crop=[32,32]",
-        "task.protocols.linear.test.resize_short=40",
-        "task.protocols.linear.test.sliding.window=32",
-        "task.protocols.linear.test.sliding.stride=16",
-        "task.protocols.linear.schedule.iters=2",
-        "task.protocols.linear.schedule.warmup_iters=1",
-        "task.protocols.linear.schedule.batch_size=2",
+        *TINY_SEG_LINEAR,
     )
     m = TASKS.get("scannetpp_seg")().evaluate(bb, cfg, tmp_path / "s")
     assert 0 <= m["mIoU"] <= 100

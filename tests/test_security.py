@@ -19,6 +19,7 @@ import torch
 from bench.cli import main
 from bench.errors import BenchError, CheckpointError
 from bench.safe_pickle import PickleRefused, Skipped, load_plain_pickle, load_torch
+from helpers import run_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -244,14 +245,7 @@ def test_the_real_cli_refuses_a_malicious_weights_file(tmp_path):
     """The installed entry point: one line on stderr, exit 2, no marker, no torch advice."""
     marker = tmp_path / "marker"
     evil = _write("zip", "system", tmp_path / "evil.pth", marker)
-    out = subprocess.run(
-        [sys.executable, "-m", "bench", "run", "backbone=tiny_vit", f"backbone.weights={evil}", *_paths(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        cwd=tmp_path,
-    )
+    out = run_bench("run", "backbone=tiny_vit", f"backbone.weights={evil}", *_paths(tmp_path), cwd=tmp_path)
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert not marker.exists()
     assert out.returncode == 2 and "Traceback" not in out.stderr and "weights_only" not in out.stderr, out.stderr

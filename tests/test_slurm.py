@@ -7,7 +7,6 @@ the tests are skipped with the reason, except in CI (CI=true), where they must r
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import time
@@ -18,6 +17,7 @@ import torch
 
 from bench import records, sweep
 from bench.config import compose
+from helpers import sweep_args, tiny_cell
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SCRIPT = Path(__file__).parent / "slurm" / "cluster.sh"
@@ -55,13 +55,7 @@ def slurm_cluster(tmp_path_factory):
 def overrides(tmp: Path, *extra: str) -> list:
     """Tiny cells on the test cluster: 1 CPU per job, 3-minute limit (submitit signals 90 s before)."""
     return [
-        "backbone=tiny_vit",
-        "task=synth_corr",
-        f"paths.root={tmp}",
-        f"paths.data_dir={tmp}/data",
-        f"paths.results_dir={tmp}/results",
-        f"paths.output_dir={tmp}/outputs",
-        f"paths.cache_dir={tmp}/cache",
+        *tiny_cell(tmp),
         "cluster=slurm",
         f"cluster.folder={tmp}/sweep",
         "cluster.partition=debug",
@@ -75,12 +69,6 @@ def overrides(tmp: Path, *extra: str) -> list:
         "cluster.poll_s=1",
         *extra,
     ]
-
-
-def args(*argv: str):
-    p = argparse.ArgumentParser()
-    sweep.add_arguments(p)
-    return p.parse_args(list(argv))
 
 
 def squeue(job_id: str) -> str:
@@ -134,7 +122,7 @@ def test_sweep_2x2_through_sbatch(slurm_cluster, toys, tmp_path, capsys):
     board = (tmp_path / "results" / "leaderboard.md").read_text()
     assert "synth_depth" in board and "synth_seg" in board and "toy_train" in board
     capsys.readouterr()
-    assert sweep.main(args("--status", str(s.folder))) == 0
+    assert sweep.main(sweep_args("--status", str(s.folder))) == 0
     assert "6 done" in capsys.readouterr().out
 
 
@@ -180,7 +168,7 @@ def test_requeue_resume_failure_and_cancel(slurm_cluster, toys, tmp_path, capsys
     log = Path(t0.stderr).read_text()
     assert "Requeued job" in log and "resumed from" in log  # submitit requeued it; TrainLoop resumed
     capsys.readouterr()
-    assert sweep.main(args("--status", str(s.folder))) == 0
+    assert sweep.main(sweep_args("--status", str(s.folder))) == 0
     out = capsys.readouterr().out
     assert "3 done, 1 failed, 3 cancelled" in out and s.jobs[fail0].stderr in out
 
@@ -234,7 +222,7 @@ def test_two_task_training_job_runs_as_two_ranks(slurm_cluster, toys, tmp_path):
 
 @pytest.mark.slow
 def test_fit3d_stage1_array_through_sbatch(slurm_cluster, tmp_path):
-    """FiT3D stage I as a SLURM job array (one task per scene); stage II waits on the whole array
+    """FiT3D stage I as a SLURM job array (2 tasks: shards of 2 and 1 scenes); stage II waits on the whole array
     (``afterok:<array id>``), then the probe; every scene is fitted and the backbone is trained."""
     from test_fit3d_array import overrides as fit3d_overrides
 
@@ -243,14 +231,21 @@ def test_fit3d_stage1_array_through_sbatch(slurm_cluster, tmp_path):
     from bench.runner import MODEL_FILE, backbone_dir
 
     slurm = [o for o in overrides(tmp_path) if o.startswith("cluster")]
-    ov = fit3d_overrides(tmp_path, "cache", *slurm, "+cluster.train.timeout_min=5", "+cluster.stage1.timeout_min=5")
+    ov = fit3d_overrides(
+        tmp_path,
+        "cache",
+        *slurm,
+        "+cluster.train.timeout_min=5",
+        "+cluster.stage1.timeout_min=5",
+        "cluster.stage1_per_task=2",
+    )
     plan = sweep.make_plan(ov)
     stage1 = [j for j in plan.jobs.values() if j.kind == "stage1"]
-    assert len(stage1) == 3
+    assert [len(j.items) for j in stage1] == [2, 1]
     s = sweep.run(plan, poll_s=1)
     assert {n: j.state for n, j in s.jobs.items()} == {n: "done" for n in s.jobs}, sweep.status_table(s)
     ids = [s.jobs[j.name].job_id for j in stage1]
-    assert len({i.split("_")[0] for i in ids}) == 1 and all("_" in i for i in ids)  # one array, 3 tasks
+    assert len({i.split("_")[0] for i in ids}) == 1 and all("_" in i for i in ids)  # one array, 2 tasks
     train = next(j for j in s.jobs.values() if j.kind == "train")
     assert SlurmBackend._dependency(None, train, s.jobs) == f"afterok:{ids[0].split('_')[0]}"  # one word
     acct = subprocess.run(

@@ -3,14 +3,13 @@ the reconstructor checkpoint as a required input."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bench.config import compose
 from bench.errors import CheckpointError
+from helpers import path_overrides, run_bench
 from methods.splat_distill.official import check_inputs, deviations
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,24 +66,8 @@ def test_mvsplat_checkpoint_is_a_required_input(tmp_path):
 def test_run_without_checkpoint_fails_up_front_with_one_line(tmp_path):
     """`bench run method=splat_distill` without the MVSplat checkpoint: exit 2, one error line, nothing
     written (synthetic data, so the task check passes and the reconstructor check is what fails)."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "run",
-            "method=splat_distill",
-            "backbone=tiny_vit",
-            "task=synth_depth",
-            f"paths.root={tmp_path}",
-            f"paths.data_dir={tmp_path}/data",
-            f"paths.cache_dir={tmp_path}/cache",
-            f"paths.output_dir={tmp_path}/out",
-            f"paths.results_dir={tmp_path}/results",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    out = run_bench(
+        "run", "method=splat_distill", "backbone=tiny_vit", "task=synth_depth", *path_overrides(tmp_path, outputs="out")
     )
     assert out.returncode == 2, out.stderr
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
@@ -94,12 +77,7 @@ def test_run_without_checkpoint_fails_up_front_with_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_print_config_shows_the_official_reconstructor_and_coverage():
-    out = subprocess.run(
-        [sys.executable, "-m", "bench", "run", "--print-config", "method=splat_distill", "task=nyu_depth"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    out = run_bench("run", "--print-config", "method=splat_distill", "task=nyu_depth")
     assert out.returncode == 0, out.stderr
     assert "name: mvsplat" in out.stdout and "coverage: rgb" in out.stdout
 

@@ -15,6 +15,7 @@ from bench.checkpoint import load_state_dict_strict, read_state_dict
 from bench.config import compose
 from bench.errors import BenchError, CheckpointError
 from bench.seed import seed_everything
+from helpers import SND_SCENES, SND_SEED, SND_SIZE, SND_VIEWS, snd_tiny
 from methods.splat_distill.adapt import Adapter
 from methods.splat_distill.features import mask_aware_upsample, segment_blend
 from methods.splat_distill.head import (
@@ -34,43 +35,11 @@ from methods.splat_distill.reconstruct import (
 from methods.splat_distill.official import CPU_DEVIATIONS
 from methods.splat_distill.views import ViewSampler
 
-SIZE = (56, 70)  # tiny_vit (patch 14) -> a 4x5 grid
-SCENES, VIEWS, SEED = 3, 10, 0
-
-
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
-    from bench.data.synthetic import ensure_synthetic
-
-    return ensure_synthetic(tmp_path_factory.mktemp("snd") / "synth", SCENES, VIEWS, SIZE, SEED)
+SIZE, SCENES, VIEWS, SEED = SND_SIZE, SND_SCENES, SND_VIEWS, SND_SEED  # tiny_vit (patch 14) -> a 4x5 grid
 
 
 def _cfg(root, *extra):
-    return compose(
-        [
-            "method=splat_distill",
-            "backbone=tiny_vit",
-            "device=cpu",
-            "method.data.dataset=synthetic",
-            f"method.data.root={root}",
-            f"method.data.scenes={SCENES}",
-            f"method.data.views={VIEWS}",
-            f"method.data.size=[{SIZE[0]},{SIZE[1]}]",
-            f"method.data.seed={SEED}",
-            "method.views.gap=4",
-            "method.head.prototypes=128",
-            "method.head.hidden_dim=128",
-            "method.head.bottleneck_dim=32",
-            "method.optim.batch_size=2",
-            "method.optim.lr=2e-3",
-            "method.teacher.every=1",
-            "method.teacher.momentum=0.9",
-            "method.progress=false",
-            "method.diagnostics.enabled=false",
-            *CPU_DEVIATIONS,
-            *extra,
-        ]
-    )
+    return compose([*snd_tiny(root), "method.diagnostics.enabled=false", *CPU_DEVIATIONS, *extra])
 
 
 # ---------------------------------------------------------------------------------- sampling
@@ -232,17 +201,17 @@ def test_reconstructor_seam_errors(tmp_path):
         )
 
 
-def test_geometry_sanity_splat_vs_perturbed_pose(scenes):
+def test_geometry_sanity_splat_vs_perturbed_pose(snd_scenes):
     """Splatting the teacher's context features into the target camera reproduces the teacher's own
     target features better with the true pose than with a perturbed one (catches convention errors)."""
     from bench.data.scenes import MultiViewScenes
     from methods.splat_distill.distill import Distiller
 
     seed_everything(0)
-    cfg = _cfg(scenes, "method.lift.blending=false", "method.lift.upsample=bilinear")
+    cfg = _cfg(snd_scenes, "method.lift.blending=false", "method.lift.upsample=bilinear")
     bb = build_backbone(cfg.backbone)
     d = Distiller(bb, cfg.method, "cpu")
-    data = MultiViewScenes(scenes, None, SIZE)
+    data = MultiViewScenes(snd_scenes, None, SIZE)
     ex = [data.load_views(s, [1, 5, 3]) for s in data.scene_ids]
     perturbed = []
     for e in ex:
@@ -278,16 +247,16 @@ def test_geometry_sanity_splat_vs_perturbed_pose(scenes):
     ],
 )
 @pytest.mark.slow
-def test_ablation_switches(scenes, switch):
+def test_ablation_switches(snd_scenes, switch):
     from bench.data.scenes import MultiViewScenes
     from methods.splat_distill.distill import Distiller
 
-    data = MultiViewScenes(scenes, None, SIZE)
+    data = MultiViewScenes(snd_scenes, None, SIZE)
     ex = [data.load_views(data.scene_ids[0], [2, 6, 4])]
     seed_everything(0)
-    base = Distiller(build_backbone(_cfg(scenes).backbone), _cfg(scenes).method)
+    base = Distiller(build_backbone(_cfg(snd_scenes).backbone), _cfg(snd_scenes).method)
     seed_everything(0)
-    d = Distiller(build_backbone(_cfg(scenes).backbone), _cfg(scenes, switch).method)
+    d = Distiller(build_backbone(_cfg(snd_scenes).backbone), _cfg(snd_scenes, switch).method)
     loss, _ = d.loss(ex)
     loss.backward()
     assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.parameters())
@@ -303,14 +272,14 @@ def test_ablation_switches(scenes, switch):
 
 
 # ------------------------------------------------------------------- official trainer rules
-def test_prototype_gain_trains_in_student_and_follows_ema_in_teacher(scenes):
+def test_prototype_gain_trains_in_student_and_follows_ema_in_teacher(snd_scenes):
     from bench.data.scenes import MultiViewScenes
     from methods.splat_distill.distill import Distiller
 
-    data = MultiViewScenes(scenes, None, SIZE)
+    data = MultiViewScenes(snd_scenes, None, SIZE)
     ex = [data.load_views(data.scene_ids[0], [2, 6, 4])]
     seed_everything(0)
-    d = Distiller(build_backbone(_cfg(scenes).backbone), _cfg(scenes).method)
+    d = Distiller(build_backbone(_cfg(snd_scenes).backbone), _cfg(snd_scenes).method)
     assert d.head.gain.requires_grad and torch.equal(d.head.gain, torch.ones_like(d.head.gain))
     assert any(p is d.head.gain for p in d.parameters())
     opt = torch.optim.Adam(d.parameters(), lr=1e-2)
@@ -328,11 +297,13 @@ def test_prototype_gain_trains_in_student_and_follows_ema_in_teacher(scenes):
     with torch.no_grad():
         cos = d.head(x) / d.head.gain.view(1, -1, 1, 1)
     assert cos.abs().max() <= 1 + 1e-5
-    fixed = Distiller(build_backbone(_cfg(scenes).backbone), _cfg(scenes, "method.head.train_gain=false").method)
+    fixed = Distiller(
+        build_backbone(_cfg(snd_scenes).backbone), _cfg(snd_scenes, "method.head.train_gain=false").method
+    )
     assert not fixed.head.gain.requires_grad and not any(p is fixed.head.gain for p in fixed.parameters())
 
 
-def test_official_defaults_no_clipping_and_lora_factor_ema(scenes, tmp_path):
+def test_official_defaults_no_clipping_and_lora_factor_ema(snd_scenes, tmp_path):
     from methods.splat_distill.method import build_training
 
     cfg = compose(["method=splat_distill"])
@@ -347,7 +318,7 @@ def test_official_defaults_no_clipping_and_lora_factor_ema(scenes, tmp_path):
     )
     assert (m.teacher.ema, m.teacher.dropout) == ("lora_factors", True)
     assert (m.reconstructor.name, m.reconstructor.checkpoint, m.lift.coverage) == ("mvsplat", None, "rgb")
-    d, _, _, loop, _ = build_training(build_backbone(_cfg(scenes).backbone), _cfg(scenes), tmp_path, "cpu")
+    d, _, _, loop, _ = build_training(build_backbone(_cfg(snd_scenes).backbone), _cfg(snd_scenes), tmp_path, "cpu")
     assert loop.grad_clip is None
     # the teacher is a LoRA copy: its A and B factors are averaged separately
     t_layers = [n for n, _ in d.teacher.model.named_parameters() if "lora_A" in n or "lora_B" in n]
@@ -376,10 +347,10 @@ def test_corner_grid_mask_aware_upsample_official_rule():
     assert corner_mask_aware_upsample(feats, mask, (3, 3), "bilinear")[0, 0, 1, 1] == pytest.approx(2.5)
 
 
-def test_official_resize_floor_multiple_without_antialias(scenes):
+def test_official_resize_floor_multiple_without_antialias(snd_scenes):
     from methods.splat_distill.distill import Distiller
 
-    d = Distiller(build_backbone(_cfg(scenes).backbone), _cfg(scenes).method)
+    d = Distiller(build_backbone(_cfg(snd_scenes).backbone), _cfg(snd_scenes).method)
     x = torch.rand(1, 3, 55, 83)  # floor multiples of 14: 42 x 70 (the backbone rounds: 56 x 84)
     y = d.backbone_input(x)
     assert y.shape[-2:] == (42, 70) and d.student_grid(55, 83) == (3, 5)
@@ -460,15 +431,15 @@ def _fit(cfg, workdir, stop_after=None):
 
 
 @pytest.mark.slow
-def test_tiny_run_loss_falls_and_saves_plain_timm(scenes, tmp_path):
+def test_tiny_run_loss_falls_and_saves_plain_timm(snd_scenes, tmp_path):
     from bench.backbones import save_backbone
 
     cfg = _cfg(
-        scenes,
+        snd_scenes,
         "method.optim.steps=20",
         "method.ckpt_every=10",
         "method.diagnostics.enabled=true",
-        f"method.diagnostics.data.root={scenes}",
+        f"method.diagnostics.data.root={snd_scenes}",
         f"method.diagnostics.data.scenes={SCENES}",
         f"method.diagnostics.data.views={VIEWS}",
         f"method.diagnostics.data.seed={SEED}",
@@ -503,8 +474,8 @@ def test_tiny_run_loss_falls_and_saves_plain_timm(scenes, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_is_bit_identical(scenes, tmp_path):
-    cfg = _cfg(scenes, "method.optim.steps=6", "method.ckpt_every=3")
+def test_resume_is_bit_identical(snd_scenes, tmp_path):
+    cfg = _cfg(snd_scenes, "method.optim.steps=6", "method.ckpt_every=3")
     full = _fit(cfg, tmp_path / "full")
     _fit(cfg, tmp_path / "cut", stop_after=3)  # "interrupted" after the step-3 checkpoint
     resumed = _fit(cfg, tmp_path / "cut")
@@ -516,7 +487,7 @@ def test_resume_is_bit_identical(scenes, tmp_path):
 
 
 @pytest.mark.slow
-def test_learned_reconstructor_beats_constant_depth(scenes, tmp_path, capsys):
+def test_learned_reconstructor_beats_constant_depth(snd_scenes, tmp_path, capsys):
     import argparse
 
     from methods.splat_distill.pretrain import add_arguments, main
@@ -527,7 +498,7 @@ def test_learned_reconstructor_beats_constant_depth(scenes, tmp_path, capsys):
     args = p.parse_args(
         [
             "--root",
-            str(scenes),
+            str(snd_scenes),
             "--scenes",
             str(SCENES),
             "--held-out",

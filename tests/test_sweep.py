@@ -4,7 +4,6 @@ and one end-to-end local sweep through the real job functions (toy method/tasks:
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import subprocess
@@ -18,36 +17,14 @@ from bench import records, sweep
 from bench.cluster import JobRecord, LocalBackend, make_backend
 from bench.config import compose
 from bench.errors import BenchError, ClusterError
-
-
-def base(tmp: Path, *extra: str) -> list:
-    """Overrides for a tiny cell under ``tmp`` (every path explicit: BENCH_* env vars do not leak in)."""
-    return [
-        "backbone=tiny_vit",
-        "task=synth_corr",
-        f"paths.root={tmp}",
-        f"paths.data_dir={tmp}/data",
-        f"paths.results_dir={tmp}/results",
-        f"paths.output_dir={tmp}/outputs",
-        f"paths.cache_dir={tmp}/cache",
-        "+method.steps=2",
-        "+method.sleep_s=0",
-        f"cluster.folder={tmp}/sweep",
-        *extra,
-    ]
-
-
-def args(*argv: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    sweep.add_arguments(p)
-    return p.parse_args(list(argv))
+from helpers import path_overrides, sweep_args, toy_sweep
 
 
 def write_record(results_dir: Path, method: str, task: str, seed: int, backbone: str = "tiny_vit") -> None:
-    """A record of the cell base(tmp) + method.name/task.name/seed (its fingerprint included)."""
+    """A record of the cell toy_sweep(tmp) + method.name/task.name/seed (its fingerprint included)."""
     from bench.identity import cell_identity
 
-    cfg = compose(base(results_dir.parent, f"method.name={method}", f"task.name={task}", f"seed={seed}"))
+    cfg = compose(toy_sweep(results_dir.parent, f"method.name={method}", f"task.name={task}", f"seed={seed}"))
     rid = records.new_record_id(method, backbone, task, seed)
     records.write_record(
         results_dir,
@@ -76,7 +53,9 @@ def test_expand_grid():
 
 @pytest.mark.slow
 def test_plan_groups_cells_by_trained_backbone(toys, tmp_path):
-    plan = sweep.make_plan(base(tmp_path, "method.name=dinov2,toy_train", "task.name=toy_probe,toy_fail", "seed=0,1"))
+    plan = sweep.make_plan(
+        toy_sweep(tmp_path, "method.name=dinov2,toy_train", "task.name=toy_probe,toy_fail", "seed=0,1")
+    )
     assert len(plan.cells) == 8 and not any(c.skip for c in plan.cells)
     trains = [j for j in plan.jobs.values() if j.kind == "train"]
     assert len(trains) == 2  # one per seed: the two tasks of a seed share one trained backbone
@@ -98,7 +77,7 @@ def test_plan_groups_cells_by_trained_backbone(toys, tmp_path):
 @pytest.mark.slow
 def test_plan_skips_cells_with_records_unless_forced(toys, tmp_path):
     write_record(tmp_path / "results", "dinov2", "toy_probe", 0)
-    ov = base(tmp_path, "method.name=dinov2", "task.name=toy_probe,toy_fail")
+    ov = toy_sweep(tmp_path, "method.name=dinov2", "task.name=toy_probe,toy_fail")
     plan = sweep.make_plan(ov)
     assert [c.skip for c in plan.cells] == [True, False]
     assert "eval:dinov2-tiny_vit-toy_probe-s0" not in plan.jobs and "eval:dinov2-tiny_vit-toy_fail-s0" in plan.jobs
@@ -112,7 +91,7 @@ def test_plan_skips_cells_with_records_unless_forced(toys, tmp_path):
 def test_plan_reuses_cached_backbone_and_force_retrains(toys, tmp_path):
     from bench.runner import MODEL_FILE, backbone_dir
 
-    ov = base(tmp_path, "method.name=toy_train", "task.name=toy_probe")
+    ov = toy_sweep(tmp_path, "method.name=toy_train", "task.name=toy_probe")
     cache = backbone_dir(compose(ov))
     cache.mkdir(parents=True)
     (cache / MODEL_FILE).write_bytes(b"")
@@ -179,14 +158,14 @@ def test_slurm_commands_missing(tmp_path, monkeypatch):
 
 
 def test_status_view_notices_a_dead_local_driver(toys, tmp_path, capsys):
-    plan = sweep.make_plan(base(tmp_path, "method.name=dinov2", "task.name=toy_probe"))
+    plan = sweep.make_plan(toy_sweep(tmp_path, "method.name=dinov2", "task.name=toy_probe"))
     s = sweep.Sweep.create(plan)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     s.data["driver"]["pid"] = dead.pid
     s.jobs["eval:dinov2-tiny_vit-toy_probe-s0"].state = "running"
     s.save()
-    assert sweep.main(args("--status", str(tmp_path / "sweep"))) == 0
+    assert sweep.main(sweep_args("--status", str(tmp_path / "sweep"))) == 0
     out = capsys.readouterr().out
     assert "2 failed" in out and "the sweep driver" in out
     saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
@@ -196,7 +175,10 @@ def test_status_view_notices_a_dead_local_driver(toys, tmp_path, capsys):
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(toys, tmp_path, capsys):
-    assert sweep.main(args(*base(tmp_path, "method.name=dinov2,toy_train", "task.name=toy_probe"), "--dry-run")) == 0
+    assert (
+        sweep.main(sweep_args(*toy_sweep(tmp_path, "method.name=dinov2,toy_train", "task.name=toy_probe"), "--dry-run"))
+        == 0
+    )
     out = capsys.readouterr().out
     assert "2 cells, 2 to run" in out and "train:toy_train-tiny_vit-" in out and "afterany (3 jobs)" in out
     assert not (tmp_path / "sweep").exists()
@@ -204,7 +186,7 @@ def test_dry_run_prints_the_plan_and_runs_nothing(toys, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_local_sweep_end_to_end(toys, tmp_path, capsys):
-    ov = base(
+    ov = toy_sweep(
         tmp_path,
         "method.name=dinov2,toy_train",
         "task.name=toy_probe",
@@ -212,7 +194,7 @@ def test_local_sweep_end_to_end(toys, tmp_path, capsys):
         "cluster.poll_s=0.3",
         f"cluster.folder={tmp_path}/outputs/sweeps/first",
     )
-    assert sweep.main(args(*ov)) == 0
+    assert sweep.main(sweep_args(*ov)) == 0
     out = capsys.readouterr().out
     assert "4 done" in out and "leaderboard: " in out
     recs = records.load_records(tmp_path / "results")
@@ -220,9 +202,9 @@ def test_local_sweep_end_to_end(toys, tmp_path, capsys):
     trained = next(r for r in recs if r["method"] == "toy_train")
     assert trained["checkpoint"]["reused"] is True  # the eval job reused the training job's weights
     assert "toy_probe" in (tmp_path / "results" / "leaderboard.md").read_text()
-    assert sweep.main(args(*ov)) == 0  # everything has a record now: nothing runs, nothing is written
+    assert sweep.main(sweep_args(*ov)) == 0  # everything has a record now: nothing runs, nothing is written
     assert "nothing to run" in capsys.readouterr().out
-    assert sweep.main(args("--status", *ov)) == 0  # the latest sweep under <output_dir>/sweeps
+    assert sweep.main(sweep_args("--status", *ov)) == 0  # the latest sweep under <output_dir>/sweeps
     assert "sweeps/first (cluster=local): 4 done" in capsys.readouterr().out
 
 
@@ -238,11 +220,7 @@ def test_plan_skips_a_cell_whose_record_ran_a_per_task_variant(tmp_path):
         "backbone=tiny_vit",
         "task=synth_corr",
         "seed=0",
-        f"paths.root={tmp_path}",
-        f"paths.data_dir={tmp_path}/data",
-        f"paths.results_dir={tmp_path}/results",
-        f"paths.output_dir={tmp_path}/outputs",
-        f"paths.cache_dir={tmp_path}/cache",
+        *path_overrides(tmp_path),
         "method.reconstructor.name=depth",
         "method.lift.coverage=alpha",
     ]

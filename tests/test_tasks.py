@@ -13,6 +13,7 @@ from bench.config import compose
 from bench.errors import DataMissingError, NonFiniteLossError, UnknownNameError
 from bench.registry import DATASETS, TASKS
 from bench.seed import seed_everything
+from helpers import PROBE_SCHEDULE_NEUTRAL, TINY_SEG_LINEAR
 from tasks import transforms as T
 from tasks.features import FeatureCache, FeatureSpec, quartile_layers, weights_hash
 from tasks.probes import BinnedDepth, DenseProbe, DPTHead, LinearHead
@@ -68,15 +69,7 @@ def test_sliding_windows_follow_mmseg_grid_and_average():
 
 
 # the schedule keys every protocol states (tasks.train_probe.REQUIRED), at neutral values
-FULL = {
-    "weight_decay": 0.01,
-    "betas": [0.9, 0.999],
-    "decay": "cosine",
-    "shape": "sequential",
-    "warmup_start": 0.01,
-    "min_factor": 0.0,
-    "shuffle": True,
-}
+FULL = PROBE_SCHEDULE_NEUTRAL
 
 
 def test_lr_schedules_hand_values():
@@ -395,16 +388,8 @@ def test_real_task_path_with_augmentation_crop_and_sliding(tmp_path):
         [
             "task=ade20k_seg",
             *common,
-            "task.dataset.num_classes=4",
+            *TINY_SEG_LINEAR,
             "task.dataset.reduce_zero_label=false",
-            "task.protocols.linear.train.resize_short=40",
-            "task.protocols.linear.train.crop=[32,32]",
-            "task.protocols.linear.test.resize_short=40",
-            "task.protocols.linear.test.sliding.window=32",
-            "task.protocols.linear.test.sliding.stride=16",
-            "task.protocols.linear.schedule.iters=2",
-            "task.protocols.linear.schedule.warmup_iters=1",
-            "task.protocols.linear.schedule.batch_size=2",
         ]
     )
     m = TASKS.get("ade20k_seg")().evaluate(bb, cfg, tmp_path / "s")
