@@ -26,7 +26,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import HubError
 
@@ -524,16 +524,8 @@ model._pos_embed = dinov2_pos_embed
 features = model.forward_features(images)  # [B, 1 + h*w, C]: CLS, then the normed patch tokens as bench's"""
 
 
-def model_card(repo_id: str, files: Dict[str, Path], revision: str = "main") -> str:
-    """A model card (README.md) for pushed bench weights, following the Hub's conventions: front matter built
-    with ``huggingface_hub.ModelCardData`` (``library_name: timm``, ``pipeline_tag: image-feature-extraction``,
-    the base weights' ``license``, ``base_model`` + ``base_model_relation: finetune``, ``datasets``, the papers
-    as ``arxiv:`` tags), then provenance (method and its paper, where the base weights came from, training data),
-    files with sha256, usage (bench and plain timm, at ``revision``) and, for DINOv2-style ViTs, how bench's
-    position-embedding resampling differs from timm's."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    cfg = _load_config(files)
+def _card_meta(cfg: Mapping[str, Any]) -> Dict[str, str]:
+    """The run's method, backbone and seed (those its config states)."""
     meta: Dict[str, str] = {}
     for key, sel in (("method", ("method", "name")), ("backbone", ("backbone", "name")), ("seed", ("seed",))):
         node: Any = cfg
@@ -541,12 +533,15 @@ def model_card(repo_id: str, files: Dict[str, Path], revision: str = "main") -> 
             node = node.get(k) if isinstance(node, dict) else None
         if node is not None:
             meta[key] = str(node)
-    method = meta.get("method", "")
-    base = base_weights(cfg) if cfg.get("backbone") else None
-    paper = METHOD_PAPERS.get(method)
+    return meta
+
+
+def _card_data(cfg: Mapping[str, Any], base: Optional[Dict[str, Any]], paper) -> Any:
+    """The card's front matter (``huggingface_hub.ModelCardData``)."""
+    from huggingface_hub import ModelCardData
+
     arxiv = [x for x in ((paper or (None, None))[1], (base or {}).get("arxiv")) if x]
     dataset = str(((cfg.get("method") or {}).get("data") or {}).get("dataset") or "")
-    timm_ready = "config.json" in files
     data = ModelCardData(
         library_name="timm",
         license=(base or {}).get("license"),
@@ -557,11 +552,15 @@ def model_card(repo_id: str, files: Dict[str, Path], revision: str = "main") -> 
     )
     if data.base_model:
         data.base_model_relation = "finetune"
-    weights = next((n for n in files if n.endswith((".safetensors", ".pth", ".pt", ".bin"))), None)
-    at = "" if revision == "main" else f"@{revision}"
-    lines = [f"# {repo_id}", "", "Backbone weights published with `python -m bench hub push`."]
+    return data
+
+
+def _provenance_lines(cfg: Mapping[str, Any], meta: Dict[str, str], base: Optional[Dict[str, Any]], paper) -> List[str]:
+    """The method and its paper, the run's method/backbone/seed, the base weights' origin and license, the
+    training data."""
+    lines: List[str] = []
     if paper:
-        lines += ["", f"Method: **{method}**, [{paper[0]}](https://arxiv.org/abs/{paper[1]})."]
+        lines += ["", f"Method: **{meta.get('method', '')}**, [{paper[0]}](https://arxiv.org/abs/{paper[1]})."]
     if meta:
         lines += [""] + [f"- {k}: `{v}`" for k, v in meta.items()]
     if base:
@@ -575,9 +574,14 @@ def model_card(repo_id: str, files: Dict[str, Path], revision: str = "main") -> 
         lines.append(f"- license: {base['license']} (the base weights' license)")
     if _train_data(cfg):
         lines.append(f"- training data: {_train_data(cfg)}")
-    lines += ["", "## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]
-    lines += [f"| `{n}` | {f.stat().st_size} | `{_sha256(f)}` |" for n, f in sorted(files.items())]
-    lines += [
+    return lines
+
+
+def _usage_lines(repo_id: str, files: Dict[str, Path], revision: str) -> List[str]:
+    """How to load the weights: ``bench hub pull``, plain timm (with a ``config.json``), ``read_state_dict``."""
+    weights = next((n for n in files if n.endswith((".safetensors", ".pth", ".pt", ".bin"))), None)
+    at = "" if revision == "main" else f"@{revision}"
+    lines = [
         "",
         "## Use",
         "",
@@ -585,7 +589,7 @@ def model_card(repo_id: str, files: Dict[str, Path], revision: str = "main") -> 
         f"python -m bench hub pull {repo_id}" + (f" --revision {revision}" if at else ""),
         "```",
     ]
-    if timm_ready:
+    if "config.json" in files:
         lines += [
             "",
             "With plain timm (`config.json` holds the architecture, its arguments and the preprocessing):",
@@ -605,21 +609,49 @@ def model_card(repo_id: str, files: Dict[str, Path], revision: str = "main") -> 
             f'state_dict = read_state_dict("hf://{repo_id}/{weights}{at}")  # timm layout',
             "```",
         ]
-    bb = dict(cfg.get("backbone") or {})
-    offset = float(bb.get("interpolate_offset") or 0.0)
-    if timm_ready and offset:
-        grid, native = _native_grid(files.get("config.json"))
-        fill = dict(offset=offset, grid=grid, native=native, backbone=meta.get("backbone", ""), repo=repo_id, at=at)
-        lines += [
-            "",
-            "## Position embeddings at other input sizes",
-            "",
-            POS_EMBED_NOTE.format(**fill),
-            "",
-            "```python",
-            POS_EMBED_SNIPPET.format(**fill),
-            "```",
-        ]
+    return lines
+
+
+def _pos_embed_lines(cfg: Mapping[str, Any], files: Dict[str, Path], backbone: str, repo_id: str, revision: str):
+    """For a timm-ready DINOv2-style ViT (``interpolate_offset``): how bench resamples position embeddings."""
+    offset = float(dict(cfg.get("backbone") or {}).get("interpolate_offset") or 0.0)
+    if not ("config.json" in files and offset):
+        return []
+    at = "" if revision == "main" else f"@{revision}"
+    grid, native = _native_grid(files.get("config.json"))
+    fill = dict(offset=offset, grid=grid, native=native, backbone=backbone, repo=repo_id, at=at)
+    return [
+        "",
+        "## Position embeddings at other input sizes",
+        "",
+        POS_EMBED_NOTE.format(**fill),
+        "",
+        "```python",
+        POS_EMBED_SNIPPET.format(**fill),
+        "```",
+    ]
+
+
+def model_card(repo_id: str, files: Dict[str, Path], revision: str = "main") -> str:
+    """A model card (README.md) for pushed bench weights, following the Hub's conventions: front matter built
+    with ``huggingface_hub.ModelCardData`` (``library_name: timm``, ``pipeline_tag: image-feature-extraction``,
+    the base weights' ``license``, ``base_model`` + ``base_model_relation: finetune``, ``datasets``, the papers
+    as ``arxiv:`` tags), then provenance (method and its paper, where the base weights came from, training data),
+    files with sha256, usage (bench and plain timm, at ``revision``) and, for DINOv2-style ViTs, how bench's
+    position-embedding resampling differs from timm's."""
+    from huggingface_hub import ModelCard
+
+    cfg = _load_config(files)
+    meta = _card_meta(cfg)
+    base = base_weights(cfg) if cfg.get("backbone") else None
+    paper = METHOD_PAPERS.get(meta.get("method", ""))
+    data = _card_data(cfg, base, paper)
+    lines = [f"# {repo_id}", "", "Backbone weights published with `python -m bench hub push`."]
+    lines += _provenance_lines(cfg, meta, base, paper)
+    lines += ["", "## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]
+    lines += [f"| `{n}` | {f.stat().st_size} | `{_sha256(f)}` |" for n, f in sorted(files.items())]
+    lines += _usage_lines(repo_id, files, revision)
+    lines += _pos_embed_lines(cfg, files, meta.get("backbone", ""), repo_id, revision)
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
 
 

@@ -151,50 +151,49 @@ def _plugins(cfgs) -> List[Tuple[str, str]]:
     return sorted(out.items())
 
 
-def make_plan(
-    overrides: Sequence[str],
-    force: bool = False,
-    busy: Optional[Mapping[Tuple[str, str], str]] = None,
-    collect: bool = False,
-) -> Plan:
-    """Expand ``overrides`` into cells and the jobs that run them (see the module docstring). ``busy``:
-    (results dir, fingerprint) -> folder of a live sweep that runs that cell (:func:`busy_cells`); such
-    cells are skipped. ``collect``: missing prerequisites of every cell are gathered in ``plan.problems``
-    instead of raised (a dry run shows them as warnings)."""
+def _recorded_cells(rdir: str) -> set:
+    """Fingerprints of the fingerprinted (not legacy) records in the results directory ``rdir``."""
+    from .records import is_legacy, load_records, runs_dir
+
+    if not runs_dir(rdir).is_dir():
+        return set()
+    return {r["identity"]["cell"] for r in load_records(rdir) if not is_legacy(r)}
+
+
+def _cell_id(cfg, point: Sequence[str], varying: set, taken: set) -> str:
+    """``<method>-<backbone>-<task>-s<seed>``, with a short hash of the point's varying overrides (or of the
+    whole point when the id is taken)."""
+    cid = f"{cfg.method.name}-{cfg.backbone.name}-{cfg.task.name}-s{int(cfg.seed)}"
+    extra = sorted(ov for ov in point if _key(ov) in varying)
+    if extra or cid in taken:
+        cid += "-" + stable_hash(extra or point, 6)
+    return cid
+
+
+def _plan_cells(grid, cfgs, rerun: bool, busy, problems: List[BenchError]) -> Tuple[List[Cell], Dict[str, Any]]:
+    """``(cells, {cell id: config})``: one cell per grid point, each preflighted (its missing prerequisites
+    added to ``problems``); a cell already recorded (unless ``rerun``) or running in a live sweep is skipped."""
     from .identity import cell_identity
     from .preflight import preflight
-    from .records import is_legacy, load_records, runs_dir
     from .registry import METHODS, TASKS
     from .runner import MODEL_FILE, backbone_dir
 
-    grid = expand_grid(overrides)
     varying = {_key(vals[0]) for vals in zip(*grid) if len(set(vals)) > 1} - IDENTITY_KEYS
-    cfgs = [compose(point) for point in grid]
-    retrain = bool(cfgs[0].get("force", False))
     done: Dict[str, set] = {}  # results dir -> fingerprints of its records
     cells, ids = [], set()
     cfg_of: Dict[str, Any] = {}
-    problems: List[BenchError] = []
     for point, cfg in zip(grid, cfgs):
         method = METHODS.get(cfg.method.name)
         trains = bool(getattr(method, "trains", False))
         preflight(cfg, method(), TASKS.get(cfg.task.name)(), problems)  # every cell, before anything is submitted
         rdir = str(cfg.paths.results_dir)
         if rdir not in done:
-            done[rdir] = (
-                {r["identity"]["cell"] for r in load_records(rdir) if not is_legacy(r)}
-                if runs_dir(rdir).is_dir()
-                else set()
-            )
+            done[rdir] = _recorded_cells(rdir)
         fingerprint = cell_identity(cfg)["cell"]
         running_in = (busy or {}).get((rdir, fingerprint), "")
-        cid = f"{cfg.method.name}-{cfg.backbone.name}-{cfg.task.name}-s{int(cfg.seed)}"
-        extra = sorted(ov for ov in point if _key(ov) in varying)
-        if extra or cid in ids:
-            cid += "-" + stable_hash(extra or point, 6)
+        cid = _cell_id(cfg, point, varying, ids)
         ids.add(cid)
         cfg_of[cid] = cfg
-        key = backbone_dir(cfg).name if trains else None
         cells.append(
             Cell(
                 id=cid,
@@ -204,17 +203,20 @@ def make_plan(
                 seed=int(cfg.seed),
                 overrides=list(point),
                 trains=trains,
-                cache_key=key,
+                cache_key=backbone_dir(cfg).name if trains else None,
                 cached=trains and (backbone_dir(cfg) / MODEL_FILE).exists(),
                 results_dir=rdir,
-                skip=bool(running_in) or (not (force or retrain) and fingerprint in done[rdir]),
+                skip=bool(running_in) or (not rerun and fingerprint in done[rdir]),
                 fingerprint=fingerprint,
                 running_in=running_in,
             )
         )
-    if not collect:
-        raise_all(problems)  # every missing prerequisite of the grid at once, before anything is submitted
+    return cells, cfg_of
 
+
+def _plan_jobs(cells: List[Cell], cfg_of, force: bool, retrain: bool, problems: List[BenchError]):
+    """``(jobs, job overrides)``: a training job per backbone to train (after its preparation array, if
+    any), an evaluation job per cell to run, and the leaderboard job after all of them."""
     jobs: Dict[str, JobRecord] = {}
     job_overrides: Dict[str, List[str]] = {}
     todo = [c for c in cells if not c.skip]
@@ -246,6 +248,27 @@ def make_plan(
             job_overrides[name].append("force=true")
     if jobs:
         jobs["leaderboard"] = JobRecord(name="leaderboard", kind="table", cells=[], array="table", after_any=list(jobs))
+    return jobs, job_overrides
+
+
+def make_plan(
+    overrides: Sequence[str],
+    force: bool = False,
+    busy: Optional[Mapping[Tuple[str, str], str]] = None,
+    collect: bool = False,
+) -> Plan:
+    """Expand ``overrides`` into cells and the jobs that run them (see the module docstring). ``busy``:
+    (results dir, fingerprint) -> folder of a live sweep that runs that cell (:func:`busy_cells`); such
+    cells are skipped. ``collect``: missing prerequisites of every cell are gathered in ``plan.problems``
+    instead of raised (a dry run shows them as warnings)."""
+    grid = expand_grid(overrides)
+    cfgs = [compose(point) for point in grid]
+    retrain = bool(cfgs[0].get("force", False))
+    problems: List[BenchError] = []
+    cells, cfg_of = _plan_cells(grid, cfgs, force or retrain, busy, problems)
+    if not collect:
+        raise_all(problems)  # every missing prerequisite of the grid at once, before anything is submitted
+    jobs, job_overrides = _plan_jobs(cells, cfg_of, force, retrain, problems)
     base = cfgs[0]
     return Plan(
         cells=cells,
@@ -535,20 +558,7 @@ def run(
     Returns the :class:`Sweep` (None when every cell already has a record: nothing is written).
     ``sweep``: already created from ``plan`` (:func:`main` creates it under :func:`planner_lock`)."""
     if sweep is None and not plan.jobs:
-        dirs = ", ".join(plan.results_dirs)
-        elsewhere = sorted({c.running_in for c in plan.cells if c.running_in})
-        if elsewhere:
-            echo(
-                f"nothing to run here: {sum(bool(c.running_in) for c in plan.cells)} cell(s) are running in the "
-                f"live sweep(s) {', '.join(elsewhere)} (python -m bench sweep --status <folder> follows them), the "
-                "others have a record"
-            )
-            return None
-        echo(
-            f"nothing to run: every cell has a record of the same configuration in {dirs} (--force re-runs "
-            "them; paths.results_dir=<new dir> reproduces them into a separate results directory, e.g. "
-            "BENCH_RESULTS=results_repro)"
-        )
+        _say_nothing_to_run(plan, echo)
         return None
     if sweep is None:
         if plan.cluster.get("name") == "slurm":
@@ -562,7 +572,30 @@ def run(
     if not wait and not backend.waits:
         echo(f"submitted {len(sweep.jobs)} jobs; follow them with: python -m bench sweep --status {sweep.folder}")
         return sweep
-    poll_s = float(poll_s if poll_s is not None else plan.cluster.get("poll_s", 10))
+    _follow(sweep, backend, float(poll_s if poll_s is not None else plan.cluster.get("poll_s", 10)), echo)
+    return sweep
+
+
+def _say_nothing_to_run(plan: Plan, echo) -> None:
+    """Why a plan has no job: its cells run in live sweeps, or every cell has a record."""
+    elsewhere = sorted({c.running_in for c in plan.cells if c.running_in})
+    if elsewhere:
+        echo(
+            f"nothing to run here: {sum(bool(c.running_in) for c in plan.cells)} cell(s) are running in the "
+            f"live sweep(s) {', '.join(elsewhere)} (python -m bench sweep --status <folder> follows them), the "
+            "others have a record"
+        )
+        return
+    echo(
+        f"nothing to run: every cell has a record of the same configuration in {', '.join(plan.results_dirs)} "
+        "(--force re-runs them; paths.results_dir=<new dir> reproduces them into a separate results directory, "
+        "e.g. BENCH_RESULTS=results_repro)"
+    )
+
+
+def _follow(sweep: Sweep, backend, poll_s: float, echo) -> None:
+    """Report the jobs' state changes every ``poll_s`` seconds until all are over; on Ctrl-C cancel local
+    jobs (a cluster's keep running) and re-raise."""
     seen = {n: None for n in sweep.jobs}
     try:
         while True:
@@ -588,7 +621,6 @@ def run(
         else:
             echo(f"stopped waiting; the jobs keep running: python -m bench sweep --status {sweep.folder}")
         raise
-    return sweep
 
 
 # --------------------------------------------------------------------------------------- CLI

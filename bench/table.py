@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import re
 from pathlib import Path
-from typing import List
+from typing import Any, Dict, List
 
 import pandas as pd
 from tabulate import tabulate
@@ -65,65 +65,68 @@ def _evaluation_key(rec) -> str:
     return f"{LEGACY}:{rec.get('backbone')}"
 
 
+FRAME_COLUMNS = (
+    "method",
+    "backbone",
+    "task",
+    "dataset",
+    "protocol",
+    "code_version",
+    "seed",
+    "metric",
+    "value",
+    "created",
+    "id",
+    "reported",
+    "rank",
+    "wall_s",
+    "device",
+    "threads",
+    "cell",
+    "row",
+    "recipe",
+    "evaluation",
+)
+
+
+def _frame_rows(rec: dict) -> List[dict]:
+    """The rows of one record in :func:`records_frame`: one per metric (columns :data:`FRAME_COLUMNS`)."""
+    proto = (rec.get("protocol") or {}).get("name", "default")
+    cell, row_key, recipe = record_identity(rec)
+    report = rec.get("report", [])
+    device = rec.get("device") or {}
+    return [
+        {
+            "method": rec["method"],
+            "backbone": rec["backbone"],
+            "task": rec["task"],
+            "dataset": rec.get("dataset", ""),
+            "protocol": proto,
+            "code_version": (rec.get("protocol") or {}).get("code_version"),
+            "seed": int(rec.get("seed", 0)),
+            "metric": metric,
+            "value": float(value),
+            "created": rec.get("created", ""),
+            "id": rec["id"],
+            "reported": metric in report,
+            "rank": report.index(metric) if metric in report else len(report),
+            "wall_s": float((rec.get("wall_time_s") or {}).get("total", float("nan"))),
+            "device": device.get("gpu") or device.get("cpu", ""),
+            "threads": device.get("threads"),
+            "cell": cell,
+            "row": row_key,
+            "recipe": recipe,
+            "evaluation": _evaluation_key(rec),
+        }
+        for metric, value in rec["metrics"].items()
+    ]
+
+
 def records_frame(results_dir: str | Path, recs: List[dict] | None = None) -> pd.DataFrame:
     """One row per (record, metric), latest record per cell only (``recs``: the records of
     ``results_dir`` when already loaded)."""
-    rows = []
-    for rec in load_records(results_dir) if recs is None else recs:
-        proto = (rec.get("protocol") or {}).get("name", "default")
-        cell, row_key, recipe = record_identity(rec)
-        for metric, value in rec["metrics"].items():
-            rows.append(
-                {
-                    "method": rec["method"],
-                    "backbone": rec["backbone"],
-                    "task": rec["task"],
-                    "dataset": rec.get("dataset", ""),
-                    "protocol": proto,
-                    "code_version": (rec.get("protocol") or {}).get("code_version"),
-                    "seed": int(rec.get("seed", 0)),
-                    "metric": metric,
-                    "value": float(value),
-                    "created": rec.get("created", ""),
-                    "id": rec["id"],
-                    "reported": metric in rec.get("report", []),
-                    "rank": (
-                        rec.get("report", []).index(metric)
-                        if metric in rec.get("report", [])
-                        else len(rec.get("report", []))
-                    ),
-                    "wall_s": float((rec.get("wall_time_s") or {}).get("total", float("nan"))),
-                    "device": (rec.get("device") or {}).get("gpu") or (rec.get("device") or {}).get("cpu", ""),
-                    "threads": (rec.get("device") or {}).get("threads"),
-                    "cell": cell,
-                    "row": row_key,
-                    "recipe": recipe,
-                    "evaluation": _evaluation_key(rec),
-                }
-            )
-    cols = [
-        "method",
-        "backbone",
-        "task",
-        "dataset",
-        "protocol",
-        "code_version",
-        "seed",
-        "metric",
-        "value",
-        "created",
-        "id",
-        "reported",
-        "rank",
-        "wall_s",
-        "device",
-        "threads",
-        "cell",
-        "row",
-        "recipe",
-        "evaluation",
-    ]
-    df = pd.DataFrame(rows, columns=cols)
+    rows = [row for rec in (load_records(results_dir) if recs is None else recs) for row in _frame_rows(rec)]
+    df = pd.DataFrame(rows, columns=list(FRAME_COLUMNS))
     if df.empty:
         return df
     latest = df.sort_values("created").groupby("cell")["id"].transform("last").reindex(df.index)
@@ -306,6 +309,67 @@ def _row_family(row: dict) -> tuple:
     return (base, row["source"] != "ours", name, str(row["backbone"]))
 
 
+def _published_of(ref: pd.DataFrame, sub: pd.DataFrame, task: str, protocol: str) -> pd.DataFrame:
+    """The published numbers of ``task`` shown in a table: beside records (``protocol`` not ``-``) only
+    those of the records' code versions."""
+    if "code_version" not in ref:  # a frame from elsewhere without the column: its code is not stated
+        ref = ref.assign(code_version=None)
+    ref_t = ref[ref.task == task]
+    if protocol != "-":  # beside records: only the published numbers of the same code version
+        versions = set(sub["code_version"].dropna()) if "code_version" in sub else set()
+        ref_t = ref_t[ref_t["code_version"].isin(versions)]
+    return ref_t
+
+
+def _our_row(sub: pd.DataFrame, g: pd.DataFrame, method: str, backbone: str, metrics: List[str], delta_col: str):
+    """The table row of one configuration's records ``g`` (``sub``: the task table's records)."""
+    row = {
+        "method": method,
+        "backbone": backbone,
+        "recipe": g["recipe"].iloc[0],
+        "source": "ours",
+        "seeds": g["seed"].nunique(),
+        "wall (s)": f"{g.groupby('seed')['wall_s'].first().mean():.0f}",
+        "_published": False,
+        "_row": g["row"].iloc[0],
+        "_ids": sorted(g["id"].unique()),
+        "_values": {},
+        "_delta": None,
+    }
+    for m in metrics:
+        v = g[g.metric == m]["value"]
+        row[m] = _fmt(v.mean(), v.std(ddof=1) if len(v) > 1 else 0.0, len(v))
+        row["_values"][m] = {int(s): float(x) for s, x in zip(g[g.metric == m]["seed"], v)}
+    if metrics:
+        same = sub[(sub.row == g["row"].iloc[0]) | (sub.method == TEACHER)]  # this row vs the teacher
+        row["_delta"] = delta_vs_teacher(same, method, backbone, metrics[0], evaluation=g["evaluation"].iloc[0])
+        row[delta_col] = format_delta(row["_delta"])
+    return row
+
+
+def _published_row(g: pd.DataFrame, source, method: str, backbone: str, code, metrics: List[str]) -> dict:
+    """The table row of one published source's numbers ``g``."""
+    row = {
+        "method": f"{method} *(published)*",
+        "backbone": backbone,
+        "recipe": "",
+        "source": f"{source} [code: {code}]",
+        "seeds": "",
+        "wall (s)": "",
+        "_published": True,
+        "_row": "",
+        "_ids": [],
+        "_values": {},
+        "_delta": None,
+    }
+    for m in metrics:
+        v = g[g.metric == m]["value"]
+        row[m] = f"{float(v.iloc[0]):.4g}" if len(v) else ""
+        if len(v):
+            row["_values"][m] = {None: float(v.iloc[0])}
+    return row
+
+
 def task_rows(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) -> tuple:
     """The rows of one task/protocol table, shared by every output format (:mod:`bench.table_formats`).
 
@@ -316,60 +380,17 @@ def task_rows(ours: pd.DataFrame, ref: pd.DataFrame, task: str, protocol: str) -
     """
     sub = ours[(ours.task == task) & (ours.protocol == protocol)]
     metrics: List[str] = _reported_metrics(sub)
-    if "code_version" not in ref:  # a frame from elsewhere without the column: its code is not stated
-        ref = ref.assign(code_version=None)
-    ref_t = ref[ref.task == task]
-    if protocol != "-":  # beside records: only the published numbers of the same code version
-        versions = set(sub["code_version"].dropna()) if "code_version" in sub else set()
-        ref_t = ref_t[ref_t["code_version"].isin(versions)]
+    ref_t = _published_of(ref, sub, task, protocol)
     metrics += [m for m in dict.fromkeys(ref_t["metric"]) if m not in metrics]
-    rows = []
     delta_col = f"Δ vs teacher ({metrics[0]}, 95% CI)" if metrics else "Δ vs teacher"
-    for (method, backbone, _), g in sub.groupby(["method", "backbone", "row"], sort=True):
-        row = {
-            "method": method,
-            "backbone": backbone,
-            "recipe": g["recipe"].iloc[0],
-            "source": "ours",
-            "seeds": g["seed"].nunique(),
-            "wall (s)": f"{g.groupby('seed')['wall_s'].first().mean():.0f}",
-            "_published": False,
-            "_row": g["row"].iloc[0],
-            "_ids": sorted(g["id"].unique()),
-            "_values": {},
-            "_delta": None,
-        }
-        for m in metrics:
-            v = g[g.metric == m]["value"]
-            row[m] = _fmt(v.mean(), v.std(ddof=1) if len(v) > 1 else 0.0, len(v))
-            row["_values"][m] = {int(s): float(x) for s, x in zip(g[g.metric == m]["seed"], v)}
-        if metrics:
-            same = sub[(sub.row == g["row"].iloc[0]) | (sub.method == TEACHER)]  # this row vs the teacher
-            row["_delta"] = delta_vs_teacher(same, method, backbone, metrics[0], evaluation=g["evaluation"].iloc[0])
-            row[delta_col] = format_delta(row["_delta"])
-        rows.append(row)
+    rows = [
+        _our_row(sub, g, method, backbone, metrics, delta_col)
+        for (method, backbone, _), g in sub.groupby(["method", "backbone", "row"], sort=True)
+    ]
     for (source, method, backbone, code), g in ref_t.groupby(
         ["source", "method", "backbone", "code_version"], sort=True, dropna=False
     ):
-        row = {
-            "method": f"{method} *(published)*",
-            "backbone": backbone,
-            "recipe": "",
-            "source": f"{source} [code: {code}]",
-            "seeds": "",
-            "wall (s)": "",
-            "_published": True,
-            "_row": "",
-            "_ids": [],
-            "_values": {},
-            "_delta": None,
-        }
-        for m in metrics:
-            v = g[g.metric == m]["value"]
-            row[m] = f"{float(v.iloc[0]):.4g}" if len(v) else ""
-            if len(v):
-                row["_values"][m] = {None: float(v.iloc[0])}
-        rows.append(row)
+        rows.append(_published_row(g, source, method, backbone, code, metrics))
     rows.sort(key=_row_family)  # published rows beside ours of the same method (mef, mef_official, mef published)
     cols = ["method", "backbone", "recipe"] + metrics + [delta_col, "seeds", "wall (s)", "source"]
     for row in rows:
@@ -488,34 +509,28 @@ def diagnostics_rows(shown, results_dir: str | Path) -> List[List[str]]:
     return out
 
 
-def leaderboard_markdown(results_dir: str | Path) -> str:
-    results_dir = Path(results_dir)
-    loaded = load_records(results_dir)  # once: each duplicate or refused record is reported once
-    ours = records_frame(results_dir, loaded)
-    ref = reference_frame(results_dir)
-    out = [
-        "# bench leaderboard",
-        "",
-        f"Generated by `python -m bench table` from the records in `{results_dir}/runs/` "
-        f"({_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC). Do not edit by hand.",
-        "Rows marked *(published)* are reference numbers copied from the papers "
-        "(`results/reference/*.csv`), not produced by bench; they use real datasets and full "
-        "schedules, so compare them only with ours on the same task.",
-        "",
-        "Values are the mean ± sample std over seeds (latest record per cell and seed). One row = one "
-        "configuration: `recipe` is its label and the short hash of its fingerprint (method, training data, "
-        "backbone, task, protocol, evaluation data); different configurations never share a row. "
-        "`Δ vs teacher`: the first metric's difference to the raw teacher (`dinov2`) evaluated the same way "
-        "(same backbone, task, protocol and evaluation data), paired by seed, with its 95% t-interval over seeds. "
-        "Under each table, the minimum detectable effect per metric: the smallest true difference to the teacher "
-        "that a paired t-test over the grid's seeds finds with power 0.8 at α = 0.05 (two-sided), "
-        "`(t_0.975 + t_0.8) · sd_diff / √n` with n - 1 degrees of freedom and sd_diff = √2 × the teacher's "
-        "sample sd over its seeds (a method's seed noise assumed as large as the teacher's and independent of "
-        "it); a Δ smaller than it could not have been seen reliably.",
-        "",
-    ]
-    if ours.empty:
-        out += ["*No records yet: run a cell, e.g. `python -m bench run experiment=demo`.*", ""]
+LEADERBOARD_INTRO = (
+    "Rows marked *(published)* are reference numbers copied from the papers "
+    "(`results/reference/*.csv`), not produced by bench; they use real datasets and full "
+    "schedules, so compare them only with ours on the same task.",
+    "",
+    "Values are the mean ± sample std over seeds (latest record per cell and seed). One row = one "
+    "configuration: `recipe` is its label and the short hash of its fingerprint (method, training data, "
+    "backbone, task, protocol, evaluation data); different configurations never share a row. "
+    "`Δ vs teacher`: the first metric's difference to the raw teacher (`dinov2`) evaluated the same way "
+    "(same backbone, task, protocol and evaluation data), paired by seed, with its 95% t-interval over seeds. "
+    "Under each table, the minimum detectable effect per metric: the smallest true difference to the teacher "
+    "that a paired t-test over the grid's seeds finds with power 0.8 at α = 0.05 (two-sided), "
+    "`(t_0.975 + t_0.8) · sd_diff / √n` with n - 1 degrees of freedom and sd_diff = √2 × the teacher's "
+    "sample sd over its seeds (a method's seed noise assumed as large as the teacher's and independent of "
+    "it); a Δ smaller than it could not have been seen reliably.",
+    "",
+)
+
+
+def _task_sections(ours: pd.DataFrame, ref: pd.DataFrame) -> List[str]:
+    """One table per (task, protocol) of the records, each with its minimum detectable effects."""
+    out: List[str] = []
     cells = ours[["task", "protocol"]].drop_duplicates().sort_values(["task", "protocol"]).itertuples(index=False)
     for task, protocol in cells:
         g = ours[(ours.task == task) & (ours.protocol == protocol)]
@@ -527,90 +542,119 @@ def leaderboard_markdown(results_dir: str | Path) -> str:
         ]
         mde = format_mde(task_mde(ours, task, protocol))
         out += [mde, ""] if mde else []
+    return out
+
+
+def _reference_only_sections(ours: pd.DataFrame, ref: pd.DataFrame) -> List[str]:
+    """The published numbers of tasks (and code versions) that no record shows yet."""
     shown = set(zip(ours["task"], ours["code_version"])) if not ours.empty else set()
     unmatched = ref[
         pd.Series([(t, c) not in shown for t, c in zip(ref["task"], ref["code_version"])], index=ref.index, dtype=bool)
     ]
     ref_only = sorted(set(unmatched["task"]))
-    if ref_only:
-        out += ["## Published reference numbers (no bench records of their task and code version yet)", ""]
-        for task in ref_only:
-            out += [f"### {task}", "", task_table(ours, unmatched, task, protocol="-"), ""]
-    if not ours.empty:
-        hw = ours.drop_duplicates("id")
+    if not ref_only:
+        return []
+    out = ["## Published reference numbers (no bench records of their task and code version yet)", ""]
+    for task in ref_only:
+        out += [f"### {task}", "", task_table(ours, unmatched, task, protocol="-"), ""]
+    return out
+
+
+def _hardware_section(ours: pd.DataFrame) -> List[str]:
+    """Records per (device, threads)."""
+    hw = ours.drop_duplicates("id")
+    return [
+        "## Hardware",
+        "",
+        tabulate(
+            hw.groupby(["device", "threads"], dropna=False).size().reset_index(name="records").values.tolist(),
+            headers=["device", "threads", "records"],
+            tablefmt="github",
+        ),
+        "",
+    ]
+
+
+CONFIG_HEADERS = (
+    "method",
+    "backbone",
+    "task",
+    "recipe",
+    "seeds",
+    "method cfg",
+    "task cfg",
+    "method training data",
+    "task data",
+)
+
+
+def _configuration_section(ours: pd.DataFrame, shown: List[Dict[str, Any]]) -> List[str]:
+    """Config hashes and training data of every row, the summed wall time, the legacy-row note."""
+    recs = ours.drop_duplicates("id")
+    out = [
+        "## Configuration",
+        "",
+        "Config hashes: sha256 of the record's `method` / `task` node (full configs in the records); one "
+        "hash per row = the same configuration for every seed. "
+        f"Wall time: {recs['wall_s'].sum() / 60:.1f} min summed over the {len(recs)} records "
+        "(training is included only in records whose checkpoint says `reused: false`; sweeps train in "
+        "separate jobs, so their cells reuse the cached backbone).",
+        "",
+        tabulate(config_rows(shown), headers=list(CONFIG_HEADERS), tablefmt="github"),
+        "",
+    ]
+    if ours["row"].str.startswith(LEGACY).any():
         out += [
-            "## Hardware",
-            "",
-            tabulate(
-                hw.groupby(["device", "threads"], dropna=False).size().reset_index(name="records").values.tolist(),
-                headers=["device", "threads", "records"],
-                tablefmt="github",
-            ),
+            "Rows marked `legacy` come from records written before cell fingerprints: they cannot say "
+            "which configuration they came from, so they never share a row with fingerprinted records "
+            "and `sweep` re-runs their cells.",
             "",
         ]
+    return out
+
+
+def _diagnostics_section(shown: List[Dict[str, Any]], results_dir: Path) -> List[str]:
+    """The training-side diagnostics of every trained backbone the rows use (none: no section)."""
+    diag = diagnostics_rows(shown, results_dir)
+    if not diag:
+        return []
+    headers = ["method", "backbone", "seed", "tasks", "backbone key", *[h for _, h in DIAGNOSTIC_COLUMNS]]
+    return [
+        "## Training diagnostics",
+        "",
+        "Per trained backbone (its cache key), from its `train_info.json`: relative change of the held-out "
+        "features (and their 1 - cos), relative change of the adapted weights, first/last training loss, the "
+        "KL part of the distillation cross-entropy, the head's mean pairwise embedding cosine, and the "
+        "collapse diagnostics: the entropy (nats) of the histogram of each cell's most likely prototype "
+        "(student and teacher; 0 = every cell on one prototype) and the fraction of cells where they agree, "
+        "where the method has them (bench/diagnostics.py; first/last = means over the first/last tenth).",
+        "",
+        tabulate(diag, headers=headers, tablefmt="github"),
+        "",
+    ]
+
+
+def leaderboard_markdown(results_dir: str | Path) -> str:
+    """The leaderboard (markdown) of the records in ``results_dir``: a table per task and protocol, the
+    published numbers no record covers yet, hardware, configuration, training diagnostics, figures."""
+    results_dir = Path(results_dir)
+    loaded = load_records(results_dir)  # once: each duplicate or refused record is reported once
+    ours = records_frame(results_dir, loaded)
+    ref = reference_frame(results_dir)
+    out = [
+        "# bench leaderboard",
+        "",
+        f"Generated by `python -m bench table` from the records in `{results_dir}/runs/` "
+        f"({_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC). Do not edit by hand.",
+        *LEADERBOARD_INTRO,
+    ]
+    if ours.empty:
+        out += ["*No records yet: run a cell, e.g. `python -m bench run experiment=demo`.*", ""]
+    out += _task_sections(ours, ref) + _reference_only_sections(ours, ref)
     if not ours.empty:
-        recs = ours.drop_duplicates("id")
-        ids = set(recs["id"])
+        ids = set(ours.drop_duplicates("id")["id"])
         shown = [rec for rec in loaded if rec["id"] in ids]
-        out += [
-            "## Configuration",
-            "",
-            "Config hashes: sha256 of the record's `method` / `task` node (full configs in the records); one "
-            "hash per row = the same configuration for every seed. "
-            f"Wall time: {recs['wall_s'].sum() / 60:.1f} min summed over the {len(recs)} records "
-            "(training is included only in records whose checkpoint says `reused: false`; sweeps train in "
-            "separate jobs, so their cells reuse the cached backbone).",
-            "",
-            tabulate(
-                config_rows(shown),
-                headers=[
-                    "method",
-                    "backbone",
-                    "task",
-                    "recipe",
-                    "seeds",
-                    "method cfg",
-                    "task cfg",
-                    "method training data",
-                    "task data",
-                ],
-                tablefmt="github",
-            ),
-            "",
-        ]
-        if ours["row"].str.startswith(LEGACY).any():
-            out += [
-                "Rows marked `legacy` come from records written before cell fingerprints: they cannot say "
-                "which configuration they came from, so they never share a row with fingerprinted records "
-                "and `sweep` re-runs their cells.",
-                "",
-            ]
-        diag = diagnostics_rows(shown, results_dir)
-        if diag:
-            out += [
-                "## Training diagnostics",
-                "",
-                "Per trained backbone (its cache key), from its `train_info.json`: relative change of the held-out "
-                "features (and their 1 - cos), relative change of the adapted weights, first/last training loss, the "
-                "KL part of the distillation cross-entropy, the head's mean pairwise embedding cosine, and the "
-                "collapse diagnostics: the entropy (nats) of the histogram of each cell's most likely prototype "
-                "(student and teacher; 0 = every cell on one prototype) and the fraction of cells where they agree, "
-                "where the method has them (bench/diagnostics.py; first/last = means over the first/last tenth).",
-                "",
-                tabulate(
-                    diag,
-                    headers=[
-                        "method",
-                        "backbone",
-                        "seed",
-                        "tasks",
-                        "backbone key",
-                        *[h for _, h in DIAGNOSTIC_COLUMNS],
-                    ],
-                    tablefmt="github",
-                ),
-                "",
-            ]
+        out += _hardware_section(ours) + _configuration_section(ours, shown) + _diagnostics_section(shown, results_dir)
     figs = sorted((results_dir / "figures").glob("*.png"))
     if figs:
         out += ["## Figures", ""] + [f"- [{p.stem}](figures/{p.name})" for p in figs] + [""]

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, List, Tuple
 
 from bench.registry import PERF
 
@@ -127,17 +128,8 @@ def _ranks_table(ov, ranks, threads: int, work: Path) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-    from tabulate import tabulate
-
-    from bench.backbones import build_backbone
-    from bench.config import compose
-    from bench.registry import TASKS
-    from bench.seed import seed_everything
-
-    torch.set_num_threads(int(args.threads))
-    work = Path(tempfile.mkdtemp(prefix="bench_perf_probe_"))
+def _overrides(args: argparse.Namespace, work: Path) -> List[str]:
+    """The synth_depth cell of the measurement (its caches in ``work``)."""
     ov = [
         "task=synth_depth",
         f"backbone={args.backbone}",
@@ -150,6 +142,48 @@ def run(args: argparse.Namespace) -> int:
     ]
     if args.data_dir:
         ov.append(f"paths.data_dir={args.data_dir}")
+    return ov
+
+
+def _timed_evaluation(backbone, ov: List[str], label: str, extra: List[str], work: Path) -> Tuple[List[Any], float]:
+    """One evaluation of the cell (``extra`` overrides): its table row and its total seconds."""
+    from bench.config import compose
+    from bench.registry import TASKS
+    from bench.seed import seed_everything
+
+    cfg = compose(ov + extra)
+    seed_everything(0)
+    t0 = time.perf_counter()
+    m = TASKS.get("synth_depth")().evaluate(backbone, cfg, work / label.replace(" ", "_"))
+    total = time.perf_counter() - t0
+    info = json.loads((work / label.replace(" ", "_") / "metrics.json").read_text())
+    s = info["seconds"]
+    row = [
+        label,
+        f"{s['prepare']:.1f}",
+        f"{s['train']:.1f}",
+        info["train"]["steps"],
+        f"{s['test']:.1f}",
+        f"{total:.1f}",
+        f"{m['rmse']:.4f}",
+        f"{m['a1']:.3f}",
+    ]
+    return row, total
+
+
+def run(args: argparse.Namespace) -> int:
+    """Time the synth_depth probe with cached features and (unless ``--skip-uncached``) features on the fly,
+    then (``--ranks``) with several ranks."""
+    import torch
+    from tabulate import tabulate
+
+    from bench.backbones import build_backbone
+    from bench.config import compose
+    from bench.seed import seed_everything
+
+    torch.set_num_threads(int(args.threads))
+    work = Path(tempfile.mkdtemp(prefix="bench_perf_probe_"))
+    ov = _overrides(args, work)
     t0 = time.perf_counter()
     from tasks.data import open_split
 
@@ -166,26 +200,8 @@ def run(args: argparse.Namespace) -> int:
         [] if args.skip_uncached else [("on the fly", ["task.protocols.linear.features.cache=false"])]
     )
     for label, extra in runs:
-        cfg = compose(ov + extra)
-        seed_everything(0)
-        t0 = time.perf_counter()
-        m = TASKS.get("synth_depth")().evaluate(backbone, cfg, work / label.replace(" ", "_"))
-        total = time.perf_counter() - t0
-        info = json.loads((work / label.replace(" ", "_") / "metrics.json").read_text())
-        s = info["seconds"]
-        totals[label] = total
-        rows.append(
-            [
-                label,
-                f"{s['prepare']:.1f}",
-                f"{s['train']:.1f}",
-                info["train"]["steps"],
-                f"{s['test']:.1f}",
-                f"{total:.1f}",
-                f"{m['rmse']:.4f}",
-                f"{m['a1']:.3f}",
-            ]
-        )
+        row, totals[label] = _timed_evaluation(backbone, ov, label, extra, work)
+        rows.append(row)
     print(
         f"synth_depth linear probe, {args.backbone}, {args.epochs} epochs, {n_train} train / {n_test} test views "
         f"at {args.size}x{args.size}, {torch.get_num_threads()} threads "

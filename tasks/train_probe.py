@@ -41,9 +41,12 @@ resume from the latest one -- probe, AdamW (OneCycle betas), lr schedule, batch 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -334,6 +337,206 @@ def check_groups(
         )
 
 
+@dataclass(frozen=True)
+class ProbeSchedule:
+    """The resolved settings of one probe training (``task.protocol.schedule``, checked): batch, loss groups,
+    AdamW, lr and momentum schedules, and the checkpoint/log cadence of :class:`bench.train.TrainLoop`."""
+
+    batch_size: int
+    samples_per_gpu: Optional[int]
+    shuffle: bool
+    drop_last: bool
+    lr: float
+    weight_decay: float
+    betas: Tuple[float, ...]
+    decay: str
+    warmup_start: float
+    min_factor: float
+    power: float
+    shape: str
+    momentum: Optional[str]
+    grad_clip: Optional[float]
+    ckpt_every: int
+    keep_last: int
+    log_every: int
+    length: Mapping[str, Any]  # iters / epochs / warmup_iters / warmup, read by total_steps and warmup_steps
+
+    @classmethod
+    def from_config(cls, sched: Mapping[str, Any], key: str = "task.protocol.schedule") -> "ProbeSchedule":
+        """Check ``sched`` (:func:`check_schedule`, :func:`check_groups`, the momentum schedule) and resolve it."""
+        sched = dict(sched)
+        check_schedule(sched, key)
+        bs = int(sched["batch_size"])
+        spg = None if sched.get("samples_per_gpu") is None else int(sched["samples_per_gpu"])
+        check_groups(bs, spg, key)
+        momentum = sched.get("momentum")
+        if momentum not in (None, "onecycle"):
+            from bench.errors import UnknownNameError
+
+            raise UnknownNameError("probe momentum schedule", str(momentum), ["onecycle", "null"])
+        clip = sched.get("grad_clip")
+        return cls(
+            batch_size=bs,
+            samples_per_gpu=spg,
+            shuffle=bool(sched["shuffle"]),
+            drop_last=bool(sched.get("drop_last", False)),
+            lr=float(sched["lr"]),
+            weight_decay=float(sched["weight_decay"]),
+            betas=tuple(float(b) for b in sched["betas"]),
+            decay=str(sched["decay"]),
+            warmup_start=float(sched["warmup_start"]),
+            min_factor=float(sched["min_factor"]),
+            power=float(sched["power"]) if sched.get("power") is not None else 1.0,  # read only by decay=poly
+            shape=str(sched["shape"]),
+            momentum=momentum,
+            grad_clip=float(clip) if clip else None,
+            ckpt_every=int(sched.get("ckpt_every", 500)),
+            keep_last=int(sched.get("keep_last", 2)),
+            log_every=int(sched.get("log_every", 50)),
+            length={k: sched.get(k) for k in ("iters", "epochs", "warmup_iters", "warmup")},
+        )
+
+    def batches(self, dataset: Dataset, seed: int, num_workers: int, world: int, rank: int) -> EpochBatches:
+        """The training batches of ``dataset`` (this rank's groups of every global batch); a BenchError if
+        there are none."""
+        batches = EpochBatches(
+            dataset,
+            self.batch_size,
+            seed,
+            shuffle=self.shuffle,
+            num_workers=num_workers,
+            drop_last=self.drop_last,
+            group=self.samples_per_gpu,
+            world=world,
+            rank=rank,
+        )
+        if len(batches) == 0:
+            raise BenchError("the probe's training split is empty", "check task.dataset (splits, limit)")
+        return batches
+
+    def loop_options(self) -> Dict[str, Any]:
+        """The :class:`bench.train.TrainLoop` options the schedule sets."""
+        return {
+            "ckpt_every": self.ckpt_every,
+            "keep_last": self.keep_last,
+            "grad_clip": self.grad_clip,
+            "log_every": self.log_every,
+            "images_per_step": self.batch_size,
+        }
+
+    def identity(self, per_epoch: int, items: int) -> Dict[str, Any]:
+        """What a probe checkpoint must match to be resumed (besides the caller's ``fingerprint``)."""
+        out = {"kind": "probe", "per_epoch": per_epoch, "batch_size": self.batch_size, "items": items}
+        return {**out, **({"samples_per_gpu": self.samples_per_gpu} if self.samples_per_gpu else {})}
+
+    def steps(self, per_epoch: int) -> Tuple[int, float]:
+        """``(total steps, warm-up steps)`` at ``per_epoch`` batches per epoch."""
+        return total_steps(self.length, per_epoch), warmup_steps(self.length, per_epoch)
+
+    def optimiser(self, module: torch.nn.Module) -> torch.optim.AdamW:
+        """AdamW over ``module``'s trainable parameters."""
+        params = [p for p in module.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+
+    def lr_scheduler(self, opt: torch.optim.Optimizer, total: int, warm: float) -> Any:
+        """The per-step lr schedule of ``opt`` (:func:`lr_factor`)."""
+        factor = lambda s: lr_factor(  # noqa: E731
+            s, total, warm, self.decay, self.warmup_start, self.min_factor, self.power, self.shape
+        )
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def probe_ranks(distributed: bool, samples_per_gpu: Optional[int]) -> Tuple[int, int]:
+    """``(world, rank)`` of the probe's training: the process group's for a data-parallel probe
+    (``distributed`` in a multi-rank group), else ``(1, 0)``.
+
+    Data-parallel: every rank draws the same global batches and loads only its groups (:func:`group_loss`),
+    gradients are averaged by :class:`bench.train.TrainLoop`, and rank 0 alone writes. It needs loss groups
+    (``samples_per_gpu``: a BenchError without them); any number of ranks works (ranks may hold unequal
+    numbers of groups)."""
+    from bench import distributed as dist
+
+    world = dist.world_size() if distributed and dist.initialized() else 1
+    if world > 1 and samples_per_gpu is None:
+        raise BenchError(
+            "a data-parallel probe needs loss groups (its loss is one group over the whole batch)",
+            "set task.protocols.<protocol>.schedule.samples_per_gpu, or train the probe in one process",
+        )
+    return world, (dist.rank() if world > 1 else 0)
+
+
+def whole_batch_loss(batches: EpochBatches, step_loss: Callable[..., torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """Single process, no loss groups (no ``samples_per_gpu``): the loss of the next batch is ``step_loss(batch)``,
+    the loss of the whole batch (one group)."""
+    return lambda: step_loss(batches.next())
+
+
+def group_loss(batches: EpochBatches, step_loss: Callable[..., torch.Tensor], world: int) -> Callable[[], torch.Tensor]:
+    """Loss groups (``sched.samples_per_gpu``, the anchor's per-GPU batch), on one rank or many: the next
+    step's loss is ``world / G`` times ``step_loss(batch, sizes)``.
+
+    The global batch of ``batch_size`` items is cut into groups of ``samples_per_gpu``, ``step_loss(batch,
+    sizes)`` returns the *sum* of the losses of its groups (``sizes``: the group sizes within ``batch``) and
+    the step's loss is that sum over the ``G`` groups of the step divided by ``G`` -- the loss DDP optimises
+    when every GPU computes its loss on its own ``samples_per_gpu`` images and the gradients are averaged.
+    On ``world`` ranks (:func:`probe_ranks`) each rank holds only its groups (:meth:`EpochBatches.split`)
+    and its loss is ``W / G x`` the sum of their losses, so the rank-averaged gradient is the gradient of
+    the one-process loss; ``step_loss(None, [])`` is called on a rank that holds no group of the step (it
+    must return a zero loss that still takes part in the collectives, e.g. SyncBN's)."""
+
+    def loss() -> torch.Tensor:
+        batch = batches.next()
+        sizes, groups = batches.groups
+        return step_loss(batch, sizes) * (world / groups)
+
+    return loss
+
+
+@contextlib.contextmanager
+def _probe_workdir(workdir: Union[str, Path, None]) -> Iterator[Tuple[Path, bool]]:
+    """``(directory, kept)``: the caller's ``workdir``, or a temporary directory removed on exit."""
+    if workdir is not None:
+        yield Path(workdir), True
+        return
+    with tempfile.TemporaryDirectory(prefix="probe-") as tmp:
+        yield Path(tmp), False
+
+
+class _ProbeSteps:
+    """The probe's step for :class:`bench.train.TrainLoop`: the next batch's loss (``next_loss``), the
+    OneCycle beta1 of the step, and the step losses not yet handed to ``on_step``."""
+
+    def __init__(self, next_loss: Callable[[], torch.Tensor], opt, momentum: Optional[str], total: int, on_step):
+        self.next_loss, self.opt, self.momentum, self.total, self.on_step = next_loss, opt, momentum, total, on_step
+        self.values: Dict[int, float] = {}
+
+    def __call__(self, step: int) -> torch.Tensor:
+        loss = self.next_loss()
+        if self.momentum == "onecycle":  # beta1 of this step, before the optimiser step (mmcv momentum hook)
+            for g in self.opt.param_groups:
+                g["betas"] = (onecycle_momentum(step, self.total), g["betas"][1])
+        self.values[step] = float(loss.detach())
+        return loss
+
+    def after(self, done: int) -> None:
+        if self.on_step is not None:
+            self.on_step(done - 1, self.values[done - 1])
+        self.values.clear()
+
+    def run(self, loop: Any, stop_after: Optional[int], desc: str, per_epoch: int) -> List[Dict[str, Any]]:
+        """``loop.run`` of these steps; a non-finite loss becomes one error naming the step, its epoch and the fix."""
+        try:
+            return loop.run(self, self.after, stop_after=stop_after)
+        except NonFiniteLossError:
+            step = loop.step
+            value = self.values.get(step, float("nan"))
+            raise NonFiniteLossError(
+                f"{desc}: the probe loss became {value} at step {step} (epoch {step // per_epoch})",
+                "lower task.protocols.<protocol>.schedule.lr, or check the labels of the training split "
+                "(e.g. depth <= 0 inside the valid mask)",
+            ) from None
+
+
 def train_probe(
     module: torch.nn.Module,
     dataset: Dataset,
@@ -352,163 +555,57 @@ def train_probe(
     distributed: bool = False,
     key: str = "task.protocol.schedule",
 ) -> Dict[str, Any]:
-    """Train ``module``'s parameters to minimise ``step_loss(batch)`` over ``dataset``.
+    """Train ``module``'s parameters to minimise ``step_loss(batch)`` over ``dataset`` with the schedule ``sched``
+    (resolved to a :class:`ProbeSchedule`), through :class:`bench.train.TrainLoop` (module docstring): a
+    ``workdir`` keeps the checkpoints and a later call with it resumes bit-identically, with any
+    ``num_workers``; without one it trains in a temporary directory. ``loss_state``: objects whose attributes
+    change while training (a SigLoss warm-up counter), checkpointed with the probe. ``stop_after`` ends the
+    call after that many steps (after a checkpoint); ``steps < total_steps`` then says training is unfinished.
 
-    Runs through :class:`bench.train.TrainLoop`: with a ``workdir`` it checkpoints there every
-    ``sched.ckpt_every`` steps (default 500; ``keep_last`` 2) and at the end -- the probe, AdamW (with its
-    OneCycle betas), the lr schedule, the batch order (:class:`EpochBatches`), ``loss_state`` (objects
-    whose attributes change while training, e.g. a SigLoss warm-up counter) and the RNG states -- and a
-    call with the same workdir resumes from the latest checkpoint: the result is bit-identical to an
-    uninterrupted run, with any ``num_workers`` (a dataset with ``seeded_item`` draws each item's random
-    transforms from its own seed, :meth:`EpochBatches.item_seed`). Without a workdir it trains
-    in a temporary directory (no resume). ``stop_after`` ends the call after that many steps (after a
-    checkpoint); ``steps < total`` in the result then tells the caller training is unfinished.
-
-    **Loss groups** (``sched.samples_per_gpu``, the anchor's per-GPU batch): the global batch of
-    ``batch_size`` items is cut into groups of ``samples_per_gpu``, ``step_loss(batch, sizes)`` returns
-    the *sum* of the losses of its groups (``sizes``: the group sizes within ``batch``) and the step's
-    loss is that sum over the ``G`` groups of the step divided by ``G`` -- the loss DDP optimises when
-    every GPU computes its loss on its own ``samples_per_gpu`` images and the gradients are averaged.
-    Without the key, ``step_loss(batch)`` is the loss of the whole batch (one group).
-
-    **Data-parallel** (``distributed=True`` in a multi-rank process group): every rank draws the same
-    global batches and loads only its groups (:meth:`EpochBatches.split`), its loss is
-    ``W / G x`` the sum of its groups' losses (so the rank-averaged gradient is the gradient of the
-    one-process loss above), ``step_loss(None, [])`` is called on a rank that holds no group of the step
-    (it must return a zero loss that still takes part in the collectives, e.g. SyncBN's), gradients are
-    averaged by :class:`bench.train.TrainLoop`, and rank 0 alone writes. It needs loss groups
-    (``samples_per_gpu``); any number of ranks works (ranks may hold unequal numbers of groups).
-
-    Returns ``{"steps", "total_steps", "epochs", "final_loss" (mean of the last epoch), "losses" (per step)}``.
-    """
-    import tempfile
-
-    from bench import distributed as dist
+    The step's loss: :func:`whole_batch_loss` (one process, no loss groups) or :func:`group_loss`
+    (``samples_per_gpu``), on one rank or on those of a data-parallel probe (``distributed``, :func:`probe_ranks`).
+    Returns ``{"steps", "total_steps", "epochs", "final_loss" (mean of the last epoch), "losses" (per step)}``."""
     from bench.train import TrainLoop
 
-    sched = dict(sched)
-    check_schedule(sched, key)
-    bs = int(sched["batch_size"])
-    spg = None if sched.get("samples_per_gpu") is None else int(sched["samples_per_gpu"])
-    world = dist.world_size() if distributed and dist.initialized() else 1
-    check_groups(bs, spg, key)
-    if world > 1 and spg is None:
-        raise BenchError(
-            "a data-parallel probe needs loss groups (its loss is one group over the whole batch)",
-            "set task.protocols.<protocol>.schedule.samples_per_gpu, or train the probe in one process",
-        )
-    grouped = spg is not None or world > 1
-    batches = EpochBatches(
-        dataset,
-        bs,
-        seed,
-        shuffle=bool(sched["shuffle"]),
-        num_workers=num_workers,
-        drop_last=bool(sched.get("drop_last", False)),
-        group=spg,
-        world=world,
-        rank=dist.rank() if world > 1 else 0,
-    )
+    settings = ProbeSchedule.from_config(sched, key)
+    world, rank = probe_ranks(distributed, settings.samples_per_gpu)
+    batches = settings.batches(dataset, seed, num_workers, world, rank)
     per_epoch = len(batches)
-    if per_epoch == 0:
-        raise BenchError("the probe's training split is empty", "check task.dataset (splits, limit)")
-    total, warm = total_steps(sched, per_epoch), warmup_steps(sched, per_epoch)
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        params,
-        lr=float(sched["lr"]),
-        weight_decay=float(sched["weight_decay"]),
-        betas=tuple(float(b) for b in sched["betas"]),
-    )
-    factor = lambda s: lr_factor(  # noqa: E731
-        s,
-        total,
-        warm,
-        str(sched["decay"]),
-        float(sched["warmup_start"]),
-        float(sched["min_factor"]),
-        float(sched["power"]) if sched.get("power") is not None else 1.0,  # read only by decay=poly (required there)
-        str(sched["shape"]),
-    )
-    momentum = sched.get("momentum")
-    if momentum not in (None, "onecycle"):
-        from bench.errors import UnknownNameError
-
-        raise UnknownNameError("probe momentum schedule", str(momentum), ["onecycle", "null"])
-    clip = sched.get("grad_clip")
-    sched_obj = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    state: Dict[str, Any] = {"probe": module, "batches": batches}
-    if loss_state:
-        state["loss_state"] = _Counters(loss_state)
-    values: Dict[int, float] = {}
-
-    def step_fn(step: int) -> torch.Tensor:
-        batch = batches.next()
-        if grouped:
-            sizes, groups = batches.groups
-            loss = step_loss(batch, sizes) * (world / groups)
-        else:
-            loss = step_loss(batch)
-        if momentum == "onecycle":  # beta1 of this step, before the optimiser step (mmcv momentum hook)
-            for g in opt.param_groups:
-                g["betas"] = (onecycle_momentum(step, total), g["betas"][1])
-        values[step] = float(loss.detach())
-        return loss
-
-    def after_step(done: int) -> None:
-        if on_step is not None:
-            on_step(done - 1, values[done - 1])
-        values.clear()
-
-    tmp = None
-    if workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="probe-")
-        workdir = tmp.name
-    loop = TrainLoop(
-        Path(workdir),
-        total,
-        opt,
-        state,
-        scheduler=sched_obj,
-        ckpt_every=int(sched.get("ckpt_every", 500)),
-        keep_last=int(sched.get("keep_last", 2)),
-        grad_clip=float(clip) if clip else None,
-        progress=progress,
-        desc=desc,
-        log_every=int(sched.get("log_every", 50)),
-        images_per_step=bs,
-        fingerprint={
-            "kind": "probe",
-            "per_epoch": per_epoch,
-            "batch_size": bs,
-            "items": len(dataset),
-            **({"samples_per_gpu": spg} if spg else {}),
-            **dict(fingerprint or {}),
-        },
-        tensorboard=tmp is None,  # TensorBoard events (the [tb] extra) beside the curves of a kept workdir
-        distributed=world > 1,
-    )
-    module.train()
-    try:
-        history = loop.run(step_fn, after_step, stop_after=stop_after)
-    except NonFiniteLossError:
-        step = loop.step
-        value = values.get(step, float("nan"))
-        raise NonFiniteLossError(
-            f"{desc}: the probe loss became {value} at step {step} (epoch {step // per_epoch})",
-            "lower task.protocols.<protocol>.schedule.lr, or check the labels of the training split "
-            "(e.g. depth <= 0 inside the valid mask)",
-        ) from None
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    total, warm = settings.steps(per_epoch)
+    opt = settings.optimiser(module)
+    if settings.samples_per_gpu is None:
+        next_loss = whole_batch_loss(batches, step_loss)
+    else:
+        next_loss = group_loss(batches, step_loss, world)
+    steps = _ProbeSteps(next_loss, opt, settings.momentum, total, on_step)
+    state = {"probe": module, "batches": batches, **({"loss_state": _Counters(loss_state)} if loss_state else {})}
+    with _probe_workdir(workdir) as (where, kept):
+        loop = TrainLoop(
+            where,
+            total,
+            opt,
+            state,
+            scheduler=settings.lr_scheduler(opt, total, warm),
+            **settings.loop_options(),
+            progress=progress,
+            desc=desc,
+            fingerprint={**settings.identity(per_epoch, len(dataset)), **dict(fingerprint or {})},
+            tensorboard=kept,  # TensorBoard events (the [tb] extra) beside the curves of a kept workdir
+            distributed=world > 1,
+        )
+        module.train()
+        history = steps.run(loop, stop_after, desc, per_epoch)
     module.eval()
-    losses = [float(h["loss"]) for h in history]
+    return _summary([float(h["loss"]) for h in history], loop.step, total, per_epoch)
+
+
+def _summary(losses: List[float], steps: int, total: int, per_epoch: int) -> Dict[str, Any]:
+    """:func:`train_probe`'s result: ``final_loss`` is the mean of the last epoch's step losses."""
     last = losses[-min(per_epoch, len(losses)) :] or [float("nan")]
     return {
-        "steps": loop.step,
+        "steps": steps,
         "total_steps": total,
-        "epochs": loop.step / per_epoch,
+        "epochs": steps / per_epoch,
         "final_loss": sum(last) / len(last),
         "losses": losses,
     }

@@ -205,74 +205,117 @@ def color_aug(image: torch.Tensor, gamma: float, brightness: float, colors: Sequ
     return x.clamp(0, 255) / 255.0
 
 
+class _Draws:
+    """Uniform draws from ``gen`` (the global generator when None), in the order they are asked for."""
+
+    def __init__(self, gen: Optional[torch.Generator]):
+        self.gen = gen
+
+    def rand(self) -> float:
+        return float(torch.rand((), generator=self.gen))
+
+    def uni(self, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * self.rand()
+
+
+def _random_crop_corner(sample: Dict[str, Any], cfg: Mapping[str, Any], draw: _Draws) -> Tuple[int, int]:
+    """``(top, left)`` of the random crop; with ``cat_max_ratio`` re-drawn (up to 10 times) while one class
+    covers too much of it (mmseg ``RandomCrop``)."""
+    ch, cw = (int(v) for v in cfg["crop"])
+    h, w = sample["image"].shape[-2:]
+    top, left = int(draw.rand() * (max(h - ch, 0) + 1)), int(draw.rand() * (max(w - cw, 0) + 1))
+    ratio = cfg.get("cat_max_ratio")
+    if ratio and float(ratio) < 1.0 and "semantic" in sample:
+        ignore = [255] + ([0] if cfg.get("cat_ignore_zero") else [])
+        for _ in range(10):
+            if _crop_ok(crop(sample, top, left, ch, cw)["semantic"], float(ratio), ignore):
+                break
+            top, left = int(draw.rand() * (max(h - ch, 0) + 1)), int(draw.rand() * (max(w - cw, 0) + 1))
+    return top, left
+
+
+def _train_geometry(sample: Dict[str, Any], cfg: Mapping[str, Any], draw: _Draws, gen) -> Dict[str, Any]:
+    """Training transforms up to the flip: crop_box, rotate, resize (scale_range), photometric, crop, hflip."""
+    H, W = sample["image"].shape[-2:]
+    if cfg.get("crop_box"):
+        t, b, l, r = (int(v) for v in cfg["crop_box"])
+        sample = crop(sample, t, l, b - t, r - l)
+        H, W = sample["image"].shape[-2:]
+    rc = cfg.get("rotate")
+    if rc and draw.rand() < float(rc.get("p", 0.5)):
+        d = float(rc.get("degree", 2.5))
+        sample = rotate(sample, draw.uni(-d, d))
+    scale = 1.0
+    if cfg.get("scale_range"):
+        lo, hi = (float(v) for v in cfg["scale_range"])
+        scale = lo + (hi - lo) * draw.rand()
+    sample = resize(sample, target_size(H, W, cfg, scale))
+    if cfg.get("photometric"):  # per-pixel: before the crop's padding, as mmseg pads after it
+        sample = dict(sample, image=photometric(sample["image"], gen))
+    if cfg.get("crop"):
+        ch, cw = (int(v) for v in cfg["crop"])
+        h, w = sample["image"].shape[-2:]
+        if cfg.get("crop_mode", "random") == "random":
+            top, left = _random_crop_corner(sample, cfg, draw)
+        else:
+            top, left = (h - ch) // 2, (w - cw) // 2
+        sample = crop(sample, top, left, ch, cw, cfg.get("image_pad"))
+    if cfg.get("hflip") and draw.rand() < 0.5:
+        sample = hflip(sample)
+    return sample
+
+
+def _train_appearance(sample: Dict[str, Any], cfg: Mapping[str, Any], draw: _Draws, gen) -> Dict[str, Any]:
+    """Training transforms after the flip: color_aug, color_jitter, resized_crop."""
+    ca = cfg.get("color_aug")
+    if ca and draw.rand() < float(ca.get("p", 0.5)):
+        g, b, c = ca.get("gamma", [0.9, 1.1]), ca.get("brightness", [0.9, 1.1]), ca.get("color", [0.9, 1.1])
+        sample = dict(
+            sample, image=color_aug(sample["image"], draw.uni(*g), draw.uni(*b), [draw.uni(*c) for _ in range(3)])
+        )
+    cj = cfg.get("color_jitter")
+    if cj and draw.rand() < float(cj.get("p", 0.8)):
+        from torchvision.transforms import ColorJitter
+
+        jit = ColorJitter(
+            cj.get("brightness", 0.2), cj.get("contrast", 0.2), cj.get("saturation", 0.2), cj.get("hue", 0.2)
+        )
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=gen))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            sample = dict(sample, image=jit(sample["image"]).clamp(0, 1))
+    rr = cfg.get("resized_crop")
+    if rr and draw.rand() < float(rr.get("p", 0.5)):
+        sample = _resized_crop(sample, rr, gen)
+    return sample
+
+
+def _resized_crop(sample: Dict[str, Any], rr: Mapping[str, Any], gen) -> Dict[str, Any]:
+    """torchvision ``RandomResizedCrop`` parameters (from a seed drawn from ``gen``), then nearest-neighbour
+    back to the input size (albumentations ``interpolation=0``)."""
+    from torchvision.transforms import RandomResizedCrop
+
+    h, w = sample["image"].shape[-2:]
+    seed = int(torch.randint(0, 2**31 - 1, (), generator=gen))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        top, left, ch, cw = RandomResizedCrop.get_params(
+            sample["image"], list(rr.get("scale", [0.5, 1.0])), list(rr.get("ratio", [1.0, 1.0]))
+        )
+    sample = crop(sample, top, left, ch, cw)
+    return {k: (_nearest(v, (h, w)) if k in PAD else v) for k, v in sample.items()}
+
+
 def apply(
     sample: Dict[str, Any], cfg: Mapping[str, Any], train: bool, gen: Optional[torch.Generator] = None
 ) -> Dict[str, Any]:
-    H, W = sample["image"].shape[-2:]
-    rand = lambda: float(torch.rand((), generator=gen))  # noqa: E731
-    uni = lambda lo, hi: lo + (hi - lo) * rand()  # noqa: E731
+    """The split's transforms of one sample (module docstring): in training, random draws from ``gen``
+    (the global generator when None) in the training order; at test time a centre crop, then the image
+    alone resized."""
     if train:
-        if cfg.get("crop_box"):
-            t, b, l, r = (int(v) for v in cfg["crop_box"])
-            sample = crop(sample, t, l, b - t, r - l)
-            H, W = sample["image"].shape[-2:]
-        rc = cfg.get("rotate")
-        if rc and rand() < float(rc.get("p", 0.5)):
-            d = float(rc.get("degree", 2.5))
-            sample = rotate(sample, uni(-d, d))
-        scale = 1.0
-        if cfg.get("scale_range"):
-            lo, hi = (float(v) for v in cfg["scale_range"])
-            scale = lo + (hi - lo) * rand()
-        sample = resize(sample, target_size(H, W, cfg, scale))
-        if cfg.get("photometric"):  # per-pixel: before the crop's padding, as mmseg pads after it
-            sample = dict(sample, image=photometric(sample["image"], gen))
-        if cfg.get("crop"):
-            ch, cw = (int(v) for v in cfg["crop"])
-            h, w = sample["image"].shape[-2:]
-            if cfg.get("crop_mode", "random") == "random":
-                top, left = int(rand() * (max(h - ch, 0) + 1)), int(rand() * (max(w - cw, 0) + 1))
-                ratio = cfg.get("cat_max_ratio")
-                if ratio and float(ratio) < 1.0 and "semantic" in sample:
-                    ignore = [255] + ([0] if cfg.get("cat_ignore_zero") else [])
-                    for _ in range(10):
-                        if _crop_ok(crop(sample, top, left, ch, cw)["semantic"], float(ratio), ignore):
-                            break
-                        top, left = int(rand() * (max(h - ch, 0) + 1)), int(rand() * (max(w - cw, 0) + 1))
-            else:
-                top, left = (h - ch) // 2, (w - cw) // 2
-            sample = crop(sample, top, left, ch, cw, cfg.get("image_pad"))
-        if cfg.get("hflip") and rand() < 0.5:
-            sample = hflip(sample)
-        ca = cfg.get("color_aug")
-        if ca and rand() < float(ca.get("p", 0.5)):
-            g, b, c = ca.get("gamma", [0.9, 1.1]), ca.get("brightness", [0.9, 1.1]), ca.get("color", [0.9, 1.1])
-            sample = dict(sample, image=color_aug(sample["image"], uni(*g), uni(*b), [uni(*c) for _ in range(3)]))
-        cj = cfg.get("color_jitter")
-        if cj and rand() < float(cj.get("p", 0.8)):
-            from torchvision.transforms import ColorJitter
-
-            jit = ColorJitter(
-                cj.get("brightness", 0.2), cj.get("contrast", 0.2), cj.get("saturation", 0.2), cj.get("hue", 0.2)
-            )
-            seed = int(torch.randint(0, 2**31 - 1, (), generator=gen))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                sample = dict(sample, image=jit(sample["image"]).clamp(0, 1))
-        rr = cfg.get("resized_crop")
-        if rr and rand() < float(rr.get("p", 0.5)):
-            from torchvision.transforms import RandomResizedCrop
-
-            h, w = sample["image"].shape[-2:]
-            seed = int(torch.randint(0, 2**31 - 1, (), generator=gen))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                top, left, ch, cw = RandomResizedCrop.get_params(
-                    sample["image"], list(rr.get("scale", [0.5, 1.0])), list(rr.get("ratio", [1.0, 1.0]))
-                )
-            sample = crop(sample, top, left, ch, cw)
-            sample = {k: (_nearest(v, (h, w)) if k in PAD else v) for k, v in sample.items()}
-        return sample
+        draw = _Draws(gen)
+        return _train_appearance(_train_geometry(sample, cfg, draw, gen), cfg, draw, gen)
+    H, W = sample["image"].shape[-2:]
     if cfg.get("crop"):
         ch, cw = (int(v) for v in cfg["crop"])
         sample = crop(sample, (H - ch) // 2, (W - cw) // 2, ch, cw)

@@ -22,8 +22,9 @@ import json
 import logging
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -223,6 +224,142 @@ def epoch_batches(step: int, num_items: int, batch: int, seed: int, drop_last: b
     return perm[b * batch : (b + 1) * batch].tolist()
 
 
+@dataclass(frozen=True)
+class Stage2Settings:
+    """Stage II's settings, resolved from ``cfg`` (and its choices checked) before stage I's work."""
+
+    seed: int
+    batch_size: int
+    drop_last: bool
+    steps: Optional[int]  # stage2.steps: a fixed number of optimiser steps (dose-response runs) ...
+    epochs: Optional[int]  # ... else stage2.epochs passes over the views
+    lr: float
+    weight_decay: float
+    grad_clip: Any
+    alpha_threshold: float
+    hflip: float
+    batchnorm: str
+    loss_mask: str
+    resize: str
+    cached_scenes: int
+    precision: str
+    global_avg: bool  # several ranks: each rank's loss is its share of the pooled masked mean
+    progress: bool
+    ckpt_every: int
+    keep_last: int
+    log_every: int
+    workers: Any  # cfg.loader.workers (bench.loader.resolve_workers)
+    prefetch: int
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "Stage2Settings":
+        m, s2 = cfg.method, cfg.method.stage2
+        return cls(
+            seed=int(cfg.seed),
+            batch_size=int(s2.batch_size),
+            drop_last=bool(s2.drop_last),
+            steps=int(s2.steps) if s2.steps else None,
+            epochs=None if s2.steps else int(s2.epochs),
+            lr=float(s2.lr),
+            weight_decay=float(s2.weight_decay),
+            grad_clip=s2.grad_clip,
+            alpha_threshold=float(s2.alpha_threshold),
+            hflip=float(s2.hflip),
+            batchnorm=choice("method.stage2.batchnorm", s2.batchnorm, ("eval", "train")),
+            loss_mask=choice("method.stage2.loss_mask", s2.loss_mask, LOSS_MASKS),
+            resize=choice("method.resize", m.resize, RESIZES),
+            cached_scenes=int(s2.cached_scenes),
+            precision=str(cfg.precision),
+            global_avg=str(cfg.distributed.grad_average) == "global",
+            progress=bool(m.progress),
+            ckpt_every=int(m.ckpt_every),
+            keep_last=int(m.keep_last),
+            log_every=int(m.log_every),
+            workers=cfg.loader.workers,
+            prefetch=int(cfg.loader.prefetch),
+        )
+
+    def total_steps(self, num_items: int) -> int:
+        """Optimiser steps over ``num_items`` training views; a BenchError when ``drop_last`` leaves none."""
+        bs = self.batch_size
+        if self.drop_last and num_items < bs:
+            raise BenchError(
+                f"method.stage2.batch_size={bs} is larger than the {num_items} training views, and "
+                "method.stage2.drop_last=true (FiT3D's loader) drops every incomplete batch: no step would run",
+                f"lower method.stage2.batch_size to at most {num_items}, or set method.stage2.drop_last=false",
+            )
+        return self.steps if self.steps else steps_per_epoch(num_items, bs, self.drop_last) * self.epochs
+
+
+def _views_of(items: List[Tuple[str, int]], data, s2: Stage2Settings):
+    """``views_of(step)``: this rank's ``(scene, view sample, flip)`` items of step ``step`` (runs in a
+    loader worker); ranks take consecutive chunks of a step's (global) batch."""
+    from bench import distributed as dist
+
+    bs, seed, p_flip = s2.batch_size, s2.seed, s2.hflip
+    per_rank = -(-bs // dist.world_size())
+
+    def views_of(step: int):
+        batch = epoch_batches(step, len(items), bs, seed, s2.drop_last)
+        out = []
+        for j in range(dist.rank() * per_rank, min((dist.rank() + 1) * per_rank, len(batch))):
+            scene, v = items[batch[j]]
+            # one flip draw per item (image, target and mask together), from (seed, step, position)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + step * bs + j)
+            out.append((scene, data.load_views(scene, [v]), float(torch.rand((), generator=g)) < p_flip))
+        return out
+
+    return views_of
+
+
+def _stage2_step(backbone, fits: SceneFits, loader, s2: Stage2Settings, device):
+    """``step_fn(step)`` of stage II: the masked L1 between the student's patch features of the step's
+    (flipped) views and the scenes' rendered, decoded features, on the student's grid."""
+    from bench import distributed as dist
+    from bench.distributed import autocast
+
+    def step_fn(step: int):
+        images, targets, masks = [], [], []
+        for scene, view, flip in loader.get(step):
+            H, W = view["images"].shape[-2:]
+            target, alpha = fits[scene].render_targets(view["w2c"].to(device), view["K"].to(device), W, H)
+            img, cov = view["images"].to(device), stage2_mask(view, alpha, s2.alpha_threshold, s2.loss_mask).to(device)
+            if flip:
+                img, target, cov = img.flip(-1), target.flip(-1), cov.flip(-1)
+            images.append(img)
+            targets.append(target)
+            masks.append(cov)
+        if not images:  # a ragged last batch left this rank without items: it adds zero gradients
+            if s2.global_avg:
+                dist.global_mean_weight(0.0)  # the collective every rank joins
+            return torch.zeros((), device=device, requires_grad=True), {"coverage": 0.0}
+        with autocast(s2.precision, device):
+            out = backbone(floor_resize(torch.cat(images), backbone, s2.resize))
+        out = out.float()
+        grid = tuple(out.shape[-2:])
+        target = downsample_to_grid(torch.cat(targets), grid, backbone)
+        mask = downsample_to_grid(torch.cat(masks), grid, backbone)[:, 0]
+        loss = masked_l1(out, target, mask)
+        if s2.global_avg:  # several ranks: this rank's share of the pooled masked mean
+            loss = loss * dist.global_mean_weight(mask.sum())
+        return loss, {"coverage": float(mask.mean())}
+
+    return step_fn
+
+
+def _diagnostics(method: DictConfig, data, data_dir: str, device):
+    """The training-side diagnostics (:class:`bench.diagnostics.Diagnostics`) at the method's image size
+    (``method.data.size``, else the first view's)."""
+    from bench.diagnostics import Diagnostics
+
+    size = (
+        [int(x) for x in method.data.size]
+        if method.data.size is not None
+        else list(data.load_views(data.scene_ids[0], [0])["images"].shape[-2:])
+    )
+    return Diagnostics(method, size, data_dir, device)
+
+
 @METHODS.register(
     "fit3d",
     "FiT3D: per-scene feature Gaussians (3DGS + 64-d features, cached), then whole-backbone "
@@ -247,20 +384,14 @@ class FiT3D:
     def prepare(cfg: DictConfig, items: List[str]) -> Dict[str, str]:
         return run_stage1(cfg, items)
 
-    def fit(self, backbone, cfg: DictConfig, workdir: Path, stop_after: Optional[int] = None):
-        device = start_run(cfg)
-        m, s2 = cfg.method, cfg.method.stage2
-        workdir = Path(workdir)
-        progress = bool(m.progress)
-        bn_mode = choice("method.stage2.batchnorm", s2.batchnorm, ("eval", "train"))  # before stage I's work
-        loss_mask = choice("method.stage2.loss_mask", s2.loss_mask, LOSS_MASKS)
-        resize = choice("method.resize", m.resize, RESIZES)
+    def _stage1(self, backbone, cfg: DictConfig, workdir: Path, device, progress: bool):
+        """``(scenes, {scene: fit dir})``: stage I of every training scene by a frozen copy of ``backbone``
+        (fitted, resumed or reused); rank 0 lists the fits in ``stage1_scenes.json``."""
         from bench import distributed as dist
 
         with dist.main_first():  # rank 0 generates a synthetic set once
-            data = open_scenes(m.data, cfg.paths.data_dir)
+            data = open_scenes(cfg.method.data, cfg.paths.data_dir)
         teacher = copy.deepcopy(backbone).eval().requires_grad_(False).to(device)
-
         dirs = fit_scenes(data, teacher, cfg, device, progress)
         del teacher
         if dist.is_main():
@@ -268,109 +399,53 @@ class FiT3D:
                 workdir / "stage1_scenes.json",
                 {s: {"dir": str(d), **json.loads((d / INFO_FILE).read_text())} for s, d in dirs.items()},
             )
+        return data, dirs
 
-        # ---- stage II
-        seed_everything(int(cfg.seed))  # independent of whether stage I ran or was reused
-        fits = SceneFits(dirs, device, int(s2.cached_scenes))
-        items: List[Tuple[str, int]] = [(s, v) for s in data.scene_ids for v in range(data.num_views(s))]
-        bs = int(s2.batch_size)
-        # stage2.steps (optional) fixes the number of optimiser steps instead of epochs (dose-response runs)
-        drop_last = bool(s2.drop_last)
-        if drop_last and len(items) < bs:
-            raise BenchError(
-                f"method.stage2.batch_size={bs} is larger than the {len(items)} training views, and "
-                "method.stage2.drop_last=true (FiT3D's loader) drops every incomplete batch: no step would run",
-                f"lower method.stage2.batch_size to at most {len(items)}, or set method.stage2.drop_last=false",
-            )
-        steps = int(s2.steps) if s2.steps else steps_per_epoch(len(items), bs, drop_last) * int(s2.epochs)
-        from bench.diagnostics import Diagnostics, trainable_weights
-
-        size = (
-            [int(x) for x in m.data.size]
-            if m.data.size is not None
-            else list(data.load_views(data.scene_ids[0], [0])["images"].shape[-2:])
-        )
-        diag = Diagnostics(m, size, cfg.paths.data_dir, device)
-        diag.start(backbone.to(device), trainable_weights(backbone.model))
-        backbone = train_mode(backbone.to(device).requires_grad_(True), bn_mode)
-        opt = torch.optim.AdamW(backbone.model.parameters(), lr=float(s2.lr), weight_decay=float(s2.weight_decay))
+    def fit(self, backbone, cfg: DictConfig, workdir: Path, stop_after: Optional[int] = None):
+        """Stage I, then stage II fine-tuning of ``backbone`` (returned, in eval mode)."""
+        from bench import distributed as dist
+        from bench.diagnostics import trainable_weights
         from bench.loader import StepLoader, resolve_workers
-        from bench.distributed import autocast
 
-        dist.seed_offset(int(cfg.seed))
+        device = start_run(cfg)
+        s2 = Stage2Settings.from_config(cfg)  # its choices are checked before stage I's work
+        workdir = Path(workdir)
+        data, dirs = self._stage1(backbone, cfg, workdir, device, s2.progress)
+        seed_everything(s2.seed)  # independent of whether stage I ran or was reused
+        fits = SceneFits(dirs, device, s2.cached_scenes)
+        items: List[Tuple[str, int]] = [(s, v) for s in data.scene_ids for v in range(data.num_views(s))]
+        steps = s2.total_steps(len(items))
+        diag = _diagnostics(cfg.method, data, cfg.paths.data_dir, device)
+        diag.start(backbone.to(device), trainable_weights(backbone.model))
+        backbone = train_mode(backbone.to(device).requires_grad_(True), s2.batchnorm)
+        opt = torch.optim.AdamW(backbone.model.parameters(), lr=s2.lr, weight_decay=s2.weight_decay)
+        dist.seed_offset(s2.seed)
         loop = TrainLoop(
             workdir / "stage2",
             steps,
             opt,
             {"model": backbone.model},
             grad_clip=s2.grad_clip,
-            ckpt_every=int(m.ckpt_every),
-            keep_last=int(m.keep_last),
-            progress=progress,
+            ckpt_every=s2.ckpt_every,
+            keep_last=s2.keep_last,
+            progress=s2.progress,
             desc="fit3d stage II",
-            log_every=int(m.log_every),
+            log_every=s2.log_every,
             log_dir=workdir,
-            images_per_step=bs,
+            images_per_step=s2.batch_size,
             device=device,
         )
-        thr, p_flip = float(s2.alpha_threshold), float(s2.hflip)
-        precision = str(cfg.precision)
-        global_avg = str(cfg.distributed.grad_average) == "global"
-        per_rank = -(-bs // dist.world_size())  # ranks take consecutive chunks of a step's (global) batch
-
-        def views_of(step: int):  # this rank's views of step ``step`` (runs in a loader worker)
-            batch = epoch_batches(step, len(items), bs, int(cfg.seed), drop_last)
-            out = []
-            for j in range(dist.rank() * per_rank, min((dist.rank() + 1) * per_rank, len(batch))):
-                scene, v = items[batch[j]]
-                # one flip draw per item (image, target and mask together), from (seed, step, position)
-                g = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + step * bs + j)
-                out.append((scene, data.load_views(scene, [v]), float(torch.rand((), generator=g)) < p_flip))
-            return out
-
-        loader = StepLoader(
-            views_of,
-            steps,
-            resolve_workers(cfg.loader.workers),
-            int(cfg.loader.prefetch),
-            pin_memory=str(device).startswith("cuda"),
-        )
-
-        def step_fn(step: int):
-            images, targets, masks = [], [], []
-            for scene, view, flip in loader.get(step):
-                H, W = view["images"].shape[-2:]
-                target, alpha = fits[scene].render_targets(view["w2c"].to(device), view["K"].to(device), W, H)
-                img, cov = view["images"].to(device), stage2_mask(view, alpha, thr, loss_mask).to(device)
-                if flip:
-                    img, target, cov = img.flip(-1), target.flip(-1), cov.flip(-1)
-                images.append(img)
-                targets.append(target)
-                masks.append(cov)
-            if not images:  # a ragged last batch left this rank without items: it adds zero gradients
-                if global_avg:
-                    dist.global_mean_weight(0.0)  # the collective every rank joins
-                return torch.zeros((), device=device, requires_grad=True), {"coverage": 0.0}
-            with autocast(precision, device):
-                out = backbone(floor_resize(torch.cat(images), backbone, resize))
-            out = out.float()
-            grid = tuple(out.shape[-2:])
-            target = downsample_to_grid(torch.cat(targets), grid, backbone)
-            mask = downsample_to_grid(torch.cat(masks), grid, backbone)[:, 0]
-            loss = masked_l1(out, target, mask)
-            if global_avg:  # several ranks: this rank's share of the pooled masked mean
-                loss = loss * dist.global_mean_weight(mask.sum())
-            return loss, {"coverage": float(mask.mean())}
-
+        workers, pin = resolve_workers(s2.workers), str(device).startswith("cuda")
+        loader = StepLoader(_views_of(items, data, s2), steps, workers, s2.prefetch, pin_memory=pin)
         log.info(
             "fit3d stage II: %d scenes, %d views, %d steps x batch %d, device %s",
             len(data.scene_ids),
             len(items),
             steps,
-            bs,
+            s2.batch_size,
             device,
         )
-        history = loop.run(step_fn, stop_after=stop_after)
+        history = loop.run(_stage2_step(backbone, fits, loader, s2, device), stop_after=stop_after)
         loader.close()
         backbone = backbone.eval().requires_grad_(False)
         result = diag.finish(backbone, trainable_weights(backbone.model), history)

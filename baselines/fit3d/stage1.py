@@ -275,6 +275,156 @@ def is_fitted(workdir: Path) -> bool:
     return (Path(workdir) / SCENE_FILE).is_file() and (Path(workdir) / INFO_FILE).is_file()
 
 
+@dataclass
+class _Scene:
+    """One scene being fitted: its Gaussians and feature decoder, its views (on the device), the teacher
+    and its patch features of the views, and the camera extent (3DGS's spatial scale)."""
+
+    gaussians: SceneGaussians
+    decoder: nn.Module
+    views: Dict[str, Tensor]
+    teacher: nn.Module
+    tfeat: Tensor
+    extent: float = 0.0
+
+    def evaluate(self) -> Dict[str, float]:
+        return evaluate_fit(self.gaussians, self.decoder, self.views, self.tfeat, self.teacher)
+
+
+def _new_scene(views, teacher: nn.Module, stage1: Mapping[str, Any], seed: int, device, resize: str) -> _Scene:
+    """The seeded start of a fit: the views on ``device``, the teacher's features of them, Gaussians
+    initialised from depth (a random subset of ``init_points``) and a new 3x3 feature decoder."""
+    views = {k: v.to(device) for k, v in views.items()}
+    seed_everything(seed)
+    tfeat = teacher_features(teacher.to(device).eval(), views["images"], resize=resize)
+    D = int(stage1["feature_dim"])
+    pts, cols = _init_points(views, int(stage1["init_points"]), torch.Generator().manual_seed(seed))
+    g = SceneGaussians.from_points(pts, cols, D, float(stage1["init_opacity"]))
+    decoder = nn.Conv2d(D, tfeat.shape[1], 3, padding=1, bias=False).to(device)
+    return _Scene(g, decoder, views, teacher, tfeat)
+
+
+def _optimiser(scene: _Scene, lr: Mapping[str, Any], iters: int):
+    """``(Adam, lr schedule)``: 3DGS's per-group learning rates (eps 1e-15), the means' scaled by the
+    camera extent and decayed exponentially to ``lr.means_final`` over the ``iters`` iterations."""
+    g = scene.gaussians
+    groups = [
+        ("means", [g.means], float(lr["means"]) * scene.extent),
+        ("log_scales", [g.log_scales], float(lr["scales"])),
+        ("quats", [g.quats], float(lr["quats"])),
+        ("opacity_logits", [g.opacity_logits], float(lr["opacities"])),
+        ("colors_dc", [g.colors_dc], float(lr["colors"])),
+        ("features", [g.features], float(lr["features"])),
+        ("decoder", list(scene.decoder.parameters()), float(lr["decoder"])),
+    ]
+    opt = torch.optim.Adam([{"params": p, "lr": r, "name": n} for n, p, r in groups], lr=0.0, eps=1e-15)
+    decay = float(lr["means_final"]) / float(lr["means"])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, [lambda s: decay ** min(s / max(iters, 1), 1.0)] + [lambda s: 1.0] * (len(groups) - 1)
+    )
+    return opt, sched
+
+
+class _Stage1Steps:
+    """Stage I's :class:`bench.train.TrainLoop` callbacks on one scene: :meth:`step` (one view: RGB L1 +
+    D-SSIM + decoded-feature L1) and :meth:`after` (3DGS adaptive density control, opacity resets)."""
+
+    def __init__(self, scene: _Scene, opt: torch.optim.Optimizer, stage1: Mapping[str, Any], seed: int):
+        self.scene, self.opt, self.stage1, self.seed = scene, opt, stage1, seed
+        self.lam, self.fw = float(stage1["lambda_dssim"]), float(stage1["feature_weight"])
+        self.dens = stage1["densify"]
+        self.d_from, self.d_until = int(self.dens["from"]), int(self.dens["until"])
+        self.d_every = int(self.dens["every"])
+        self.reset_every = int(stage1["opacity_reset_every"])
+        self.current: Dict[str, Any] = {}
+        views = scene.views
+        self.anon = (views["anon"].to(views["images"].device) > 0) if "anon" in views else None  # True = keep
+
+    def step(self, step: int):
+        """The loss of iteration ``step`` (0-based) and its logged parts."""
+        g, views, decoder = self.scene.gaussians, self.scene.views, self.scene.decoder
+        V, _, H, W = views["images"].shape
+        v = _view_order(step, V, self.seed)
+        if step + 1 < self.d_until:  # statistics of this step are gathered in after(step + 1)
+            self.current["view"] = g.view_stats(views["w2c"][v], views["K"][v], W, H)
+        out = g.render(views["w2c"][v : v + 1], views["K"][v : v + 1], W, H)
+        img = views["images"][v : v + 1]
+        target = upsample_to_image(self.scene.tfeat[v : v + 1], (H, W), self.scene.teacher)
+        decoded = decoder(out["features"])
+        if self.anon is not None:  # FiT3D train_feat_gaussian.py: anonymised pixels take the render as target
+            keep = self.anon[v : v + 1, None]
+            img = torch.where(keep, img, out["rgb"].detach())
+            target = torch.where(keep, target, decoded.detach())
+        l1 = (out["rgb"] - img).abs().mean()
+        dssim = 1.0 - ssim(out["rgb"], img)
+        lf = (decoded - target).abs().mean()
+        loss = (1 - self.lam) * l1 + self.lam * dssim + self.fw * lf
+        return loss, {
+            "l1": float(l1.detach()),
+            "dssim": float(dssim.detach()),
+            "feat_l1": float(lf.detach()),
+            "num": g.num,
+        }
+
+    def after(self, it: int) -> None:
+        """After ``it`` finished iterations (3DGS's 1-based iteration): statistics, densification, resets."""
+        if it >= self.d_until:
+            return
+        g, dens, reset_every = self.scene.gaussians, self.dens, self.reset_every
+        g.add_stats(self.current.pop("view"))
+        if it > self.d_from and it % self.d_every == 0:
+            g.densify_and_prune(
+                self.opt,
+                grad_threshold=float(dens["grad_threshold"]),
+                extent=self.scene.extent,
+                percent_dense=float(dens["percent_dense"]),
+                min_opacity=float(dens["min_opacity"]),
+                max_screen_size=float(dens["max_screen_size"]) if reset_every and it > reset_every else None,
+                world_size=float(dens["world_size"]),
+                max_gaussians=dens["max_gaussians"],
+            )
+        if reset_every and it % reset_every == 0:
+            g.reset_opacity(float(self.stage1["reset_opacity_to"]), self.opt)
+
+
+def _fit_info(scene: _Scene, history, steps: int, done: int, seconds, d_every: int) -> Dict[str, Any]:
+    """``info.json`` of a fit after ``steps`` iterations, ``done`` of them in this call; ``seconds`` is
+    ``(set-up, loop)``."""
+    V, _, H, W = scene.views["images"].shape
+    return {
+        "iterations": steps,
+        "num_gaussians": scene.gaussians.num,
+        "extent": scene.extent,
+        "views": V,
+        "size": [H, W],
+        "teacher_dim": int(scene.tfeat.shape[1]),
+        "setup_s": seconds[0],
+        "loop_s": seconds[1],
+        "s_per_iteration": seconds[1] / done if done else None,
+        "final_loss": history[-1]["loss"] if history else None,
+        # Gaussian count over the run (before each densification step's update)
+        "num_gaussians_curve": [
+            [h["step"], int(h["num"])] for h in history if h["step"] == 1 or h["step"] % max(d_every, 1) == 0
+        ],
+    }
+
+
+def _final_evaluation(scene: _Scene, info: Dict[str, Any], init_file: Path, name: str) -> None:
+    """``info["init"]`` (the metrics before training, when measured) and ``info["final"]``, logged."""
+    if init_file.exists():
+        info["init"] = json.loads(init_file.read_text())
+    info["final"] = scene.evaluate()
+    log.info(
+        "fit3d stage I %s: %d Gaussians, PSNR %.2f dB (init %.2f), feature corr %.3f (init %.3f)",
+        name,
+        scene.gaussians.num,
+        info["final"]["psnr"],
+        info.get("init", {}).get("psnr", float("nan")),
+        info["final"]["feature_corr"],
+        info.get("init", {}).get("feature_corr", float("nan")),
+    )
+
+
 def fit_scene(
     views: Mapping[str, Tensor],
     teacher: nn.Module,
@@ -297,39 +447,16 @@ def fit_scene(
     if is_fitted(workdir):
         return SceneFit.load(workdir, device)
     t_start = time.perf_counter()
-    device = torch.device(device)
-    views = {k: v.to(device) for k, v in views.items()}
-    V, _, H, W = views["images"].shape
-    seed_everything(seed)
-    tfeat = teacher_features(teacher.to(device).eval(), views["images"], resize=resize)
-    D = int(stage1["feature_dim"])
-    pts, cols = _init_points(views, int(stage1["init_points"]), torch.Generator().manual_seed(seed))
-    g = SceneGaussians.from_points(pts, cols, D, float(stage1["init_opacity"]))
-    decoder = nn.Conv2d(D, tfeat.shape[1], 3, padding=1, bias=False).to(device)
+    scene = _new_scene(views, teacher, stage1, seed, torch.device(device), resize)
     t_setup = time.perf_counter() - t_start
-
-    extent = camera_extent(views["w2c"].cpu())
+    scene.extent = camera_extent(scene.views["w2c"].cpu())
     iters = int(stage1["iterations"])
-    lr = stage1["lr"]
-    groups = [
-        ("means", [g.means], float(lr["means"]) * extent),
-        ("log_scales", [g.log_scales], float(lr["scales"])),
-        ("quats", [g.quats], float(lr["quats"])),
-        ("opacity_logits", [g.opacity_logits], float(lr["opacities"])),
-        ("colors_dc", [g.colors_dc], float(lr["colors"])),
-        ("features", [g.features], float(lr["features"])),
-        ("decoder", list(decoder.parameters()), float(lr["decoder"])),
-    ]
-    opt = torch.optim.Adam([{"params": p, "lr": r, "name": n} for n, p, r in groups], lr=0.0, eps=1e-15)
-    decay = float(lr["means_final"]) / float(lr["means"])
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, [lambda s: decay ** min(s / max(iters, 1), 1.0)] + [lambda s: 1.0] * (len(groups) - 1)
-    )
+    opt, sched = _optimiser(scene, stage1["lr"], iters)
     loop = TrainLoop(
         workdir / "ckpt",
         iters,
         opt,
-        {"gaussians": g, "decoder": decoder},
+        {"gaussians": scene.gaussians, "decoder": scene.decoder},
         scheduler=sched,
         ckpt_every=int(stage1["ckpt_every"]),
         keep_last=2,
@@ -340,92 +467,18 @@ def fit_scene(
     )  # one scene per rank: a loop of its own
     init_file = workdir / "init_metrics.json"
     if bool(stage1["eval"]) and not init_file.exists() and not loop.checkpointer.steps():
-        write_json(init_file, {**evaluate_fit(g, decoder, views, tfeat, teacher), "num_gaussians": g.num})
-
-    lam, fw = float(stage1["lambda_dssim"]), float(stage1["feature_weight"])
-    dens = stage1["densify"]
-    d_from, d_until, d_every = int(dens["from"]), int(dens["until"]), int(dens["every"])
-    reset_every = int(stage1["opacity_reset_every"])
-    current: Dict[str, Any] = {}
-    anon = (views["anon"].to(views["images"].device) > 0) if "anon" in views else None  # [V,H,W] True = keep
-
-    def step_fn(step: int):
-        v = _view_order(step, V, seed)
-        if step + 1 < d_until:  # statistics of this step are gathered in after_step(step + 1)
-            current["view"] = g.view_stats(views["w2c"][v], views["K"][v], W, H)
-        out = g.render(views["w2c"][v : v + 1], views["K"][v : v + 1], W, H)
-        img = views["images"][v : v + 1]
-        target = upsample_to_image(tfeat[v : v + 1], (H, W), teacher)
-        decoded = decoder(out["features"])
-        if anon is not None:  # FiT3D train_feat_gaussian.py: anonymised pixels take the render as target
-            keep = anon[v : v + 1, None]
-            img = torch.where(keep, img, out["rgb"].detach())
-            target = torch.where(keep, target, decoded.detach())
-        l1 = (out["rgb"] - img).abs().mean()
-        dssim = 1.0 - ssim(out["rgb"], img)
-        lf = (decoded - target).abs().mean()
-        loss = (1 - lam) * l1 + lam * dssim + fw * lf
-        return loss, {
-            "l1": float(l1.detach()),
-            "dssim": float(dssim.detach()),
-            "feat_l1": float(lf.detach()),
-            "num": g.num,
-        }
-
-    def after_step(it: int):  # ``it`` = finished iterations (3DGS's 1-based iteration)
-        if it < d_until:
-            g.add_stats(current.pop("view"))
-            if it > d_from and it % d_every == 0:
-                g.densify_and_prune(
-                    opt,
-                    grad_threshold=float(dens["grad_threshold"]),
-                    extent=extent,
-                    percent_dense=float(dens["percent_dense"]),
-                    min_opacity=float(dens["min_opacity"]),
-                    max_screen_size=float(dens["max_screen_size"]) if reset_every and it > reset_every else None,
-                    world_size=float(dens["world_size"]),
-                    max_gaussians=dens["max_gaussians"],
-                )
-            if reset_every and it % reset_every == 0:
-                g.reset_opacity(float(stage1["reset_opacity_to"]), opt)
-
+        write_json(init_file, {**scene.evaluate(), "num_gaussians": scene.gaussians.num})
+    steps = _Stage1Steps(scene, opt, stage1, seed)
     t0 = time.perf_counter()
     start = (loop.checkpointer.steps() or [0])[-1]
-    history = loop.run(step_fn, after_step, stop_after=stop_after)
+    history = loop.run(steps.step, steps.after, stop_after=stop_after)
     t_loop = time.perf_counter() - t0
-    done = loop.step - start
-    info: Dict[str, Any] = {
-        "iterations": loop.step,
-        "num_gaussians": g.num,
-        "extent": extent,
-        "views": V,
-        "size": [H, W],
-        "teacher_dim": int(tfeat.shape[1]),
-        "setup_s": t_setup,
-        "loop_s": t_loop,
-        "s_per_iteration": t_loop / done if done else None,
-        "final_loss": history[-1]["loss"] if history else None,
-        # Gaussian count over the run (before each densification step's update)
-        "num_gaussians_curve": [
-            [h["step"], int(h["num"])] for h in history if h["step"] == 1 or h["step"] % max(d_every, 1) == 0
-        ],
-    }
-    fit = SceneFit(g.requires_grad_(False), decoder.requires_grad_(False), info)
+    info = _fit_info(scene, history, loop.step, loop.step - start, (t_setup, t_loop), steps.d_every)
+    fit = SceneFit(scene.gaussians.requires_grad_(False), scene.decoder.requires_grad_(False), info)
     if loop.step < iters:  # interrupted on purpose: not a finished fit
         return fit
     if bool(stage1["eval"]):
-        if init_file.exists():
-            info["init"] = json.loads(init_file.read_text())
-        info["final"] = evaluate_fit(g, decoder, views, tfeat, teacher)
-        log.info(
-            "fit3d stage I %s: %d Gaussians, PSNR %.2f dB (init %.2f), feature corr %.3f (init %.3f)",
-            workdir.name,
-            g.num,
-            info["final"]["psnr"],
-            info.get("init", {}).get("psnr", float("nan")),
-            info["final"]["feature_corr"],
-            info.get("init", {}).get("feature_corr", float("nan")),
-        )
+        _final_evaluation(scene, info, init_file, workdir.name)
     fit.save(workdir)
     fit.path = workdir
     return fit

@@ -81,6 +81,39 @@ def rasterize_gsplat(
     return colors[..., :-1].to(dtype), alphas[..., 0].to(dtype), colors[..., -1].to(dtype)
 
 
+def _check_shapes(means, quats, scales, opacities, features, w2c, K, covars) -> None:
+    """One BenchError naming the shapes when :func:`rasterize`'s inputs do not fit together."""
+    N = means.shape[0]
+    if covars is not None:
+        if covars.shape != (N, 3, 3):
+            raise BenchError(
+                f"rasterize got covars of shape {tuple(covars.shape)} for {N} Gaussians",
+                "pass covars [N,3,3] (or quats [N,4] and scales [N,3] instead)",
+            )
+        quats = quats if quats is not None else means.new_zeros(N, 4)  # placeholders for the checks below
+        scales = scales if scales is not None else means.new_zeros(N, 3)
+    elif quats is None or scales is None:
+        raise BenchError(
+            "rasterize needs quats and scales, or covars", "pass quats [N,4] and scales [N,3], or covars [N,3,3]"
+        )
+    if (
+        quats.shape != (N, 4)
+        or scales.shape != (N, 3)
+        or opacities.shape != (N,)
+        or features.dim() != 2
+        or features.shape[0] != N
+        or w2c.dim() != 3
+        or w2c.shape[1:] != (4, 4)
+        or K.shape != (w2c.shape[0], 3, 3)
+    ):
+        raise BenchError(
+            f"rasterize got inconsistent shapes: means {tuple(means.shape)}, quats {tuple(quats.shape)}, "
+            f"scales {tuple(scales.shape)}, opacities {tuple(opacities.shape)}, features "
+            f"{tuple(features.shape)}, w2c {tuple(w2c.shape)}, K {tuple(K.shape)}",
+            "pass means [N,3], quats [N,4], scales [N,3], opacities [N], features [N,D], w2c [C,4,4], K [C,3,3]",
+        )
+
+
 def rasterize(
     means: Tensor,
     quats: Optional[Tensor],
@@ -113,35 +146,7 @@ def rasterize(
     """
     if backend not in BACKENDS:
         raise BenchError(f"unknown splatting backend '{backend}'", f"use one of {', '.join(BACKENDS)}")
-    N = means.shape[0]
-    if covars is not None:
-        if covars.shape != (N, 3, 3):
-            raise BenchError(
-                f"rasterize got covars of shape {tuple(covars.shape)} for {N} Gaussians",
-                "pass covars [N,3,3] (or quats [N,4] and scales [N,3] instead)",
-            )
-        quats = quats if quats is not None else means.new_zeros(N, 4)
-        scales = scales if scales is not None else means.new_zeros(N, 3)
-    elif quats is None or scales is None:
-        raise BenchError(
-            "rasterize needs quats and scales, or covars", "pass quats [N,4] and scales [N,3], or covars [N,3,3]"
-        )
-    if (
-        quats.shape != (N, 4)
-        or scales.shape != (N, 3)
-        or opacities.shape != (N,)
-        or features.dim() != 2
-        or features.shape[0] != N
-        or w2c.dim() != 3
-        or w2c.shape[1:] != (4, 4)
-        or K.shape != (w2c.shape[0], 3, 3)
-    ):
-        raise BenchError(
-            f"rasterize got inconsistent shapes: means {tuple(means.shape)}, quats {tuple(quats.shape)}, "
-            f"scales {tuple(scales.shape)}, opacities {tuple(opacities.shape)}, features "
-            f"{tuple(features.shape)}, w2c {tuple(w2c.shape)}, K {tuple(K.shape)}",
-            "pass means [N,3], quats [N,4], scales [N,3], opacities [N], features [N,D], w2c [C,4,4], K [C,3,3]",
-        )
+    _check_shapes(means, quats, scales, opacities, features, w2c, K, covars)
     if backend == "auto":
         backend = "gsplat" if means.is_cuda else "torch"
     fn = {"gsplat": rasterize_gsplat, "torch": rasterize_tiled, "dense": rasterize_dense}[backend]

@@ -23,6 +23,83 @@ from .views import LAST_BATCHES, ViewSampler, frame_numbers, rank_share, step_ex
 log = logging.getLogger("bench")
 
 
+def _new_sampler(m: DictConfig, data, seed: int) -> ViewSampler:
+    """The sampler of the training examples (``method.views``) over the scenes of ``data``."""
+    return ViewSampler(
+        [data.num_views(s) for s in data.scene_ids],
+        m.views.gap,
+        str(m.views.target),
+        seed=seed,
+        order=str(m.views.order),
+        numbers=[frame_numbers(data.frame_names(s)) for s in data.scene_ids] if m.views.contiguous else None,
+    )
+
+
+def _new_distiller(backbone, cfg: DictConfig, device: str) -> Distiller:
+    """The student/teacher pair with the run's precision and gradient averaging (a BenchError for an
+    unknown ``distributed.grad_average``)."""
+    from bench import distributed as dist
+
+    distiller = Distiller(backbone, cfg.method, device)
+    distiller.precision = str(cfg.precision)
+    distiller.grad_average = str(cfg.distributed.grad_average)
+    if distiller.grad_average not in dist.GRAD_AVERAGES:
+        raise BenchError(
+            f"distributed.grad_average='{distiller.grad_average}' is not a choice", f"use one of {dist.GRAD_AVERAGES}"
+        )
+    return distiller
+
+
+def _train_loop(distiller: Distiller, sampler: ViewSampler, m: DictConfig, workdir: Path, device: str) -> TrainLoop:
+    """Adam with the one-cycle cosine schedule (``method.optim``) in a resumable loop over student, EMA
+    teacher and sampler; checkpoints in ``<workdir>/checkpoints``."""
+    o = m.optim
+    opt = torch.optim.Adam(distiller.parameters(), lr=float(o.lr))
+    sched = one_cycle_cosine(opt, int(o.steps), float(o.warmup_pct))
+    return TrainLoop(
+        Path(workdir) / "checkpoints",
+        int(o.steps),
+        opt,
+        {"student": distiller.student, "ema": distiller.ema, "sampler": sampler},
+        scheduler=sched,
+        ckpt_every=int(m.ckpt_every),
+        keep_last=int(m.keep_last),
+        grad_clip=o.grad_clip or None,
+        progress=bool(m.progress),
+        desc="splat_distill",
+        log_every=int(m.log_every),
+        log_dir=Path(workdir),
+        images_per_step=3 * int(o.batch_size),
+        device=device,
+    )
+
+
+def _accumulation(o: DictConfig, positions: range, batch: int) -> int:
+    """``method.optim.accumulate`` (default 1), which must divide this rank's share of the batch."""
+    from bench import distributed as dist
+
+    accumulate = int(o.get("accumulate", 1) or 1)
+    if accumulate < 1 or len(positions) % accumulate:
+        raise BenchError(
+            f"method.optim.accumulate={accumulate} does not divide this rank's batch of {len(positions)}",
+            f"use a divisor of {len(positions)} (global batch {batch} / {dist.world_size()} rank(s))",
+        )
+    return accumulate
+
+
+def _examples_of(distiller: Distiller, data, sampler: ViewSampler, batch: int, last_batch: str):
+    """``examples(step)``: this rank's prepared examples of step ``step`` (runs in a loader worker)."""
+
+    def examples(step: int):
+        out = []
+        for i in step_share(step, batch, sampler.epoch_size, last_batch):
+            s, idx = sampler.example(i)
+            out.append(distiller.prepare(data.load_views(data.scene_ids[s], idx)))  # + SLIC here, off the step
+        return out
+
+    return examples
+
+
 def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
     """Everything a run needs: ``(distiller, data, sampler, loop, step_fn)``.
 
@@ -37,62 +114,17 @@ def build_training(backbone, cfg: DictConfig, workdir: Path, device: str):
     last_batch = choice("method.views.last_batch", m.views.last_batch, LAST_BATCHES)  # before any work
     with dist.main_first():  # rank 0 generates a synthetic set once; the others then read it
         data = open_scenes(m.data, cfg.paths.data_dir, keep_bad=bool(m.views.keep_bad))
-    sampler = ViewSampler(
-        [data.num_views(s) for s in data.scene_ids],
-        m.views.gap,
-        str(m.views.target),
-        seed=int(cfg.seed),
-        order=str(m.views.order),
-        numbers=[frame_numbers(data.frame_names(s)) for s in data.scene_ids] if m.views.contiguous else None,
-    )
-    distiller = Distiller(backbone, m, device)
-    distiller.precision = str(cfg.precision)
-    distiller.grad_average = str(cfg.distributed.grad_average)
-    if distiller.grad_average not in dist.GRAD_AVERAGES:
-        raise BenchError(
-            f"distributed.grad_average='{distiller.grad_average}' is not a choice", f"use one of {dist.GRAD_AVERAGES}"
-        )
+    sampler = _new_sampler(m, data, int(cfg.seed))
+    distiller = _new_distiller(backbone, cfg, device)
     dist.seed_offset(int(cfg.seed))  # identical set-up on every rank, then per-rank dropout streams
-    o = m.optim
-    opt = torch.optim.Adam(distiller.parameters(), lr=float(o.lr))
-    sched = one_cycle_cosine(opt, int(o.steps), float(o.warmup_pct))
-    batch = int(o.batch_size)
-    positions = dist.rank_slice(batch)  # a full step's share (an error when the batch does not divide)
-    loop = TrainLoop(
-        Path(workdir) / "checkpoints",
-        int(o.steps),
-        opt,
-        {"student": distiller.student, "ema": distiller.ema, "sampler": sampler},
-        scheduler=sched,
-        ckpt_every=int(m.ckpt_every),
-        keep_last=int(m.keep_last),
-        grad_clip=o.grad_clip or None,
-        progress=bool(m.progress),
-        desc="splat_distill",
-        log_every=int(m.log_every),
-        log_dir=Path(workdir),
-        images_per_step=3 * batch,
-        device=device,
-    )
-
+    loop = _train_loop(distiller, sampler, m, workdir, device)
+    batch = int(m.optim.batch_size)
+    positions = dist.rank_slice(batch)
     distiller.deviations = mask_deviations(distiller, data)
-    distiller.accumulate = accumulate = int(o.get("accumulate", 1) or 1)
-    if accumulate < 1 or len(positions) % accumulate:
-        raise BenchError(
-            f"method.optim.accumulate={accumulate} does not divide this rank's batch of {len(positions)}",
-            f"use a divisor of {len(positions)} (global batch {batch} / {dist.world_size()} rank(s))",
-        )
-
-    def examples(step: int):  # this rank's examples of step ``step`` (runs in a loader worker)
-        out = []
-        for i in step_share(step, batch, sampler.epoch_size, last_batch):
-            s, idx = sampler.example(i)
-            out.append(distiller.prepare(data.load_views(data.scene_ids[s], idx)))  # + SLIC here, off the step
-        return out
-
+    distiller.accumulate = accumulate = _accumulation(m.optim, positions, batch)
     loader = StepLoader(
-        examples,
-        int(o.steps),
+        _examples_of(distiller, data, sampler, batch, last_batch),
+        int(m.optim.steps),
         resolve_workers(cfg.loader.workers),
         int(cfg.loader.prefetch),
         pin_memory=str(device).startswith("cuda"),

@@ -740,47 +740,14 @@ class MVSplatEncoder(nn.Module):
     def forward(
         self, context: Mapping[str, Tensor], global_step: int = 0, intermediates: dict[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
+        """Gaussians of the two context views: backbone, cost volume and coarse depth, refinement and heads
+        at full resolution (``intermediates``, when given, receives the named tensors along the way)."""
         B, V, H, W = self.check_context(context)
-        cfg, dp = self.cfg, self.depth_predictor
         inter = intermediates if intermediates is not None else {}
         images = context["image"]
-        dtype = images.dtype
-        # ---- backbone: CNN on (b v), position encoding per window, transformer
-        mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=images.device).reshape(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=dtype, device=images.device).reshape(3, 1, 1)
-        x = ((images - mean) / std).reshape(B * V, 3, H, W)
-        inter["inter.cnn_input_normalized"] = x
-        cnn = self.backbone.backbone(x)
-        C, h, w = cnn.shape[1:]
-        cnn = cnn.reshape(B, V, C, h, w)
-        k = cfg["attn_splits"]
-        if h % k or w % k:
-            raise BenchError(
-                f"feature map {h}x{w} does not split into {k}x{k} windows",
-                f"use image sizes that are multiples of {SIZE_MULTIPLE}",
-            )
-        pos = sine_position(h // k, w // k, C, images.device, dtype).repeat(1, k, k)
-        views = [cnn[:, i] + pos for i in range(V)]
-        for i, t in enumerate(views):
-            inter[f"inter.transformer_input.view{i}"] = t
-        trans = torch.stack(self.backbone.transformer(views, k), 1)  # [B,V,C,h,w]
-        inter["inter.backbone_cnn_features"], inter["inter.backbone_trans_features"] = cnn, trans
-        # ---- cost volume, in (v b) order
-        feat = _vb(trans)
-        other = _vb(trans[:, [1, 0]])
-        E = context["extrinsics"]
-        rel = torch.linalg.inv(E[:, 1]) @ E[:, 0]  # ref cam 0 -> cam 1
-        pose = torch.cat([rel, torch.linalg.inv(rel)])
-        K = _vb(context["intrinsics"]).clone()
-        K[:, 0] *= float(w)
-        K[:, 1] *= float(h)
-        lo, hi = 1.0 / _vb(context["far"])[:, None], 1.0 / _vb(context["near"])[:, None]
-        D = cfg["num_depth_candidates"]
-        disp = (lo + torch.linspace(0.0, 1.0, D, device=images.device)[None] * (hi - lo)).to(dtype)  # [(vb),D]
-        warped = plane_sweep(feat, other, K, pose, 1.0 / disp)
-        corr = (feat[:, :, None] * warped).sum(1) / math.sqrt(C)
-        cv_in = torch.cat([corr, feat], 1)
-        inter["inter.costvolume_and_feat"] = cv_in
+        cnn, trans = self._backbone_features(images, B, V, H, W, inter)
+        feat, cv_in, disp, lo, hi = self._cost_volume(trans, cnn.shape[2:], context, inter)
+        dp = self.depth_predictor
         net = dp.corr_refine_net
         u_in = net[2](net[1](net[0](cv_in)))
         u_out = net[3](u_in)
@@ -800,7 +767,62 @@ class MVSplatEncoder(nn.Module):
         coarse = (disp[:, :, None, None] * pdf).sum(1, keepdim=True)
         peak = F.interpolate(pdf.max(1, keepdim=True)[0], scale_factor=dp.up)  # nearest
         full = F.interpolate(coarse, scale_factor=dp.up, mode="bilinear", align_corners=True)
-        # ---- refinement and heads at full resolution
+        depth, density, raw = self._refine(images, feat, cnn, full, peak, lo, hi, B, inter)
+        out = self.adapt(raw, depth, density, context, global_step, inter)
+        out.update(depths=depth, densities=density, raw_gaussians=raw)
+        return out
+
+    def _backbone_features(self, images: Tensor, B: int, V: int, H: int, W: int, inter: dict):
+        """``(cnn, trans)`` ``[B,V,C,h,w]``: the CNN on (b v) normalised images, a sine position encoding
+        per attention window, then the multi-view transformer."""
+        dtype = images.dtype
+        mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=images.device).reshape(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=dtype, device=images.device).reshape(3, 1, 1)
+        x = ((images - mean) / std).reshape(B * V, 3, H, W)
+        inter["inter.cnn_input_normalized"] = x
+        cnn = self.backbone.backbone(x)
+        C, h, w = cnn.shape[1:]
+        cnn = cnn.reshape(B, V, C, h, w)
+        k = self.cfg["attn_splits"]
+        if h % k or w % k:
+            raise BenchError(
+                f"feature map {h}x{w} does not split into {k}x{k} windows",
+                f"use image sizes that are multiples of {SIZE_MULTIPLE}",
+            )
+        pos = sine_position(h // k, w // k, C, images.device, dtype).repeat(1, k, k)
+        views = [cnn[:, i] + pos for i in range(V)]
+        for i, t in enumerate(views):
+            inter[f"inter.transformer_input.view{i}"] = t
+        trans = torch.stack(self.backbone.transformer(views, k), 1)  # [B,V,C,h,w]
+        inter["inter.backbone_cnn_features"], inter["inter.backbone_trans_features"] = cnn, trans
+        return cnn, trans
+
+    def _cost_volume(self, trans: Tensor, grid, context: Mapping[str, Tensor], inter: dict):
+        """``(feat, cost volume + feat, disparity candidates, 1/far, 1/near)``, all in (v b) order: the
+        plane-sweep correlation of each view's features with the other view's (``grid``: the CNN's C, h, w)."""
+        C, h, w = grid
+        dtype, device = context["image"].dtype, context["image"].device
+        feat = _vb(trans)
+        other = _vb(trans[:, [1, 0]])
+        E = context["extrinsics"]
+        rel = torch.linalg.inv(E[:, 1]) @ E[:, 0]  # ref cam 0 -> cam 1
+        pose = torch.cat([rel, torch.linalg.inv(rel)])
+        K = _vb(context["intrinsics"]).clone()
+        K[:, 0] *= float(w)
+        K[:, 1] *= float(h)
+        lo, hi = 1.0 / _vb(context["far"])[:, None], 1.0 / _vb(context["near"])[:, None]
+        D = self.cfg["num_depth_candidates"]
+        disp = (lo + torch.linspace(0.0, 1.0, D, device=device)[None] * (hi - lo)).to(dtype)  # [(vb),D]
+        warped = plane_sweep(feat, other, K, pose, 1.0 / disp)
+        corr = (feat[:, :, None] * warped).sum(1) / math.sqrt(C)
+        cv_in = torch.cat([corr, feat], 1)
+        inter["inter.costvolume_and_feat"] = cv_in
+        return feat, cv_in, disp, lo, hi
+
+    def _refine(self, images, feat, cnn, full, peak, lo, hi, B: int, inter: dict):
+        """``(depth [B,V,H,W], density [B,V,H,W], raw Gaussians [B,V,HW,84])``: the refinement U-Net and
+        heads at full resolution on the images, upsampled features and coarse depth."""
+        dp = self.depth_predictor
         imgs = _vb(images)
         up = dp.upsampler(torch.cat([feat, _vb(cnn)], 1))
         proj = dp.proj_feature(up)
@@ -822,11 +844,7 @@ class MVSplatEncoder(nn.Module):
         density = torch.sigmoid(dd[:, 1:2])
         fine = (full + dd[:, :1]).clamp(lo[:, :, None, None], hi[:, :, None, None])
         depth = _bv((1.0 / fine)[:, 0], B)  # [B,V,H,W]
-        density = _bv(density[:, 0], B)
-        raw = _bv(raw, B).flatten(3).transpose(2, 3)  # [B,V,HW,84]
-        out = self.adapt(raw, depth, density, context, global_step, inter)
-        out.update(depths=depth, densities=density, raw_gaussians=raw)
-        return out
+        return depth, _bv(density[:, 0], B), _bv(raw, B).flatten(3).transpose(2, 3)
 
     def opacity(self, density: Tensor, global_step: int) -> Tensor:
         cfg = self.cfg

@@ -27,7 +27,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -95,14 +95,88 @@ def step_flops(embed_dim: int, depth: int, grid, head) -> Dict[str, float]:
     return {"backbones": 2 * vit + 3 * vit, "heads": hfl + 3 * hfl}
 
 
+def _overrides(args: argparse.Namespace, root: Path, device: str, batch: int) -> List[str]:
+    """The measured Splat-and-Distill run: random weights, the generated scenes at ``root``, no diagnostics."""
+    return [
+        "method=splat_distill",
+        f"backbone={args.backbone}",
+        "backbone.weights=none",
+        f"device={device}",
+        f"precision={args.precision}",
+        "method.data.dataset=scannetpp",
+        f"method.data.root={root}",
+        "method.data.scenes=null",
+        f"method.data.size=[{args.size[0]},{args.size[1]}]",
+        f"method.optim.batch_size={batch}",
+        f"method.optim.steps={args.warmup + args.steps}",
+        f"method.reconstructor.name={args.reconstructor}",
+        "method.diagnostics.enabled=false",
+        "method.progress=false",
+        "method.ckpt_every=1000000000",
+        f"loader.workers={args.workers}",
+        *args.overrides,
+    ]
+
+
+def _one_step(distiller, loader, loop, step: int, sync) -> Tuple[Dict[str, float], List[float]]:
+    """One training step as the trainer runs it: ``({"loader wait": s}, [t0, after loss, after backward,
+    after the optimiser, after EMA])`` (``perf_counter`` times, synchronised)."""
+    t = {}
+    t0 = time.perf_counter()
+    examples = loader.get(step)
+    t["loader wait"] = time.perf_counter() - t0
+    loop.optimizer.zero_grad(set_to_none=True)
+    loss, _ = distiller.loss(examples, distiller.accumulate)
+    sync()
+    t1 = time.perf_counter()
+    loss.backward()
+    sync()
+    t2 = time.perf_counter()
+    loop.optimizer.step()
+    loop.scheduler.step()
+    sync()
+    t3 = time.perf_counter()
+    distiller.update_teacher(step + 1)
+    sync()
+    return t, [t0, t1, t2, t3, time.perf_counter()]
+
+
+def _time_steps(distiller, loop, loader, args: argparse.Namespace, device: str):
+    """``(per-stage seconds of each timed step, peak MB, MB held before the last timed step)`` over
+    ``args.warmup`` untimed then ``args.steps`` timed steps."""
+    from bench.train import memory_mb, reset_peak_memory
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    rows: List[Dict[str, float]] = []
+    peak = held = 0.0
+    for step in range(args.warmup + args.steps):
+        timed = step >= args.warmup
+        if timed:
+            sync()
+            held = torch.cuda.memory_allocated() / 2**20 if device.startswith("cuda") else _rss_mb()
+            reset_peak_memory(device)
+            distiller.timings.clear()
+            distiller.profile = True
+            loader.wait_s, slic_before = 0.0, distiller.slic_on_step
+        t, (t0, t1, t2, t3, t4) = _one_step(distiller, loader, loop, step, sync)
+        if timed:
+            t.update(distiller.timings)
+            t.update({"backward": t2 - t1, "optimiser": t3 - t2, "EMA": t4 - t3, "total": t4 - t0})
+            t["slic on step"] = float(distiller.slic_on_step - slic_before)
+            rows.append(t)
+            peak = max(peak, memory_mb(device))
+        distiller.profile = False
+    return rows, peak, held
+
+
 def measure(args: argparse.Namespace) -> Dict[str, object]:
+    """One Splat-and-Distill training step at ``args``' scale, stage by stage (module docstring)."""
     from bench.backbones import build_backbone
     from bench.config import compose
     from bench.loader import resolve_workers
     from bench.distributed import resolve_device
     from bench.seed import seed_everything
     from bench.splat import tune_allocator
-    from bench.train import memory_mb, reset_peak_memory
 
     from .method import build_training, matmul_precision
 
@@ -115,71 +189,14 @@ def measure(args: argparse.Namespace) -> Dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(args.data_dir) if args.data_dir else Path(tmp)
         data_dir.mkdir(parents=True, exist_ok=True)
-        root = scenes(data_dir, tuple(args.size), args.scenes, args.views)
-        cfg = compose(
-            [
-                "method=splat_distill",
-                f"backbone={args.backbone}",
-                "backbone.weights=none",
-                f"device={device}",
-                f"precision={args.precision}",
-                "method.data.dataset=scannetpp",
-                f"method.data.root={root}",
-                "method.data.scenes=null",
-                f"method.data.size=[{args.size[0]},{args.size[1]}]",
-                f"method.optim.batch_size={batch}",
-                f"method.optim.steps={args.warmup + args.steps}",
-                f"method.reconstructor.name={args.reconstructor}",
-                "method.diagnostics.enabled=false",
-                "method.progress=false",
-                "method.ckpt_every=1000000000",
-                f"loader.workers={args.workers}",
-                *args.overrides,
-            ]
-        )
+        cfg = compose(_overrides(args, scenes(data_dir, tuple(args.size), args.scenes, args.views), device, batch))
         precision = matmul_precision(cfg, device)
         seed_everything(int(cfg.seed))
         backbone = build_backbone(cfg.backbone)
         distiller, _, _, loop, step_fn = build_training(backbone, cfg, Path(tmp) / "run", device)
-        loader, opt = step_fn.loader, loop.optimizer
+        loader = step_fn.loader
         workers = resolve_workers(cfg.loader.workers)
-        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-        rows: List[Dict[str, float]] = []
-        peak = held = 0.0
-        for step in range(args.warmup + args.steps):
-            timed = step >= args.warmup
-            if timed:
-                sync()
-                held = torch.cuda.memory_allocated() / 2**20 if device.startswith("cuda") else _rss_mb()
-                reset_peak_memory(device)
-                distiller.timings.clear()
-                distiller.profile = True
-                loader.wait_s, slic_before = 0.0, distiller.slic_on_step
-            t = {}
-            t0 = time.perf_counter()
-            examples = loader.get(step)
-            t["loader wait"] = time.perf_counter() - t0
-            opt.zero_grad(set_to_none=True)
-            loss, _ = distiller.loss(examples, distiller.accumulate)
-            sync()
-            t1 = time.perf_counter()
-            loss.backward()
-            sync()
-            t2 = time.perf_counter()
-            opt.step()
-            loop.scheduler.step()
-            sync()
-            t3 = time.perf_counter()
-            distiller.update_teacher(step + 1)
-            sync()
-            t4 = time.perf_counter()
-            if timed:
-                t.update(distiller.timings)
-                t.update({"backward": t2 - t1, "optimiser": t3 - t2, "EMA": t4 - t3, "total": t4 - t0})
-                t["slic on step"] = float(distiller.slic_on_step - slic_before)
-                rows.append(t)
-                peak = max(peak, memory_mb(device))
-            distiller.profile = False
+        rows, peak, held = _time_steps(distiller, loop, loader, args, device)
         loader.close()
     mean = {k: sum(r.get(k, 0.0) for r in rows) / len(rows) for k in rows[0]}
     per_worker = loader.fetched * batch / loader.work_s if loader.work_s > 0 else float("nan")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
 
@@ -65,18 +65,8 @@ def _model(v: str) -> str:
     return name
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from . import finetune_mvsplat
-
-    p.add_argument(
-        "model",
-        nargs="?",
-        type=_model,
-        default="learned",
-        help="model=learned (default: bench's cost-volume reconstructor) or model=mvsplat (fine-tune MVSplat's "
-        "encoder from re10k.ckpt with MVSplat's training rules)",
-    )
-    d = p.add_argument_group("data")
+def _data_arguments(d) -> None:
+    """The training data: dataset, root, scenes, held-out scenes, views, size, seed, frame gap."""
     d.add_argument(
         "--dataset",
         choices=("synthetic", "scannetpp"),
@@ -113,19 +103,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="frame gap between the two views (int or min max; learned: 2 6, mvsplat: 8)",
     )
-    t = p.add_argument_group("training")
+
+
+def _training_arguments(t, n) -> None:
+    """The training schedule (``t``) and the network (``n``)."""
     t.add_argument("--steps", type=int, default=None, help="learned: 1500; mvsplat: 300001")
     t.add_argument("--batch", type=int, default=None, help="global batch (learned: 2; mvsplat: 14)")
     t.add_argument("--lr", type=float, default=None, help="learned: 1e-3; mvsplat: 2e-4")
     t.add_argument("--depth-weight", type=float, default=1.0)
     t.add_argument("--device", default="auto")
     t.add_argument("--no-progress", action="store_true")
-    n = p.add_argument_group("network")
     n.add_argument("--feat-dim", type=int, default=32)
     n.add_argument("--num-depths", type=int, default=32)
     n.add_argument("--hidden", type=int, default=64)
     n.add_argument("--near", type=float, default=None, help="learned: 0.5; mvsplat: 1")
     n.add_argument("--far", type=float, default=None, help="learned: 20; mvsplat: 100")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from . import finetune_mvsplat
+
+    p.add_argument(
+        "model",
+        nargs="?",
+        type=_model,
+        default="learned",
+        help="model=learned (default: bench's cost-volume reconstructor) or model=mvsplat (fine-tune MVSplat's "
+        "encoder from re10k.ckpt with MVSplat's training rules)",
+    )
+    _data_arguments(p.add_argument_group("data"))
+    _training_arguments(p.add_argument_group("training"), p.add_argument_group("network"))
     p.add_argument(
         "--out",
         default=None,
@@ -225,7 +232,46 @@ def _default_out() -> Path:
     return Path(compose([]).paths.cache_dir) / "reconstructors" / "cost_volume.safetensors"
 
 
+def _train(args: argparse.Namespace, data, train_ids: Sequence[str], out: Path, device: str):
+    """A new cost-volume reconstructor trained on the ``train_ids`` scenes (resumable from ``<out>.train``)."""
+    model = CostVolumeReconstructor(args.feat_dim, args.num_depths, args.hidden, args.near, args.far).to(device)
+    sampler = ViewSampler(
+        [data.num_views(s) for s in train_ids],
+        args.gap if len(args.gap) > 1 else args.gap[0],
+        "context",
+        seed=args.seed,
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    loop = TrainLoop(
+        out.with_name(out.name + ".train"),
+        args.steps,
+        opt,
+        {"model": model, "sampler": sampler},
+        scheduler=one_cycle_cosine(opt, args.steps, 0.05),
+        ckpt_every=max(args.steps // 10, 1),
+        grad_clip=1.0,
+        progress=not args.no_progress,
+        desc="pretrain-reconstructor",
+        fingerprint={
+            k: (list(v) if isinstance(v, (list, tuple)) else v)
+            for k, v in vars(args).items()
+            if k not in ("no_progress", "device", "eval_only", "func", *MVSPLAT_ONLY)
+        },
+    )
+    model.train()
+    loop.run(
+        lambda step: render_loss(
+            model,
+            {k: v.to(device) for k, v in _batch(data, train_ids, sampler, args.batch).items()},
+            args.depth_weight,
+        )
+    )
+    return model.eval()
+
+
 def main(args: argparse.Namespace) -> int:
+    """Train (or with ``--eval-only`` load) the reconstructor, evaluate it on the held-out scenes, save the
+    checkpoint and ``<out>.eval.json``; ``model=mvsplat`` hands over to :mod:`.finetune_mvsplat`."""
     resolve_defaults(args)
     if getattr(args, "model", "learned") == "mvsplat":
         from .finetune_mvsplat import main as finetune
@@ -243,39 +289,7 @@ def main(args: argparse.Namespace) -> int:
     if args.eval_only:
         model = CostVolumeReconstructor.load(out).to(device).eval()
     else:
-        model = CostVolumeReconstructor(args.feat_dim, args.num_depths, args.hidden, args.near, args.far).to(device)
-        sampler = ViewSampler(
-            [data.num_views(s) for s in train_ids],
-            args.gap if len(args.gap) > 1 else args.gap[0],
-            "context",
-            seed=args.seed,
-        )
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-        loop = TrainLoop(
-            out.with_name(out.name + ".train"),
-            args.steps,
-            opt,
-            {"model": model, "sampler": sampler},
-            scheduler=one_cycle_cosine(opt, args.steps, 0.05),
-            ckpt_every=max(args.steps // 10, 1),
-            grad_clip=1.0,
-            progress=not args.no_progress,
-            desc="pretrain-reconstructor",
-            fingerprint={
-                k: (list(v) if isinstance(v, (list, tuple)) else v)
-                for k, v in vars(args).items()
-                if k not in ("no_progress", "device", "eval_only", "func", *MVSPLAT_ONLY)
-            },
-        )
-        model.train()
-        loop.run(
-            lambda step: render_loss(
-                model,
-                {k: v.to(device) for k, v in _batch(data, train_ids, sampler, args.batch).items()},
-                args.depth_weight,
-            )
-        )
-        model.eval()
+        model = _train(args, data, train_ids, out, device)
     median = _median_depth(data, train_ids)
     gap = args.gap[0] if len(args.gap) == 1 else (args.gap[0] + args.gap[1]) // 2
     report = {
@@ -286,25 +300,20 @@ def main(args: argparse.Namespace) -> int:
         "metrics": evaluate(model, data, held_ids or train_ids, gap, median, device),
     }
     if not args.eval_only:
-        model.save(
-            out,
-            {
-                "train": {
-                    "dataset": args.dataset,
-                    "scenes": len(train_ids),
-                    "steps": args.steps,
-                    "size": list(args.size),
-                    "seed": args.seed,
-                }
-            },
-        )
+        train = {"dataset": args.dataset, "scenes": len(train_ids), "steps": args.steps, "size": list(args.size)}
+        model.save(out, {"train": {**train, "seed": args.seed}})
     write_json(out.with_name(out.stem + ".eval.json"), report)
+    _print_report(report, len(held_ids), gap, out)
+    return 0
+
+
+def _print_report(report: Dict[str, Any], held: int, gap: int, out: Path) -> None:
+    """The held-out depth metrics of the network and the constant baselines, as a table."""
     from tabulate import tabulate
 
     rows = [[k, f"{v['abs_rel']:.4f}", f"{v['rmse']:.4f}", v["images"]] for k, v in report["metrics"].items()]
-    print(f"held-out depth ({len(held_ids)} scenes, pairs {gap} frames apart); checkpoint {out}")
+    print(f"held-out depth ({held} scenes, pairs {gap} frames apart); checkpoint {out}")
     print(tabulate(rows, headers=["predictor", "AbsRel", "RMSE (m)", "images"]))
-    return 0
 
 
 def _median_depth(data, ids: Sequence[str]) -> float:

@@ -91,6 +91,52 @@ def _screen_box(c: Tensor, rb: float, K: Tensor, w2c: Tensor, H: int, W: int):
     return (y0, y1, x0, x1) if (x1 > x0 and y1 > y0) else None
 
 
+def _room_hits(prims: Primitives, eye: Tensor, grid: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(t, primitive index, normals)`` of the room seen from inside: each ray exits through its nearest face."""
+    tax = torch.where(grid > 0, (prims.L - eye) / _safe(grid), -eye / _safe(grid))
+    tax = torch.where(grid == 0, torch.full_like(tax, _INF), tax)
+    t, axis = tax.min(-1)
+    idx = 2 * axis + (grid.gather(-1, axis[..., None])[..., 0] > 0).long()
+    normals = torch.nn.functional.one_hot(axis, 3).to(_DT) * torch.where(idx % 2 == 1, -1.0, 1.0).to(_DT)[..., None]
+    return t, idx, normals
+
+
+def _object_t(ob: dict, eye: Tensor, c: Tensor, R: Tensor, s: Tensor, d: Tensor):
+    """``(t, local, aux)`` of rays ``eye + t d`` on one object (``t`` inf where missed); ``local``: eye and
+    ``d`` in the object's frame (None for a sphere), ``aux``: what its normals need."""
+    if ob["kind"] == "sphere":
+        oc = eye - c
+        a, b = (d * d).sum(-1), d @ oc
+        disc = b * b - a * (oc @ oc - s[0] ** 2)
+        tk = (-b - disc.clamp_min(0).sqrt()) / a
+        return torch.where((disc >= 0) & (tk > 0), tk, torch.full_like(tk, _INF)), None, None
+    local = (R.T @ (eye - c), d @ R)  # local frame (R: local -> world)
+    tk, aux = (_box_t if ob["kind"] == "box" else lambda o, dl, sz: _cylinder_t(o, dl, float(sz[0]), float(sz[1])))(
+        *local, s
+    )
+    return tk, local, aux
+
+
+def _object_normal(ob: dict, k: int, prims: Primitives, eye: Tensor, d: Tensor, tm: Tensor, local, aux, mf: Tensor):
+    """World normals of object ``k`` at the hits ``eye + tm d`` where it is the closest (``mf``: which of
+    its tested rays those are)."""
+    if ob["kind"] == "sphere":
+        return eye + tm[:, None] * d - prims.C[k]
+    ol, dl = local[0], local[1][mf]
+    if ob["kind"] == "box":
+        fa = aux[mf].argmax(-1)  # slab that was entered last
+        nl = torch.nn.functional.one_hot(fa, 3).to(_DT) * -torch.sign(dl.gather(1, fa[:, None]))
+    else:
+        p = ol + tm[:, None] * dl
+        zero = torch.zeros_like(p[:, 0])
+        nl = torch.where(
+            aux[mf][:, None],
+            torch.stack([zero, zero, torch.sign(p[:, 2])], -1),
+            torch.stack([p[:, 0], p[:, 1], zero], -1),
+        )
+    return nl @ prims.R[k].T
+
+
 def cast_rays(
     prims: Primitives, eye: Tensor, dirs: Tensor, K: Tensor | None = None, w2c: Tensor | None = None
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -111,34 +157,15 @@ def cast_rays(
     else:
         grid, cull = dirs, (K, w2c, dirs.shape[0], dirs.shape[1])
     G = grid.shape[:3]
-    # room from inside: exit through the nearest face
-    tax = torch.where(grid > 0, (prims.L - eye) / _safe(grid), -eye / _safe(grid))
-    tax = torch.where(grid == 0, torch.full_like(tax, _INF), tax)
-    t, axis = tax.min(-1)
-    idx = 2 * axis + (grid.gather(-1, axis[..., None])[..., 0] > 0).long()
-    normals = torch.nn.functional.one_hot(axis, 3).to(_DT) * torch.where(idx % 2 == 1, -1.0, 1.0).to(_DT)[..., None]
+    t, idx, normals = _room_hits(prims, eye, grid)
     hits = []
     for k, ob in enumerate(prims.objects):
-        c, R, s = prims.C[k], prims.R[k], prims.size[k]
-        box = (0, G[0], 0, G[1]) if cull is None else _screen_box(c, _bound_radius(ob), *cull)
+        box = (0, G[0], 0, G[1]) if cull is None else _screen_box(prims.C[k], _bound_radius(ob), *cull)
         if box is None:
             continue
         y0, y1, x0, x1 = box
-        d = grid[y0:y1, x0:x1].reshape(-1, 3)
-        if ob["kind"] == "sphere":
-            oc = eye - c
-            a, b = (d * d).sum(-1), d @ oc
-            disc = b * b - a * (oc @ oc - s[0] ** 2)
-            tk = (-b - disc.clamp_min(0).sqrt()) / a
-            tk = torch.where((disc >= 0) & (tk > 0), tk, torch.full_like(tk, _INF))
-            local = aux = None
-        else:
-            local = (R.T @ (eye - c), d @ R)  # local frame (R: local -> world)
-            tk, aux = (
-                _box_t if ob["kind"] == "box" else lambda o, dl, sz: _cylinder_t(o, dl, float(sz[0]), float(sz[1]))
-            )(*local, s)
-        shape = (y1 - y0, x1 - x0, G[2])
-        tk = tk.reshape(shape)
+        tk, local, aux = _object_t(ob, eye, prims.C[k], prims.R[k], prims.size[k], grid[y0:y1, x0:x1].reshape(-1, 3))
+        tk = tk.reshape((y1 - y0, x1 - x0, G[2]))
         closer = tk < t[y0:y1, x0:x1]
         t[y0:y1, x0:x1] = torch.where(closer, tk, t[y0:y1, x0:x1])
         idx[y0:y1, x0:x1][closer] = 6 + k
@@ -148,26 +175,9 @@ def cast_rays(
         m = idx[y0:y1, x0:x1] == 6 + k
         if not bool(m.any()):
             continue
-        mf = m.reshape(-1)
         d, tm = grid[y0:y1, x0:x1][m], t[y0:y1, x0:x1][m]
-        if ob["kind"] == "sphere":
-            nw = eye + tm[:, None] * d - prims.C[k]
-        else:
-            ol, dl = local[0], local[1][mf]
-            if ob["kind"] == "box":
-                fa = aux[mf].argmax(-1)  # slab that was entered last
-                nl = torch.nn.functional.one_hot(fa, 3).to(_DT) * -torch.sign(dl.gather(1, fa[:, None]))
-            else:
-                p = ol + tm[:, None] * dl
-                zero = torch.zeros_like(p[:, 0])
-                nl = torch.where(
-                    aux[mf][:, None],
-                    torch.stack([zero, zero, torch.sign(p[:, 2])], -1),
-                    torch.stack([p[:, 0], p[:, 1], zero], -1),
-                )
-            nw = nl @ prims.R[k].T
         sub = normals[y0:y1, x0:x1]
-        sub[m] = nw
+        sub[m] = _object_normal(ob, k, prims, eye, d, tm, local, aux, m.reshape(-1))
     normals = torch.nn.functional.normalize(normals, dim=-1)
     normals = torch.where(((normals * grid).sum(-1) > 0)[..., None], -normals, normals)
     shape = dirs.shape[:-1]

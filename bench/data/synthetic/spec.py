@@ -76,15 +76,12 @@ def _path_xy(cam: dict, n: int) -> np.ndarray:
     )
 
 
-def make_scene(seed: int, index: int, views: int = 24) -> dict:
-    """Sample scene ``index`` of ``seed``: room, camera path, objects, lights (a JSON-able dict)."""
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 0xB3]))
-    L = [float(rng.uniform(4.5, 7.5)), float(rng.uniform(4.5, 7.5)), float(rng.uniform(2.5, 3.2))]
-    centre = [L[0] / 2, L[1] / 2]
+def _sample_camera(rng: np.random.Generator, L: List[float], views: int) -> dict:
+    """The scene's camera path (an ellipse around the room's centre with wobble and jitter)."""
     rho = rng.uniform(0.5, 0.65)
     step = math.radians(rng.uniform(7.0, 11.0))
-    cam = {
-        "center": centre,
+    return {
+        "center": [L[0] / 2, L[1] / 2],
         "axes": [rho * L[0] / 2, rho * L[1] / 2],
         "theta0": float(rng.uniform(0, 2 * math.pi)),
         "direction": float(rng.choice([-1.0, 1.0])),
@@ -96,37 +93,48 @@ def make_scene(seed: int, index: int, views: int = 24) -> dict:
         "jitter": 0.35,
         "phase": list(rng.uniform(0, 2 * math.pi, 5)),
     }
-    path = _path_xy(cam, 512)
 
+
+def _sample_room(rng: np.random.Generator, L: List[float]) -> dict:
+    """The room box: four wall textures, then the floor's and the ceiling's."""
     room_tex = [
         _texture(rng, ("stripes", "noise", "tiles", "dots"), (0.25, 0.8), sat=(0.05, 0.4), val=(0.55, 0.95))
         for _ in range(4)
     ]
     room_tex.append(_texture(rng, ("checker", "tiles", "noise"), (0.3, 0.9), sat=(0.1, 0.6), val=(0.3, 0.8)))
     room_tex.append(_texture(rng, ("noise", "tiles", "dots"), (0.4, 1.0), sat=(0.0, 0.2), val=(0.75, 0.95)))
-    room = {"size": L, "textures": room_tex}
+    return {"size": L, "textures": room_tex}
 
-    objects: List[dict] = []
-    footprints: List[Tuple[float, float, float]] = []
 
-    def place(radius: float, clearance: float = 0.7):
+class _Objects:
+    """The scene's objects as they are placed: free floor spots away from the camera path and from the
+    footprints of the objects already placed."""
+
+    def __init__(self, rng: np.random.Generator, L: List[float], path: np.ndarray):
+        self.rng, self.L, self.path = rng, L, path
+        self.objects: List[dict] = []
+        self.footprints: List[Tuple[float, float, float]] = []
+
+    def place(self, radius: float, clearance: float = 0.7):
+        """A free ``(x, y)`` for a footprint of ``radius`` (200 tries; None when there is none)."""
+        rng, L, path = self.rng, self.L, self.path
         for _ in range(200):
             x = rng.uniform(radius + 0.05, L[0] - radius - 0.05)
             y = rng.uniform(radius + 0.05, L[1] - radius - 0.05)
             if np.min(np.hypot(path[:, 0] - x, path[:, 1] - y)) < radius + clearance:
                 continue
-            if any(math.hypot(x - fx, y - fy) < radius + fr + 0.05 for fx, fy, fr in footprints):
+            if any(math.hypot(x - fx, y - fy) < radius + fr + 0.05 for fx, fy, fr in self.footprints):
                 continue
-            footprints.append((x, y, radius))
+            self.footprints.append((x, y, radius))
             return x, y
         return None
 
-    def add(kind: str, semantic: int, centre_, R, size, tex):
-        objects.append(
+    def add(self, kind: str, semantic: int, centre_, R, size, tex) -> None:
+        self.objects.append(
             {
                 "kind": kind,
                 "semantic": semantic,
-                "instance": 7 + len(objects),
+                "instance": 7 + len(self.objects),
                 "center": [float(c) for c in centre_],
                 "R": np.asarray(R, float).tolist(),
                 "size": [float(s) for s in size],
@@ -134,6 +142,9 @@ def make_scene(seed: int, index: int, views: int = 24) -> dict:
             }
         )
 
+
+def _add_furniture(rng: np.random.Generator, objs: _Objects, L: List[float]) -> None:
+    """8-14 boxes, spheres and cylinders (upright or lying), the big ones placed first."""
     obj_pat = ("checker", "stripes", "noise", "dots", "tiles")
     kinds = rng.choice(["box", "sphere", "cylinder"], size=int(rng.integers(8, 15)), p=[0.4, 0.3, 0.3])
     kinds = sorted(kinds, key=lambda k: {"box": 0, "cylinder": 1, "sphere": 2}[k])  # big things first
@@ -141,28 +152,36 @@ def make_scene(seed: int, index: int, views: int = 24) -> dict:
         tex = _texture(rng, obj_pat, (0.08, 0.35))
         if kind == "box":
             h = np.array([rng.uniform(0.12, 0.45), rng.uniform(0.12, 0.45), rng.uniform(0.12, 0.55)])
-            xy = place(float(np.hypot(h[0], h[1])))
+            xy = objs.place(float(np.hypot(h[0], h[1])))
             if xy:
-                add("box", 3, (*xy, h[2]), _rot_z(rng.uniform(0, math.pi)), h, tex)
+                objs.add("box", 3, (*xy, h[2]), _rot_z(rng.uniform(0, math.pi)), h, tex)
         elif kind == "sphere":
             r = rng.uniform(0.12, 0.4)
-            xy = place(r)
+            xy = objs.place(r)
             if xy:
                 z = r if rng.uniform() < 0.7 else rng.uniform(max(r, 0.8), L[2] - r - 0.4)
-                add("sphere", 4, (*xy, z), np.eye(3), [r], tex)
+                objs.add("sphere", 4, (*xy, z), np.eye(3), [r], tex)
         else:
-            r, hh = rng.uniform(0.1, 0.3), rng.uniform(0.15, 0.6)
-            if rng.uniform() < 0.7:  # upright
-                xy = place(r)
-                if xy:
-                    add("cylinder", 5, (*xy, hh), _rot_z(rng.uniform(0, math.pi)), [r, hh], tex)
-            else:  # lying on its side
-                xy = place(float(math.hypot(r, hh)))
-                if xy:
-                    lie = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])  # local z -> world x
-                    add("cylinder", 5, (*xy, r), _rot_z(rng.uniform(0, math.pi)) @ lie, [r, hh], tex)
+            _add_cylinder(rng, objs, tex)
 
-    for _ in range(int(rng.integers(1, 4))):  # paintings: thin boxes on walls
+
+def _add_cylinder(rng: np.random.Generator, objs: _Objects, tex: dict) -> None:
+    """A cylinder, upright (70 %) or lying on its side."""
+    r, hh = rng.uniform(0.1, 0.3), rng.uniform(0.15, 0.6)
+    if rng.uniform() < 0.7:  # upright
+        xy = objs.place(r)
+        if xy:
+            objs.add("cylinder", 5, (*xy, hh), _rot_z(rng.uniform(0, math.pi)), [r, hh], tex)
+    else:  # lying on its side
+        xy = objs.place(float(math.hypot(r, hh)))
+        if xy:
+            lie = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])  # local z -> world x
+            objs.add("cylinder", 5, (*xy, r), _rot_z(rng.uniform(0, math.pi)) @ lie, [r, hh], tex)
+
+
+def _add_paintings(rng: np.random.Generator, objs: _Objects, L: List[float]) -> None:
+    """1-3 paintings: thin boxes on the walls."""
+    for _ in range(int(rng.integers(1, 4))):
         wall = int(rng.integers(0, 4))
         axis, side = wall // 2, wall % 2  # wall on plane x=0/Lx (axis 0), y=0/Ly
         w, hgt, th = rng.uniform(0.4, 1.2), rng.uniform(0.3, 0.9), 0.02
@@ -172,27 +191,23 @@ def make_scene(seed: int, index: int, views: int = 24) -> dict:
         c[axis] = (L[axis] - th / 2 - 0.002) if side else (th / 2 + 0.002)
         half = [0.0, 0.0, hgt / 2]
         half[axis], half[along] = th / 2, w / 2
-        add(
-            "box",
-            6,
-            c,
-            np.eye(3),
-            half,
-            _texture(rng, ("stripes", "noise", "dots", "checker"), (0.05, 0.2), sat=(0.4, 1.0), val=(0.3, 1.0)),
-        )
-    if rng.uniform() < 0.8:  # a rug under the furniture
+        tex = _texture(rng, ("stripes", "noise", "dots", "checker"), (0.05, 0.2), sat=(0.4, 1.0), val=(0.3, 1.0))
+        objs.add("box", 6, c, np.eye(3), half, tex)
+
+
+def _add_rug(rng: np.random.Generator, objs: _Objects, L: List[float]) -> None:
+    """A rug under the furniture (80 % of the rooms)."""
+    if rng.uniform() < 0.8:
         hx, hy = rng.uniform(0.5, 1.2), rng.uniform(0.4, 1.0)
         c = (rng.uniform(hx + 0.2, L[0] - hx - 0.2), rng.uniform(hy + 0.2, L[1] - hy - 0.2), 0.006)
-        add(
-            "box",
-            7,
-            c,
-            _rot_z(rng.uniform(0, math.pi)),
-            [hx, hy, 0.005],
-            _texture(rng, ("stripes", "checker", "dots"), (0.1, 0.3), sat=(0.3, 0.9), val=(0.3, 0.8)),
-        )
+        R = _rot_z(rng.uniform(0, math.pi))
+        tex = _texture(rng, ("stripes", "checker", "dots"), (0.1, 0.3), sat=(0.3, 0.9), val=(0.3, 0.8))
+        objs.add("box", 7, c, R, [hx, hy, 0.005], tex)
 
-    lights = [
+
+def _sample_lights(rng: np.random.Generator, L: List[float]) -> List[dict]:
+    """Two point lights near the ceiling."""
+    return [
         {
             "pos": [
                 float(rng.uniform(0.2, 0.8) * L[0]),
@@ -203,12 +218,27 @@ def make_scene(seed: int, index: int, views: int = 24) -> dict:
         }
         for _ in range(2)
     ]
+
+
+def make_scene(seed: int, index: int, views: int = 24) -> dict:
+    """Sample scene ``index`` of ``seed``: room, camera path, objects, lights (a JSON-able dict). The parts
+    draw from one generator, in this order: room size, camera path, room textures, furniture, paintings,
+    rug, lights, ambient light."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 0xB3]))
+    L = [float(rng.uniform(4.5, 7.5)), float(rng.uniform(4.5, 7.5)), float(rng.uniform(2.5, 3.2))]
+    cam = _sample_camera(rng, L, views)
+    objs = _Objects(rng, L, _path_xy(cam, 512))
+    room = _sample_room(rng, L)
+    _add_furniture(rng, objs, L)
+    _add_paintings(rng, objs, L)
+    _add_rug(rng, objs, L)
+    lights = _sample_lights(rng, L)
     return {
         "scene_id": f"synth_{index:04d}",
         "seed": int(seed),
         "index": int(index),
         "room": room,
-        "objects": objects,
+        "objects": objs.objects,
         "lights": lights,
         "ambient": float(rng.uniform(0.22, 0.32)),
         "camera_path": cam,
