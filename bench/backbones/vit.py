@@ -22,7 +22,6 @@ from typing import Any, List, Mapping
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.models.vision_transformer import _convert_dinov2
 from torch import nn
 
 from ..checkpoint import StateDict
@@ -49,6 +48,8 @@ def dinov2_official_to_timm(sd: StateDict) -> StateDict:
     Not the whole ``checkpoint_filter_fn``: its position-embedding resampling would silently resize
     (or crash on) a checkpoint of the wrong variant, where bench's strict loader names the keys.
     """
+    from timm.models.vision_transformer import _convert_dinov2  # here, not at import: timm costs ~2 s of start-up
+
     return _convert_dinov2({_CHUNKED_BLOCK.sub(r"blocks.\1.", k): v for k, v in sd.items()}, None)
 
 
