@@ -73,87 +73,112 @@ def obtain_backbone(cfg: DictConfig, run_dir: Path | None = None) -> Tuple[Any, 
 
     Returns ``(backbone, checkpoint_ref)`` where ``checkpoint_ref`` says where the weights came from.
     """
-    from .backbones import build_backbone, save_backbone
+    from .backbones import build_backbone
 
     seed_everything(int(cfg.seed))
     method = _method(cfg)
     backbone = build_backbone(cfg.backbone)
     check_image_size(cfg, int(getattr(backbone, "patch_size", 1) or 1))  # before any training
     if not getattr(method, "trains", False):
-        from . import distributed as dist
-
-        workdir = Path(run_dir) if run_dir is not None else Path(cfg.run_dir)
-        with dist.main_first():  # rank 0 downloads a Hub checkpoint before the other ranks read it
-            backbone = method.fit(backbone, cfg, workdir)
-        ref = {"kind": "pretrained", "backbone_weights": to_container(cfg.backbone).get("weights")}
-        ref.update(getattr(method, "checkpoint_ref", None) or {})
-        return backbone, ref
+        return _pretrained(method, backbone, cfg, Path(run_dir) if run_dir is not None else Path(cfg.run_dir))
 
     from . import distributed as dist
 
     dist.init(resolve_device(cfg), str((cfg.get("distributed") or {}).get("backend", "auto")))
     workdir = backbone_dir(cfg)
     model_path = workdir / MODEL_FILE
+    force = bool(cfg.get("force", False))
     with workdir_lock(workdir):
-        if dist.broadcast_object(model_path.exists() and not cfg.get("force", False)):  # rank 0 decides for all
+        if dist.broadcast_object(model_path.exists() and not force):  # rank 0 decides for all
             log.info("reusing trained backbone %s", model_path)
             _load_cached(backbone, model_path)
             if hasattr(method, "restore"):  # e.g. MEF: re-attach the feature head saved beside the weights
                 backbone = method.restore(backbone, cfg, workdir)
-            return backbone, {
-                "kind": "trained",
-                "cache_key": workdir.name,
-                "path": str(model_path),
-                "reused": True,
-                **_train_time(workdir),
-            }
+            return backbone, _trained_ref(workdir, model_path, reused=True)
+        backbone = _train_and_save(method, backbone, cfg, workdir, model_path, force)
+    return backbone, _trained_ref(workdir, model_path, reused=False)
 
-        segments: List[Dict[str, Any]] = []
-        if dist.is_main():  # several ranks train together; rank 0 alone writes
-            n = sum(p.numel() for p in backbone.parameters())
-            check_space(
-                workdir,
-                n * 4 * CKPT_COPIES,
-                f"training {cfg.method.name} ({n:,} parameters: model.safetensors and the last 2 checkpoints "
-                "with optimizer state)",
-                "free space there, or point BENCH_CACHE (paths.cache_dir) at a file system with room",
-            )
-            workdir.mkdir(parents=True, exist_ok=True)
-            write_text(workdir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-            segments = _start_segment(workdir, fresh=bool(cfg.get("force", False)))
+
+def _pretrained(method, backbone, cfg: DictConfig, workdir: Path) -> Tuple[Any, Dict[str, Any]]:
+    """A method that does not train: load its weights (rank 0 first) and say where they came from."""
+    from . import distributed as dist
+
+    with dist.main_first():  # rank 0 downloads a Hub checkpoint before the other ranks read it
         backbone = method.fit(backbone, cfg, workdir)
-        if dist.is_main():
-            try:
-                save_backbone(backbone, model_path)
-            except (OSError, RuntimeError) as e:
-                why = write_failure(e)
-                if why is None:
-                    raise
-                raise BenchError(
-                    f"the trained backbone could not be saved to {model_path} ({why}); the training "
-                    f"checkpoints are kept in {workdir}",
-                    f"free space (or make {workdir} writable), then run the same command again: it resumes "
-                    "from the last checkpoint and saves the backbone",
-                ) from None
-            segments[-1]["end"] = time.time()
-            write_json(workdir / SEGMENTS_FILE, segments)
-            write_json(
-                workdir / "train_info.json",
-                {
-                    **_train_info(workdir.name, segments),
-                    **(getattr(method, "train_info", None) or {}),
-                    "distributed": dist.describe_cfg(cfg),
-                },
-            )
-        dist.barrier()  # the cached model exists for every rank once this returns
-        backbone = _same_as_saved(backbone, method, cfg, workdir, model_path)
-    return backbone, {
+    ref = {"kind": "pretrained", "backbone_weights": to_container(cfg.backbone).get("weights")}
+    ref.update(getattr(method, "checkpoint_ref", None) or {})
+    return backbone, ref
+
+
+def _trained_ref(workdir: Path, model_path: Path, reused: bool) -> Dict[str, Any]:
+    """The checkpoint reference of a trained (or reused) backbone in ``workdir``."""
+    return {
         "kind": "trained",
         "cache_key": workdir.name,
         "path": str(model_path),
-        "reused": False,
+        "reused": reused,
         **_train_time(workdir),
     }
+
+
+def _train_and_save(method, backbone, cfg: DictConfig, workdir: Path, model_path: Path, force: bool):
+    """Train in ``workdir`` (the caller holds its lock); rank 0 saves the backbone and the training info.
+
+    Returns the backbone every rank continues with (the saved weights, :func:`_same_as_saved`).
+    """
+    from . import distributed as dist
+
+    segments: List[Dict[str, Any]] = []
+    if dist.is_main():  # several ranks train together; rank 0 alone writes
+        _prepare_workdir(backbone, cfg, workdir)
+        segments = _start_segment(workdir, fresh=force)
+    backbone = method.fit(backbone, cfg, workdir)
+    if dist.is_main():
+        _save_trained(backbone, model_path, workdir)
+        segments[-1]["end"] = time.time()
+        write_json(workdir / SEGMENTS_FILE, segments)
+        write_json(
+            workdir / "train_info.json",
+            {
+                **_train_info(workdir.name, segments),
+                **(getattr(method, "train_info", None) or {}),
+                "distributed": dist.describe_cfg(cfg),
+            },
+        )
+    dist.barrier()  # the cached model exists for every rank once this returns
+    return _same_as_saved(backbone, method, cfg, workdir, model_path)
+
+
+def _prepare_workdir(backbone, cfg: DictConfig, workdir: Path) -> None:
+    """Check there is room for the training's files, create ``workdir`` and write its ``config.yaml``."""
+    n = sum(p.numel() for p in backbone.parameters())
+    check_space(
+        workdir,
+        n * 4 * CKPT_COPIES,
+        f"training {cfg.method.name} ({n:,} parameters: model.safetensors and the last 2 checkpoints "
+        "with optimizer state)",
+        "free space there, or point BENCH_CACHE (paths.cache_dir) at a file system with room",
+    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_text(workdir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _save_trained(backbone, model_path: Path, workdir: Path) -> None:
+    """Save the trained backbone; a full or read-only disk is a BenchError that keeps the checkpoints."""
+    from .backbones import save_backbone
+
+    try:
+        save_backbone(backbone, model_path)
+    except (OSError, RuntimeError) as e:
+        why = write_failure(e)
+        if why is None:
+            raise
+        raise BenchError(
+            f"the trained backbone could not be saved to {model_path} ({why}); the training "
+            f"checkpoints are kept in {workdir}",
+            f"free space (or make {workdir} writable), then run the same command again: it resumes "
+            "from the last checkpoint and saves the backbone",
+        ) from None
 
 
 def _load_cached(backbone, model_path: Path) -> None:
