@@ -479,13 +479,9 @@ class TrainLoop:
         ``stop_after``: stop (after checkpointing) once this many steps are done -- simulates an
         interruption in tests and lets callers run a budget of steps per invocation.
         """
-        from . import distributed as dist
         from .progress import progress
 
-        if not self.resume() and self.main:
-            self.log.read_history(0)  # a fresh run: no stale curves from an earlier workdir use
-        if self.distributed:  # every rank starts from rank 0's weights and buffers (DDP's _sync_module_states)
-            dist.broadcast_state(self._modules(), tensors=list(self._params()))
+        self._start()
         end = self.total_steps if stop_after is None else min(int(stop_after), self.total_steps)
         bar = progress(total=self.total_steps, initial=self.step, desc=self.desc, unit="step", enable=self.progress)
         window: List[Dict[str, float]] = []
@@ -493,33 +489,7 @@ class TrainLoop:
         try:
             while self.step < end:
                 t0 = time.perf_counter()
-                # before the step function: one that accumulates micro-batches runs its own backward passes
-                self.optimizer.zero_grad(set_to_none=True)
-                out = step_fn(self.step)
-                loss, extra = out if isinstance(out, tuple) else (out, {})
-                shown = loss.detach().float()
-                if self.distributed:  # the global batch's loss, on every rank
-                    shown = dist.all_reduce_mean(shown)
-                if not bool(torch.isfinite(shown).all()):
-                    last = self.checkpointer.latest()
-                    kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was written yet"
-                    clip = "" if self.grad_clip else " or enable gradient clipping"
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({shown.item()}) at step {self.step + 1}; {kept}",
-                        f"lower the method's learning rate{clip} (a changed config is a new backbone: it trains "
-                        "in a new workdir from step 0; rerunning unchanged resumes the last good checkpoint and "
-                        "will likely diverge again)",
-                    )
-                loss.backward()
-                if self.distributed:
-                    dist.allreduce_gradients(self._params())
-                if self.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(list(self._params()), float(self.grad_clip))
-                lr = self.optimizer.param_groups[0]["lr"]
-                self.optimizer.step()
-                if self.scheduler is not None:
-                    self.scheduler.step()
-                self.step += 1
+                shown, extra, lr = self._train_step(step_fn)
                 if after_step is not None:
                     after_step(self.step)
                 rec = {
@@ -535,21 +505,77 @@ class TrainLoop:
                     self.log.step(rec)
                 bar.update(1)
                 if self.step % self.log_every == 0 or self.step == end:
-                    now = time.perf_counter()
-                    self._log_window(window, now - t_window, lr)
-                    window, t_window = [], now
-                    bar.set_postfix(
-                        loss=f"{rec['loss']:.4g}",
-                        lr=f"{lr:.2e}",
-                        **{k: f"{float(v):.3g}" for k, v in list(extra.items())[:3]},
-                        refresh=False,
-                    )
+                    t_window = self._end_window(window, t_window, bar, rec, lr, extra)
+                    window = []
                 if self.step % self.ckpt_every == 0 or self.step == end:
                     self.save()
         finally:
             bar.close()
             self.log.close()
         return self.history
+
+    def _start(self) -> None:
+        """Resume the latest checkpoint (a fresh run clears stale curves); ranks start from rank 0's state."""
+        from . import distributed as dist
+
+        if not self.resume() and self.main:
+            self.log.read_history(0)  # a fresh run: no stale curves from an earlier workdir use
+        if self.distributed:  # every rank starts from rank 0's weights and buffers (DDP's _sync_module_states)
+            dist.broadcast_state(self._modules(), tensors=list(self._params()))
+
+    def _train_step(self, step_fn: Callable[[int], StepOutput]) -> Tuple[torch.Tensor, Mapping[str, Any], float]:
+        """One optimizer step: ``(shown loss, step_fn's extras, the learning rate the step used)``.
+
+        The shown loss is the global batch's (all ranks' mean); a non-finite one stops before the backward pass.
+        """
+        from . import distributed as dist
+
+        # before the step function: one that accumulates micro-batches runs its own backward passes
+        self.optimizer.zero_grad(set_to_none=True)
+        out = step_fn(self.step)
+        loss, extra = out if isinstance(out, tuple) else (out, {})
+        shown = loss.detach().float()
+        if self.distributed:  # the global batch's loss, on every rank
+            shown = dist.all_reduce_mean(shown)
+        if not bool(torch.isfinite(shown).all()):
+            self._non_finite(shown)
+        loss.backward()
+        if self.distributed:
+            dist.allreduce_gradients(self._params())
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(list(self._params()), float(self.grad_clip))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.step += 1
+        return shown, extra, lr
+
+    def _non_finite(self, shown: torch.Tensor) -> None:
+        """Raise the NonFiniteLossError for a non-finite loss at the coming step (names the kept checkpoint)."""
+        last = self.checkpointer.latest()
+        kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was written yet"
+        clip = "" if self.grad_clip else " or enable gradient clipping"
+        raise NonFiniteLossError(
+            f"non-finite loss ({shown.item()}) at step {self.step + 1}; {kept}",
+            f"lower the method's learning rate{clip} (a changed config is a new backbone: it trains "
+            "in a new workdir from step 0; rerunning unchanged resumes the last good checkpoint and "
+            "will likely diverge again)",
+        )
+
+    def _end_window(
+        self, window: Sequence[Mapping[str, float]], t_window: float, bar, rec: Mapping[str, float], lr: float, extra
+    ) -> float:
+        """Log the window's averages and rates, update the progress bar; returns the next window's start time."""
+        now = time.perf_counter()
+        self._log_window(window, now - t_window, lr)
+        bar.set_postfix(
+            loss=f"{rec['loss']:.4g}",
+            lr=f"{lr:.2e}",
+            **{k: f"{float(v):.3g}" for k, v in list(extra.items())[:3]},
+            refresh=False,
+        )
+        return now
 
     def _log_window(self, window: Sequence[Mapping[str, float]], wall: float, lr: float) -> None:
         if not self.main or not window:
