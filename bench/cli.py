@@ -226,6 +226,28 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     loaded only for the ``command`` that needs them, so ``--help``, ``table`` or ``hub`` start fast."""
     from .registry import DATASETS, PERF
 
+    parser = _main_parser()
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_run_command(sub)
+    _add_table_command(sub)
+    sub.add_parser("list", help="list methods, tasks, backbones, datasets and benchmarks").set_defaults(func=cmd_list)
+    _add_registry_commands(
+        sub, "data", "check a prepared dataset or generate synthetic scenes", DATASETS, command == "data"
+    )
+    _add_registry_commands(sub, "perf", "run a benchmark (ratios measured side by side)", PERF, command == "perf")
+    p = sub.add_parser(
+        "hub",
+        help="pull/push checkpoints from/to the Hugging Face Hub",
+        description="pull/push checkpoints from/to the Hugging Face Hub",
+    )
+    _add_hub_arguments(p)
+    p.set_defaults(func=cmd_hub)
+    _add_external_commands(sub, command)
+    return parser
+
+
+def _main_parser() -> argparse.ArgumentParser:
+    """The top-level parser (description, examples, ``--verbose``), without its commands."""
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="bench: does a fine-tuning method make a 2D backbone more 3D-aware? "
@@ -238,8 +260,11 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    return parser
 
+
+def _add_run_command(sub) -> None:
+    """``run``: one cell from hydra overrides."""
     p = sub.add_parser(
         "run",
         help="run one cell (method x backbone x task) and write its record",
@@ -250,6 +275,9 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the composed config and exit")
     p.set_defaults(func=cmd_run)
 
+
+def _add_table_command(sub) -> None:
+    """``table``: the leaderboard in one of its formats."""
     p = sub.add_parser(
         "table",
         help="rebuild results/leaderboard.md (or .tex/.csv/.html) from the records",
@@ -269,19 +297,10 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="file to write (default: <results>/leaderboard.<ext>; -: stdout)")
     p.set_defaults(func=cmd_table)
 
-    sub.add_parser("list", help="list methods, tasks, backbones, datasets and benchmarks").set_defaults(func=cmd_list)
-    _add_registry_commands(
-        sub, "data", "check a prepared dataset or generate synthetic scenes", DATASETS, command == "data"
-    )
-    _add_registry_commands(sub, "perf", "run a benchmark (ratios measured side by side)", PERF, command == "perf")
-    p = sub.add_parser(
-        "hub",
-        help="pull/push checkpoints from/to the Hugging Face Hub",
-        description="pull/push checkpoints from/to the Hugging Face Hub",
-    )
-    _add_hub_arguments(p)
-    p.set_defaults(func=cmd_hub)
 
+def _add_external_commands(sub, command: Optional[str]) -> None:
+    """The commands in EXTERNAL_COMMANDS: only ``command``'s module is imported (and adds its arguments);
+    the others are placeholders that show in ``--help``. A module missing from this checkout is left out."""
     for name, (module, help) in EXTERNAL_COMMANDS.items():
         if name != command:
             sub.add_parser(name, help=help, description=help).add_argument(
@@ -297,7 +316,6 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
         q = sub.add_parser(name, help=help, description=help)
         mod.add_arguments(q)
         q.set_defaults(func=mod.main)
-    return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
