@@ -321,10 +321,8 @@ def _train(args: argparse.Namespace, ckpt: Path, vgg: Path, out: Path, device: s
     from bench.identity import file_digest
     from bench.seed import seed_everything
     from bench.splat import tune_allocator
-    from bench.train import TrainLoop
 
     from .mvsplat import MVSplatEncoder
-    from .views import ViewSampler
 
     if device == "cpu":
         tune_allocator()
@@ -336,53 +334,10 @@ def _train(args: argparse.Namespace, ckpt: Path, vgg: Path, out: Path, device: s
     dist.seed_offset(args.seed)  # each rank its own RNG stream after the identical set-up
     with dist.main_first():  # rank 0 generates a synthetic set first
         data, train_ids, numbers = _open_data(args)
-    sampler = ViewSampler(
-        [data.num_views(s) for s in train_ids],
-        args.gap if len(args.gap) > 1 else args.gap[0],
-        "uniform",
-        seed=args.seed,
-        order="uniform" if numbers is None else "epoch",
-        numbers=numbers,
-    )
-    opt = torch.optim.Adam(encoder.parameters(), lr=args.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, args.lr, args.steps + 10, pct_start=0.01, cycle_momentum=False, anneal_strategy="cos"
-    )
-    settings = {
-        k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(args).items() if k not in NOT_IDENTITY
-    }
-    if settings.get("augment") == "none":  # runs started before --augment existed keep their identity
-        settings.pop("augment")
-    if settings.get("last_batch") == "carry":  # ... and before --last-batch existed
-        settings.pop("last_batch")
-    loop = TrainLoop(
-        out.with_name(out.name + ".train"),
-        args.steps,
-        opt,
-        {"encoder": encoder},
-        scheduler=sched,
-        ckpt_every=max(args.steps // 10, 1),
-        grad_clip=args.grad_clip,
-        progress=not args.no_progress,
-        desc="finetune-mvsplat",
-        fingerprint={**settings, **identity},
-        images_per_step=3 * args.batch,
-        device=device,
-    )
-
-    def step(i: int):
-        idx = step_examples(i, args.batch, sampler.epoch_size, args.last_batch)
-        ex = []
-        for j in rank_share(len(idx), dist.rank(), dist.world_size()):
-            views = training_example(data, train_ids, sampler, idx[j], args.seed, args.augment)
-            ex.append({k: v.to(device) for k, v in views.items()})
-        if not ex:  # an epoch's smaller last step left this rank nothing: a zero loss, zero gradients
-            dist.global_mean_weight(0.0)  # the collective every rank joins
-            zero = torch.zeros((), device=device, requires_grad=True)
-            return zero, {"mse": 0.0, "lpips": 0.0, "psnr": 0.0}
-        loss, extra = example_loss(encoder, lpips_model, ex, args.near, args.far, args.lpips_weight, i)
-        return loss * dist.global_mean_weight(len(ex)), extra  # the mean over the step's examples on all ranks
-
+    sampler = _new_sampler(data, train_ids, numbers, args.gap, args.seed)
+    settings = _settings(args)
+    loop = _train_loop(args, encoder, out, device, {**settings, **identity})
+    step = _step_fn(args, encoder, lpips_model, data, train_ids, sampler, device)
     history = loop.run(step, stop_after=getattr(args, "stop_after", None))
     if loop.step < args.steps:  # interrupted on purpose (tests): no final checkpoint yet
         return 0
@@ -400,6 +355,76 @@ def _train(args: argparse.Namespace, ckpt: Path, vgg: Path, out: Path, device: s
             f"method.reconstructor.checkpoint={out})"
         )
     return 0
+
+
+def _new_sampler(data, train_ids: Sequence[str], numbers, gap: Sequence[int], seed: int):
+    """The view sampler over the training scenes: ``uniform`` draws, or one pass per epoch with frame numbers."""
+    from .views import ViewSampler
+
+    return ViewSampler(
+        [data.num_views(s) for s in train_ids],
+        gap if len(gap) > 1 else gap[0],
+        "uniform",
+        seed=seed,
+        order="uniform" if numbers is None else "epoch",
+        numbers=numbers,
+    )
+
+
+def _settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """The arguments that identify the run (its checkpoints' fingerprint and the saved encoder's metadata)."""
+    settings = {
+        k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(args).items() if k not in NOT_IDENTITY
+    }
+    if settings.get("augment") == "none":  # runs started before --augment existed keep their identity
+        settings.pop("augment")
+    if settings.get("last_batch") == "carry":  # ... and before --last-batch existed
+        settings.pop("last_batch")
+    return settings
+
+
+def _train_loop(args: argparse.Namespace, encoder, out: Path, device: str, fingerprint: Dict[str, Any]):
+    """Adam with a one-cycle cosine schedule, in a TrainLoop that checkpoints to ``<out>.train``."""
+    from bench.train import TrainLoop
+
+    opt = torch.optim.Adam(encoder.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, args.lr, args.steps + 10, pct_start=0.01, cycle_momentum=False, anneal_strategy="cos"
+    )
+    return TrainLoop(
+        out.with_name(out.name + ".train"),
+        args.steps,
+        opt,
+        {"encoder": encoder},
+        scheduler=sched,
+        ckpt_every=max(args.steps // 10, 1),
+        grad_clip=args.grad_clip,
+        progress=not args.no_progress,
+        desc="finetune-mvsplat",
+        fingerprint=fingerprint,
+        images_per_step=3 * args.batch,
+        device=device,
+    )
+
+
+def _step_fn(args: argparse.Namespace, encoder, lpips_model, data, train_ids, sampler, device: str):
+    """The training step: this rank's share of the step's examples, their loss weighted to the global mean."""
+    from bench import distributed as dist
+
+    def step(i: int):
+        idx = step_examples(i, args.batch, sampler.epoch_size, args.last_batch)
+        ex = []
+        for j in rank_share(len(idx), dist.rank(), dist.world_size()):
+            views = training_example(data, train_ids, sampler, idx[j], args.seed, args.augment)
+            ex.append({k: v.to(device) for k, v in views.items()})
+        if not ex:  # an epoch's smaller last step left this rank nothing: a zero loss, zero gradients
+            dist.global_mean_weight(0.0)  # the collective every rank joins
+            zero = torch.zeros((), device=device, requires_grad=True)
+            return zero, {"mse": 0.0, "lpips": 0.0, "psnr": 0.0}
+        loss, extra = example_loss(encoder, lpips_model, ex, args.near, args.far, args.lpips_weight, i)
+        return loss * dist.global_mean_weight(len(ex)), extra  # the mean over the step's examples on all ranks
+
+    return step
 
 
 def _open_data(args: argparse.Namespace):
