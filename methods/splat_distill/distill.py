@@ -267,8 +267,7 @@ class Distiller:
         the end: the same targets (up to float rounding), ``C / 2hw`` times fewer splatted channels.
         """
         H, W = examples[0]["images"].shape[-2:]
-        mode, ugrid, excluded = self.upsample_mode, self.upsample_grid, self.all_excluded
-        uncovered, over, basis = self.uncovered, self.blend_segments, self.render_basis
+        mode, ugrid, excluded, basis = self.upsample_mode, self.upsample_grid, self.all_excluded, self.render_basis
         with self._timed("teacher"), autocast(self.precision, self.device):
             feats = self.teacher_forward(torch.cat([ex["images"][:2] for ex in examples]))  # [2B,C,h,w]
         feats = feats.float()  # lifting, splatting and blending stay float32
@@ -282,7 +281,6 @@ class Distiller:
             eye = torch.eye(2 * h * w, device=feats.device, dtype=feats.dtype)
             eye = eye.reshape(2 * h * w, 2, h, w).permute(1, 0, 2, 3)  # [2,2hw,h,w] one-hot
         grid = self.student_grid(H, W)
-        padded = getattr(self.backbone, "resize_mode", "resize") == "pad"
         out, valid = [], []
         for i, ex in enumerate(examples):
             with self._timed("reconstruct"):
@@ -294,42 +292,59 @@ class Distiller:
                     eye if use_basis else feats[2 * i : 2 * i + 2], masks[i][:2], (H, W), mode, scale, **up_kw
                 )
             with self._timed("splat"):
-                rgb_rule = self.coverage == "rgb"  # the official trainer: uncovered where the RGB render is 0
-                one_pass = rgb_rule and self.feature_covariance == "true_covariance"  # colours ride along the features
-                cam = (ex["w2c"][2:3], ex["K"][2:3], W, H)
-                if one_pass:
-                    src = torch.cat([src, gs.colors(ex["images"][:2], ex["w2c"][2]).to(src.dtype)], 1)
-                render, alpha, _ = gs.splat(src, *cam, covariance=self.feature_covariance)
-                render = render.permute(0, 3, 1, 2)  # [1,D,H,W]
-                if one_pass:
-                    render, rgb = render[:, :-3], render[:, -3:]
-                elif rgb_rule:  # official: the RGB render (MVSplat's decoder) splats the true covariances
-                    rgb = gs.splat(gs.colors(ex["images"][:2], ex["w2c"][2]).to(src.dtype), *cam)[0]
-                    rgb = rgb.permute(0, 3, 1, 2)
-                if rgb_rule:
-                    covered = (rgb != 0).any(1)  # [1,H,W]
-                else:
-                    covered = alpha > self.alpha_threshold  # [1,H,W]
-                if self.normalize_alpha:
-                    render = render / alpha.clamp_min(1e-6)[:, None]
+                render, covered = self._splat_target(gs, src, ex, W, H)
             with self._timed("blend"):
-                if self.blending:  # official: segment means over every segment pixel
-                    render = segment_blend(
-                        render, masks[i][2:3], self.blend_alpha, covered if over == "covered" else None
-                    )
-                t = to_patch_grid(render, grid, self.backbone.patch_size, padded)
-                if use_basis:  # contract the patch basis with the context views' patch features
-                    t = torch.einsum("bkyx,kc->bcyx", t, feats[2 * i : 2 * i + 2].permute(0, 2, 3, 1).reshape(-1, C))
+                t, ok = self._student_target(
+                    render, covered, masks[i][2:3], grid, feats[2 * i : 2 * i + 2] if use_basis else None
+                )
                 out.append(t)
-                if uncovered == "zero_fill":  # official: nearest-downscaled "nothing rendered" mask
-                    miss = to_patch_grid_nearest(
-                        (~covered)[:, None].to(render.dtype), grid, self.backbone.patch_size, padded
-                    )
-                    valid.append(miss[:, 0] < 0.5)
-                else:
-                    cov = to_patch_grid(covered[:, None].to(render.dtype), grid, self.backbone.patch_size, padded)
-                    valid.append(cov[:, 0] > 0.999)
+                valid.append(ok)
         return torch.cat(out), torch.cat(valid)
+
+    def _splat_target(self, gs, src: torch.Tensor, ex: Mapping[str, torch.Tensor], W: int, H: int):
+        """Splat the context views' maps ``src`` into the target view: ``(render [1,D,H,W], covered [1,H,W])``.
+
+        ``coverage: rgb`` (the official trainer) counts a pixel uncovered where the RGB render is 0; the colours
+        ride along the features in one pass when both use the true covariances.
+        """
+        rgb_rule = self.coverage == "rgb"  # the official trainer: uncovered where the RGB render is 0
+        one_pass = rgb_rule and self.feature_covariance == "true_covariance"  # colours ride along the features
+        cam = (ex["w2c"][2:3], ex["K"][2:3], W, H)
+        if one_pass:
+            src = torch.cat([src, gs.colors(ex["images"][:2], ex["w2c"][2]).to(src.dtype)], 1)
+        render, alpha, _ = gs.splat(src, *cam, covariance=self.feature_covariance)
+        render = render.permute(0, 3, 1, 2)  # [1,D,H,W]
+        if one_pass:
+            render, rgb = render[:, :-3], render[:, -3:]
+        elif rgb_rule:  # official: the RGB render (MVSplat's decoder) splats the true covariances
+            rgb = gs.splat(gs.colors(ex["images"][:2], ex["w2c"][2]).to(src.dtype), *cam)[0]
+            rgb = rgb.permute(0, 3, 1, 2)
+        if rgb_rule:
+            covered = (rgb != 0).any(1)  # [1,H,W]
+        else:
+            covered = alpha > self.alpha_threshold  # [1,H,W]
+        if self.normalize_alpha:
+            render = render / alpha.clamp_min(1e-6)[:, None]
+        return render, covered
+
+    def _student_target(self, render, covered, target_mask, grid, basis_feats: Optional[torch.Tensor]):
+        """Blend a splatted render over the target view's segments and bring it to the student grid:
+        ``(target [1,C,h,w], valid [1,h,w])``. ``basis_feats``: the context views' patch features ``[2,C,h,w]``
+        to contract a splatted patch basis with (None when the channels were splatted)."""
+        padded = getattr(self.backbone, "resize_mode", "resize") == "pad"
+        if self.blending:  # official: segment means over every segment pixel
+            render = segment_blend(
+                render, target_mask, self.blend_alpha, covered if self.blend_segments == "covered" else None
+            )
+        t = to_patch_grid(render, grid, self.backbone.patch_size, padded)
+        if basis_feats is not None:  # contract the patch basis with the context views' patch features
+            C = basis_feats.shape[1]
+            t = torch.einsum("bkyx,kc->bcyx", t, basis_feats.permute(0, 2, 3, 1).reshape(-1, C))
+        if self.uncovered == "zero_fill":  # official: nearest-downscaled "nothing rendered" mask
+            miss = to_patch_grid_nearest((~covered)[:, None].to(render.dtype), grid, self.backbone.patch_size, padded)
+            return t, miss[:, 0] < 0.5
+        cov = to_patch_grid(covered[:, None].to(render.dtype), grid, self.backbone.patch_size, padded)
+        return t, cov[:, 0] > 0.999
 
     # -- loss --------------------------------------------------------------------------------------
     def loss(self, examples: List[Mapping[str, torch.Tensor]], accumulate: int = 1):
