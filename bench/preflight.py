@@ -51,11 +51,7 @@ def validate(cfg: DictConfig, trains: bool | None = None) -> None:
     from .schema import check as check_schema
 
     check_schema(cfg)  # unknown / missing keys and wrong types of method.*, task.protocol(s).*, cluster.*
-    seed = cfg.get("seed")
-    if not _is_int(seed):
-        raise BenchError(f"seed must be an integer, got {seed!r}", "pass seed=<integer>, e.g. seed=0")
-    if not 0 <= seed <= SEED_MAX:
-        raise BenchError(f"seed={seed} is outside 0..{SEED_MAX} (2**32-1)", "pass a seed in that range, e.g. seed=0")
+    _check_seed(cfg.get("seed"))
     device = str(cfg.get("device", "auto"))
     if not DEVICE_RE.match(device):
         raise BenchError(f"unknown device '{device}'", "use device=auto, device=cpu, device=cuda or device=cuda:N")
@@ -64,23 +60,46 @@ def validate(cfg: DictConfig, trains: bool | None = None) -> None:
 
         trains = bool(getattr(METHODS.get(cfg.method.name), "trains", False))
     if trains:
-        for key, leaf, v in _walk(to_container(cfg.method), "method"):
-            if leaf in LENGTH_KEYS and v is not None and (not _is_int(v) or v < 1):
-                raise BenchError(
-                    f"{key}={v!r}: a trained method needs a positive integer here (0 or less would "
-                    "record the untrained backbone as trained)",
-                    f"pass {key}=<integer >= 1>",
-                )
-        optim = to_container(cfg.method).get("optim") or {}
-        acc, bs = optim.get("accumulate"), optim.get("batch_size")
-        if acc is not None and (not _is_int(acc) or acc < 1 or (_is_int(bs) and bs % acc)):
-            raise BenchError(
-                f"method.optim.accumulate={acc!r} does not split method.optim.batch_size={bs!r} into equal "
-                "micro-batches",
-                "pass method.optim.accumulate=<a divisor of the batch per rank>, e.g. 1",
-            )
+        _check_trained_method(to_container(cfg.method))
     proto = str(cfg.get("protocol", "linear"))
     sched = to_container(cfg.task.get("protocol", {}) or {}).get("schedule") if "task" in cfg else None
+    _check_probe_schedule(proto, sched)
+    if "task" in cfg:
+        check_dataset_values(to_container(cfg.task.get("dataset") or {}), "task.dataset")
+    method_data = to_container(cfg.method.get("data") or {}) if "method" in cfg else {}
+    if isinstance(method_data, dict) and method_data.get("dataset") == "synthetic":
+        check_synthetic_memory(method_data, "method.data")
+
+
+def _check_seed(seed: Any) -> None:
+    """The seed: an integer in 0..SEED_MAX."""
+    if not _is_int(seed):
+        raise BenchError(f"seed must be an integer, got {seed!r}", "pass seed=<integer>, e.g. seed=0")
+    if not 0 <= seed <= SEED_MAX:
+        raise BenchError(f"seed={seed} is outside 0..{SEED_MAX} (2**32-1)", "pass a seed in that range, e.g. seed=0")
+
+
+def _check_trained_method(method: Mapping[str, Any]) -> None:
+    """A trained method's lengths (LENGTH_KEYS anywhere under ``method``) are positive integers, and
+    ``optim.accumulate`` splits ``optim.batch_size`` into equal micro-batches."""
+    for key, leaf, v in _walk(method, "method"):
+        if leaf in LENGTH_KEYS and v is not None and (not _is_int(v) or v < 1):
+            raise BenchError(
+                f"{key}={v!r}: a trained method needs a positive integer here (0 or less would "
+                "record the untrained backbone as trained)",
+                f"pass {key}=<integer >= 1>",
+            )
+    optim = method.get("optim") or {}
+    acc, bs = optim.get("accumulate"), optim.get("batch_size")
+    if acc is not None and (not _is_int(acc) or acc < 1 or (_is_int(bs) and bs % acc)):
+        raise BenchError(
+            f"method.optim.accumulate={acc!r} does not split method.optim.batch_size={bs!r} into equal micro-batches",
+            "pass method.optim.accumulate=<a divisor of the batch per rank>, e.g. 1",
+        )
+
+
+def _check_probe_schedule(proto: str, sched: Any) -> None:
+    """The probe's schedule (protocol ``proto``) trains: epochs or iters set, SCHEDULE_KEYS positive numbers."""
     if (
         isinstance(sched, dict)
         and not sched.get("epochs")
@@ -102,11 +121,6 @@ def validate(cfg: DictConfig, trains: bool | None = None) -> None:
                 f"task.protocols.{proto}.schedule.{k}={v!r} cannot train a probe",
                 f"pass task.protocols.{proto}.schedule.{k}=<number > 0>",
             )
-    if "task" in cfg:
-        check_dataset_values(to_container(cfg.task.get("dataset") or {}), "task.dataset")
-    method_data = to_container(cfg.method.get("data") or {}) if "method" in cfg else {}
-    if isinstance(method_data, dict) and method_data.get("dataset") == "synthetic":
-        check_synthetic_memory(method_data, "method.data")
 
 
 def check_dataset_values(node: Any, key: str) -> None:
