@@ -18,7 +18,10 @@ OFFICIAL: Dict[str, tuple] = {
     "views.order": ("epoch", "src/dataset/dataset_scannetpp.py: a dataset of scenes, DataLoader shuffle=True"),
     "views.contiguous": (True, "src/dataset/dataset_scannetpp.py __getitem__: redraw when frame numbers skip"),
     "views.keep_bad": (True, "src/dataset/dataset_scannetpp.py: frames flagged is_bad are kept"),
-    "views.last_batch": ("smaller", "src/dataset/data_module.py: DataLoader(drop_last=False), an epoch's last step smaller"),
+    "views.last_batch": (
+        "smaller",
+        "src/dataset/data_module.py: DataLoader(drop_last=False), an epoch's last step smaller",
+    ),
     "reconstructor.name": ("mvsplat", "src/model/encoder/encoder_costvolume.py (MVSplat's encoder, frozen)"),
     "lift.coverage": ("rgb", "src/model/model_wrapper.py: err_masks = (output.color == 0).all(dim=2)"),
     "lift.feature_covariance": ("official", "src/ludvig/ludvig.py: eigenvalues as scales, det < 0 frames -> identity"),
