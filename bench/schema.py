@@ -852,20 +852,33 @@ def check_top_level(cfg: Mapping[str, Any], where: str = "") -> None:
                     raise unknown_key(f"{k}.{kk}", [f"{k}.{n}" for n in sub], where)
 
 
+_TASK_KEYS_CACHE: Dict[tuple, tuple] = {}
+
+
+def _task_yaml_keys() -> tuple:
+    """``(task keys, {dataset name: dataset keys})`` over the task yamls, read once per state of the folder
+    (file names and modification times: a yaml edited or added is read again)."""
+    paths = sorted(p for p in _conf_dir().joinpath("task").iterdir() if p.name.endswith(".yaml"))
+    state = tuple((p.name, p.stat().st_mtime_ns) for p in paths)
+    if state not in _TASK_KEYS_CACHE:
+        task_keys: set = set()
+        by_name: Dict[str, set] = {}
+        for path in paths:
+            node = _yaml_keys(path)
+            task_keys |= set(node)
+            ds = node.get("dataset")
+            if isinstance(ds, Mapping):
+                by_name.setdefault(str(ds.get("name")), set()).update(ds)
+        _TASK_KEYS_CACHE.clear()
+        _TASK_KEYS_CACHE[state] = (frozenset(task_keys), {k: frozenset(v) for k, v in by_name.items()})
+    return _TASK_KEYS_CACHE[state]
+
+
 def check_task_keys(task: Mapping[str, Any], where: str = "") -> None:
     """``task.*`` keys are those some task yaml (``bench/conf/task/*.yaml``) has, and ``task.dataset.*`` those
     that a task yaml gives a dataset of the same ``dataset.name``: a recipe's ``task.dataset.limt`` is an
     error naming ``limit``."""
-    task_keys: set = set()
-    by_name: Dict[str, set] = {}
-    for path in _conf_dir().joinpath("task").iterdir():
-        if not path.name.endswith(".yaml"):
-            continue
-        node = _yaml_keys(path)
-        task_keys |= set(node)
-        ds = node.get("dataset")
-        if isinstance(ds, Mapping):
-            by_name.setdefault(str(ds.get("name")), set()).update(ds)
+    task_keys, by_name = _task_yaml_keys()
     for k in task.keys():
         if k not in task_keys:
             raise unknown_key(f"task.{k}", [f"task.{n}" for n in sorted(task_keys)], where)
