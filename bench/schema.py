@@ -852,26 +852,24 @@ def check_top_level(cfg: Mapping[str, Any], where: str = "") -> None:
                     raise unknown_key(f"{k}.{kk}", [f"{k}.{n}" for n in sub], where)
 
 
-_TASK_KEYS_CACHE: Dict[tuple, tuple] = {}
-
-
 def _task_yaml_keys() -> tuple:
     """``(task keys, {dataset name: dataset keys})`` over the task yamls, read once per state of the folder
     (file names and modification times: a yaml edited or added is read again)."""
     paths = sorted(p for p in _conf_dir().joinpath("task").iterdir() if p.name.endswith(".yaml"))
-    state = tuple((p.name, p.stat().st_mtime_ns) for p in paths)
-    if state not in _TASK_KEYS_CACHE:
-        task_keys: set = set()
-        by_name: Dict[str, set] = {}
-        for path in paths:
-            node = _yaml_keys(path)
-            task_keys |= set(node)
-            ds = node.get("dataset")
-            if isinstance(ds, Mapping):
-                by_name.setdefault(str(ds.get("name")), set()).update(ds)
-        _TASK_KEYS_CACHE.clear()
-        _TASK_KEYS_CACHE[state] = (frozenset(task_keys), {k: frozenset(v) for k, v in by_name.items()})
-    return _TASK_KEYS_CACHE[state]
+    return _read_task_yamls(tuple((str(p), p.stat().st_mtime_ns) for p in paths))
+
+
+@functools.lru_cache(maxsize=1)
+def _read_task_yamls(state: tuple) -> tuple:
+    task_keys: set = set()
+    by_name: Dict[str, set] = {}
+    for path, _ in state:
+        node = _yaml_keys(path)
+        task_keys |= set(node)
+        ds = node.get("dataset")
+        if isinstance(ds, Mapping):
+            by_name.setdefault(str(ds.get("name")), set()).update(ds)
+    return frozenset(task_keys), {k: frozenset(v) for k, v in by_name.items()}
 
 
 def check_task_keys(task: Mapping[str, Any], where: str = "") -> None:
